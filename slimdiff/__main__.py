@@ -1,0 +1,5 @@
+"""`python -m slimdiff` is the `slimdiff` command."""
+
+from slimdiff.cli import main
+
+main()
