@@ -1,0 +1,28 @@
+"""Compression passes and the runner that applies a recipe's passes to a pipeline.
+
+Built-in passes are imported here, explicitly, so they register themselves once:
+block removal (`blocks.remove`), EcoDiff pruning (`prune.ecodiff`) and QuEST quantization
+(`quant.quest`) land in their own subpackages.
+"""
+
+from slimdiff.compress.base import (
+    Pass,
+    PassConfig,
+    PassReport,
+    Stage,
+    get_pass,
+    register_pass,
+    registered_passes,
+    unregister_pass,
+)
+
+__all__ = [
+    "Pass",
+    "PassConfig",
+    "PassReport",
+    "Stage",
+    "get_pass",
+    "register_pass",
+    "registered_passes",
+    "unregister_pass",
+]

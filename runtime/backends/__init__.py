@@ -1,0 +1,88 @@
+"""Backends: what runs one exported component (an ONNX graph, later a TensorRT engine).
+
+A backend is chosen by name and loads a component file into a `Session`, whose `run`
+takes and returns numpy arrays keyed by tensor name. The pipeline only sees this
+interface, so adding a backend is one module plus one line in `_BACKENDS`.
+
+Known names:
+    ort-cpu    onnxruntime, CPUExecutionProvider
+    ort-cuda   onnxruntime-gpu, CUDAExecutionProvider (CPU fallback for unsupported ops)
+
+Seam for the native backends (not built yet): "trt" (TensorRT engines, execute_async_v3,
+CUDA graphs) and "aoti" (AOTInductor .pt2) register here the same way, importing their
+heavy library lazily inside `load` so that `import slimdiff.runtime` stays light.
+
+Example:
+    >>> backend = get_backend("ort-cpu")
+    >>> session = backend.load("bundle/unet/model.onnx")       # doctest: +SKIP
+    >>> out = session.run({"sample": x, "timestep": t, ...})    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from slimdiff.errors import UserError
+
+__all__ = ["Backend", "Session", "backend_names", "get_backend"]
+
+
+@runtime_checkable
+class Session(Protocol):
+    """One loaded component: numpy in, numpy out."""
+
+    input_names: list[str]
+    output_names: list[str]
+    input_dtypes: dict[str, np.dtype]  # what `run` expects per input name
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Loads component files into sessions; `name` is what `get_backend` was given."""
+
+    name: str
+
+    def load(self, path: str | Path) -> Session: ...
+
+
+# name -> (module, factory, keyword arguments). Modules are imported only when asked for,
+# so a backend whose library is missing costs nothing until someone selects it.
+_BACKENDS: dict[str, tuple[str, str, dict[str, object]]] = {
+    "ort-cpu": ("slimdiff.runtime.backends.ort", "OrtBackend", {"device": "cpu"}),
+    "ort-cuda": ("slimdiff.runtime.backends.ort", "OrtBackend", {"device": "cuda"}),
+    # "trt": ("slimdiff.runtime.backends.trt", "TensorRTBackend", {}),
+    # "aoti": ("slimdiff.runtime.backends.aoti", "AOTIBackend", {}),
+}
+
+# Names users may expect from the design, with why they are not selectable yet.
+_PLANNED = {
+    "trt": "the native TensorRT backend is not built yet; use ort-cuda",
+    "aoti": "the AOTInductor backend is not built yet; use ort-cpu or ort-cuda",
+}
+
+
+def backend_names() -> tuple[str, ...]:
+    """The backend names `get_backend` accepts, e.g. ("ort-cpu", "ort-cuda")."""
+    return tuple(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`; raises UserError naming the known ones otherwise.
+
+    Example:
+        >>> get_backend("ort-cpu").name
+        'ort-cpu'
+    """
+    if name in _PLANNED:
+        raise UserError(f"backend {name!r}: {_PLANNED[name]}")
+    if name not in _BACKENDS:
+        raise UserError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)}")
+    module_name, factory, kwargs = _BACKENDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, factory)(name=name, **kwargs)

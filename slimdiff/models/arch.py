@@ -62,6 +62,8 @@ class ArchSpec:
     never_compress: tuple[str, ...] = ()
     # SDXL only: the unet's added conditions (text_embeds, time_ids).
     has_time_ids: bool = False
+    # FLUX packs p x p latent patches into tokens: the denoiser sees (B, HW/p^2, C*p^2).
+    latent_packing: int = 1
     # Components the runtime needs, besides the text encoders.
     vae_decoder_inputs: tuple[TensorSpec, ...] = field(
         default=(TensorSpec("latent_sample", "float32", ("B", "C", "h", "w")),)
@@ -75,6 +77,16 @@ class ArchSpec:
     def components(self) -> tuple[str, ...]:
         """Exported components, in the order the runtime runs them."""
         return (*self.text_encoder_names, self.denoiser, "vae_decoder")
+
+    def initial_latent_shape(
+        self, batch: int, channels: int, size: tuple[int, int], vae_scale: int = 8
+    ) -> tuple[int, ...]:
+        """Shape of the initial noise in the layout diffusers' `latents=` argument takes."""
+        h, w = size[0] // vae_scale, size[1] // vae_scale
+        p = self.latent_packing
+        if p == 1:
+            return (batch, channels, h, w)
+        return (batch, (h // p) * (w // p), channels * p * p)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx dynamic_axes for the denoiser inputs."""

@@ -115,6 +115,7 @@ FLUX = ArchSpec(
     default_steps=28,
     default_guidance=3.5,
     uses_cfg=False,  # FLUX.1 is guidance-distilled: one batch, guidance as an input
+    latent_packing=2,
     blocks=("transformer_blocks.*", "single_transformer_blocks.*"),
     never_compress=("x_embedder", "context_embedder", "time_text_embed*", "norm_out*", "proj_out"),
 )

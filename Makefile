@@ -1,0 +1,34 @@
+# `make demo` and `make test` each set up .venv on a fresh machine, then run.
+# torch is pinned to the CPU build first: a bare `torch` requirement would pull a
+# multi-GB CUDA build. On a GPU machine, install torch and `.[gpu]` yourself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+DEMO_OUT ?= demo-out
+
+.PHONY: setup test demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/slimdiff bench tiny-sdxl-fp32 tiny-sdxl-fp16 --out $(DEMO_OUT)
+	$(VENV)/bin/slimdiff run $(DEMO_OUT)/recipes/tiny-sdxl-fp32/bundle \
+		--prompt "a red circle on the left" --size 128x128 --steps 8 --out $(DEMO_OUT)/image.png
+
+lint: setup
+	$(VENV)/bin/ruff check slimdiff compress export runtime tests tools
+	$(VENV)/bin/ruff format --check slimdiff compress export runtime tests tools
+
+clean:
+	rm -rf $(DEMO_OUT) build dist *.egg-info

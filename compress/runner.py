@@ -1,0 +1,48 @@
+"""Apply a recipe's passes to a model and write the compress artifact."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from slimdiff.artifact import save_artifact
+from slimdiff.compress.base import PassReport
+from slimdiff.errors import UserError
+from slimdiff.models import LoadedModel, load_model
+from slimdiff.recipe import Recipe
+
+__all__ = ["compress_model"]
+
+log = logging.getLogger(__name__)
+
+
+def compress_model(
+    model: LoadedModel, recipe: Recipe, out: str | Path, extra_meta: dict | None = None
+) -> LoadedModel:
+    """Run `recipe.passes` on `model` in order, save the artifact to `out`, reload it.
+
+    Example:
+        >>> art = compress_model(load_model("tiny:sdxl"), load_recipe("tiny-sdxl"), "out/a")  # doctest: +SKIP
+    """
+    pipe = model.require_pipeline("compress")
+    passes = recipe.resolved_passes()
+    calib = None
+    if any(p.needs_calibration for p in passes):
+        from slimdiff.calib import Calibration
+
+        calib = Calibration(pipe, model.arch, recipe.calibration)
+    reports: list[PassReport] = []
+    for p in passes:
+        log.info("pass %s", p.name)
+        start = time.perf_counter()
+        report = p.apply(pipe, calib)
+        report.seconds = time.perf_counter() - start
+        reports.append(report)
+    save_artifact(
+        pipe, out, source=model.source, recipe=recipe, reports=reports, extra_meta=extra_meta
+    )
+    compressed = load_model(str(out))
+    if compressed.arch.family != model.arch.family:
+        raise UserError(f"{out}: the artifact reloads as {compressed.arch.family}, expected {model.arch.family}")
+    return compressed

@@ -1,0 +1,141 @@
+"""onnxruntime backend: "ort-cpu" (CPUExecutionProvider) and "ort-cuda" (CUDAExecutionProvider).
+
+onnxruntime is imported here, when a backend is built, never at `import slimdiff.runtime`:
+a machine that only inspects bundles needs no onnxruntime, and the CPU and GPU wheels
+(`onnxruntime`, `onnxruntime-gpu`) are different distributions that users pick.
+
+Example:
+    >>> session = OrtBackend("ort-cpu").load("bundle/vae_decoder/model.onnx")  # doctest: +SKIP
+    >>> session.run({"latent_sample": z})["sample"].shape                       # doctest: +SKIP
+    (1, 3, 512, 512)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimdiff.errors import UserError
+
+__all__ = ["OrtBackend", "OrtSession"]
+
+log = logging.getLogger(__name__)
+
+# ONNX tensor type strings as onnxruntime reports them -> numpy dtypes.
+_ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_INSTALL = {
+    "cpu": "pip install onnxruntime",
+    "cuda": "pip install 'slimdiff[gpu]' (onnxruntime-gpu, in place of onnxruntime)",
+}
+
+
+def _import_ort(device: str) -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(
+            f"backend ort-{device} needs onnxruntime, which is not installed: "
+            f"{_INSTALL[device]}"
+        ) from None
+    return onnxruntime
+
+
+class OrtSession:
+    """An `onnxruntime.InferenceSession` behind the runtime's numpy `Session` interface."""
+
+    def __init__(self, session: Any, path: Path) -> None:
+        self._session = session
+        self.path = path
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.input_dtypes = {
+            i.name: _ORT_DTYPES.get(i.type, np.dtype(np.float32)) for i in session.get_inputs()
+        }
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph; inputs are cast to the graph's dtypes, extra feeds are an error."""
+        unknown = set(feeds) - set(self.input_names)
+        missing = set(self.input_names) - set(feeds)
+        if unknown or missing:
+            # A bug in the pipeline or a bundle from another exporter, not user input.
+            raise ValueError(
+                f"{self.path}: feeds do not match the graph inputs "
+                f"(missing {sorted(missing)}, unexpected {sorted(unknown)})"
+            )
+        cast = {
+            name: np.ascontiguousarray(value, dtype=self.input_dtypes[name])
+            for name, value in feeds.items()
+        }
+        outputs = self._session.run(None, cast)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+class OrtBackend:
+    """Loads ONNX files with onnxruntime on the CPU or a CUDA GPU.
+
+    Example:
+        >>> OrtBackend("ort-cpu").providers
+        ['CPUExecutionProvider']
+    """
+
+    def __init__(self, name: str = "ort-cpu", device: str = "cpu", device_id: int = 0) -> None:
+        if device not in _PROVIDERS:
+            raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, not {device!r}")
+        self.name = name
+        self.device = device
+        self._ort = _import_ort(device)
+        available = self._ort.get_available_providers()
+        if _PROVIDERS[device] not in available:
+            raise UserError(
+                f"backend {name}: this onnxruntime ({self._ort.__version__}) has no "
+                f"{_PROVIDERS[device]} (it has {', '.join(available)}); {_INSTALL[device]}"
+            )
+        if device == "cuda":
+            # CPU stays as the fallback for the few ops the CUDA EP does not implement.
+            self.providers = [
+                (_PROVIDERS["cuda"], {"device_id": device_id}),
+                _PROVIDERS["cpu"],
+            ]
+        else:
+            self.providers = [_PROVIDERS["cpu"]]
+
+    def load(self, path: str | Path) -> OrtSession:
+        """Load one ONNX file (its external-data file must sit beside it)."""
+        path = Path(path)
+        options = self._ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: ORT's warnings are not the user's concern
+        try:
+            session = self._ort.InferenceSession(
+                str(path), sess_options=options, providers=self.providers
+            )
+        except Exception as err:  # onnxruntime raises its own exception classes, unexported
+            raise UserError(
+                f"{path}: onnxruntime could not load it ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); export the bundle again"
+            ) from None
+        if self.device == "cuda" and _PROVIDERS["cuda"] not in session.get_providers():
+            # onnxruntime-gpu silently falls back to the CPU when CUDA or cuDNN libraries
+            # are missing; a user who asked for the GPU should hear about it.
+            raise UserError(
+                f"backend {self.name}: CUDAExecutionProvider failed to initialise for {path} "
+                "(CUDA 12 / cuDNN 9 libraries not found?); install the CUDA runtime that "
+                "matches onnxruntime-gpu, or use --backend ort-cpu"
+            )
+        log.debug("loaded %s with %s", path, session.get_providers())
+        return OrtSession(session, path)

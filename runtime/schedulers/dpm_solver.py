@@ -1,0 +1,176 @@
+"""DPMSolverMultistepScheduler as DPM-Solver++(2M): Lu et al. 2022 (arXiv:2211.01095)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    F32,
+    ONE,
+    alphas_cumprod_f32,
+    choice,
+    as_f32,
+    karras_sigmas,
+    reject_non_default,
+    sigma_to_t,
+)
+
+
+class DPMSolverMultistepScheduler:
+    """diffusers.DPMSolverMultistepScheduler as "DPM++ 2M" (algorithm_type="dpmsolver++")."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool | None = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        **config: Any,
+    ) -> None:
+        name = type(self).__name__
+        reject_non_default(name, config, thresholding=False, variance_type=None,
+                            use_exponential_sigmas=False, use_beta_sigmas=False,
+                            use_lu_lambdas=False, use_flow_sigmas=False,
+                            use_dynamic_shifting=False)
+        # diffusers silently maps these aliases (configs copied from DEIS/UniPC)
+        algorithm_type = "dpmsolver++" if algorithm_type == "deis" else algorithm_type
+        solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
+        choice(name, "algorithm_type", algorithm_type, ("dpmsolver++",))
+        self.solver_order = choice(name, "solver_order", solver_order, (1, 2))
+        self.solver_type = choice(name, "solver_type", solver_type, ("midpoint", "heun"))
+        self.prediction_type = choice(name, "prediction_type", prediction_type,
+                                       ("epsilon", "v_prediction"))
+        self.timestep_spacing = choice(name, "timestep_spacing", timestep_spacing,
+                                        ("linspace", "leading", "trailing"))
+        self.final_sigmas_type = choice(name, "final_sigmas_type", final_sigmas_type,
+                                         ("zero", "sigma_min"))
+        self.lower_order_final, self.euler_at_final = bool(lower_order_final), bool(euler_at_final)
+        self.use_karras_sigmas = bool(use_karras_sigmas)
+        # not DPM keys, but diffusers honours them when a config (e.g. Euler's) carries them
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
+        self.lambda_min_clipped = lambda_min_clipped
+        self._round_karras = beta_schedule != "squaredcos_cap_v2"
+        ac = alphas_cumprod_f32(name, num_train_timesteps, beta_start, beta_end, beta_schedule,
+                             trained_betas, rescale_betas_zero_snr)
+        if rescale_betas_zero_snr:
+            ac[-1] = 2**-24
+        self.alphas_cumprod = ac
+        self._lambda_t = np.log(np.sqrt(ac)) - np.log(np.sqrt(ONE - ac))
+        self._train_sigmas = np.sqrt((ONE - ac) / ac)
+        self.sigmas = self._train_sigmas
+        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps: int | None = None
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self._model_outputs: list[np.ndarray] = []  # data predictions x0, oldest first
+        self._lower_order_nums = 0
+        self._last_step = -1
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        mu: float | None = None,
+        sigmas: np.ndarray | None = None,
+    ) -> None:
+        reject_mu_sigmas(type(self).__name__, mu, sigmas)
+        if num_inference_steps is None:
+            raise ValueError("num_inference_steps is required")
+        n, n_train = num_inference_steps, self.num_train_timesteps
+        # lambda_min_clipped trims the noisiest end (cosine schedules); -inf keeps it all
+        clipped = int(np.searchsorted(self._lambda_t[::-1], self.lambda_min_clipped))
+        last = n_train - clipped
+        # DPM spacing differs from Euler/DDIM: it drops the last of n + 1 points
+        if self.timestep_spacing == "linspace":
+            t = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy()
+        elif self.timestep_spacing == "leading":
+            t = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + self.steps_offset
+        else:  # trailing
+            t = np.arange(last, 0, -n_train / n).round() - 1
+        train = self._train_sigmas
+        if self.use_karras_sigmas:
+            lo = self.sigma_min if self.sigma_min is not None else float(train[0])
+            hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
+            sig = karras_sigmas(lo, hi, n)
+            t = sigma_to_t(sig, np.log(train))
+            t = t.round() if self._round_karras else t
+        else:
+            sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)
+        last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
+        self._t = t.astype(np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps = len(self._t)
+        self._reset_history()
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return as_f32(sample)
+
+    @staticmethod
+    def _alpha_sigma_lambda(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
+        """VE sigma -> VP (alpha_t, sigma_t) and log-SNR lambda_t, all float32 like diffusers."""
+        alpha_t = ONE / np.sqrt(sigma * sigma + ONE)
+        sigma_t = sigma * alpha_t
+        with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = +inf, h = inf
+            return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
+
+    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        i, n = step_index, self.num_inference_steps
+        if i == 0:
+            self._reset_history()
+        elif i != self._last_step + 1:
+            raise ValueError(f"DPM-Solver++ keeps a history: step {self._last_step + 1} "
+                             f"expected, got {i} (call set_timesteps to restart)")
+        self._last_step = i
+        sample, model_output = as_f32(sample), as_f32(model_output)
+        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.sigmas[i])
+        if self.prediction_type == "epsilon":
+            x0 = (sample - sigma_s0 * model_output) / alpha_s0
+        else:  # v_prediction
+            x0 = alpha_s0 * sample - sigma_s0 * model_output
+        self._model_outputs = [*self._model_outputs, x0][-self.solver_order:]
+
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.sigmas[i + 1])
+        h = lambda_t - lambda_s0
+        phi = alpha_t * (np.exp(-h) - ONE)  # alpha_t (e^-h - 1): -> -alpha_t when sigma_t -> 0
+        # the last step is first order whenever its target sigma is 0 (or when asked)
+        lower_final = i == n - 1 and (
+            self.euler_at_final or (self.lower_order_final and n < 15)
+            or self.final_sigmas_type == "zero")
+        if self.solver_order == 1 or self._lower_order_nums < 1 or lower_final:
+            prev = (sigma_t / sigma_s0) * sample - phi * x0  # DPM-Solver++(1) = DDIM
+        else:
+            m0, m1 = self._model_outputs[-1], self._model_outputs[-2]
+            _, _, lambda_s1 = self._alpha_sigma_lambda(self.sigmas[i - 1])
+            r0 = (lambda_s0 - lambda_s1) / h
+            d1 = (ONE / r0) * (m0 - m1)
+            if self.solver_type == "midpoint":  # Lu et al. Algorithm 2
+                prev = (sigma_t / sigma_s0) * sample - phi * m0 - (F32(0.5) * phi) * d1
+            else:  # heun
+                prev = ((sigma_t / sigma_s0) * sample - phi * m0
+                        + (alpha_t * ((np.exp(-h) - ONE) / h + ONE)) * d1)
+        self._lower_order_nums = min(self._lower_order_nums + 1, self.solver_order)
+        return as_f32(prev)

@@ -1,0 +1,118 @@
+"""FlowMatchEulerDiscreteScheduler (SD3, FLUX) and FLUX's `calculate_shift`.
+
+Euler on the rectified-flow ODE dx/dsigma = v (Lipman et al., "Flow Matching for
+Generative Modeling", arXiv:2210.02747), with SD3's static timestep shift (Esser et al.,
+"Scaling Rectified Flow Transformers", arXiv:2403.03206, section 5.3.2) and FLUX's
+resolution-dependent one (`mu`), as diffusers' FlowMatchEulerDiscreteScheduler and its
+SD3/FLUX pipelines compute them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    F32,
+    choice,
+    as_f32,
+    reject_non_default,
+)
+
+
+class FlowMatchEulerDiscreteScheduler:
+    """diffusers.FlowMatchEulerDiscreteScheduler as SD3 (static shift) and FLUX (mu) use it."""
+
+    order = 1
+    init_noise_sigma = 1.0  # x_1 is plain N(0, I); the SD3/FLUX pipelines do not scale it
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        time_shift_type: str = "exponential",
+        **config: Any,
+    ) -> None:
+        name = type(self).__name__
+        reject_non_default(name, config, invert_sigmas=False, shift_terminal=None,
+                            use_karras_sigmas=False, use_exponential_sigmas=False,
+                            use_beta_sigmas=False, stochastic_sampling=False)
+        self.time_shift_type = choice(name, "time_shift_type", time_shift_type,
+                                       ("exponential", "linear"))
+        self.num_train_timesteps, self.shift = num_train_timesteps, shift
+        self.use_dynamic_shifting = bool(use_dynamic_shifting)
+        # kept for the runtime's calculate_shift call, as pipelines read them from config
+        self.base_shift, self.max_shift = base_shift, max_shift
+        self.base_image_seq_len, self.max_image_seq_len = base_image_seq_len, max_image_seq_len
+        t = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=F32)[::-1]
+        sig = t / num_train_timesteps  # float32, as diffusers' torch tensor
+        if not self.use_dynamic_shifting:
+            sig = shift * sig / (1 + (shift - 1) * sig)
+        # diffusers derives its default schedule from these *already shifted* ends and
+        # then shifts again in set_timesteps; matching it means keeping that
+        self._sigma_min, self._sigma_max = float(sig[-1]), float(sig[0])
+        self.sigmas = np.concatenate([sig, [0]]).astype(F32)
+        self.timesteps = (sig * F32(num_train_timesteps)).astype(F32)
+        self.num_inference_steps: int | None = None
+
+    def _time_shift(self, mu: float, t: np.ndarray) -> np.ndarray:
+        # numpy with Python scalars keeps t's dtype (float32 for given sigmas, as diffusers)
+        if self.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+        return mu / (mu + (1 / t - 1) ** 1.0)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        mu: float | None = None,
+        sigmas: np.ndarray | None = None,
+    ) -> None:
+        """FLUX: sigmas=np.linspace(1, 1/n, n), mu=calculate_shift(...); SD3: just n."""
+        if self.use_dynamic_shifting and mu is None:
+            raise ValueError("`mu` must be passed when use_dynamic_shifting is True")
+        n_train = self.num_train_timesteps
+        if sigmas is not None:
+            if num_inference_steps is not None and len(sigmas) != num_inference_steps:
+                raise ValueError("len(sigmas) must equal num_inference_steps")
+            sig = np.asarray(sigmas).astype(F32)
+        elif num_inference_steps is None:
+            raise ValueError("pass num_inference_steps or sigmas")
+        else:  # float64 from here, as in diffusers
+            sig = np.linspace(self._sigma_max * n_train, self._sigma_min * n_train,
+                              num_inference_steps) / n_train
+        if self.use_dynamic_shifting:
+            sig = self._time_shift(mu, sig)
+        else:
+            sig = self.shift * sig / (1 + (self.shift - 1) * sig)
+        sig = sig.astype(F32)
+        self.timesteps = sig * F32(n_train)
+        self.sigmas = np.concatenate([sig, np.zeros(1, F32)])
+        self.num_inference_steps = len(sig)
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return as_f32(sample)
+
+    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        # x_{t-dt} = x_t + (sigma_next - sigma) * v, with v the predicted velocity
+        dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
+        return as_f32(sample) + dt * as_f32(model_output)
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's `mu`: the log-shift, linear in the number of image tokens (pipeline_flux.py)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b

@@ -1,0 +1,65 @@
+"""Prompt tokenization for CLIP and T5 text encoders, from a bundle's `tokenizer.json`.
+
+The diffusers pipelines call their tokenizers with `padding="max_length",
+max_length=..., truncation=True`: the special tokens (CLIP's <|startoftext|> and
+<|endoftext|>, T5's </s>) are added and count towards `max_length`, longer prompts are cut
+before the closing special token, and shorter ones are padded with the pad token (CLIP-L:
+<|endoftext|>, OpenCLIP bigG in SDXL and SD3: "!", T5: <pad>). `tokenizers` does all of
+that from `tokenizer.json` alone, without transformers; tests/unit/test_runtime_tokenizer.py
+checks the ids against transformers' CLIPTokenizer and T5Tokenizer.
+
+Example:
+    >>> tok = PromptTokenizer.from_file("bundle/tokenizer/tokenizer.json", 77, 49407)
+    >>> tok(["a red cat"]).shape                                    # doctest: +SKIP
+    (1, 77)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from slimdiff.errors import UserError
+
+__all__ = ["PromptTokenizer"]
+
+
+class PromptTokenizer:
+    """Pads and truncates prompts to a fixed length; returns int64 ids (B, max_length)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token_id: int) -> None:
+        pad_token = tokenizer.id_to_token(pad_token_id)
+        if pad_token is None:
+            raise UserError(
+                f"pad_token_id {pad_token_id} is not in the tokenizer's vocabulary; "
+                "export the bundle again"
+            )
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
+        self._tokenizer = tokenizer
+        # Settings stored in tokenizer.json (if any) are replaced: the manifest is what
+        # the pipeline contract says, the file only carries the vocabulary and rules.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        tokenizer.enable_truncation(max_length=max_length)
+        tokenizer.enable_padding(length=max_length, pad_id=pad_token_id, pad_token=pad_token)
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_length: int, pad_token_id: int) -> PromptTokenizer:
+        """Read a `tokenizer.json` (the file transformers' fast tokenizers save)."""
+        path = Path(path)
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on parse errors
+            raise UserError(f"{path}: not a readable tokenizer.json ({err}); export again") from None
+        return cls(tokenizer, max_length, pad_token_id)
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids, int64 (len(prompts), max_length), special tokens included."""
+        encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=True)
+        return np.array([e.ids for e in encodings], dtype=np.int64).reshape(
+            len(prompts), self.max_length
+        )

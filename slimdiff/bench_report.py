@@ -1,0 +1,85 @@
+"""The human-facing outputs of `slimdiff bench`: results.md, the plot and the image grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimdiff.fsutil import atomic_write_text
+
+__all__ = ["markdown_table", "write_grid", "write_markdown", "write_plot"]
+
+_HEADER = (
+    "| recipe | denoiser params (M) | bundle (MB) | GFLOP/step | ms/step (median / p90) | "
+    "torch eager ms/step | speedup | end-to-end ms | peak RSS (MB) | PSNR (dB) | latent rel err |"
+)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per recipe."""
+    lines = [_HEADER, _separator()]
+    for r in results["recipes"]:
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['bytes_on_disk'] / 1e6:.1f} | "
+            f"{r['flops_per_step'] / 1e9:.2f} | {lat['denoiser_step']:.2f} / "
+            f"{lat['denoiser_step_p90']:.2f} | {r['torch_eager_ms_per_step']:.2f} | "
+            f"{r['speedup_vs_eager']:.2f}x | {lat['end_to_end']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['fidelity']['psnr_db']:.1f} | {r['fidelity']['latent_rel_err']:.2e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _separator() -> str:
+    return "|" + "---|" * (_HEADER.count("|") - 1)
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    first = results["recipes"][0] if results["recipes"] else {}
+    m = results["machine"]
+    head = (
+        f"Measured {results['date']} on {m['cpu']} ({m['cpu_count']} cores), "
+        f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
+        f"size {first.get('size')}, {first.get('steps')} steps, backend {first.get('backend')}.\n"
+        f"Command: `{results['command']}`\n\n"
+    )
+    atomic_write_text(path, head + markdown_table(results))
+
+
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    """Latency (ms/step) against fidelity (PSNR) per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in results["recipes"]:
+        x, y = r["latency_ms"]["denoiser_step"], r["fidelity"]["psnr_db"]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("denoiser ms/step (median, runtime)")
+    ax.set_ylabel("PSNR vs uncompressed (dB)")
+    ax.set_title("latency vs fidelity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_grid(row: dict[str, Any], path: Path) -> None:
+    """Reference images (top row) over the recipe's images (bottom row)."""
+    from PIL import Image
+
+    def load(paths):
+        return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+
+    top, bottom = load(row["reference_images"]), load(row["images"])
+    grid = np.concatenate([np.concatenate(top, axis=1), np.concatenate(bottom, axis=1)], axis=0)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(grid).save(tmp)
+    tmp.replace(path)

@@ -1,0 +1,290 @@
+"""The `slimdiff` command: a thin layer that builds the same objects the Python API takes.
+
+Bad input (a recipe, a model folder, a bundle, an argument) ends with one line on stderr
+and exit code 2. Heavy libraries are imported inside commands so `slimdiff run` stays
+torch-free and `slimdiff --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from slimdiff import __version__
+from slimdiff.errors import UserError
+
+SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
+
+
+class _Group(click.Group):
+    """Turns UserError into one line and exit code 2 (click's own usage errors also exit 2)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TracerWarning.*")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slimdiff")
+@click.option("-v", "--verbose", count=True, help="-v: progress logs, -vv: debug logs.")
+def main(verbose: int) -> None:
+    """Compress, export, run and benchmark text-to-image diffusion models."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    _quiet_libraries()
+
+
+def _set_option(f):
+    return click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a recipe field, e.g. --set bench.steps=4 (repeatable).",
+    )(f)
+
+
+def _dry_run_option(f):
+    return click.option(
+        "--dry-run", is_flag=True, help="Validate and print the resolved recipe, then exit."
+    )(f)
+
+
+def _size(value: str | None) -> tuple[int, int] | None:
+    from slimdiff.recipe import parse_size
+
+    return parse_size(value)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@main.command("recipes")
+def recipes_cmd() -> None:
+    """List the built-in recipes, one line each."""
+    from slimdiff.recipe import builtin_recipes, load_recipe
+
+    for name, path in builtin_recipes().items():
+        r = load_recipe(path)
+        passes = ", ".join(p.pass_ for p in r.passes) or "no passes"
+        click.echo(f"{name:<28} {r.model:<22} {passes:<28} {r.description}")
+
+
+@main.command("validate")
+@click.argument("recipes", nargs=-1, required=True)
+@_set_option
+def validate_cmd(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Validate recipe files (or built-in names); exit 2 if any is invalid."""
+    from slimdiff.recipe import load_recipe
+
+    failed = 0
+    for ref in recipes:
+        try:
+            r = load_recipe(ref, overrides)
+        except UserError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            failed += 1
+            continue
+        click.echo(f"ok: {ref} ({r.model}, {len(r.passes)} passes, export {r.export.targets})")
+    if failed:
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- compress
+
+
+@main.command("compress")
+@click.argument("recipe")
+@click.option("--model", help="Model to compress (overrides the recipe's `model`).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@_set_option
+@_dry_run_option
+def compress_cmd(recipe: str, model: str | None, out: Path, overrides, dry_run: bool) -> None:
+    """Compress a model with RECIPE, then export it as the recipe says.
+
+    Writes OUT/artifact (a diffusers folder) and OUT/bundle (the exported bundle).
+    """
+    from slimdiff.recipe import load_recipe
+
+    r = load_recipe(recipe, (*overrides, *((f"model={model}",) if model else ())))
+    if dry_run:
+        click.echo(r.to_yaml(), nl=False)
+        return
+    from slimdiff.flow import compress_and_export
+
+    result = compress_and_export(r, out)
+    click.echo(f"artifact: {result.artifact}")
+    for target, path in result.bundles.items():
+        click.echo(f"bundle ({target}): {path}")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@main.command("export")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option("--target", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--vae-precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default=None,
+    help="Default: fp32 for VAEs that overflow in fp16 (SDXL), else --precision.",
+)
+@click.option("--no-optimize", is_flag=True, help="Skip onnxruntime's fusions.")
+def export_cmd(model: str, out: Path, target: str, precision: str, vae_precision, no_optimize) -> None:
+    """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
+    from slimdiff.export import export_bundle
+    from slimdiff.models import load_model
+
+    loaded = load_model(model)
+    manifest = export_bundle(
+        loaded, out, target=target, precision=precision, vae_precision=vae_precision,
+        optimize=not no_optimize,
+    )
+    for name, comp in manifest.components.items():
+        parity = comp.parity
+        click.echo(
+            f"{name:<16} {comp.precision:<5} rel err {parity.get('rel_err', float('nan')):.2e} "
+            f"(tol {parity.get('tolerance', float('nan')):.0e})"
+        )
+    click.echo(f"bundle: {out}")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@main.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True)
+@click.option("--negative-prompt", default=None)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the bundle's.")
+@click.option("--guidance", type=float, default=None, help="Default: the bundle's.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--size", default=None, help=SIZE_HELP)
+@click.option(
+    "--latents",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Initial noise (.npy) in the layout diffusers' `latents=` takes, to compare exactly.",
+)
+@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu | ort-cuda")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
+def run_cmd(bundle, prompt, negative_prompt, steps, guidance, seed, size, latents, backend, out):
+    """Generate an image from a bundle with the torch-free runtime."""
+    import numpy as np
+
+    from slimdiff.runtime import Text2ImagePipeline
+    from slimdiff.runtime.image import save_png
+
+    init = None
+    if latents is not None:
+        try:
+            init = np.load(latents, allow_pickle=False)
+        except ValueError as err:
+            raise UserError(f"--latents {latents}: not a plain .npy array ({err})") from None
+    pipe = Text2ImagePipeline.from_bundle(bundle, backend=backend)
+    result = pipe(
+        prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+        size=_size(size), latents=init,
+    )
+    save_png(result.image, out)
+    t = result.timings_ms
+    click.echo(
+        f"{out}  ({t['end_to_end']:.0f} ms: text {t['text_encoders']:.0f}, "
+        f"{len(t['denoiser_steps'])} steps, vae {t['vae_decode']:.0f})"
+    )
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--recipe", default=None, help="Apply this recipe's passes first.")
+@click.option("--size", default=None, help=SIZE_HELP + " Default: the family's.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(model: str, recipe: str | None, size: str | None, as_json: bool) -> None:
+    """Parameters and FLOPs per denoiser step, per component and per block."""
+    from slimdiff.inspect import format_table, inspect_model
+    from slimdiff.models import load_model
+    from slimdiff.recipe import load_recipe
+
+    r = load_recipe(recipe) if recipe else None
+    device = "meta" if model.startswith("random:") else "cpu"
+    loaded = load_model(model, device=device)
+    if r is not None:
+        for p in r.resolved_passes():
+            p.apply(loaded.require_pipeline("--recipe"), None)
+    report = inspect_model(loaded, size=_size(size) or (r.bench.size if r else None))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(format_table(report))
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@main.command("bench")
+@click.argument("recipes", nargs=-1, required=True)
+@click.option("--model", default=None, help="Run every recipe on this model instead.")
+@click.option("--steps", type=click.IntRange(min=1), default=None)
+@click.option("--size", default=None, help=SIZE_HELP)
+@click.option("--backend", default=None, help="ort-cpu | ort-cuda (default: the recipe's).")
+@click.option("--repeat", type=click.IntRange(min=1), default=None, help="Timed runs per recipe.")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@_set_option
+@_dry_run_option
+def bench_cmd(recipes, model, steps, size, backend, repeat, out, overrides, dry_run) -> None:
+    """Compress (cached), export and run each recipe; write results.json/md, a plot, grids."""
+    from slimdiff.recipe import load_recipe
+
+    sets = list(overrides)
+    for key, value in (("model", model), ("bench.steps", steps), ("bench.backend", backend),
+                       ("bench.repeat", repeat)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if size is not None:
+        h, w = _size(size)
+        sets.append(f"bench.size=[{h}, {w}]")
+    loaded = [load_recipe(r, sets) for r in recipes]
+    if dry_run:
+        for r in loaded:
+            click.echo(r.to_yaml() + "---")
+        return
+    from slimdiff.bench import run_bench
+
+    results = run_bench(loaded, out)
+    click.echo((out / "results.md").read_text())
+    click.echo(f"results: {out / 'results.json'}  ({len(results['recipes'])} recipes)")
+
+
+if __name__ == "__main__":
+    main()

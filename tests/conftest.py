@@ -1,0 +1,43 @@
+"""Shared test setup: no network, GPU tests skipped without CUDA, no files left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: the hub client fails fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+    cuda = None
+    for item in items:
+        if "tests/gpu/" in str(item.fspath).replace(os.sep, "/") or item.get_closest_marker("gpu"):
+            cuda = _cuda_available() if cuda is None else cuda
+            if not cuda:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_files_left_behind():
+    """Tests write under tmp_path only; fail if one leaves files in the repository root."""
+    before = {p.name for p in ROOT.iterdir()}
+    yield
+    after = {p.name for p in ROOT.iterdir()}
+    leaked = sorted(after - before - {".pytest_cache", ".ruff_cache"})
+    assert not leaked, f"tests left files in the repository root: {leaked}"

@@ -1,0 +1,267 @@
+"""The numpy schedulers against diffusers' own, over whole denoising trajectories.
+
+Each case runs the same initial latent through diffusers (torch, float32) and through
+`slimdiff.runtime.schedulers`, with a "denoiser" that depends on its input
+(0.5 * model_input + fixed noise) so errors in any step feed into the next ones, and
+requires every intermediate sample to agree within 1e-5 of the latent's magnitude: the
+larger of the step's input and output, since float32 rounding scales with the operands.
+
+Zero-terminal-SNR Euler is measured against the largest latent so far instead: its first
+step maps a sigma-4096 latent to a sigma-29 one, and diffusers' own float32 rounding there
+is already ~5e-6 of the *output* (~4e-8 of the input); that absolute error then stays in
+the smaller latents of every later step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from slimdiff.runtime import schedulers  # noqa: E402
+
+TOL = 1e-5  # max |numpy - diffusers| / max |diffusers|, per step
+SHAPE = (1, 4, 8, 8)
+
+# scheduler_config.json values of the model families (SD1.5 / SDXL share the betas)
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+SD15 = {**SD_BETAS, "steps_offset": 1, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "clip_sample": False, "num_train_timesteps": 1000}
+SDXL_EULER = {**SD_BETAS, "steps_offset": 1, "timestep_spacing": "leading",
+              "interpolation_type": "linear", "use_karras_sigmas": False,
+              "prediction_type": "epsilon", "sample_max_value": 1.0}
+SD3 = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_DEV = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+            "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+            "max_image_seq_len": 4096}
+FLUX_SCHNELL = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+                "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                "max_image_seq_len": 4096}
+
+EULER_CASES = {
+    "sd15-leading": (SD15, 30),
+    "sdxl-leading": (SDXL_EULER, 25),
+    "trailing": ({**SD_BETAS, "timestep_spacing": "trailing"}, 20),
+    "linspace-vpred": ({**SD_BETAS, "timestep_spacing": "linspace",
+                       "prediction_type": "v_prediction"}, 20),
+    "karras": ({**SDXL_EULER, "use_karras_sigmas": True}, 20),
+    "zero-snr-trailing-vpred-sigma_min": (
+        {**SD_BETAS, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
+         "rescale_betas_zero_snr": True, "final_sigmas_type": "sigma_min"}, 15),
+    "linear-betas": ({"timestep_spacing": "leading"}, 10),
+}
+DDIM_CASES = {
+    "sd15": (SD15, 30),
+    "sd15-trailing": ({**SD15, "timestep_spacing": "trailing"}, 25),
+    "linspace-clip": ({"clip_sample": True, "clip_sample_range": 1.0,
+                      "timestep_spacing": "linspace"}, 20),
+    "clip-range-vpred": ({**SD_BETAS, "clip_sample": True, "clip_sample_range": 1.5,
+                         "prediction_type": "v_prediction"}, 20),
+    "zero-snr-trailing-vpred": ({**SD_BETAS, "rescale_betas_zero_snr": True,
+                                "timestep_spacing": "trailing",
+                                "prediction_type": "v_prediction"}, 20),
+    "cosine-set_alpha_to_one": ({"beta_schedule": "squaredcos_cap_v2",
+                                "clip_sample": False}, 10),
+}
+DPM_CASES = {
+    "linspace": (SD_BETAS, 20),
+    "leading-offset": ({**SD_BETAS, "timestep_spacing": "leading", "steps_offset": 1}, 20),
+    "trailing-vpred": ({**SD_BETAS, "timestep_spacing": "trailing",
+                       "prediction_type": "v_prediction"}, 20),
+    "karras": ({**SD_BETAS, "use_karras_sigmas": True}, 25),
+    "karras-few-steps": ({**SD_BETAS, "use_karras_sigmas": True}, 8),
+    "heun-sigma_min": ({**SD_BETAS, "solver_type": "heun", "final_sigmas_type": "sigma_min"},
+                       10),
+    "order1-sigma_min-many-steps": ({**SD_BETAS, "solver_order": 1,
+                                    "final_sigmas_type": "sigma_min"}, 16),
+    "lambda_min_clipped": ({"beta_schedule": "squaredcos_cap_v2",
+                           "lambda_min_clipped": -5.1}, 12),
+}
+
+
+def _run(ref, ours, steps: int, seed: int, *, mu=None, sigmas=None, running=False) -> float:
+    """Run both schedulers over one trajectory; returns the largest relative error.
+
+    The error of a step is relative to the larger of its input and output latents, or
+    with `running` to the largest latent so far (for zero-terminal-SNR, see module doc).
+    """
+    kwargs = {} if sigmas is None else {"sigmas": sigmas}
+    if mu is not None:
+        kwargs["mu"] = mu
+    if sigmas is None:
+        kwargs["num_inference_steps"] = steps
+    ref.set_timesteps(**kwargs)
+    ours.set_timesteps(**kwargs)
+    ref_t = ref.timesteps.numpy()
+    assert ours.timesteps.dtype == np.float32
+    np.testing.assert_allclose(ours.timesteps, ref_t.astype(np.float32), rtol=1e-6, atol=1e-4)
+
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal(SHAPE).astype(np.float32)
+    ref_sigma = getattr(ref, "init_noise_sigma", 1.0)  # FlowMatch has none: 1
+    assert ours.init_noise_sigma == pytest.approx(float(ref_sigma), rel=1e-6)
+    x_ref = torch.from_numpy(latent) * ref_sigma
+    x_ours = latent * np.float32(ours.init_noise_sigma)
+
+    worst, scale = 0.0, 0.0
+    for i, t in enumerate(ref.timesteps):
+        # FlowMatch has no scale_model_input in diffusers: its input is the sample itself
+        in_ref = ref.scale_model_input(x_ref, t) if hasattr(ref, "scale_model_input") else x_ref
+        # scale_model_input on its own, on diffusers' latent, then on ours for the model
+        in_check = ours.scale_model_input(x_ref.numpy(), i)
+        assert in_check.dtype == np.float32
+        np.testing.assert_allclose(in_check, in_ref.numpy(), rtol=0,
+                                   atol=1e-6 * float(in_ref.abs().max()))
+        in_ours = ours.scale_model_input(x_ours, i)
+        scale = max(scale if running else 0.0, float(x_ref.abs().max()))
+        x_ref = ref.step(0.5 * in_ref + torch.from_numpy(noise), t, x_ref).prev_sample
+        x_ours = ours.step(np.float32(0.5) * in_ours + noise, i, x_ours)
+        assert x_ours.dtype == np.float32 and x_ours.shape == SHAPE
+        ref_np = x_ref.numpy()
+        scale = max(scale, float(np.abs(ref_np).max()))
+        err = float(np.abs(x_ours - ref_np).max()) / scale
+        assert err < TOL, f"step {i} (t={float(t)}): relative error {err:.3g}"
+        worst = max(worst, err)
+    return worst
+
+
+def _pair(cls_name: str, config: dict):
+    ref = getattr(diffusers, cls_name).from_config(config)
+    ours = schedulers.scheduler_from_config(dict(ref.config, _class_name=cls_name))
+    assert type(ours).__name__ == cls_name
+    return ref, ours
+
+
+@pytest.mark.parametrize("case", EULER_CASES)
+def test_euler_trajectory(case):
+    config, steps = EULER_CASES[case]
+    running = bool(config.get("rescale_betas_zero_snr"))  # sigma_max = 4096: module doc
+    _run(*_pair("EulerDiscreteScheduler", config), steps, seed=1, running=running)
+
+
+@pytest.mark.parametrize("case", DDIM_CASES)
+def test_ddim_trajectory(case):
+    config, steps = DDIM_CASES[case]
+    _run(*_pair("DDIMScheduler", config), steps, seed=2)
+
+
+@pytest.mark.parametrize("case", DPM_CASES)
+def test_dpmsolver_trajectory(case):
+    config, steps = DPM_CASES[case]
+    _run(*_pair("DPMSolverMultistepScheduler", config), steps, seed=3)
+
+
+def test_flow_match_sd3():
+    _run(*_pair("FlowMatchEulerDiscreteScheduler", SD3), 28, seed=4)
+
+
+@pytest.mark.parametrize(("config", "steps", "seq_len"),
+                         [(FLUX_DEV, 28, 4096), (FLUX_DEV, 20, 1024), (FLUX_SCHNELL, 4, 4096)])
+def test_flow_match_flux(config, steps, seq_len):
+    """As FluxPipeline calls it: sigmas = linspace(1, 1/n, n) and mu from calculate_shift."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    args = (seq_len, config["base_image_seq_len"], config["max_image_seq_len"],
+            config["base_shift"], config["max_shift"])
+    mu = schedulers.calculate_shift(*args)
+    assert mu == calculate_shift(*args)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    _run(*_pair("FlowMatchEulerDiscreteScheduler", config), steps, seed=5, mu=mu,
+         sigmas=sigmas)
+
+
+def test_flow_match_dynamic_without_sigmas():
+    mu = schedulers.calculate_shift(256)
+    _run(*_pair("FlowMatchEulerDiscreteScheduler", FLUX_DEV), 12, seed=6, mu=mu)
+
+
+def test_euler_custom_sigmas():
+    ref, ours = _pair("EulerDiscreteScheduler", SDXL_EULER)
+    sigmas = np.array([14.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.0])
+    _run(ref, ours, len(sigmas) - 1, seed=7, sigmas=sigmas)
+
+
+def test_scale_model_input_and_init_noise_sigma():
+    ref, ours = _pair("EulerDiscreteScheduler", SDXL_EULER)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    # "leading" spacing: sqrt(sigma_max^2 + 1), not sigma_max
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    sigma_max = float(ours.sigmas.max())
+    assert ours.init_noise_sigma == pytest.approx((sigma_max**2 + 1) ** 0.5, rel=1e-6)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    for i in (0, 5, 9):
+        expected = ref.scale_model_input(torch.from_numpy(x), ref.timesteps[i]).numpy()
+        ref._step_index = None  # diffusers fixes its index on first use; reset per probe
+        np.testing.assert_allclose(ours.scale_model_input(x, i), expected, rtol=1e-6)
+    for name, config in [("DDIMScheduler", SD15), ("DPMSolverMultistepScheduler", SD_BETAS),
+                         ("FlowMatchEulerDiscreteScheduler", SD3)]:
+        _, other = _pair(name, config)
+        other.set_timesteps(10)
+        assert other.init_noise_sigma == 1.0
+        np.testing.assert_array_equal(other.scale_model_input(x, 3), x)
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "config"),
+    [("EulerDiscreteScheduler", SDXL_EULER), ("DDIMScheduler", SD15),
+     ("DPMSolverMultistepScheduler", {**SD_BETAS, "use_karras_sigmas": True}),
+     ("FlowMatchEulerDiscreteScheduler", FLUX_DEV)],
+)
+def test_from_saved_config(tmp_path, cls_name, config):
+    """scheduler_config.json as diffusers writes it (with _class_name, _diffusers_version)."""
+    getattr(diffusers, cls_name).from_config(config).save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == cls_name and "_diffusers_version" in saved
+    ours = schedulers.scheduler_from_config(saved)
+    assert type(ours).__name__ == cls_name
+    ours.set_timesteps(6, mu=0.8 if cls_name.startswith("Flow") else None)
+    assert len(ours.timesteps) == 6
+
+
+def test_unknown_class_names_supported_ones():
+    with pytest.raises(ValueError, match="PNDMScheduler") as info:
+        schedulers.scheduler_from_config({"_class_name": "PNDMScheduler"})
+    for name in ("EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+                 "FlowMatchEulerDiscreteScheduler"):
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match="None"):
+        schedulers.scheduler_from_config({"beta_start": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "config", "key"),
+    [("EulerDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
+     ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
+     ("DDIMScheduler", {"thresholding": True}, "thresholding"),
+     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+     ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
+     ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
+     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "stochastic_sampling"),
+     ("FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.02}, "shift_terminal")],
+)
+def test_unsupported_values_raise(cls_name, config, key):
+    with pytest.raises(ValueError, match=key):
+        schedulers.scheduler_from_config({"_class_name": cls_name, **config})
+
+
+def test_misuse_raises():
+    flux = schedulers.scheduler_from_config(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV})
+    with pytest.raises(ValueError, match="mu"):
+        flux.set_timesteps(10)
+    ddim = schedulers.DDIMScheduler()
+    with pytest.raises(ValueError, match="sigmas"):
+        ddim.set_timesteps(10, sigmas=np.ones(10))
+    dpm = schedulers.DPMSolverMultistepScheduler()
+    dpm.set_timesteps(5)
+    x = np.zeros(SHAPE, np.float32)
+    dpm.step(x, 0, x)
+    with pytest.raises(ValueError, match="history"):
+        dpm.step(x, 2, x)
