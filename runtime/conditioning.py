@@ -73,7 +73,8 @@ class Conditioning:
             )
         return latents
 
-    def set_timesteps(self, scheduler: Scheduler, steps: int, latents: np.ndarray) -> None:
+    def set_timesteps(self, scheduler: Scheduler, steps: int, shape: tuple[int, ...]) -> None:
+        """Set the schedule for latents of `shape`; call before `initial_latents`."""
         scheduler.set_timesteps(steps)
 
     def vae_latents(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -112,7 +113,8 @@ class UNetConditioning(Conditioning):
     def initial_latents(
         self, latents: np.ndarray | None, seed: int, height: int, width: int, scheduler: Scheduler
     ) -> np.ndarray:
-        # diffusers' SD/SDXL prepare_latents scales given latents too, not only fresh noise.
+        # diffusers' SD/SDXL prepare_latents scales given latents too, not only fresh noise,
+        # and after set_timesteps: Euler's init_noise_sigma depends on the schedule.
         noise = super().initial_latents(latents, seed, height, width, scheduler)
         return (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
 
@@ -154,14 +156,14 @@ class SD3Conditioning(Conditioning):
     def size_multiple(self) -> int:
         return self.vae_scale * int(self.pipeline.get("patch_size") or 2)
 
-    def set_timesteps(self, scheduler: Scheduler, steps: int, latents: np.ndarray) -> None:
+    def set_timesteps(self, scheduler: Scheduler, steps: int, shape: tuple[int, ...]) -> None:
         cfg = self.scheduler_config
         if not cfg.get("use_dynamic_shifting"):
             scheduler.set_timesteps(steps)
             return
         # SD3.5-style dynamic shifting; the defaults are SD3 pipeline's (max_shift 1.16).
         patch = int(self.pipeline.get("patch_size") or 2)
-        seq_len = (latents.shape[2] // patch) * (latents.shape[3] // patch)
+        seq_len = (shape[2] // patch) * (shape[3] // patch)
         mu = calculate_shift(
             seq_len,
             cfg.get("base_image_seq_len", 256),
@@ -231,11 +233,11 @@ class FluxConditioning(Conditioning):
         x = x.transpose(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
         return np.ascontiguousarray(x.reshape(b, d // (p * p), h, w))  # (B, C, h, w)
 
-    def set_timesteps(self, scheduler: Scheduler, steps: int, latents: np.ndarray) -> None:
+    def set_timesteps(self, scheduler: Scheduler, steps: int, shape: tuple[int, ...]) -> None:
         cfg = self.scheduler_config
         sigmas = np.linspace(1.0, 1 / steps, steps)
         mu = calculate_shift(
-            latents.shape[1],  # image tokens
+            shape[1],  # image tokens
             cfg.get("base_image_seq_len", 256),
             cfg.get("max_image_seq_len", 4096),
             cfg.get("base_shift", 0.5),

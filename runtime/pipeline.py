@@ -136,8 +136,8 @@ class Text2ImagePipeline:
         timings["text_encoders"] = _ms(t0)
 
         scheduler = scheduler_from_config(self.scheduler_config)
+        cond.set_timesteps(scheduler, steps, cond.latent_shape(height, width))
         x = cond.initial_latents(latents, seed, height, width, scheduler)
-        cond.set_timesteps(scheduler, steps, x)
         step_ms: list[float] = []
         for i, t in enumerate(scheduler.timesteps):
             t0 = time.perf_counter()

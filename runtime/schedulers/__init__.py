@@ -1,11 +1,13 @@
 """Numpy ports of the diffusers schedulers that slimdiff's torch-free runtime supports.
 
 Each class mirrors the diffusers class of the same name (diffusers 0.42) closely enough
-that a whole denoising trajectory agrees with diffusers' float32 torch one to ~1e-6 of
-the latent magnitude; tests/unit/test_schedulers.py checks this against diffusers itself.
-Where diffusers computes in float32 torch we compute in float32 numpy, where it computes
-in float64 numpy we do too: the schedule formulas are the easy part, the dtype path is
-what keeps the two in step.
+that a whole denoising trajectory agrees with diffusers' float32 torch one to a few 1e-6
+of the latent magnitude; tests/unit/test_schedulers.py checks this against diffusers.
+The schedule formulas are the easy part; what keeps the two in step is following
+diffusers' dtype path: float32 where it computes in float32 torch (betas, alpha-bars,
+sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
+(interpolation, Karras sigmas, SD3's default flow schedule), float32 numpy where it does
+(FLUX's shifted sigmas). Explicit `np.float32` scalars keep numpy 1.x and 2.x alike.
 
 - `EulerDiscreteScheduler`: Euler method of Karras et al., "Elucidating the Design Space of
   Diffusion-Based Generative Models" (2022, arXiv:2206.00364), Algorithm 2 without churn.
@@ -27,13 +29,14 @@ Unlike diffusers, `scale_model_input` and `step` take the step index explicitly,
 hidden counter can drift; DPM-Solver++ still keeps its model-output history and requires
 steps in order. Only numpy and the standard library are imported (the runtime is torch-free).
 
-Example:
-    >>> sched = scheduler_from_config(json.load(open("scheduler/scheduler_config.json")))
-    >>> sched.set_timesteps(30)                                     # doctest: +SKIP
-    >>> x = rng.standard_normal(shape, dtype=np.float32) * sched.init_noise_sigma
-    >>> for i, t in enumerate(sched.timesteps):                     # doctest: +SKIP
-    ...     eps = unet(sched.scale_model_input(x, i), t, cond)
-    ...     x = sched.step(eps, i, x)
+Example (the runtime's denoising loop, without guidance):
+
+    sched = scheduler_from_config(json.loads(Path("scheduler/scheduler_config.json").read_text()))
+    sched.set_timesteps(30)  # FLUX: set_timesteps(sigmas=np.linspace(1, 1/30, 30), mu=mu)
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(sched.init_noise_sigma)
+    for i, t in enumerate(sched.timesteps):
+        eps = unet(sched.scale_model_input(x, i), t, cond)
+        x = sched.step(eps, i, x)
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""DDIMScheduler: Song, Meng & Ermon 2021 (arXiv:2010.02502), deterministic (eta = 0)."""
+"""DDIMScheduler: deterministic DDIM (eta = 0), as diffusers implements it.
+
+Song, Meng & Ermon, "Denoising Diffusion Implicit Models" (arXiv:2010.02502), eq. 12
+with sigma_t = 0: predict x0 and eps, then re-noise x0 to the previous alpha-bar along the
+predicted eps. Port of diffusers.DDIMScheduler (scheduling_ddim.py), including its quirk
+of stepping back a fixed num_train_timesteps // num_inference_steps.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from ._common import (
     F32,
     ONE,
     alphas_cumprod_f32,
-    choice,
     as_f32,
+    check_step,
+    choice,
+    reject_args,
     reject_non_default,
     spaced_timesteps,
 )
@@ -41,14 +49,23 @@ class DDIMScheduler:
     ) -> None:
         name = type(self).__name__
         reject_non_default(name, config, thresholding=False)
-        self.prediction_type = choice(name, "prediction_type", prediction_type,
-                                       ("epsilon", "v_prediction"))
-        self.timestep_spacing = choice(name, "timestep_spacing", timestep_spacing,
-                                        ("linspace", "leading", "trailing"))
+        self.prediction_type = choice(
+            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
+        )
+        self.timestep_spacing = choice(
+            name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing")
+        )
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         self.clip_sample, self.clip_sample_range = bool(clip_sample), F32(clip_sample_range)
-        self.alphas_cumprod = alphas_cumprod_f32(name, num_train_timesteps, beta_start, beta_end,
-                                              beta_schedule, trained_betas, rescale_betas_zero_snr)
+        self.alphas_cumprod = alphas_cumprod_f32(
+            name,
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+        )
         # alpha-bar "before" t=0: 1 (clean) or, for SD, the first training value
         self.final_alpha_cumprod = ONE if set_alpha_to_one else self.alphas_cumprod[0]
         self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
@@ -61,7 +78,7 @@ class DDIMScheduler:
         mu: float | None = None,
         sigmas: np.ndarray | None = None,
     ) -> None:
-        reject_mu_sigmas(type(self).__name__, mu, sigmas)
+        reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n_train, n = self.num_train_timesteps, num_inference_steps
         if n is None or not 0 < n <= n_train:
             raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
@@ -76,6 +93,7 @@ class DDIMScheduler:
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
+        check_step(type(self).__name__, step_index, len(self.timesteps))
         sample, model_output = as_f32(sample), as_f32(model_output)
         t = int(self._t[step_index])
         # diffusers steps back by n_train // n for every spacing, even where the next

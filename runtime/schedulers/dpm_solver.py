@@ -1,4 +1,12 @@
-"""DPMSolverMultistepScheduler as DPM-Solver++(2M): Lu et al. 2022 (arXiv:2211.01095)."""
+"""DPMSolverMultistepScheduler as "DPM++ 2M" (midpoint or Heun), as diffusers has it.
+
+Multistep DPM-Solver++ of Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models" (arXiv:2211.01095), Algorithm 2: an exponential
+integrator in log-SNR lambda on the data prediction x0, second order from the previous
+step's x0. Port of diffusers.DPMSolverMultistepScheduler (scheduling_dpmsolver_multistep.py)
+for algorithm_type="dpmsolver++", solver_order 1 or 2; the coefficient scalars are
+float32 like diffusers' 0-d tensors (h = lambda_t - lambda_s is a float32 difference).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,11 @@ from ._common import (
     F32,
     ONE,
     alphas_cumprod_f32,
-    choice,
     as_f32,
+    check_step,
+    choice,
     karras_sigmas,
+    reject_args,
     reject_non_default,
     sigma_to_t,
 )
@@ -21,6 +31,7 @@ from ._common import (
 class DPMSolverMultistepScheduler:
     """diffusers.DPMSolverMultistepScheduler as "DPM++ 2M" (algorithm_type="dpmsolver++")."""
 
+    order = 1  # diffusers' value: one model call per step
     init_noise_sigma = 1.0
 
     def __init__(
@@ -47,22 +58,32 @@ class DPMSolverMultistepScheduler:
         **config: Any,
     ) -> None:
         name = type(self).__name__
-        reject_non_default(name, config, thresholding=False, variance_type=None,
-                            use_exponential_sigmas=False, use_beta_sigmas=False,
-                            use_lu_lambdas=False, use_flow_sigmas=False,
-                            use_dynamic_shifting=False)
+        reject_non_default(
+            name,
+            config,
+            thresholding=False,
+            variance_type=None,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            use_lu_lambdas=False,
+            use_flow_sigmas=False,
+            use_dynamic_shifting=False,
+        )
         # diffusers silently maps these aliases (configs copied from DEIS/UniPC)
         algorithm_type = "dpmsolver++" if algorithm_type == "deis" else algorithm_type
         solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
         choice(name, "algorithm_type", algorithm_type, ("dpmsolver++",))
         self.solver_order = choice(name, "solver_order", solver_order, (1, 2))
         self.solver_type = choice(name, "solver_type", solver_type, ("midpoint", "heun"))
-        self.prediction_type = choice(name, "prediction_type", prediction_type,
-                                       ("epsilon", "v_prediction"))
-        self.timestep_spacing = choice(name, "timestep_spacing", timestep_spacing,
-                                        ("linspace", "leading", "trailing"))
-        self.final_sigmas_type = choice(name, "final_sigmas_type", final_sigmas_type,
-                                         ("zero", "sigma_min"))
+        self.prediction_type = choice(
+            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
+        )
+        self.timestep_spacing = choice(
+            name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing")
+        )
+        self.final_sigmas_type = choice(
+            name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
+        )
         self.lower_order_final, self.euler_at_final = bool(lower_order_final), bool(euler_at_final)
         self.use_karras_sigmas = bool(use_karras_sigmas)
         # not DPM keys, but diffusers honours them when a config (e.g. Euler's) carries them
@@ -70,8 +91,15 @@ class DPMSolverMultistepScheduler:
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         self.lambda_min_clipped = lambda_min_clipped
         self._round_karras = beta_schedule != "squaredcos_cap_v2"
-        ac = alphas_cumprod_f32(name, num_train_timesteps, beta_start, beta_end, beta_schedule,
-                             trained_betas, rescale_betas_zero_snr)
+        ac = alphas_cumprod_f32(
+            name,
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+        )
         if rescale_betas_zero_snr:
             ac[-1] = 2**-24
         self.alphas_cumprod = ac
@@ -94,7 +122,7 @@ class DPMSolverMultistepScheduler:
         mu: float | None = None,
         sigmas: np.ndarray | None = None,
     ) -> None:
-        reject_mu_sigmas(type(self).__name__, mu, sigmas)
+        reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         if num_inference_steps is None:
             raise ValueError("num_inference_steps is required")
         n, n_train = num_inference_steps, self.num_train_timesteps
@@ -139,11 +167,14 @@ class DPMSolverMultistepScheduler:
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
+        check_step(type(self).__name__, i, n)
         if i == 0:
             self._reset_history()
         elif i != self._last_step + 1:
-            raise ValueError(f"DPM-Solver++ keeps a history: step {self._last_step + 1} "
-                             f"expected, got {i} (call set_timesteps to restart)")
+            raise ValueError(
+                f"DPM-Solver++ keeps a history: step {self._last_step + 1} "
+                f"expected, got {i} (call set_timesteps to restart)"
+            )
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)
         alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.sigmas[i])
@@ -151,15 +182,17 @@ class DPMSolverMultistepScheduler:
             x0 = (sample - sigma_s0 * model_output) / alpha_s0
         else:  # v_prediction
             x0 = alpha_s0 * sample - sigma_s0 * model_output
-        self._model_outputs = [*self._model_outputs, x0][-self.solver_order:]
+        self._model_outputs = [*self._model_outputs, x0][-self.solver_order :]
 
         alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.sigmas[i + 1])
         h = lambda_t - lambda_s0
         phi = alpha_t * (np.exp(-h) - ONE)  # alpha_t (e^-h - 1): -> -alpha_t when sigma_t -> 0
         # the last step is first order whenever its target sigma is 0 (or when asked)
         lower_final = i == n - 1 and (
-            self.euler_at_final or (self.lower_order_final and n < 15)
-            or self.final_sigmas_type == "zero")
+            self.euler_at_final
+            or (self.lower_order_final and n < 15)
+            or self.final_sigmas_type == "zero"
+        )
         if self.solver_order == 1 or self._lower_order_nums < 1 or lower_final:
             prev = (sigma_t / sigma_s0) * sample - phi * x0  # DPM-Solver++(1) = DDIM
         else:
@@ -170,7 +203,10 @@ class DPMSolverMultistepScheduler:
             if self.solver_type == "midpoint":  # Lu et al. Algorithm 2
                 prev = (sigma_t / sigma_s0) * sample - phi * m0 - (F32(0.5) * phi) * d1
             else:  # heun
-                prev = ((sigma_t / sigma_s0) * sample - phi * m0
-                        + (alpha_t * ((np.exp(-h) - ONE) / h + ONE)) * d1)
+                prev = (
+                    (sigma_t / sigma_s0) * sample
+                    - phi * m0
+                    + (alpha_t * ((np.exp(-h) - ONE) / h + ONE)) * d1
+                )
         self._lower_order_nums = min(self._lower_order_nums + 1, self.solver_order)
         return as_f32(prev)

@@ -52,20 +52,35 @@ class EulerDiscreteScheduler:
         **config: Any,
     ) -> None:
         name = type(self).__name__
-        reject_non_default(name, config, use_exponential_sigmas=False, use_beta_sigmas=False,
-                            timestep_type="discrete")
-        self.prediction_type = choice(name, "prediction_type", prediction_type,
-                                       ("epsilon", "v_prediction"))
+        reject_non_default(
+            name,
+            config,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            timestep_type="discrete",
+        )
+        self.prediction_type = choice(
+            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
+        )
         choice(name, "interpolation_type", interpolation_type, ("linear",))
-        self.timestep_spacing = choice(name, "timestep_spacing", timestep_spacing,
-                                        ("linspace", "leading", "trailing"))
-        self.final_sigmas_type = choice(name, "final_sigmas_type", final_sigmas_type,
-                                         ("zero", "sigma_min"))
+        self.timestep_spacing = choice(
+            name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing")
+        )
+        self.final_sigmas_type = choice(
+            name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
+        )
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         self.use_karras_sigmas = bool(use_karras_sigmas)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        ac = alphas_cumprod_f32(name, num_train_timesteps, beta_start, beta_end, beta_schedule,
-                             trained_betas, rescale_betas_zero_snr)
+        ac = alphas_cumprod_f32(
+            name,
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+        )
         if rescale_betas_zero_snr:
             ac[-1] = 2**-24  # diffusers keeps sigma_max finite this way
         self.alphas_cumprod = ac
@@ -97,8 +112,12 @@ class EulerDiscreteScheduler:
         else:
             if num_inference_steps is None:
                 raise ValueError("pass num_inference_steps or sigmas")
-            timesteps = spaced_timesteps(self.timestep_spacing, self.num_train_timesteps,
-                                          num_inference_steps, self.steps_offset).astype(F32)
+            timesteps = spaced_timesteps(
+                self.timestep_spacing,
+                self.num_train_timesteps,
+                num_inference_steps,
+                self.steps_offset,
+            ).astype(F32)
             # float32 timesteps into float64 interpolation, exactly as diffusers does
             sig = np.interp(timesteps, np.arange(len(self._train_sigmas)), self._train_sigmas)
             if self.use_karras_sigmas:

@@ -16,8 +16,9 @@ import numpy as np
 
 from ._common import (
     F32,
-    choice,
     as_f32,
+    check_step,
+    choice,
     reject_non_default,
 )
 
@@ -41,11 +42,19 @@ class FlowMatchEulerDiscreteScheduler:
         **config: Any,
     ) -> None:
         name = type(self).__name__
-        reject_non_default(name, config, invert_sigmas=False, shift_terminal=None,
-                            use_karras_sigmas=False, use_exponential_sigmas=False,
-                            use_beta_sigmas=False, stochastic_sampling=False)
-        self.time_shift_type = choice(name, "time_shift_type", time_shift_type,
-                                       ("exponential", "linear"))
+        reject_non_default(
+            name,
+            config,
+            invert_sigmas=False,
+            shift_terminal=None,
+            use_karras_sigmas=False,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            stochastic_sampling=False,
+        )
+        self.time_shift_type = choice(
+            name, "time_shift_type", time_shift_type, ("exponential", "linear")
+        )
         self.num_train_timesteps, self.shift = num_train_timesteps, shift
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
         # kept for the runtime's calculate_shift call, as pipelines read them from config
@@ -85,8 +94,12 @@ class FlowMatchEulerDiscreteScheduler:
         elif num_inference_steps is None:
             raise ValueError("pass num_inference_steps or sigmas")
         else:  # float64 from here, as in diffusers
-            sig = np.linspace(self._sigma_max * n_train, self._sigma_min * n_train,
-                              num_inference_steps) / n_train
+            sig = (
+                np.linspace(
+                    self._sigma_max * n_train, self._sigma_min * n_train, num_inference_steps
+                )
+                / n_train
+            )
         if self.use_dynamic_shifting:
             sig = self._time_shift(mu, sig)
         else:
@@ -100,6 +113,7 @@ class FlowMatchEulerDiscreteScheduler:
         return as_f32(sample)
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        check_step(type(self).__name__, step_index, len(self.timesteps))
         # x_{t-dt} = x_t + (sigma_next - sigma) * v, with v the predicted velocity
         dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
         return as_f32(sample) + dt * as_f32(model_output)

@@ -87,7 +87,7 @@ def _load_local(path: Path, source: str, device: str) -> LoadedModel:
     index = path / "model_index.json"
     if index.is_file():
         class_name = _read_json(index).get("_class_name", "")
-        family = family_of_pipeline(class_name)  # raises a clear error for unsupported ones
+        family_of_pipeline(class_name)  # raises a clear error for unsupported classes
         if (path / "slimdiff.json").is_file():
             from slimdiff.artifact import load_artifact
 
@@ -119,9 +119,11 @@ def _load_component(path: Path, config: dict, source: str, device: str) -> Loade
         )
     cls = getattr(diffusers, class_name)
     try:
-        model = cls.from_pretrained(path, device_map=None if device == "meta" else device)
+        model = cls.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
+    if device not in ("cpu", "meta"):
+        model = model.to(device)
     return LoadedModel(arch=get_arch(family), source=source, denoiser=model.eval())
 
 
@@ -136,7 +138,7 @@ def _from_pretrained_pipeline(path: Path, class_name: str, device: str):
             f"{path}: could not load the {class_name} in it ({err}); check that every "
             "component folder listed in model_index.json is complete"
         ) from None
-    return pipe.to(device) if device != "cpu" else pipe
+    return pipe.to(device) if device not in ("cpu", "meta") else pipe
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -158,7 +160,7 @@ def _load_hub(model_id: str, device: str):
             f"{model_id} --local-dir DIR` and pass DIR instead"
         ) from None
     family_of_pipeline(type(pipe).__name__)
-    return pipe.to(device) if device != "cpu" else pipe
+    return pipe.to(device) if device not in ("cpu", "meta") else pipe
 
 
 def _read_json(path: Path) -> dict:

@@ -14,7 +14,10 @@ the smaller latents of every later step.
 
 from __future__ import annotations
 
+import ast
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,62 +27,110 @@ diffusers = pytest.importorskip("diffusers")
 
 from slimdiff.runtime import schedulers  # noqa: E402
 
-TOL = 1e-5  # max |numpy - diffusers| / max |diffusers|, per step
+TOL = 1e-5  # max |numpy - diffusers| / the latent magnitude (module docstring)
 SHAPE = (1, 4, 8, 8)
 
 # scheduler_config.json values of the model families (SD1.5 / SDXL share the betas)
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-SD15 = {**SD_BETAS, "steps_offset": 1, "set_alpha_to_one": False, "skip_prk_steps": True,
-        "clip_sample": False, "num_train_timesteps": 1000}
-SDXL_EULER = {**SD_BETAS, "steps_offset": 1, "timestep_spacing": "leading",
-              "interpolation_type": "linear", "use_karras_sigmas": False,
-              "prediction_type": "epsilon", "sample_max_value": 1.0}
+SD15 = {
+    **SD_BETAS,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+}
+SDXL_EULER = {
+    **SD_BETAS,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+}
 SD3 = {"num_train_timesteps": 1000, "shift": 3.0}
-FLUX_DEV = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
-            "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-            "max_image_seq_len": 4096}
-FLUX_SCHNELL = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
-                "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                "max_image_seq_len": 4096}
+FLUX_DEV = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 
 EULER_CASES = {
     "sd15-leading": (SD15, 30),
     "sdxl-leading": (SDXL_EULER, 25),
     "trailing": ({**SD_BETAS, "timestep_spacing": "trailing"}, 20),
-    "linspace-vpred": ({**SD_BETAS, "timestep_spacing": "linspace",
-                       "prediction_type": "v_prediction"}, 20),
+    "linspace-vpred": (
+        {**SD_BETAS, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+        20,
+    ),
     "karras": ({**SDXL_EULER, "use_karras_sigmas": True}, 20),
     "zero-snr-trailing-vpred-sigma_min": (
-        {**SD_BETAS, "timestep_spacing": "trailing", "prediction_type": "v_prediction",
-         "rescale_betas_zero_snr": True, "final_sigmas_type": "sigma_min"}, 15),
+        {
+            **SD_BETAS,
+            "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+            "final_sigmas_type": "sigma_min",
+        },
+        15,
+    ),
     "linear-betas": ({"timestep_spacing": "leading"}, 10),
 }
 DDIM_CASES = {
     "sd15": (SD15, 30),
     "sd15-trailing": ({**SD15, "timestep_spacing": "trailing"}, 25),
-    "linspace-clip": ({"clip_sample": True, "clip_sample_range": 1.0,
-                      "timestep_spacing": "linspace"}, 20),
-    "clip-range-vpred": ({**SD_BETAS, "clip_sample": True, "clip_sample_range": 1.5,
-                         "prediction_type": "v_prediction"}, 20),
-    "zero-snr-trailing-vpred": ({**SD_BETAS, "rescale_betas_zero_snr": True,
-                                "timestep_spacing": "trailing",
-                                "prediction_type": "v_prediction"}, 20),
-    "cosine-set_alpha_to_one": ({"beta_schedule": "squaredcos_cap_v2",
-                                "clip_sample": False}, 10),
+    "linspace-clip": (
+        {"clip_sample": True, "clip_sample_range": 1.0, "timestep_spacing": "linspace"},
+        20,
+    ),
+    "clip-range-vpred": (
+        {
+            **SD_BETAS,
+            "clip_sample": True,
+            "clip_sample_range": 1.5,
+            "prediction_type": "v_prediction",
+        },
+        20,
+    ),
+    "zero-snr-trailing-vpred": (
+        {
+            **SD_BETAS,
+            "rescale_betas_zero_snr": True,
+            "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction",
+        },
+        20,
+    ),
+    "cosine-set_alpha_to_one": ({"beta_schedule": "squaredcos_cap_v2", "clip_sample": False}, 10),
 }
 DPM_CASES = {
     "linspace": (SD_BETAS, 20),
     "leading-offset": ({**SD_BETAS, "timestep_spacing": "leading", "steps_offset": 1}, 20),
-    "trailing-vpred": ({**SD_BETAS, "timestep_spacing": "trailing",
-                       "prediction_type": "v_prediction"}, 20),
+    "trailing-vpred": (
+        {**SD_BETAS, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        20,
+    ),
     "karras": ({**SD_BETAS, "use_karras_sigmas": True}, 25),
     "karras-few-steps": ({**SD_BETAS, "use_karras_sigmas": True}, 8),
-    "heun-sigma_min": ({**SD_BETAS, "solver_type": "heun", "final_sigmas_type": "sigma_min"},
-                       10),
-    "order1-sigma_min-many-steps": ({**SD_BETAS, "solver_order": 1,
-                                    "final_sigmas_type": "sigma_min"}, 16),
-    "lambda_min_clipped": ({"beta_schedule": "squaredcos_cap_v2",
-                           "lambda_min_clipped": -5.1}, 12),
+    "heun-sigma_min": ({**SD_BETAS, "solver_type": "heun", "final_sigmas_type": "sigma_min"}, 10),
+    # 15+ steps to a nonzero final sigma: the last step stays second order
+    "sigma_min-16-steps": ({**SD_BETAS, "final_sigmas_type": "sigma_min"}, 16),
+    "order1": ({**SD_BETAS, "solver_order": 1}, 20),
+    "lambda_min_clipped": ({"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, 12),
 }
 
 
@@ -115,8 +166,9 @@ def _run(ref, ours, steps: int, seed: int, *, mu=None, sigmas=None, running=Fals
         # scale_model_input on its own, on diffusers' latent, then on ours for the model
         in_check = ours.scale_model_input(x_ref.numpy(), i)
         assert in_check.dtype == np.float32
-        np.testing.assert_allclose(in_check, in_ref.numpy(), rtol=0,
-                                   atol=1e-6 * float(in_ref.abs().max()))
+        np.testing.assert_allclose(
+            in_check, in_ref.numpy(), rtol=0, atol=1e-6 * float(in_ref.abs().max())
+        )
         in_ours = ours.scale_model_input(x_ours, i)
         scale = max(scale if running else 0.0, float(x_ref.abs().max()))
         x_ref = ref.step(0.5 * in_ref + torch.from_numpy(noise), t, x_ref).prev_sample
@@ -160,19 +212,31 @@ def test_flow_match_sd3():
     _run(*_pair("FlowMatchEulerDiscreteScheduler", SD3), 28, seed=4)
 
 
-@pytest.mark.parametrize(("config", "steps", "seq_len"),
-                         [(FLUX_DEV, 28, 4096), (FLUX_DEV, 20, 1024), (FLUX_SCHNELL, 4, 4096)])
+@pytest.mark.parametrize(
+    ("config", "steps", "seq_len"),
+    [(FLUX_DEV, 28, 4096), (FLUX_DEV, 20, 1024), (FLUX_SCHNELL, 4, 4096)],
+)
 def test_flow_match_flux(config, steps, seq_len):
     """As FluxPipeline calls it: sigmas = linspace(1, 1/n, n) and mu from calculate_shift."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    args = (seq_len, config["base_image_seq_len"], config["max_image_seq_len"],
-            config["base_shift"], config["max_shift"])
-    mu = schedulers.calculate_shift(*args)
-    assert mu == calculate_shift(*args)
+    mu = schedulers.calculate_shift(
+        seq_len,
+        config["base_image_seq_len"],
+        config["max_image_seq_len"],
+        config["base_shift"],
+        config["max_shift"],
+    )
     sigmas = np.linspace(1.0, 1 / steps, steps)
-    _run(*_pair("FlowMatchEulerDiscreteScheduler", config), steps, seed=5, mu=mu,
-         sigmas=sigmas)
+    _run(*_pair("FlowMatchEulerDiscreteScheduler", config), steps, seed=5, mu=mu, sigmas=sigmas)
+
+
+def test_calculate_shift():
+    """pipeline_flux.calculate_shift: mu linear in tokens, 0.5 at 256 and 1.15 at 4096.
+
+    (Compared with values, not by importing pipeline_flux: that pulls in transformers.)
+    """
+    assert schedulers.calculate_shift(256) == pytest.approx(0.5, abs=1e-12)
+    assert schedulers.calculate_shift(4096) == pytest.approx(1.15, abs=1e-12)
+    assert schedulers.calculate_shift(1024) == pytest.approx(0.5 + 0.65 * 768 / 3840, abs=1e-12)
 
 
 def test_flow_match_dynamic_without_sigmas():
@@ -199,8 +263,11 @@ def test_scale_model_input_and_init_noise_sigma():
         expected = ref.scale_model_input(torch.from_numpy(x), ref.timesteps[i]).numpy()
         ref._step_index = None  # diffusers fixes its index on first use; reset per probe
         np.testing.assert_allclose(ours.scale_model_input(x, i), expected, rtol=1e-6)
-    for name, config in [("DDIMScheduler", SD15), ("DPMSolverMultistepScheduler", SD_BETAS),
-                         ("FlowMatchEulerDiscreteScheduler", SD3)]:
+    for name, config in [
+        ("DDIMScheduler", SD15),
+        ("DPMSolverMultistepScheduler", SD_BETAS),
+        ("FlowMatchEulerDiscreteScheduler", SD3),
+    ]:
         _, other = _pair(name, config)
         other.set_timesteps(10)
         assert other.init_noise_sigma == 1.0
@@ -209,9 +276,12 @@ def test_scale_model_input_and_init_noise_sigma():
 
 @pytest.mark.parametrize(
     ("cls_name", "config"),
-    [("EulerDiscreteScheduler", SDXL_EULER), ("DDIMScheduler", SD15),
-     ("DPMSolverMultistepScheduler", {**SD_BETAS, "use_karras_sigmas": True}),
-     ("FlowMatchEulerDiscreteScheduler", FLUX_DEV)],
+    [
+        ("EulerDiscreteScheduler", SDXL_EULER),
+        ("DDIMScheduler", SD15),
+        ("DPMSolverMultistepScheduler", {**SD_BETAS, "use_karras_sigmas": True}),
+        ("FlowMatchEulerDiscreteScheduler", FLUX_DEV),
+    ],
 )
 def test_from_saved_config(tmp_path, cls_name, config):
     """scheduler_config.json as diffusers writes it (with _class_name, _diffusers_version)."""
@@ -227,8 +297,12 @@ def test_from_saved_config(tmp_path, cls_name, config):
 def test_unknown_class_names_supported_ones():
     with pytest.raises(ValueError, match="PNDMScheduler") as info:
         schedulers.scheduler_from_config({"_class_name": "PNDMScheduler"})
-    for name in ("EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
-                 "FlowMatchEulerDiscreteScheduler"):
+    for name in (
+        "EulerDiscreteScheduler",
+        "DDIMScheduler",
+        "DPMSolverMultistepScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+    ):
         assert name in str(info.value)
     with pytest.raises(ValueError, match="None"):
         schedulers.scheduler_from_config({"beta_start": 0.1})
@@ -236,15 +310,17 @@ def test_unknown_class_names_supported_ones():
 
 @pytest.mark.parametrize(
     ("cls_name", "config", "key"),
-    [("EulerDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
-     ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
-     ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
-     ("DDIMScheduler", {"thresholding": True}, "thresholding"),
-     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
-     ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
-     ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
-     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "stochastic_sampling"),
-     ("FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.02}, "shift_terminal")],
+    [
+        ("EulerDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
+        ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
+        ("DDIMScheduler", {"thresholding": True}, "thresholding"),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
+        ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
+        ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "stochastic_sampling"),
+        ("FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.02}, "shift_terminal"),
+    ],
 )
 def test_unsupported_values_raise(cls_name, config, key):
     with pytest.raises(ValueError, match=key):
@@ -253,7 +329,8 @@ def test_unsupported_values_raise(cls_name, config, key):
 
 def test_misuse_raises():
     flux = schedulers.scheduler_from_config(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV})
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV}
+    )
     with pytest.raises(ValueError, match="mu"):
         flux.set_timesteps(10)
     ddim = schedulers.DDIMScheduler()
@@ -265,3 +342,38 @@ def test_misuse_raises():
     dpm.step(x, 0, x)
     with pytest.raises(ValueError, match="history"):
         dpm.step(x, 2, x)
+    with pytest.raises(IndexError):
+        dpm.step(x, 5, x)
+    with pytest.raises(IndexError):  # numpy would silently wrap -1 to the last sigma
+        flux.step(x, -1, x)
+
+
+def test_dpmsolver_history_restarts_at_step_zero():
+    """A second pass from step 0 without set_timesteps repeats the first exactly."""
+    dpm = schedulers.DPMSolverMultistepScheduler(**SD_BETAS)
+    dpm.set_timesteps(6)
+    rng = np.random.default_rng(8)
+    start, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    runs = []
+    for _ in range(2):
+        x = start
+        for i in range(len(dpm.timesteps)):
+            x = dpm.step(np.float32(0.5) * x + noise, i, x)
+        runs.append(x)
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_imports_only_numpy_and_stdlib():
+    """The runtime is torch-free: no torch, diffusers or transformers, even lazily."""
+    files = sorted(Path(schedulers.__file__).parent.glob("*.py"))
+    assert len(files) > 1
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            for root in roots:
+                assert root == "numpy" or root in sys.stdlib_module_names, (path.name, root)

@@ -1,0 +1,114 @@
+"""CLI surface: listing, validation, dry runs, and bad input -> one line + exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from slimdiff.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def _assert_one_line_error(result, pattern):
+    import re
+
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output  # one line, no traceback
+    assert lines[0].startswith("error: "), lines
+    assert re.search(pattern, lines[0]), lines[0]
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_recipes_lists_builtins_one_line_each():
+    result = _run("recipes")
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert any(line.startswith("tiny-sdxl-fp32 ") and "tiny:sdxl" in line for line in lines)
+
+
+def test_validate_ok_and_bad(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmodel: tiny:sdxl\nbench: {steps: -1}\n")
+    ok = _run("validate", "tiny-sdxl-fp32")
+    assert ok.exit_code == 0 and ok.output.startswith("ok: tiny-sdxl-fp32")
+    result = _run("validate", str(bad))
+    assert result.exit_code == 2
+    assert "field 'bench.steps'" in result.output
+
+
+def test_unknown_recipe_key_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmodel: tiny:sdxl\npases: []\n")
+    _assert_one_line_error(_run("compress", str(bad), "--out", str(tmp_path / "o")),
+                           r"field 'pases': unknown key")
+
+
+def test_wrong_type_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmodel: tiny:sdxl\nexport: {precision: int3}\n")
+    _assert_one_line_error(_run("compress", str(bad), "--out", str(tmp_path / "o")),
+                           r"field 'export.precision'")
+
+
+def test_compress_dry_run_prints_resolved_recipe_with_overrides(tmp_path):
+    result = _run("compress", "tiny-sdxl-fp32", "--model", "tiny:sd15", "--set",
+                  "export.precision=fp16", "--out", str(tmp_path / "o"), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "model: tiny:sd15" in result.output and "precision: fp16" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_dry_run_applies_cli_options(tmp_path):
+    result = _run("bench", "tiny-sdxl-fp32", "--steps", "2", "--size", "64x96",
+                  "--out", str(tmp_path / "b"), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "steps: 2" in result.output and "- 96\n  - 64" in result.output
+
+
+def test_missing_model_folder_exits_2(tmp_path):
+    _assert_one_line_error(_run("export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")),
+                           "not found")
+
+
+def test_non_diffusers_folder_exits_2(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights.bin").write_bytes(b"\0")
+    _assert_one_line_error(_run("export", str(tmp_path / "m"), "--out", str(tmp_path / "b")),
+                           "not a diffusers model folder")
+
+
+def test_hub_id_while_offline_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _assert_one_line_error(_run("export", "someorg/some-model", "--out", str(tmp_path / "b")),
+                           "could not load hub model 'someorg/some-model'")
+
+
+def test_bad_size_argument_exits_2(tmp_path):
+    _assert_one_line_error(_run("inspect", "tiny:sd15", "--size", "huge"), "WIDTHxHEIGHT")
+
+
+def test_missing_bundle_exits_2(tmp_path):
+    _assert_one_line_error(
+        _run("run", str(tmp_path / "nobundle"), "--prompt", "x", "--out", str(tmp_path / "i.png")),
+        "not found",
+    )
+
+
+def test_inspect_json_on_tiny_model():
+    result = _run("inspect", "tiny:sd15", "--size", "128x128", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["denoiser"]["params"] > 0 and report["denoiser"]["flops_per_step"] > 0
+
+
+@pytest.mark.parametrize("cmd", ["recipes", "validate", "compress", "export", "run", "bench",
+                                 "inspect"])
+def test_every_command_has_help(cmd):
+    result = _run(cmd, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output

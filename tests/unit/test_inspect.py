@@ -1,0 +1,127 @@
+"""inspect_model: params and FLOPs of full-size models on the meta device, tiny ones on CPU."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+
+import pytest
+from rich.console import Console
+
+from slimdiff.errors import UserError
+from slimdiff.inspect import format_table, inspect_model
+from slimdiff.models import LoadedModel, load_model
+
+FAMILIES = ("sd15", "sdxl", "sd3", "flux")
+
+
+@cache
+def _random(family: str) -> LoadedModel:
+    return load_model(f"random:{family}", device="meta")  # full size, no memory
+
+
+@cache
+def _report(family: str) -> dict:
+    return inspect_model(_random(family))
+
+
+def test_sdxl_unet_matches_published_params_and_reference_flops():
+    report = _report("sdxl")
+    assert report["size"] == [1024, 1024]
+    assert report["batch"] == 2  # CFG: uncond + cond in one call
+    assert report["denoiser"]["params"] == pytest.approx(2_567_463_684, rel=0.005)
+    # Reference: an SDXL UNet forward at 1024x1024 with CFG (batch 2) is about 13.5 TFLOP.
+    assert report["denoiser"]["flops_per_step"] == pytest.approx(13.5e12, rel=0.10)
+    assert report["text_encoders"]["text_encoder_2"]["params"] == 694_659_840  # OpenCLIP bigG
+
+
+def test_sd15_unet_has_published_param_count():
+    report = _report("sd15")
+    assert report["size"] == [512, 512]
+    assert report["denoiser"]["params"] == 859_520_964
+    assert report["text_encoders"]["text_encoder"]["params"] == 123_060_480  # CLIP ViT-L/14
+
+
+def test_sd3_and_flux_transformers_report_published_sizes():
+    sd3, flux = _report("sd3"), _report("flux")
+    assert sd3["denoiser"]["params"] == pytest.approx(2.03e9, rel=0.01)  # SD3-medium
+    assert flux["denoiser"]["params"] == pytest.approx(11.9e9, rel=0.01)  # FLUX.1-dev
+    assert flux["batch"] == 1  # guidance-distilled: no CFG batch
+    # By hand: 57 blocks x 2 x 113M weights per token x 4608 tokens (4096 image + 512 text)
+    # + attention 57 x 4 x 4608^2 x 3072 = 59.4T + 14.9T.
+    assert flux["denoiser"]["flops_per_step"] == pytest.approx(74.3e12, rel=0.02)
+    assert sd3["denoiser"]["flops_per_step"] > 0
+    assert set(sd3["text_encoders"]) == {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    assert all(te["flops"] > 0 for te in sd3["text_encoders"].values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_params_plus_rest_equal_denoiser_params(family):
+    report, denoiser = _report(family), _random(family).denoiser
+    blocks = report["denoiser"]["blocks"]
+    names = tuple(b["name"] + "." for b in blocks)
+    rest = sum(p.numel() for n, p in denoiser.named_parameters() if not n.startswith(names))
+    assert sum(b["params"] for b in blocks) + rest == report["denoiser"]["params"]
+    assert all(b["flops"] > 0 for b in blocks)
+    assert sum(b["flops"] for b in blocks) <= report["denoiser"]["flops_per_step"]
+    parts = [report["denoiser"], *report["text_encoders"].values(), report["vae_decoder"]]
+    assert report["total_params"] == sum(p["params"] for p in parts)
+
+
+def test_block_globs_expand_to_direct_children_in_order():
+    sdxl = [b["name"] for b in _report("sdxl")["denoiser"]["blocks"]]
+    assert sdxl == [*(f"down_blocks.{i}" for i in range(3)), "mid_block",
+                    *(f"up_blocks.{i}" for i in range(3))]  # fmt: skip
+    flux = [b["name"] for b in _report("flux")["denoiser"]["blocks"]]
+    assert len(flux) == 19 + 38
+    assert flux[0] == "transformer_blocks.0" and flux[-1] == "single_transformer_blocks.37"
+
+
+def test_flops_scale_with_batch_and_vae_decodes_one_image_per_cfg_pair():
+    double = inspect_model(_random("sdxl"), batch=4)
+    single = _report("sdxl")
+    assert double["denoiser"]["flops_per_step"] == 2 * single["denoiser"]["flops_per_step"]
+    assert double["vae_decoder"]["flops"] == 2 * single["vae_decoder"]["flops"]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_tiny_model_on_cpu_counts_the_same_flops_as_on_meta(family):
+    # Real tensors take other kernels (CPU fused attention, real rotary tables) than meta.
+    size = (64, 64)
+    cpu = inspect_model(load_model(f"tiny:{family}", device="cpu"), size=size)
+    meta = inspect_model(load_model(f"tiny:{family}", device="meta"), size=size)
+    assert cpu["denoiser"]["flops_per_step"] > 0
+    assert cpu == meta
+
+
+def test_lone_denoiser_report_has_only_the_denoiser():
+    full = _random("sd15")
+    lone = LoadedModel(arch=full.arch, source="unet/", denoiser=full.denoiser)
+    report = inspect_model(lone)
+    assert "text_encoders" not in report and "vae_decoder" not in report
+    assert report["total_params"] == report["denoiser"]["params"] == 859_520_964
+    # The 8x latent scale assumed without a VAE is SD1.5's own.
+    assert report["denoiser"]["flops_per_step"] == _report("sd15")["denoiser"]["flops_per_step"]
+
+
+def test_size_off_the_token_grid_is_a_user_error():
+    with pytest.raises(UserError, match="multiple of 16"):
+        inspect_model(_random("flux"), size=(1000, 1000))
+    with pytest.raises(UserError, match="batch"):
+        inspect_model(_random("flux"), batch=0)
+
+
+def test_report_round_trips_through_json():
+    report = _report("sd3")
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_format_table_has_a_row_per_block_and_component():
+    report = _report("sdxl")
+    table = format_table(report)
+    assert table.row_count == 1 + 7 + 1 + 2 + 1 + 1  # denoiser, blocks, rest, TEs, VAE, total
+    console = Console(record=True, width=120)
+    console.print(table)
+    text = console.export_text()
+    assert "up_blocks.0" in text and "(rest)" in text and "vae_decoder" in text
+    assert "2,567.5" in text  # SDXL UNet params in M

@@ -1,0 +1,106 @@
+"""Built-in models, family detection and loading from folders, component folders, hub ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimdiff.errors import UserError
+from slimdiff.models import FAMILIES, get_arch, load_model
+
+FAMILY_CLASSES = {
+    "sd15": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tiny_pipeline_is_complete_and_seeded(family):
+    a = load_model(f"tiny:{family}")
+    b = load_model(f"tiny:{family}")
+    assert type(a.pipe).__name__ == FAMILY_CLASSES[family]
+    assert a.arch.family == family
+    for te in a.arch.text_encoders:  # every encoder has a real tokenizer
+        assert getattr(a.pipe, te.name) is not None
+        ids = getattr(a.pipe, te.tokenizer)("a red circle").input_ids
+        assert len(ids) >= 3
+    pa = dict(a.denoiser.named_parameters())
+    for name, p in b.denoiser.named_parameters():  # same seed -> same weights
+        assert torch.equal(p, pa[name]), name
+    assert sum(p.numel() for p in a.denoiser.parameters()) < 10_000_000
+
+
+def test_tiny_sdxl_keeps_sdxl_topology():
+    unet = load_model("tiny:sdxl").denoiser
+    cfg = unet.config
+    assert cfg.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert list(cfg.transformer_layers_per_block) == [1, 2, 4]
+    assert cfg.addition_embed_type == "text_time"
+    assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+
+
+@pytest.mark.parametrize(("family", "params"), [("sd15", 859_520_964), ("sdxl", 2_567_463_684)])
+def test_random_models_have_the_published_size(family, params):
+    m = load_model(f"random:{family}", device="meta")
+    assert sum(p.numel() for p in m.denoiser.parameters()) == params
+    assert next(m.denoiser.parameters()).device.type == "meta"
+
+
+def test_random_flux_is_flux_dev_sized():
+    m = load_model("random:flux", device="meta")
+    n = sum(p.numel() for p in m.denoiser.parameters())
+    assert 11.8e9 < n < 12.0e9
+
+
+def test_pipeline_folder_round_trip(tmp_path):
+    m = load_model("tiny:sd15")
+    m.pipe.save_pretrained(tmp_path / "p")
+    again = load_model(str(tmp_path / "p"))
+    assert again.arch.family == "sd15"
+    for (n, p), (_, q) in zip(m.denoiser.named_parameters(), again.denoiser.named_parameters(),
+                              strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_component_folder_loads_the_denoiser_only(tmp_path):
+    m = load_model("tiny:sdxl")
+    m.denoiser.save_pretrained(tmp_path / "unet")
+    comp = load_model(str(tmp_path / "unet"))
+    assert comp.arch.family == "sdxl" and comp.pipe is None
+    with pytest.raises(UserError, match="single component folder.*model_index.json"):
+        comp.require_pipeline("export")
+
+
+def test_missing_and_non_diffusers_folders_get_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hi")
+    with pytest.raises(UserError, match="not a diffusers model folder"):
+        load_model(str(tmp_path / "junk"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(UserError, match="unsupported pipeline class 'KandinskyPipeline'"):
+        load_model(str(tmp_path / "other"))
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"could not load hub model 'someorg/some-model'.*local-dir"):
+        load_model("someorg/some-model")
+
+
+def test_unknown_builtin_family():
+    with pytest.raises(UserError, match="unknown built-in model 'tiny:sd9'"):
+        load_model("tiny:sd9")
+    with pytest.raises(UserError, match="unknown model family"):
+        get_arch("sd9")
+
+
+def test_initial_latent_shape_follows_packing():
+    assert get_arch("sdxl").initial_latent_shape(1, 4, (128, 64)) == (1, 4, 16, 8)
+    assert get_arch("flux").initial_latent_shape(1, 16, (128, 64)) == (1, 32, 64)
