@@ -228,13 +228,26 @@ def run_cmd(bundle, prompt, negative_prompt, steps, guidance, seed, size, latent
 @click.option("--recipe", default=None, help="Apply this recipe's passes first.")
 @click.option("--size", default=None, help=SIZE_HELP + " Default: the family's.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect_cmd(model: str, recipe: str | None, size: str | None, as_json: bool) -> None:
-    """Parameters and FLOPs per denoiser step, per component and per block."""
-    from slimdiff.inspect import format_table, inspect_model
-    from slimdiff.models import load_model
+@_set_option
+@_dry_run_option
+def inspect_cmd(model: str, recipe: str | None, size: str | None, as_json: bool, overrides,
+                dry_run: bool) -> None:
+    """Parameters and FLOPs per denoiser step, per component and per block.
+
+    FLOPs are for one denoiser call at the given size (default: the recipe's bench size, else
+    the family's), with the CFG batch of 2 where the family uses classifier-free guidance.
+    """
     from slimdiff.recipe import load_recipe
 
-    r = load_recipe(recipe) if recipe else None
+    if (overrides or dry_run) and not recipe:
+        raise UserError("--set and --dry-run apply to a recipe; add --recipe NAME_OR_FILE")
+    r = load_recipe(recipe, overrides) if recipe else None
+    if dry_run:
+        click.echo(r.to_yaml(), nl=False)
+        return
+    from slimdiff.inspect import format_table, inspect_model
+    from slimdiff.models import load_model
+
     device = "meta" if model.startswith("random:") else "cpu"
     loaded = load_model(model, device=device)
     if r is not None:
