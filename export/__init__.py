@@ -1,0 +1,192 @@
+"""slimdiff.export: lower a diffusers pipeline to a bundle the torch-free runtime runs.
+
+    >>> from slimdiff.models import load_model
+    >>> from slimdiff.export import export_bundle
+    >>> manifest = export_bundle(load_model("tiny:sdxl"), "out/tiny-sdxl")  # doctest: +SKIP
+    >>> manifest.components["unet"].parity["rel_err"] < 1e-4  # doctest: +SKIP
+    True
+
+Per component: trace to ONNX (export/onnx.py), ORT fusions where they pay off
+(export/optimize.py), fp16 conversion, save (external data past the threshold), then a
+parity run against torch (export/parity.py). The bundle folder is built under a temp name
+and renamed into place only when the manifest is written (export/bundle.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+import slimdiff
+from slimdiff.errors import UserError
+from slimdiff.export.bundle import (
+    check_out_dir,
+    component_precisions,
+    hash_files,
+    pipeline_constants,
+    write_support_files,
+)
+from slimdiff.export.components import Component, export_mode, plan_components
+# Note: importing the submodule slimdiff.export.onnx binds the name `onnx` in this package's
+# namespace, so the onnx library itself is only used inside the submodules.
+from slimdiff.export.onnx import (
+    OPSET,
+    PROTOBUF_LIMIT,
+    export_component,
+    graph_io,
+    load_graph,
+    save_model,
+)
+from slimdiff.export.optimize import PLANS, convert_fp16, fuse
+from slimdiff.export.parity import ExportError, check_parity
+from slimdiff.fsutil import atomic_dir, atomic_write_text
+from slimdiff.models.loading import LoadedModel
+from slimdiff.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest
+
+__all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("onnx",)  # "tensorrt" and "aoti" come later
+PRECISIONS = ("fp32", "fp16")
+_WORK = ".work"  # raw exports, inside the temp bundle folder (same filesystem, gone on rename)
+
+
+def export_bundle(
+    model: LoadedModel,
+    out: str | Path,
+    *,
+    target: str = "onnx",
+    precision: str = "fp32",
+    optimize: bool = True,
+    vae_precision: str | None = None,
+    check: bool = True,
+    external_data_threshold: int = PROTOBUF_LIMIT,
+    source: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Manifest:
+    """Export `model`'s pipeline to a bundle folder at `out` and return its manifest.
+
+    Args:
+        model: from `slimdiff.models.load_model`; must hold a whole pipeline.
+        out: bundle folder; replaced if it holds an earlier bundle, refused otherwise.
+        target: "onnx" (the only one so far).
+        precision: "fp32" or "fp16" (weights and compute; graph IO stays float32).
+        optimize: run ORT fusions where they help the CPU EP (see export/optimize.py).
+        vae_precision: VAE decoder precision; default fp32 for VAEs whose config sets
+            force_upcast (SDXL's), else `precision`.
+        check: compare every graph against torch on fresh inputs; raise ExportError when
+            one is off by more than its tolerance.
+        external_data_threshold: weights beyond this many bytes go to model.onnx.data
+            (protobuf cannot hold more than 2 GiB).
+        source: provenance recorded in the manifest (default {"model": model.source}).
+        progress: called as progress(component, index, total) before each component.
+
+    Example:
+        >>> export_bundle(load_model("tiny:sd15"), "bundles/sd15", precision="fp16")  # doctest: +SKIP
+    """
+    _validate(target, precision, vae_precision, external_data_threshold)
+    model.require_pipeline("export")
+    out = Path(out)
+    check_out_dir(out)
+    precisions = component_precisions(model, precision, vae_precision)
+    components = plan_components(model)
+    entries: dict[str, ComponentEntry] = {}
+    with atomic_dir(out) as root:
+        for i, component in enumerate(components):
+            if progress is not None:
+                progress(component.name, i, len(components))
+            entries[component.name] = _export_component(
+                component,
+                root,
+                precision=precisions[component.name],
+                optimize=optimize,
+                check=check,
+                threshold=external_data_threshold,
+            )
+        shutil.rmtree(root / _WORK, ignore_errors=True)
+        write_support_files(model, root)
+        manifest = Manifest(
+            family=model.arch.family,
+            pipeline=pipeline_constants(model),
+            components=entries,
+            files=hash_files(root),
+            source=source or {"model": model.source},
+            slimdiff_version=slimdiff.__version__,
+        )
+        # Last, so a folder with a manifest is always complete.
+        atomic_write_text(root / MANIFEST_NAME, manifest.to_json())
+    log.info("bundle written to %s", out)
+    return manifest
+
+
+def _validate(target: str, precision: str, vae_precision: str | None, threshold: int) -> None:
+    if target not in TARGETS:
+        raise UserError(
+            f"export target {target!r} is not supported; supported: {', '.join(TARGETS)} "
+            "(tensorrt and aoti are planned)"
+        )
+    for what, value in (("precision", precision), ("vae_precision", vae_precision)):
+        if value is not None and value not in PRECISIONS:
+            raise UserError(f"{what} {value!r} is not supported; use one of: {', '.join(PRECISIONS)}")
+    if not 0 <= threshold <= PROTOBUF_LIMIT:
+        raise UserError(
+            f"external_data_threshold {threshold} must be between 0 and {PROTOBUF_LIMIT} "
+            "bytes (protobuf cannot hold a graph over 2 GiB)"
+        )
+
+
+def _export_component(
+    component: Component, root: Path, *, precision: str, optimize: bool, check: bool, threshold: int
+) -> ComponentEntry:
+    """Export, fuse, convert, save and check one component; its manifest entry."""
+    plan = PLANS[component.kind]
+    fusing = optimize and plan.on_cpu
+    processor = _classic_attention if fusing and plan.attention == "classic" else None
+    raw = root / _WORK / component.name / "raw.onnx"
+    with export_mode(component, processor):
+        export_component(component, raw)
+    fusions: dict[str, int] = {}
+    fused = fuse(str(raw), component.kind) if fusing else None
+    if fused is not None:
+        graph, fusions = fused[0].model, fused[1]
+    else:
+        graph = load_graph(raw)
+    if precision == "fp16":
+        graph = convert_fp16(graph)
+    path = root / component.name / "model.onnx"
+    external = save_model(graph, path, threshold)
+    del graph
+    inputs, outputs = graph_io(path)
+    parity = check_parity(component, path, precision) if check else {}
+    if parity and not parity["passed"]:
+        raise ExportError(
+            f"{component.name}: ONNX ({precision}) differs from torch: rel err "
+            f"{parity['rel_err']:.3g} > tolerance {parity['tolerance']:g} on inputs "
+            f"{parity['inputs']}; export with optimize=False to rule out the fusions, "
+            "and report the model if it persists"
+        )
+    return ComponentEntry(
+        path=path.relative_to(root).as_posix(),
+        format="onnx",
+        precision=precision,
+        inputs=inputs,
+        outputs=outputs,
+        parity=parity,
+        extra={
+            "opset": OPSET,
+            "ort_fusions": fusions,
+            "attention": plan.attention if fusing else "native",
+            "external_data": external,
+        },
+    )
+
+
+def _classic_attention():
+    # diffusers' explicit MatMul/Softmax attention: the pattern ORT's UNet fusion matches.
+    from diffusers.models.attention_processor import AttnProcessor
+
+    return AttnProcessor()

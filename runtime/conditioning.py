@@ -19,13 +19,19 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-
-from slimdiff.errors import UserError
 from slimdiff.runtime.manifest import BundleError
 from slimdiff.runtime.schedulers import Scheduler, calculate_shift
 from slimdiff.runtime.text_encoder import TextEncoder
 
-__all__ = ["CONDITIONINGS", "Conditioning", "FluxConditioning", "SD3Conditioning", "UNetConditioning"]
+from slimdiff.errors import UserError
+
+__all__ = [
+    "CONDITIONINGS",
+    "Conditioning",
+    "FluxConditioning",
+    "SD3Conditioning",
+    "UNetConditioning",
+]
 
 Feeds = dict[str, np.ndarray]
 
@@ -95,6 +101,10 @@ class Conditioning:
         """Denoiser inputs that stay the same at every step (text states, ids, ...)."""
         raise NotImplementedError
 
+    def denoiser_inputs(self) -> set[str]:
+        """Names of the denoiser inputs `encode` + `step_feeds` provide for this bundle."""
+        raise NotImplementedError
+
     def step_feeds(self, model_input: np.ndarray, t: np.float32) -> Feeds:
         """Denoiser inputs for one step: the (scaled) latents and the timestep per sample."""
         batch = model_input.shape[0]
@@ -118,6 +128,10 @@ class UNetConditioning(Conditioning):
         noise = super().initial_latents(latents, seed, height, width, scheduler)
         return (noise * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
 
+    def denoiser_inputs(self) -> set[str]:
+        names = {"sample", "timestep", "encoder_hidden_states"}
+        return names | ({"text_embeds", "time_ids"} if self.pipeline.get("has_time_ids") else set())
+
     def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         states, pooled = [], None
         for enc in self.encoders:
@@ -128,7 +142,9 @@ class UNetConditioning(Conditioning):
         return np.concatenate(states, axis=-1), pooled
 
     def encode(self, prompt, negative_prompt, do_cfg, guidance, height, width) -> Feeds:
-        zero_negative = negative_prompt is None and self.pipeline["force_zeros_for_empty_prompt"]
+        zero_negative = negative_prompt is None and self.pipeline.get(
+            "force_zeros_for_empty_prompt", False
+        )
         if do_cfg and not zero_negative:
             # One encoder call for both halves; CLIP has no padding mask so rows don't mix.
             states, pooled = self._embed([negative_prompt or "", prompt])
@@ -172,6 +188,9 @@ class SD3Conditioning(Conditioning):
             cfg.get("max_shift", 1.16),
         )
         scheduler.set_timesteps(steps, mu=mu)
+
+    def denoiser_inputs(self) -> set[str]:
+        return {"hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"}
 
     def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         clip_states, pooled, t5_states = [], [], []
@@ -244,6 +263,11 @@ class FluxConditioning(Conditioning):
             cfg.get("max_shift", 1.15),
         )
         scheduler.set_timesteps(steps, mu=mu, sigmas=sigmas)
+
+    def denoiser_inputs(self) -> set[str]:
+        names = {"hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"}
+        names |= {"img_ids", "txt_ids"}
+        return names | ({"guidance"} if self.pipeline.get("guidance_embeds") else set())
 
     def encode(self, prompt, negative_prompt, do_cfg, guidance, height, width) -> Feeds:
         pooled = states = None

@@ -107,7 +107,9 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     root = Path(bundle)
     path = root / MANIFEST_NAME
     if not root.is_dir():
-        raise BundleError(f"bundle {root} not found; create one with `slimdiff export MODEL --out {root}`")
+        raise BundleError(
+            f"bundle {root} not found; create one with `slimdiff export MODEL --out {root}`"
+        )
     if not path.is_file():
         raise BundleError(
             f"{root} is not a slimdiff bundle (no {MANIFEST_NAME}); an interrupted export "
@@ -136,7 +138,9 @@ def _verify_files(root: Path, manifest: Manifest) -> None:
     for rel, expected in manifest.files.items():
         file = root / rel
         if not file.is_file():
-            raise BundleError(f"{root}: {rel} is missing; copy the whole bundle folder or export again")
+            raise BundleError(
+                f"{root}: {rel} is missing; copy the whole bundle folder or export again"
+            )
         if sha256_file(file) != expected:
             raise BundleError(
                 f"{root}: {rel} does not match its SHA-256 in {MANIFEST_NAME} (changed or "
@@ -144,4 +148,6 @@ def _verify_files(root: Path, manifest: Manifest) -> None:
             )
     for name, comp in manifest.components.items():
         if comp.path not in manifest.files:
-            raise BundleError(f"{root}: component {name} ({comp.path}) is not hashed in the manifest")
+            raise BundleError(
+                f"{root}: component {name} ({comp.path}) is not hashed in the manifest"
+            )

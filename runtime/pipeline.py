@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from slimdiff.errors import UserError
-from slimdiff.runtime.backends import Session, get_backend
+from slimdiff.runtime.backends import Backend, Session, get_backend
 from slimdiff.runtime.conditioning import CONDITIONINGS, Conditioning
 from slimdiff.runtime.image import to_uint8
-from slimdiff.runtime.manifest import BundleError, Manifest, read_manifest
+from slimdiff.runtime.manifest import BundleError, ComponentEntry, Manifest, read_manifest
 from slimdiff.runtime.schedulers import scheduler_from_config
 from slimdiff.runtime.text_encoder import TextEncoder
+
+from slimdiff.errors import UserError
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
 
@@ -87,6 +87,16 @@ class Text2ImagePipeline:
         runner = get_backend(backend)  # fail on a bad backend name before hashing gigabytes
         root = Path(bundle)
         manifest = read_manifest(root, verify=True)
+        try:
+            return cls._load_verified(root, manifest, runner)
+        except KeyError as err:
+            raise BundleError(
+                f"{root}: manifest.json lacks {err} in its pipeline or component entries; "
+                "export the bundle again"
+            ) from None
+
+    @classmethod
+    def _load_verified(cls, root: Path, manifest: Manifest, runner: Backend) -> Text2ImagePipeline:
         config = manifest.pipeline
         kind = config.get("denoiser_kind")
         if kind not in CONDITIONINGS:
@@ -101,9 +111,12 @@ class Text2ImagePipeline:
             for entry in config["text_encoders"]
         ]
         conditioning = CONDITIONINGS[kind](config, encoders, scheduler_config)
-        denoiser = runner.load(root / _component(root, manifest, config["denoiser"]).path)
-        vae_decoder = runner.load(root / _component(root, manifest, "vae_decoder").path)
-        log.info("loaded %s bundle %s on %s", manifest.family, root, backend)
+        entry = _component(root, manifest, config["denoiser"])
+        _check_denoiser_inputs(root, entry.inputs, conditioning)
+        denoiser = _load(runner, root, config["denoiser"], entry, output="out_sample")
+        vae_entry = _component(root, manifest, "vae_decoder")
+        vae_decoder = _load(runner, root, "vae_decoder", vae_entry, output="sample")
+        log.info("loaded %s bundle %s on %s", manifest.family, root, runner.name)
         return cls(manifest, conditioning, denoiser, vae_decoder, scheduler_config)
 
     def __call__(
@@ -124,6 +137,8 @@ class Text2ImagePipeline:
         diffusers; for FLUX `guidance` is the embedded guidance value.
         """
         start = time.perf_counter()
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt must be one string, not {type(prompt).__name__}")
         steps = int(steps if steps is not None else self.config["default_steps"])
         guidance = float(guidance if guidance is not None else self.config["default_guidance"])
         height, width = self._check_args(steps, size, output)
@@ -146,7 +161,7 @@ class Text2ImagePipeline:
             feeds = {**fixed, **cond.step_feeds(model_input, np.float32(t))}
             pred = self.denoiser.run(feeds)["out_sample"]
             if do_cfg:
-                uncond, text = pred[:1], pred[1:]
+                uncond, text = np.split(pred, 2)  # (uncond, cond), as batched above
                 pred = uncond + np.float32(guidance) * (text - uncond)
             x = scheduler.step(pred, i, x)
             step_ms.append(_ms(t0))
@@ -168,9 +183,7 @@ class Text2ImagePipeline:
         sample = self.vae_decoder.run({"latent_sample": z})["sample"]  # (B, 3, H, W)
         return to_uint8(sample[0])
 
-    def _check_args(
-        self, steps: int, size: tuple[int, int] | None, output: str
-    ) -> tuple[int, int]:
+    def _check_args(self, steps: int, size: tuple[int, int] | None, output: str) -> tuple[int, int]:
         if output not in _OUTPUTS:
             raise UserError(f"output {output!r} is not one of: {', '.join(_OUTPUTS)}")
         if steps < 1:
@@ -178,18 +191,44 @@ class Text2ImagePipeline:
         height, width = (int(v) for v in (size or self.config["default_size"]))
         m = self.conditioning.size_multiple()
         if height % m or width % m or height < m or width < m:
-            fix_h, fix_w = (max(m, round(v / m) * m) for v in (height, width))
+            fix_h, fix_w = (max(m, int(v / m + 0.5) * m) for v in (height, width))
             raise UserError(
                 f"size {height}x{width} is not a multiple of {m}; use e.g. {fix_h}x{fix_w}"
             )
         return height, width
 
 
-def _component(root: Path, manifest: Manifest, name: str):
+def _component(root: Path, manifest: Manifest, name: str) -> ComponentEntry:
     try:
         return manifest.components[name]
     except KeyError:
         raise BundleError(f"{root}: the manifest has no {name} component; export again") from None
+
+
+def _load(runner: Backend, root: Path, name: str, entry: ComponentEntry, output: str) -> Session:
+    session = runner.load(root / entry.path)
+    declared = [i["name"] for i in entry.inputs]
+    if sorted(session.input_names) != sorted(declared) or output not in session.output_names:
+        raise BundleError(
+            f"{root}: {entry.path} takes {session.input_names} and returns "
+            f"{session.output_names}, but the manifest says {name} takes {declared} and "
+            f"returns {output!r}; export the bundle again"
+        )
+    return session
+
+
+def _check_denoiser_inputs(root: Path, inputs: list[dict], cond: Conditioning) -> None:
+    # The manifest's input list is the graph's contract; the pipeline flags (has_time_ids,
+    # guidance_embeds) say what the conditioning feeds. They must agree, or a run would
+    # fail mid-loop or silently drop a condition.
+    declared = {i["name"] for i in inputs}
+    expected = cond.denoiser_inputs()
+    if declared != expected:
+        raise BundleError(
+            f"{root}: the denoiser's inputs ({', '.join(sorted(declared))}) do not match what a "
+            f"{cond.kind} pipeline with these settings feeds ({', '.join(sorted(expected))}); "
+            "export the bundle again"
+        )
 
 
 def _read_json(path: Path) -> dict:

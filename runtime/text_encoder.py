@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from slimdiff.runtime.backends import Backend, Session
 from slimdiff.runtime.manifest import BundleError, Manifest
 from slimdiff.runtime.tokenizer import PromptTokenizer

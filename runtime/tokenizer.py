@@ -54,7 +54,9 @@ class PromptTokenizer:
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on parse errors
-            raise UserError(f"{path}: not a readable tokenizer.json ({err}); export again") from None
+            raise UserError(
+                f"{path}: not a readable tokenizer.json ({err}); export again"
+            ) from None
         return cls(tokenizer, max_length, pad_token_id)
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:

@@ -46,8 +46,7 @@ def _import_ort(device: str) -> Any:
         import onnxruntime
     except ImportError:
         raise UserError(
-            f"backend ort-{device} needs onnxruntime, which is not installed: "
-            f"{_INSTALL[device]}"
+            f"backend ort-{device} needs onnxruntime, which is not installed: {_INSTALL[device]}"
         ) from None
     return onnxruntime
 

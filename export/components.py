@@ -1,0 +1,182 @@
+"""What gets exported: one `Component` per bundle entry, derived from the model's ArchSpec.
+
+A Component is data: the wrapped module, its ONNX input/output names and dynamic axes, and
+how to make example inputs. The exporter, optimizer and parity check only read these
+records, so nothing downstream branches on the family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from slimdiff.export.dummy_inputs import (
+    DYNAMIC_AXES,
+    Sizes,
+    denoiser_inputs,
+    text_encoder_inputs,
+    vae_decoder_inputs,
+)
+from slimdiff.export.wrappers import TextEncoderWrapper, VaeDecoderWrapper, denoiser_wrapper
+from slimdiff.models.arch import TensorSpec
+from slimdiff.models.loading import LoadedModel
+
+__all__ = ["Component", "denoiser_specs", "eval_mode", "export_mode", "plan_components"]
+
+# Denoiser inputs that exist only when a config flag is on (input name -> config key):
+# FLUX.1-dev embeds guidance, FLUX.1-schnell has no guidance input at all.
+_OPTIONAL_INPUTS = {"guidance": "guidance_embeds"}
+
+# Text encoder outputs that carry the token axis; the others are pooled (B, P).
+_TOKEN_OUTPUTS = frozenset({"last_hidden_state", "penultimate_hidden_state"})
+
+
+@dataclass
+class Component:
+    """One graph of the bundle.
+
+    `kind` names the graph's architecture for the optimizer: the TextEncoderSpec.kind
+    ("clip", "t5"), the ArchSpec.denoiser_kind ("unet", "sd3", "flux") or "vae".
+    """
+
+    name: str  # bundle folder and manifest key: "text_encoder_2", "unet", "vae_decoder"
+    kind: str
+    module: nn.Module  # takes the inputs positionally, in input_names order
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    make_inputs: Callable[[Sizes], dict[str, torch.Tensor]]
+    model: nn.Module  # the diffusers/transformers model inside `module`
+
+
+def denoiser_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
+    """ArchSpec.denoiser_inputs minus the optional inputs this denoiser's config lacks."""
+    cfg = model.denoiser.config
+    return tuple(
+        s
+        for s in model.arch.denoiser_inputs
+        if s.name not in _OPTIONAL_INPUTS or cfg.get(_OPTIONAL_INPUTS[s.name], False)
+    )
+
+
+def _axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
+    # Only run-time sizes become symbolic; config widths stay fixed ints in the graph.
+    return {
+        s.name: {i: d for i, d in enumerate(s.shape) if d in DYNAMIC_AXES}
+        for s in specs
+        if any(d in DYNAMIC_AXES for d in s.shape)
+    }
+
+
+def plan_components(model: LoadedModel) -> list[Component]:
+    """The components of `model`'s bundle, in arch.components order.
+
+    Example:
+        >>> [c.name for c in plan_components(load_model("tiny:sdxl"))]  # doctest: +SKIP
+        ['text_encoder', 'text_encoder_2', 'unet', 'vae_decoder']
+    """
+    pipe, arch = model.pipe, model.arch
+    plans = []
+    for spec in arch.text_encoders:
+        encoder = getattr(pipe, spec.name)
+        plans.append(
+            Component(
+                name=spec.name,
+                kind=spec.kind,
+                module=TextEncoderWrapper(encoder, spec.outputs),
+                input_names=("input_ids",),
+                output_names=spec.outputs,
+                dynamic_axes={
+                    "input_ids": {0: "B", 1: "S"},
+                    **{o: ({0: "B", 1: "S"} if o in _TOKEN_OUTPUTS else {0: "B"}) for o in spec.outputs},
+                },
+                make_inputs=partial(text_encoder_inputs, getattr(pipe, spec.tokenizer), spec.max_length),
+                model=encoder,
+            )
+        )
+    specs = denoiser_specs(model)
+    names = tuple(s.name for s in specs)
+    axes = _axes(specs)
+    plans.append(
+        Component(
+            name=arch.denoiser,
+            kind=arch.denoiser_kind,
+            module=denoiser_wrapper(arch.denoiser_kind, model.denoiser, names),
+            input_names=names,
+            output_names=("out_sample",),
+            # The prediction has the layout of the noisy latent it denoises.
+            dynamic_axes={**axes, "out_sample": axes[names[0]]},
+            make_inputs=partial(denoiser_inputs, arch.denoiser_kind, model.denoiser, specs),
+            model=model.denoiser,
+        )
+    )
+    vae_axes = _axes(arch.vae_decoder_inputs)
+    plans.append(
+        Component(
+            name="vae_decoder",
+            kind="vae",
+            module=VaeDecoderWrapper(pipe.vae),
+            input_names=tuple(s.name for s in arch.vae_decoder_inputs),
+            output_names=("sample",),
+            dynamic_axes={**vae_axes, "sample": {0: "B", 2: "8h", 3: "8w"}},
+            make_inputs=partial(vae_decoder_inputs, pipe.vae),
+            model=pipe.vae,
+        )
+    )
+    return plans
+
+
+def _rms_norm_forward(self: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    # torch.nn.RMSNorm calls aten::rms_norm, which the TorchScript exporter only lowers from
+    # opset 23 (RMSNormalization); FLUX's q/k norms use it. The same math written out, as
+    # diffusers' own RMSNorm does it, exports at opset 17 (Pow/ReduceMean/Add/Sqrt/Div/Mul).
+    dims = tuple(range(-len(self.normalized_shape), 0))
+    eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    return y * self.weight if self.weight is not None else y
+
+
+@contextlib.contextmanager
+def eval_mode(component: Component) -> Iterator[None]:
+    """The component in eval mode (no dropout), its model's own mode restored on exit.
+
+    The wrapper too: a fresh nn.Module is in training mode, and torch.onnx.export restores
+    the wrapper's mode, recursively, after tracing (T5's dropout would then be live).
+    """
+    was_training = component.model.training
+    try:
+        component.module.eval()
+        yield
+    finally:
+        component.module.train(False)
+        component.model.train(was_training)
+
+
+@contextlib.contextmanager
+def export_mode(component: Component, processor: Callable[[], object] | None) -> Iterator[None]:
+    """eval_mode, plus an exportable RMSNorm and, if given, `processor()` for attention.
+
+    Everything is restored on exit, so exporting leaves the caller's model as it was (no
+    deep copy: a FLUX transformer is 24 GB).
+    """
+    model = component.model
+    saved = getattr(model, "attn_processors", None) if processor is not None else None
+    rms_norms = [m for m in model.modules() if isinstance(m, nn.RMSNorm)]
+    with eval_mode(component):
+        try:
+            for m in rms_norms:
+                m.forward = types.MethodType(_rms_norm_forward, m)
+            if saved:
+                model.set_attn_processor(processor())
+            yield
+        finally:
+            if saved:
+                model.set_attn_processor(saved)
+            for m in rms_norms:
+                del m.forward  # back to the class's forward

@@ -1,0 +1,108 @@
+"""nn.Module wrappers that give each component the flat tensor IO of its ONNX graph.
+
+torch.onnx traces positional tensors in and a tuple of tensors out; diffusers and
+transformers models take keyword arguments and return dataclasses. Each wrapper here maps
+the graph's inputs (in ArchSpec order) onto the model's call and returns the outputs in
+the order of their ONNX names, so the IO contract lives in one place per component kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["DENOISER_WRAPPERS", "TextEncoderWrapper", "VaeDecoderWrapper", "denoiser_wrapper"]
+
+# How each text-encoder output name is read off a transformers output (see arch.TextOutput).
+_TEXT_OUTPUTS: dict[str, Callable[[Any], torch.Tensor]] = {
+    "last_hidden_state": lambda out: out.last_hidden_state,
+    # SDXL / SD3 condition on the layer before the final one (diffusers: hidden_states[-2]).
+    "penultimate_hidden_state": lambda out: out.hidden_states[-2],
+    "text_embeds": lambda out: out.text_embeds,  # CLIPTextModelWithProjection
+    "pooler_output": lambda out: out.pooler_output,  # CLIPTextModel (FLUX)
+}
+
+
+class TextEncoderWrapper(nn.Module):
+    """input_ids (B, S) int64 -> the outputs named in `outputs`, in that order.
+
+    Example:
+        >>> w = TextEncoderWrapper(pipe.text_encoder_2, ("penultimate_hidden_state", "text_embeds"))
+        >>> hidden, pooled = w(input_ids)  # doctest: +SKIP
+    """
+
+    def __init__(self, encoder: nn.Module, outputs: Sequence[str]):
+        super().__init__()
+        unknown = [o for o in outputs if o not in _TEXT_OUTPUTS]
+        if unknown:
+            raise ValueError(f"unknown text encoder outputs {unknown}; known: {list(_TEXT_OUTPUTS)}")
+        self.encoder = encoder
+        self.outputs = tuple(outputs)
+        # hidden_states for every layer only when one is read: it keeps the graph lean.
+        self._hidden = "penultimate_hidden_state" in self.outputs
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.encoder(input_ids, output_hidden_states=self._hidden, return_dict=True)
+        return tuple(_TEXT_OUTPUTS[name](out) for name in self.outputs)
+
+
+class UNetWrapper(nn.Module):
+    """UNet2DConditionModel with flat inputs; SDXL's text_embeds/time_ids -> added_cond_kwargs."""
+
+    _ADDED = ("text_embeds", "time_ids")
+
+    def __init__(self, unet: nn.Module, input_names: Sequence[str]):
+        super().__init__()
+        self.unet = unet
+        self.input_names = tuple(input_names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        feeds = dict(zip(self.input_names, inputs, strict=True))
+        added = {k: feeds.pop(k) for k in self._ADDED if k in feeds}
+        return self.unet(
+            feeds["sample"],
+            feeds["timestep"],
+            feeds["encoder_hidden_states"],
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
+
+
+class TransformerWrapper(nn.Module):
+    """SD3 / FLUX transformers: graph input names are the model's own keyword names."""
+
+    def __init__(self, transformer: nn.Module, input_names: Sequence[str]):
+        super().__init__()
+        self.transformer = transformer
+        self.input_names = tuple(input_names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        feeds = dict(zip(self.input_names, inputs, strict=True))
+        return self.transformer(**feeds, return_dict=False)[0]
+
+
+class VaeDecoderWrapper(nn.Module):
+    """latent_sample (B, C, h, w), already unscaled/unshifted -> sample (B, 3, 8h, 8w)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+# Keyed by ArchSpec.denoiser_kind.
+DENOISER_WRAPPERS: dict[str, type[nn.Module]] = {
+    "unet": UNetWrapper,
+    "sd3": TransformerWrapper,
+    "flux": TransformerWrapper,
+}
+
+
+def denoiser_wrapper(kind: str, denoiser: nn.Module, input_names: Sequence[str]) -> nn.Module:
+    """The wrapper for `kind` (ArchSpec.denoiser_kind) taking `input_names` positionally."""
+    return DENOISER_WRAPPERS[kind](denoiser, input_names)

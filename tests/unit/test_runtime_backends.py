@@ -1,0 +1,89 @@
+"""Backends: selection by name, clear errors for missing libraries, numpy in and out."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from slimdiff.runtime.backends import backend_names, get_backend
+
+from slimdiff.errors import UserError
+
+
+def _tiny_graph(path) -> None:
+    """y = x * 2 + float(n): one float32 input, one int64 input, one output."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3])
+    n = helper.make_tensor_value_info("n", TensorProto.INT64, ["B", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["x2"]),
+        helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x2", "nf"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "tiny", [x, n], [y], initializer=[two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_ort_cpu_session_runs_and_casts_feeds(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    _tiny_graph(path)
+    session = get_backend("ort-cpu").load(path)
+    assert session.input_names == ["x", "n"] and session.output_names == ["y"]
+    assert session.input_dtypes == {"x": np.dtype(np.float32), "n": np.dtype(np.int64)}
+    # float64 and int32 feeds are cast to what the graph declares
+    out = session.run({"x": np.arange(6.0).reshape(2, 3), "n": np.array([[1], [2]], np.int32)})
+    np.testing.assert_array_equal(out["y"], [[1, 3, 5], [8, 10, 12]])
+    assert out["y"].dtype == np.float32
+
+
+def test_feeds_that_do_not_match_the_graph_are_rejected(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    _tiny_graph(path)
+    session = get_backend("ort-cpu").load(path)
+    with pytest.raises(ValueError, match=r"missing \['n'\], unexpected \['z'\]"):
+        session.run({"x": np.zeros((1, 3), np.float32), "z": np.zeros(1)})
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(
+        UserError, match="unknown backend 'ort-gpu'; known backends: ort-cpu, ort-cuda"
+    ):
+        get_backend("ort-gpu")
+    assert backend_names() == ("ort-cpu", "ort-cuda")
+
+
+@pytest.mark.parametrize("name", ["trt", "aoti"])
+def test_planned_backends_say_they_are_not_built(name):
+    with pytest.raises(UserError, match="not built yet"):
+        get_backend(name)
+
+
+def test_missing_onnxruntime_names_the_package_to_install(monkeypatch):
+    # None in sys.modules makes `import onnxruntime` raise ImportError, as if not installed.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(UserError, match="pip install onnxruntime"):
+        get_backend("ort-cpu")
+    with pytest.raises(UserError, match=r"pip install 'slimdiff\[gpu\]'"):
+        get_backend("ort-cuda")
+
+
+def test_cuda_backend_without_cuda_provider_names_onnxruntime_gpu():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(UserError, match=r"has no CUDAExecutionProvider.*onnxruntime-gpu"):
+        get_backend("ort-cuda")
+
+
+def test_unloadable_graph_is_a_user_error(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not an onnx file")
+    with pytest.raises(UserError, match="onnxruntime could not load it"):
+        get_backend("ort-cpu").load(path)

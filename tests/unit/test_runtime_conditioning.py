@@ -1,0 +1,193 @@
+"""Per-denoiser-kind pieces against diffusers' own: FLUX packing and ids, sizes, pixels out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from slimdiff.runtime.conditioning import CONDITIONINGS, FluxConditioning
+from slimdiff.runtime.image import save_png, to_uint8
+from slimdiff.runtime.manifest import Manifest
+from slimdiff.runtime.pipeline import Text2ImagePipeline
+
+from slimdiff.errors import UserError
+
+
+def _config(kind: str, **extra) -> dict:
+    return {
+        "denoiser_kind": kind,
+        "vae_scale_factor": 8,
+        "latent_channels": 16 if kind != "unet" else 4,
+        "patch_size": 2 if kind == "sd3" else 1,
+        "default_size": [64, 64],
+        "default_steps": 4,
+        "default_guidance": 5.0,
+        "uses_cfg": kind != "flux",
+        **extra,
+    }
+
+
+def _pipeline(kind: str) -> Text2ImagePipeline:
+    config = _config(kind)
+    manifest = Manifest(family="test", pipeline=config, components={}, files={})
+    return Text2ImagePipeline(manifest, CONDITIONINGS[kind](config, [], {}), None, None, {})
+
+
+def test_flux_packing_matches_diffusers():
+    cond = FluxConditioning(_config("flux"), [], {})
+    x = np.random.default_rng(0).standard_normal((1, 16, 12, 8)).astype(np.float32)
+    packed = cond._pack(x)
+    ref = FluxPipeline._pack_latents(torch.from_numpy(x), 1, 16, 12, 8).numpy()
+    np.testing.assert_array_equal(packed, ref)  # (1, 24, 64)
+    back = cond.vae_latents(packed, 96, 64)
+    ref_back = FluxPipeline._unpack_latents(torch.from_numpy(ref), 96, 64, 8).numpy()
+    np.testing.assert_array_equal(back, ref_back)
+    np.testing.assert_array_equal(back, x)
+
+
+def test_flux_seeded_noise_is_drawn_unpacked_then_packed():
+    cond = FluxConditioning(_config("flux"), [], {})
+    noise = cond.initial_latents(None, 7, 64, 32, scheduler=None)
+    raw = np.random.default_rng(7).standard_normal((1, 16, 8, 4)).astype(np.float32)
+    np.testing.assert_array_equal(noise, cond._pack(raw))
+    assert noise.shape == cond.latent_shape(64, 32) == (1, 8, 64)
+
+
+class _FakeEncoder:
+    """Stands in for a TextEncoder: fixed outputs, so only the conditioning logic is tested."""
+
+    def __init__(self, kind: str, outputs: dict[str, np.ndarray]) -> None:
+        self.kind, self.name = kind, kind
+        self._outputs = outputs
+        self.outputs = tuple(outputs)
+        self.hidden_output = next(k for k in outputs if k.endswith("hidden_state"))
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts):
+        self.calls.append(list(texts))
+        return {k: np.repeat(v, len(texts), axis=0) for k, v in self._outputs.items()}
+
+
+def test_flux_feeds_ids_and_guidance_match_diffusers():
+    clip = _FakeEncoder(
+        "clip",
+        {
+            "last_hidden_state": np.ones((1, 77, 8), np.float32),
+            "pooler_output": np.full((1, 8), 2.0, np.float32),
+        },
+    )
+    t5 = _FakeEncoder("t5", {"last_hidden_state": np.full((1, 512, 32), 3.0, np.float32)})
+    cond = FluxConditioning(_config("flux", guidance_embeds=True), [clip, t5], {})
+    feeds = cond.encode("a cat", None, False, 3.5, 96, 64)
+    ref_ids = FluxPipeline._prepare_latent_image_ids(1, 96 // 16, 64 // 16, "cpu", torch.float32)
+    np.testing.assert_array_equal(feeds["img_ids"], ref_ids.numpy())  # (24, 3)
+    np.testing.assert_array_equal(feeds["txt_ids"], np.zeros((512, 3), np.float32))
+    assert feeds["guidance"].tolist() == [3.5]
+    assert feeds["pooled_projections"].tolist() == [[2.0] * 8]
+    assert feeds["encoder_hidden_states"].shape == (1, 512, 32)
+    step = cond.step_feeds(np.zeros((1, 24, 64), np.float32), np.float32(750.0))
+    assert step["timestep"].tolist() == [0.75]  # FluxPipeline passes t / 1000
+
+
+def test_sdxl_zero_negative_and_time_ids():
+    enc1 = _FakeEncoder("clip", {"penultimate_hidden_state": np.ones((1, 77, 4), np.float32)})
+    enc2 = _FakeEncoder(
+        "clip",
+        {
+            "penultimate_hidden_state": np.ones((1, 77, 6), np.float32),
+            "text_embeds": np.full((1, 5), 2.0, np.float32),
+        },
+    )
+    config = _config("unet", has_time_ids=True, force_zeros_for_empty_prompt=True)
+    cond = CONDITIONINGS["unet"](config, [enc1, enc2], {})
+    feeds = cond.encode("a cat", None, True, 5.0, 128, 64)
+    assert enc1.calls == [["a cat"]]  # no negative prompt encoded: zeros instead
+    assert feeds["encoder_hidden_states"].shape == (2, 77, 10)
+    assert not feeds["encoder_hidden_states"][0].any() and feeds["text_embeds"][0].sum() == 0
+    assert feeds["time_ids"].tolist() == [[128, 64, 0, 0, 128, 64]] * 2
+    cond.encode("a cat", "blurry", True, 5.0, 128, 64)
+    assert enc2.calls[-1] == ["blurry", "a cat"]  # (uncond, cond), as diffusers batches
+
+
+def test_sd3_pads_clip_states_to_t5_width_then_joins_sequences():
+    clip_l = _FakeEncoder(
+        "clip",
+        {
+            "penultimate_hidden_state": np.ones((1, 77, 4), np.float32),
+            "text_embeds": np.full((1, 4), 1.0, np.float32),
+        },
+    )
+    clip_g = _FakeEncoder(
+        "clip",
+        {
+            "penultimate_hidden_state": np.full((1, 77, 6), 2.0, np.float32),
+            "text_embeds": np.full((1, 6), 2.0, np.float32),
+        },
+    )
+    t5 = _FakeEncoder("t5", {"last_hidden_state": np.full((1, 256, 16), 3.0, np.float32)})
+    cond = CONDITIONINGS["sd3"](_config("sd3"), [clip_l, clip_g, t5], {})
+    feeds = cond.encode("a cat", None, True, 5.0, 64, 64)
+    states = feeds["encoder_hidden_states"]
+    assert states.shape == (2, 77 + 256, 16)
+    assert states[0, 0].tolist() == [1.0] * 4 + [2.0] * 6 + [0.0] * 6
+    assert (states[:, 77:] == 3.0).all()
+    assert feeds["pooled_projections"].shape == (2, 10)
+    assert t5.calls == [["", "a cat"]]  # SD3 encodes "" for the negative, never zeros
+
+
+@pytest.mark.parametrize(("kind", "multiple"), [("unet", 8), ("sd3", 16), ("flux", 16)])
+def test_size_must_be_a_multiple_of_the_latent_grid(kind, multiple):
+    pipe = _pipeline(kind)
+    assert pipe.conditioning.size_multiple() == multiple
+    bad = (multiple * 16 + 2, multiple * 16)
+    with pytest.raises(UserError, match=rf"size {bad[0]}x{bad[1]} is not a multiple of {multiple}"):
+        pipe("a cat", size=bad)
+
+
+def test_size_error_suggests_the_nearest_valid_size():
+    with pytest.raises(UserError, match=r"size 130x128 is not a multiple of 8; use e.g. 128x128"):
+        _pipeline("unet")("a cat", size=(130, 128))
+
+
+def test_bad_output_and_steps_are_user_errors():
+    with pytest.raises(UserError, match="output 'pil' is not one of: image, latent"):
+        _pipeline("unet")("a cat", output="pil")
+    with pytest.raises(UserError, match="steps must be at least 1"):
+        _pipeline("unet")("a cat", steps=0)
+
+
+def test_latents_of_the_wrong_shape_are_a_user_error():
+    cond = CONDITIONINGS["sd3"](_config("sd3"), [], {})
+    with pytest.raises(UserError, match=r"size 64x64 needs \(1, 16, 8, 8\)"):
+        cond.initial_latents(np.zeros((1, 4, 8, 8)), 0, 64, 64, scheduler=None)
+
+
+def test_to_uint8_matches_diffusers_postprocess():
+    x = np.random.default_rng(0).normal(0, 0.7, (3, 16, 24)).astype(np.float32)
+    x[0, 0, :4] = [-1.5, 1.5, 0.0, 0.5]  # clipped both ways, exact mid-grey
+    ref = VaeImageProcessor().postprocess(torch.from_numpy(x[None]), output_type="pil")[0]
+    np.testing.assert_array_equal(to_uint8(x), np.array(ref))
+
+
+def test_save_png_round_trips_and_leaves_no_temp_file(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    path = save_png(img, tmp_path / "sub" / "out.png")
+    np.testing.assert_array_equal(np.array(Image.open(path)), img)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.png"]
+
+
+def test_denoiser_inputs_follow_the_pipeline_flags():
+    unet = CONDITIONINGS["unet"]
+    assert unet(_config("unet"), [], {}).denoiser_inputs() == {
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+    }
+    sdxl = unet(_config("unet", has_time_ids=True), [], {}).denoiser_inputs()
+    assert {"text_embeds", "time_ids"} <= sdxl
+    schnell = FluxConditioning(_config("flux", guidance_embeds=False), [], {}).denoiser_inputs()
+    dev = FluxConditioning(_config("flux", guidance_embeds=True), [], {}).denoiser_inputs()
+    assert dev - schnell == {"guidance"} and {"img_ids", "txt_ids"} <= schnell
