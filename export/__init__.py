@@ -19,17 +19,16 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-
-import slimdiff
-from slimdiff.errors import UserError
 from slimdiff.export.bundle import (
     check_out_dir,
     component_precisions,
     hash_files,
+    make_readable,
     pipeline_constants,
     write_support_files,
 )
 from slimdiff.export.components import Component, export_mode, plan_components
+
 # Note: importing the submodule slimdiff.export.onnx binds the name `onnx` in this package's
 # namespace, so the onnx library itself is only used inside the submodules.
 from slimdiff.export.onnx import (
@@ -42,9 +41,12 @@ from slimdiff.export.onnx import (
 )
 from slimdiff.export.optimize import PLANS, convert_fp16, fuse
 from slimdiff.export.parity import ExportError, check_parity
+from slimdiff.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest
+
+import slimdiff
+from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_dir, atomic_write_text
 from slimdiff.models.loading import LoadedModel
-from slimdiff.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest
 
 __all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
 
@@ -86,7 +88,7 @@ def export_bundle(
         progress: called as progress(component, index, total) before each component.
 
     Example:
-        >>> export_bundle(load_model("tiny:sd15"), "bundles/sd15", precision="fp16")  # doctest: +SKIP
+        >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
     """
     _validate(target, precision, vae_precision, external_data_threshold)
     model.require_pipeline("export")
@@ -119,6 +121,7 @@ def export_bundle(
         )
         # Last, so a folder with a manifest is always complete.
         atomic_write_text(root / MANIFEST_NAME, manifest.to_json())
+        make_readable(root)
     log.info("bundle written to %s", out)
     return manifest
 
@@ -131,7 +134,9 @@ def _validate(target: str, precision: str, vae_precision: str | None, threshold:
         )
     for what, value in (("precision", precision), ("vae_precision", vae_precision)):
         if value is not None and value not in PRECISIONS:
-            raise UserError(f"{what} {value!r} is not supported; use one of: {', '.join(PRECISIONS)}")
+            raise UserError(
+                f"{what} {value!r} is not supported; use one of: {', '.join(PRECISIONS)}"
+            )
     if not 0 <= threshold <= PROTOBUF_LIMIT:
         raise UserError(
             f"external_data_threshold {threshold} must be between 0 and {PROTOBUF_LIMIT} "
@@ -160,6 +165,8 @@ def _export_component(
     path = root / component.name / "model.onnx"
     external = save_model(graph, path, threshold)
     del graph
+    # The raw export is as big as the final graph: free the disk before the next component.
+    shutil.rmtree(raw.parent, ignore_errors=True)
     inputs, outputs = graph_io(path)
     parity = check_parity(component, path, precision) if check else {}
     if parity and not parity["passed"]:

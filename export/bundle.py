@@ -11,18 +11,21 @@ every value is read from the model's ArchSpec or its component configs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from slimdiff.runtime.manifest import MANIFEST_NAME, sha256_file
+
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
-from slimdiff.runtime.manifest import MANIFEST_NAME, sha256_file
 
 __all__ = [
     "SCHEDULER_CONFIG",
     "check_out_dir",
     "component_precisions",
     "hash_files",
+    "make_readable",
     "pipeline_constants",
     "write_support_files",
 ]
@@ -77,7 +80,9 @@ def pipeline_constants(model: LoadedModel) -> dict[str, Any]:
         "vae_scaling_factor": float(vae.scaling_factor),
         "vae_shift_factor": None if shift is None else float(shift),
         # SDXL's pipeline config carries it; other pipelines have no such option.
-        "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+        "force_zeros_for_empty_prompt": bool(
+            pipe.config.get("force_zeros_for_empty_prompt", False)
+        ),
         "has_time_ids": arch.has_time_ids,
         "guidance_embeds": bool(den.get("guidance_embeds", False)),
         "patch_size": den.get("patch_size") or 1,
@@ -116,6 +121,18 @@ def write_support_files(model: LoadedModel, root: Path) -> None:
     for spec in model.arch.text_encoders:
         getattr(model.pipe, spec.tokenizer).save_pretrained(root / spec.tokenizer)
     model.pipe.scheduler.save_config(root / Path(SCHEDULER_CONFIG).parent)
+
+
+def make_readable(root: Path) -> None:
+    """Give the bundle a plain copy's permissions (0755 folders, 0644 files under umask 022).
+
+    The temp folder (mkdtemp), onnx's external data and atomically written files are all
+    created private (0700/0600); a bundle is meant to be deployed and read by other users.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in (root, *root.rglob("*")):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def hash_files(root: Path) -> dict[str, str]:

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch import nn
-
 from slimdiff.export.dummy_inputs import (
     DYNAMIC_AXES,
     Sizes,
@@ -24,6 +22,8 @@ from slimdiff.export.dummy_inputs import (
     vae_decoder_inputs,
 )
 from slimdiff.export.wrappers import TextEncoderWrapper, VaeDecoderWrapper, denoiser_wrapper
+from torch import nn
+
 from slimdiff.models.arch import TensorSpec
 from slimdiff.models.loading import LoadedModel
 
@@ -94,9 +94,14 @@ def plan_components(model: LoadedModel) -> list[Component]:
                 output_names=spec.outputs,
                 dynamic_axes={
                     "input_ids": {0: "B", 1: "S"},
-                    **{o: ({0: "B", 1: "S"} if o in _TOKEN_OUTPUTS else {0: "B"}) for o in spec.outputs},
+                    **{
+                        o: ({0: "B", 1: "S"} if o in _TOKEN_OUTPUTS else {0: "B"})
+                        for o in spec.outputs
+                    },
                 },
-                make_inputs=partial(text_encoder_inputs, getattr(pipe, spec.tokenizer), spec.max_length),
+                make_inputs=partial(
+                    text_encoder_inputs, getattr(pipe, spec.tokenizer), spec.max_length
+                ),
                 model=encoder,
             )
         )

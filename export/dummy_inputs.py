@@ -49,7 +49,8 @@ class Sizes:
 TRACE = Sizes(batch=2, height=16, width=16, text_len=16, full_text=False, seed=0)
 CHECK = Sizes(batch=3, height=8, width=24, text_len=24, full_text=True, seed=1)
 
-_WORDS = "a red blue small large circle square photo of cat dog on the left right sky".split()
+# Prompt words for the text encoders' example inputs (all single tokens in the tiny vocab).
+_WORDS = ("a", "red", "blue", "small", "circle", "square", "photo", "of", "cat", "on", "the", "sky")
 
 
 def text_encoder_inputs(tokenizer, max_length: int, sizes: Sizes) -> dict[str, torch.Tensor]:
@@ -147,7 +148,7 @@ def denoiser_inputs(
     """One tensor per spec, in spec order, sized from `sizes` and the denoiser's config.
 
     Example:
-        >>> feeds = denoiser_inputs("unet", pipe.unet, arch.denoiser_inputs, TRACE)  # doctest: +SKIP
+        >>> feeds = denoiser_inputs("unet", unet, arch.denoiser_inputs, TRACE)  # doctest: +SKIP
         >>> feeds["sample"].shape  # doctest: +SKIP
         torch.Size([2, 4, 16, 16])
     """

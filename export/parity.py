@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from slimdiff.export.components import Component, eval_mode
 from slimdiff.export.dummy_inputs import CHECK
 
@@ -62,7 +61,9 @@ def check_parity(component: Component, path: Path, precision: str) -> dict[str, 
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         got = session.run(list(component.output_names), {k: v.numpy() for k, v in feeds.items()})
     except Exception as err:  # ORT raises its own Fail/InvalidArgument/... classes
-        raise ExportError(f"{component.name}: onnxruntime cannot run the exported graph: {err}") from err
+        raise ExportError(
+            f"{component.name}: onnxruntime cannot run the exported graph: {err}"
+        ) from err
 
     rel_err, max_abs = 0.0, 0.0
     for name, ref, out in zip(component.output_names, expected, got, strict=True):

@@ -38,7 +38,9 @@ class TextEncoderWrapper(nn.Module):
         super().__init__()
         unknown = [o for o in outputs if o not in _TEXT_OUTPUTS]
         if unknown:
-            raise ValueError(f"unknown text encoder outputs {unknown}; known: {list(_TEXT_OUTPUTS)}")
+            raise ValueError(
+                f"unknown text encoder outputs {unknown}; known: {list(_TEXT_OUTPUTS)}"
+            )
         self.encoder = encoder
         self.outputs = tuple(outputs)
         # hidden_states for every layer only when one is read: it keeps the graph lean.

@@ -231,7 +231,7 @@ def _sd3(tiny: bool):
     )
     size = _TINY if tiny else real
     text_encoder, tokenizer = _clip(size.clip, size.clip[0])
-    text_encoder_2, tokenizer_2 = _clip(size.clip_g, size.clip_g[0])
+    text_encoder_2, tokenizer_2 = _clip(size.clip_g, size.clip_g[0], pad_token="!")  # as SD3
     text_encoder_3, tokenizer_3 = _t5(size.t5, 256)
     # T5's width is the joint attention width; the CLIP features are zero-padded up to it.
     joint = size.t5[0] if not tiny else size.clip[0] + size.clip_g[0]

@@ -1,0 +1,235 @@
+"""End to end: every tiny family exports to an fp32 ONNX bundle the runtime can trust.
+
+One bundle per family (module-scoped); the checks read it back from disk and re-run the
+denoiser with onnxruntime on inputs of their own, against the torch denoiser called the
+way the diffusers pipeline calls it (not through the exporter's wrapper).
+
+Exports use the defaults (ORT fusions on) except tiny:sdxl, whose UNet goes through the
+same fusion code as tiny:sd15's at 2.5x the graph size (~35 s on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from slimdiff.export import export_bundle
+from slimdiff.export.optimize import PLANS
+from slimdiff.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
+
+from slimdiff.models import LoadedModel, load_model
+
+OPTIMIZE = {"sd15": True, "sdxl": False, "sd3": True, "flux": True}
+# Contrib ops with no CPU kernel in onnxruntime (CUDA/ROCm only).
+GPU_ONLY_OPS = {"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"}
+PIPELINE_KEYS = {
+    "denoiser", "denoiser_kind", "uses_cfg", "default_size", "default_steps",
+    "default_guidance", "vae_scale_factor", "latent_channels", "vae_scaling_factor",
+    "vae_shift_factor", "force_zeros_for_empty_prompt", "has_time_ids", "guidance_embeds",
+    "patch_size", "text_encoders", "scheduler",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a small shared CPU, torch's spinning OpenMP threads slow down 10-100x when another
+    # process holds a core; one thread keeps these tests at seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=list(OPTIMIZE))
+def exported(request, tmp_path_factory):
+    model = load_model(f"tiny:{request.param}")
+    before = _processors(model)
+    out = tmp_path_factory.mktemp(request.param) / "bundle"
+    manifest = export_bundle(model, out, optimize=OPTIMIZE[request.param])
+    return Exported(model, out, manifest, before)
+
+
+class Exported(NamedTuple):
+    model: LoadedModel
+    out: Path
+    manifest: Manifest
+    processors_before: dict[str, str]
+
+
+def _processors(model) -> dict[str, str]:
+    modules = {"denoiser": model.denoiser, "vae": model.pipe.vae}
+    return {
+        f"{m}.{k}": type(v).__name__
+        for m, module in modules.items()
+        for k, v in module.attn_processors.items()
+    }
+
+
+def test_manifest_lists_components_with_their_io_names(exported):
+    model, _, manifest, _ = exported
+    arch = model.arch
+    assert list(manifest.components) == list(arch.components)
+    for spec in arch.text_encoders:
+        entry = manifest.components[spec.name]
+        assert [i["name"] for i in entry.inputs] == ["input_ids"]
+        assert entry.inputs[0]["dtype"] == "int64"
+        assert entry.inputs[0]["shape"] == ["B", "S"]
+        assert [o["name"] for o in entry.outputs] == list(spec.outputs)
+    den = manifest.components[arch.denoiser]
+    # The tiny FLUX is FLUX.1-dev-like (guidance_embeds=True), so every ArchSpec input stays.
+    assert [i["name"] for i in den.inputs] == [s.name for s in arch.denoiser_inputs]
+    assert [o["name"] for o in den.outputs] == ["out_sample"]
+    assert all(i["dtype"] == "float32" for i in den.inputs)
+    assert den.outputs[0]["shape"] == den.inputs[0]["shape"]  # prediction has the latent's layout
+    timestep = next(i for i in den.inputs if i["name"] == "timestep")
+    assert timestep["shape"] == ["B"]
+    vae = manifest.components["vae_decoder"]
+    latent_channels = model.pipe.vae.config.latent_channels
+    assert vae.inputs == [
+        {"name": "latent_sample", "dtype": "float32", "shape": ["B", latent_channels, "h", "w"]}
+    ]
+    assert vae.outputs == [{"name": "sample", "dtype": "float32", "shape": ["B", 3, "8h", "8w"]}]
+
+
+def test_every_component_passes_parity_and_denoiser_within_1e4(exported):
+    model, _, manifest, _ = exported
+    for name, entry in manifest.components.items():
+        assert entry.parity["passed"], (name, entry.parity)
+        assert entry.parity["tolerance"] == 1e-4
+        assert entry.precision == "fp32"
+        assert entry.format == "onnx"
+    assert manifest.components[model.arch.denoiser].parity["rel_err"] <= 1e-4
+
+
+def _denoiser_feeds(model, manifest, batch=2, height=8, width=16, text_len=12):
+    """Fresh inputs from the manifest shapes: not the exporter's trace or check sizes."""
+    entry = manifest.components[model.arch.denoiser]
+    axes = {"B": batch, "H": height, "W": width, "S": text_len, "L": height * width // 4}
+    rng = np.random.default_rng(123)
+    feeds = {}
+    for spec in entry.inputs:
+        shape = [axes[d] if isinstance(d, str) else d for d in spec["shape"]]
+        feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+    # FLUX passes timestep / 1000; the others pass the scheduler's timestep.
+    scale = 1.0 if model.arch.denoiser_kind == "flux" else 1000.0
+    feeds["timestep"] = (rng.random(batch) * scale).astype(np.float32)
+    if "img_ids" in feeds:
+        h, w = height // 2, width // 2
+        feeds["img_ids"] = np.stack(
+            [np.zeros(h * w), np.repeat(np.arange(h), w), np.tile(np.arange(w), h)], axis=1
+        ).astype(np.float32)
+        feeds["txt_ids"] = np.zeros((text_len, 3), np.float32)
+        feeds["guidance"] = np.full(batch, 3.5, np.float32)
+    return feeds
+
+
+def _torch_denoiser(model, feeds):
+    t = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    with torch.inference_mode():
+        if "sample" in t:  # UNet2DConditionModel, as StableDiffusion(XL)Pipeline calls it
+            added = {k: t.pop(k) for k in ("text_embeds", "time_ids") if k in t}
+            out = model.denoiser(
+                t["sample"],
+                t["timestep"],
+                t["encoder_hidden_states"],
+                added_cond_kwargs=added or None,
+            ).sample
+        else:  # SD3 / FLUX transformers take keyword inputs
+            out = model.denoiser(**t).sample
+    return out.numpy()
+
+
+def test_denoiser_onnx_matches_torch_on_new_inputs(exported):
+    model, out, manifest, _ = exported
+    entry = manifest.components[model.arch.denoiser]
+    feeds = _denoiser_feeds(model, manifest)
+    session = ort.InferenceSession(str(out / entry.path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["out_sample"], feeds)
+    expected = _torch_denoiser(model, feeds)
+    assert got.shape == expected.shape
+    rel = np.abs(got - expected).max() / np.abs(expected).max()
+    assert rel <= 1e-4
+
+
+def test_every_file_is_hashed_and_no_temp_folder_is_left(exported):
+    _, out, manifest, _ = exported
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST_NAME} == set(manifest.files)
+    for rel, digest in manifest.files.items():
+        assert sha256_file(out / rel) == digest
+    for name in manifest.components:
+        assert f"{name}/model.onnx" in manifest.files
+    for spec in manifest.pipeline["text_encoders"]:
+        assert f"{spec['tokenizer']}/tokenizer.json" in manifest.files
+    assert manifest.pipeline["scheduler"] in manifest.files
+    # Only the bundle beside it: no .partial build folder, no .work exports inside.
+    assert [p.name for p in out.parent.iterdir()] == ["bundle"]
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+    # The runtime's reader verifies every hash and accepts it.
+    assert read_manifest(out).components.keys() == manifest.components.keys()
+
+
+def test_pipeline_constants_come_from_the_model(exported):
+    model, out, manifest, _ = exported
+    pipeline = json.loads((out / MANIFEST_NAME).read_text())["pipeline"]
+    assert set(pipeline) == PIPELINE_KEYS
+    vae, den = model.pipe.vae.config, model.denoiser.config
+    assert pipeline["denoiser"] == model.arch.denoiser
+    assert pipeline["vae_scale_factor"] == 2 ** (len(vae.block_out_channels) - 1) == 8
+    assert pipeline["latent_channels"] == vae.latent_channels
+    assert pipeline["vae_scaling_factor"] == pytest.approx(vae.scaling_factor)
+    assert pipeline["vae_shift_factor"] == (
+        None if vae.shift_factor is None else pytest.approx(vae.shift_factor)
+    )
+    assert pipeline["has_time_ids"] == (model.arch.family == "sdxl")
+    assert pipeline["force_zeros_for_empty_prompt"] == (model.arch.family == "sdxl")
+    assert pipeline["guidance_embeds"] == (model.arch.family == "flux")
+    assert pipeline["patch_size"] == (den.get("patch_size") or 1)
+    encoders = pipeline["text_encoders"]
+    assert [e["name"] for e in encoders] == [s.name for s in model.arch.text_encoders]
+    for record, spec in zip(encoders, model.arch.text_encoders, strict=True):
+        tok = getattr(model.pipe, spec.tokenizer)
+        assert record["max_length"] == spec.max_length
+        if spec.kind == "clip":
+            assert record["max_length"] == tok.model_max_length
+        assert record["pad_token_id"] == tok.pad_token_id
+        assert record["eos_token_id"] == tok.eos_token_id
+        assert record["outputs"] == list(spec.outputs)
+        assert record["hidden_size"] == manifest.components[spec.name].outputs[0]["shape"][-1]
+
+
+def test_cpu_fusions_are_recorded_and_run_on_the_cpu_ep(exported):
+    model, out, manifest, _ = exported
+    entry = manifest.components[model.arch.denoiser]
+    ops = Counter(n.op_type for n in onnx.load(str(out / entry.path)).graph.node)
+    assert not GPU_ONLY_OPS & set(ops)
+    plan = PLANS[model.arch.denoiser_kind]
+    if OPTIMIZE[model.arch.family] and plan.on_cpu:
+        # Every attention layer fused: tiny:sd15 has 16 (8 self -> Attention, 8 cross ->
+        # MultiHeadAttention, per direction), tiny:sd3 2 joint ones; no Softmax left.
+        fused = entry.extra["ort_fusions"]
+        attention = fused.get("Attention", 0) + fused.get("MultiHeadAttention", 0)
+        assert attention == {"sd15": 32, "sd3": 2}[model.arch.family]
+        assert ops["Softmax"] == 0
+        assert entry.extra["attention"] == plan.attention
+    else:
+        assert entry.extra["ort_fusions"] == {}
+    for name in (*model.arch.text_encoder_names, "vae_decoder"):
+        assert manifest.components[name].extra["ort_fusions"] == {}  # no CPU win there
+
+
+def test_export_leaves_the_callers_model_as_it_was(exported):
+    model = exported.model
+    # Fusion exports swap in diffusers' classic AttnProcessor and an exportable RMSNorm;
+    # both are put back.
+    assert _processors(model) == exported.processors_before
+    for module in (model.denoiser, model.pipe.vae, model.pipe.text_encoder):
+        assert not module.training
+    assert not any("forward" in vars(m) for m in model.denoiser.modules())

@@ -1,0 +1,108 @@
+"""Bad arguments fail with one UserError line; a failed export leaves nothing behind."""
+
+from __future__ import annotations
+
+import pytest
+import slimdiff.export as export_pkg
+import torch
+from slimdiff.export import ExportError, export_bundle
+from slimdiff.runtime.manifest import MANIFEST_NAME, read_manifest
+
+from slimdiff.errors import UserError
+from slimdiff.models import LoadedModel, get_arch, load_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Spinning OpenMP threads on a small shared CPU slow down 10-100x under contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return load_model("tiny:sd3")  # the quickest family to export (~2 s)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": "tensorrt"}, "export target 'tensorrt' is not supported; supported: onnx"),
+        ({"target": "openvino"}, "supported: onnx"),
+        ({"precision": "int8"}, "precision 'int8' is not supported; use one of: fp32, fp16"),
+        ({"precision": "bf16"}, "use one of: fp32, fp16"),
+        ({"vae_precision": "fp8"}, "vae_precision 'fp8' is not supported"),
+        ({"external_data_threshold": 3 * 1024**3}, "protobuf cannot hold a graph over 2 GiB"),
+    ],
+)
+def test_bad_arguments_raise_user_error_before_any_work(sd3, tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        export_bundle(sd3, tmp_path / "bundle", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lone_component_folder_is_refused(tmp_path):
+    lone = LoadedModel(arch=get_arch("sdxl"), source="some/unet", pipe=None, denoiser=object())
+    with pytest.raises(UserError, match="export needs the whole pipeline"):
+        export_bundle(lone, tmp_path / "bundle")
+
+
+def test_out_folder_that_is_not_a_bundle_is_left_alone(sd3, tmp_path):
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "cat.png").write_bytes(b"meow")
+    with pytest.raises(UserError, match="exists and is not a slimdiff bundle"):
+        export_bundle(sd3, precious)
+    assert (precious / "cat.png").read_bytes() == b"meow"
+
+
+def _fail_on(monkeypatch, component_name: str):
+    """Make the export of `component_name` raise midway, after earlier components wrote files."""
+    real = export_pkg.check_parity
+
+    def check_parity(component, path, precision):
+        if component.name == component_name:
+            assert path.is_file()  # its graph is already on disk in the temp folder
+            raise ExportError(f"{component_name}: simulated failure")
+        return real(component, path, precision)
+
+    monkeypatch.setattr(export_pkg, "check_parity", check_parity)
+
+
+def test_export_killed_midway_leaves_no_folder(sd3, tmp_path, monkeypatch):
+    _fail_on(monkeypatch, "transformer")
+    with pytest.raises(ExportError, match="simulated failure"):
+        export_bundle(sd3, tmp_path / "bundle")
+    # Neither the bundle nor the hidden .bundle.*.partial folder it was built in.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_reexport_keeps_the_previous_bundle(sd3, tmp_path, monkeypatch):
+    out = tmp_path / "bundle"
+    first = export_bundle(sd3, out, optimize=False)
+    _fail_on(monkeypatch, "vae_decoder")
+    with pytest.raises(ExportError):
+        export_bundle(sd3, out, precision="fp16", optimize=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    kept = read_manifest(out)  # verifies every hash: the old bundle is intact
+    assert kept.files == first.files
+    assert {c.precision for c in kept.components.values()} == {"fp32"}
+    assert (out / MANIFEST_NAME).is_file()
+
+
+def test_parity_failure_raises_export_error_naming_the_component(sd3, tmp_path, monkeypatch):
+    # A graph that disagrees with torch must stop the export, not ship with passed=False.
+    real = export_pkg.check_parity
+
+    def off_by_much(component, path, precision):
+        record = real(component, path, precision)
+        if component.name == "text_encoder_2":
+            record.update(rel_err=0.5, passed=False)
+        return record
+
+    monkeypatch.setattr(export_pkg, "check_parity", off_by_much)
+    with pytest.raises(ExportError, match=r"text_encoder_2: ONNX \(fp32\) differs from torch"):
+        export_bundle(sd3, tmp_path / "bundle", optimize=False)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,53 @@
+"""ORT fusion options per execution provider, and optional denoiser inputs.
+
+The fused CPU graphs themselves are checked end to end in
+tests/integration/test_export_tiny.py (tiny:sd15's UNet, tiny:sd3's transformer).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from slimdiff.export import export_bundle
+from slimdiff.export.optimize import PLANS, fusion_options
+
+from slimdiff.models import load_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Spinning OpenMP threads on a small shared CPU slow down 10-100x under contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_gpu_fusion_set_enables_the_cuda_only_fusions():
+    gpu = fusion_options(PLANS["unet"], for_gpu=True, fp16=True)
+    assert gpu.enable_group_norm and gpu.enable_nhwc_conv and gpu.enable_bias_splitgelu
+    assert gpu.enable_packed_qkv and gpu.enable_packed_kv
+    # As ORT's optimize_pipeline: packed QKV/KV only for fp16 graphs.
+    gpu32 = fusion_options(PLANS["unet"], for_gpu=True, fp16=False)
+    assert not gpu32.enable_packed_qkv and not gpu32.enable_packed_kv
+    cpu = fusion_options(PLANS["unet"], for_gpu=False, fp16=True)
+    assert not (cpu.enable_group_norm or cpu.enable_nhwc_conv or cpu.enable_bias_splitgelu)
+    assert not (cpu.enable_packed_qkv or cpu.enable_packed_kv or cpu.enable_bias_add)
+    assert cpu.enable_attention
+
+
+def test_flux_without_guidance_embeds_has_no_guidance_input(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    model = load_model("tiny:flux")
+    config = {**model.denoiser.config, "guidance_embeds": False}  # FLUX.1-schnell-like
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    model.pipe.transformer = model.denoiser = FluxTransformer2DModel(**config).eval()
+    manifest = export_bundle(model, tmp_path / "schnell")
+    entry = manifest.components["transformer"]
+    assert [i["name"] for i in entry.inputs] == [
+        "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+        "img_ids", "txt_ids",
+    ]  # fmt: skip
+    assert manifest.pipeline["guidance_embeds"] is False
+    assert entry.parity["passed"]
