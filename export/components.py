@@ -172,7 +172,8 @@ def export_mode(component: Component, processor: Callable[[], object] | None) ->
     """
     model = component.model
     saved = getattr(model, "attn_processors", None) if processor is not None else None
-    rms_norms = [m for m in model.modules() if isinstance(m, nn.RMSNorm)]
+    # Instance-level forwards someone else set (accelerate hooks) are put back as found.
+    rms_norms = {m: vars(m).get("forward") for m in model.modules() if isinstance(m, nn.RMSNorm)}
     with eval_mode(component):
         try:
             for m in rms_norms:
@@ -183,5 +184,8 @@ def export_mode(component: Component, processor: Callable[[], object] | None) ->
         finally:
             if saved:
                 model.set_attn_processor(saved)
-            for m in rms_norms:
-                del m.forward  # back to the class's forward
+            for m, own in rms_norms.items():
+                if own is None:
+                    del m.forward  # back to the class's forward
+                else:
+                    m.forward = own

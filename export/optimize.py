@@ -7,12 +7,14 @@ execution provider:
 - GPU (`for_gpu=True`): ORT's stable-diffusion set, as optimize_pipeline.py uses it:
   GroupNorm, SkipGroupNorm, NhwcConv, BiasSplitGelu, BiasAdd and packed QKV/KV attention
   (packed only for fp16, as there). Those are CUDA-only contrib ops.
-- CPU (the default): only fusions that give the CPU EP a kernel it would not build itself.
-  ORT's CPU session already fuses LayerNorm, SkipLayerNorm, (Bias/Fast/Quick)Gelu and
-  MatMul+Add when it loads a graph, so re-doing those offline changes nothing at run time;
-  what it cannot do is recognise diffusers' attention. So on CPU we run the optimizer where
-  it turns attention into MultiHeadAttention/Attention (both have CPU kernels) and skip it
-  elsewhere (see `PLANS`, measured numbers in the comments there).
+- CPU (the default): only where it turns diffusers' attention into ORT's
+  MultiHeadAttention/Attention (both have CPU kernels), which the CPU session cannot do by
+  itself. That does not make GEMMs faster, but the fused kernel peaks far lower in memory
+  than the exported MatMul/Softmax chain, whose intermediates each hold a full
+  (tokens x tokens) score matrix: that is what runs a CPU out of memory at high
+  resolution. Elsewhere the offline fusions (LayerNorm, SkipLayerNorm, Gelu variants)
+  measured no faster than what the CPU session does at load, so they are skipped (numbers
+  in `PLANS`).
 """
 
 from __future__ import annotations
@@ -69,24 +71,28 @@ class FusionPlan:
     shape_inference: bool = False
 
 
-# Keyed by Component.kind. Measured on the tiny models (2-core CPU, ORT 1.32, fp32):
+# Keyed by Component.kind. Measured on this repo's random: (full-width) models, ORT 1.32 CPU
+# EP, 2 threads, fp32. The wins are peak memory and long-sequence attention, not GEMM speed:
 PLANS: dict[str, FusionPlan] = {
-    # 16 Attention + 16 MultiHeadAttention + 48 LayerNorm on tiny:sd15; at a 64x64 latent the
-    # fused graph runs 2.2x faster than the unfused classic-attention graph and ~1.15x faster
-    # than the SDPA export (rel err 6.5e-7). SDPA-exported UNets crash ORT 1.32's attention
-    # fusion (num_heads read from a dynamic Reshape), hence "classic". opt_level 1 (ORT's
-    # constant folding first) lets the fusion match without symbolic shape inference, 3x faster.
+    # SD1.5 UNet (860M), 16 Attention + 16 MultiHeadAttention: at 512 px, batch 2 the same
+    # speed (11.7 vs 12.5 s, noise) but peak RSS 8.1 -> 5.8 GB; at 768 px, batch 2 the
+    # unfused graph exceeded 23 GB (killed), the fused one peaked at 9.8 GB. Rel err 9e-7.
+    # SDPA exports crash ORT 1.32's UNet attention fusion (it reads num_heads from a Reshape
+    # whose shape is computed), hence "classic". opt_level 1 (ORT's constant folding first)
+    # lets the fusion match without symbolic shape inference, ~3x faster to optimize.
     "unet": FusionPlan("unet", attention="classic", on_cpu=True, opt_level=1),
-    # SD3 joint attention -> MultiHeadAttention (2 on tiny:sd3), 10.1 -> 6.7 ms. opt_level 1
-    # loses the MHA match, so 0 as in ORT's optimize_pipeline.
+    # SD3 transformer (full width, 2 of 24 layers), joint attention -> MultiHeadAttention:
+    # at 1024 px, batch 2, 22.2 -> 13.6 s and peak RSS 16.0 -> 5.6 GB; at 512 px no change.
+    # It needs symbolic shape inference, and opt_level 1 loses the match (0, as ORT's
+    # optimize_pipeline uses).
     "sd3": FusionPlan("mmdit", on_cpu=True, shape_inference=True),
-    # ORT 1.32's FLUX attention pattern expects q/k RMSNorm after the head transpose
-    # (diffusers <= 0.34); diffusers 0.42 normalises before it, so only FastGelu fuses, which
-    # the CPU session does by itself.
+    # ORT 1.32's FLUX attention pattern wants q/k RMSNorm after the head transpose (the
+    # layout of older diffusers' FluxAttnProcessor2_0); diffusers 0.42 normalises before it,
+    # so only FastGelu fuses, which the CPU session does by itself.
     "flux": FusionPlan("mmdit"),
-    # Text encoders: SkipLayerNorm + QuickGelu (CLIP), SkipSimplifiedLayerNorm + FastGelu (T5),
-    # no attention (ORT's CLIP attention fusion does not match either the SDPA or the eager
-    # export from transformers 5). Nothing the CPU session does not fuse itself.
+    # CLIP: SkipLayerNorm + QuickGelu, no attention (ORT's CLIP attention fusion matches
+    # neither the SDPA nor the eager export of transformers 5): CLIP-L at batch 2 runs
+    # 357 ms unfused, 360 ms fused. T5: SkipSimplifiedLayerNorm + FastGelu only, likewise.
     "clip": FusionPlan("clip"),
     "t5": FusionPlan("t5"),
     # VAE: its fusions are GroupNorm/NhwcConv (CUDA only); ORT 1.32's VAE attention fusion
