@@ -6,8 +6,9 @@ import logging
 import time
 from pathlib import Path
 
-from slimdiff.artifact import save_artifact
 from slimdiff.compress.base import PassReport
+
+from slimdiff.artifact import save_artifact
 from slimdiff.errors import UserError
 from slimdiff.models import LoadedModel, load_model
 from slimdiff.recipe import Recipe
@@ -23,7 +24,8 @@ def compress_model(
     """Run `recipe.passes` on `model` in order, save the artifact to `out`, reload it.
 
     Example:
-        >>> art = compress_model(load_model("tiny:sdxl"), load_recipe("tiny-sdxl"), "out/a")  # doctest: +SKIP
+        >>> recipe = load_recipe("tiny-sdxl-fp32")
+        >>> art = compress_model(load_model("tiny:sdxl"), recipe, "out/a")  # doctest: +SKIP
     """
     pipe = model.require_pipeline("compress")
     passes = recipe.resolved_passes()
@@ -44,5 +46,7 @@ def compress_model(
     )
     compressed = load_model(str(out))
     if compressed.arch.family != model.arch.family:
-        raise UserError(f"{out}: the artifact reloads as {compressed.arch.family}, expected {model.arch.family}")
+        raise UserError(
+            f"{out}: the artifact reloads as {compressed.arch.family}, expected {model.arch.family}"
+        )
     return compressed

@@ -77,8 +77,8 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     unknown = sorted({e.get("op") for e in edits} - set(EDIT_REPLAYERS))
     if unknown:
         raise UserError(
-            f"{path}: the artifact needs edits this slimdiff cannot replay ({', '.join(map(str, unknown))}); "
-            "upgrade slimdiff"
+            f"{path}: the artifact needs edits this slimdiff cannot replay "
+            f"({', '.join(map(str, unknown))}); upgrade slimdiff"
         )
     if edits:
         # No built-in pass records edits yet (block removal is expressible in diffusers'

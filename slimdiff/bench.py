@@ -88,10 +88,18 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
     prompts = list(b.prompts or BENCH_PROMPTS)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = arch.initial_latent_shape(1, pipe.vae.config.latent_channels, size, vae_scale)
-    noise = [np.random.default_rng(b.seed + i).standard_normal(shape).astype(np.float32)
-             for i in range(len(prompts))]
-    settings = {"model": recipe.model, "prompts": prompts, "steps": b.steps, "size": list(size),
-                "guidance": guidance, "seed": b.seed}
+    noise = [
+        np.random.default_rng(b.seed + i).standard_normal(shape).astype(np.float32)
+        for i in range(len(prompts))
+    ]
+    settings = {
+        "model": recipe.model,
+        "prompts": prompts,
+        "steps": b.steps,
+        "size": list(size),
+        "guidance": guidance,
+        "seed": b.seed,
+    }
 
     ref_dir = out / "_reference" / _key(settings)
     reference = _reference(pipe, settings, noise, ref_dir)
@@ -117,7 +125,9 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
     images = [_read_png(run_dir / f"image_{i}.png") for i in range(len(prompts))]
     latents = [np.load(run_dir / f"latents_{i}.npy") for i in range(len(prompts))]
     psnrs = [psnr(im, ref) for im, ref in zip(images, reference["images"], strict=True)]
-    errs = [latent_rel_err(lat, ref) for lat, ref in zip(latents, reference["latents"], strict=True)]
+    errs = [
+        latent_rel_err(lat, ref) for lat, ref in zip(latents, reference["latents"], strict=True)
+    ]
     step("metrics")
 
     runs = timings["runs"]
@@ -146,8 +156,11 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
         "torch_eager_ms_per_step": eager,
         "speedup_vs_eager": eager / float(np.median(steps_ms)),
         "peak_rss_mb": timings["peak_rss_mb"],
-        "fidelity": {"psnr_db": float(np.mean(psnrs)), "latent_rel_err": float(np.mean(errs)),
-                     "psnr_db_per_prompt": psnrs},
+        "fidelity": {
+            "psnr_db": float(np.mean(psnrs)),
+            "latent_rel_err": float(np.mean(errs)),
+            "psnr_db_per_prompt": psnrs,
+        },
         "images": [str(run_dir / f"image_{i}.png") for i in range(len(prompts))],
         "reference_images": [str(ref_dir / f"image_{i}.png") for i in range(len(prompts))],
         "cache": flow.reused,
@@ -178,8 +191,13 @@ def _pipe_kwargs(settings: dict, latents: np.ndarray) -> dict:
     import torch
 
     h, w = settings["size"]
-    return {"num_inference_steps": settings["steps"], "guidance_scale": settings["guidance"],
-            "height": h, "width": w, "latents": torch.from_numpy(latents)}
+    return {
+        "num_inference_steps": settings["steps"],
+        "guidance_scale": settings["guidance"],
+        "height": h,
+        "width": w,
+        "latents": torch.from_numpy(latents),
+    }
 
 
 def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> dict:
@@ -201,14 +219,20 @@ def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> 
                 return kw
 
             with torch.no_grad():
-                out = pipe(prompt, output_type="np", callback_on_step_end=keep,
-                           **_pipe_kwargs(settings, noise[i]))
+                out = pipe(
+                    prompt,
+                    output_type="np",
+                    callback_on_step_end=keep,
+                    **_pipe_kwargs(settings, noise[i]),
+                )
             image = (out.images[0] * 255).round().astype(np.uint8)
             save_png(image, ref_dir / f"image_{i}.png")
             np.save(ref_dir / f"latents_{i}.npy", final["latents"])
         atomic_write_text(done, json.dumps(settings))
-    return {"images": [_read_png(ref_dir / f"image_{i}.png") for i in range(n)],
-            "latents": [np.load(ref_dir / f"latents_{i}.npy") for i in range(n)]}
+    return {
+        "images": [_read_png(ref_dir / f"image_{i}.png") for i in range(n)],
+        "latents": [np.load(ref_dir / f"latents_{i}.npy") for i in range(n)],
+    }
 
 
 def _torch_ms_per_step(pipe, settings: dict, latents: np.ndarray) -> float:
@@ -226,8 +250,12 @@ def _torch_ms_per_step(pipe, settings: dict, latents: np.ndarray) -> float:
         warm = dict(_pipe_kwargs(settings, latents), num_inference_steps=2)
         pipe(settings["prompts"][0], output_type="latent", **warm)
         start = time.perf_counter()
-        pipe(settings["prompts"][0], output_type="latent", callback_on_step_end=tick,
-             **_pipe_kwargs(settings, latents))
+        pipe(
+            settings["prompts"][0],
+            output_type="latent",
+            callback_on_step_end=tick,
+            **_pipe_kwargs(settings, latents),
+        )
     # The first interval also covers text encoding; steps after it are pure denoising steps.
     deltas = np.diff([start, *stamps])[1:] if len(stamps) > 1 else np.diff([start, *stamps])
     return float(np.median(deltas) * 1e3)
@@ -239,12 +267,22 @@ def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
         p = run_dir / f"noise_{i}.npy"
         np.save(p, lat)
         paths.append(str(p))
-    job = {**settings, "bundle": str(bundle), "backend": b.backend, "warmup": b.warmup,
-           "repeat": b.repeat, "latents": paths, "out": str(run_dir)}
+    job = {
+        **settings,
+        "bundle": str(bundle),
+        "backend": b.backend,
+        "warmup": b.warmup,
+        "repeat": b.repeat,
+        "latents": paths,
+        "out": str(run_dir),
+    }
     job_file = run_dir / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
-    proc = subprocess.run([sys.executable, "-m", "slimdiff.bench_worker", str(job_file)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slimdiff.bench_worker", str(job_file)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         if "error:" in tail[0] or "Error" in tail[0]:
@@ -256,8 +294,12 @@ def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
 def machine_info() -> dict[str, Any]:
     import os
 
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
     for mod in ("torch", "onnxruntime", "diffusers"):
         try:
             info[mod] = __import__(mod).__version__

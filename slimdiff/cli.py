@@ -157,14 +157,20 @@ def compress_cmd(recipe: str, model: str | None, out: Path, overrides, dry_run: 
     help="Default: fp32 for VAEs that overflow in fp16 (SDXL), else --precision.",
 )
 @click.option("--no-optimize", is_flag=True, help="Skip onnxruntime's fusions.")
-def export_cmd(model: str, out: Path, target: str, precision: str, vae_precision, no_optimize) -> None:
+def export_cmd(
+    model: str, out: Path, target: str, precision: str, vae_precision, no_optimize
+) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
     from slimdiff.export import export_bundle
     from slimdiff.models import load_model
 
     loaded = load_model(model)
     manifest = export_bundle(
-        loaded, out, target=target, precision=precision, vae_precision=vae_precision,
+        loaded,
+        out,
+        target=target,
+        precision=precision,
+        vae_precision=vae_precision,
         optimize=not no_optimize,
     )
     for name, comp in manifest.components.items():
@@ -209,8 +215,13 @@ def run_cmd(bundle, prompt, negative_prompt, steps, guidance, seed, size, latent
             raise UserError(f"--latents {latents}: not a plain .npy array ({err})") from None
     pipe = Text2ImagePipeline.from_bundle(bundle, backend=backend)
     result = pipe(
-        prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
-        size=_size(size), latents=init,
+        prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        size=_size(size),
+        latents=init,
     )
     save_png(result.image, out)
     t = result.timings_ms
@@ -230,8 +241,9 @@ def run_cmd(bundle, prompt, negative_prompt, steps, guidance, seed, size, latent
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_set_option
 @_dry_run_option
-def inspect_cmd(model: str, recipe: str | None, size: str | None, as_json: bool, overrides,
-                dry_run: bool) -> None:
+def inspect_cmd(
+    model: str, recipe: str | None, size: str | None, as_json: bool, overrides, dry_run: bool
+) -> None:
     """Parameters and FLOPs per denoiser step, per component and per block.
 
     FLOPs are for one denoiser call at the given size (default: the recipe's bench size, else
@@ -280,8 +292,12 @@ def bench_cmd(recipes, model, steps, size, backend, repeat, out, overrides, dry_
     from slimdiff.recipe import load_recipe
 
     sets = list(overrides)
-    for key, value in (("model", model), ("bench.steps", steps), ("bench.backend", backend),
-                       ("bench.repeat", repeat)):
+    for key, value in (
+        ("model", model),
+        ("bench.steps", steps),
+        ("bench.backend", backend),
+        ("bench.repeat", repeat),
+    ):
         if value is not None:
             sets.append(f"{key}={value}")
     if size is not None:

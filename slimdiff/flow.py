@@ -38,8 +38,13 @@ def compress_hash(recipe: Recipe) -> str:
 
 
 def export_hash(recipe: Recipe, target: str) -> str:
-    return _hash({"compress": compress_hash(recipe), "target": target,
-                  **recipe.export.model_dump(mode="json")})
+    return _hash(
+        {
+            "compress": compress_hash(recipe),
+            "target": target,
+            **recipe.export.model_dump(mode="json"),
+        }
+    )
 
 
 def _cached(path: Path, meta_file: str, key: str, value: str) -> bool:
@@ -68,13 +73,12 @@ def compress_and_export(recipe: Recipe, out: str | Path) -> FlowResult:
         result.reused.append("compress")
         compressed = load_model(str(result.artifact))
     else:
-        compressed = compress_model(load_model(recipe.model), recipe, result.artifact,
-                                    extra_meta={"compress_hash": chash})
+        compressed = compress_model(
+            load_model(recipe.model), recipe, result.artifact, extra_meta={"compress_hash": chash}
+        )
     for target in recipe.export.targets:
         if target != "onnx":
-            raise UserError(
-                f"export target {target!r} is not available in this version; use onnx"
-            )
+            raise UserError(f"export target {target!r} is not available in this version; use onnx")
         bundle = out / "bundle" if len(recipe.export.targets) == 1 else out / f"bundle-{target}"
         ehash = export_hash(recipe, target)
         if _cached(bundle, "manifest.json", "export_hash", ehash):
@@ -83,10 +87,18 @@ def compress_and_export(recipe: Recipe, out: str | Path) -> FlowResult:
             from slimdiff.export import export_bundle
 
             export_bundle(
-                compressed, bundle, target=target, precision=recipe.export.precision,
-                vae_precision=recipe.export.vae_precision, optimize=recipe.export.optimize,
-                source={"model": recipe.model, "recipe": recipe.name,
-                        "recipe_hash": recipe.content_hash(), "export_hash": ehash},
+                compressed,
+                bundle,
+                target=target,
+                precision=recipe.export.precision,
+                vae_precision=recipe.export.vae_precision,
+                optimize=recipe.export.optimize,
+                source={
+                    "model": recipe.model,
+                    "recipe": recipe.name,
+                    "recipe_hash": recipe.content_hash(),
+                    "export_hash": ehash,
+                },
             )
         result.bundles[target] = bundle
     return result

@@ -206,10 +206,7 @@ def _apply_override(data: dict[str, Any], item: str, path: Path) -> None:
     node: Any = data
     parts = key.split(".")
     for part in parts[:-1]:
-        if isinstance(node, list):
-            node = _list_item(node, part, item)
-        else:
-            node = node.setdefault(part, {})
+        node = _list_item(node, part, item) if isinstance(node, list) else node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise UserError(f"--set {item!r}: {part!r} in {path} is not a section")
     last = parts[-1]

@@ -17,7 +17,9 @@ __all__ = ["ArchSpec", "TensorSpec", "TextEncoderSpec"]
 #   penultimate_hidden_state (B, S, D)  hidden_states[-2] (SDXL, SD3 CLIP encoders)
 #   text_embeds              (B, P)     pooled output through the projection (SDXL enc 2, SD3)
 #   pooler_output            (B, D)     pooled output without projection (FLUX CLIP)
-TextOutput = Literal["last_hidden_state", "penultimate_hidden_state", "text_embeds", "pooler_output"]
+TextOutput = Literal[
+    "last_hidden_state", "penultimate_hidden_state", "text_embeds", "pooler_output"
+]
 
 
 @dataclass(frozen=True)

@@ -156,8 +156,14 @@ def _sd15(tiny: bool):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     real = _Size(
-        (320, 640, 1280, 1280), 8, 32, (768, 3072, 12, 12), (0, 0, 0, 0),
-        (0, 0, 0, 0, 0), (128, 256, 512, 512), 32,
+        (320, 640, 1280, 1280),
+        8,
+        32,
+        (768, 3072, 12, 12),
+        (0, 0, 0, 0),
+        (0, 0, 0, 0, 0),
+        (128, 256, 512, 512),
+        32,
     )
     size = _TINY if tiny else real
     text_encoder, tokenizer = _clip(size.clip, None)
@@ -173,9 +179,14 @@ def _sd15(tiny: bool):
     )
     vae = _vae(size, 4, scaling_factor=0.18215, sample_size=128 if tiny else 512)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
         scheduler=_sd_scheduler(EulerDiscreteScheduler),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -183,8 +194,14 @@ def _sdxl(tiny: bool):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     real = _Size(
-        (320, 640, 1280), (5, 10, 20), 32, (768, 3072, 12, 12), (1280, 5120, 32, 20),
-        (0, 0, 0, 0, 0), (128, 256, 512, 512), 32,
+        (320, 640, 1280),
+        (5, 10, 20),
+        32,
+        (768, 3072, 12, 12),
+        (1280, 5120, 32, 20),
+        (0, 0, 0, 0, 0),
+        (128, 256, 512, 512),
+        32,
     )
     size = _TINY if tiny else real
     text_encoder, tokenizer = _clip(size.clip, None)
@@ -209,12 +226,18 @@ def _sdxl(tiny: bool):
         upcast_attention=False,
         norm_num_groups=size.groups,
     )
-    vae = _vae(size, 4, scaling_factor=0.13025, force_upcast=True,
-               sample_size=128 if tiny else 1024)
+    vae = _vae(
+        size, 4, scaling_factor=0.13025, force_upcast=True, sample_size=128 if tiny else 1024
+    )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
-        scheduler=_sd_scheduler(EulerDiscreteScheduler), force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sd_scheduler(EulerDiscreteScheduler),
+        force_zeros_for_empty_prompt=True,
     )
 
 
@@ -226,8 +249,14 @@ def _sd3(tiny: bool):
     )
 
     real = _Size(
-        (), None, 32, (768, 3072, 12, 12), (1280, 5120, 32, 20),
-        (4096, 10240, 24, 64, 64), (128, 256, 512, 512), 32,
+        (),
+        None,
+        32,
+        (768, 3072, 12, 12),
+        (1280, 5120, 32, 20),
+        (4096, 10240, 24, 64, 64),
+        (128, 256, 512, 512),
+        32,
     )
     size = _TINY if tiny else real
     text_encoder, tokenizer = _clip(size.clip, size.clip[0])
@@ -250,14 +279,25 @@ def _sd3(tiny: bool):
         out_channels=16,
         pos_embed_max_size=32 if tiny else 192,
     )
-    vae = _vae(size, 16, scaling_factor=1.5305, shift_factor=0.0609,
-               use_quant_conv=False, use_post_quant_conv=False,
-               sample_size=128 if tiny else 1024)
+    vae = _vae(
+        size,
+        16,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        sample_size=128 if tiny else 1024,
+    )
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=_on_cpu(FlowMatchEulerDiscreteScheduler, shift=3.0), vae=vae,
-        text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        transformer=transformer,
+        scheduler=_on_cpu(FlowMatchEulerDiscreteScheduler, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
 
 
@@ -265,8 +305,14 @@ def _flux(tiny: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     real = _Size(
-        (), None, 32, (768, 3072, 12, 12), (0, 0, 0, 0),
-        (4096, 10240, 24, 64, 64), (128, 256, 512, 512), 32,
+        (),
+        None,
+        32,
+        (768, 3072, 12, 12),
+        (0, 0, 0, 0),
+        (4096, 10240, 24, 64, 64),
+        (128, 256, 512, 512),
+        32,
     )
     size = _TINY if tiny else real
     text_encoder, tokenizer = _clip(size.clip, None)
@@ -283,16 +329,32 @@ def _flux(tiny: bool):
         guidance_embeds=True,  # FLUX.1-dev; schnell has none
         axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56),
     )
-    vae = _vae(size, 16, scaling_factor=0.3611, shift_factor=0.1159,
-               use_quant_conv=False, use_post_quant_conv=False,
-               sample_size=128 if tiny else 1024)
+    vae = _vae(
+        size,
+        16,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        sample_size=128 if tiny else 1024,
+    )
     scheduler = _on_cpu(
-        FlowMatchEulerDiscreteScheduler, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        FlowMatchEulerDiscreteScheduler,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     return FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
 
 
@@ -306,7 +368,11 @@ def _sd_scheduler(cls):
     # The SD1.5 / SDXL hub scheduler configs.
     return _on_cpu(
         cls,
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
         prediction_type="epsilon",
     )

@@ -19,9 +19,7 @@ SD15 = ArchSpec(
     pipeline_classes=("StableDiffusionPipeline",),
     denoiser="unet",
     denoiser_kind="unet",
-    text_encoders=(
-        TextEncoderSpec("text_encoder", "tokenizer", "clip", ("last_hidden_state",)),
-    ),
+    text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "clip", ("last_hidden_state",)),),
     denoiser_inputs=(
         TensorSpec("sample", "float32", ("B", 4, "H", "W")),
         TensorSpec("timestep", "float32", ("B",)),
@@ -139,6 +137,4 @@ def family_of_pipeline(class_name: str) -> str:
         if class_name in spec.pipeline_classes:
             return spec.family
     supported = ", ".join(c for s in FAMILIES.values() for c in s.pipeline_classes)
-    raise UserError(
-        f"unsupported pipeline class {class_name!r}; slimdiff supports: {supported}"
-    )
+    raise UserError(f"unsupported pipeline class {class_name!r}; slimdiff supports: {supported}")

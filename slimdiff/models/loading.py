@@ -83,7 +83,9 @@ def _wrap(pipe, source: str) -> LoadedModel:
 
 def _load_local(path: Path, source: str, device: str) -> LoadedModel:
     if not path.is_dir():
-        raise UserError(f"{path} is a file; pass a diffusers pipeline folder (with model_index.json)")
+        raise UserError(
+            f"{path} is a file; pass a diffusers pipeline folder (with model_index.json)"
+        )
     index = path / "model_index.json"
     if index.is_file():
         class_name = _read_json(index).get("_class_name", "")

@@ -19,9 +19,10 @@ def _cuda_ep_available() -> bool:
 @pytest.mark.skipif(not _cuda_ep_available(), reason="onnxruntime-gpu (CUDA EP) not installed")
 def test_ort_cuda_matches_ort_cpu(tmp_path):
     from slimdiff.export import export_bundle
+    from slimdiff.runtime import Text2ImagePipeline
+
     from slimdiff.metrics import psnr
     from slimdiff.models import load_model
-    from slimdiff.runtime import Text2ImagePipeline
 
     export_bundle(load_model("tiny:sdxl"), tmp_path / "b")
     noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)

@@ -51,8 +51,18 @@ def test_compress_again_reuses_the_cache(compressed):
 
 def test_run_writes_the_image(compressed, tmp_path):
     out = tmp_path / "img.png"
-    result = _run("run", compressed / "bundle", "--prompt", "a red circle", "--size", "64x64",
-                  "--steps", "3", "--out", out)
+    result = _run(
+        "run",
+        compressed / "bundle",
+        "--prompt",
+        "a red circle",
+        "--size",
+        "64x64",
+        "--steps",
+        "3",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     image = np.asarray(Image.open(out))
     assert image.shape == (64, 64, 3) and image.std() > 0
@@ -64,17 +74,38 @@ def test_run_from_given_latents_is_deterministic(compressed, tmp_path):
     images = []
     for i in range(2):
         out = tmp_path / f"{i}.png"
-        result = _run("run", compressed / "bundle", "--prompt", "a cat", "--size", "64x64",
-                      "--steps", "2", "--latents", tmp_path / "noise.npy", "--seed", str(i),
-                      "--out", out)
+        result = _run(
+            "run",
+            compressed / "bundle",
+            "--prompt",
+            "a cat",
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--latents",
+            tmp_path / "noise.npy",
+            "--seed",
+            str(i),
+            "--out",
+            out,
+        )
         assert result.exit_code == 0, result.output
         images.append(np.asarray(Image.open(out)))
     assert np.array_equal(images[0], images[1])  # the seed is ignored when latents are given
 
 
 def test_impossible_size_exits_2(compressed, tmp_path):
-    result = _run("run", compressed / "bundle", "--prompt", "x", "--size", "100x60",
-                  "--out", tmp_path / "x.png")
+    result = _run(
+        "run",
+        compressed / "bundle",
+        "--prompt",
+        "x",
+        "--size",
+        "100x60",
+        "--out",
+        tmp_path / "x.png",
+    )
     assert result.exit_code == 2
     assert "multiple of 8" in result.output and len(result.output.strip().splitlines()) == 1
 
@@ -95,9 +126,21 @@ def test_tampered_bundle_exits_2(compressed, tmp_path):
 
 def test_bench_writes_results_for_each_recipe(tmp_path):
     out = tmp_path / "bench"
-    result = _run("bench", "tiny-sdxl-fp32", "tiny-sdxl-fp16", "--steps", "2", "--size", "64x64",
-                  "--repeat", "1", "--set", "bench.prompts=[a red circle, a blue square]",
-                  "--out", out)
+    result = _run(
+        "bench",
+        "tiny-sdxl-fp32",
+        "tiny-sdxl-fp16",
+        "--steps",
+        "2",
+        "--size",
+        "64x64",
+        "--repeat",
+        "1",
+        "--set",
+        "bench.prompts=[a red circle, a blue square]",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     rows = {r["name"]: r for r in results["recipes"]}

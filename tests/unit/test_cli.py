@@ -45,48 +45,73 @@ def test_validate_ok_and_bad(tmp_path):
 def test_unknown_recipe_key_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nmodel: tiny:sdxl\npases: []\n")
-    _assert_one_line_error(_run("compress", str(bad), "--out", str(tmp_path / "o")),
-                           r"field 'pases': unknown key")
+    _assert_one_line_error(
+        _run("compress", str(bad), "--out", str(tmp_path / "o")), r"field 'pases': unknown key"
+    )
 
 
 def test_wrong_type_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nmodel: tiny:sdxl\nexport: {precision: int3}\n")
-    _assert_one_line_error(_run("compress", str(bad), "--out", str(tmp_path / "o")),
-                           r"field 'export.precision'")
+    _assert_one_line_error(
+        _run("compress", str(bad), "--out", str(tmp_path / "o")), r"field 'export.precision'"
+    )
 
 
 def test_compress_dry_run_prints_resolved_recipe_with_overrides(tmp_path):
-    result = _run("compress", "tiny-sdxl-fp32", "--model", "tiny:sd15", "--set",
-                  "export.precision=fp16", "--out", str(tmp_path / "o"), "--dry-run")
+    result = _run(
+        "compress",
+        "tiny-sdxl-fp32",
+        "--model",
+        "tiny:sd15",
+        "--set",
+        "export.precision=fp16",
+        "--out",
+        str(tmp_path / "o"),
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
     assert "model: tiny:sd15" in result.output and "precision: fp16" in result.output
     assert not (tmp_path / "o").exists()
 
 
 def test_bench_dry_run_applies_cli_options(tmp_path):
-    result = _run("bench", "tiny-sdxl-fp32", "--steps", "2", "--size", "64x96",
-                  "--out", str(tmp_path / "b"), "--dry-run")
+    result = _run(
+        "bench",
+        "tiny-sdxl-fp32",
+        "--steps",
+        "2",
+        "--size",
+        "64x96",
+        "--out",
+        str(tmp_path / "b"),
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
     assert "steps: 2" in result.output and "- 96\n  - 64" in result.output
 
 
 def test_missing_model_folder_exits_2(tmp_path):
-    _assert_one_line_error(_run("export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")),
-                           "not found")
+    _assert_one_line_error(
+        _run("export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")), "not found"
+    )
 
 
 def test_non_diffusers_folder_exits_2(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "weights.bin").write_bytes(b"\0")
-    _assert_one_line_error(_run("export", str(tmp_path / "m"), "--out", str(tmp_path / "b")),
-                           "not a diffusers model folder")
+    _assert_one_line_error(
+        _run("export", str(tmp_path / "m"), "--out", str(tmp_path / "b")),
+        "not a diffusers model folder",
+    )
 
 
 def test_hub_id_while_offline_exits_2(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _assert_one_line_error(_run("export", "someorg/some-model", "--out", str(tmp_path / "b")),
-                           "could not load hub model 'someorg/some-model'")
+    _assert_one_line_error(
+        _run("export", "someorg/some-model", "--out", str(tmp_path / "b")),
+        "could not load hub model 'someorg/some-model'",
+    )
 
 
 def test_bad_size_argument_exits_2(tmp_path):
@@ -107,8 +132,9 @@ def test_inspect_json_on_tiny_model():
     assert report["denoiser"]["params"] > 0 and report["denoiser"]["flops_per_step"] > 0
 
 
-@pytest.mark.parametrize("cmd", ["recipes", "validate", "compress", "export", "run", "bench",
-                                 "inspect"])
+@pytest.mark.parametrize(
+    "cmd", ["recipes", "validate", "compress", "export", "run", "bench", "inspect"]
+)
 def test_every_command_has_help(cmd):
     result = _run(cmd, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output

@@ -61,8 +61,9 @@ def test_pipeline_folder_round_trip(tmp_path):
     m.pipe.save_pretrained(tmp_path / "p")
     again = load_model(str(tmp_path / "p"))
     assert again.arch.family == "sd15"
-    for (n, p), (_, q) in zip(m.denoiser.named_parameters(), again.denoiser.named_parameters(),
-                              strict=True):
+    for (n, p), (_, q) in zip(
+        m.denoiser.named_parameters(), again.denoiser.named_parameters(), strict=True
+    ):
         assert torch.equal(p, q), n
 
 
@@ -71,7 +72,7 @@ def test_component_folder_loads_the_denoiser_only(tmp_path):
     m.denoiser.save_pretrained(tmp_path / "unet")
     comp = load_model(str(tmp_path / "unet"))
     assert comp.arch.family == "sdxl" and comp.pipe is None
-    with pytest.raises(UserError, match="single component folder.*model_index.json"):
+    with pytest.raises(UserError, match=r"single component folder.*model_index\.json"):
         comp.require_pipeline("export")
 
 
@@ -83,14 +84,18 @@ def test_missing_and_non_diffusers_folders_get_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not a diffusers model folder"):
         load_model(str(tmp_path / "junk"))
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    (tmp_path / "other" / "model_index.json").write_text(
+        json.dumps({"_class_name": "KandinskyPipeline"})
+    )
     with pytest.raises(UserError, match="unsupported pipeline class 'KandinskyPipeline'"):
         load_model(str(tmp_path / "other"))
 
 
 def test_hub_id_offline_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"could not load hub model 'someorg/some-model'.*local-dir"):
+    with pytest.raises(
+        UserError, match=r"could not load hub model 'someorg/some-model'.*local-dir"
+    ):
         load_model("someorg/some-model")
 
 

@@ -33,8 +33,11 @@ def test_stage_folders_import_under_one_root():
     import slimdiff.export
     import slimdiff.runtime
 
-    for mod, folder in ((slimdiff.compress, "compress"), (slimdiff.export, "export"),
-                        (slimdiff.runtime, "runtime")):
+    for mod, folder in (
+        (slimdiff.compress, "compress"),
+        (slimdiff.export, "export"),
+        (slimdiff.runtime, "runtime"),
+    ):
         assert Path(mod.__file__).parent == ROOT / folder
 
 
@@ -51,6 +54,7 @@ def test_python_m_slimdiff_is_the_cli():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "slimdiff", "--version"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "slimdiff", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("slimdiff, version ")

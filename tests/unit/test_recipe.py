@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from slimdiff.compress import Pass, PassConfig, PassReport, Stage, register_pass, unregister_pass
+
 from slimdiff.errors import UserError
 from slimdiff.recipe import builtin_recipes, load_recipe, parse_size, validate_recipe
 
@@ -70,17 +70,23 @@ def test_unsupported_version_is_rejected(tmp_path):
 
 
 def test_pass_options_are_validated_by_the_pass_config(tmp_path, two_passes):
-    path = _write(tmp_path, "version: 1\nmodel: m\npasses:\n  - pass: test.structural\n    ratio: x\n")
+    path = _write(
+        tmp_path, "version: 1\nmodel: m\npasses:\n  - pass: test.structural\n    ratio: x\n"
+    )
     with pytest.raises(UserError, match=r"passes\[0\] \(test\.structural\): field 'ratio'"):
         load_recipe(path)
-    path = _write(tmp_path, "version: 1\nmodel: m\npasses:\n  - pass: test.structural\n    ratoi: 1\n")
+    path = _write(
+        tmp_path, "version: 1\nmodel: m\npasses:\n  - pass: test.structural\n    ratoi: 1\n"
+    )
     with pytest.raises(UserError, match=r"passes\[0\].*'ratoi': unknown key"):
         load_recipe(path)
 
 
 def test_unknown_pass_lists_the_known_ones(tmp_path, two_passes):
     path = _write(tmp_path, "version: 1\nmodel: m\npasses:\n  - pass: prune.magic\n")
-    with pytest.raises(UserError, match=r"unknown pass 'prune\.magic'; known passes: .*test\.quant"):
+    with pytest.raises(
+        UserError, match=r"unknown pass 'prune\.magic'; known passes: .*test\.quant"
+    ):
         load_recipe(path)
 
 
@@ -88,15 +94,20 @@ def test_passes_must_go_structural_then_quantization(two_passes):
     data = {"model": "m", "passes": [{"pass": "test.quant"}, {"pass": "test.structural"}]}
     with pytest.raises(UserError, match=r"passes\[1\].*cannot follow test\.quant"):
         validate_recipe(data)
-    ok = validate_recipe({"model": "m", "passes": [{"pass": "test.structural", "ratio": 0.25},
-                                                   {"pass": "test.quant"}]})
-    assert [p.config for p in ok.resolved_passes()][0].ratio == 0.25
+    ok = validate_recipe(
+        {
+            "model": "m",
+            "passes": [{"pass": "test.structural", "ratio": 0.25}, {"pass": "test.quant"}],
+        }
+    )
+    assert ok.resolved_passes()[0].config.ratio == 0.25
 
 
 def test_set_overrides_nested_fields_and_list_items(tmp_path, two_passes):
     path = _write(tmp_path, "version: 1\nmodel: m\npasses:\n  - pass: test.structural\n")
-    r = load_recipe(path, ["bench.steps=4", "model=tiny:sdxl", "passes.0.ratio=0.75",
-                           "bench.size=[64, 96]"])
+    r = load_recipe(
+        path, ["bench.steps=4", "model=tiny:sdxl", "passes.0.ratio=0.75", "bench.size=[64, 96]"]
+    )
     assert r.bench.steps == 4 and r.model == "tiny:sdxl" and r.bench.size == (64, 96)
     assert r.resolved_passes()[0].config.ratio == 0.75
     with pytest.raises(UserError, match="use --set key=value"):

@@ -17,8 +17,8 @@ import pydantic
 import pytest
 import torch
 import yaml
-
 from slimdiff.compress import PassReport, get_pass
+
 from slimdiff.models import load_model
 
 SIZE = (128, 128)
@@ -27,8 +27,14 @@ SIZE = (128, 128)
 def _final_latents(pipe, seed: int = 0) -> torch.Tensor:
     g = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
-        out = pipe("a red circle on the left", num_inference_steps=2, height=SIZE[0],
-                   width=SIZE[1], generator=g, output_type="latent")
+        out = pipe(
+            "a red circle on the left",
+            num_inference_steps=2,
+            height=SIZE[0],
+            width=SIZE[1],
+            generator=g,
+            output_type="latent",
+        )
     return out.images
 
 
@@ -81,8 +87,10 @@ class PassContract:
         checked = 0
         for name, ref in reference.denoiser.named_parameters():
             module = name.rsplit(".", 1)[0]
-            if any(fnmatch.fnmatch(module, pat) or module == pat.rstrip("*")
-                   for pat in model.arch.never_compress):
+            if any(
+                fnmatch.fnmatch(module, pat) or module == pat.rstrip("*")
+                for pat in model.arch.never_compress
+            ):
                 assert name in params and torch.equal(params[name], ref), name
                 checked += 1
         assert checked > 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
-
 from slimdiff.compress import Pass, PassConfig, PassReport, Stage, register_pass, unregister_pass
+
 from tests.unit.compress.pass_contract import PassContract
 
 
@@ -40,7 +42,7 @@ def _registered():
 
 class TestScaleFFNMeetsTheContract(PassContract):
     pass_name = "test.scale_ffn"
-    config = {"scale": 0.25}
+    config: ClassVar[dict] = {"scale": 0.25}
     family = "sdxl"
 
 
