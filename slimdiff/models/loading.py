@@ -59,6 +59,7 @@ def load_pipeline(model: str, device: str = "cpu"):
 
 def load_model(model: str, device: str = "cpu") -> LoadedModel:
     """Load `model` (built-in, local folder or hub id) on `device` ("meta" = no weights)."""
+    _quiet_progress_bars()
     builtin = parse_builtin(model)
     if builtin is not None:
         kind, family = builtin
@@ -74,6 +75,16 @@ def load_model(model: str, device: str = "cpu") -> LoadedModel:
         "a hub id (org/name), or a built-in (tiny:<family>, random:<family>; families: "
         f"{', '.join(FAMILIES)})"
     )
+
+
+def _quiet_progress_bars() -> None:
+    # slimdiff shows its own progress; the per-file loading bars of diffusers and
+    # transformers would interleave with it (and flood CI logs).
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def _wrap(pipe, source: str) -> LoadedModel:
