@@ -283,10 +283,11 @@ def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
         capture_output=True,
         text=True,
     )
+    if proc.returncode == UserError.exit_code:  # the worker's one-line user error
+        raise UserError(
+            f"runtime failed on {bundle}: {proc.stderr.strip().removeprefix('error: ')}"
+        )
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        if "error:" in tail[0] or "Error" in tail[0]:
-            raise UserError(f"runtime failed on {bundle}: {tail[0]}")
         raise RuntimeError(f"bench worker failed on {bundle}:\n{proc.stderr}")
     return json.loads((run_dir / "timings.json").read_text())
 

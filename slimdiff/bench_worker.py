@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimdiff.errors import UserError
 from slimdiff.runtime import Text2ImagePipeline
 from slimdiff.runtime.image import save_png
 
@@ -55,7 +56,11 @@ def run_job(job: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
-    run_job(job)
+    try:
+        run_job(job)
+    except UserError as err:  # bad bundle or settings: one line, exit 2, as the CLI does
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

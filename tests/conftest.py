@@ -33,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: OpenMP spinning on a small shared CPU slows tiny
+    models down 10-100x under contention. Use: pytestmark = usefixtures("one_torch_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_files_left_behind():
     """Tests write under tmp_path only; fail if one leaves files in the repository root."""

@@ -37,14 +37,7 @@ PIPELINE_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # On a small shared CPU, torch's spinning OpenMP threads slow down 10-100x when another
-    # process holds a core; one thread keeps these tests at seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=list(OPTIMIZE))

@@ -16,14 +16,7 @@ from slimdiff.runtime.manifest import MANIFEST_NAME, read_manifest
 
 from slimdiff.models import load_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Spinning OpenMP threads on a small shared CPU slow down 10-100x under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

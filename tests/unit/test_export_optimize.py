@@ -7,20 +7,12 @@ tests/integration/test_export_tiny.py (tiny:sd15's UNet, tiny:sd3's transformer)
 from __future__ import annotations
 
 import pytest
-import torch
 from slimdiff.export import export_bundle
 from slimdiff.export.optimize import PLANS, fusion_options
 
 from slimdiff.models import load_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Spinning OpenMP threads on a small shared CPU slow down 10-100x under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_gpu_fusion_set_enables_the_cuda_only_fusions():

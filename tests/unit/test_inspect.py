@@ -6,7 +6,6 @@ import json
 from functools import cache
 
 import pytest
-import torch
 from rich.console import Console
 
 from slimdiff.errors import UserError
@@ -85,18 +84,8 @@ def test_flops_scale_with_batch_and_vae_decodes_one_image_per_cfg_pair():
     assert double["vae_decoder"]["flops"] == 2 * single["vae_decoder"]["flops"]
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny ops gain nothing from threads, and OpenMP spin-waits make them ~10x slower on a
-    # loaded 2-core box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
-def test_tiny_model_on_cpu_counts_the_same_flops_as_on_meta(family, one_thread):
+def test_tiny_model_on_cpu_counts_the_same_flops_as_on_meta(family, one_torch_thread):
     # Real tensors take other kernels (CPU fused attention, real rotary tables) than meta.
     size = (64, 64)
     cpu = inspect_model(load_model(f"tiny:{family}", device="cpu"), size=size)
