@@ -5,7 +5,10 @@ For each recipe, on the same prompts, seeds and initial noise:
 - the compressed model in torch eager gives the baseline ms/step for the speedup column;
 - the bundle runs in the torch-free runtime, in its own process (bench_worker) so its peak
   memory is the runtime's alone: per-stage latency after warm-up (median and p90);
-- fidelity: PSNR of images and relative error of final latents against the reference.
+- fidelity: PSNR of images and relative error of final latents against the reference;
+- prompt accuracy (recipes with `bench.accuracy`): the held-out prompts, several seeds
+  each, drawn by the bundle and by the uncompressed torch model, scored by the judge in
+  `slimdiff.metrics` (fraction of images judged fully correct, split by object count).
 
 Writes OUT/results.json, OUT/results.md (one row per recipe), OUT/latency_vs_fidelity.png
 and OUT/grid_<recipe>.png (reference row on top, the recipe's images below).
@@ -28,7 +31,7 @@ import numpy as np
 
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_text
-from slimdiff.metrics import latent_rel_err, psnr
+from slimdiff.metrics import latent_rel_err, prompt_accuracy, psnr
 from slimdiff.recipe import Recipe
 
 __all__ = ["run_bench"]
@@ -83,7 +86,7 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
     b = recipe.bench
     base = load_model(recipe.model)
     arch, pipe = base.arch, base.require_pipeline("bench")
-    size = tuple(b.size or arch.default_size)
+    size = tuple(b.size or base.default_size)
     guidance = arch.default_guidance if b.guidance is None else b.guidance
     prompts = list(b.prompts or BENCH_PROMPTS)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -103,6 +106,11 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
 
     ref_dir = out / "_reference" / _key(settings)
     reference = _reference(pipe, settings, noise, ref_dir)
+    accuracy = _accuracy_settings(b, settings, shape)
+    if accuracy is not None:
+        acc_settings, acc_noise = accuracy
+        acc_ref_dir = out / "_reference" / _key(acc_settings)
+        acc_reference = _reference(pipe, acc_settings, acc_noise, acc_ref_dir)
     step("reference")
     del base, pipe
 
@@ -120,6 +128,11 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     timings = _run_worker(bundle, settings, noise, b, run_dir)
+    if accuracy is not None:
+        acc_dir = work / "accuracy"
+        acc_dir.mkdir(parents=True, exist_ok=True)
+        once = b.model_copy(update={"warmup": 0, "repeat": 1})
+        _run_worker(bundle, acc_settings, acc_noise, once, acc_dir)
     step("runtime")
 
     images = [_read_png(run_dir / f"image_{i}.png") for i in range(len(prompts))]
@@ -165,7 +178,28 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
         "reference_images": [str(ref_dir / f"image_{i}.png") for i in range(len(prompts))],
         "cache": flow.reused,
     }
+    if accuracy is not None:
+        prompts_ = acc_settings["prompts"]
+        acc_images = [_read_png(acc_dir / f"image_{i}.png") for i in range(len(prompts_))]
+        row["prompt_accuracy"] = prompt_accuracy(acc_images, prompts_)
+        row["reference_prompt_accuracy"] = prompt_accuracy(acc_reference["images"], prompts_)
+        row["prompt_accuracy"]["images_per_prompt"] = b.accuracy_images
     return row
+
+
+def _accuracy_settings(b, settings: dict, shape) -> tuple[dict, list[np.ndarray]] | None:
+    """The held-out prompts (each `b.accuracy_images` times) and their initial noise."""
+    if b.accuracy is None:
+        return None
+    from slimdiff.toy import heldout_prompts
+
+    prompts = [p for p in heldout_prompts() for _ in range(b.accuracy_images)]
+    # Seeds apart from the fidelity prompts' (b.seed + i), so the two sets never share noise.
+    noise = [
+        np.random.default_rng([b.seed, 1, i]).standard_normal(shape).astype(np.float32)
+        for i in range(len(prompts))
+    ]
+    return {**settings, "prompts": prompts, "accuracy": b.accuracy}, noise
 
 
 def _key(settings: dict) -> str:

@@ -17,23 +17,38 @@ _HEADER = (
 )
 
 
+_ACCURACY_HEADER = " prompt acc. all / single / two (uncompressed torch) |"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per recipe."""
-    lines = [_HEADER, _separator()]
+    """One row per recipe; a prompt-accuracy column when any recipe measured it."""
+    with_acc = any("prompt_accuracy" in r for r in results["recipes"])
+    header = _HEADER + (_ACCURACY_HEADER if with_acc else "")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results["recipes"]:
         lat = r["latency_ms"]
-        lines.append(
+        line = (
             f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['bytes_on_disk'] / 1e6:.1f} | "
             f"{r['flops_per_step'] / 1e9:.2f} | {lat['denoiser_step']:.2f} / "
             f"{lat['denoiser_step_p90']:.2f} | {r['torch_eager_ms_per_step']:.2f} | "
             f"{r['speedup_vs_eager']:.2f}x | {lat['end_to_end']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['fidelity']['psnr_db']:.1f} | {r['fidelity']['latent_rel_err']:.2e} |"
         )
+        if with_acc:
+            line += f" {_accuracy_cell(r)} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def _separator() -> str:
-    return "|" + "---|" * (_HEADER.count("|") - 1)
+def _accuracy_cell(row: dict[str, Any]) -> str:
+    if "prompt_accuracy" not in row:
+        return "-"
+
+    def fmt(acc: dict[str, Any]) -> str:
+        parts = [acc.get(k) for k in ("all", "single", "two")]
+        return " / ".join("-" if v is None else f"{100 * v:.0f}%" for v in parts)
+
+    return f"{fmt(row['prompt_accuracy'])} ({fmt(row['reference_prompt_accuracy'])})"
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:

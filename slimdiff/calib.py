@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from slimdiff.models.arch import ArchSpec
+from slimdiff.models.loading import default_size
 from slimdiff.prompts import read_prompts
 from slimdiff.recipe import CalibrationSpec
 
@@ -33,7 +34,7 @@ class Calibration:
 
     @property
     def size(self) -> tuple[int, int]:
-        return tuple(self.spec.size or self.arch.default_size)
+        return tuple(self.spec.size or default_size(self.arch, self.pipe))
 
     @property
     def guidance(self) -> float:

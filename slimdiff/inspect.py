@@ -72,7 +72,7 @@ def inspect_model(
 ) -> dict:
     """A JSON-able report of params and FLOPs of `model` at `size` (h, w) pixels (see module)."""
     arch = model.arch
-    height, width = size or arch.default_size
+    height, width = size or model.default_size
     batch = (2 if arch.uses_cfg else 1) if batch is None else batch
     if batch < 1:
         raise UserError(f"batch must be >= 1, got {batch}")

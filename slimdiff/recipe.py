@@ -81,6 +81,11 @@ class BenchSpec(_Strict):
     repeat: int = pydantic.Field(3, ge=1)
     warmup: int = pydantic.Field(1, ge=0)
     backend: str = "ort-cpu"
+    # Prompt following, judged automatically on a held-out prompt set (toy:shapes only, so
+    # far): `accuracy_images` seeds per prompt, through the runtime and the uncompressed
+    # torch model.
+    accuracy: Literal["toy-shapes"] | None = None
+    accuracy_images: int = pydantic.Field(4, ge=1)
 
 
 class PassEntry(pydantic.BaseModel):

@@ -1,7 +1,8 @@
 """Resolve a model argument to a diffusers pipeline.
 
 A model argument is one of:
-- a built-in: `tiny:<family>` or `random:<family>` (no download, see builtin.py);
+- a built-in: `tiny:<family>` or `random:<family>` (no download, see builtin.py), or
+  `toy:shapes`, the trained toy model shipped in the package (see toy.py);
 - a local diffusers pipeline folder (has `model_index.json`), including slimdiff's own
   compress artifacts (which add `slimdiff.json`);
 - a local component folder (a denoiser's `config.json`), for `inspect`;
@@ -22,8 +23,9 @@ from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.builtin import build_builtin, parse_builtin
 from slimdiff.models.families import FAMILIES, family_of_pipeline, get_arch
+from slimdiff.models.toy import load_toy, parse_toy
 
-__all__ = ["LoadedModel", "load_model", "load_pipeline"]
+__all__ = ["LoadedModel", "default_size", "load_model", "load_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ class LoadedModel:
     pipe: Any = None  # diffusers pipeline; None for a lone component folder
     denoiser: Any = None
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return default_size(self.arch, self.pipe, self.denoiser)
+
     def require_pipeline(self, what: str):
         if self.pipe is None:
             raise UserError(
@@ -50,6 +56,19 @@ class LoadedModel:
                 "pipeline: pass the folder that holds model_index.json"
             )
         return self.pipe
+
+
+def default_size(arch: ArchSpec, pipe=None, denoiser=None) -> tuple[int, int]:
+    """(height, width) a pipeline draws by default, as diffusers computes it: the denoiser's
+    sample_size times the VAE's scale (64 px for toy:shapes, 1024 for SDXL); the family's
+    default when that is unknown (FLUX has no sample_size, a lone denoiser has no VAE)."""
+    if denoiser is None and pipe is not None:
+        denoiser = getattr(pipe, arch.denoiser, None)
+    sample = denoiser.config.get("sample_size") if denoiser is not None else None
+    if pipe is not None and isinstance(sample, int):
+        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        return sample * scale, sample * scale
+    return tuple(arch.default_size)
 
 
 def load_pipeline(model: str, device: str = "cpu"):
@@ -65,6 +84,9 @@ def load_model(model: str, device: str = "cpu") -> LoadedModel:
         kind, family = builtin
         pipe = build_builtin(kind, family, device=device)
         return _wrap(pipe, model)
+    toy = parse_toy(model)
+    if toy is not None:
+        return _wrap(load_toy(toy, device=device), model)
     path = Path(model).expanduser()
     if path.exists():
         return _load_local(path, model, device)
@@ -73,7 +95,7 @@ def load_model(model: str, device: str = "cpu") -> LoadedModel:
     raise UserError(
         f"model {model!r} not found: pass a diffusers pipeline folder (with model_index.json), "
         "a hub id (org/name), or a built-in (tiny:<family>, random:<family>; families: "
-        f"{', '.join(FAMILIES)})"
+        f"{', '.join(FAMILIES)}; or toy:shapes)"
     )
 
 

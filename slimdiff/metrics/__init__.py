@@ -1,13 +1,28 @@
-"""Quality metrics: fidelity of a compressed model's outputs to the uncompressed model's.
+"""Quality metrics: fidelity to the uncompressed model, and prompt following on toy:shapes.
 
-numpy only, so the runtime side of a benchmark can use them without torch.
+`psnr` and `latent_rel_err` compare a compressed model's outputs with the uncompressed
+model's. `judge` and `prompt_accuracy` (from `slimdiff.metrics.shapes`) check, GenEval
+style, whether a generated toy:shapes image shows the objects, colours, count and
+positions its prompt asks for. numpy only (plus scipy for the judge), so the runtime side
+of a benchmark can use them without torch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["latent_rel_err", "psnr"]
+from slimdiff.metrics.shapes import Detection, Verdict, detect, judge, prompt_accuracy
+
+__all__ = [
+    "PSNR_CEILING_DB",
+    "Detection",
+    "Verdict",
+    "detect",
+    "judge",
+    "latent_rel_err",
+    "prompt_accuracy",
+    "psnr",
+]
 
 # PSNR of identical images is infinite; report this ceiling instead so results stay JSON.
 PSNR_CEILING_DB = 100.0

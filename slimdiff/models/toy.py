@@ -1,0 +1,155 @@
+"""`toy:shapes`: a small SDXL-family pipeline trained by the project on `slimdiff.toy`.
+
+It keeps SDXL's topology at toy width so every SDXL pass applies to it: two CLIP text
+encoders (the second with a projection, its tokenizer padding with "!"), a UNet with three
+stages (DownBlock2D, then two cross-attention stages with transformer depths 1, 2 and 4 in
+place of SDXL's 1, 2 and 10), a mid-block with attention, `text_time` conditioning, and
+an AutoencoderKL. It draws 64x64 images from 16x16x4 latents (the VAE downsamples 4x
+where SDXL's does 8x: at 64x64 an 8x8 latent blurs the shapes).
+
+The trained weights ship in the package (`toy_shapes/`, a diffusers pipeline folder in
+fp16); `tools/train_toy.py` reproduces them, and `build_toy_pipeline` is the untrained
+architecture it starts from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slimdiff.errors import UserError
+
+__all__ = ["TOY_MODELS", "build_toy_pipeline", "load_toy", "parse_toy", "toy_folder"]
+
+TOY_MODELS = ("shapes",)
+TOY_SIDE = 64  # image side in pixels
+
+_TEXT = {  # hidden, intermediate, layers, heads: SDXL reads the penultimate layer
+    "text_encoder": (32, 128, 3, 2),
+    "text_encoder_2": (64, 256, 3, 4),
+}
+
+
+def parse_toy(model: str) -> str | None:
+    """"shapes" for "toy:shapes"; None when `model` is not a toy reference."""
+    kind, sep, name = model.partition(":")
+    if kind != "toy" or not sep:
+        return None
+    if name not in TOY_MODELS:
+        raise UserError(f"unknown toy model {model!r}; available: toy:{', toy:'.join(TOY_MODELS)}")
+    return name
+
+
+def toy_folder(name: str = "shapes") -> Path:
+    return Path(__file__).with_name(f"toy_{name}")
+
+
+def load_toy(name: str = "shapes", device: str = "cpu"):
+    """The trained toy pipeline in float32 (weights ship in fp16), from the package."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = toy_folder(name)
+    if not (folder / "model_index.json").is_file():
+        raise UserError(
+            f"toy:{name} weights are missing from {folder}; reinstall slimdiff, or train them "
+            "with `python tools/train_toy.py`"
+        )
+    if device == "meta":
+        pipe = build_toy_pipeline(device="meta")
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval().requires_grad_(False)
+    return pipe
+
+
+def build_toy_pipeline(seed: int = 0, device: str = "cpu", vae_scaling_factor: float = 1.0):
+    """The untrained `toy:shapes` architecture, seeded."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from slimdiff.models.builtin import _sd_scheduler
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        text_encoder, tokenizer = _clip("text_encoder")
+        text_encoder_2, tokenizer_2 = _clip("text_encoder_2")
+        unet = build_toy_unet()
+        vae = build_toy_vae(vae_scaling_factor)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sd_scheduler(EulerDiscreteScheduler),
+        force_zeros_for_empty_prompt=True,  # the unconditional branch is all zeros
+    )
+
+
+def build_toy_unet():
+    from diffusers import UNet2DConditionModel
+
+    context = _TEXT["text_encoder"][0] + _TEXT["text_encoder_2"][0]
+    time_dim = 16
+    # Widths are what a 2-core CPU trains in about an hour (~200 MFLOP per forward).
+    return UNet2DConditionModel(
+        sample_size=TOY_SIDE // 4,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 4),
+        attention_head_dim=(1, 1, 2),  # head counts, as SDXL's config names them: 32-d heads
+        cross_attention_dim=context,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=time_dim * 6 + _TEXT["text_encoder_2"][0],
+        norm_num_groups=8,
+    )
+
+
+def build_toy_vae(scaling_factor: float = 1.0):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TOY_SIDE,
+        scaling_factor=scaling_factor,
+        force_upcast=True,
+    )
+
+
+def _clip(name: str):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from slimdiff.models.tokenizer_files import clip_vocab_size, make_clip_tokenizer
+
+    second = name == "text_encoder_2"
+    tok = make_clip_tokenizer(pad_token="!" if second else "<|endoftext|>")
+    hidden, inter, layers, heads = _TEXT[name]
+    cfg = CLIPTextConfig(
+        vocab_size=clip_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="gelu" if second else "quick_gelu",
+        projection_dim=hidden,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if second else CLIPTextModel
+    return cls(cfg), tok

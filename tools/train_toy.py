@@ -1,0 +1,285 @@
+"""Train `toy:shapes` from scratch on the procedural dataset `slimdiff.toy` (CPU or GPU).
+
+    python tools/train_toy.py --work /tmp/toy-train --out slimdiff/models/toy_shapes
+
+Three resumable stages, each checkpointed under --work (safetensors; rerun the same
+command after a kill and it goes on from the last checkpoint):
+
+1. VAE: AutoencoderKL on 64x64 renders, L1 + MSE reconstruction + 1e-6 KL (SD's VAE
+   recipe without the LPIPS and GAN terms, which flat shapes do not need).
+2. Latent cache: renders `--images` training images once, encodes them (posterior mean),
+   and sets the VAE's scaling factor to 1/std of the latents, as SD does.
+3. UNet and both text encoders, jointly from scratch: epsilon prediction on SDXL's
+   scaled-linear schedule, min-SNR-5 loss weights (Hang et al. 2023; faster convergence
+   at this budget), captions dropped 10% of the time to all-zero embeddings (what SDXL's
+   `force_zeros_for_empty_prompt` feeds the unconditional branch), EMA weights.
+
+`--save-only` writes the pipeline folder from the latest checkpoint (EMA weights), e.g.
+to evaluate while training goes on. Timing of the shipped run: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slimdiff.models.toy import TOY_SIDE, build_toy_pipeline  # noqa: E402
+from slimdiff.toy import ShapesDataset  # noqa: E402
+from slimdiff.toy.scenes import caption  # noqa: E402
+from slimdiff.trainstate import load_train_state, save_train_state  # noqa: E402
+
+TIME_IDS = [TOY_SIDE, TOY_SIDE, 0, 0, TOY_SIDE, TOY_SIDE]  # original size, crop, target
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    pipe = build_toy_pipeline(seed=args.seed)
+    if not args.save_only:
+        train_vae(pipe.vae, work, args, device)
+    load_train_state(work / "vae.safetensors", {"vae": pipe.vae})
+    if not args.save_only:
+        cache = build_cache(pipe, work, args, device)
+        train_denoiser(pipe, cache, work, args, device)
+    save_pipeline(pipe, work, Path(args.out))
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="toy-train", help="checkpoints and caches")
+    p.add_argument("--out", default=str(ROOT / "slimdiff/models/toy_shapes"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--images", type=int, default=40_000, help="training images (cached)")
+    p.add_argument("--steps", type=int, default=8000, help="UNet training steps")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--every", type=int, default=250, help="checkpoint interval (steps)")
+    p.add_argument("--save-only", action="store_true", help="write --out from checkpoints")
+    return p.parse_args()
+
+
+def _images(dataset: ShapesDataset, indices) -> tuple[torch.Tensor, list[str]]:
+    items = [dataset[int(i)] for i in indices]
+    x = torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2)
+    return x.float() / 127.5 - 1.0, [text for _, text in items]
+
+
+def _schedule(step: int, total: int, warmup: int = 200, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------- 1. VAE
+
+
+def train_vae(vae, work: Path, args, device) -> None:
+    done = work / "vae.safetensors"
+    if done.exists():
+        return
+    ckpt = work / "vae-ckpt.safetensors"
+    vae.to(device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    step = load_train_state(ckpt, {"vae": vae}, opt)[0] if ckpt.exists() else 0
+    data = ShapesDataset(seed=args.seed + 1, include_heldout=True)  # no captions used
+    t0, losses = time.time(), []
+    while step < args.vae_steps:
+        for group in opt.param_groups:
+            group["lr"] = 5e-4 * _schedule(step, args.vae_steps, warmup=100)
+        x, _ = _images(data, range(step * args.vae_batch, (step + 1) * args.vae_batch))
+        x = x.to(device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 50 == 0:
+            _log(work, "vae", step, args.vae_steps, float(np.mean(losses)), t0)
+            losses = []
+        if step % args.every == 0 or step == args.vae_steps:
+            save_train_state(ckpt, {"vae": vae}, opt, step)
+    vae.eval().requires_grad_(False).cpu()
+    save_train_state(done, {"vae": vae}, None, step)
+
+
+# ---------------------------------------------------------------- 2. latent cache
+
+
+def build_cache(pipe, work: Path, args, device) -> dict[str, torch.Tensor]:
+    path = work / "cache.safetensors"
+    if not path.exists():
+        from safetensors.torch import save_file
+
+        data = ShapesDataset(seed=args.seed)
+        vae = pipe.vae.to(device)
+        latents, ids = [], {"ids_1": [], "ids_2": [], "ids_1s": [], "ids_2s": []}
+        t0 = time.time()
+        for start in range(0, args.images, 256):
+            idx = range(start, min(args.images, start + 256))
+            x, _ = _images(data, idx)
+            with torch.no_grad():
+                latents.append(vae.encode(x.to(device)).latent_dist.mean.cpu())
+            scenes = [data.scene(i)[0] for i in idx]
+            # Each image keeps both captions (with and without the size word); training
+            # draws one per step, so both forms are learned.
+            for suffix, with_size in (("", False), ("s", True)):
+                texts = [caption(s, with_size=with_size) for s in scenes]
+                ids[f"ids_1{suffix}"].append(_tokens(pipe.tokenizer, texts))
+                ids[f"ids_2{suffix}"].append(_tokens(pipe.tokenizer_2, texts))
+            print(f"cache {start + len(idx)}/{args.images} {time.time() - t0:.0f}s", flush=True)
+        lat = torch.cat(latents)
+        tensors = {"latents": lat.contiguous(), **{k: torch.cat(v) for k, v in ids.items()}}
+        scaling = 1.0 / lat.std().item()
+        save_file(tensors, str(path.with_suffix(".tmp")), metadata={"scaling": str(scaling)})
+        path.with_suffix(".tmp").rename(path)
+        vae.cpu()
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        scaling = float(f.metadata()["scaling"])
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    print(f"latent scaling factor {scaling:.4f}", flush=True)
+    return load_file(str(path))
+
+
+def _tokens(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(torch.int32)
+
+
+# ---------------------------------------------------------------- 3. UNet + text encoders
+
+
+def encode_text(pipe, ids_1: torch.Tensor, ids_2: torch.Tensor):
+    """SDXL's conditioning: penultimate hidden states of both encoders, concatenated, and
+    the second encoder's projected pooled output."""
+    out_1 = pipe.text_encoder(ids_1.long(), output_hidden_states=True)
+    out_2 = pipe.text_encoder_2(ids_2.long(), output_hidden_states=True)
+    context = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    return context, out_2.text_embeds
+
+
+def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, device) -> None:
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    for m in modules.values():
+        m.to(device).train().requires_grad_(True)
+    ema = {f"ema_{k}": copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ckpt = work / "unet-ckpt.safetensors"
+    step = load_train_state(ckpt, {**modules, **ema}, opt)[0] if ckpt.exists() else 0
+    if step >= args.steps:
+        return
+    alphas = pipe.scheduler.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
+    scaling = pipe.vae.config.scaling_factor
+    n = cache["latents"].shape[0]
+    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32, device=device)
+    t0, losses = time.time(), []
+    while step < args.steps:
+        # Batches are a pure function of (seed, step), so a resumed run sees the same data.
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(0, n, (args.batch,), generator=g)
+        sized = torch.rand(args.batch, generator=g) < 0.5
+        drop = (torch.rand(args.batch, generator=g) < 0.1).to(device)
+        ids_1 = torch.where(sized[:, None], cache["ids_1s"][idx], cache["ids_1"][idx]).to(device)
+        ids_2 = torch.where(sized[:, None], cache["ids_2s"][idx], cache["ids_2"][idx]).to(device)
+        x0 = cache["latents"][idx].to(device) * scaling
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, len(alphas), (args.batch,), generator=g).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = args.lr * _schedule(step, args.steps)
+        context, pooled = encode_text(pipe, ids_1, ids_2)
+        keep = (~drop).float()
+        context = context * keep.view(-1, 1, 1)
+        pooled = pooled * keep.view(-1, 1)
+        pred = pipe.unet(
+            noisy, t, context,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(t), -1)},
+        ).sample
+        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (loss * weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, m in modules.items():
+                for pe, p in zip(ema[f"ema_{k}"].parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            _log(work, "unet", step, args.steps, float(np.mean(losses)), t0)
+            losses = []
+        if step % args.every == 0 or step == args.steps:
+            save_train_state(ckpt, {**modules, **ema}, opt, step)
+
+
+# ---------------------------------------------------------------- output
+
+
+def save_pipeline(pipe, work: Path, out: Path) -> None:
+    """The EMA weights as a diffusers pipeline folder (fp32 safetensors), written atomically."""
+    ckpt = work / "unet-ckpt.safetensors"
+    targets = {"ema_unet": pipe.unet, "ema_text_encoder": pipe.text_encoder,
+               "ema_text_encoder_2": pipe.text_encoder_2}
+    step, _ = load_train_state(ckpt, targets)
+    cache = work / "cache.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(cache), framework="pt") as f:
+        pipe.vae.register_to_config(scaling_factor=float(f.metadata()["scaling"]))
+    for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        m.to("cpu").eval().requires_grad_(False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "TRAINING.json").write_text(json.dumps({"unet_steps": step}, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"wrote {out} (UNet step {step})", flush=True)
+
+
+def _log(work: Path, stage: str, step: int, total: int, loss: float, t0: float) -> None:
+    elapsed = time.time() - t0
+    line = {"stage": stage, "step": step, "loss": round(loss, 5), "elapsed_s": round(elapsed, 1)}
+    with open(work / "log.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(f"{stage} {step}/{total} loss {loss:.4f} {elapsed:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
