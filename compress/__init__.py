@@ -5,6 +5,8 @@ block removal (`blocks.remove`), EcoDiff pruning (`prune.ecodiff`) and QuEST qua
 (`quant.quest`) land in their own subpackages.
 """
 
+# Built-in passes, imported once so they register (keep this list explicit).
+from slimdiff.compress import blocks  # noqa: F401  (blocks.remove)
 from slimdiff.compress.base import (
     Pass,
     PassConfig,

@@ -73,7 +73,9 @@ def load_artifact(path: str | Path, device: str = "cpu"):
     meta = read_artifact_meta(path)
     index = json.loads((path / "model_index.json").read_text())
     cls = getattr(diffusers, index["_class_name"])
-    edits = meta.get("edits", [])
+    # An edit marked "in_config" is a record only: the saved component config already
+    # builds the result (blocks.remove), so there is nothing to replay.
+    edits = [e for e in meta.get("edits", []) if not e.get("in_config")]
     unknown = sorted({e.get("op") for e in edits} - set(EDIT_REPLAYERS))
     if unknown:
         raise UserError(

@@ -62,7 +62,9 @@ def load_train_state(
     tensors = load_file(str(path))
     for name, module in modules.items():
         prefix = f"module.{name}."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        module.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
     if optimizer is not None and meta["optimizer"]:
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
@@ -73,5 +75,7 @@ def load_train_state(
             for slot, number in slots.items():
                 # Adam keeps `step` as a tensor; restore tensors where the optimizer had them.
                 state.setdefault(int(index), {})[slot] = torch.tensor(float(number))
-        optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        optimizer.load_state_dict(
+            {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
+        )
     return int(meta["step"]), meta["extra"]

@@ -2,14 +2,17 @@
 
     python tools/train_toy.py --work /tmp/toy-train --out slimdiff/models/toy_shapes
 
-Three resumable stages, each checkpointed under --work (safetensors; rerun the same
+Four resumable stages, each checkpointed under --work (safetensors; rerun the same
 command after a kill and it goes on from the last checkpoint):
 
 1. VAE: AutoencoderKL on 64x64 renders, L1 + MSE reconstruction + 1e-6 KL (SD's VAE
    recipe without the LPIPS and GAN terms, which flat shapes do not need).
 2. Latent cache: renders `--images` training images once, encodes them (posterior mean),
    and sets the VAE's scaling factor to 1/std of the latents, as SD does.
-3. UNet and both text encoders, jointly from scratch: epsilon prediction on SDXL's
+3. Decoder fine-tune: the VAE decoder alone, on the cached latents (so the latent space
+   the UNet learns does not move; SD's ft-MSE VAE did the same). Independent of stage 4:
+   `--stage decoder` and `--stage unet` may run side by side.
+4. UNet and both text encoders, jointly from scratch: epsilon prediction on SDXL's
    scaled-linear schedule, min-SNR-5 loss weights (Hang et al. 2023; faster convergence
    at this budget), captions dropped 10% of the time to all-zero embeddings (what SDXL's
    `force_zeros_for_empty_prompt` feeds the unconditional branch), EMA weights.
@@ -51,13 +54,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     pipe = build_toy_pipeline(seed=args.seed)
-    if not args.save_only:
+    stages = ("vae", "cache", "decoder", "unet") if args.stage == "all" else (args.stage,)
+    if args.save_only:
+        stages = ()
+    if "vae" in stages:
         train_vae(pipe.vae, work, args, device)
     load_train_state(work / "vae.safetensors", {"vae": pipe.vae})
-    if not args.save_only:
+    if stages:
         cache = build_cache(pipe, work, args, device)
+    if "decoder" in stages:
+        finetune_decoder(pipe.vae, cache, work, args, device)
+    if "unet" in stages:
         train_denoiser(pipe, cache, work, args, device)
-    save_pipeline(pipe, work, Path(args.out))
+    if args.stage == "all" or args.save_only:
+        save_pipeline(pipe, work, Path(args.out))
 
 
 def _parse():
@@ -69,12 +79,14 @@ def _parse():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--decoder-steps", type=int, default=1500)
     p.add_argument("--images", type=int, default=40_000, help="training images (cached)")
     p.add_argument("--steps", type=int, default=8000, help="UNet training steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--every", type=int, default=250, help="checkpoint interval (steps)")
+    p.add_argument("--stage", default="all", choices=("all", "vae", "cache", "decoder", "unet"))
     p.add_argument("--save-only", action="store_true", help="write --out from checkpoints")
     return p.parse_args()
 
@@ -170,12 +182,56 @@ def build_cache(pipe, work: Path, args, device) -> dict[str, torch.Tensor]:
 
 def _tokens(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(
-        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids.to(torch.int32)
 
 
-# ---------------------------------------------------------------- 3. UNet + text encoders
+# ---------------------------------------------------------------- 3. decoder fine-tune
+
+
+def finetune_decoder(vae, cache: dict[str, torch.Tensor], work: Path, args, device) -> None:
+    done = work / "decoder.safetensors"
+    if done.exists():
+        return
+    ckpt = work / "decoder-ckpt.safetensors"
+    vae.to(device).requires_grad_(False)
+    parts = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
+    for m in parts.values():
+        m.train().requires_grad_(True)
+    params = [p for m in parts.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+    step = load_train_state(ckpt, parts, opt)[0] if ckpt.exists() else 0
+    data = ShapesDataset(seed=args.seed)  # the cached images, re-rendered by index
+    n = cache["latents"].shape[0]
+    t0, losses = time.time(), []
+    while step < args.decoder_steps:
+        for group in opt.param_groups:
+            group["lr"] = 5e-4 * _schedule(step, args.decoder_steps, warmup=50)
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx = torch.randint(0, n, (args.vae_batch,), generator=g)
+        x, _ = _images(data, idx.tolist())
+        x = x.to(device)
+        recon = vae.decode(cache["latents"][idx].to(device)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % 50 == 0:
+            _log(work, "decoder", step, args.decoder_steps, float(np.mean(losses)), t0)
+            losses = []
+        if step % args.every == 0 or step == args.decoder_steps:
+            save_train_state(ckpt, parts, opt, step)
+    vae.eval().requires_grad_(False).cpu()
+    save_train_state(done, parts, None, step)
+
+
+# ---------------------------------------------------------------- 4. UNet + text encoders
 
 
 def encode_text(pipe, ids_1: torch.Tensor, ids_2: torch.Tensor):
@@ -188,7 +244,11 @@ def encode_text(pipe, ids_1: torch.Tensor, ids_2: torch.Tensor):
 
 
 def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, device) -> None:
-    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    modules = {
+        "unet": pipe.unet,
+        "text_encoder": pipe.text_encoder,
+        "text_encoder_2": pipe.text_encoder_2,
+    }
     for m in modules.values():
         m.to(device).train().requires_grad_(True)
     ema = {f"ema_{k}": copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
@@ -225,7 +285,9 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
         context = context * keep.view(-1, 1, 1)
         pooled = pooled * keep.view(-1, 1)
         pred = pipe.unet(
-            noisy, t, context,
+            noisy,
+            t,
+            context,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(t), -1)},
         ).sample
         loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
@@ -238,7 +300,7 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, m in modules.items():
-                for pe, p in zip(ema[f"ema_{k}"].parameters(), m.parameters()):
+                for pe, p in zip(ema[f"ema_{k}"].parameters(), m.parameters(), strict=True):
                     pe.lerp_(p, 1 - decay)
         losses.append(loss.item())
         if step % 50 == 0:
@@ -254,9 +316,17 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
 def save_pipeline(pipe, work: Path, out: Path) -> None:
     """The EMA weights as a diffusers pipeline folder (fp32 safetensors), written atomically."""
     ckpt = work / "unet-ckpt.safetensors"
-    targets = {"ema_unet": pipe.unet, "ema_text_encoder": pipe.text_encoder,
-               "ema_text_encoder_2": pipe.text_encoder_2}
+    targets = {
+        "ema_unet": pipe.unet,
+        "ema_text_encoder": pipe.text_encoder,
+        "ema_text_encoder_2": pipe.text_encoder_2,
+    }
     step, _ = load_train_state(ckpt, targets)
+    decoder = work / "decoder.safetensors"
+    if decoder.exists():
+        load_train_state(
+            decoder, {"decoder": pipe.vae.decoder, "post_quant_conv": pipe.vae.post_quant_conv}
+        )
     cache = work / "cache.safetensors"
     from safetensors import safe_open
 
@@ -267,7 +337,8 @@ def save_pipeline(pipe, work: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "TRAINING.json").write_text(json.dumps({"unet_steps": step}, indent=2) + "\n")
+    info = {"unet_steps": step, "decoder_finetuned": decoder.exists()}
+    (tmp / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"wrote {out} (UNet step {step})", flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,24 @@ class LoadedModel:
     arch: ArchSpec
     source: str  # the model argument as given
     pipe: Any = None  # diffusers pipeline; None for a lone component folder
-    denoiser: Any = None
+    component: Any = field(default=None, repr=False)  # the lone denoiser when pipe is None
+
+    def __init__(self, arch: ArchSpec, source: str, pipe: Any = None, denoiser: Any = None):
+        self.arch, self.source, self.pipe, self.component = arch, source, pipe, denoiser
+
+    @property
+    def denoiser(self) -> Any:
+        # Read through the pipeline: a structural pass (blocks.remove) replaces pipe.unet.
+        if self.pipe is not None:
+            return getattr(self.pipe, self.arch.denoiser)
+        return self.component
+
+    @denoiser.setter
+    def denoiser(self, module: Any) -> None:
+        if self.pipe is not None:
+            setattr(self.pipe, self.arch.denoiser, module)
+        else:
+            self.component = module
 
     @property
     def default_size(self) -> tuple[int, int]:

@@ -32,7 +32,7 @@ _TEXT = {  # hidden, intermediate, layers, heads: SDXL reads the penultimate lay
 
 
 def parse_toy(model: str) -> str | None:
-    """"shapes" for "toy:shapes"; None when `model` is not a toy reference."""
+    """ "shapes" for "toy:shapes"; None when `model` is not a toy reference."""
     kind, sep, name = model.partition(":")
     if kind != "toy" or not sep:
         return None

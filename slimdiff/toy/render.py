@@ -40,9 +40,10 @@ def _background(rng: np.random.Generator, side: int) -> np.ndarray:
     kind = rng.integers(3)
     if kind == 1:  # a soft gradient in a random direction
         angle = rng.uniform(0, 2 * np.pi)
-        ramp = np.cos(angle) * np.linspace(-1, 1, side)[None, :] + np.sin(angle) * np.linspace(
-            -1, 1, side
-        )[:, None]
+        ramp = (
+            np.cos(angle) * np.linspace(-1, 1, side)[None, :]
+            + np.sin(angle) * np.linspace(-1, 1, side)[:, None]
+        )
         img = img + rng.uniform(5, 15) * ramp[..., None]
     elif kind == 2:  # light grain
         img = img + rng.normal(0, rng.uniform(2, 6), size=(side, side, 1))

@@ -91,7 +91,12 @@ def test_heldout_set_is_fixed_and_never_drawn_for_training():
         assert is_heldout(parse_prompt(p)[::-1])  # either order is the same scene
     data = ShapesDataset(seed=0)
     assert not any(is_heldout(data.scene(i)[0]) for i in range(5000))
-    assert sum(is_heldout(ShapesDataset(seed=0, include_heldout=True).scene(i)[0]) for i in range(5000)) > 0
+    assert (
+        sum(
+            is_heldout(ShapesDataset(seed=0, include_heldout=True).scene(i)[0]) for i in range(5000)
+        )
+        > 0
+    )
 
 
 def test_render_places_the_shape_and_keeps_the_background_pale():

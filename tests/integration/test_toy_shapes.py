@@ -1,0 +1,97 @@
+"""toy:shapes: ships in the package, loads offline in seconds, and follows prompts the same
+through torch and through its exported ONNX bundle (judged by slimdiff.metrics)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from slimdiff.metrics import judge, prompt_accuracy
+from slimdiff.models import load_model
+from slimdiff.models.toy import toy_folder
+from slimdiff.toy import heldout_prompts
+
+pytestmark = pytest.mark.slow
+
+STEPS, GUIDANCE = 20, 5.0
+# A quarter of the held-out single-object prompts keeps this test under a minute; the
+# full set, 4 seeds each, is `slimdiff bench toy-shapes` (docs/BENCHMARKS.md).
+PROMPTS = heldout_prompts("single")[::4] + heldout_prompts("two")[::4]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model("toy:shapes")
+
+
+def test_loads_in_seconds_with_sdxl_topology():
+    t0 = time.perf_counter()
+    model = load_model("toy:shapes")
+    assert time.perf_counter() - t0 < 15
+    assert model.arch.family == "sdxl" and model.default_size == (64, 64)
+    cfg = model.pipe.unet.config
+    assert cfg.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert list(cfg.transformer_layers_per_block) == [1, 2, 4]
+    assert cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
+    size = sum(p.stat().st_size for p in toy_folder().rglob("*") if p.is_file())
+    assert size < 30e6
+
+
+def _noise(i: int) -> np.ndarray:
+    return np.random.default_rng([7, i]).standard_normal((1, 4, 8 * 2, 8 * 2)).astype(np.float32)
+
+
+def test_torch_and_onnx_follow_prompts_alike(toy, tmp_path):
+    from slimdiff.export import export_bundle
+    from slimdiff.runtime import Text2ImagePipeline
+
+    bundle = tmp_path / "bundle"
+    export_bundle(toy, bundle, optimize=False)
+    runtime = Text2ImagePipeline.from_bundle(bundle, backend="ort-cpu")
+    toy.pipe.set_progress_bar_config(disable=True)
+    torch_images, onnx_images = [], []
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            out = toy.pipe(
+                prompt,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                latents=torch.from_numpy(_noise(i)),
+                output_type="np",
+            )
+        torch_images.append((out.images[0] * 255).round().astype(np.uint8))
+        onnx_images.append(runtime(prompt, steps=STEPS, guidance=GUIDANCE, latents=_noise(i)).image)
+    acc_torch = prompt_accuracy(torch_images, PROMPTS)
+    acc_onnx = prompt_accuracy(onnx_images, PROMPTS)
+    assert acc_torch["single"] >= 0.8, acc_torch
+    # Same latents, fp32 both ways: the verdicts agree image by image.
+    same = [
+        judge(a, p).correct == judge(b, p).correct
+        for a, b, p in zip(torch_images, onnx_images, PROMPTS, strict=True)
+    ]
+    assert sum(same) >= len(PROMPTS) - 1
+    assert abs(acc_torch["all"] - acc_onnx["all"]) <= 1 / len(PROMPTS) + 1e-9
+
+
+def test_bench_reports_prompt_accuracy(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    out = tmp_path / "bench"
+    args = ["bench", "toy-shapes", "--repeat", "1", "--out", str(out)]
+    args += ["--set", "bench.accuracy_images=1", "--set", "export.optimize=false"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "results.json").read_text())["recipes"][0]
+    acc, ref = row["prompt_accuracy"], row["reference_prompt_accuracy"]
+    assert (acc["n"], acc["n_single"], acc["n_two"]) == (48, 24, 24)
+    assert acc["single"] >= 0.8 and ref["single"] >= 0.8
+    # The fp32 bundle draws what torch draws: at most one verdict apart.
+    assert abs(acc["all"] - ref["all"]) <= 1 / 48 + 1e-9
+    assert "prompt acc." in (out / "results.md").read_text()
