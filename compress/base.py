@@ -72,7 +72,9 @@ class Pass(abc.ABC):
     name: ClassVar[str]
     stage: ClassVar[Stage]
     Config: ClassVar[type[PassConfig]] = PassConfig
-    needs_calibration: ClassVar[bool] = False
+    # Read on instances: a pass whose need depends on its config overrides it with a
+    # property (blocks.remove needs calibration only when it distills).
+    needs_calibration: bool = False
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

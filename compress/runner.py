@@ -1,8 +1,19 @@
-"""Apply a recipe's passes to a model and write the compress artifact."""
+"""Apply a recipe's passes to a model and write the compress artifact.
+
+Passes that calibrate keep their work in a work folder (`<out>.work` beside the artifact;
+`slimdiff compress --out OUT` uses OUT/work):
+
+    work/trajectories/<key>/   the teacher's denoiser inputs (Calibration), reused by reruns
+                               with the same model and calibration; delete it to free disk
+    work/checkpoints/<pass-key>/  resumable training state (blocks.remove's distillation);
+                               a killed run resumes from it, and it is deleted once the
+                               artifact is written
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -19,9 +30,15 @@ log = logging.getLogger(__name__)
 
 
 def compress_model(
-    model: LoadedModel, recipe: Recipe, out: str | Path, extra_meta: dict | None = None
+    model: LoadedModel,
+    recipe: Recipe,
+    out: str | Path,
+    extra_meta: dict | None = None,
+    work_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Run `recipe.passes` on `model` in order, save the artifact to `out`, reload it.
+
+    `work_dir` (default `<out>.work`) holds calibration caches and pass checkpoints.
 
     Example:
         >>> recipe = load_recipe("tiny-sdxl-fp32")
@@ -29,11 +46,13 @@ def compress_model(
     """
     pipe = model.require_pipeline("compress")
     passes = recipe.resolved_passes()
+    out = Path(out)
+    work = Path(work_dir) if work_dir is not None else out.with_name(f"{out.name}.work")
     calib = None
     if any(p.needs_calibration for p in passes):
         from slimdiff.calib import Calibration
 
-        calib = Calibration(pipe, model.arch, recipe.calibration)
+        calib = Calibration(pipe, model.arch, recipe.calibration, work_dir=work)
     reports: list[PassReport] = []
     for p in passes:
         log.info("pass %s", p.name)
@@ -44,6 +63,8 @@ def compress_model(
     save_artifact(
         pipe, out, source=model.source, recipe=recipe, reports=reports, extra_meta=extra_meta
     )
+    # The artifact is complete: a rerun reuses it, so the checkpoints have served.
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)
     compressed = load_model(str(out))
     if compressed.arch.family != model.arch.family:
         raise UserError(

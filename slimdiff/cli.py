@@ -126,7 +126,9 @@ def validate_cmd(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 def compress_cmd(recipe: str, model: str | None, out: Path, overrides, dry_run: bool) -> None:
     """Compress a model with RECIPE, then export it as the recipe says.
 
-    Writes OUT/artifact (a diffusers folder) and OUT/bundle (the exported bundle).
+    Writes OUT/artifact (a diffusers folder) and OUT/bundle (the exported bundle); OUT/work
+    keeps calibration caches and distillation checkpoints, so a killed run resumes when the
+    same command is run again.
     """
     from slimdiff.recipe import load_recipe
 

@@ -2,7 +2,9 @@
 
 Outputs are cached by content: OUT/artifact is reused when its slimdiff.json records the
 same compress hash (model + calibration + passes), OUT/bundle when its manifest records
-the same export hash, so re-running a bench only redoes what changed.
+the same export hash, so re-running a bench only redoes what changed. OUT/work holds what
+compression caches (calibration trajectories) and checkpoints (distillation) on the way:
+a killed `slimdiff compress` resumes from it when run again (see compress/runner.py).
 """
 
 from __future__ import annotations
@@ -74,7 +76,11 @@ def compress_and_export(recipe: Recipe, out: str | Path) -> FlowResult:
         compressed = load_model(str(result.artifact))
     else:
         compressed = compress_model(
-            load_model(recipe.model), recipe, result.artifact, extra_meta={"compress_hash": chash}
+            load_model(recipe.model),
+            recipe,
+            result.artifact,
+            extra_meta={"compress_hash": chash},
+            work_dir=out / "work",  # calibration caches and checkpoints (compress/runner.py)
         )
     for target in recipe.export.targets:
         if target != "onnx":

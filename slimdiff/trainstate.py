@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["load_train_state", "save_train_state"]
+__all__ = ["load_train_state", "read_train_state", "save_train_state"]
 
 
 def save_train_state(
@@ -49,16 +49,26 @@ def save_train_state(
     os.replace(tmp, path)
 
 
+def read_train_state(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """(step, extra) of a checkpoint, without loading its tensors."""
+    meta = _meta(path)
+    return int(meta["step"]), meta["extra"]
+
+
+def _meta(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["slimdiff.train_state"])
+
+
 def load_train_state(
     path: str | Path,
     modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """Restore what `save_train_state` wrote into `modules` and `optimizer`; (step, extra)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["slimdiff.train_state"])
+    meta = _meta(path)
     tensors = load_file(str(path))
     for name, module in modules.items():
         prefix = f"module.{name}."

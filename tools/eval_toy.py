@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimdiff.metrics import prompt_accuracy  # noqa: E402
-from slimdiff.toy import heldout_prompts  # noqa: E402
+from slimdiff.metrics import prompt_accuracy
+from slimdiff.toy import heldout_prompts
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction as F
 
 from slimdiff.compress.blocks.plan import MidMode, Settings
+from slimdiff.compress.distill.config import BK_SDM, KOALA, SEGMIND, DistillSettings
 
 from slimdiff.errors import UserError
 
@@ -44,6 +45,9 @@ class Preset:
     # The teacher this preset expects: its block types and layers per block.
     teacher_down_types: tuple[str, ...] = ()
     teacher_layers: int = 2
+    # The paper's distillation defaults (loss weights, feature hooks, lr); the generic form
+    # (no preset) takes Segmind's, the closest to a free depth cut.
+    distill: DistillSettings = SEGMIND
 
     def settings(self, keep: str) -> Settings:
         """The preset as Settings; depths stay fractions, resolved by the plan against the
@@ -73,7 +77,15 @@ PRESETS: dict[str, Preset] = {
     for p in (
         # One (ResNet, transformer) pair per down stage goes (layers_per_block 1) and the
         # middle of the three pairs in each up stage (student up layer 1 <- teacher 2).
-        Preset("bk-sdm-base", "sd15", 0.58e9, _BK, layers_per_block=1, teacher_down_types=_SD15),
+        Preset(
+            "bk-sdm-base",
+            "sd15",
+            0.58e9,
+            _BK,
+            layers_per_block=1,
+            teacher_down_types=_SD15,
+            distill=BK_SDM,
+        ),
         # Base without the mid-block.
         Preset(
             "bk-sdm-small",
@@ -83,6 +95,7 @@ PRESETS: dict[str, Preset] = {
             layers_per_block=1,
             mid="none",
             teacher_down_types=_SD15,
+            distill=BK_SDM,
         ),
         # Small without the innermost stage (down_blocks.3, up_blocks.0): block_out_channels
         # [320, 640, 1280]; down_blocks.2 loses its downsampler.
@@ -95,6 +108,7 @@ PRESETS: dict[str, Preset] = {
             mid="none",
             drop_stages=1,
             teacher_down_types=_SD15,
+            distill=BK_SDM,
         ),
         # SSD-1B: transformer_layers_per_block [[1], [2, 2], [4, 4]], reverse
         # [[4, 4, 10], [2, 1, 1], 1], mid-block = one ResNet (UNetMidBlock2D); ResNets kept.
@@ -107,6 +121,7 @@ PRESETS: dict[str, Preset] = {
             down_scale=(1, 1, F(4, 10)),
             up_scale=((F(4, 10), F(4, 10), 1), (1, F(1, 2), F(1, 2)), 1),
             teacher_down_types=_SDXL,
+            distill=SEGMIND,
         ),
         # Segmind-Vega: down depths [[1], [1, 1], [2, 2]] (published), mid one ResNet. The
         # up depths are not published; [[2, 2, 2], [1, 1, 1]] are what ComfyUI detects the
@@ -121,6 +136,7 @@ PRESETS: dict[str, Preset] = {
             down_scale=(1, F(1, 2), F(2, 10)),
             up_scale=(F(2, 10), F(1, 2), 1),
             teacher_down_types=_SDXL,
+            distill=SEGMIND,
         ),
         # KOALA-1B: one (ResNet, transformer) pair per down stage, BK-style (up stages keep
         # their first and last pairs), depth 10 -> 6 in the 1280-channel stage; the mid
@@ -135,6 +151,7 @@ PRESETS: dict[str, Preset] = {
             down_scale=(1, 1, F(6, 10)),
             up_scale=(F(6, 10), 1, 1),
             teacher_down_types=_SDXL,
+            distill=KOALA,
         ),
         # KOALA-700M: as KOALA-1B with depth 5 and no mid-block (ComfyUI:
         # transformer_depth_middle -2, i.e. none). With the mid-block kept it would be
@@ -149,6 +166,7 @@ PRESETS: dict[str, Preset] = {
             down_scale=(1, 1, F(5, 10)),
             up_scale=(F(5, 10), 1, 1),
             teacher_down_types=_SDXL,
+            distill=KOALA,
         ),
     )
 }

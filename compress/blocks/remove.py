@@ -2,7 +2,8 @@
 
 Papers: BK-SDM arXiv 2305.15798; SSD-1B / Segmind-Vega arXiv 2401.02677; KOALA arXiv
 2312.04005. The student is built from diffusers' own config and initialised with the
-teacher's kept weights; recovering quality (layer-level distillation) is a later pass.
+teacher's kept weights, then (with `distill.steps` > 0) recovered by layer-level
+distillation on the teacher's calibration trajectories (slimdiff.compress.distill).
 
 Recipe entries (YAML):
 
@@ -17,6 +18,12 @@ Recipe entries (YAML):
       up_depths: [[4, 4, 10], [2, 1, 1], 1]       # like reverse_transformer_layers_per_block
       mid: resnet_only                             # keep | resnet_only | none
       keep: first                                  # which transformer blocks a depth cut keeps
+      distill:                                     # keys left out: the preset's paper defaults
+        steps: 300                                 # 0 (default): the student as initialised
+        lr: 5.0e-5
+        batch: 4                                   # (prompt, step) pairs per iteration
+        hooks: sub_block                           # block | sub_block | self_attn
+        checkpoint_every: 50
 
 Where the paper departs: nothing is removed "progressively" as SSD-1B did over training;
 the published end architectures are built in one step, then distilled.
@@ -24,13 +31,18 @@ the published end architectures are built in one step, then distilled.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import asdict
+from pathlib import Path
 from typing import Literal
 
 import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
 from slimdiff.compress.blocks.plan import Settings, make_plan, read_structure
 from slimdiff.compress.blocks.presets import PRESETS, get_preset
+from slimdiff.compress.distill.config import SEGMIND, DistillConfig
 
 from slimdiff.errors import UserError
 
@@ -55,6 +67,7 @@ class RemoveBlocksConfig(PassConfig):
     # the one choice that keeps each kept block's input as it was in the teacher; the
     # papers publish the depths but not which blocks they copied (see plan.pick_layers).
     keep: Literal["first", "even"] = "first"
+    distill: DistillConfig = DistillConfig()
 
     @pydantic.field_validator("preset")
     @classmethod
@@ -95,6 +108,11 @@ class RemoveBlocksPass(Pass):
     stage = Stage.STRUCTURAL
     Config = RemoveBlocksConfig
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Only distillation needs calibration (the teacher's trajectories)."""
+        return self.config.distill.steps > 0
+
     def apply(self, pipe, calib) -> PassReport:
         from slimdiff.compress.blocks.student import build_student, removed_modules
 
@@ -109,10 +127,12 @@ class RemoveBlocksPass(Pass):
             )
         teacher = getattr(pipe, arch.denoiser)
         structure = read_structure(teacher)
+        defaults = SEGMIND
         if cfg.preset is not None:
             preset = get_preset(cfg.preset)
             _check_teacher(preset, arch.family, teacher)
             settings = preset.settings(cfg.keep)
+            defaults = preset.distill
         else:
             settings = Settings(
                 drop=cfg.drop,
@@ -127,6 +147,7 @@ class RemoveBlocksPass(Pass):
         before, after = _params(teacher), _params(student)
         removed = removed_modules(teacher, mapping)
         changed = _config_changes(teacher.config, student.config)
+        recovery = self._distill(arch, teacher, student, mapping, calib, defaults)
         setattr(pipe, arch.denoiser, student)
         log.info(
             "blocks.remove: %s params %.3fB -> %.3fB, %d modules removed",
@@ -141,11 +162,57 @@ class RemoveBlocksPass(Pass):
             "params_after": after,
             "removed": len(removed),
             "config": changed,
+            "distill": recovery,
         }
         # diffusers' saved config already builds the student, so nothing is replayed on
         # load ("in_config"); the edit is the record of what went.
         edit = {"op": self.name, "in_config": True, "removed": removed, "config": changed}
         return PassReport(self.name, summary=summary, edits=[edit])
+
+    def _distill(self, arch, teacher, student, mapping, calib, defaults) -> dict | str:
+        """Recover the student by distillation from the teacher; what it did, for the report.
+
+        Runs while the pipeline still holds the teacher: recording the trajectories (when
+        they are not cached) runs the whole pipeline.
+        """
+        settings = self.config.distill.resolve(defaults)
+        if settings.steps == 0:
+            return "off (distill.steps: 0)"
+        if calib is None:
+            log.info("blocks.remove: no calibration given; distillation skipped")
+            return (
+                f"skipped: {settings.steps} steps asked, but no calibration was given "
+                "(`slimdiff inspect --recipe` builds the student only)"
+            )
+        from slimdiff.compress.distill.features import feature_pairs
+        from slimdiff.compress.distill.train import distill
+
+        data = calib.denoiser_inputs()
+        pairs = feature_pairs(mapping, settings.hooks, student, teacher)
+        report = distill(
+            student,
+            teacher,
+            data,
+            pairs,
+            settings,
+            checkpoint=self._checkpoint(calib),
+            frozen=arch.never_compress,
+        )
+        return {**asdict(settings), **asdict(report), "prompts": len(data.prompts)}
+
+    def _checkpoint(self, calib) -> Path | None:
+        """Where distillation checkpoints, keyed by the teacher, the calibration and this
+        pass's config; None (no checkpoints) without a work folder."""
+        cfg = self.config.distill
+        root = Path(cfg.work_dir) if cfg.work_dir else None
+        if root is None and calib.work_dir is not None:
+            root = calib.work_dir / "checkpoints"
+        if root is None:
+            return None
+        config = self.config.model_dump(mode="json", exclude={"distill": {"work_dir"}})
+        blob = json.dumps({"calibration": calib.key, "pass": config}, sort_keys=True)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return root / f"{self.name}-{key}" / "distill.safetensors"
 
 
 def _check_teacher(preset, family: str, teacher) -> None:

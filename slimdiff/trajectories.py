@@ -1,0 +1,206 @@
+"""Teacher trajectories: the denoiser's inputs at every step of every calibration prompt.
+
+Recorded by a forward pre-hook on the denoiser while the whole pipeline runs, so they are
+exactly what the deployed model sees: the CFG-batched latents after the scheduler's input
+scaling, the timestep, the text embeddings and, for SDXL, `added_cond_kwargs`
+(text_embeds, time_ids). Distillation replays them into a teacher and a student
+(`Trajectories.inputs`), without the text encoders, VAE or scheduler.
+
+On disk, one safetensors file per prompt. A tensor that changes from step to step is stored
+stacked, (steps, B, ...); one that does not (the text embeddings) once, (B, ...).
+
+    trajectories/<key>/meta.json                {"key", "prompts", "steps", "unbatched"}
+    trajectories/<key>/prompt_0000.safetensors  "step.args.0" (S, B, C, H, W), "step.args.1"
+                                                (S, B), "const.kwargs.encoder_hidden_states"
+                                                (B, 77, D), ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimdiff.fsutil import atomic_dir
+
+__all__ = ["Trajectories", "load_trajectories", "record_trajectories", "save_trajectories"]
+
+_FORMAT = 1
+
+
+@dataclass
+class Trajectories:
+    """Per prompt, the denoiser inputs of every step; `inputs(pairs)` batches them.
+
+    Example:
+        args, kwargs = trajectories.inputs([(0, 3), (1, 0)])   # (prompt, step) pairs
+        eps = unet(*args, **kwargs, return_dict=False)[0]       # (2 * B, C, H, W)
+    """
+
+    prompts: list[str]
+    steps: int
+    tensors: list[dict[str, torch.Tensor]]  # per prompt: "step.<name>" or "const.<name>"
+    unbatched: frozenset[str] = frozenset()  # names without a leading batch axis
+    key: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompts) * self.steps
+
+    def pair(self, index: int) -> tuple[int, int]:
+        """The (prompt, step) of flat index `index` in [0, len)."""
+        return divmod(index, self.steps)
+
+    def inputs(
+        self,
+        pairs: Iterable[tuple[int, int]],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Positional and keyword arguments of one denoiser call over `pairs`, concatenated
+        on the batch axis; floating tensors cast to `dtype`."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for prompt, step in pairs:
+            for key, value in self.tensors[prompt].items():
+                kind, name = key.split(".", 1)
+                parts.setdefault(name, []).append(value[step] if kind == "step" else value)
+        flat = {}
+        for name, values in parts.items():
+            t = values[0] if name in self.unbatched else torch.cat(values)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            flat[name] = t.to(device) if device is not None else t
+        return _unflatten(flat)
+
+
+def record_trajectories(
+    denoiser: torch.nn.Module,
+    run_prompt: Callable[[int], None],
+    prompts: list[str],
+    progress: Callable[[], None] | None = None,
+) -> Trajectories:
+    """Run `run_prompt(i)` for every prompt while a pre-hook records `denoiser`'s inputs."""
+    calls: list[dict[str, torch.Tensor]] = []
+    unbatched: set[str] = set()  # FLUX's token ids: shared, not concatenated, when batched
+    counts = set()
+
+    def hook(_module, args, kwargs):
+        batch, flat = _flatten(args, kwargs)
+        unbatched.update(k for k, v in flat.items() if v.shape[0] != batch)
+        calls.append(flat)
+
+    tensors = []
+    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(len(prompts)):
+            calls.clear()
+            run_prompt(i)
+            counts.add(len(calls))
+            tensors.append(_pack(calls))
+            if progress is not None:
+                progress()
+    finally:
+        handle.remove()
+    if len(counts) != 1:  # a scheduler that adapts its step count: cannot index by step
+        raise RuntimeError(f"the denoiser ran {sorted(counts)} times per prompt; expected one")
+    return Trajectories(list(prompts), counts.pop(), tensors, frozenset(unbatched))
+
+
+def save_trajectories(folder: Path, t: Trajectories) -> None:
+    """Write `t` to `folder` atomically (a killed run leaves no folder that looks complete)."""
+    with atomic_dir(folder) as tmp:
+        for i, tensors in enumerate(t.tensors):
+            save_file(tensors, str(tmp / f"prompt_{i:04d}.safetensors"))
+        meta = {
+            "format": _FORMAT,
+            "key": t.key,
+            "prompts": t.prompts,
+            "steps": t.steps,
+            "unbatched": sorted(t.unbatched),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_trajectories(folder: Path) -> Trajectories | None:
+    """The trajectories saved in `folder`; None when there are none (or another format)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("format") != _FORMAT:
+        return None
+    tensors = [
+        load_file(str(folder / f"prompt_{i:04d}.safetensors")) for i in range(len(meta["prompts"]))
+    ]
+    return Trajectories(
+        prompts=meta["prompts"],
+        steps=meta["steps"],
+        tensors=tensors,
+        unbatched=frozenset(meta["unbatched"]),
+        key=meta["key"],
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _flatten(args: tuple, kwargs: dict) -> tuple[int, dict[str, torch.Tensor]]:
+    """Tensor arguments by dotted name ("args.0", "kwargs.added_cond_kwargs.time_ids").
+
+    A 0-d tensor (diffusers passes the timestep as one) is expanded to the batch, so calls
+    from different steps concatenate; the denoiser broadcasts it the same way. Arguments
+    that are not tensors (None, return_dict) are left to the replaying call's defaults.
+    """
+    values = [*args, *kwargs.values()]
+    batch = next((v.shape[0] for v in values if torch.is_tensor(v) and v.dim() > 0), 1)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, value: Any) -> None:
+        if torch.is_tensor(value):
+            value = value.detach()
+            if value.dim() == 0:
+                value = value.expand(batch)
+            out[name] = value.to("cpu", copy=True).contiguous()
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                put(f"{name}.{key}", item)
+
+    for i, value in enumerate(args):
+        put(f"args.{i}", value)
+    for key, value in kwargs.items():
+        put(f"kwargs.{key}", value)
+    return batch, out
+
+
+def _pack(calls: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One prompt's calls: tensors that vary over steps stacked, the others stored once."""
+    if not calls:
+        raise RuntimeError("the pipeline never called its denoiser; nothing was recorded")
+    out = {}
+    for name, first in calls[0].items():
+        values = [c[name] for c in calls]
+        if all(torch.equal(first, v) for v in values[1:]):
+            out[f"const.{name}"] = first
+        else:
+            out[f"step.{name}"] = torch.stack(values)
+    return out
+
+
+def _unflatten(flat: dict[str, torch.Tensor]) -> tuple[list[Any], dict[str, Any]]:
+    args: dict[int, Any] = {}
+    kwargs: dict[str, Any] = {}
+    for name, value in flat.items():
+        kind, rest = name.split(".", 1)
+        if kind == "args":
+            args[int(rest)] = value
+            continue
+        node = kwargs
+        *path, leaf = rest.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return [args[i] for i in sorted(args)], kwargs
