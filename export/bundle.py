@@ -72,7 +72,7 @@ def pipeline_constants(model: LoadedModel) -> dict[str, Any]:
         "denoiser": arch.denoiser,
         "denoiser_kind": arch.denoiser_kind,
         "uses_cfg": arch.uses_cfg,
-        "default_size": _default_size(model, scale),
+        "default_size": list(model.default_size),
         "default_steps": arch.default_steps,
         "default_guidance": arch.default_guidance,
         "vae_scale_factor": scale,
@@ -89,16 +89,6 @@ def pipeline_constants(model: LoadedModel) -> dict[str, Any]:
         "text_encoders": [_text_encoder_record(pipe, spec) for spec in arch.text_encoders],
         "scheduler": SCHEDULER_CONFIG,
     }
-
-
-def _default_size(model: LoadedModel, vae_scale: int) -> list[int]:
-    # As the diffusers pipelines do: denoiser sample_size x VAE scale when the config has it
-    # (128 px for the tiny models, 512 for SD1.5, 1024 for SDXL/SD3); FLUX's config has no
-    # sample_size and its pipeline defaults to 1024, as the ArchSpec says.
-    sample = model.denoiser.config.get("sample_size")
-    if isinstance(sample, int):
-        return [sample * vae_scale, sample * vae_scale]
-    return list(model.arch.default_size)
 
 
 def _text_encoder_record(pipe, spec) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_text
-from slimdiff.metrics import latent_rel_err, prompt_accuracy, psnr
+from slimdiff.metrics import latent_rel_err, psnr
 from slimdiff.recipe import Recipe
 
 __all__ = ["run_bench"]
@@ -89,7 +89,7 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
     size = tuple(b.size or base.default_size)
     guidance = arch.default_guidance if b.guidance is None else b.guidance
     prompts = list(b.prompts or BENCH_PROMPTS)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    vae_scale = pipe.vae_scale_factor
     shape = arch.initial_latent_shape(1, pipe.vae.config.latent_channels, size, vae_scale)
     noise = [
         np.random.default_rng(b.seed + i).standard_normal(shape).astype(np.float32)
@@ -179,6 +179,8 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
         "cache": flow.reused,
     }
     if accuracy is not None:
+        from slimdiff.metrics import prompt_accuracy
+
         prompts_ = acc_settings["prompts"]
         acc_images = [_read_png(acc_dir / f"image_{i}.png") for i in range(len(prompts_))]
         row["prompt_accuracy"] = prompt_accuracy(acc_images, prompts_)

@@ -104,6 +104,46 @@ def _schedule(step: int, total: int, warmup: int = 200, floor: float = 0.1) -> f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _fit(
+    work: Path,
+    stage: str,
+    total: int,
+    modules: dict,
+    opt,
+    ckpt: Path,
+    lr,
+    loss_at,
+    every: int,
+    clip=None,
+    after_step=None,
+) -> int:
+    """The loop every stage shares: resume from `ckpt`, then per step the scheduled
+    learning rate (`lr(step)`), `loss_at(step)`, an optimizer step (gradients clipped to
+    norm 1 over `clip` when given), `after_step(step)`, a log line every 50 steps and a
+    checkpoint of `modules` and `opt` every `every` steps and at the end."""
+    step = load_train_state(ckpt, modules, opt)[0] if ckpt.exists() else 0
+    t0, losses = time.time(), []
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = lr(step)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(clip, 1.0)
+        opt.step()
+        step += 1
+        if after_step is not None:
+            after_step(step)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            _log(work, stage, step, total, float(np.mean(losses)), t0)
+            losses = []
+        if step % every == 0 or step == total:
+            save_train_state(ckpt, modules, opt, step)
+    return step
+
+
 # ---------------------------------------------------------------- 1. VAE
 
 
@@ -111,30 +151,28 @@ def train_vae(vae, work: Path, args, device) -> None:
     done = work / "vae.safetensors"
     if done.exists():
         return
-    ckpt = work / "vae-ckpt.safetensors"
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
-    step = load_train_state(ckpt, {"vae": vae}, opt)[0] if ckpt.exists() else 0
     data = ShapesDataset(seed=args.seed + 1, include_heldout=True)  # no captions used
-    t0, losses = time.time(), []
-    while step < args.vae_steps:
-        for group in opt.param_groups:
-            group["lr"] = 5e-4 * _schedule(step, args.vae_steps, warmup=100)
+
+    def loss_at(step: int) -> torch.Tensor:
         x, _ = _images(data, range(step * args.vae_batch, (step + 1) * args.vae_batch))
         x = x.to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        if step % 50 == 0:
-            _log(work, "vae", step, args.vae_steps, float(np.mean(losses)), t0)
-            losses = []
-        if step % args.every == 0 or step == args.vae_steps:
-            save_train_state(ckpt, {"vae": vae}, opt, step)
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    step = _fit(
+        work,
+        "vae",
+        args.vae_steps,
+        {"vae": vae},
+        opt,
+        work / "vae-ckpt.safetensors",
+        lambda step: 5e-4 * _schedule(step, args.vae_steps, warmup=100),
+        loss_at,
+        every=args.every,
+    )
     vae.eval().requires_grad_(False).cpu()
     save_train_state(done, {"vae": vae}, None, step)
 
@@ -170,14 +208,20 @@ def build_cache(pipe, work: Path, args, device) -> dict[str, torch.Tensor]:
         save_file(tensors, str(path.with_suffix(".tmp")), metadata={"scaling": str(scaling)})
         path.with_suffix(".tmp").rename(path)
         vae.cpu()
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        scaling = float(f.metadata()["scaling"])
+    scaling = _cache_scaling(path)
     pipe.vae.register_to_config(scaling_factor=scaling)
     print(f"latent scaling factor {scaling:.4f}", flush=True)
     return load_file(str(path))
+
+
+def _cache_scaling(path: Path) -> float:
+    """The VAE scaling factor (1/std of the latents) the cache was built with."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return float(f.metadata()["scaling"])
 
 
 def _tokens(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -197,36 +241,34 @@ def finetune_decoder(vae, cache: dict[str, torch.Tensor], work: Path, args, devi
     done = work / "decoder.safetensors"
     if done.exists():
         return
-    ckpt = work / "decoder-ckpt.safetensors"
     vae.to(device).requires_grad_(False)
     parts = {"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv}
     for m in parts.values():
         m.train().requires_grad_(True)
     params = [p for m in parts.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
-    step = load_train_state(ckpt, parts, opt)[0] if ckpt.exists() else 0
     data = ShapesDataset(seed=args.seed)  # the cached images, re-rendered by index
     n = cache["latents"].shape[0]
-    t0, losses = time.time(), []
-    while step < args.decoder_steps:
-        for group in opt.param_groups:
-            group["lr"] = 5e-4 * _schedule(step, args.decoder_steps, warmup=50)
+
+    def loss_at(step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(0, n, (args.vae_batch,), generator=g)
         x, _ = _images(data, idx.tolist())
         x = x.to(device)
         recon = vae.decode(cache["latents"][idx].to(device)).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        losses.append(loss.item())
-        if step % 50 == 0:
-            _log(work, "decoder", step, args.decoder_steps, float(np.mean(losses)), t0)
-            losses = []
-        if step % args.every == 0 or step == args.decoder_steps:
-            save_train_state(ckpt, parts, opt, step)
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x)
+
+    step = _fit(
+        work,
+        "decoder",
+        args.decoder_steps,
+        parts,
+        opt,
+        work / "decoder-ckpt.safetensors",
+        lambda step: 5e-4 * _schedule(step, args.decoder_steps, warmup=50),
+        loss_at,
+        every=args.every,
+    )
     vae.eval().requires_grad_(False).cpu()
     save_train_state(done, parts, None, step)
 
@@ -254,18 +296,14 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
     ema = {f"ema_{k}": copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ckpt = work / "unet-ckpt.safetensors"
-    step = load_train_state(ckpt, {**modules, **ema}, opt)[0] if ckpt.exists() else 0
-    if step >= args.steps:
-        return
     alphas = pipe.scheduler.alphas_cumprod.to(device)
     snr = alphas / (1 - alphas)
     weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 for epsilon prediction
     scaling = pipe.vae.config.scaling_factor
     n = cache["latents"].shape[0]
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32, device=device)
-    t0, losses = time.time(), []
-    while step < args.steps:
+
+    def loss_at(step: int) -> torch.Tensor:
         # Batches are a pure function of (seed, step), so a resumed run sees the same data.
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(0, n, (args.batch,), generator=g)
@@ -278,8 +316,6 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
         t = torch.randint(0, len(alphas), (args.batch,), generator=g).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        for group in opt.param_groups:
-            group["lr"] = args.lr * _schedule(step, args.steps)
         context, pooled = encode_text(pipe, ids_1, ids_2)
         keep = (~drop).float()
         context = context * keep.view(-1, 1, 1)
@@ -291,23 +327,28 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(t), -1)},
         ).sample
         loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (loss * weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
+        return (loss * weight[t]).mean()
+
+    def update_ema(step: int) -> None:
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, m in modules.items():
                 for pe, p in zip(ema[f"ema_{k}"].parameters(), m.parameters(), strict=True):
                     pe.lerp_(p, 1 - decay)
-        losses.append(loss.item())
-        if step % 50 == 0:
-            _log(work, "unet", step, args.steps, float(np.mean(losses)), t0)
-            losses = []
-        if step % args.every == 0 or step == args.steps:
-            save_train_state(ckpt, {**modules, **ema}, opt, step)
+
+    _fit(
+        work,
+        "unet",
+        args.steps,
+        {**modules, **ema},
+        opt,
+        work / "unet-ckpt.safetensors",
+        lambda step: args.lr * _schedule(step, args.steps),
+        loss_at,
+        every=args.every,
+        clip=params,
+        after_step=update_ema,
+    )
 
 
 # ---------------------------------------------------------------- output
@@ -327,11 +368,7 @@ def save_pipeline(pipe, work: Path, out: Path) -> None:
         load_train_state(
             decoder, {"decoder": pipe.vae.decoder, "post_quant_conv": pipe.vae.post_quant_conv}
         )
-    cache = work / "cache.safetensors"
-    from safetensors import safe_open
-
-    with safe_open(str(cache), framework="pt") as f:
-        pipe.vae.register_to_config(scaling_factor=float(f.metadata()["scaling"]))
+    pipe.vae.register_to_config(scaling_factor=_cache_scaling(work / "cache.safetensors"))
     for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.to("cpu").eval().requires_grad_(False)
     tmp = out.with_name(out.name + ".tmp")

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimdiff.metrics.shapes import Detection, Verdict, detect, judge, prompt_accuracy
+_JUDGE = ("Detection", "Verdict", "detect", "judge", "prompt_accuracy")
+
+
+def __getattr__(name: str):
+    # The judge loads scipy.ndimage (~0.25 s); only code that judges images pays for it.
+    if name in _JUDGE:
+        from slimdiff.metrics import shapes
+
+        return getattr(shapes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "PSNR_CEILING_DB",

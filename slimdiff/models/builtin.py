@@ -76,7 +76,14 @@ def build_builtin(kind: str, family: str, device: str = "cpu"):
 # ---------------------------------------------------------------- text encoders and VAE
 
 
-def _clip(dims: tuple[int, int, int, int], projection: int | None, pad_token="<|endoftext|>"):
+def _clip(
+    dims: tuple[int, int, int, int],
+    projection: int | None,
+    pad_token="<|endoftext|>",
+    hidden_act: str | None = None,
+):
+    """A CLIP text encoder (with a projection when `projection`) and its tokenizer; the
+    activation defaults to CLIP's: quick_gelu, gelu for OpenCLIP bigG (hidden 1280)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tok = make_clip_tokenizer(pad_token=pad_token)
@@ -88,7 +95,7 @@ def _clip(dims: tuple[int, int, int, int], projection: int | None, pad_token="<|
         num_hidden_layers=layers,
         num_attention_heads=heads,
         max_position_embeddings=77,
-        hidden_act="quick_gelu" if hidden < 1280 else "gelu",
+        hidden_act=hidden_act or ("quick_gelu" if hidden < 1280 else "gelu"),
         projection_dim=projection or hidden,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -191,7 +198,7 @@ def _sd15(tiny: bool):
 
 
 def _sdxl(tiny: bool):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     real = _Size(
         (320, 640, 1280),
@@ -229,12 +236,20 @@ def _sdxl(tiny: bool):
     vae = _vae(
         size, 4, scaling_factor=0.13025, force_upcast=True, sample_size=128 if tiny else 1024
     )
+    return sdxl_pipeline(vae, (text_encoder, tokenizer), (text_encoder_2, tokenizer_2), unet)
+
+
+def sdxl_pipeline(vae, clip_l, clip_g, unet):
+    """A StableDiffusionXLPipeline from its parts, with SDXL base's scheduler config and
+    all-zero embeddings for an empty negative prompt (`force_zeros_for_empty_prompt`)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
     return StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
+        text_encoder=clip_l[0],
+        tokenizer=clip_l[1],
+        text_encoder_2=clip_g[0],
+        tokenizer_2=clip_g[1],
         unet=unet,
         scheduler=_sd_scheduler(EulerDiscreteScheduler),
         force_zeros_for_empty_prompt=True,

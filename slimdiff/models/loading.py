@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,35 +35,35 @@ _DENOISER_CLASSES = {
 }
 
 
-@dataclass
 class LoadedModel:
     """A pipeline (or a lone denoiser) plus what slimdiff knows about it."""
 
-    arch: ArchSpec
-    source: str  # the model argument as given
-    pipe: Any = None  # diffusers pipeline; None for a lone component folder
-    component: Any = field(default=None, repr=False)  # the lone denoiser when pipe is None
-
     def __init__(self, arch: ArchSpec, source: str, pipe: Any = None, denoiser: Any = None):
-        self.arch, self.source, self.pipe, self.component = arch, source, pipe, denoiser
+        self.arch = arch
+        self.source = source  # the model argument as given
+        self.pipe = pipe  # diffusers pipeline; None for a lone component folder
+        self._component = denoiser  # the lone denoiser when pipe is None
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.arch.family}, {self.source!r})"
 
     @property
     def denoiser(self) -> Any:
         # Read through the pipeline: a structural pass (blocks.remove) replaces pipe.unet.
         if self.pipe is not None:
             return getattr(self.pipe, self.arch.denoiser)
-        return self.component
+        return self._component
 
     @denoiser.setter
     def denoiser(self, module: Any) -> None:
         if self.pipe is not None:
             setattr(self.pipe, self.arch.denoiser, module)
         else:
-            self.component = module
+            self._component = module
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return default_size(self.arch, self.pipe, self.denoiser)
+        return default_size(self.arch, self.pipe)
 
     def require_pipeline(self, what: str):
         if self.pipe is None:
@@ -75,16 +74,14 @@ class LoadedModel:
         return self.pipe
 
 
-def default_size(arch: ArchSpec, pipe=None, denoiser=None) -> tuple[int, int]:
+def default_size(arch: ArchSpec, pipe=None) -> tuple[int, int]:
     """(height, width) a pipeline draws by default, as diffusers computes it: the denoiser's
-    sample_size times the VAE's scale (64 px for toy:shapes, 1024 for SDXL); the family's
-    default when that is unknown (FLUX has no sample_size, a lone denoiser has no VAE)."""
-    if denoiser is None and pipe is not None:
-        denoiser = getattr(pipe, arch.denoiser, None)
-    sample = denoiser.config.get("sample_size") if denoiser is not None else None
-    if pipe is not None and isinstance(sample, int):
-        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        return sample * scale, sample * scale
+    sample_size times the VAE's scale (64 px for toy:shapes, 128 for the tiny models, 1024
+    for SDXL/SD3); the family's default when that is unknown (FLUX's config has no
+    sample_size; a lone denoiser has no VAE)."""
+    sample = getattr(pipe, arch.denoiser).config.get("sample_size") if pipe is not None else None
+    if isinstance(sample, int):
+        return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
     return tuple(arch.default_size)
 
 

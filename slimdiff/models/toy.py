@@ -67,26 +67,17 @@ def load_toy(name: str = "shapes", device: str = "cpu"):
 
 def build_toy_pipeline(seed: int = 0, device: str = "cpu", vae_scaling_factor: float = 1.0):
     """The untrained `toy:shapes` architecture, seeded."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from slimdiff.models.builtin import _sd_scheduler
+    from slimdiff.models.builtin import _clip, sdxl_pipeline
 
     torch.manual_seed(seed)
     with torch.device(device):
-        text_encoder, tokenizer = _clip("text_encoder")
-        text_encoder_2, tokenizer_2 = _clip("text_encoder_2")
+        clip_l = _clip(_TEXT["text_encoder"], None)
+        # The second encoder projects its pooled output as OpenCLIP bigG does; its tokenizer
+        # pads with "!". Its activation is gelu (bigG's) at this width too.
+        clip_g = _clip(_TEXT["text_encoder_2"], _TEXT["text_encoder_2"][0], "!", "gelu")
         unet = build_toy_unet()
         vae = build_toy_vae(vae_scaling_factor)
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=_sd_scheduler(EulerDiscreteScheduler),
-        force_zeros_for_empty_prompt=True,  # the unconditional branch is all zeros
-    )
+    return sdxl_pipeline(vae, clip_l, clip_g, unet)
 
 
 def build_toy_unet():
@@ -128,28 +119,3 @@ def build_toy_vae(scaling_factor: float = 1.0):
         scaling_factor=scaling_factor,
         force_upcast=True,
     )
-
-
-def _clip(name: str):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from slimdiff.models.tokenizer_files import clip_vocab_size, make_clip_tokenizer
-
-    second = name == "text_encoder_2"
-    tok = make_clip_tokenizer(pad_token="!" if second else "<|endoftext|>")
-    hidden, inter, layers, heads = _TEXT[name]
-    cfg = CLIPTextConfig(
-        vocab_size=clip_vocab_size(),
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        hidden_act="gelu" if second else "quick_gelu",
-        projection_dim=hidden,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    cls = CLIPTextModelWithProjection if second else CLIPTextModel
-    return cls(cfg), tok
