@@ -24,10 +24,17 @@ from slimdiff.export.dummy_inputs import (
 from slimdiff.export.wrappers import TextEncoderWrapper, VaeDecoderWrapper, denoiser_wrapper
 from torch import nn
 
-from slimdiff.models.arch import TensorSpec
+from slimdiff.models.arch import ArchSpec, TensorSpec
 from slimdiff.models.loading import LoadedModel
 
-__all__ = ["Component", "denoiser_specs", "eval_mode", "export_mode", "plan_components"]
+__all__ = [
+    "Component",
+    "denoiser_component",
+    "denoiser_specs",
+    "eval_mode",
+    "export_mode",
+    "plan_components",
+]
 
 # Denoiser inputs that exist only when a config flag is on (input name -> config key):
 # FLUX.1-dev embeds guidance, FLUX.1-schnell has no guidance input at all.
@@ -55,12 +62,12 @@ class Component:
     model: nn.Module  # the diffusers/transformers model inside `module`
 
 
-def denoiser_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
+def denoiser_specs(arch: ArchSpec, denoiser: nn.Module) -> tuple[TensorSpec, ...]:
     """ArchSpec.denoiser_inputs minus the optional inputs this denoiser's config lacks."""
-    cfg = model.denoiser.config
+    cfg = denoiser.config
     return tuple(
         s
-        for s in model.arch.denoiser_inputs
+        for s in arch.denoiser_inputs
         if s.name not in _OPTIONAL_INPUTS or cfg.get(_OPTIONAL_INPUTS[s.name], False)
     )
 
@@ -105,22 +112,7 @@ def plan_components(model: LoadedModel) -> list[Component]:
                 model=encoder,
             )
         )
-    specs = denoiser_specs(model)
-    names = tuple(s.name for s in specs)
-    axes = _axes(specs)
-    plans.append(
-        Component(
-            name=arch.denoiser,
-            kind=arch.denoiser_kind,
-            module=denoiser_wrapper(arch.denoiser_kind, model.denoiser, names),
-            input_names=names,
-            output_names=("out_sample",),
-            # The prediction has the layout of the noisy latent it denoises.
-            dynamic_axes={**axes, "out_sample": axes[names[0]]},
-            make_inputs=partial(denoiser_inputs, arch.denoiser_kind, model.denoiser, specs),
-            model=model.denoiser,
-        )
-    )
+    plans.append(denoiser_component(arch, model.denoiser))
     vae_axes = _axes(arch.vae_decoder_inputs)
     plans.append(
         Component(
@@ -135,6 +127,25 @@ def plan_components(model: LoadedModel) -> list[Component]:
         )
     )
     return plans
+
+
+def denoiser_component(arch: ArchSpec, denoiser: nn.Module) -> Component:
+    """The denoiser's Component (named arch.denoiser) for `denoiser`, which need not be the
+    pipeline's: tools export a UNet alone with it (tools/unet_speed.py)."""
+    specs = denoiser_specs(arch, denoiser)
+    names = tuple(s.name for s in specs)
+    axes = _axes(specs)
+    return Component(
+        name=arch.denoiser,
+        kind=arch.denoiser_kind,
+        module=denoiser_wrapper(arch.denoiser_kind, denoiser, names),
+        input_names=names,
+        output_names=("out_sample",),
+        # The prediction has the layout of the noisy latent it denoises.
+        dynamic_axes={**axes, "out_sample": axes[names[0]]},
+        make_inputs=partial(denoiser_inputs, arch.denoiser_kind, denoiser, specs),
+        model=denoiser,
+    )
 
 
 def _rms_norm_forward(self: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:

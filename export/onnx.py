@@ -77,7 +77,9 @@ def export_component(component: Component, path: Path) -> None:
             do_constant_folding=True,
             dynamo=False,
         )
-    model = onnx.load(str(path))
+    # The graph alone: past 2 GiB the weights stay in the files torch wrote beside it, so
+    # naming the output dims does not hold a second copy of them next to the torch model.
+    model = onnx.load(str(path), load_external_data=False)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     _name_output_dims(model, [o.shape for o in outputs], component.dynamic_axes)
     save_model(model, path, PROTOBUF_LIMIT)

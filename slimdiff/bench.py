@@ -185,6 +185,12 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
         acc_images = [_read_png(acc_dir / f"image_{i}.png") for i in range(len(prompts_))]
         row["prompt_accuracy"] = prompt_accuracy(acc_images, prompts_)
         row["reference_prompt_accuracy"] = prompt_accuracy(acc_reference["images"], prompts_)
+        # Fidelity over the whole held-out set too: 4 bench prompts are a small sample.
+        acc_errs = [
+            latent_rel_err(np.load(acc_dir / f"latents_{i}.npy"), ref)
+            for i, ref in enumerate(acc_reference["latents"])
+        ]
+        row["fidelity"]["heldout_latent_rel_err"] = float(np.mean(acc_errs))
         row["prompt_accuracy"]["images_per_prompt"] = b.accuracy_images
     return row
 

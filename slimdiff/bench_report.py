@@ -17,7 +17,9 @@ _HEADER = (
 )
 
 
-_ACCURACY_HEADER = " prompt acc. all / single / two (uncompressed torch) |"
+_ACCURACY_HEADER = (
+    " held-out latent rel err | prompt acc. all / single / two (uncompressed torch) |"
+)
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -42,13 +44,15 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def _accuracy_cell(row: dict[str, Any]) -> str:
     if "prompt_accuracy" not in row:
-        return "-"
+        return "- | -"
 
     def fmt(acc: dict[str, Any]) -> str:
         parts = [acc.get(k) for k in ("all", "single", "two")]
-        return " / ".join("-" if v is None else f"{100 * v:.0f}%" for v in parts)
+        return " / ".join("-" if v is None else f"{100 * v:.1f}%" for v in parts)
 
-    return f"{fmt(row['prompt_accuracy'])} ({fmt(row['reference_prompt_accuracy'])})"
+    err = row["fidelity"].get("heldout_latent_rel_err")
+    acc = f"{fmt(row['prompt_accuracy'])} ({fmt(row['reference_prompt_accuracy'])})"
+    return f"{'-' if err is None else f'{err:.2e}'} | {acc}"
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:

@@ -18,7 +18,11 @@ command after a kill and it goes on from the last checkpoint):
    `force_zeros_for_empty_prompt` feeds the unconditional branch), EMA weights.
 
 `--save-only` writes the pipeline folder from the latest checkpoint (EMA weights), e.g.
-to evaluate while training goes on. Timing of the shipped run: docs/BENCHMARKS.md.
+to evaluate while training goes on. A larger `--steps` on an existing work folder trains
+on from its checkpoint (the cosine schedule is recomputed for the new total, a warm
+restart); `--until N` stops at step N without changing the schedule, so a run made of
+several segments can be replayed exactly. The shipped weights' commands and timings:
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ def _parse():
     p.add_argument("--decoder-steps", type=int, default=1500)
     p.add_argument("--images", type=int, default=40_000, help="training images (cached)")
     p.add_argument("--steps", type=int, default=8000, help="UNet training steps")
+    p.add_argument(
+        "--until",
+        type=int,
+        default=None,
+        help="stop the UNet stage at this step; the cosine schedule still spans --steps",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
@@ -116,14 +126,17 @@ def _fit(
     every: int,
     clip=None,
     after_step=None,
+    until: int | None = None,
 ) -> int:
     """The loop every stage shares: resume from `ckpt`, then per step the scheduled
     learning rate (`lr(step)`), `loss_at(step)`, an optimizer step (gradients clipped to
     norm 1 over `clip` when given), `after_step(step)`, a log line every 50 steps and a
-    checkpoint of `modules` and `opt` every `every` steps and at the end."""
+    checkpoint of `modules` and `opt` every `every` steps and at the end. `until` stops
+    early (at that step) without changing the schedule, which `total` sets."""
     step = load_train_state(ckpt, modules, opt)[0] if ckpt.exists() else 0
+    end = total if until is None else min(total, until)
     t0, losses = time.time(), []
-    while step < total:
+    while step < end:
         for group in opt.param_groups:
             group["lr"] = lr(step)
         loss = loss_at(step)
@@ -139,7 +152,7 @@ def _fit(
         if step % 50 == 0:
             _log(work, stage, step, total, float(np.mean(losses)), t0)
             losses = []
-        if step % every == 0 or step == total:
+        if step % every == 0 or step == end:
             save_train_state(ckpt, modules, opt, step)
     return step
 
@@ -348,6 +361,7 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
         every=args.every,
         clip=params,
         after_step=update_ema,
+        until=args.until,
     )
 
 

@@ -22,6 +22,7 @@ def __getattr__(name: str):
         return getattr(shapes, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "PSNR_CEILING_DB",
     "Detection",

@@ -197,25 +197,40 @@ def _sd15(tiny: bool):
     )
 
 
-def _sdxl(tiny: bool):
-    from diffusers import UNet2DConditionModel
+_SDXL = _Size(
+    (320, 640, 1280),
+    (5, 10, 20),
+    32,
+    (768, 3072, 12, 12),
+    (1280, 5120, 32, 20),
+    (0, 0, 0, 0, 0),
+    (128, 256, 512, 512),
+    32,
+)
 
-    real = _Size(
-        (320, 640, 1280),
-        (5, 10, 20),
-        32,
-        (768, 3072, 12, 12),
-        (1280, 5120, 32, 20),
-        (0, 0, 0, 0, 0),
-        (128, 256, 512, 512),
-        32,
-    )
-    size = _TINY if tiny else real
+
+def _sdxl(tiny: bool):
+    size = _TINY if tiny else _SDXL
     text_encoder, tokenizer = _clip(size.clip, None)
     # SDXL's second encoder is OpenCLIP bigG with a projection; its tokenizer pads with "!".
     text_encoder_2, tokenizer_2 = _clip(size.clip_g, size.clip_g[0], pad_token="!")
+    unet = sdxl_unet(tiny)
+    vae = _vae(
+        size, 4, scaling_factor=0.13025, force_upcast=True, sample_size=128 if tiny else 1024
+    )
+    return sdxl_pipeline(vae, (text_encoder, tokenizer), (text_encoder_2, tokenizer_2), unet)
+
+
+def sdxl_unet(tiny: bool):
+    """The UNet of `tiny:sdxl` or `random:sdxl` alone (random weights from torch's current
+    RNG): SDXL base's architecture at full width, or the tiny stand-in. For work on the
+    denoiser only, e.g. tools/unet_speed.py, without building 0.8B parameters of text
+    encoders."""
+    from diffusers import UNet2DConditionModel
+
+    size = _TINY if tiny else _SDXL
     time_dim = 8 if tiny else 256
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16 if tiny else 128,
         block_out_channels=size.unet_channels[:3],
         layers_per_block=2,
@@ -233,10 +248,6 @@ def _sdxl(tiny: bool):
         upcast_attention=False,
         norm_num_groups=size.groups,
     )
-    vae = _vae(
-        size, 4, scaling_factor=0.13025, force_upcast=True, sample_size=128 if tiny else 1024
-    )
-    return sdxl_pipeline(vae, (text_encoder, tokenizer), (text_encoder_2, tokenizer_2), unet)
 
 
 def sdxl_pipeline(vae, clip_l, clip_g, unet):

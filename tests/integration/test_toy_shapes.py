@@ -67,8 +67,8 @@ def test_torch_and_onnx_follow_prompts_alike(toy, tmp_path):
     acc_torch = prompt_accuracy(torch_images, PROMPTS)
     acc_onnx = prompt_accuracy(onnx_images, PROMPTS)
     # Chance is under 1% (6 colours x 4 shapes x 5 positions); the measured full-set numbers
-    # are in docs/BENCHMARKS.md. This guards against a broken model or pipeline.
-    assert acc_torch["single"] >= 0.5, acc_torch
+    # are in docs/BENCHMARKS.md (single-object ~90%). At least 4 of these 6 single prompts.
+    assert acc_torch["single"] >= 4 / 6 - 1e-9, acc_torch
     # Same latents, fp32 both ways: the verdicts agree image by image.
     same = [
         judge(a, p).correct == judge(b, p).correct
@@ -93,7 +93,10 @@ def test_bench_reports_prompt_accuracy(tmp_path):
     row = json.loads((out / "results.json").read_text())["recipes"][0]
     acc, ref = row["prompt_accuracy"], row["reference_prompt_accuracy"]
     assert (acc["n"], acc["n_single"], acc["n_two"]) == (48, 24, 24)
-    assert acc["single"] >= 0.5 and ref["single"] >= 0.5
+    # 96% (23 of 24) measured with these seeds; 80% catches a regressed model.
+    assert acc["single"] >= 0.8 and ref["single"] >= 0.8
     # The fp32 bundle draws what torch draws: at most one verdict apart.
     assert abs(acc["all"] - ref["all"]) <= 1 / 48 + 1e-9
+    # fp32 ONNX against torch on the same noise: the final latents agree to float error.
+    assert row["fidelity"]["heldout_latent_rel_err"] < 1e-3
     assert "prompt acc." in (out / "results.md").read_text()
