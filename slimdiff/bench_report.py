@@ -37,12 +37,13 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{r['fidelity']['psnr_db']:.1f} | {r['fidelity']['latent_rel_err']:.2e} |"
         )
         if with_acc:
-            line += f" {_accuracy_cell(r)} |"
+            line += f" {_accuracy_cells(r)} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def _accuracy_cell(row: dict[str, Any]) -> str:
+def _accuracy_cells(row: dict[str, Any]) -> str:
+    """The held-out latent error and prompt accuracy cells (two, joined by " | ")."""
     if "prompt_accuracy" not in row:
         return "- | -"
 

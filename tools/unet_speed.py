@@ -97,9 +97,7 @@ def _child(args, variant: str, what: str) -> str:
 
 def export_variant(variant: str, folder: Path, tiny: bool) -> None:
     import torch
-    from slimdiff.compress.blocks.plan import make_plan, read_structure
-    from slimdiff.compress.blocks.presets import get_preset
-    from slimdiff.compress.blocks.student import build_student
+    from slimdiff.compress.blocks.remove import RemoveBlocksPass
     from slimdiff.export.components import denoiser_component, export_mode
     from slimdiff.export.onnx import export_component
 
@@ -109,10 +107,8 @@ def export_variant(variant: str, folder: Path, tiny: bool) -> None:
     torch.manual_seed(0)
     unet = sdxl_unet(tiny).eval().requires_grad_(False)
     if variant != BASE:
-        preset = get_preset(variant)
-        # The preset's own keep rule, as `blocks.remove` applies it by default.
-        plan = make_plan(read_structure(unet), preset.settings("first"))
-        unet = build_student(unet, plan)[0].eval().requires_grad_(False)
+        cut = RemoveBlocksPass(RemoveBlocksPass.Config(preset=variant))
+        unet = cut.build_student(unet, "sdxl")[0].eval().requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
     component = denoiser_component(get_arch("sdxl"), unet)
     raw = folder / "unet" / "model.onnx"

@@ -114,7 +114,7 @@ class RemoveBlocksPass(Pass):
         return self.config.distill.steps > 0
 
     def apply(self, pipe, calib) -> PassReport:
-        from slimdiff.compress.blocks.student import build_student, removed_modules
+        from slimdiff.compress.blocks.student import removed_modules
 
         from slimdiff.models import family_of_pipeline, get_arch
 
@@ -126,24 +126,8 @@ class RemoveBlocksPass(Pass):
                 f"{arch.denoiser_kind} transformer"
             )
         teacher = getattr(pipe, arch.denoiser)
-        structure = read_structure(teacher)
-        defaults = SEGMIND
-        if cfg.preset is not None:
-            preset = get_preset(cfg.preset)
-            _check_teacher(preset, arch.family, teacher)
-            settings = preset.settings(cfg.keep)
-            defaults = preset.distill
-        else:
-            settings = Settings(
-                drop=cfg.drop,
-                layers_per_block=cfg.layers_per_block,
-                down_depths=cfg.down_depths,
-                up_depths=cfg.up_depths,
-                mid=cfg.mid,
-                keep=cfg.keep,
-            )
-        plan = make_plan(structure, settings)
-        student, mapping = build_student(teacher, plan)
+        student, mapping = self.build_student(teacher, arch.family)
+        defaults = get_preset(cfg.preset).distill if cfg.preset is not None else SEGMIND
         before, after = _params(teacher), _params(student)
         removed = removed_modules(teacher, mapping)
         changed = _config_changes(teacher.config, student.config)
@@ -168,6 +152,28 @@ class RemoveBlocksPass(Pass):
         # load ("in_config"); the edit is the record of what went.
         edit = {"op": self.name, "in_config": True, "removed": removed, "config": changed}
         return PassReport(self.name, summary=summary, edits=[edit])
+
+    def build_student(self, teacher, family: str):
+        """The student UNet this config cuts from `teacher` (a `family` UNet), initialised
+        with the teacher's weights, and its module mapping (student name -> teacher name).
+        No distillation: `apply` runs that. tools/unet_speed.py uses this directly."""
+        from slimdiff.compress.blocks.student import build_student
+
+        cfg = self.config
+        if cfg.preset is not None:
+            preset = get_preset(cfg.preset)
+            _check_teacher(preset, family, teacher)
+            settings = preset.settings(cfg.keep)
+        else:
+            settings = Settings(
+                drop=cfg.drop,
+                layers_per_block=cfg.layers_per_block,
+                down_depths=cfg.down_depths,
+                up_depths=cfg.up_depths,
+                mid=cfg.mid,
+                keep=cfg.keep,
+            )
+        return build_student(teacher, make_plan(read_structure(teacher), settings))
 
     def _distill(self, arch, teacher, student, mapping, calib, defaults) -> dict | str:
         """Recover the student by distillation from the teacher; what it did, for the report.
