@@ -58,10 +58,12 @@ def load_toy(name: str = "shapes", device: str = "cpu"):
     if device == "meta":
         pipe = build_toy_pipeline(device="meta")
     else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        # No dtype argument: diffusers renamed `torch_dtype` to `dtype` (the old name now
+        # warns) within the range pyproject allows; `.float()` below pins fp32 either way.
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
         pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.eval().requires_grad_(False)
+        module.float().eval().requires_grad_(False)
     return pipe
 
 

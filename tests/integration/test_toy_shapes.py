@@ -4,6 +4,7 @@ through torch and through its exported ONNX bundle (judged by slimdiff.metrics).
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -29,8 +30,13 @@ def toy():
 
 def test_loads_in_seconds_with_sdxl_topology():
     t0 = time.perf_counter()
-    model = load_model("toy:shapes")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model("toy:shapes")
     assert time.perf_counter() - t0 < 15
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]
+    modules = (model.pipe.unet, model.pipe.vae, model.pipe.text_encoder, model.pipe.text_encoder_2)
+    assert {p.dtype for m in modules for p in m.parameters()} == {torch.float32}
     assert model.arch.family == "sdxl" and model.default_size == (64, 64)
     cfg = model.pipe.unet.config
     assert cfg.down_block_types == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
