@@ -4,7 +4,7 @@
 
 Default prompts: 16 toy:shapes prompts, 12 of them from the held-out set (never seen in
 training). One seed per prompt (seed = --seed + index), the bundle's default steps unless
---steps is given.
+--steps is given. Prints the judge's verdict on each tile, to set beside the eye check.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slimdiff.metrics import judge
 from slimdiff.runtime.pipeline import Text2ImagePipeline
-
 from slimdiff.toy import heldout_prompts
 
 PROMPTS = [
@@ -47,6 +47,9 @@ def main() -> None:
     for i, prompt in enumerate(PROMPTS):
         image = pipe(prompt, steps=args.steps, guidance=args.guidance, seed=args.seed + i).image
         tiles.append(_tile(image, prompt, args.scale))
+        verdict = judge(image, prompt)
+        seen = ", ".join(f"{d.colour} {d.shape} {d.position}" for d in verdict.detections)
+        print(f"{i + 1:2d} {'ok  ' if verdict.correct else 'MISS'} {prompt!r}: judge sees {seen}")
     rows = [
         np.concatenate(tiles[r : r + args.cols], axis=1) for r in range(0, len(tiles), args.cols)
     ]
