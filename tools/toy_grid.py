@@ -18,8 +18,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimdiff.metrics import judge
 from slimdiff.runtime.pipeline import Text2ImagePipeline
+
+from slimdiff.metrics import judge
 from slimdiff.toy import heldout_prompts
 
 PROMPTS = [
