@@ -21,8 +21,12 @@ command after a kill and it goes on from the last checkpoint):
 to evaluate while training goes on. A larger `--steps` on an existing work folder trains
 on from its checkpoint (the cosine schedule is recomputed for the new total, a warm
 restart); `--until N` stops at step N without changing the schedule, so a run made of
-several segments can be replayed exactly. The shipped weights' commands and timings:
-docs/BENCHMARKS.md.
+several segments can be replayed exactly. `--init DIR` goes on from a trained pipeline
+folder instead (e.g. the shipped model, once the work folder that made it is gone): DIR's
+VAE, latent scaling, text encoders and UNet are kept and only the cache and UNet stages
+run, with a fresh optimizer and schedule over --steps (`--seed` picks other renders and
+batches); TRAINING.json then counts DIR's UNet steps plus these. The shipped weights'
+commands and timings: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -57,21 +61,74 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    pipe = build_toy_pipeline(seed=args.seed)
-    stages = ("vae", "cache", "decoder", "unet") if args.stage == "all" else (args.stage,)
+    init = _init_record(work, args)
+    if init is None:
+        pipe = build_toy_pipeline(seed=args.seed)
+        stages = ("vae", "cache", "decoder", "unet") if args.stage == "all" else (args.stage,)
+    else:
+        pipe = _load_folder(Path(init["from"]), init["scaling_factor"])
+        stages = ("cache", "unet") if args.stage == "all" else (args.stage,)
+        if {"vae", "decoder"} & set(stages):
+            _fail("--init keeps the folder's trained VAE: use --stage cache, unet or all")
     if args.save_only:
         stages = ()
     if "vae" in stages:
         train_vae(pipe.vae, work, args, device)
-    load_train_state(work / "vae.safetensors", {"vae": pipe.vae})
+    if init is None:
+        load_train_state(work / "vae.safetensors", {"vae": pipe.vae})
     if stages:
-        cache = build_cache(pipe, work, args, device)
+        cache = build_cache(pipe, work, args, device, keep_scaling=init is not None)
     if "decoder" in stages:
         finetune_decoder(pipe.vae, cache, work, args, device)
     if "unet" in stages:
         train_denoiser(pipe, cache, work, args, device)
     if args.stage == "all" or args.save_only:
-        save_pipeline(pipe, work, Path(args.out))
+        save_pipeline(pipe, work, Path(args.out), init)
+
+
+def _init_record(work: Path, args) -> dict | None:
+    """What an `--init` work folder continues from (written on its first run, as DIR may
+    be overwritten by --out later), or None for a from-scratch work folder."""
+    path = work / "init.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        if args.init is None or Path(args.init).resolve() != Path(record["from"]):
+            _fail(f"{work} continues from {record['from']}: pass --init {record['from']}")
+        return record
+    if args.init is None:
+        return None
+    if (work / "vae.safetensors").exists():
+        _fail(f"{work} holds a from-scratch run: give --init a new --work folder")
+    folder = Path(args.init).resolve()
+    trained = folder / "TRAINING.json"
+    if not (folder / "model_index.json").exists() or not trained.exists():
+        _fail(f"--init {folder}: not a pipeline folder written by this tool (TRAINING.json)")
+    info = json.loads(trained.read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    record = {
+        "from": str(folder),
+        "unet_steps": info["unet_steps"],
+        "decoder_finetuned": info["decoder_finetuned"],
+        "scaling_factor": vae["scaling_factor"],
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _fail(message: str) -> None:
+    """Bad input: one line naming the problem and the fix, exit code 2 (as argparse)."""
+    print(f"train_toy: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _load_folder(folder: Path, scaling: float):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        m.float().eval().requires_grad_(False)
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    return pipe
 
 
 def _parse():
@@ -98,6 +155,7 @@ def _parse():
     p.add_argument("--every", type=int, default=250, help="checkpoint interval (steps)")
     p.add_argument("--stage", default="all", choices=("all", "vae", "cache", "decoder", "unet"))
     p.add_argument("--save-only", action="store_true", help="write --out from checkpoints")
+    p.add_argument("--init", default=None, help="go on from this trained pipeline folder")
     return p.parse_args()
 
 
@@ -193,7 +251,7 @@ def train_vae(vae, work: Path, args, device) -> None:
 # ---------------------------------------------------------------- 2. latent cache
 
 
-def build_cache(pipe, work: Path, args, device) -> dict[str, torch.Tensor]:
+def build_cache(pipe, work: Path, args, device, keep_scaling=False) -> dict[str, torch.Tensor]:
     path = work / "cache.safetensors"
     if not path.exists():
         from safetensors.torch import save_file
@@ -223,9 +281,9 @@ def build_cache(pipe, work: Path, args, device) -> dict[str, torch.Tensor]:
         vae.cpu()
     from safetensors.torch import load_file
 
-    scaling = _cache_scaling(path)
-    pipe.vae.register_to_config(scaling_factor=scaling)
-    print(f"latent scaling factor {scaling:.4f}", flush=True)
+    if not keep_scaling:  # --init: the UNet was trained on the folder's scaling; keep it
+        pipe.vae.register_to_config(scaling_factor=_cache_scaling(path))
+    print(f"latent scaling factor {pipe.vae.config.scaling_factor:.4f}", flush=True)
     return load_file(str(path))
 
 
@@ -368,7 +426,7 @@ def train_denoiser(pipe, cache: dict[str, torch.Tensor], work: Path, args, devic
 # ---------------------------------------------------------------- output
 
 
-def save_pipeline(pipe, work: Path, out: Path) -> None:
+def save_pipeline(pipe, work: Path, out: Path, init: dict | None = None) -> None:
     """The EMA weights as a diffusers pipeline folder (fp32 safetensors), written atomically."""
     ckpt = work / "unet-ckpt.safetensors"
     targets = {
@@ -382,13 +440,18 @@ def save_pipeline(pipe, work: Path, out: Path) -> None:
         load_train_state(
             decoder, {"decoder": pipe.vae.decoder, "post_quant_conv": pipe.vae.post_quant_conv}
         )
-    pipe.vae.register_to_config(scaling_factor=_cache_scaling(work / "cache.safetensors"))
+    if init is None:
+        pipe.vae.register_to_config(scaling_factor=_cache_scaling(work / "cache.safetensors"))
     for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.to("cpu").eval().requires_grad_(False)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     info = {"unet_steps": step, "decoder_finetuned": decoder.exists()}
+    if init is not None:
+        info["unet_steps"] += init["unet_steps"]
+        info["decoder_finetuned"] = init["decoder_finetuned"]
+        info["continued_from"] = {"folder_unet_steps": init["unet_steps"], "steps_here": step}
     (tmp / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
