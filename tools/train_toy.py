@@ -453,9 +453,24 @@ def save_pipeline(pipe, work: Path, out: Path, init: dict | None = None) -> None
         info["decoder_finetuned"] = init["decoder_finetuned"]
         info["continued_from"] = {"folder_unet_steps": init["unet_steps"], "steps_here": step}
     (tmp / "TRAINING.json").write_text(json.dumps(info, indent=2) + "\n")
+    _drop_load_metadata(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"wrote {out} (UNet step {step})", flush=True)
+
+
+def _drop_load_metadata(folder: Path) -> None:
+    """Remove what from_pretrained adds to the configs of a loaded (--init) pipeline when it
+    is saved again: the loading machine's path and the tokenizers' load flags. A shipped
+    folder must not carry them (the path is meaningless elsewhere)."""
+    for path in folder.rglob("*.json"):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and LOAD_METADATA & config.keys():
+            kept = {k: v for k, v in config.items() if k not in LOAD_METADATA}
+            path.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
+
+
+LOAD_METADATA = {"_name_or_path", "is_local", "local_files_only"}
 
 
 def _log(work: Path, stage: str, step: int, total: int, loss: float, t0: float) -> None:

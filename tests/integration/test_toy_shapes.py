@@ -73,8 +73,8 @@ def test_torch_and_onnx_follow_prompts_alike(toy, tmp_path):
     acc_torch = prompt_accuracy(torch_images, PROMPTS)
     acc_onnx = prompt_accuracy(onnx_images, PROMPTS)
     # Chance is under 1% (6 colours x 4 shapes x 5 positions); the measured full-set numbers
-    # are in docs/BENCHMARKS.md (single-object 100%). Measured here: 6 of 6 single prompts,
-    # 3 of 6 two-object; one single miss is tolerated.
+    # are in docs/BENCHMARKS.md (single-object 99%). Measured here: 6 of 6 single prompts,
+    # 4 of 6 two-object; one single miss is tolerated.
     assert acc_torch["single"] >= 5 / 6 - 1e-9, acc_torch
     # Same latents, fp32 both ways: the verdicts agree image by image.
     same = [
@@ -100,10 +100,10 @@ def test_bench_reports_prompt_accuracy(tmp_path):
     row = json.loads((out / "results.json").read_text())["recipes"][0]
     acc, ref = row["prompt_accuracy"], row["reference_prompt_accuracy"]
     assert (acc["n"], acc["n_single"], acc["n_two"]) == (48, 24, 24)
-    # Measured with these seeds: single 100% (24 of 24), two 54% (13 of 24). The issue's
+    # Measured with these seeds: single 100% (24 of 24), two 67% (16 of 24). The issue's
     # bar (single >= 90%) and a two-object floor far above chance catch a regressed model.
     assert acc["single"] >= 0.9 and ref["single"] >= 0.9, (acc, ref)
-    assert acc["two"] >= 0.3 and ref["two"] >= 0.3, (acc, ref)
+    assert acc["two"] >= 0.5 and ref["two"] >= 0.5, (acc, ref)
     # The fp32 bundle draws what torch draws: at most one verdict apart.
     assert abs(acc["all"] - ref["all"]) <= 1 / 48 + 1e-9
     # fp32 ONNX against torch on the same noise: the final latents agree to float error.

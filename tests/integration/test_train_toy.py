@@ -57,6 +57,9 @@ def test_init_goes_on_from_a_pipeline_folder(tmp_path):
     unet = "unet/diffusion_pytorch_model.safetensors"
     a, b = load_file(first / unet), load_file(second / unet)
     assert any((a[k] != b[k]).any() for k in a)
+    # Nothing of the loading machine (its path, the tokenizers' load flags) is written.
+    configs = "".join(f.read_text() for f in second.rglob("*.json"))
+    assert "_name_or_path" not in configs and "is_local" not in configs
     # The work folder remembers where it came from; a from-scratch one refuses --init.
     err = _train(tmp_path / "more", second, "--steps", "3", ok=False)
     assert f"continues from {first.resolve()}" in err
