@@ -47,7 +47,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slimdiff.models.toy import TOY_SIDE, build_toy_pipeline  # noqa: E402
+from slimdiff.models.toy import TOY_SIDE, build_toy_pipeline, load_toy_folder  # noqa: E402
 from slimdiff.toy import ShapesDataset  # noqa: E402
 from slimdiff.toy.scenes import caption  # noqa: E402
 from slimdiff.trainstate import load_train_state, save_train_state  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
         pipe = build_toy_pipeline(seed=args.seed)
         stages = ("vae", "cache", "decoder", "unet") if args.stage == "all" else (args.stage,)
     else:
-        pipe = _load_folder(Path(init["from"]), init["scaling_factor"])
+        pipe = load_toy_folder(Path(init["from"]))  # its VAE config holds the scaling
         stages = ("cache", "unet") if args.stage == "all" else (args.stage,)
         if {"vae", "decoder"} & set(stages):
             _fail("--init keeps the folder's trained VAE: use --stage cache, unet or all")
@@ -104,12 +104,10 @@ def _init_record(work: Path, args) -> dict | None:
     if not (folder / "model_index.json").exists() or not trained.exists():
         _fail(f"--init {folder}: not a pipeline folder written by this tool (TRAINING.json)")
     info = json.loads(trained.read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
     record = {
         "from": str(folder),
         "unet_steps": info["unet_steps"],
         "decoder_finetuned": info["decoder_finetuned"],
-        "scaling_factor": vae["scaling_factor"],
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -119,16 +117,6 @@ def _fail(message: str) -> None:
     """Bad input: one line naming the problem and the fix, exit code 2 (as argparse)."""
     print(f"train_toy: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def _load_folder(folder: Path, scaling: float):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
-        m.float().eval().requires_grad_(False)
-    pipe.vae.register_to_config(scaling_factor=scaling)
-    return pipe
 
 
 def _parse():
@@ -459,6 +447,9 @@ def save_pipeline(pipe, work: Path, out: Path, init: dict | None = None) -> None
     print(f"wrote {out} (UNet step {step})", flush=True)
 
 
+LOAD_METADATA = {"_name_or_path", "is_local", "local_files_only"}
+
+
 def _drop_load_metadata(folder: Path) -> None:
     """Remove what from_pretrained adds to the configs of a loaded (--init) pipeline when it
     is saved again: the loading machine's path and the tokenizers' load flags. A shipped
@@ -468,9 +459,6 @@ def _drop_load_metadata(folder: Path) -> None:
         if isinstance(config, dict) and LOAD_METADATA & config.keys():
             kept = {k: v for k, v in config.items() if k not in LOAD_METADATA}
             path.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
-
-
-LOAD_METADATA = {"_name_or_path", "is_local", "local_files_only"}
 
 
 def _log(work: Path, stage: str, step: int, total: int, loss: float, t0: float) -> None:

@@ -46,9 +46,7 @@ def toy_folder(name: str = "shapes") -> Path:
 
 
 def load_toy(name: str = "shapes", device: str = "cpu"):
-    """The trained toy pipeline in float32 (weights ship in fp16), from the package."""
-    from diffusers import StableDiffusionXLPipeline
-
+    """The trained toy pipeline in float32, from the package."""
     folder = toy_folder(name)
     if not (folder / "model_index.json").is_file():
         raise UserError(
@@ -56,12 +54,20 @@ def load_toy(name: str = "shapes", device: str = "cpu"):
             "with `python tools/train_toy.py`"
         )
     if device == "meta":
-        pipe = build_toy_pipeline(device="meta")
-    else:
-        # No dtype argument: diffusers renamed `torch_dtype` to `dtype` (the old name now
-        # warns) within the range pyproject allows; `.float()` below pins fp32 either way.
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-        pipe.to(device)
+        return _pinned(build_toy_pipeline(device="meta"))
+    return load_toy_folder(folder, device)
+
+
+def load_toy_folder(folder: Path, device: str = "cpu"):
+    """A toy pipeline folder (the shipped one, or one tools/train_toy.py wrote) in float32."""
+    from diffusers import StableDiffusionXLPipeline
+
+    # No dtype argument: diffusers renamed `torch_dtype` to `dtype` (the old name now
+    # warns) within the range pyproject allows; `.float()` pins fp32 either way.
+    return _pinned(StableDiffusionXLPipeline.from_pretrained(folder).to(device))
+
+
+def _pinned(pipe):
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.float().eval().requires_grad_(False)
     return pipe
