@@ -22,36 +22,23 @@ Built-in passes are imported by the explicit list in `slimdiff.compress.__init__
 from __future__ import annotations
 
 import abc
-import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import pydantic
+from slimdiff.edits import Edit, register_edit, unregister_edit
+from slimdiff.passes import PassConfig, PassSchema, Stage, register_schema, unregister_schema
 
 __all__ = [
     "Pass",
     "PassConfig",
     "PassReport",
     "Stage",
+    "build_passes",
     "get_pass",
     "register_pass",
     "registered_passes",
     "unregister_pass",
 ]
-
-
-class Stage(enum.IntEnum):
-    """Where a pass may stand in a recipe: stages must not decrease."""
-
-    STRUCTURAL = 0  # block removal
-    PRUNING = 1  # structured pruning (EcoDiff)
-    QUANTIZATION = 2  # low-bit quantization (QuEST)
-
-
-class PassConfig(pydantic.BaseModel):
-    """Base of every pass's config: data only, immutable, strict about keys."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -60,9 +47,9 @@ class PassReport:
 
     name: str
     summary: dict[str, Any] = field(default_factory=dict)
-    # Edits the artifact loader replays on a freshly built base model, in order. Each is
-    # {"op": str, ...}; passes whose result diffusers' config can express record none.
-    edits: list[dict[str, Any]] = field(default_factory=list)
+    # Edits the artifact loader replays on each component built from its config, in order
+    # (slimdiff/edits.py); `in_config` ones are records of what the config already says.
+    edits: list[Edit] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -75,6 +62,8 @@ class Pass(abc.ABC):
     # Read on instances: a pass whose need depends on its config overrides it with a
     # property (blocks.remove needs calibration only when it distills).
     needs_calibration: bool = False
+    # The Edit types this pass records; register_pass registers them with `restore`.
+    edits: ClassVar[tuple[type[Edit], ...]] = ()
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -82,6 +71,13 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:
         """Transform `pipe` (a diffusers pipeline) in place; `calib` when needs_calibration."""
+
+    @classmethod
+    def restore(cls, module: Any, edit: Edit) -> Any:
+        """Replay one of this pass's edits on `module`, a component built from its saved
+        config whose weights are not loaded yet (meta tensors); return the module to go on
+        with (None: the same). Passes whose edits are all `in_config` need none."""
+        raise NotImplementedError(f"{cls.__qualname__} records edits but has no restore")
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -94,13 +90,23 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__qualname__}.name must be a dotted string like 'blocks.remove'")
     if name in _REGISTRY:
         raise ValueError(f"pass {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+    replays = [e for e in cls.edits if not e.in_config]
+    if replays and cls.restore.__func__ is Pass.restore.__func__:
+        raise TypeError(f"{cls.__qualname__} records {replays[0].__qualname__}: define restore")
     _REGISTRY[name] = cls
+    # The recipe and the artifact loader (core) validate and replay without importing compress.
+    register_schema(PassSchema(name, cls.stage, cls.Config))
+    for edit in cls.edits:
+        register_edit(edit, None if edit.in_config else cls.restore)
     return cls
 
 
 def unregister_pass(name: str) -> None:
     """Remove a pass (tests register throwaway passes)."""
-    _REGISTRY.pop(name, None)
+    cls = _REGISTRY.pop(name, None)
+    unregister_schema(name)
+    for edit in getattr(cls, "edits", ()):
+        unregister_edit(edit)
 
 
 def get_pass(name: str) -> type[Pass]:
@@ -114,3 +120,9 @@ def get_pass(name: str) -> type[Pass]:
 
 def registered_passes() -> dict[str, type[Pass]]:
     return dict(_REGISTRY)
+
+
+def build_passes(recipe: Any) -> list[Pass]:
+    """The recipe's passes as configured Pass objects, in order (entries are already
+    validated into their typed configs by the Recipe)."""
+    return [get_pass(entry.name)(entry.config) for entry in recipe.passes]

@@ -3,8 +3,9 @@
 Passes that calibrate keep their work in a work folder (`<out>.work` beside the artifact;
 `slimdiff compress --out OUT` uses OUT/work):
 
-    work/trajectories/<key>/   the teacher's denoiser inputs (Calibration), reused by reruns
-                               with the same model and calibration; delete it to free disk
+    work/trajectories/<key>/   the teacher's trajectories (Calibration.record), recorded
+                               before the first pass and reused by reruns with the same
+                               model and calibration; delete it to free disk
     work/checkpoints/<pass-key>/  resumable training state (blocks.remove's distillation);
                                a killed run resumes from it, and it is deleted once the
                                artifact is written
@@ -17,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from slimdiff.compress.base import PassReport
+from slimdiff.compress.base import PassReport, build_passes
 
 from slimdiff.artifact import save_artifact
 from slimdiff.errors import UserError
@@ -45,7 +46,7 @@ def compress_model(
         >>> art = compress_model(load_model("tiny:sdxl"), recipe, "out/a")  # doctest: +SKIP
     """
     pipe = model.require_pipeline("compress")
-    passes = recipe.resolved_passes()
+    passes = build_passes(recipe)
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(f"{out.name}.work")
     calib = None
@@ -53,6 +54,9 @@ def compress_model(
         from slimdiff.calib import Calibration
 
         calib = Calibration(pipe, model.arch, recipe.calibration, work_dir=work)
+        # The teacher is the model as loaded: its trajectories are recorded (or loaded from
+        # the cache) before any pass changes it, whichever pass asks for them first.
+        calib.record()
     reports: list[PassReport] = []
     for p in passes:
         log.info("pass %s", p.name)

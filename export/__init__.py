@@ -5,6 +5,8 @@
     >>> manifest = export_bundle(load_model("tiny:sdxl"), "out/tiny-sdxl")  # doctest: +SKIP
     >>> manifest.components["unet"].parity["rel_err"] < 1e-4  # doctest: +SKIP
     True
+    >>> manifest.sha256  # the bundle's identity: SHA-256 of manifest.json  # doctest: +SKIP
+    '3f1c...'
 
 Per component: trace to ONNX (export/onnx.py), ORT fusions where they pay off
 (export/optimize.py), fp16 conversion, save (external data past the threshold), then a
@@ -19,6 +21,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pydantic
 from slimdiff.export.bundle import (
     check_out_dir,
     component_precisions,
@@ -39,13 +42,20 @@ from slimdiff.export.onnx import (
     load_graph,
     save_model,
 )
-from slimdiff.export.optimize import PLANS, convert_fp16, fuse
+from slimdiff.export.optimize import convert_fp16, fuse
 from slimdiff.export.parity import ExportError, check_parity
-from slimdiff.runtime.manifest import MANIFEST_NAME, ComponentEntry, Manifest
+from slimdiff.runtime.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    BundleError,
+    ComponentEntry,
+    Manifest,
+    parse_manifest,
+)
 
 import slimdiff
 from slimdiff.errors import UserError
-from slimdiff.fsutil import atomic_dir, atomic_write_text
+from slimdiff.fsutil import atomic_dir, atomic_write_bytes
 from slimdiff.models.loading import LoadedModel
 
 __all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
@@ -111,19 +121,41 @@ def export_bundle(
             )
         shutil.rmtree(root / _WORK, ignore_errors=True)
         write_support_files(model, root)
+        manifest = _write_manifest(root, model, entries, source or {"model": model.source})
+        make_readable(root)
+    log.info("bundle written to %s (sha256 %s)", out, manifest.sha256)
+    return manifest
+
+
+def _write_manifest(
+    root: Path, model: LoadedModel, entries: dict[str, ComponentEntry], source: dict
+) -> Manifest:
+    """Write manifest.json, last, so a folder with a manifest is always complete; return it
+    as the runtime reads it back, with `sha256` (the bundle's identity) set.
+
+    The bytes are parsed with the runtime's own strict reader before they are written: a
+    manifest this slimdiff writes always validates, or the export fails here.
+    """
+    try:
         manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            slimdiff_version=slimdiff.__version__,
             family=model.arch.family,
+            source=source,
             pipeline=pipeline_constants(model),
             components=entries,
             files=hash_files(root),
-            source=source or {"model": model.source},
-            slimdiff_version=slimdiff.__version__,
         )
-        # Last, so a folder with a manifest is always complete.
-        atomic_write_text(root / MANIFEST_NAME, manifest.to_json())
-        make_readable(root)
-    log.info("bundle written to %s", out)
-    return manifest
+        data = manifest.to_bytes()
+        written = parse_manifest(data, root / MANIFEST_NAME)
+    except (pydantic.ValidationError, BundleError) as err:
+        detail = str(err).splitlines()[0] if isinstance(err, BundleError) else str(err)
+        raise ExportError(
+            f"the bundle manifest for {model.source} does not validate ({detail}); the model "
+            "is outside what the runtime supports: report it"
+        ) from err
+    atomic_write_bytes(root / MANIFEST_NAME, data)
+    return written
 
 
 def _validate(target: str, precision: str, vae_precision: str | None, threshold: int) -> None:
@@ -148,14 +180,14 @@ def _export_component(
     component: Component, root: Path, *, precision: str, optimize: bool, check: bool, threshold: int
 ) -> ComponentEntry:
     """Export, fuse, convert, save and check one component; its manifest entry."""
-    plan = PLANS[component.kind]
+    plan = component.plan
     fusing = optimize and plan.on_cpu
     processor = _classic_attention if fusing and plan.attention == "classic" else None
     raw = root / _WORK / component.name / "raw.onnx"
     with export_mode(component, processor):
         export_component(component, raw)
     fusions: dict[str, int] = {}
-    fused = fuse(str(raw), component.kind) if fusing else None
+    fused = fuse(str(raw), plan) if fusing else None
     if fused is not None:
         graph, fusions = fused[0].model, fused[1]
     else:

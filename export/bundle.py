@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from slimdiff.runtime.manifest import MANIFEST_NAME, sha256_file
+from slimdiff.runtime.manifest import MANIFEST_NAME, PipelineSpec, TextEncoderRecord, sha256_file
 
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
@@ -57,25 +56,30 @@ def component_precisions(model: LoadedModel, precision: str, vae_precision: str 
     return {name: (vae_precision if name == "vae_decoder" else precision) for name in names}
 
 
-def pipeline_constants(model: LoadedModel) -> dict[str, Any]:
+def pipeline_constants(model: LoadedModel) -> PipelineSpec:
     """The manifest's `pipeline` record: what the runtime's denoising loop needs.
 
+    `kind` is the ArchSpec's KindSpec filled in for this denoiser (slimdiff/models/kinds.py):
+    the runtime drives the denoiser from it alone, never from the family's name.
+
     Example:
-        >>> pipeline_constants(load_model("tiny:sdxl"))["vae_scale_factor"]  # doctest: +SKIP
+        >>> pipeline_constants(load_model("tiny:sdxl")).vae_scale_factor  # doctest: +SKIP
         8
     """
     arch, pipe = model.arch, model.pipe
-    vae, den = pipe.vae.config, model.denoiser.config
+    vae = pipe.vae.config
     scale = 2 ** (len(vae.block_out_channels) - 1)
     shift = vae.get("shift_factor")
-    return {
+    kind = arch.kind_for(model.denoiser.config)
+    record = {
         "denoiser": arch.denoiser,
-        "denoiser_kind": arch.denoiser_kind,
+        "kind": kind,
         "uses_cfg": arch.uses_cfg,
         "default_size": list(model.default_size),
         "default_steps": arch.default_steps,
         "default_guidance": arch.default_guidance,
         "vae_scale_factor": scale,
+        "size_multiple": kind.size_multiple(scale),
         "latent_channels": vae.latent_channels,
         "vae_scaling_factor": float(vae.scaling_factor),
         "vae_shift_factor": None if shift is None else float(shift),
@@ -83,27 +87,29 @@ def pipeline_constants(model: LoadedModel) -> dict[str, Any]:
         "force_zeros_for_empty_prompt": bool(
             pipe.config.get("force_zeros_for_empty_prompt", False)
         ),
-        "has_time_ids": arch.has_time_ids,
-        "guidance_embeds": bool(den.get("guidance_embeds", False)),
-        "patch_size": den.get("patch_size") or 1,
         "text_encoders": [_text_encoder_record(pipe, spec) for spec in arch.text_encoders],
         "scheduler": SCHEDULER_CONFIG,
     }
+    # The schema the runtime reads it with: a value it would refuse fails here, at export.
+    return PipelineSpec.model_validate(record)
 
 
-def _text_encoder_record(pipe, spec) -> dict[str, Any]:
+def _text_encoder_record(pipe, spec) -> TextEncoderRecord:
     tok, cfg = getattr(pipe, spec.tokenizer), getattr(pipe, spec.name).config
-    return {
-        "name": spec.name,
-        "tokenizer": spec.tokenizer,
-        "kind": spec.kind,
-        "max_length": spec.max_length,
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "outputs": list(spec.outputs),
-        "hidden_size": int(cfg.hidden_size),  # T5Config maps hidden_size to d_model
-    }
+    positions = getattr(cfg, "max_position_embeddings", None)  # T5: relative, none
+    return TextEncoderRecord(
+        name=spec.name,
+        tokenizer=spec.tokenizer,
+        kind=spec.kind,
+        max_length=spec.max_length,
+        max_positions=None if positions is None else int(positions),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        outputs=tuple(spec.outputs),
+        segment=spec.segment,
+        hidden_size=int(cfg.hidden_size),  # T5Config maps hidden_size to d_model
+    )
 
 
 def write_support_files(model: LoadedModel, root: Path) -> None:

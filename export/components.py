@@ -17,28 +17,23 @@ import torch
 from slimdiff.export.dummy_inputs import (
     DYNAMIC_AXES,
     Sizes,
-    denoiser_inputs,
     text_encoder_inputs,
     vae_decoder_inputs,
 )
-from slimdiff.export.wrappers import TextEncoderWrapper, VaeDecoderWrapper, denoiser_wrapper
+from slimdiff.export.wrappers import DenoiserWrapper, TextEncoderWrapper, VaeDecoderWrapper
 from torch import nn
 
-from slimdiff.models.arch import ArchSpec, TensorSpec
+from slimdiff.models.arch import VAE_ONNX, ArchSpec, OnnxPlan, TensorSpec
+from slimdiff.models.inputs import denoiser_inputs
 from slimdiff.models.loading import LoadedModel
 
 __all__ = [
     "Component",
     "denoiser_component",
-    "denoiser_specs",
     "eval_mode",
     "export_mode",
     "plan_components",
 ]
-
-# Denoiser inputs that exist only when a config flag is on (input name -> config key):
-# FLUX.1-dev embeds guidance, FLUX.1-schnell has no guidance input at all.
-_OPTIONAL_INPUTS = {"guidance": "guidance_embeds"}
 
 # Text encoder outputs that carry the token axis; the others are pooled (B, P).
 _TOKEN_OUTPUTS = frozenset({"last_hidden_state", "penultimate_hidden_state"})
@@ -46,30 +41,16 @@ _TOKEN_OUTPUTS = frozenset({"last_hidden_state", "penultimate_hidden_state"})
 
 @dataclass
 class Component:
-    """One graph of the bundle.
-
-    `kind` names the graph's architecture for the optimizer: the TextEncoderSpec.kind
-    ("clip", "t5"), the ArchSpec.denoiser_kind ("unet", "sd3", "flux") or "vae".
-    """
+    """One graph of the bundle; `plan` is how ORT's optimizer treats it (from the ArchSpec)."""
 
     name: str  # bundle folder and manifest key: "text_encoder_2", "unet", "vae_decoder"
-    kind: str
+    plan: OnnxPlan
     module: nn.Module  # takes the inputs positionally, in input_names order
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     dynamic_axes: dict[str, dict[int, str]]
     make_inputs: Callable[[Sizes], dict[str, torch.Tensor]]
     model: nn.Module  # the diffusers/transformers model inside `module`
-
-
-def denoiser_specs(arch: ArchSpec, denoiser: nn.Module) -> tuple[TensorSpec, ...]:
-    """ArchSpec.denoiser_inputs minus the optional inputs this denoiser's config lacks."""
-    cfg = denoiser.config
-    return tuple(
-        s
-        for s in arch.denoiser_inputs
-        if s.name not in _OPTIONAL_INPUTS or cfg.get(_OPTIONAL_INPUTS[s.name], False)
-    )
 
 
 def _axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
@@ -95,7 +76,7 @@ def plan_components(model: LoadedModel) -> list[Component]:
         plans.append(
             Component(
                 name=spec.name,
-                kind=spec.kind,
+                plan=spec.onnx,
                 module=TextEncoderWrapper(encoder, spec.outputs),
                 input_names=("input_ids",),
                 output_names=spec.outputs,
@@ -117,7 +98,7 @@ def plan_components(model: LoadedModel) -> list[Component]:
     plans.append(
         Component(
             name="vae_decoder",
-            kind="vae",
+            plan=VAE_ONNX,
             module=VaeDecoderWrapper(pipe.vae),
             input_names=tuple(s.name for s in arch.vae_decoder_inputs),
             output_names=("sample",),
@@ -132,18 +113,18 @@ def plan_components(model: LoadedModel) -> list[Component]:
 def denoiser_component(arch: ArchSpec, denoiser: nn.Module) -> Component:
     """The denoiser's Component (named arch.denoiser) for `denoiser`, which need not be the
     pipeline's: tools export a UNet alone with it (tools/unet_speed.py)."""
-    specs = denoiser_specs(arch, denoiser)
+    specs = arch.present_inputs(denoiser.config)
     names = tuple(s.name for s in specs)
     axes = _axes(specs)
     return Component(
         name=arch.denoiser,
-        kind=arch.denoiser_kind,
-        module=denoiser_wrapper(arch.denoiser_kind, denoiser, names),
+        plan=arch.denoiser_onnx,
+        module=DenoiserWrapper(denoiser, specs),
         input_names=names,
         output_names=("out_sample",),
         # The prediction has the layout of the noisy latent it denoises.
         dynamic_axes={**axes, "out_sample": axes[names[0]]},
-        make_inputs=partial(denoiser_inputs, arch.denoiser_kind, denoiser, specs),
+        make_inputs=partial(denoiser_inputs, arch, denoiser),
         model=denoiser,
     )
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime graph fusions and fp16 conversion, per component kind.
+"""ONNX Runtime graph fusions and fp16 conversion, by each component's OnnxPlan.
 
 Fusions come from onnxruntime.transformers (`optimize_model`, the tool behind ORT's own
 stable-diffusion `optimize_pipeline.py`). Which ones are worth running depends on the
@@ -13,8 +13,14 @@ execution provider:
   than the exported MatMul/Softmax chain, whose intermediates each hold a full
   (tokens x tokens) score matrix: that is what runs a CPU out of memory at high
   resolution. Elsewhere the offline fusions (LayerNorm, SkipLayerNorm, Gelu variants)
-  measured no faster than what the CPU session does at load, so they are skipped (numbers
-  in `PLANS`).
+  measured no faster than what the CPU session does at load, so they are skipped. Each
+  component's plan, with the numbers behind it, is declared with its family's ArchSpec
+  (slimdiff/models/families.py; text encoder and VAE plans in slimdiff/models/arch.py).
+
+`shape_inference` (OnnxPlan): ORT's symbolic shape inference is most of the optimizer's time
+on big graphs, and the fusions needing it (SkipLayerNorm, bias folding) are ones the CPU
+session applies at load anyway, so it is off for CPU fusions unless the attention fusion
+needs it. GPU fusions always use it, as ORT's tooling does.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ import contextlib
 import io
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import onnx
 from slimdiff.export.onnx import PROTOBUF_LIMIT, tensor_bytes
 
-__all__ = ["PLANS", "FusionPlan", "convert_fp16", "fuse", "fusion_options", "has_contrib_ops"]
+from slimdiff.models.arch import OnnxPlan
+
+__all__ = ["convert_fp16", "fuse", "fusion_options", "has_contrib_ops"]
 
 log = logging.getLogger(__name__)
 
@@ -48,60 +55,7 @@ _GPU_ONLY_FLAGS = (
 )
 
 
-@dataclass(frozen=True)
-class FusionPlan:
-    """How one component kind goes through ORT's optimizer.
-
-    model_type: onnxruntime.transformers model type ("unet", "vae", "clip", "t5", "mmdit").
-    attention: "classic" exports diffusers models with `AttnProcessor()` (explicit
-        MatMul/Softmax, the pattern ORT's UNet attention fusion matches, as ORT's tooling and
-        TensorRT demoDiffusion do); "native" keeps the model's own SDPA processors.
-    on_cpu: whether CPU bundles run the optimizer at all (GPU bundles always do).
-    opt_level: ORT graph level run before the Python fusions (0 = fusions only).
-    shape_inference: ORT's symbolic shape inference during CPU fusions. Most of the
-        optimizer's time on big graphs; the fusions needing it (SkipLayerNorm, bias
-        folding) are ones the CPU session applies at load anyway, so off unless the
-        attention fusion needs it. GPU fusions always use it, as ORT's tooling does.
-    """
-
-    model_type: str
-    attention: str = "native"
-    on_cpu: bool = False
-    opt_level: int = 0
-    shape_inference: bool = False
-
-
-# Keyed by Component.kind. Measured on this repo's random: (full-width) models, ORT 1.32 CPU
-# EP, 2 threads, fp32. The wins are peak memory and long-sequence attention, not GEMM speed:
-PLANS: dict[str, FusionPlan] = {
-    # SD1.5 UNet (860M), 16 Attention + 16 MultiHeadAttention: at 512 px, batch 2 the same
-    # speed (11.7 vs 12.5 s, noise) but peak RSS 8.1 -> 5.8 GB; at 768 px, batch 2 the
-    # unfused graph exceeded 23 GB (killed), the fused one peaked at 9.8 GB. Rel err 9e-7.
-    # SDPA exports crash ORT 1.32's UNet attention fusion (it reads num_heads from a Reshape
-    # whose shape is computed), hence "classic". opt_level 1 (ORT's constant folding first)
-    # lets the fusion match without symbolic shape inference, ~3x faster to optimize.
-    "unet": FusionPlan("unet", attention="classic", on_cpu=True, opt_level=1),
-    # SD3 transformer (full width, 2 of 24 layers), joint attention -> MultiHeadAttention:
-    # at 1024 px, batch 2, 22.2 -> 13.6 s and peak RSS 16.0 -> 5.6 GB; at 512 px no change.
-    # It needs symbolic shape inference, and opt_level 1 loses the match (0, as ORT's
-    # optimize_pipeline uses).
-    "sd3": FusionPlan("mmdit", on_cpu=True, shape_inference=True),
-    # ORT 1.32's FLUX attention pattern wants q/k RMSNorm after the head transpose (the
-    # layout of older diffusers' FluxAttnProcessor2_0); diffusers 0.42 normalises before it,
-    # so only FastGelu fuses, which the CPU session does by itself.
-    "flux": FusionPlan("mmdit"),
-    # CLIP: SkipLayerNorm + QuickGelu, no attention (ORT's CLIP attention fusion matches
-    # neither the SDPA nor the eager export of transformers 5): CLIP-L at batch 2 runs
-    # 357 ms unfused, 360 ms fused. T5: SkipSimplifiedLayerNorm + FastGelu only, likewise.
-    "clip": FusionPlan("clip"),
-    "t5": FusionPlan("t5"),
-    # VAE: its fusions are GroupNorm/NhwcConv (CUDA only); ORT 1.32's VAE attention fusion
-    # crashes on the classic export and does not match the SDPA one.
-    "vae": FusionPlan("vae"),
-}
-
-
-def fusion_options(plan: FusionPlan, *, for_gpu: bool, fp16: bool):
+def fusion_options(plan: OnnxPlan, *, for_gpu: bool, fp16: bool):
     """ORT FusionOptions for `plan` on the CPU or GPU execution provider."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
@@ -118,18 +72,17 @@ def fusion_options(plan: FusionPlan, *, for_gpu: bool, fp16: bool):
     return options
 
 
-def fuse(path: str, kind: str, *, for_gpu: bool = False, fp16: bool = False):
-    """Run ORT's fusions for `kind` on the graph at `path`, or None if they do not apply.
+def fuse(path: str, plan: OnnxPlan, *, for_gpu: bool = False, fp16: bool = False):
+    """Run ORT's fusions of `plan` on the graph at `path`, or None if they do not apply.
 
     Returns (OnnxModel, {fused op: count}). `path` (not a ModelProto) so graphs past 2 GiB
     with external data load.
 
     Example:
-        >>> fused = fuse("work/unet/raw.onnx", "unet")  # doctest: +SKIP
+        >>> fused = fuse("work/unet/raw.onnx", arch.denoiser_onnx)  # doctest: +SKIP
         >>> fused[1]  # doctest: +SKIP
         {'Attention': 16, 'MultiHeadAttention': 16, 'LayerNormalization': 48}
     """
-    plan = PLANS[kind]
     if not (for_gpu or plan.on_cpu):
         return None
     from onnxruntime.transformers.optimizer import optimize_model

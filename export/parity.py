@@ -21,6 +21,8 @@ import torch
 from slimdiff.export.components import Component, eval_mode
 from slimdiff.export.dummy_inputs import CHECK
 
+from slimdiff.threads import choose_threads, ort_session_options
+
 __all__ = ["TOLERANCES", "ExportError", "check_parity"]
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,11 @@ def check_parity(component: Component, path: Path, precision: str) -> dict[str, 
     with eval_mode(component), torch.inference_mode():
         expected = component.module(*(feeds[n] for n in component.input_names))
     expected = expected if isinstance(expected, tuple) else (expected,)
-    options = ort.SessionOptions()
-    # Follow torch's thread count: a caller that limits torch (a busy or shared machine,
-    # where oversubscribed spinning threads run 10-100x slower) limits the check too.
-    options.intra_op_num_threads = torch.get_num_threads()
+    # Threads by slimdiff's policy (SLIMDIFF_THREADS, else the component's size and the
+    # CPUs free) and no spinning: spinning threads on a shared CPU run tiny graphs 2-3x
+    # slower, and torch's thread count says nothing about what ORT should use.
+    params = sum(p.numel() for p in component.module.parameters())
+    options = ort_session_options(ort.SessionOptions(), choose_threads(params))
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         got = session.run(list(component.output_names), {k: v.numpy() for k, v in feeds.items()})

@@ -3,7 +3,7 @@
 torch.onnx traces positional tensors in and a tuple of tensors out; diffusers and
 transformers models take keyword arguments and return dataclasses. Each wrapper here maps
 the graph's inputs (in ArchSpec order) onto the model's call and returns the outputs in
-the order of their ONNX names, so the IO contract lives in one place per component kind.
+the order of their ONNX names; the denoiser's keywords come from its ArchSpec.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DENOISER_WRAPPERS", "TextEncoderWrapper", "VaeDecoderWrapper", "denoiser_wrapper"]
+from slimdiff.models.arch import TensorSpec
+from slimdiff.models.inputs import denoiser_kwargs
+
+__all__ = ["DenoiserWrapper", "TextEncoderWrapper", "VaeDecoderWrapper"]
 
 # How each text-encoder output name is read off a transformers output (see arch.TextOutput).
 _TEXT_OUTPUTS: dict[str, Callable[[Any], torch.Tensor]] = {
@@ -51,39 +54,18 @@ class TextEncoderWrapper(nn.Module):
         return tuple(_TEXT_OUTPUTS[name](out) for name in self.outputs)
 
 
-class UNetWrapper(nn.Module):
-    """UNet2DConditionModel with flat inputs; SDXL's text_embeds/time_ids -> added_cond_kwargs."""
+class DenoiserWrapper(nn.Module):
+    """A denoiser with flat positional inputs, in `specs` order; each is passed under its
+    spec's keyword (SDXL's text_embeds/time_ids go into added_cond_kwargs)."""
 
-    _ADDED = ("text_embeds", "time_ids")
-
-    def __init__(self, unet: nn.Module, input_names: Sequence[str]):
+    def __init__(self, denoiser: nn.Module, specs: Sequence[TensorSpec]):
         super().__init__()
-        self.unet = unet
-        self.input_names = tuple(input_names)
+        self.denoiser = denoiser
+        self.specs = tuple(specs)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feeds = dict(zip(self.input_names, inputs, strict=True))
-        added = {k: feeds.pop(k) for k in self._ADDED if k in feeds}
-        return self.unet(
-            feeds["sample"],
-            feeds["timestep"],
-            feeds["encoder_hidden_states"],
-            added_cond_kwargs=added or None,
-            return_dict=False,
-        )[0]
-
-
-class TransformerWrapper(nn.Module):
-    """SD3 / FLUX transformers: graph input names are the model's own keyword names."""
-
-    def __init__(self, transformer: nn.Module, input_names: Sequence[str]):
-        super().__init__()
-        self.transformer = transformer
-        self.input_names = tuple(input_names)
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feeds = dict(zip(self.input_names, inputs, strict=True))
-        return self.transformer(**feeds, return_dict=False)[0]
+        feeds = {s.name: x for s, x in zip(self.specs, inputs, strict=True)}
+        return self.denoiser(**denoiser_kwargs(self.specs, feeds), return_dict=False)[0]
 
 
 class VaeDecoderWrapper(nn.Module):
@@ -95,16 +77,3 @@ class VaeDecoderWrapper(nn.Module):
 
     def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
-# Keyed by ArchSpec.denoiser_kind.
-DENOISER_WRAPPERS: dict[str, type[nn.Module]] = {
-    "unet": UNetWrapper,
-    "sd3": TransformerWrapper,
-    "flux": TransformerWrapper,
-}
-
-
-def denoiser_wrapper(kind: str, denoiser: nn.Module, input_names: Sequence[str]) -> nn.Module:
-    """The wrapper for `kind` (ArchSpec.denoiser_kind) taking `input_names` positionally."""
-    return DENOISER_WRAPPERS[kind](denoiser, input_names)

@@ -1,8 +1,8 @@
-"""The bundle manifest: what an exported bundle holds, written by export, read by runtime.
+"""The bundle manifest: a strict schema for what an exported bundle holds and how to run it.
 
 A bundle is a folder:
 
-    manifest.json                      this schema
+    manifest.json                      this schema (SCHEMA_VERSION), written last
     text_encoder/model.onnx            one folder per component (+ model.onnx.data when
     text_encoder_2/model.onnx          the weights are stored as ONNX external data)
     unet/model.onnx | transformer/model.onnx
@@ -10,91 +10,305 @@ A bundle is a folder:
     tokenizer/tokenizer.json, tokenizer_2/...   read with the `tokenizers` library
     scheduler/scheduler_config.json    diffusers' scheduler config
 
-`manifest.json` records the SHA-256 of every other file; `read_manifest` checks them all
-before anything runs, so a truncated copy or an edited file fails loudly instead of
-producing a wrong image. This module imports only the standard library.
+The exporter builds a `Manifest` and writes `Manifest.to_json()`; the runtime reads it back
+with `parse_manifest`, which validates the JSON text strictly (`extra="forbid"`, no "1" for
+1 or `true` for 1, arrays where arrays belong, every number bounded, finite floats) and then
+checks the fields against each other (manifest_checks.py), so a bundle that would fail
+later inside onnxruntime or numpy, or silently draw a wrong image, is refused up front with
+one line naming the file, the field and the fix. `files` maps every file's relative path
+to its SHA-256; runtime/bundle_files.py keeps paths inside the bundle and checks the hashes.
+
+The SHA-256 of manifest.json's bytes pins every file through `files`: it is the bundle's
+identity (`slimdiff export` prints it, `slimdiff verify` and `slimdiff run --expect-sha256`
+check it). This module imports only the standard library, pydantic and the torch-free
+slimdiff.models.kinds.
+
+Example:
+    >>> manifest = read_manifest("out/bundle")          # doctest: +SKIP
+    >>> manifest.pipeline.kind.sample_input             # doctest: +SKIP
+    'sample'
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field
+from slimdiff.runtime import strict_json
+from typing_extensions import TypedDict
 
 from slimdiff.errors import UserError
+from slimdiff.models.kinds import KindSpec
 
 __all__ = [
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "BundleError",
     "ComponentEntry",
+    "IOSpec",
     "Manifest",
+    "PipelineSpec",
+    "TextEncoderRecord",
+    "check_relative_path",
+    "load_json_bytes",
+    "parse_manifest",
     "read_manifest",
     "sha256_file",
 ]
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+# 2: `pipeline.kind` (a KindSpec) replaced denoiser_kind/has_time_ids/guidance_embeds/
+# patch_size; text encoder records gained max_positions; the schema became strict.
+SCHEMA_VERSION = 2
+MAX_MANIFEST_BYTES = 4 << 20  # a tiny bundle's is 7 kB, one with 10k files under 1 MB
+MAX_JSON_DEPTH = 32  # the schema nests 6 deep
 _CHUNK = 1 << 20
+FIX = "export the bundle again with this slimdiff (`slimdiff export`)"
+
+# Tensor names the denoising loop feeds and reads.
+TEXT_INPUT = "input_ids"
+DENOISER_OUTPUT = "out_sample"
+VAE_DECODER = "vae_decoder"
+VAE_INPUT, VAE_OUTPUT = "latent_sample", "sample"
+# Text encoder outputs: per-token hidden states (B, S, D), and pooled ones (B, P).
+HIDDEN_OUTPUTS = ("penultimate_hidden_state", "last_hidden_state")
+POOLED_OUTPUTS = ("text_embeds", "pooler_output")
 
 
 class BundleError(UserError):
-    """A bundle that is missing, incomplete, tampered with or from a newer slimdiff."""
+    """A bundle that is missing, incomplete, tampered with or from another slimdiff version."""
 
 
-@dataclass
-class ComponentEntry:
-    """One exported component (a graph file plus its IO contract)."""
-
-    path: str  # relative to the bundle root, e.g. "unet/model.onnx"
-    format: str  # "onnx" | "tensorrt" | "aoti"
-    precision: str  # "fp32" | "fp16" | "int8" ...
-    inputs: list[dict[str, Any]]  # [{"name", "dtype", "shape"}], shape entries int | axis name
-    outputs: list[dict[str, Any]]
-    parity: dict[str, Any] = field(default_factory=dict)  # {"rel_err", "tolerance", "passed"}
-    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific (TRT version, SM)
+# ---------------------------------------------------------------- field types
 
 
-@dataclass
-class Manifest:
-    """A bundle's manifest.json, as data."""
+def check_relative_path(value: str) -> str:
+    """`value` if it is a safe bundle path: relative POSIX, no "." / ".." / empty parts, no
+    backslash, colon, NUL or control characters; raises ValueError saying why otherwise.
 
-    family: str
-    pipeline: dict[str, Any]  # constants the runtime needs (see export/bundle.py)
-    components: dict[str, ComponentEntry]
-    files: dict[str, str]  # relative path -> sha256 hex
-    source: dict[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-    slimdiff_version: str = ""
+    Example:
+        >>> check_relative_path("unet/model.onnx")
+        'unet/model.onnx'
+    """
+    if value.startswith("/"):
+        raise ValueError(f"{value!r} is absolute; bundle paths are relative to the bundle")
+    bad = sorted({c for c in value if c in "\\:" or ord(c) < 0x20 or ord(c) == 0x7F})
+    if bad:
+        raise ValueError(f"{value!r} contains {''.join(bad)!r}; bundle paths are POSIX paths")
+    parts = value.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{value!r} has an empty, '.' or '..' part; it must stay in the bundle")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise ValueError(f"{value!r} has a part longer than 255 bytes")
+    return value
 
-    def to_json(self) -> str:
-        data = {
-            "schema_version": self.schema_version,
-            "slimdiff_version": self.slimdiff_version,
-            "family": self.family,
-            "source": self.source,
-            "pipeline": self.pipeline,
-            "components": {k: vars(v) for k, v in self.components.items()},
-            "files": self.files,
-        }
-        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        return cls(
-            family=data["family"],
-            pipeline=data["pipeline"],
-            components={k: ComponentEntry(**v) for k, v in data["components"].items()},
-            files=data["files"],
-            source=data.get("source", {}),
-            schema_version=data["schema_version"],
-            slimdiff_version=data.get("slimdiff_version", ""),
+BundlePath = Annotated[
+    str, Field(min_length=1, max_length=1024), AfterValidator(check_relative_path)
+]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")]
+ComponentName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+TensorName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$")]
+AxisName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")]
+Dim = Annotated[int, Field(ge=1, le=2**31 - 1)] | AxisName
+Dtype = Literal[
+    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"
+]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TextOutput = Literal[
+    "penultimate_hidden_state", "last_hidden_state", "text_embeds", "pooler_output"
+]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Error = Annotated[float, Field(ge=0)]
+
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _unique(values: list[str] | tuple[str, ...], what: str) -> None:
+    dupes = sorted({v for v in values if list(values).count(v) > 1})
+    if dupes:
+        raise ValueError(f"{what} lists {', '.join(dupes)} more than once")
+
+
+# ---------------------------------------------------------------- records
+
+
+@pydantic.with_config(_CONFIG)
+class IOSpec(TypedDict):
+    """One graph input or output: {"name", "dtype", "shape"}; a shape entry is a fixed size
+    (int >= 1) or the name of a dynamic axis ("B", "H", "8h", ...)."""
+
+    name: TensorName
+    dtype: Dtype
+    shape: Annotated[list[Dim], Field(max_length=8)]
+
+
+@pydantic.with_config(_CONFIG)
+class Parity(TypedDict, total=False):
+    """The exporter's check against torch (empty when export ran with check=False)."""
+
+    rel_err: Error
+    max_abs_err: Error
+    tolerance: Annotated[float, Field(gt=0, le=1)]
+    passed: bool
+    inputs: Annotated[
+        dict[TensorName, Annotated[list[Count], Field(max_length=8)]], Field(max_length=64)
+    ]
+
+
+@pydantic.with_config(_CONFIG)
+class OnnxExtra(TypedDict, total=False):
+    """How an ONNX graph was produced; informational, the runtime does not read it."""
+
+    opset: Annotated[int, Field(ge=7, le=64)]
+    ort_fusions: Annotated[dict[TensorName, Count], Field(max_length=256)]
+    attention: Literal["classic", "native"]
+    external_data: bool
+
+
+class ComponentEntry(pydantic.BaseModel):
+    """One exported component: a graph file inside the component's own folder, its IO."""
+
+    model_config = _CONFIG
+
+    path: BundlePath  # relative to the bundle root, e.g. "unet/model.onnx"
+    format: Literal["onnx"]  # the only format a runtime backend loads so far
+    precision: Literal["fp32", "fp16", "bf16", "int8", "int4"]
+    inputs: Annotated[list[IOSpec], Field(min_length=1, max_length=64)]
+    outputs: Annotated[list[IOSpec], Field(min_length=1, max_length=64)]
+    parity: Parity  # {} when export ran with check=False
+    extra: OnnxExtra
+
+    @pydantic.model_validator(mode="after")
+    def _names_unique(self) -> ComponentEntry:
+        _unique([i["name"] for i in self.inputs], "inputs")
+        _unique([o["name"] for o in self.outputs], "outputs")
+        return self
+
+    def io(self, name: str, outputs: bool = False) -> IOSpec | None:
+        """The input (or output) called `name`, if there is one."""
+        return next(
+            (s for s in (self.outputs if outputs else self.inputs) if s["name"] == name), None
         )
 
 
+class TextEncoderRecord(pydantic.BaseModel):
+    """How the pipeline uses one text encoder: its tokenizer folder, padding, outputs, and
+    the `segment` of the denoiser's text states its hidden output goes to (see
+    slimdiff.models.arch.TextEncoderSpec)."""
+
+    model_config = _CONFIG
+
+    name: ComponentName
+    tokenizer: BundlePath  # a folder holding tokenizer.json
+    kind: Literal["clip", "t5"]
+    max_length: Annotated[int, Field(ge=1, le=4096)]
+    # The encoder's position embeddings (CLIP: 77); None for relative positions (T5).
+    max_positions: Annotated[int, Field(ge=1, le=1 << 20)] | None
+    pad_token_id: TokenId
+    eos_token_id: TokenId | None
+    bos_token_id: TokenId | None
+    outputs: Annotated[tuple[TextOutput, ...], Field(min_length=1, max_length=4)]
+    segment: Annotated[int, Field(ge=0, le=7)]
+    hidden_size: Annotated[int, Field(ge=1, le=1 << 16)]
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> TextEncoderRecord:
+        _unique(self.outputs, "outputs")
+        if sum(o in HIDDEN_OUTPUTS for o in self.outputs) > 1:
+            raise ValueError("outputs: at most one per-token hidden state may be used")
+        if self.max_positions is not None and self.max_length > self.max_positions:
+            raise ValueError(
+                f"max_length {self.max_length} exceeds the encoder's {self.max_positions} positions"
+            )
+        return self
+
+    @property
+    def hidden_output(self) -> str | None:
+        return next((o for o in self.outputs if o in HIDDEN_OUTPUTS), None)
+
+    @property
+    def tokenizer_file(self) -> str:
+        return f"{self.tokenizer}/tokenizer.json"
+
+
+class PipelineSpec(pydantic.BaseModel):
+    """Constants the runtime's denoising loop needs (written by export/bundle.py)."""
+
+    model_config = _CONFIG
+
+    denoiser: ComponentName  # "unet" | "transformer"
+    kind: KindSpec  # how the loop drives this denoiser (slimdiff/models/kinds.py)
+    uses_cfg: bool
+    default_size: tuple[
+        Annotated[int, Field(ge=8, le=16384)], Annotated[int, Field(ge=8, le=16384)]
+    ]  # (height, width)
+    default_steps: Annotated[int, Field(ge=1, le=1000)]
+    default_guidance: Annotated[float, Field(ge=0, le=100)]
+    vae_scale_factor: Annotated[int, Field(ge=1, le=64)]  # a power of two (checked)
+    size_multiple: Annotated[int, Field(ge=1, le=1024)]
+    latent_channels: Annotated[int, Field(ge=1, le=64)]
+    vae_scaling_factor: Annotated[float, Field(gt=0, le=1000)]
+    vae_shift_factor: Annotated[float, Field(ge=-1000, le=1000)] | None
+    force_zeros_for_empty_prompt: bool
+    text_encoders: Annotated[tuple[TextEncoderRecord, ...], Field(min_length=1, max_length=8)]
+    scheduler: BundlePath  # diffusers' scheduler_config.json
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> PipelineSpec:
+        from slimdiff.runtime.manifest_checks import check_pipeline
+
+        check_pipeline(self)
+        return self
+
+
+class Manifest(pydantic.BaseModel):
+    """A bundle's manifest.json, as data. `sha256` is the identity of the bytes it was read
+    from or written as (None for one built in memory and never written)."""
+
+    model_config = _CONFIG
+
+    schema_version: int
+    slimdiff_version: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9.+_-]*$")]
+    family: Label  # a label ("sdxl"); nothing in the runtime branches on it
+    source: Annotated[dict[Label, Annotated[str, Field(max_length=1024)]], Field(max_length=32)]
+    pipeline: PipelineSpec
+    components: Annotated[dict[ComponentName, ComponentEntry], Field(min_length=1, max_length=16)]
+    files: Annotated[dict[BundlePath, Sha256], Field(min_length=1, max_length=100_000)]
+    _sha256: str | None = pydantic.PrivateAttr(default=None)
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        from slimdiff.runtime.manifest_checks import check_manifest
+
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version must be {SCHEMA_VERSION}")
+        check_manifest(self)
+        return self
+
+    @property
+    def sha256(self) -> str | None:
+        return self._sha256
+
+    def to_json(self) -> str:
+        """The manifest.json text: deterministic (field order, then insertion order)."""
+        data = self.model_dump(mode="json")
+        return json.dumps(data, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
+
+    def to_bytes(self) -> bytes:
+        return self.to_json().encode("ascii")
+
+
+# ---------------------------------------------------------------- reading
+
+
 def sha256_file(path: Path) -> str:
+    """SHA-256 hex of a file, read in 1 MiB chunks (bundle files can be 10 GB)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -102,52 +316,65 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
-    """Read `bundle/manifest.json`; with `verify`, check every file's SHA-256 first."""
-    root = Path(bundle)
-    path = root / MANIFEST_NAME
-    if not root.is_dir():
-        raise BundleError(
-            f"bundle {root} not found; create one with `slimdiff export MODEL --out {root}`"
-        )
-    if not path.is_file():
-        raise BundleError(
-            f"{root} is not a slimdiff bundle (no {MANIFEST_NAME}); an interrupted export "
-            "leaves none: export again"
-        )
+def load_json_bytes(data: bytes, where: str) -> Any:
+    """Parse a bundle's JSON file strictly (see strict_json.loads); BundleError if not."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: unreadable ({err}); export the bundle again") from None
-    version = data.get("schema_version")
+        return strict_json.loads(data, MAX_JSON_DEPTH)
+    except strict_json.StrictJSONError as err:
+        raise BundleError(f"{where}: {err}; {FIX}") from None
+
+
+def parse_manifest(data: bytes, where: str | Path) -> Manifest:
+    """Validate manifest.json's bytes (already read: no second read to race with) strictly.
+
+    `where` names the file in error messages. Raises BundleError, one line, on anything but
+    a manifest this slimdiff writes.
+    """
+    where = str(where)
+    value = load_json_bytes(data, where)
+    if not isinstance(value, dict):
+        raise BundleError(
+            f"{where}: the top level is a JSON {strict_json.kind(value)}, not an object; {FIX}"
+        )
+    version = value.get("schema_version")
+    if type(version) is not int:
+        raise BundleError(f"{where}: schema_version is missing or not an integer; {FIX}")
     if version != SCHEMA_VERSION:
+        older = version < SCHEMA_VERSION
         raise BundleError(
-            f"{path}: manifest schema {version!r}, this slimdiff reads {SCHEMA_VERSION}; "
-            "export the bundle again with this version or upgrade slimdiff"
+            f"{where}: manifest schema version {version} is from an "
+            f"{'older' if older else 'newer'} slimdiff; this one reads version "
+            f"{SCHEMA_VERSION}: "
+            + (FIX if older else "upgrade slimdiff, or export the bundle again with this one")
         )
+    pipeline = value.get("pipeline")
+    kind = pipeline.get("kind") if isinstance(pipeline, dict) else None
+    missing = sorted(set(KindSpec.model_fields) - set(kind)) if isinstance(kind, dict) else []
+    if missing:
+        # KindSpec has defaults for the Python API; a manifest spells out every field, so a
+        # deleted "sigmas" or "shift" cannot silently change a FLUX schedule.
+        raise BundleError(f"{where}: field 'pipeline.kind': {', '.join(missing)} missing; {FIX}")
     try:
-        manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError) as err:
-        raise BundleError(f"{path}: malformed manifest ({err}); export the bundle again") from None
-    if verify:
-        _verify_files(root, manifest)
+        manifest = Manifest.model_validate_json(data, strict=True)
+    except pydantic.ValidationError as err:
+        raise BundleError(f"{where}: {strict_json.describe(err, value)}; {FIX}") from None
+    manifest._sha256 = hashlib.sha256(data).hexdigest()
     return manifest
 
 
-def _verify_files(root: Path, manifest: Manifest) -> None:
-    for rel, expected in manifest.files.items():
-        file = root / rel
-        if not file.is_file():
-            raise BundleError(
-                f"{root}: {rel} is missing; copy the whole bundle folder or export again"
-            )
-        if sha256_file(file) != expected:
-            raise BundleError(
-                f"{root}: {rel} does not match its SHA-256 in {MANIFEST_NAME} (changed or "
-                "corrupted after export); export the bundle again"
-            )
-    for name, comp in manifest.components.items():
-        if comp.path not in manifest.files:
-            raise BundleError(
-                f"{root}: component {name} ({comp.path}) is not hashed in the manifest"
-            )
+def read_manifest(
+    bundle: str | Path, verify: bool = True, expect_sha256: str | None = None
+) -> Manifest:
+    """Read `bundle/manifest.json`; with `verify` (the default), check everything a run
+    would first: every path stays inside the bundle, every file matches its SHA-256.
+
+    Example:
+        >>> read_manifest("out/bundle").pipeline.default_steps   # doctest: +SKIP
+        30
+    """
+    from slimdiff.runtime.bundle_files import open_bundle, read_manifest_bytes
+
+    if verify:
+        return open_bundle(bundle, expect_sha256=expect_sha256).manifest
+    root, data = read_manifest_bytes(bundle, expect_sha256)
+    return parse_manifest(data, root / MANIFEST_NAME)

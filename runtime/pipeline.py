@@ -15,21 +15,33 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from slimdiff.runtime.backends import Backend, Session, get_backend
-from slimdiff.runtime.conditioning import CONDITIONINGS, Conditioning
+from slimdiff.runtime.bundle_files import Bundle, open_bundle
+from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.image import to_uint8
-from slimdiff.runtime.manifest import BundleError, ComponentEntry, Manifest, read_manifest
+from slimdiff.runtime.manifest import (
+    DENOISER_OUTPUT,
+    FIX,
+    VAE_DECODER,
+    VAE_INPUT,
+    VAE_OUTPUT,
+    BundleError,
+    ComponentEntry,
+    Manifest,
+    PipelineSpec,
+)
 from slimdiff.runtime.schedulers import scheduler_from_config
-from slimdiff.runtime.text_encoder import TextEncoder
+from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
+from slimdiff.models.kinds import timestep_args
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
 
@@ -82,41 +94,39 @@ class Text2ImagePipeline:
         self.scheduler_config = scheduler_config
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, backend: str = "ort-cpu") -> Text2ImagePipeline:
-        """Verify `bundle` (SHA-256 of every file) and load its components on `backend`."""
+    def from_bundle(
+        cls, bundle: str | Path, backend: str = "ort-cpu", expect_sha256: str | None = None
+    ) -> Text2ImagePipeline:
+        """Verify `bundle` (schema, paths, SHA-256 of every file) and load it on `backend`.
+
+        `expect_sha256` pins the bundle's identity (the SHA-256 of its manifest.json, which
+        `slimdiff export` prints): any other bundle is refused before its files are hashed.
+        """
         runner = get_backend(backend)  # fail on a bad backend name before hashing gigabytes
-        root = Path(bundle)
-        manifest = read_manifest(root, verify=True)
-        try:
-            return cls._load_verified(root, manifest, runner)
-        except KeyError as err:
-            raise BundleError(
-                f"{root}: manifest.json lacks {err} in its pipeline or component entries; "
-                "export the bundle again"
-            ) from None
+        return cls._load_verified(open_bundle(bundle, expect_sha256=expect_sha256), runner)
 
     @classmethod
-    def _load_verified(cls, root: Path, manifest: Manifest, runner: Backend) -> Text2ImagePipeline:
+    def _load_verified(cls, bundle: Bundle, runner: Backend) -> Text2ImagePipeline:
+        manifest = bundle.manifest
         config = manifest.pipeline
-        kind = config.get("denoiser_kind")
-        if kind not in CONDITIONINGS:
-            raise BundleError(
-                f"{root}: denoiser_kind {kind!r} is not one this runtime runs "
-                f"({', '.join(CONDITIONINGS)}); upgrade slimdiff"
-            )
-        scheduler_config = _read_json(root / config["scheduler"])
-        _check_scheduler(root, scheduler_config)
+        scheduler_config = bundle.read_json(config.scheduler)
+        _check_scheduler(bundle.root, config, scheduler_config)
+        # Everything parsed in-process first, so a bad file fails before any graph loads.
+        tokenizers = [bundle_tokenizer(bundle, record) for record in config.text_encoders]
         encoders = [
-            TextEncoder.from_manifest(root, manifest, entry, runner)
-            for entry in config["text_encoders"]
+            TextEncoder.from_bundle(bundle, record, tok, _load(runner, bundle, record.name))
+            for record, tok in zip(config.text_encoders, tokenizers, strict=True)
         ]
-        conditioning = CONDITIONINGS[kind](config, encoders, scheduler_config)
-        entry = _component(root, manifest, config["denoiser"])
-        _check_denoiser_inputs(root, entry.inputs, conditioning)
-        denoiser = _load(runner, root, config["denoiser"], entry, output="out_sample")
-        vae_entry = _component(root, manifest, "vae_decoder")
-        vae_decoder = _load(runner, root, "vae_decoder", vae_entry, output="sample")
-        log.info("loaded %s bundle %s on %s", manifest.family, root, runner.name)
+        conditioning = Conditioning(_conditioning_record(config), encoders, scheduler_config)
+        denoiser = _load(runner, bundle, config.denoiser)
+        vae_decoder = _load(runner, bundle, VAE_DECODER)
+        log.info(
+            "loaded %s bundle %s (sha256 %s) on %s",
+            manifest.family,
+            bundle.root,
+            bundle.sha256,
+            runner.name,
+        )
         return cls(manifest, conditioning, denoiser, vae_decoder, scheduler_config)
 
     def __call__(
@@ -139,11 +149,11 @@ class Text2ImagePipeline:
         start = time.perf_counter()
         if not isinstance(prompt, str):
             raise UserError(f"prompt must be one string, not {type(prompt).__name__}")
-        steps = int(steps if steps is not None else self.config["default_steps"])
-        guidance = float(guidance if guidance is not None else self.config["default_guidance"])
+        steps = int(steps if steps is not None else self.config.default_steps)
+        guidance = float(guidance if guidance is not None else self.config.default_guidance)
         height, width = self._check_args(steps, size, output)
         cond = self.conditioning
-        do_cfg = bool(self.config["uses_cfg"]) and guidance > 1.0
+        do_cfg = self.config.uses_cfg and guidance > 1.0
         timings: dict[str, float | list[float]] = {}
 
         t0 = time.perf_counter()
@@ -151,7 +161,7 @@ class Text2ImagePipeline:
         timings["text_encoders"] = _ms(t0)
 
         scheduler = scheduler_from_config(self.scheduler_config)
-        cond.set_timesteps(scheduler, steps, cond.latent_shape(height, width))
+        cond.set_timesteps(scheduler, steps, height, width)
         x = cond.initial_latents(latents, seed, height, width, scheduler)
         step_ms: list[float] = []
         for i, t in enumerate(scheduler.timesteps):
@@ -159,7 +169,7 @@ class Text2ImagePipeline:
             model_input = np.concatenate([x, x]) if do_cfg else x
             model_input = scheduler.scale_model_input(model_input, i)
             feeds = {**fixed, **cond.step_feeds(model_input, np.float32(t))}
-            pred = self.denoiser.run(feeds)["out_sample"]
+            pred = self.denoiser.run(feeds)[DENOISER_OUTPUT]
             if do_cfg:
                 uncond, text = np.split(pred, 2)  # (uncond, cond), as batched above
                 pred = uncond + np.float32(guidance) * (text - uncond)
@@ -177,10 +187,10 @@ class Text2ImagePipeline:
 
     def _decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
         z = self.conditioning.vae_latents(latents, height, width)
-        z = z / np.float32(self.config["vae_scaling_factor"])
-        if self.config.get("vae_shift_factor") is not None:
-            z = z + np.float32(self.config["vae_shift_factor"])
-        sample = self.vae_decoder.run({"latent_sample": z})["sample"]  # (B, 3, H, W)
+        z = z / np.float32(self.config.vae_scaling_factor)
+        if self.config.vae_shift_factor is not None:
+            z = z + np.float32(self.config.vae_shift_factor)
+        sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         return to_uint8(sample[0])
 
     def _check_args(self, steps: int, size: tuple[int, int] | None, output: str) -> tuple[int, int]:
@@ -188,7 +198,7 @@ class Text2ImagePipeline:
             raise UserError(f"output {output!r} is not one of: {', '.join(_OUTPUTS)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
-        height, width = (int(v) for v in (size or self.config["default_size"]))
+        height, width = (int(v) for v in (size or self.config.default_size))
         m = self.conditioning.size_multiple()
         if height % m or width % m or height < m or width < m:
             fix_h, fix_w = (max(m, int(v / m + 0.5) * m) for v in (height, width))
@@ -198,49 +208,51 @@ class Text2ImagePipeline:
         return height, width
 
 
-def _component(root: Path, manifest: Manifest, name: str) -> ComponentEntry:
-    try:
-        return manifest.components[name]
-    except KeyError:
-        raise BundleError(f"{root}: the manifest has no {name} component; export again") from None
+def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:
+    """The `pipeline` record as Conditioning reads it: a dict, `kind` the validated KindSpec."""
+    return {**config.model_dump(), "kind": config.kind}
 
 
-def _load(runner: Backend, root: Path, name: str, entry: ComponentEntry, output: str) -> Session:
-    session = runner.load(root / entry.path)
-    declared = [i["name"] for i in entry.inputs]
-    if sorted(session.input_names) != sorted(declared) or output not in session.output_names:
+def _load(runner: Backend, bundle: Bundle, name: str) -> Session:
+    """Load component `name` from its verified graph; the graph must take and return what
+    the manifest declares (a graph swapped for another one fails here, not mid-run)."""
+    entry: ComponentEntry = bundle.manifest.components[name]
+    session = runner.load(bundle.path(entry.path))
+    declared = sorted(i["name"] for i in entry.inputs)
+    outputs = [o["name"] for o in entry.outputs]
+    wrong_dtype = [
+        i["name"]
+        for i in entry.inputs
+        if i["dtype"] != "bfloat16" and str(session.input_dtypes.get(i["name"])) != i["dtype"]
+    ]
+    if sorted(session.input_names) != declared or not set(outputs) <= set(session.output_names):
         raise BundleError(
-            f"{root}: {entry.path} takes {session.input_names} and returns "
+            f"{bundle.root}: {entry.path} takes {sorted(session.input_names)} and returns "
             f"{session.output_names}, but the manifest says {name} takes {declared} and "
-            f"returns {output!r}; export the bundle again"
+            f"returns {outputs}; {FIX}"
+        )
+    if wrong_dtype:
+        raise BundleError(
+            f"{bundle.root}: {entry.path}'s inputs {', '.join(wrong_dtype)} have other dtypes "
+            f"than the manifest declares for {name}; {FIX}"
         )
     return session
 
 
-def _check_denoiser_inputs(root: Path, inputs: list[dict], cond: Conditioning) -> None:
-    # The manifest's input list is the graph's contract; the pipeline flags (has_time_ids,
-    # guidance_embeds) say what the conditioning feeds. They must agree, or a run would
-    # fail mid-loop or silently drop a condition.
-    declared = {i["name"] for i in inputs}
-    expected = cond.denoiser_inputs()
-    if declared != expected:
+def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -> None:
+    # Build one and set a schedule at the default settings, before any graph is loaded: an
+    # unsupported scheduler, or values that break the maths, fail here with the file named
+    # rather than mid-generation.
+    lat_h, lat_w = (v // config.vae_scale_factor for v in config.default_size)
+    try:
+        scheduler = scheduler_from_config(scheduler_config)
+        args = timestep_args(config.kind, scheduler_config, config.default_steps, lat_h, lat_w)
+        scheduler.set_timesteps(**args)
+        timesteps = np.asarray(scheduler.timesteps, np.float64)
+    except (ValueError, TypeError, ArithmeticError, KeyError, IndexError) as err:
         raise BundleError(
-            f"{root}: the denoiser's inputs ({', '.join(sorted(declared))}) do not match what a "
-            f"{cond.kind} pipeline with these settings feeds ({', '.join(sorted(expected))}); "
-            "export the bundle again"
-        )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: unreadable ({err}); export the bundle again") from None
-
-
-def _check_scheduler(root: Path, config: dict) -> None:
-    # Build one now so an unsupported scheduler fails at load, not mid-generation.
-    try:
-        scheduler_from_config(config)
-    except (ValueError, TypeError) as err:
-        raise BundleError(f"{root}: scheduler config not supported: {err}") from None
+            f"{root}/{config.scheduler}: scheduler config not supported "
+            f"({type(err).__name__}: {err}); {FIX}"
+        ) from None
+    if not np.isfinite(timesteps).all():
+        raise BundleError(f"{root}/{config.scheduler}: gives non-finite timesteps; {FIX}")

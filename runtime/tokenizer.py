@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from slimdiff.runtime.manifest import FIX, BundleError
 from tokenizers import Tokenizer
-
-from slimdiff.errors import UserError
 
 __all__ = ["PromptTokenizer"]
 
@@ -33,9 +32,8 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token_id: int) -> None:
         pad_token = tokenizer.id_to_token(pad_token_id)
         if pad_token is None:
-            raise UserError(
-                f"pad_token_id {pad_token_id} is not in the tokenizer's vocabulary; "
-                "export the bundle again"
+            raise BundleError(
+                f"pad_token_id {pad_token_id} is not in the tokenizer's vocabulary; {FIX}"
             )
         self.max_length = max_length
         self.pad_token_id = pad_token_id
@@ -50,13 +48,20 @@ class PromptTokenizer:
     @classmethod
     def from_file(cls, path: str | Path, max_length: int, pad_token_id: int) -> PromptTokenizer:
         """Read a `tokenizer.json` (the file transformers' fast tokenizers save)."""
-        path = Path(path)
+        return cls.from_bytes(Path(path).read_bytes(), max_length, pad_token_id, where=path)
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, max_length: int, pad_token_id: int, where: str | Path
+    ) -> PromptTokenizer:
+        """Build from a tokenizer.json's bytes: the runtime passes the bytes it hashed, so
+        nothing is read twice. `where` names the file in errors.
+        """
         try:
-            tokenizer = Tokenizer.from_file(str(path))
+            tokenizer = Tokenizer.from_str(data.decode("utf-8"))
         except Exception as err:  # tokenizers raises a bare Exception on parse errors
-            raise UserError(
-                f"{path}: not a readable tokenizer.json ({err}); export again"
-            ) from None
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise BundleError(f"{where}: not a readable tokenizer.json ({reason}); {FIX}") from None
         return cls(tokenizer, max_length, pad_token_id)
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:

@@ -4,26 +4,40 @@ This is ModelOpt's `forward_loop` idea for diffusion: the whole pipeline runs (t
 encoders, every denoising step, CFG) while a pass observes or trains only its own
 component, so activations are those the deployed model will see.
 
-What is expensive to recompute is cached under `work_dir`, keyed by a hash of the model
-(a fingerprint of its weights) and the calibration settings, so a rerun or a resumed run
-reuses it: `work_dir/trajectories/<key>/` holds the denoiser's inputs at every step
-(`denoiser_inputs`). Passes keep their resumable checkpoints under `work_dir/checkpoints/`.
+The teacher's trajectories (`record`) are recorded once, before any pass runs (the compress
+runner asks first), so which model is the teacher never depends on which pass asked first:
+per prompt, the denoiser's inputs at every step, the initial noise and the final latent,
+and the scheduler's timesteps. `loop(model)` reruns them step by step with a stateless
+sampler (slimdiff/denoise.py), with or without autograd.
+
+What is expensive to recompute is cached under `work_dir`, keyed by a fingerprint of the
+model's weights and configs (slimdiff/models/fingerprint.py) and the calibration settings,
+so a rerun or a resumed run reuses it: `work_dir/trajectories/<key>/`. Passes keep their
+resumable checkpoints under `work_dir/checkpoints/`.
+
+The pipeline runs on its own device (the recipe's `device:`), under autocast when
+`calibration.dtype` is float16 or bfloat16: weights stay as loaded, matrix products run in
+the lower precision. Noise is drawn on the CPU, so it is the same on every device.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimdiff.denoise import DenoiseLoop
 from slimdiff.models.arch import ArchSpec
+from slimdiff.models.fingerprint import fingerprint_key
+from slimdiff.models.kinds import latent_shape, pack_latents, timestep_args
 from slimdiff.models.loading import default_size
 from slimdiff.prompts import read_prompts
 from slimdiff.recipe import CalibrationSpec
+from slimdiff.sampler import TorchSampler
 from slimdiff.trajectories import (
     Trajectories,
     load_trajectories,
@@ -35,14 +49,17 @@ __all__ = ["Calibration"]
 
 log = logging.getLogger(__name__)
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class Calibration:
-    """Calibration prompts and a `forward_loop` that drives the whole pipeline.
+    """Calibration prompts, the teacher's recorded trajectories and a `forward_loop`.
 
     Example:
         calib = Calibration(pipe, arch, CalibrationSpec(num_prompts=4, steps=10))
+        data = calib.record()                  # the teacher's trajectories (cached)
         with my_hooks(pipe.unet):
-            calib.forward_loop()
+            calib.forward_loop()               # or: the whole pipeline, hooked
     """
 
     def __init__(
@@ -56,6 +73,7 @@ class Calibration:
         self.prompts = read_prompts(spec.prompts, spec.num_prompts)
         # None: nothing is cached on disk and passes do not checkpoint.
         self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.dtype = _DTYPES[spec.dtype]
         self._key: str | None = None
         self._trajectories: Trajectories | None = None
 
@@ -67,6 +85,38 @@ class Calibration:
     def guidance(self) -> float:
         return self.arch.default_guidance if self.spec.guidance is None else self.spec.guidance
 
+    @property
+    def do_cfg(self) -> bool:
+        """Whether the pipeline batches (uncond, cond): as diffusers decides it."""
+        return self.arch.uses_cfg and self.guidance > 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self.pipe, self.arch.denoiser).device
+
+    def _latent_hw(self) -> tuple[int, int]:
+        h, w = self.size
+        return h // self.pipe.vae_scale_factor, w // self.pipe.vae_scale_factor
+
+    def noise(self, i: int) -> torch.Tensor:
+        """Prompt `i`'s initial noise, float32 on the CPU, in the layout of `latents=`:
+        drawn unpacked from a CPU generator seeded seed + i, then packed (FLUX)."""
+        kind = self.arch.kind_for(getattr(self.pipe, self.arch.denoiser).config)
+        channels = self.pipe.vae.config.latent_channels
+        shape = latent_shape(
+            kind.model_copy(update={"latent_packing": 1}), 1, channels, *self._latent_hw()
+        )
+        generator = torch.Generator("cpu").manual_seed(self.spec.seed + i)
+        return pack_latents(torch.randn(shape, generator=generator), kind.latent_packing)
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        if self.dtype == torch.float32:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            yield
+
     @torch.no_grad()
     def forward_loop(self, callback=None) -> None:
         """Run the pipeline once per prompt (seeded); `callback` is diffusers' step callback."""
@@ -74,46 +124,50 @@ class Calibration:
             self._run(i, callback)
 
     @torch.no_grad()
-    def _run(self, i: int, callback=None) -> None:
+    def _run(self, i: int, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt `i` through the whole pipeline: (initial noise, final latent)."""
         h, w = self.size
-        generator = torch.Generator("cpu").manual_seed(self.spec.seed + i)
-        self.pipe(
-            self.prompts[i],
-            num_inference_steps=self.spec.steps,
-            guidance_scale=self.guidance,
-            height=h,
-            width=w,
-            generator=generator,
-            output_type="latent",
-            callback_on_step_end=callback,
-        )
+        noise = self.noise(i)
+        denoiser = getattr(self.pipe, self.arch.denoiser)
+        with self._precision():
+            out = self.pipe(
+                self.prompts[i],
+                num_inference_steps=self.spec.steps,
+                guidance_scale=self.guidance,
+                height=h,
+                width=w,
+                latents=noise.to(denoiser.device, denoiser.dtype),
+                output_type="latent",
+                callback_on_step_end=callback,
+            )
+        return noise, out.images
 
     @property
     def key(self) -> str:
         """Hash of the model (weights fingerprint, scheduler) and the calibration settings,
         computed once: a pass that later replaces the denoiser does not change it."""
         if self._key is None:
-            settings = {
-                "model": _fingerprint(self.pipe, self.arch),
-                "prompts": self.prompts,
-                "steps": self.spec.steps,
-                "guidance": self.guidance,
-                "seed": self.spec.seed,
-                "size": list(self.size),
-            }
-            blob = json.dumps(settings, sort_keys=True, default=str).encode()
-            self._key = hashlib.sha256(blob).hexdigest()[:16]
+            self._key = fingerprint_key(
+                self.pipe,
+                prompts=self.prompts,
+                steps=self.spec.steps,
+                guidance=self.guidance,
+                seed=self.spec.seed,
+                size=list(self.size),
+                dtype=self.spec.dtype,
+            )
         return self._key
 
-    def denoiser_inputs(self) -> Trajectories:
-        """The denoiser's inputs at every step of every prompt (the teacher's trajectories).
+    def record(self) -> Trajectories:
+        """The teacher's trajectories: per prompt the denoiser's inputs at every step, the
+        initial noise and the final latent.
 
         Loaded from `work_dir/trajectories/<key>/` when there, else recorded by running the
-        pipeline and saved there. Recorded once per Calibration: a later pass gets the same
+        pipeline and saved there. Recorded once per Calibration: later calls get the same
         trajectories (of the model as it was when first asked), as from the disk cache.
 
         Example:
-            data = calib.denoiser_inputs()
+            data = calib.record()
             args, kwargs = data.inputs([(0, 0), (0, 1)])  # (prompt, step) pairs
         """
         if self._trajectories is not None:
@@ -135,7 +189,11 @@ class Calibration:
             with Progress(transient=True) as progress:
                 task = progress.add_task("calibration trajectories", total=len(self.prompts))
                 data = record_trajectories(
-                    denoiser, self._run, self.prompts, lambda: progress.advance(task)
+                    denoiser,
+                    self._run,
+                    self.prompts,
+                    lambda: progress.advance(task),
+                    timesteps=lambda: self.pipe.scheduler.timesteps.tolist(),
                 )
         finally:  # the caller's bar settings back, as they were (diffusers' default: {})
             self.pipe._progress_bar_config = bar
@@ -146,24 +204,27 @@ class Calibration:
         self._trajectories = data
         return data
 
+    def sampler(self, device: torch.device | str | None = None) -> TorchSampler:
+        """A stateless sampler with the schedule the pipeline ran (same steps and shift)."""
+        kind = self.arch.kind_for(getattr(self.pipe, self.arch.denoiser).config)
+        scheduler = self.pipe.scheduler
+        config = {**scheduler.config, "_class_name": type(scheduler).__name__}
+        args = timestep_args(kind, config, self.spec.steps, *self._latent_hw())
+        steps = args.pop("num_inference_steps")
+        if "sigmas" in args:  # the pipeline passes sigmas alone (FLUX)
+            steps = None
+        return TorchSampler.from_config(config, steps, device=device or self.device, **args)
 
-def _fingerprint(pipe: Any, arch: ArchSpec) -> dict[str, Any]:
-    """What identifies the model for the cache: classes, configs and a hash of every
-    tensor's name, shape, dtype and a strided sample of its values (cheap on large
-    models, and it changes with any training)."""
-    # Private config keys go: diffusers' `_use_default_values` is a list in set order,
-    # which changes from process to process (string hash randomisation).
-    scheduler = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    out: dict[str, Any] = {"pipeline": type(pipe).__name__, "scheduler": scheduler}
-    for name in (*arch.text_encoder_names, arch.denoiser):
-        module = getattr(pipe, name, None)
-        if module is None:
-            continue
-        h = hashlib.sha256(type(module).__name__.encode())
-        for key, value in module.state_dict().items():
-            flat = value.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 32)][:32].float().cpu().numpy()
-            h.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
-            h.update(sample.tobytes())
-        out[name] = h.hexdigest()
-    return out
+    def loop(self, denoiser: torch.nn.Module) -> DenoiseLoop:
+        """The calibration's denoising loop around `denoiser` (a pass's own, e.g. masked)."""
+        kind = self.arch.kind_for(denoiser.config)
+        return DenoiseLoop(
+            denoiser, self.sampler(denoiser.device), kind, self.guidance, self.do_cfg
+        )
+
+    def conditioning(self, prompt: int, denoiser: torch.nn.Module) -> dict[str, Any]:
+        """The recorded text conditioning of `prompt`, on `denoiser`'s device and dtype."""
+        kind = self.arch.kind_for(denoiser.config)
+        return self.record().conditioning(
+            prompt, (kind.sample_input, "timestep"), denoiser.device, denoiser.dtype
+        )

@@ -49,8 +49,21 @@ def _quiet_libraries() -> None:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="slimdiff")
 @click.option("-v", "--verbose", count=True, help="-v: progress logs, -vv: debug logs.")
-def main(verbose: int) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch and onnxruntime (sets SLIMDIFF_THREADS, which subprocesses "
+    "inherit). Default: one for tiny models, else the CPUs not busy with other work.",
+)
+def main(verbose: int, threads: int | None) -> None:
     """Compress, export, run and benchmark text-to-image diffusion models."""
+    from slimdiff.threads import ENV, prepare_process, threads_from_env
+
+    if threads is not None:
+        os.environ[ENV] = str(threads)
+    threads_from_env()  # a bad SLIMDIFF_THREADS fails here, with one line, not mid-run
+    prepare_process()  # OpenMP must not spin; it reads this when torch is imported
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     from rich.logging import RichHandler
 
@@ -90,7 +103,7 @@ def recipes_cmd() -> None:
 
     for name, path in builtin_recipes().items():
         r = load_recipe(path)
-        passes = ", ".join(p.pass_ for p in r.passes) or "no passes"
+        passes = ", ".join(p.name for p in r.passes) or "no passes"
         click.echo(f"{name:<28} {r.model:<22} {passes:<28} {r.description}")
 
 
@@ -136,7 +149,7 @@ def compress_cmd(recipe: str, model: str | None, out: Path, overrides, dry_run: 
     if dry_run:
         click.echo(r.to_yaml(), nl=False)
         return
-    from slimdiff.flow import compress_and_export
+    from slimdiff.app.flow import compress_and_export
 
     result = compress_and_export(r, out)
     click.echo(f"artifact: {result.artifact}")
@@ -181,10 +194,36 @@ def export_cmd(
             f"{name:<16} {comp.precision:<5} rel err {parity.get('rel_err', float('nan')):.2e} "
             f"(tol {parity.get('tolerance', float('nan')):.0e})"
         )
-    click.echo(f"bundle: {out}")
+    click.echo(f"bundle: {out}  sha256 {manifest.sha256}")
 
 
 # ----------------------------------------------------------------------------- run
+
+
+def _expect_sha256_option(f):
+    return click.option(
+        "--expect-sha256",
+        metavar="HEX",
+        default=None,
+        help="Refuse the bundle unless its manifest.json has this SHA-256 (the identity "
+        "`slimdiff export` and `slimdiff verify` print).",
+    )(f)
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@_expect_sha256_option
+def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
+    """Check BUNDLE as `run` would (schema, paths, every file's SHA-256), loading nothing.
+
+    Prints the bundle's identity (SHA-256 of its manifest.json, which pins every file) and
+    a one-line summary; exit 2 with one line saying what is wrong otherwise.
+    """
+    from slimdiff.runtime.bundle_files import open_bundle
+
+    verified = open_bundle(bundle, expect_sha256=expect_sha256)
+    click.echo(f"bundle: {bundle}  sha256 {verified.sha256}")
+    click.echo(verified.summary())
 
 
 @main.command("run")
@@ -201,8 +240,12 @@ def export_cmd(
     help="Initial noise (.npy) in the layout diffusers' `latents=` takes, to compare exactly.",
 )
 @click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu | ort-cuda")
+@_expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
-def run_cmd(bundle, prompt, negative_prompt, steps, guidance, seed, size, latents, backend, out):
+def run_cmd(
+    bundle, prompt, negative_prompt, steps, guidance, seed, size, latents, backend,
+    expect_sha256, out,
+):  # fmt: skip
     """Generate an image from a bundle with the torch-free runtime."""
     import numpy as np
 
@@ -215,7 +258,7 @@ def run_cmd(bundle, prompt, negative_prompt, steps, guidance, seed, size, latent
             init = np.load(latents, allow_pickle=False)
         except ValueError as err:
             raise UserError(f"--latents {latents}: not a plain .npy array ({err})") from None
-    pipe = Text2ImagePipeline.from_bundle(bundle, backend=backend)
+    pipe = Text2ImagePipeline.from_bundle(bundle, backend=backend, expect_sha256=expect_sha256)
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,
@@ -265,7 +308,9 @@ def inspect_cmd(
     device = "meta" if model.startswith("random:") else "cpu"
     loaded = load_model(model, device=device)
     if r is not None:
-        for p in r.resolved_passes():
+        from slimdiff.compress import build_passes
+
+        for p in build_passes(r):
             p.apply(loaded.require_pipeline("--recipe"), None)
     report = inspect_model(loaded, size=_size(size) or (r.bench.size if r else None))
     if as_json:
@@ -310,7 +355,7 @@ def bench_cmd(recipes, model, steps, size, backend, repeat, out, overrides, dry_
         for r in loaded:
             click.echo(r.to_yaml() + "---")
         return
-    from slimdiff.bench import run_bench
+    from slimdiff.app.bench import run_bench
 
     results = run_bench(loaded, out)
     click.echo((out / "results.md").read_text())

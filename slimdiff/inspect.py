@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
+from slimdiff.models.inputs import Sizes, denoiser_inputs, denoiser_kwargs
+from slimdiff.models.structure import find_modules
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -77,9 +78,10 @@ def inspect_model(
     if batch < 1:
         raise UserError(f"batch must be >= 1, got {batch}")
     pipe = model.pipe
+    denoiser = model.denoiser
     scale = pipe.vae_scale_factor if pipe is not None else _VAE_SCALE
     # Transformers patchify (SD3) or pack (FLUX) 2x2 latents into one token.
-    multiple = scale * (1 if arch.denoiser_kind == "unet" else 2)
+    multiple = arch.kind_for(denoiser.config).size_multiple(scale)
     if height % multiple or width % multiple:
         raise UserError(
             f"size {height}x{width} is not a multiple of {multiple} pixels, which {arch.family} "
@@ -87,7 +89,6 @@ def inspect_model(
         )
     lat_h, lat_w = height // scale, width // scale
 
-    denoiser = model.denoiser
     flops, per_module = count_flops(
         denoiser, **_denoiser_inputs(arch, denoiser, batch, lat_h, lat_w)
     )
@@ -130,54 +131,21 @@ def inspect_model(
 def _denoiser_inputs(
     arch: ArchSpec, denoiser: torch.nn.Module, batch: int, lat_h: int, lat_w: int
 ) -> dict[str, Any]:
-    """Zero tensors for arch.denoiser_inputs, with the symbolic dims resolved from the config.
-
-    Values do not change FLOPs, so zeros do; the shapes are what the pipeline passes.
-    """
-    cfg = denoiser.config
-    clip_len = max((te.max_length for te in arch.text_encoders if te.kind == "clip"), default=0)
-    t5_len = sum(te.max_length for te in arch.text_encoders if te.kind == "t5")
-    unet = arch.denoiser_kind == "unet"
-    if arch.has_time_ids:  # SDXL: the add-embedding input is time_ids embeddings + pooled text
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    else:
-        pooled = getattr(cfg, "pooled_projection_dim", 0)
-    dims = {
-        "B": batch,
-        "C": cfg.in_channels,
-        "H": lat_h,
-        "W": lat_w,
-        "L": (lat_h // 2) * (lat_w // 2),  # FLUX: (B, C, H, W) -> (B, HW/4, 4C) tokens
-        # SD3 concatenates CLIP and T5 tokens (77 + 256); FLUX attends to T5 tokens only.
-        "S": clip_len + t5_len if arch.denoiser_kind == "sd3" else t5_len,
-        "D": cfg.cross_attention_dim if unet else cfg.joint_attention_dim,
-        "P": pooled,
-    }
-    like = {"device": denoiser.device, "dtype": denoiser.dtype}
-    inputs: dict[str, Any] = {}
-    for spec in arch.denoiser_inputs:
-        if spec.name == "guidance" and not cfg.get("guidance_embeds", False):
-            continue  # FLUX.1-schnell has no guidance embedding
-        shape = [dims[d] if isinstance(d, str) else d for d in spec.shape]
-        # FluxPosEmbed builds its rotary tables on img_ids.device, so meta ids just work
-        # (checked on diffusers 0.42); nothing needs to run on CPU.
-        inputs[spec.name] = torch.zeros(shape, **like)
-    if arch.has_time_ids:
-        inputs["added_cond_kwargs"] = {k: inputs.pop(k) for k in ("text_embeds", "time_ids")}
-    return inputs
+    """The denoiser's keyword arguments as its pipeline passes them, zeros (values do not
+    change FLOPs) with the real conditioning shapes (SD3: 77 CLIP + 256 T5 tokens)."""
+    sizes = Sizes(batch, lat_h, lat_w, arch.text_length())
+    # FluxPosEmbed builds its rotary tables on img_ids.device, so meta ids just work
+    # (checked on diffusers 0.42); nothing needs to run on CPU.
+    feeds = denoiser_inputs(
+        arch, denoiser, sizes, zeros=True, device=denoiser.device, dtype=denoiser.dtype
+    )
+    return denoiser_kwargs(arch.present_inputs(denoiser.config), feeds)
 
 
 def _blocks(module: torch.nn.Module, globs: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
-    """Submodules named by `globs`, in glob order: "down_blocks.*" -> down_blocks.0, .1, ...
-
-    A glob matches names with as many dots as itself: fnmatch's "*" also matches dots, and
-    "down_blocks.*" must not also yield down_blocks.0.resnets.0.
-    """
-    modules = dict(module.named_modules())
+    """Submodules named by `globs`, in glob order: "down_blocks.*" -> down_blocks.0, .1, ..."""
     for glob in globs:
-        for name, sub in modules.items():
-            if name.count(".") == glob.count(".") and fnmatchcase(name, glob):
-                yield name, sub
+        yield from find_modules(module, glob)
 
 
 def _params(module: torch.nn.Module | None) -> int:

@@ -9,8 +9,10 @@ Example (YAML):
     export: {targets: [onnx], precision: fp16}
     bench: {steps: 8, repeat: 3}
 
-Every section rejects unknown keys; each pass entry is validated against its own pass's
-Config. Errors name the file, the pass index and the field.
+Every section rejects unknown keys; each pass entry is validated into its own pass's typed
+Config inside the Recipe model (the passes register their schemas in slimdiff/passes.py),
+so a `Recipe(...)` built in Python is checked like `slimdiff validate` checks a file.
+Errors name the file, the pass index and the field.
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import hashlib
 import json
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
 
 from slimdiff.errors import UserError
+from slimdiff.passes import PassConfig, Stage, get_schema
+from slimdiff.yamlio import check_depth, parse_yaml_value, read_yaml_file
 
 __all__ = [
     "BenchSpec",
     "CalibrationSpec",
     "ExportSpec",
+    "PassEntry",
     "Recipe",
     "builtin_recipes",
     "load_recipe",
@@ -41,6 +46,26 @@ class _Strict(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+# Bounds that say what is allowed (pydantic names them in its message). Seeds are what numpy
+# and torch generators both take; sizes are pixels, multiples of 8 (the VAE's scale; a
+# bundle may need a larger multiple, which the runtime checks).
+MAX_STEPS = 1000
+MAX_SIDE = 8192
+Seed = Annotated[int, pydantic.Field(ge=0, lt=2**32)]
+Steps = Annotated[int, pydantic.Field(ge=1, le=MAX_STEPS)]
+Guidance = Annotated[float, pydantic.Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+def _check_side(value: int) -> int:
+    if not 8 <= value <= MAX_SIDE or value % 8:
+        raise ValueError(f"{value} px: a side must be a multiple of 8 from 8 to {MAX_SIDE}")
+    return value
+
+
+Side = Annotated[int, pydantic.AfterValidator(_check_side)]
+Size = tuple[Side, Side]
+
+
 def parse_size(value: str | list[int] | tuple[int, int] | None) -> tuple[int, int] | None:
     """(height, width) from "WxH" text or a [height, width] list."""
     if value is None:
@@ -49,6 +74,8 @@ def parse_size(value: str | list[int] | tuple[int, int] | None) -> tuple[int, in
         w, sep, h = value.lower().partition("x")
         if not sep or not (w.strip().isdigit() and h.strip().isdigit()):
             raise UserError(f"size {value!r} is not WIDTHxHEIGHT; use e.g. 1024x1024")
+        if len(w.strip()) > 6 or len(h.strip()) > 6:
+            raise UserError(f"size {value!r}: sides go up to {MAX_SIDE} px")
         return int(h), int(w)
     h, w = value
     return int(h), int(w)
@@ -58,65 +85,145 @@ class CalibrationSpec(_Strict):
     """Prompts and sampling settings that passes needing calibration run the model with."""
 
     prompts: str | list[str] = "builtin"  # "builtin", a text file (one per line) or a list
-    num_prompts: int = pydantic.Field(16, ge=1)
-    steps: int = pydantic.Field(20, ge=1)
-    guidance: float | None = None  # None: the family's default
-    seed: int = 0
-    size: tuple[int, int] | None = None  # (height, width); None: the family's default
+    num_prompts: int = pydantic.Field(16, ge=1, le=100_000)
+    steps: Steps = 20
+    guidance: Guidance | None = None  # None: the family's default
+    seed: Seed = 0
+    size: Size | None = None  # (height, width); None: the family's default
+    # The dtype the pipeline runs in while the teacher's trajectories are recorded (and
+    # passes calibrate): bfloat16 or float16 halve a GPU's memory and time; float32 on CPU.
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+# Export targets this version builds. "tensorrt" and "aoti" are planned: naming them is a
+# validation error, not a failure after the compression work.
+TARGETS = ("onnx",)
+_PLANNED_TARGETS = ("tensorrt", "aoti")
 
 
 class ExportSpec(_Strict):
-    targets: list[Literal["onnx", "tensorrt", "aoti"]] = ["onnx"]
+    targets: list[str] = ["onnx"]
     precision: Literal["fp32", "fp16"] = "fp32"
     vae_precision: Literal["fp32", "fp16"] | None = None  # None: fp32 where the VAE needs it
     optimize: bool = True  # onnxruntime transformer-optimizer fusions
 
+    @pydantic.field_validator("targets")
+    @classmethod
+    def _available(cls, targets: list[str]) -> list[str]:
+        for t in targets:
+            if t in _PLANNED_TARGETS:
+                raise ValueError(f"target {t!r} is not available in this version; use onnx")
+            if t not in TARGETS:
+                raise ValueError(f"unknown target {t!r}; use one of: {', '.join(TARGETS)}")
+        if not targets or len(set(targets)) != len(targets):
+            raise ValueError("give each export target once, e.g. [onnx]")
+        return targets
+
 
 class BenchSpec(_Strict):
     prompts: list[str] | None = None  # None: the built-in bench prompts
-    steps: int = pydantic.Field(8, ge=1)
-    size: tuple[int, int] | None = None
-    guidance: float | None = None
-    seed: int = 0
-    repeat: int = pydantic.Field(3, ge=1)
-    warmup: int = pydantic.Field(1, ge=0)
+    steps: Steps = 8
+    size: Size | None = None
+    guidance: Guidance | None = None
+    seed: Seed = 0
+    repeat: int = pydantic.Field(3, ge=1, le=1000)
+    warmup: int = pydantic.Field(1, ge=0, le=100)
     backend: str = "ort-cpu"
     # Prompt following, judged automatically on a held-out prompt set (toy:shapes only, so
     # far): `accuracy_images` seeds per prompt, through the runtime and the uncompressed
     # torch model.
     accuracy: Literal["toy-shapes"] | None = None
-    accuracy_images: int = pydantic.Field(4, ge=1)
+    accuracy_images: int = pydantic.Field(4, ge=1, le=64)
 
 
 class PassEntry(pydantic.BaseModel):
-    """`- pass: NAME` plus that pass's own keys (validated by the pass's Config)."""
+    """One `passes:` item: `- pass: NAME` plus that pass's keys, validated into its typed
+    config (registered by the pass, slimdiff/passes.py). Dumps back to the flat form."""
 
-    model_config = pydantic.ConfigDict(extra="allow", frozen=True, populate_by_name=True)
-    pass_: str = pydantic.Field(alias="pass")
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid")
+    name: str
+    config: pydantic.SerializeAsAny[PassConfig]
+
+    @classmethod
+    def resolve(cls, item: Any, where: str) -> PassEntry:
+        """A PassEntry from a recipe's raw item; UserError naming `where` and the field."""
+        if isinstance(item, PassEntry):
+            return item
+        if not isinstance(item, dict) or not isinstance(item.get("pass"), str):
+            raise UserError(f"{where}: a pass entry is a mapping with `pass: NAME` and its keys")
+        name = item["pass"]
+        try:
+            schema = get_schema(name)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        options = {k: v for k, v in item.items() if k != "pass"}
+        try:
+            config = schema.config.model_validate(options)
+        except pydantic.ValidationError as err:
+            raise UserError(f"{where} ({name}): {_first_error(err)}") from None
+        return cls(name=name, config=config)
+
+    @property
+    def stage(self) -> Stage:
+        return get_schema(self.name).stage
 
     def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+        return self.config.model_dump(mode="json", by_alias=True)
+
+    @pydantic.model_serializer(mode="plain")
+    def _flat(self, info: pydantic.SerializationInfo) -> dict[str, Any]:
+        return {"pass": self.name, **self.config.model_dump(mode=info.mode, by_alias=True)}
 
 
 class Recipe(_Strict):
+    """A validated recipe: every pass entry resolved to its typed config, pass order checked.
+
+    Example:
+        >>> r = Recipe(model="tiny:sdxl", passes=[{"pass": "blocks.remove", "preset": "ssd-1b"}])
+        >>> r.passes[0].config.preset
+        'ssd-1b'
+    """
+
     version: Literal[1] = 1
     name: str = ""  # defaults to the file stem
     description: str = ""
     model: str
+    # Where passes and calibration run: "auto" (cuda when available, else cpu), "cpu",
+    # "cuda" or "cuda:N". `--device` overrides it.
+    device: str = "auto"
     calibration: CalibrationSpec = CalibrationSpec()
     passes: list[PassEntry] = []
     export: ExportSpec = ExportSpec()
     bench: BenchSpec = BenchSpec()
 
-    def resolved_passes(self) -> list:
-        """The passes as configured Pass objects (each entry validated by its Config)."""
-        from slimdiff.compress import get_pass
+    @pydantic.field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        base, _, index = device.partition(":")
+        indexed = not index or (base == "cuda" and index.isdigit())
+        if base not in ("auto", "cpu", "cuda") or not indexed:
+            raise ValueError(f"{device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        return device
 
-        out = []
-        for entry in self.passes:
-            cls = get_pass(entry.pass_)
-            out.append(cls(cls.Config.model_validate(entry.options())))
-        return out
+    @pydantic.field_validator("passes", mode="before")
+    @classmethod
+    def _resolve(cls, items: Any) -> list[PassEntry]:
+        if not isinstance(items, list):
+            raise ValueError("passes is a list of `- pass: NAME` entries")
+        return [PassEntry.resolve(item, f"passes[{i}]") for i, item in enumerate(items)]
+
+    @pydantic.model_validator(mode="after")
+    def _ordered(self) -> Recipe:
+        last = None
+        for i, entry in enumerate(self.passes):
+            if last is not None and entry.stage < last.stage:
+                raise UserError(
+                    f"passes[{i}] ({entry.name}): a {entry.stage.name.lower()} pass cannot "
+                    f"follow {last.name} ({last.stage.name.lower()}); order passes "
+                    "structural -> pruning -> quantization"
+                )
+            last = entry
+        return self
 
     def content_hash(self) -> str:
         """SHA-256 of the normalised recipe (names the compress cache)."""
@@ -124,6 +231,7 @@ class Recipe(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def to_yaml(self) -> str:
+        """The resolved recipe (every default filled in) as YAML: what `--dry-run` prints."""
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
@@ -137,10 +245,18 @@ def builtin_recipes() -> dict[str, Path]:
     }
 
 
-def load_recipe(ref: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
-    """Load a recipe file or built-in name, apply `--set key=value` overrides, validate."""
+def load_recipe(
+    ref: str | Path,
+    overrides: tuple[str, ...] | list[str] = (),
+    values: dict[str, Any] | None = None,
+) -> Recipe:
+    """Load a recipe file or built-in name, apply overrides, validate.
+
+    `overrides` are `--set key=value` items, whose values are YAML; `values` are typed
+    values (what CLI options give: `--model "dir #2"` stays that string), applied after.
+    """
     path = Path(ref)
-    if not path.is_file():
+    if not path.exists():
         builtin = builtin_recipes()
         if str(ref) in builtin:
             path = builtin[str(ref)]
@@ -149,14 +265,17 @@ def load_recipe(ref: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
                 f"recipe {str(ref)!r} not found: pass a YAML file or a built-in name "
                 "(`slimdiff recipes` lists them)"
             )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from None
+    data = read_yaml_file(path, what="recipe")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping with at least `version` and `model`")
     for item in overrides:
-        _apply_override(data, item, path)
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: use --set key=value, e.g. --set bench.steps=4")
+        _apply(data, key, parse_yaml_value(raw, where=f"--set {item}"), f"--set {item!r}", path)
+    for key, value in (values or {}).items():
+        _apply(data, key, value, f"--{key.replace('_', '-')}", path)
+    check_depth(data, where=f"{path} (after --set)")
     data.setdefault("name", path.stem)
     return validate_recipe(data, str(path))
 
@@ -164,33 +283,11 @@ def load_recipe(ref: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
 def validate_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
     """Validate a recipe dict: schema, each pass's config, and the pass order."""
     try:
-        recipe = Recipe.model_validate(data)
+        return Recipe.model_validate(data)
     except pydantic.ValidationError as err:
         raise UserError(f"{origin}: {_first_error(err)}") from None
-    _check_passes(recipe, origin)
-    return recipe
-
-
-def _check_passes(recipe: Recipe, origin: str) -> None:
-    from slimdiff.compress import get_pass
-
-    last = None
-    for i, entry in enumerate(recipe.passes):
-        where = f"{origin}: passes[{i}] ({entry.pass_})"
-        try:
-            cls = get_pass(entry.pass_)
-        except KeyError as err:
-            raise UserError(f"{where}: {err.args[0]}") from None
-        try:
-            cls.Config.model_validate(entry.options())
-        except pydantic.ValidationError as err:
-            raise UserError(f"{where}: {_first_error(err)}") from None
-        if last is not None and cls.stage < last.stage:
-            raise UserError(
-                f"{where}: a {cls.stage.name.lower()} pass cannot follow {last.name} "
-                f"({last.stage.name.lower()}); order passes structural -> pruning -> quantization"
-            )
-        last = cls
+    except UserError as err:  # a pass entry's own error, raised by the Recipe validators
+        raise UserError(f"{origin}: {err}") from None
 
 
 def _first_error(err: pydantic.ValidationError) -> str:
@@ -203,29 +300,26 @@ def _first_error(err: pydantic.ValidationError) -> str:
     return f"field '{loc}': {msg}{extra}"
 
 
-def _apply_override(data: dict[str, Any], item: str, path: Path) -> None:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise UserError(f"--set {item!r}: use --set key=value, e.g. --set bench.steps=4")
-    value = yaml.safe_load(raw) if raw else ""
+def _apply(data: dict[str, Any], key: str, value: Any, what: str, path: Path) -> None:
+    """Set dotted `key` ("bench.steps", "passes.0.distill.steps") in `data` to `value`."""
     node: Any = data
     parts = key.split(".")
     for part in parts[:-1]:
-        node = _list_item(node, part, item) if isinstance(node, list) else node.setdefault(part, {})
+        node = _list_item(node, part, what) if isinstance(node, list) else node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
-            raise UserError(f"--set {item!r}: {part!r} in {path} is not a section")
+            raise UserError(f"{what}: {part!r} in {path} is not a section")
     last = parts[-1]
     if isinstance(node, list):
-        node[_list_index(node, last, item)] = value
+        node[_list_index(node, last, what)] = value
     else:
         node[last] = value
 
 
-def _list_index(node: list, part: str, item: str) -> int:
+def _list_index(node: list, part: str, what: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise UserError(f"--set {item!r}: {part!r} is not an index of a {len(node)}-item list")
+        raise UserError(f"{what}: {part!r} is not an index of a {len(node)}-item list")
     return int(part)
 
 
-def _list_item(node: list, part: str, item: str) -> Any:
-    return node[_list_index(node, part, item)]
+def _list_item(node: list, part: str, what: str) -> Any:
+    return node[_list_index(node, part, what)]

@@ -2,18 +2,21 @@
 
 A checkpoint holds named modules' weights, an optimizer's state (its tensors flattened into
 the same file, its scalars and param groups as JSON metadata), the step and any extra JSON.
-It is written atomically, so a kill leaves either the previous checkpoint or the new one.
+It is written atomically (`slimdiff.fsutil.atomic_file`: a temp name unique to the writer in
+the same folder, fsync, rename, fsync the folder), so a kill or power loss leaves either the
+previous checkpoint or the new one, and two processes saving the same path do not collide.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from slimdiff.fsutil import atomic_file, remove_stale_partials
 
 __all__ = ["load_train_state", "read_train_state", "save_train_state"]
 
@@ -25,7 +28,14 @@ def save_train_state(
     step: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write `modules`' weights, `optimizer`'s state, `step` and `extra` to `path`."""
+    """Write `modules`' weights, `optimizer`'s state, `step` and `extra` to `path`.
+
+    Temp files of earlier saves that were killed midway (a checkpoint can be gigabytes)
+    are removed first.
+
+    Example:
+        save_train_state("run/state.safetensors", {"student": unet}, opt, step=500)
+    """
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         for key, value in module.state_dict().items():
@@ -43,10 +53,9 @@ def save_train_state(
                     scalars.setdefault(str(index), {})[slot] = number
         opt_meta = {"param_groups": state["param_groups"], "scalars": scalars}
     meta = {"step": step, "extra": extra or {}, "optimizer": opt_meta}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"slimdiff.train_state": json.dumps(meta)})
-    os.replace(tmp, path)
+    remove_stale_partials(path)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"slimdiff.train_state": json.dumps(meta)})
 
 
 def read_train_state(path: str | Path) -> tuple[int, dict[str, Any]]:

@@ -1,25 +1,34 @@
-"""Teacher trajectories: the denoiser's inputs at every step of every calibration prompt.
+"""Teacher trajectories: every calibration prompt's denoising run, as passes need it.
 
 Recorded by a forward pre-hook on the denoiser while the whole pipeline runs, so they are
 exactly what the deployed model sees: the CFG-batched latents after the scheduler's input
 scaling, the timestep, the text embeddings and, for SDXL, `added_cond_kwargs`
-(text_embeds, time_ids). Distillation replays them into a teacher and a student
+(text_embeds, time_ids). Calls are stored by keyword (positional arguments are named from
+the denoiser's signature), so `kwargs.sample` (UNet) or `kwargs.hidden_states` (SD3, FLUX)
+is the latent input whatever the pipeline's call style. Per prompt they also hold the
+initial noise (as diffusers' `latents=` takes it) and the final latent (as
+output_type="latent" returns it), and the scheduler's timestep of every step, so a pass can
+rerun the trajectory with a stateless sampler (slimdiff/denoise.py) and compare endpoints.
+Distillation replays the per-step inputs into a teacher and a student
 (`Trajectories.inputs`), without the text encoders, VAE or scheduler.
 
 On disk, one safetensors file per prompt. A tensor that changes from step to step is stored
 stacked, (steps, B, ...); one that does not (the text embeddings) once, (B, ...).
 
-    trajectories/<key>/meta.json                {"key", "prompts", "steps", "unbatched"}
-    trajectories/<key>/prompt_0000.safetensors  "step.args.0" (S, B, C, H, W), "step.args.1"
-                                                (S, B), "const.kwargs.encoder_hidden_states"
-                                                (B, 77, D), ...
+    trajectories/<key>/meta.json                {"format", "key", "prompts", "steps",
+                                                 "timesteps", "unbatched"}
+    trajectories/<key>/prompt_0000.safetensors  "step.kwargs.sample" (S, B, C, H, W),
+                                                "step.kwargs.timestep" (S, B),
+                                                "const.kwargs.encoder_hidden_states" (B, 77, D),
+                                                "traj.noise" (1, C, H, W), "traj.final", ...
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +39,8 @@ from slimdiff.fsutil import atomic_dir
 
 __all__ = ["Trajectories", "load_trajectories", "record_trajectories", "save_trajectories"]
 
-_FORMAT = 1
+_FORMAT = 2
+_TRAJ = "traj."  # per-prompt tensors that are not denoiser inputs: noise, final
 
 
 @dataclass
@@ -44,9 +54,11 @@ class Trajectories:
 
     prompts: list[str]
     steps: int
-    tensors: list[dict[str, torch.Tensor]]  # per prompt: "step.<name>" or "const.<name>"
+    # per prompt: "step.<name>", "const.<name>" (denoiser inputs), "traj.noise", "traj.final"
+    tensors: list[dict[str, torch.Tensor]]
     unbatched: frozenset[str] = frozenset()  # names without a leading batch axis
     key: str = ""
+    timesteps: list[float] = field(default_factory=list)  # the scheduler's t at each step
 
     def __len__(self) -> int:
         return len(self.prompts) * self.steps
@@ -54,6 +66,42 @@ class Trajectories:
     def pair(self, index: int) -> tuple[int, int]:
         """The (prompt, step) of flat index `index` in [0, len)."""
         return divmod(index, self.steps)
+
+    def step_of(self, t: float) -> int:
+        """The step whose scheduler timestep is `t`: caches and scales key by timestep, so
+        they stay meaningful for another step count or a resumed run."""
+        for i, value in enumerate(self.timesteps):
+            if abs(value - float(t)) <= 1e-4 * max(1.0, abs(value)):
+                return i
+        raise KeyError(f"timestep {t} is not one of this calibration's {self.timesteps}")
+
+    def noise(self, prompt: int) -> torch.Tensor:
+        """The initial noise of `prompt`'s run, as diffusers' `latents=` takes it."""
+        return self.tensors[prompt][_TRAJ + "noise"]
+
+    def final(self, prompt: int) -> torch.Tensor:
+        """`prompt`'s final latent, as the pipeline returns it with output_type="latent"."""
+        return self.tensors[prompt][_TRAJ + "final"]
+
+    def conditioning(
+        self,
+        prompt: int,
+        skip: Iterable[str],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, Any]:
+        """The denoiser's keyword arguments for `prompt` that stay the same at every step (text
+        states, added conditions, ids, guidance), without the names in `skip` (the latent
+        and timestep inputs, which a rerun supplies)."""
+        skipped = {f"kwargs.{name}" for name in skip}
+        flat = {}
+        for key, value in self.tensors[prompt].items():
+            kind, name = key.split(".", 1)
+            if kind == "const" and name not in skipped:
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                flat[name] = value.to(device) if device is not None else value
+        return _unflatten(flat)[1]
 
     def inputs(
         self,
@@ -66,6 +114,8 @@ class Trajectories:
         parts: dict[str, list[torch.Tensor]] = {}
         for prompt, step in pairs:
             for key, value in self.tensors[prompt].items():
+                if key.startswith(_TRAJ):
+                    continue
                 kind, name = key.split(".", 1)
                 parts.setdefault(name, []).append(value[step] if kind == "step" else value)
         flat = {}
@@ -79,17 +129,23 @@ class Trajectories:
 
 def record_trajectories(
     denoiser: torch.nn.Module,
-    run_prompt: Callable[[int], None],
+    run_prompt: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     prompts: list[str],
     progress: Callable[[], None] | None = None,
+    timesteps: Callable[[], Iterable[float]] | None = None,
 ) -> Trajectories:
-    """Run `run_prompt(i)` for every prompt while a pre-hook records `denoiser`'s inputs."""
+    """Run `run_prompt(i)` for every prompt while a pre-hook records `denoiser`'s inputs.
+
+    `run_prompt(i)` returns (initial noise, final latent); `timesteps()` the scheduler's
+    timesteps of the run just made.
+    """
     calls: list[dict[str, torch.Tensor]] = []
     unbatched: set[str] = set()  # FLUX's token ids: shared, not concatenated, when batched
     counts = set()
+    signature = inspect.signature(denoiser.forward)
 
     def hook(_module, args, kwargs):
-        batch, flat = _flatten(args, kwargs)
+        batch, flat = _flatten(signature, args, kwargs)
         unbatched.update(k for k, v in flat.items() if v.shape[0] != batch)
         calls.append(flat)
 
@@ -98,16 +154,20 @@ def record_trajectories(
     try:
         for i in range(len(prompts)):
             calls.clear()
-            run_prompt(i)
+            noise, final = run_prompt(i)
             counts.add(len(calls))
-            tensors.append(_pack(calls))
+            packed = _pack(calls)
+            packed[_TRAJ + "noise"] = noise.detach().float().cpu().contiguous()
+            packed[_TRAJ + "final"] = final.detach().float().cpu().contiguous()
+            tensors.append(packed)
             if progress is not None:
                 progress()
     finally:
         handle.remove()
     if len(counts) != 1:  # a scheduler that adapts its step count: cannot index by step
         raise RuntimeError(f"the denoiser ran {sorted(counts)} times per prompt; expected one")
-    return Trajectories(list(prompts), counts.pop(), tensors, frozenset(unbatched))
+    steps = [float(t) for t in timesteps()] if timesteps is not None else []
+    return Trajectories(list(prompts), counts.pop(), tensors, frozenset(unbatched), "", steps)
 
 
 def save_trajectories(folder: Path, t: Trajectories) -> None:
@@ -120,6 +180,7 @@ def save_trajectories(folder: Path, t: Trajectories) -> None:
             "key": t.key,
             "prompts": t.prompts,
             "steps": t.steps,
+            "timesteps": t.timesteps,
             "unbatched": sorted(t.unbatched),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -142,20 +203,28 @@ def load_trajectories(folder: Path) -> Trajectories | None:
         tensors=tensors,
         unbatched=frozenset(meta["unbatched"]),
         key=meta["key"],
+        timesteps=[float(t) for t in meta["timesteps"]],
     )
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _flatten(args: tuple, kwargs: dict) -> tuple[int, dict[str, torch.Tensor]]:
-    """Tensor arguments by dotted name ("args.0", "kwargs.added_cond_kwargs.time_ids").
+def _flatten(
+    signature: inspect.Signature, args: tuple, kwargs: dict
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Tensor arguments by dotted keyword ("kwargs.sample", "kwargs.added_cond_kwargs.time_ids").
 
-    A 0-d tensor (diffusers passes the timestep as one) is expanded to the batch, so calls
-    from different steps concatenate; the denoiser broadcasts it the same way. Arguments
-    that are not tensors (None, return_dict) are left to the replaying call's defaults.
+    Positional arguments are named from the denoiser's signature. A 0-d tensor (diffusers
+    passes the timestep as one) is expanded to the batch, so calls from different steps
+    concatenate; the denoiser broadcasts it the same way. Arguments that are not tensors
+    (None, return_dict) are left to the replaying call's defaults.
     """
-    values = [*args, *kwargs.values()]
+    kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():  # **kwargs-style catch-alls
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in kwargs:
+            kwargs.update(kwargs.pop(name))
+    values = [*kwargs.values()]
     batch = next((v.shape[0] for v in values if torch.is_tensor(v) and v.dim() > 0), 1)
     out: dict[str, torch.Tensor] = {}
 
@@ -169,8 +238,6 @@ def _flatten(args: tuple, kwargs: dict) -> tuple[int, dict[str, torch.Tensor]]:
             for key, item in value.items():
                 put(f"{name}.{key}", item)
 
-    for i, value in enumerate(args):
-        put(f"args.{i}", value)
     for key, value in kwargs.items():
         put(f"kwargs.{key}", value)
     return batch, out

@@ -35,12 +35,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Torch on one thread for a module: OpenMP spinning on a small shared CPU slows tiny
-    models down 10-100x under contention. Use: pytestmark = usefixtures("one_torch_thread")."""
+    """Torch threads for a module by slimdiff's policy for tiny models (one thread unless
+    SLIMDIFF_THREADS says otherwise): spinning OpenMP threads on a small shared CPU slow
+    tiny models down 10-100x (slimdiff/threads.py). Use:
+    pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
     import torch
 
+    from slimdiff.threads import TINY, choose_threads, configure_torch
+
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    configure_torch(choose_threads(TINY))
     yield
     torch.set_num_threads(before)
 

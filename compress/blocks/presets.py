@@ -24,7 +24,7 @@ from slimdiff.compress.distill.config import BK_SDM, KOALA, SEGMIND, DistillSett
 
 from slimdiff.errors import UserError
 
-__all__ = ["PRESETS", "Preset", "get_preset"]
+__all__ = ["PRESETS", "Preset", "get_preset", "presets_for"]
 
 # A depth scale: one entry per block (a Fraction for every layer, or one per layer);
 # blocks without transformers take 1 (ignored), as diffusers' own configs write them.
@@ -179,3 +179,13 @@ def get_preset(name: str) -> Preset:
         raise UserError(
             f"blocks.remove: unknown preset {name!r}; presets: {', '.join(PRESETS)}"
         ) from None
+
+
+def presets_for(family: str) -> tuple[str, ...]:
+    """The presets written for `family`'s UNet topology."""
+    return _BY_FAMILY.get(family, ())
+
+
+_BY_FAMILY: dict[str, tuple[str, ...]] = {}
+for _p in PRESETS.values():
+    _BY_FAMILY[_p.family] = (*_BY_FAMILY.get(_p.family, ()), _p.name)

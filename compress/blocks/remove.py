@@ -36,17 +36,18 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
 from slimdiff.compress.blocks.plan import Settings, make_plan, read_structure
-from slimdiff.compress.blocks.presets import PRESETS, get_preset
+from slimdiff.compress.blocks.presets import PRESETS, get_preset, presets_for
 from slimdiff.compress.distill.config import SEGMIND, DistillConfig
 
+from slimdiff.edits import Edit
 from slimdiff.errors import UserError
 
-__all__ = ["RemoveBlocksConfig", "RemoveBlocksPass"]
+__all__ = ["BlocksRemoved", "RemoveBlocksConfig", "RemoveBlocksPass"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,16 @@ class RemoveBlocksConfig(PassConfig):
         return self
 
 
+class BlocksRemoved(Edit):
+    """What blocks.remove took out. diffusers' saved config already builds the student, so
+    nothing is replayed on load (`in_config`); this is the record of what went."""
+
+    op: Literal["blocks.remove"] = "blocks.remove"
+    removed: list[str]
+    config: dict[str, list[Any]]  # config key -> [teacher value, student value]
+    in_config: ClassVar[bool] = True
+
+
 @register_pass
 class RemoveBlocksPass(Pass):
     """Replace the pipeline's UNet with a smaller one initialised from its weights.
@@ -107,6 +118,9 @@ class RemoveBlocksPass(Pass):
     name = "blocks.remove"
     stage = Stage.STRUCTURAL
     Config = RemoveBlocksConfig
+    edits = (BlocksRemoved,)
+    # The structure plan reads UNet2DConditionModel configs (down/up block types, depths).
+    denoisers = ("UNet2DConditionModel",)
 
     @property
     def needs_calibration(self) -> bool:
@@ -120,10 +134,10 @@ class RemoveBlocksPass(Pass):
 
         cfg = self.config
         arch = get_arch(family_of_pipeline(type(pipe).__name__))
-        if arch.denoiser_kind != "unet":
+        if arch.denoiser_class not in self.denoisers:
             raise UserError(
-                f"blocks.remove works on UNet models (sd15, sdxl); {arch.family} has a "
-                f"{arch.denoiser_kind} transformer"
+                f"blocks.remove cuts {', '.join(self.denoisers)} denoisers (SD1.x, SDXL and "
+                f"their fine-tunes); {arch.family}'s is a {arch.denoiser_class}"
             )
         teacher = getattr(pipe, arch.denoiser)
         student, mapping = self.build_student(teacher, arch.family)
@@ -148,9 +162,7 @@ class RemoveBlocksPass(Pass):
             "config": changed,
             "distill": recovery,
         }
-        # diffusers' saved config already builds the student, so nothing is replayed on
-        # load ("in_config"); the edit is the record of what went.
-        edit = {"op": self.name, "in_config": True, "removed": removed, "config": changed}
+        edit = BlocksRemoved(component=arch.denoiser, removed=removed, config=changed)
         return PassReport(self.name, summary=summary, edits=[edit])
 
     def build_student(self, teacher, family: str):
@@ -193,7 +205,7 @@ class RemoveBlocksPass(Pass):
         from slimdiff.compress.distill.features import feature_pairs
         from slimdiff.compress.distill.train import distill
 
-        data = calib.denoiser_inputs()
+        data = calib.record()
         pairs = feature_pairs(mapping, settings.hooks, student, teacher)
         report = distill(
             student,
@@ -202,7 +214,7 @@ class RemoveBlocksPass(Pass):
             pairs,
             settings,
             checkpoint=self._checkpoint(calib),
-            frozen=arch.never_compress,
+            frozen=arch.frozen,
         )
         return {**asdict(settings), **asdict(report), "prompts": len(data.prompts)}
 
@@ -222,8 +234,9 @@ class RemoveBlocksPass(Pass):
 
 
 def _check_teacher(preset, family: str, teacher) -> None:
-    if preset.family != family:
-        others = [n for n, p in PRESETS.items() if p.family == family]
+    fitting = presets_for(family)
+    if preset.name not in fitting:
+        others = fitting
         raise UserError(
             f"blocks.remove: preset {preset.name} is for {preset.family} UNets, this model is "
             f"{family}; use one of {', '.join(others) or 'none yet'}, or the generic keys "

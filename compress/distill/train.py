@@ -8,12 +8,12 @@ BK-SDM (arXiv 2305.15798), SSD-1B / Segmind-Vega (arXiv 2401.02677), KOALA (arXi
 with the feature pairs of `features.feature_pairs`. Where this departs from the papers:
 
 - Data-free: the inputs are the teacher's own trajectories on the calibration prompts
-  (`Calibration.denoiser_inputs`), not noised training images, so there is no true noise
+  (`Calibration.record`), not noised training images, so there is no true noise
   eps and no task term (w_task = 0; the config refuses more until images are supported);
   the papers train on LAION-scale image-text pairs at random timesteps. The student sees
   exactly the (latent, timestep, prompt) states it will meet at inference.
-- Modules the ArchSpec marks never-compress (conv_in/out, time and added embeddings) are
-  frozen: passes leave them bit-identical. The papers train the whole student.
+- Modules the ArchSpec marks frozen (never_touch: conv_in/out and the output norm; the
+  time and added embeddings) stay bit-identical. The papers train the whole student.
 - Each iteration's (prompt, step) pairs are drawn from (seed, iteration) alone, and the
   student, optimizer and iteration are checkpointed, so a killed run resumed from its last
   checkpoint ends bit-identical to one that was never interrupted.
@@ -21,7 +21,6 @@ with the feature pairs of `features.feature_pairs`. Where this departs from the 
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import logging
@@ -37,6 +36,7 @@ from slimdiff.compress.distill.config import DistillSettings
 from slimdiff.compress.distill.features import capture
 
 from slimdiff.errors import UserError
+from slimdiff.models.arch import matches
 from slimdiff.trainstate import load_train_state, read_train_state, save_train_state
 from slimdiff.trajectories import Trajectories
 
@@ -74,11 +74,12 @@ def distill(
     """Train `student` in place for `settings.steps` iterations; resume from `checkpoint`.
 
     `pairs` are (student, teacher) module names whose outputs are compared; `frozen` are
-    module-name globs left untrained. `on_iteration(i)` runs after iteration i is done (and
-    checkpointed when due); tests stop a run there to resume it.
+    module-name globs left untrained (arch.matches: a glob covers its submodules).
+    `on_iteration(i)` runs after iteration i is done (and checkpointed when due); tests
+    stop a run there to resume it.
 
     Example:
-        report = distill(student, teacher, calib.denoiser_inputs(), pairs,
+        report = distill(student, teacher, calib.record(), pairs,
                          DistillSettings(steps=100, lr=1e-4), Path("work/distill.safetensors"))
     """
     start_time = time.perf_counter()
@@ -106,7 +107,7 @@ def distill(
     teacher.eval()
     params = []
     for name, p in student.named_parameters():
-        train = not any(fnmatch.fnmatchcase(name.rsplit(".", 1)[0], g) for g in frozen)
+        train = not matches(name.rsplit(".", 1)[0], frozen)
         p.requires_grad_(train)
         if train:
             params.append(p)

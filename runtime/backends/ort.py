@@ -4,6 +4,11 @@ onnxruntime is imported here, when a backend is built, never at `import slimdiff
 a machine that only inspects bundles needs no onnxruntime, and the CPU and GPU wheels
 (`onnxruntime`, `onnxruntime-gpu`) are different distributions that users pick.
 
+Every session gets its threads from `slimdiff.threads`: `choose_threads` on the graph's
+parameter count (its weight bytes, counted as fp32) unless the backend was given
+`threads=` or SLIMDIFF_THREADS is set, and no spinning between operators (spinning
+threads on a shared CPU made a toy step 2-3x slower; see slimdiff/threads.py).
+
 Example:
     >>> session = OrtBackend("ort-cpu").load("bundle/vae_decoder/model.onnx")  # doctest: +SKIP
     >>> session.run({"latent_sample": z})["sample"].shape                       # doctest: +SKIP
@@ -17,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from slimdiff.runtime.manifest import BundleError
 
 from slimdiff.errors import UserError
+from slimdiff.threads import choose_threads, ort_session_options
 
 __all__ = ["OrtBackend", "OrtSession"]
 
@@ -29,9 +36,20 @@ _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(double)": np.dtype(np.float64),
-    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
     "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
     "tensor(bool)": np.dtype(np.bool_),
+}
+# Legitimate ONNX input types that numpy feeds cannot carry, with the reason.
+_UNFEEDABLE = {
+    "tensor(bfloat16)": "numpy has no bfloat16 dtype",
+    "tensor(string)": "the runtime tokenizes text itself and feeds token ids",
 }
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -60,7 +78,7 @@ class OrtSession:
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_dtypes = {
-            i.name: _ORT_DTYPES.get(i.type, np.dtype(np.float32)) for i in session.get_inputs()
+            i.name: _input_dtype(i.name, i.type, path) for i in session.get_inputs()
         }
 
     @property
@@ -85,19 +103,49 @@ class OrtSession:
         return dict(zip(self.output_names, outputs, strict=True))
 
 
+def _input_dtype(name: str, ort_type: str, path: Path) -> np.dtype:
+    """The numpy dtype to feed input `name`; a type the runtime cannot feed is an error."""
+    if ort_type in _ORT_DTYPES:
+        return _ORT_DTYPES[ort_type]
+    why = _UNFEEDABLE.get(ort_type, "the runtime does not know this type")
+    raise BundleError(
+        f"{path}: input {name!r} has type {ort_type}, which numpy feeds cannot carry ({why}); "
+        "export the bundle again with this slimdiff"
+    )
+
+
+def _weight_params(path: Path) -> float:
+    """A graph's parameter count, estimated from its bytes (the .onnx file and the
+    `<name>.data` file the exporter writes beside it) as fp32: enough to tell a toy from a
+    real model."""
+    files = (path, path.with_name(path.name + ".data"))
+    return sum(f.stat().st_size for f in files if f.is_file()) / 4
+
+
 class OrtBackend:
     """Loads ONNX files with onnxruntime on the CPU or a CUDA GPU.
+
+    `threads` fixes every session's intra-op threads; None leaves the choice to
+    `slimdiff.threads.choose_threads` (SLIMDIFF_THREADS, else the graph's size and the
+    CPUs free).
 
     Example:
         >>> OrtBackend("ort-cpu").providers
         ['CPUExecutionProvider']
     """
 
-    def __init__(self, name: str = "ort-cpu", device: str = "cpu", device_id: int = 0) -> None:
+    def __init__(
+        self,
+        name: str = "ort-cpu",
+        device: str = "cpu",
+        device_id: int = 0,
+        threads: int | None = None,
+    ) -> None:
         if device not in _PROVIDERS:
             raise ValueError(f"device must be one of {sorted(_PROVIDERS)}, not {device!r}")
         self.name = name
         self.device = device
+        self.threads = threads
         self._ort = _import_ort(device)
         available = self._ort.get_available_providers()
         if _PROVIDERS[device] not in available:
@@ -119,6 +167,8 @@ class OrtBackend:
         path = Path(path)
         options = self._ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT's warnings are not the user's concern
+        n = choose_threads(_weight_params(path), self.threads)
+        ort_session_options(options, n)
         try:
             session = self._ort.InferenceSession(
                 str(path), sess_options=options, providers=self.providers
@@ -136,5 +186,5 @@ class OrtBackend:
                 "(CUDA 12 / cuDNN 9 libraries not found?); install the CUDA runtime that "
                 "matches onnxruntime-gpu, or use --backend ort-cpu"
             )
-        log.debug("loaded %s with %s", path, session.get_providers())
+        log.debug("loaded %s with %s, %d threads", path, session.get_providers(), n)
         return OrtSession(session, path)

@@ -19,7 +19,8 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
 - `FlowMatchEulerDiscreteScheduler`: Euler on the rectified-flow ODE, Lipman et al., "Flow
   Matching for Generative Modeling" (2023, arXiv:2210.02747), with the timestep shift of
   Esser et al., "Scaling Rectified Flow Transformers" (SD3, 2024, arXiv:2403.03206) and
-  FLUX's resolution-dependent shift (`calculate_shift`, from diffusers' pipeline_flux.py).
+  FLUX's resolution-dependent shift (`mu`: slimdiff.models.kinds.calculate_shift, from
+  diffusers' pipeline_flux.py, which the runtime's conditioning computes).
 
 "leading"/"trailing"/"linspace" spacing and zero-terminal-SNR rescaling follow Lin et al.,
 "Common Diffusion Noise Schedules and Sample Steps are Flawed" (2024, arXiv:2305.08891);
@@ -48,7 +49,7 @@ import numpy as np
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
-from .flow_match import FlowMatchEulerDiscreteScheduler, calculate_shift
+from .flow_match import FlowMatchEulerDiscreteScheduler
 
 __all__ = [
     "DDIMScheduler",
@@ -56,7 +57,6 @@ __all__ = [
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "Scheduler",
-    "calculate_shift",
     "scheduler_from_config",
 ]
 

@@ -1,4 +1,4 @@
-"""FlowMatchEulerDiscreteScheduler (SD3, FLUX) and FLUX's `calculate_shift`.
+"""FlowMatchEulerDiscreteScheduler (SD3, FLUX); FLUX's `calculate_shift` is in models/kinds.py.
 
 Euler on the rectified-flow ODE dx/dsigma = v (Lipman et al., "Flow Matching for
 Generative Modeling", arXiv:2210.02747), with SD3's static timestep shift (Esser et al.,
@@ -117,16 +117,3 @@ class FlowMatchEulerDiscreteScheduler:
         # x_{t-dt} = x_t + (sigma_next - sigma) * v, with v the predicted velocity
         dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
         return as_f32(sample) + dt * as_f32(model_output)
-
-
-def calculate_shift(
-    image_seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """FLUX's `mu`: the log-shift, linear in the number of image tokens (pipeline_flux.py)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return image_seq_len * m + b

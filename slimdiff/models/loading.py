@@ -8,6 +8,11 @@ A model argument is one of:
 - a local component folder (a denoiser's `config.json`), for `inspect`;
 - a hub id such as `stabilityai/stable-diffusion-xl-base-1.0`, loaded through diffusers
   when the hub is reachable or the files are in the local cache.
+
+Weights load from safetensors only: `.bin`/`.ckpt` files are pickles, and unpickling can run
+code, so a folder or hub repo that has only those is refused with a message saying how to
+convert it, unless the caller passes `allow_pickle=True` (`--allow-pickle`) for files it
+trusts.
 """
 
 from __future__ import annotations
@@ -21,18 +26,12 @@ from typing import Any
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.builtin import build_builtin, parse_builtin
-from slimdiff.models.families import FAMILIES, family_of_pipeline, get_arch
+from slimdiff.models.families import FAMILIES, family_of_denoiser, family_of_pipeline, get_arch
 from slimdiff.models.toy import load_toy, parse_toy
 
 __all__ = ["LoadedModel", "default_size", "load_model", "load_pipeline"]
 
 log = logging.getLogger(__name__)
-
-# Denoiser classes a component folder may hold, and the family each implies.
-_DENOISER_CLASSES = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-}
 
 
 class LoadedModel:
@@ -90,8 +89,11 @@ def load_pipeline(model: str, device: str = "cpu"):
     return load_model(model, device=device).require_pipeline("this command")
 
 
-def load_model(model: str, device: str = "cpu") -> LoadedModel:
-    """Load `model` (built-in, local folder or hub id) on `device` ("meta" = no weights)."""
+def load_model(model: str, device: str = "cpu", allow_pickle: bool = False) -> LoadedModel:
+    """Load `model` (built-in, local folder or hub id) on `device` ("meta" = no weights).
+
+    `allow_pickle`: also load pickled `.bin` weights (only for files you trust).
+    """
     _quiet_progress_bars()
     builtin = parse_builtin(model)
     if builtin is not None:
@@ -103,9 +105,9 @@ def load_model(model: str, device: str = "cpu") -> LoadedModel:
         return _wrap(load_toy(toy, device=device), model)
     path = Path(model).expanduser()
     if path.exists():
-        return _load_local(path, model, device)
+        return _load_local(path, model, device, allow_pickle)
     if _looks_like_hub_id(model):
-        return _wrap(_load_hub(model, device), model)
+        return _wrap(_load_hub(model, device, allow_pickle), model)
     raise UserError(
         f"model {model!r} not found: pass a diffusers pipeline folder (with model_index.json), "
         "a hub id (org/name), or a built-in (tiny:<family>, random:<family>; families: "
@@ -128,7 +130,7 @@ def _wrap(pipe, source: str) -> LoadedModel:
     return LoadedModel(arch=arch, source=source, pipe=pipe, denoiser=getattr(pipe, arch.denoiser))
 
 
-def _load_local(path: Path, source: str, device: str) -> LoadedModel:
+def _load_local(path: Path, source: str, device: str, allow_pickle: bool) -> LoadedModel:
     if not path.is_dir():
         raise UserError(
             f"{path} is a file; pass a diffusers pipeline folder (with model_index.json)"
@@ -137,38 +139,63 @@ def _load_local(path: Path, source: str, device: str) -> LoadedModel:
     if index.is_file():
         class_name = _read_json(index).get("_class_name", "")
         family_of_pipeline(class_name)  # raises a clear error for unsupported classes
+        if not allow_pickle:
+            _refuse_pickles(path, [path / k for k, v in _read_json(index).items() if _is_part(v)])
         if (path / "slimdiff.json").is_file():
             from slimdiff.artifact import load_artifact
 
-            return _wrap(load_artifact(path, device=device), source)
-        return _wrap(_from_pretrained_pipeline(path, class_name, device), source)
+            return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
+        return _wrap(_from_pretrained_pipeline(path, class_name, device, allow_pickle), source)
     config = path / "config.json"
     if config.is_file():
-        return _load_component(path, _read_json(config), source, device)
+        if not allow_pickle:
+            _refuse_pickles(path, [path])
+        return _load_component(path, _read_json(config), source, device, allow_pickle)
     raise UserError(
         f"{path} is not a diffusers model folder: it has neither model_index.json (a pipeline) "
         "nor config.json (a component); save one with pipe.save_pretrained(folder)"
     )
 
 
-def _load_component(path: Path, config: dict, source: str, device: str) -> LoadedModel:
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _is_part(entry: Any) -> bool:
+    # model_index.json components are [library, class]; null for an absent optional part.
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+
+def _refuse_pickles(root: Path, folders: list[Path]) -> None:
+    """UserError when a component holds pickled weights and no safetensors."""
+    for folder in folders:
+        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+            continue
+        pickled = sorted(p.name for pattern in _PICKLED for p in folder.glob(pattern))
+        if pickled:
+            raise UserError(
+                f"{folder} has only pickled weights ({', '.join(pickled[:3])}), which slimdiff "
+                "does not load by default: unpickling can run code. Convert them to "
+                "safetensors (load and `save_pretrained(..., safe_serialization=True)` where "
+                "you trust them), or pass --allow-pickle if you trust these files"
+            )
+
+
+def _load_component(
+    path: Path, config: dict, source: str, device: str, allow_pickle: bool
+) -> LoadedModel:
     import diffusers
 
     class_name = config.get("_class_name", "")
-    if class_name == "UNet2DConditionModel":
-        # SDXL's UNet is the one with added text/time conditions.
-        family = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
-    elif class_name in _DENOISER_CLASSES:
-        family = _DENOISER_CLASSES[class_name]
-    else:
+    family = family_of_denoiser(class_name, config)
+    if family is None:
+        known = " / ".join(sorted({a.denoiser_class for a in FAMILIES.values()}))
         raise UserError(
             f"{path}: component class {class_name!r} is not a denoiser slimdiff knows; "
-            "pass a pipeline folder or a UNet2DConditionModel / SD3Transformer2DModel / "
-            "FluxTransformer2DModel folder"
+            f"pass a pipeline folder or a {known} folder"
         )
     cls = getattr(diffusers, class_name)
     try:
-        model = cls.from_pretrained(path)
+        model = cls.from_pretrained(path, use_safetensors=not allow_pickle)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
     if device not in ("cpu", "meta"):
@@ -176,12 +203,12 @@ def _load_component(path: Path, config: dict, source: str, device: str) -> Loade
     return LoadedModel(arch=get_arch(family), source=source, denoiser=model.eval())
 
 
-def _from_pretrained_pipeline(path: Path, class_name: str, device: str):
+def _from_pretrained_pipeline(path: Path, class_name: str, device: str, allow_pickle: bool):
     import diffusers
 
     cls = getattr(diffusers, class_name)
     try:
-        pipe = cls.from_pretrained(path)
+        pipe = cls.from_pretrained(path, use_safetensors=not allow_pickle)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(
             f"{path}: could not load the {class_name} in it ({err}); check that every "
@@ -195,21 +222,41 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
 
 
-def _load_hub(model_id: str, device: str):
+def _load_hub(model_id: str, device: str, allow_pickle: bool):
     import diffusers
 
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model_id)
-    except Exception as err:  # network, auth and missing-file errors come in many classes
-        reason = "HF_HUB_OFFLINE is set" if offline else type(err).__name__
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            model_id, use_safetensors=not allow_pickle
+        )
+    except _hub_errors() as err:
+        # Network, auth, missing-file and no-safetensors errors; anything else (out of
+        # memory, a bug) keeps its traceback.
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = (
+            "HF_HUB_OFFLINE is set and the files are not in the local cache"
+            if offline
+            else "the hub is unreachable, the id is wrong, or access is gated"
+        )
         raise UserError(
-            f"could not load hub model {model_id!r} ({reason}): the hub is unreachable or the "
-            "id is wrong; on a machine with network run `hf download "
-            f"{model_id} --local-dir DIR` and pass DIR instead"
+            f"could not load hub model {model_id!r}: {detail[:300]} ({hint}); on a machine "
+            f"with network run `hf download {model_id} --local-dir DIR` and pass DIR instead"
         ) from None
     family_of_pipeline(type(pipe).__name__)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes a hub load raises for the network, the repo or its files."""
+    errors: list[type[BaseException]] = [OSError, ValueError]  # hub errors subclass OSError
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _read_json(path: Path) -> dict:

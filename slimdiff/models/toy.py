@@ -64,7 +64,9 @@ def load_toy_folder(folder: Path, device: str = "cpu"):
 
     # No dtype argument: diffusers renamed `torch_dtype` to `dtype` (the old name now
     # warns) within the range pyproject allows; `.float()` pins fp32 either way.
-    return _pinned(StableDiffusionXLPipeline.from_pretrained(folder).to(device))
+    return _pinned(
+        StableDiffusionXLPipeline.from_pretrained(folder, use_safetensors=True).to(device)
+    )
 
 
 def _pinned(pipe):

@@ -21,7 +21,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from slimdiff.export import export_bundle
-from slimdiff.export.optimize import PLANS
 from slimdiff.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
 
 from slimdiff.models import LoadedModel, load_model
@@ -30,10 +29,9 @@ OPTIMIZE = {"sd15": True, "sdxl": False, "sd3": True, "flux": True}
 # Contrib ops with no CPU kernel in onnxruntime (CUDA/ROCm only).
 GPU_ONLY_OPS = {"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"}
 PIPELINE_KEYS = {
-    "denoiser", "denoiser_kind", "uses_cfg", "default_size", "default_steps",
-    "default_guidance", "vae_scale_factor", "latent_channels", "vae_scaling_factor",
-    "vae_shift_factor", "force_zeros_for_empty_prompt", "has_time_ids", "guidance_embeds",
-    "patch_size", "text_encoders", "scheduler",
+    "denoiser", "kind", "uses_cfg", "default_size", "default_steps", "default_guidance",
+    "vae_scale_factor", "size_multiple", "latent_channels", "vae_scaling_factor",
+    "vae_shift_factor", "force_zeros_for_empty_prompt", "text_encoders", "scheduler",
 }  # fmt: skip
 
 
@@ -111,7 +109,7 @@ def _denoiser_feeds(model, manifest, batch=2, height=8, width=16, text_len=12):
         shape = [axes[d] if isinstance(d, str) else d for d in spec["shape"]]
         feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
     # FLUX passes timestep / 1000; the others pass the scheduler's timestep.
-    scale = 1.0 if model.arch.denoiser_kind == "flux" else 1000.0
+    scale = 1.0 if model.arch.family == "flux" else 1000.0
     feeds["timestep"] = (rng.random(batch) * scale).astype(np.float32)
     if "img_ids" in feeds:
         h, w = height // 2, width // 2
@@ -159,21 +157,23 @@ def test_every_file_is_hashed_and_no_temp_folder_is_left(exported):
         assert sha256_file(out / rel) == digest
     for name in manifest.components:
         assert f"{name}/model.onnx" in manifest.files
-    for spec in manifest.pipeline["text_encoders"]:
-        assert f"{spec['tokenizer']}/tokenizer.json" in manifest.files
-    assert manifest.pipeline["scheduler"] in manifest.files
+    for record in manifest.pipeline.text_encoders:
+        assert f"{record.tokenizer}/tokenizer.json" in manifest.files
+    assert manifest.pipeline.scheduler in manifest.files
     # Only the bundle beside it: no .partial build folder, no .work exports inside.
     assert [p.name for p in out.parent.iterdir()] == ["bundle"]
     assert not any(p.name.startswith(".") for p in out.rglob("*"))
-    # The runtime's reader verifies every hash and accepts it.
-    assert read_manifest(out).components.keys() == manifest.components.keys()
+    # The runtime's reader verifies every hash and accepts it: the same manifest, the same
+    # identity (SHA-256 of manifest.json's bytes).
+    assert read_manifest(out) == manifest
+    assert read_manifest(out).sha256 == manifest.sha256 == sha256_file(out / MANIFEST_NAME)
 
 
 def test_pipeline_constants_come_from_the_model(exported):
     model, out, manifest, _ = exported
     pipeline = json.loads((out / MANIFEST_NAME).read_text())["pipeline"]
     assert set(pipeline) == PIPELINE_KEYS
-    vae, den = model.pipe.vae.config, model.denoiser.config
+    vae = model.pipe.vae.config
     assert pipeline["denoiser"] == model.arch.denoiser
     assert pipeline["vae_scale_factor"] == 2 ** (len(vae.block_out_channels) - 1) == 8
     assert pipeline["latent_channels"] == vae.latent_channels
@@ -181,10 +181,16 @@ def test_pipeline_constants_come_from_the_model(exported):
     assert pipeline["vae_shift_factor"] == (
         None if vae.shift_factor is None else pytest.approx(vae.shift_factor)
     )
-    assert pipeline["has_time_ids"] == (model.arch.family == "sdxl")
+    kind = pipeline["kind"]
+    assert ("time_ids" in kind["extra_inputs"]) == (model.arch.family == "sdxl")
     assert pipeline["force_zeros_for_empty_prompt"] == (model.arch.family == "sdxl")
-    assert pipeline["guidance_embeds"] == (model.arch.family == "flux")
-    assert pipeline["patch_size"] == (den.get("patch_size") or 1)
+    assert ("guidance" in kind["extra_inputs"]) == (model.arch.family == "flux")
+    assert kind["token_patch"] == (2 if model.arch.family in ("sd3", "flux") else 1)
+    assert kind["latent_packing"] == (2 if model.arch.family == "flux" else 1)
+    assert kind["timestep_divisor"] == (1000.0 if model.arch.family == "flux" else 1.0)
+    assert kind["sample_input"] == den_inputs(manifest, model)[0]
+    multiple = {"sd15": 8, "sdxl": 8, "sd3": 16, "flux": 16}[model.arch.family]
+    assert pipeline["size_multiple"] == multiple
     encoders = pipeline["text_encoders"]
     assert [e["name"] for e in encoders] == [s.name for s in model.arch.text_encoders]
     for record, spec in zip(encoders, model.arch.text_encoders, strict=True):
@@ -194,7 +200,10 @@ def test_pipeline_constants_come_from_the_model(exported):
             assert record["max_length"] == tok.model_max_length
         assert record["pad_token_id"] == tok.pad_token_id
         assert record["eos_token_id"] == tok.eos_token_id
+        config = getattr(model.pipe, spec.name).config
+        assert record["max_positions"] == getattr(config, "max_position_embeddings", None)
         assert record["outputs"] == list(spec.outputs)
+        assert record["segment"] == (1 if spec.name == "text_encoder_3" else 0)
         assert record["hidden_size"] == manifest.components[spec.name].outputs[0]["shape"][-1]
 
 
@@ -203,7 +212,7 @@ def test_cpu_fusions_are_recorded_and_run_on_the_cpu_ep(exported):
     entry = manifest.components[model.arch.denoiser]
     ops = Counter(n.op_type for n in onnx.load(str(out / entry.path)).graph.node)
     assert not GPU_ONLY_OPS & set(ops)
-    plan = PLANS[model.arch.denoiser_kind]
+    plan = model.arch.denoiser_onnx
     if OPTIMIZE[model.arch.family] and plan.on_cpu:
         # Every attention layer fused: tiny:sd15 has 16 (8 self -> Attention, 8 cross ->
         # MultiHeadAttention, per direction), tiny:sd3 2 joint ones; no Softmax left.
@@ -216,6 +225,10 @@ def test_cpu_fusions_are_recorded_and_run_on_the_cpu_ep(exported):
         assert entry.extra["ort_fusions"] == {}
     for name in (*model.arch.text_encoder_names, "vae_decoder"):
         assert manifest.components[name].extra["ort_fusions"] == {}  # no CPU win there
+
+
+def den_inputs(manifest, model) -> list[str]:
+    return [i["name"] for i in manifest.components[model.arch.denoiser].inputs]
 
 
 def test_export_leaves_the_callers_model_as_it_was(exported):

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import pytest
 from slimdiff.export import export_bundle
-from slimdiff.export.optimize import PLANS, fusion_options
+from slimdiff.export.optimize import fusion_options
 
-from slimdiff.models import load_model
+from slimdiff.models import get_arch, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_gpu_fusion_set_enables_the_cuda_only_fusions():
-    gpu = fusion_options(PLANS["unet"], for_gpu=True, fp16=True)
+    gpu = fusion_options(get_arch("sdxl").denoiser_onnx, for_gpu=True, fp16=True)
     assert gpu.enable_group_norm and gpu.enable_nhwc_conv and gpu.enable_bias_splitgelu
     assert gpu.enable_packed_qkv and gpu.enable_packed_kv
     # As ORT's optimize_pipeline: packed QKV/KV only for fp16 graphs.
-    gpu32 = fusion_options(PLANS["unet"], for_gpu=True, fp16=False)
+    gpu32 = fusion_options(get_arch("sdxl").denoiser_onnx, for_gpu=True, fp16=False)
     assert not gpu32.enable_packed_qkv and not gpu32.enable_packed_kv
-    cpu = fusion_options(PLANS["unet"], for_gpu=False, fp16=True)
+    cpu = fusion_options(get_arch("sdxl").denoiser_onnx, for_gpu=False, fp16=True)
     assert not (cpu.enable_group_norm or cpu.enable_nhwc_conv or cpu.enable_bias_splitgelu)
     assert not (cpu.enable_packed_qkv or cpu.enable_packed_kv or cpu.enable_bias_add)
     assert cpu.enable_attention
@@ -41,5 +41,5 @@ def test_flux_without_guidance_embeds_has_no_guidance_input(tmp_path):
         "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
         "img_ids", "txt_ids",
     ]  # fmt: skip
-    assert manifest.pipeline["guidance_embeds"] is False
+    assert "guidance" not in manifest.pipeline.kind.extra_inputs
     assert entry.parity["passed"]

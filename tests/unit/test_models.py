@@ -106,6 +106,8 @@ def test_unknown_builtin_family():
         get_arch("sd9")
 
 
-def test_initial_latent_shape_follows_packing():
-    assert get_arch("sdxl").initial_latent_shape(1, 4, (128, 64)) == (1, 4, 16, 8)
-    assert get_arch("flux").initial_latent_shape(1, 16, (128, 64)) == (1, 32, 64)
+def test_latent_shape_follows_packing():
+    from slimdiff.models.kinds import latent_shape
+
+    assert latent_shape(get_arch("sdxl").kind, 1, 4, 16, 8) == (1, 4, 16, 8)
+    assert latent_shape(get_arch("flux").kind, 1, 16, 16, 8) == (1, 32, 64)

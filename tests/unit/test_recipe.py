@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from slimdiff.compress import Pass, PassConfig, PassReport, Stage, register_pass, unregister_pass
+from slimdiff.compress import build_passes, Pass, PassConfig, PassReport, Stage, register_pass, unregister_pass
 
 from slimdiff.errors import UserError
 from slimdiff.recipe import builtin_recipes, load_recipe, parse_size, validate_recipe
@@ -100,7 +100,7 @@ def test_passes_must_go_structural_then_quantization(two_passes):
             "passes": [{"pass": "test.structural", "ratio": 0.25}, {"pass": "test.quant"}],
         }
     )
-    assert ok.resolved_passes()[0].config.ratio == 0.25
+    assert build_passes(ok)[0].config.ratio == 0.25
 
 
 def test_set_overrides_nested_fields_and_list_items(tmp_path, two_passes):
@@ -109,7 +109,7 @@ def test_set_overrides_nested_fields_and_list_items(tmp_path, two_passes):
         path, ["bench.steps=4", "model=tiny:sdxl", "passes.0.ratio=0.75", "bench.size=[64, 96]"]
     )
     assert r.bench.steps == 4 and r.model == "tiny:sdxl" and r.bench.size == (64, 96)
-    assert r.resolved_passes()[0].config.ratio == 0.75
+    assert build_passes(r)[0].config.ratio == 0.75
     with pytest.raises(UserError, match="use --set key=value"):
         load_recipe(path, ["bench.steps"])
     with pytest.raises(UserError, match="not an index"):

@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from slimdiff.runtime.backends import backend_names, get_backend
+from slimdiff.runtime.manifest import BundleError
 
 from slimdiff.errors import UserError
 
@@ -87,3 +88,69 @@ def test_unloadable_graph_is_a_user_error(tmp_path):
     path.write_bytes(b"not an onnx file")
     with pytest.raises(UserError, match="onnxruntime could not load it"):
         get_backend("ort-cpu").load(path)
+
+
+def _identity_graph(path, elem_type) -> None:
+    """y = x for one input of ONNX type `elem_type`."""
+    x = helper.make_tensor_value_info("x", elem_type, [2])
+    y = helper.make_tensor_value_info("y", elem_type, [2])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize(
+    ("elem_type", "ort_type", "why"),
+    [
+        (TensorProto.BFLOAT16, "tensor(bfloat16)", "numpy has no bfloat16 dtype"),
+        (TensorProto.STRING, "tensor(string)", "the runtime tokenizes text itself"),
+    ],
+)
+def test_input_type_numpy_cannot_feed_fails_at_load(tmp_path, elem_type, ort_type, why):
+    path = tmp_path / "graph.onnx"
+    _identity_graph(path, elem_type)
+    with pytest.raises(BundleError) as err:
+        get_backend("ort-cpu").load(path)
+    message = str(err.value)
+    assert str(path) in message and f"input 'x' has type {ort_type}" in message
+    assert why in message and "export the bundle again with this slimdiff" in message
+
+
+@pytest.mark.parametrize(
+    ("elem_type", "dtype"),
+    [
+        (TensorProto.UINT8, np.uint8),
+        (TensorProto.INT8, np.int8),
+        (TensorProto.INT32, np.int32),
+        (TensorProto.BOOL, np.bool_),
+        (TensorProto.FLOAT16, np.float16),
+    ],
+)
+def test_integer_bool_and_half_inputs_are_fed_in_their_own_dtype(tmp_path, elem_type, dtype):
+    path = tmp_path / "graph.onnx"
+    _identity_graph(path, elem_type)
+    session = get_backend("ort-cpu").load(path)
+    assert session.input_dtypes == {"x": np.dtype(dtype)}
+    out = session.run({"x": np.array([1, 0])})["y"]
+    assert out.dtype == np.dtype(dtype) and out.tolist() == np.array([1, 0], dtype).tolist()
+
+
+def _session_threads(session) -> tuple[int, str]:
+    options = session._session.get_session_options()
+    return (
+        options.intra_op_num_threads,
+        options.get_session_config_entry("session.intra_op.allow_spinning"),
+    )
+
+
+def test_sessions_get_the_thread_policy_and_never_spin(tmp_path, monkeypatch):
+    from slimdiff.runtime.backends.ort import OrtBackend
+
+    monkeypatch.delenv("SLIMDIFF_THREADS", raising=False)
+    path = tmp_path / "tiny.onnx"
+    _tiny_graph(path)
+    assert _session_threads(get_backend("ort-cpu").load(path)) == (1, "0")  # a tiny graph
+    assert _session_threads(OrtBackend("ort-cpu", threads=2).load(path)) == (2, "0")
+    monkeypatch.setenv("SLIMDIFF_THREADS", "3")
+    assert _session_threads(get_backend("ort-cpu").load(path)) == (3, "0")

@@ -1,4 +1,5 @@
-"""Per-denoiser-kind pieces against diffusers' own: FLUX packing and ids, sizes, pixels out."""
+"""The runtime's conditioning, driven by each family's KindSpec, against diffusers' own:
+FLUX packing and ids, SD3's joined text states, SDXL's zero negative, sizes, pixels out."""
 
 from __future__ import annotations
 
@@ -8,38 +9,48 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from slimdiff.runtime.conditioning import CONDITIONINGS, FluxConditioning
+from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.image import save_png, to_uint8
-from slimdiff.runtime.manifest import Manifest
+from slimdiff.runtime.manifest import BundleError, Manifest, PipelineSpec
 from slimdiff.runtime.pipeline import Text2ImagePipeline
 
 from slimdiff.errors import UserError
+from slimdiff.models import get_arch
+from slimdiff.models.kinds import pack_latents
 
 
-def _config(kind: str, **extra) -> dict:
+def _config(family: str, guidance_embeds: bool = True, **extra) -> dict:
+    """A bundle's `pipeline` record for `family`, as Conditioning receives it (the kind as
+    the validated KindSpec the manifest reader makes of it)."""
+    arch = get_arch(family)
+    config = {"guidance_embeds": guidance_embeds, "patch_size": 2}
     return {
-        "denoiser_kind": kind,
+        "kind": arch.kind_for(config),
         "vae_scale_factor": 8,
-        "latent_channels": 16 if kind != "unet" else 4,
-        "patch_size": 2 if kind == "sd3" else 1,
+        "latent_channels": 4 if arch.denoiser == "unet" else 16,
         "default_size": [64, 64],
         "default_steps": 4,
         "default_guidance": 5.0,
-        "uses_cfg": kind != "flux",
+        "uses_cfg": arch.uses_cfg,
         **extra,
     }
 
 
-def _pipeline(kind: str) -> Text2ImagePipeline:
-    config = _config(kind)
-    manifest = Manifest(family="test", pipeline=config, components={}, files={})
-    return Text2ImagePipeline(manifest, CONDITIONINGS[kind](config, [], {}), None, None, {})
+def _cond(family: str, encoders=(), **extra) -> Conditioning:
+    return Conditioning(_config(family, **extra), list(encoders), {})
+
+
+def _pipeline(family: str) -> Text2ImagePipeline:
+    config = _config(family)
+    # Only the argument checks run (no graphs): a manifest without validation suffices.
+    manifest = Manifest.model_construct(pipeline=PipelineSpec.model_construct(**config))
+    return Text2ImagePipeline(manifest, Conditioning(config, [], {}), None, None, {})
 
 
 def test_flux_packing_matches_diffusers():
-    cond = FluxConditioning(_config("flux"), [], {})
+    cond = _cond("flux")
     x = np.random.default_rng(0).standard_normal((1, 16, 12, 8)).astype(np.float32)
-    packed = cond._pack(x)
+    packed = pack_latents(x, 2)
     ref = FluxPipeline._pack_latents(torch.from_numpy(x), 1, 16, 12, 8).numpy()
     np.testing.assert_array_equal(packed, ref)  # (1, 24, 64)
     back = cond.vae_latents(packed, 96, 64)
@@ -49,21 +60,29 @@ def test_flux_packing_matches_diffusers():
 
 
 def test_flux_seeded_noise_is_drawn_unpacked_then_packed():
-    cond = FluxConditioning(_config("flux"), [], {})
-    noise = cond.initial_latents(None, 7, 64, 32, scheduler=None)
+    cond = _cond("flux")
+    noise = cond.initial_latents(None, 7, 64, 32, scheduler=_Sigma(1.0))
     raw = np.random.default_rng(7).standard_normal((1, 16, 8, 4)).astype(np.float32)
-    np.testing.assert_array_equal(noise, cond._pack(raw))
+    np.testing.assert_array_equal(noise, pack_latents(raw, 2))
     assert noise.shape == cond.latent_shape(64, 32) == (1, 8, 64)
+
+
+class _Sigma:
+    """A scheduler as far as initial_latents reads it."""
+
+    def __init__(self, init_noise_sigma: float) -> None:
+        self.init_noise_sigma = init_noise_sigma
 
 
 class _FakeEncoder:
     """Stands in for a TextEncoder: fixed outputs, so only the conditioning logic is tested."""
 
-    def __init__(self, kind: str, outputs: dict[str, np.ndarray]) -> None:
-        self.kind, self.name = kind, kind
+    def __init__(self, kind: str, outputs: dict[str, np.ndarray], segment: int = 0) -> None:
+        self.kind, self.name, self.segment = kind, kind, segment
         self._outputs = outputs
         self.outputs = tuple(outputs)
-        self.hidden_output = next(k for k in outputs if k.endswith("hidden_state"))
+        self.hidden_output = next((k for k in outputs if k.endswith("hidden_state")), None)
+        self.pooled_outputs = tuple(k for k in outputs if k in ("text_embeds", "pooler_output"))
         self.calls: list[list[str]] = []
 
     def __call__(self, texts):
@@ -75,12 +94,11 @@ def test_flux_feeds_ids_and_guidance_match_diffusers():
     clip = _FakeEncoder(
         "clip",
         {
-            "last_hidden_state": np.ones((1, 77, 8), np.float32),
             "pooler_output": np.full((1, 8), 2.0, np.float32),
         },
     )
     t5 = _FakeEncoder("t5", {"last_hidden_state": np.full((1, 512, 32), 3.0, np.float32)})
-    cond = FluxConditioning(_config("flux", guidance_embeds=True), [clip, t5], {})
+    cond = _cond("flux", [clip, t5], guidance_embeds=True)
     feeds = cond.encode("a cat", None, False, 3.5, 96, 64)
     ref_ids = FluxPipeline._prepare_latent_image_ids(1, 96 // 16, 64 // 16, "cpu", torch.float32)
     np.testing.assert_array_equal(feeds["img_ids"], ref_ids.numpy())  # (24, 3)
@@ -101,8 +119,7 @@ def test_sdxl_zero_negative_and_time_ids():
             "text_embeds": np.full((1, 5), 2.0, np.float32),
         },
     )
-    config = _config("unet", has_time_ids=True, force_zeros_for_empty_prompt=True)
-    cond = CONDITIONINGS["unet"](config, [enc1, enc2], {})
+    cond = _cond("sdxl", [enc1, enc2], force_zeros_for_empty_prompt=True)
     feeds = cond.encode("a cat", None, True, 5.0, 128, 64)
     assert enc1.calls == [["a cat"]]  # no negative prompt encoded: zeros instead
     assert feeds["encoder_hidden_states"].shape == (2, 77, 10)
@@ -127,8 +144,8 @@ def test_sd3_pads_clip_states_to_t5_width_then_joins_sequences():
             "text_embeds": np.full((1, 6), 2.0, np.float32),
         },
     )
-    t5 = _FakeEncoder("t5", {"last_hidden_state": np.full((1, 256, 16), 3.0, np.float32)})
-    cond = CONDITIONINGS["sd3"](_config("sd3"), [clip_l, clip_g, t5], {})
+    t5 = _FakeEncoder("t5", {"last_hidden_state": np.full((1, 256, 16), 3.0, np.float32)}, 1)
+    cond = _cond("sd3", [clip_l, clip_g, t5])
     feeds = cond.encode("a cat", None, True, 5.0, 64, 64)
     states = feeds["encoder_hidden_states"]
     assert states.shape == (2, 77 + 256, 16)
@@ -138,9 +155,9 @@ def test_sd3_pads_clip_states_to_t5_width_then_joins_sequences():
     assert t5.calls == [["", "a cat"]]  # SD3 encodes "" for the negative, never zeros
 
 
-@pytest.mark.parametrize(("kind", "multiple"), [("unet", 8), ("sd3", 16), ("flux", 16)])
-def test_size_must_be_a_multiple_of_the_latent_grid(kind, multiple):
-    pipe = _pipeline(kind)
+@pytest.mark.parametrize(("family", "multiple"), [("sdxl", 8), ("sd3", 16), ("flux", 16)])
+def test_size_must_be_a_multiple_of_the_latent_grid(family, multiple):
+    pipe = _pipeline(family)
     assert pipe.conditioning.size_multiple() == multiple
     bad = (multiple * 16 + 2, multiple * 16)
     with pytest.raises(UserError, match=rf"size {bad[0]}x{bad[1]} is not a multiple of {multiple}"):
@@ -149,20 +166,20 @@ def test_size_must_be_a_multiple_of_the_latent_grid(kind, multiple):
 
 def test_size_error_suggests_the_nearest_valid_size():
     with pytest.raises(UserError, match=r"size 130x128 is not a multiple of 8; use e.g. 128x128"):
-        _pipeline("unet")("a cat", size=(130, 128))
+        _pipeline("sd15")("a cat", size=(130, 128))
 
 
 def test_bad_output_and_steps_are_user_errors():
     with pytest.raises(UserError, match="output 'pil' is not one of: image, latent"):
-        _pipeline("unet")("a cat", output="pil")
+        _pipeline("sd15")("a cat", output="pil")
     with pytest.raises(UserError, match="steps must be at least 1"):
-        _pipeline("unet")("a cat", steps=0)
+        _pipeline("sd15")("a cat", steps=0)
 
 
 def test_latents_of_the_wrong_shape_are_a_user_error():
-    cond = CONDITIONINGS["sd3"](_config("sd3"), [], {})
+    cond = _cond("sd3")
     with pytest.raises(UserError, match=r"size 64x64 needs \(1, 16, 8, 8\)"):
-        cond.initial_latents(np.zeros((1, 4, 8, 8)), 0, 64, 64, scheduler=None)
+        cond.initial_latents(np.zeros((1, 4, 8, 8)), 0, 64, 64, scheduler=_Sigma(1.0))
 
 
 def test_to_uint8_matches_diffusers_postprocess():
@@ -179,15 +196,31 @@ def test_save_png_round_trips_and_leaves_no_temp_file(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.png"]
 
 
-def test_denoiser_inputs_follow_the_pipeline_flags():
-    unet = CONDITIONINGS["unet"]
-    assert unet(_config("unet"), [], {}).denoiser_inputs() == {
-        "sample",
-        "timestep",
-        "encoder_hidden_states",
+def test_denoiser_inputs_follow_the_pipeline_record():
+    assert _cond("sd15").denoiser_inputs() == {"sample", "timestep", "encoder_hidden_states"}
+    assert _cond("sdxl").denoiser_inputs() - _cond("sd15").denoiser_inputs() == {
+        "text_embeds",
+        "time_ids",
     }
-    sdxl = unet(_config("unet", has_time_ids=True), [], {}).denoiser_inputs()
-    assert {"text_embeds", "time_ids"} <= sdxl
-    schnell = FluxConditioning(_config("flux", guidance_embeds=False), [], {}).denoiser_inputs()
-    dev = FluxConditioning(_config("flux", guidance_embeds=True), [], {}).denoiser_inputs()
+    schnell = _cond("flux", guidance_embeds=False).denoiser_inputs()
+    dev = _cond("flux", guidance_embeds=True).denoiser_inputs()
     assert dev - schnell == {"guidance"} and {"img_ids", "txt_ids"} <= schnell
+
+
+def test_given_latents_are_scaled_by_init_noise_sigma_like_diffusers():
+    cond = _cond("sdxl")
+    given = np.ones((1, 4, 8, 8), np.float32)
+    scaled = cond.initial_latents(given, 0, 64, 64, scheduler=_Sigma(14.6))
+    np.testing.assert_array_equal(scaled, given * np.float32(14.6))
+
+
+def test_a_pooled_input_without_a_pooled_encoder_is_a_bundle_error():
+    enc = _FakeEncoder("clip", {"penultimate_hidden_state": np.ones((1, 77, 4), np.float32)})
+    with pytest.raises(BundleError, match="takes text_embeds but no text encoder outputs"):
+        _cond("sdxl", [enc]).encode("a cat", "", True, 5.0, 64, 64)
+
+
+def test_an_unvalidated_kind_record_is_refused():
+    config = {**_config("sdxl"), "kind": _config("sdxl")["kind"].model_dump(mode="json")}
+    with pytest.raises(TypeError, match="must be a validated KindSpec"):
+        Conditioning(config, [], {})

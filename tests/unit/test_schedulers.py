@@ -27,6 +27,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from slimdiff.runtime import schedulers  # noqa: E402
 
+from slimdiff.models.kinds import calculate_shift  # noqa: E402
+
 TOL = 1e-5  # max |numpy - diffusers| / the latent magnitude (module docstring)
 SHAPE = (1, 4, 8, 8)
 
@@ -218,7 +220,7 @@ def test_flow_match_sd3():
 )
 def test_flow_match_flux(config, steps, seq_len):
     """As FluxPipeline calls it: sigmas = linspace(1, 1/n, n) and mu from calculate_shift."""
-    mu = schedulers.calculate_shift(
+    mu = calculate_shift(
         seq_len,
         config["base_image_seq_len"],
         config["max_image_seq_len"],
@@ -234,13 +236,13 @@ def test_calculate_shift():
 
     (Compared with values, not by importing pipeline_flux: that pulls in transformers.)
     """
-    assert schedulers.calculate_shift(256) == pytest.approx(0.5, abs=1e-12)
-    assert schedulers.calculate_shift(4096) == pytest.approx(1.15, abs=1e-12)
-    assert schedulers.calculate_shift(1024) == pytest.approx(0.5 + 0.65 * 768 / 3840, abs=1e-12)
+    assert calculate_shift(256) == pytest.approx(0.5, abs=1e-12)
+    assert calculate_shift(4096) == pytest.approx(1.15, abs=1e-12)
+    assert calculate_shift(1024) == pytest.approx(0.5 + 0.65 * 768 / 3840, abs=1e-12)
 
 
 def test_flow_match_dynamic_without_sigmas():
-    mu = schedulers.calculate_shift(256)
+    mu = calculate_shift(256)
     _run(*_pair("FlowMatchEulerDiscreteScheduler", FLUX_DEV), 12, seed=6, mu=mu)
 
 

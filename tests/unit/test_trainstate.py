@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
-from slimdiff.trainstate import load_train_state, save_train_state
+from slimdiff import trainstate
+from slimdiff.trainstate import load_train_state, read_train_state, save_train_state
 
 
 def _setup():
@@ -32,7 +38,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     _train(first, opt, range(3))
     ckpt = tmp_path / "state.safetensors"
     save_train_state(ckpt, {"model": first}, opt, step=3, extra={"note": "halfway"})
-    assert not (tmp_path / "state.safetensors.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]  # no temp left
 
     resumed, opt2 = _setup()  # fresh weights and optimizer, as after a kill
     step, extra = load_train_state(ckpt, {"model": resumed}, opt2)
@@ -48,3 +54,57 @@ def test_modules_only(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
     assert load_train_state(tmp_path / "w.safetensors", {"m": other}) == (0, {})
     assert torch.equal(other[0].weight, model[0].weight)
+
+
+def _record_temps(monkeypatch, during=None):
+    """Record the temp names save_file writes to; call `during()` once, mid-write."""
+    temps, real = [], trainstate.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        temps.append(filename)
+        real(tensors, filename, metadata=metadata)
+        if during is not None and len(temps) == 1:
+            during()
+
+    monkeypatch.setattr(trainstate, "save_file", save_file)
+    return temps
+
+
+def test_each_save_writes_a_unique_temp_beside_the_checkpoint(tmp_path, monkeypatch):
+    model, _ = _setup()
+    ckpt = tmp_path / "state.safetensors"
+    # A second writer saving the same path while the first is mid-write (two processes,
+    # or a signal handler): with one fixed temp name the first rename finds nothing.
+    temps = _record_temps(monkeypatch, lambda: save_train_state(ckpt, {"m": model}, step=2))
+    save_train_state(ckpt, {"m": model}, step=1)
+    assert len(set(temps)) == 2
+    assert all(os.path.dirname(t) == str(tmp_path) for t in temps)
+    assert read_train_state(ckpt) == (1, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temp(tmp_path, monkeypatch):
+    model, _ = _setup()
+    ckpt = tmp_path / "state.safetensors"
+    save_train_state(ckpt, {"m": model}, step=1)
+
+    def save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"torn")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainstate, "save_file", save_file)
+    with pytest.raises(OSError, match="No space"):
+        save_train_state(ckpt, {"m": model}, step=2)
+    assert read_train_state(ckpt) == (1, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]
+
+
+def test_temps_of_saves_killed_midway_are_removed(tmp_path):
+    code = "from slimdiff.fsutil import _owner; print(_owner())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    leftover = tmp_path / f".state.safetensors.{dead.stdout.strip()}.0123abcd.tmp"
+    leftover.write_bytes(b"torn checkpoint")
+    model, _ = _setup()
+    save_train_state(tmp_path / "state.safetensors", {"m": model})
+    assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]

@@ -12,7 +12,7 @@ from typing import ClassVar
 import pydantic
 import pytest
 import torch
-from slimdiff.compress import get_pass
+from slimdiff.compress import build_passes, get_pass
 from slimdiff.compress.blocks import PRESETS
 from slimdiff.compress.blocks.plan import make_plan, pick_layers, read_structure
 from slimdiff.compress.blocks.student import module_mapping, teacher_key
@@ -200,13 +200,13 @@ def test_removed_modules_are_gone_and_reported():
     assert all(len(b.resnets) == 1 for b in unet.down_blocks)
     assert all(len(b.resnets) == 2 for b in unet.up_blocks)
     (edit,) = report.edits
-    assert edit["op"] == "blocks.remove" and edit["in_config"] is True
+    assert edit.op == "blocks.remove" and edit.in_config and edit.component == "unet"
     assert {"down_blocks.3", "up_blocks.0", "mid_block", "down_blocks.2.downsamplers.0"} <= set(
-        edit["removed"]
+        edit.removed
     )
-    assert "down_blocks.0.resnets.1" in edit["removed"]
-    assert edit["config"]["block_out_channels"] == [[32, 64, 64, 64], [32, 64, 64]]
-    assert edit["config"]["mid_block_type"] == ["UNetMidBlock2DCrossAttn", None]
+    assert "down_blocks.0.resnets.1" in edit.removed
+    assert edit.config["block_out_channels"] == [[32, 64, 64, 64], [32, 64, 64]]
+    assert edit.config["mid_block_type"] == ["UNetMidBlock2DCrossAttn", None]
 
 
 def test_ssd_1b_on_tiny_cuts_depths_relative_to_the_teacher():
@@ -215,7 +215,7 @@ def test_ssd_1b_on_tiny_cuts_depths_relative_to_the_teacher():
     got = read_structure(pipe.unet)
     assert got.down_depths == ((0, 0), (2, 2), (2, 2))  # 4 x 4/10 -> 2
     assert got.up_depths == ((2, 2, 4), (2, 1, 1), (0, 0, 0))
-    removed = report.edits[0]["removed"]
+    removed = report.edits[0].removed
     assert "down_blocks.2.attentions.0.transformer_blocks.2" in removed
     assert "down_blocks.2.attentions.0.transformer_blocks.1" not in removed
     assert {"mid_block.attentions.0", "mid_block.resnets.1"} <= set(removed)
@@ -252,7 +252,7 @@ def test_toy_recipe_builds_the_ssd_style_student():
 
     recipe = load_recipe(ROOT / "recipes" / "toy-shapes-ssd.yaml")
     pipe = build_toy_pipeline()
-    for p in recipe.resolved_passes():
+    for p in build_passes(recipe):
         p.apply(pipe, None)
     got = read_structure(pipe.unet)
     assert got.down_depths == ((0, 0), (2, 2), (2, 2))
@@ -391,7 +391,7 @@ def test_bad_configs_fail_validation(config, message):
 
 def test_transformer_models_are_refused():
     pipe = load_model("tiny:flux").pipe
-    with pytest.raises(UserError, match="works on UNet models"):
+    with pytest.raises(UserError, match="blocks.remove cuts UNet2DConditionModel denoisers"):
         _remove(pipe, preset="ssd-1b")
 
 

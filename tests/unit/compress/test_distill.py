@@ -18,7 +18,7 @@ from typing import ClassVar
 import pydantic
 import pytest
 import torch
-from slimdiff.compress import get_pass
+from slimdiff.compress import build_passes, get_pass
 from slimdiff.compress.blocks import PRESETS
 from slimdiff.compress.blocks.plan import Settings, make_plan, read_structure
 from slimdiff.compress.blocks.student import build_student
@@ -123,7 +123,7 @@ def _student(work: Path):
     teacher = model.pipe.unet
     settings = Settings(down_depths=(1, 2, 2), up_depths=(2, 2, 1), mid="resnet_only")
     student, mapping = build_student(teacher, make_plan(read_structure(teacher), settings))
-    data = Calibration(model.pipe, model.arch, SPEC, work_dir=work).denoiser_inputs()
+    data = Calibration(model.pipe, model.arch, SPEC, work_dir=work).record()
     return teacher, student, data, feature_pairs(mapping, "sub_block", student, teacher)
 
 
@@ -141,7 +141,7 @@ def _kill_after(n: int):
 
 def test_a_killed_distillation_resumes_from_its_checkpoint_bit_identical(tmp_path):
     settings = replace(SEGMIND, steps=6, lr=1e-4, batch=2, checkpoint_every=2)
-    never = load_model("tiny:sdxl").arch.never_compress
+    never = load_model("tiny:sdxl").arch.frozen
     run = functools.partial(distill_train.distill, settings=settings, frozen=never)
 
     teacher, reference, data, pairs = _student(tmp_path / "work")
@@ -214,7 +214,7 @@ def test_trajectories_are_recorded_once_and_reused_from_disk(tmp_path):
         model = load_model("tiny:sdxl")
         calls = []
         model.pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
-        data = Calibration(model.pipe, model.arch, spec, work_dir=tmp_path).denoiser_inputs()
+        data = Calibration(model.pipe, model.arch, spec, work_dir=tmp_path).record()
         return len(calls), data
 
     n, first = unet_calls(SPEC)
@@ -244,26 +244,6 @@ def test_the_cache_key_is_the_same_in_another_process():
     )
     model = load_model("tiny:sdxl")
     assert out.stdout.strip().splitlines()[-1] == Calibration(model.pipe, model.arch, SPEC).key
-
-
-def test_trajectories_hold_the_cfg_batched_unet_inputs(tmp_path):
-    model = load_model("tiny:sdxl")
-    data = Calibration(model.pipe, model.arch, SPEC, work_dir=tmp_path).denoiser_inputs()
-    t = data.tensors[0]
-    assert t["step.args.0"].shape == (4, 2, 4, 8, 8)  # (steps, CFG batch, C, h, w)
-    assert t["step.args.1"].shape == (4, 2)  # timestep, per step
-    assert t["const.kwargs.encoder_hidden_states"].shape[0] == 2  # stored once per prompt
-    assert {
-        "const.kwargs.added_cond_kwargs.text_embeds",
-        "const.kwargs.added_cond_kwargs.time_ids",
-    } <= set(t)
-    args, kwargs = data.inputs([(0, 3), (2, 1), (1, 0)])
-    assert args[0].shape == (6, 4, 8, 8) and args[1].shape == (6,)
-    assert kwargs["added_cond_kwargs"]["time_ids"].shape == (6, 6)
-    # Replaying the recorded inputs reproduces the pipeline's step exactly.
-    with torch.no_grad():
-        eps = model.pipe.unet(*args, **kwargs, return_dict=False)[0]
-    assert eps.shape == (6, 4, 8, 8) and torch.isfinite(eps).all()
 
 
 def test_compress_keeps_trajectories_and_drops_checkpoints_once_the_artifact_is_written(tmp_path):
@@ -395,10 +375,19 @@ def test_a_bad_distill_key_in_a_recipe_names_the_pass_and_field():
         validate_recipe(data, "r.yaml")
 
 
-def test_calibration_is_needed_only_when_distilling():
+def test_calibration_is_needed_only_when_distilling(tmp_path):
+    from slimdiff.compress.runner import compress_model
+
     assert not _pass(preset="ssd-1b").needs_calibration
     assert _pass(preset="ssd-1b", distill={"steps": 5}).needs_calibration
-    assert get_pass("blocks.remove").__dict__.get("needs_calibration") is not False
+    # The runner records the teacher's trajectories for a pass that needs them, only then.
+    for steps in (0, 1):
+        entry = {"pass": "blocks.remove", **HALVING, "distill": {"steps": steps, "lr": 1e-4}}
+        recipe = validate_recipe(
+            {"model": "tiny:sdxl", "calibration": SPEC.model_dump(), "passes": [entry]}
+        )
+        compress_model(load_model("tiny:sdxl"), recipe, tmp_path / f"a{steps}")
+        assert (tmp_path / f"a{steps}.work" / "trajectories").is_dir() == (steps > 0)
 
 
 def test_preset_defaults_are_the_papers_and_recipe_keys_override_them():
@@ -425,10 +414,12 @@ def test_toy_distillation_calibrates_on_training_prompts_not_held_out_ones():
     recipe = load_recipe(ROOT / "recipes" / "toy-shapes-ssd.yaml")
     prompts = recipe.calibration.prompts
     assert isinstance(prompts, list) and len(prompts) >= 4
-    assert recipe.resolved_passes()[0].config.distill.steps > 0
+    assert build_passes(recipe)[0].config.distill.steps > 0
     assert not set(prompts) & set(heldout_prompts())
     assert not any(is_heldout(parse_prompt(p)) for p in prompts)
     plain = load_recipe(ROOT / "recipes" / "toy-shapes-ssd-nodistill.yaml")
-    assert plain.resolved_passes()[0].config.distill.steps == 0
-    same = {k: v for k, v in recipe.passes[0].options().items() if k != "distill"}
-    assert same == plain.passes[0].options()
+    assert build_passes(plain)[0].config.distill.steps == 0
+    def structure(r):
+        return {k: v for k, v in r.passes[0].options().items() if k != "distill"}
+
+    assert structure(recipe) == structure(plain)

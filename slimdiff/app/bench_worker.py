@@ -4,7 +4,7 @@ It imports only the torch-free runtime, so its peak resident memory is what a de
 would use, not the benchmark's (which has torch and the reference model loaded). Input is
 a job JSON; output is timings.json, one PNG and one final-latents .npy per prompt.
 
-    python -m slimdiff.bench_worker JOB.json
+    python -m slimdiff.app.bench_worker JOB.json
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import numpy as np
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_text
 from slimdiff.metrics import latent_rel_err, psnr
+from slimdiff.models.kinds import latent_shape
 from slimdiff.recipe import Recipe
 
 __all__ = ["run_bench"]
@@ -43,7 +44,7 @@ def run_bench(recipes: list[Recipe], out: str | Path) -> dict[str, Any]:
     """Benchmark `recipes` side by side; returns what it writes to OUT/results.json."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from slimdiff.bench_report import write_grid, write_markdown, write_plot
+    from slimdiff.app.bench_report import write_grid, write_markdown, write_plot
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,7 @@ def _advance(progress, task, recipe: Recipe, stage: str) -> None:
 
 
 def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
-    from slimdiff.flow import compress_and_export
+    from slimdiff.app.flow import compress_and_export
     from slimdiff.inspect import inspect_model
     from slimdiff.models import load_model
     from slimdiff.prompts import BENCH_PROMPTS
@@ -90,7 +91,9 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
     guidance = arch.default_guidance if b.guidance is None else b.guidance
     prompts = list(b.prompts or BENCH_PROMPTS)
     vae_scale = pipe.vae_scale_factor
-    shape = arch.initial_latent_shape(1, pipe.vae.config.latent_channels, size, vae_scale)
+    channels = pipe.vae.config.latent_channels
+    kind = arch.kind_for(base.denoiser.config)
+    shape = latent_shape(kind, 1, channels, size[0] // vae_scale, size[1] // vae_scale)
     noise = [
         np.random.default_rng(b.seed + i).standard_normal(shape).astype(np.float32)
         for i in range(len(prompts))
@@ -148,7 +151,7 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
     row = {
         "name": recipe.name,
         "model": recipe.model,
-        "passes": [p.pass_ for p in recipe.passes],
+        "passes": [p.name for p in recipe.passes],
         "precision": recipe.export.precision,
         "backend": b.backend,
         "size": list(size),
@@ -321,7 +324,7 @@ def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
     job_file = run_dir / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
     proc = subprocess.run(
-        [sys.executable, "-m", "slimdiff.bench_worker", str(job_file)],
+        [sys.executable, "-m", "slimdiff.app.bench_worker", str(job_file)],
         capture_output=True,
         text=True,
     )

@@ -1,0 +1,290 @@
+"""Every file a bundle run opens stays inside the bundle, is listed in manifest.json and is
+hashed before use.
+
+`open_bundle` reads manifest.json once, checks its SHA-256 against a pinned identity if one
+is given, validates it (manifest.py), then checks and hashes every file `files` lists, and
+returns a `Bundle` that hands out only what it verified. The rules, applied by one function
+(`_check_path`) to every path:
+
+- A bundle path is relative POSIX: no "..", "." or empty parts, not absolute, no backslash,
+  colon, NUL or control character (the schema refuses the others, manifest.py).
+- The bundle root is resolved once with os.path.realpath: the root itself may be a symbolic
+  link (deployments switch `current -> v3`). Inside it, **no symbolic link is accepted**,
+  not even one to another file of the same bundle: not manifest.json, not a folder on the
+  way to a file, not the file, nothing in a graph's folder. The exporter writes none; a link
+  could change between our check and onnxruntime's open, and a linked graph would read its
+  external data from wherever the link points. Copies and hard links (regular files, whose
+  bytes are hashed like any other) serve every deployment need a link would. After the
+  walk, the path's realpath must still lie under the real root.
+- A path must be a regular file (no FIFO or device), its folders real folders. Files are
+  opened with O_NOFOLLOW and the opened inode must be the one checked.
+- Files the runtime parses itself (tokenizer.json, the scheduler config) are read into
+  memory while they are hashed and parsed from those bytes: what was hashed is what is used.
+  ONNX graphs are opened by onnxruntime, by path, after hashing; a writer racing the loader
+  inside the bundle folder is out of scope (it could as well replace the runtime).
+
+External data: onnxruntime reads a graph's external data (model.onnx.data) itself, from the
+locations written inside the graph. The runtime does not parse ONNX protobuf; instead every
+regular file in a graph's folder (recursively) must be listed in `files`, so whatever the
+graph reads from its folder is hashed first, and the folder may hold no links. Locations
+that leave the folder ("../x.bin", "/abs/x.bin", a link) onnxruntime refuses itself
+("External data path escapes model directory"; onnxruntime 1.32, also for sparse
+initializers and Constant nodes): tests/unit/test_bundle_tamper.py proves it for the
+installed version.
+
+Example:
+    >>> bundle = open_bundle("out/bundle", expect_sha256="3f1c...")   # doctest: +SKIP
+    >>> bundle.summary()                                              # doctest: +SKIP
+    'ok: sdxl bundle, 4 components (...), 12 files, 20.4 MB, every SHA-256 matches'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimdiff.runtime.manifest import (
+    FIX,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    BundleError,
+    Manifest,
+    load_json_bytes,
+    parse_manifest,
+)
+
+from slimdiff.errors import UserError
+
+__all__ = ["Bundle", "open_bundle", "read_manifest_bytes"]
+
+_CHUNK = 1 << 20
+MAX_INLINE_BYTES = 256 << 20  # tokenizer.json of large vocabularies is tens of MB
+MAX_FOLDER_ENTRIES = 10_000
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in must not block the open
+    | getattr(os, "O_BINARY", 0)
+)
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+@dataclass
+class Bundle:
+    """A verified bundle: its real root, manifest, identity, and the files it checked."""
+
+    root: Path
+    manifest: Manifest
+    sha256: str  # of manifest.json's bytes: pins every file through `files`
+    size: int  # bytes hashed, manifest.json included
+    _contents: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def path(self, rel: str) -> Path:
+        """The checked, hashed file `rel`, to hand to a backend (ONNX graphs)."""
+        if rel not in self.manifest.files:
+            raise BundleError(f"{self.root}: {rel} is not listed in {MANIFEST_NAME} files; {FIX}")
+        return self.root / rel
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The bytes of `rel` exactly as they were hashed (tokenizer.json, scheduler config)."""
+        return self._contents[rel]
+
+    def read_json(self, rel: str) -> dict[str, Any]:
+        value = load_json_bytes(self.read_bytes(rel), f"{self.root}/{rel}")
+        if not isinstance(value, dict):
+            raise BundleError(f"{self.root}/{rel}: the top level is not a JSON object; {FIX}")
+        return value
+
+    def summary(self) -> str:
+        m = self.manifest
+        return (
+            f"ok: {m.family} bundle, {len(m.components)} components "
+            f"({', '.join(m.components)}), {len(m.files) + 1} files, {self.size / 1e6:.1f} MB, "
+            "every SHA-256 matches"
+        )
+
+
+def open_bundle(bundle: str | Path, expect_sha256: str | None = None) -> Bundle:
+    """Verify everything a run reads, without loading any graph; raise BundleError if not.
+
+    `expect_sha256`: the bundle's identity (what `slimdiff export` printed); a bundle whose
+    manifest.json hashes differently is refused before any other file is read.
+
+    Example:
+        >>> open_bundle("out/bundle").sha256       # doctest: +SKIP
+        '3f1c...'
+    """
+    root, data = read_manifest_bytes(bundle, expect_sha256)
+    manifest = parse_manifest(data, root / MANIFEST_NAME)
+    pipeline = manifest.pipeline
+    inline = {r.tokenizer_file for r in pipeline.text_encoders} | {pipeline.scheduler}
+    # Cheap checks first (existence, links, types), so a broken copy fails in milliseconds,
+    # not after hashing gigabytes.
+    checked = {rel: _check_path(root, rel) for rel in manifest.files}
+    for entry in manifest.components.values():
+        _check_graph_folder(root, entry.path, manifest.files)
+    contents: dict[str, bytes] = {}
+    size = len(data)
+    for rel, expected in manifest.files.items():
+        digest, content = _hash(root, rel, checked[rel], keep=rel in inline)
+        if digest != expected:
+            raise BundleError(
+                f"{root}: {rel} does not match its SHA-256 in {MANIFEST_NAME} (changed or "
+                f"corrupted after export); {FIX}"
+            )
+        size += checked[rel].st_size
+        if content is not None:
+            contents[rel] = content
+    return Bundle(root, manifest, manifest.sha256, size, contents)
+
+
+def read_manifest_bytes(bundle: str | Path, expect_sha256: str | None = None) -> tuple[Path, bytes]:
+    """(real bundle root, manifest.json's bytes), read once; checked against
+    `expect_sha256` when given."""
+    expected = _expected_digest(expect_sha256)
+    given = Path(bundle)
+    if not given.is_dir():
+        raise BundleError(
+            f"bundle {given} not found; create one with `slimdiff export MODEL --out {given}`"
+        )
+    root = Path(os.path.realpath(given))
+    path = root / MANIFEST_NAME
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BundleError(
+            f"{given} is not a slimdiff bundle (no {MANIFEST_NAME}); an interrupted export "
+            "leaves none: export again"
+        ) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _link_error(root, MANIFEST_NAME)
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{path} is not a regular file; {FIX}")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{path} is {st.st_size} bytes, more than a manifest may be "
+            f"({MAX_MANIFEST_BYTES}); {FIX}"
+        )
+    with _open_checked(root, MANIFEST_NAME, st) as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} grew past {MAX_MANIFEST_BYTES} bytes while read; {FIX}")
+    digest = hashlib.sha256(data).hexdigest()
+    if expected is not None and digest != expected:
+        raise BundleError(
+            f"{path}: SHA-256 {digest} is not the expected {expected}: this is not the pinned "
+            "bundle; fetch the pinned one again, or check the expected value"
+        )
+    return root, data
+
+
+def _expected_digest(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not _HEX64.fullmatch(value):
+        raise UserError(
+            f"expect_sha256 (--expect-sha256) {value[:80]!r} is not 64 hex digits; pass the "
+            "sha256 that `slimdiff export` or `slimdiff verify` printed"
+        )
+    return value.lower()
+
+
+def _check_path(root: Path, rel: str) -> os.stat_result:
+    """lstat every part of `rel` under `root`: folders, then a regular file, no links."""
+    parts = rel.split("/")
+    current = root
+    for i, part in enumerate(parts):
+        current = current / part
+        shown = "/".join(parts[: i + 1])
+        try:
+            st = os.lstat(current)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BundleError(
+                f"{root}: {rel} is missing; copy the whole bundle folder or export again"
+            ) from None
+        except OSError as err:
+            raise BundleError(f"{root}: cannot read {shown} ({err.strerror})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise _link_error(root, shown)
+        if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            raise BundleError(f"{root}: {shown} is not a folder, {rel} cannot be in it; {FIX}")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{root}: {rel} is not a regular file; {FIX}")
+    if not _inside(root, current):
+        raise BundleError(f"{root}: {rel} resolves outside the bundle; {FIX}")
+    return st
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return os.path.realpath(path).startswith(str(root).rstrip(os.sep) + os.sep)
+
+
+def _link_error(root: Path, rel: str) -> BundleError:
+    target = os.readlink(root / rel)
+    where = "inside" if _inside(root, root / rel) else "outside"
+    return BundleError(
+        f"{root}: {rel} is a symbolic link (to {target}, {where} the bundle); a bundle holds "
+        "regular files and folders only: replace the link with a copy of its target, or "
+        "export again"
+    )
+
+
+def _check_graph_folder(root: Path, graph: str, files: dict[str, str]) -> None:
+    """Every file onnxruntime may read as `graph`'s external data must be listed (hashed)."""
+    stack, seen = [graph.rsplit("/", 1)[0]], 0
+    while stack:
+        folder = stack.pop()
+        with os.scandir(root / folder) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > MAX_FOLDER_ENTRIES:
+                    raise BundleError(
+                        f"{root}: {graph}'s folder holds over {MAX_FOLDER_ENTRIES} entries; {FIX}"
+                    )
+                rel = f"{folder}/{entry.name}"
+                if entry.is_symlink():
+                    raise _link_error(root, rel)
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel)
+                elif not entry.is_file(follow_symlinks=False):
+                    raise BundleError(f"{root}: {rel} is not a regular file or folder; {FIX}")
+                elif rel not in files:
+                    raise BundleError(
+                        f"{root}: {rel} is not listed in {MANIFEST_NAME} files, yet it sits in "
+                        f"{graph}'s folder, where onnxruntime reads external data from; {FIX} "
+                        "(or remove the file if you added it)"
+                    )
+
+
+def _open_checked(root: Path, rel: str, checked: os.stat_result):
+    """Open `rel` without following a link; it must be the very file `checked` describes."""
+    try:
+        fd = os.open(root / rel, _OPEN_FLAGS)
+    except OSError as err:
+        raise BundleError(f"{root}: cannot open {rel} ({err.strerror}); {FIX}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+        os.close(fd)
+        raise BundleError(f"{root}: {rel} changed while it was being verified; try again")
+    return os.fdopen(fd, "rb")
+
+
+def _hash(root: Path, rel: str, checked: os.stat_result, keep: bool) -> tuple[str, bytes | None]:
+    """SHA-256 of `rel`, streamed; with `keep`, also its bytes (for files parsed in-process)."""
+    if keep and checked.st_size > MAX_INLINE_BYTES:
+        raise BundleError(f"{root}: {rel} is larger than {MAX_INLINE_BYTES} bytes; {FIX}")
+    digest, parts, total = hashlib.sha256(), [], 0
+    with _open_checked(root, rel, checked) as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            total += len(chunk)
+            if keep:
+                if total > MAX_INLINE_BYTES:
+                    raise BundleError(f"{root}: {rel} grew while it was being verified")
+                parts.append(chunk)
+    return digest.hexdigest(), (b"".join(parts) if keep else None)

@@ -1,0 +1,264 @@
+"""Cross-field checks of a manifest: what would otherwise fail later, inside onnxruntime or
+numpy, or run and draw a wrong image.
+
+Each field of the schema (manifest.py) is valid on its own; these check that they agree:
+the pipeline needs exactly the components listed, the denoiser takes what the `kind`
+record feeds, channels and text widths agree between the graphs where a graph fixes them,
+and every file the runtime opens is listed in `files` (so it is hashed before use). Each
+check raises ValueError("field.path: what is wrong"); parse_manifest turns it into one
+BundleError line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from slimdiff.runtime.manifest import (
+    DENOISER_OUTPUT,
+    HIDDEN_OUTPUTS,
+    MANIFEST_NAME,
+    POOLED_OUTPUTS,
+    TEXT_INPUT,
+    VAE_DECODER,
+    VAE_INPUT,
+    VAE_OUTPUT,
+    ComponentEntry,
+    IOSpec,
+)
+
+if TYPE_CHECKING:
+    from slimdiff.runtime.manifest import Manifest, PipelineSpec
+
+__all__ = ["check_manifest", "check_pipeline"]
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+_FLOATS = ("float32", "float16", "bfloat16")
+_INTS = ("int64", "int32")
+
+
+def _fail(field: str, message: str) -> None:
+    raise ValueError(f"{field}: {message}")
+
+
+def _fixed(spec: IOSpec, axis: int) -> int | None:
+    """The fixed size of `spec`'s axis, or None when the axis is dynamic."""
+    dim = spec["shape"][axis]
+    return dim if isinstance(dim, int) else None
+
+
+# ---------------------------------------------------------------- pipeline record
+
+
+def check_pipeline(p: PipelineSpec) -> None:
+    """Checks within the `pipeline` record alone."""
+    kind = p.kind
+    names = [kind.sample_input, "timestep", "encoder_hidden_states", *kind.extra_inputs]
+    names += [kind.pooled_input] if kind.pooled_input else []
+    for name in names:
+        if not _NAME.fullmatch(name):
+            _fail("kind", f"{name[:40]!r} is not a tensor name")
+    if len(set(names)) != len(names):
+        _fail("kind", f"denoiser input names collide ({', '.join(names)})")
+    if len(kind.name) > 64 or kind.timestep_divisor > 1e6:
+        _fail("kind", "name longer than 64 or timestep_divisor above 1e6")
+    if kind.shift is not None:
+        s = kind.shift
+        if not 1 <= s.base_image_seq_len < s.max_image_seq_len <= 1 << 24:
+            _fail("kind.shift", "needs 1 <= base_image_seq_len < max_image_seq_len")
+        if max(abs(s.base_shift), abs(s.max_shift)) > 100:
+            _fail("kind.shift", "base_shift and max_shift must be within +-100")
+    if kind.pooled_input == "":
+        _fail("kind.pooled_input", "empty; null when the denoiser takes no pooled embedding")
+    if p.vae_scale_factor & (p.vae_scale_factor - 1):
+        _fail("vae_scale_factor", f"{p.vae_scale_factor} is not a power of two")
+    grid = kind.size_multiple(p.vae_scale_factor)
+    if p.size_multiple % grid:
+        _fail(
+            "size_multiple",
+            f"{p.size_multiple} is not a multiple of the latent grid's {grid} pixels",
+        )
+    if any(v % p.size_multiple for v in p.default_size):
+        _fail("default_size", f"not a multiple of size_multiple {p.size_multiple}")
+
+    encoders = p.text_encoders
+    if len({e.name for e in encoders}) != len(encoders):
+        _fail("text_encoders", "two records name the same encoder")
+    if not any(e.hidden_output for e in encoders):
+        _fail("text_encoders", "no encoder outputs per-token hidden states")
+    for segment in {e.segment for e in encoders if e.hidden_output}:
+        lengths = {e.max_length for e in encoders if e.hidden_output and e.segment == segment}
+        if len(lengths) > 1:
+            _fail(
+                "text_encoders",
+                f"segment {segment} joins hidden states of different max_length {sorted(lengths)}",
+            )
+    if kind.pooled_input and not any(set(e.outputs) & set(POOLED_OUTPUTS) for e in encoders):
+        _fail(
+            "text_encoders",
+            f"the denoiser takes {kind.pooled_input} but no encoder outputs a pooled embedding",
+        )
+
+
+# ---------------------------------------------------------------- whole manifest
+
+
+def check_manifest(m: Manifest) -> None:
+    """Checks between the pipeline record, the components and the file list."""
+    p = m.pipeline
+    needed = [*(e.name for e in p.text_encoders), p.denoiser, VAE_DECODER]
+    if len(set(needed)) != len(needed):
+        _fail("pipeline", f"components named twice among {', '.join(needed)}")
+    for name in needed:
+        if name not in m.components:
+            _fail("components", f"no {name} entry, which the pipeline needs")
+    for name in m.components:
+        if name not in needed:
+            _fail(f"components.{name}", "not a component this pipeline uses")
+    if MANIFEST_NAME in m.files:
+        _fail("files", f"lists {MANIFEST_NAME}, which cannot hold its own hash")
+
+    for name, entry in m.components.items():
+        if entry.path.split("/")[0] != name or "/" not in entry.path:
+            _fail(f"components.{name}.path", f"{entry.path} is not inside the {name}/ folder")
+        _listed(m, f"components.{name}.path", entry.path)
+    for i, record in enumerate(p.text_encoders):
+        _listed(m, f"pipeline.text_encoders.{i}.tokenizer", record.tokenizer_file)
+    _listed(m, "pipeline.scheduler", p.scheduler)
+
+    text_len, width, pooled = _check_text_encoders(m)
+    _check_denoiser(m, text_len, width, pooled)
+    _check_vae(m)
+
+
+def _listed(m: Manifest, field: str, path: str) -> None:
+    if path not in m.files:
+        _fail(field, f"{path} is not listed in {MANIFEST_NAME} files")
+
+
+def _check_io(field: str, spec: IOSpec | None, rank: int, dtypes: tuple[str, ...]) -> IOSpec:
+    if spec is None:
+        _fail(field, "missing")
+    if len(spec["shape"]) != rank:
+        _fail(field, f"has rank {len(spec['shape'])}, the pipeline needs {rank}")
+    if spec["dtype"] not in dtypes:
+        _fail(field, f"has dtype {spec['dtype']}, the pipeline needs one of {', '.join(dtypes)}")
+    return spec
+
+
+def _check_text_encoders(m: Manifest) -> tuple[int, int, int | None]:
+    """Check each encoder's graph against its record; return the joined text states'
+    (length, width) and the pooled width (None if some graph leaves it dynamic)."""
+    lengths: dict[int, int] = {}
+    widths: dict[int, int] = {}
+    pooled: int | None = 0
+    for record in m.pipeline.text_encoders:
+        entry: ComponentEntry = m.components[record.name]
+        field = f"components.{record.name}"
+        if [i["name"] for i in entry.inputs] != [TEXT_INPUT]:
+            _fail(f"{field}.inputs", f"must be exactly [{TEXT_INPUT}]")
+        _check_io(f"{field}.inputs.{TEXT_INPUT}", entry.inputs[0], 2, _INTS)
+        declared = {o["name"] for o in entry.outputs}
+        for out in record.outputs:
+            if out not in declared:
+                _fail(f"{field}.outputs", f"has no {out}, which pipeline.text_encoders names")
+        for out in record.outputs:
+            spec = entry.io(out, outputs=True)
+            if out in HIDDEN_OUTPUTS:
+                _check_io(f"{field}.outputs.{out}", spec, 3, _FLOATS)
+                if _fixed(spec, 2) not in (None, record.hidden_size):
+                    _fail(
+                        f"{field}.outputs.{out}", f"width is not hidden_size {record.hidden_size}"
+                    )
+                if _fixed(spec, 1) not in (None, record.max_length):
+                    _fail(f"{field}.outputs.{out}", f"length is not max_length {record.max_length}")
+                lengths[record.segment] = record.max_length
+                widths[record.segment] = widths.get(record.segment, 0) + record.hidden_size
+            else:
+                _check_io(f"{field}.outputs.{out}", spec, 2, _FLOATS)
+                dim = _fixed(spec, 1)
+                pooled = None if pooled is None or dim is None else pooled + dim
+    return sum(lengths.values()), max(widths.values()), pooled
+
+
+def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) -> None:
+    p = m.pipeline
+    kind = p.kind
+    entry = m.components[p.denoiser]
+    field = f"components.{p.denoiser}"
+    declared = {i["name"] for i in entry.inputs}
+    expected = kind.input_names()
+    if declared != expected:
+        _fail(
+            f"{field}.inputs",
+            f"{', '.join(sorted(declared))} is not what a {kind.name} pipeline feeds "
+            f"({', '.join(sorted(expected))})",
+        )
+    packing = kind.latent_packing
+    sample = _check_io(
+        f"{field}.inputs.{kind.sample_input}",
+        entry.io(kind.sample_input),
+        4 if packing == 1 else 3,
+        _FLOATS,
+    )
+    channels = p.latent_channels * packing * packing
+    if _fixed(sample, 1 if packing == 1 else 2) not in (None, channels):
+        _fail(
+            f"{field}.inputs.{kind.sample_input}",
+            f"channels are not {channels} (latent_channels {p.latent_channels}, packing {packing})",
+        )
+    out = _check_io(
+        f"{field}.outputs.{DENOISER_OUTPUT}",
+        entry.io(DENOISER_OUTPUT, True),
+        len(sample["shape"]),
+        _FLOATS,
+    )
+    if out["shape"] != sample["shape"]:
+        _fail(f"{field}.outputs.{DENOISER_OUTPUT}", f"shape differs from {kind.sample_input}'s")
+    _check_io(f"{field}.inputs.timestep", entry.io("timestep"), 1, _FLOATS)
+    states = _check_io(
+        f"{field}.inputs.encoder_hidden_states", entry.io("encoder_hidden_states"), 3, _FLOATS
+    )
+    if _fixed(states, 1) not in (None, text_len):
+        _fail(
+            f"{field}.inputs.encoder_hidden_states",
+            f"length {_fixed(states, 1)} is not the text encoders' {text_len} tokens "
+            "(pipeline.text_encoders max_length)",
+        )
+    if _fixed(states, 2) not in (None, width):
+        _fail(
+            f"{field}.inputs.encoder_hidden_states",
+            f"width {_fixed(states, 2)} is not the text encoders' {width}",
+        )
+    if kind.pooled_input:
+        spec = _check_io(
+            f"{field}.inputs.{kind.pooled_input}", entry.io(kind.pooled_input), 2, _FLOATS
+        )
+        if None not in (pooled, _fixed(spec, 1)) and pooled != _fixed(spec, 1):
+            _fail(
+                f"{field}.inputs.{kind.pooled_input}",
+                f"width {_fixed(spec, 1)} is not the pooled outputs' {pooled}",
+            )
+    if "txt_ids" in expected:
+        ids = _check_io(f"{field}.inputs.txt_ids", entry.io("txt_ids"), 2, _FLOATS)
+        if _fixed(ids, 0) not in (None, text_len):
+            _fail(f"{field}.inputs.txt_ids", f"length is not the text's {text_len} tokens")
+    for name in kind.extra_inputs:
+        _check_io(f"{field}.inputs.{name}", entry.io(name), 1 if name == "guidance" else 2, _FLOATS)
+
+
+def _check_vae(m: Manifest) -> None:
+    entry = m.components[VAE_DECODER]
+    field = f"components.{VAE_DECODER}"
+    if [i["name"] for i in entry.inputs] != [VAE_INPUT]:
+        _fail(f"{field}.inputs", f"must be exactly [{VAE_INPUT}]")
+    latent = _check_io(f"{field}.inputs.{VAE_INPUT}", entry.inputs[0], 4, _FLOATS)
+    if _fixed(latent, 1) not in (None, m.pipeline.latent_channels):
+        _fail(
+            f"{field}.inputs.{VAE_INPUT}",
+            f"has {_fixed(latent, 1)} channels, pipeline.latent_channels says "
+            f"{m.pipeline.latent_channels}",
+        )
+    image = _check_io(f"{field}.outputs.{VAE_OUTPUT}", entry.io(VAE_OUTPUT, True), 4, _FLOATS)
+    if _fixed(image, 1) not in (None, 3):
+        _fail(f"{field}.outputs.{VAE_OUTPUT}", "must have 3 (RGB) channels")

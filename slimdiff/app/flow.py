@@ -1,0 +1,158 @@
+"""Recipe -> artifact -> bundle(s): the one flow `compress` and `bench` share.
+
+Outputs are cached by content: OUT/artifact is reused when its slimdiff.json records the
+same compress hash (a fingerprint of the model's weights and configs, the calibration and
+the passes), OUT/bundle when its manifest records the same export hash, so re-running a
+bench only redoes what changed, and a retrained model at the same path is compressed again.
+OUT/work holds what compression caches (calibration trajectories) and checkpoints
+(distillation) on the way: a killed `slimdiff compress` resumes from it when run again (see
+compress/runner.py). Passes and calibration run on the recipe's `device:` (or `--device`).
+
+Nothing at OUT/artifact or OUT/bundle that slimdiff did not write is ever replaced: that is
+checked, with stale partial folders of killed runs removed, before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slimdiff.device import resolve_device
+from slimdiff.errors import UserError
+from slimdiff.fsutil import check_replaceable, remove_stale_partials
+from slimdiff.recipe import Recipe
+
+if TYPE_CHECKING:
+    from slimdiff.models import LoadedModel
+
+__all__ = [
+    "ARTIFACT_EVIDENCE",
+    "FlowResult",
+    "check_outputs",
+    "compress_and_export",
+    "compress_hash",
+    "export_hash",
+]
+
+# What marks a folder as one slimdiff wrote (older versions wrote no marker file).
+ARTIFACT_EVIDENCE = ("slimdiff.json",)
+BUNDLE_EVIDENCE = ("manifest.json",)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FlowResult:
+    artifact: Path
+    bundles: dict[str, Path] = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)  # which steps came from the cache
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def compress_hash(recipe: Recipe, model_fingerprint: dict) -> str:
+    """The artifact's cache key: the model's content fingerprint, not its name."""
+    data = recipe.model_dump(mode="json", by_alias=True)
+    return _hash({"model": model_fingerprint, **{k: data[k] for k in ("calibration", "passes")}})
+
+
+def export_hash(compress: str, recipe: Recipe, target: str) -> str:
+    return _hash({"compress": compress, "target": target, **recipe.export.model_dump(mode="json")})
+
+
+def bundle_path(out: Path, recipe: Recipe, target: str) -> Path:
+    return out / "bundle" if len(recipe.export.targets) == 1 else out / f"bundle-{target}"
+
+
+def check_outputs(recipe: Recipe, out: str | Path) -> list[Path]:
+    """Before any work: refuse outputs slimdiff would not replace (a user's folder at
+    OUT/artifact or OUT/bundle), remove stale partials of killed runs; what it removed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder path")
+    check_replaceable(out / "artifact", "artifact", legacy=ARTIFACT_EVIDENCE)
+    removed = remove_stale_partials(out / "artifact")
+    for target in recipe.export.targets:
+        bundle = bundle_path(out, recipe, target)
+        check_replaceable(bundle, "bundle", legacy=BUNDLE_EVIDENCE)
+        removed += remove_stale_partials(bundle)
+    return removed
+
+
+def _cached(path: Path, meta_file: str, key: str, value: str) -> bool:
+    try:
+        meta = json.loads((path / meta_file).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    node = meta.get("source", meta) if meta_file == "manifest.json" else meta
+    return node.get(key) == value
+
+
+def compress_and_export(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    model: LoadedModel | None = None,
+) -> FlowResult:
+    """Compress `recipe.model` with the recipe's passes, then export each target.
+
+    `device` (default: the recipe's) is where passes and calibration run. `model`: the
+    recipe's model, already loaded there (bench loads it for its reference); it is consumed.
+
+    Example:
+        >>> compress_and_export(load_recipe("tiny-sdxl-fp32"), "out/tiny")  # doctest: +SKIP
+    """
+    from slimdiff.compress.runner import compress_model
+    from slimdiff.models import load_model
+    from slimdiff.models.fingerprint import fingerprint
+
+    out = Path(out)
+    check_outputs(recipe, out)
+    result = FlowResult(artifact=out / "artifact")
+    if model is None:
+        model = load_model(recipe.model, device=resolve_device(device or recipe.device))
+    chash = compress_hash(recipe, fingerprint(model.require_pipeline("compress")))
+    if _cached(result.artifact, "slimdiff.json", "compress_hash", chash):
+        log.info("reusing %s", result.artifact)
+        result.reused.append("compress")
+        del model
+        compressed = load_model(str(result.artifact))
+    else:
+        compressed = compress_model(
+            model,
+            recipe,
+            result.artifact,
+            extra_meta={"compress_hash": chash},
+            work_dir=out / "work",  # calibration caches and checkpoints (compress/runner.py)
+        )
+    for target in recipe.export.targets:
+        bundle = bundle_path(out, recipe, target)
+        ehash = export_hash(chash, recipe, target)
+        if _cached(bundle, "manifest.json", "export_hash", ehash):
+            result.reused.append(f"export:{target}")
+        else:
+            from slimdiff.export import export_bundle
+
+            export_bundle(
+                compressed,
+                bundle,
+                target=target,
+                precision=recipe.export.precision,
+                vae_precision=recipe.export.vae_precision,
+                optimize=recipe.export.optimize,
+                source={
+                    "model": recipe.model,
+                    "recipe": recipe.name,
+                    "recipe_hash": recipe.content_hash(),
+                    "export_hash": ehash,
+                },
+            )
+        result.bundles[target] = bundle
+    return result

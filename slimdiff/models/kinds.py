@@ -1,0 +1,216 @@
+"""How a pipeline drives its denoiser, as data: the torch-free half of an ArchSpec.
+
+A `KindSpec` says what the denoising loop feeds the denoiser and how: which input takes the
+latents, how latents are laid out (FLUX packs 2x2 patches into tokens), what the timestep
+input is, how the schedule is set (FLUX's linspace sigmas and resolution-dependent shift),
+how the text encoders' outputs become the denoiser's conditioning, and which extra inputs
+(SDXL's time ids, FLUX's position ids and embedded guidance) it takes. Each ArchSpec holds
+one; the exporter writes it, filled in for the exported model, into a bundle's manifest, and
+the runtime's denoising loop reads only that record, so no code outside slimdiff.models
+branches on the family.
+
+This module imports numpy and pydantic only: the torch-free runtime imports it. The array
+helpers take numpy arrays or torch tensors alike (export, calibration and the runtime share
+them), so FLUX's packing and ids are written once.
+
+Example:
+    >>> spec = get_arch("flux").kind                              # doctest: +SKIP
+    >>> x = np.zeros((1, 16, 8, 8), np.float32)
+    >>> pack_latents(x, 2).shape
+    (1, 16, 64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pydantic
+
+__all__ = [
+    "EXTRA_INPUTS",
+    "KindSpec",
+    "ShiftSpec",
+    "calculate_shift",
+    "extra_inputs",
+    "latent_shape",
+    "pack_latents",
+    "timestep_args",
+    "unpack_latents",
+]
+
+# Denoiser inputs besides the latents, the timestep and the text conditioning, each made by
+# `extra_inputs` from the image geometry (and, for "guidance", the guidance value):
+#   time_ids  (B, 6)  SDXL's micro-conditioning: original size, crop top-left, target size
+#   img_ids   (L, 3)  FLUX's (0, row, column) id of each packed latent token
+#   txt_ids   (S, 3)  FLUX's text token ids: all zero
+#   guidance  (B,)    FLUX.1-dev's embedded guidance scale (schnell has no such input)
+EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance")
+ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance"]
+
+
+class _Record(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ShiftSpec(_Record):
+    """The flow-matching pipelines' resolution-dependent shift `mu` (FLUX's calculate_shift),
+    with the defaults the pipeline uses when the scheduler config lacks a key."""
+
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+
+class KindSpec(_Record):
+    """What the denoising loop feeds one kind of denoiser (see module docstring)."""
+
+    name: str  # a label ("unet", "sd3", "flux"); nothing branches on it
+    sample_input: str  # the denoiser input that takes the (scaled) latents
+    # Where the pooled text embedding goes ("text_embeds" for SDXL, "pooled_projections"
+    # for SD3/FLUX); None when the denoiser takes none (SD1.5).
+    pooled_input: str | None = None
+    # p: the latents reach the denoiser as (B, (h/p)(w/p), C p^2) tokens (FLUX: 2).
+    latent_packing: int = pydantic.Field(1, ge=1, le=8)
+    # Latent pixels per token side (SD3 patchifies 2x2 inside the model, FLUX packs 2x2):
+    # the image-token count of the shift, and with the VAE scale the size multiple.
+    token_patch: int = pydantic.Field(1, ge=1, le=8)
+    # The denoiser's `timestep` input is the scheduler's t divided by this (FluxPipeline
+    # passes t / 1000; the transformer multiplies it back).
+    timestep_divisor: float = pydantic.Field(1.0, gt=0)
+    # "linspace": the pipeline gives the scheduler sigmas = linspace(1, 1/n, n) (FLUX).
+    sigmas: Literal["linspace"] | None = None
+    # Present: the pipeline computes `mu` from the image-token count and passes it to the
+    # scheduler, which uses it when its config has use_dynamic_shifting (SD3.5, FLUX).
+    shift: ShiftSpec | None = None
+    extra_inputs: tuple[ExtraInput, ...] = ()
+
+    def size_multiple(self, vae_scale: int) -> int:
+        """Pixels that height and width must be multiples of, from the latent grid alone."""
+        return vae_scale * max(self.latent_packing, self.token_patch)
+
+    def image_tokens(self, lat_h: int, lat_w: int) -> int:
+        return (lat_h // self.token_patch) * (lat_w // self.token_patch)
+
+    def input_names(self) -> set[str]:
+        """Every denoiser input the loop feeds."""
+        names = {self.sample_input, "timestep", "encoder_hidden_states", *self.extra_inputs}
+        return names | ({self.pooled_input} if self.pooled_input else set())
+
+
+# ---------------------------------------------------------------- latents
+
+
+def _permute(x: Any, axes: tuple[int, ...]) -> Any:
+    # numpy's transpose takes the axis order; torch's permute does (its transpose swaps two).
+    return x.permute(*axes) if hasattr(x, "permute") else x.transpose(axes)
+
+
+def pack_latents(x: Any, p: int) -> Any:
+    """(B, C, h, w) -> (B, (h/p)(w/p), C p^2), FluxPipeline._pack_latents; p = 1: as is."""
+    if p == 1:
+        return x
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)  # (B, C, h/p, p, w/p, p)
+    x = _permute(x, (0, 2, 4, 1, 3, 5))  # (B, h/p, w/p, C, p, p)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)  # (B, L, C p^2)
+
+
+def unpack_latents(x: Any, p: int, lat_h: int, lat_w: int) -> Any:
+    """(B, L, C p^2) -> (B, C, h, w), FluxPipeline._unpack_latents; p = 1: as is."""
+    if p == 1:
+        return x
+    b, _, d = x.shape
+    c = d // (p * p)
+    x = x.reshape(b, lat_h // p, lat_w // p, c, p, p)  # (B, h/p, w/p, C, p, p)
+    x = _permute(x, (0, 3, 1, 4, 2, 5))  # (B, C, h/p, p, w/p, p)
+    return x.reshape(b, c, lat_h, lat_w)  # (B, C, h, w)
+
+
+def latent_shape(spec: KindSpec, batch: int, channels: int, lat_h: int, lat_w: int) -> tuple:
+    """Shape of the latents the denoiser sees, as diffusers' `latents=` argument takes them."""
+    p = spec.latent_packing
+    if p == 1:
+        return (batch, channels, lat_h, lat_w)
+    return (batch, (lat_h // p) * (lat_w // p), channels * p * p)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's `mu`: the log-shift, linear in the number of image tokens (pipeline_flux.py)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def timestep_args(
+    spec: KindSpec, scheduler_config: dict[str, Any], steps: int, lat_h: int, lat_w: int
+) -> dict[str, Any]:
+    """The keyword arguments the family's pipeline gives `scheduler.set_timesteps`.
+
+    Example:
+        >>> timestep_args(get_arch("sdxl").kind, {}, 30, 128, 128)   # doctest: +SKIP
+        {'num_inference_steps': 30}
+    """
+    args: dict[str, Any] = {"num_inference_steps": steps}
+    if spec.sigmas == "linspace":
+        args["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    if spec.shift is not None:
+        s, cfg = spec.shift, scheduler_config
+        args["mu"] = calculate_shift(
+            spec.image_tokens(lat_h, lat_w),
+            cfg.get("base_image_seq_len", s.base_image_seq_len),
+            cfg.get("max_image_seq_len", s.max_image_seq_len),
+            cfg.get("base_shift", s.base_shift),
+            cfg.get("max_shift", s.max_shift),
+        )
+    return args
+
+
+# ---------------------------------------------------------------- extra inputs
+
+
+def extra_inputs(
+    names: Sequence[str],
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    vae_scale: int,
+    packing: int,
+    text_len: int,
+    guidance: float | np.ndarray = 0.0,
+) -> dict[str, np.ndarray]:
+    """The extra denoiser inputs `names` (see EXTRA_INPUTS) for one image of height x width
+    pixels, float32, as the diffusers pipelines build them."""
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        if name == "time_ids":
+            # original_size + crops_coords_top_left + target_size (SDXL's _get_add_time_ids)
+            row = np.array([[height, width, 0, 0, height, width]], np.float32)
+            out[name] = np.repeat(row, batch, axis=0)
+        elif name == "img_ids":
+            # FluxPipeline._prepare_latent_image_ids: (0, row, column) per packed token
+            h = height // vae_scale // packing
+            w = width // vae_scale // packing
+            ids = np.zeros((h, w, 3), np.float32)
+            ids[..., 1] = np.arange(h)[:, None]
+            ids[..., 2] = np.arange(w)[None, :]
+            out[name] = ids.reshape(h * w, 3)  # (L, 3)
+        elif name == "txt_ids":
+            out[name] = np.zeros((text_len, 3), np.float32)
+        elif name == "guidance":
+            out[name] = np.broadcast_to(np.asarray(guidance, np.float32), (batch,)).copy()
+        else:
+            raise ValueError(f"unknown extra denoiser input {name!r}; known: {EXTRA_INPUTS}")
+    return out

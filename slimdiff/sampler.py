@@ -1,0 +1,372 @@
+"""A stateless torch sampler: any denoising step of a trajectory, with or without autograd.
+
+Compression passes need to recompute single steps out of order: EcoDiff walks a trajectory
+backwards recomputing one step at a time with grad, QuEST builds per-timestep targets.
+diffusers' schedulers cannot do this: their `step` reads and advances hidden state
+(`_step_index`, DPM-Solver's `model_outputs` history and `lower_order_nums`), so a step
+depends on which steps ran before it on that object. `TorchSampler` has the API of the
+runtime's numpy schedulers (explicit step index) and carries a multistep solver's history
+in an explicit immutable `SamplerState` instead, so `step` is a pure function.
+
+diffusers still computes the schedule tables (a fresh `diffusers.<Class>.from_config(config)
+.set_timesteps(...)`, read once), so every spacing, sigma schedule and shift option that
+only changes the tables is supported as diffusers has it. The per-step maths is redone
+here in torch, with diffusers' float32 dtype path and its order of operations, so a
+trajectory agrees with diffusers' (bit for bit on CPU in practice). The per-step scalar
+coefficients are computed once, as 0-d float32 tensors in exactly diffusers' expressions,
+and then kept on the sampler's device, so a step launches no host sync.
+
+The methods and papers are those of the numpy ports (see `slimdiff.runtime.schedulers`):
+Euler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2 without churn), DDIM with eta = 0
+(Song et al. 2021, arXiv:2010.02502), multistep DPM-Solver++ 2M (Lu et al. 2022,
+arXiv:2211.01095), flow-matching Euler (Lipman et al. 2023, arXiv:2210.02747; SD3's shift,
+arXiv:2403.03206). This is a core module: it imports no slimdiff layer above the core.
+
+Example (EcoDiff's time-step checkpointing: a no-grad forward pass keeping only latents
+and states, then any step again with grad):
+
+    sampler = TorchSampler.from_config(pipe.scheduler.config, 30, device="cuda")
+    x, state = noise * sampler.init_noise_sigma, sampler.initial_state()
+    saved = []
+    with torch.no_grad():
+        for i, t in enumerate(sampler.timesteps):
+            saved.append((x, state))
+            eps = unet(sampler.scale_model_input(x, i), t, cond).sample
+            x, state = sampler.step(eps, i, x, state)
+    x_i, state_i = saved[i]  # later, with grad: the same step i, no scheduler to rewind
+    eps = masked_unet(sampler.scale_model_input(x_i, i), sampler.timesteps[i], cond).sample
+    x_next, _ = sampler.step(eps, i, x_i, state_i)
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from slimdiff.errors import UserError
+
+__all__ = ["SamplerState", "TorchSampler"]
+
+Tensor = torch.Tensor
+Coefficients = dict[str, Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerState:
+    """What a multistep solver carries from one step to the next; empty for the others.
+
+    `x0`: DPM-Solver++'s data predictions of earlier steps, oldest first (differentiable:
+    gradients flow through them into the step that made them). `step_index`: the step this
+    state feeds, None for a state without history, valid at any step (a fresh start).
+    """
+
+    x0: tuple[Tensor, ...] = ()
+    step_index: int | None = None
+
+
+_EMPTY = SamplerState()
+
+
+def _upcast(x: Tensor) -> Tensor:
+    # diffusers: sample.to(float32). float64 stays float64 (the one departure, so that
+    # gradcheck can run in float64); fp16/bf16/fp32 follow diffusers exactly
+    return x if x.dtype == torch.float64 else x.to(torch.float32)
+
+
+class TorchSampler:
+    """Stateless torch version of a diffusers scheduler; build with `from_config`.
+
+    Attributes: `timesteps` (what the denoiser receives, in the dtype diffusers' scheduler
+    gives it: float32 for Euler/FlowMatch, int64 for DDIM/DPM-Solver; FLUX's pipeline
+    divides by 1000 itself), `init_noise_sigma` (float: x_T is N(0, I) noise times it), `num_steps`.
+    """
+
+    # config key -> supported values, for keys that change the step maths (not the tables)
+    supported: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    def __init__(self, scheduler: Any, device: str | torch.device | None = None) -> None:
+        self.device = torch.device("cpu" if device is None else device)
+        self.config = dict(scheduler.config)
+        self.timesteps: Tensor = scheduler.timesteps.to(self.device)
+        self.num_steps = len(self.timesteps)
+        self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        # per-step coefficients as diffusers computes them: 0-d float32 tensors on the CPU
+        rows = [self._coefficients(scheduler, i) for i in range(self.num_steps)]
+        self._c = {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        num_inference_steps: int | None = None,
+        *,
+        sigmas: Any = None,
+        mu: float | None = None,
+        device: str | torch.device | None = None,
+    ) -> TorchSampler:
+        """Build from a diffusers scheduler config (`pipe.scheduler.config`) by `_class_name`.
+
+        `sigmas`/`mu` go to diffusers' `set_timesteps` as given (FLUX: `sigmas=np.linspace(1,
+        1/n, n), mu=calculate_shift(...)`; Euler: custom sigmas including the final one).
+
+        Example:
+            sampler = TorchSampler.from_config(pipe.scheduler.config, 30)
+        """
+        import diffusers  # here, not at the top: importing it costs seconds
+
+        name = config.get("_class_name")
+        if name not in _SAMPLERS:
+            raise UserError(
+                f"scheduler {name!r} has no torch sampler; supported: {', '.join(_SAMPLERS)} "
+                "(set one in the model's scheduler/scheduler_config.json)"
+            )
+        sampler_cls = _SAMPLERS[name]
+        scheduler = getattr(diffusers, name).from_config(config)
+        for key, allowed in sampler_cls.supported.items():
+            # read back from diffusers, which normalises aliases ("deis" -> "dpmsolver++")
+            value = scheduler.config.get(key, allowed[0])
+            if value not in allowed:
+                raise UserError(
+                    f"{name}: {key}={value!r} is not supported by the torch sampler "
+                    f"(supported: {', '.join(map(repr, allowed))})"
+                )
+        args = {"num_inference_steps": num_inference_steps, "sigmas": sigmas, "mu": mu}
+        args = {k: v for k, v in args.items() if v is not None}
+        takes = inspect.signature(scheduler.set_timesteps).parameters
+        for key in args:
+            if key not in takes:
+                raise UserError(f"{name}.set_timesteps does not take `{key}`")
+        if not args:
+            raise UserError(f"{name}: pass num_inference_steps (or sigmas)")
+        try:
+            scheduler.set_timesteps(**args)
+        except ValueError as e:
+            raise UserError(f"{name}.set_timesteps: {e}") from e
+        return sampler_cls(scheduler, device)
+
+    def initial_state(self) -> SamplerState:
+        """The state before the first step (no history)."""
+        return _EMPTY
+
+    def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
+        """The denoiser's input at step `step_index` (the sample itself except for Euler)."""
+        self._check(step_index)
+        return sample
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        """One denoising step from `timesteps[step_index]`: `(prev_sample, new_state)`.
+
+        A pure function of its arguments: same inputs, same outputs, in any order.
+        """
+        raise NotImplementedError
+
+    def sample_loop(
+        self, denoise_fn: Callable[[Tensor, Tensor, int], Tensor], latents: Tensor
+    ) -> Tensor:
+        """All steps from `latents` (x_T, already scaled by `init_noise_sigma`); the final latent.
+
+        `denoise_fn(model_input, t, i) -> model_output`; runs under the caller's grad mode.
+
+        Example:
+            final = sampler.sample_loop(lambda x, t, i: unet(x, t, cond).sample, latents)
+        """
+        x, state = latents, self.initial_state()
+        for i in range(self.num_steps):
+            out = denoise_fn(self.scale_model_input(x, i), self.timesteps[i], i)
+            x, state = self.step(out, i, x, state)
+        return x
+
+    def _check(self, step_index: int) -> int:
+        i = operator.index(step_index)
+        if not 0 <= i < self.num_steps:  # a negative index would wrap around silently
+            raise IndexError(f"step_index {i} outside 0..{self.num_steps - 1}")
+        return i
+
+    def _row(self, step_index: int) -> Coefficients:
+        i = self._check(step_index)
+        return {k: v[i] for k, v in self._c.items()}
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        raise NotImplementedError
+
+
+_PREDICTIONS = ("epsilon", "v_prediction")
+
+
+class _EulerSampler(TorchSampler):
+    """diffusers.EulerDiscreteScheduler.step with s_churn = 0 (deterministic)."""
+
+    supported: ClassVar = {"prediction_type": _PREDICTIONS}
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        sigma, sigma_next = scheduler.sigmas[i], scheduler.sigmas[i + 1]
+        return {
+            "sigma": sigma,  # = diffusers' sigma_hat without churn
+            "dt": sigma_next - sigma,
+            "in_scale": (sigma**2 + 1) ** 0.5,
+            "c_out": -sigma / (sigma**2 + 1) ** 0.5,
+            "c_skip": sigma**2 + 1,  # a divisor, as in diffusers
+        }
+
+    def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
+        return sample / self._row(step_index)["in_scale"]
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        c = self._row(step_index)
+        sample = _upcast(sample)
+        if self.config["prediction_type"] == "epsilon":
+            pred_x0 = sample - c["sigma"] * model_output
+        else:  # v_prediction in the variance-exploding parametrisation
+            pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
+        derivative = (sample - pred_x0) / c["sigma"]
+        return (sample + derivative * c["dt"]).to(model_output.dtype), _EMPTY
+
+
+class _DDIMSampler(TorchSampler):
+    """diffusers.DDIMScheduler.step with eta = 0; computes in the inputs' dtype, as diffusers."""
+
+    supported: ClassVar = {"prediction_type": _PREDICTIONS, "thresholding": (False,)}
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        t = int(scheduler.timesteps[i])
+        # diffusers' quirk: back by n_train // n whatever the spacing (see runtime's ddim.py)
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        a_t = scheduler.alphas_cumprod[t]
+        a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+        return {
+            "sqrt_a": a_t**0.5,
+            "sqrt_b": (1 - a_t) ** 0.5,
+            "sqrt_a_prev": a_prev**0.5,
+            "sqrt_b_prev": (1 - a_prev) ** 0.5,  # diffusers' (1 - a_prev - std**2), std = 0
+        }
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        c = self._row(step_index)
+        if self.config["prediction_type"] == "epsilon":
+            pred_x0 = (sample - c["sqrt_b"] * model_output) / c["sqrt_a"]
+            pred_eps = model_output
+        else:  # v_prediction
+            pred_x0 = c["sqrt_a"] * sample - c["sqrt_b"] * model_output
+            pred_eps = c["sqrt_a"] * model_output + c["sqrt_b"] * sample
+        if self.config["clip_sample"]:
+            r = self.config["clip_sample_range"]
+            pred_x0 = pred_x0.clamp(-r, r)
+        # Song et al. eq. 12 with sigma_t = 0
+        return c["sqrt_a_prev"] * pred_x0 + c["sqrt_b_prev"] * pred_eps, _EMPTY
+
+
+def _alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """VE sigma -> VP (alpha_t, sigma_t) and log-SNR lambda_t, in diffusers' expressions."""
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    sigma_t = sigma * alpha_t
+    return alpha_t, sigma_t, torch.log(alpha_t) - torch.log(sigma_t)
+
+
+class _DPMSolverSampler(TorchSampler):
+    """diffusers.DPMSolverMultistepScheduler.step for "dpmsolver++", order 1 or 2.
+
+    The state holds the previous step's data prediction x0 (diffusers' `model_outputs`);
+    a state without history makes the step first order (diffusers' `lower_order_nums < 1`).
+    """
+
+    supported: ClassVar = {
+        "algorithm_type": ("dpmsolver++",),
+        "solver_order": (1, 2),
+        "solver_type": ("midpoint", "heun"),
+        "prediction_type": _PREDICTIONS,
+        "thresholding": (False,),
+        "variance_type": (None,),
+        "use_flow_sigmas": (False,),
+    }
+
+    def __init__(self, scheduler: Any, device: str | torch.device | None = None) -> None:
+        super().__init__(scheduler, device)
+        n, cfg = self.num_steps, self.config
+        # the last step is first order when its target sigma is 0 (or when asked)
+        lower_final = (
+            cfg["euler_at_final"]
+            or (cfg["lower_order_final"] and n < 15)
+            or cfg["final_sigmas_type"] == "zero"
+        )
+        self._first_order = [
+            cfg["solver_order"] == 1 or (i == n - 1 and lower_final) for i in range(n)
+        ]
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        s = scheduler.sigmas
+        alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(s[i])
+        alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(s[i + 1])  # sigma 0: h = inf
+        h = lambda_t - lambda_s0
+        phi = alpha_t * (torch.exp(-h) - 1.0)
+        inv_r0 = torch.tensor(float("nan"))  # step 0 has no earlier step: never second order
+        if i > 0:
+            _, _, lambda_s1 = _alpha_sigma_lambda(s[i - 1])
+            inv_r0 = 1.0 / ((lambda_s0 - lambda_s1) / h)
+        return {
+            "alpha_s": alpha_s0,
+            "sigma_s": sigma_s0,
+            "ratio": sigma_t / sigma_s0,
+            "phi": phi,
+            "half_phi": 0.5 * phi,
+            "heun": alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0),
+            "inv_r0": inv_r0,
+        }
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        i = self._check(step_index)
+        c = self._row(i)
+        if state.step_index is not None and state.step_index != i:
+            raise ValueError(f"DPM-Solver++ state is for step {state.step_index}, not {i}")
+        # diffusers' convert_model_output: x0 in the inputs' dtype, before the upcast
+        if self.config["prediction_type"] == "epsilon":
+            x0 = (sample - c["sigma_s"] * model_output) / c["alpha_s"]
+        else:  # v_prediction
+            x0 = c["alpha_s"] * sample - c["sigma_s"] * model_output
+        sample = _upcast(sample)
+        if self._first_order[i] or not state.x0:  # DPM-Solver++(1), i.e. DDIM
+            prev = c["ratio"] * sample - c["phi"] * x0
+        else:  # Lu et al. Algorithm 2, from the previous step's x0
+            d1 = c["inv_r0"] * (x0 - state.x0[-1])
+            if self.config["solver_type"] == "midpoint":
+                prev = c["ratio"] * sample - c["phi"] * x0 - c["half_phi"] * d1
+            else:  # heun
+                prev = c["ratio"] * sample - c["phi"] * x0 + c["heun"] * d1
+        new_state = _EMPTY if self.config["solver_order"] == 1 else SamplerState((x0,), i + 1)
+        return prev.to(x0.dtype), new_state  # diffusers casts to the converted output's dtype
+
+
+class _FlowMatchSampler(TorchSampler):
+    """diffusers.FlowMatchEulerDiscreteScheduler.step (deterministic, no per-token steps)."""
+
+    supported: ClassVar = {"stochastic_sampling": (False,)}
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        return {"dt": scheduler.sigmas[i + 1] - scheduler.sigmas[i]}
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        dt = self._row(step_index)["dt"]
+        # x_{t-dt} = x_t + (sigma_next - sigma) * v, with v the predicted velocity
+        return (_upcast(sample) + dt * model_output).to(model_output.dtype), _EMPTY
+
+
+_SAMPLERS: dict[str, type[TorchSampler]] = {
+    "EulerDiscreteScheduler": _EulerSampler,
+    "DDIMScheduler": _DDIMSampler,
+    "DPMSolverMultistepScheduler": _DPMSolverSampler,
+    "FlowMatchEulerDiscreteScheduler": _FlowMatchSampler,
+}

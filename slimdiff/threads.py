@@ -1,0 +1,327 @@
+"""How many CPU threads slimdiff's torch and onnxruntime work uses, and how they wait.
+
+Standard library only: the torch-free runtime imports it.
+
+Why it matters. Both thread pools synchronise at the end of every operator, and both
+*spin* while they wait by default (libgomp, torch's OpenMP: ~300,000 PAUSE loops per
+barrier, ~20 ms on this CPU; onnxruntime: `session.intra_op.allow_spinning` on). On a CPU
+that other processes share, a spinning thread burns the time slice its descheduled peer
+needs, and each of a tiny model's ~1,000 small operators per step pays that. Measured
+with `python tools/load_test.py` (toy:shapes UNet, CFG batch 2, 16x16 latents; 2-core
+KVM Xeon that other engineers' test runs were using too; N busy `while True: pass`
+competitors; medians of per-run medians, ms/step; full table in docs/BENCHMARKS.md):
+
+    ============================  =======  =======  ===========================
+    configuration                  N=0      N=3      note
+    ============================  =======  =======  ===========================
+    torch, 2 threads, spinning     4,412    ~470     range 41 ms - 10.3 s/step;
+      (the default)                                  ~1 CPU-second per step spun
+    torch, 2 threads, PASSIVE         67      144    the pathology is gone
+    torch, 1 thread                   58      126    same speed, half the CPU
+    ORT, 2 threads, spinning          47       49    ~50 CPU ms per 20-45 ms step
+    ORT, 2 threads, no spinning       22       32    same CPU as 1 thread
+    ORT, 1 thread                     19       47
+    ============================  =======  =======  ===========================
+
+(`N=0` was not quiet: the machine's load average was 3-6 from other users throughout.)
+
+The policy, from those numbers:
+
+1. **Never spin** on a shared or small machine: `prepare_process()` sets
+   `OMP_WAIT_POLICY=PASSIVE` for OpenMP (torch, MKL, oneDNN) unless the user set a wait
+   policy, and `ort_session_options` sets `session.intra_op.allow_spinning` to "0". A
+   waiting thread then sleeps and its CPU goes to whoever needs it (the peer, or the
+   competitors). libgomp reads OMP_WAIT_POLICY once, when `import torch` loads it, so
+   `prepare_process()` must run before torch is imported: the CLI's `main` does it first,
+   and so must any other entry point that imports torch (tools, `python -m` workers).
+2. **Threads = the CPUs this process may use**, `cpu_budget()`: the affinity mask, cut to
+   the cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), minus what other processes
+   are running now (1-minute load average less this process's own running thread, as
+   libgomp's OMP_DYNAMIC does), never below 1. Where /proc/pressure/cpu exists its
+   `some avg10` (share of time a runnable task waited) overrides a stale load average: if
+   nothing has waited for CPU in the last 10 s, the machine has room whatever the 1-minute
+   average still says (e.g. the load this process just made itself).
+3. **Tiny models use one thread** (`choose_threads(work)` with fewer than
+   `SMALL_MODEL_PARAMS` parameters, e.g. toy:shapes, tiny: test models): their operators
+   are too small for a second thread to pay for its wake-ups, and one thread has no
+   barrier to miss. Real models (100M+ parameters) get `cpu_budget()`.
+4. **The user decides last**: `--threads N` on the CLI sets `SLIMDIFF_THREADS`, which
+   subprocesses (the bench worker) inherit; an explicit `override=` argument beats both.
+
+Example:
+    >>> from slimdiff import threads
+    >>> threads.prepare_process()                  # before `import torch`
+    >>> n = threads.choose_threads(3.3e6)          # toy:shapes -> 1
+    >>> threads.configure_torch(n)                 # doctest: +SKIP
+    >>> options = threads.ort_session_options(onnxruntime.SessionOptions(), n)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimdiff.errors import UserError
+
+__all__ = [
+    "ENV",
+    "SMALL_MODEL_PARAMS",
+    "TINY",
+    "CpuState",
+    "choose_threads",
+    "configure_torch",
+    "cpu_budget",
+    "ort_session_options",
+    "prepare_process",
+    "read_cpu_state",
+    "threads_from_env",
+]
+
+log = logging.getLogger(__name__)
+
+ENV = "SLIMDIFF_THREADS"
+# Below this many parameters a model's operators are too small for a second thread (see
+# the table above: toy:shapes, 3.3M); SD1.5's UNet (860M) and CLIP-L (123M) are far above.
+SMALL_MODEL_PARAMS = 50_000_000
+# Named sizes for callers that know the class of model but not its parameter count.
+TINY, LARGE = "tiny", "large"
+_NAMED_WORK = {TINY: 1e6, LARGE: 1e9}
+# PSI `some avg10` below this (percent of the last 10 s in which a runnable task waited
+# for a CPU) means the CPUs are not oversubscribed now, whatever the load average says.
+UNCONTENDED_PSI = 10.0
+# OpenMP variables that mean the user already chose how threads wait.
+_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+@dataclass(frozen=True)
+class CpuState:
+    """What `cpu_budget` decides from; `read_cpu_state()` fills it from /proc and /sys."""
+
+    affinity: int  # CPUs in this process's affinity mask
+    quota: float | None = None  # CPUs' worth of cgroup quota; None when unlimited
+    load: float = 0.0  # 1-minute load average (runnable tasks, this process included)
+    pressure: float | None = None  # /proc/pressure/cpu `some avg10`, percent; None if absent
+
+
+def read_cpu_state(root: str | Path = "/") -> CpuState:
+    """The CPU facts of this process and machine; `root` lets tests fake /proc and /sys."""
+    root = Path(root)
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        affinity = os.cpu_count() or 1
+    return CpuState(
+        affinity=max(1, affinity),
+        quota=_cgroup_quota(root),
+        load=_loadavg(root),
+        pressure=_pressure(root),
+    )
+
+
+def cpu_budget(state: CpuState | None = None) -> int:
+    """How many threads this process can keep busy without waiting for other processes.
+
+    Example:
+        >>> cpu_budget(CpuState(affinity=8, quota=4.0, load=1.0))
+        4
+        >>> cpu_budget(CpuState(affinity=2, load=4.0, pressure=95.0))  # 3 others on 2 CPUs
+        1
+    """
+    state = read_cpu_state() if state is None else state
+    cpus = state.affinity
+    if state.quota is not None:
+        # floor: threads beyond the quota get the whole cgroup throttled mid-period
+        cpus = min(cpus, max(1, math.floor(state.quota)))
+    if state.pressure is not None and state.pressure < UNCONTENDED_PSI:
+        return cpus
+    others = max(0.0, state.load - 1.0)  # this process's running thread is in the average
+    return max(1, min(cpus, math.floor(cpus - others + 0.5)))
+
+
+def threads_from_env() -> int | None:
+    """`SLIMDIFF_THREADS` as a positive int, None when unset or empty."""
+    raw = os.environ.get(ENV, "").strip()
+    if not raw:
+        return None
+    return _positive(raw, f"environment variable {ENV}")
+
+
+def choose_threads(work: str | float, override: int | None = None) -> int:
+    """Threads for one model: `override`, else `SLIMDIFF_THREADS`, else the policy.
+
+    `work` is the model's parameter count, or "tiny" / "large" when the caller knows only
+    the class. Models under SMALL_MODEL_PARAMS get one thread, larger ones `cpu_budget()`.
+
+    Example:
+        >>> choose_threads("tiny")
+        1
+        >>> choose_threads(860e6, override=3)
+        3
+    """
+    if override is not None:
+        return _positive(override, "threads")
+    explicit = threads_from_env()
+    if explicit is not None:
+        return explicit
+    params = _NAMED_WORK.get(work) if isinstance(work, str) else float(work)
+    if params is None:
+        raise ValueError(f"work must be a parameter count or one of {sorted(_NAMED_WORK)}")
+    if params < SMALL_MODEL_PARAMS:
+        return 1
+    return cpu_budget()
+
+
+def prepare_process() -> None:
+    """Make OpenMP threads sleep, not spin, while they wait; call before `import torch`.
+
+    Leaves a wait policy the user set (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME)
+    alone. Logs a warning when torch is already imported: OpenMP has read its
+    environment by then, so the setting comes too late for this process (its children
+    still inherit it).
+    """
+    import sys
+
+    if any(var in os.environ for var in _WAIT_VARS):
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "torch" in sys.modules:
+        log.warning(
+            "OMP_WAIT_POLICY set after torch was imported; OpenMP threads in this process "
+            "keep spinning (call slimdiff.threads.prepare_process() before importing torch)"
+        )
+
+
+def configure_torch(n: int) -> None:
+    """torch on `n` intra-op threads and one inter-op thread.
+
+    The inter-op pool can be sized only before its first use, once per process; later
+    calls keep what it has (slimdiff runs no inter-op parallel work, so it only matters
+    as threads that exist).
+    """
+    import torch
+
+    n = _positive(n, "threads")
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or inter-op work already ran
+        log.debug("torch inter-op threads already fixed at %d", torch.get_num_interop_threads())
+    log.debug("torch: %d intra-op threads", n)
+
+
+def ort_session_options(options: Any, n: int, spinning: bool = False) -> Any:
+    """Set `n` intra-op threads, one inter-op thread and no spinning on ORT `options`.
+
+    `spinning=True` keeps onnxruntime's default busy-wait between operators, for a caller
+    that owns a many-core machine outright: on the 2-core machine measured above it lost
+    in every cell, quiet or not. Returns `options`.
+
+    Example:
+        >>> import onnxruntime                                        # doctest: +SKIP
+        >>> o = ort_session_options(onnxruntime.SessionOptions(), 2)  # doctest: +SKIP
+        >>> o.get_session_config_entry("session.intra_op.allow_spinning")  # doctest: +SKIP
+        '0'
+    """
+    n = _positive(n, "threads")
+    options.intra_op_num_threads = n
+    options.inter_op_num_threads = 1  # only the parallel execution mode uses it
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+def _positive(value: Any, what: str) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"{what} must be a whole number >= 1, not {value!r}")
+    return n
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _loadavg(root: Path) -> float:
+    text = _read(root / "proc" / "loadavg")
+    if text is None:
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+    try:
+        return float(text.split()[0])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def _pressure(root: Path) -> float | None:
+    text = _read(root / "proc" / "pressure" / "cpu")
+    for line in (text or "").splitlines():
+        fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+        if line.startswith("some") and "avg10" in fields:
+            try:
+                return float(fields["avg10"])
+            except ValueError:
+                return None
+    return None
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The tightest CPU quota on this process's cgroup path, in CPUs; None if unlimited."""
+    cgroups = _read(root / "proc" / "self" / "cgroup") or ""
+    limits: list[float] = []
+    for line in cgroups.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # cgroup v2: "0::/path", files cpu.max = "QUOTA PERIOD"
+            for folder in _ancestors(root / "sys" / "fs" / "cgroup", rel):
+                limit = _v2_limit(_read(folder / "cpu.max"))
+                if limit is not None:
+                    limits.append(limit)
+        elif "cpu" in controllers.split(","):  # v1: cpu.cfs_quota_us / cpu.cfs_period_us
+            for mount in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):
+                for folder in _ancestors(root / "sys" / "fs" / "cgroup" / mount, rel):
+                    limit = _v1_limit(folder)
+                    if limit is not None:
+                        limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _ancestors(base: Path, rel: str) -> list[Path]:
+    """base/rel and each of its parents up to base (a container sees its cgroup as /)."""
+    parts = [p for p in rel.strip().split("/") if p and p != ".."]
+    return [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _v2_limit(text: str | None) -> float | None:
+    fields = (text or "").split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = float(fields[0]), float(fields[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _v1_limit(folder: Path) -> float | None:
+    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+    try:
+        q, p = float(quota or "-1"), float(period or "0")
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None

@@ -1,0 +1,157 @@
+"""Calibration: the teacher's trajectories (inputs, noise, final latents, timesteps), replayed
+exactly, rerun step by step with the stateless sampler, recorded before any pass runs, and
+cached by the model's content."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimdiff.calib import Calibration
+from slimdiff.models import load_model
+from slimdiff.recipe import CalibrationSpec, validate_recipe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SPEC = CalibrationSpec(prompts=["a red circle", "a blue square"], num_prompts=2, steps=3)
+SIZES = {"sd15": (64, 64), "sdxl": (64, 64), "sd3": (64, 64), "flux": (64, 64)}
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model = load_model(f"tiny:{family}")
+            spec = SPEC.model_copy(update={"size": SIZES[family]})
+            calib = Calibration(model.pipe, model.arch, spec)
+            cache[family] = (model, calib, calib.record())
+        return cache[family]
+
+    return get
+
+
+def test_trajectories_are_stored_by_keyword_with_noise_final_and_timesteps(calibrated):
+    model, calib, data = calibrated("sdxl")
+    t = data.tensors[0]
+    assert t["step.kwargs.sample"].shape == (3, 2, 4, 8, 8)  # (steps, CFG batch, C, h, w)
+    assert t["step.kwargs.timestep"].shape == (3, 2)
+    assert t["const.kwargs.encoder_hidden_states"].shape[0] == 2  # stored once per prompt
+    assert data.noise(0).shape == (1, 4, 8, 8) and data.final(0).shape == (1, 4, 8, 8)
+    assert len(data.timesteps) == 3 and data.step_of(data.timesteps[1]) == 1
+    torch.testing.assert_close(data.noise(1), calib.noise(1), rtol=0, atol=0)
+    assert not torch.equal(data.noise(0), data.noise(1))  # one seed per prompt
+    with pytest.raises(KeyError, match="is not one of"):
+        data.step_of(12345.0)
+
+
+def test_replayed_inputs_reproduce_the_pipelines_denoiser_calls_exactly(calibrated):
+    model, calib, data = calibrated("sdxl")
+    unet = model.pipe.unet
+    outputs = []
+    handle = unet.register_forward_hook(lambda m, a, out: outputs.append(out[0].clone()))
+    try:
+        calib._run(1)  # prompt 1 again, as recorded
+    finally:
+        handle.remove()
+    for step in range(data.steps):
+        args, kwargs = data.inputs([(1, step)])
+        with torch.no_grad():
+            replayed = unet(*args, **kwargs, return_dict=False)[0]
+        assert torch.equal(replayed, outputs[step]), step
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_the_stateless_loop_reproduces_diffusers_final_latents(calibrated, family):
+    model, calib, data = calibrated(family)
+    denoiser = model.denoiser
+    loop = calib.loop(denoiser)
+    for prompt in range(2):
+        cond = calib.conditioning(prompt, denoiser)
+        with torch.no_grad():
+            final = loop.run(data.noise(prompt), cond)
+        ref = data.final(prompt)
+        rel = (final - ref).norm() / ref.norm()
+        assert final.shape == ref.shape and rel < 1e-5, (family, float(rel))
+
+
+def test_any_step_reruns_with_grad_from_stored_latents(calibrated):
+    model, calib, data = calibrated("sdxl")
+    unet = model.pipe.unet
+    loop = calib.loop(unet)
+    cond = calib.conditioning(0, unet)
+    saved = []
+    with torch.no_grad():
+        x, state = loop.start(data.noise(0))
+        for i in range(loop.steps):
+            saved.append((x, state))
+            x, state = loop.step(i, x, state, cond)
+    x1, state1 = saved[1]
+    x1 = x1.clone().requires_grad_(True)
+    again, _ = loop.step(1, x1, state1, cond)
+    torch.testing.assert_close(again.detach(), saved[2][0], rtol=0, atol=0)
+    again.sum().backward()
+    assert x1.grad is not None and x1.grad.abs().sum() > 0
+
+
+def test_teacher_trajectories_are_recorded_before_any_pass(tmp_path):
+    """A first pass that changes the denoiser cannot change which model is the teacher."""
+    from slimdiff.compress import Pass, PassReport, Stage, register_pass, unregister_pass
+    from slimdiff.compress.runner import compress_model
+
+    seen = {}
+
+    class Perturb(Pass):
+        name = "test.perturb"
+        stage = Stage.STRUCTURAL
+
+        def apply(self, pipe, calib):
+            with torch.no_grad():
+                for p in pipe.unet.parameters():
+                    p.mul_(0.5)
+            return PassReport(self.name)
+
+    class Watch(Pass):
+        name = "test.watch"
+        stage = Stage.PRUNING
+        needs_calibration = True
+
+        def apply(self, pipe, calib):
+            seen["final"] = calib.record().final(0)
+            return PassReport(self.name)
+
+    register_pass(Perturb)
+    register_pass(Watch)
+    try:
+        spec = SPEC.model_copy(update={"size": (64, 64)}).model_dump()
+        recipe = validate_recipe(
+            {
+                "model": "tiny:sdxl",
+                "calibration": spec,
+                "passes": [{"pass": "test.perturb"}, {"pass": "test.watch"}],
+            }
+        )
+        compress_model(load_model("tiny:sdxl"), recipe, tmp_path / "a")
+    finally:
+        unregister_pass("test.perturb")
+        unregister_pass("test.watch")
+    model = load_model("tiny:sdxl")
+    teacher = Calibration(model.pipe, model.arch, CalibrationSpec(**spec)).record()
+    assert torch.equal(seen["final"], teacher.final(0))
+
+
+def test_cache_key_follows_the_weights_not_the_name(tmp_path):
+    model = load_model("tiny:sdxl")
+    model.pipe.save_pretrained(tmp_path / "m", safe_serialization=True)
+    first = load_model(str(tmp_path / "m"))
+    key = Calibration(first.pipe, first.arch, SPEC).key
+    with torch.no_grad():
+        first.pipe.unet.conv_out.bias.add_(1e-3)  # "retrained", saved at the same path
+    first.pipe.save_pretrained(tmp_path / "m", safe_serialization=True)
+    again = load_model(str(tmp_path / "m"))
+    assert Calibration(again.pipe, again.arch, SPEC).key != key
+    same = load_model("tiny:sdxl")
+    assert (
+        Calibration(same.pipe, same.arch, SPEC).key == Calibration(model.pipe, model.arch, SPEC).key
+    )

@@ -1,0 +1,309 @@
+"""The stateless torch sampler against diffusers' schedulers, and its purity and gradients.
+
+Trajectories use the config cases and the tolerance rules of test_schedulers.py (whose
+docstring explains them, including zero-terminal-SNR Euler's running scale): the same
+input-dependent fake denoiser (0.5 * model_input + fixed noise) drives diffusers and
+`TorchSampler`, and every intermediate sample must agree within 1e-5 of the latent's
+magnitude.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from slimdiff import sampler as sampler_module  # noqa: E402
+from slimdiff.errors import UserError  # noqa: E402
+from slimdiff.sampler import SamplerState, TorchSampler  # noqa: E402
+from tests.unit.test_schedulers import (  # noqa: E402
+    DDIM_CASES,
+    DPM_CASES,
+    EULER_CASES,
+    FLUX_DEV,
+    FLUX_SCHNELL,
+    SD3,
+    SD15,
+    SD_BETAS,
+    SDXL_EULER,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOL = 1e-5  # as test_schedulers.py
+SHAPE = (1, 4, 8, 8)
+EULER, DDIM = "EulerDiscreteScheduler", "DDIMScheduler"
+DPM, FLOW = "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"
+
+
+def _mu(config: dict, seq_len: int) -> float:
+    """FLUX's mu (pipeline_flux.calculate_shift): linear in the number of image tokens."""
+    lo, hi = config["base_image_seq_len"], config["max_image_seq_len"]
+    m = (config["max_shift"] - config["base_shift"]) / (hi - lo)
+    return config["base_shift"] + m * (seq_len - lo)
+
+
+# name -> (class, config, num_inference_steps, other set_timesteps arguments)
+CASES = {
+    **{f"euler-{k}": (EULER, c, n, {}) for k, (c, n) in EULER_CASES.items()},
+    **{f"ddim-{k}": (DDIM, c, n, {}) for k, (c, n) in DDIM_CASES.items()},
+    **{f"dpm-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_CASES.items()},
+    "flow-sd3": (FLOW, SD3, 28, {}),
+    "flow-dynamic-no-sigmas": (FLOW, FLUX_DEV, 12, {"mu": _mu(FLUX_DEV, 256)}),
+    "euler-custom-sigmas": (
+        EULER,
+        SDXL_EULER,
+        None,
+        {"sigmas": np.array([14.0, 8, 4, 2, 1, 0.5, 0.1, 0])},
+    ),
+    # options that change only diffusers' tables: free here (the numpy port rejects them)
+    "euler-exponential-sigmas": (EULER, {**SD_BETAS, "use_exponential_sigmas": True}, 20, {}),
+    "dpm-lu-lambdas": (DPM, {**SD_BETAS, "use_lu_lambdas": True}, 20, {}),
+    "flow-shift-terminal": (FLOW, {**SD3, "shift_terminal": 0.02}, 20, {}),
+}
+for _config, _steps, _seq in [(FLUX_DEV, 28, 4096), (FLUX_DEV, 20, 1024), (FLUX_SCHNELL, 4, 4096)]:
+    _sigmas = np.linspace(1.0, 1 / _steps, _steps)  # as FluxPipeline calls it
+    CASES[f"flux-{_steps}-{_seq}"] = (
+        FLOW,
+        _config,
+        None,
+        {"sigmas": _sigmas, "mu": _mu(_config, _seq)},
+    )
+
+
+def _build(cls_name, config, steps, kwargs, device=None):
+    ref = getattr(diffusers, cls_name).from_config(config)
+    ref.set_timesteps(steps, device=device, **kwargs)
+    ours = TorchSampler.from_config(
+        {**config, "_class_name": cls_name}, steps, device=device, **kwargs
+    )
+    return ref, ours
+
+
+def _inputs(seed: int, dtype=torch.float32, device=None):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(SHAPE, generator=gen, dtype=dtype).to(device) for _ in range(2))
+
+
+def _trajectory(sampler, x, noise):
+    """Our run, keeping (sample_i, state_i) for every i and the final sample."""
+    state, saved = sampler.initial_state(), []
+    for i in range(sampler.num_steps):
+        saved.append((x, state))
+        x, state = sampler.step(0.5 * sampler.scale_model_input(x, i) + noise, i, x, state)
+    return saved, x
+
+
+def _compare(ref, ours, seed: int, running: bool = False, device=None) -> None:
+    assert ours.timesteps.dtype == ref.timesteps.dtype
+    assert torch.equal(ours.timesteps.cpu(), ref.timesteps.cpu())
+    assert ours.num_steps == len(ref.timesteps)
+    assert ours.init_noise_sigma == pytest.approx(float(getattr(ref, "init_noise_sigma", 1.0)))
+    latent, noise = _inputs(seed, device=device)
+    x_ref = latent * ours.init_noise_sigma
+    saved, final = _trajectory(ours, x_ref, noise)
+    samples = [x for x, _ in saved[1:]] + [final]
+    scale = 0.0
+    for i, t in enumerate(ref.timesteps):
+        in_ref = ref.scale_model_input(x_ref, t) if hasattr(ref, "scale_model_input") else x_ref
+        # scale_model_input on diffusers' own latent, then the step against ours
+        in_ours = ours.scale_model_input(x_ref, i)
+        tol = 1e-6 * float(in_ref.abs().max())
+        torch.testing.assert_close(in_ours, in_ref, rtol=0, atol=tol)
+        scale = max(scale if running else 0.0, float(x_ref.abs().max()))
+        x_ref = ref.step(0.5 * in_ref + noise, t, x_ref).prev_sample
+        assert samples[i].dtype == x_ref.dtype and samples[i].shape == SHAPE
+        scale = max(scale, float(x_ref.abs().max()))
+        err = float((samples[i] - x_ref).abs().max()) / scale
+        assert err < TOL, f"step {i} (t={float(t)}): relative error {err:.3g}"
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "config", "steps", "kwargs"), [pytest.param(*v, id=k) for k, v in CASES.items()]
+)
+def test_trajectory_matches_diffusers(cls_name, config, steps, kwargs):
+    running = cls_name == EULER and bool(config.get("rescale_betas_zero_snr"))
+    _compare(*_build(cls_name, config, steps, kwargs), seed=1, running=running)
+
+
+ONE_PER_CLASS = {
+    "euler-vpred": (EULER, {**SD_BETAS, "prediction_type": "v_prediction"}, 10),
+    "ddim-clip": (DDIM, {**SD_BETAS, "clip_sample": True, "clip_sample_range": 1.5}, 10),
+    "dpm-midpoint": (DPM, SD_BETAS, 10),
+    "dpm-heun": (DPM, {**SD_BETAS, "solver_type": "heun"}, 10),
+    "flow-sd3": (FLOW, SD3, 10),
+}
+
+
+@pytest.mark.parametrize("case", ONE_PER_CLASS)
+def test_any_step_recomputes_bit_for_bit_in_any_order(case):
+    cls_name, config, steps = ONE_PER_CLASS[case]
+    sampler = TorchSampler.from_config({**config, "_class_name": cls_name}, steps)
+    latent, noise = _inputs(2)
+    saved, final = _trajectory(sampler, latent * sampler.init_noise_sigma, noise)
+    nexts = [x for x, _ in saved[1:]] + [final]
+    for i in (steps // 2, 1, steps - 1):
+        x, state = saved[i]
+        kept = x.clone()
+        out = 0.5 * sampler.scale_model_input(x, i) + noise
+        first, first_state = sampler.step(out, i, x, state)
+        sampler.step(out, 0, x, sampler.initial_state())  # another step in between
+        again, again_state = sampler.step(out, i, x, state)
+        assert torch.equal(first, nexts[i]) and torch.equal(again, first)
+        assert torch.equal(x, kept)  # inputs untouched
+        assert len(first_state.x0) == len(again_state.x0)
+        for a, b in zip(first_state.x0, again_state.x0, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_dpm_state_carries_the_history_and_is_checked():
+    sampler = TorchSampler.from_config({**SD_BETAS, "_class_name": DPM}, 10)
+    latent, noise = _inputs(3)
+    saved, _ = _trajectory(sampler, latent, noise)
+    x, state = saved[5]
+    assert state.step_index == 5 and len(state.x0) == 1
+    out = 0.5 * x + noise
+    second, _ = sampler.step(out, 5, x, state)
+    first, _ = sampler.step(out, 5, x, sampler.initial_state())  # a fresh start: first order
+    assert not torch.allclose(second, first)
+    with pytest.raises(ValueError, match="step 5, not 6"):
+        sampler.step(out, 6, x, state)
+    order1 = TorchSampler.from_config({**SD_BETAS, "_class_name": DPM, "solver_order": 1}, 10)
+    assert order1.step(out, 5, x, state)[1].x0 == ()
+
+
+def _one_step(cls_name, config, steps, i, dtype=torch.float64):
+    sampler = TorchSampler.from_config({**config, "_class_name": cls_name}, steps)
+    shape = (1, 2, 3, 3)
+    gen = torch.Generator().manual_seed(4)
+    x, out, prev_x0 = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+    return sampler, x * sampler.init_noise_sigma / 4, out, prev_x0
+
+
+@pytest.mark.parametrize("case", ONE_PER_CLASS)
+def test_step_gradients_pass_gradcheck_in_float64(case):
+    cls_name, config, steps = ONE_PER_CLASS[case]
+    i = steps // 2
+    sampler, x, out, prev_x0 = _one_step(cls_name, config, steps, i)
+    inputs = [out.requires_grad_(), x.requires_grad_()]
+    multistep = cls_name == DPM
+    if multistep:
+        inputs.append(prev_x0.requires_grad_())
+
+    def fn(out, x, *history):
+        state = SamplerState(tuple(history), i) if history else sampler.initial_state()
+        prev, new_state = sampler.step(out, i, x, state)
+        return (prev, *new_state.x0)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    # and each input really matters (a detached path would pass gradcheck as a constant)
+    grads = torch.autograd.grad(fn(*inputs)[0].sum(), inputs)
+    assert all(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_sample_loop_backpropagates_to_the_latents():
+    sampler = TorchSampler.from_config({**SD_BETAS, "_class_name": DPM}, 6)
+    latent, noise = _inputs(5)
+    latent.requires_grad_()
+    final = sampler.sample_loop(lambda x, t, i: 0.5 * x + noise, latent)
+    torch.testing.assert_close(final, _trajectory(sampler, latent, noise)[1], rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(final.square().sum(), latent)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(("cls_name", "config"), [(EULER, SD15), (DDIM, SD15), (DPM, SD_BETAS)])
+@pytest.mark.parametrize(
+    ("sample_dtype", "out_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=["bf16", "fp32-sample-bf16-output"],
+)
+def test_low_precision_dtype_path_matches_diffusers(cls_name, config, sample_dtype, out_dtype):
+    ref, ours = _build(cls_name, config, 10, {})
+    x, out = _inputs(6)
+    x, out = x.to(sample_dtype), out.to(out_dtype)
+    expected = ref.step(out, ref.timesteps[0], x).prev_sample
+    got, _ = ours.step(out, 0, x, ours.initial_state())
+    assert got.dtype == expected.dtype
+    assert torch.equal(got, expected)
+
+
+def test_flow_match_low_precision_matches_diffusers():
+    ref, ours = _build(FLOW, SD3, 10, {})
+    x, out = (t.to(torch.bfloat16) for t in _inputs(7))
+    expected = ref.step(out, ref.timesteps[0], x).prev_sample
+    got, _ = ours.step(out, 0, x, ours.initial_state())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+def test_unsupported_scheduler_class_names_the_supported_ones():
+    with pytest.raises(UserError, match="PNDMScheduler") as info:
+        TorchSampler.from_config({"_class_name": "PNDMScheduler"}, 10)
+    for name in (EULER, DDIM, DPM, FLOW):
+        assert name in str(info.value)
+    with pytest.raises(UserError, match="None"):
+        TorchSampler.from_config({"beta_start": 0.1}, 10)
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "config", "key"),
+    [
+        (EULER, {"prediction_type": "sample"}, "prediction_type"),
+        (DDIM, {"thresholding": True}, "thresholding"),
+        (DPM, {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        (DPM, {"solver_order": 3}, "solver_order"),
+        (DPM, {"variance_type": "learned_range"}, "variance_type"),
+        (FLOW, {"stochastic_sampling": True}, "stochastic_sampling"),
+    ],
+)
+def test_step_changing_config_values_raise(cls_name, config, key):
+    with pytest.raises(UserError, match=key):
+        TorchSampler.from_config({"_class_name": cls_name, **config}, 10)
+
+
+def test_bad_timestep_arguments_raise_user_errors():
+    with pytest.raises(UserError, match="sigmas"):
+        TorchSampler.from_config({"_class_name": DDIM}, 10, sigmas=np.ones(10))
+    with pytest.raises(UserError, match="mu"):
+        TorchSampler.from_config({"_class_name": FLOW, **FLUX_DEV}, 10)
+    with pytest.raises(UserError, match="num_inference_steps"):
+        TorchSampler.from_config({"_class_name": EULER})
+
+
+@pytest.mark.parametrize("cls_name", [EULER, DDIM, DPM, FLOW])
+def test_out_of_range_step_index_raises(cls_name):
+    sampler = TorchSampler.from_config({"_class_name": cls_name}, 5)
+    x = torch.zeros(SHAPE)
+    for bad in (-1, 5):
+        with pytest.raises(IndexError):
+            sampler.step(x, bad, x, sampler.initial_state())
+        with pytest.raises(IndexError):
+            sampler.scale_model_input(x, bad)
+
+
+def test_core_module_imports_no_layer_above_the_core():
+    tree = ast.parse(Path(sampler_module.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            assert not name.startswith(("slimdiff.runtime", "slimdiff.export", "slimdiff.compress"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("cls_name", "config", "steps"), [(EULER, SD15, 20), (DDIM, SD15, 20), (DPM, SD_BETAS, 20)]
+)
+def test_cuda_trajectory_matches_diffusers_with_tables_on_device(cls_name, config, steps):
+    ref, ours = _build(cls_name, config, steps, {}, device="cuda")
+    assert all(v.device.type == "cuda" for v in ours._c.values())
+    assert ours.timesteps.device.type == "cuda"
+    _compare(ref, ours, seed=8, device="cuda")
