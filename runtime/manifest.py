@@ -14,12 +14,14 @@ The exporter builds a `Manifest` and writes `Manifest.to_json()`; the runtime re
 with `parse_manifest`, which validates the JSON text strictly (`extra="forbid"`, no "1" for
 1 or `true` for 1, arrays where arrays belong, every number bounded, finite floats) and then
 checks the fields against each other (manifest_checks.py), so a bundle that would fail
-later inside onnxruntime or numpy, or silently draw a wrong image, is refused up front with
-one line naming the file, the field and the fix. `files` maps every file's relative path
-to its SHA-256; runtime/bundle_files.py keeps paths inside the bundle and checks the hashes.
+later inside onnxruntime or numpy, or holds a value no export writes (a zero VAE scaling
+factor, latent channels the graphs disagree with), is refused up front with one line naming
+the file, the field and the fix. `files` maps every file's relative path to its SHA-256;
+runtime/bundle_files.py keeps paths inside the bundle and checks the hashes.
 
-The SHA-256 of manifest.json's bytes pins every file through `files`: it is the bundle's
-identity (`slimdiff export` prints it, `slimdiff verify` and `slimdiff run --expect-sha256`
+A manifest edited to other valid values still validates; what guards against that is the
+bundle's identity, the SHA-256 of manifest.json's bytes, which pins every file through
+`files` (`slimdiff export` prints it, `slimdiff verify` and `slimdiff run --expect-sha256`
 check it). This module imports only the standard library, pydantic and the torch-free
 slimdiff.models.kinds.
 

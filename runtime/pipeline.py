@@ -252,7 +252,7 @@ def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -
     except (ValueError, TypeError, ArithmeticError, KeyError, IndexError) as err:
         raise BundleError(
             f"{root}/{config.scheduler}: scheduler config not supported "
-            f"({type(err).__name__}: {err}); {FIX}"
+            f"({type(err).__name__}: {str(err).partition(chr(10))[0]}); {FIX}"
         ) from None
     if not np.isfinite(timesteps).all():
         raise BundleError(f"{root}/{config.scheduler}: gives non-finite timesteps; {FIX}")

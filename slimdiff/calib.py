@@ -35,6 +35,7 @@ from slimdiff.models.arch import ArchSpec
 from slimdiff.models.fingerprint import fingerprint_key
 from slimdiff.models.kinds import latent_shape, pack_latents, timestep_args
 from slimdiff.models.loading import default_size
+from slimdiff.progress import Progress
 from slimdiff.prompts import read_prompts
 from slimdiff.recipe import CalibrationSpec
 from slimdiff.sampler import TorchSampler
@@ -180,19 +181,22 @@ class Calibration:
                 log.info("calibration: reusing trajectories in %s", folder)
                 self._trajectories = cached
                 return cached
-        from rich.progress import Progress
-
         denoiser = getattr(self.pipe, self.arch.denoiser)
         bar = dict(getattr(self.pipe, "_progress_bar_config", {}))
         self.pipe.set_progress_bar_config(disable=True)
+        hint = (
+            f"{self.spec.steps} steps each on {self.device.type}; fewer calibration.num_prompts "
+            "or steps, a smaller calibration.size, or a GPU (--device cuda) is faster"
+        )
         try:
-            with Progress(transient=True) as progress:
-                task = progress.add_task("calibration trajectories", total=len(self.prompts))
+            with Progress(
+                "teacher trajectories", len(self.prompts), unit="prompts", hint=hint
+            ) as progress:
                 data = record_trajectories(
                     denoiser,
                     self._run,
                     self.prompts,
-                    lambda: progress.advance(task),
+                    progress.advance,
                     timesteps=lambda: self.pipe.scheduler.timesteps.tolist(),
                 )
         finally:  # the caller's bar settings back, as they were (diffusers' default: {})

@@ -21,12 +21,27 @@ from slimdiff.errors import UserError
 SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
 
 
+def _usage_error(err: click.UsageError) -> None:
+    # click prints usage and a hint over several lines; slimdiff's errors are one line.
+    command = err.ctx.command_path if err.ctx is not None else "slimdiff"
+    click.secho(f"error: {err.format_message()} (see `{command} --help`)", fg="red", err=True)
+    sys.exit(2)
+
+
 class _Group(click.Group):
-    """Turns UserError into one line and exit code 2 (click's own usage errors also exit 2)."""
+    """Turns UserError and click's usage errors into one line and exit code 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as err:
+            _usage_error(err)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:
+            _usage_error(err)
         except UserError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
@@ -68,6 +83,9 @@ def main(verbose: int, threads: int | None) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    # Progress of long work (slimdiff/progress.py) shows by default; off a terminal it is
+    # the only sign of life of a long compress.
+    logging.getLogger("slimdiff.progress").setLevel(min(level, logging.INFO))
     _quiet_libraries()
 
 
@@ -88,9 +106,31 @@ def _dry_run_option(f):
 
 
 def _size(value: str | None) -> tuple[int, int] | None:
-    from slimdiff.recipe import parse_size
+    from slimdiff.app.args import check_size
 
-    return parse_size(value)
+    return check_size(value)
+
+
+def _device_option(f):
+    return click.option(
+        "--device",
+        default=None,
+        help="Where passes, calibration and torch runs go: auto (cuda when available, else "
+        "cpu), cpu, cuda or cuda:N. Default: the recipe's `device:` (auto).",
+    )(f)
+
+
+def _allow_pickle_option(f):
+    return click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Also load pickled .bin weights (unpickling can run code: only files you trust).",
+    )(f)
+
+
+# Bounds shared with the recipe schema (slimdiff/recipe.py).
+_STEPS = click.IntRange(1, 1000)
+_SEED = click.IntRange(0, 2**32 - 1)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -133,10 +173,16 @@ def validate_cmd(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 @main.command("compress")
 @click.argument("recipe")
 @click.option("--model", help="Model to compress (overrides the recipe's `model`).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Output folder (not needed with --dry-run)."
+)
+@_device_option
+@_allow_pickle_option
 @_set_option
 @_dry_run_option
-def compress_cmd(recipe: str, model: str | None, out: Path, overrides, dry_run: bool) -> None:
+def compress_cmd(
+    recipe: str, model: str | None, out: Path | None, device, allow_pickle, overrides, dry_run
+) -> None:
     """Compress a model with RECIPE, then export it as the recipe says.
 
     Writes OUT/artifact (a diffusers folder) and OUT/bundle (the exported bundle); OUT/work
@@ -145,13 +191,18 @@ def compress_cmd(recipe: str, model: str | None, out: Path, overrides, dry_run: 
     """
     from slimdiff.recipe import load_recipe
 
-    r = load_recipe(recipe, (*overrides, *((f"model={model}",) if model else ())))
+    values = {k: v for k, v in (("model", model), ("device", device)) if v is not None}
+    r = load_recipe(recipe, overrides, values)
     if dry_run:
         click.echo(r.to_yaml(), nl=False)
         return
+    if out is None:
+        raise UserError("compress needs --out FOLDER (for OUT/artifact and OUT/bundle)")
+    from slimdiff.app.args import check_output_dir
     from slimdiff.app.flow import compress_and_export
 
-    result = compress_and_export(r, out)
+    check_output_dir(out)
+    result = compress_and_export(r, out, allow_pickle=allow_pickle)
     click.echo(f"artifact: {result.artifact}")
     for target, path in result.bundles.items():
         click.echo(f"bundle ({target}): {path}")
@@ -172,14 +223,18 @@ def compress_cmd(recipe: str, model: str | None, out: Path, overrides, dry_run: 
     help="Default: fp32 for VAEs that overflow in fp16 (SDXL), else --precision.",
 )
 @click.option("--no-optimize", is_flag=True, help="Skip onnxruntime's fusions.")
+@_allow_pickle_option
 def export_cmd(
-    model: str, out: Path, target: str, precision: str, vae_precision, no_optimize
+    model: str, out: Path, target: str, precision: str, vae_precision, no_optimize, allow_pickle
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
-    from slimdiff.export import export_bundle
+    from slimdiff.app.args import check_output_dir
+    from slimdiff.export import check_out_dir, export_bundle
     from slimdiff.models import load_model
 
-    loaded = load_model(model)
+    check_output_dir(out)
+    check_out_dir(out)  # not a folder of the user's: refused before the model loads
+    loaded = load_model(model, allow_pickle=allow_pickle)
     manifest = export_bundle(
         loaded,
         out,
@@ -230,9 +285,9 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--negative-prompt", default=None)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the bundle's.")
-@click.option("--guidance", type=float, default=None, help="Default: the bundle's.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=_STEPS, default=None, help="Default: the bundle's.")
+@click.option("--guidance", type=float, default=None, help="0 to 100. Default: the bundle's.")
+@click.option("--seed", type=_SEED, default=0, show_default=True)
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option(
     "--latents",
@@ -247,17 +302,14 @@ def run_cmd(
     expect_sha256, out,
 ):  # fmt: skip
     """Generate an image from a bundle with the torch-free runtime."""
-    import numpy as np
-
+    from slimdiff.app.args import check_guidance, check_output_file, read_latents
     from slimdiff.runtime import Text2ImagePipeline
     from slimdiff.runtime.image import save_png
 
-    init = None
-    if latents is not None:
-        try:
-            init = np.load(latents, allow_pickle=False)
-        except ValueError as err:
-            raise UserError(f"--latents {latents}: not a plain .npy array ({err})") from None
+    check_guidance(guidance)
+    size = _size(size)
+    check_output_file(out)
+    init = read_latents(latents) if latents is not None else None
     pipe = Text2ImagePipeline.from_bundle(bundle, backend=backend, expect_sha256=expect_sha256)
     result = pipe(
         prompt,
@@ -265,7 +317,7 @@ def run_cmd(
         steps=steps,
         guidance=guidance,
         seed=seed,
-        size=_size(size),
+        size=size,
         latents=init,
     )
     save_png(result.image, out)
@@ -327,37 +379,45 @@ def inspect_cmd(
 @main.command("bench")
 @click.argument("recipes", nargs=-1, required=True)
 @click.option("--model", default=None, help="Run every recipe on this model instead.")
-@click.option("--steps", type=click.IntRange(min=1), default=None)
+@click.option("--steps", type=_STEPS, default=None)
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option("--backend", default=None, help="ort-cpu | ort-cuda (default: the recipe's).")
-@click.option("--repeat", type=click.IntRange(min=1), default=None, help="Timed runs per recipe.")
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--repeat", type=click.IntRange(1, 1000), default=None, help="Timed runs per recipe.")
+@click.option("--out", type=click.Path(path_type=Path), help="Results folder (not with --dry-run).")
+@_device_option
+@_allow_pickle_option
 @_set_option
 @_dry_run_option
-def bench_cmd(recipes, model, steps, size, backend, repeat, out, overrides, dry_run) -> None:
+def bench_cmd(
+    recipes, model, steps, size, backend, repeat, out, device, allow_pickle, overrides, dry_run
+) -> None:
     """Compress (cached), export and run each recipe; write results.json/md, a plot, grids."""
     from slimdiff.recipe import load_recipe
 
-    sets = list(overrides)
-    for key, value in (
-        ("model", model),
-        ("bench.steps", steps),
-        ("bench.backend", backend),
-        ("bench.repeat", repeat),
-    ):
-        if value is not None:
-            sets.append(f"{key}={value}")
-    if size is not None:
-        h, w = _size(size)
-        sets.append(f"bench.size=[{h}, {w}]")
-    loaded = [load_recipe(r, sets) for r in recipes]
+    values = {
+        k: v
+        for k, v in (
+            ("model", model),
+            ("device", device),
+            ("bench.steps", steps),
+            ("bench.backend", backend),
+            ("bench.repeat", repeat),
+            ("bench.size", _size(size)),
+        )
+        if v is not None
+    }
+    loaded = [load_recipe(r, overrides, values) for r in recipes]
     if dry_run:
         for r in loaded:
             click.echo(r.to_yaml() + "---")
         return
+    if out is None:
+        raise UserError("bench needs --out FOLDER for its results")
+    from slimdiff.app.args import check_output_dir
     from slimdiff.app.bench import run_bench
 
-    results = run_bench(loaded, out)
+    check_output_dir(out)
+    results = run_bench(loaded, out, allow_pickle=allow_pickle)
     click.echo((out / "results.md").read_text())
     click.echo(f"results: {out / 'results.json'}  ({len(results['recipes'])} recipes)")
 

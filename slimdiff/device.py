@@ -13,7 +13,7 @@ __all__ = ["resolve_device"]
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda[:N]" checked to exist."""
+    """ "auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda[:N]" checked to exist."""
     import torch
 
     base, _, index = device.partition(":")

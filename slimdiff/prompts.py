@@ -44,7 +44,13 @@ CALIBRATION_PROMPTS = [
     "a modern living room with a gray sofa",
 ]
 
-BENCH_PROMPTS = CALIBRATION_PROMPTS[:4]
+# Fidelity is measured on prompts no calibration (hence no distillation) has seen.
+BENCH_PROMPTS = [
+    "a red bicycle leaning against a blue door",
+    "a bowl of oranges on a wooden table by a window",
+    "a snowy mountain peak under a clear blue sky, photo",
+    "an astronaut reading a newspaper in a cafe, digital art",
+]
 
 
 def read_prompts(source: str | list[str], limit: int | None = None) -> list[str]:

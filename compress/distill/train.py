@@ -37,6 +37,7 @@ from slimdiff.compress.distill.features import capture
 
 from slimdiff.errors import UserError
 from slimdiff.models.arch import matches
+from slimdiff.progress import Progress
 from slimdiff.trainstate import load_train_state, read_train_state, save_train_state
 from slimdiff.trajectories import Trajectories
 
@@ -120,12 +121,15 @@ def distill(
     step = functools.partial(
         _iteration, student, teacher, data, pairs if settings.feat_weight > 0 else [], settings
     )
+    resumable = (
+        f"a checkpoint every {settings.checkpoint_every} in {checkpoint.parent} lets a killed run "
+        "resume; "
+        if checkpoint
+        else ""
+    )
+    hint = f"{resumable}lower distill.steps or run on a GPU (--device cuda)"
     try:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, transient=True) as progress:
-            task = progress.add_task("distill", total=settings.steps, completed=start)
+        with Progress("distill", settings.steps, start, unit="iterations", hint=hint) as progress:
             for it in range(start, settings.steps):
                 opt.zero_grad(set_to_none=True)
                 losses = step(it)
@@ -140,7 +144,7 @@ def distill(
                     checkpoint.parent.mkdir(parents=True, exist_ok=True)
                     extra = {"settings": state, "losses": losses, "first_losses": first}
                     save_train_state(checkpoint, {"student": student}, opt, done, extra)
-                progress.update(task, advance=1, description=_describe(losses))
+                progress.advance(description=_describe(losses))
                 if on_iteration is not None:
                     on_iteration(done)
     finally:

@@ -17,6 +17,7 @@ and OUT/grid_<recipe>.png (reference row on top, the recipe's images below).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_text
 from slimdiff.metrics import latent_rel_err, psnr
@@ -40,23 +42,39 @@ __all__ = ["run_bench"]
 log = logging.getLogger(__name__)
 
 
-def run_bench(recipes: list[Recipe], out: str | Path) -> dict[str, Any]:
-    """Benchmark `recipes` side by side; returns what it writes to OUT/results.json."""
+def run_bench(
+    recipes: list[Recipe], out: str | Path, device: str | None = None, allow_pickle: bool = False
+) -> dict[str, Any]:
+    """Benchmark `recipes` side by side; returns what it writes to OUT/results.json.
+
+    `device` (default: each recipe's `device:`) is where torch work runs: the reference,
+    compression, calibration and the torch eager timings.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from slimdiff.app.bench_report import write_grid, write_markdown, write_plot
+    from slimdiff.app.flow import check_outputs
+    from slimdiff.runtime.backends import get_backend
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise UserError(f"recipe names repeat ({', '.join(names)}); give each a unique `name`")
+    # Everything that can be refused is refused before the first model loads.
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the bench results")
+    devices = {r.name: resolve_device(device or r.device) for r in recipes}
+    for r in recipes:
+        get_backend(r.bench.backend)
+        check_outputs(r, out / "recipes" / r.name)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task("bench", total=len(recipes) * len(_STAGES))
         for recipe in recipes:
-            rows.append(_bench_one(recipe, out, lambda s, r=recipe: _advance(progress, task, r, s)))
+            advance = functools.partial(_advance, progress, task, recipe)
+            rows.append(_bench_one(recipe, out, advance, devices[recipe.name], allow_pickle))
     results = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
@@ -71,21 +89,22 @@ def run_bench(recipes: list[Recipe], out: str | Path) -> dict[str, Any]:
     return results
 
 
-_STAGES = ("reference", "compress+export", "torch eager", "runtime", "metrics")
+_STAGES = ("reference", "compress+export", "torch eager vs runtime", "accuracy", "metrics")
 
 
 def _advance(progress, task, recipe: Recipe, stage: str) -> None:
     progress.update(task, description=f"{recipe.name}: {stage}", advance=1)
 
 
-def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
+def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool) -> dict[str, Any]:
     from slimdiff.app.flow import compress_and_export
     from slimdiff.inspect import inspect_model
     from slimdiff.models import load_model
+    from slimdiff.models.fingerprint import fingerprint
     from slimdiff.prompts import BENCH_PROMPTS
 
     b = recipe.bench
-    base = load_model(recipe.model)
+    base = load_model(recipe.model, device=device, allow_pickle=allow_pickle)
     arch, pipe = base.arch, base.require_pipeline("bench")
     size = tuple(b.size or base.default_size)
     guidance = arch.default_guidance if b.guidance is None else b.guidance
@@ -106,37 +125,40 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
         "guidance": guidance,
         "seed": b.seed,
     }
+    # The reference cache is keyed by what the model is (its weights and configs), so a
+    # retrained folder at the same path gets a fresh reference.
+    model_key = {"fingerprint": fingerprint(pipe), "device": device}
 
-    ref_dir = out / "_reference" / _key(settings)
+    ref_dir = out / "_reference" / _key({**settings, "model": model_key})
     reference = _reference(pipe, settings, noise, ref_dir)
     accuracy = _accuracy_settings(b, settings, shape)
     if accuracy is not None:
         acc_settings, acc_noise = accuracy
-        acc_ref_dir = out / "_reference" / _key(acc_settings)
+        acc_ref_dir = out / "_reference" / _key({**acc_settings, "model": model_key})
         acc_reference = _reference(pipe, acc_settings, acc_noise, acc_ref_dir)
     step("reference")
-    del base, pipe
+    del pipe
 
     work = out / "recipes" / recipe.name
-    flow = compress_and_export(recipe, work)
+    flow = compress_and_export(recipe, work, device=device, model=base)
+    del base
     bundle = flow.bundles["onnx"]
     step("compress+export")
 
-    compressed = load_model(str(flow.artifact))
+    compressed = load_model(str(flow.artifact), device=device)
     info = inspect_model(compressed, size=size)
-    eager = _torch_ms_per_step(compressed.pipe, settings, noise[0])
-    del compressed
-    step("torch eager")
-
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    timings = _run_worker(bundle, settings, noise, b, run_dir)
+    timings, eager = _timed_pairs(compressed.pipe, bundle, settings, noise, b, run_dir)
+    del compressed
+    step("torch eager vs runtime")
+
     if accuracy is not None:
         acc_dir = work / "accuracy"
         acc_dir.mkdir(parents=True, exist_ok=True)
         once = b.model_copy(update={"warmup": 0, "repeat": 1})
         _run_worker(bundle, acc_settings, acc_noise, once, acc_dir)
-    step("runtime")
+    step("accuracy")
 
     images = [_read_png(run_dir / f"image_{i}.png") for i in range(len(prompts))]
     latents = [np.load(run_dir / f"latents_{i}.npy") for i in range(len(prompts))]
@@ -169,8 +191,10 @@ def _bench_one(recipe: Recipe, out: Path, step) -> dict[str, Any]:
             "end_to_end_p90": float(np.percentile([r["end_to_end"] for r in runs], 90)),
             "load": timings["load_ms"],
         },
-        "torch_eager_ms_per_step": eager,
-        "speedup_vs_eager": eager / float(np.median(steps_ms)),
+        "torch_eager_ms_per_step": eager["ms_per_step"],
+        # Median over (eager, runtime) pairs timed back to back, so both saw the same load.
+        "speedup_vs_eager": eager["speedup"],
+        "speedup_pairs": eager["ratios"],
         "peak_rss_mb": timings["peak_rss_mb"],
         "fidelity": {
             "psnr_db": float(np.mean(psnrs)),
@@ -260,7 +284,7 @@ def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> 
             final: dict[str, Any] = {}
 
             def keep(_pipe, _i, _t, kw, final=final):
-                final["latents"] = kw["latents"].detach().float().numpy().copy()
+                final["latents"] = kw["latents"].detach().float().cpu().numpy().copy()
                 return kw
 
             with torch.no_grad():
@@ -280,23 +304,22 @@ def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> 
     }
 
 
-def _torch_ms_per_step(pipe, settings: dict, latents: np.ndarray) -> float:
-    """Median ms per denoising step of the diffusers pipeline in torch eager (after warm-up)."""
+def _torch_ms_per_step(pipe, settings: dict, latents: np.ndarray, prompt: str) -> float:
+    """Median ms per denoising step of one diffusers pipeline run in torch eager."""
     import torch
 
-    pipe.set_progress_bar_config(disable=True)
     stamps: list[float] = []
 
     def tick(_pipe, _i, _t, kw):
+        if torch.cuda.is_available() and kw["latents"].is_cuda:
+            torch.cuda.synchronize()  # a step's kernels are done when its time is taken
         stamps.append(time.perf_counter())
         return kw
 
     with torch.no_grad():
-        warm = dict(_pipe_kwargs(settings, latents), num_inference_steps=2)
-        pipe(settings["prompts"][0], output_type="latent", **warm)
         start = time.perf_counter()
         pipe(
-            settings["prompts"][0],
+            prompt,
             output_type="latent",
             callback_on_step_end=tick,
             **_pipe_kwargs(settings, latents),
@@ -306,7 +329,89 @@ def _torch_ms_per_step(pipe, settings: dict, latents: np.ndarray) -> float:
     return float(np.median(deltas) * 1e3)
 
 
-def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
+def _timed_pairs(pipe, bundle: Path, settings: dict, noise, b, run_dir: Path):
+    """Torch eager and the runtime timed alternately (A B A B ...), `b.repeat` times over
+    every prompt, with the same warm-up: a load on the machine hits both alike. Returns the
+    runtime's timings and {"ms_per_step", "speedup", "ratios"} for eager, the speedup being
+    the median of the pairs' ratios (eager ms/step over runtime ms/step)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():  # eager's warm-up, as the worker warms up before it reports ready
+        warm = dict(_pipe_kwargs(settings, noise[0]), num_inference_steps=2)
+        for _ in range(b.warmup):
+            pipe(settings["prompts"][0], output_type="latent", **warm)
+    eager, ratios = [], []
+    with _Worker(bundle, settings, noise, b, run_dir) as worker:
+        for rep in range(b.repeat):
+            for i, prompt in enumerate(settings["prompts"]):
+                ms = _torch_ms_per_step(pipe, settings, noise[i], prompt)
+                run = worker.run(i, save=rep == 0)
+                eager.append(ms)
+                ratios.append(ms / float(np.median(run["denoiser_steps"])))
+    report = worker.report
+    return report, {
+        "ms_per_step": float(np.median(eager)),
+        "speedup": float(np.median(ratios)),
+        "ratios": ratios,
+    }
+
+
+class _Worker:
+    """The bench worker in --serve mode: one runtime run per `run(i)` (bench_worker.py)."""
+
+    def __init__(self, bundle: Path, settings: dict, noise, b, run_dir: Path) -> None:
+        self.job_file = _write_job(bundle, settings, noise, b, run_dir)
+        self.run_dir = run_dir
+        self.log = run_dir / "worker.log"
+        self.report: dict = {}
+
+    def __enter__(self) -> _Worker:
+        self._log = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "slimdiff.app.bench_worker", str(self.job_file), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self._read()  # {"ready": true}
+        return self
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._fail()
+        return json.loads(line)
+
+    def _fail(self):
+        self._log.flush()
+        err = self.log.read_text().strip()
+        if self.proc.returncode == UserError.exit_code:  # the worker's one-line user error
+            raise UserError(f"runtime failed: {err.splitlines()[-1].removeprefix('error: ')}")
+        raise RuntimeError(f"bench worker failed (exit {self.proc.returncode}):\n{err}")
+
+    def run(self, i: int, save: bool) -> dict:
+        self.proc.stdin.write(json.dumps({"run": i, "save": save}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.flush()
+                self._read()  # {"done": ...}: timings.json is written
+                self.report = json.loads((self.run_dir / "timings.json").read_text())
+        finally:
+            self.proc.stdin.close()
+            if self.proc.wait(timeout=60 if exc[0] is None else 5) is None:
+                self.proc.kill()
+            self._log.close()
+
+
+def _write_job(bundle: Path, settings: dict, noise, b, run_dir: Path) -> Path:
     paths = []
     for i, lat in enumerate(noise):
         p = run_dir / f"noise_{i}.npy"
@@ -323,6 +428,12 @@ def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
     }
     job_file = run_dir / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
+    return job_file
+
+
+def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
+    """The worker's batch mode: every prompt `b.repeat` times (prompt accuracy images)."""
+    job_file = _write_job(bundle, settings, noise, b, run_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "slimdiff.app.bench_worker", str(job_file)],
         capture_output=True,

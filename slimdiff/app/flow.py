@@ -100,11 +100,13 @@ def compress_and_export(
     *,
     device: str | None = None,
     model: LoadedModel | None = None,
+    allow_pickle: bool = False,
 ) -> FlowResult:
     """Compress `recipe.model` with the recipe's passes, then export each target.
 
     `device` (default: the recipe's) is where passes and calibration run. `model`: the
     recipe's model, already loaded there (bench loads it for its reference); it is consumed.
+    `allow_pickle`: load pickled .bin weights too (see slimdiff.models.loading).
 
     Example:
         >>> compress_and_export(load_recipe("tiny-sdxl-fp32"), "out/tiny")  # doctest: +SKIP
@@ -117,7 +119,8 @@ def compress_and_export(
     check_outputs(recipe, out)
     result = FlowResult(artifact=out / "artifact")
     if model is None:
-        model = load_model(recipe.model, device=resolve_device(device or recipe.device))
+        where = resolve_device(device or recipe.device)
+        model = load_model(recipe.model, device=where, allow_pickle=allow_pickle)
     chash = compress_hash(recipe, fingerprint(model.require_pipeline("compress")))
     if _cached(result.artifact, "slimdiff.json", "compress_hash", chash):
         log.info("reusing %s", result.artifact)

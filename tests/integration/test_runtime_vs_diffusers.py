@@ -3,7 +3,8 @@
 Each tiny model is exported with `slimdiff.export.export_bundle`, then generated twice
 from the same initial latents: once by its diffusers pipeline (torch) and once by
 `Text2ImagePipeline` (numpy + onnxruntime). Images must agree to >= 40 dB PSNR and the
-final latents to a small relative error. Bundles are built once per module.
+final latents to 1e-4 of the denoiser's contribution (the final latents less those of the
+same run with the denoiser's output zeroed). Bundles are built once per module.
 """
 
 from __future__ import annotations
@@ -69,9 +70,17 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def _diffusers(pipe, latents: np.ndarray, guidance: float, negative: str | None):
-    """diffusers' image and final latents (as output_type="latent" returns them)."""
+def _diffusers(pipe, latents: np.ndarray, guidance: float, negative: str | None, zero=False):
+    """diffusers' image and final latents (as output_type="latent" returns them).
+
+    `zero`: the denoiser's output replaced by zeros, so what remains is the scheduler's
+    arithmetic on the initial noise: the runtime must match the denoiser's contribution,
+    which on tiny random weights is small next to the noise itself."""
     final = {}
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    handle = denoiser.register_forward_hook(
+        lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]) if zero else None
+    )
 
     def keep_last(_pipe, step, _t, kwargs):
         final["latents"] = kwargs["latents"].numpy().copy()
@@ -88,6 +97,7 @@ def _diffusers(pipe, latents: np.ndarray, guidance: float, negative: str | None)
         callback_on_step_end=keep_last,
         **extra,
     ).images[0]
+    handle.remove()
     return np.array(image), final["latents"]
 
 
@@ -99,6 +109,7 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
     latents = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     model.pipe.set_progress_bar_config(disable=True)
     ref_image, ref_latents = _diffusers(model.pipe, latents, guidance, negative)
+    _, no_model = _diffusers(model.pipe, latents, guidance, negative, zero=True)
 
     result = runtime(
         PROMPT,
@@ -111,8 +122,13 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
 
     assert result.image.shape == (SIZE, SIZE, 3) and result.image.dtype == np.uint8
     assert result.latents.shape == ref_latents.shape and result.latents.dtype == np.float32
-    rel = np.linalg.norm(result.latents - ref_latents) / np.linalg.norm(ref_latents)
-    assert rel < 1e-3, f"{family}: final latents rel err {rel:.2e}"
+    # Error relative to what the denoiser changed (measured 2e-7 to 3e-6 on all six
+    # cases), not to the latents, which are mostly the initial noise: text states scaled
+    # by 0.9995 in the runtime are 8e-5 of the latents but 2e-4 of the contribution.
+    contribution = np.linalg.norm(ref_latents - no_model)
+    assert contribution > 0.1 * np.linalg.norm(ref_latents)  # the denoiser did something
+    rel = np.linalg.norm(result.latents - ref_latents) / contribution
+    assert rel < 1e-4, f"{family}: final latents off by {rel:.2e} of the denoiser's contribution"
     psnr = _psnr(result.image, ref_image)
     assert psnr >= 40.0, f"{family}: PSNR {psnr:.1f} dB"
     timings = result.timings_ms

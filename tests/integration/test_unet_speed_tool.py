@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "unet_speed.py"
 
 
@@ -20,9 +23,15 @@ def test_unet_speed_exports_times_and_ranks_variants(tmp_path):
     assert result["size"] == [64, 64] and result["batch"] == 2
     # SSD-1B halves the deepest stage's transformer depths and drops the mid-block's.
     assert 0 < student["params"] < base["params"]
-    for row in (base, student):
+    weights = {}
+    for name, row in (("base", base), ("ssd-1b", student)):
         assert len(row["ms_runs"]) == 2 and row["ms_per_step"] > 0
-        assert (tmp_path / "base" / "unet" / "model.onnx").is_file()
+        # Each variant's own graph was exported and timed: its weights are its parameters
+        # (to 1%: the exporter folds constants and shares identical initializers).
+        graph = onnx.load(str(tmp_path / name / "unet" / "model.onnx")).graph
+        weights[name] = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        assert abs(weights[name] / row["params"] - 1) < 0.01, name
+    assert weights["ssd-1b"] < weights["base"]
     assert base["speedup_vs_base"] == 1.0
     assert student["speedup_vs_base"] == base["ms_per_step"] / student["ms_per_step"]
     assert "| ssd-1b |" in done.stdout

@@ -33,7 +33,7 @@ def calibrated():
 
 
 def test_trajectories_are_stored_by_keyword_with_noise_final_and_timesteps(calibrated):
-    model, calib, data = calibrated("sdxl")
+    _, calib, data = calibrated("sdxl")
     t = data.tensors[0]
     assert t["step.kwargs.sample"].shape == (3, 2, 4, 8, 8)  # (steps, CFG batch, C, h, w)
     assert t["step.kwargs.timestep"].shape == (3, 2)

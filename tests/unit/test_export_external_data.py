@@ -69,7 +69,6 @@ def test_external_data_graph_loads_and_runs_in_ort(bundle):
         expected = model.denoiser(**feeds).sample.numpy()
     assert got.shape == expected.shape == (1, 16, 64)
     assert np.abs(got - expected).max() / np.abs(expected).max() <= 1e-4
-    assert entry.parity["passed"]
 
 
 def test_small_graphs_stay_in_one_file_by_default(tmp_path):

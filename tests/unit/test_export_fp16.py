@@ -12,6 +12,7 @@ from slimdiff.export.bundle import component_precisions
 from slimdiff.export.parity import TOLERANCES
 
 from slimdiff.models import load_model
+from tests.onnx_check import denoiser_rel_err
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
@@ -57,10 +58,11 @@ def test_graph_io_stays_float32_so_runtime_feeds_do_not_change(sdxl_fp16):
 
 
 def test_fp16_parity_within_fp16_tolerance(sdxl_fp16):
-    _, _, manifest = sdxl_fp16
+    model, out, manifest = sdxl_fp16
     unet = manifest.components["unet"]
     assert unet.parity["tolerance"] == TOLERANCES["fp16"] == 2e-2
-    assert unet.parity["passed"] and unet.parity["rel_err"] <= 2e-2
+    # Checked again here, on other inputs than the exporter's own check.
+    assert denoiser_rel_err(model, out / unet.path) <= 2e-2
     # Really converted: fp16 rounding shows, unlike fp32's ~1e-6.
     assert unet.parity["rel_err"] > 1e-4
     vae = manifest.components["vae_decoder"]

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from slimdiff.compress import build_passes, Pass, PassConfig, PassReport, Stage, register_pass, unregister_pass
+from slimdiff.compress import (
+    Pass,
+    PassConfig,
+    PassReport,
+    Stage,
+    build_passes,
+    register_pass,
+    unregister_pass,
+)
 
 from slimdiff.errors import UserError
 from slimdiff.recipe import builtin_recipes, load_recipe, parse_size, validate_recipe

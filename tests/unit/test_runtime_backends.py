@@ -147,10 +147,16 @@ def _session_threads(session) -> tuple[int, str]:
 def test_sessions_get_the_thread_policy_and_never_spin(tmp_path, monkeypatch):
     from slimdiff.runtime.backends.ort import OrtBackend
 
+    from slimdiff import threads
+
     monkeypatch.delenv("SLIMDIFF_THREADS", raising=False)
     path = tmp_path / "tiny.onnx"
     _tiny_graph(path)
-    assert _session_threads(get_backend("ort-cpu").load(path)) == (1, "0")  # a tiny graph
-    assert _session_threads(OrtBackend("ort-cpu", threads=2).load(path)) == (2, "0")
+    monkeypatch.setattr(threads, "read_cpu_state", lambda root="/": threads.CpuState(8))
+    # a tiny graph on 8 free CPUs: the policy's cap for tiny models
+    assert _session_threads(get_backend("ort-cpu").load(path)) == (2, "0")
+    monkeypatch.setattr(threads, "read_cpu_state", lambda root="/": threads.CpuState(1))
+    assert _session_threads(get_backend("ort-cpu").load(path)) == (1, "0")
+    assert _session_threads(OrtBackend("ort-cpu", threads=4).load(path)) == (4, "0")
     monkeypatch.setenv("SLIMDIFF_THREADS", "3")
     assert _session_threads(get_backend("ort-cpu").load(path)) == (3, "0")

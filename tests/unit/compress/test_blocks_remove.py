@@ -391,7 +391,7 @@ def test_bad_configs_fail_validation(config, message):
 
 def test_transformer_models_are_refused():
     pipe = load_model("tiny:flux").pipe
-    with pytest.raises(UserError, match="blocks.remove cuts UNet2DConditionModel denoisers"):
+    with pytest.raises(UserError, match=r"blocks\.remove cuts UNet2DConditionModel denoisers"):
         _remove(pipe, preset="ssd-1b")
 
 

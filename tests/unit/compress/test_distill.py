@@ -419,6 +419,7 @@ def test_toy_distillation_calibrates_on_training_prompts_not_held_out_ones():
     assert not any(is_heldout(parse_prompt(p)) for p in prompts)
     plain = load_recipe(ROOT / "recipes" / "toy-shapes-ssd-nodistill.yaml")
     assert build_passes(plain)[0].config.distill.steps == 0
+
     def structure(r):
         return {k: v for k, v in r.passes[0].options().items() if k != "distill"}
 

@@ -1,0 +1,107 @@
+"""Checks of CLI arguments that must fail before any heavy work: one line, exit 2.
+
+Sizes, steps, guidance and seeds are bounded by the recipe schema's limits (slimdiff/
+recipe.py), so `--size`, `--set bench.size=...` and a recipe file say the same thing; output
+paths are probed for writing before a model is loaded or a bundle hashed.
+
+Example:
+    >>> check_size("1024x768")
+    (768, 1024)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from slimdiff.errors import UserError
+from slimdiff.recipe import MAX_SIDE, parse_size
+
+__all__ = ["check_guidance", "check_output_dir", "check_output_file", "check_size", "read_latents"]
+
+MAX_GUIDANCE = 100.0
+
+
+def check_size(text: str | None) -> tuple[int, int] | None:
+    """(height, width) from WIDTHxHEIGHT text, each side a multiple of 8 in 8..MAX_SIDE (the
+    bundle may need a larger multiple; the runtime says so)."""
+    size = parse_size(text)
+    if size is None:
+        return None
+    for side in size:
+        if not 8 <= side <= MAX_SIDE:
+            raise UserError(
+                f"--size {text}: each side must be 8 to {MAX_SIDE} pixels; use e.g. 1024x1024"
+            )
+    if any(side % 8 for side in size):
+        h, w = (max(8, round(s / 8) * 8) for s in size)
+        raise UserError(f"--size {text}: each side must be a multiple of 8; use e.g. {w}x{h}")
+    return size
+
+
+def check_guidance(value: float | None, what: str = "--guidance") -> float | None:
+    if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+        raise UserError(f"{what} {value}: use a finite value from 0 to {MAX_GUIDANCE:g}")
+    return value
+
+
+def _probe_dir(folder: Path, what: str) -> None:
+    """Create `folder` (and parents) if missing, then create and remove a file in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".slimdiff-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(
+            f"{what}: cannot write in {folder} ({reason}); choose another folder"
+        ) from None
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+    """An output folder slimdiff can create or replace: not a file, its parent writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a folder; pass a folder path")
+    _probe_dir(path if path.is_dir() else path.parent, f"{what} {path}")
+    return path
+
+
+def check_output_file(path: str | Path, what: str = "--out") -> Path:
+    """An output file path: a regular file or nothing there, in a writable folder. Devices,
+    FIFOs and folders are refused: writing would replace or block on them."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as err:
+        raise UserError(f"{what} {path}: {err.strerror}; choose a file path") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{what} {path} is a folder; pass a file path such as {path / 'image.png'}")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{what} {path} exists and is not a regular file; choose a file path")
+    _probe_dir(path.parent, f"{what} {path}")
+    return path
+
+
+def read_latents(path: Path):
+    """A .npy of finite floats (no pickles): the initial noise `--latents` gives."""
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"--latents {path}: not a plain .npy array ({err})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+        raise UserError(
+            f"--latents {path}: holds {getattr(array, 'dtype', type(array))}, not numbers"
+        )
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise UserError(f"--latents {path}: holds NaN or infinite values")
+    return array
