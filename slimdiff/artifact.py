@@ -120,7 +120,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
             replay.setdefault(edit.component, []).append(edit)
     rebuilt = {name: _rebuild(path / name, index[name], todo) for name, todo in replay.items()}
     try:
-        pipe = cls.from_pretrained(path, use_safetensors=not allow_pickle, **rebuilt)
+        pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True, **rebuilt)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: incomplete artifact ({err}); compress again") from None
     return pipe.to(device) if device != "cpu" else pipe

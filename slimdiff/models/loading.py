@@ -195,7 +195,7 @@ def _load_component(
         )
     cls = getattr(diffusers, class_name)
     try:
-        model = cls.from_pretrained(path, use_safetensors=not allow_pickle)
+        model = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
     if device not in ("cpu", "meta"):
@@ -208,7 +208,7 @@ def _from_pretrained_pipeline(path: Path, class_name: str, device: str, allow_pi
 
     cls = getattr(diffusers, class_name)
     try:
-        pipe = cls.from_pretrained(path, use_safetensors=not allow_pickle)
+        pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(
             f"{path}: could not load the {class_name} in it ({err}); check that every "
@@ -228,17 +228,18 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool):
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            model_id, use_safetensors=not allow_pickle
+            model_id, use_safetensors=None if allow_pickle else True
         )
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of
         # memory, a bug) keeps its traceback.
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = (
-            "HF_HUB_OFFLINE is set and the files are not in the local cache"
-            if offline
-            else "the hub is unreachable, the id is wrong, or access is gated"
-        )
+        if "safetensors" in detail and not allow_pickle:
+            hint = "it has no safetensors weights; pass --allow-pickle if you trust its .bin files"
+        elif offline:
+            hint = "HF_HUB_OFFLINE is set and the files are not in the local cache"
+        else:
+            hint = "the hub is unreachable, the id is wrong, or access is gated"
         raise UserError(
             f"could not load hub model {model_id!r}: {detail[:300]} ({hint}); on a machine "
             f"with network run `hf download {model_id} --local-dir DIR` and pass DIR instead"

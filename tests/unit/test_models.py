@@ -111,3 +111,55 @@ def test_latent_shape_follows_packing():
 
     assert latent_shape(get_arch("sdxl").kind, 1, 4, 16, 8) == (1, 4, 16, 8)
     assert latent_shape(get_arch("flux").kind, 1, 16, 16, 8) == (1, 32, 64)
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path):
+    """A folder whose UNet has only diffusion_pytorch_model.bin (a pickle) is refused with
+    the fix; --allow-pickle (allow_pickle=True) loads it for files the user trusts."""
+    model = load_model("tiny:sd15")
+    folder = tmp_path / "m"
+    model.pipe.save_pretrained(folder, safe_serialization=True)
+    model.pipe.unet.save_pretrained(folder / "unet", safe_serialization=False)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"unet has only pickled weights \(diffusion_pytorch"):
+        load_model(str(folder))
+    with pytest.raises(UserError, match="only pickled weights"):
+        load_model(str(folder / "unet"))  # a lone component folder too
+    loaded = load_model(str(folder), allow_pickle=True)
+    assert torch.equal(loaded.pipe.unet.conv_in.weight, model.pipe.unet.conv_in.weight)
+
+
+def test_hub_errors_say_what_failed_and_others_keep_their_traceback(monkeypatch):
+    import diffusers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", unreachable)
+    with pytest.raises(UserError, match="couldn't connect to 'https://huggingface.co'"):
+        load_model("org/some-model")
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate 10 GB")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", out_of_memory)
+    with pytest.raises(MemoryError):  # not reported as "hub unreachable"
+        load_model("org/some-model")
+
+
+def test_resolve_device():
+    from slimdiff.device import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="is not one of: auto, cpu, cuda, cuda:N"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="torch sees no CUDA GPU here"):
+            resolve_device("cuda:0")
+
+
+def test_bench_prompts_are_not_calibration_prompts():
+    from slimdiff.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS
+
+    assert len(BENCH_PROMPTS) == 4 and not set(BENCH_PROMPTS) & set(CALIBRATION_PROMPTS)

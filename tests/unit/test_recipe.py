@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 from slimdiff.compress import (
     Pass,
@@ -159,3 +163,110 @@ def test_register_pass_refuses_duplicates(two_passes):
 
     with pytest.raises(ValueError, match="already registered"):
         register_pass(get_pass("test.quant"))
+
+
+def test_a_recipe_built_in_python_gets_the_checks_validate_gives(two_passes):
+    from slimdiff.recipe import Recipe
+
+    r = Recipe(model="m", passes=[{"pass": "test.structural", "ratio": 0.25}])
+    assert r.passes[0].config.ratio == 0.25 and r.passes[0].name == "test.structural"
+    with pytest.raises(UserError, match=r"passes\[0\] \(test\.structural\): field 'ratio'"):
+        Recipe(model="m", passes=[{"pass": "test.structural", "ratio": "x"}])
+    with pytest.raises(UserError, match="cannot follow test.quant"):
+        Recipe(model="m", passes=[{"pass": "test.quant"}, {"pass": "test.structural"}])
+    with pytest.raises(UserError, match="unknown pass 'nope'"):
+        Recipe(model="m", passes=[{"pass": "nope"}])
+
+
+def test_dry_run_yaml_holds_every_resolved_default(two_passes):
+    import yaml
+
+    r = validate_recipe({"model": "m", "passes": [{"pass": "test.structural"}]})
+    dumped = yaml.safe_load(r.to_yaml())
+    assert dumped["passes"] == [{"pass": "test.structural", "ratio": 0.5}]
+    assert dumped["device"] == "auto" and dumped["calibration"]["dtype"] == "float32"
+    assert validate_recipe(dumped) == r  # what --dry-run prints validates back to the same
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"export": {"targets": ["tensorrt"]}}, "target 'tensorrt' is not available"),
+        ({"export": {"targets": ["aoti"]}}, "target 'aoti' is not available"),
+        ({"bench": {"seed": -1}}, "bench.seed"),
+        ({"bench": {"seed": 2**70}}, "bench.seed"),
+        ({"bench": {"steps": 1_000_000_000}}, "bench.steps"),
+        ({"bench": {"guidance": float("nan")}}, "bench.guidance"),
+        ({"bench": {"guidance": 1e308}}, "bench.guidance"),
+        ({"calibration": {"size": [7, 7]}}, "a side must be a multiple of 8"),
+        ({"bench": {"size": [100000, 64]}}, "a side must be a multiple of 8 from 8 to 8192"),
+        ({"device": "gpu"}, "'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+        ({"calibration": {"dtype": "int8"}}, "calibration.dtype"),
+    ],
+)
+def test_values_out_of_bounds_say_what_is_allowed(data, message):
+    with pytest.raises(UserError, match=message):
+        validate_recipe({"model": "tiny:sd15", **data}, "r.yaml")
+
+
+def test_typed_values_are_not_yaml(tmp_path):
+    path = _write(tmp_path, "version: 1\nmodel: tiny:sd15\n")
+    assert load_recipe(path, values={"model": "dir #2"}).model == "dir #2"
+    assert load_recipe(path, values={"model": "off"}).model == "off"  # YAML would say False
+    assert load_recipe(path, ["model='dir #2'"]).model == "dir #2"  # --set is YAML, quoted
+    with pytest.raises(UserError, match="--set model=dir #2"):
+        load_recipe(path, ["model=dir #2"])  # a YAML comment would cut the value
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\x01\x02binary\xff",
+        "model: caf\xe9\n".encode("latin-1"),
+        "version: 1\nmodel: tiny:sd15\n".encode("utf-16"),
+        b"version: 1\nmodel: " + b"9" * 5000 + b"\n",
+        b"version: 1\nmodel: m\nbench: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+        b"version: 1\nmodel: m\n  bad: indent\n",
+        b"version: 1\nmodel: !!python/object:os.system ls\n",
+    ],
+)
+def test_unreadable_recipe_files_are_one_user_error(tmp_path, content):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_thousand_mutated_recipes_load_or_fail_cleanly():
+    """Byte-level mutations of a built-in recipe through the whole load (YAML, the schema,
+    every pass's config, the order): a Recipe or one UserError, never anything else."""
+    import random
+
+    source = builtin_recipes()["toy-shapes-ssd"].read_bytes()
+    rng = random.Random(11)
+    inserts = [b"[", b"{", b"&a ", b"*a", b"!!", b"- ", b": ", b"\x00", b"\xff", b"99999999999"]
+    outcomes = {"ok": 0, "refused": 0}
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        for i in range(1000):
+            data = bytearray(source)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(data))
+                choice = rng.random()
+                if choice < 0.4:
+                    data[at] = rng.randrange(256)
+                elif choice < 0.8:
+                    data[at:at] = rng.choice(inserts)
+                else:
+                    del data[at : at + rng.randint(1, 40)]
+            path = tmp / f"r{i}.yaml"
+            path.write_bytes(bytes(data))
+            try:
+                load_recipe(path)
+                outcomes["ok"] += 1
+            except UserError:
+                outcomes["refused"] += 1
+    finally:
+        shutil.rmtree(tmp)
+    assert outcomes["ok"] > 0 and outcomes["refused"] > 0

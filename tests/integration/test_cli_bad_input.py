@@ -1,0 +1,184 @@
+"""Bad CLI input: one line, exit 2, before any heavy work, and nothing written or replaced.
+
+The cases are those a review tried on run/export/inspect/compress/bench (tracebacks then),
+and sizes it found the graph could not run though the torch model could (they run now).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from slimdiff.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _refused(result, fragment: str) -> None:
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert fragment in lines[0], lines[0]
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from slimdiff.export import export_bundle
+    from slimdiff.models import load_model
+
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    export_bundle(load_model("tiny:sdxl"), out, optimize=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lat")
+    np.save(folder / "strings.npy", np.array(["a", "b"]))
+    np.save(folder / "nan.npy", np.full((1, 4, 8, 8), np.nan, np.float32))
+    np.save(folder / "shape.npy", np.zeros((1, 3, 8, 8), np.float32))
+    np.save(folder / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (folder / "garbage.npy").write_bytes(b"not numpy at all")
+    return folder
+
+
+RUN_CASES = [
+    (["--size", "0x0"], "each side must be 8 to 8192"),
+    (["--size", "7x7"], "each side must be 8 to 8192"),
+    (["--size", "100000x100000"], "each side must be 8 to 8192"),
+    (["--size", "130x128"], "each side must be a multiple of 8; use e.g. 128x128"),
+    (["--size", "big"], "is not WIDTHxHEIGHT"),
+    (["--steps", "1000000000"], "1000000000 is not in the range 1<=x<=1000"),
+    (["--steps", "0"], "is not in the range 1<=x<=1000"),
+    (["--seed", "-1"], "is not in the range 0<=x<=4294967295"),
+    (["--seed", str(2**70)], "is not in the range 0<=x<=4294967295"),
+    (["--guidance", "nan"], "--guidance nan: use a finite value from 0 to 100"),
+    (["--guidance", "inf"], "use a finite value"),
+    (["--guidance", "-inf"], "use a finite value"),
+    (["--guidance", "1e308"], "use a finite value"),
+    (["--backend", "bogus"], "unknown backend 'bogus'"),
+    (["--expect-sha256", "0" * 64], "this is not the pinned bundle"),
+]
+
+
+@pytest.mark.parametrize(("args", "fragment"), RUN_CASES)
+def test_bad_run_arguments(bundle, tmp_path, args, fragment):
+    out = tmp_path / "x.png"
+    _refused(_run("run", bundle, "--prompt", "x", "--out", out, *args), fragment)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("strings.npy", "not numbers"),
+        ("nan.npy", "NaN or infinite"),
+        ("shape.npy", "latents have shape (1, 3, 8, 8)"),
+        ("objects.npy", "not a plain .npy array"),
+        ("garbage.npy", "not a plain .npy array"),
+    ],
+)
+def test_bad_latents(bundle, latents, tmp_path, name, fragment):
+    out = tmp_path / "x.png"
+    args = ("run", bundle, "--prompt", "x", "--size", "64x64", "--latents", latents / name)
+    _refused(_run(*args, "--out", out), fragment)
+    assert not out.exists()
+
+
+def test_bad_run_outputs(bundle, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _refused(_run("run", bundle, "--prompt", "x", "--out", folder), "is a folder")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _refused(_run("run", bundle, "--prompt", "x", "--out", fifo), "not a regular file")
+    assert fifo.exists() and not fifo.is_file()  # left as it was
+    if Path("/dev/full").exists():
+        _refused(_run("run", bundle, "--prompt", "x", "--out", "/dev/full"), "not a regular file")
+        assert not Path("/dev/full").is_file()
+    for bad in ("/proc/slimdiff-test.png", "/sys/slimdiff-test.png"):
+        _refused(_run("run", bundle, "--prompt", "x", "--out", bad), "cannot write in")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _refused(_run("run", bundle, "--prompt", "x", "--out", blocker / "x.png"), "Not a directory")
+
+
+@pytest.mark.parametrize("size", ["8x8", "16x16", "24x24", "72x72", "136x128"])
+def test_sizes_the_torch_model_runs_at_run_from_the_bundle(bundle, tmp_path, size):
+    out = tmp_path / "x.png"
+    result = _run("run", bundle, "--prompt", "x", "--steps", "2", "--size", size, "--out", out)
+    assert result.exit_code == 0, result.output
+    w, h = (int(v) for v in size.split("x"))
+    from PIL import Image
+
+    assert Image.open(out).size == (w, h)
+
+
+def test_bad_export_inspect_compress_bench_input(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _refused(_run("export", "tiny:sd15", "--out", a_file), "is not a folder")
+    _refused(_run("export", "tiny:sd15", "--out", "/proc/slimdiff-b"), "cannot write in")
+    _refused(_run("export", "tiny:sd15", "--out", tmp_path / "b", "--precision", "int3"), "int3")
+    _refused(_run("inspect", "tiny:sd15", "--size", "0x0"), "each side must be 8 to 8192")
+    _refused(_run("compress", "tiny-sdxl-fp32", "--out", a_file), "is not a folder")
+    binary = tmp_path / "r.yaml"
+    binary.write_bytes(b"\x00\x01\xffbinary")
+    _refused(_run("compress", binary, "--out", tmp_path / "c"), "r.yaml")
+    for sets, fragment in (
+        ("bench.seed=-1", "bench.seed"),
+        ("calibration.size=[7, 7]", "a side must be a multiple of 8"),
+        ("export.targets=[tensorrt]", "target 'tensorrt' is not available"),
+        ("bench.guidance=.nan", "bench.guidance"),
+        ("bench.steps=[1", "not valid YAML"),
+    ):
+        _refused(
+            _run("compress", "tiny-sdxl-fp32", "--out", tmp_path / "c", "--set", sets), fragment
+        )
+    _refused(_run("compress", "tiny-sdxl-fp32", "--out", tmp_path / "c", "--device", "gpu"), "gpu")
+    _refused(
+        _run("compress", "tiny-sdxl-fp32", "--out", tmp_path / "c", "--model", "dir #2"),
+        "model 'dir #2' not found",
+    )
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+def test_a_folder_slimdiff_did_not_write_is_never_replaced(tmp_path):
+    users = tmp_path / "d" / "artifact"
+    users.mkdir(parents=True)
+    (users / "thesis.txt").write_text("mine")
+    start = time.perf_counter()
+    _refused(_run("compress", "tiny-sdxl-fp32", "--out", tmp_path / "d"), "not written by slimdiff")
+    assert time.perf_counter() - start < 30  # refused before the model loads: no compress
+    assert (users / "thesis.txt").read_text() == "mine"
+
+
+def test_bench_refuses_a_bad_backend_before_any_work(tmp_path):
+    result = _run("bench", "tiny-sdxl-fp32", "--backend", "bogus", "--out", tmp_path / "o")
+    _refused(result, "unknown backend 'bogus'")
+    assert not (tmp_path / "o" / "_reference").exists()  # no reference was computed
+
+
+def test_killed_runs_partials_are_removed_on_the_next_run(tmp_path, caplog):
+    from slimdiff.export import export_bundle
+    from slimdiff.models import load_model
+
+    stale = tmp_path / ".bundle.999999-1.deadbeef.partial"  # a dead process's build folder
+    stale.mkdir()
+    (stale / "unet.onnx").write_bytes(b"x" * 1000)
+    export_bundle(load_model("tiny:sd3"), tmp_path / "bundle", optimize=False, check=False)
+    assert not stale.exists()
+    assert any(
+        "removed stale partial .bundle.999999-1.deadbeef.partial" in r.getMessage()
+        for r in caplog.records
+    )

@@ -1,0 +1,34 @@
+"""Long work shows progress off a terminal too, and warns once when it will be long."""
+
+from __future__ import annotations
+
+import logging
+
+from slimdiff import progress as progress_mod
+from slimdiff.progress import Progress
+
+
+def test_off_a_terminal_progress_is_logged_and_long_work_warned(caplog, monkeypatch):
+    clock = iter(float(t) for t in range(0, 10_000, 40))  # each call: 40 s later
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="slimdiff.progress")
+    with Progress("distill", 1000, unit="iterations", hint="lower distill.steps") as p:
+        for _ in range(3):
+            p.advance(description="loss 0.1")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "distill: 1000 iterations to do"
+    assert "distill: 1/1000 iterations (loss 0.1)" in messages
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # 40 s an iteration, 999 to go: about 11 hours, said once, with what to do.
+    assert warnings == [
+        "distill: 999 iterations at 40 s each will take about 11.1 h more; lower distill.steps"
+    ]
+    assert messages[-1].startswith("distill: done (3 iterations in")
+
+
+def test_short_work_does_not_warn(caplog):
+    caplog.set_level(logging.INFO, logger="slimdiff.progress")
+    with Progress("calibration", 10) as p:
+        for _ in range(10):
+            p.advance()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
