@@ -34,6 +34,7 @@ def _refused(result, fragment: str) -> None:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     from slimdiff.export import export_bundle
+
     from slimdiff.models import load_model
 
     out = tmp_path_factory.mktemp("b") / "bundle"
@@ -171,6 +172,7 @@ def test_bench_refuses_a_bad_backend_before_any_work(tmp_path):
 
 def test_killed_runs_partials_are_removed_on_the_next_run(tmp_path, caplog):
     from slimdiff.export import export_bundle
+
     from slimdiff.models import load_model
 
     stale = tmp_path / ".bundle.999999-1.deadbeef.partial"  # a dead process's build folder

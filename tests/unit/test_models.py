@@ -136,7 +136,7 @@ def test_hub_errors_say_what_failed_and_others_keep_their_traceback(monkeypatch)
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", unreachable)
-    with pytest.raises(UserError, match="couldn't connect to 'https://huggingface.co'"):
+    with pytest.raises(UserError, match=r"couldn't connect to 'https://huggingface\.co'"):
         load_model("org/some-model")
 
     def out_of_memory(*args, **kwargs):

@@ -172,7 +172,7 @@ def test_a_recipe_built_in_python_gets_the_checks_validate_gives(two_passes):
     assert r.passes[0].config.ratio == 0.25 and r.passes[0].name == "test.structural"
     with pytest.raises(UserError, match=r"passes\[0\] \(test\.structural\): field 'ratio'"):
         Recipe(model="m", passes=[{"pass": "test.structural", "ratio": "x"}])
-    with pytest.raises(UserError, match="cannot follow test.quant"):
+    with pytest.raises(UserError, match=r"cannot follow test\.quant"):
         Recipe(model="m", passes=[{"pass": "test.quant"}, {"pass": "test.structural"}])
     with pytest.raises(UserError, match="unknown pass 'nope'"):
         Recipe(model="m", passes=[{"pass": "nope"}])
