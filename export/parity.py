@@ -56,8 +56,8 @@ def check_parity(component: Component, path: Path, precision: str) -> dict[str, 
         expected = component.module(*(feeds[n] for n in component.input_names))
     expected = expected if isinstance(expected, tuple) else (expected,)
     # Threads by slimdiff's policy (SLIMDIFF_THREADS, else the component's size and the
-    # CPUs free) and no spinning: spinning threads on a shared CPU run tiny graphs 2-3x
-    # slower, and torch's thread count says nothing about what ORT should use.
+    # CPUs this process may use) and no spinning, which made a toy:shapes step 1.7x
+    # slower on a shared 2-CPU machine (slimdiff/threads.py).
     params = sum(p.numel() for p in component.module.parameters())
     options = ort_session_options(ort.SessionOptions(), choose_threads(params))
     try:

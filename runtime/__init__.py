@@ -1,7 +1,9 @@
 """slimdiff's torch-free runtime: run an exported bundle from prompt to image.
 
-Imports only numpy, the standard library, `tokenizers`, PIL and (inside the backend, when
-one is chosen) onnxruntime; tests/unit/test_runtime_imports.py keeps it that way.
+Imports only numpy, the standard library, `tokenizers`, PIL, pydantic (the manifest is a
+strict schema), slimdiff's torch-free core modules (slimdiff.models.kinds: the per-family
+record bundles carry) and, inside the backend when one is chosen, onnxruntime;
+tests/unit/test_runtime_imports.py keeps it that way.
 
 Example:
     >>> from slimdiff.runtime import Text2ImagePipeline

@@ -152,6 +152,7 @@ class Text2ImagePipeline:
         steps = int(steps if steps is not None else self.config.default_steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         height, width = self._check_args(steps, size, output)
+        _check_values(guidance, seed, latents)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         timings: dict[str, float | list[float]] = {}
@@ -198,14 +199,48 @@ class Text2ImagePipeline:
             raise UserError(f"output {output!r} is not one of: {', '.join(_OUTPUTS)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
+        if steps > MAX_STEPS:
+            raise UserError(f"steps must be at most {MAX_STEPS}, not {steps}")
         height, width = (int(v) for v in (size or self.config.default_size))
         m = self.conditioning.size_multiple()
-        if height % m or width % m or height < m or width < m:
+        if not (m <= height <= MAX_SIDE and m <= width <= MAX_SIDE):
+            raise UserError(f"size {height}x{width}: each side must be {m} to {MAX_SIDE} pixels")
+        if height % m or width % m:
             fix_h, fix_w = (max(m, int(v / m + 0.5) * m) for v in (height, width))
             raise UserError(
                 f"size {height}x{width} is not a multiple of {m}; use e.g. {fix_h}x{fix_w}"
             )
+        trained_h, trained_w = self.config.default_size
+        area = (height * width) / (trained_h * trained_w)
+        if not 1 / 4 <= area <= 4:
+            log.warning(
+                "size %dx%d is far from the %dx%d this model draws by default; images this far "
+                "from the trained size usually fall apart",
+                width,
+                height,
+                trained_w,
+                trained_h,
+            )
         return height, width
+
+
+# Bounds of the CLI and the recipe schema (slimdiff/recipe.py), for API callers too.
+MAX_STEPS = 1000
+MAX_SIDE = 8192
+MAX_GUIDANCE = 100.0
+
+
+def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None:
+    if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
+        raise UserError(f"guidance {guidance}: use a finite value from 0 to {MAX_GUIDANCE:g}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UserError(f"seed {seed!r}: use an integer from 0 to {2**32 - 1}")
+    if latents is not None:
+        array = np.asarray(latents)
+        if array.dtype.kind not in "fiu":
+            raise UserError(f"latents hold {array.dtype}, not numbers")
+        if not np.isfinite(array).all():
+            raise UserError("latents hold NaN or infinite values")
 
 
 def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from slimdiff.runtime.manifest import FIX, BundleError
 from tokenizers import Tokenizer
 
 __all__ = ["PromptTokenizer"]
+
+log = logging.getLogger(__name__)
 
 
 class PromptTokenizer:
@@ -65,8 +68,17 @@ class PromptTokenizer:
         return cls(tokenizer, max_length, pad_token_id)
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        """Token ids, int64 (len(prompts), max_length), special tokens included."""
+        """Token ids, int64 (len(prompts), max_length), special tokens included. A prompt
+        longer than max_length is cut, as the diffusers pipelines cut it, with a warning."""
         encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=True)
+        for prompt, encoding in zip(prompts, encodings, strict=True):
+            if encoding.overflowing:
+                log.warning(
+                    "prompt %r is longer than the %d tokens this text encoder reads; the "
+                    "rest is ignored, as in diffusers",
+                    prompt if len(prompt) <= 60 else prompt[:57] + "...",
+                    self.max_length,
+                )
         return np.array([e.ids for e in encodings], dtype=np.int64).reshape(
             len(prompts), self.max_length
         )

@@ -3,55 +3,60 @@
 Standard library only: the torch-free runtime imports it.
 
 Why it matters. Both thread pools synchronise at the end of every operator, and both
-*spin* while they wait by default (libgomp, torch's OpenMP: ~300,000 PAUSE loops per
-barrier, ~20 ms on this CPU; onnxruntime: `session.intra_op.allow_spinning` on). On a CPU
-that other processes share, a spinning thread burns the time slice its descheduled peer
-needs, and each of a tiny model's ~1,000 small operators per step pays that. Measured
-with `python tools/load_test.py` (toy:shapes UNet, CFG batch 2, 16x16 latents; 2-core
-KVM Xeon that other engineers' test runs were using too; N busy `while True: pass`
-competitors; medians of per-run medians, ms/step; full table in docs/BENCHMARKS.md):
+*spin* while they wait by default: libgomp (torch's OpenMP, also MKL's and oneDNN's) busy-
+waits up to GOMP_SPINCOUNT (300,000 iterations) before it sleeps; onnxruntime spins
+between operators (`session.intra_op.allow_spinning`). On a CPU that other processes share,
+a spinning thread burns the time slice its descheduled peer needs, at every one of a small
+model's ~1,000 operators per step. Measured with `python tools/load_test.py` on toy:shapes
+(3.3M-parameter UNet, CFG batch 2, 16x16 latents): ms per step, median over 11-17 runs
+from 4 sessions of 2026-12-01 (22:44-23:34 UTC), on a 2-CPU KVM Xeon whose load average
+was 4-6 from other users even at N=0, with N extra `while True: pass` competitors
+(docs/BENCHMARKS.md, "CPU contention", has the full tables):
 
-    ============================  =======  =======  ===========================
-    configuration                  N=0      N=3      note
-    ============================  =======  =======  ===========================
-    torch, 2 threads, spinning     4,412    ~470     range 41 ms - 10.3 s/step;
-      (the default)                                  ~1 CPU-second per step spun
-    torch, 2 threads, PASSIVE         67      144    the pathology is gone
-    torch, 1 thread                   58      126    same speed, half the CPU
-    ORT, 2 threads, spinning          47       49    ~50 CPU ms per 20-45 ms step
-    ORT, 2 threads, no spinning       22       32    same CPU as 1 thread
-    ORT, 1 thread                     19       47
-    ============================  =======  =======  ===========================
-
-(`N=0` was not quiet: the machine's load average was 3-6 from other users throughout.)
+    configuration                       N=0    N=1    N=2    N=3   CPU ms/step
+    torch 2 threads, spinning (default)  445    331    324    733   680  (runs: 41 ms-13 s)
+    torch 2 threads, OMP PASSIVE          58     69     86    143    56
+    torch 1 thread                        58    108    130    280    53
+    ORT 2 threads, spinning (default)     24     32     54     62    33
+    ORT 2 threads, no spinning            17     18     32     48    18
+    ORT 1 thread                          15     32     36     55    15
+    64x64 latents (16x the work per operator), 3 runs each:
+    torch 2 threads PASSIVE / 1 thread   440 / 231             458 / 1716
+    ORT 2 threads no spin / 1 thread     178 / 187             165 / 819
 
 The policy, from those numbers:
 
-1. **Never spin** on a shared or small machine: `prepare_process()` sets
-   `OMP_WAIT_POLICY=PASSIVE` for OpenMP (torch, MKL, oneDNN) unless the user set a wait
-   policy, and `ort_session_options` sets `session.intra_op.allow_spinning` to "0". A
-   waiting thread then sleeps and its CPU goes to whoever needs it (the peer, or the
-   competitors). libgomp reads OMP_WAIT_POLICY once, when `import torch` loads it, so
-   `prepare_process()` must run before torch is imported: the CLI's `main` does it first,
-   and so must any other entry point that imports torch (tools, `python -m` workers).
-2. **Threads = the CPUs this process may use**, `cpu_budget()`: the affinity mask, cut to
-   the cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), minus what other processes
-   are running now (1-minute load average less this process's own running thread, as
-   libgomp's OMP_DYNAMIC does), never below 1. Where /proc/pressure/cpu exists its
-   `some avg10` (share of time a runnable task waited) overrides a stale load average: if
-   nothing has waited for CPU in the last 10 s, the machine has room whatever the 1-minute
-   average still says (e.g. the load this process just made itself).
-3. **Tiny models use one thread** (`choose_threads(work)` with fewer than
-   `SMALL_MODEL_PARAMS` parameters, e.g. toy:shapes, tiny: test models): their operators
-   are too small for a second thread to pay for its wake-ups, and one thread has no
-   barrier to miss. Real models (100M+ parameters) get `cpu_budget()`.
-4. **The user decides last**: `--threads N` on the CLI sets `SLIMDIFF_THREADS`, which
-   subprocesses (the bench worker) inherit; an explicit `override=` argument beats both.
+1. **Never spin.** `prepare_process()` sets OMP_WAIT_POLICY=PASSIVE unless the user set a
+   wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME), and `ort_session_options`
+   sets `session.intra_op.allow_spinning` to "0". In the same round and competitor count
+   PASSIVE beat spinning torch in 42 of 44 pairs (median 6.6x faster, 12x less CPU) and
+   ORT without spinning beat ORT with it in 40 of 44 (1.7x). libgomp reads its environment
+   once, when `import torch` loads it, so `prepare_process()` must run before torch is
+   imported: the CLI's `main` calls it first, and so must any other entry point that
+   imports torch (tools, `python -m` modules, test configuration).
+2. **Threads = the CPUs this process may use**, `cpu_budget()`: its affinity mask, cut to
+   its cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`, tightest on the path). Other
+   processes' load does not lower it, although it was the obvious candidate (1-minute load
+   average, /proc/pressure/cpu): with sleeping waits, two threads beat one under
+   competitors (torch: 30 of 39 pairs, 1.5x; ORT 21 of 39, 1.1x; at 64x64 latents two
+   threads lost nothing to 3 competitors where one thread slowed 4.4-7.4x). Likely why (not
+   measured directly): the scheduler (EEVDF, Linux 6.18 here) runs a thread that sleeps at
+   every barrier promptly when it wakes, ahead of CPU-bound competitors, so fewer threads
+   only hand the CPU to those competitors.
+3. **Tiny models get at most TINY_MAX_THREADS (2)** when they have fewer than
+   SMALL_MODEL_PARAMS parameters (toy:shapes, the tiny: test models). With no added
+   competitor one thread was 14-18% faster (10 and 12 of 17 pairs, torch and ORT); with
+   competitors two were faster (above). Two is kept because contention is what hurt; the
+   cap (not measured: this machine has 2 CPUs) keeps a many-core machine from putting
+   10-microsecond operators behind a 32-way barrier.
+4. **An explicit count wins**: `override=` beats SLIMDIFF_THREADS, which beats the policy.
+   `slimdiff --threads N` sets SLIMDIFF_THREADS, so subprocesses (the bench worker)
+   inherit it.
 
 Example:
     >>> from slimdiff import threads
     >>> threads.prepare_process()                  # before `import torch`
-    >>> n = threads.choose_threads(3.3e6)          # toy:shapes -> 1
+    >>> n = threads.choose_threads(3.3e6)          # toy:shapes: min(CPUs, 2)
     >>> threads.configure_torch(n)                 # doctest: +SKIP
     >>> options = threads.ort_session_options(onnxruntime.SessionOptions(), n)  # doctest: +SKIP
 """
@@ -76,6 +81,7 @@ __all__ = [
     "choose_threads",
     "configure_torch",
     "cpu_budget",
+    "openmp_passive",
     "ort_session_options",
     "prepare_process",
     "read_cpu_state",
@@ -172,17 +178,45 @@ def prepare_process() -> None:
 
     Leaves a wait policy the user set (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME)
     alone. When torch is already imported OpenMP has read its environment, so the setting
-    comes too late for this process; its subprocesses still inherit it. (Logged at debug
-    level only: the CLI calls this before logging is set up, and in-process CLI tests have
-    torch imported already.)
+    comes too late for this process (`openmp_passive()` stays False); its subprocesses
+    still inherit it. Logged at debug level only: the CLI calls this before logging is
+    set up, and in-process CLI tests have torch imported already.
     """
     import sys
 
+    global _prepared_before_torch
+    if "torch" not in sys.modules:
+        _prepared_before_torch = True
     if any(var in os.environ for var in _WAIT_VARS):
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     if "torch" in sys.modules:
         log.debug("OMP_WAIT_POLICY set after torch was imported: only subprocesses get it")
+
+
+def openmp_passive() -> bool:
+    """Whether this process's OpenMP threads (torch's) sleep while they wait.
+
+    True when the environment the process started with asked for it, or when
+    `prepare_process()` ran before torch was imported and the environment asks for it.
+    A torch caller that gets False should stay on one thread (`configure_torch` warns).
+    """
+    env = os.environ if _prepared_before_torch else _initial_environ()
+    return env.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or env.get("GOMP_SPINCOUNT") == "0"
+
+
+_prepared_before_torch = False
+
+
+def _initial_environ() -> dict[str, str]:
+    """The environment this process was started with (/proc/self/environ on Linux; later
+    changes to os.environ do not show there), or os.environ where that is unreadable."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
 
 
 def configure_torch(n: int) -> None:
@@ -195,6 +229,13 @@ def configure_torch(n: int) -> None:
     import torch
 
     n = _positive(n, "threads")
+    if n > 1 and not openmp_passive():
+        log.warning(
+            "torch on %d threads whose OpenMP spins while waiting: slow on a shared CPU; "
+            "call slimdiff.threads.prepare_process() before importing torch, or set "
+            "OMP_WAIT_POLICY=PASSIVE",
+            n,
+        )
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)
@@ -207,8 +248,8 @@ def ort_session_options(options: Any, n: int, spinning: bool = False) -> Any:
     """Set `n` intra-op threads, one inter-op thread and no spinning on ORT `options`.
 
     `spinning=True` keeps onnxruntime's default busy-wait between operators, for a caller
-    that owns a many-core machine outright: on the 2-core machine measured above it lost
-    in every cell, quiet or not. Returns `options`.
+    that owns a many-core machine outright: on the 2-CPU machine measured above spinning
+    lost in 40 of 44 paired runs. Returns `options`.
 
     Example:
         >>> import onnxruntime                                        # doctest: +SKIP

@@ -35,16 +35,24 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Torch threads for a module by slimdiff's policy for tiny models (one thread unless
-    SLIMDIFF_THREADS says otherwise): spinning OpenMP threads on a small shared CPU slow
-    tiny models down 10-100x (slimdiff/threads.py). Use:
+    """Torch threads for a module by slimdiff's policy for tiny models: SLIMDIFF_THREADS,
+    else up to 2 where OpenMP sleeps while waiting (OMP_WAIT_POLICY=PASSIVE before torch
+    was imported), else one, as the name says: spinning OpenMP threads on a shared CPU
+    slow tiny models 10-100x (slimdiff/threads.py). Use:
     pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
     import torch
 
-    from slimdiff.threads import TINY, choose_threads, configure_torch
+    from slimdiff.threads import (
+        TINY,
+        choose_threads,
+        configure_torch,
+        openmp_passive,
+        threads_from_env,
+    )
 
     before = torch.get_num_threads()
-    configure_torch(choose_threads(TINY))
+    # A second thread only where it sleeps while waiting (or SLIMDIFF_THREADS asks).
+    configure_torch(choose_threads(TINY) if openmp_passive() or threads_from_env() else 1)
     yield
     torch.set_num_threads(before)
 

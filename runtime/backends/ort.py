@@ -6,8 +6,8 @@ a machine that only inspects bundles needs no onnxruntime, and the CPU and GPU w
 
 Every session gets its threads from `slimdiff.threads`: `choose_threads` on the graph's
 parameter count (its weight bytes, counted as fp32) unless the backend was given
-`threads=` or SLIMDIFF_THREADS is set, and no spinning between operators (spinning
-threads on a shared CPU made a toy step 2-3x slower; see slimdiff/threads.py).
+`threads=` or SLIMDIFF_THREADS is set, and no spinning between operators (on a shared
+2-CPU machine spinning made a toy:shapes step 1.7x slower; see slimdiff/threads.py).
 
 Example:
     >>> session = OrtBackend("ort-cpu").load("bundle/vae_decoder/model.onnx")  # doctest: +SKIP

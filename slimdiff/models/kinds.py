@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pydantic
@@ -51,27 +51,38 @@ ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance"]
 
 
 class _Record(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = pydantic.ConfigDict(
+        extra="forbid", frozen=True, strict=True, allow_inf_nan=False
+    )
+
+
+Name = Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 
 
 class ShiftSpec(_Record):
     """The flow-matching pipelines' resolution-dependent shift `mu` (FLUX's calculate_shift),
     with the defaults the pipeline uses when the scheduler config lacks a key."""
 
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-    base_shift: float = 0.5
-    max_shift: float = 1.15
+    base_image_seq_len: int = pydantic.Field(256, ge=1, le=1 << 20)
+    max_image_seq_len: int = pydantic.Field(4096, ge=2, le=1 << 20)
+    base_shift: float = pydantic.Field(0.5, ge=-10, le=10)
+    max_shift: float = pydantic.Field(1.15, ge=-10, le=10)
+
+    @pydantic.model_validator(mode="after")
+    def _line(self) -> ShiftSpec:
+        if self.max_image_seq_len <= self.base_image_seq_len:
+            raise ValueError("max_image_seq_len must exceed base_image_seq_len (mu is a line)")
+        return self
 
 
 class KindSpec(_Record):
     """What the denoising loop feeds one kind of denoiser (see module docstring)."""
 
-    name: str  # a label ("unet", "sd3", "flux"); nothing branches on it
-    sample_input: str  # the denoiser input that takes the (scaled) latents
+    name: Name  # a label ("unet", "sd3", "flux"); nothing branches on it
+    sample_input: Name  # the denoiser input that takes the (scaled) latents
     # Where the pooled text embedding goes ("text_embeds" for SDXL, "pooled_projections"
     # for SD3/FLUX); None when the denoiser takes none (SD1.5).
-    pooled_input: str | None = None
+    pooled_input: Name | None = None
     # p: the latents reach the denoiser as (B, (h/p)(w/p), C p^2) tokens (FLUX: 2).
     latent_packing: int = pydantic.Field(1, ge=1, le=8)
     # Latent pixels per token side (SD3 patchifies 2x2 inside the model, FLUX packs 2x2):
@@ -79,7 +90,7 @@ class KindSpec(_Record):
     token_patch: int = pydantic.Field(1, ge=1, le=8)
     # The denoiser's `timestep` input is the scheduler's t divided by this (FluxPipeline
     # passes t / 1000; the transformer multiplies it back).
-    timestep_divisor: float = pydantic.Field(1.0, gt=0)
+    timestep_divisor: float = pydantic.Field(1.0, gt=0, le=1e6)
     # "linspace": the pipeline gives the scheduler sigmas = linspace(1, 1/n, n) (FLUX).
     sigmas: Literal["linspace"] | None = None
     # Present: the pipeline computes `mu` from the image-token count and passes it to the

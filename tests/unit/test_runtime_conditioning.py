@@ -224,3 +224,30 @@ def test_an_unvalidated_kind_record_is_refused():
     config = {**_config("sdxl"), "kind": _config("sdxl")["kind"].model_dump(mode="json")}
     with pytest.raises(TypeError, match="must be a validated KindSpec"):
         Conditioning(config, [], {})
+
+
+def test_a_size_far_from_the_trained_one_is_warned_about(caplog):
+    pipe = _pipeline("sd15")  # draws 64x64 by default
+    assert pipe._check_args(4, (128, 128), "image") == (128, 128)
+    assert not caplog.records
+    pipe._check_args(4, (512, 512), "image")
+    (record,) = caplog.records
+    assert "size 512x512 is far from the 64x64 this model draws by default" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"guidance": float("nan")}, "guidance nan: use a finite value"),
+        ({"guidance": 1e308}, "use a finite value from 0 to 100"),
+        ({"seed": -1}, "seed -1: use an integer from 0 to 4294967295"),
+        ({"seed": 2**70}, "use an integer from 0"),
+        ({"steps": 1_000_000_000}, "steps must be at most 1000"),
+        ({"size": (100000, 64)}, "each side must be 8 to 8192"),
+        ({"latents": np.full((1, 4, 8, 8), np.nan, np.float32)}, "NaN or infinite"),
+        ({"latents": np.array(["x"])}, "not numbers"),
+    ],
+)
+def test_api_arguments_out_of_bounds_are_user_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        _pipeline("sd15")("a cat", **kwargs)

@@ -87,3 +87,18 @@ def test_unreadable_tokenizer_file_is_a_user_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match=r"not a readable tokenizer\.json"):
         PromptTokenizer.from_file(bad, 77, 0)
+
+
+def test_a_prompt_cut_at_max_length_is_warned_about(tmp_path, caplog):
+    from slimdiff.models.tokenizer_files import make_clip_tokenizer
+    from slimdiff.runtime.tokenizer import PromptTokenizer
+
+    tok = make_clip_tokenizer()
+    tok.save_pretrained(tmp_path)
+    runtime = PromptTokenizer.from_file(tmp_path / "tokenizer.json", 8, tok.pad_token_id)
+    runtime(["a cat"])
+    assert not caplog.records
+    ids = runtime(["a red cat on the sky of a blue square photo", "a cat"])
+    assert ids.shape == (2, 8)
+    (record,) = caplog.records
+    assert "longer than the 8 tokens this text encoder reads" in record.getMessage()

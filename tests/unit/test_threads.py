@@ -156,6 +156,26 @@ def test_prepare_process_makes_openmp_passive_unless_the_user_chose(monkeypatch)
 # ----------------------------------------------------------------------------- torch, ORT
 
 
+def _passive_in_child(code: str, **env: str) -> bool:
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = "from slimdiff import threads\n" + code + "\nprint(threads.openmp_passive())"
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}
+    )
+    assert child.returncode == 0, child.stderr
+    return {"True": True, "False": False}[child.stdout.strip()]
+
+
+def test_openmp_passive_knows_when_the_setting_came_too_late():
+    # A stand-in module under the name "torch": only whether it is imported matters here.
+    too_late = "import sys, types; sys.modules['torch'] = types.ModuleType('torch')"
+    assert _passive_in_child("threads.prepare_process()") is True
+    assert _passive_in_child(too_late + "\nthreads.prepare_process()") is False
+    assert _passive_in_child(too_late, OMP_WAIT_POLICY="passive") is True  # from the start
+    assert _passive_in_child("threads.prepare_process()", OMP_WAIT_POLICY="ACTIVE") is False
+    assert _passive_in_child("", GOMP_SPINCOUNT="0") is True
+
+
 def test_configure_torch_sets_intra_op_threads():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
