@@ -69,7 +69,7 @@ def _quiet_libraries() -> None:
     type=click.IntRange(min=1),
     default=None,
     help="CPU threads for torch and onnxruntime (sets SLIMDIFF_THREADS, which subprocesses "
-    "inherit). Default: one for tiny models, else the CPUs not busy with other work.",
+    "inherit). Default: the CPUs this process may use, at most 2 for tiny models.",
 )
 def main(verbose: int, threads: int | None) -> None:
     """Compress, export, run and benchmark text-to-image diffusion models."""

@@ -101,6 +101,8 @@ TINY, LARGE = "tiny", "large"
 _NAMED_WORK = {TINY: 1e6, LARGE: 1e9}
 # OpenMP variables that mean the user already chose how threads wait.
 _WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+# Set by prepare_process() when it runs before torch is imported (openmp_passive()).
+_prepared_before_torch = False
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,6 @@ def openmp_passive() -> bool:
     """
     env = os.environ if _prepared_before_torch else _initial_environ()
     return env.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or env.get("GOMP_SPINCOUNT") == "0"
-
-
-_prepared_before_torch = False
 
 
 def _initial_environ() -> dict[str, str]:

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from slimdiff.threads import prepare_process
+
+# OpenMP threads sleep, not spin, while they wait (slimdiff/threads.py): set before any test
+# module imports torch, so tests on a shared 2-core CI machine do not stall each other.
+prepare_process()
+
 # Tests never touch the network: the hub client fails fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -14,13 +14,17 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimdiff.metrics import prompt_accuracy
-from slimdiff.toy import heldout_prompts
+from slimdiff.threads import prepare_process
+
+prepare_process()  # OpenMP threads sleep, not spin, while they wait: before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from slimdiff.metrics import prompt_accuracy  # noqa: E402
+from slimdiff.toy import heldout_prompts  # noqa: E402
 
 
 def main() -> None:

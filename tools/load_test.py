@@ -13,15 +13,19 @@
 Each configuration (thread count, OpenMP wait policy, ORT spinning; `--list` shows them)
 lives in its own child process, because OMP_WAIT_POLICY is read once, when OpenMP starts.
 The children load once and then wait (blocked on stdin, using no CPU) for the parent to
-ask for a measurement. A competitor is `python -c "while True: pass"`; the parent starts
-N of them for each level of `--competitors` and kills them when the level ends (and on
-any exit). Rounds are the outer loop and configurations run in a shuffled order in each,
-so slow drift in the machine's other load (other users) spreads over every cell alike.
+ask for a measurement. A competitor is `python -c "while True: pass"` (which also checks,
+every few million turns, that its parent is alive, so a killed tool leaves nothing
+spinning); the parent starts N of them for each level of `--competitors` and kills them
+when the level ends, on Ctrl-C and on SIGTERM. Rounds are the outer loop and
+configurations run in a shuffled order in each, so slow drift in the machine's other load
+(other users) spreads over every cell alike.
 
 Printed: per configuration and level the median over rounds of each measurement's median
 ms/step, the spread (min-max of the rounds' medians), CPU ms used per step (all threads;
 spinning shows up here) and the slowdown against the quiet level. `--fresh` restarts the
-children at every level, so a policy that looks at the current load decides under it.
+children at every level, so whatever a configuration decides when it starts, it decides
+under that level's load. The "policy" configurations are slimdiff's own (slimdiff/threads.py:
+`prepare_process`, `choose_threads`, `configure_torch`, and the runtime's ORT backend).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -85,6 +90,8 @@ def main() -> None:
 
 
 def _parent(args) -> None:
+    # SIGTERM runs the `finally` below too, so competitors and children are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rng = random.Random(args.seed)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows: list[dict] = []
@@ -131,9 +138,20 @@ def _parent(args) -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
+# A busy loop that ends when its parent does (it is re-parented, so getppid changes).
+_COMPETITOR = """
+import os
+parent, i = os.getppid(), 0
+while True:
+    i += 1
+    if i % 5_000_000 == 0 and os.getppid() != parent:
+        break
+"""
+
+
 def _start_competitors(n: int) -> list[subprocess.Popen]:
     procs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+        subprocess.Popen([sys.executable, "-c", _COMPETITOR], stdin=subprocess.DEVNULL)
         for _ in range(n)
     ]
     time.sleep(3.0 if n else 0.0)  # let the scheduler settle with them running

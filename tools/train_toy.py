@@ -40,12 +40,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from slimdiff.threads import prepare_process  # noqa: E402
+
+prepare_process()  # OpenMP threads sleep, not spin, while they wait: before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from slimdiff.models.toy import TOY_SIDE, build_toy_pipeline, load_toy_folder  # noqa: E402
 from slimdiff.toy import ShapesDataset  # noqa: E402

@@ -97,7 +97,7 @@ def _advance(progress, task, recipe: Recipe, stage: str) -> None:
 
 
 def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool) -> dict[str, Any]:
-    from slimdiff.app.flow import compress_and_export
+    from slimdiff.app.flow import compress_and_export, use_threads
     from slimdiff.inspect import inspect_model
     from slimdiff.models import load_model
     from slimdiff.models.fingerprint import fingerprint
@@ -105,6 +105,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
 
     b = recipe.bench
     base = load_model(recipe.model, device=device, allow_pickle=allow_pickle)
+    threads = use_threads(base)  # the worker subprocess inherits it (SLIMDIFF_THREADS)
     arch, pipe = base.arch, base.require_pipeline("bench")
     size = tuple(b.size or base.default_size)
     guidance = arch.default_guidance if b.guidance is None else b.guidance
@@ -176,6 +177,8 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         "passes": [p.name for p in recipe.passes],
         "precision": recipe.export.precision,
         "backend": b.backend,
+        "device": device,
+        "threads": threads,
         "size": list(size),
         "steps": b.steps,
         "params": info["denoiser"]["params"],

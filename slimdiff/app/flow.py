@@ -29,6 +29,20 @@ from slimdiff.recipe import Recipe
 if TYPE_CHECKING:
     from slimdiff.models import LoadedModel
 
+
+def use_threads(model: LoadedModel) -> int:
+    """torch's threads for this model (slimdiff/threads.py: the CPUs this process may use,
+    fewer for tiny models, or --threads); the count, which subprocesses inherit."""
+    import os
+
+    from slimdiff.threads import ENV, choose_threads, configure_torch
+
+    n = choose_threads(sum(p.numel() for p in model.denoiser.parameters()))
+    configure_torch(n)
+    os.environ.setdefault(ENV, str(n))
+    return n
+
+
 __all__ = [
     "ARTIFACT_EVIDENCE",
     "FlowResult",
@@ -36,6 +50,7 @@ __all__ = [
     "compress_and_export",
     "compress_hash",
     "export_hash",
+    "use_threads",
 ]
 
 # What marks a folder as one slimdiff wrote (older versions wrote no marker file).
@@ -121,6 +136,7 @@ def compress_and_export(
     if model is None:
         where = resolve_device(device or recipe.device)
         model = load_model(recipe.model, device=where, allow_pickle=allow_pickle)
+        use_threads(model)
     chash = compress_hash(recipe, fingerprint(model.require_pipeline("compress")))
     if _cached(result.artifact, "slimdiff.json", "compress_hash", chash):
         log.info("reusing %s", result.artifact)

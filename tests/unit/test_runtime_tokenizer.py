@@ -90,8 +90,9 @@ def test_unreadable_tokenizer_file_is_a_user_error(tmp_path):
 
 
 def test_a_prompt_cut_at_max_length_is_warned_about(tmp_path, caplog):
-    from slimdiff.models.tokenizer_files import make_clip_tokenizer
     from slimdiff.runtime.tokenizer import PromptTokenizer
+
+    from slimdiff.models.tokenizer_files import make_clip_tokenizer
 
     tok = make_clip_tokenizer()
     tok.save_pretrained(tmp_path)

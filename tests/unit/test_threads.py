@@ -33,11 +33,6 @@ def _fake_root(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
-PSI = (
-    "some avg10={} avg60=1.00 avg300=1.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
-)
-
-
 # ----------------------------------------------------------------------------- reading
 
 
