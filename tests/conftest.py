@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -71,3 +72,45 @@ def _no_files_left_behind():
     after = {p.name for p in ROOT.iterdir()}
     leaked = sorted(after - before - {".pytest_cache", ".ruff_cache"})
     assert not leaked, f"tests left files in the repository root: {leaked}"
+
+
+class SharedBundle(NamedTuple):
+    model: Any  # the LoadedModel it was exported from
+    out: Path
+    manifest: Any
+    processors_before: dict[str, str]  # attention processor classes before the export
+
+
+def _processors(model) -> dict[str, str]:
+    modules = {"denoiser": model.denoiser, "vae": model.pipe.vae}
+    return {
+        f"{m}.{k}": type(v).__name__
+        for m, module in modules.items()
+        for k, v in module.attn_processors.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def shared_bundle(tmp_path_factory):
+    """`shared_bundle(family, optimize)`: tiny:<family> exported once per test session.
+
+    Several modules read the same bundles (exports take 5-40 s each on 2 cores). Tests must
+    not change the bundle or the model: copy the folder first (shutil.copytree).
+    """
+    cache: dict[tuple[str, bool], SharedBundle] = {}
+
+    def get(family: str, optimize: bool = True) -> SharedBundle:
+        key = (family, optimize)
+        if key not in cache:
+            from slimdiff.export import export_bundle
+
+            from slimdiff.models import load_model
+
+            model = load_model(f"tiny:{family}")
+            before = _processors(model)
+            out = tmp_path_factory.mktemp(f"{family}-{'fused' if optimize else 'plain'}")
+            manifest = export_bundle(model, out / "bundle", optimize=optimize)
+            cache[key] = SharedBundle(model, out / "bundle", manifest, before)
+        return cache[key]
+
+    return get

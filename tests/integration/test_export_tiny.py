@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from slimdiff.export import export_bundle
-from slimdiff.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
+from slimdiff.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
-from slimdiff.models import LoadedModel, load_model
+from tests.conftest import _processors
 from tests.onnx_check import denoiser_rel_err, rel_err
 
 OPTIMIZE = {"sd15": True, "sdxl": False, "sd3": True, "flux": True}
@@ -40,28 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=list(OPTIMIZE))
-def exported(request, tmp_path_factory):
-    model = load_model(f"tiny:{request.param}")
-    before = _processors(model)
-    out = tmp_path_factory.mktemp(request.param) / "bundle"
-    manifest = export_bundle(model, out, optimize=OPTIMIZE[request.param])
-    return Exported(model, out, manifest, before)
-
-
-class Exported(NamedTuple):
-    model: LoadedModel
-    out: Path
-    manifest: Manifest
-    processors_before: dict[str, str]
-
-
-def _processors(model) -> dict[str, str]:
-    modules = {"denoiser": model.denoiser, "vae": model.pipe.vae}
-    return {
-        f"{m}.{k}": type(v).__name__
-        for m, module in modules.items()
-        for k, v in module.attn_processors.items()
-    }
+def exported(request, shared_bundle):
+    return shared_bundle(request.param, OPTIMIZE[request.param])
 
 
 def test_manifest_lists_components_with_their_io_names(exported):

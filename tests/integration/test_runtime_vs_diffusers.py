@@ -22,7 +22,6 @@ import torch
 from slimdiff.runtime import BundleError, Text2ImagePipeline
 
 from slimdiff.errors import UserError
-from slimdiff.models import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -48,19 +47,12 @@ EXPORT_OPTIONS = {"sdxl": {"optimize": False}}
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """family -> (LoadedModel, bundle path), exported on first use."""
-    cache: dict[str, tuple] = {}
+def exported(shared_bundle):
+    """family -> (LoadedModel, bundle path), exported once per session (conftest)."""
 
     def get(family: str):
-        if family not in cache:
-            from slimdiff.export import export_bundle
-
-            model = load_model(f"tiny:{family}")
-            out = tmp_path_factory.mktemp(family) / "bundle"
-            export_bundle(model, out, **EXPORT_OPTIONS.get(family, {}))
-            cache[family] = (model, out)
-        return cache[family]
+        shared = shared_bundle(family, EXPORT_OPTIONS.get(family, {}).get("optimize", True))
+        return shared.model, shared.out
 
     return get
 

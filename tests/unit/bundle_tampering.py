@@ -256,7 +256,11 @@ CASES = [
     ("vae-scale-3", pipe("vae_scale_factor", 3), r"vae_scale_factor.*not a power of two"),
     ("vae-scale-bool", pipe("vae_scale_factor", True), r"vae_scale_factor.*valid integer"),
     ("kind-field-deleted", edit(lambda d: d["pipeline"]["kind"].pop("sigmas")), r"sigmas missing"),
-    ("kind-pooled-empty", edit(lambda d: d["pipeline"]["kind"].update(pooled_input="")), "empty"),
+    (
+        "kind-pooled-empty",
+        edit(lambda d: d["pipeline"]["kind"].update(pooled_input="")),
+        r"pooled_input.*should match pattern",
+    ),
     ("parity-deleted", edit(lambda d: d["components"]["unet"].pop("parity")), r"parity.*required"),
     ("default-steps-zero", pipe("default_steps", 0), r"default_steps"),
     ("default-steps-float", pipe("default_steps", 1.5), r"default_steps.*valid integer"),

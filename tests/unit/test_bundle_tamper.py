@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
-from slimdiff.export import export_bundle
 from slimdiff.runtime import BundleError, Text2ImagePipeline
 from slimdiff.runtime.backends.ort import OrtBackend
 
 from slimdiff.errors import UserError
-from slimdiff.models import load_model
 from tests.unit.bundle_tampering import CASES, HARMLESS, UNET, replace_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -32,10 +30,8 @@ RUN = {"steps": 2, "size": (64, 64), "seed": 0}
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sd15") / "bundle"
-    export_bundle(load_model("tiny:sd15"), out, optimize=False)
-    return out
+def bundle(shared_bundle) -> Path:
+    return shared_bundle("sd15", optimize=False).out  # read only: tests edit copies
 
 
 @pytest.fixture(scope="module")
