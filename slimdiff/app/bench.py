@@ -1,10 +1,13 @@
 """`slimdiff bench`: per recipe, compress (cached), export, run; latency, size and quality.
 
 For each recipe, on the same prompts, seeds and initial noise:
-- the uncompressed model in torch is the reference (images and final latents, cached);
-- the compressed model in torch eager gives the baseline ms/step for the speedup column;
+- the uncompressed model in torch is the reference (images and final latents, cached by a
+  fingerprint of its weights, so a retrained model gets a fresh reference);
 - the bundle runs in the torch-free runtime, in its own process (bench_worker) so its peak
   memory is the runtime's alone: per-stage latency after warm-up (median and p90);
+- the compressed model in torch eager is timed in pairs with the runtime, run for run
+  (A B A B, same repeats and warm-up), and the speedup column is the median of the pairs'
+  ratios: both sides see the same machine load, which a busy 2-core machine varies by 10x;
 - fidelity: PSNR of images and relative error of final latents against the reference;
 - prompt accuracy (recipes with `bench.accuracy`): the held-out prompts, several seeds
   each, drawn by the bundle and by the uncompressed torch model, scored by the judge in
