@@ -4,8 +4,9 @@ Stages (each its own subpackage): `slimdiff.compress` (passes), `slimdiff.export
 TensorRT, AOTInductor) and `slimdiff.runtime` (numpy + a backend, no torch).
 
 Example:
-    >>> from slimdiff.models import load_pipeline
-    >>> pipe = load_pipeline("tiny:sdxl")          # doctest: +SKIP
+    >>> import slimdiff
+    >>> pipe = slimdiff.load("tiny:sdxl")          # doctest: +SKIP
+    >>> pipe = slimdiff.load("out/tiny/artifact")  # a compress artifact, edits replayed
 """
 
 from __future__ import annotations
@@ -17,4 +18,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+source"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def load(model: str, device: str = "cpu", allow_pickle: bool = False):
+    """The diffusers pipeline of `model`: a compress artifact (its edit log replayed), a
+    diffusers folder, a hub id or a built-in (see slimdiff.models.loading)."""
+    from slimdiff.models.loading import load_pipeline
+
+    return load_pipeline(model, device=device, allow_pickle=allow_pickle)

@@ -84,9 +84,16 @@ def default_size(arch: ArchSpec, pipe=None) -> tuple[int, int]:
     return tuple(arch.default_size)
 
 
-def load_pipeline(model: str, device: str = "cpu"):
-    """The diffusers pipeline behind a model argument (see module docstring)."""
-    return load_model(model, device=device).require_pipeline("this command")
+def load_pipeline(model: str, device: str = "cpu", allow_pickle: bool = False):
+    """The diffusers pipeline behind a model argument (see module docstring); `slimdiff.load`.
+
+    A compress artifact is rebuilt from its configs and edit log (slimdiff/artifact.py).
+
+    Example:
+        >>> pipe = slimdiff.load("out/pruned/artifact")      # doctest: +SKIP
+    """
+    loaded = load_model(model, device=device, allow_pickle=allow_pickle)
+    return loaded.require_pipeline("this command")
 
 
 def load_model(model: str, device: str = "cpu", allow_pickle: bool = False) -> LoadedModel:

@@ -100,7 +100,7 @@ class PassContract:
         model.pipe.set_progress_bar_config(disable=True)
         report = self._apply(model)
         save_artifact(model.pipe, tmp_path / "a", source=model.source, reports=[report])
-        again = load_model(str(tmp_path / "a"))
+        again = load_model(str(tmp_path / "a"))  # what slimdiff.load does
         again.pipe.set_progress_bar_config(disable=True)
         saved = again.denoiser.state_dict()
         for name, value in model.denoiser.state_dict().items():

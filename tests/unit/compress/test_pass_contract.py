@@ -171,3 +171,11 @@ def test_contract_catches_a_pass_that_touches_frozen_modules():
             contract.test_frozen_modules_are_untouched()
     finally:
         unregister_pass("test.bad")
+
+
+def test_slimdiff_load_rebuilds_an_artifact_with_its_edits(tmp_path):
+    import slimdiff
+
+    pipe = slimdiff.load(str(_sliced_artifact(tmp_path)))
+    ff = pipe.unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.ff")
+    assert ff.net[2].in_features == ff.net[0].proj.out_features // 2
