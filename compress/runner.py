@@ -70,7 +70,7 @@ def compress_model(
     # The artifact is complete: a rerun reuses it, so the checkpoints have served.
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     compressed = load_model(str(out))
-    if compressed.arch.family != model.arch.family:
+    if compressed.arch is not model.arch:  # one ArchSpec object per family
         raise UserError(
             f"{out}: the artifact reloads as {compressed.arch.family}, expected {model.arch.family}"
         )

@@ -237,7 +237,7 @@ def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> Non
         raise UserError(f"seed {seed!r}: use an integer from 0 to {2**32 - 1}")
     if latents is not None:
         array = np.asarray(latents)
-        if array.dtype.kind not in "fiu":
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise UserError(f"latents hold {array.dtype}, not numbers")
         if not np.isfinite(array).all():
             raise UserError("latents hold NaN or infinite values")

@@ -5,8 +5,9 @@
     report.json      per-pass summaries and timings
     .slimdiff        marker: slimdiff wrote this folder (and may replace it)
 
-Where diffusers' config can express the compressed architecture (block removal can), plain
-`DiffusionPipeline.from_pretrained(folder)` loads the artifact. Where it cannot (pruned
+Where diffusers' config can express the compressed architecture (block removal can),
+diffusers' own `DiffusionPipeline.from_pretrained(folder, use_safetensors=True)` loads it.
+Where it cannot (pruned
 heads, quantizers), slimdiff.json holds typed edits (slimdiff/edits.py) and `load_artifact`
 rebuilds each edited component: build it from its saved config with no weights allocated
 (parameters on the meta device; buffers, which no edit touches and some models compute at

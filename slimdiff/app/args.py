@@ -97,7 +97,8 @@ def read_latents(path: Path):
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise UserError(f"--latents {path}: not a plain .npy array ({err})") from None
-    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+    numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    if not isinstance(array, np.ndarray) or not numeric:
         raise UserError(
             f"--latents {path}: holds {getattr(array, 'dtype', type(array))}, not numbers"
         )

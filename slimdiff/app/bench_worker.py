@@ -87,19 +87,25 @@ def run_job(job: dict) -> dict:
     return worker.finish(runs)
 
 
+def _send(stdout, message: dict) -> None:
+    """One protocol line to the bench (the worker's stdout carries nothing else)."""
+    stdout.write(json.dumps(message) + "\n")
+    stdout.flush()
+
+
 def serve(job: dict, stdin=sys.stdin, stdout=sys.stdout) -> dict:
     """One run per request line (see module docstring)."""
     worker = _Job(job)
-    print(json.dumps({"ready": True, "load_ms": worker.load_ms}), file=stdout, flush=True)
+    _send(stdout, {"ready": True, "load_ms": worker.load_ms})
     runs = []
     for line in stdin:
         request = json.loads(line)
         if request.get("quit"):
             break
         runs.append(worker.run(int(request["run"]), bool(request.get("save"))))
-        print(json.dumps(runs[-1]), file=stdout, flush=True)
+        _send(stdout, runs[-1])
     report = worker.finish(runs)
-    print(json.dumps({"done": True, "peak_rss_mb": report["peak_rss_mb"]}), file=stdout, flush=True)
+    _send(stdout, {"done": True, "peak_rss_mb": report["peak_rss_mb"]})
     return report
 
 
@@ -108,7 +114,7 @@ def main(argv: list[str]) -> int:
     try:
         serve(job) if "--serve" in argv[1:] else run_job(job)
     except UserError as err:  # bad bundle or settings: one line, exit 2, as the CLI does
-        print(f"error: {err}", file=sys.stderr)
+        sys.stderr.write(f"error: {err}\n")
         return err.exit_code
     return 0
 

@@ -234,9 +234,8 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool):
 
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(
-            model_id, use_safetensors=None if allow_pickle else True
-        )
+        safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model_id, use_safetensors=safe)
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of
         # memory, a bug) keeps its traceback.
