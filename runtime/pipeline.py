@@ -41,6 +41,7 @@ from slimdiff.runtime.schedulers import scheduler_from_config
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
+from slimdiff.limits import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
 from slimdiff.models.kinds import timestep_args
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
@@ -224,17 +225,15 @@ class Text2ImagePipeline:
         return height, width
 
 
-# Bounds of the CLI and the recipe schema (slimdiff/recipe.py), for API callers too.
-MAX_STEPS = 1000
-MAX_SIDE = 8192
-MAX_GUIDANCE = 100.0
-
-
 def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None:
     if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
         raise UserError(f"guidance {guidance}: use a finite value from 0 to {MAX_GUIDANCE:g}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise UserError(f"seed {seed!r}: use an integer from 0 to {2**32 - 1}")
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, (int, np.integer))
+        or not 0 <= seed <= MAX_SEED
+    ):
+        raise UserError(f"seed {seed!r}: use an integer from 0 to {MAX_SEED}")
     if latents is not None:
         array = np.asarray(latents)
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):

@@ -33,7 +33,7 @@ import torch
 from slimdiff.denoise import DenoiseLoop
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.fingerprint import fingerprint_key
-from slimdiff.models.kinds import latent_shape, pack_latents, timestep_args
+from slimdiff.models.kinds import pack_latents, timestep_args
 from slimdiff.models.loading import default_size
 from slimdiff.progress import Progress
 from slimdiff.prompts import read_prompts
@@ -103,10 +103,7 @@ class Calibration:
         """Prompt `i`'s initial noise, float32 on the CPU, in the layout of `latents=`:
         drawn unpacked from a CPU generator seeded seed + i, then packed (FLUX)."""
         kind = self.arch.kind_for(getattr(self.pipe, self.arch.denoiser).config)
-        channels = self.pipe.vae.config.latent_channels
-        shape = latent_shape(
-            kind.model_copy(update={"latent_packing": 1}), 1, channels, *self._latent_hw()
-        )
+        shape = (1, self.pipe.vae.config.latent_channels, *self._latent_hw())  # (1, C, h, w)
         generator = torch.Generator("cpu").manual_seed(self.spec.seed + i)
         return pack_latents(torch.randn(shape, generator=generator), kind.latent_packing)
 

@@ -17,6 +17,7 @@ import click
 
 from slimdiff import __version__
 from slimdiff.errors import UserError
+from slimdiff.limits import MAX_SEED, MAX_STEPS
 
 SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
 
@@ -129,8 +130,8 @@ def _allow_pickle_option(f):
 
 
 # Bounds shared with the recipe schema (slimdiff/recipe.py).
-_STEPS = click.IntRange(1, 1000)
-_SEED = click.IntRange(0, 2**32 - 1)
+_STEPS = click.IntRange(1, MAX_STEPS)
+_SEED = click.IntRange(0, MAX_SEED)
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -27,6 +27,7 @@ import pydantic
 import yaml
 
 from slimdiff.errors import UserError
+from slimdiff.limits import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE
 from slimdiff.passes import PassConfig, Stage, get_schema
 from slimdiff.yamlio import check_depth, parse_yaml_value, read_yaml_file
 
@@ -49,15 +50,13 @@ class _Strict(pydantic.BaseModel):
 # Bounds that say what is allowed (pydantic names them in its message). Seeds are what numpy
 # and torch generators both take; sizes are pixels, multiples of 8 (the VAE's scale; a
 # bundle may need a larger multiple, which the runtime checks).
-MAX_STEPS = 1000
-MAX_SIDE = 8192
-Seed = Annotated[int, pydantic.Field(ge=0, lt=2**32)]
+Seed = Annotated[int, pydantic.Field(ge=0, le=MAX_SEED)]
 Steps = Annotated[int, pydantic.Field(ge=1, le=MAX_STEPS)]
-Guidance = Annotated[float, pydantic.Field(ge=0, le=100, allow_inf_nan=False)]
+Guidance = Annotated[float, pydantic.Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 
 
 def _check_side(value: int) -> int:
-    if not 8 <= value <= MAX_SIDE or value % 8:
+    if not MIN_SIDE <= value <= MAX_SIDE or value % 8:
         raise ValueError(f"{value} px: a side must be a multiple of 8 from 8 to {MAX_SIDE}")
     return value
 

@@ -18,11 +18,10 @@ import tempfile
 from pathlib import Path
 
 from slimdiff.errors import UserError
-from slimdiff.recipe import MAX_SIDE, parse_size
+from slimdiff.limits import MAX_GUIDANCE, MAX_SIDE, MIN_SIDE
+from slimdiff.recipe import parse_size
 
 __all__ = ["check_guidance", "check_output_dir", "check_output_file", "check_size", "read_latents"]
-
-MAX_GUIDANCE = 100.0
 
 
 def check_size(text: str | None) -> tuple[int, int] | None:
@@ -32,7 +31,7 @@ def check_size(text: str | None) -> tuple[int, int] | None:
     if size is None:
         return None
     for side in size:
-        if not 8 <= side <= MAX_SIDE:
+        if not MIN_SIDE <= side <= MAX_SIDE:
             raise UserError(
                 f"--size {text}: each side must be 8 to {MAX_SIDE} pixels; use e.g. 1024x1024"
             )

@@ -1,0 +1,15 @@
+"""The bounds of generation settings, one place for the recipe schema, the CLI and the runtime.
+
+Standard library only (the torch-free runtime reads them). Seeds are what numpy's and
+torch's generators both take; sides are pixels.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MAX_GUIDANCE", "MAX_SEED", "MAX_SIDE", "MAX_STEPS", "MIN_SIDE"]
+
+MAX_STEPS = 1000
+MIN_SIDE = 8
+MAX_SIDE = 8192
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**32 - 1
