@@ -154,6 +154,9 @@ def test_bench_writes_results_for_each_recipe(tmp_path):
         assert row["params"] > 0 and row["bytes_on_disk"] > 0
         assert row["latency_ms"]["denoiser_step"] > 0 and row["latency_ms"]["end_to_end"] > 0
         assert row["torch_eager_ms_per_step"] > 0 and row["flops_per_step"] > 0
+        # Eager and runtime timed in pairs (1 repeat x 2 prompts); the speedup is their median.
+        assert len(row["speedup_pairs"]) == 2
+        assert row["speedup_vs_eager"] == pytest.approx(float(np.median(row["speedup_pairs"])))
         assert (out / f"grid_{row['name']}.png").is_file()
     # fp32 ONNX through the runtime reproduces the torch reference.
     assert rows["tiny-sdxl-fp32"]["fidelity"]["psnr_db"] >= 40
