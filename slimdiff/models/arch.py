@@ -232,6 +232,9 @@ class ArchSpec:
     # the time and first/last layers, which QuEST quantizes). never_quantize wins.
     io_layers: tuple[str, ...] = ()
     never_quantize: tuple[str, ...] = ()
+    # EcoDiff's initial mask logit (its configs: SDXL and FLUX 3, SD3 4, SD2 2.5): where
+    # hard-concrete masks start, sigmoid(3) = 0.95 open.
+    mask_init_logit: float = 3.0
     # Components the runtime needs, besides the text encoders.
     vae_decoder_inputs: tuple[TensorSpec, ...] = (
         TensorSpec("latent_sample", "float32", ("B", "C", "h", "w")),

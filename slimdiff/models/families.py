@@ -69,6 +69,8 @@ SD15 = ArchSpec(
     uses_cfg=True,
     denoiser_onnx=_UNET_ONNX,
     time_embedders=("time_embedding",),
+    # EcoDiff has no SD1.5 config; SD2's (the same UNet family) starts at 2.5.
+    mask_init_logit=2.5,
     **_UNET_STRUCTURE,
 )
 
@@ -173,6 +175,7 @@ SD3 = ArchSpec(
     time_projections=_DIT_MODULATION,
     io_layers=("pos_embed", "proj_out"),
     never_quantize=("context_embedder", "norm_out"),
+    mask_init_logit=4.0,  # EcoDiff's SD3.5 config
 )
 
 FLUX = ArchSpec(
