@@ -6,7 +6,10 @@ block removal (`blocks.remove`), EcoDiff pruning (`prune.ecodiff`) and QuEST qua
 """
 
 # Built-in passes, imported once so they register (keep this list explicit).
-from slimdiff.compress import blocks  # noqa: F401  (blocks.remove)
+from slimdiff.compress import (
+    blocks,  # noqa: F401  (blocks.remove)
+    prune,  # noqa: F401  (prune.ecodiff)
+)
 from slimdiff.compress.base import (
     Pass,
     PassConfig,

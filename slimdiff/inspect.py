@@ -1,4 +1,5 @@
-"""Parameters and FLOPs of a model, per component and per denoiser block.
+"""Parameters and FLOPs of a model, per component and per denoiser block, and per block
+the attention heads and FFN hidden widths (read from the modules: pruned models too).
 
 `slimdiff inspect MODEL` prints this report. FLOPs are counted by
 `torch.utils.flop_counter.FlopCounterMode` (2 x MACs for matmul and conv, its formula for
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.inputs import Sizes, denoiser_inputs, denoiser_kwargs
-from slimdiff.models.structure import find_modules
+from slimdiff.models.structure import attention_sites, ffn_sites, find_modules
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -93,8 +94,14 @@ def inspect_model(
         denoiser, **_denoiser_inputs(arch, denoiser, batch, lat_h, lat_w)
     )
     prefix = type(denoiser).__name__ + "."
+    widths = _widths(arch, denoiser)
     blocks = [
-        {"name": name, "params": _params(block), "flops": per_module.get(prefix + name, 0)}
+        {
+            "name": name,
+            "params": _params(block),
+            "flops": per_module.get(prefix + name, 0),
+            **_widths_in(widths, name),
+        }
         for name, block in _blocks(denoiser, arch.blocks)
     ]
     report: dict[str, Any] = {
@@ -102,7 +109,12 @@ def inspect_model(
         "family": arch.family,
         "size": [height, width],
         "batch": batch,
-        "denoiser": {"params": _params(denoiser), "flops_per_step": flops, "blocks": blocks},
+        "denoiser": {
+            "params": _params(denoiser),
+            "flops_per_step": flops,
+            **_widths_in(widths, ""),
+            "blocks": blocks,
+        },
     }
     total = report["denoiser"]["params"]
     if pipe is not None:
@@ -148,6 +160,24 @@ def _blocks(module: torch.nn.Module, globs: tuple[str, ...]) -> Iterator[tuple[s
         yield from find_modules(module, glob)
 
 
+def _widths(arch: ArchSpec, denoiser: torch.nn.Module) -> list[tuple[str, str, int]]:
+    """(site name, "heads" | "ffn_width", units) of every attention and feed-forward site:
+    what pruning changes, read from the model itself (a pruned model's per-layer widths are
+    in no config)."""
+    sites = [(s.name, "heads", s.heads) for s in attention_sites(arch, denoiser)]
+    return sites + [(s.name, "ffn_width", s.hidden) for s in ffn_sites(arch, denoiser)]
+
+
+def _widths_in(widths: list[tuple[str, str, int]], block: str) -> dict[str, int]:
+    """Heads summed over the attention modules in `block` ("" = everywhere), and hidden
+    neurons over its feed-forward blocks (FLUX single blocks are one site of each)."""
+    inside = [w for w in widths if not block or w[0] == block or w[0].startswith(block + ".")]
+    return {
+        "heads": sum(n for _, kind, n in inside if kind == "heads"),
+        "ffn_width": sum(n for _, kind, n in inside if kind == "ffn_width"),
+    }
+
+
 def _params(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
@@ -163,15 +193,22 @@ def format_table(report: dict) -> Table:
     table.add_column("component")
     table.add_column("params (M)", justify="right")
     table.add_column("GFLOPs", justify="right")
+    # Attention heads and FFN hidden neurons (summed over the block's modules): per-layer
+    # widths, which pruning changes.
+    table.add_column("heads", justify="right")
+    table.add_column("FFN width", justify="right")
 
-    def row(label: str, params: int, flops: int | None, **kwargs: Any) -> None:
+    def row(
+        label: str, params: int, flops: int | None, widths: dict | None = None, **kwargs: Any
+    ) -> None:
         gflops = "" if flops is None else f"{flops / 1e9:,.1f}"
-        table.add_row(label, f"{params / 1e6:,.1f}", gflops, **kwargs)
+        heads, ffn = ("", "") if widths is None else (widths["heads"], widths["ffn_width"])
+        table.add_row(label, f"{params / 1e6:,.1f}", gflops, f"{heads}", f"{ffn}", **kwargs)
 
     den = report["denoiser"]
-    row("denoiser (one step)", den["params"], den["flops_per_step"], style="bold")
+    row("denoiser (one step)", den["params"], den["flops_per_step"], den, style="bold")
     for block in den["blocks"]:
-        row(f"  {block['name']}", block["params"], block["flops"])
+        row(f"  {block['name']}", block["params"], block["flops"], block)
     if den["blocks"]:  # embeddings, conv_in/out, norms: what no block glob covers
         rest_params = den["params"] - sum(b["params"] for b in den["blocks"])
         rest_flops = den["flops_per_step"] - sum(b["flops"] for b in den["blocks"])

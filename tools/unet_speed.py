@@ -1,11 +1,15 @@
-"""ORT-CPU ms per UNet step: SDXL base against its block-removal students, full width.
+"""ORT-CPU ms per UNet step: SDXL base against its block-removal students and pruned UNets.
 
     python tools/unet_speed.py --variants base ssd-1b vega --size 512 --out /tmp/unet-speed
+    python tools/unet_speed.py --variants base magnitude-20 --size 512 --out /tmp/unet-prune
 
 `random:sdxl`'s UNet has SDXL base 1.0's architecture at full width (2.57B parameters,
 seeded random weights; weights do not change speed). Each variant is cut with its
-`blocks.remove` preset (no distillation), exported with slimdiff's exporter and timed by the
-runtime's ORT-CPU session on one CFG pair (batch 2) of `--size` pixels, 77 text tokens.
+`blocks.remove` preset (no distillation), or pruned by `prune.ecodiff` with `method:
+magnitude` to the sparsity its name gives ("magnitude-20": 20% of the heads' and FFN
+neurons' parameters; learned masks would pick other units, but latency depends on the
+shapes alone), exported with slimdiff's exporter and timed by the runtime's ORT-CPU
+session on one CFG pair (batch 2) of `--size` pixels, 77 text tokens.
 Ratios against `base` are what docs/BENCHMARKS.md quotes: they come from one run, on one
 machine, with the same settings.
 
@@ -33,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BASE = "base"  # the uncut teacher
+PRUNED = "magnitude-"  # + percent: prune.ecodiff, method magnitude
 
 
 def main() -> None:
@@ -106,7 +111,9 @@ def export_variant(variant: str, folder: Path, tiny: bool) -> None:
 
     torch.manual_seed(0)
     unet = sdxl_unet(tiny).eval().requires_grad_(False)
-    if variant != BASE:
+    if variant.startswith(PRUNED):
+        unet = _pruned(unet, int(variant.removeprefix(PRUNED)) / 100)
+    elif variant != BASE:
         cut = RemoveBlocksPass(RemoveBlocksPass.Config(preset=variant))
         unet = cut.build_student(unet, "sdxl")[0].eval().requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
@@ -117,6 +124,22 @@ def export_variant(variant: str, folder: Path, tiny: bool) -> None:
         export_component(component, raw)
     info = {"params": params, "export_s": round(time.perf_counter() - t0, 1)}
     (folder / "export.json").write_text(json.dumps(info))
+
+
+def _pruned(unet, sparsity: float):
+    """`unet` with `sparsity` of its maskable parameters pruned by weight magnitude."""
+    from slimdiff.compress.prune.magnitude import magnitude_scores
+    from slimdiff.compress.prune.select import select
+    from slimdiff.compress.prune.slicing import prune
+    from slimdiff.compress.prune.units import unit_groups
+
+    from slimdiff.models import get_arch
+
+    arch = get_arch("sdxl")
+    groups = unit_groups(arch, unet)
+    keep = select(groups, magnitude_scores(groups, unet), sparsity=sparsity, scope="global")
+    prune(arch, unet, groups, keep)
+    return unet
 
 
 def time_variant(folder: Path, size: int, repeat: int) -> dict:

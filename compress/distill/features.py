@@ -68,10 +68,17 @@ def _teacher_block(
 
 
 def _output(value) -> torch.Tensor:
-    """The hidden states a module returns: down blocks and Transformer2DModel (called with
-    return_dict=False) return tuples whose first item is the features."""
+    """The hidden states a module returns. Down blocks and Transformer2DModel (called with
+    return_dict=False) return tuples whose first item is the features (a down block's
+    second is its skip tensors, a tuple, left out). Joint DiT blocks return both streams
+    (FLUX: (text, image)), and SD3's last block None for the text it drops: every top-level
+    tensor counts, each flattened per sample and concatenated, so the MSE weighs every
+    element once."""
     if isinstance(value, tuple):
-        return value[0]
+        tensors = [v for v in value if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+        return torch.cat([t.flatten(1) for t in tensors], dim=1)  # (B, ...) -> (B, N)
     return getattr(value, "sample", value)
 
 

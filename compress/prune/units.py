@@ -77,9 +77,12 @@ def unit_groups(arch: ArchSpec, denoiser: nn.Module) -> list[UnitGroup]:
         UnitGroup(f"attn:{s.name}", "heads", s, s.heads, _head_params(denoiser, s), s.head_dim)
         for s in attention_sites(arch, denoiser)
     ]
+    # A feed-forward block pruned to no neurons (a FLUX single block keeps its site at
+    # width 0) has nothing left to mask: a model pruned once can be pruned again.
     groups += [
         UnitGroup(f"ffn:{s.name}", "neurons", s, s.hidden, _neuron_params(denoiser, s), 1)
         for s in ffn_sites(arch, denoiser)
+        if s.hidden > 0
     ]
     return groups
 

@@ -14,7 +14,7 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "unet_speed.py"
 
 
 def test_unet_speed_exports_times_and_ranks_variants(tmp_path):
-    cmd = [sys.executable, str(TOOL), "--tiny", "--variants", "base", "ssd-1b"]
+    cmd = [sys.executable, str(TOOL), "--tiny", "--variants", "base", "ssd-1b", "magnitude-20"]
     cmd += ["--size", "64", "--repeat", "2", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -32,6 +32,11 @@ def test_unet_speed_exports_times_and_ranks_variants(tmp_path):
         weights[name] = sum(int(np.prod(t.dims)) for t in graph.initializer)
         assert abs(weights[name] / row["params"] - 1) < 0.01, name
     assert weights["ssd-1b"] < weights["base"]
+    # magnitude-20: 20% of the maskable (head and FFN-neuron) parameters pruned.
+    pruned = result["variants"]["magnitude-20"]
+    graph = onnx.load(str(tmp_path / "magnitude-20" / "unet" / "model.onnx")).graph
+    assert abs(sum(int(np.prod(t.dims)) for t in graph.initializer) / pruned["params"] - 1) < 0.01
+    assert 0.8 * base["params"] < pruned["params"] < 0.95 * base["params"]
     assert base["speedup_vs_base"] == 1.0
     assert student["speedup_vs_base"] == base["ms_per_step"] / student["ms_per_step"]
     assert "| ssd-1b |" in done.stdout

@@ -1,0 +1,66 @@
+"""`prune.ecodiff`'s recipe keys: pure data (no torch), so validating a recipe stays light.
+
+Example (YAML, a recipe's pass entry):
+
+    - pass: prune.ecodiff
+      sparsity: 0.2          # fraction of the maskable parameters (heads, FFN neurons) to remove
+      scope: global          # global | local: one ranking over the model, or per module
+      method: ecodiff        # ecodiff (learned masks) | magnitude (weight norms: the baseline)
+      iterations: 100        # optimizer steps of mask learning
+      lr: 0.1
+      beta: 0.5              # weight of the sparsity penalty
+      mask: hard_concrete    # hard_concrete | sigmoid
+      checkpointing: true    # time-step gradient checkpointing (memory flat in the steps)
+      checkpoint_every: 10   # a resumable checkpoint every this many iterations
+      recover:               # optional: layer-level distillation after slicing
+        steps: 500
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from slimdiff.compress.base import PassConfig
+
+__all__ = ["EcoDiffConfig", "RecoverConfig"]
+
+
+class RecoverConfig(PassConfig):
+    """EcoDiff's optional retraining, as slimdiff's layer-level distillation
+    (compress/distill): the pruned denoiser learns the original's output and its block
+    outputs (`ArchSpec.blocks`) on the teacher's calibration trajectories. The paper
+    retrains with LoRA or full finetuning on images; this is the data-free equivalent."""
+
+    steps: int = pydantic.Field(200, ge=1)
+    lr: float = pydantic.Field(1e-4, gt=0)
+    batch: int = pydantic.Field(4, ge=1)  # (prompt, step) pairs per iteration
+    accumulate: int = pydantic.Field(1, ge=1)
+    out_weight: float = pydantic.Field(1.0, ge=0)
+    feat_weight: float = pydantic.Field(1.0, ge=0)
+    checkpoint_every: int = pydantic.Field(50, ge=1)
+    max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
+    seed: int = pydantic.Field(0, ge=0)
+
+
+class EcoDiffConfig(PassConfig):
+    """The pass's keys; the defaults are EcoDiff's SDXL settings (configs/sdxl.yaml)."""
+
+    sparsity: float = pydantic.Field(0.2, ge=0.0, le=0.95)
+    scope: Literal["global", "local"] = "global"
+    method: Literal["ecodiff", "magnitude"] = "ecodiff"
+    # Optimizer steps; each accumulates `prompts_per_iteration` trajectories (the paper:
+    # batch 1, accumulate_grad_batches 4). Its SDXL run: 4 epochs of 100 prompts.
+    iterations: int = pydantic.Field(100, ge=0)
+    prompts_per_iteration: int = pydantic.Field(4, ge=1)
+    lr: float = pydantic.Field(0.1, gt=0)
+    beta: float = pydantic.Field(0.5, ge=0)
+    mask: Literal["hard_concrete", "sigmoid"] = "hard_concrete"
+    # None: the family's (ArchSpec.mask_init_logit, from EcoDiff's configs).
+    init_logit: float | None = None
+    checkpointing: bool = True
+    checkpoint_every: int = pydantic.Field(10, ge=1)
+    seed: int = pydantic.Field(0, ge=0)
+    recover: RecoverConfig | None = None
+    # Checkpoints go here instead of the calibration work folder (see compress/runner.py).
+    work_dir: str | None = None

@@ -1,0 +1,248 @@
+"""`prune.ecodiff`: learned (or magnitude-ranked) head and FFN-neuron pruning, ending in a
+smaller dense denoiser (EcoDiff, arXiv 2412.02852; official code YaNgZhAnG-V5/EcoDiff).
+
+    - pass: prune.ecodiff
+      sparsity: 0.2            # fraction of the maskable parameters (heads, neurons) removed
+      scope: global            # global | local
+      method: ecodiff          # ecodiff (learned masks) | magnitude (weight norms, no data)
+      iterations: 100
+      lr: 0.1
+      beta: 0.5
+      mask: hard_concrete      # hard_concrete | sigmoid
+      checkpointing: true      # time-step gradient checkpointing
+      checkpoint_every: 10     # resumable checkpoints, in iterations
+      recover:                 # optional: layer-level distillation after slicing
+        steps: 200
+
+What it does, in order:
+1. the units: every attention head and FFN neuron the ArchSpec declares (`units.py`);
+2. their scores: the learned mask logits λ (`train.py`: the masked model's final latent
+   after the whole trajectory against the teacher's, on the calibration's prompts, noise
+   and sampler) or the weight norms (`magnitude.py`);
+3. which stay: the lowest-scored go until `sparsity` of the maskable parameters is gone
+   (`select.py`), globally or per module;
+4. slicing for real (`slicing.py`): Q/K/V rows, output-projection columns, FFN rows and
+   columns; head counts updated; a module left without units becomes a skip. The typed
+   edits go into slimdiff.json and `restore` replays them on load;
+5. with `recover:`, the pruned denoiser learns the unpruned one's output and block outputs
+   (`ArchSpec.blocks`) on the calibration trajectories, as EcoDiff's optional retraining.
+
+The mask learning does not depend on `sparsity`, `scope` or `recover`, so its checkpoint
+key leaves them out: recipes that differ only there resume from the same learned masks
+while the work folder is shared (`--work-dir`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from slimdiff.compress.base import Pass, PassReport, Stage, register_pass
+from slimdiff.compress.prune.config import EcoDiffConfig
+from slimdiff.compress.prune.slicing import EDITS
+
+from slimdiff.errors import UserError
+
+__all__ = ["EcoDiffPass"]
+
+log = logging.getLogger(__name__)
+
+# The mask-learning keys: what its checkpoint must have been written with.
+_LEARNING_KEYS = (
+    "iterations",
+    "prompts_per_iteration",
+    "lr",
+    "beta",
+    "mask",
+    "init_logit",
+    "checkpointing",
+    "seed",
+)
+
+
+@register_pass
+class EcoDiffPass(Pass):
+    """Remove `sparsity` of the denoiser's maskable parameters, heads and neurons ranked
+    by learned masks (or weight norms), sliced into a smaller dense model.
+
+    Example:
+        >>> p = EcoDiffPass(EcoDiffPass.Config(sparsity=0.2, method="magnitude"))
+        >>> report = p.apply(load_model("tiny:sdxl").pipe, None)  # doctest: +SKIP
+        >>> report.summary["achieved_sparsity"]                     # doctest: +SKIP
+        0.2
+    """
+
+    name = "prune.ecodiff"
+    stage = Stage.PRUNING
+    Config = EcoDiffConfig
+    edits = EDITS
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Learned masks and recovery train on the teacher's trajectories; magnitude alone
+        needs no data."""
+        return self.config.method == "ecodiff" or self.config.recover is not None
+
+    @classmethod
+    def restore(cls, module: Any, edit: Any) -> Any:
+        from slimdiff.compress.prune.slicing import restore
+
+        return restore(module, edit)
+
+    def apply(self, pipe, calib) -> PassReport:
+        from slimdiff.compress.prune.select import achieved_sparsity, select
+        from slimdiff.compress.prune.slicing import prune
+        from slimdiff.compress.prune.units import maskable_params, unit_groups
+
+        from slimdiff.models import family_of_pipeline, get_arch
+
+        cfg = self.config
+        arch = get_arch(family_of_pipeline(type(pipe).__name__))
+        denoiser = getattr(pipe, arch.denoiser)
+        groups = unit_groups(arch, denoiser)
+        if not groups:
+            raise UserError(
+                f"prune.ecodiff: the {arch.family} {arch.denoiser} has no attention heads or "
+                "FFN neurons left to prune"
+            )
+        scores, learning = self._scores(arch, denoiser, groups, calib)
+        keep = select(groups, scores, sparsity=cfg.sparsity, scope=cfg.scope)
+        teacher = copy.deepcopy(denoiser) if cfg.recover is not None else None
+        before = _params(denoiser)
+        edits = prune(arch, denoiser, groups, keep, component=arch.denoiser)
+        after = _params(denoiser)
+        maskable = maskable_params(groups)
+        recovery = self._recover(arch, teacher, denoiser, calib) if teacher is not None else "off"
+        heads = [g for g in groups if g.kind == "heads"]
+        summary = {
+            "method": cfg.method,
+            "scope": cfg.scope,
+            "sparsity": cfg.sparsity,
+            "achieved_sparsity": achieved_sparsity(groups, keep),
+            "maskable_params": maskable,
+            "params_before": before,
+            "params_after": after,
+            "heads": [sum(g.count for g in heads), sum(len(keep[g.key]) for g in heads)],
+            "neurons": [
+                sum(g.count for g in groups if g.kind == "neurons"),
+                sum(len(keep[g.key]) for g in groups if g.kind == "neurons"),
+            ],
+            "modules_removed": sum(1 for g in groups if not keep[g.key]),
+            "masks": learning,
+            "recover": recovery,
+        }
+        log.info(
+            "prune.ecodiff: %s params %.4gM -> %.4gM (%.1f%% of the maskable %.4gM removed)",
+            arch.denoiser,
+            before / 1e6,
+            after / 1e6,
+            100 * summary["achieved_sparsity"],
+            maskable / 1e6,
+        )
+        return PassReport(self.name, summary=summary, edits=edits)
+
+    def _scores(self, arch, denoiser, groups, calib) -> tuple[dict, dict | str]:
+        """Per group (units,) scores, higher = keep; and what the learning did."""
+        cfg = self.config
+        if cfg.method == "magnitude":
+            from slimdiff.compress.prune.magnitude import magnitude_scores
+
+            return magnitude_scores(groups, denoiser), "off (method: magnitude)"
+        if calib is None:
+            raise UserError(
+                "prune.ecodiff: method ecodiff learns its masks on the calibration "
+                "trajectories, and none were given (`slimdiff inspect --recipe` runs passes "
+                "without them); use `slimdiff compress`, or method: magnitude to preview"
+            )
+        from slimdiff.compress.prune.masks import Masks
+        from slimdiff.compress.prune.train import MaskSettings, train_masks
+
+        settings = MaskSettings(
+            iterations=cfg.iterations,
+            lr=cfg.lr,
+            beta=cfg.beta,
+            checkpointing=cfg.checkpointing,
+            checkpoint_every=cfg.checkpoint_every,
+            prompts_per_iteration=cfg.prompts_per_iteration,
+            seed=cfg.seed,
+            mask_type=cfg.mask,
+        )
+        masks = Masks.for_denoiser(
+            arch, denoiser, cfg.init_logit, mask_type=cfg.mask, seed=cfg.seed
+        )
+        report = train_masks(denoiser, masks, calib, settings, self._checkpoint(calib))
+        scores = {key: lam.detach().cpu().clone() for key, lam in masks.named_logits()}
+        gates = masks.eval_masks()
+        closed = sum(int((g == 0).sum()) for g in gates.values())
+        return scores, {
+            **asdict(report),
+            "init_logit": masks.init_logit,
+            "prompts": len(calib.record().prompts),
+            "steps": calib.spec.steps,
+            "units": sum(g.count for g in groups),
+            "closed_gates": closed,  # units whose median gate learned to be exactly 0
+        }
+
+    def _recover(self, arch, teacher, student, calib) -> dict | str:
+        """EcoDiff's optional retraining, as layer-level distillation from the unpruned
+        denoiser: its output and every block output (`arch.blocks`: the same names in both,
+        since slicing keeps the module tree)."""
+        rec = self.config.recover
+        if calib is None:  # needs_calibration says it is needed; inspect passes none
+            return f"skipped: {rec.steps} steps asked, but no calibration was given"
+        from slimdiff.compress.distill.config import DistillSettings
+        from slimdiff.compress.distill.train import distill
+
+        from slimdiff.models.structure import find_modules
+
+        blocks = [name for glob in arch.blocks for name, _ in find_modules(student, glob)]
+        settings = DistillSettings(
+            steps=rec.steps,
+            lr=rec.lr,
+            batch=rec.batch,
+            accumulate=rec.accumulate,
+            out_weight=rec.out_weight,
+            feat_weight=rec.feat_weight,
+            checkpoint_every=rec.checkpoint_every,
+            max_grad_norm=rec.max_grad_norm,
+            seed=rec.seed,
+            source="prune.ecodiff recover: output and block outputs of the unpruned denoiser",
+        )
+        data = calib.record()
+        checkpoint = self._checkpoint(calib, "recover")
+        report = distill(
+            student,
+            teacher.requires_grad_(False),
+            data,
+            [(b, b) for b in blocks],
+            settings,
+            checkpoint=checkpoint,
+            frozen=arch.frozen,
+        )
+        return {**asdict(settings), **asdict(report), "blocks": len(blocks)}
+
+    def _checkpoint(self, calib, what: str = "masks") -> Path | None:
+        """Where mask learning (or recovery) checkpoints. Masks are keyed by the teacher,
+        the calibration and the learning keys only (see the module docstring); recovery by
+        the whole config. None without a work folder."""
+        cfg = self.config
+        root = Path(cfg.work_dir) if cfg.work_dir else None
+        if root is None and calib.work_dir is not None:
+            root = calib.work_dir / "checkpoints"
+        if root is None:
+            return None
+        dumped = cfg.model_dump(mode="json", exclude={"work_dir"})
+        if what == "masks":
+            dumped = {k: dumped[k] for k in _LEARNING_KEYS}
+        blob = json.dumps({"calibration": calib.key, "pass": dumped}, sort_keys=True)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return root / f"{self.name}-{what}-{key}" / f"{what}.safetensors"
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
