@@ -101,6 +101,10 @@ def inspect_model(
             "params": _params(block),
             "flops": per_module.get(prefix + name, 0),
             **_widths_in(widths, name),
+            # Per module: {site: heads} and {site: hidden neurons}, which differ per layer
+            # once pruned (in no config).
+            "attention_heads": _sites_in(widths, name, "heads"),
+            "ffn_widths": _sites_in(widths, name, "ffn_width"),
         }
         for name, block in _blocks(denoiser, arch.blocks)
     ]
@@ -175,6 +179,14 @@ def _widths_in(widths: list[tuple[str, str, int]], block: str) -> dict[str, int]
     return {
         "heads": sum(n for _, kind, n in inside if kind == "heads"),
         "ffn_width": sum(n for _, kind, n in inside if kind == "ffn_width"),
+    }
+
+
+def _sites_in(widths: list[tuple[str, str, int]], block: str, kind: str) -> dict[str, int]:
+    return {
+        site: n
+        for site, k, n in widths
+        if k == kind and (site == block or site.startswith(block + "."))
     }
 
 

@@ -7,8 +7,9 @@ Example (YAML, a recipe's pass entry):
       scope: global          # global | local: one ranking over the model, or per module
       method: ecodiff        # ecodiff (learned masks) | magnitude (weight norms: the baseline)
       iterations: 100        # optimizer steps of mask learning
-      lr: 0.1
+      lr: 0.1                # head masks (and FFN masks unless ffn_lr is given)
       beta: 0.5              # weight of the sparsity penalty
+      penalty: l1            # l1 | l1_bounded (EcoDiff's FLUX setting)
       mask: hard_concrete    # hard_concrete | sigmoid
       checkpointing: true    # time-step gradient checkpointing (memory flat in the steps)
       checkpoint_every: 10   # a resumable checkpoint every this many iterations
@@ -53,8 +54,12 @@ class EcoDiffConfig(PassConfig):
     # batch 1, accumulate_grad_batches 4). Its SDXL run: 4 epochs of 100 prompts.
     iterations: int = pydantic.Field(100, ge=0)
     prompts_per_iteration: int = pydantic.Field(4, ge=1)
-    lr: float = pydantic.Field(0.1, gt=0)
+    lr: float = pydantic.Field(0.1, gt=0)  # the head masks'; the neurons' too unless ffn_lr
+    ffn_lr: float | None = pydantic.Field(None, gt=0)  # FLUX's configs: heads 0.5, FFN 0.1
     beta: float = pydantic.Field(0.5, ge=0)
+    # l1: ||λ||_1 / width per layer (EcoDiff's `reg: 1`); l1_bounded: of sigmoid(0.4 λ + 1)
+    # instead of λ (its FLUX configs' `lambda_reg: true`).
+    penalty: Literal["l1", "l1_bounded"] = "l1"
     mask: Literal["hard_concrete", "sigmoid"] = "hard_concrete"
     # None: the family's (ArchSpec.mask_init_logit, from EcoDiff's configs).
     init_logit: float | None = None

@@ -6,8 +6,9 @@ smaller dense denoiser (EcoDiff, arXiv 2412.02852; official code YaNgZhAnG-V5/Ec
       scope: global            # global | local
       method: ecodiff          # ecodiff (learned masks) | magnitude (weight norms, no data)
       iterations: 100
-      lr: 0.1
+      lr: 0.1                  # head masks; ffn_lr for the neurons' (default: lr)
       beta: 0.5
+      penalty: l1              # l1 | l1_bounded (EcoDiff's FLUX configs)
       mask: hard_concrete      # hard_concrete | sigmoid
       checkpointing: true      # time-step gradient checkpointing
       checkpoint_every: 10     # resumable checkpoints, in iterations
@@ -42,6 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from slimdiff.compress.base import Pass, PassReport, Stage, register_pass
 from slimdiff.compress.prune.config import EcoDiffConfig
 from slimdiff.compress.prune.slicing import EDITS
@@ -57,7 +59,9 @@ _LEARNING_KEYS = (
     "iterations",
     "prompts_per_iteration",
     "lr",
+    "ffn_lr",
     "beta",
+    "penalty",
     "mask",
     "init_logit",
     "checkpointing",
@@ -110,8 +114,9 @@ class EcoDiffPass(Pass):
                 f"prune.ecodiff: the {arch.family} {arch.denoiser} has no attention heads or "
                 "FFN neurons left to prune"
             )
+        self._scope = cfg.scope
         scores, learning = self._scores(arch, denoiser, groups, calib)
-        keep = select(groups, scores, sparsity=cfg.sparsity, scope=cfg.scope)
+        keep = select(groups, scores, sparsity=cfg.sparsity, scope=self._scope)
         teacher = copy.deepcopy(denoiser) if cfg.recover is not None else None
         before = _params(denoiser)
         edits = prune(arch, denoiser, groups, keep, component=arch.denoiser)
@@ -121,7 +126,7 @@ class EcoDiffPass(Pass):
         heads = [g for g in groups if g.kind == "heads"]
         summary = {
             "method": cfg.method,
-            "scope": cfg.scope,
+            "scope": self._scope,
             "sparsity": cfg.sparsity,
             "achieved_sparsity": achieved_sparsity(groups, keep),
             "maskable_params": maskable,
@@ -149,15 +154,28 @@ class EcoDiffPass(Pass):
     def _scores(self, arch, denoiser, groups, calib) -> tuple[dict, dict | str]:
         """Per group (units,) scores, higher = keep; and what the learning did."""
         cfg = self.config
-        if cfg.method == "magnitude":
+        if next(denoiser.parameters()).is_meta:
+            # `slimdiff inspect random:... --recipe` builds models on the meta device (no
+            # weights: a full-size FLUX is 48 GB in fp32), so nothing can be ranked. Equal
+            # scores with a local scope prune every module by the same fraction: what
+            # mean-normalised magnitude ranking gives on random weights, whose units have
+            # equal norms in expectation. Shapes, parameters and FLOPs are the pass's to
+            # within which units go; the weights are not (there are none).
+            self._scope = "local"
+            return (
+                {g.key: torch.zeros(g.count) for g in groups},
+                "preview (meta device, no weights): the same fraction of every module",
+            )
+        if cfg.method == "magnitude" or calib is None:
             from slimdiff.compress.prune.magnitude import magnitude_scores
 
-            return magnitude_scores(groups, denoiser), "off (method: magnitude)"
-        if calib is None:
-            raise UserError(
-                "prune.ecodiff: method ecodiff learns its masks on the calibration "
-                "trajectories, and none were given (`slimdiff inspect --recipe` runs passes "
-                "without them); use `slimdiff compress`, or method: magnitude to preview"
+            if cfg.method == "magnitude":
+                return magnitude_scores(groups, denoiser), "off (method: magnitude)"
+            # The runner gives a calibration whenever needs_calibration; `slimdiff inspect
+            # --recipe` runs passes without one, to show the shapes.
+            log.warning("prune.ecodiff: no calibration, so no learned masks: ranked by magnitude")
+            return magnitude_scores(groups, denoiser), (
+                "preview without calibration: ranked by weight magnitude, no masks learned"
             )
         from slimdiff.compress.prune.masks import Masks
         from slimdiff.compress.prune.train import MaskSettings, train_masks
@@ -171,6 +189,8 @@ class EcoDiffPass(Pass):
             prompts_per_iteration=cfg.prompts_per_iteration,
             seed=cfg.seed,
             mask_type=cfg.mask,
+            ffn_lr=cfg.ffn_lr,
+            bounded_penalty=cfg.penalty == "l1_bounded",
         )
         masks = Masks.for_denoiser(
             arch, denoiser, cfg.init_logit, mask_type=cfg.mask, seed=cfg.seed

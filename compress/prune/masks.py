@@ -39,8 +39,8 @@ The penalty (`penalty`) is the official `reg: 1` regulariser, read from `calcula
 in src/sdib/utils/utils.py of YaNgZhAnG-V5/EcoDiff (commit 1ce66e7, via the code search) and
 its caller `pruning_loss` in scripts/train.py: per layer ||λ||_1 / width over the *logits*
 (the SDXL/SD3/SD2 configs have `lambda_reg: false`), averaged over the attention layers and
-over the FFN layers separately, the two averages added. The FLUX configs' bounded variant
-(`lambda_reg: true`: sigmoid(0.4 λ + 1) first) is not implemented.
+over the FFN layers separately, the two averages added; `penalty(bounded=True)` is the FLUX
+configs' variant (`lambda_reg: true`: sigmoid(0.4 λ + 1) first).
 
 Example:
     masks = Masks.for_denoiser(arch, unet)                       # λ = arch.mask_init_logit
@@ -173,12 +173,16 @@ class Masks(nn.Module):
             return {key: torch.sigmoid(lam) for key, lam in self.named_logits()}
         return {key: hard_concrete(lam, 0.5) for key, lam in self.named_logits()}
 
-    def penalty(self) -> torch.Tensor:
+    def penalty(self, bounded: bool = False) -> torch.Tensor:
         """EcoDiff's `reg: 1`: mean over layers of ||λ||_1 / width, per kind (heads,
-        neurons), the kinds' means added (official `pruning_loss`: attn_reg + ffn_reg)."""
+        neurons), the kinds' means added (official `pruning_loss`: attn_reg + ffn_reg).
+        `bounded`: of sigmoid(0.4 λ + 1) instead of λ (its FLUX configs' `lambda_reg`),
+        which stops pulling once a logit is far below zero."""
         per_kind: dict[str, list[torch.Tensor]] = {}
         for group in self.groups:
             lam = self.logit(group.key)
+            if bounded:
+                lam = torch.sigmoid(0.4 * lam + 1.0)
             per_kind.setdefault(group.kind, []).append(lam.abs().sum() / lam.numel())
         if not per_kind:
             return torch.zeros(())

@@ -35,8 +35,9 @@ Where this departs from the official code, and why:
   (the paper's constant schedule with 10 warm-up steps); diffusers' schedule used there
   starts at 0, wasting the first step, here the first step is lr / warmup.
 - AdamW keeps torch's default weight decay (0.01) on λ, as the official optimizer does.
-- One learning rate for heads and neurons (the official configs give each its own; for
-  SDXL both are 0.1).
+- The norm masks of the official FLUX configs (AdaLN modulation outputs) are not learned:
+  pruning them saves parameters but no compute (its `SparsityLinear` scatters the kept
+  outputs back to full width).
 - Prompts are drawn from (seed, iteration) alone, and λ, AdamW and the iteration are
   checkpointed, so a killed run resumed ends bit-identical to an uninterrupted one.
 """
@@ -90,6 +91,8 @@ class MaskSettings:
     warmup: int = 10
     mask_type: str = "hard_concrete"
     recon_norm: str = "l2"
+    ffn_lr: float | None = None  # the neuron masks' learning rate; None: lr
+    bounded_penalty: bool = False  # Masks.penalty(bounded=True): EcoDiff's FLUX setting
 
     def __post_init__(self) -> None:
         for name in ("iterations", "warmup"):
@@ -120,10 +123,15 @@ def draw_prompts(seed: int, iteration: int, prompts: int, count: int) -> list[in
 
 
 def _objective(
-    final: torch.Tensor, target: torch.Tensor, masks: Masks, beta: float, recon_norm: str
+    final: torch.Tensor,
+    target: torch.Tensor,
+    masks: Masks,
+    beta: float,
+    recon_norm: str,
+    bounded: bool = False,
 ) -> torch.Tensor:
     distance = F.mse_loss if recon_norm == "l2" else F.l1_loss
-    return distance(final.float(), target) + beta * masks.penalty()
+    return distance(final.float(), target) + beta * masks.penalty(bounded)
 
 
 def mask_gradients(
@@ -136,6 +144,7 @@ def mask_gradients(
     beta: float,
     checkpointing: bool,
     recon_norm: str = "l2",
+    bounded_penalty: bool = False,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """The loss of ONE masked trajectory and its gradient: (loss, {group key: dL/dλ}).
 
@@ -167,7 +176,7 @@ def mask_gradients(
                 for i in range(loop.steps):
                     step[0] = i
                     x, state = loop.step(i, x, state, cond)
-                loss = _objective(x, target, masks, beta, recon_norm)
+                loss = _objective(x, target, masks, beta, recon_norm, bounded_penalty)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
             return loss.item(), _by_key(keys, params, grads)
 
@@ -180,7 +189,7 @@ def mask_gradients(
                 x, state = loop.step(i, x, state, cond)
         with torch.enable_grad():
             final = x.detach().requires_grad_(True)
-            loss = _objective(final, target, masks, beta, recon_norm)
+            loss = _objective(final, target, masks, beta, recon_norm, bounded_penalty)
             g_x, *acc = torch.autograd.grad(loss, [final, *params], allow_unused=True)
         g_state: tuple[torch.Tensor | None, ...] = ()  # dL/d(state.x0) of the step after
         for i in reversed(range(loop.steps)):
@@ -216,6 +225,18 @@ def _by_key(keys, params, grads) -> dict[str, torch.Tensor]:
         k: torch.zeros_like(p) if g is None else g
         for k, p, g in zip(keys, params, grads, strict=True)
     }
+
+
+def _param_groups(masks: Masks, settings: MaskSettings) -> list[dict[str, Any]]:
+    """AdamW groups: head masks at `lr`, neuron masks at `ffn_lr` (default `lr`), as the
+    official configs give attention and FFN masks each their own rate."""
+    ffn_lr = settings.lr if settings.ffn_lr is None else settings.ffn_lr
+    groups = []
+    for kind, lr in (("heads", settings.lr), ("neurons", ffn_lr)):
+        params = [masks.logit(g.key) for g in masks.groups if g.kind == kind]
+        if params:
+            groups.append({"params": params, "lr": lr, "base_lr": lr})
+    return groups
 
 
 def _warmup_factor(iteration: int, warmup: int) -> float:
@@ -263,7 +284,7 @@ def train_masks(
     was_training = denoiser.training
     flags = {n: p.requires_grad for n, p in denoiser.named_parameters()}
     denoiser.requires_grad_(False).eval()
-    opt = torch.optim.AdamW(masks.parameters(), lr=settings.lr)
+    opt = torch.optim.AdamW(_param_groups(masks, settings))
     start, losses, first = 0, {}, {}
     if resume:
         start, extra = load_train_state(checkpoint, {"masks": masks}, opt)
@@ -289,9 +310,10 @@ def train_masks(
         ) as progress:
             for it in range(start, settings.iterations):
                 for group in opt.param_groups:
-                    group["lr"] = settings.lr * _warmup_factor(it, settings.warmup)
+                    group["lr"] = group["base_lr"] * _warmup_factor(it, settings.warmup)
                 with torch.no_grad():
-                    penalty = masks.penalty().item()  # λ is fixed within an iteration
+                    # λ is fixed within an iteration
+                    penalty = masks.penalty(settings.bounded_penalty).item()
                 total, summed = 0.0, {}
                 for k, prompt in enumerate(draw_prompts(settings.seed, it, len(data.prompts), per)):
                     if prompt not in conds:
@@ -306,6 +328,7 @@ def train_masks(
                         settings.beta,
                         settings.checkpointing,
                         settings.recon_norm,
+                        settings.bounded_penalty,
                     )
                     total += loss
                     for key, g in grads.items():

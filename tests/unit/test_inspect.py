@@ -125,3 +125,45 @@ def test_format_table_has_a_row_per_block_and_component():
     text = console.export_text()
     assert "up_blocks.0" in text and "(rest)" in text and "vae_decoder" in text
     assert "2,567.5" in text  # SDXL UNet params in M
+
+
+def test_heads_and_ffn_widths_are_read_from_the_modules():
+    # SDXL base, counted from its published config, independently of the sites inspect
+    # reads: transformer depth 2 per layer in stage 1 and 10 in stage 2 (2 layers each), 10
+    # in the mid-block; attn1 and attn2 per transformer block.
+    report = _report("sdxl")
+    cfg = _random("sdxl").denoiser.config
+    depth = {"down_blocks.1": 2 * 2, "down_blocks.2": 2 * 10, "mid_block": 10}
+    heads = {"down_blocks.1": 640 // 64, "down_blocks.2": 1280 // 64, "mid_block": 1280 // 64}
+    # diffusers names the head count per stage attention_head_dim: 5, 10, 20 (head_dim 64)
+    assert tuple(cfg.attention_head_dim) == (5, 10, 20)
+    blocks = {b["name"]: b for b in report["denoiser"]["blocks"]}
+    for name, n in depth.items():
+        # attn1 + attn2 per transformer block, each of the stage's heads; GEGLU 4x width.
+        assert blocks[name]["heads"] == 2 * n * heads[name], name
+        width = 640 if name == "down_blocks.1" else 1280
+        assert blocks[name]["ffn_width"] == n * 4 * width, name
+        assert len(blocks[name]["attention_heads"]) == 2 * n
+        assert set(blocks[name]["ffn_widths"].values()) == {4 * width}
+    assert blocks["down_blocks.0"]["heads"] == 0  # no transformers in SDXL's first stage
+    assert report["denoiser"]["heads"] == sum(b["heads"] for b in blocks.values())
+
+
+def test_a_pruned_models_report_shows_its_per_layer_widths(one_torch_thread):
+    from slimdiff.compress import get_pass
+
+    model = load_model("tiny:sdxl")
+    base = inspect_model(model)
+    cls = get_pass("prune.ecodiff")
+    cls(cls.Config(sparsity=0.4, method="magnitude")).apply(model.pipe, None)
+    pruned = inspect_model(model)
+    den, den0 = pruned["denoiser"], base["denoiser"]
+    assert den["params"] < den0["params"] and den["flops_per_step"] < den0["flops_per_step"]
+    assert den["heads"] < den0["heads"] and den["ffn_width"] < den0["ffn_width"]
+    sites = {k: v for b in den["blocks"] for k, v in b["attention_heads"].items()}
+    attn = {s: m.heads for s, m in model.denoiser.named_modules() if s.endswith(("attn1", "attn2"))}
+    assert sites == {s: h for s, h in attn.items() if s in sites}
+    assert len(set(sites.values())) > 1  # heads now differ per layer
+    table = Console(width=200, record=True)
+    table.print(format_table(pruned))
+    assert f"{den['heads']}" in table.export_text()

@@ -211,3 +211,9 @@ def test_penalty_is_the_official_l1_of_the_logits_per_width_averaged_per_kind():
     penalty.backward()
     torch.testing.assert_close(masks.logit("attn:a").grad, torch.tensor([1.0, -1.0]) / 2 / 2)
     torch.testing.assert_close(masks.logit("ffn:c").grad, torch.tensor([1.0, -1.0, 1.0]) / 3)
+    # FLUX's `lambda_reg`: the same averages of sigmoid(0.4 λ + 1), which saturates.
+    sig = {k: torch.sigmoid(0.4 * torch.tensor(v) + 1.0) for k, v in values.items()}
+    attn = (sig["attn:a"].sum() / 2 + sig["attn:b"].sum() / 4) / 2
+    assert math.isclose(
+        masks.penalty(bounded=True).item(), attn + sig["ffn:c"].sum() / 3, rel_tol=1e-6
+    )

@@ -91,8 +91,9 @@ def test_magnitude_needs_no_calibration_and_learning_refuses_to_run_without():
     assert cls(cls.Config()).needs_calibration
     _, _, removed, _ = _apply("sdxl", {"method": "magnitude"}, calib=False)
     assert removed > 0
-    with pytest.raises(UserError, match="method: magnitude"):
-        _apply("sdxl", {"method": "ecodiff"}, calib=False)
+    # `slimdiff inspect --recipe` runs passes without calibration: a labelled preview.
+    _, _, preview, report = _apply("sdxl", {"method": "ecodiff"}, calib=False)
+    assert preview == removed and report.summary["masks"].startswith("preview without")
 
 
 def test_zero_sparsity_changes_nothing():

@@ -271,3 +271,16 @@ def test_settings_and_masks_are_checked():
         MaskSettings(recon_norm="l3")
     with pytest.raises(UserError, match="mask_type"):
         MaskSettings(mask_type="binary")
+
+
+def test_heads_and_neurons_learn_at_their_own_rates(calibrated):
+    from slimdiff.compress.prune.train import _param_groups
+
+    model, _ = calibrated("flux")
+    masks = Masks.for_denoiser(model.arch, model.denoiser)
+    groups = _param_groups(masks, MaskSettings(lr=0.5, ffn_lr=0.1))
+    assert [g["lr"] for g in groups] == [0.5, 0.1]
+    heads = sum(g.count for g in masks.groups if g.kind == "heads")
+    assert sum(p.numel() for p in groups[0]["params"]) == heads
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(g.count for g in masks.groups)
+    assert [g["lr"] for g in _param_groups(masks, MaskSettings(lr=0.2))] == [0.2, 0.2]
