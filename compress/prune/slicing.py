@@ -123,9 +123,12 @@ class BiasOnly(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shape = (*hidden_states.shape[:-1], self.out_features)  # (..., in) -> (..., out)
+        zeros = hidden_states.new_zeros(shape)
         if self.bias is None:
-            return hidden_states.new_zeros(shape)
-        return self.bias.to(hidden_states.dtype).expand(shape)
+            return zeros
+        # A new tensor, not bias.expand(shape): an expanded view of a parameter breaks
+        # in-place ops after it and torch's module tracker (FlopCounterMode, in inspect).
+        return zeros + self.bias.to(hidden_states.dtype)
 
 
 class AttentionSkip(nn.Module):
