@@ -224,8 +224,19 @@ def _export_component(
     )
 
 
-def _classic_attention():
-    # diffusers' explicit MatMul/Softmax attention: the pattern ORT's UNet fusion matches.
+def _classic_attention(model) -> dict:
+    """diffusers' explicit MatMul/Softmax attention, the pattern ORT's UNet fusion matches,
+    for every attention module whose heads span its query width. A pruned module (fewer
+    heads: to_q narrower than its input, prune.ecodiff) keeps its own processor and stays
+    unfused: onnxruntime.transformers' UNet attention fusion sizes the fused op's bias by
+    the query's input width (measured with ORT 1.32: MultiHeadAttention then refuses to run,
+    "bias length is expected to be 2 * hidden_size + hidden_size_v")."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    return AttnProcessor()
+    chosen = {}
+    for name, current in model.attn_processors.items():
+        attention = model.get_submodule(name.removesuffix(".processor"))
+        to_q = getattr(attention, "to_q", None)
+        full = to_q is None or to_q.in_features == to_q.out_features
+        chosen[name] = AttnProcessor() if full else current
+    return chosen

@@ -156,8 +156,11 @@ def eval_mode(component: Component) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def export_mode(component: Component, processor: Callable[[], object] | None) -> Iterator[None]:
-    """eval_mode, plus an exportable RMSNorm and, if given, `processor()` for attention.
+def export_mode(
+    component: Component, processor: Callable[[nn.Module], object] | None
+) -> Iterator[None]:
+    """eval_mode, plus an exportable RMSNorm and, if given, `processor(model)` for attention
+    (one processor for every attention module, or a dict as `set_attn_processor` takes).
 
     Everything is restored on exit, so exporting leaves the caller's model as it was (no
     deep copy: a FLUX transformer is 24 GB).
@@ -171,7 +174,7 @@ def export_mode(component: Component, processor: Callable[[], object] | None) ->
             for m in rms_norms:
                 m.forward = types.MethodType(_rms_norm_forward, m)
             if saved:
-                model.set_attn_processor(processor())
+                model.set_attn_processor(processor(model))
             yield
         finally:
             if saved:

@@ -84,3 +84,29 @@ def test_a_pruned_model_exports_and_runs(tmp_path, family):
     assert done.exit_code == 0, done.output
     report = json.loads(done.output)["denoiser"]
     assert (report["heads"], report["ffn_width"], report["params"]) == (heads, ffn, params)
+
+
+def test_a_pruned_unet_exports_with_ort_fusions(tmp_path):
+    """ORT's UNet attention fusion sizes the fused op by the query's input width: modules
+    that lost heads stay unfused, the others fuse, and the graph matches torch."""
+    from slimdiff.compress import get_pass
+    from slimdiff.export import export_bundle
+
+    model = load_model("tiny:sd15")
+    cls = get_pass("prune.ecodiff")
+    # Local 0.3: every module loses one of its 4 heads; global 0.3 leaves some whole.
+    cls(cls.Config(sparsity=0.3, method="magnitude")).apply(model.pipe, None)
+    narrowed = [
+        n
+        for n, m in model.denoiser.named_modules()
+        if hasattr(m, "to_q") and m.to_q.out_features < m.to_q.in_features
+    ]
+    assert narrowed
+    manifest = export_bundle(model, tmp_path / "b", optimize=True)
+    unet = manifest.components["unet"]
+    assert unet.parity["passed"] and unet.parity["rel_err"] <= 1e-4
+    path = tmp_path / "b" / "unet" / "model.onnx"
+    assert denoiser_rel_err(model, path) <= 1e-4
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    whole = sum(1 for n, m in model.denoiser.named_modules() if hasattr(m, "to_q")) - len(narrowed)
+    assert whole == 0 or ops & {"Attention", "MultiHeadAttention"}
