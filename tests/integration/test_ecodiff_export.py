@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import yaml
 from slimdiff.compress.prune.units import unit_groups
