@@ -21,6 +21,23 @@ from slimdiff.fsutil import atomic_file, remove_stale_partials
 __all__ = ["load_train_state", "read_train_state", "save_train_state"]
 
 
+def checkpoint_if_due(
+    path: Path | None,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    done: int,
+    total: int,
+    every: int,
+    extra: dict[str, Any],
+) -> None:
+    """After step `done` of `total`: save a resumable checkpoint every `every` steps and
+    at the end (nothing when `path` is None), as distillation and mask learning do."""
+    if path is None or (done % every and done != total):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_train_state(path, modules, optimizer, done, extra)
+
+
 def save_train_state(
     path: str | Path,
     modules: dict[str, torch.nn.Module],

@@ -38,7 +38,7 @@ from slimdiff.compress.distill.features import capture
 from slimdiff.errors import UserError
 from slimdiff.models.arch import matches
 from slimdiff.progress import Progress
-from slimdiff.trainstate import load_train_state, read_train_state, save_train_state
+from slimdiff.trainstate import checkpoint_if_due, load_train_state, read_train_state
 from slimdiff.trajectories import Trajectories
 
 __all__ = ["DistillReport", "distill", "draw_pairs"]
@@ -138,12 +138,16 @@ def distill(
                 opt.step()
                 first = first or losses
                 done = it + 1
-                if checkpoint is not None and (
-                    done % settings.checkpoint_every == 0 or done == settings.steps
-                ):
-                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                    extra = {"settings": state, "losses": losses, "first_losses": first}
-                    save_train_state(checkpoint, {"student": student}, opt, done, extra)
+                extra = {"settings": state, "losses": losses, "first_losses": first}
+                checkpoint_if_due(
+                    checkpoint,
+                    {"student": student},
+                    opt,
+                    done,
+                    settings.steps,
+                    settings.checkpoint_every,
+                    extra,
+                )
                 progress.advance(description=_describe(losses))
                 if on_iteration is not None:
                     on_iteration(done)

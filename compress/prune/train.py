@@ -62,7 +62,7 @@ from slimdiff.compress.prune.masks import MASK_TYPES, Masks, apply_masks
 from slimdiff.denoise import DenoiseLoop
 from slimdiff.errors import UserError
 from slimdiff.progress import Progress
-from slimdiff.trainstate import load_train_state, read_train_state, save_train_state
+from slimdiff.trainstate import checkpoint_if_due, load_train_state, read_train_state
 
 __all__ = ["MaskReport", "MaskSettings", "draw_prompts", "mask_gradients", "train_masks"]
 
@@ -345,12 +345,16 @@ def train_masks(
                 }
                 first = first or losses
                 done = it + 1
-                if checkpoint is not None and (
-                    done % settings.checkpoint_every == 0 or done == settings.iterations
-                ):
-                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                    extra = {"settings": state, "losses": losses, "first_losses": first}
-                    save_train_state(checkpoint, {"masks": masks}, opt, done, extra)
+                extra = {"settings": state, "losses": losses, "first_losses": first}
+                checkpoint_if_due(
+                    checkpoint,
+                    {"masks": masks},
+                    opt,
+                    done,
+                    settings.iterations,
+                    settings.checkpoint_every,
+                    extra,
+                )
                 progress.advance(description=_describe(losses))
                 if on_iteration is not None:
                     on_iteration(done)
