@@ -57,6 +57,7 @@ def run_bench(
 
     from slimdiff.app.bench_report import write_grid, write_markdown, write_plot
     from slimdiff.app.flow import check_outputs
+    from slimdiff.fsutil import exclusive
     from slimdiff.runtime.backends import get_backend
 
     out = Path(out)
@@ -70,26 +71,26 @@ def run_bench(
     for r in recipes:
         get_backend(r.bench.backend)
         check_outputs(r, out / "recipes" / r.name)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("bench", total=len(recipes) * len(_STAGES))
-        for recipe in recipes:
-            advance = functools.partial(_advance, progress, task, recipe)
-            rows.append(_bench_one(recipe, out, advance, devices[recipe.name], allow_pickle))
-    results = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "command": " ".join(["slimdiff", *sys.argv[1:]]) if sys.argv else "",
-        "recipes": rows,
-    }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_markdown(results, out / "results.md")
-    write_plot(results, out / "latency_vs_fidelity.png")
-    for row in rows:
-        write_grid(row, out / f"grid_{row['name']}.png")
-    return results
+    with exclusive(out):  # one bench per folder: a second one stops at once
+        rows = []
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task("bench", total=len(recipes) * len(_STAGES))
+            for recipe in recipes:
+                advance = functools.partial(_advance, progress, task, recipe)
+                rows.append(_bench_one(recipe, out, advance, devices[recipe.name], allow_pickle))
+        results = {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "command": " ".join(["slimdiff", *sys.argv[1:]]) if sys.argv else "",
+            "recipes": rows,
+        }
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+        write_markdown(results, out / "results.md")
+        write_plot(results, out / "latency_vs_fidelity.png")
+        for row in rows:
+            write_grid(row, out / f"grid_{row['name']}.png")
+        return results
 
 
 _STAGES = ("reference", "compress+export", "torch eager vs runtime", "accuracy", "metrics")

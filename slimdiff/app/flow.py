@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
-from slimdiff.fsutil import check_replaceable, remove_stale_partials
+from slimdiff.fsutil import check_replaceable, exclusive, remove_stale_partials
 from slimdiff.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -126,11 +126,16 @@ def compress_and_export(
     Example:
         >>> compress_and_export(load_recipe("tiny-sdxl-fp32"), "out/tiny")  # doctest: +SKIP
     """
+    out = Path(out)
+    with exclusive(out):  # one run per folder: a second one stops at once
+        return _compress_and_export(recipe, out, device, model, allow_pickle)
+
+
+def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> FlowResult:
     from slimdiff.compress.runner import compress_model
     from slimdiff.models import load_model
     from slimdiff.models.fingerprint import fingerprint
 
-    out = Path(out)
     check_outputs(recipe, out)
     result = FlowResult(artifact=out / "artifact")
     if model is None:

@@ -1,0 +1,61 @@
+"""fsutil.exclusive: one slimdiff run per output folder; the lock dies with its process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from slimdiff.errors import UserError
+from slimdiff.fsutil import LOCK_NAME, exclusive
+
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from slimdiff.fsutil import exclusive
+    with exclusive(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_a_second_run_on_the_same_folder_stops_with_one_line(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(UserError, match=rf"in use by another slimdiff run \(pid {holder.pid}\)"),
+            exclusive(tmp_path),
+        ):
+            pass
+        with exclusive(tmp_path / "other"):  # another folder is free
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(tmp_path):  # the killed holder released it
+        assert (tmp_path / LOCK_NAME).read_text() == f"pid {os.getpid()}"
+
+
+def test_the_same_process_can_reenter_after_leaving_and_a_file_is_refused(tmp_path):
+    for _ in range(2):
+        with exclusive(tmp_path / "out"):
+            pass
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file"), exclusive(tmp_path / "f"):
+        pass
+
+
+def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
+    with pytest.raises(UserError), exclusive(tmp_path / "new"):
+        raise UserError("refused before any work")
+    assert not (tmp_path / "new").exists()
+    with exclusive(tmp_path / "kept"):
+        (tmp_path / "kept" / "result.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [LOCK_NAME, "result.json"]
