@@ -43,10 +43,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from slimdiff.compress.base import Pass, PassReport, Stage, register_pass
 from slimdiff.compress.prune.config import EcoDiffConfig
-from slimdiff.compress.prune.slicing import EDITS
+from slimdiff.compress.prune.edits import EDITS
 
 from slimdiff.errors import UserError
 
@@ -154,6 +153,8 @@ class EcoDiffPass(Pass):
     def _scores(self, arch, denoiser, groups, calib) -> tuple[dict, dict | str]:
         """Per group (units,) scores, higher = keep; and what the learning did."""
         cfg = self.config
+        import torch
+
         if next(denoiser.parameters()).is_meta:
             # `slimdiff inspect random:... --recipe` builds models on the meta device (no
             # weights: a full-size FLUX is 48 GB in fp32), so nothing can be ranked. Equal

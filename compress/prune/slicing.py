@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
-import pydantic
 import torch
+from slimdiff.compress.prune.edits import EDITS, HeadsPruned, NeuronsPruned
 from slimdiff.compress.prune.units import UnitGroup
 from torch import nn
 
@@ -61,36 +60,6 @@ __all__ = [
     "prune",
     "restore",
 ]
-
-
-class _UnitsKept(Edit):
-    module: str  # the site's name (AttentionSite.name / FFNSite.name)
-    keep: list[int]  # kept unit indices, sorted, out of the site's units before the edit
-
-    @pydantic.model_validator(mode="after")
-    def _sorted_unique(self):
-        if any(b <= a for a, b in zip(self.keep, self.keep[1:], strict=False)):
-            raise ValueError("keep must be sorted, without repeats")
-        if self.keep and self.keep[0] < 0:
-            raise ValueError("keep holds unit indices, >= 0")
-        return self
-
-
-class HeadsPruned(_UnitsKept):
-    """The attention at `module` keeps heads `keep` of its `heads`."""
-
-    op: Literal["prune.ecodiff.heads"] = "prune.ecodiff.heads"
-    heads: int
-
-
-class NeuronsPruned(_UnitsKept):
-    """The feed-forward block at `module` keeps hidden neurons `keep` of its `hidden`."""
-
-    op: Literal["prune.ecodiff.neurons"] = "prune.ecodiff.neurons"
-    hidden: int
-
-
-EDITS = (HeadsPruned, NeuronsPruned)
 
 
 # ---------------------------------------------------------------- stand-ins for what is gone
