@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from slimdiff.edits import Edit, register_edit, unregister_edit
@@ -34,6 +35,7 @@ __all__ = [
     "PassReport",
     "Stage",
     "build_passes",
+    "checkpoint_root",
     "get_pass",
     "register_pass",
     "registered_passes",
@@ -107,6 +109,17 @@ def unregister_pass(name: str) -> None:
     unregister_schema(name)
     for edit in getattr(cls, "edits", ()):
         unregister_edit(edit)
+
+
+def checkpoint_root(work_dir: str | None, calib: Any) -> Path | None:
+    """Where a pass keeps resumable checkpoints: its config's `work_dir`, else the
+    calibration's work folder's checkpoints/ (the runner removes it once the artifact is
+    saved); None when there is neither (no checkpoints)."""
+    if work_dir:
+        return Path(work_dir)
+    if calib.work_dir is not None:
+        return calib.work_dir / "checkpoints"
+    return None
 
 
 def get_pass(name: str) -> type[Pass]:

@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pydantic
-from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
+from slimdiff.compress.base import (
+    Pass,
+    PassConfig,
+    PassReport,
+    Stage,
+    checkpoint_root,
+    register_pass,
+)
 from slimdiff.compress.blocks.plan import Settings, make_plan, read_structure
 from slimdiff.compress.blocks.presets import PRESETS, get_preset, presets_for
 from slimdiff.compress.distill.config import SEGMIND, DistillConfig
@@ -222,9 +229,7 @@ class RemoveBlocksPass(Pass):
         """Where distillation checkpoints, keyed by the teacher, the calibration and this
         pass's config; None (no checkpoints) without a work folder."""
         cfg = self.config.distill
-        root = Path(cfg.work_dir) if cfg.work_dir else None
-        if root is None and calib.work_dir is not None:
-            root = calib.work_dir / "checkpoints"
+        root = checkpoint_root(cfg.work_dir, calib)
         if root is None:
             return None
         config = self.config.model_dump(mode="json", exclude={"distill": {"work_dir"}})

@@ -43,7 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from slimdiff.compress.base import Pass, PassReport, Stage, register_pass
+from slimdiff.compress.base import Pass, PassReport, Stage, checkpoint_root, register_pass
 from slimdiff.compress.prune.config import EcoDiffConfig
 from slimdiff.compress.prune.edits import EDITS
 
@@ -113,29 +113,26 @@ class EcoDiffPass(Pass):
                 f"prune.ecodiff: the {arch.family} {arch.denoiser} has no attention heads or "
                 "FFN neurons left to prune"
             )
-        self._scope = cfg.scope
+        # On the meta device (see _scores) every module is cut by the same fraction.
+        scope = "local" if next(denoiser.parameters()).is_meta else cfg.scope
         scores, learning = self._scores(arch, denoiser, groups, calib)
-        keep = select(groups, scores, sparsity=cfg.sparsity, scope=self._scope)
+        keep = select(groups, scores, sparsity=cfg.sparsity, scope=scope)
         teacher = copy.deepcopy(denoiser) if cfg.recover is not None else None
         before = _params(denoiser)
         edits = prune(arch, denoiser, groups, keep, component=arch.denoiser)
         after = _params(denoiser)
         maskable = maskable_params(groups)
         recovery = self._recover(arch, teacher, denoiser, calib) if teacher is not None else "off"
-        heads = [g for g in groups if g.kind == "heads"]
         summary = {
             "method": cfg.method,
-            "scope": self._scope,
+            "scope": scope,
             "sparsity": cfg.sparsity,
             "achieved_sparsity": achieved_sparsity(groups, keep),
             "maskable_params": maskable,
             "params_before": before,
             "params_after": after,
-            "heads": [sum(g.count for g in heads), sum(len(keep[g.key]) for g in heads)],
-            "neurons": [
-                sum(g.count for g in groups if g.kind == "neurons"),
-                sum(len(keep[g.key]) for g in groups if g.kind == "neurons"),
-            ],
+            "heads": _before_after(groups, keep, "heads"),
+            "neurons": _before_after(groups, keep, "neurons"),
             "modules_removed": sum(1 for g in groups if not keep[g.key]),
             "masks": learning,
             "recover": recovery,
@@ -162,7 +159,6 @@ class EcoDiffPass(Pass):
             # mean-normalised magnitude ranking gives on random weights, whose units have
             # equal norms in expectation. Shapes, parameters and FLOPs are the pass's to
             # within which units go; the weights are not (there are none).
-            self._scope = "local"
             return (
                 {g.key: torch.zeros(g.count) for g in groups},
                 "preview (meta device, no weights): the same fraction of every module",
@@ -252,9 +248,7 @@ class EcoDiffPass(Pass):
         the calibration and the learning keys only (see the module docstring); recovery by
         the whole config. None without a work folder."""
         cfg = self.config
-        root = Path(cfg.work_dir) if cfg.work_dir else None
-        if root is None and calib.work_dir is not None:
-            root = calib.work_dir / "checkpoints"
+        root = checkpoint_root(cfg.work_dir, calib)
         if root is None:
             return None
         dumped = cfg.model_dump(mode="json", exclude={"work_dir"})
@@ -263,6 +257,12 @@ class EcoDiffPass(Pass):
         blob = json.dumps({"calibration": calib.key, "pass": dumped}, sort_keys=True)
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return root / f"{self.name}-{what}-{key}" / f"{what}.safetensors"
+
+
+def _before_after(groups, keep, unit: str) -> list[int]:
+    """[units before, units kept] over the groups of one unit type (heads | neurons)."""
+    of_type = [g for g in groups if g.kind == unit]
+    return [sum(g.count for g in of_type), sum(len(keep[g.key]) for g in of_type)]
 
 
 def _params(module) -> int:
