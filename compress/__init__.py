@@ -9,6 +9,7 @@ block removal (`blocks.remove`), EcoDiff pruning (`prune.ecodiff`) and QuEST qua
 from slimdiff.compress import (
     blocks,  # noqa: F401  (blocks.remove)
     prune,  # noqa: F401  (prune.ecodiff)
+    quant,  # noqa: F401  (quant.quest)
 )
 from slimdiff.compress.base import (
     Pass,

@@ -31,6 +31,13 @@ from slimdiff.export.bundle import (
     write_support_files,
 )
 from slimdiff.export.components import Component, export_mode, plan_components
+from slimdiff.export.lowbit import (
+    compact_names,
+    int4_digests,
+    integer_kernels,
+    is_quantized,
+    pack_int4_weights,
+)
 
 # Note: importing the submodule slimdiff.export.onnx binds the name `onnx` in this package's
 # namespace, so the onnx library itself is only used inside the submodules.
@@ -56,6 +63,7 @@ from slimdiff.runtime.manifest import (
 import slimdiff
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_dir, atomic_write_bytes
+from slimdiff.lowbit import merged_scales
 from slimdiff.models.loading import LoadedModel
 
 __all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
@@ -184,7 +192,9 @@ def _export_component(
     fusing = optimize and plan.on_cpu
     processor = _classic_attention if fusing and plan.attention == "classic" else None
     raw = root / _WORK / component.name / "raw.onnx"
-    with export_mode(component, processor):
+    # Timestep-aware quantizers trace with one merged scale each (slimdiff/lowbit.py): the
+    # graph's scales are constants, as onnxruntime's integer kernels need.
+    with export_mode(component, processor), merged_scales():
         export_component(component, raw)
     fusions: dict[str, int] = {}
     fused = fuse(str(raw), plan) if fusing else None
@@ -194,33 +204,48 @@ def _export_component(
         graph = load_graph(raw)
     if precision == "fp16":
         graph = convert_fp16(graph)
+    quantized = is_quantized(graph)
+    packed = pack_int4_weights(graph, int4_digests(component.model)) if quantized else 0
+    if quantized:
+        compact_names(graph)
     path = root / component.name / "model.onnx"
     external = save_model(graph, path, threshold)
     del graph
     # The raw export is as big as the final graph: free the disk before the next component.
     shutil.rmtree(raw.parent, ignore_errors=True)
     inputs, outputs = graph_io(path)
-    parity = check_parity(component, path, precision) if check else {}
+    tolerance_key = "int8" if quantized else precision
+    with merged_scales():  # torch as the graph computes it: one scale per quantizer
+        parity = check_parity(component, path, tolerance_key) if check else {}
     if parity and not parity["passed"]:
         raise ExportError(
-            f"{component.name}: ONNX ({precision}) differs from torch: rel err "
+            f"{component.name}: ONNX ({tolerance_key}) differs from torch: rel err "
             f"{parity['rel_err']:.3g} > tolerance {parity['tolerance']:g} on inputs "
             f"{parity['inputs']}; export with optimize=False to rule out the fusions, "
             "and report the model if it persists"
         )
+    extra = {
+        "opset": OPSET,
+        "ort_fusions": fusions,
+        "attention": plan.attention if fusing else "native",
+        "external_data": external,
+    }
+    if quantized:
+        # What ORT's CPU EP runs, from the session's optimized graph: the proof that the
+        # quantized layers execute as integer kernels, not as float ops between Q/DQ.
+        extra["quantization"] = {
+            "kernels": integer_kernels(path),
+            "int4_packed_weights": packed,
+            "activation_scales": "merged",
+        }
     return ComponentEntry(
         path=path.relative_to(root).as_posix(),
         format="onnx",
-        precision=precision,
+        precision=("int4" if packed else "int8") if quantized else precision,
         inputs=inputs,
         outputs=outputs,
         parity=parity,
-        extra={
-            "opset": OPSET,
-            "ort_fusions": fusions,
-            "attention": plan.attention if fusing else "native",
-            "external_data": external,
-        },
+        extra=extra,
     )
 
 

@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 # fp32: the issue asks the denoiser to match to 1e-4; every tiny component lands near 1e-6.
 # fp16: a 10-bit mantissa gives ~1e-3 per op; 2e-2 leaves room for depth (tiny SDXL UNet
 # converted: 1.8e-3) and still catches overflow and wrong casts.
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}
+# int8: graphs with Q/DQ against torch's fake quantization. ORT's integer kernels
+# requantize from an int32 accumulator, torch from a float one, so values at a rounding
+# boundary land one step apart, and each step moves the next layers' inputs (toy:shapes
+# W4A8: 4.8e-2 of the output's range at worst, on the CHECK inputs).
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1}
 
 
 class ExportError(Exception):

@@ -164,6 +164,16 @@ class Parity(TypedDict, total=False):
 
 
 @pydantic.with_config(_CONFIG)
+class QuantExtra(TypedDict, total=False):
+    """A quantized graph: the node types ORT's CPU EP runs it with (its optimized graph),
+    how many int4 weight constants are packed, and how timestep-aware scales were lowered."""
+
+    kernels: Annotated[dict[TensorName, Count], Field(max_length=64)]
+    int4_packed_weights: Count
+    activation_scales: Literal["merged"]
+
+
+@pydantic.with_config(_CONFIG)
 class OnnxExtra(TypedDict, total=False):
     """How an ONNX graph was produced; informational, the runtime does not read it."""
 
@@ -171,6 +181,7 @@ class OnnxExtra(TypedDict, total=False):
     ort_fusions: Annotated[dict[TensorName, Count], Field(max_length=256)]
     attention: Literal["classic", "native"]
     external_data: bool
+    quantization: QuantExtra
 
 
 class ComponentEntry(pydantic.BaseModel):

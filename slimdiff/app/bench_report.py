@@ -12,8 +12,9 @@ from slimdiff.fsutil import atomic_write_text
 __all__ = ["markdown_table", "write_grid", "write_markdown", "write_plot"]
 
 _HEADER = (
-    "| recipe | denoiser params (M) | bundle (MB) | GFLOP/step | ms/step (median / p90) | "
-    "torch eager ms/step | speedup | end-to-end ms | peak RSS (MB) | PSNR (dB) | latent rel err |"
+    "| recipe | denoiser params (M) | bundle (MB) | denoiser (MB) | GFLOP/step | "
+    "ms/step (median / p90) | torch eager ms/step | speedup | end-to-end ms | peak RSS (MB) | "
+    "PSNR (dB) | latent rel err |"
 )
 
 
@@ -29,11 +30,17 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results["recipes"]:
         lat = r["latency_ms"]
+        den = r.get("denoiser_bytes")
+        if r.get("simulated"):  # the precision has no kernel here: no speed to quote
+            step, speedup, e2e = "simulated", "simulated", "simulated"
+        else:
+            step = f"{lat['denoiser_step']:.2f} / {lat['denoiser_step_p90']:.2f}"
+            speedup, e2e = f"{r['speedup_vs_eager']:.2f}x", f"{lat['end_to_end']:.0f}"
         line = (
             f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['bytes_on_disk'] / 1e6:.1f} | "
-            f"{r['flops_per_step'] / 1e9:.2f} | {lat['denoiser_step']:.2f} / "
-            f"{lat['denoiser_step_p90']:.2f} | {r['torch_eager_ms_per_step']:.2f} | "
-            f"{r['speedup_vs_eager']:.2f}x | {lat['end_to_end']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{'-' if den is None else f'{den / 1e6:.2f}'} | "
+            f"{r['flops_per_step'] / 1e9:.2f} | {step} | {r['torch_eager_ms_per_step']:.2f} | "
+            f"{speedup} | {e2e} | {r['peak_rss_mb']:.0f} | "
             f"{r['fidelity']['psnr_db']:.1f} | {r['fidelity']['latent_rel_err']:.2e} |"
         )
         if with_acc:
@@ -77,6 +84,8 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in results["recipes"]:
+        if r.get("simulated"):  # no speed of its own to plot
+            continue
         x, y = r["latency_ms"]["denoiser_step"], r["fidelity"]["psnr_db"]
         ax.scatter([x], [y], s=40)
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)

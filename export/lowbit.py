@@ -1,0 +1,227 @@
+"""Quantized graphs: int4 weights packed on disk, and proof that ORT runs them in integers.
+
+The layers of `quant.quest` trace as QuantizeLinear/DequantizeLinear around MatMul and
+Conv with int8 weight constants (slimdiff/lowbit.py says why there is no import between
+the two). Here:
+
+- `pack_int4`: each int8 weight constant whose digest a layer declares as 4-bit is stored
+  two to a byte (uint8) with an unpacking subgraph in front (Cast, Div, Mul, Sub,
+  Concat, Reshape, Cast: ops every ONNX runtime has at opset 17). onnxruntime folds that
+  subgraph when the session loads, so the graph it runs has the int8 constant again and
+  fuses it into its integer kernels: 4 bits a weight on disk, the W8A8 kernels at run
+  time. (onnxruntime's MatMulNBits would pack linear weights too, but it quantizes its
+  activations itself, blockwise and dynamically, which would bypass the activation step
+  sizes QuEST learns, and it needs block-wise weight scales; convolutions have no 4-bit
+  kernel at all.)
+- `integer_kernels`: the node types of the graph ORT's CPU EP actually runs (the
+  session's optimized graph), counted: QLinearConv, QLinearMatMul and
+  MatMulIntegerToFloat are integer kernels; what stayed Conv/MatMul runs in float.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from slimdiff.lowbit import INT4_DIGEST_ATTR, int4_digest, pack_int4
+
+__all__ = [
+    "INTEGER_OPS",
+    "compact_names",
+    "int4_digests",
+    "integer_kernels",
+    "is_quantized",
+    "pack_int4_weights",
+]
+
+log = logging.getLogger(__name__)
+
+# Ops of ORT's optimized CPU graph that compute in integers.
+INTEGER_OPS = (
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+    "QAttention",
+)
+_COUNTED = (
+    *INTEGER_OPS,
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Conv",
+    "MatMul",
+    "Gemm",
+    "FusedConv",
+    "FusedMatMul",
+    "MultiHeadAttention",
+    "Attention",
+)
+
+
+def int4_digests(model) -> set[str]:
+    """Digests of the int8 constants that hold 4-bit weights, as the layers declare them."""
+    found = set()
+    for m in model.modules():
+        digest = getattr(m, INT4_DIGEST_ATTR, None)
+        if isinstance(digest, str):
+            found.add(digest)
+    return found
+
+
+def is_quantized(graph: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+
+
+def pack_int4_weights(model: onnx.ModelProto, digests: set[str]) -> int:
+    """Replace the int8 constants named by `digests` with packed uint8 ones and an
+    unpacking subgraph; returns how many were packed."""
+    if not digests:
+        return 0
+    graph = model.graph
+    shared = _shared_constants(graph)
+    new_nodes: list[onnx.NodeProto] = []
+    packed = 0
+    keep_inits = []
+    for init in graph.initializer:
+        if init.data_type == TensorProto.INT8 and _digest(init) in digests:
+            new_nodes += _unpack_nodes(graph, init.name, numpy_helper.to_array(init), shared)
+            packed += 1
+        else:
+            keep_inits.append(init)
+    kept_nodes = []
+    for node in graph.node:
+        value = _constant_value(node)
+        if value is not None and value.dtype == np.int8 and int4_digest(value) in digests:
+            new_nodes += _unpack_nodes(graph, node.output[0], value, shared)
+            packed += 1
+        else:
+            kept_nodes.append(node)
+    if not packed:
+        return 0
+    del graph.initializer[:]
+    graph.initializer.extend(keep_inits)
+    del graph.node[:]
+    graph.node.extend(new_nodes + kept_nodes)  # producers first: the graph stays sorted
+    log.info("packed %d int4 weight constants", packed)
+    return packed
+
+
+def _digest(init: onnx.TensorProto) -> str:
+    return int4_digest(numpy_helper.to_array(init))
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+    return None
+
+
+def _shared_constants(graph: onnx.GraphProto) -> dict[str, str]:
+    names = {
+        "c16": np.array(16, np.int32),
+        "c8": np.array(8, np.int32),
+        "axis1": np.array([1], np.int64),
+        "flat": np.array([-1], np.int64),
+    }
+    out = {}
+    for key, value in names.items():
+        name = f"slimdiff_int4_{key}"
+        out[key] = name
+        graph.initializer.append(numpy_helper.from_array(value, name))
+    return out
+
+
+def _unpack_nodes(graph, name: str, value: np.ndarray, c: dict[str, str]) -> list:
+    """Nodes computing int8 `name` (of value's shape) from its packed form."""
+    base = f"{name}_int4"
+    graph.initializer.append(numpy_helper.from_array(pack_int4(value), base))
+    graph.initializer.append(
+        numpy_helper.from_array(np.array(value.shape, np.int64), f"{base}_shape")
+    )
+    n = int(value.size)
+    graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{base}_start"))
+    graph.initializer.append(numpy_helper.from_array(np.array([n], np.int64), f"{base}_end"))
+    t = lambda s: f"{base}_{s}"  # noqa: E731
+    return [
+        helper.make_node("Cast", [base], [t("i32")], to=TensorProto.INT32),
+        helper.make_node("Div", [t("i32"), c["c16"]], [t("hi")]),
+        helper.make_node("Mul", [t("hi"), c["c16"]], [t("hi16")]),
+        helper.make_node("Sub", [t("i32"), t("hi16")], [t("lo")]),
+        helper.make_node("Unsqueeze", [t("lo"), c["axis1"]], [t("lo1")]),
+        helper.make_node("Unsqueeze", [t("hi"), c["axis1"]], [t("hi1")]),
+        helper.make_node("Concat", [t("lo1"), t("hi1")], [t("pairs")], axis=1),
+        helper.make_node("Reshape", [t("pairs"), c["flat"]], [t("flat")]),
+        helper.make_node("Slice", [t("flat"), f"{base}_start", f"{base}_end"], [t("cut")]),
+        helper.make_node("Sub", [t("cut"), c["c8"]], [t("signed")]),
+        helper.make_node("Reshape", [t("signed"), f"{base}_shape"], [t("shaped")]),
+        helper.make_node("Cast", [t("shaped")], [name], to=TensorProto.INT8),
+    ]
+
+
+def integer_kernels(path: Path) -> dict[str, int]:
+    """Counts of the node types ORT's CPU EP runs for the graph at `path` (its optimized
+    graph, written by a session with every optimization on), for the types that tell
+    integer from float compute."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="slimdiff-ortopt-") as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(out)
+        options.log_severity_level = 3  # the "hardware specific optimizations" note
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(out), load_external_data=False).graph
+        counts = Counter(n.op_type for n in graph.node)
+    return {op: counts[op] for op in _COUNTED if counts[op]}
+
+
+def compact_names(model: onnx.ModelProto) -> None:
+    """Short value names and no node names, graph inputs and outputs kept.
+
+    A quantized graph's weights are small enough that the traced names ("/denoiser/
+    up_blocks.0/resnets.0/conv1/Constant_2_output_0", three a node) become a large part of
+    the file: 3.7 MB of a 6.9 MB toy:shapes W4 UNet. Left alone when a node holds a
+    subgraph (its inner names would need the same renaming)."""
+    graph = model.graph
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    ):
+        return
+    keep = {v.name for v in (*graph.input, *graph.output)}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            names[name] = f"v{len(names):x}"
+        return names[name]
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [short(i) for i in node.input]
+        node.output[:] = [short(o) for o in node.output]
+    for vi in graph.value_info:
+        vi.name = short(vi.name)

@@ -1,0 +1,76 @@
+"""What quantized modules and the exporter agree on, without importing each other.
+
+compress/quant builds the quantized layers; export/ lowers them to ONNX. The layer's
+forward emits ONNX QuantizeLinear/DequantizeLinear itself while torch.onnx exports, and two
+things cross the layer boundary through this module:
+
+- `merged_scales()`: while it is entered (the exporter's trace and its torch parity run),
+  timestep-aware activation quantizers use one scale covering every group's range instead
+  of the group of the current timestep: the exported graph has constant scales, which is
+  what onnxruntime's integer kernels need (see compress/quant/layers.py);
+- int4 weights: the graph carries them as int8 constants, and the layer names their
+  SHA-256 in `INT4_DIGEST_ATTR`; the exporter packs those constants two to a byte with a
+  small unpacking subgraph in front, which onnxruntime folds back to int8 when the session
+  loads, so the file holds 4 bits a weight and the kernels stay the int8 ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = [
+    "INT4_DIGEST_ATTR",
+    "int4_digest",
+    "merged_scales",
+    "pack_int4",
+    "scales_merged",
+    "unpack_int4",
+]
+
+INT4_DIGEST_ATTR = "onnx_int4_digest"
+_merged = 0
+
+
+@contextlib.contextmanager
+def merged_scales() -> Iterator[None]:
+    """Timestep-aware quantizers use their merged (all-groups) scale while entered."""
+    global _merged
+    _merged += 1
+    try:
+        yield
+    finally:
+        _merged -= 1
+
+
+def scales_merged() -> bool:
+    return _merged > 0
+
+
+def int4_digest(values: np.ndarray) -> str:
+    """The digest the exporter matches an int8 constant holding 4-bit values by."""
+    values = np.ascontiguousarray(values, dtype=np.int8)
+    return hashlib.sha256(values.tobytes() + repr(values.shape).encode()).hexdigest()
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """Signed 4-bit values (-8..7, any shape) two to a byte, flattened: low nibble first,
+    each stored as value + 8. An odd count is padded with one zero."""
+    flat = np.asarray(values, dtype=np.int16).reshape(-1)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError("pack_int4: values outside -8..7")
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int16)])
+    u = (flat + 8).astype(np.uint8)
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """pack_int4's inverse: int8 values of `shape`."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    both = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1).astype(np.int16) - 8
+    count = int(np.prod(shape)) if shape else 1
+    return both[:count].astype(np.int8).reshape(shape)
