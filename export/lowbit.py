@@ -87,13 +87,14 @@ def pack_int4_weights(model: onnx.ModelProto, digests: set[str]) -> int:
     if not digests:
         return 0
     graph = model.graph
-    shared = _shared_constants(graph)
+    added: list[onnx.TensorProto] = []
+    shared = _shared_constants(added)
     new_nodes: list[onnx.NodeProto] = []
     packed = 0
     keep_inits = []
     for init in graph.initializer:
         if init.data_type == TensorProto.INT8 and _digest(init) in digests:
-            new_nodes += _unpack_nodes(graph, init.name, numpy_helper.to_array(init), shared)
+            new_nodes += _unpack_nodes(added, init.name, numpy_helper.to_array(init), shared)
             packed += 1
         else:
             keep_inits.append(init)
@@ -101,14 +102,14 @@ def pack_int4_weights(model: onnx.ModelProto, digests: set[str]) -> int:
     for node in graph.node:
         value = _constant_value(node)
         if value is not None and value.dtype == np.int8 and int4_digest(value) in digests:
-            new_nodes += _unpack_nodes(graph, node.output[0], value, shared)
+            new_nodes += _unpack_nodes(added, node.output[0], value, shared)
             packed += 1
         else:
             kept_nodes.append(node)
     if not packed:
         return 0
     del graph.initializer[:]
-    graph.initializer.extend(keep_inits)
+    graph.initializer.extend(keep_inits + added)
     del graph.node[:]
     graph.node.extend(new_nodes + kept_nodes)  # producers first: the graph stays sorted
     log.info("packed %d int4 weight constants", packed)
@@ -128,7 +129,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _shared_constants(graph: onnx.GraphProto) -> dict[str, str]:
+def _shared_constants(added: list[onnx.TensorProto]) -> dict[str, str]:
     names = {
         "c16": np.array(16, np.int32),
         "c8": np.array(8, np.int32),
@@ -139,20 +140,20 @@ def _shared_constants(graph: onnx.GraphProto) -> dict[str, str]:
     for key, value in names.items():
         name = f"slimdiff_int4_{key}"
         out[key] = name
-        graph.initializer.append(numpy_helper.from_array(value, name))
+        added.append(numpy_helper.from_array(value, name))
     return out
 
 
-def _unpack_nodes(graph, name: str, value: np.ndarray, c: dict[str, str]) -> list:
+def _unpack_nodes(added: list, name: str, value: np.ndarray, c: dict[str, str]) -> list:
     """Nodes computing int8 `name` (of value's shape) from its packed form."""
     base = f"{name}_int4"
-    graph.initializer.append(numpy_helper.from_array(pack_int4(value), base))
-    graph.initializer.append(
-        numpy_helper.from_array(np.array(value.shape, np.int64), f"{base}_shape")
-    )
     n = int(value.size)
-    graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{base}_start"))
-    graph.initializer.append(numpy_helper.from_array(np.array([n], np.int64), f"{base}_end"))
+    added += [
+        numpy_helper.from_array(pack_int4(value), base),
+        numpy_helper.from_array(np.array(value.shape, np.int64), f"{base}_shape"),
+        numpy_helper.from_array(np.array([0], np.int64), f"{base}_start"),
+        numpy_helper.from_array(np.array([n], np.int64), f"{base}_end"),
+    ]
     t = lambda s: f"{base}_{s}"  # noqa: E731
     return [
         helper.make_node("Cast", [base], [t("i32")], to=TensorProto.INT32),

@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "INT4_DIGEST_ATTR",
+    "has_quantized_layers",
     "int4_digest",
     "merged_scales",
     "pack_int4",
@@ -33,6 +34,12 @@ __all__ = [
 
 INT4_DIGEST_ATTR = "onnx_int4_digest"
 _merged = 0
+
+
+def has_quantized_layers(model) -> bool:
+    """Whether `model` (a torch module) holds quantized layers: every one carries
+    INT4_DIGEST_ATTR (None when its weights are 8-bit)."""
+    return any(hasattr(m, INT4_DIGEST_ATTR) for m in model.modules())
 
 
 @contextlib.contextmanager

@@ -40,6 +40,11 @@ def main() -> None:
     p.add_argument("--weights", default="int8", choices=("int8", "int4"))
     p.add_argument("--activations", default="int8", choices=("int8", "int4", "none"))
     p.add_argument("--method", default="minmax", choices=("minmax", "quest"))
+    p.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="with --method quest: MSE-searched weight and activation ranges only",
+    )
     p.add_argument("--repeat", type=int, default=5, help="timed pairs after one warm-up")
     p.add_argument("--out", default="quant-speed")
     args = p.parse_args()
@@ -110,7 +115,10 @@ def run(args) -> dict:
     fp32_path = out / "fp32" / "model.onnx"
     export_fp32_s = _export(fp32, fp32_path)
 
-    cfg = QuestPass.Config(weights=args.weights, activations=args.activations, method=args.method)
+    finetune = {"time_layers": False, "sensitive": 0, "epochs": 0} if args.no_finetune else {}
+    cfg = QuestPass.Config(
+        weights=args.weights, activations=args.activations, method=args.method, finetune=finetune
+    )
     t0 = time.perf_counter()
     report = QuestPass(cfg).apply(pipe, calib)
     quant_s = time.perf_counter() - t0
@@ -126,8 +134,8 @@ def run(args) -> dict:
 
     backend = OrtBackend("ort-cpu")
     a, b = backend.load(fp32_path), backend.load(q_path)
-    ref = [a.run(f)[0] for f in feeds]
-    got = [b.run(f)[0] for f in feeds]
+    ref = [next(iter(a.run(f).values())) for f in feeds]
+    got = [next(iter(b.run(f).values())) for f in feeds]
 
     def rel(x, y):
         return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12))
@@ -147,7 +155,12 @@ def run(args) -> dict:
         "model": args.model,
         "size": args.size,
         "batch": int(timed[next(iter(timed))].shape[0]),
-        "quant": {"weights": args.weights, "activations": args.activations, "method": args.method},
+        "quant": {
+            "weights": args.weights,
+            "activations": args.activations,
+            "method": args.method,
+            "finetune": not args.no_finetune,
+        },
         "fp32_ms": statistics.median(ta),
         "quant_ms": statistics.median(tb),
         "speedup": statistics.median(ratios),

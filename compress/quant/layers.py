@@ -313,6 +313,7 @@ class _QuantCore(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, key: int):
         consts = _CONSTS.pop(key)
+
         def const(t: torch.Tensor):
             return g.op("Constant", value_t=t)
 

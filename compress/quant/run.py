@@ -123,13 +123,15 @@ def _quest(cfg, arch, calib, denoiser, teacher, data, batches, digest) -> dict[s
     layers = quant_layers(denoiser)
     out: dict[str, Any] = {}
     sens_batches = batches[:: max(1, len(batches) // _SENSITIVITY_BATCHES)][:_SENSITIVITY_BATCHES]
-    ranking = rank_sensitivity(denoiser, teacher, data, sens_batches, list(layers))
-    out["sensitivity"] = [{"layer": n, "output_mse": e} for n, e in ranking]
-    width = max(len(n) for n, _ in ranking[:10])
-    log.info(
-        "quant.quest: most sensitive layers (output MSE, quantized alone):\n%s",
-        "\n".join(f"  {n:<{width}}  {e:.3e}" for n, e in ranking[:10]),
-    )
+    ranking: list[tuple[str, float]] = []
+    if ft.sensitive and ft.epochs:  # one forward a layer: only when it chooses something
+        ranking = rank_sensitivity(denoiser, teacher, data, sens_batches, list(layers))
+        out["sensitivity"] = [{"layer": n, "output_mse": e} for n, e in ranking]
+        width = max(len(n) for n, _ in ranking[:10])
+        log.info(
+            "quant.quest: most sensitive layers (output MSE, quantized alone):\n%s",
+            "\n".join(f"  {n:<{width}}  {e:.3e}" for n, e in ranking[:10]),
+        )
     root = checkpoint_root(cfg.work_dir, calib)
     key = checkpoint_key(cfg, calib, digest)
     ckpt = (

@@ -1,0 +1,217 @@
+"""`quant.quest`: the pass contract (config round trip, bit-identical reload through the
+edit log) on tiny SDXL, SD3 and FLUX; the quantizers' arithmetic; the layer plan; a killed
+finetuning run resumes to the same weights; bad configs are refused."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from slimdiff.compress import get_pass
+from slimdiff.compress.quant.edits import LayerQuant, Quantized
+from slimdiff.compress.quant.layers import ActQuantizer, QuantLayer, group_of, quant_layers
+
+from slimdiff.errors import UserError
+from slimdiff.lowbit import merged_scales, pack_int4, unpack_int4
+from slimdiff.models import load_model
+from slimdiff.models.arch import matches
+from slimdiff.recipe import Recipe
+from tests.unit.compress.pass_contract import PassContract
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUEST = {"sensitive": 2, "epochs": 1, "epochs_time": 1, "batch": 2, "checkpoint_every": 1}
+
+
+class _QuantContract(PassContract):
+    pass_name = "quant.quest"
+
+    def test_frozen_modules_are_untouched(self):
+        """Quantization touches the time and first/last layers (QuEST quantizes them); what
+        stays float is ArchSpec.never_quantize and keep_fp: plain modules, same weights."""
+        model = load_model(f"tiny:{self.family}")
+        reference = dict(load_model(f"tiny:{self.family}").denoiser.named_modules())
+        report = self._apply(model)
+        layers = quant_layers(model.denoiser)
+        assert len(layers) == report.summary["layers"] > 0
+        keep = (*model.arch.never_quantize, *self.config.get("keep_fp", ()))
+        checked = 0
+        for name, module in model.denoiser.named_modules():
+            if (
+                name
+                and matches(name, keep)
+                and isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+            ):
+                assert name not in layers
+                assert torch.equal(module.weight, reference[name].weight), name
+                checked += 1
+        assert checked > 0 or not keep
+        assert all(layer.finalised for layer in layers.values())
+
+
+class TestMinmaxW8A8SDXL(_QuantContract):
+    config: ClassVar[dict] = {"weights": "int8", "activations": "int8", "method": "minmax"}
+    family = "sdxl"
+
+
+class TestQuestW4A4LowrankSD3(_QuantContract):
+    config: ClassVar[dict] = {
+        "weights": "int4",
+        "activations": "int4",
+        "timestep_groups": 2,
+        "lowrank": 4,
+        "keep_fp": ["transformer_blocks.0.attn.to_k"],
+        "finetune": QUEST,
+    }
+    family = "sd3"
+
+
+class TestMinmaxW4A8FLUX(_QuantContract):
+    config: ClassVar[dict] = {"weights": "int4", "activations": "int8", "method": "minmax"}
+    family = "flux"
+
+
+def test_int4_packing_round_trips_and_halves_the_bytes():
+    values = np.random.default_rng(0).integers(-8, 8, size=(7, 5, 3)).astype(np.int8)
+    packed = pack_int4(values)
+    assert packed.dtype == np.uint8 and packed.size == (values.size + 1) // 2
+    assert np.array_equal(unpack_int4(packed, values.shape), values)
+    with pytest.raises(ValueError, match=r"outside -8\.\.7"):
+        pack_int4(np.array([9], np.int8))
+
+
+def test_activation_quantizer_groups_merge_and_learn():
+    q = ActQuantizer(8, groups=2)
+    q.set_range(torch.tensor([-1.0, -0.1]), torch.tensor([1.0, 4.0]))
+    x = torch.linspace(-1.0, 4.0, 1001)
+    q.group = 1
+    err_own = (q(x.clamp(-0.1, 4.0)) - x.clamp(-0.1, 4.0)).abs().max()
+    assert err_own <= q.scale[1] / 2 + 1e-6  # half a step inside its range
+    scale, zero = q.merged()  # covers both groups' ranges: [-1, 4]
+    assert scale == pytest.approx(5.0 / 255, rel=1e-3) and zero == round(1.0 / scale)
+    with merged_scales():
+        assert (q(x) - x).abs().max() <= scale / 2 + 1e-6
+    # LSQ: the step size gets a gradient through the straight-through rounding.
+    q.scale.grad = None
+    q(x * 1.5).sum().backward()
+    assert q.scale.grad is not None and q.scale.grad[1] != 0 and q.scale.grad[0] == 0
+
+
+def test_groups_follow_the_timestep():
+    edges = [750.0, 250.0]  # three groups, descending as the sampler visits them
+    # (a timestep on an edge, never a sampled one: edges are midpoints, goes to the earlier)
+    assert [group_of(t, edges) for t in (999, 751, 750, 500, 250, 10)] == [0, 0, 0, 1, 1, 2]
+
+
+def test_plan_keeps_io_layers_at_8_bit_and_skips_never_quantize():
+    from slimdiff.compress.quant.quest import plan_layers
+
+    model = load_model("tiny:sdxl")
+    cls = get_pass("quant.quest")
+    plan = plan_layers(cls.Config(weights="int4", activations="int4"), model.arch, model.denoiser)
+    assert plan["conv_in"].weight_bits == 8 and plan["conv_in"].act_bits == 8
+    assert plan["conv_out"].out_bits is None  # the model's output stays float
+    assert not any(matches(n, model.arch.never_quantize) for n in plan)
+    convs = [
+        s for n, s in plan.items() if s.kind == "conv" and not matches(n, model.arch.io_layers)
+    ]
+    assert convs and all(s.weight_bits == 4 and s.out_bits == 8 for s in convs)
+
+
+def test_quant_layer_finalises_to_the_same_outputs_and_integer_storage():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    spec = LayerQuant(kind="linear", weight_bits=4, act_bits=8)
+    layer = QuantLayer(spec, lin, groups=1)
+    layer.init_weight_scale(search=True)
+    layer.act.set_range(torch.tensor([-3.0]), torch.tensor([3.0]))
+    x = torch.randn(4, 16)
+    before = layer(x)
+    layer.finalise()
+    assert layer.weight_q.dtype == torch.uint8 and layer.weight_q.numel() == 16 * 8 // 2
+    assert "weight" not in dict(layer.named_parameters())
+    assert torch.equal(layer(x), before)
+    assert layer.integer_weight().abs().max() <= 7
+
+
+def test_a_killed_finetuning_run_resumes_to_the_same_weights(tmp_path):
+    """Kill a finetuning stage after 3 of its 6 steps, rerun: the result equals an
+    uninterrupted run's, bit for bit (student, optimizer and batch order restored)."""
+    import copy
+
+    from slimdiff.compress.quant.calibrate import batches_by_step
+    from slimdiff.compress.quant.finetune import Stage, finetune, trainable
+    from slimdiff.compress.quant.layers import replace_layers
+    from slimdiff.compress.quant.quest import plan_layers
+
+    from slimdiff.calib import Calibration
+    from slimdiff.recipe import CalibrationSpec
+
+    cls = get_pass("quant.quest")
+    settings = cls.Config.model_validate({"finetune": {**QUEST, "epochs": 2}}).finetune
+
+    def run(ckpt, stop_at=None):
+        model = load_model("tiny:sd15")
+        calib = Calibration(
+            model.pipe, model.arch, CalibrationSpec(num_prompts=2, steps=3, size=(64, 64))
+        )
+        data = calib.record()
+        teacher = copy.deepcopy(model.denoiser)
+        plan = plan_layers(cls.Config(), model.arch, model.denoiser)
+        edit = Quantized(component="unet", layers=plan)
+        layers = replace_layers(model.denoiser.requires_grad_(False), edit)
+        for layer in layers.values():
+            layer.init_weight_scale(search=False)
+        names = sorted(layers)[:3]
+        weights = [p for n in names for p in trainable(layers[n], weights=True)[0]]
+        scales = [p for lay in layers.values() for p in trainable(lay, weights=False)[1]]
+        stage = Stage("stage", [(weights, 1e-3), (scales, 1e-3)], names, settings.epochs)
+        batches = batches_by_step(data, [data.pair(i) for i in range(len(data))], 2)
+
+        def on_step(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+
+        result = finetune(model.denoiser, teacher, data, batches, stage, settings, ckpt, on_step)
+        return model.denoiser.state_dict(), result
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "a.safetensors", stop_at=3)
+    resumed, result = run(tmp_path / "a.safetensors")
+    assert result["steps"] == 6 and result["resumed_at"] == 3
+    straight, _ = run(tmp_path / "b.safetensors")
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"weights": "int2"},
+        {"activations": "fp8"},
+        {"method": "gptq"},
+        {"timestep_groups": 0},
+        {"lowrank": -1},
+        {"finetune": {"epochs": -1}},
+        {"init": "entropy"},
+    ],
+)
+def test_bad_configs_are_refused_by_the_recipe(bad):
+    key = next(iter(bad))
+    with pytest.raises(UserError, match=rf"passes\[0\] \(quant.quest\).*{key}"):
+        Recipe(model="tiny:sdxl", passes=[{"pass": "quant.quest", **bad}])
+
+
+def test_more_groups_than_calibration_steps_is_one_clear_error():
+    model = load_model("tiny:sdxl")
+    cls = get_pass("quant.quest")
+    p = cls(cls.Config(method="minmax", timestep_groups=3))
+    with pytest.raises(UserError, match=r"timestep_groups 3 exceeds calibration\.steps 2"):
+        p.apply(model.pipe, PassContract().calibration(model))
+
+
+def test_the_edit_checks_its_groups():
+    with pytest.raises(ValueError, match=r"2 groups need 1 group_edges"):
+        Quantized(component="unet", layers={}, groups=2)
