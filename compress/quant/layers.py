@@ -119,7 +119,10 @@ class ActQuantizer(nn.Module):
         s, z = self.current()
         if self.training or s.requires_grad:
             s = _grad_scale(s, 1.0 / math.sqrt(x.numel() * self.qmax))
-        q = torch.clamp(_round_ste(x / s) + z, 0, self.qmax)
+        # x times the reciprocal, not x / s: onnxruntime rewrites a division by a constant
+        # into that product, and at a rounding tie the two differ by one level (measured:
+        # a 4-bit linear layer matched its ONNX graph exactly only this way).
+        q = torch.clamp(_round_ste(x * (1.0 / s)) + z, 0, self.qmax)
         return (q - z) * s
 
     def onnx_params(self) -> tuple[float, int, int]:
@@ -319,14 +322,22 @@ class _QuantCore(torch.autograd.Function):
 
         def qdq(v, params):
             scale, zero, qmax = params
-            s, z = (
-                const(torch.tensor(scale, dtype=torch.float32)),
-                const(torch.tensor(zero, dtype=torch.uint8)),
-            )
-            if qmax < 255:  # 4-bit activations: clip to the 16 levels, then uint8 Q/DQ
-                lo = torch.tensor((0 - zero) * scale, dtype=torch.float32)
-                hi = torch.tensor((qmax - zero) * scale, dtype=torch.float32)
-                v = g.op("Clip", v, const(lo), const(hi))
+            s = const(torch.tensor(scale, dtype=torch.float32))
+            if qmax < 255:
+                inv = const(1.0 / torch.tensor(scale, dtype=torch.float32))
+                # 4-bit activations: no ONNX Runtime kernel takes them, so the graph computes
+                # the fake quantization in float, as torch does (Round is half to even in
+                # both); what follows runs in float: a simulated precision.
+                z = const(torch.tensor(float(zero), dtype=torch.float32))
+                q = g.op("Add", g.op("Round", g.op("Mul", v, inv)), z)
+                q = g.op(
+                    "Clip",
+                    q,
+                    const(torch.tensor(0.0, dtype=torch.float32)),
+                    const(torch.tensor(float(qmax), dtype=torch.float32)),
+                )
+                return g.op("Mul", g.op("Sub", q, z), s)
+            z = const(torch.tensor(zero, dtype=torch.uint8))
             return g.op("DequantizeLinear", g.op("QuantizeLinear", v, s, z), s, z)
 
         if consts.act is not None:
@@ -340,6 +351,13 @@ class _QuantCore(torch.autograd.Function):
             axis_i=axis,
         )
         if consts.kind == "linear":
+            if consts.act is None or consts.act[2] < 255:
+                # Float input (4-bit emulation, weight-only): onnxruntime would turn
+                # DequantizeLinear -> MatMul into MatMulNBits, which quantizes the input
+                # itself (accuracy level 4: int8, block-wise) and so no longer computes
+                # what torch does; a Reshape between them keeps the plain float MatMul.
+                shape = const(torch.tensor(list(consts.weight.shape), dtype=torch.int64))
+                w = g.op("Reshape", w, shape)
             y = g.op("MatMul", x, w)
             if consts.bias is not None:
                 y = g.op("Add", y, const(consts.bias))
