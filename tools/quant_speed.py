@@ -45,6 +45,14 @@ def main() -> None:
         action="store_true",
         help="with --method quest: MSE-searched weight and activation ranges only",
     )
+    p.add_argument(
+        "--finetune-scales",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="with --method quest: MSE ranges, then EPOCHS of QuEST's step-size finetuning "
+        "(every activation step size, lr 1e-3, no weights, no sensitivity ranking)",
+    )
     p.add_argument("--repeat", type=int, default=5, help="timed pairs after one warm-up")
     p.add_argument("--out", default="quant-speed")
     args = p.parse_args()
@@ -115,7 +123,10 @@ def run(args) -> dict:
     fp32_path = out / "fp32" / "model.onnx"
     export_fp32_s = _export(fp32, fp32_path)
 
-    finetune = {"time_layers": False, "sensitive": 0, "epochs": 0} if args.no_finetune else {}
+    finetune = {}
+    if args.no_finetune or args.finetune_scales:
+        finetune = {"time_layers": False, "sensitive": 0, "epochs": args.finetune_scales}
+        finetune.update(batch=2, lr_scales=1e-3)
     cfg = QuestPass.Config(
         weights=args.weights, activations=args.activations, method=args.method, finetune=finetune
     )
@@ -159,7 +170,9 @@ def run(args) -> dict:
             "weights": args.weights,
             "activations": args.activations,
             "method": args.method,
-            "finetune": not args.no_finetune,
+            "finetune": "none"
+            if args.no_finetune
+            else (f"scales, {args.finetune_scales} epochs" if args.finetune_scales else "quest"),
         },
         "fp32_ms": statistics.median(ta),
         "quant_ms": statistics.median(tb),
