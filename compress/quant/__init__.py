@@ -6,10 +6,4 @@ are pure data): torch loads when the pass runs or an artifact is restored.
 
 from slimdiff.compress.quant.quest import QuestPass
 
-__all__ = ["QuestPass", "apply_quest"]
-
-
-def apply_quest(p, pipe, calib):
-    from slimdiff.compress.quant.run import apply_quest as run
-
-    return run(p, pipe, calib)
+__all__ = ["QuestPass"]

@@ -15,10 +15,20 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-from slimdiff.compress.quant.layers import ActQuantizer, QuantLayer, act_quantizers, weight_qmax
+from slimdiff.compress.quant.layers import ActQuantizer, QuantLayer, act_quantizers
 from torch import nn
 
-__all__ = ["ActStats", "batches_by_step", "init_lowrank", "init_ranges", "observe"]
+__all__ = [
+    "ActStats",
+    "batches_by_step",
+    "channel_amax",
+    "choose_range",
+    "init_lowrank",
+    "init_ranges",
+    "observe",
+    "replay",
+    "weight_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +214,3 @@ def weight_error(layer: QuantLayer) -> float:
     q = layer.integer_weight().to(w.dtype)
     s = layer.weight_scale.reshape(-1, *([1] * (w.dim() - 1)))
     return float((q * s - w).pow(2).sum() / w.pow(2).sum().clamp(min=1e-12))
-
-
-__all__ += ["channel_amax", "choose_range", "replay", "weight_error", "weight_qmax"]

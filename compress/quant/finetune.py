@@ -22,7 +22,7 @@ from torch import nn
 from slimdiff.progress import Progress
 from slimdiff.trainstate import checkpoint_if_due, load_train_state
 
-__all__ = ["Stage", "finetune", "rank_sensitivity"]
+__all__ = ["Stage", "finetune", "only_quantized", "rank_sensitivity", "trainable"]
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,3 @@ def trainable(layer: QuantLayer, weights: bool) -> tuple[list[nn.Parameter], lis
     w = [layer.weight] + ([layer.bias] if layer.bias is not None else []) if weights else []
     scales = [q.scale for q in (layer.act, layer.out_act) if q is not None]
     return w, scales
-
-
-__all__ += ["only_quantized", "trainable"]

@@ -126,8 +126,8 @@ class ActQuantizer(nn.Module):
         return (q - z) * s
 
     def onnx_params(self) -> tuple[float, int, int]:
-        s, z = self.merged() if self.scale.numel() > 1 else self.current()
-        return float(s), int(z), self.qmax
+        s, z = self.merged()  # one group: its own scale and zero point
+        return s, z, self.qmax
 
 
 class QuantLayer(nn.Module):

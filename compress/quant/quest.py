@@ -76,7 +76,7 @@ class QuestPass(Pass):
     needs_calibration = True
 
     def apply(self, pipe: Any, calib: Any) -> PassReport:
-        from slimdiff.compress.quant import apply_quest
+        from slimdiff.compress.quant.run import apply_quest
 
         return apply_quest(self, pipe, calib)
 
