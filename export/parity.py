@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 # converted: 1.8e-3) and still catches overflow and wrong casts.
 # int8: graphs with Q/DQ against torch's fake quantization. ORT's integer kernels
 # requantize from an int32 accumulator, torch from a float one, so values at a rounding
-# boundary land one step apart, and each step moves the next layers' inputs (toy:shapes
-# W4A8: 4.8e-2 of the output's range at worst, on the CHECK inputs).
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1e-1}
+# boundary land one step apart, and each step moves the next layers' inputs (toy:shapes,
+# worst element on the CHECK inputs: QuEST W8A8 3.9e-2, W4A8 4.8e-2, minmax W8A8 9.8e-2).
+# A wrong axis or scale gives errors of order 1.
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1}
 
 
 class ExportError(Exception):

@@ -51,7 +51,7 @@ def test_w8a8_and_w4a8_export_to_integer_kernels_and_run(tmp_path):
         manifest = export_bundle(quantized, tmp_path / name)
         entry = manifest.components["unet"]
         assert entry.precision == ("int8" if weights == "int8" else "int4")
-        assert entry.parity["passed"] and entry.parity["tolerance"] == 0.1
+        assert entry.parity["passed"] and entry.parity["tolerance"] == 0.2
         q = entry.extra["quantization"]
         # The convolutions and linear layers run as ORT's integer kernels.
         assert q["kernels"].get("QLinearConv", 0) > 0
