@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -86,8 +87,6 @@ def _export(component, path: Path) -> float:
     graph = load_graph(raw)
     pack_int4_weights(graph, int4_digests(component.model))
     save_model(graph, path, PROTOBUF_LIMIT)
-    import shutil
-
     shutil.rmtree(raw.parent)
     return time.perf_counter() - t0
 
