@@ -63,7 +63,13 @@ from slimdiff.runtime.manifest import (
 import slimdiff
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_dir, atomic_write_bytes
-from slimdiff.lowbit import has_quantized_layers, merged_scales
+from slimdiff.lowbit import (
+    INT4_DIGEST_ATTR,
+    QDQ_FORMS,
+    has_quantized_layers,
+    merged_scales,
+    qdq_form,
+)
 from slimdiff.models.loading import LoadedModel
 
 __all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
@@ -83,6 +89,7 @@ def export_bundle(
     precision: str = "fp32",
     optimize: bool = True,
     vae_precision: str | None = None,
+    qdq: str = "ort",
     check: bool = True,
     external_data_threshold: int = PROTOBUF_LIMIT,
     source: dict | None = None,
@@ -98,6 +105,11 @@ def export_bundle(
         optimize: run ORT fusions where they help the CPU EP (see export/optimize.py).
         vae_precision: VAE decoder precision; default fp32 for VAEs whose config sets
             force_upcast (SDXL's), else `precision`.
+        qdq: how quantized layers are written (slimdiff/lowbit.py QDQ_FORMS): "ort",
+            asymmetric uint8 activations for onnxruntime's integer kernels (int4 weights
+            packed); "tensorrt", ModelOpt's symmetric int8 form with Q/DQ on inputs only,
+            which TensorRT requires (unverified here: TensorRT does not install on these
+            machines; the graph is checked by onnxruntime). Float models: no difference.
         check: compare every graph against torch on fresh inputs; raise ExportError when
             one is off by more than its tolerance.
         external_data_threshold: weights beyond this many bytes go to model.onnx.data
@@ -109,6 +121,8 @@ def export_bundle(
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
     """
     _validate(target, precision, vae_precision, external_data_threshold)
+    if qdq not in QDQ_FORMS:
+        raise UserError(f"qdq form {qdq!r} is not supported; use one of: {', '.join(QDQ_FORMS)}")
     model.require_pipeline("export")
     out = Path(out)
     check_out_dir(out)
@@ -124,6 +138,7 @@ def export_bundle(
                 root,
                 precision=precisions[component.name],
                 optimize=optimize,
+                qdq=qdq,
                 check=check,
                 threshold=external_data_threshold,
             )
@@ -185,7 +200,14 @@ def _validate(target: str, precision: str, vae_precision: str | None, threshold:
 
 
 def _export_component(
-    component: Component, root: Path, *, precision: str, optimize: bool, check: bool, threshold: int
+    component: Component,
+    root: Path,
+    *,
+    precision: str,
+    optimize: bool,
+    qdq: str,
+    check: bool,
+    threshold: int,
 ) -> ComponentEntry:
     """Export, fuse, convert, save and check one component; its manifest entry."""
     plan = component.plan
@@ -196,8 +218,8 @@ def _export_component(
     processor = _classic_attention if fusing and plan.attention == "classic" else None
     raw = root / _WORK / component.name / "raw.onnx"
     # Timestep-aware quantizers trace with one merged scale each (slimdiff/lowbit.py): the
-    # graph's scales are constants, as onnxruntime's integer kernels need.
-    with export_mode(component, processor), merged_scales():
+    # graph's scales are constants, as integer kernels need.
+    with export_mode(component, processor), merged_scales(), qdq_form(qdq):
         export_component(component, raw)
     fusions: dict[str, int] = {}
     fused = fuse(str(raw), plan) if fusing else None
@@ -208,7 +230,9 @@ def _export_component(
     if precision == "fp16":
         graph = convert_fp16(graph)
     quantized = is_quantized(graph)
-    packed = pack_int4_weights(graph, int4_digests(component.model)) if quantized else 0
+    # TensorRT's parser does not fold the unpacking subgraph: int4 values stay int8 there.
+    pack = quantized and qdq == "ort"
+    packed = pack_int4_weights(graph, int4_digests(component.model)) if pack else 0
     if quantized:
         compact_names(graph)
     path = root / component.name / "model.onnx"
@@ -218,7 +242,7 @@ def _export_component(
     shutil.rmtree(raw.parent, ignore_errors=True)
     inputs, outputs = graph_io(path)
     tolerance_key = "int8" if quantized else precision
-    with merged_scales():  # torch as the graph computes it: one scale per quantizer
+    with merged_scales(), qdq_form(qdq):  # torch as the graph computes it
         parity = check_parity(component, path, tolerance_key) if check else {}
     if parity and not parity["passed"]:
         raise ExportError(
@@ -240,16 +264,23 @@ def _export_component(
             "kernels": integer_kernels(path),
             "int4_packed_weights": packed,
             "activation_scales": "merged",
+            "qdq_form": qdq,
         }
     return ComponentEntry(
         path=path.relative_to(root).as_posix(),
         format="onnx",
-        precision=("int4" if packed else "int8") if quantized else precision,
+        precision=_quantized_precision(component.model) if quantized else precision,
         inputs=inputs,
         outputs=outputs,
         parity=parity,
         extra=extra,
     )
+
+
+def _quantized_precision(model) -> str:
+    """int4 when the component holds 4-bit weights (packed or not), else int8."""
+    four = any(getattr(m, INT4_DIGEST_ATTR, None) for m in model.modules())
+    return "int4" if four else "int8"
 
 
 def _classic_attention(model) -> dict:

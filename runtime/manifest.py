@@ -166,11 +166,13 @@ class Parity(TypedDict, total=False):
 @pydantic.with_config(_CONFIG)
 class QuantExtra(TypedDict, total=False):
     """A quantized graph: the node types ORT's CPU EP runs it with (its optimized graph),
-    how many int4 weight constants are packed, and how timestep-aware scales were lowered."""
+    how many int4 weight constants are packed, how timestep-aware scales were lowered, and the
+    Q/DQ dialect (slimdiff/lowbit.py): "ort" (asymmetric uint8) or "tensorrt" (symmetric)."""
 
     kernels: Annotated[dict[TensorName, Count], Field(max_length=64)]
     int4_packed_weights: Count
     activation_scales: Literal["merged"]
+    qdq_form: Literal["ort", "tensorrt"]
 
 
 @pydantic.with_config(_CONFIG)

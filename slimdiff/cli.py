@@ -224,9 +224,24 @@ def compress_cmd(
     help="Default: fp32 for VAEs that overflow in fp16 (SDXL), else --precision.",
 )
 @click.option("--no-optimize", is_flag=True, help="Skip onnxruntime's fusions.")
+@click.option(
+    "--qdq",
+    type=click.Choice(["ort", "tensorrt"]),
+    default="ort",
+    show_default=True,
+    help="Quantized models: onnxruntime's asymmetric Q/DQ, or ModelOpt's symmetric form for "
+    "TensorRT (unverified: no TensorRT here).",
+)
 @_allow_pickle_option
 def export_cmd(
-    model: str, out: Path, target: str, precision: str, vae_precision, no_optimize, allow_pickle
+    model: str,
+    out: Path,
+    target: str,
+    precision: str,
+    vae_precision,
+    no_optimize,
+    qdq: str,
+    allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
     from slimdiff.app.args import check_output_dir
@@ -243,6 +258,7 @@ def export_cmd(
         precision=precision,
         vae_precision=vae_precision,
         optimize=not no_optimize,
+        qdq=qdq,
     )
     for name, comp in manifest.components.items():
         parity = comp.parity

@@ -31,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from slimdiff.errors import UserError
+from slimdiff.lowbit import parameter_count
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.inputs import Sizes, denoiser_inputs, denoiser_kwargs
 from slimdiff.models.structure import attention_sites, ffn_sites, find_modules
@@ -191,7 +192,7 @@ def _sites_in(widths: list[tuple[str, str, int]], block: str, kind: str) -> dict
 
 
 def _params(module: torch.nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+    return parameter_count(module)  # quantized layers' integer weights count as weights
 
 
 def format_table(report: dict) -> Table:

@@ -24,22 +24,50 @@ import numpy as np
 
 __all__ = [
     "INT4_DIGEST_ATTR",
+    "QDQ_FORMS",
+    "current_qdq_form",
     "has_quantized_layers",
     "int4_digest",
     "merged_scales",
     "pack_int4",
+    "parameter_count",
+    "qdq_form",
     "scales_merged",
     "unpack_int4",
 ]
 
 INT4_DIGEST_ATTR = "onnx_int4_digest"
+# The Q/DQ dialects the layers can emit: "ort", asymmetric uint8 activations (onnxruntime's
+# integer kernels, QLinearConv and MatMulIntegerToFloat, take zero points) with an 8-bit
+# output quantizer on convolutions; "tensorrt", ModelOpt's form, which TensorRT requires:
+# symmetric int8 activations (zero point 0, scale = amax / 127 of the calibrated range),
+# Q/DQ on layer inputs only (TensorRT picks its outputs' precision itself), int8 weights
+# per output channel, no int4 packing (TensorRT's parser does not fold the unpacking ops).
+QDQ_FORMS = ("ort", "tensorrt")
 _merged = 0
+_form = ["ort"]
 
 
 def has_quantized_layers(model) -> bool:
     """Whether `model` (a torch module) holds quantized layers: every one carries
     INT4_DIGEST_ATTR (None when its weights are 8-bit)."""
     return any(hasattr(m, INT4_DIGEST_ATTR) for m in model.modules())
+
+
+def parameter_count(model) -> int:
+    """Parameters of `model` (a torch module or None), counting each quantized layer's
+    integer weight (a buffer once finalised, int4 packed two to a byte) as the weights it
+    stands for: `weight_shape` is what the layer declares. Activation quantizers' step
+    sizes (modules with `counts_as_parameters = False`) are metadata, not weights."""
+    if model is None:
+        return 0
+    total = 0
+    for m in model.modules():
+        if getattr(m, "counts_as_parameters", True):
+            total += sum(p.numel() for p in m.parameters(recurse=False))
+        if hasattr(m, INT4_DIGEST_ATTR) and "weight_q" in getattr(m, "_buffers", {}):
+            total += int(np.prod(m.weight_shape))
+    return total
 
 
 @contextlib.contextmanager
@@ -55,6 +83,27 @@ def merged_scales() -> Iterator[None]:
 
 def scales_merged() -> bool:
     return _merged > 0
+
+
+@contextlib.contextmanager
+def qdq_form(form: str) -> Iterator[None]:
+    """Quantized layers compute (in torch) and emit (in ONNX) the `form` dialect while
+    entered; "tensorrt" implies merged scales (the graph's scales are constants)."""
+    if form not in QDQ_FORMS:
+        raise ValueError(f"unknown Q/DQ form {form!r}; use one of: {', '.join(QDQ_FORMS)}")
+    _form.append(form)
+    try:
+        if form == "tensorrt":
+            with merged_scales():
+                yield
+        else:
+            yield
+    finally:
+        _form.pop()
+
+
+def current_qdq_form() -> str:
+    return _form[-1]
 
 
 def int4_digest(values: np.ndarray) -> str:

@@ -105,6 +105,9 @@ class ExportSpec(_Strict):
     precision: Literal["fp32", "fp16"] = "fp32"
     vae_precision: Literal["fp32", "fp16"] | None = None  # None: fp32 where the VAE needs it
     optimize: bool = True  # onnxruntime transformer-optimizer fusions
+    # Quantized layers' Q/DQ dialect (slimdiff/lowbit.py): ort (asymmetric uint8, integer
+    # kernels of onnxruntime) or tensorrt (ModelOpt's symmetric int8, inputs only)
+    qdq: Literal["ort", "tensorrt"] = "ort"
 
     @pydantic.field_validator("targets")
     @classmethod

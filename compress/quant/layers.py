@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from slimdiff.compress.quant.edits import LayerQuant, Quantized
 from torch import nn
 
-from slimdiff.lowbit import INT4_DIGEST_ATTR, int4_digest, scales_merged
+from slimdiff.lowbit import INT4_DIGEST_ATTR, current_qdq_form, int4_digest, scales_merged
 
 __all__ = [
     "ActQuantizer",
@@ -78,6 +78,8 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
 class ActQuantizer(nn.Module):
     """Asymmetric per-tensor fake quantizer with one learnable step size per group."""
 
+    counts_as_parameters = False  # step sizes are not model weights (slimdiff.lowbit)
+
     def __init__(self, bits: int, groups: int) -> None:
         super().__init__()
         self.bits, self.qmax = bits, 2**bits - 1
@@ -101,7 +103,15 @@ class ActQuantizer(nn.Module):
         scale = max((hi - lo) / self.qmax, 1e-8)
         return scale, int(min(max(round(-lo / scale), 0), self.qmax))
 
+    def symmetric(self) -> float:
+        """TensorRT's int8 step size: amax / 127 of the merged range. With the zero point
+        at 128, [0, 255] here is int8's [-128, 127] there: the same arithmetic."""
+        s, z = self.merged()
+        return max(s * max(z, self.qmax - z), 1e-8) / 127
+
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.qmax == 255 and current_qdq_form() == "tensorrt":
+            return torch.tensor(self.symmetric()), torch.tensor(128.0)
         if scales_merged():
             s, z = self.merged()
             return torch.tensor(s), torch.tensor(float(z))
@@ -126,6 +136,8 @@ class ActQuantizer(nn.Module):
         return (q - z) * s
 
     def onnx_params(self) -> tuple[float, int, int]:
+        if self.qmax == 255 and current_qdq_form() == "tensorrt":
+            return self.symmetric(), 128, self.qmax
         s, z = self.merged()  # one group: its own scale and zero point
         return s, z, self.qmax
 
@@ -243,7 +255,9 @@ class QuantLayer(nn.Module):
             y = F.linear(x, w, bias)
         else:
             y = F.conv2d(x, w, bias, **self.conv_args)
-        return self.out_act.fake(y) if self.out_act is not None else y
+        if self.out_act is None or current_qdq_form() == "tensorrt":
+            return y  # TensorRT places Q/DQ on inputs only and picks outputs' precision
+        return self.out_act.fake(y)
 
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
@@ -280,7 +294,9 @@ class _OnnxConsts:
         self.layer = layer
         self.kind = layer.kind
         self.act = layer.act.onnx_params() if layer.act is not None else None
-        self.out = layer.out_act.onnx_params() if layer.out_act is not None else None
+        self.form = current_qdq_form()
+        out = layer.out_act is not None and self.form == "ort"
+        self.out = layer.out_act.onnx_params() if out else None
         self.weight = torch.from_numpy(_onnx_weight(layer))
         self.scale = layer.weight_scale.detach().float().cpu()
         self.bias = layer.bias.detach().float().cpu() if layer.bias is not None else None
@@ -337,7 +353,10 @@ class _QuantCore(torch.autograd.Function):
                     const(torch.tensor(float(qmax), dtype=torch.float32)),
                 )
                 return g.op("Mul", g.op("Sub", q, z), s)
-            z = const(torch.tensor(zero, dtype=torch.uint8))
+            if consts.form == "tensorrt":  # symmetric: uint8 zero point 128 is int8's 0
+                z = const(torch.tensor(zero - 128, dtype=torch.int8))
+            else:
+                z = const(torch.tensor(zero, dtype=torch.uint8))
             return g.op("DequantizeLinear", g.op("QuantizeLinear", v, s, z), s, z)
 
         if consts.act is not None:

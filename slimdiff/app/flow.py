@@ -171,6 +171,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 precision=recipe.export.precision,
                 vae_precision=recipe.export.vae_precision,
                 optimize=recipe.export.optimize,
+                qdq=recipe.export.qdq,
                 source={
                     "model": recipe.model,
                     "recipe": recipe.name,

@@ -5,6 +5,7 @@ int4 weights packed on disk, and run by the torch-free runtime."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 from slimdiff.compress.runner import compress_model
@@ -58,7 +59,10 @@ def test_w8a8_and_w4a8_export_to_integer_kernels_and_run(tmp_path):
         assert q["kernels"].get("MatMulIntegerToFloat", 0) > 0
         assert q["activation_scales"] == "merged"
         assert (q["int4_packed_weights"] > 0) == (weights == "int4")
+        assert q["qdq_form"] == "ort"
         bundles[name] = tmp_path / name
+        if name == "w8a8":
+            _check_tensorrt_form(quantized, tmp_path / "w8a8-trt", entry)
     w8, w4 = _unet_bytes(bundles["w8a8"]), _unet_bytes(bundles["w4a8"])
     # Tiny graphs: the graph itself (13k nodes) and the scales weigh much more than at full
     # size (random:sd15 W8: 0.27x of fp32, docs/BENCHMARKS.md).
@@ -66,3 +70,33 @@ def test_w8a8_and_w4a8_export_to_integer_kernels_and_run(tmp_path):
     runtime = Text2ImagePipeline.from_bundle(bundles["w4a8"])
     image = runtime("a red circle on the left", steps=2, size=(64, 64), seed=3).image
     assert image.shape == (64, 64, 3) and image.std() > 0
+
+
+def _check_tensorrt_form(quantized, out, ort_entry) -> None:
+    """ModelOpt's Q/DQ form for TensorRT: every activation quantizer symmetric int8 (zero
+    point 0), Q/DQ on layer inputs only (no output quantizers after convolutions), int8
+    weights per output channel; onnxruntime runs it (TensorRT is not installable here)."""
+    import onnx
+    from onnx import numpy_helper
+    from slimdiff.export import export_bundle
+
+    entry = export_bundle(quantized, out, qdq="tensorrt").components["unet"]
+    assert entry.parity["passed"] and entry.extra["quantization"]["qdq_form"] == "tensorrt"
+    graph = onnx.load(str(out / "unet" / "model.onnx")).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {o: n for n in graph.node for o in n.output}
+    qs = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert qs
+    for q in qs:
+        zero = values[q.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), q.name
+        source = producer.get(q.input[0])
+        assert source is None or source.op_type != "Conv", "an output quantizer is left"
+    ort_graph = onnx.load(str(out.parent / "w8a8" / "unet" / "model.onnx")).graph
+    ort_qs = sum(n.op_type == "QuantizeLinear" for n in ort_graph.node)
+    convs = sum(n.op_type == "Conv" for n in graph.node)
+    assert len(qs) < ort_qs  # the convolutions' output quantizers are gone
+    assert convs > 0 and ort_entry.precision == entry.precision == "int8"

@@ -14,7 +14,15 @@ from slimdiff.compress.quant.edits import LayerQuant, Quantized
 from slimdiff.compress.quant.layers import ActQuantizer, QuantLayer, group_of, quant_layers
 
 from slimdiff.errors import UserError
-from slimdiff.lowbit import merged_scales, pack_int4, unpack_int4
+from slimdiff.lowbit import (
+    current_qdq_form,
+    merged_scales,
+    pack_int4,
+    parameter_count,
+    qdq_form,
+    scales_merged,
+    unpack_int4,
+)
 from slimdiff.models import load_model
 from slimdiff.models.arch import matches
 from slimdiff.recipe import Recipe
@@ -49,6 +57,14 @@ class _QuantContract(PassContract):
                 checked += 1
         assert checked > 0 or not keep
         assert all(layer.finalised for layer in layers.values())
+        # inspect's parameter count: integer weights count as the weights they replace,
+        # the low-rank branch adds its own, step sizes are not weights
+        before = sum(p.numel() for p in load_model(f"tiny:{self.family}").denoiser.parameters())
+        branch = sum(
+            lay.lr_down.numel() + lay.lr_up.numel() for lay in layers.values() if lay.spec.rank
+        )
+        assert parameter_count(model.denoiser) == before + branch
+        assert (branch > 0) == bool(self.config.get("lowrank"))
 
 
 class TestMinmaxW8A8SDXL(_QuantContract):
@@ -97,6 +113,22 @@ def test_activation_quantizer_groups_merge_and_learn():
     q.scale.grad = None
     q(x * 1.5).sum().backward()
     assert q.scale.grad is not None and q.scale.grad[1] != 0 and q.scale.grad[0] == 0
+
+
+def test_tensorrt_form_is_symmetric_int8_of_the_merged_range():
+    q = ActQuantizer(8, groups=2)
+    q.set_range(torch.tensor([-1.0, -0.1]), torch.tensor([1.0, 4.0]))
+    x = torch.linspace(-5.0, 5.0, 2001)
+    with qdq_form("tensorrt"):
+        y = q(x)
+        assert q.onnx_params() == (pytest.approx(4.0 / 127, rel=1e-2), 128, 255)
+    s = q.symmetric()
+    assert s == pytest.approx(4.0 / 127, rel=1e-2)  # amax of [-1, 4] over int8's 127
+    expected = torch.clamp(torch.round(x / s), -128, 127) * s  # TensorRT's int8 Q/DQ
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert scales_merged() is False and current_qdq_form() == "ort"  # restored
+    with pytest.raises(ValueError, match="unknown Q/DQ form"), qdq_form("fp8"):
+        pass
 
 
 def test_groups_follow_the_timestep():
