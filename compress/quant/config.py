@@ -9,6 +9,7 @@ Example (YAML, a recipe's pass entry):
       timestep_groups: 4       # activation step sizes per group of denoising steps
       init: mse                # mse | percentile | minmax: how activation ranges start
       keep_fp: ["**.attn2.to_k"]   # module globs left in float
+      io_activations: none     # none | int8: the first/last layers' inputs (weights: 8 bit)
       lowrank: 0               # SVDQuant's low-rank branch rank for linear weights (0 = off)
       finetune:
         time_layers: true      # QuEST's time-embedding stage
@@ -71,6 +72,13 @@ class QuestConfig(PassConfig):
     # Calibration samples for ranges and sensitivity: (prompt, step) pairs, all by default.
     calib_pairs: int | None = pydantic.Field(None, ge=1)
     keep_fp: tuple[str, ...] = ()
+    # The first and last layers (ArchSpec.io_layers) keep 8-bit weights (QuEST); their inputs
+    # are quantized to 8 bits only with `int8`. Default none: no backend runs them as
+    # integer kernels (the last one's output is the model's, the first one's feeds float
+    # ops: ORT's QLinearConv needs a quantized output, and ModelOpt leaves both in float),
+    # so quantizing their inputs costs accuracy and buys nothing (measured on random:sd15
+    # W8A8: 4.13% -> 2.77% output error with them float, docs/BENCHMARKS.md).
+    io_activations: Literal["int8", "none"] = "none"
     # SVDQuant's rank-r branch for linear weights (smoothing then SVD, kept in float); 0: off.
     lowrank: int = pydantic.Field(0, ge=0, le=1024)
     smooth_alpha: float = pydantic.Field(0.5, ge=0, le=1)  # SVDQuant's migration strength

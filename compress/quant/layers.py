@@ -362,13 +362,9 @@ class _QuantCore(torch.autograd.Function):
         if consts.act is not None:
             x = qdq(x, consts.act)
         axis = 1 if consts.kind == "linear" else 0
-        w = g.op(
-            "DequantizeLinear",
-            const(consts.weight),
-            const(consts.scale),
-            const(torch.zeros(consts.scale.shape, dtype=torch.int8)),
-            axis_i=axis,
-        )
+        # Symmetric weights: no zero point (ONNX's default is 0 of the input's type), which
+        # saves a constant a layer; ORT's QLinearConv/MatMulIntegerToFloat fusions take it.
+        w = g.op("DequantizeLinear", const(consts.weight), const(consts.scale), axis_i=axis)
         if consts.kind == "linear":
             if consts.act is None or consts.act[2] < 255:
                 # Float input (4-bit emulation, weight-only): onnxruntime would turn

@@ -13,7 +13,9 @@ integers (compress/quant/layers.py, slimdiff/lowbit.py).
 What it does, in order:
 1. the layers: every Linear and Conv2d of the denoiser except ArchSpec.never_quantize
    and `keep_fp`; the first and last layers (ArchSpec.io_layers) at 8 bit whatever the
-   recipe says (QuEST keeps input_blocks.0.0 and out.2 at 8-bit activations);
+   recipe says (QuEST keeps input_blocks.0.0 and out.2 at 8 bit), their inputs float
+   unless `io_activations: int8` (no backend runs them in integers: config.py);
+   ArchSpec.weight_only layers (UNet conv_shortcut) with quantized weights, float inputs;
 2. with `lowrank`, SVDQuant's smoothing and rank-r split from the calibration's
    per-channel activation maxima;
 3. weight step sizes per output channel (MSE search; plain amax for minmax);
@@ -106,6 +108,8 @@ def plan_layers(cfg: QuestConfig, arch, denoiser) -> dict[str, LayerQuant]:
         kind = "linear" if isinstance(m, nn.Linear) else "conv"
         wb = 8 if io else w_bits
         ab = (8 if io else a_bits) if a_bits is not None else None
+        if (io and cfg.io_activations == "none") or matches(name, arch.weight_only):
+            ab = None  # weights quantized, inputs float
         rank = cfg.lowrank if (kind == "linear" and not io and cfg.lowrank) else 0
         plan[name] = LayerQuant(
             kind=kind,

@@ -62,6 +62,10 @@ def apply_quest(p, pipe: Any, calib: Any) -> PassReport:
     )
     digest = module_digest(denoiser)
     teacher = copy.deepcopy(denoiser).eval() if cfg.method == "quest" else None
+    # Frozen while the pass works; afterwards, every parameter as the model had them (new
+    # ones, the layers' biases, branches and step sizes, as their source's): a reloaded
+    # artifact has the loader's default, and CPU kernels differ by an ulp between the two.
+    trainable_after = any(p.requires_grad for p in denoiser.parameters())
     for param in denoiser.parameters():
         param.requires_grad_(False)
     denoiser.eval()
@@ -113,6 +117,8 @@ def apply_quest(p, pipe: Any, calib: Any) -> PassReport:
                 )
     for layer in layers.values():
         layer.finalise()
+    for param in denoiser.parameters():
+        param.requires_grad_(trainable_after)
     summary["bytes_weights"] = _weight_bytes(layers)
     del teacher
     return PassReport(p.name, summary=summary, edits=[edit])

@@ -232,6 +232,12 @@ class ArchSpec:
     # the time and first/last layers, which QuEST quantizes). never_quantize wins.
     io_layers: tuple[str, ...] = ()
     never_quantize: tuple[str, ...] = ()
+    # Layers whose weights are quantized but whose inputs stay float: UNet ResNets'
+    # conv_shortcut, whose input in the up path is the concatenation of the hidden state and
+    # the skip connection, two ranges apart. ModelOpt leaves the layer float; QuEST (after
+    # Q-Diffusion) quantizes its weights and splits its input's quantizer at the
+    # concatenation, which no integer kernel takes; so: the weights (bytes), not the input.
+    weight_only: tuple[str, ...] = ()
     # EcoDiff's initial mask logit (its configs: SDXL and FLUX 3, SD3 4, SD2 2.5): where
     # hard-concrete masks start, sigmoid(3) = 0.95 open.
     mask_init_logit: float = 3.0

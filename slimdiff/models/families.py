@@ -44,7 +44,7 @@ _UNET_STRUCTURE = {
     "never_touch": ("conv_in", "conv_out", "conv_norm_out"),
     "time_projections": ("**.time_emb_proj",),
     "io_layers": ("conv_in", "conv_out"),
-    "never_quantize": ("**.conv_shortcut",),
+    "weight_only": ("**.conv_shortcut",),
 }
 _UNET_AXES = {"C": "in_channels", "D": "cross_attention_dim"}
 _UNET_KIND = KindSpec(name="unet", sample_input="sample")

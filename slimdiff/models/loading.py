@@ -134,7 +134,36 @@ def _quiet_progress_bars() -> None:
 
 def _wrap(pipe, source: str) -> LoadedModel:
     arch = get_arch(family_of_pipeline(type(pipe).__name__))
+    # Loaded for inference, whatever the source (built-in models are built this way; a
+    # folder's modules come back from diffusers trainable): passes that train turn on what
+    # they train. One state for all also keeps reloads bit-identical: CPU kernels pick
+    # another path for a weight that requires grad (an ulp apart).
+    for component in pipe.components.values():
+        if hasattr(component, "requires_grad_"):  # torch modules (torch imported lazily)
+            component.requires_grad_(False)
+            _align(component)
     return LoadedModel(arch=arch, source=source, pipe=pipe, denoiser=getattr(pipe, arch.denoiser))
+
+
+_ALIGN = 64  # bytes: what CPU GEMM kernels vectorise for
+
+
+def _align(module) -> None:
+    """Copy tensors that do not start on a 64-byte boundary (safetensors packs them back to
+    back, and loaders keep views into the file's buffer): CPU kernels take another path for
+    an unaligned weight, and the same weights then compute results an ulp apart (measured:
+    a tiny CLIP text encoder, 2.4e-7), so a reloaded artifact would not match the model it
+    was saved from bit for bit."""
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in store.items():
+                if t is None or t.device.type != "cpu" or t.data_ptr() % _ALIGN == 0:
+                    continue
+                copy = t.detach().clone()
+                if name in sub._parameters:
+                    t.data = copy
+                else:
+                    store[name] = copy
 
 
 def _load_local(path: Path, source: str, device: str, allow_pickle: bool) -> LoadedModel:

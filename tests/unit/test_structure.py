@@ -95,7 +95,15 @@ def test_ffn_sites_cover_every_feed_forward(tiny, family):
 
 @pytest.mark.parametrize("family", FAMILY_LIST)
 @pytest.mark.parametrize(
-    "field", ["never_touch", "time_embedders", "time_projections", "io_layers", "never_quantize"]
+    "field",
+    [
+        "never_touch",
+        "time_embedders",
+        "time_projections",
+        "io_layers",
+        "never_quantize",
+        "weight_only",
+    ],
 )
 def test_every_declared_layer_glob_selects_modules(tiny, family, field):
     model = tiny(family)

@@ -137,19 +137,32 @@ def test_groups_follow_the_timestep():
     assert [group_of(t, edges) for t in (999, 751, 750, 500, 250, 10)] == [0, 0, 0, 1, 1, 2]
 
 
-def test_plan_keeps_io_layers_at_8_bit_and_skips_never_quantize():
+def test_plan_keeps_io_layers_at_8_bit_and_skips_never_quantize():  # and weight_only
     from slimdiff.compress.quant.quest import plan_layers
 
     model = load_model("tiny:sdxl")
     cls = get_pass("quant.quest")
-    plan = plan_layers(cls.Config(weights="int4", activations="int4"), model.arch, model.denoiser)
-    assert plan["conv_in"].weight_bits == 8 and plan["conv_in"].act_bits == 8
-    assert plan["conv_out"].out_bits is None  # the model's output stays float
-    assert not any(matches(n, model.arch.never_quantize) for n in plan)
+    arch = model.arch
+    plan = plan_layers(cls.Config(weights="int4", activations="int4"), arch, model.denoiser)
+    # io layers: 8-bit weights, float inputs (no integer kernel runs them) unless asked
+    assert plan["conv_in"].weight_bits == 8 and plan["conv_in"].act_bits is None
+    assert plan["conv_out"].out_bits is None and plan["conv_out"].act_bits is None
+    io8 = cls.Config(weights="int4", activations="int4", io_activations="int8")
+    plan8 = plan_layers(io8, arch, model.denoiser)
+    assert plan8["conv_in"].act_bits == 8 and plan8["conv_out"].act_bits == 8
+    assert plan8["conv_out"].out_bits is None  # the model's output stays float
+    assert not any(matches(n, arch.never_quantize) for n in plan)
+    # conv_shortcut: 4-bit weights, float input (weight_only)
+    shortcuts = [s for n, s in plan.items() if matches(n, arch.weight_only)]
+    assert shortcuts and all(s.weight_bits == 4 and s.act_bits is None for s in shortcuts)
+    assert all(s.out_bits is None for s in shortcuts)
     convs = [
-        s for n, s in plan.items() if s.kind == "conv" and not matches(n, model.arch.io_layers)
+        s
+        for n, s in plan.items()
+        if s.kind == "conv" and not matches(n, (*arch.io_layers, *arch.weight_only))
     ]
-    assert convs and all(s.weight_bits == 4 and s.out_bits == 8 for s in convs)
+    assert convs and all(s.weight_bits == 4 and s.act_bits == 4 for s in convs)
+    assert all(s.out_bits == 8 for s in convs)
 
 
 def test_quant_layer_finalises_to_the_same_outputs_and_integer_storage():
