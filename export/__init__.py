@@ -51,6 +51,7 @@ from slimdiff.export.onnx import (
 )
 from slimdiff.export.optimize import convert_fp16, fuse
 from slimdiff.export.parity import ExportError, check_parity
+from slimdiff.export.profiles import shape_profile, size_range
 from slimdiff.runtime.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -76,7 +77,11 @@ __all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnx",)  # "tensorrt" and "aoti" come later
+# onnx: ONNX graphs (ORT backends); tensorrt: the same graphs in TensorRT's Q/DQ form with
+# a build.sh of trtexec lines and the profiles engines are built with (on the device, or
+# by the trt backend on first load: export/tensorrt.py); aoti: AOTInductor packages
+# (export/aoti.py) for what torch.export takes, ONNX for the rest.
+TARGETS = ("onnx", "tensorrt", "aoti")
 PRECISIONS = ("fp32", "fp16")
 _WORK = ".work"  # raw exports, inside the temp bundle folder (same filesystem, gone on rename)
 
@@ -89,7 +94,10 @@ def export_bundle(
     precision: str = "fp32",
     optimize: bool = True,
     vae_precision: str | None = None,
-    qdq: str = "ort",
+    qdq: str | None = None,
+    min_size: tuple[int, int] | None = None,
+    max_size: tuple[int, int] | None = None,
+    max_images: int = 1,
     check: bool = True,
     external_data_threshold: int = PROTOBUF_LIMIT,
     source: dict | None = None,
@@ -100,7 +108,7 @@ def export_bundle(
     Args:
         model: from `slimdiff.models.load_model`; must hold a whole pipeline.
         out: bundle folder; replaced if it holds an earlier bundle, refused otherwise.
-        target: "onnx" (the only one so far).
+        target: "onnx", "tensorrt" or "aoti" (see TARGETS).
         precision: "fp32" or "fp16" (weights and compute; graph IO stays float32).
         optimize: run ORT fusions where they help the CPU EP (see export/optimize.py).
         vae_precision: VAE decoder precision; default fp32 for VAEs whose config sets
@@ -110,6 +118,11 @@ def export_bundle(
             packed); "tensorrt", ModelOpt's symmetric int8 form with Q/DQ on inputs only,
             which TensorRT requires (unverified here: TensorRT does not install on these
             machines; the graph is checked by onnxruntime). Float models: no difference.
+            Default: "tensorrt" for target tensorrt, else "ort".
+        min_size, max_size, max_images: the image sizes (height, width) and images per call
+            the bundle is built for, recorded as each component's shape profile
+            (export/profiles.py; TensorRT's optimization profiles). Default: half to 1.5x
+            the model's default size, one image.
         check: compare every graph against torch on fresh inputs; raise ExportError when
             one is off by more than its tolerance.
         external_data_threshold: weights beyond this many bytes go to model.onnx.data
@@ -121,33 +134,52 @@ def export_bundle(
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
     """
     _validate(target, precision, vae_precision, external_data_threshold)
+    qdq = qdq or ("tensorrt" if target == "tensorrt" else "ort")
     if qdq not in QDQ_FORMS:
         raise UserError(f"qdq form {qdq!r} is not supported; use one of: {', '.join(QDQ_FORMS)}")
     model.require_pipeline("export")
     out = Path(out)
     check_out_dir(out)
     precisions = component_precisions(model, precision, vae_precision)
+    sizes = size_range(model, min_size, max_size, max_images)
     components = plan_components(model)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:
         for i, component in enumerate(components):
             if progress is not None:
                 progress(component.name, i, len(components))
-            entries[component.name] = _export_component(
-                component,
-                root,
-                precision=precisions[component.name],
-                optimize=optimize,
-                qdq=qdq,
-                check=check,
-                threshold=external_data_threshold,
-            )
+            if target == "aoti" and _aoti().wants_aoti(component):
+                entry = _aoti().export_aoti_component(
+                    component, root, precision=precisions[component.name], check=check
+                )
+            else:
+                entry = _export_component(
+                    component,
+                    root,
+                    precision=precisions[component.name],
+                    optimize=optimize and target != "tensorrt",  # TensorRT fuses itself
+                    qdq=qdq,
+                    check=check,
+                    threshold=external_data_threshold,
+                )
+            entry.profile = shape_profile(component, model, sizes)
+            entries[component.name] = entry
         shutil.rmtree(root / _WORK, ignore_errors=True)
         write_support_files(model, root)
+        if target == "tensorrt":
+            from slimdiff.export.tensorrt import write_build_script
+
+            write_build_script(root, entries)  # hashed with the rest: before the manifest
         manifest = _write_manifest(root, model, entries, source or {"model": model.source})
         make_readable(root)
     log.info("bundle written to %s (sha256 %s)", out, manifest.sha256)
     return manifest
+
+
+def _aoti():
+    from slimdiff.export import aoti  # torch._inductor only when the target asks for it
+
+    return aoti
 
 
 def _write_manifest(
@@ -185,7 +217,6 @@ def _validate(target: str, precision: str, vae_precision: str | None, threshold:
     if target not in TARGETS:
         raise UserError(
             f"export target {target!r} is not supported; supported: {', '.join(TARGETS)} "
-            "(tensorrt and aoti are planned)"
         )
     for what, value in (("precision", precision), ("vae_precision", vae_precision)):
         if value is not None and value not in PRECISIONS:

@@ -54,6 +54,7 @@ __all__ = [
     "IOSpec",
     "Manifest",
     "PipelineSpec",
+    "ShapeProfile",
     "TextEncoderRecord",
     "check_relative_path",
     "load_json_bytes",
@@ -186,18 +187,35 @@ class OnnxExtra(TypedDict, total=False):
     quantization: QuantExtra
 
 
+Shape = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=8)]
+
+
+@pydantic.with_config(_CONFIG)
+class ShapeProfile(TypedDict):
+    """Concrete input shapes at the smallest, the default and the largest run the bundle is
+    built for (export's size and batch range): TensorRT's optimization profile per input,
+    and the range a static-shape backend checks feeds against."""
+
+    min: Annotated[dict[TensorName, Shape], Field(max_length=64)]
+    opt: Annotated[dict[TensorName, Shape], Field(max_length=64)]
+    max: Annotated[dict[TensorName, Shape], Field(max_length=64)]
+
+
 class ComponentEntry(pydantic.BaseModel):
     """One exported component: a graph file inside the component's own folder, its IO."""
 
     model_config = _CONFIG
 
     path: BundlePath  # relative to the bundle root, e.g. "unet/model.onnx"
-    format: Literal["onnx"]  # the only format a runtime backend loads so far
+    # onnx: an ONNX graph (ORT backends, TensorRT's parser); aoti: an AOTInductor .pt2
+    # package (the aoti backend, which also runs a bundle's ONNX components)
+    format: Literal["onnx", "aoti"]
     precision: Literal["fp32", "fp16", "bf16", "int8", "int4"]
     inputs: Annotated[list[IOSpec], Field(min_length=1, max_length=64)]
     outputs: Annotated[list[IOSpec], Field(min_length=1, max_length=64)]
     parity: Parity  # {} when export ran with check=False
     extra: OnnxExtra
+    profile: ShapeProfile | None = None  # None: written by a slimdiff before profiles
 
     @pydantic.model_validator(mode="after")
     def _names_unique(self) -> ComponentEntry:

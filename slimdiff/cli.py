@@ -215,7 +215,14 @@ def compress_cmd(
 @main.command("export")
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
-@click.option("--target", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option(
+    "--target",
+    type=click.Choice(["onnx", "tensorrt", "aoti"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: ONNX graphs; tensorrt: ONNX in TensorRT's form + build.sh (engines are built "
+    "on the device); aoti: AOTInductor packages for the denoiser (and what else exports).",
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option(
     "--vae-precision",
@@ -227,10 +234,27 @@ def compress_cmd(
 @click.option(
     "--qdq",
     type=click.Choice(["ort", "tensorrt"]),
-    default="ort",
-    show_default=True,
+    default=None,
     help="Quantized models: onnxruntime's asymmetric Q/DQ, or ModelOpt's symmetric form for "
-    "TensorRT (unverified: no TensorRT here).",
+    "TensorRT (unverified: no TensorRT here). Default: tensorrt for --target tensorrt, else ort.",
+)
+@click.option(
+    "--min-size",
+    default=None,
+    help="Smallest WIDTHxHEIGHT the bundle is built for (TensorRT "
+    "profiles). Default: half the model's default size.",
+)
+@click.option(
+    "--max-size",
+    default=None,
+    help="Largest WIDTHxHEIGHT the bundle is built for. Default: 1.5x the model's default size.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Images per call the bundle is built for.",
 )
 @_allow_pickle_option
 def export_cmd(
@@ -240,7 +264,10 @@ def export_cmd(
     precision: str,
     vae_precision,
     no_optimize,
-    qdq: str,
+    qdq: str | None,
+    min_size: str | None,
+    max_size: str | None,
+    max_images: int,
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
@@ -250,6 +277,7 @@ def export_cmd(
 
     check_output_dir(out)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
+    sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
     loaded = load_model(model, allow_pickle=allow_pickle)
     manifest = export_bundle(
         loaded,
@@ -259,6 +287,8 @@ def export_cmd(
         vae_precision=vae_precision,
         optimize=not no_optimize,
         qdq=qdq,
+        max_images=max_images,
+        **sizes,
     )
     for name, comp in manifest.components.items():
         parity = comp.parity

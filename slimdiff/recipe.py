@@ -96,8 +96,8 @@ class CalibrationSpec(_Strict):
 
 # Export targets this version builds. "tensorrt" and "aoti" are planned: naming them is a
 # validation error, not a failure after the compression work.
-TARGETS = ("onnx",)
-_PLANNED_TARGETS = ("tensorrt", "aoti")
+TARGETS = ("onnx", "tensorrt", "aoti")  # export.TARGETS (the recipe imports no torch)
+_PLANNED_TARGETS: tuple[str, ...] = ()
 
 
 class ExportSpec(_Strict):
@@ -107,7 +107,12 @@ class ExportSpec(_Strict):
     optimize: bool = True  # onnxruntime transformer-optimizer fusions
     # Quantized layers' Q/DQ dialect (slimdiff/lowbit.py): ort (asymmetric uint8, integer
     # kernels of onnxruntime) or tensorrt (ModelOpt's symmetric int8, inputs only)
-    qdq: Literal["ort", "tensorrt"] = "ort"
+    qdq: Literal["ort", "tensorrt"] | None = None  # None: tensorrt for that target
+    # The image sizes and images per call the bundle is built for (TensorRT's optimization
+    # profiles; export/profiles.py). None: half to 1.5x the model's default size.
+    min_size: Size | None = None
+    max_size: Size | None = None
+    max_images: int = pydantic.Field(1, ge=1, le=64)
 
     @pydantic.field_validator("targets")
     @classmethod

@@ -56,15 +56,16 @@ class Backend(Protocol):
 _BACKENDS: dict[str, tuple[str, str, dict[str, object]]] = {
     "ort-cpu": ("slimdiff.runtime.backends.ort", "OrtBackend", {"device": "cpu"}),
     "ort-cuda": ("slimdiff.runtime.backends.ort", "OrtBackend", {"device": "cuda"}),
-    # "trt": ("slimdiff.runtime.backends.trt", "TensorRTBackend", {}),
-    # "aoti": ("slimdiff.runtime.backends.aoti", "AOTIBackend", {}),
+    # TensorRT 10/11 engines from the bundle's ONNX (execute_async_v3, CUDA graphs)
+    "trt": ("slimdiff.runtime.backends.trt", "TensorRTBackend", {}),
+    # TensorRT-RTX through onnxruntime's plugin execution provider
+    "trt-rtx": ("slimdiff.runtime.backends.trt_rtx", "TrtRtxBackend", {}),
+    # AOTInductor .pt2 packages (torch, imported lazily); ONNX components through ORT
+    "aoti": ("slimdiff.runtime.backends.aoti", "AotiBackend", {}),
 }
 
 # Names users may expect from the design, with why they are not selectable yet.
-_PLANNED = {
-    "trt": "the native TensorRT backend is not built yet; use ort-cuda",
-    "aoti": "the AOTInductor backend is not built yet; use ort-cpu or ort-cuda",
-}
+_PLANNED: dict[str, str] = {}
 
 
 def backend_names() -> tuple[str, ...]:

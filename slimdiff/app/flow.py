@@ -172,6 +172,9 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 vae_precision=recipe.export.vae_precision,
                 optimize=recipe.export.optimize,
                 qdq=recipe.export.qdq,
+                min_size=recipe.export.min_size,
+                max_size=recipe.export.max_size,
+                max_images=recipe.export.max_images,
                 source={
                     "model": recipe.model,
                     "recipe": recipe.name,

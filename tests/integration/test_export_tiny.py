@@ -244,3 +244,42 @@ def test_export_leaves_the_callers_model_as_it_was(exported):
     for module in (model.denoiser, model.pipe.vae, model.pipe.text_encoder):
         assert not module.training
     assert not any("forward" in vars(m) for m in model.denoiser.modules())
+
+
+def test_shape_profiles_hold_what_the_runtime_feeds(exported, monkeypatch):
+    """Each component's profile (TensorRT's optimization profile) at opt is exactly what
+    the runtime feeds at the default size with CFG, and a run at the smallest size stays
+    within min..max."""
+    from slimdiff.runtime.backends.ort import OrtSession
+    from slimdiff.runtime.pipeline import Text2ImagePipeline
+
+    _, bundle, manifest, _ = exported
+    fed: dict[str, list[dict[str, list[int]]]] = {}
+    run = OrtSession.run
+
+    def recording(self, feeds):
+        fed.setdefault(self.path.parent.name, []).append(
+            {n: list(v.shape) for n, v in feeds.items()}
+        )
+        return run(self, feeds)
+
+    monkeypatch.setattr(OrtSession, "run", recording)
+    pipe = Text2ImagePipeline.from_bundle(bundle)
+    pipe("a red circle", steps=2, guidance=5.0, seed=0)
+    profiles = {name: entry.profile for name, entry in manifest.components.items()}
+    assert set(fed) == set(profiles)
+    for name, calls in fed.items():
+        assert all(call == profiles[name]["opt"] for call in calls), name
+    fed.clear()
+    lo = profiles[manifest.pipeline.denoiser]["min"]
+    h, w = (d * manifest.pipeline.vae_scale_factor for d in next(iter(lo.values()))[-2:])
+    pipe("a red circle", steps=1, guidance=5.0, seed=0, size=(h, w))
+    for name, calls in fed.items():
+        for call in calls:
+            for tensor, shape in call.items():
+                low, high = profiles[name]["min"][tensor], profiles[name]["max"][tensor]
+                assert all(a <= d <= b for a, d, b in zip(low, shape, high, strict=True)), (
+                    name,
+                    tensor,
+                    shape,
+                )

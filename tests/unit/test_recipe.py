@@ -191,8 +191,9 @@ def test_dry_run_yaml_holds_every_resolved_default(two_passes):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"export": {"targets": ["tensorrt"]}}, "target 'tensorrt' is not available"),
-        ({"export": {"targets": ["aoti"]}}, "target 'aoti' is not available"),
+        ({"export": {"targets": ["trt"]}}, "unknown target 'trt'"),
+        ({"export": {"targets": ["onnx", "onnx"]}}, "give each export target once"),
+        ({"export": {"max_images": 0}}, "export.max_images"),
         ({"bench": {"seed": -1}}, "bench.seed"),
         ({"bench": {"seed": 2**70}}, "bench.seed"),
         ({"bench": {"steps": 1_000_000_000}}, "bench.steps"),

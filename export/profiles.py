@@ -1,0 +1,117 @@
+"""The shapes a bundle is built for: every component's input shapes at the smallest, the
+default and the largest run (the manifest's `profile`, ShapeProfile).
+
+TensorRT needs them (one optimization profile per engine: min, opt and max per input;
+export/tensorrt.py and each bundle's build.sh use them), and a static-shape backend checks
+its feeds against them. They come from the exporter's own example-input builders at three
+`Sizes`, so they hold for every family without a rule per family: the denoiser's text
+length is what the runtime joins from the encoders (runtime/conditioning.py: segments one
+after another on the token axis, each as long as its longest encoder).
+
+Batch: the runtime makes one image per call; classifier-free guidance doubles the text
+encoders' and the denoiser's batch (negative and positive prompt), so their batch runs
+1..2 x images with 2 at opt (CFG; the text encoders 1 where an empty negative prompt is
+zeros, SDXL), and the VAE's 1..images.
+
+Example:
+    >>> r = size_range(load_model("tiny:sdxl"))                 # doctest: +SKIP
+    >>> r.min_size, r.opt_size, r.max_size                      # doctest: +SKIP
+    ((32, 32), (64, 64), (96, 96))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slimdiff.export.components import Component
+from slimdiff.export.dummy_inputs import Sizes
+
+from slimdiff.errors import UserError
+from slimdiff.models.loading import LoadedModel
+
+__all__ = ["SizeRange", "shape_profile", "size_range", "text_tokens"]
+
+
+@dataclass(frozen=True)
+class SizeRange:
+    """Image sizes (height, width in pixels) and images per call a bundle is built for."""
+
+    min_size: tuple[int, int]
+    opt_size: tuple[int, int]
+    max_size: tuple[int, int]
+    max_images: int
+    vae_scale: int  # pixels per latent pixel
+    cfg: bool  # the pipeline runs classifier-free guidance (batch x 2)
+
+
+def _vae_scale(model: LoadedModel) -> int:
+    return 2 ** (len(model.pipe.vae.config.block_out_channels) - 1)
+
+
+def size_range(
+    model: LoadedModel,
+    min_size: tuple[int, int] | None = None,
+    max_size: tuple[int, int] | None = None,
+    max_images: int = 1,
+) -> SizeRange:
+    """The range to build for: by default half to 1.5x the model's default size (rounded to
+    the sizes the denoiser takes), one image per call; a bad range is a UserError."""
+    arch = model.arch
+    scale = _vae_scale(model)
+    multiple = arch.kind_for(model.denoiser.config).size_multiple(scale)
+    opt = tuple(model.default_size)
+
+    def fit(size, what: str) -> tuple[int, int]:
+        h, w = (int(v) for v in size)
+        if h % multiple or w % multiple or h < multiple or w < multiple:
+            raise UserError(
+                f"{what} {h}x{w}: image sides must be positive multiples of {multiple} pixels "
+                f"for this model; pass e.g. {max(multiple, h // multiple * multiple)}"
+            )
+        return h, w
+
+    def scaled(factor: float) -> tuple[int, int]:
+        return tuple(max(multiple, int(v * factor) // multiple * multiple) for v in opt)
+
+    lo = fit(min_size, "min size") if min_size is not None else scaled(0.5)
+    hi = fit(max_size, "max size") if max_size is not None else scaled(1.5)
+    if any(a > b for a, b in zip(lo, hi, strict=True)):
+        raise UserError(f"min size {lo[0]}x{lo[1]} exceeds max size {hi[0]}x{hi[1]}")
+    opt = tuple(min(max(o, a), b) for o, a, b in zip(opt, lo, hi, strict=True))
+    if max_images < 1:
+        raise UserError(f"max images {max_images}: build for at least one image per call")
+    return SizeRange(lo, opt, hi, max_images, scale, arch.uses_cfg)
+
+
+def text_tokens(model: LoadedModel) -> int:
+    """The denoiser's text length as the runtime feeds it: per segment the longest encoder
+    with a per-token output, the segments one after another."""
+    longest: dict[int, int] = {}
+    for spec in model.arch.text_encoders:
+        if spec.hidden_output is not None:
+            longest[spec.segment] = max(longest.get(spec.segment, 0), spec.max_length)
+    return sum(longest.values())
+
+
+def shape_profile(component: Component, model: LoadedModel, sizes: SizeRange) -> dict:
+    """{"min", "opt", "max"}: input name -> concrete shape, for `component`."""
+    per_image = 2 if sizes.cfg else 1
+    vae = component.name == "vae_decoder"
+    # With SDXL's force_zeros_for_empty_prompt the runtime encodes no negative prompt when
+    # none is given (zeros instead): one prompt at opt, two when a negative one is.
+    text = component.name in {s.name for s in model.arch.text_encoders}
+    zeros = bool(model.pipe.config.get("force_zeros_for_empty_prompt", False))
+    batches = {
+        "min": 1,
+        "opt": 1 if vae or (text and zeros) else per_image,
+        "max": sizes.max_images * (1 if vae else per_image),
+    }
+    pixels = {"min": sizes.min_size, "opt": sizes.opt_size, "max": sizes.max_size}
+    tokens = text_tokens(model)
+    profile = {}
+    for point, batch in batches.items():
+        h, w = (v // sizes.vae_scale for v in pixels[point])
+        example = Sizes(batch=batch, height=h, width=w, text_len=tokens, full_text=True)
+        feeds = component.make_inputs(example)
+        profile[point] = {n: [int(d) for d in feeds[n].shape] for n in component.input_names}
+    return profile
