@@ -120,7 +120,8 @@ def write_support_files(model: LoadedModel, root: Path) -> None:
 
 
 def make_readable(root: Path) -> None:
-    """Give the bundle a plain copy's permissions (0755 folders, 0644 files under umask 022).
+    """Give the bundle a plain copy's permissions (0755 folders and scripts, 0644 files under
+    umask 022).
 
     The temp folder (mkdtemp), onnx's external data and atomically written files are all
     created private (0700/0600); a bundle is meant to be deployed and read by other users.
@@ -128,7 +129,8 @@ def make_readable(root: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     for p in (root, *root.rglob("*")):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+        executable = p.is_dir() or p.stat().st_mode & 0o111  # build.sh stays runnable
+        p.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def hash_files(root: Path) -> dict[str, str]:

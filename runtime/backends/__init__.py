@@ -7,10 +7,13 @@ interface, so adding a backend is one module plus one line in `_BACKENDS`.
 Known names:
     ort-cpu    onnxruntime, CPUExecutionProvider
     ort-cuda   onnxruntime-gpu, CUDAExecutionProvider (CPU fallback for unsupported ops)
+    trt        TensorRT 10/11 engines built from the bundle's ONNX into the user cache
+               (execute_async_v3, one stream, CUDA graphs); unverified: no TensorRT here
+    trt-rtx    TensorRT-RTX through onnxruntime's plugin EP; unverified: no RTX GPU here
+    aoti       AOTInductor .pt2 packages (torch); ONNX components through onnxruntime
 
-Seam for the native backends (not built yet): "trt" (TensorRT engines, execute_async_v3,
-CUDA graphs) and "aoti" (AOTInductor .pt2) register here the same way, importing their
-heavy library lazily inside `load` so that `import slimdiff.runtime` stays light.
+Each imports its heavy library lazily inside `load`, so `import slimdiff.runtime` stays
+light (and torch-free: only the aoti backend imports torch, when it loads a package).
 
 Example:
     >>> backend = get_backend("ort-cpu")

@@ -70,6 +70,7 @@ def run_bench(
     devices = {r.name: resolve_device(device or r.device) for r in recipes}
     for r in recipes:
         get_backend(r.bench.backend)
+        bundle_target(r.bench.backend, r.export.targets)
         check_outputs(r, out / "recipes" / r.name)
     with exclusive(out):  # one bench per folder: a second one stops at once
         rows = []
@@ -147,7 +148,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     work = out / "recipes" / recipe.name
     flow = compress_and_export(recipe, work, device=device, model=base)
     del base
-    bundle = flow.bundles["onnx"]
+    bundle = flow.bundles[bundle_target(b.backend, recipe.export.targets)]
     step("compress+export")
 
     compressed = load_model(str(flow.artifact), device=device)
@@ -175,6 +176,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
 
     runs = timings["runs"]
     steps_ms = [s for r in runs for s in r["denoiser_steps"]]
+    rate = _matmul_rate(_runtime_device(b.backend), threads)
     row = {
         "name": recipe.name,
         "model": recipe.model,
@@ -204,6 +206,14 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         "speedup_vs_eager": eager["speedup"],
         "speedup_pairs": eager["ratios"],
         "peak_rss_mb": timings["peak_rss_mb"],
+        "matmul_tflops": rate["tflops"],
+        # How far the step is from the device's matrix rate on its FLOPs (None when the
+        # precision is simulated: no time to divide by).
+        "flop_floor_fraction": None
+        if _simulated(recipe)
+        else info["denoiser"]["flops_per_step"]
+        / (float(np.median(steps_ms)) / 1e3)
+        / (rate["tflops"] * 1e12),
         "fidelity": {
             "psnr_db": float(np.mean(psnrs)),
             "latent_rel_err": float(np.mean(errs)),
@@ -231,6 +241,35 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         row["fidelity"]["heldout_latent_rel_err"] = float(np.mean(acc_errs))
         row["prompt_accuracy"]["images_per_prompt"] = b.accuracy_images
     return row
+
+
+# The export target whose bundle each backend runs, best first.
+_BACKEND_TARGETS = {"trt": ("tensorrt", "onnx"), "trt-rtx": ("onnx", "tensorrt"), "aoti": ("aoti",)}
+
+
+def bundle_target(backend: str, targets: list[str]) -> str:
+    """The recipe's export target that `backend` benches; a UserError when it has none."""
+    wanted = _BACKEND_TARGETS.get(backend, ("onnx",))
+    for target in wanted:
+        if target in targets:
+            return target
+    raise UserError(
+        f"bench backend {backend} runs a {wanted[0]} bundle, and the recipe exports only "
+        f"{', '.join(targets)}; add {wanted[0]} to export.targets"
+    )
+
+
+@functools.cache
+def _matmul_rate(device: str, threads: int | None) -> dict[str, Any]:
+    from slimdiff.metrics.matmul_rate import matmul_tflops
+
+    return matmul_tflops(device, threads)
+
+
+def _runtime_device(backend: str) -> str:
+    """Where a runtime backend computes: the CPU for ort-cpu (and aoti packages built for
+    it), the GPU for the CUDA and TensorRT backends."""
+    return "cpu" if backend in ("ort-cpu", "aoti") else "cuda"
 
 
 def _simulated(recipe: Recipe) -> str | None:

@@ -13,8 +13,8 @@ __all__ = ["markdown_table", "write_grid", "write_markdown", "write_plot"]
 
 _HEADER = (
     "| recipe | denoiser params (M) | bundle (MB) | denoiser (MB) | GFLOP/step | "
-    "ms/step (median / p90) | torch eager ms/step | speedup | end-to-end ms | peak RSS (MB) | "
-    "PSNR (dB) | latent rel err |"
+    "ms/step (median / p90) | torch eager ms/step | speedup | of matmul rate | end-to-end ms | "
+    "peak RSS (MB) | PSNR (dB) | latent rel err |"
 )
 
 
@@ -31,16 +31,18 @@ def markdown_table(results: dict[str, Any]) -> str:
     for r in results["recipes"]:
         lat = r["latency_ms"]
         den = r.get("denoiser_bytes")
+        floor = r.get("flop_floor_fraction")
         if r.get("simulated"):  # the precision has no kernel here: no speed to quote
-            step, speedup, e2e = "simulated", "simulated", "simulated"
+            step, speedup, e2e, rate = "simulated", "simulated", "simulated", "simulated"
         else:
             step = f"{lat['denoiser_step']:.2f} / {lat['denoiser_step_p90']:.2f}"
             speedup, e2e = f"{r['speedup_vs_eager']:.2f}x", f"{lat['end_to_end']:.0f}"
+            rate = "-" if floor is None else f"{floor:.1%}"
         line = (
             f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['bytes_on_disk'] / 1e6:.1f} | "
             f"{'-' if den is None else f'{den / 1e6:.2f}'} | "
             f"{r['flops_per_step'] / 1e9:.2f} | {step} | {r['torch_eager_ms_per_step']:.2f} | "
-            f"{speedup} | {e2e} | {r['peak_rss_mb']:.0f} | "
+            f"{speedup} | {rate} | {e2e} | {r['peak_rss_mb']:.0f} | "
             f"{r['fidelity']['psnr_db']:.1f} | {r['fidelity']['latent_rel_err']:.2e} |"
         )
         if with_acc:

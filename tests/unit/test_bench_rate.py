@@ -1,0 +1,64 @@
+"""The bench's matrix-rate denominator and its choice of bundle per backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from slimdiff.app.bench import bundle_target
+from slimdiff.app.bench_report import markdown_table
+from slimdiff.errors import UserError
+from slimdiff.metrics.matmul_rate import matmul_tflops
+
+
+def test_cpu_matmul_rate_is_measured():
+    rate = matmul_tflops("cpu", threads=1, repeat=2)
+    assert rate["dtype"] == "float32" and rate["n"] == 2048 and rate["device"] == "cpu"
+    # a 2-core CPU of 2020s: 10 GFLOP/s to 10 TFLOP/s on one thread, fp32
+    assert math.isfinite(rate["tflops"]) and 0.01 < rate["tflops"] < 10
+
+
+@pytest.mark.parametrize(
+    ("backend", "targets", "chosen"),
+    [
+        ("ort-cpu", ["onnx"], "onnx"),
+        ("ort-cuda", ["tensorrt", "onnx"], "onnx"),
+        ("trt", ["onnx", "tensorrt"], "tensorrt"),
+        ("trt", ["onnx"], "onnx"),
+        ("trt-rtx", ["tensorrt"], "tensorrt"),
+        ("aoti", ["onnx", "aoti"], "aoti"),
+    ],
+)
+def test_each_backend_benches_the_bundle_it_runs(backend, targets, chosen):
+    assert bundle_target(backend, targets) == chosen
+
+
+def test_a_backend_without_its_bundle_is_refused():
+    with pytest.raises(UserError, match="add aoti to export.targets"):
+        bundle_target("aoti", ["onnx"])
+
+
+def _row(**over):
+    row = {
+        "name": "r",
+        "params": 1e6,
+        "bytes_on_disk": 2e6,
+        "denoiser_bytes": 1e6,
+        "flops_per_step": 4.5e8,
+        "latency_ms": {"denoiser_step": 20.0, "denoiser_step_p90": 21.0, "end_to_end": 400.0},
+        "torch_eager_ms_per_step": 70.0,
+        "speedup_vs_eager": 3.5,
+        "peak_rss_mb": 120.0,
+        "flop_floor_fraction": 0.125,
+        "fidelity": {"psnr_db": 40.0, "latent_rel_err": 1e-3},
+    }
+    return {**row, **over}
+
+
+def test_the_table_quotes_the_fraction_of_the_matmul_rate():
+    table = markdown_table({"recipes": [_row(), _row(name="s", simulated="w4a4")]})
+    head, _, fast, slow = table.splitlines()
+    col = head.split("|").index(" of matmul rate ")
+    assert fast.split("|")[col].strip() == "12.5%"
+    assert slow.split("|")[col].strip() == "simulated"
