@@ -35,7 +35,7 @@ def test_each_backend_benches_the_bundle_it_runs(backend, targets, chosen):
 
 
 def test_a_backend_without_its_bundle_is_refused():
-    with pytest.raises(UserError, match="add aoti to export.targets"):
+    with pytest.raises(UserError, match=r"add aoti to export\.targets"):
         bundle_target("aoti", ["onnx"])
 
 
