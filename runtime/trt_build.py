@@ -65,6 +65,7 @@ __all__ = [
     "import_cudart",
     "import_tensorrt",
     "normalize_sm",
+    "onnx_component",
     "profile_shapes",
     "qdq_form",
     "read_record",
@@ -122,6 +123,16 @@ def find_component(path: str | Path) -> tuple[Path, Manifest, str, ComponentEntr
         f"{path} is not a component of a bundle (no manifest.json above it lists it); the "
         "TensorRT backends build engines from bundles written by `slimdiff export`"
     )
+
+
+def onnx_component(path: str | Path) -> tuple[str, ComponentEntry, str]:
+    """(component name, entry, component digest) for the ONNX graph `path` inside a bundle: what
+    both TensorRT backends key their engines by; another format is a BundleError."""
+    path = Path(path)
+    _, manifest, name, entry = find_component(path)
+    if entry.format != "onnx":
+        raise BundleError(f"{path}: component {name} is {entry.format}, not an ONNX graph")
+    return name, entry, component_digest(manifest, entry)
 
 
 def component_digest(manifest: Manifest, entry: ComponentEntry) -> str:

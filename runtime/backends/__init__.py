@@ -31,7 +31,7 @@ import numpy as np
 
 from slimdiff.errors import UserError
 
-__all__ = ["Backend", "Session", "backend_names", "get_backend"]
+__all__ = ["Backend", "Session", "backend_names", "check_feeds", "get_backend"]
 
 
 @runtime_checkable
@@ -43,6 +43,18 @@ class Session(Protocol):
     input_dtypes: dict[str, np.dtype]  # what `run` expects per input name
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def check_feeds(path: Path, feeds: dict[str, np.ndarray], input_names: list[str]) -> None:
+    """Feeds naming exactly the graph's inputs. A mismatch is a bug in the pipeline or a
+    bundle from another exporter, not user input: ValueError."""
+    unknown = set(feeds) - set(input_names)
+    missing = set(input_names) - set(feeds)
+    if unknown or missing:
+        raise ValueError(
+            f"{path}: feeds do not match the graph inputs "
+            f"(missing {sorted(missing)}, unexpected {sorted(unknown)})"
+        )
 
 
 @runtime_checkable

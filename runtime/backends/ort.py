@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from slimdiff.runtime.backends import check_feeds
 from slimdiff.runtime.manifest import BundleError
 
 from slimdiff.errors import UserError
@@ -87,14 +88,7 @@ class OrtSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph; inputs are cast to the graph's dtypes, extra feeds are an error."""
-        unknown = set(feeds) - set(self.input_names)
-        missing = set(self.input_names) - set(feeds)
-        if unknown or missing:
-            # A bug in the pipeline or a bundle from another exporter, not user input.
-            raise ValueError(
-                f"{self.path}: feeds do not match the graph inputs "
-                f"(missing {sorted(missing)}, unexpected {sorted(unknown)})"
-            )
+        check_feeds(self.path, feeds, self.input_names)
         cast = {
             name: np.ascontiguousarray(value, dtype=self.input_dtypes[name])
             for name, value in feeds.items()

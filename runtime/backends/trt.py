@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from slimdiff.runtime.backends import check_feeds
 from slimdiff.runtime.manifest import BundleError, ComponentEntry
 from slimdiff.runtime.trt_build import (
     BuilderPlan,
@@ -46,12 +47,11 @@ from slimdiff.runtime.trt_build import (
     cache_key,
     cache_root,
     check_record,
-    component_digest,
     cuda_call,
-    find_component,
     gpu_compute_capability,
     import_cudart,
     import_tensorrt,
+    onnx_component,
     profile_shapes,
     qdq_form,
     read_record,
@@ -125,10 +125,7 @@ class TensorRTBackend:
     def locate(self, path: str | Path) -> EngineLocation:
         """Where the engine for graph `path` (inside a bundle) is cached; needs no TensorRT."""
         path = Path(path)
-        _, manifest, name, entry = find_component(path)
-        if entry.format != "onnx":
-            raise BundleError(f"{path}: component {name} is {entry.format}, not an ONNX graph")
-        digest = component_digest(manifest, entry)
+        name, entry, digest = onnx_component(path)
         version = self.device.tensorrt_version
         plan = builder_flags(entry.precision, trt_major(version), qdq_form(entry))
         profile = profile_shapes(entry)
@@ -240,13 +237,7 @@ class TensorRTSession:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the engine on numpy `feeds`; inputs are cast to the engine's dtypes."""
-        unknown = set(feeds) - set(self.input_names)
-        missing = set(self.input_names) - set(feeds)
-        if unknown or missing:
-            raise ValueError(
-                f"{self.path}: feeds do not match the engine inputs "
-                f"(missing {sorted(missing)}, unexpected {sorted(unknown)})"
-            )
+        check_feeds(self.path, feeds, self.input_names)
         cudart, stream = self._cudart, self._stream
         arrays = {
             n: np.ascontiguousarray(feeds[n], dtype=self.input_dtypes[n]) for n in self.input_names

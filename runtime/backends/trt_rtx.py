@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from slimdiff.runtime.backends.ort import OrtSession
-from slimdiff.runtime.manifest import BundleError, ComponentEntry
+from slimdiff.runtime.manifest import ComponentEntry
 from slimdiff.runtime.trt_build import (
     cache_root,
-    component_digest,
-    find_component,
+    onnx_component,
     profile_shapes,
     qdq_form,
     shapes_arg,
@@ -160,10 +159,7 @@ class TrtRtxBackend:
     def load(self, path: str | Path) -> OrtSession:
         """Load bundle graph `path` (the first load builds its engine: minutes for a UNet)."""
         path = Path(path)
-        _, manifest, name, entry = find_component(path)
-        if entry.format != "onnx":
-            raise BundleError(f"{path}: component {name} is {entry.format}, not an ONNX graph")
-        digest = component_digest(manifest, entry)
+        _, entry, digest = onnx_component(path)
         options = rtx_provider_options(entry, digest, self.cache_dir, self.cuda_graph)
         Path(options["nv_runtime_cache_path"]).mkdir(parents=True, exist_ok=True)
         session_options = self._ort.SessionOptions()
