@@ -5,9 +5,9 @@ Conv with int8 weight constants (slimdiff/lowbit.py says why there is no import 
 the two). Here:
 
 - `pack_int4_weights`: each int8 weight constant whose digest a layer declares as 4-bit is
-  stored two to a byte (uint8), unpacked by a model-local ONNX function (Cast, Div, Mul,
-  Sub, Concat, Reshape, Cast: ops every ONNX runtime has at opset 17). onnxruntime inlines
-  and folds it when the session loads, so the graph it runs has the int8 constant again and
+  stored two to a byte (uint8), unpacked by a model-local ONNX function (a 256-entry table
+  Gather, Reshape, Slice: ops every ONNX runtime has at opset 17). onnxruntime inlines and
+  folds it when the session loads, so the graph it runs has the int8 constant again and
   fuses it into its integer kernels: 4 bits a weight on disk, the W8A8 kernels at run
   time. (onnxruntime's MatMulNBits would pack linear weights too, but it quantizes its
   activations itself, blockwise and dynamically, which would bypass the activation step
@@ -148,33 +148,31 @@ def _unpack_call(added: dict, name: str, value: np.ndarray) -> onnx.NodeProto:
 
 
 def _unpack_function() -> onnx.FunctionProto:
-    """int8 out[shape] from two 4-bit values a byte (low nibble first, stored + 8), with ops
-    every ONNX runtime has at opset 17 (no BitwiseAnd/BitShift before 18)."""
+    """int8 out[shape] from two 4-bit values a byte (low nibble first, stored + 8): each byte
+    indexes a 256 x 2 table of its two signed values (Gather), then the pairs are laid flat,
+    cut to the element count and shaped. Ops every ONNX runtime has at opset 17.
+
+    A table, not arithmetic: onnxruntime folds the function at load and keeps every
+    intermediate tensor of the fold until it ends, so what the unpacking computes on the way
+    is memory at load. Cast/Div/Mul/Sub/Concat in int32 held about 66 bytes a packed byte
+    (the full-size SD1.5 UNet at W4 was killed at 23 GB loading); the table about 12."""
+    table = np.array([[(b & 15) - 8, (b >> 4) - 8] for b in range(256)], np.int8)
 
     def const(name, value):
         return helper.make_node(
-            "Constant", [], [name], value=numpy_helper.from_array(np.array(value), name)
+            "Constant", [], [name], value=numpy_helper.from_array(np.asarray(value), name)
         )
 
     nodes = [
-        const("c16", np.int32(16)),
-        const("c8", np.int32(8)),
-        const("axis1", np.array([1], np.int64)),
+        const("table", table),
         const("flat", np.array([-1], np.int64)),
         const("start", np.array([0], np.int64)),
-        helper.make_node("Cast", ["packed"], ["i32"], to=TensorProto.INT32),
-        helper.make_node("Div", ["i32", "c16"], ["hi"]),
-        helper.make_node("Mul", ["hi", "c16"], ["hi16"]),
-        helper.make_node("Sub", ["i32", "hi16"], ["lo"]),
-        helper.make_node("Unsqueeze", ["lo", "axis1"], ["lo1"]),
-        helper.make_node("Unsqueeze", ["hi", "axis1"], ["hi1"]),
-        helper.make_node("Concat", ["lo1", "hi1"], ["pairs"], axis=1),
+        helper.make_node("Cast", ["packed"], ["index"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["table", "index"], ["pairs"], axis=0),
         helper.make_node("Reshape", ["pairs", "flat"], ["both"]),
         helper.make_node("ReduceProd", ["shape"], ["count"], keepdims=1),
         helper.make_node("Slice", ["both", "start", "count"], ["cut"]),
-        helper.make_node("Sub", ["cut", "c8"], ["signed"]),
-        helper.make_node("Reshape", ["signed", "shape"], ["shaped"]),
-        helper.make_node("Cast", ["shaped"], ["out"], to=TensorProto.INT8),
+        helper.make_node("Reshape", ["cut", "shape"], ["out"]),
     ]
     return helper.make_function(
         _DOMAIN,
