@@ -163,6 +163,8 @@ def export_bundle(
                     threshold=external_data_threshold,
                 )
             entry.profile = shape_profile(component, model, sizes)
+            if entry.format == "aoti":
+                _aoti().check_profile(component.name, entry)
             entries[component.name] = entry
         shutil.rmtree(root / _WORK, ignore_errors=True)
         write_support_files(model, root)
@@ -216,7 +218,7 @@ def _write_manifest(
 def _validate(target: str, precision: str, vae_precision: str | None, threshold: int) -> None:
     if target not in TARGETS:
         raise UserError(
-            f"export target {target!r} is not supported; supported: {', '.join(TARGETS)} "
+            f"export target {target!r} is not supported; supported: {', '.join(TARGETS)}"
         )
     for what, value in (("precision", precision), ("vae_precision", vae_precision)):
         if value is not None and value not in PRECISIONS:

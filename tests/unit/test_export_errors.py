@@ -29,8 +29,15 @@ def sd3():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"target": "tensorrt"}, "export target 'tensorrt' is not supported; supported: onnx"),
-        ({"target": "openvino"}, "supported: onnx"),
+        (
+            {"target": "trt"},
+            "export target 'trt' is not supported; supported: onnx, tensorrt, aoti",
+        ),
+        ({"target": "openvino"}, "supported: onnx, tensorrt, aoti"),
+        ({"qdq": "modelopt"}, "qdq form 'modelopt' is not supported; use one of: ort, tensorrt"),
+        ({"max_images": 0}, "build for at least one image per call"),
+        ({"min_size": (1024, 1024)}, "min size 1024x1024 exceeds max size"),
+        ({"max_size": (100, 100)}, "multiples of 16 pixels"),
         ({"precision": "int8"}, "precision 'int8' is not supported; use one of: fp32, fp16"),
         ({"precision": "bf16"}, "use one of: fp32, fp16"),
         ({"vae_precision": "fp8"}, "vae_precision 'fp8' is not supported"),
