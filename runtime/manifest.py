@@ -187,7 +187,7 @@ class OnnxExtra(TypedDict, total=False):
     quantization: QuantExtra
 
 
-Shape = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(max_length=8)]
+Shape = Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1)]], Field(max_length=8)]
 
 
 @pydantic.with_config(_CONFIG)
@@ -199,6 +199,25 @@ class ShapeProfile(TypedDict):
     min: Annotated[dict[TensorName, Shape], Field(max_length=64)]
     opt: Annotated[dict[TensorName, Shape], Field(max_length=64)]
     max: Annotated[dict[TensorName, Shape], Field(max_length=64)]
+
+
+def _check_profile(inputs: list[IOSpec], profile: ShapeProfile) -> None:
+    """Every input at every point, shaped as its IOSpec (fixed sizes equal), min <= opt <=
+    max per axis."""
+    names = [i["name"] for i in inputs]
+    for point in ("min", "opt", "max"):
+        if sorted(profile[point]) != sorted(names):
+            raise ValueError(f"profile.{point} must list the inputs {names}")
+    for spec in inputs:
+        name = spec["name"]
+        shapes = [profile[p][name] for p in ("min", "opt", "max")]
+        for shape in shapes:
+            if len(shape) != len(spec["shape"]) or any(
+                isinstance(d, int) and d != n for d, n in zip(spec["shape"], shape, strict=True)
+            ):
+                raise ValueError(f"profile shape {shape} of {name} does not fit {spec['shape']}")
+        if any(not a <= b <= c for a, b, c in zip(*shapes, strict=True)):
+            raise ValueError(f"profile of {name}: min {shapes[0]} <= opt <= max fails")
 
 
 class ComponentEntry(pydantic.BaseModel):
@@ -221,6 +240,8 @@ class ComponentEntry(pydantic.BaseModel):
     def _names_unique(self) -> ComponentEntry:
         _unique([i["name"] for i in self.inputs], "inputs")
         _unique([o["name"] for o in self.outputs], "outputs")
+        if self.profile is not None:
+            _check_profile(self.inputs, self.profile)
         return self
 
     def io(self, name: str, outputs: bool = False) -> IOSpec | None:
