@@ -86,7 +86,7 @@ def test_a_bundle_without_profiles_is_refused_with_export_again():
 
 def test_a_profile_with_min_above_max_is_refused():
     bad = {**PROFILE, "min": {"sample": [4, 4, 8, 8], "timestep": [1]}}
-    with pytest.raises(pydantic.ValidationError, match="min .* <= opt <= max fails"):
+    with pytest.raises(pydantic.ValidationError, match=r"min .* <= opt <= max fails"):
         entry(profile=bad)  # the manifest's schema refuses it (runtime/manifest.py)
     unchecked = entry().model_copy(update={"profile": bad})  # built around the schema
     with pytest.raises(BundleError, match="not min <= opt <= max"):

@@ -152,9 +152,9 @@ def test_plan_keeps_io_layers_at_8_bit_and_skips_never_quantize():  # and weight
     assert plan8["conv_in"].act_bits == 8 and plan8["conv_out"].act_bits == 8
     assert plan8["conv_out"].out_bits is None  # the model's output stays float
     assert not any(matches(n, arch.never_quantize) for n in plan)
-    # conv_shortcut: 4-bit weights, float input (weight_only)
+    # conv_shortcut: 8-bit weights, float input (weight_only)
     shortcuts = [s for n, s in plan.items() if matches(n, arch.weight_only)]
-    assert shortcuts and all(s.weight_bits == 4 and s.act_bits is None for s in shortcuts)
+    assert shortcuts and all(s.weight_bits == 8 and s.act_bits is None for s in shortcuts)
     assert all(s.out_bits is None for s in shortcuts)
     convs = [
         s
