@@ -50,7 +50,7 @@ from slimdiff.export.onnx import (
     save_model,
 )
 from slimdiff.export.optimize import convert_fp16, fuse
-from slimdiff.export.parity import ExportError, check_parity
+from slimdiff.export.parity import ExportError, check_parity, raise_if_failed
 from slimdiff.export.profiles import shape_profile, size_range
 from slimdiff.runtime.manifest import (
     MANIFEST_NAME,
@@ -277,13 +277,11 @@ def _export_component(
     tolerance_key = "int8" if quantized else precision
     with merged_scales(), qdq_form(qdq):  # torch as the graph computes it
         parity = check_parity(component, path, tolerance_key) if check else {}
-    if parity and not parity["passed"]:
-        raise ExportError(
-            f"{component.name}: ONNX ({tolerance_key}) differs from torch: rel err "
-            f"{parity['rel_err']:.3g} > tolerance {parity['tolerance']:g} on inputs "
-            f"{parity['inputs']}; export with optimize=False to rule out the fusions, "
-            "and report the model if it persists"
-        )
+    raise_if_failed(
+        parity,
+        f"{component.name}: ONNX ({tolerance_key})",
+        "export with optimize=False to rule out the fusions, and report the model if it persists",
+    )
     extra = {
         "opset": OPSET,
         "ort_fusions": fusions,

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from slimdiff.export.components import Component, eval_mode, export_mode
 from slimdiff.export.dummy_inputs import CHECK, TRACE
-from slimdiff.export.parity import TOLERANCES, ExportError
+from slimdiff.export.parity import TOLERANCES, ExportError, raise_if_failed
 from slimdiff.runtime.manifest import DENOISER_OUTPUT, ComponentEntry
 from torch import nn
 
@@ -148,12 +148,11 @@ def export_aoti_component(
     }  # no timings: the same model exports to the same io.json
     atomic_write_bytes(folder / IO_NAME, (json.dumps(record, indent=2) + "\n").encode())
     parity = check_package(component, package, precision) if check else {}
-    if parity and not parity["passed"]:
-        raise ExportError(
-            f"{component.name}: the AOTInductor package ({precision}) differs from torch: rel "
-            f"err {parity['rel_err']:.3g} > tolerance {parity['tolerance']:g} on inputs "
-            f"{parity['inputs']}; export with --target onnx, and report the model"
-        )
+    raise_if_failed(
+        parity,
+        f"{component.name}: the AOTInductor package ({precision})",
+        "export with --target onnx, and report the model",
+    )
     return ComponentEntry(
         path=package.relative_to(root).as_posix(),
         format="aoti",

@@ -23,7 +23,7 @@ from slimdiff.export.dummy_inputs import CHECK
 
 from slimdiff.threads import choose_threads, ort_session_options
 
-__all__ = ["TOLERANCES", "ExportError", "check_parity"]
+__all__ = ["TOLERANCES", "ExportError", "check_parity", "raise_if_failed"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1}
 class ExportError(Exception):
     """The exported graph does not reproduce the torch model (a toolkit or model problem,
     not bad user input)."""
+
+
+def raise_if_failed(parity: dict[str, Any], what: str, fix: str) -> None:
+    """ExportError naming `what` ("unet: ONNX (fp32)") when `parity` (a check's result;
+    {} when no check ran) failed; `fix` says what to try."""
+    if parity and not parity["passed"]:
+        raise ExportError(
+            f"{what} differs from torch: rel err {parity['rel_err']:.3g} > tolerance "
+            f"{parity['tolerance']:g} on inputs {parity['inputs']}; {fix}"
+        )
 
 
 def check_parity(component: Component, path: Path, precision: str) -> dict[str, Any]:
