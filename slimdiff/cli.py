@@ -341,7 +341,12 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Initial noise (.npy) in the layout diffusers' `latents=` takes, to compare exactly.",
 )
-@click.option("--backend", default="ort-cpu", show_default=True, help="ort-cpu | ort-cuda")
+@click.option(
+    "--backend",
+    default="ort-cpu",
+    show_default=True,
+    help="ort-cpu | ort-cuda | trt | trt-rtx | aoti (the last three: see the README)",
+)
 @_expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
@@ -428,7 +433,11 @@ def inspect_cmd(
 @click.option("--model", default=None, help="Run every recipe on this model instead.")
 @click.option("--steps", type=_STEPS, default=None)
 @click.option("--size", default=None, help=SIZE_HELP)
-@click.option("--backend", default=None, help="ort-cpu | ort-cuda (default: the recipe's).")
+@click.option(
+    "--backend",
+    default=None,
+    help="ort-cpu | ort-cuda | trt | trt-rtx | aoti (default: the recipe's).",
+)
 @click.option("--repeat", type=click.IntRange(1, 1000), default=None, help="Timed runs per recipe.")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder (not with --dry-run).")
 @_device_option

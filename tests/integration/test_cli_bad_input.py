@@ -139,7 +139,8 @@ def test_bad_export_inspect_compress_bench_input(tmp_path):
     for sets, fragment in (
         ("bench.seed=-1", "bench.seed"),
         ("calibration.size=[7, 7]", "a side must be a multiple of 8"),
-        ("export.targets=[tensorrt]", "target 'tensorrt' is not available"),
+        ("export.targets=[trt]", "unknown target 'trt'"),
+        ("export.max_images=0", "export.max_images"),
         ("bench.guidance=.nan", "bench.guidance"),
         ("bench.steps=[1", "not valid YAML"),
     ):
@@ -168,6 +169,10 @@ def test_bench_refuses_a_bad_backend_before_any_work(tmp_path):
     result = _run("bench", "tiny-sdxl-fp32", "--backend", "bogus", "--out", tmp_path / "o")
     _refused(result, "unknown backend 'bogus'")
     assert not (tmp_path / "o" / "_reference").exists()  # no reference was computed
+    # a backend whose bundle the recipe does not export: refused before any work too
+    result = _run("bench", "tiny-sdxl-fp32", "--backend", "aoti", "--out", tmp_path / "o")
+    _refused(result, "add aoti to export.targets")
+    assert not (tmp_path / "o" / "_reference").exists()
 
 
 def test_killed_runs_partials_are_removed_on_the_next_run(tmp_path, caplog):
