@@ -271,8 +271,9 @@ def test_shape_profiles_hold_what_the_runtime_feeds(exported, monkeypatch):
     for name, calls in fed.items():
         assert all(call == profiles[name]["opt"] for call in calls), name
     fed.clear()
-    lo = profiles[manifest.pipeline.denoiser]["min"]
-    h, w = (d * manifest.pipeline.vae_scale_factor for d in next(iter(lo.values()))[-2:])
+    # the smallest image: the VAE decoder's smallest latent (B, C, h, w) in pixels
+    lo = profiles["vae_decoder"]["min"]["latent_sample"]
+    h, w = (d * manifest.pipeline.vae_scale_factor for d in lo[-2:])
     pipe("a red circle", steps=1, guidance=5.0, seed=0, size=(h, w))
     for name, calls in fed.items():
         for call in calls:
