@@ -176,7 +176,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
 
     runs = timings["runs"]
     steps_ms = [s for r in runs for s in r["denoiser_steps"]]
-    rate = _matmul_rate(_runtime_device(b.backend), threads)
+    rate = _matmul_rate(_runtime_device(b.backend, device), threads)
     row = {
         "name": recipe.name,
         "model": recipe.model,
@@ -266,10 +266,13 @@ def _matmul_rate(device: str, threads: int | None) -> dict[str, Any]:
     return matmul_tflops(device, threads)
 
 
-def _runtime_device(backend: str) -> str:
-    """Where a runtime backend computes: the CPU for ort-cpu (and aoti packages built for
-    it), the GPU for the CUDA and TensorRT backends."""
-    return "cpu" if backend in ("ort-cpu", "aoti") else "cuda"
+def _runtime_device(backend: str, torch_device: str) -> str:
+    """Where a runtime backend computes: the CPU for ort-cpu, the GPU for the CUDA and
+    TensorRT backends, and for aoti where its package was compiled: where the recipe's
+    torch work runs (the exporter compiles on the model's device)."""
+    if backend == "aoti":
+        return "cuda" if torch_device.startswith("cuda") else "cpu"
+    return "cpu" if backend == "ort-cpu" else "cuda"
 
 
 def _simulated(recipe: Recipe) -> str | None:
