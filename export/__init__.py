@@ -65,7 +65,6 @@ import slimdiff
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_dir, atomic_write_bytes
 from slimdiff.lowbit import (
-    INT4_DIGEST_ATTR,
     QDQ_FORMS,
     has_quantized_layers,
     merged_scales,
@@ -264,8 +263,8 @@ def _export_component(
         graph = convert_fp16(graph)
     quantized = is_quantized(graph)
     # TensorRT's parser does not fold the unpacking subgraph: int4 values stay int8 there.
-    pack = quantized and qdq == "ort"
-    packed = pack_int4_weights(graph, int4_digests(component.model)) if pack else 0
+    four_bit = int4_digests(component.model) if quantized else set()
+    packed = pack_int4_weights(graph, four_bit) if qdq == "ort" else 0
     if quantized:
         compact_names(graph)
     path = root / component.name / "model.onnx"
@@ -300,18 +299,12 @@ def _export_component(
     return ComponentEntry(
         path=path.relative_to(root).as_posix(),
         format="onnx",
-        precision=_quantized_precision(component.model) if quantized else precision,
+        precision=("int4" if four_bit else "int8") if quantized else precision,
         inputs=inputs,
         outputs=outputs,
         parity=parity,
         extra=extra,
     )
-
-
-def _quantized_precision(model) -> str:
-    """int4 when the component holds 4-bit weights (packed or not), else int8."""
-    four = any(getattr(m, INT4_DIGEST_ATTR, None) for m in model.modules())
-    return "int4" if four else "int8"
 
 
 def _classic_attention(model) -> dict:
