@@ -30,7 +30,7 @@ from slimdiff.export.bundle import (
     pipeline_constants,
     write_support_files,
 )
-from slimdiff.export.components import Component, export_mode, plan_components
+from slimdiff.export.components import Component, export_mode, free_weights, plan_components
 from slimdiff.export.lowbit import (
     compact_names,
     int4_digests,
@@ -50,7 +50,7 @@ from slimdiff.export.onnx import (
     save_model,
 )
 from slimdiff.export.optimize import convert_fp16, fuse
-from slimdiff.export.parity import ExportError, check_parity, raise_if_failed
+from slimdiff.export.parity import ExportError, check_parity, raise_if_failed, torch_reference
 from slimdiff.export.profiles import shape_profile, size_range
 from slimdiff.runtime.manifest import (
     MANIFEST_NAME,
@@ -98,6 +98,7 @@ def export_bundle(
     max_size: tuple[int, int] | None = None,
     max_images: int = 1,
     check: bool = True,
+    release_weights: bool = False,
     external_data_threshold: int = PROTOBUF_LIMIT,
     source: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -124,6 +125,12 @@ def export_bundle(
             the model's default size, one image.
         check: compare every graph against torch on fresh inputs; raise ExportError when
             one is off by more than its tolerance.
+        release_weights: free each component's torch weights as soon as its graph is
+            traced (torch's outputs for the parity check are computed before), leaving
+            `model` unusable: the peak memory is then about the largest component twice
+            (its graph, then the onnxruntime session that checks it) instead of the whole
+            pipeline plus a graph plus a session. What `slimdiff export` does; fp32 SDXL
+            needs it on a 24 GiB machine.
         external_data_threshold: weights beyond this many bytes go to model.onnx.data
             (protobuf cannot hold more than 2 GiB).
         source: provenance recorded in the manifest (default {"model": model.source}).
@@ -147,6 +154,7 @@ def export_bundle(
         for i, component in enumerate(components):
             if progress is not None:
                 progress(component.name, i, len(components))
+            profile = shape_profile(component, model, sizes)
             if target == "aoti" and _aoti().wants_aoti(component):
                 entry = _aoti().export_aoti_component(
                     component, root, precision=precisions[component.name], check=check
@@ -160,8 +168,11 @@ def export_bundle(
                     qdq=qdq,
                     check=check,
                     threshold=external_data_threshold,
+                    release=release_weights,
                 )
-            entry.profile = shape_profile(component, model, sizes)
+            if release_weights:
+                free_weights(component.model)
+            entry.profile = profile
             if entry.format == "aoti":
                 _aoti().check_profile(component.name, entry)
             entries[component.name] = entry
@@ -240,19 +251,29 @@ def _export_component(
     qdq: str,
     check: bool,
     threshold: int,
+    release: bool = False,
 ) -> ComponentEntry:
-    """Export, fuse, convert, save and check one component; its manifest entry."""
+    """Export, fuse, convert, save and check one component; its manifest entry.
+
+    `release`: free the torch weights once traced (see export_bundle's release_weights).
+    """
     plan = component.plan
     # ORT's transformer fusions find no attention pattern through Q/DQ nodes (measured on
     # tiny SDXL W8A8: 0 Attention, 102 LayerNormalization, which the session fuses at load
     # anyway) and their shape inference takes minutes on a graph of 13k nodes: skipped.
-    fusing = optimize and plan.on_cpu and not has_quantized_layers(component.model)
+    quantized_model = has_quantized_layers(component.model)
+    fusing = optimize and plan.on_cpu and not quantized_model
     processor = _classic_attention if fusing and plan.attention == "classic" else None
     raw = root / _WORK / component.name / "raw.onnx"
     # Timestep-aware quantizers trace with one merged scale each (slimdiff/lowbit.py): the
     # graph's scales are constants, as integer kernels need.
     with export_mode(component, processor), merged_scales(), qdq_form(qdq):
+        # torch as the graph computes it; before the trace, so the weights can go after it
+        reference = torch_reference(component) if check else None
         export_component(component, raw)
+    four_bit = int4_digests(component.model) if quantized_model else set()
+    if release:
+        free_weights(component.model)
     fusions: dict[str, int] = {}
     fused = fuse(str(raw), plan) if fusing else None
     if fused is not None:
@@ -262,8 +283,8 @@ def _export_component(
     if precision == "fp16":
         graph = convert_fp16(graph)
     quantized = is_quantized(graph)
+    four_bit = four_bit if quantized else set()
     # TensorRT's parser does not fold the unpacking subgraph: int4 values stay int8 there.
-    four_bit = int4_digests(component.model) if quantized else set()
     packed = pack_int4_weights(graph, four_bit) if qdq == "ort" else 0
     if quantized:
         compact_names(graph)
@@ -274,8 +295,7 @@ def _export_component(
     shutil.rmtree(raw.parent, ignore_errors=True)
     inputs, outputs = graph_io(path)
     tolerance_key = "int8" if quantized else precision
-    with merged_scales(), qdq_form(qdq):  # torch as the graph computes it
-        parity = check_parity(component, path, tolerance_key) if check else {}
+    parity = check_parity(component, path, tolerance_key, reference) if check else {}
     raise_if_failed(
         parity,
         f"{component.name}: ONNX ({tolerance_key})",

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from slimdiff.export.components import Component, eval_mode, export_mode
+from slimdiff.export.components import Component, eval_mode, export_mode, model_device
 from slimdiff.export.dummy_inputs import CHECK, TRACE
 from slimdiff.export.parity import TOLERANCES, ExportError, raise_if_failed
 from slimdiff.runtime.manifest import DENOISER_OUTPUT, ComponentEntry
@@ -122,7 +122,7 @@ def export_aoti_component(
     """
     if precision not in _DTYPES:
         raise ExportError(f"{component.name}: precision {precision} has no AOTInductor form")
-    device = _device(component.model)
+    device = model_device(component.model)
     folder = root / component.name
     folder.mkdir(parents=True, exist_ok=True)
     package = folder / PACKAGE_NAME
@@ -164,11 +164,6 @@ def export_aoti_component(
     )
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 # ---------------------------------------------------------------- torch.export
 
 
@@ -196,7 +191,7 @@ def export_program(
     Returns the program and the range each axis name was exported over
     ({"B": {"min": 1, "max": 32}, ...}).
     """
-    device = device or _device(component.model)
+    device = device or model_device(component.model)
     feeds = component.make_inputs(TRACE)
     args = tuple(feeds[n].to(device) for n in component.input_names)
     ranges = axis_ranges(component)
@@ -378,7 +373,7 @@ def _io_entry(component: Component, name: str, value: torch.Tensor) -> dict:
 def check_package(component: Component, package: Path, precision: str) -> dict[str, Any]:
     """Run `package` and the eager module on CHECK inputs (other sizes than the trace);
     the manifest's parity record, as export/parity.py check_parity writes it."""
-    device = _device(component.model)
+    device = model_device(component.model)
     feeds = component.make_inputs(CHECK)
     args = [feeds[n].to(device) for n in component.input_names]
     with eval_mode(component), torch.inference_mode():

@@ -8,6 +8,9 @@ records, so nothing downstream branches on the family.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
+import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +35,10 @@ __all__ = [
     "denoiser_component",
     "eval_mode",
     "export_mode",
+    "free_weights",
+    "model_device",
     "plan_components",
+    "reference_precision",
 ]
 
 # Text encoder outputs that carry the token axis; the others are pooled (B, P).
@@ -184,3 +190,32 @@ def export_mode(
                     del m.forward  # back to the class's forward
                 else:
                     m.forward = own
+
+
+def free_weights(model: nn.Module) -> None:
+    """Drop `model`'s parameters and buffers (to the meta device: shapes kept, no storage)
+    and give the freed memory back to the OS. The model cannot compute afterwards."""
+    model.to_empty(device="meta")
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        # glibc keeps freed small blocks in its heap; malloc_trim returns every free page.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model`'s weights are (a compressed model may come from a GPU)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def reference_precision() -> Iterator[None]:
+    """True fp32 on a GPU: cuDNN convolutions default to TF32 (10-bit mantissa), which
+    would put torch 1e-3 away from the fp32 graph it is the reference for."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx
 import torch
-from slimdiff.export.components import Component
+from slimdiff.export.components import Component, model_device
 from slimdiff.export.dummy_inputs import TRACE
 
 __all__ = [
@@ -56,7 +56,8 @@ def export_component(component: Component, path: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     feeds = component.make_inputs(TRACE)
-    args = tuple(feeds[name] for name in component.input_names)
+    device = model_device(component.model)  # a model compressed on a GPU traces there
+    args = tuple(feeds[name].to(device) for name in component.input_names)
     log.info("exporting %s to ONNX (opset %d)", component.name, OPSET)
     with torch.inference_mode(), _traceable_unflatten(), warnings.catch_warnings():
         # Tracer warnings (Python bools/ints taken from tensors in diffusers' code) and the

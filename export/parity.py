@@ -13,17 +13,25 @@ not blow up on elements near zero the way an element-wise relative error does.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from slimdiff.export.components import Component, eval_mode
+from slimdiff.export.components import Component, eval_mode, model_device, reference_precision
 from slimdiff.export.dummy_inputs import CHECK
 
 from slimdiff.threads import choose_threads, ort_session_options
 
-__all__ = ["TOLERANCES", "ExportError", "check_parity", "raise_if_failed"]
+__all__ = [
+    "TOLERANCES",
+    "ExportError",
+    "Reference",
+    "check_parity",
+    "raise_if_failed",
+    "torch_reference",
+]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +61,35 @@ def raise_if_failed(parity: dict[str, Any], what: str, fix: str) -> None:
         )
 
 
-def check_parity(component: Component, path: Path, precision: str) -> dict[str, Any]:
+@dataclass
+class Reference:
+    """What torch computed on a component's CHECK inputs: all a parity check needs once
+    the torch weights are gone (export_bundle(release_weights=True) frees them before the
+    graph is loaded)."""
+
+    feeds: dict[str, torch.Tensor]
+    outputs: tuple[torch.Tensor, ...]
+    params: int  # the component's parameter count, for the session's thread choice
+
+
+def torch_reference(component: Component) -> Reference:
+    """Run `component` with torch on its CHECK inputs."""
+    feeds = component.make_inputs(CHECK)  # on the CPU, where onnxruntime reads them
+    device = model_device(component.model)
+    with eval_mode(component), torch.inference_mode(), reference_precision():
+        expected = component.module(*(feeds[n].to(device) for n in component.input_names))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    params = sum(p.numel() for p in component.module.parameters())
+    return Reference(feeds, tuple(t.float().cpu() for t in expected), params)
+
+
+def check_parity(
+    component: Component, path: Path, precision: str, reference: Reference | None = None
+) -> dict[str, Any]:
     """Run `path` with ORT and `component` with torch on CHECK inputs; compare.
+
+    `reference`: torch's outputs from torch_reference(component), computed earlier (the
+    component's weights may be freed since); default: computed now.
 
     Returns the manifest's parity record {"rel_err", "max_abs_err", "tolerance", "passed",
     "inputs"}; raises ExportError when the graph cannot run or its outputs have the wrong
@@ -66,15 +101,12 @@ def check_parity(component: Component, path: Path, precision: str) -> dict[str, 
     """
     import onnxruntime as ort
 
-    feeds = component.make_inputs(CHECK)
-    with eval_mode(component), torch.inference_mode():
-        expected = component.module(*(feeds[n] for n in component.input_names))
-    expected = expected if isinstance(expected, tuple) else (expected,)
+    reference = reference or torch_reference(component)
+    feeds = reference.feeds
     # Threads by slimdiff's policy (SLIMDIFF_THREADS, else the component's size and the
     # CPUs this process may use) and no spinning, which made a toy:shapes step 1.7x
     # slower on a shared 2-CPU machine (slimdiff/threads.py).
-    params = sum(p.numel() for p in component.module.parameters())
-    options = ort_session_options(ort.SessionOptions(), choose_threads(params))
+    options = ort_session_options(ort.SessionOptions(), choose_threads(reference.params))
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         got = session.run(list(component.output_names), {k: v.numpy() for k, v in feeds.items()})
@@ -82,10 +114,11 @@ def check_parity(component: Component, path: Path, precision: str) -> dict[str, 
         raise ExportError(
             f"{component.name}: onnxruntime cannot run the exported graph: {err}"
         ) from err
+    del session  # a full-size graph: free it before the next component loads
 
     rel_err, max_abs = 0.0, 0.0
-    for name, ref, out in zip(component.output_names, expected, got, strict=True):
-        ref = ref.float().numpy()
+    for name, ref, out in zip(component.output_names, reference.outputs, got, strict=True):
+        ref = ref.numpy()
         if out.shape != ref.shape:
             raise ExportError(
                 f"{component.name}: output {name} has shape {list(out.shape)} in ONNX but "

@@ -160,6 +160,10 @@ class Text2ImagePipeline:
 
         t0 = time.perf_counter()
         fixed = cond.encode(prompt, negative_prompt, do_cfg, guidance, height, width)
+        for value in fixed.values():
+            # Read-only: the same every step, so a GPU backend copies it to the device once
+            # (runtime/backends/ort_binding.py).
+            value.flags.writeable = False
         timings["text_encoders"] = _ms(t0)
 
         scheduler = scheduler_from_config(self.scheduler_config)

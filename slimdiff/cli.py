@@ -288,8 +288,10 @@ def export_cmd(
         optimize=not no_optimize,
         qdq=qdq,
         max_images=max_images,
+        release_weights=True,  # the model was loaded for this export alone
         **sizes,
     )
+    del loaded
     for name, comp in manifest.components.items():
         parity = comp.parity
         click.echo(
@@ -297,6 +299,15 @@ def export_cmd(
             f"(tol {parity.get('tolerance', float('nan')):.0e})"
         )
     click.echo(f"bundle: {out}  sha256 {manifest.sha256}")
+    click.echo(f"peak RSS {_peak_rss_gib():.2f} GiB")
+
+
+def _peak_rss_gib() -> float:
+    """This process's high-water resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
 
 
 # ----------------------------------------------------------------------------- run

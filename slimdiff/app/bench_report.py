@@ -19,7 +19,8 @@ _HEADER = (
 
 
 _ACCURACY_HEADER = (
-    " held-out latent rel err | prompt acc. all / single / two (uncompressed torch) |"
+    " held-out latent rel err | held-out PSNR (dB) |"
+    " prompt acc. all / single / two (uncompressed torch) |"
 )
 
 
@@ -52,17 +53,18 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def _accuracy_cells(row: dict[str, Any]) -> str:
-    """The held-out latent error and prompt accuracy cells (two, joined by " | ")."""
+    """The held-out latent error, PSNR and prompt accuracy cells (three, joined by " | ")."""
     if "prompt_accuracy" not in row:
-        return "- | -"
+        return "- | - | -"
 
     def fmt(acc: dict[str, Any]) -> str:
         parts = [acc.get(k) for k in ("all", "single", "two")]
         return " / ".join("-" if v is None else f"{100 * v:.1f}%" for v in parts)
 
     err = row["fidelity"].get("heldout_latent_rel_err")
+    db = row["fidelity"].get("heldout_psnr_db")
     acc = f"{fmt(row['prompt_accuracy'])} ({fmt(row['reference_prompt_accuracy'])})"
-    return f"{'-' if err is None else f'{err:.2e}'} | {acc}"
+    return f"{'-' if err is None else f'{err:.2e}'} | {'-' if db is None else f'{db:.1f}'} | {acc}"
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:

@@ -93,7 +93,8 @@ def check_outputs(recipe: Recipe, out: str | Path) -> list[Path]:
         raise UserError(f"--out {out} is a file; pass a folder path")
     check_replaceable(out / "artifact", "artifact", legacy=ARTIFACT_EVIDENCE)
     removed = remove_stale_partials(out / "artifact")
-    for target in recipe.export.targets:
+    targets = recipe.export.targets
+    for target in targets:
         bundle = bundle_path(out, recipe, target)
         check_replaceable(bundle, "bundle", legacy=BUNDLE_EVIDENCE)
         removed += remove_stale_partials(bundle)
@@ -156,7 +157,8 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
             extra_meta={"compress_hash": chash},
             work_dir=out / "work",  # calibration caches and checkpoints (compress/runner.py)
         )
-    for target in recipe.export.targets:
+    targets = recipe.export.targets
+    for target in targets:
         bundle = bundle_path(out, recipe, target)
         ehash = export_hash(chash, recipe, target)
         if _cached(bundle, "manifest.json", "export_hash", ehash):
@@ -175,6 +177,9 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 min_size=recipe.export.min_size,
                 max_size=recipe.export.max_size,
                 max_images=recipe.export.max_images,
+                # The compressed model is loaded for the exports alone: the last one
+                # frees its weights as it goes (a full-size pipeline then fits in RAM).
+                release_weights=target == targets[-1],
                 source={
                     "model": recipe.model,
                     "recipe": recipe.name,

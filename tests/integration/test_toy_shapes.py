@@ -107,4 +107,7 @@ def test_bench_reports_prompt_accuracy(tmp_path):
     assert abs(acc["all"] - ref["all"]) <= 1 / 48 + 1e-9
     # fp32 ONNX against torch on the same noise: the final latents agree to float error.
     assert row["fidelity"]["heldout_latent_rel_err"] < 1e-3
-    assert "prompt acc." in (out / "results.md").read_text()
+    # ... and the images over the 48 held-out prompts too (uint8 PNGs: identical or 1 LSB).
+    assert row["fidelity"]["heldout_psnr_db"] > 40, row["fidelity"]
+    table = (out / "results.md").read_text()
+    assert "prompt acc." in table and "held-out PSNR (dB)" in table

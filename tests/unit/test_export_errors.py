@@ -69,11 +69,11 @@ def _fail_on(monkeypatch, component_name: str):
     """Make the export of `component_name` raise midway, after earlier components wrote files."""
     real = export_pkg.check_parity
 
-    def check_parity(component, path, precision):
+    def check_parity(component, path, precision, reference=None):
         if component.name == component_name:
             assert path.is_file()  # its graph is already on disk in the temp folder
             raise ExportError(f"{component_name}: simulated failure")
-        return real(component, path, precision)
+        return real(component, path, precision, reference)
 
     monkeypatch.setattr(export_pkg, "check_parity", check_parity)
 
@@ -103,8 +103,8 @@ def test_parity_failure_raises_export_error_naming_the_component(sd3, tmp_path, 
     # A graph that disagrees with torch must stop the export, not ship with passed=False.
     real = export_pkg.check_parity
 
-    def off_by_much(component, path, precision):
-        record = real(component, path, precision)
+    def off_by_much(component, path, precision, reference=None):
+        record = real(component, path, precision, reference)
         if component.name == "text_encoder_2":
             record.update(rel_err=0.5, passed=False)
         return record

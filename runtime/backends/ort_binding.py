@@ -1,0 +1,126 @@
+"""IO binding for onnxruntime sessions on a GPU: constant inputs copied to the device once,
+outputs left where the graph wrote them until read, and optionally CUDA graphs.
+
+The runtime speaks numpy, so a denoising loop would otherwise copy every input to the GPU
+at every step, text embeddings included. The contract here: a feed whose numpy array is
+read-only (`arr.flags.writeable == False`) is a constant. Its device copy is made on the
+first call and reused for as long as the same array object is fed (the pipeline marks its
+per-image conditioning read-only; see runtime/pipeline.py). Writable feeds, the latents,
+are copied at each call, as onnxruntime's own `run` would.
+
+CUDA graphs (`cuda_graph=True`; onnxruntime's `enable_cuda_graph` CUDA EP option) replay
+the whole captured graph with one launch, which needs every input and output at a fixed
+device address: each distinct set of input shapes gets its own persistent buffers and its
+own `gpu_graph_id` (onnxruntime's multi-graph capture), and each call writes the feeds into
+those buffers in place. UNVERIFIED on CUDA: no GPU was lent to this work. The same code
+runs with device "cpu" in tests (tests/unit/test_ort_binding.py), which checks every
+bookkeeping path; only the device string and the CUDA EP option differ on a GPU.
+
+onnxruntime's documentation: https://onnxruntime.ai/docs/api/python/api_summary.html#iobinding
+and https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#using-cuda-graphs-preview
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BoundRunner"]
+
+
+class BoundRunner:
+    """Runs one onnxruntime session through IO binding on `device` ("cuda" or "cpu")."""
+
+    def __init__(
+        self,
+        ort: Any,
+        session: Any,
+        output_names: list[str],
+        device: str,
+        device_id: int = 0,
+        cuda_graph: bool = False,
+    ) -> None:
+        self._ort = ort
+        self._session = session
+        self._outputs = list(output_names)
+        self._device = device
+        self._device_id = device_id
+        self._cuda_graph = cuda_graph
+        # name -> (the read-only array it was copied from, its device copy). The array is
+        # held so its id cannot be reused by another object while the copy is cached.
+        self._constants: dict[str, tuple[np.ndarray, Any]] = {}
+        # CUDA graphs: input shapes -> (graph id, input buffers, output buffers).
+        self._graphs: dict[tuple, tuple[int, dict[str, Any], dict[str, Any]]] = {}
+        self.copies = 0  # host-to-device input copies made (what tests and benches read)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs in `output_names` order, as host numpy arrays."""
+        if self._cuda_graph:
+            return self._run_graph(feeds)
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            if value.flags.writeable:
+                binding.bind_ortvalue_input(name, self._to_device(value))
+            else:
+                binding.bind_ortvalue_input(name, self._constant(name, value))
+        for name in self._outputs:
+            # Allocated by the session on the device; copied to the host once, below.
+            binding.bind_output(name, self._device, self._device_id)
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def _to_device(self, value: np.ndarray) -> Any:
+        self.copies += 1
+        return self._ort.OrtValue.ortvalue_from_numpy(value, self._device, self._device_id)
+
+    def _constant(self, name: str, value: np.ndarray) -> Any:
+        cached = self._constants.get(name)
+        if cached is not None and cached[0] is value:
+            return cached[1]
+        device_copy = self._to_device(value)
+        self._constants[name] = (value, device_copy)
+        return device_copy
+
+    def _run_graph(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        key = tuple(sorted((name, value.shape, value.dtype.str) for name, value in feeds.items()))
+        if key not in self._graphs:
+            self._constants.clear()  # cached constants live in the previous shapes' buffers
+            self._graphs[key] = (len(self._graphs) + 1, {}, {})  # ids from 1; -1 = no capture
+        graph_id, inputs, outputs = self._graphs[key]
+        for name, value in feeds.items():
+            if name not in inputs:
+                # Allocated, then filled: a buffer made from the array itself would, on the
+                # CPU, alias the caller's memory, and the next in-place update write into it.
+                inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                    list(value.shape), value.dtype, self._device, self._device_id
+                )
+                fresh = True
+            else:
+                fresh = value.flags.writeable or self._constants.get(name, (None,))[0] is not value
+            if fresh:
+                inputs[name].update_inplace(np.ascontiguousarray(value))
+                self.copies += 1
+            if not value.flags.writeable:
+                self._constants[name] = (value, inputs[name])
+        binding = self._session.io_binding()
+        for name, buffer in inputs.items():
+            binding.bind_ortvalue_input(name, buffer)
+        for name in self._outputs:
+            if name in outputs:
+                binding.bind_ortvalue_output(name, outputs[name])
+            else:
+                # First call with these shapes: the session allocates the outputs; they are
+                # kept and bound from then on, before onnxruntime captures (it runs a few
+                # times uncaptured first, so the captured addresses are these).
+                binding.bind_output(name, self._device, self._device_id)
+        options = self._ort.RunOptions()
+        # One captured graph per input-shape set (onnxruntime >= 1.17).
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self._session.run_with_iobinding(binding, options)
+        if not outputs:
+            outputs.update(zip(self._outputs, binding.get_outputs(), strict=True))
+        # numpy() copies a device buffer to the host; a CPU buffer it would only view,
+        # and the next run would overwrite the result the caller holds.
+        host = [outputs[name].numpy() for name in self._outputs]
+        return [a.copy() for a in host] if self._device == "cpu" else host
