@@ -160,7 +160,9 @@ def export_aoti_component(
         inputs=inputs,
         outputs=outputs,
         parity=parity,
-        extra={},
+        # What the package is bound to, readable without opening it: AOTInductor code runs
+        # on the device kind and torch build it was compiled for (io.json has the same).
+        extra={"device": device.type, "torch": torch.__version__, "io": IO_NAME, "axes": axes},
     )
 
 
