@@ -30,7 +30,13 @@ from slimdiff.export.bundle import (
     pipeline_constants,
     write_support_files,
 )
-from slimdiff.export.components import Component, export_mode, free_weights, plan_components
+from slimdiff.export.components import (
+    Component,
+    export_mode,
+    free_weights,
+    plan_components,
+    release_memory,
+)
 from slimdiff.export.lowbit import (
     compact_names,
     int4_digests,
@@ -70,6 +76,7 @@ from slimdiff.lowbit import (
     merged_scales,
     qdq_form,
 )
+from slimdiff.memory import rss_mib
 from slimdiff.models.loading import LoadedModel
 
 __all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
@@ -173,6 +180,7 @@ def export_bundle(
             if release_weights:
                 free_weights(component.model)
             entry.profile = profile
+            log.info("%s exported; resident memory %.0f MiB", component.name, rss_mib())
             if entry.format == "aoti":
                 _aoti().check_profile(component.name, entry)
             entries[component.name] = entry
@@ -278,6 +286,9 @@ def _export_component(
     fused = fuse(str(raw), plan) if fusing else None
     if fused is not None:
         graph, fusions = fused[0].model, fused[1]
+        # The optimizer's wrapper holds the graph too; with it gone, `del graph` below
+        # frees the weights before the parity session loads its own copy (SDXL: 10 GB).
+        del fused
     else:
         graph = load_graph(raw)
     if precision == "fp16":
@@ -291,6 +302,7 @@ def _export_component(
     path = root / component.name / "model.onnx"
     external = save_model(graph, path, threshold)
     del graph
+    release_memory()  # before the parity session loads the graph again
     # The raw export is as big as the final graph: free the disk before the next component.
     shutil.rmtree(raw.parent, ignore_errors=True)
     inputs, outputs = graph_io(path)

@@ -39,6 +39,7 @@ __all__ = [
     "model_device",
     "plan_components",
     "reference_precision",
+    "release_memory",
 ]
 
 # Text encoder outputs that carry the token axis; the others are pooled (B, P).
@@ -196,6 +197,17 @@ def free_weights(model: nn.Module) -> None:
     """Drop `model`'s parameters and buffers (to the meta device: shapes kept, no storage)
     and give the freed memory back to the OS. The model cannot compute afterwards."""
     model.to_empty(device="meta")
+    release_memory()
+
+
+def release_memory() -> None:
+    """Collect reference cycles now and give free heap pages back to the OS.
+
+    onnxruntime.transformers' optimizer leaves its model in reference cycles, so a deleted
+    graph's weights (protobuf arenas) stay allocated until the cyclic collector runs:
+    measured on fp32 SDXL, 21.6 GiB resident during the UNet's parity session, the graph
+    and the session's copy of it side by side.
+    """
     gc.collect()
     if sys.platform.startswith("linux"):
         # glibc keeps freed small blocks in its heap; malloc_trim returns every free page.

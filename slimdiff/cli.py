@@ -299,15 +299,9 @@ def export_cmd(
             f"(tol {parity.get('tolerance', float('nan')):.0e})"
         )
     click.echo(f"bundle: {out}  sha256 {manifest.sha256}")
-    click.echo(f"peak RSS {_peak_rss_gib():.2f} GiB")
+    from slimdiff.memory import peak_rss_mib
 
-
-def _peak_rss_gib() -> float:
-    """This process's high-water resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
+    click.echo(f"peak RSS {peak_rss_mib() / 1024:.2f} GiB")
 
 
 # ----------------------------------------------------------------------------- run

@@ -27,19 +27,9 @@ prepare_process()  # before anything imports an OpenMP library (see slimdiff/thr
 import numpy as np  # noqa: E402
 
 from slimdiff.errors import UserError  # noqa: E402
+from slimdiff.memory import peak_rss_mib  # noqa: E402
 from slimdiff.runtime import Text2ImagePipeline  # noqa: E402
 from slimdiff.runtime.image import save_png  # noqa: E402
-
-
-def _peak_rss_mb() -> float:
-    # VmHWM: the process's peak resident set size (Linux); 0 where /proc is missing.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
 
 
 class _Job:
@@ -71,7 +61,7 @@ class _Job:
         return result.timings_ms
 
     def finish(self, runs: list[dict]) -> dict:
-        report = {"load_ms": self.load_ms, "runs": runs, "peak_rss_mb": _peak_rss_mb()}
+        report = {"load_ms": self.load_ms, "runs": runs, "peak_rss_mb": peak_rss_mib()}
         (self.out / "timings.json").write_text(json.dumps(report, indent=2))
         return report
 

@@ -1,0 +1,41 @@
+"""This process's resident memory, for logs and reports (standard library only: the
+torch-free runtime's bench worker uses it too).
+
+Example:
+    >>> peak_rss_mib() >= rss_mib() > 0
+    True
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+__all__ = ["peak_rss_mib", "rss_mib"]
+
+
+def _status_mib(field: str) -> float | None:
+    # /proc/self/status (Linux): "VmRSS:   123456 kB"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float:
+    """Resident memory now (VmRSS); the peak where /proc is missing."""
+    now = _status_mib("VmRSS")
+    return peak_rss_mib() if now is None else now
+
+
+def peak_rss_mib() -> float:
+    """The high-water resident memory of this process (VmHWM, else ru_maxrss)."""
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return maxrss / (1024.0**2 if sys.platform == "darwin" else 1024.0)
