@@ -160,9 +160,7 @@ def export_aoti_component(
         inputs=inputs,
         outputs=outputs,
         parity=parity,
-        # What the package is bound to, readable without opening it: AOTInductor code runs
-        # on the device kind and torch build it was compiled for (io.json has the same).
-        extra={"device": device.type, "torch": torch.__version__, "io": IO_NAME, "axes": axes},
+        extra={},  # the manifest's extra schema is ONNX's; io.json records the package
     )
 
 
