@@ -177,8 +177,8 @@ def export_bundle(
                     threshold=external_data_threshold,
                     release=release_weights,
                 )
-            if release_weights:
-                free_weights(component.model)
+            if release_weights and entry.format == "aoti":
+                free_weights(component.model)  # ONNX components free theirs once traced
             entry.profile = profile
             log.info("%s exported; resident memory %.0f MiB", component.name, rss_mib())
             if entry.format == "aoti":

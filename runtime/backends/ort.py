@@ -75,15 +75,19 @@ def _import_ort(device: str) -> Any:
 class OrtSession:
     """An `onnxruntime.InferenceSession` behind the runtime's numpy `Session` interface."""
 
-    def __init__(self, session: Any, path: Path, bound: BoundRunner | None = None) -> None:
+    def __init__(self, session: Any, path: Path) -> None:
         self._session = session
-        self._bound = bound  # IO binding on the GPU (ort-cuda); None: plain numpy runs
+        self._bound: BoundRunner | None = None  # IO binding (ort-cuda); None: numpy runs
         self.path = path
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self.input_dtypes = {
             i.name: _input_dtype(i.name, i.type, path) for i in session.get_inputs()
         }
+
+    def bind(self, runner: BoundRunner) -> None:
+        """Run through `runner` (IO binding) from now on."""
+        self._bound = runner
 
     @property
     def providers(self) -> list[str]:
@@ -201,10 +205,16 @@ class OrtBackend:
                 "matches onnxruntime-gpu, or use --backend ort-cpu"
             )
         log.debug("loaded %s with %s, %d threads", path, session.get_providers(), n)
-        bound = None
+        loaded = OrtSession(session, path)
         if self.bind:
-            outputs = [o.name for o in session.get_outputs()]
-            bound = BoundRunner(
-                self._ort, session, outputs, self.device, self.device_id, self.cuda_graph
+            loaded.bind(
+                BoundRunner(
+                    self._ort,
+                    session,
+                    loaded.output_names,
+                    self.device,
+                    self.device_id,
+                    self.cuda_graph,
+                )
             )
-        return OrtSession(session, path, bound)
+        return loaded

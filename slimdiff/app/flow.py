@@ -93,8 +93,7 @@ def check_outputs(recipe: Recipe, out: str | Path) -> list[Path]:
         raise UserError(f"--out {out} is a file; pass a folder path")
     check_replaceable(out / "artifact", "artifact", legacy=ARTIFACT_EVIDENCE)
     removed = remove_stale_partials(out / "artifact")
-    targets = recipe.export.targets
-    for target in targets:
+    for target in recipe.export.targets:
         bundle = bundle_path(out, recipe, target)
         check_replaceable(bundle, "bundle", legacy=BUNDLE_EVIDENCE)
         removed += remove_stale_partials(bundle)
