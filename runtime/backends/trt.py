@@ -42,20 +42,22 @@ from slimdiff.runtime.manifest import BundleError, ComponentEntry
 from slimdiff.runtime.trt_build import (
     BuilderPlan,
     ProfileShapes,
-    build_engine,
     builder_flags,
     cache_key,
     cache_root,
     check_record,
-    cuda_call,
-    gpu_compute_capability,
-    import_cudart,
-    import_tensorrt,
     onnx_component,
     profile_shapes,
     qdq_form,
     read_record,
     record_path,
+)
+from slimdiff.runtime.trt_engine import (
+    build_engine,
+    cuda_call,
+    gpu_compute_capability,
+    import_cudart,
+    import_tensorrt,
     trt_major,
 )
 

@@ -33,13 +33,13 @@ from slimdiff.runtime.trt_build import (
     cache_root,
     check_record,
     component_digest,
-    import_cudart,
     normalize_sm,
     profile_shapes,
     read_record,
     shapes_arg,
     write_record,
 )
+from slimdiff.runtime.trt_engine import import_cudart
 
 from slimdiff.errors import UserError
 
