@@ -58,6 +58,7 @@ from slimdiff.export.onnx import (
 from slimdiff.export.optimize import convert_fp16, fuse
 from slimdiff.export.parity import ExportError, check_parity, raise_if_failed, torch_reference
 from slimdiff.export.profiles import shape_profile, size_range
+from slimdiff.export.streamed import export_streamed, fits_in_memory
 from slimdiff.runtime.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -77,9 +78,10 @@ from slimdiff.lowbit import (
     qdq_form,
 )
 from slimdiff.memory import rss_mib
+from slimdiff.models.lazy import is_lazy, materialize
 from slimdiff.models.loading import LoadedModel
 
-__all__ = ["PRECISIONS", "TARGETS", "ExportError", "export_bundle"]
+__all__ = ["PRECISIONS", "TARGETS", "WEIGHTS", "ExportError", "export_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ log = logging.getLogger(__name__)
 # by the trt backend on first load: export/tensorrt.py); aoti: AOTInductor packages
 # (export/aoti.py) for what torch.export takes, ONNX for the rest.
 TARGETS = ("onnx", "tensorrt", "aoti")
+WEIGHTS = ("auto", "memory", "stream")
 PRECISIONS = ("fp32", "fp16")
 _WORK = ".work"  # raw exports, inside the temp bundle folder (same filesystem, gone on rename)
 
@@ -106,6 +109,7 @@ def export_bundle(
     max_images: int = 1,
     check: bool = True,
     release_weights: bool = False,
+    weights: str = "auto",
     external_data_threshold: int = PROTOBUF_LIMIT,
     source: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -138,6 +142,13 @@ def export_bundle(
             (its graph, then the onnxruntime session that checks it) instead of the whole
             pipeline plus a graph plus a session. What `slimdiff export` does; fp32 SDXL
             needs it on a 24 GiB machine.
+        weights: how components are exported (export/streamed.py): "memory", from their
+            weights in memory (lazy ones are loaded first, one component at a time);
+            "stream", traced without weights, which are then written one tensor at a time
+            (no ORT fusions; parity checked where it fits in memory); "auto", streamed for
+            a lazy component (`load_model(..., weights="lazy")`) whose fp32 weights, twice
+            over, exceed the memory available, else "memory". Quantized components and
+            AOTInductor packages always load their weights.
         external_data_threshold: weights beyond this many bytes go to model.onnx.data
             (protobuf cannot hold more than 2 GiB).
         source: provenance recorded in the manifest (default {"model": model.source}).
@@ -147,6 +158,8 @@ def export_bundle(
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
     """
     _validate(target, precision, vae_precision, external_data_threshold)
+    if weights not in WEIGHTS:
+        raise UserError(f"weights {weights!r} is not supported; use one of: {', '.join(WEIGHTS)}")
     qdq = qdq or ("tensorrt" if target == "tensorrt" else "ort")
     if qdq not in QDQ_FORMS:
         raise UserError(f"qdq form {qdq!r} is not supported; use one of: {', '.join(QDQ_FORMS)}")
@@ -162,9 +175,24 @@ def export_bundle(
             if progress is not None:
                 progress(component.name, i, len(components))
             profile = shape_profile(component, model, sizes)
-            if target == "aoti" and _aoti().wants_aoti(component):
+            aoti = target == "aoti" and _aoti().wants_aoti(component)
+            lazy = is_lazy(component.model)
+            streamed = not aoti and _streams(component, weights)
+            if lazy and not streamed:
+                log.info("%s: loading its weights", component.name)
+                materialize(component.model)
+            if aoti:
                 entry = _aoti().export_aoti_component(
                     component, root, precision=precisions[component.name], check=check
+                )
+            elif streamed:
+                entry = export_streamed(
+                    component,
+                    root,
+                    root / _WORK,
+                    precision=precisions[component.name],
+                    check=check,
+                    threshold=external_data_threshold,
                 )
             else:
                 entry = _export_component(
@@ -175,9 +203,9 @@ def export_bundle(
                     qdq=qdq,
                     check=check,
                     threshold=external_data_threshold,
-                    release=release_weights,
+                    release=release_weights or lazy,
                 )
-            if release_weights and entry.format == "aoti":
+            if (release_weights or lazy) and entry.format == "aoti":
                 free_weights(component.model)  # ONNX components free theirs once traced
             entry.profile = profile
             log.info("%s exported; resident memory %.0f MiB", component.name, rss_mib())
@@ -194,6 +222,16 @@ def export_bundle(
         make_readable(root)
     log.info("bundle written to %s (sha256 %s)", out, manifest.sha256)
     return manifest
+
+
+def _streams(component: Component, weights: str) -> bool:
+    """Whether `component` takes the streamed route (see export_bundle's `weights`)."""
+    if has_quantized_layers(component.model):
+        return False  # Q/DQ export reads the quantizers' state from the module
+    if weights != "auto":
+        return weights == "stream"
+    # The usual route holds the weights, then the graph and a parity session, about as big.
+    return is_lazy(component.model) and not fits_in_memory(component.model, 2.0)
 
 
 def _aoti():

@@ -45,11 +45,14 @@ _DTYPES = {
 }
 
 
-def export_component(component: Component, path: Path) -> None:
+def export_component(component: Component, path: Path, *, params: bool = True) -> None:
     """Trace `component` on its TRACE inputs into `path` (a work file, not the bundle's).
 
     `path` should sit in a folder of its own: past 2 GiB torch writes one external file per
     weight next to it. The caller loads it, transforms it and saves it in the bundle layout.
+
+    `params=False`: the graph without weights, each parameter and buffer a graph input
+    named by its state-dict key and nothing folded into it (export/streamed.py fills them).
 
     Example:
         >>> export_component(plan, Path("work/unet/raw.onnx"))  # doctest: +SKIP
@@ -75,7 +78,10 @@ def export_component(component: Component, path: Path) -> None:
             output_names=list(component.output_names),
             dynamic_axes=component.dynamic_axes,
             opset_version=OPSET,
-            do_constant_folding=True,
+            # Folding would compute transposed weights under generated names: with the
+            # weights left out, every parameter must stay an input under its own name.
+            do_constant_folding=params,
+            export_params=params,
             dynamo=False,
         )
     # The graph alone: past 2 GiB the weights stay in the files torch wrote beside it, so

@@ -107,13 +107,18 @@ def fuse(path: str, plan: OnnxPlan, *, for_gpu: bool = False, fp16: bool = False
     return model, counts
 
 
-def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def convert_fp16(
+    model: onnx.ModelProto, keep_float32: bool | list[str] = True
+) -> onnx.ModelProto:
     """Weights and compute to float16, graph inputs and outputs kept float32.
 
     keep_io_types=True puts Casts at the graph edges, so the runtime feeds float32 whatever
     the component's precision (the mixed-IO dtype mismatch optimum users hit with an fp32
     SDXL VAE does not arise). ORT's CPU EP runs fp16 graphs by casting around ops that lack
     fp16 kernels: fp16 is a size and GPU format here, not a CPU speed-up.
+
+    `keep_float32`: the inputs and outputs kept float32 (True: all). A graph whose weights
+    are inputs (export/streamed.py) names its real IO, and its weight inputs turn fp16.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -125,9 +130,11 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     if has_contrib_ops(model) or tensor_bytes(model) >= PROTOBUF_LIMIT:
         wrapped = OnnxModel(model)
         with _quiet():
-            wrapped.convert_float_to_float16(keep_io_types=True, use_symbolic_shape_infer=True)
+            wrapped.convert_float_to_float16(
+                keep_io_types=keep_float32, use_symbolic_shape_infer=True
+            )
     else:
-        wrapped = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+        wrapped = OnnxModel(convert_float_to_float16(model, keep_io_types=keep_float32))
         # Cast pairs the converter leaves back to back (fp16 -> fp32 -> fp16); ORT would drop
         # them at load too, this keeps the saved graph clean.
         wrapped.remove_cascaded_cast_nodes()

@@ -185,6 +185,10 @@ class OnnxExtra(TypedDict, total=False):
     attention: Literal["classic", "native"]
     external_data: bool
     quantization: QuantExtra
+    # "streamed": exported from a model larger than memory, its weights written one tensor
+    # at a time (export/streamed.py); parity_skipped says why no parity check ran.
+    weights: Literal["memory", "streamed"]
+    parity_skipped: Annotated[str, Field(max_length=500)]
 
 
 Shape = Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1)]], Field(max_length=8)]

@@ -30,7 +30,13 @@ from slimdiff.edits import Edit, parse_edit, restore
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_dir
 
-__all__ = ["ARTIFACT_VERSION", "load_artifact", "read_artifact_meta", "save_artifact"]
+__all__ = [
+    "ARTIFACT_VERSION",
+    "load_artifact",
+    "load_artifact_lazy",
+    "read_artifact_meta",
+    "save_artifact",
+]
 
 ARTIFACT_VERSION = 2  # 2: typed edits naming their component (1 had untyped dicts)
 MARKER = "artifact"
@@ -106,10 +112,38 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
     import diffusers
 
     path = Path(path)
+    index = _read_index(path)
+    replay = _replays(path, index)
+    cls = getattr(diffusers, index["_class_name"])
+    rebuilt = {name: _rebuild(path / name, index[name], todo) for name, todo in replay.items()}
+    try:
+        pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True, **rebuilt)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: incomplete artifact ({err}); compress again") from None
+    return pipe.to(device) if device != "cpu" else pipe
+
+
+def load_artifact_lazy(path: str | Path):
+    """The artifact's pipeline with every torch component lazy (slimdiff/models/lazy.py):
+    edits replayed on the empty modules, weights read from the safetensors on demand."""
+    from slimdiff.models.lazy import lazy_pipeline
+
+    path = Path(path)
+    index = _read_index(path)
+    replay = _replays(path, index)
+
+    def restore_edits(name: str, module):
+        for edit in replay.get(name, []):
+            module = restore(module, edit)
+        return module
+
+    return lazy_pipeline(path, index, restore_edits)
+
+
+def _replays(path: Path, index: dict[str, Any]) -> dict[str, list[Edit]]:
+    """The edits diffusers' configs do not express, per component, in order."""
     meta = read_artifact_meta(path)
     edits = [parse_edit(e, f"{path}/slimdiff.json: edits[{i}]") for i, e in enumerate(meta.edits)]
-    index = _read_index(path)
-    cls = getattr(diffusers, index["_class_name"])
     replay: dict[str, list[Edit]] = {}
     for edit in edits:
         if edit.component not in index:
@@ -119,12 +153,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
             )
         if not edit.in_config:
             replay.setdefault(edit.component, []).append(edit)
-    rebuilt = {name: _rebuild(path / name, index[name], todo) for name, todo in replay.items()}
-    try:
-        pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True, **rebuilt)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{path}: incomplete artifact ({err}); compress again") from None
-    return pipe.to(device) if device != "cpu" else pipe
+    return replay
 
 
 def _read_index(path: Path) -> dict[str, Any]:
@@ -141,7 +170,7 @@ def _rebuild(folder: Path, entry: Any, edits: list[Edit]):
     """One component: built from its config with no weights, edits replayed, weights set."""
     import importlib
 
-    from accelerate import init_empty_weights
+    from slimdiff.models.lazy import empty_module
 
     if not (isinstance(entry, list) and len(entry) == 2):
         raise UserError(f"{folder}: model_index.json entry {entry!r} is not [library, class]")
@@ -149,11 +178,7 @@ def _rebuild(folder: Path, entry: Any, edits: list[Edit]):
     module_cls = getattr(importlib.import_module(library), class_name)
     # Parameters on the meta device (nothing allocated); buffers real, because some models
     # compute non-persistent buffers at init (CLIP's position ids) that no file holds.
-    with init_empty_weights(include_buffers=False):
-        if hasattr(module_cls, "load_config"):  # diffusers ModelMixin
-            module = module_cls.from_config(module_cls.load_config(folder))
-        else:  # transformers PreTrainedModel
-            module = module_cls(module_cls.config_class.from_json_file(folder / "config.json"))
+    module = empty_module(module_cls, folder)
     for edit in edits:
         module = restore(module, edit)
     module.load_state_dict(_read_weights(folder), strict=True, assign=True)

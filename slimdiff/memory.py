@@ -12,7 +12,7 @@ import resource
 import sys
 from pathlib import Path
 
-__all__ = ["peak_rss_mib", "rss_mib"]
+__all__ = ["available_bytes", "peak_rss_mib", "rss_mib"]
 
 
 def _status_mib(field: str) -> float | None:
@@ -39,3 +39,25 @@ def peak_rss_mib() -> float:
         return peak
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return maxrss / (1024.0**2 if sys.platform == "darwin" else 1024.0)
+
+
+def available_bytes() -> int | None:
+    """Memory the OS can give this process now without swapping (MemAvailable, capped by a
+    cgroup limit); None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:  # cgroup v2: a container's limit, less its anonymous memory (page cache is
+        # counted in memory.current but given back under pressure)
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        stat = Path("/sys/fs/cgroup/memory.stat").read_text().split()
+        used = int(stat[stat.index("anon") + 1])
+        if limit != "max":
+            found.append(max(int(limit) - used, 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None

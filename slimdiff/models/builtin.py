@@ -59,18 +59,47 @@ def parse_builtin(model: str) -> tuple[str, str] | None:
     return kind, family
 
 
-def build_builtin(kind: str, family: str, device: str = "cpu"):
-    """Build `kind:family` as a diffusers pipeline (weights seeded, deterministic)."""
+def build_builtin(kind: str, family: str, device: str = "cpu", lazy: bool = False):
+    """Build `kind:family` as a diffusers pipeline (weights seeded, deterministic).
+
+    `lazy`: parameters on the meta device with a weight source (slimdiff/models/lazy.py),
+    for export: `random:*` draws each tensor when asked (never the whole model in memory),
+    `tiny:*` is built as usual and its weights handed to the source.
+
+    `random:*` weights are drawn per tensor (slimdiff/models/weights.py InitWeights), built
+    lazily or not, so both give the same model; `tiny:*` ones by torch's module inits under
+    one seed, as they always were (tests compare against them).
+    """
+    from slimdiff.models.lazy import lazy_random, make_lazy, materialize
+
     torch.manual_seed(_SEED)
     tiny = kind == "tiny"
-    with torch.device(device):
-        builder = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
-        pipe = builder(tiny)
-    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+    builder = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
+    if tiny or device == "meta":
+        with torch.device(device):
+            pipe = builder(tiny)
+    else:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):  # buffers real: computed at init
+            pipe = builder(tiny)
+    for name in _TORCH_PARTS:
         module = getattr(pipe, name, None)
-        if module is not None:
-            module.eval().requires_grad_(False)
+        if module is None:
+            continue
+        module.eval().requires_grad_(False)
+        if device == "meta":
+            continue
+        if not tiny:
+            lazy_random(module, _SEED)
+            if not lazy:
+                materialize(module, keep_source=False).to(device)
+        elif lazy:
+            make_lazy(module)
     return pipe
+
+
+_TORCH_PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 # ---------------------------------------------------------------- text encoders and VAE

@@ -27,9 +27,9 @@ from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.builtin import build_builtin, parse_builtin
 from slimdiff.models.families import FAMILIES, family_of_denoiser, family_of_pipeline, get_arch
-from slimdiff.models.toy import load_toy, parse_toy
+from slimdiff.models.toy import load_toy, parse_toy, toy_folder
 
-__all__ = ["LoadedModel", "default_size", "load_model", "load_pipeline"]
+__all__ = ["LoadedModel", "default_size", "lazy_loadable", "load_model", "load_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,21 @@ def load_pipeline(model: str, device: str = "cpu", allow_pickle: bool = False):
     return loaded.require_pipeline("this command")
 
 
-def load_model(model: str, device: str = "cpu", allow_pickle: bool = False) -> LoadedModel:
+def load_model(
+    model: str, device: str = "cpu", allow_pickle: bool = False, weights: str = "memory"
+) -> LoadedModel:
     """Load `model` (built-in, local folder or hub id) on `device` ("meta" = no weights).
 
     `allow_pickle`: also load pickled `.bin` weights (only for files you trust).
+    `weights`: "memory" loads them; "lazy" leaves every torch component's parameters on
+    the meta device and reads them from the files when asked (slimdiff/models/lazy.py), for
+    an export of a model larger than memory (safetensors folders and built-ins; CPU).
     """
     _quiet_progress_bars()
+    if weights == "lazy":
+        return _load_lazy(model)
+    if weights != "memory":
+        raise UserError(f"weights {weights!r} is not supported; use memory or lazy")
     builtin = parse_builtin(model)
     if builtin is not None:
         kind, family = builtin
@@ -120,6 +129,39 @@ def load_model(model: str, device: str = "cpu", allow_pickle: bool = False) -> L
         "a hub id (org/name), or a built-in (tiny:<family>, random:<family>; families: "
         f"{', '.join(FAMILIES)}; or toy:shapes)"
     )
+
+
+def lazy_loadable(model: str) -> bool:
+    """Whether load_model(model, weights="lazy") can load `model`: a built-in, the toy
+    model, or a local pipeline folder (hub ids must be downloaded first)."""
+    if parse_builtin(model) is not None or parse_toy(model) is not None:
+        return True
+    return (Path(model).expanduser() / "model_index.json").is_file()
+
+
+def _load_lazy(model: str) -> LoadedModel:
+    from slimdiff.models.lazy import lazy_pipeline
+
+    builtin = parse_builtin(model)
+    if builtin is not None:
+        return _wrap(build_builtin(*builtin, lazy=True), model)
+    toy = parse_toy(model)
+    path = toy_folder(toy) if toy is not None else Path(model).expanduser()
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        where = "a hub model" if not path.exists() and _looks_like_hub_id(model) else str(path)
+        raise UserError(
+            f"streamed weights need a diffusers pipeline folder with safetensors weights; "
+            f"{where} is not one: download it first (`hf download ID --local-dir DIR`) and "
+            "pass DIR, or load the weights into memory"
+        )
+    index = _read_json(index_file)
+    family_of_pipeline(index.get("_class_name", ""))  # a clear error for unsupported classes
+    if (path / "slimdiff.json").is_file():
+        from slimdiff.artifact import load_artifact_lazy
+
+        return _wrap(load_artifact_lazy(path), model)
+    return _wrap(lazy_pipeline(path, index), model)
 
 
 def _quiet_progress_bars() -> None:

@@ -1,0 +1,173 @@
+"""Lazy models: parameters on the meta device, weights fetched from a source on demand.
+
+`load_model(..., weights="lazy")` builds every torch component this way: parameters are
+meta tensors (shape and dtype, no storage), buffers are real (some models compute them at
+init and no file holds them: CLIP's position ids), and a `WeightSource`
+(slimdiff/models/weights.py) is registered for the module. The exporter then either
+materializes a component whole (`materialize`, when it fits in memory) or streams its
+weights to disk one tensor at a time (export/streamed.py), so the pipeline as a whole is
+never in memory: what lets fp16 FLUX (12B + 4.7B parameters) export on a 24 GiB machine.
+
+A lazy model serves export only: compression passes need the weights in memory.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimdiff.models.weights import InitWeights, ModuleWeights, SafetensorsWeights, WeightSource
+
+__all__ = [
+    "empty_module",
+    "is_lazy",
+    "lazy_pipeline",
+    "make_lazy",
+    "materialize",
+    "param_bytes",
+    "weight_source",
+]
+
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, WeightSource] = weakref.WeakKeyDictionary()
+
+
+def make_lazy(module: nn.Module, source: WeightSource | None = None) -> nn.Module:
+    """Move `module`'s parameters to the meta device and register where they come back from.
+
+    `source`: default, the module's current parameters (held by the source, not the module).
+    Parameters shared under several names (T5's tied embeddings) stay shared.
+    """
+    if source is None:
+        source = ModuleWeights(dict(module.named_parameters(remove_duplicate=False)))
+    _replace_parameters(module, lambda p: torch.empty_like(p, device="meta"))
+    _SOURCES[module] = source
+    return module
+
+
+def weight_source(module: nn.Module) -> WeightSource | None:
+    """The source registered for `module` by make_lazy (None for an ordinary module)."""
+    return _SOURCES.get(module)
+
+
+def is_lazy(module: nn.Module) -> bool:
+    """Whether `module` has a weight source and its parameters are not in memory."""
+    param = next(module.parameters(), None)
+    return module in _SOURCES and param is not None and param.device.type == "meta"
+
+
+def materialize(module: nn.Module, keep_source: bool = True) -> nn.Module:
+    """Fetch every parameter of a lazy `module` from its source (cast to the parameter's
+    dtype). With `keep_source` the source stays registered, so
+    `make_lazy(module, weight_source(module))` frees them again."""
+    source = _SOURCES[module] if keep_source else _SOURCES.pop(module)
+    names = _aliases(module)
+
+    def fetch(param: nn.Parameter) -> torch.Tensor:
+        return fetch_tensor(source, names[id(param)]).to(param.dtype)
+
+    _replace_parameters(module, fetch)
+    return module
+
+
+def fetch_tensor(source: WeightSource, keys: list[str]) -> torch.Tensor:
+    """The tensor behind a parameter known by `keys` (all its names; a file may hold a tied
+    tensor under any one of them)."""
+    for key in keys:
+        if key in source:
+            return source.tensor(key)
+    raise KeyError(
+        f"no weights for {keys[0]!r}"
+        + (f" (nor its aliases {', '.join(keys[1:])})" if len(keys) > 1 else "")
+    )
+
+
+def param_bytes(module: nn.Module, itemsize: int = 4) -> int:
+    """Bytes of `module`'s distinct parameters at `itemsize` bytes per element."""
+    return sum(p.numel() for p in module.parameters()) * itemsize
+
+
+def _aliases(module: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for key, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(key)
+    return names
+
+
+def _replace_parameters(module: nn.Module, make) -> None:
+    done: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                done[id(param)] = nn.Parameter(make(param), requires_grad=False)
+            sub._parameters[name] = done[id(param)]
+
+
+# ------------------------------------------------------------------ building lazy models
+
+
+def empty_module(module_cls: type, folder: Path) -> nn.Module:
+    """A diffusers or transformers model built from the config in `folder`, parameters on
+    the meta device, buffers real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        if hasattr(module_cls, "load_config"):  # diffusers ModelMixin
+            return module_cls.from_config(module_cls.load_config(folder))
+        return module_cls(module_cls.config_class.from_json_file(folder / "config.json"))
+
+
+def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
+    """The pipeline of folder `path` (diffusers layout) with every torch component lazy,
+    reading its folder's safetensors; tokenizers and schedulers load as usual.
+
+    `restore_edits(name, module)`: replays a compress artifact's edits on a component
+    before its weights are attached (slimdiff/artifact.py).
+    """
+    import importlib
+    import inspect
+
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, index["_class_name"])
+    accepted = inspect.signature(pipeline_cls.__init__).parameters
+    parts: dict[str, Any] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or name not in accepted:
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2):
+            parts[name] = entry  # a pipeline setting (SDXL's force_zeros_for_empty_prompt)
+            continue
+        library, class_name = entry
+        if library is None:
+            parts[name] = None
+            continue
+        cls = getattr(importlib.import_module(library), class_name)
+        folder = path / name
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            module = empty_module(cls, folder)
+            if restore_edits is not None:
+                module = restore_edits(name, module)
+            source = SafetensorsWeights(folder)
+            _load_buffers(module, source)
+            parts[name] = make_lazy(module.eval(), source)
+        else:
+            parts[name] = cls.from_pretrained(folder)
+    return pipeline_cls(**parts)
+
+
+def lazy_random(module: nn.Module, seed: int = 0) -> nn.Module:
+    """`module` (parameters on meta) with seeded random weights on demand (InitWeights)."""
+    return make_lazy(module, InitWeights(module, seed))
+
+
+def _load_buffers(module: nn.Module, source: WeightSource) -> None:
+    # Persistent buffers the file holds replace the ones computed at init.
+    for key, buf in module.named_buffers():
+        if key in source:
+            buf.copy_(source.tensor(key).to(buf.dtype))

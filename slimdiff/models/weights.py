@@ -1,0 +1,158 @@
+"""Where a lazy model's weights come from, one tensor at a time (slimdiff/models/lazy.py).
+
+A `WeightSource` answers `tensor(key)` for a key of the module's state dict, holding at most
+that tensor in memory: a FLUX transformer (12B parameters, 48 GB in fp32) is exported on a
+24 GiB machine by asking for its weights one by one (export/streamed.py).
+
+- `SafetensorsWeights`: a component folder's safetensors files (one file or a sharded set
+  with its index), read by key without loading the rest (safetensors maps the file).
+- `InitWeights`: seeded random weights for the `random:*` built-ins, drawn per tensor from a
+  seed derived from the key, so a tensor is the same whichever order (or process) asks.
+- `ModuleWeights`: tensors already in memory (a built-in tiny model made lazy, for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from slimdiff.errors import UserError
+
+__all__ = ["InitWeights", "ModuleWeights", "SafetensorsWeights", "WeightSource"]
+
+
+class WeightSource(Protocol):
+    """One tensor of a module's state dict on request (on the CPU, in any float dtype)."""
+
+    def tensor(self, key: str) -> torch.Tensor: ...
+
+    def __contains__(self, key: str) -> bool: ...
+
+
+class ModuleWeights:
+    """Tensors held in memory, by state-dict key."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = dict(state)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+
+class SafetensorsWeights:
+    """A component folder's safetensors weights, read one tensor at a time.
+
+    diffusers and transformers name their weights `<name>.safetensors`, or shards listed by
+    `<name>.safetensors.index.json`; variants (`<name>.fp16.safetensors`) are used only when
+    the folder has nothing else, as `from_pretrained` does without a `variant`.
+
+    Example:
+        >>> SafetensorsWeights(Path("flux-dev/transformer")).tensor("x_embedder.weight").shape
+        torch.Size([3072, 64])  # doctest: +SKIP
+    """
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        files = _weight_files(folder)
+        if not files:
+            raise UserError(
+                f"{folder}: no .safetensors weights; save the model with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        self._where: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                self._where.update(dict.fromkeys(handle.keys(), file))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self._where[key]
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(key)  # its own storage: 64-byte aligned, file released
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def numel(self) -> int:
+        """Elements over every tensor, from the files' headers alone."""
+        total = 0
+        for file in set(self._where.values()):
+            for entry in _header(file).values():
+                if isinstance(entry, dict) and "shape" in entry:
+                    total += math.prod(entry["shape"])
+        return total
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    plain = [i for i in indexes if i.name.count(".") == 3]  # <name>.safetensors.index.json
+    for index in plain or indexes:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return sorted({folder / name for name in weight_map.values()})
+    files = sorted(folder.glob("*.safetensors"))
+    return [f for f in files if "." not in f.stem] or files
+
+
+def _header(file: Path) -> dict:
+    # The safetensors layout: an 8-byte little-endian length, then that many bytes of JSON.
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size))
+
+
+class InitWeights:
+    """Seeded random weights for `module`, drawn one tensor at a time.
+
+    The distributions are torch's defaults for the layer that owns the tensor: weights and
+    biases of linear and convolution layers uniform in +-1/sqrt(fan_in), embeddings N(0, 1),
+    normalisation scales 1 and shifts 0. Each tensor has its own generator, seeded by
+    `seed` and the key, so `random:flux` is the same model whether it is built in memory or
+    streamed to disk tensor by tensor.
+    """
+
+    def __init__(self, module: nn.Module, seed: int = 0):
+        self._seed = seed
+        # What each draw needs, read once: the source must not hold the module (lazy.py
+        # keys its registry weakly by module).
+        self._specs: dict[str, tuple[tuple[int, ...], str, float]] = {}
+        for owner_name, owner in module.named_modules():
+            for attr, param in owner.named_parameters(recurse=False, remove_duplicate=False):
+                key = f"{owner_name}.{attr}" if owner_name else attr
+                self._specs[key] = (tuple(param.shape), *_init_rule(owner, attr, param))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._specs
+
+    def tensor(self, key: str) -> torch.Tensor:
+        shape, rule, bound = self._specs[key]
+        if rule in ("ones", "zeros"):
+            return torch.ones(shape) if rule == "ones" else torch.zeros(shape)
+        generator = torch.Generator().manual_seed(self._seed * 2**32 + zlib.crc32(key.encode()))
+        out = torch.empty(shape)
+        if rule == "normal":
+            return out.normal_(generator=generator)
+        return out.uniform_(-bound, bound, generator=generator)
+
+
+def _init_rule(owner: nn.Module, attr: str, param: torch.Tensor) -> tuple[str, float]:
+    """(rule, bound) for one parameter, as torch initialises the layer that owns it."""
+    if "Norm" in type(owner).__name__ and param.dim() == 1:
+        return ("ones" if attr == "weight" else "zeros"), 0.0
+    if isinstance(owner, nn.Embedding):
+        return "normal", 0.0
+    weight = getattr(owner, "weight", None)
+    shape = weight.shape if attr != "weight" and isinstance(weight, torch.Tensor) else param.shape
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else (shape[0] if len(shape) else 1)
+    return "uniform", 1 / math.sqrt(max(fan_in, 1))
