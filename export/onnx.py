@@ -62,7 +62,13 @@ def export_component(component: Component, path: Path, *, params: bool = True) -
     device = model_device(component.model)  # a model compressed on a GPU traces there
     args = tuple(feeds[name].to(device) for name in component.input_names)
     log.info("exporting %s to ONNX (opset %d)", component.name, OPSET)
-    with torch.inference_mode(), _traceable_unflatten(), warnings.catch_warnings():
+    weights = () if params else {n for n, _ in component.module.named_parameters()}
+    with (
+        torch.inference_mode(),
+        _traceable_unflatten(),
+        _shapes_without_weight_values(weights),
+        warnings.catch_warnings(),
+    ):
         # Tracer warnings (Python bools/ints taken from tensors in diffusers' code) and the
         # exporter's "negative indices in aten::index" note (CLIP's EOS gather, argmax-based,
         # never negative) are expected; what catches a trace gone wrong is the parity run on
@@ -82,6 +88,8 @@ def export_component(component: Component, path: Path, *, params: bool = True) -
             # weights left out, every parameter must stay an input under its own name.
             do_constant_folding=params,
             export_params=params,
+            # No merging of equal initializers: it would drop weight inputs' names.
+            keep_initializers_as_inputs=not params,
             dynamo=False,
         )
     # The graph alone: past 2 GiB the weights stay in the files torch wrote beside it, so
@@ -115,6 +123,33 @@ def _traceable_unflatten() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.unflatten = original
+
+
+@contextlib.contextmanager
+def _shapes_without_weight_values(weights: set[str] | tuple) -> Iterator[None]:
+    """Keep the weights' values out of the exporter's ONNX shape inference.
+
+    The TorchScript exporter hands every parameter's value to its shape inference, which
+    serialises it into a protobuf for each node that reads it: with the weights left out
+    of the graph (export/streamed.py), tracing T5-XXL took 3.5 minutes of copying values
+    no shape depends on. Shapes and types of the weight inputs come from the trace; only
+    the other constants (buffers) are passed on. A private torch function, patched for
+    one export; where a torch release lacks it, the export is only slower.
+    """
+    original = getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None)
+    if not weights or original is None:
+        yield
+        return
+
+    def infer(graph, params_dict, opset):
+        kept = {k: v for k, v in params_dict.items() if k not in weights}
+        return original(graph, kept, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = infer
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = original
 
 
 def _name_output_dims(model: onnx.ModelProto, shapes: list, dynamic_axes: dict) -> None:

@@ -139,7 +139,8 @@ class InitWeights:
         shape, rule, bound = self._specs[key]
         if rule in ("ones", "zeros"):
             return torch.ones(shape) if rule == "ones" else torch.zeros(shape)
-        generator = torch.Generator().manual_seed(self._seed * 2**32 + zlib.crc32(key.encode()))
+        # CPU generators keep 32 bits of a seed: the seed goes into the hash with the key.
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self._seed}:{key}".encode()))
         out = torch.empty(shape)
         if rule == "normal":
             return out.normal_(generator=generator)
