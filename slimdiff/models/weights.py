@@ -24,7 +24,7 @@ from torch import nn
 
 from slimdiff.errors import UserError
 
-__all__ = ["InitWeights", "ModuleWeights", "SafetensorsWeights", "WeightSource"]
+__all__ = ["InitWeights", "ModuleWeights", "SafetensorsWeights", "WeightSource", "init_rule"]
 
 
 class WeightSource(Protocol):
@@ -130,7 +130,7 @@ class InitWeights:
         for owner_name, owner in module.named_modules():
             for attr, param in owner.named_parameters(recurse=False, remove_duplicate=False):
                 key = f"{owner_name}.{attr}" if owner_name else attr
-                self._specs[key] = (tuple(param.shape), *_init_rule(owner, attr, param))
+                self._specs[key] = (tuple(param.shape), *init_rule(owner, attr, param))
 
     def __contains__(self, key: str) -> bool:
         return key in self._specs
@@ -147,7 +147,7 @@ class InitWeights:
         return out.uniform_(-bound, bound, generator=generator)
 
 
-def _init_rule(owner: nn.Module, attr: str, param: torch.Tensor) -> tuple[str, float]:
+def init_rule(owner: nn.Module, attr: str, param: torch.Tensor) -> tuple[str, float]:
     """(rule, bound) for one parameter, as torch initialises the layer that owns it."""
     if "Norm" in type(owner).__name__ and param.dim() == 1:
         return ("ones" if attr == "weight" else "zeros"), 0.0

@@ -1,0 +1,311 @@
+"""ms per denoiser step on a GPU: torch eager (fp16), torch.compile and the AOTInductor
+package, per model and per block-removal / pruning variant, each with the fraction of the
+FLOP floor it reaches. One script for a short GPU lease (issue 14's latency table).
+
+    python tools/gpu_latency.py --out $OUT/gpu --budget 420          # on the lent GPU
+    python tools/gpu_latency.py --device cpu --tiny --out /tmp/gpu   # a smoke run (tests)
+
+Default plan: random:sdxl's UNet at 1024x1024 (base, ssd-1b, vega, magnitude-20) and
+random:sd15's at 512x512 (base, bk-sdm-small, bk-sdm-tiny), one image with classifier-free
+guidance (batch 2), 77 text tokens. Every variant is timed eager; those named by
+--compiled (default: base) also through torch.compile and an AOTInductor package, since
+each compile takes minutes. Weights are random, drawn on the device (the architecture
+decides the time, and METHOD.md warns that zeros time faster than data); students are cut
+with their `blocks.remove` preset on the meta device (no distillation), `magnitude-20`
+pruned by `prune.ecodiff`'s magnitude scores.
+
+Timing: CUDA events around each step after `--warmup` steps (the compile happens in the
+first), the median of `--repeat`. FLOP floor fraction: FLOPs per step (FlopCounterMode on
+the eager module, as `slimdiff inspect` counts) / time / the bf16 matrix rate measured on
+the same device (slimdiff.metrics.matmul_rate). Each backend's output is compared with
+eager's (rel err = max|a-b| / max|b|).
+
+Work past `--budget` seconds is skipped and listed as such; results.json is rewritten after
+every measurement, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PLAN = {
+    "sdxl": (1024, ("base", "ssd-1b", "vega", "magnitude-20")),
+    "sd15": (512, ("base", "bk-sdm-small", "bk-sdm-tiny")),
+}
+BACKENDS = ("eager", "compile", "aoti")
+PRUNED = "magnitude-"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--families", nargs="+", default=list(PLAN), choices=list(PLAN))
+    p.add_argument("--variants", nargs="+", help="default: each family's plan")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--compiled", nargs="+", default=["base"], help="variants also compiled")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the plan's)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--budget", type=float, default=420.0, help="seconds; later work is skipped")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny:* widths (a smoke run)")
+    p.add_argument("--out", default="gpu-latency")
+    args = p.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run(args, Path(args.out))
+
+
+def run(args, out: Path) -> None:
+    import torch
+
+    from slimdiff.metrics.matmul_rate import matmul_tflops
+
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": _describe(args.device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "matmul": matmul_tflops(args.device),
+        "rows": [],
+        "skipped": [],
+    }
+    rate = result["matmul"]["tflops"]
+    for family in args.families:
+        size, variants = PLAN[family]
+        size = args.size or (64 if args.tiny else size)
+        for variant in args.variants or variants:
+            if time.monotonic() > deadline:
+                result["skipped"].append(f"{family} {variant}: past the budget")
+                continue
+            rows = measure(args, family, variant, size, dtype, deadline, out)
+            for r in rows:
+                if "ms_per_step" in r:
+                    seconds = r["ms_per_step"] / 1e3
+                    r["flop_floor_fraction"] = r["flops_per_step"] / seconds / (rate * 1e12)
+                    result["rows"].append(r)
+            result["skipped"].extend(r["skipped"] for r in rows if "skipped" in r)
+            _save(out, result)
+    _save(out, result)
+    print(table(result))
+
+
+def measure(args, family, variant, size, dtype, deadline, out: Path) -> list[dict]:
+    """Every backend's row for one variant (or why it was skipped)."""
+    import torch
+
+    from slimdiff.export.components import denoiser_component
+    from slimdiff.export.dummy_inputs import Sizes
+    from slimdiff.inspect import count_flops
+    from slimdiff.models import get_arch
+
+    device = torch.device(args.device)
+    arch = get_arch(family)
+    unet = build_variant(family, variant, args.tiny, device, dtype)
+    component = denoiser_component(arch, unet)
+    latent = size // 8
+    feeds = component.make_inputs(Sizes(2, latent, latent, 77, full_text=True, seed=0))
+    fp32 = tuple(feeds[n].to(device) for n in component.input_names)
+    inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in fp32)
+    with torch.inference_mode():
+        flops, _ = count_flops(component.module, *inputs)
+        reference = component.module(*inputs).float()
+    base = {
+        "family": family,
+        "variant": variant,
+        "size": [size, size],
+        "batch": 2,
+        "params": sum(p.numel() for p in unet.parameters()),
+        "flops_per_step": flops,
+    }
+    rows = []
+    for backend in args.backends:
+        if backend != "eager" and variant not in args.compiled:
+            continue
+        if time.monotonic() > deadline:
+            rows.append({"skipped": f"{family} {variant} {backend}: past the budget"})
+            continue
+        start = time.monotonic()
+        try:
+            step, feed = _runner(backend, component, inputs, fp32, out / family / variant, dtype)
+            ms = time_ms(step, feed, args.warmup, args.repeat, device)
+            got = step(*feed)
+        except Exception as err:  # a backend that fails is a row of the table, not the end
+            rows.append({"skipped": f"{family} {variant} {backend}: {type(err).__name__}: {err}"})
+            continue
+        got = got[0] if isinstance(got, tuple | list) else got
+        err = float((got.float() - reference).abs().max() / reference.abs().max())
+        rows.append(
+            {
+                **base,
+                "backend": backend,
+                "ms_per_step": ms,
+                "rel_err_vs_eager": err,
+                "seconds_incl_compile": round(time.monotonic() - start, 1),
+            }
+        )
+        print(f"{family} {variant} {backend}: {ms:.2f} ms/step (rel err {err:.1e})", flush=True)
+    del unet, component
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def build_variant(family: str, variant: str, tiny: bool, device, dtype):
+    """The variant's UNet on `device` in `dtype` with random weights drawn there."""
+    from slimdiff.compress.blocks.remove import RemoveBlocksPass
+
+    from slimdiff.models.builtin import build_builtin
+
+    teacher = build_builtin("tiny" if tiny else "random", family, device="meta").unet
+    if variant.startswith(PRUNED):
+        unet = _pruned(family, random_fill(teacher, device), int(variant.removeprefix(PRUNED)))
+    elif variant != "base":
+        cut = RemoveBlocksPass(RemoveBlocksPass.Config(preset=variant))
+        unet = random_fill(cut.build_student(teacher, family)[0], device)
+    else:
+        unet = random_fill(teacher, device)
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def random_fill(module, device):
+    """`module` (parameters on the meta device) with weights drawn on `device` as torch
+    initialises each layer (slimdiff.models.weights.init_rule), seeded."""
+    import torch
+    from torch import nn
+
+    from slimdiff.models.weights import init_rule
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    done: dict[int, nn.Parameter] = {}
+    for owner in module.modules():
+        for attr, param in list(owner._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                rule, bound = init_rule(owner, attr, param)
+                t = torch.empty(param.shape, device=device)
+                if rule == "ones" or rule == "zeros":
+                    t.fill_(1.0 if rule == "ones" else 0.0)
+                elif rule == "normal":
+                    t.normal_(generator=generator)
+                else:
+                    t.uniform_(-bound, bound, generator=generator)
+                done[id(param)] = nn.Parameter(t, requires_grad=False)
+            owner._parameters[attr] = done[id(param)]
+    return module
+
+
+def _pruned(family: str, unet, percent: int):
+    from slimdiff.compress.prune.magnitude import magnitude_scores
+    from slimdiff.compress.prune.select import select
+    from slimdiff.compress.prune.slicing import prune
+    from slimdiff.compress.prune.units import unit_groups
+
+    from slimdiff.models import get_arch
+
+    arch = get_arch(family)
+    groups = unit_groups(arch, unet)
+    keep = select(groups, magnitude_scores(groups, unet), sparsity=percent / 100, scope="global")
+    prune(arch, unet, groups, keep)
+    return unet
+
+
+def _runner(backend, component, inputs, fp32, work: Path, dtype):
+    """(step function, its inputs) for `backend`."""
+    import torch
+
+    if backend == "eager":
+        return _no_grad(component.module), inputs
+    if backend == "compile":
+        return _no_grad(torch.compile(component.module)), inputs
+    from slimdiff.export.aoti import export_aoti_component
+
+    precision = "fp16" if dtype == torch.float16 else "fp32"
+    entry = export_aoti_component(component, work, precision=precision, check=False)
+    package = torch._inductor.aoti_load_package(str(work / entry.path))
+    return _no_grad(package), fp32  # the package takes and returns float32 (export/aoti.py)
+
+
+def _no_grad(fn):
+    import torch
+
+    def step(*args):
+        with torch.inference_mode():
+            return fn(*args)
+
+    return step
+
+
+def time_ms(step, feed, warmup: int, repeat: int, device) -> float:
+    """Median ms of `repeat` calls after `warmup` (CUDA events on a GPU)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    for _ in range(max(warmup, 1)):
+        step(*feed)
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(*feed)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step(*feed)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def table(result: dict) -> str:
+    rate = result["matmul"]["tflops"]
+    lines = [
+        f"{result['device']}, {result['dtype']}, matmul {rate:.0f} TFLOP/s ({result['date']})",
+        "| model | variant | backend | ms/step | TFLOP/step | FLOP floor | rel err |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['family']} {r['size'][0]}px | {r['variant']} | {r['backend']} | "
+            f"{r['ms_per_step']:.1f} | {r['flops_per_step'] / 1e12:.2f} | "
+            f"{r['flop_floor_fraction']:.1%} | {r['rel_err_vs_eager']:.1e} |"
+        )
+    lines += [f"skipped: {s}" for s in result["skipped"]]
+    return "\n".join(lines)
+
+
+def _describe(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        cc = f"sm_{props.major}{props.minor}"
+        return f"{props.name} ({cc}, {props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
+    return f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}"
+
+
+def _save(out: Path, result: dict) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out / "results.json")
+
+
+if __name__ == "__main__":
+    main()
