@@ -107,9 +107,7 @@ def fuse(path: str, plan: OnnxPlan, *, for_gpu: bool = False, fp16: bool = False
     return model, counts
 
 
-def convert_fp16(
-    model: onnx.ModelProto, keep_float32: bool | list[str] = True
-) -> onnx.ModelProto:
+def convert_fp16(model: onnx.ModelProto, keep_float32: bool | list[str] = True) -> onnx.ModelProto:
     """Weights and compute to float16, graph inputs and outputs kept float32.
 
     keep_io_types=True puts Casts at the graph edges, so the runtime feeds float32 whatever

@@ -90,7 +90,7 @@ def export_streamed(
         source = ModuleWeights(dict(model.named_parameters(remove_duplicate=False)))
     raw = work / component.name / "raw.onnx"
     with _stand_ins(component) as keys:
-        buffers = {n: b for n, b in component.module.named_buffers(remove_duplicate=False)}
+        buffers = dict(component.module.named_buffers(remove_duplicate=False))
         with export_mode(component, None):
             export_component(component, raw, params=False)
     graph = onnx.load(str(raw))

@@ -120,6 +120,9 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True, **rebuilt)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: incomplete artifact ({err}); compress again") from None
+    from slimdiff.models.loading import refuse_missing
+
+    refuse_missing(pipe.components, path)
     return pipe.to(device) if device != "cpu" else pipe
 
 

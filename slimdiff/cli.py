@@ -19,6 +19,8 @@ from slimdiff import __version__
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_SEED, MAX_STEPS
 
+log = logging.getLogger(__name__)
+
 SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
 
 
@@ -292,8 +294,16 @@ def export_cmd(
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
     # Components load one at a time where they can (weights read from the files when
     # exported), so the whole pipeline is never in memory at once.
-    lazy = weights == "stream" or (weights == "auto" and lazy_loadable(model))
-    loaded = load_model(model, allow_pickle=allow_pickle, weights="lazy" if lazy else "memory")
+    if weights == "stream":
+        loaded = load_model(model, weights="lazy")
+    elif weights == "auto" and lazy_loadable(model):
+        try:
+            loaded = load_model(model, weights="lazy")
+        except UserError as err:  # files lazy loading cannot read by key: loading converts
+            log.info("loading %s into memory (%s)", model, err)
+            loaded = load_model(model, allow_pickle=allow_pickle)
+    else:
+        loaded = load_model(model, allow_pickle=allow_pickle)
     manifest = export_bundle(
         loaded,
         out,

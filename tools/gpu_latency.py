@@ -5,9 +5,11 @@ FLOP floor it reaches. One script for a short GPU lease (issue 14's latency tabl
     python tools/gpu_latency.py --out $OUT/gpu --budget 420          # on the lent GPU
     python tools/gpu_latency.py --device cpu --tiny --out /tmp/gpu   # a smoke run (tests)
 
-Default plan: random:sdxl's UNet at 1024x1024 (base, ssd-1b, vega, magnitude-20) and
-random:sd15's at 512x512 (base, bk-sdm-small, bk-sdm-tiny), one image with classifier-free
-guidance (batch 2), 77 text tokens. Every variant is timed eager; those named by
+Default plan: random:sdxl's UNet at 1024x1024 and random:sd15's at 512x512 (each family's
+default size), each as base, every `blocks.remove` preset written for it (SSD-1B, Vega,
+KOALA; BK-SDM) and magnitude-20; one image, with classifier-free guidance where the family
+uses it (batch 2), the family's full text length. Any family can be named (SD3 and FLUX
+have no block-removal presets: base and magnitude-N). Every variant is timed eager; those named by
 --compiled (default: base) also through torch.compile and an AOTInductor package, since
 each compile takes minutes. Weights are random, drawn on the device (the architecture
 decides the time, and METHOD.md warns that zeros time faster than data); students are cut
@@ -37,18 +39,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PLAN = {
-    "sdxl": (1024, ("base", "ssd-1b", "vega", "magnitude-20")),
-    "sd15": (512, ("base", "bk-sdm-small", "bk-sdm-tiny")),
-}
 BACKENDS = ("eager", "compile", "aoti")
 PRUNED = "magnitude-"
+_VAE_SCALE = 8  # pixels per latent side in every family's VAE (tiny ones too)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--families", nargs="+", default=list(PLAN), choices=list(PLAN))
-    p.add_argument("--variants", nargs="+", help="default: each family's plan")
+    p.add_argument("--families", nargs="+", default=["sdxl", "sd15"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="base, a blocks.remove preset, magnitude-N (default: base, every preset written "
+        "for the family, magnitude-20)",
+    )
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--compiled", nargs="+", default=["base"], help="variants also compiled")
     p.add_argument("--size", type=int, help="image side in pixels (default: the plan's)")
@@ -67,8 +71,10 @@ def main() -> None:
 
 def run(args, out: Path) -> None:
     import torch
+    from slimdiff.compress.blocks.presets import presets_for
 
     from slimdiff.metrics.matmul_rate import matmul_tflops
+    from slimdiff.models import get_arch
 
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
@@ -84,9 +90,8 @@ def run(args, out: Path) -> None:
     }
     rate = result["matmul"]["tflops"]
     for family in args.families:
-        size, variants = PLAN[family]
-        size = args.size or (64 if args.tiny else size)
-        for variant in args.variants or variants:
+        size = args.size or (64 if args.tiny else get_arch(family).default_size[0])
+        for variant in args.variants or ("base", *presets_for(family), f"{PRUNED}20"):
             if time.monotonic() > deadline:
                 result["skipped"].append(f"{family} {variant}: past the budget")
                 continue
@@ -105,18 +110,23 @@ def run(args, out: Path) -> None:
 def measure(args, family, variant, size, dtype, deadline, out: Path) -> list[dict]:
     """Every backend's row for one variant (or why it was skipped)."""
     import torch
-
     from slimdiff.export.components import denoiser_component
     from slimdiff.export.dummy_inputs import Sizes
+
     from slimdiff.inspect import count_flops
     from slimdiff.models import get_arch
 
     device = torch.device(args.device)
     arch = get_arch(family)
-    unet = build_variant(family, variant, args.tiny, device, dtype)
+    try:
+        unet = build_variant(family, variant, args.tiny, device, dtype)
+    except Exception as err:  # a preset written for another family's UNet, say
+        return [{"skipped": f"{family} {variant}: {type(err).__name__}: {err}"}]
     component = denoiser_component(arch, unet)
-    latent = size // 8
-    feeds = component.make_inputs(Sizes(2, latent, latent, 77, full_text=True, seed=0))
+    latent = size // _VAE_SCALE
+    batch = 2 if arch.uses_cfg else 1
+    sizes = Sizes(batch, latent, latent, arch.text_length(), full_text=True, seed=0)
+    feeds = component.make_inputs(sizes)
     fp32 = tuple(feeds[n].to(device) for n in component.input_names)
     inputs = tuple(x.to(dtype) if x.is_floating_point() else x for x in fp32)
     with torch.inference_mode():
@@ -126,7 +136,7 @@ def measure(args, family, variant, size, dtype, deadline, out: Path) -> list[dic
         "family": family,
         "variant": variant,
         "size": [size, size],
-        "batch": 2,
+        "batch": batch,
         "params": sum(p.numel() for p in unet.parameters()),
         "flops_per_step": flops,
     }
@@ -167,9 +177,11 @@ def build_variant(family: str, variant: str, tiny: bool, device, dtype):
     """The variant's UNet on `device` in `dtype` with random weights drawn there."""
     from slimdiff.compress.blocks.remove import RemoveBlocksPass
 
+    from slimdiff.models import get_arch
     from slimdiff.models.builtin import build_builtin
 
-    teacher = build_builtin("tiny" if tiny else "random", family, device="meta").unet
+    pipe = build_builtin("tiny" if tiny else "random", family, device="meta")
+    teacher = getattr(pipe, get_arch(family).denoiser)
     if variant.startswith(PRUNED):
         unet = _pruned(family, random_fill(teacher, device), int(variant.removeprefix(PRUNED)))
     elif variant != "base":
@@ -297,7 +309,9 @@ def _describe(device: str) -> str:
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         cc = f"sm_{props.major}{props.minor}"
-        return f"{props.name} ({cc}, {props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
+        return (
+            f"{props.name} ({cc}, {props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
+        )
     return f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}"
 
 

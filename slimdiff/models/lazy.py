@@ -154,6 +154,7 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
             if restore_edits is not None:
                 module = restore_edits(name, module)
             source = SafetensorsWeights(folder)
+            _check_keys(module, source, folder)
             _load_buffers(module, source)
             parts[name] = make_lazy(module.eval(), source)
         else:
@@ -164,6 +165,23 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
 def lazy_random(module: nn.Module, seed: int = 0) -> nn.Module:
     """`module` (parameters on meta) with seeded random weights on demand (InitWeights)."""
     return make_lazy(module, InitWeights(module, seed))
+
+
+def _check_keys(module: nn.Module, source: WeightSource, folder: Path) -> None:
+    # Files in an older layout (renamed keys that from_pretrained converts on load) cannot
+    # be read by key: said now, before any export work, not as a KeyError halfway.
+    missing = [
+        names[0] for names in _aliases(module).values() if not any(n in source for n in names)
+    ]
+    if missing:
+        from slimdiff.errors import UserError
+
+        raise UserError(
+            f"{folder}: {len(missing)} weights are not in its safetensors under the names "
+            f"{type(module).__name__} uses (first: {missing[0]}); the files may be in an "
+            "older layout that loading converts: export with --weights memory, or save the "
+            "model again with save_pretrained"
+        )
 
 
 def _load_buffers(module: nn.Module, source: WeightSource) -> None:

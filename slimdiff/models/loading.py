@@ -29,7 +29,14 @@ from slimdiff.models.builtin import build_builtin, parse_builtin
 from slimdiff.models.families import FAMILIES, family_of_denoiser, family_of_pipeline, get_arch
 from slimdiff.models.toy import load_toy, parse_toy, toy_folder
 
-__all__ = ["LoadedModel", "default_size", "lazy_loadable", "load_model", "load_pipeline"]
+__all__ = [
+    "LoadedModel",
+    "default_size",
+    "lazy_loadable",
+    "load_model",
+    "load_pipeline",
+    "refuse_missing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +283,7 @@ def _load_component(
         model = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
+    refuse_missing({class_name: model}, path)
     if device not in ("cpu", "meta"):
         model = model.to(device)
     return LoadedModel(arch=get_arch(family), source=source, denoiser=model.eval())
@@ -292,7 +300,24 @@ def _from_pretrained_pipeline(path: Path, class_name: str, device: str, allow_pi
             f"{path}: could not load the {class_name} in it ({err}); check that every "
             "component folder listed in model_index.json is complete"
         ) from None
+    refuse_missing(pipe.components, path)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
+
+
+def refuse_missing(components: dict[str, Any], where: Any) -> None:
+    """UserError when a weight the model needs was not in its files: diffusers then leaves
+    the parameter on the meta device with a warning, and any use of it fails much later."""
+    for name, module in components.items():
+        named = getattr(module, "named_parameters", None)
+        if named is None:
+            continue
+        missing = [key for key, p in named() if p.device.type == "meta"]
+        if missing:
+            raise UserError(
+                f"{where}: {name} lacks {len(missing)} of its weights (first: {missing[0]}); "
+                "the files are incomplete or use other names: save the model again with "
+                "save_pretrained"
+            )
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -322,6 +347,7 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool):
             f"with network run `hf download {model_id} --local-dir DIR` and pass DIR instead"
         ) from None
     family_of_pipeline(type(pipe).__name__)
+    refuse_missing(pipe.components, model_id)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
 
 

@@ -14,7 +14,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from slimdiff.cli import main
 from slimdiff.export import export_bundle
 from slimdiff.export.components import plan_components
 from slimdiff.export.dummy_inputs import Sizes
@@ -22,6 +21,7 @@ from slimdiff.export.parity import ExportError
 from slimdiff.runtime import Text2ImagePipeline
 from slimdiff.runtime.manifest import read_manifest
 
+from slimdiff.cli import main
 from slimdiff.models import load_model
 from slimdiff.models.lazy import is_lazy, materialize, weight_source
 from slimdiff.models.weights import InitWeights, SafetensorsWeights
@@ -50,9 +50,13 @@ def test_cli_streams_flux_fp16_and_the_runtime_draws_from_it(tmp_path):
         graph = onnx.load(str(out / entry.path), load_external_data=False).graph
         # Weights are initializers, never inputs; linear weights stored transposed.
         assert [i.name for i in graph.input] == [i["name"] for i in entry.inputs], name
-        assert not any(n.op_type == "Transpose" and n.input[0].endswith("weight") for n in graph.node)
+        assert not any(
+            n.op_type == "Transpose" and n.input[0].endswith("weight") for n in graph.node
+        )
     t5 = onnx.load(str(out / "text_encoder_2" / "model.onnx")).graph
-    embeddings = [t for t in t5.initializer if t.name.endswith(("shared.weight", "embed_tokens.weight"))]
+    embeddings = [
+        t for t in t5.initializer if t.name.endswith(("shared.weight", "embed_tokens.weight"))
+    ]
     assert len(embeddings) == 1  # T5's tied embedding stays one tensor
     assert embeddings[0].data_type == onnx.TensorProto.FLOAT16
     image = Text2ImagePipeline.from_bundle(out)("a red circle", steps=2, size=(64, 64), seed=0)
@@ -82,7 +86,9 @@ def test_lazy_folder_reads_sharded_weights_and_skips_the_variant(saved_sd15):
     assert {p.device.type for p in unet.parameters()} == {"meta"}
     materialize(unet)
     eager = load_model(str(saved_sd15)).pipe.unet
-    for (key, got), (_, want) in zip(unet.named_parameters(), eager.named_parameters(), strict=True):
+    for (key, got), (_, want) in zip(
+        unet.named_parameters(), eager.named_parameters(), strict=True
+    ):
         assert got.dtype == torch.float32 and torch.equal(got, want), key  # not the fp16 variant
 
 
@@ -170,3 +176,25 @@ def test_fp16_weights_are_converted_bit_for_bit_as_onnxruntime_does():
     want = convert_np_to_float16(x.numpy())
     assert got.dtype == want.dtype == np.float16
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_a_folder_in_an_older_layout_is_refused_lazily_and_loads_in_auto(saved_sd15, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slimdiff.errors import UserError
+
+    folder = tmp_path / "old"
+    shutil.copytree(saved_sd15, folder)
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(vae))
+    state["decoder.conv_in.kernel"] = state.pop("decoder.conv_in.weight")  # a renamed key
+    save_file(state, str(vae))
+    with pytest.raises(UserError, match="--weights memory"):
+        load_model(str(folder), weights="lazy")
+    # auto falls back to loading into memory, which names the missing weight (diffusers
+    # leaves it on the meta device with a warning, and the export failed much later)
+    result = CliRunner().invoke(main, ["export", str(folder), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert "vae lacks 1 of its weights (first: decoder.conv_in.weight)" in result.output
