@@ -8,6 +8,11 @@ records a parity check it could not run, and leaves the lazy model lazy.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -61,6 +66,14 @@ def test_cli_streams_flux_fp16_and_the_runtime_draws_from_it(tmp_path):
     assert embeddings[0].data_type == onnx.TensorProto.FLOAT16
     image = Text2ImagePipeline.from_bundle(out)("a red circle", steps=2, size=(64, 64), seed=0)
     assert image.image.shape == (64, 64, 3) and image.image.dtype == np.uint8
+    # tools/streamed_check.py reads sampled weights back: bit for bit the model's, converted.
+    tool = Path(__file__).resolve().parents[2] / "tools" / "streamed_check.py"
+    cmd = [sys.executable, str(tool), str(out), "tiny:flux", "--samples", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert {r["component"] for r in rows} == set(manifest.components)  # all streamed
+    assert all(r["identical"] for r in rows) and any(r["initializer"].endswith(".T") for r in rows)
 
 
 @pytest.fixture(scope="module")
