@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -42,7 +43,15 @@ from slimdiff.runtime.manifest import ComponentEntry
 from torch import nn
 
 from slimdiff.memory import available_bytes
-from slimdiff.models.lazy import fetch_tensor, is_lazy, make_lazy, materialize, weight_source
+from slimdiff.models.lazy import (
+    aliases,
+    fetch_tensor,
+    is_lazy,
+    make_lazy,
+    materialize,
+    replace_parameters,
+    weight_source,
+)
 from slimdiff.models.weights import ModuleWeights
 from slimdiff.progress import Progress
 
@@ -116,9 +125,15 @@ def export_streamed(
         save_model(graph, path, threshold)
     del graph
     release_memory()
+    shutil.rmtree(raw.parent, ignore_errors=True)
     inputs, outputs = graph_io(path)
-    extra = {"opset": OPSET, "ort_fusions": {}, "attention": "native", "external_data": external}
-    extra["weights"] = "streamed"
+    extra = {
+        "opset": OPSET,
+        "ort_fusions": {},
+        "attention": "native",
+        "external_data": external,
+        "weights": "streamed",
+    }
     parity: dict = {}
     if check and check_fits(model):
         parity = _check(component, path, precision, source)
@@ -165,27 +180,20 @@ def _stand_ins(component: Component) -> Iterator[dict[str, list[str]]]:
     the traced module (the wrapper's names), the model's keys for it (aliases included).
     The original parameters (meta or real) are put back on exit."""
     model = component.model
-    aliases: dict[int, list[str]] = {}
-    for key, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(key)
-    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
-    stand_in: dict[int, nn.Parameter] = {}
-    for sub in model.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is None:
-                continue
-            if id(param) not in stand_in:
-                zero = torch.zeros((), dtype=param.dtype)  # values feed a shape trace only
-                stand_in[id(param)] = nn.Parameter(zero.expand(param.shape), requires_grad=False)
-                aliases[id(stand_in[id(param)])] = aliases[id(param)]
-            saved.append((sub, name, param))
-            sub._parameters[name] = stand_in[id(param)]
+    names = aliases(model)
+    zero = {}  # one scalar per dtype: values feed a shape trace only
+
+    def stand_in(owner: nn.Module, attr: str, param: nn.Parameter) -> torch.Tensor:
+        scalar = zero.setdefault(param.dtype, torch.zeros((), dtype=param.dtype))
+        return scalar.expand(param.shape)
+
+    slots = replace_parameters(model, stand_in)
+    by_new = {id(new): names[id(old)] for _, _, old, new in slots}
     try:
-        keys = {n: aliases[id(p)] for n, p in component.module.named_parameters()}
-        yield keys
+        yield {n: by_new[id(p)] for n, p in component.module.named_parameters()}
     finally:
-        for sub, name, param in saved:
-            sub._parameters[name] = param
+        for owner, attr, old, _ in slots:
+            owner._parameters[attr] = old
 
 
 def _check_names(graph: onnx.ModelProto, keys: dict[str, list[str]], what: str) -> None:
@@ -290,6 +298,7 @@ def fp16_as_ort(tensor: torch.Tensor) -> torch.Tensor:
 def _to_numpy(tensor: torch.Tensor, elem_type: int):
     import numpy as np
 
+    tensor = tensor.detach().cpu()  # an in-memory model may sit on a GPU
     if elem_type == onnx.TensorProto.FLOAT16:
         # As the converter treats initializers in the usual route: clamped to fp16's range.
         return np.ascontiguousarray(fp16_as_ort(tensor).numpy())

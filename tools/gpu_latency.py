@@ -196,27 +196,22 @@ def random_fill(module, device):
     """`module` (parameters on the meta device) with weights drawn on `device` as torch
     initialises each layer (slimdiff.models.weights.init_rule), seeded."""
     import torch
-    from torch import nn
 
+    from slimdiff.models.lazy import replace_parameters
     from slimdiff.models.weights import init_rule
 
     generator = torch.Generator(device=device).manual_seed(0)
-    done: dict[int, nn.Parameter] = {}
-    for owner in module.modules():
-        for attr, param in list(owner._parameters.items()):
-            if param is None:
-                continue
-            if id(param) not in done:
-                rule, bound = init_rule(owner, attr, param)
-                t = torch.empty(param.shape, device=device)
-                if rule == "ones" or rule == "zeros":
-                    t.fill_(1.0 if rule == "ones" else 0.0)
-                elif rule == "normal":
-                    t.normal_(generator=generator)
-                else:
-                    t.uniform_(-bound, bound, generator=generator)
-                done[id(param)] = nn.Parameter(t, requires_grad=False)
-            owner._parameters[attr] = done[id(param)]
+
+    def draw(owner, attr: str, param) -> torch.Tensor:
+        rule, bound = init_rule(owner, attr, param)
+        t = torch.empty(param.shape, device=device)
+        if rule in ("ones", "zeros"):
+            return t.fill_(1.0 if rule == "ones" else 0.0)
+        if rule == "normal":
+            return t.normal_(generator=generator)
+        return t.uniform_(-bound, bound, generator=generator)
+
+    replace_parameters(module, draw)
     return module
 
 

@@ -47,7 +47,7 @@ def check(bundle: Path, model_ref: str, samples: int, seed: int) -> list[dict]:
     from slimdiff.runtime.manifest import read_manifest
 
     from slimdiff.models import load_model
-    from slimdiff.models.lazy import fetch_tensor, weight_source
+    from slimdiff.models.lazy import aliases, fetch_tensor, weight_source
 
     manifest = read_manifest(bundle)
     model = load_model(model_ref, weights="lazy")
@@ -58,10 +58,8 @@ def check(bundle: Path, model_ref: str, samples: int, seed: int) -> list[dict]:
             continue
         component = components[name]
         source = weight_source(component.model)
-        aliases: dict[int, list[str]] = {}
-        for key, param in component.model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(param), []).append(key)
-        keys = {n: aliases[id(p)] for n, p in component.module.named_parameters()}
+        names = aliases(component.model)
+        keys = {n: names[id(p)] for n, p in component.module.named_parameters()}
         path = bundle / entry.path
         graph = onnx.load(str(path), load_external_data=False).graph
         stored = [t for t in graph.initializer if t.name.removesuffix(".T") in keys]

@@ -14,6 +14,7 @@ A lazy model serves export only: compression passes need the weights in memory.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ from torch import nn
 from slimdiff.models.weights import InitWeights, ModuleWeights, SafetensorsWeights, WeightSource
 
 __all__ = [
+    "aliases",
     "empty_module",
     "is_lazy",
     "lazy_pipeline",
     "make_lazy",
     "materialize",
     "param_bytes",
+    "replace_parameters",
     "weight_source",
 ]
 
@@ -43,7 +46,7 @@ def make_lazy(module: nn.Module, source: WeightSource | None = None) -> nn.Modul
     """
     if source is None:
         source = ModuleWeights(dict(module.named_parameters(remove_duplicate=False)))
-    _replace_parameters(module, lambda p: torch.empty_like(p, device="meta"))
+    replace_parameters(module, lambda owner, attr, p: torch.empty_like(p, device="meta"))
     _SOURCES[module] = source
     return module
 
@@ -64,12 +67,12 @@ def materialize(module: nn.Module, keep_source: bool = True) -> nn.Module:
     dtype). With `keep_source` the source stays registered, so
     `make_lazy(module, weight_source(module))` frees them again."""
     source = _SOURCES[module] if keep_source else _SOURCES.pop(module)
-    names = _aliases(module)
+    names = aliases(module)
 
-    def fetch(param: nn.Parameter) -> torch.Tensor:
+    def fetch(owner: nn.Module, attr: str, param: nn.Parameter) -> torch.Tensor:
         return fetch_tensor(source, names[id(param)]).to(param.dtype)
 
-    _replace_parameters(module, fetch)
+    replace_parameters(module, fetch)
     return module
 
 
@@ -90,22 +93,33 @@ def param_bytes(module: nn.Module, itemsize: int = 4) -> int:
     return sum(p.numel() for p in module.parameters()) * itemsize
 
 
-def _aliases(module: nn.Module) -> dict[int, list[str]]:
+def aliases(module: nn.Module) -> dict[int, list[str]]:
+    """Every name of each distinct parameter, by id: a tied tensor has several."""
     names: dict[int, list[str]] = {}
     for key, param in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(key)
     return names
 
 
-def _replace_parameters(module: nn.Module, make) -> None:
+Slot = tuple[nn.Module, str, nn.Parameter, nn.Parameter]  # owner, name, old, new
+
+
+def replace_parameters(
+    module: nn.Module, make: Callable[[nn.Module, str, nn.Parameter], torch.Tensor]
+) -> list[Slot]:
+    """Give every parameter of `module` a new tensor, `make(owner, name, old)`, once per
+    distinct parameter (tied ones stay tied); the slots replaced, to put the old back."""
     done: dict[int, nn.Parameter] = {}
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
+    slots = []
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
             if param is None:
                 continue
             if id(param) not in done:
-                done[id(param)] = nn.Parameter(make(param), requires_grad=False)
-            sub._parameters[name] = done[id(param)]
+                done[id(param)] = nn.Parameter(make(owner, name, param), requires_grad=False)
+            owner._parameters[name] = done[id(param)]
+            slots.append((owner, name, param, done[id(param)]))
+    return slots
 
 
 # ------------------------------------------------------------------ building lazy models
@@ -171,7 +185,7 @@ def _check_keys(module: nn.Module, source: WeightSource, folder: Path) -> None:
     # Files in an older layout (renamed keys that from_pretrained converts on load) cannot
     # be read by key: said now, before any export work, not as a KeyError halfway.
     missing = [
-        names[0] for names in _aliases(module).values() if not any(n in source for n in names)
+        names[0] for names in aliases(module).values() if not any(n in source for n in names)
     ]
     if missing:
         from slimdiff.errors import UserError
