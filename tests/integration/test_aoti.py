@@ -30,10 +30,11 @@ PROMPT = "a red circle"
 
 @pytest.fixture(scope="module")
 def aoti(tmp_path_factory):
-    model = load_model("tiny:sdxl")
+    # Exported from a lazy model, as `slimdiff export` loads one (its weights fetched per
+    # component, then freed); the tests compare against the same model loaded in memory.
     out = tmp_path_factory.mktemp("aoti") / "bundle"
-    manifest = export_bundle(model, out, target="aoti")
-    return model, out, manifest
+    manifest = export_bundle(load_model("tiny:sdxl", weights="lazy"), out, target="aoti")
+    return load_model("tiny:sdxl"), out, manifest
 
 
 @pytest.fixture(scope="module")
