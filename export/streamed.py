@@ -49,6 +49,7 @@ from slimdiff.models.lazy import (
     is_lazy,
     make_lazy,
     materialize,
+    param_bytes,
     replace_parameters,
     weight_source,
 )
@@ -68,7 +69,7 @@ _PAGE_ALIGN_FROM = 1 << 20  # bytes
 def fits_in_memory(model: nn.Module, factor: float) -> bool:
     """Whether `factor` x `model`'s fp32 weight bytes fit in the memory available now."""
     available = available_bytes()
-    need = sum(p.numel() for p in model.parameters()) * 4 * factor
+    need = param_bytes(model) * factor
     return available is None or need <= available
 
 
@@ -141,7 +142,7 @@ def export_streamed(
             parity, f"{component.name}: ONNX ({precision}, streamed weights)", "report the model"
         )
     elif check:
-        gb = sum(p.numel() for p in model.parameters()) * 4 / 1e9
+        gb = param_bytes(model) / 1e9
         extra["parity_skipped"] = (
             f"{gb:.1f} GB of fp32 weights and an onnxruntime session of the graph do not "
             "fit in this machine's memory together"

@@ -85,15 +85,6 @@ class SafetensorsWeights:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
-    def numel(self) -> int:
-        """Elements over every tensor, from the files' headers alone."""
-        total = 0
-        for file in set(self._where.values()):
-            for entry in _header(file).values():
-                if isinstance(entry, dict) and "shape" in entry:
-                    total += math.prod(entry["shape"])
-        return total
-
 
 def _weight_files(folder: Path) -> list[Path]:
     indexes = sorted(folder.glob("*.safetensors.index.json"))
@@ -103,13 +94,6 @@ def _weight_files(folder: Path) -> list[Path]:
         return sorted({folder / name for name in weight_map.values()})
     files = sorted(folder.glob("*.safetensors"))
     return [f for f in files if "." not in f.stem] or files
-
-
-def _header(file: Path) -> dict:
-    # The safetensors layout: an 8-byte little-endian length, then that many bytes of JSON.
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size))
 
 
 class InitWeights:
