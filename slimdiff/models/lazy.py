@@ -171,7 +171,7 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
             _check_keys(module, source, folder)
             _load_buffers(module, source)
             parts[name] = make_lazy(module.eval(), source)
-        else:
+        else:  # tokenizers, schedulers: no weights (use_safetensors does not apply)
             parts[name] = cls.from_pretrained(folder)
     return pipeline_cls(**parts)
 
