@@ -62,7 +62,9 @@ def export_component(component: Component, path: Path, *, params: bool = True) -
     device = model_device(component.model)  # a model compressed on a GPU traces there
     args = tuple(feeds[name].to(device) for name in component.input_names)
     log.info("exporting %s to ONNX (opset %d)", component.name, OPSET)
-    weights = () if params else {n for n, _ in component.module.named_parameters()}
+    weights = (
+        frozenset() if params else frozenset(n for n, _ in component.module.named_parameters())
+    )
     with (
         torch.inference_mode(),
         _traceable_unflatten(),
@@ -126,7 +128,7 @@ def _traceable_unflatten() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _shapes_without_weight_values(weights: set[str] | tuple) -> Iterator[None]:
+def _shapes_without_weight_values(weights: frozenset[str]) -> Iterator[None]:
     """Keep the weights' values out of the exporter's ONNX shape inference.
 
     The TorchScript exporter hands every parameter's value to its shape inference, which

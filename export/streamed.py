@@ -56,10 +56,11 @@ from slimdiff.models.lazy import (
 from slimdiff.models.weights import ModuleWeights
 from slimdiff.progress import Progress
 
-__all__ = ["check_fits", "export_streamed", "fits_in_memory", "fp16_as_ort"]
+__all__ = ["TRANSPOSED", "export_streamed", "fits_in_memory", "fp16_as_ort"]
 
 log = logging.getLogger(__name__)
 
+TRANSPOSED = ".T"  # suffix of a weight stored transposed (read through a folded Transpose)
 _INLINE = 1024  # bytes: smaller tensors stay in the graph (onnx's own external-data cut)
 _ALIGN = 64  # every external tensor starts on a cache line ...
 _PAGE_ALIGN = 65536  # ... and large ones on an allocation granule, so ORT can map them
@@ -73,7 +74,7 @@ def fits_in_memory(model: nn.Module, factor: float) -> bool:
     return available is None or need <= available
 
 
-def check_fits(model: nn.Module) -> bool:
+def _check_fits(model: nn.Module) -> bool:
     """Whether a parity check fits: the torch weights (fp32) and an onnxruntime session
     holding the graph (at most as large; fp16 graphs cast to fp32 where the CPU EP lacks
     fp16 kernels) with room for activations."""
@@ -97,7 +98,7 @@ def export_streamed(
     model = component.model
     source = weight_source(model) if is_lazy(model) else None
     if source is None:
-        source = ModuleWeights(dict(model.named_parameters(remove_duplicate=False)))
+        source = ModuleWeights.of(model)
     raw = work / component.name / "raw.onnx"
     with _stand_ins(component) as keys:
         buffers = dict(component.module.named_buffers(remove_duplicate=False))
@@ -136,7 +137,7 @@ def export_streamed(
         "weights": "streamed",
     }
     parity: dict = {}
-    if check and check_fits(model):
+    if check and _check_fits(model):
         parity = _check(component, path, precision, source)
         raise_if_failed(
             parity, f"{component.name}: ONNX ({precision}, streamed weights)", "report the model"
@@ -263,7 +264,7 @@ def _fold_transpose(
     under `<name>.T`; the node goes."""
     perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
     perm = perm or list(reversed(range(tensor.dim())))
-    folded = f"{name}.T"
+    folded = name + TRANSPOSED
     for other in graph.graph.node:
         for i, inp in enumerate(other.input):
             if inp == node.output[0]:

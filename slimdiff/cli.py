@@ -320,7 +320,7 @@ def export_cmd(
     del loaded
     for name, comp in manifest.components.items():
         parity = comp.parity
-        skipped = comp.extra.get("parity_skipped") if comp.format == "onnx" else None
+        skipped = comp.extra.get("parity_skipped")
         check = (
             f"parity not checked: {skipped}"
             if skipped

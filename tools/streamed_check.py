@@ -43,7 +43,7 @@ def check(bundle: Path, model_ref: str, samples: int, seed: int) -> list[dict]:
     from onnx.external_data_helper import load_external_data_for_tensor
     from onnx.numpy_helper import to_array
     from slimdiff.export.components import plan_components
-    from slimdiff.export.streamed import fp16_as_ort
+    from slimdiff.export.streamed import TRANSPOSED, fp16_as_ort
     from slimdiff.runtime.manifest import read_manifest
 
     from slimdiff.models import load_model
@@ -62,14 +62,14 @@ def check(bundle: Path, model_ref: str, samples: int, seed: int) -> list[dict]:
         keys = {n: names[id(p)] for n, p in component.module.named_parameters()}
         path = bundle / entry.path
         graph = onnx.load(str(path), load_external_data=False).graph
-        stored = [t for t in graph.initializer if t.name.removesuffix(".T") in keys]
+        stored = [t for t in graph.initializer if t.name.removesuffix(TRANSPOSED) in keys]
         picked = random.Random(seed).sample(stored, min(samples, len(stored))) + stored[-2:]
         for tensor in picked:
             external = tensor.data_location == onnx.TensorProto.EXTERNAL
             if external:  # small graphs keep their weights inline
                 load_external_data_for_tensor(tensor, str(path.parent))
             got = to_array(tensor)
-            base = tensor.name.removesuffix(".T")
+            base = tensor.name.removesuffix(TRANSPOSED)
             want = fetch_tensor(source, keys[base])
             if base != tensor.name:  # linear weights, stored transposed (2-D)
                 want = want.t()

@@ -70,7 +70,8 @@ def build_builtin(kind: str, family: str, device: str = "cpu", lazy: bool = Fals
     lazily or not, so both give the same model; `tiny:*` ones by torch's module inits under
     one seed, as they always were (tests compare against them).
     """
-    from slimdiff.models.lazy import lazy_random, make_lazy, materialize
+    from slimdiff.models.lazy import make_lazy, materialize
+    from slimdiff.models.weights import InitWeights
 
     torch.manual_seed(_SEED)
     tiny = kind == "tiny"
@@ -91,7 +92,7 @@ def build_builtin(kind: str, family: str, device: str = "cpu", lazy: bool = Fals
         if device == "meta":
             continue
         if not tiny:
-            lazy_random(module, _SEED)
+            make_lazy(module, InitWeights(module, _SEED))
             if not lazy:
                 materialize(module, keep_source=False).to(device)
         elif lazy:

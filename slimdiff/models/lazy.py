@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimdiff.models.weights import InitWeights, ModuleWeights, SafetensorsWeights, WeightSource
+from slimdiff.models.weights import ModuleWeights, SafetensorsWeights, WeightSource
 
 __all__ = [
     "aliases",
@@ -45,7 +45,7 @@ def make_lazy(module: nn.Module, source: WeightSource | None = None) -> nn.Modul
     Parameters shared under several names (T5's tied embeddings) stay shared.
     """
     if source is None:
-        source = ModuleWeights(dict(module.named_parameters(remove_duplicate=False)))
+        source = ModuleWeights.of(module)
     replace_parameters(module, lambda owner, attr, p: torch.empty_like(p, device="meta"))
     _SOURCES[module] = source
     return module
@@ -171,14 +171,9 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
             _check_keys(module, source, folder)
             _load_buffers(module, source)
             parts[name] = make_lazy(module.eval(), source)
-        else:  # tokenizers, schedulers: no weights (use_safetensors does not apply)
-            parts[name] = cls.from_pretrained(folder)
+        else:  # tokenizers, schedulers: no weights
+            parts[name] = cls.from_pretrained(folder)  # no weights: use_safetensors n/a
     return pipeline_cls(**parts)
-
-
-def lazy_random(module: nn.Module, seed: int = 0) -> nn.Module:
-    """`module` (parameters on meta) with seeded random weights on demand (InitWeights)."""
-    return make_lazy(module, InitWeights(module, seed))
 
 
 def _check_keys(module: nn.Module, source: WeightSource, folder: Path) -> None:

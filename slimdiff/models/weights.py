@@ -41,6 +41,11 @@ class ModuleWeights:
     def __init__(self, state: dict[str, torch.Tensor]):
         self._state = dict(state)
 
+    @classmethod
+    def of(cls, module: nn.Module) -> ModuleWeights:
+        """`module`'s current parameters, under every name each has (tied ones too)."""
+        return cls(dict(module.named_parameters(remove_duplicate=False)))
+
     def tensor(self, key: str) -> torch.Tensor:
         return self._state[key]
 
