@@ -18,8 +18,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Two pytest workers (pytest-xdist), one test module each at a time (--dist loadscope: a
+# module's fixtures, such as the AOTInductor compile, are built once). Most tests run tiny
+# models on one or two torch threads, so on a 2-core machine two workers take ~9.5 min
+# where one took ~16 (docs/BENCHMARKS.md). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 # The demo model is toy:shapes, trained by the project and shipped in the package: the
 # bench table has its prompt accuracy, and the image really shows the prompt.

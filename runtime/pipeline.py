@@ -162,7 +162,7 @@ class Text2ImagePipeline:
         fixed = cond.encode(prompt, negative_prompt, do_cfg, guidance, height, width)
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
-            # (runtime/backends/ort_binding.py).
+            # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
             value.flags.writeable = False
         timings["text_encoders"] = _ms(t0)
 

@@ -63,6 +63,8 @@ class AotiSession:
         self.input_dtypes = {i["name"]: np.dtype(_NUMPY[i["dtype"]]) for i in io["inputs"]}
         self._shapes = {i["name"]: i["shape"] for i in io["inputs"]}
         self._axes = io["axes"]
+        self._constants: dict[str, tuple[np.ndarray, Any]] = {}  # see _tensor
+        self.copies = 0  # host-to-device input copies made (what tests and benches read)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the package on `feeds` (cast to the package's dtypes); numpy outputs."""
@@ -75,15 +77,30 @@ class AotiSession:
                 f"{self.path}: feeds do not match the package inputs "
                 f"(missing {sorted(missing)}, unexpected {sorted(unknown)})"
             )
-        args = []
-        for name in self.input_names:
-            value = np.ascontiguousarray(feeds[name], dtype=self.input_dtypes[name])
-            self._check_shape(name, value.shape)
-            args.append(torch.from_numpy(value).to(self._device))
+        args = [self._tensor(torch, name, feeds[name]) for name in self.input_names]
         with torch.inference_mode():
             out = self._model(*args)
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {n: t.cpu().numpy() for n, t in zip(self.output_names, out, strict=True)}
+
+    def _tensor(self, torch: Any, name: str, feed: np.ndarray) -> Any:
+        """`feed` as a tensor on the package's device. A read-only feed is a constant (the
+        contract of runtime/backends/ort_binding.py; the pipeline marks its conditioning
+        read-only): copied once and reused while the same array object is fed, so the text
+        states are not copied to the GPU again at every step."""
+        cached = self._constants.get(name)
+        if cached is not None and cached[0] is feed:
+            return cached[1]
+        value = np.ascontiguousarray(feed, dtype=self.input_dtypes[name])
+        self._check_shape(name, value.shape)
+        if not value.flags.writeable:  # torch.from_numpy warns on read-only memory
+            value = value.copy()
+        tensor = torch.from_numpy(value).to(self._device)
+        self.copies += 1
+        if not feed.flags.writeable:
+            # The array is held so its id cannot be reused by another object meanwhile.
+            self._constants[name] = (feed, tensor)
+        return tensor
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         # The compiled wrapper checks sizes too, but from C++ (a RuntimeError naming a
