@@ -183,7 +183,11 @@ def export_bundle(
                 materialize(component.model)
             if aoti:
                 entry = _aoti().export_aoti_component(
-                    component, root, precision=precisions[component.name], check=check
+                    component,
+                    root,
+                    precision=precisions[component.name],
+                    check=check,
+                    profile=profile,
                 )
             elif streamed:
                 entry = export_streamed(
@@ -209,8 +213,6 @@ def export_bundle(
                 free_weights(component.model)  # ONNX components free theirs once traced
             entry.profile = profile
             log.info("%s exported; resident memory %.0f MiB", component.name, rss_mib())
-            if entry.format == "aoti":
-                _aoti().check_profile(component.name, entry)
             entries[component.name] = entry
         shutil.rmtree(root / _WORK, ignore_errors=True)
         write_support_files(model, root)

@@ -34,8 +34,18 @@ hold over the range, and what export does about it:
   side is not a multiple of 2^upsamplers, a branch torch.export would turn into a guard
   `H % 8 != 0` that no range satisfies. Export runs with the forwarding path forced
   (`_skip_sized_upsampling`), which is exact at every size, divisible or not.
-- SD3: not exportable here yet (tiny:sd3: its positional-embedding crop guards H, W <= 65
-  latent px and more); export raises ExportError naming the guards: use --target onnx.
+- SD3, positions: diffusers crops the positional embedding from a fixed grid of
+  `pos_embed_max_size` patches per side with a slice, whose end export clamps to the grid
+  (min/max in the sizes) and then cannot prove the guards over a range. Export runs with
+  the crop written as `narrow()` (`_exportable_patch_grid`; the same values, a test checks
+  them), latent sides as `patch * Dim` (the runtime's sizes are multiples of the patch),
+  and within 2..positions-1 patches: at 1 patch and at the whole grid export adds runtime
+  guards (measured on tiny:sd3, 32 positions: H in 4..62). Real SD3 (192 positions, patch
+  2) keeps the usual 256-latent-px bound.
+- SD3, joint attention: the image and text halves of the attention output are slices of
+  one tensor, and the Linear after each asks whether its slice can be viewed as a matrix,
+  a guard `B != 1` (and `S != 1`). Those two Linears take a contiguous copy while
+  exporting (a forward pre-hook, removed after), so the guards are never asked.
 - FLUX: the packed token count L is its own axis (L = H/2 * W/2 is the runtime's
   arithmetic, not the graph's); the rotary positions come in as img_ids, so any L runs.
 
@@ -55,6 +65,7 @@ import contextlib
 import json
 import logging
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,15 +124,24 @@ def wants_aoti(component: Component) -> bool:
 
 
 def export_aoti_component(
-    component: Component, root: Path, *, precision: str, check: bool
+    component: Component,
+    root: Path,
+    *,
+    precision: str,
+    check: bool,
+    profile: dict | None = None,
 ) -> ComponentEntry:
     """Export, compile and (with `check`) verify one component; its manifest entry.
 
-    Writes root/<name>/model.pt2 and root/<name>/io.json. Raises ExportError when export
-    cannot keep an axis dynamic or the package differs from the eager module.
+    Writes root/<name>/model.pt2 and root/<name>/io.json. `profile` (the bundle's
+    {"min", "opt", "max"} input shapes) is checked against the package's axis ranges first,
+    before minutes of compiling: a UserError when it does not fit. Raises ExportError when
+    export cannot keep an axis dynamic or the package differs from the eager module.
     """
     if precision not in _DTYPES:
         raise ExportError(f"{component.name}: precision {precision} has no AOTInductor form")
+    if profile is not None:
+        check_profile(component, profile)
     device = model_device(component.model)
     folder = root / component.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +215,7 @@ def export_program(
     feeds = component.make_inputs(TRACE)
     args = tuple(feeds[n].to(device) for n in component.input_names)
     ranges = axis_ranges(component)
-    dims = {a: torch.export.Dim(a, min=r["min"], max=r["max"]) for a, r in ranges.items()}
+    dims = {a: _dim(a, r) for a, r in ranges.items()}
     shapes = {
         "inputs": tuple(
             {i: dims[a] for i, a in component.dynamic_axes.get(n, {}).items()} or None
@@ -208,6 +228,7 @@ def export_program(
         export_mode(component, None),
         _cast_weights(component.model, dtype),
         _skip_sized_upsampling(component.model),
+        _exportable_patch_grid(component.model),
         _copying_contiguous(),
         # Size-1 batches and sides are traced as any other size, not specialised away
         # (the trace uses batch 2; the runtime's batch is 1 without CFG).
@@ -226,28 +247,51 @@ def export_program(
 
 
 def axis_ranges(component: Component) -> dict[str, dict[str, int]]:
-    """The range the package accepts per input axis name (AXIS_RANGES); outputs' axes
-    ("8h" of the VAE's image) follow from the inputs'."""
+    """The range the package accepts per input axis name (AXIS_RANGES, narrowed for a
+    patch grid: see the module docstring), with "multiple" where sizes must be multiples of
+    a patch; outputs' axes ("8h" of the VAE's image) follow from the inputs'."""
     names = {a for n in component.input_names for a in component.dynamic_axes.get(n, {}).values()}
-    return {a: dict(zip(("min", "max"), AXIS_RANGES[a], strict=True)) for a in sorted(names)}
+    ranges = {a: dict(zip(("min", "max"), AXIS_RANGES[a], strict=True)) for a in sorted(names)}
+    grid = _patch_grid(component.model)
+    if grid is not None:
+        patch, positions = grid
+        for axis in {"H", "W"} & names:
+            lo, hi = ranges[axis]["min"], ranges[axis]["max"]
+            ranges[axis] = {
+                "min": max(-(-lo // patch), 2) * patch,
+                "max": min(hi // patch, positions - 1) * patch,
+                "multiple": patch,
+            }
+    return ranges
 
 
-def check_profile(name: str, entry: ComponentEntry) -> None:
-    """The bundle's size range (entry.profile, from --min-size/--max-size/--max-images)
-    inside what the package was exported for (AXIS_RANGES): a UserError otherwise."""
-    for spec in entry.inputs:
-        for i, axis in enumerate(spec["shape"]):
-            if not isinstance(axis, str) or axis not in AXIS_RANGES:
-                continue
-            lo, hi = AXIS_RANGES[axis]
+def check_profile(component: Component, profile: dict) -> None:
+    """The bundle's size range (`profile`, from --min-size/--max-size/--max-images) inside
+    what the package is exported for (axis_ranges): a UserError otherwise."""
+    ranges = axis_ranges(component)
+    for name in component.input_names:
+        for i, axis in component.dynamic_axes.get(name, {}).items():
+            lo, hi, step = ranges[axis]["min"], ranges[axis]["max"], ranges[axis].get("multiple", 1)
             for point in ("min", "max"):
-                size = entry.profile[point][spec["name"]][i]
-                if not lo <= size <= hi:
+                size = profile[point][name][i]
+                if not lo <= size <= hi or size % step:
+                    within = f"{lo}..{hi}" + (f" in steps of {step}" if step > 1 else "")
                     raise UserError(
-                        f"{name}: the bundle's {point} size puts {spec['name']} axis {axis} at "
-                        f"{size}, outside the {lo}..{hi} AOTInductor packages are exported "
-                        "for; pass a smaller --max-size / --max-images, or --target onnx"
+                        f"{component.name}: the bundle's {point} size puts {name} axis {axis} at "
+                        f"{size}, outside the {within} its AOTInductor package is exported for; "
+                        "pass --min-size / --max-size / --max-images within that range, or "
+                        "--target onnx"
                     )
+
+
+def _dim(axis: str, r: dict[str, int]) -> Any:
+    """torch.export's Dim for an axis range; a multiple of a patch as `patch * Dim`."""
+    step = r.get("multiple", 1)
+    if r["min"] > r["max"]:
+        raise ExportError(f"axis {axis}: no size in {r} fits the model's positions grid")
+    if step == 1:
+        return torch.export.Dim(axis, min=r["min"], max=r["max"])
+    return step * torch.export.Dim(f"{axis}_patches", min=r["min"] // step, max=r["max"] // step)
 
 
 def _first_line(err: Exception) -> str:
@@ -301,6 +345,63 @@ def _copying_contiguous() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.contiguous = original
+
+
+def _patch_grid(model: nn.Module) -> tuple[int, int] | None:
+    """(patch size, positions per side) of a denoiser that crops its positional embedding
+    from a fixed grid (SD3's PatchEmbed with pos_embed_max_size), else None."""
+    embed = getattr(model, "pos_embed", None)
+    positions = getattr(embed, "pos_embed_max_size", None)
+    if not isinstance(positions, int) or not hasattr(embed, "cropped_pos_embed"):
+        return None
+    return int(embed.patch_size), positions
+
+
+def _narrow_crop(self: nn.Module, height: int, width: int) -> torch.Tensor:
+    # diffusers' PatchEmbed.cropped_pos_embed with narrow() for the slice (its size checks
+    # left out: axis_ranges keeps the exported sides inside the grid). A slice's end is
+    # clamped to the grid, which export cannot prove over a range; narrow's length is exact.
+    height, width = height // self.patch_size, width // self.patch_size
+    top = (self.pos_embed_max_size - height) // 2
+    left = (self.pos_embed_max_size - width) // 2
+    size = self.pos_embed_max_size
+    grid = self.pos_embed.reshape(1, size, size, -1).narrow(1, top, height).narrow(2, left, width)
+    return grid.reshape(1, -1, grid.shape[-1])
+
+
+def _contiguous_input(_module: nn.Module, args: tuple) -> tuple:
+    # An unconditional copy: export_program patches contiguous() (_copying_contiguous).
+    return (args[0].contiguous(), *args[1:])
+
+
+@contextlib.contextmanager
+def _exportable_patch_grid(model: nn.Module) -> Iterator[None]:
+    """SD3's crop as `_narrow_crop`, and contiguous inputs for the Linears after its joint
+    attention's output split, while exporting (see the module docstring); both undone on
+    exit. Other models pass through untouched."""
+    if _patch_grid(model) is None:
+        yield
+        return
+    embed = model.pos_embed
+    own = vars(embed).get("cropped_pos_embed")  # an instance-level one someone else set
+    embed.cropped_pos_embed = types.MethodType(_narrow_crop, embed)
+    hooks = []
+    for module in model.modules():
+        if getattr(module, "add_k_proj", None) is None:  # not a joint (image+text) attention
+            continue
+        to_out = getattr(module, "to_out", None)
+        for linear in (to_out[0] if to_out else None, getattr(module, "to_add_out", None)):
+            if isinstance(linear, nn.Linear):
+                hooks.append(linear.register_forward_pre_hook(_contiguous_input))
+    try:
+        yield
+    finally:
+        if own is None:
+            del embed.cropped_pos_embed  # back to the class's method
+        else:
+            embed.cropped_pos_embed = own
+        for hook in hooks:
+            hook.remove()
 
 
 # A modulus no latent side in AXIS_RANGES reaches: every side counts as "not a multiple".

@@ -115,10 +115,12 @@ class AotiSession:
                     raise ValueError(f"{self.path}: {name} has shape {list(shape)}, the package "
                                      f"takes {declared}")  # fmt: skip
                 continue
-            lo, hi = self._axes[dim]["min"], self._axes[dim]["max"]
-            if not lo <= size <= hi:
+            axis = self._axes[dim]
+            lo, hi, step = axis["min"], axis["max"], axis.get("multiple", 1)
+            if not lo <= size <= hi or size % step:
+                within = f"{lo}..{hi}" + (f" in steps of {step}" if step > 1 else "")
                 raise UserError(
-                    f"{self.path}: axis {dim} of {name} is {size}, outside the {lo}..{hi} this "
+                    f"{self.path}: axis {dim} of {name} is {size}, outside the {within} this "
                     "AOTInductor package was compiled for; pick a size (or batch) within the "
                     "bundle's range, or run it with --backend ort-cpu"
                 )
@@ -214,6 +216,11 @@ class AotiBackend:
         return "cpu"
 
 
+def _valid_axis(axis: dict) -> bool:
+    bounds = (axis["min"], axis["max"], axis.get("multiple", 1))
+    return all(isinstance(v, int) for v in bounds) and bounds[2] >= 1
+
+
 def _read_io(path: Path) -> dict:
     """The package's io.json (hashed with the bundle's files), checked for what the session
     reads; BundleError, one line, if it is missing or malformed."""
@@ -230,8 +237,7 @@ def _read_io(path: Path) -> dict:
             if spec["dtype"] not in _NUMPY:
                 raise ValueError(f"input dtype {spec['dtype']!r}")
             named = [d for d in spec["shape"] if not isinstance(d, int)]
-            if not all(isinstance(axes[d]["min"], int) and isinstance(axes[d]["max"], int)
-                       for d in named):  # fmt: skip
+            if not all(_valid_axis(axes[d]) for d in named):
                 raise ValueError(f"axes of {spec['name']}")
         if io["device"] not in ("cpu", "cuda"):
             raise ValueError(f"device {io['device']!r}")

@@ -201,7 +201,7 @@ def test_training_lowers_the_loss(calibrated):
     assert report.losses["total"] < report.first_losses["total"], report
     assert after < 0.7 * before, (before, after)
     # From λ = 0 (gates half open) the reconstruction opens the gates: most units were needed.
-    opened = [float(lam.mean()) for _, lam in masks.named_logits()]
+    opened = [float(lam.mean().detach()) for _, lam in masks.named_logits()]
     assert sum(m > 0 for m in opened) > 0.6 * len(opened), opened
 
 
