@@ -81,7 +81,14 @@ from slimdiff.memory import rss_mib
 from slimdiff.models.lazy import is_lazy, materialize
 from slimdiff.models.loading import LoadedModel
 
-__all__ = ["PRECISIONS", "TARGETS", "WEIGHTS", "ExportError", "export_bundle"]
+__all__ = [
+    "PRECISIONS",
+    "TARGETS",
+    "WEIGHTS",
+    "ExportError",
+    "export_bundle",
+    "export_onnx_component",
+]
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +206,7 @@ def export_bundle(
                     threshold=external_data_threshold,
                 )
             else:
-                entry = _export_component(
+                entry = export_onnx_component(
                     component,
                     root,
                     precision=precisions[component.name],
@@ -290,27 +297,33 @@ def _validate(target: str, precision: str, vae_precision: str | None, threshold:
         )
 
 
-def _export_component(
+def export_onnx_component(
     component: Component,
     root: Path,
     *,
     precision: str,
-    optimize: bool,
-    qdq: str,
-    check: bool,
-    threshold: int,
+    optimize: bool = True,
+    qdq: str = "ort",
+    check: bool = True,
+    threshold: int = PROTOBUF_LIMIT,
     release: bool = False,
+    gpu_fusions: bool = False,
 ) -> ComponentEntry:
     """Export, fuse, convert, save and check one component; its manifest entry.
 
-    `release`: free the torch weights once traced (see export_bundle's release_weights).
+    Writes root/<name>/model.onnx (and model.onnx.data beyond `threshold` bytes of
+    weights), as export_bundle does for each ONNX component; its arguments mean what
+    export_bundle's do. `release`: free the torch weights once traced (see
+    export_bundle's release_weights). `gpu_fusions`: ORT's stable-diffusion fusions for
+    the CUDA EP (export/optimize.py), whose contrib ops only run there; bundles keep the
+    portable CPU set. Tools export a denoiser alone with it (tools/gpu_latency.py).
     """
     plan = component.plan
     # ORT's transformer fusions find no attention pattern through Q/DQ nodes (measured on
     # tiny SDXL W8A8: 0 Attention, 102 LayerNormalization, which the session fuses at load
     # anyway) and their shape inference takes minutes on a graph of 13k nodes: skipped.
     quantized_model = has_quantized_layers(component.model)
-    fusing = optimize and plan.on_cpu and not quantized_model
+    fusing = optimize and (plan.on_cpu or gpu_fusions) and not quantized_model
     processor = _classic_attention if fusing and plan.attention == "classic" else None
     raw = root / _WORK / component.name / "raw.onnx"
     # Timestep-aware quantizers trace with one merged scale each (slimdiff/lowbit.py): the
@@ -323,7 +336,7 @@ def _export_component(
     if release:
         free_weights(component.model)
     fusions: dict[str, int] = {}
-    fused = fuse(str(raw), plan) if fusing else None
+    fused = fuse(str(raw), plan, for_gpu=gpu_fusions, fp16=precision == "fp16") if fusing else None
     if fused is not None:
         graph, fusions = fused[0].model, fused[1]
         # The optimizer's wrapper holds the graph too; with it gone, `del graph` below

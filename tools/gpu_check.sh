@@ -5,9 +5,11 @@
 # Everything lands under $OUT (the device tool brings it back):
 #   gpu.txt            nvidia-smi's view of the card
 #   tests_gpu.txt      pytest tests/gpu (aoti, ort-cuda, trt-rtx; skips say why)
+#   parts.txt          which big wheels (tools/gpu_parts.sh) were joined and installed
 #   latency/results.json and the table it prints (tools/gpu_latency.py)
 #
 #   device run: bash tools/gpu_check.sh     carry: [".whl"]    timeout_s: 570
+#   (after the tools/gpu_parts.sh stash calls, if ort-cuda / trt-rtx are wanted)
 #   knobs: TESTS_S (pytest limit, default 150), BUDGET (latency seconds, default 300),
 #          LATENCY_ARGS (extra arguments, e.g. "--families sdxl --variants base ssd-1b")
 set -uo pipefail
@@ -20,6 +22,9 @@ start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || { echo "wheel install failed: run device-wheels.sh, carry .whl"; exit 1; }
 export PYTHONPATH=/tmp/site
+# Wheels stashed by earlier calls in parts (tools/gpu_parts.sh): onnxruntime-gpu for
+# ort-cuda, the TensorRT-RTX EP for trt-rtx. Without them those rows are skipped, saying why.
+bash tools/gpu_parts.sh install 2>&1 | tee "$OUT/parts.txt"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
   || { echo "slimdiff install failed"; exit 1; }
 

@@ -1,6 +1,7 @@
-"""ms per denoiser step on a GPU: torch eager (fp16), torch.compile and the AOTInductor
-package, per model and per block-removal / pruning variant, each with the fraction of the
-FLOP floor it reaches. One script for a short GPU lease (issue 14's latency table).
+"""ms per denoiser step on a GPU: torch eager (fp16), torch.compile, the AOTInductor
+package, and the ONNX graph on ORT-CUDA and TensorRT-RTX, per model and per block-removal /
+pruning variant, each with the fraction of the FLOP floor it reaches. One script for a
+short GPU lease (issue 14's latency table).
 
     python tools/gpu_latency.py --out $OUT/gpu --budget 420          # on the lent GPU
     python tools/gpu_latency.py --device cpu --tiny --out /tmp/gpu   # a smoke run (tests)
@@ -16,8 +17,17 @@ decides the time, and METHOD.md warns that zeros time faster than data); student
 with their `blocks.remove` preset on the meta device (no distillation), `magnitude-20`
 pruned by `prune.ecodiff`'s magnitude scores.
 
+ONNX backends (ort-cuda, trt-rtx; ort-cpu for smoke runs): the denoiser exported as
+`slimdiff export` exports it (traced in fp32 on the CPU, then fp16 with float32 IO on a GPU),
+with ORT's CUDA fusions for ort-cuda and none for trt-rtx (TensorRT fuses itself, as for
+--target tensorrt), run by the runtime's own backend: IO binding, the text conditioning
+read-only so it is copied to the device once (as the pipeline does), the latents copied
+in and the prediction copied out at each step. A backend whose library is missing is a
+skipped row with the reason, found before any export.
+
 Timing: CUDA events around each step after `--warmup` steps (the compile happens in the
-first), the median of `--repeat`. FLOP floor fraction: FLOPs per step (FlopCounterMode on
+first; the ONNX backends' runs are synchronous, timed by the wall clock), the median of
+`--repeat`. FLOP floor fraction: FLOPs per step (FlopCounterMode on
 the eager module, as `slimdiff inspect` counts) / time / the bf16 matrix rate measured on
 the same device (slimdiff.metrics.matmul_rate). Each backend's output is compared with
 eager's (rel err = max|a-b| / max|b|).
@@ -39,7 +49,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BACKENDS = ("eager", "compile", "aoti")
+TORCH_BACKENDS = ("eager", "compile", "aoti")
+ONNX_BACKENDS = ("ort-cuda", "trt-rtx", "ort-cpu")
+BACKENDS = (*TORCH_BACKENDS, *ONNX_BACKENDS)
 PRUNED = "magnitude-"
 _VAE_SCALE = 8  # pixels per latent side in every family's VAE (tiny ones too)
 
@@ -53,7 +65,9 @@ def main() -> None:
         help="base, a blocks.remove preset, magnitude-N (default: base, every preset written "
         "for the family, magnitude-20)",
     )
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument(
+        "--backends", nargs="+", default=[*TORCH_BACKENDS, *ONNX_BACKENDS[:2]], choices=BACKENDS
+    )
     p.add_argument("--compiled", nargs="+", default=["base"], help="variants also compiled")
     p.add_argument("--size", type=int, help="image side in pixels (default: the plan's)")
     p.add_argument("--warmup", type=int, default=3)
@@ -150,7 +164,8 @@ def measure(args, family, variant, size, dtype, deadline, out: Path) -> list[dic
         start = time.monotonic()
         try:
             step, feed = _runner(backend, component, inputs, fp32, out / family / variant, dtype)
-            ms = time_ms(step, feed, args.warmup, args.repeat, device)
+            events = backend in TORCH_BACKENDS
+            ms = time_ms(step, feed, args.warmup, args.repeat, device, events=events)
             got = step(*feed)
         except Exception as err:  # a backend that fails is a row of the table, not the end
             rows.append({"skipped": f"{family} {variant} {backend}: {type(err).__name__}: {err}"})
@@ -238,12 +253,43 @@ def _runner(backend, component, inputs, fp32, work: Path, dtype):
         return _no_grad(component.module), inputs
     if backend == "compile":
         return _no_grad(torch.compile(component.module)), inputs
+    if backend in ONNX_BACKENDS:
+        return _onnx_runner(backend, component, fp32, work / backend, dtype), ()
     from slimdiff.export.aoti import export_aoti_component
 
     precision = "fp16" if dtype == torch.float16 else "fp32"
     entry = export_aoti_component(component, work, precision=precision, check=False)
     package = torch._inductor.aoti_load_package(str(work / entry.path))
     return _no_grad(package), fp32  # the package takes and returns float32 (export/aoti.py)
+
+
+def _onnx_runner(backend, component, fp32, work: Path, dtype):
+    """A step through the runtime's `backend` on the component's ONNX graph."""
+    import torch
+    from slimdiff.export import export_onnx_component
+    from slimdiff.export.components import model_device
+    from slimdiff.runtime.backends import get_backend
+
+    session_backend = get_backend(backend)  # a missing library fails here, before the export
+    module, device = component.model, model_device(component.model)
+    module.to("cpu", torch.float32)  # traced as `slimdiff export` traces it
+    try:
+        precision = "fp16" if dtype == torch.float16 else "fp32"
+        entry = export_onnx_component(
+            component, work, precision=precision, check=False, gpu_fusions=backend == "ort-cuda"
+        )
+    finally:
+        module.to(device, dtype)
+    session = session_backend.load(work / entry.path)
+    feeds = {}
+    for i, (name, value) in enumerate(zip(component.input_names, fp32, strict=True)):
+        array = value.cpu().numpy().copy()  # its own memory, not the tensor's
+        # What changes per step: the latents (first input) and the timestep; the rest is
+        # the image's conditioning, read-only as runtime/pipeline.py marks it.
+        array.flags.writeable = i == 0 or "timestep" in name
+        feeds[name] = array
+    output = component.output_names[0]
+    return lambda: torch.from_numpy(session.run(feeds)[output]).to(device)
 
 
 def _no_grad(fn):
@@ -256,11 +302,11 @@ def _no_grad(fn):
     return step
 
 
-def time_ms(step, feed, warmup: int, repeat: int, device) -> float:
-    """Median ms of `repeat` calls after `warmup` (CUDA events on a GPU)."""
+def time_ms(step, feed, warmup: int, repeat: int, device, events: bool = True) -> float:
+    """Median ms of `repeat` calls after `warmup` (CUDA events on a GPU where `events`)."""
     import torch
 
-    cuda = device.type == "cuda"
+    cuda = device.type == "cuda" and events
     for _ in range(max(warmup, 1)):
         step(*feed)
     if cuda:

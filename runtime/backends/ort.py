@@ -72,6 +72,20 @@ def _import_ort(device: str) -> Any:
     return onnxruntime
 
 
+def _preload_cuda_libraries(ort: Any) -> None:
+    """Load CUDA and cuDNN for onnxruntime-gpu from the pip `nvidia-*` packages (or torch's)
+    when no system CUDA is on the loader path: `onnxruntime.preload_dlls` (ORT >= 1.21),
+    as ORT's CUDA EP documentation advises. Without it the CUDA EP fails to load and ORT
+    falls back to the CPU (which `load` refuses). Unverified on a GPU here."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as err:  # best effort: a system CUDA may still serve the session
+        log.debug("onnxruntime.preload_dlls failed (%s); relying on the loader path", err)
+
+
 class OrtSession:
     """An `onnxruntime.InferenceSession` behind the runtime's numpy `Session` interface."""
 
@@ -172,6 +186,7 @@ class OrtBackend:
                 f"{_PROVIDERS[device]} (it has {', '.join(available)}); {_INSTALL[device]}"
             )
         if device == "cuda":
+            _preload_cuda_libraries(self._ort)
             # CPU stays as the fallback for the few ops the CUDA EP does not implement.
             cuda_options = {"device_id": device_id}
             if self.cuda_graph:

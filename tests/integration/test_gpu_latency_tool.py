@@ -12,7 +12,9 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_latency.py"
 
 
 def _run(tmp_path, *extra: str) -> dict:
-    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--tiny", "--backends", "eager"]
+    cmd = [sys.executable, str(TOOL), "--device", "cpu", "--tiny"]
+    if "--backends" not in extra:
+        cmd += ["--backends", "eager"]
     cmd += ["--repeat", "2", "--warmup", "1", "--out", str(tmp_path), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -54,3 +56,24 @@ def test_work_past_the_budget_is_skipped_and_listed(tmp_path):
     variants = ("base", *presets_for("sd15"), "magnitude-20")  # the default plan
     assert len(variants) == 5
     assert result["skipped"] == [f"sd15 {v}: past the budget" for v in variants]
+
+
+def test_onnx_backends_run_the_exported_graph_or_say_why_not(tmp_path):
+    """ort-cpu stands in for ort-cuda here (the same runtime backend, IO binding off); a
+    backend whose library is missing is a skipped row naming the install, not a crash."""
+    import importlib.util
+
+    result = _run(tmp_path, "--families", "sd15", "--variants", "base", "--backends", "eager",
+                  "ort-cpu", "trt-rtx")  # fmt: skip
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) <= {"eager", "ort-cpu", "trt-rtx"} and {"eager", "ort-cpu"} <= set(rows)
+    onnx = rows["ort-cpu"]
+    assert onnx["ms_per_step"] > 0 and onnx["rel_err_vs_eager"] < 1e-5
+    assert onnx["flops_per_step"] == rows["eager"]["flops_per_step"]
+    assert (tmp_path / "sd15" / "base" / "ort-cpu" / "unet" / "model.onnx").is_file()
+    if importlib.util.find_spec("onnxruntime_ep_nv_tensorrt_rtx") is None:
+        assert result["skipped"] == [
+            "sd15 base trt-rtx: UserError: backend trt-rtx needs the TensorRT-RTX execution "
+            "provider for onnxruntime, which is not installed: pip install "
+            "'onnxruntime>=1.24' onnxruntime-ep-nv-tensorrt-rtx-cu13"
+        ]
