@@ -20,8 +20,9 @@ setup: $(VENV)/.installed
 
 # Two pytest workers (pytest-xdist), one test module each at a time (--dist loadscope: a
 # module's fixtures, such as the AOTInductor compile, are built once). Most tests run tiny
-# models on one or two torch threads, so on a 2-core machine two workers take ~9.5 min
-# where one took ~16 (docs/BENCHMARKS.md). TEST_WORKERS=0 runs them in this process.
+# models on one or two torch threads, so on a 2-core machine two workers take ~10 min
+# where one took ~16 (docs/BENCHMARKS.md, "The test suite on 2 cores").
+# TEST_WORKERS=0 runs the suite in this one process.
 TEST_WORKERS ?= 2
 
 test: setup

@@ -195,6 +195,7 @@ def export_bundle(
                     precision=precisions[component.name],
                     check=check,
                     profile=profile,
+                    vae_scale=sizes.vae_scale,
                 )
             elif streamed:
                 entry = export_streamed(

@@ -130,18 +130,20 @@ def export_aoti_component(
     precision: str,
     check: bool,
     profile: dict | None = None,
+    vae_scale: int | None = None,
 ) -> ComponentEntry:
     """Export, compile and (with `check`) verify one component; its manifest entry.
 
     Writes root/<name>/model.pt2 and root/<name>/io.json. `profile` (the bundle's
     {"min", "opt", "max"} input shapes) is checked against the package's axis ranges first,
-    before minutes of compiling: a UserError when it does not fit. Raises ExportError when
+    before minutes of compiling: a UserError when it does not fit (naming image sides in
+    pixels too, given `vae_scale`, pixels per latent pixel). Raises ExportError when
     export cannot keep an axis dynamic or the package differs from the eager module.
     """
     if precision not in _DTYPES:
         raise ExportError(f"{component.name}: precision {precision} has no AOTInductor form")
     if profile is not None:
-        check_profile(component, profile)
+        check_profile(component, profile, vae_scale)
     device = model_device(component.model)
     folder = root / component.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -265,9 +267,10 @@ def axis_ranges(component: Component) -> dict[str, dict[str, int]]:
     return ranges
 
 
-def check_profile(component: Component, profile: dict) -> None:
+def check_profile(component: Component, profile: dict, vae_scale: int | None = None) -> None:
     """The bundle's size range (`profile`, from --min-size/--max-size/--max-images) inside
-    what the package is exported for (axis_ranges): a UserError otherwise."""
+    what the package is exported for (axis_ranges): a UserError otherwise, which names the
+    latent sides H and W in image pixels too when `vae_scale` is given."""
     ranges = axis_ranges(component)
     for name in component.input_names:
         for i, axis in component.dynamic_axes.get(name, {}).items():
@@ -276,6 +279,12 @@ def check_profile(component: Component, profile: dict) -> None:
                 size = profile[point][name][i]
                 if not lo <= size <= hi or size % step:
                     within = f"{lo}..{hi}" + (f" in steps of {step}" if step > 1 else "")
+                    if vae_scale and axis in ("H", "W"):
+                        px = f"{lo * vae_scale}..{hi * vae_scale} px"
+                        within += f" (image sides {px}" + (
+                            f" in steps of {step * vae_scale})" if step > 1 else ")"
+                        )
+                        size = f"{size} ({size * vae_scale} px)"
                     raise UserError(
                         f"{component.name}: the bundle's {point} size puts {name} axis {axis} at "
                         f"{size}, outside the {within} its AOTInductor package is exported for; "

@@ -31,3 +31,13 @@ def denoiser_rel_err(model, path: Path, sizes: Sizes = FRESH) -> float:
         want = model.denoiser(**denoiser_kwargs(specs, feeds), return_dict=False)[0].numpy()
     assert got.shape == want.shape
     return rel_err(got, want)
+
+
+def package_vs_eager(component, session, sizes: Sizes) -> tuple[np.ndarray, np.ndarray]:
+    """(package output, eager output) of an AOTInductor `session` and its `component`'s
+    module on the component's inputs at `sizes` (export/aoti.py packages)."""
+    feeds = component.make_inputs(sizes)
+    with torch.inference_mode():
+        want = component.module(*(feeds[n] for n in component.input_names)).numpy()
+    got = session.run({k: v.numpy() for k, v in feeds.items()})[component.output_names[0]]
+    return got, want

@@ -22,6 +22,7 @@ from slimdiff.runtime.backends.ort import OrtBackend, OrtSession
 from slimdiff.errors import UserError
 from slimdiff.metrics import psnr
 from slimdiff.models import load_model
+from tests.onnx_check import package_vs_eager, rel_err
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -81,7 +82,6 @@ def test_package_runs_at_two_sizes_within_its_range(aoti):
     """Dynamic shapes hold: batch 1 at 8x8 latents (the profile's minimum, no CFG), batch 2
     at 12x20 and batch 1 at 3x3 (a 1x1 bottom resolution), none the trace's 2 x 18x18,
     match the eager UNet."""
-    import torch
 
     model, out, _ = aoti
     unet = next(c for c in plan_components(model) if c.name == "unet")
@@ -89,12 +89,9 @@ def test_package_runs_at_two_sizes_within_its_range(aoti):
     assert session.input_names == list(unet.input_names)
     assert session.input_dtypes["sample"] == np.float32
     for sizes in (Sizes(1, 8, 8, 77, seed=5), Sizes(2, 12, 20, 77, seed=6), Sizes(1, 3, 3, 77)):
-        feeds = unet.make_inputs(sizes)
-        with torch.inference_mode():
-            ref = unet.module(*(feeds[n] for n in unet.input_names)).numpy()
-        got = session.run({k: v.numpy() for k, v in feeds.items()})["out_sample"]
+        got, ref = package_vs_eager(unet, session, sizes)
         assert got.shape == ref.shape == (sizes.batch, 4, sizes.height, sizes.width)
-        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+        assert rel_err(got, ref) < 1e-4, sizes
 
 
 def test_size_outside_the_package_range_is_a_user_error(aoti):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import PatchEmbed
@@ -20,6 +19,7 @@ from slimdiff.runtime.backends.aoti import AotiBackend
 from slimdiff.errors import UserError
 from slimdiff.metrics import psnr
 from slimdiff.models import load_model
+from tests.onnx_check import package_vs_eager, rel_err
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -59,12 +59,9 @@ def test_package_matches_eager_diffusers_across_its_range(aoti):
     component = next(c for c in plan_components(model) if c.name == "transformer")
     session = AotiBackend(device="cpu").load(out / "transformer" / "model.pt2")
     for sizes in (Sizes(1, 4, 62, 1, seed=1), Sizes(3, 62, 4, 512, seed=2), Sizes(1, 10, 30, 77)):
-        feeds = component.make_inputs(sizes)
-        with torch.inference_mode():
-            ref = component.module(*(feeds[n] for n in component.input_names)).numpy()
-        got = session.run({k: v.numpy() for k, v in feeds.items()})["out_sample"]
+        got, ref = package_vs_eager(component, session, sizes)
         assert got.shape == ref.shape == (sizes.batch, 16, sizes.height, sizes.width)
-        assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4, sizes
+        assert rel_err(got, ref) < 1e-4, sizes
 
 
 @pytest.mark.parametrize(("side", "why"), [(5, "in steps of 2"), (64, "outside the 4..62")])

@@ -137,6 +137,15 @@ def test_a_feed_with_too_many_dims_is_refused_before_the_package_runs():
     assert calls == []
 
 
+def test_the_refusal_names_image_pixels_given_the_vae_scale():
+    component, profile = _unet(264)
+    with pytest.raises(
+        UserError,
+        match=r"axis H at 264 \(2112 px\), outside the 1\.\.256 \(image sides 8\.\.2048 px\) ",
+    ):
+        check_profile(component, profile, vae_scale=8)
+
+
 def test_a_side_off_the_io_records_step_is_refused_by_the_session():
     from slimdiff.runtime.backends.aoti import AotiSession
 
