@@ -78,7 +78,7 @@ from slimdiff.lowbit import (
     qdq_form,
 )
 from slimdiff.memory import rss_mib
-from slimdiff.models.lazy import is_lazy, materialize
+from slimdiff.models.lazy import is_lazy, materialize, param_bytes
 from slimdiff.models.loading import LoadedModel
 
 __all__ = [
@@ -97,6 +97,7 @@ log = logging.getLogger(__name__)
 # by the trt backend on first load: export/tensorrt.py); aoti: AOTInductor packages
 # (export/aoti.py) for what torch.export takes, ONNX for the rest.
 TARGETS = ("onnx", "tensorrt", "aoti")
+_RELEASE_BYTES = 256 * 2**20  # fp32 weights past which freed memory is given back at once
 WEIGHTS = ("auto", "memory", "stream")
 PRECISIONS = ("fp32", "fp16")
 _WORK = ".work"  # raw exports, inside the temp bundle folder (same filesystem, gone on rename)
@@ -219,9 +220,10 @@ def export_bundle(
                 )
             if (release_weights or lazy) and entry.format == "aoti":
                 free_weights(component.model)  # ONNX components free theirs once traced
-            else:
+            elif param_bytes(component.model) >= _RELEASE_BYTES:
                 # The parity session and the graph it read are gone, but glibc keeps their
                 # freed pages until trimmed: fp32 random:sd15's UNet left 1.0 GiB resident.
+                # (Not for tiny components: the cycle collection alone takes ~0.2 s.)
                 release_memory()
             entry.profile = profile
             log.info("%s exported; resident memory %.0f MiB", component.name, rss_mib())
