@@ -97,9 +97,9 @@ log = logging.getLogger(__name__)
 # by the trt backend on first load: export/tensorrt.py); aoti: AOTInductor packages
 # (export/aoti.py) for what torch.export takes, ONNX for the rest.
 TARGETS = ("onnx", "tensorrt", "aoti")
-_RELEASE_BYTES = 256 * 2**20  # fp32 weights past which freed memory is given back at once
 WEIGHTS = ("auto", "memory", "stream")
 PRECISIONS = ("fp32", "fp16")
+_RELEASE_BYTES = 256 * 2**20  # fp32 weights past which freed memory is given back at once
 _WORK = ".work"  # raw exports, inside the temp bundle folder (same filesystem, gone on rename)
 
 

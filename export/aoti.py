@@ -74,6 +74,7 @@ import torch
 from slimdiff.export.components import Component, eval_mode, export_mode, model_device
 from slimdiff.export.dummy_inputs import CHECK, TRACE
 from slimdiff.export.parity import TOLERANCES, ExportError, raise_if_failed
+from slimdiff.runtime.backends.aoti import axis_accepts, axis_range_text
 from slimdiff.runtime.manifest import DENOISER_OUTPUT, ComponentEntry
 from torch import nn
 
@@ -274,23 +275,20 @@ def check_profile(component: Component, profile: dict, vae_scale: int | None = N
     ranges = axis_ranges(component)
     for name in component.input_names:
         for i, axis in component.dynamic_axes.get(name, {}).items():
-            lo, hi, step = ranges[axis]["min"], ranges[axis]["max"], ranges[axis].get("multiple", 1)
             for point in ("min", "max"):
                 size = profile[point][name][i]
-                if not lo <= size <= hi or size % step:
-                    within = f"{lo}..{hi}" + (f" in steps of {step}" if step > 1 else "")
-                    if vae_scale and axis in ("H", "W"):
-                        px = f"{lo * vae_scale}..{hi * vae_scale} px"
-                        within += f" (image sides {px}" + (
-                            f" in steps of {step * vae_scale})" if step > 1 else ")"
-                        )
-                        size = f"{size} ({size * vae_scale} px)"
-                    raise UserError(
-                        f"{component.name}: the bundle's {point} size puts {name} axis {axis} at "
-                        f"{size}, outside the {within} its AOTInductor package is exported for; "
-                        "pass --min-size / --max-size / --max-images within that range, or "
-                        "--target onnx"
-                    )
+                if axis_accepts(ranges[axis], size):
+                    continue
+                shown, within = str(size), axis_range_text(ranges[axis])
+                if vae_scale and axis in ("H", "W"):
+                    shown += f" ({size * vae_scale} px)"
+                    within += f" (image sides {axis_range_text(ranges[axis], vae_scale)} px)"
+                raise UserError(
+                    f"{component.name}: the bundle's {point} size puts {name} axis {axis} at "
+                    f"{shown}, outside the {within} its AOTInductor package is exported for; "
+                    "pass --min-size / --max-size / --max-images within that range, or "
+                    "--target onnx"
+                )
 
 
 def _dim(axis: str, r: dict[str, int]) -> Any:

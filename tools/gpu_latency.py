@@ -253,17 +253,17 @@ def _runner(backend, component, inputs, fp32, work: Path, dtype):
         return _no_grad(component.module), inputs
     if backend == "compile":
         return _no_grad(torch.compile(component.module)), inputs
+    precision = "fp16" if dtype == torch.float16 else "fp32"
     if backend in ONNX_BACKENDS:
-        return _onnx_runner(backend, component, fp32, work / backend, dtype), ()
+        return _onnx_runner(backend, component, fp32, work / backend, dtype, precision), ()
     from slimdiff.export.aoti import export_aoti_component
 
-    precision = "fp16" if dtype == torch.float16 else "fp32"
     entry = export_aoti_component(component, work, precision=precision, check=False)
     package = torch._inductor.aoti_load_package(str(work / entry.path))
     return _no_grad(package), fp32  # the package takes and returns float32 (export/aoti.py)
 
 
-def _onnx_runner(backend, component, fp32, work: Path, dtype):
+def _onnx_runner(backend, component, fp32, work: Path, dtype, precision: str):
     """A step through the runtime's `backend` on the component's ONNX graph."""
     import torch
     from slimdiff.export import export_onnx_component
@@ -274,7 +274,6 @@ def _onnx_runner(backend, component, fp32, work: Path, dtype):
     module, device = component.model, model_device(component.model)
     module.to("cpu", torch.float32)  # traced as `slimdiff export` traces it
     try:
-        precision = "fp16" if dtype == torch.float16 else "fp32"
         entry = export_onnx_component(
             component, work, precision=precision, check=False, gpu_fusions=backend == "ort-cuda"
         )

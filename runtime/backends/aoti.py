@@ -33,7 +33,7 @@ from slimdiff.runtime.manifest import FIX, BundleError, load_json_bytes
 from slimdiff.errors import UserError
 from slimdiff.threads import choose_threads
 
-__all__ = ["AotiBackend", "AotiSession"]
+__all__ = ["AotiBackend", "AotiSession", "axis_accepts", "axis_range_text"]
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,10 @@ class AotiSession:
                                      f"takes {declared}")  # fmt: skip
                 continue
             axis = self._axes[dim]
-            lo, hi, step = axis["min"], axis["max"], axis.get("multiple", 1)
-            if not lo <= size <= hi or size % step:
-                within = f"{lo}..{hi}" + (f" in steps of {step}" if step > 1 else "")
+            if not axis_accepts(axis, size):
                 raise UserError(
-                    f"{self.path}: axis {dim} of {name} is {size}, outside the {within} this "
+                    f"{self.path}: axis {dim} of {name} is {size}, outside the "
+                    f"{axis_range_text(axis)} this "
                     "AOTInductor package was compiled for; pick a size (or batch) within the "
                     "bundle's range, or run it with --backend ort-cpu"
                 )
@@ -214,6 +213,18 @@ class AotiBackend:
             self.name,
         )
         return "cpu"
+
+
+def axis_accepts(axis: dict, size: int) -> bool:
+    """Whether an io.json axis range ({"min", "max"[, "multiple"]}) takes `size`."""
+    return axis["min"] <= size <= axis["max"] and size % axis.get("multiple", 1) == 0
+
+
+def axis_range_text(axis: dict, scale: int = 1) -> str:
+    """ "4..62 in steps of 2" for an io.json axis range, sizes times `scale`."""
+    step = axis.get("multiple", 1)
+    text = f"{axis['min'] * scale}..{axis['max'] * scale}"
+    return text + (f" in steps of {step * scale}" if step > 1 else "")
 
 
 def _valid_axis(axis: dict) -> bool:
