@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pydantic
 from slimdiff.export.bundle import (
+    bundle_scheduler,
     check_out_dir,
     component_precisions,
     hash_files,
@@ -121,6 +122,7 @@ def export_bundle(
     external_data_threshold: int = PROTOBUF_LIMIT,
     source: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    scheduler: str | None = None,
 ) -> Manifest:
     """Export `model`'s pipeline to a bundle folder at `out` and return its manifest.
 
@@ -161,6 +163,10 @@ def export_bundle(
             (protobuf cannot hold more than 2 GiB).
         source: provenance recorded in the manifest (default {"model": model.source}).
         progress: called as progress(component, index, total) before each component.
+        scheduler: ship another scheduler than the model's, built from its config as
+            diffusers' from_config does: a short name ("euler-a", "dpm++2m-karras") or a
+            class name (slimdiff.runtime.schedulers.switch_scheduler). Either way the
+            bundle's scheduler is checked against the runtime before anything is exported.
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
@@ -174,6 +180,7 @@ def export_bundle(
     model.require_pipeline("export")
     out = Path(out)
     check_out_dir(out)
+    shipped_scheduler = bundle_scheduler(model, scheduler)
     precisions = component_precisions(model, precision, vae_precision)
     sizes = size_range(model, min_size, max_size, max_images)
     components = plan_components(model)
@@ -229,7 +236,7 @@ def export_bundle(
             log.info("%s exported; resident memory %.0f MiB", component.name, rss_mib())
             entries[component.name] = entry
         shutil.rmtree(root / _WORK, ignore_errors=True)
-        write_support_files(model, root)
+        write_support_files(model, root, shipped_scheduler)
         if target == "tensorrt":
             from slimdiff.export.tensorrt import write_build_script
 

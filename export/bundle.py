@@ -3,7 +3,7 @@
     manifest.json                        written last (see runtime/manifest.py)
     <component>/model.onnx[.data]        one folder per graph
     tokenizer*/tokenizer.json            + tokenizer_config.json, from save_pretrained
-    scheduler/scheduler_config.json      from scheduler.save_config
+    scheduler/scheduler_config.json      from scheduler.save_config (bundle_scheduler's)
 
 The `pipeline` record holds what the runtime needs to drive the graphs without diffusers:
 every value is read from the model's ArchSpec or its component configs.
@@ -15,12 +15,15 @@ import os
 from pathlib import Path
 
 from slimdiff.runtime.manifest import MANIFEST_NAME, PipelineSpec, TextEncoderRecord, sha256_file
+from slimdiff.runtime.pipeline import scheduler_problem
+from slimdiff.runtime.schedulers import SCHEDULER_ALIASES, scheduler_names, switch_scheduler
 
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
 
 __all__ = [
     "SCHEDULER_CONFIG",
+    "bundle_scheduler",
     "check_out_dir",
     "component_precisions",
     "hash_files",
@@ -112,11 +115,53 @@ def _text_encoder_record(pipe, spec) -> TextEncoderRecord:
     )
 
 
-def write_support_files(model: LoadedModel, root: Path) -> None:
-    """Tokenizers (tokenizer.json, read by the `tokenizers` library) and scheduler config."""
+def bundle_scheduler(model: LoadedModel, name: str | None = None):
+    """The diffusers scheduler the bundle ships: the model's, or scheduler `name` (a short
+    name or class name, runtime.schedulers.switch_scheduler) built from the model's config
+    as diffusers' `from_config` builds it. The model is left as it was.
+
+    Raises UserError, before any export work, for an unknown name or a scheduler the
+    runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; Heun, KDPM2, DEIS
+    and the SDE solvers are not), naming the --scheduler choices that would work.
+    """
+    import diffusers  # the exporter has torch and diffusers; the runtime does not
+
+    scheduler = model.pipe.scheduler
+    current = {**scheduler.config, "_class_name": type(scheduler).__name__}
+    spec = pipeline_constants(model)
+    if name is not None:
+        try:
+            switch_scheduler(current, name)  # the name, and same sampling process
+        except ValueError as err:
+            raise UserError(f"--scheduler: {err}") from None
+        class_name, overrides = SCHEDULER_ALIASES.get(name, (name, {}))
+        scheduler = getattr(diffusers, class_name).from_config(scheduler.config, **overrides)
+        current = {**scheduler.config, "_class_name": class_name}
+    problem = scheduler_problem(spec, current)
+    if problem is None:
+        return scheduler
+    working = [n for n in scheduler_names() if _samples(spec, current, n)]
+    raise UserError(
+        f"{model.source}: slimdiff's runtime cannot sample with its "
+        f"{current['_class_name']} ({problem}); export with --scheduler NAME (recipe: "
+        f"export.scheduler), one of: {', '.join(working) or 'none for this model'}"
+    )
+
+
+def _samples(spec: PipelineSpec, config: dict, name: str) -> bool:
+    try:
+        return scheduler_problem(spec, switch_scheduler(config, name)) is None
+    except ValueError:
+        return False
+
+
+def write_support_files(model: LoadedModel, root: Path, scheduler=None) -> None:
+    """Tokenizers (tokenizer.json, read by the `tokenizers` library) and the scheduler
+    config (`scheduler`, from bundle_scheduler; default the model's)."""
     for spec in model.arch.text_encoders:
         getattr(model.pipe, spec.tokenizer).save_pretrained(root / spec.tokenizer)
-    model.pipe.scheduler.save_config(root / Path(SCHEDULER_CONFIG).parent)
+    scheduler = scheduler if scheduler is not None else model.pipe.scheduler
+    scheduler.save_config(root / Path(SCHEDULER_CONFIG).parent)
 
 
 def make_readable(root: Path) -> None:

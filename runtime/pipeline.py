@@ -37,18 +37,19 @@ from slimdiff.runtime.manifest import (
     Manifest,
     PipelineSpec,
 )
-from slimdiff.runtime.schedulers import scheduler_from_config
+from slimdiff.runtime.schedulers import Scheduler, scheduler_from_config, switch_scheduler
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
 from slimdiff.models.kinds import timestep_args
 
-__all__ = ["GenerationResult", "Text2ImagePipeline"]
+__all__ = ["GenerationResult", "Text2ImagePipeline", "scheduler_problem"]
 
 log = logging.getLogger(__name__)
 
 _OUTPUTS = ("image", "latent")
+_STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
 
 
 @dataclass
@@ -96,22 +97,34 @@ class Text2ImagePipeline:
 
     @classmethod
     def from_bundle(
-        cls, bundle: str | Path, backend: str = "ort-cpu", expect_sha256: str | None = None
+        cls,
+        bundle: str | Path,
+        backend: str = "ort-cpu",
+        expect_sha256: str | None = None,
+        scheduler: str | None = None,
     ) -> Text2ImagePipeline:
         """Verify `bundle` (schema, paths, SHA-256 of every file) and load it on `backend`.
 
         `expect_sha256` pins the bundle's identity (the SHA-256 of its manifest.json, which
         `slimdiff export` prints): any other bundle is refused before its files are hashed.
+        `scheduler` samples with another scheduler than the bundle's (a short name such as
+        "euler-a" or "dpm++2m-karras", or a class name: runtime.schedulers.switch_scheduler),
+        built from the bundle's config as diffusers' from_config builds it.
         """
         runner = get_backend(backend)  # fail on a bad backend name before hashing gigabytes
-        return cls._load_verified(open_bundle(bundle, expect_sha256=expect_sha256), runner)
+        bundle_files = open_bundle(bundle, expect_sha256=expect_sha256)
+        return cls._load_verified(bundle_files, runner, scheduler)
 
     @classmethod
-    def _load_verified(cls, bundle: Bundle, runner: Backend) -> Text2ImagePipeline:
+    def _load_verified(
+        cls, bundle: Bundle, runner: Backend, scheduler: str | None = None
+    ) -> Text2ImagePipeline:
         manifest = bundle.manifest
         config = manifest.pipeline
         scheduler_config = bundle.read_json(config.scheduler)
         _check_scheduler(bundle.root, config, scheduler_config)
+        if scheduler is not None:
+            scheduler_config = _switched(config, scheduler_config, scheduler)
         # Everything parsed in-process first, so a bad file fails before any graph loads.
         tokenizers = [bundle_tokenizer(bundle, record) for record in config.text_encoders]
         encoders = [
@@ -166,9 +179,11 @@ class Text2ImagePipeline:
             value.flags.writeable = False
         timings["text_encoders"] = _ms(t0)
 
-        scheduler = scheduler_from_config(self.scheduler_config)
-        cond.set_timesteps(scheduler, steps, height, width)
+        scheduler = self._scheduler(steps, height, width)
         x = cond.initial_latents(latents, seed, height, width, scheduler)
+        # Stochastic schedulers' per-step noise: a stream of its own from the seed, so the
+        # initial latents stay those of `seed` (and of --latents) whatever the scheduler.
+        step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
         step_ms: list[float] = []
         for i, t in enumerate(scheduler.timesteps):
             t0 = time.perf_counter()
@@ -179,7 +194,11 @@ class Text2ImagePipeline:
             if do_cfg:
                 uncond, text = np.split(pred, 2)  # (uncond, cond), as batched above
                 pred = uncond + np.float32(guidance) * (text - uncond)
-            x = scheduler.step(pred, i, x)
+            if scheduler.stochastic:
+                noise = step_rng.standard_normal(x.shape, dtype=np.float32)
+                x = scheduler.step(pred, i, x, noise=noise)
+            else:
+                x = scheduler.step(pred, i, x)
             step_ms.append(_ms(t0))
         timings["denoiser_steps"] = step_ms
 
@@ -190,6 +209,17 @@ class Text2ImagePipeline:
             timings["vae_decode"] = _ms(t0)
         timings["end_to_end"] = _ms(start)
         return GenerationResult(image=image, latents=x, timings_ms=timings)
+
+    def _scheduler(self, steps: int, height: int, width: int) -> Scheduler:
+        """A fresh scheduler with this call's schedule set; a step count the scheduler
+        cannot take (LCM: at most its original_inference_steps) is the caller's error."""
+        scheduler = scheduler_from_config(self.scheduler_config)
+        try:
+            self.conditioning.set_timesteps(scheduler, steps, height, width)
+        except ValueError as err:
+            name = type(scheduler).__name__
+            raise UserError(f"{steps} steps with {name}: {err}") from None
+        return scheduler
 
     def _decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
         z = self.conditioning.vae_latents(latents, height, width)
@@ -277,10 +307,13 @@ def _load(runner: Backend, bundle: Bundle, name: str) -> Session:
     return session
 
 
-def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -> None:
-    # Build one and set a schedule at the default settings, before any graph is loaded: an
-    # unsupported scheduler, or values that break the maths, fail here with the file named
-    # rather than mid-generation.
+def scheduler_problem(config: PipelineSpec, scheduler_config: dict) -> str | None:
+    """Why the runtime cannot sample with `scheduler_config` for this pipeline, or None.
+
+    Builds the scheduler and sets a schedule at the pipeline's default settings, so an
+    unsupported class, or values that break the maths, are found before any graph loads
+    (and, at export, before any component is exported) rather than mid-generation.
+    """
     lat_h, lat_w = (v // config.vae_scale_factor for v in config.default_size)
     try:
         scheduler = scheduler_from_config(scheduler_config)
@@ -288,9 +321,28 @@ def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -
         scheduler.set_timesteps(**args)
         timesteps = np.asarray(scheduler.timesteps, np.float64)
     except (ValueError, TypeError, ArithmeticError, KeyError, IndexError) as err:
-        raise BundleError(
-            f"{root}/{config.scheduler}: scheduler config not supported "
-            f"({type(err).__name__}: {str(err).partition(chr(10))[0]}); {FIX}"
-        ) from None
+        return f"{type(err).__name__}: {str(err).partition(chr(10))[0]}"
     if not np.isfinite(timesteps).all():
-        raise BundleError(f"{root}/{config.scheduler}: gives non-finite timesteps; {FIX}")
+        return "it gives non-finite timesteps"
+    return None
+
+
+def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -> None:
+    problem = scheduler_problem(config, scheduler_config)
+    if problem is not None:
+        raise BundleError(
+            f"{root}/{config.scheduler}: scheduler config not supported ({problem}); {FIX}"
+        )
+
+
+def _switched(config: PipelineSpec, scheduler_config: dict, name: str) -> dict:
+    """The bundle's scheduler config rewritten for scheduler `name` (the caller's choice:
+    a problem with it is a UserError, the bundle being fine)."""
+    try:
+        switched = switch_scheduler(scheduler_config, name)
+    except ValueError as err:
+        raise UserError(f"scheduler: {err}") from None
+    problem = scheduler_problem(config, switched)
+    if problem is not None:
+        raise UserError(f"scheduler {name} cannot sample this bundle ({problem}); pick another one")
+    return switched

@@ -131,6 +131,34 @@ def _allow_pickle_option(f):
     )(f)
 
 
+def _check_scheduler_name(ctx, param, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from slimdiff.runtime.schedulers import scheduler_names  # numpy only, and only when given
+
+    names = scheduler_names()
+    # short names in any case ("Euler-A"), class names as diffusers spells them
+    match = next((n for n in names if n.lower() == value.lower()), None)
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a scheduler; use one of: {', '.join(names)}")
+    return match
+
+
+def _scheduler_option(help_text: str):
+    def decorate(f):
+        return click.option(
+            "--scheduler",
+            metavar="NAME",
+            default=None,
+            callback=_check_scheduler_name,
+            help=help_text + " euler, euler-karras, euler-a, ddim, dpm++2m, dpm++2m-karras, "
+            "pndm, lcm, unipc, flow-euler, or a diffusers class name; built from the "
+            "model's scheduler config as diffusers' from_config does.",
+        )(f)
+
+    return decorate
+
+
 # Bounds shared with the recipe schema (slimdiff/recipe.py).
 _STEPS = click.IntRange(1, MAX_STEPS)
 _SEED = click.IntRange(0, MAX_SEED)
@@ -268,6 +296,7 @@ def compress_cmd(
     "memory; no fusions; parity where it fits). auto: stream the components that do not "
     "fit in memory.",
 )
+@_scheduler_option("The scheduler the bundle ships. Default: the model's.")
 @_allow_pickle_option
 def export_cmd(
     model: str,
@@ -281,6 +310,7 @@ def export_cmd(
     max_size: str | None,
     max_images: int,
     weights: str,
+    scheduler: str | None,
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
@@ -315,6 +345,7 @@ def export_cmd(
         max_images=max_images,
         release_weights=True,  # the model was loaded for this export alone
         weights=weights,
+        scheduler=scheduler,
         **sizes,
     )
     del loaded
@@ -382,11 +413,12 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     show_default=True,
     help="ort-cpu | ort-cuda | trt | trt-rtx | aoti (the last three: see the README)",
 )
+@_scheduler_option("Sample with this scheduler instead of the bundle's.")
 @_expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, seed, size, latents, backend,
-    expect_sha256, out,
+    scheduler, expect_sha256, out,
 ):  # fmt: skip
     """Generate an image from a bundle with the torch-free runtime."""
     from slimdiff.app.args import check_guidance, check_output_file, read_latents
@@ -397,7 +429,9 @@ def run_cmd(
     size = _size(size)
     check_output_file(out)
     init = read_latents(latents) if latents is not None else None
-    pipe = Text2ImagePipeline.from_bundle(bundle, backend=backend, expect_sha256=expect_sha256)
+    pipe = Text2ImagePipeline.from_bundle(
+        bundle, backend=backend, expect_sha256=expect_sha256, scheduler=scheduler
+    )
     result = pipe(
         prompt,
         negative_prompt=negative_prompt,

@@ -98,6 +98,15 @@ class CalibrationSpec(_Strict):
 # validation error, not a failure after the compression work.
 TARGETS = ("onnx", "tensorrt", "aoti")  # export.TARGETS (the recipe imports no torch)
 _PLANNED_TARGETS: tuple[str, ...] = ()
+# What `export.scheduler` takes: runtime.schedulers.scheduler_names(), which the core may
+# not import (layers import downwards); tests/unit/test_export_scheduler.py keeps them equal.
+SCHEDULERS = (
+    *("euler", "euler-karras", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras"),
+    *("pndm", "lcm", "unipc", "flow-euler"),
+    *("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"),
+    *("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler"),
+    *("PNDMScheduler", "UniPCMultistepScheduler"),
+)
 
 
 class ExportSpec(_Strict):
@@ -113,6 +122,17 @@ class ExportSpec(_Strict):
     min_size: Size | None = None
     max_size: Size | None = None
     max_images: int = pydantic.Field(1, ge=1, le=64)
+    # The scheduler the bundle ships, built from the model's scheduler config as diffusers'
+    # from_config does: a short name ("euler-a", "dpm++2m-karras") or a class name.
+    # None: the model's own (which the runtime must support).
+    scheduler: str | None = None
+
+    @pydantic.field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str | None) -> str | None:
+        if name is not None and name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(SCHEDULERS)}")
+        return name
 
     @pydantic.field_validator("targets")
     @classmethod

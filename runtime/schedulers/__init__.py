@@ -16,6 +16,14 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
 - `DPMSolverMultistepScheduler`: multistep DPM-Solver++ (2M, midpoint or Heun) of Lu et al.,
   "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models"
   (2022, arXiv:2211.01095).
+- `EulerAncestralDiscreteScheduler` ("Euler a"): Euler with fresh noise at each step, the
+  ancestral sampler of Karras et al. (2022) as k-diffusion has it.
+- `PNDMScheduler`: pseudo linear multistep (PLMS) of Liu et al., "Pseudo Numerical Methods
+  for Diffusion Models on Manifolds" (2022, arXiv:2202.09778), the SD1.x/SD2 hub default.
+- `LCMScheduler`: multistep consistency sampling of Luo et al., "Latent Consistency Models"
+  (2023, arXiv:2310.04378), for LCM-distilled models and LCM-LoRA (2-8 steps).
+- `UniPCMultistepScheduler`: the predictor-corrector of Zhao et al., "UniPC" (2023,
+  arXiv:2302.04867).
 - `FlowMatchEulerDiscreteScheduler`: Euler on the rectified-flow ODE, Lipman et al., "Flow
   Matching for Generative Modeling" (2023, arXiv:2210.02747), with the timestep shift of
   Esser et al., "Scaling Rectified Flow Transformers" (SD3, 2024, arXiv:2403.03206) and
@@ -27,8 +35,15 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
 v-prediction follows Salimans & Ho, "Progressive Distillation" (2022, arXiv:2202.00512).
 
 Unlike diffusers, `scale_model_input` and `step` take the step index explicitly, so no
-hidden counter can drift; DPM-Solver++ still keeps its model-output history and requires
-steps in order. Only numpy and the standard library are imported (the runtime is torch-free).
+hidden counter can drift; the multistep ones (DPM-Solver++, PNDM, UniPC) still keep their
+model-output history and require steps in order. The stochastic ones (`stochastic = True`:
+Euler a, LCM) take each step's standard-normal noise as `step(..., noise=)`, which the
+runtime draws from the seed; diffusers draws it from torch's generator, so their images
+differ from diffusers' for the same seed (the deterministic ones match it). Only numpy and
+the standard library are imported (the runtime is torch-free).
+
+`switch_scheduler` builds another scheduler's config from a bundle's, as diffusers'
+`OtherScheduler.from_config(pipe.scheduler.config)` does (`slimdiff run --scheduler`).
 
 Example (the runtime's denoising loop, without guidance):
 
@@ -37,7 +52,10 @@ Example (the runtime's denoising loop, without guidance):
     x = rng.standard_normal(shape, dtype=np.float32) * np.float32(sched.init_noise_sigma)
     for i, t in enumerate(sched.timesteps):
         eps = unet(sched.scale_model_input(x, i), t, cond)
-        x = sched.step(eps, i, x)
+        if sched.stochastic:  # Euler a, LCM: fresh noise each step
+            x = sched.step(eps, i, x, noise=rng.standard_normal(x.shape, dtype=np.float32))
+        else:
+            x = sched.step(eps, i, x)
 """
 
 from __future__ import annotations
@@ -49,23 +67,35 @@ import numpy as np
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler
+from .lcm import LCMScheduler
+from .pndm import PNDMScheduler
+from .unipc import UniPCMultistepScheduler
 
 __all__ = [
+    "SCHEDULER_ALIASES",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "LCMScheduler",
+    "PNDMScheduler",
     "Scheduler",
+    "UniPCMultistepScheduler",
     "scheduler_from_config",
+    "scheduler_names",
+    "switch_scheduler",
 ]
 
 
 class Scheduler(Protocol):
     """What every scheduler here provides; the runtime's denoising loop uses only this."""
 
-    timesteps: np.ndarray  # what the denoiser receives as `timestep` (float32)
+    timesteps: np.ndarray  # what the denoiser receives as `timestep` (float32), one per call
     init_noise_sigma: float  # the initial N(0, I) latent is multiplied by this
+    stochastic: bool  # True: step() takes `noise`, standard normal of the sample's shape
 
     def set_timesteps(
         self,
@@ -77,7 +107,8 @@ class Scheduler(Protocol):
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray: ...
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
-        """One denoising step from timesteps[step_index]; returns the previous sample."""
+        """One denoising step from timesteps[step_index]; returns the previous sample.
+        Stochastic schedulers also take `noise=`."""
         ...
 
 
@@ -85,10 +116,29 @@ _SCHEDULERS: dict[str, type] = {
     cls.__name__: cls
     for cls in (
         EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
         DDIMScheduler,
         DPMSolverMultistepScheduler,
+        PNDMScheduler,
+        LCMScheduler,
+        UniPCMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
     )
+}
+
+# Short names (the ones other UIs use) for a class and the config values it sets on top of
+# the bundle's: "dpm++2m-karras" is DPM-Solver++ 2M on Karras sigmas.
+SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "pndm": ("PNDMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 
@@ -107,3 +157,40 @@ def scheduler_from_config(config: dict[str, Any]) -> Scheduler:
         )
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     return _SCHEDULERS[name](**kwargs)
+
+
+def scheduler_names() -> list[str]:
+    """What `switch_scheduler` takes: the short names, then the class names."""
+    return [*SCHEDULER_ALIASES, *sorted(_SCHEDULERS)]
+
+
+def _flow_matching(class_name: str) -> bool:
+    # diffusers names every flow-matching (rectified-flow) scheduler FlowMatch*; the others
+    # sample the discrete-time VP process. A model trained for one cannot use the other.
+    return class_name.startswith("FlowMatch")
+
+
+def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """`config` (a scheduler_config.json dict) rewritten for scheduler `name`, a short name
+    of SCHEDULER_ALIASES or a class name, as diffusers' `from_config` does: the keys both
+    classes know carry over (betas, prediction type, spacing), the new class ignores the
+    rest. Raises ValueError for an unknown name, or a sampler of the other process
+    (flow matching for an SD1.5/SDXL model, or the reverse).
+
+    Example:
+        >>> switch_scheduler({"_class_name": "PNDMScheduler", "beta_schedule": "linear"},
+        ...                  "euler-a")["_class_name"]
+        'EulerAncestralDiscreteScheduler'
+    """
+    class_name, overrides = SCHEDULER_ALIASES.get(name, (name, {}))
+    if class_name not in _SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(scheduler_names())}")
+    current = str(config.get("_class_name", ""))
+    if _flow_matching(class_name) != _flow_matching(current):
+        allowed = [n for n in _SCHEDULERS if _flow_matching(n) == _flow_matching(current)]
+        raise ValueError(
+            f"{name} cannot replace {current or 'this scheduler'}: the model was trained "
+            f"for the other sampling process; use one of: {', '.join(sorted(allowed))}"
+        )
+    kept = {k: v for k, v in config.items() if not k.startswith("_")}
+    return {"_class_name": class_name, **kept, **overrides}

@@ -29,6 +29,7 @@ class DDIMScheduler:
     """diffusers.DDIMScheduler with eta = 0 (the deterministic DDIM sampler)."""
 
     order = 1
+    stochastic = False
     init_noise_sigma = 1.0
 
     def __init__(

@@ -32,6 +32,7 @@ class DPMSolverMultistepScheduler:
     """diffusers.DPMSolverMultistepScheduler as "DPM++ 2M" (algorithm_type="dpmsolver++")."""
 
     order = 1  # diffusers' value: one model call per step
+    stochastic = False
     init_noise_sigma = 1.0
 
     def __init__(

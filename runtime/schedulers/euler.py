@@ -32,6 +32,7 @@ class EulerDiscreteScheduler:
     """diffusers.EulerDiscreteScheduler (the SD1.5/SDXL default), deterministic (s_churn=0)."""
 
     order = 1
+    stochastic = False
 
     def __init__(
         self,
@@ -139,15 +140,21 @@ class EulerDiscreteScheduler:
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         check_step(type(self).__name__, step_index, len(self.timesteps))
+        return as_f32(self._euler(model_output, step_index, sample, self.sigmas[step_index + 1]))
+
+    def _euler(
+        self, model_output: np.ndarray, step_index: int, sample: np.ndarray, sigma_next: float
+    ) -> np.ndarray:
+        """One Euler step from sigmas[step_index] down to `sigma_next`, in float64."""
         # float64 here (diffusers: float32): from zero-SNR's sigma_max = 4096 the first step
         # cancels 4096-scale terms into a ~30-scale result, where float32 rounding alone is
         # ~5e-6 relative; in float64 the only difference left is diffusers' own rounding
         sample = np.asarray(sample, dtype=np.float64)
         model_output = np.asarray(model_output, dtype=np.float64)
-        sigma, sigma_next = (float(s) for s in self.sigmas[step_index : step_index + 2])
+        sigma, sigma_next = float(self.sigmas[step_index]), float(sigma_next)
         if self.prediction_type == "epsilon":
             pred_x0 = sample - sigma * model_output
         else:  # v_prediction, rewritten for the variance-exploding parametrisation
             pred_x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
         derivative = (sample - pred_x0) / sigma
-        return as_f32(sample + derivative * (sigma_next - sigma))
+        return sample + derivative * (sigma_next - sigma)

@@ -27,6 +27,7 @@ class FlowMatchEulerDiscreteScheduler:
     """diffusers.FlowMatchEulerDiscreteScheduler as SD3 (static shift) and FLUX (mu) use it."""
 
     order = 1
+    stochastic = False
     init_noise_sigma = 1.0  # x_1 is plain N(0, I); the SD3/FLUX pipelines do not scale it
 
     def __init__(

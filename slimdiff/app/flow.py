@@ -78,7 +78,10 @@ def compress_hash(recipe: Recipe, model_fingerprint: dict) -> str:
 
 
 def export_hash(compress: str, recipe: Recipe, target: str) -> str:
-    return _hash({"compress": compress, "target": target, **recipe.export.model_dump(mode="json")})
+    export = recipe.export.model_dump(mode="json")
+    if export["scheduler"] is None:
+        del export["scheduler"]  # keeps the hashes of recipes written before the key
+    return _hash({"compress": compress, "target": target, **export})
 
 
 def bundle_path(out: Path, recipe: Recipe, target: str) -> Path:
@@ -176,6 +179,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 min_size=recipe.export.min_size,
                 max_size=recipe.export.max_size,
                 max_images=recipe.export.max_images,
+                scheduler=recipe.export.scheduler,
                 # The compressed model is loaded for the exports alone: the last one
                 # frees its weights as it goes (a full-size pipeline then fits in RAM).
                 release_weights=target == targets[-1],

@@ -129,6 +129,89 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
     assert timings["end_to_end"] >= sum(timings["denoiser_steps"]) > 0
 
 
+# Other schedulers than the bundle's (`slimdiff run --scheduler`): the runtime's switch
+# must build what diffusers' from_config builds, and sample as diffusers does. The
+# stochastic ones (euler-a, lcm) get the runtime's step noise in diffusers too.
+SWITCHED = ["pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras", "euler-a", "lcm"]
+
+
+def _runtime_step_noise(seed: int):
+    """diffusers' randn_tensor, returning the runtime's per-step noise draws in order."""
+    from slimdiff.runtime.pipeline import _STEP_NOISE_STREAM
+
+    rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
+    return lambda shape, **_: torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", SWITCHED)
+def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
+    import importlib
+
+    import diffusers
+    from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
+
+    model, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
+    class_name, overrides = SCHEDULER_ALIASES[name]
+    assert runtime.scheduler_config["_class_name"] == class_name
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    original = model.pipe.scheduler  # the shared model: put its scheduler back after
+    model.pipe.scheduler = getattr(diffusers, class_name).from_config(original.config, **overrides)
+    module = importlib.import_module(type(model.pipe.scheduler).__module__)
+    if hasattr(module, "randn_tensor"):
+        monkeypatch.setattr(module, "randn_tensor", _runtime_step_noise(0))
+    try:
+        model.pipe.set_progress_bar_config(disable=True)
+        ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
+        if hasattr(module, "randn_tensor"):  # the same step noise again
+            monkeypatch.setattr(module, "randn_tensor", _runtime_step_noise(0))
+        _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
+    finally:
+        model.pipe.scheduler = original
+    result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
+    contribution = np.linalg.norm(ref_latents - no_model)
+    assert contribution > 0.1 * np.linalg.norm(ref_latents)
+    rel = np.linalg.norm(result.latents - ref_latents) / contribution
+    assert rel < 1e-4, f"{name}: final latents off by {rel:.2e} of the denoiser's contribution"
+    assert _psnr(result.image, ref_image) >= 40.0
+    # PNDM without skip_prk_steps (diffusers' default) starts with Runge-Kutta: 9 more calls
+    calls = STEPS + 9 if class_name == "PNDMScheduler" else STEPS
+    assert len(result.timings_ms["denoiser_steps"]) == calls
+
+
+@pytest.mark.parametrize("name", ["euler-a", "lcm"])
+def test_stochastic_scheduler_is_seeded(exported, name):
+    """Fresh noise per step comes from the seed: same seed, same image; its own stream,
+    so the initial latents are still the seed's (and --latents are honoured)."""
+    _, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
+    plain = Text2ImagePipeline.from_bundle(bundle)
+    run = {"steps": 3, "size": (SIZE, SIZE), "output": "latent"}
+    first, again = (runtime(PROMPT, seed=5, **run).latents for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    other = runtime(PROMPT, seed=6, **run).latents
+    assert np.abs(other - first).max() > 1e-2
+    noise = np.random.default_rng(5).standard_normal((1, 4, SIZE // 8, SIZE // 8))
+    given = runtime(PROMPT, latents=noise, **run).latents  # seed 0 for the step noise
+    assert np.abs(given - first).max() > 1e-2  # same start, other step noise
+    # a deterministic scheduler gives the same result for the seed and its noise
+    np.testing.assert_array_equal(
+        plain(PROMPT, seed=5, **run).latents, plain(PROMPT, latents=noise, **run).latents
+    )
+
+
+def test_scheduler_choice_errors(exported):
+    _, bundle = exported("sd15")
+    with pytest.raises(UserError, match="unknown scheduler 'heun'"):
+        Text2ImagePipeline.from_bundle(bundle, scheduler="heun")
+    with pytest.raises(UserError, match="other sampling process"):
+        Text2ImagePipeline.from_bundle(bundle, scheduler="flow-euler")
+    lcm = Text2ImagePipeline.from_bundle(bundle, scheduler="lcm")
+    with pytest.raises(UserError, match=r"60 steps with LCMScheduler.*1\.\.50"):
+        lcm(PROMPT, steps=60, size=(SIZE, SIZE), output="latent")
+
+
 def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):
     _, bundle = exported("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)

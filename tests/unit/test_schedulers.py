@@ -18,6 +18,7 @@ import ast
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -135,13 +136,82 @@ DPM_CASES = {
     "lambda_min_clipped": ({"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, 12),
 }
 
+PNDM_CASES = {
+    "sd15-plms": (SD15, 30),  # SD1.5's hub config: skip_prk_steps, leading, offset 1
+    "sd15-plms-few": (SD15, 4),
+    "prk-start": ({**SD15, "skip_prk_steps": False}, 20),
+    "prk-linear-set_alpha_to_one": ({"set_alpha_to_one": True}, 10),
+    "plms-trailing-vpred": (
+        {**SD15, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+        25,
+    ),
+    "plms-linspace-cosine": (
+        {
+            "beta_schedule": "squaredcos_cap_v2",
+            "skip_prk_steps": True,
+            "timestep_spacing": "linspace",
+        },
+        15,
+    ),
+}
+EULER_A_CASES = {
+    "sd15-leading": (SD15, 25),
+    "sdxl-leading": (SDXL_EULER, 20),
+    "linspace-vpred": ({**SD_BETAS, "prediction_type": "v_prediction"}, 15),
+    "zero-snr-trailing-vpred": (
+        {
+            **SD_BETAS,
+            "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+        },
+        12,
+    ),
+}
+LCM_CASES = {
+    "lcm-sdxl-4": ({**SDXL_EULER, "original_inference_steps": 50, "timestep_scaling": 10.0}, 4),
+    "lcm-8": ({**SD_BETAS, "set_alpha_to_one": True}, 8),
+    "lcm-1": ({**SD_BETAS}, 1),
+    "vpred-clip-original-100": (
+        {
+            **SD_BETAS,
+            "prediction_type": "v_prediction",
+            "clip_sample": True,
+            "clip_sample_range": 1.5,
+            "original_inference_steps": 100,
+            "set_alpha_to_one": False,
+        },
+        6,
+    ),
+    "sample-pred": ({**SD_BETAS, "prediction_type": "sample"}, 3),
+}
+
 
 def _run(ref, ours, steps: int, seed: int, *, mu=None, sigmas=None, running=False) -> float:
     """Run both schedulers over one trajectory; returns the largest relative error.
 
     The error of a step is relative to the larger of its input and output latents, or
     with `running` to the largest latent so far (for zero-terminal-SNR, see module doc).
+    A stochastic scheduler gets the same fresh noise on both sides: ours as `noise=`,
+    diffusers' through its module's randn_tensor, patched to return it.
     """
+    if not ours.stochastic:
+        return _trajectory(ref, ours, steps, seed, mu, sigmas, running, lambda shape: None)
+    rng = np.random.default_rng(seed + 1000)
+    drawn: list[np.ndarray] = []
+
+    def draw(shape):
+        drawn.append(rng.standard_normal(shape).astype(np.float32))
+        return drawn[-1]
+
+    def randn_tensor(shape, **kwargs):
+        return torch.from_numpy(drawn[-1]).reshape(shape)
+
+    with mock.patch(f"{type(ref).__module__}.randn_tensor", randn_tensor):
+        return _trajectory(ref, ours, steps, seed, mu, sigmas, running, draw)
+
+
+def _trajectory(ref, ours, steps, seed, mu, sigmas, running, draw) -> float:
     kwargs = {} if sigmas is None else {"sigmas": sigmas}
     if mu is not None:
         kwargs["mu"] = mu
@@ -173,8 +243,10 @@ def _run(ref, ours, steps: int, seed: int, *, mu=None, sigmas=None, running=Fals
         )
         in_ours = ours.scale_model_input(x_ours, i)
         scale = max(scale if running else 0.0, float(x_ref.abs().max()))
+        step_noise = draw(SHAPE)
+        extra = {} if step_noise is None else {"noise": step_noise}
+        x_ours = ours.step(np.float32(0.5) * in_ours + noise, i, x_ours, **extra)
         x_ref = ref.step(0.5 * in_ref + torch.from_numpy(noise), t, x_ref).prev_sample
-        x_ours = ours.step(np.float32(0.5) * in_ours + noise, i, x_ours)
         assert x_ours.dtype == np.float32 and x_ours.shape == SHAPE
         ref_np = x_ref.numpy()
         scale = max(scale, float(np.abs(ref_np).max()))
@@ -208,6 +280,62 @@ def test_ddim_trajectory(case):
 def test_dpmsolver_trajectory(case):
     config, steps = DPM_CASES[case]
     _run(*_pair("DPMSolverMultistepScheduler", config), steps, seed=3)
+
+
+@pytest.mark.parametrize("case", PNDM_CASES)
+def test_pndm_trajectory(case):
+    config, steps = PNDM_CASES[case]
+    ref, ours = _pair("PNDMScheduler", config)
+    _run(ref, ours, steps, seed=11)
+    # every model call is a scheduled timestep: one more than asked with skip_prk_steps
+    # (the Heun-like start), nine more with the Runge-Kutta start (12 calls for 3 steps)
+    extra = 1 if config.get("skip_prk_steps") else 9
+    assert len(ours.timesteps) == steps + extra
+
+
+@pytest.mark.parametrize("case", EULER_A_CASES)
+def test_euler_ancestral_trajectory(case):
+    config, steps = EULER_A_CASES[case]
+    running = bool(config.get("rescale_betas_zero_snr"))  # sigma_max = 4096: module doc
+    _run(*_pair("EulerAncestralDiscreteScheduler", config), steps, seed=12, running=running)
+
+
+@pytest.mark.parametrize("case", LCM_CASES)
+def test_lcm_trajectory(case):
+    config, steps = LCM_CASES[case]
+    _run(*_pair("LCMScheduler", config), steps, seed=13)
+
+
+def test_stochastic_steps_need_noise():
+    x = np.zeros(SHAPE, np.float32)
+    for sched in (schedulers.EulerAncestralDiscreteScheduler(), schedulers.LCMScheduler()):
+        sched.set_timesteps(4)
+        assert sched.stochastic
+        with pytest.raises(ValueError, match="noise"):
+            sched.step(x, 0, x)
+        with pytest.raises(ValueError, match="noise"):
+            sched.step(x, 0, x, noise=np.zeros((1, 4, 4, 4), np.float32))
+    lcm = schedulers.LCMScheduler()
+    lcm.set_timesteps(4)
+    lcm.step(x, 3, x)  # the last LCM step returns its estimate: no noise needed
+    with pytest.raises(ValueError, match=r"1\.\.50"):
+        lcm.set_timesteps(51)  # a subset of the distillation's 50-step grid
+
+
+def test_pndm_history_in_order():
+    pndm = schedulers.PNDMScheduler(**SD15)
+    pndm.set_timesteps(5)
+    rng = np.random.default_rng(9)
+    start, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    runs = []
+    for _ in range(2):  # a second pass from step 0 repeats the first exactly
+        x = start
+        for i in range(len(pndm.timesteps)):
+            x = pndm.step(np.float32(0.5) * x + noise, i, x)
+        runs.append(x)
+    np.testing.assert_array_equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match="history"):
+        pndm.step(start, 3, start)
 
 
 def test_flow_match_sd3():
@@ -297,12 +425,15 @@ def test_from_saved_config(tmp_path, cls_name, config):
 
 
 def test_unknown_class_names_supported_ones():
-    with pytest.raises(ValueError, match="PNDMScheduler") as info:
-        schedulers.scheduler_from_config({"_class_name": "PNDMScheduler"})
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler") as info:
+        schedulers.scheduler_from_config({"_class_name": "HeunDiscreteScheduler"})
     for name in (
         "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
         "DDIMScheduler",
         "DPMSolverMultistepScheduler",
+        "PNDMScheduler",
+        "LCMScheduler",
         "FlowMatchEulerDiscreteScheduler",
     ):
         assert name in str(info.value)
@@ -322,6 +453,9 @@ def test_unknown_class_names_supported_ones():
         ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
         ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "stochastic_sampling"),
         ("FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.02}, "shift_terminal"),
+        ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
+        ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "karras"}, "timestep_spacing"),
+        ("LCMScheduler", {"thresholding": True}, "thresholding"),
     ],
 )
 def test_unsupported_values_raise(cls_name, config, key):

@@ -1,0 +1,295 @@
+"""UniPCMultistepScheduler: the UniPC predictor-corrector (B(h) variants), as diffusers has it.
+
+Zhao, Bai, Rao, Zhou & Lu, "UniPC: A Unified Predictor-Corrector Framework for Fast
+Sampling of Diffusion Models" (2023, arXiv:2302.04867): an exponential integrator in
+log-SNR lambda on the data (x0) or noise prediction; UniP-p predicts from the last p
+model outputs (Algorithm 2), and UniC corrects that prediction with the model output at
+the predicted point (Algorithm 1), so each model call raises the order by one.
+Port of diffusers.UniPCMultistepScheduler (scheduling_unipc_multistep.py), solver_type
+"bh1" or "bh2", solver_order 1-3, predict_x0 on or off, on the VP schedule (no flow
+sigmas). Coefficients are float32 like diffusers' 0-d tensors (the rho systems solved in
+float32 too), the sigma schedule float64 until its cast to float32, as there.
+
+Each `step(model_output, i, sample)` first corrects `sample` (the previous step's
+prediction) with this model output, then predicts the next sample from the corrected one,
+as diffusers' step does; the final prediction is never corrected (no model call follows).
+The history makes steps run in order; step 0 restarts it.
+
+Where diffusers 0.42 evaluates its formulas at h = inf or h = 0 and gets NaN (the last step
+to sigma = 0 with bh1 or predict_x0=False; Karras with final "sigma_min" at order 3) this
+port returns the limit instead (see `_update`); lower_order_final=False towards sigma = 0,
+where diffusers returns inf and no limit exists, is rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    F32,
+    ONE,
+    alphas_cumprod_f32,
+    as_f32,
+    check_step,
+    choice,
+    karras_sigmas,
+    reject_args,
+    reject_non_default,
+    sigma_to_t,
+)
+
+
+def _alpha_sigma_lambda(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
+    """VE sigma -> VP (alpha_t, sigma_t) and log-SNR lambda_t, float32 like diffusers."""
+    alpha_t = ONE / np.sqrt(sigma * sigma + ONE)
+    sigma_t = sigma * alpha_t
+    return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
+
+
+class UniPCMultistepScheduler:
+    """diffusers.UniPCMultistepScheduler on the VP schedule (UniPC-bh1/bh2, order 1-3)."""
+
+    order = 1  # diffusers' value: one model call per step
+    stochastic = False
+    init_noise_sigma = 1.0
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: Any = (),
+        use_karras_sigmas: bool | None = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        final_sigmas_type: str = "zero",
+        rescale_betas_zero_snr: bool = False,
+        **config: Any,
+    ) -> None:
+        name = type(self).__name__
+        # flow_shift and time_shift_type only act with use_flow_sigmas / use_dynamic_shifting,
+        # dynamic_thresholding_ratio and sample_max_value only with thresholding
+        reject_non_default(
+            name,
+            config,
+            thresholding=False,
+            use_exponential_sigmas=False,
+            use_beta_sigmas=False,
+            use_flow_sigmas=False,
+            use_dynamic_shifting=False,
+            shift_terminal=None,
+            solver_p=None,
+        )
+        # diffusers silently maps these (configs copied from DPM-Solver/DEIS) to bh2
+        solver_type = "bh2" if solver_type in ("midpoint", "heun", "logrho") else solver_type
+        self.solver_type = choice(name, "solver_type", solver_type, ("bh1", "bh2"))
+        self.solver_order = choice(name, "solver_order", solver_order, (1, 2, 3))
+        self.prediction_type = choice(
+            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
+        )
+        self.timestep_spacing = choice(
+            name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing")
+        )
+        self.final_sigmas_type = choice(
+            name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
+        )
+        self.lower_order_final = bool(lower_order_final)
+        if not self.lower_order_final and solver_order > 1 and final_sigmas_type == "zero":
+            # the last step would extrapolate the history to lambda = +inf: diffusers
+            # returns inf there (rk = 0, D1 = inf); UniPC needs lower_order_final for it
+            raise ValueError(
+                f"{name}: lower_order_final=False is not supported by the numpy runtime "
+                "with final_sigmas_type='zero' and solver_order > 1 (diffusers' last step "
+                "diverges to inf); use lower_order_final=True or final_sigmas_type='sigma_min'"
+            )
+        self.predict_x0 = bool(predict_x0)
+        self.disable_corrector = frozenset(int(k) for k in disable_corrector or ())
+        self.use_karras_sigmas = bool(use_karras_sigmas)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max  # Karras only, as in diffusers
+        self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
+        ac = alphas_cumprod_f32(
+            name,
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+        )
+        if rescale_betas_zero_snr:
+            ac[-1] = 2**-24  # diffusers: close to 0 so the first sigma is finite (4096)
+        self.alphas_cumprod = ac
+        self._train_sigmas = np.sqrt((ONE - ac) / ac)
+        self.sigmas = self._train_sigmas
+        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps: int | None = None
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self._model_outputs: list[np.ndarray] = []  # converted outputs (x0 or eps), oldest first
+        self._lower_order_nums = 0
+        self._last_sample: np.ndarray | None = None  # the sample the last prediction started at
+        self._last_order = 1  # the last prediction's order: the corrector's order
+        self._last_step = -1
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        mu: float | None = None,
+        sigmas: np.ndarray | None = None,
+    ) -> None:
+        # diffusers takes `sigmas` only with flow sigmas, `mu` only with dynamic shifting
+        reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
+        n, n_train = num_inference_steps, self.num_train_timesteps
+        if n is None or not 0 < n <= n_train:
+            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+        # as DPM-Solver: n + 1 points, the last (t = 0) dropped
+        if self.timestep_spacing == "linspace":
+            t = np.linspace(0, n_train - 1, n + 1).round()[::-1][:-1].copy()
+        elif self.timestep_spacing == "leading":
+            t = (np.arange(0, n + 1) * (n_train // (n + 1))).round()[::-1][:-1] + self.steps_offset
+        else:  # trailing
+            t = np.arange(n_train, 0, -n_train / n).round() - 1
+        train = self._train_sigmas
+        if self.use_karras_sigmas:
+            lo = self.sigma_min if self.sigma_min is not None else float(train[0])
+            hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
+            sig = karras_sigmas(lo, hi, n)
+            t = sigma_to_t(sig, np.log(train)).round()  # UniPC rounds on every schedule
+            # unlike the interpolated branch: the final Karras sigma, not the training one
+            last_sigma = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
+        else:
+            sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)
+            last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
+        self._t = t.astype(np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps = len(self._t)
+        self._reset_history()
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return as_f32(sample)
+
+    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        i, n = step_index, self.num_inference_steps
+        check_step(type(self).__name__, i, n)
+        if i == 0:
+            self._reset_history()
+        elif i != self._last_step + 1:
+            raise ValueError(
+                f"UniPC keeps a history: step {self._last_step + 1} expected, got {i} "
+                "(call set_timesteps to restart)"
+            )
+        self._last_step = i
+        sample, model_output = as_f32(sample), as_f32(model_output)
+        # converted from the uncorrected sample, the one the model saw
+        m_t = self._convert(model_output, sample, self.sigmas[i])
+        # diffusers tests step_index - 1: disable_corrector=[k] keeps step k's prediction
+        if i > 0 and i - 1 not in self.disable_corrector:
+            sample = self._update(self._last_sample, i - 1, self._last_order, m_t)
+        self._model_outputs = [*self._model_outputs, m_t][-self.solver_order :]
+        order = min(self.solver_order, n - i) if self.lower_order_final else self.solver_order
+        order = min(order, self._lower_order_nums + 1)  # warm-up: as many outputs as known
+        self._last_sample, self._last_order = sample, order
+        prev = self._update(sample, i, order)
+        self._lower_order_nums = min(self._lower_order_nums + 1, self.solver_order)
+        return as_f32(prev)
+
+    def _convert(
+        self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32
+    ) -> np.ndarray:
+        """The model output as UniPC integrates it: x0 with predict_x0, else epsilon."""
+        alpha_t, sigma_t, _ = _alpha_sigma_lambda(sigma)
+        if self.predict_x0:
+            if self.prediction_type == "epsilon":
+                return (sample - sigma_t * model_output) / alpha_t
+            return alpha_t * sample - sigma_t * model_output
+        if self.prediction_type == "epsilon":
+            return model_output
+        return alpha_t * model_output + sigma_t * sample
+
+    def _update(
+        self, x: np.ndarray, s: int, order: int, model_t: np.ndarray | None = None
+    ) -> np.ndarray:
+        """UniP-`order` from sigmas[s] to sigmas[s + 1], or with `model_t` (the model
+        output at the predicted point) UniC-`order`: diffusers' multistep_uni_p_bh_update
+        and multistep_uni_c_bh_update, which differ only in their rhos and last term.
+
+        self._model_outputs[-1] is the output at sigmas[s], [-(k + 1)] the one at s - k.
+        """
+        ms = self._model_outputs
+        m0 = ms[-1]
+        alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(self.sigmas[s])
+        if self.sigmas[s + 1] == 0:
+            # Departure: the last step, to sigma = 0, is order 1 (__init__ rejects the rest)
+            # and lands on the data prediction, the h -> inf limit of the update.
+            # diffusers evaluates the formula at h = inf and gets it only for bh2 with
+            # predict_x0; bh1 (B(h) * 0 = -inf * 0) and predict_x0=False (0 * inf) give NaN.
+            return m0.copy() if self.predict_x0 else (x - sigma_s0 * m0) / alpha_s0
+        if self.sigmas[s + 1] == self.sigmas[s]:
+            # h = 0 (Karras sigmas with final "sigma_min" repeat the last sigma): the update
+            # is the identity. diffusers gets x as well, through 0/0 = NaN coefficients that
+            # orders 1-2 do not use; at order 3 (lower_order_final=False) they give NaN.
+            return x.copy()
+        alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(self.sigmas[s + 1])
+        h = lambda_t - lambda_s0
+        rks, d1s = [], []
+        for k in range(1, order):
+            _, _, lambda_sk = _alpha_sigma_lambda(self.sigmas[s - k])
+            rk = (lambda_sk - lambda_s0) / h
+            rks.append(rk)
+            d1s.append((ms[-(k + 1)] - m0) / rk)
+        rks.append(ONE)
+        rks = np.array(rks, dtype=F32)
+
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = np.expm1(hh)  # h phi_1(h) = e^h - 1
+        h_phi_k = h_phi_1 / hh - ONE
+        b_h = hh if self.solver_type == "bh1" else np.expm1(hh)
+        rows, b, factorial = [], [], 1
+        for k in range(1, order + 1):
+            rows.append(rks ** (k - 1))
+            b.append(h_phi_k * F32(factorial) / b_h)
+            factorial *= k + 1
+            h_phi_k = h_phi_k / hh - F32(1 / factorial)
+        r_mat, b = np.stack(rows), np.array(b, dtype=F32)
+
+        if self.predict_x0:
+            base = (sigma_t / sigma_s0) * x - (alpha_t * h_phi_1) * m0
+            coef = alpha_t * b_h
+        else:
+            base = (alpha_t / alpha_s0) * x - (sigma_t * h_phi_1) * m0
+            coef = sigma_t * b_h
+        if model_t is None:  # predictor
+            if not d1s:
+                return base
+            # order 2 uses the simplified rho = 1/2, as diffusers does
+            rhos = [F32(0.5)] if order == 2 else np.linalg.solve(r_mat[:-1, :-1], b[:-1])
+            return base - coef * _weighted(rhos, d1s)
+        rhos_c = [F32(0.5)] if order == 1 else np.linalg.solve(r_mat, b)  # corrector
+        res = rhos_c[-1] * (model_t - m0)
+        if d1s:
+            res = _weighted(rhos_c[:-1], d1s) + res
+        return base - coef * res
+
+
+def _weighted(rhos: Any, d1s: list[np.ndarray]) -> np.ndarray:
+    """sum_k rhos[k] * d1s[k] (diffusers' einsum "k,bkc...->bc...")."""
+    total = rhos[0] * d1s[0]
+    for rho, d1 in zip(rhos[1:], d1s[1:], strict=True):
+        total = total + rho * d1
+    return total

@@ -1,0 +1,139 @@
+"""The scheduler a bundle ships: the model's, or --scheduler's, checked before any export.
+
+A hub SD1.5 folder ships PNDMScheduler, and fine-tunes ship whatever their authors used
+(Heun, KDPM2, DEIS...): a bundle the runtime cannot sample with must be refused before
+minutes of export, naming the --scheduler choices that would work.
+"""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+from click.testing import CliRunner
+from slimdiff.export import export_bundle
+from slimdiff.export.bundle import bundle_scheduler
+from slimdiff.runtime.schedulers import scheduler_names
+
+from slimdiff.cli import main
+from slimdiff.errors import UserError
+from slimdiff.models import load_model
+from slimdiff.recipe import SCHEDULERS, load_recipe
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return load_model("tiny:sd15")
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return load_model("tiny:sd3")  # the quickest family to export (~2 s)
+
+
+def _with_scheduler(model, cls_name: str, **overrides):
+    """The model with its scheduler replaced (a folder another tool saved), and the old one."""
+    old = model.pipe.scheduler
+    model.pipe.scheduler = getattr(diffusers, cls_name).from_config(old.config, **overrides)
+    return old
+
+
+def test_default_is_the_models_own(sd15):
+    assert bundle_scheduler(sd15) is sd15.pipe.scheduler
+
+
+@pytest.mark.parametrize(
+    ("name", "cls_name", "karras"),
+    [
+        ("euler-a", "EulerAncestralDiscreteScheduler", None),
+        ("dpm++2m-karras", "DPMSolverMultistepScheduler", True),
+        ("PNDMScheduler", "PNDMScheduler", None),
+        ("lcm", "LCMScheduler", None),
+    ],
+)
+def test_named_scheduler_from_the_models_config(sd15, name, cls_name, karras):
+    before = dict(sd15.pipe.scheduler.config)
+    chosen = bundle_scheduler(sd15, name)
+    assert type(chosen).__name__ == cls_name
+    # the betas carry over, as diffusers' from_config carries them
+    for key in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps"):
+        assert chosen.config[key] == before[key]
+    if karras is not None:
+        assert chosen.config["use_karras_sigmas"] is karras
+    assert dict(sd15.pipe.scheduler.config) == before  # the model is left as it was
+
+
+def test_unsupported_scheduler_is_refused_naming_the_ones_that_work(sd15):
+    old = _with_scheduler(sd15, "HeunDiscreteScheduler")
+    try:
+        with pytest.raises(UserError) as info:
+            bundle_scheduler(sd15)
+        assert bundle_scheduler(sd15, "euler").config["beta_schedule"] == "scaled_linear"
+    finally:
+        sd15.pipe.scheduler = old
+    message = str(info.value)
+    assert "cannot sample with its HeunDiscreteScheduler" in message
+    assert "--scheduler NAME" in message and "export.scheduler" in message
+    names = message.rpartition("one of: ")[2].split(", ")
+    assert {"euler", "euler-a", "dpm++2m-karras", "pndm", "unipc", "lcm"} <= set(names)
+    assert "flow-euler" not in names and "FlowMatchEulerDiscreteScheduler" not in names
+
+
+def test_unported_option_of_a_ported_class_is_refused(sd15):
+    old = _with_scheduler(sd15, "DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++")
+    try:
+        with pytest.raises(UserError, match="algorithm_type='sde-dpmsolver\\+\\+'"):
+            bundle_scheduler(sd15)
+    finally:
+        sd15.pipe.scheduler = old
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("heun", "unknown scheduler 'heun'; use one of: euler,"),
+        ("flow-euler", "other sampling process"),
+    ],
+)
+def test_bad_names(sd15, name, message):
+    with pytest.raises(UserError, match=message):
+        bundle_scheduler(sd15, name)
+
+
+def test_export_refuses_before_any_work_and_ships_the_choice(sd3, tmp_path):
+    """SD3 with a flow-matching Heun: refused, nothing written; with flow-euler the bundle
+    carries FlowMatchEuler with the model's shift."""
+    old = _with_scheduler(sd3, "FlowMatchHeunDiscreteScheduler")
+    try:
+        only_flow = r"one of: flow-euler, FlowMatchEulerDiscreteScheduler$"
+        with pytest.raises(UserError, match=only_flow):
+            export_bundle(sd3, tmp_path / "refused")
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(UserError, match="other sampling process"):
+            export_bundle(sd3, tmp_path / "refused", scheduler="euler-a")
+        export_bundle(sd3, tmp_path / "bundle", scheduler="flow-euler")
+    finally:
+        sd3.pipe.scheduler = old
+    shipped = json.loads((tmp_path / "bundle/scheduler/scheduler_config.json").read_text())
+    assert shipped["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert shipped["shift"] == old.config["shift"] == 3.0
+
+
+def test_cli_and_recipe_names(tmp_path):
+    result = CliRunner().invoke(
+        main, ["export", "tiny:sd15", "--out", str(tmp_path / "b"), "--scheduler", "heun"]
+    )
+    assert result.exit_code == 2
+    assert "'heun' is not a scheduler; use one of: euler," in result.output
+    assert not (tmp_path / "b").exists()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: tiny:sd15\nexport: {scheduler: euler-a}\n")
+    assert load_recipe(recipe).export.scheduler == "euler-a"
+    recipe.write_text("version: 1\nmodel: tiny:sd15\nexport: {scheduler: k_euler}\n")
+    with pytest.raises(UserError, match=r"export\.scheduler.*unknown scheduler 'k_euler'"):
+        load_recipe(recipe)
+
+
+def test_recipe_knows_the_runtimes_names():
+    assert list(SCHEDULERS) == scheduler_names()
