@@ -77,7 +77,7 @@ def pipeline_constants(model: LoadedModel) -> PipelineSpec:
     record = {
         "denoiser": arch.denoiser,
         "kind": kind,
-        "uses_cfg": arch.uses_cfg,
+        "uses_cfg": arch.uses_cfg_for(model.denoiser.config),
         "default_size": list(model.default_size),
         "default_steps": arch.default_steps,
         "default_guidance": arch.default_guidance,

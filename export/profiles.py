@@ -80,7 +80,7 @@ def size_range(
     opt = tuple(min(max(o, a), b) for o, a, b in zip(opt, lo, hi, strict=True))
     if max_images < 1:
         raise UserError(f"max images {max_images}: build for at least one image per call")
-    return SizeRange(lo, opt, hi, max_images, scale, arch.uses_cfg)
+    return SizeRange(lo, opt, hi, max_images, scale, arch.uses_cfg_for(model.denoiser.config))
 
 
 def text_tokens(model: LoadedModel) -> int:

@@ -167,6 +167,7 @@ class Conditioning:
                 packing=self.kind.latent_packing,
                 text_len=states.shape[1],
                 guidance=guidance,
+                embedding_dim=self.kind.guidance_embedding_dim,
             )
         )
         return feeds

@@ -44,7 +44,7 @@ from slimdiff.runtime import strict_json
 from typing_extensions import TypedDict
 
 from slimdiff.errors import UserError
-from slimdiff.models.kinds import KindSpec
+from slimdiff.models.kinds import KIND_WRITTEN_WHEN_SET, KindSpec
 
 __all__ = [
     "MANIFEST_NAME",
@@ -407,10 +407,12 @@ def parse_manifest(data: bytes, where: str | Path) -> Manifest:
         )
     pipeline = value.get("pipeline")
     kind = pipeline.get("kind") if isinstance(pipeline, dict) else None
-    missing = sorted(set(KindSpec.model_fields) - set(kind)) if isinstance(kind, dict) else []
+    required = set(KindSpec.model_fields) - KIND_WRITTEN_WHEN_SET
+    missing = sorted(required - set(kind)) if isinstance(kind, dict) else []
     if missing:
         # KindSpec has defaults for the Python API; a manifest spells out every field, so a
-        # deleted "sigmas" or "shift" cannot silently change a FLUX schedule.
+        # deleted "sigmas" or "shift" cannot silently change a FLUX schedule. (The fields
+        # written only when set are checked against the inputs that need them instead.)
         raise BundleError(f"{where}: field 'pipeline.kind': {', '.join(missing)} missing; {FIX}")
     try:
         manifest = Manifest.model_validate_json(data, strict=True)

@@ -70,6 +70,10 @@ def check_pipeline(p: PipelineSpec) -> None:
             _fail("kind.shift", "base_shift and max_shift must be within +-100")
     if kind.pooled_input == "":
         _fail("kind.pooled_input", "empty; null when the denoiser takes no pooled embedding")
+    if ("timestep_cond" in kind.extra_inputs) != (kind.guidance_embedding_dim is not None):
+        _fail("kind.guidance_embedding_dim", "set with the timestep_cond input, and only then")
+    if kind.embeds_guidance and p.uses_cfg:
+        _fail("uses_cfg", "true for a denoiser that takes the guidance scale as an input")
     if p.vae_scale_factor & (p.vae_scale_factor - 1):
         _fail("vae_scale_factor", f"{p.vae_scale_factor} is not a power of two")
     grid = kind.size_multiple(p.vae_scale_factor)

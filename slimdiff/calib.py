@@ -89,7 +89,8 @@ class Calibration:
     @property
     def do_cfg(self) -> bool:
         """Whether the pipeline batches (uncond, cond): as diffusers decides it."""
-        return self.arch.uses_cfg and self.guidance > 1.0
+        denoiser = getattr(self.pipe, self.arch.denoiser)
+        return self.arch.uses_cfg_for(denoiser.config) and self.guidance > 1.0
 
     @property
     def device(self) -> torch.device:

@@ -76,7 +76,8 @@ def inspect_model(
     """A JSON-able report of params and FLOPs of `model` at `size` (h, w) pixels (see module)."""
     arch = model.arch
     height, width = size or model.default_size
-    batch = (2 if arch.uses_cfg else 1) if batch is None else batch
+    cfg = arch.uses_cfg_for(model.denoiser.config)
+    batch = (2 if cfg else 1) if batch is None else batch
     if batch < 1:
         raise UserError(f"batch must be >= 1, got {batch}")
     pipe = model.pipe
@@ -133,7 +134,7 @@ def inspect_model(
             total += text[spec.name]["params"]
         report["text_encoders"] = text
         vae = pipe.vae
-        images = max(1, batch // 2) if arch.uses_cfg else batch
+        images = max(1, batch // 2) if cfg else batch
         latents = torch.zeros(
             images, vae.config.latent_channels, lat_h, lat_w, device=vae.device, dtype=vae.dtype
         )

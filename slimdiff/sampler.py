@@ -19,8 +19,10 @@ and then kept on the sampler's device, so a step launches no host sync.
 The methods and papers are those of the numpy ports (see `slimdiff.runtime.schedulers`):
 Euler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2 without churn), DDIM with eta = 0
 (Song et al. 2021, arXiv:2010.02502), multistep DPM-Solver++ 2M (Lu et al. 2022,
-arXiv:2211.01095), flow-matching Euler (Lipman et al. 2023, arXiv:2210.02747; SD3's shift,
-arXiv:2403.03206). This is a core module: it imports no slimdiff layer above the core.
+arXiv:2211.01095), PLMS (Liu et al. 2022, arXiv:2202.09778; the hub SD1.5 default, with
+skip_prk_steps as its config sets), flow-matching Euler (Lipman et al. 2023,
+arXiv:2210.02747; SD3's shift, arXiv:2403.03206). This is a core module: it imports no
+slimdiff layer above the core.
 
 Example (EcoDiff's time-step checkpointing: a no-grad forward pass keeping only latents
 and states, then any step again with grad):
@@ -61,12 +63,16 @@ class SamplerState:
     """What a multistep solver carries from one step to the next; empty for the others.
 
     `x0`: DPM-Solver++'s data predictions of earlier steps, oldest first (differentiable:
-    gradients flow through them into the step that made them). `step_index`: the step this
-    state feeds, None for a state without history, valid at any step (a fresh start).
+    gradients flow through them into the step that made them). `eps` and `start`: PLMS's
+    noise predictions (the Adams-Bashforth history) and the sample its Heun-like second
+    call restarts from. `step_index`: the step this state feeds, None for a state without
+    history, valid at any step (a fresh start).
     """
 
     x0: tuple[Tensor, ...] = ()
     step_index: int | None = None
+    eps: tuple[Tensor, ...] = ()
+    start: Tensor | None = None
 
 
 _EMPTY = SamplerState()
@@ -364,9 +370,66 @@ class _FlowMatchSampler(TorchSampler):
         return (_upcast(sample) + dt * model_output).to(model_output.dtype), _EMPTY
 
 
+class _PNDMSampler(TorchSampler):
+    """diffusers.PNDMScheduler.step_plms with skip_prk_steps (SD1.x/SD2 configs set it).
+
+    The schedule has one more call than steps: call 1 goes back to call 0's timestep and
+    steps again with the mean of both outputs (a Heun-like start). The state carries the
+    Adams-Bashforth history (`eps`) and call 0's sample (`start`). Without history (a
+    fresh start past call 1) a step is first order: diffusers' DDIM-like transfer alone.
+    """
+
+    supported: ClassVar = {"prediction_type": _PREDICTIONS, "skip_prk_steps": (True,)}
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        t = int(scheduler.timesteps[i])
+        prev_t = t - ratio
+        if i == 1:  # diffusers' counter == 1: back to the first timestep
+            prev_t, t = t, t + ratio
+        a_t = scheduler.alphas_cumprod[t]
+        a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        return {  # diffusers' _get_prev_sample, in its expressions
+            "sqrt_a": a_t**0.5,
+            "sqrt_b": b_t**0.5,
+            "sample_coeff": (a_prev / a_t) ** (0.5),
+            "delta": a_prev - a_t,
+            "denom": a_t * b_prev ** (0.5) + (a_t * b_t * a_prev) ** (0.5),
+        }
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        i = self._check(step_index)
+        c = self._row(i)
+        if state.step_index is not None and state.step_index != i:
+            raise ValueError(f"PLMS state is for step {state.step_index}, not {i}")
+        if i == 1:
+            if state.start is None or not state.eps:
+                raise ValueError("PLMS step 1 needs step 0's state (its output and sample)")
+            eps, start = state.eps, None
+            model_output = (model_output + eps[-1]) / 2
+            sample = state.start
+        else:
+            eps, start = (*state.eps[-3:], model_output), sample if i == 0 else None
+            e = eps[::-1]  # newest first
+            if len(eps) == 2:
+                model_output = (3 * e[0] - e[1]) / 2
+            elif len(eps) == 3:
+                model_output = (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+            elif len(eps) == 4:
+                model_output = (1 / 24) * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
+        if self.config["prediction_type"] == "v_prediction":
+            model_output = c["sqrt_a"] * model_output + c["sqrt_b"] * sample
+        prev = c["sample_coeff"] * sample - c["delta"] * model_output / c["denom"]
+        return prev, SamplerState(step_index=i + 1, eps=eps, start=start)
+
+
 _SAMPLERS: dict[str, type[TorchSampler]] = {
     "EulerDiscreteScheduler": _EulerSampler,
     "DDIMScheduler": _DDIMSampler,
     "DPMSolverMultistepScheduler": _DPMSolverSampler,
+    "PNDMScheduler": _PNDMSampler,
     "FlowMatchEulerDiscreteScheduler": _FlowMatchSampler,
 }

@@ -138,7 +138,7 @@ def measure(args, family, variant, size, dtype, deadline, out: Path) -> list[dic
         return [{"skipped": f"{family} {variant}: {type(err).__name__}: {err}"}]
     component = denoiser_component(arch, unet)
     latent = size // _VAE_SCALE
-    batch = 2 if arch.uses_cfg else 1
+    batch = 2 if arch.uses_cfg_for(unet.config) else 1
     sizes = Sizes(batch, latent, latent, arch.text_length(), full_text=True, seed=0)
     feeds = component.make_inputs(sizes)
     fp32 = tuple(feeds[n].to(device) for n in component.input_names)

@@ -281,13 +281,27 @@ class ArchSpec:
         return tuple(s for s in self.denoiser_inputs if s.when is None or config.get(s.when))
 
     def kind_for(self, config: Any) -> KindSpec:
-        """The KindSpec filled in for one denoiser: its optional inputs, its token patch."""
-        present = {s.name for s in self.present_inputs(config)}
+        """The KindSpec filled in for one denoiser: its optional inputs, its token patch,
+        the width of its guidance embedding (an LCM UNet's timestep_cond)."""
+        present = {s.name: s for s in self.present_inputs(config)}
         extra = tuple(n for n in self.kind.extra_inputs if n in present)
         patch = int(config.get(self.token_patch_key) or 1) if self.token_patch_key else None
-        return self.kind.model_copy(
-            update={"extra_inputs": extra, "token_patch": patch or self.kind.token_patch}
-        )
+        update: dict[str, Any] = {
+            "extra_inputs": extra,
+            "token_patch": patch or self.kind.token_patch,
+        }
+        if "timestep_cond" in present:
+            width = present["timestep_cond"].shape[-1]
+            if isinstance(width, str):
+                width = self._config_axis(width, config)
+            update["guidance_embedding_dim"] = int(width)
+        return self.kind.model_copy(update=update)
+
+    def uses_cfg_for(self, config: Any) -> bool:
+        """Whether this denoiser's pipeline batches (uncond, cond) for guidance: the
+        family's way, unless the denoiser takes the guidance scale as an input (an
+        LCM-distilled UNet), as diffusers' pipelines decide it."""
+        return self.uses_cfg and not self.kind_for(config).embeds_guidance
 
     def axis_sizes(
         self, config: Any, *, batch: int, lat_h: int, lat_w: int, text_len: int
@@ -296,9 +310,13 @@ class ArchSpec:
         p = self.kind.latent_packing
         sizes = {"B": batch, "H": lat_h, "W": lat_w, "S": text_len}
         sizes["L"] = (lat_h // p) * (lat_w // p)
-        for axis, source in self.config_axes.items():
-            sizes[axis] = int(source(config) if callable(source) else config[source])
+        for axis in self.config_axes:
+            sizes[axis] = self._config_axis(axis, config)
         return sizes
+
+    def _config_axis(self, axis: str, config: Any) -> int:
+        source = self.config_axes[axis]
+        return int(source(config) if callable(source) else config[source])
 
     def matches_config(self, class_name: str, config: Mapping[str, Any]) -> bool:
         """Whether a denoiser of `class_name` with `config` belongs to this family."""

@@ -46,8 +46,15 @@ _UNET_STRUCTURE = {
     "io_layers": ("conv_in", "conv_out"),
     "weight_only": ("**.conv_shortcut",),
 }
-_UNET_AXES = {"C": "in_channels", "D": "cross_attention_dim"}
-_UNET_KIND = KindSpec(name="unet", sample_input="sample")
+_UNET_AXES = {
+    "C": "in_channels",
+    "D": "cross_attention_dim",
+    "G": lambda cfg: cfg.get("time_cond_proj_dim") or 0,  # LCM UNets only (timestep_cond)
+}
+# LCM-distilled UNets (LCM-SDXL, LCM-SSD-1B, LCM-Dreamshaper) embed the guidance scale:
+# time_cond_proj_dim in their config, `timestep_cond` in their call, no CFG batch.
+_LCM_INPUT = TensorSpec("timestep_cond", "float32", ("B", "G"), when="time_cond_proj_dim")
+_UNET_KIND = KindSpec(name="unet", sample_input="sample", extra_inputs=("timestep_cond",))
 
 SD15 = ArchSpec(
     family="sd15",
@@ -60,6 +67,7 @@ SD15 = ArchSpec(
         TensorSpec("sample", "float32", ("B", "C", "H", "W")),
         TensorSpec("timestep", "float32", ("B",)),
         TensorSpec("encoder_hidden_states", "float32", ("B", 77, "D")),
+        _LCM_INPUT,
     ),
     kind=_UNET_KIND,
     config_axes=_UNET_AXES,
@@ -98,9 +106,10 @@ SDXL = ArchSpec(
         TensorSpec("encoder_hidden_states", "float32", ("B", 77, "D")),
         TensorSpec("text_embeds", "float32", ("B", "P"), arg="added_cond_kwargs.text_embeds"),
         TensorSpec("time_ids", "float32", ("B", 6), arg="added_cond_kwargs.time_ids"),
+        _LCM_INPUT,
     ),
     kind=_UNET_KIND.model_copy(
-        update={"pooled_input": "text_embeds", "extra_inputs": ("time_ids",)}
+        update={"pooled_input": "text_embeds", "extra_inputs": ("time_ids", "timestep_cond")}
     ),
     config_axes={**_UNET_AXES, "P": _sdxl_pooled_width},
     # SDXL's added embedding (pooled text + time ids) joins the time embedding.

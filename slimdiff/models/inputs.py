@@ -80,6 +80,7 @@ def denoiser_inputs(
         packing=kind.latent_packing,
         text_len=sizes.text_len,
         guidance=torch.linspace(1.0, 5.0, sizes.batch).numpy(),  # varied, for parity checks
+        embedding_dim=kind.guidance_embedding_dim,
     )
     gen = torch.Generator().manual_seed(sizes.seed)
     feeds: dict[str, torch.Tensor] = {}

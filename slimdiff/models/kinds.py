@@ -30,10 +30,12 @@ import pydantic
 
 __all__ = [
     "EXTRA_INPUTS",
+    "KIND_WRITTEN_WHEN_SET",
     "KindSpec",
     "ShiftSpec",
     "calculate_shift",
     "extra_inputs",
+    "guidance_embedding",
     "latent_shape",
     "pack_latents",
     "timestep_args",
@@ -46,8 +48,15 @@ __all__ = [
 #   img_ids   (L, 3)  FLUX's (0, row, column) id of each packed latent token
 #   txt_ids   (S, 3)  FLUX's text token ids: all zero
 #   guidance  (B,)    FLUX.1-dev's embedded guidance scale (schnell has no such input)
-EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance")
-ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance"]
+#   timestep_cond (B, G)  an LCM-distilled UNet's guidance embedding (its config's
+#                     time_cond_proj_dim = G): sinusoids of (guidance - 1) * 1000
+EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond")
+ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond"]
+# KindSpec fields a manifest holds only when they are set (see KindSpec's serializer).
+KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim"})
+# The extra inputs that carry the guidance scale into the denoiser: a model with one is
+# not run with classifier-free guidance (diffusers' pipelines decide it the same way).
+_GUIDANCE_INPUTS = ("guidance", "timestep_cond")
 
 
 class _Record(pydantic.BaseModel):
@@ -97,6 +106,23 @@ class KindSpec(_Record):
     # scheduler, which uses it when its config has use_dynamic_shifting (SD3.5, FLUX).
     shift: ShiftSpec | None = None
     extra_inputs: tuple[ExtraInput, ...] = ()
+    # G of "timestep_cond", the guidance embedding's width; None without that input.
+    guidance_embedding_dim: int | None = pydantic.Field(None, ge=4, le=65536)
+
+    @pydantic.model_serializer(mode="wrap")
+    def _omit_absent_embedding(self, handler: Any) -> dict[str, Any]:
+        # Written only where there is one: the manifests of every other model stay
+        # byte-identical to those of slimdiff versions before the field (same identity),
+        # and those versions' strict readers still read them.
+        data = handler(self)
+        if data.get("guidance_embedding_dim") is None:
+            data.pop("guidance_embedding_dim", None)
+        return data
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """The denoiser takes the guidance scale as an input (FLUX.1-dev, LCM UNets)."""
+        return any(name in _GUIDANCE_INPUTS for name in self.extra_inputs)
 
     def size_multiple(self, vae_scale: int) -> int:
         """Pixels that height and width must be multiples of, from the latent grid alone."""
@@ -201,9 +227,11 @@ def extra_inputs(
     packing: int,
     text_len: int,
     guidance: float | np.ndarray = 0.0,
+    embedding_dim: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The extra denoiser inputs `names` (see EXTRA_INPUTS) for one image of height x width
-    pixels, float32, as the diffusers pipelines build them."""
+    pixels, float32, as the diffusers pipelines build them. `embedding_dim`: the width of
+    "timestep_cond" (KindSpec.guidance_embedding_dim)."""
     out: dict[str, np.ndarray] = {}
     for name in names:
         if name == "time_ids":
@@ -222,6 +250,32 @@ def extra_inputs(
             out[name] = np.zeros((text_len, 3), np.float32)
         elif name == "guidance":
             out[name] = np.broadcast_to(np.asarray(guidance, np.float32), (batch,)).copy()
+        elif name == "timestep_cond":
+            if not embedding_dim:
+                raise ValueError("timestep_cond needs the guidance embedding's width")
+            w = np.broadcast_to(np.asarray(guidance, np.float32), (batch,)) - np.float32(1)
+            out[name] = guidance_embedding(w, embedding_dim)
         else:
             raise ValueError(f"unknown extra denoiser input {name!r}; known: {EXTRA_INPUTS}")
     return out
+
+
+def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """(B, dim) sinusoidal embedding of guidance values `w` (B,), float32: the `w_embedding`
+    of Luo et al., "Latent Consistency Models" (arXiv:2310.04378), from VDM's timestep
+    embedding, as diffusers' pipelines compute it (get_guidance_scale_embedding; they pass
+    w = guidance_scale - 1): sin then cos of w * 1000 * 10000^(-k / (dim/2 - 1)),
+    zero-padded to an odd `dim`."""
+    # diffusers' float32 steps, each rounded as float32 arithmetic rounds (products) or
+    # from float64 (exp, sin, cos: correctly rounded, where numpy's and torch's float32
+    # kernels may differ by an ulp). The arguments reach w * 1000 = 1.4e4 rad, where one
+    # ulp of a frequency moves a sinusoid by up to 1e-3.
+    f32 = np.float32
+    half = dim // 2
+    step = f32(np.log(f32(10000.0), dtype=np.float64)) / f32(half - 1)
+    freqs = np.exp((np.arange(half, dtype=f32) * -step).astype(np.float64)).astype(f32)
+    args = ((np.asarray(w, f32) * f32(1000.0))[:, None] * freqs[None, :]).astype(np.float64)
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)

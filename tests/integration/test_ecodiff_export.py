@@ -111,3 +111,34 @@ def test_a_pruned_unet_exports_with_ort_fusions(tmp_path):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     whole = sum(1 for n, m in model.denoiser.named_modules() if hasattr(m, "to_q")) - len(narrowed)
     assert whole == 0 or ops & {"Attention", "MultiHeadAttention"}
+
+
+def test_ecodiff_on_an_sd15_folder_with_the_hubs_pndm_scheduler(tmp_path):
+    """stable-diffusion-v1-5 ships PNDMScheduler (PLMS, skip_prk_steps): EcoDiff's
+    checkpointed loop recomputes its steps with the torch PLMS sampler, and the bundle
+    keeps PNDM, which the runtime samples (one call more than steps: the Heun-like start)."""
+    import diffusers
+    from slimdiff.runtime.pipeline import Text2ImagePipeline
+
+    base = load_model("tiny:sd15")
+    base.pipe.scheduler = diffusers.PNDMScheduler(  # the hub folder's scheduler_config.json
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    base.pipe.save_pretrained(tmp_path / "hub")
+    recipe = _recipe(tmp_path, "sd15")
+    pruned = compress_model(load_model(str(tmp_path / "hub")), recipe, tmp_path / "a")
+    summary = json.loads((tmp_path / "a" / "report.json").read_text())
+    entry = next(p for p in summary["passes"] if p["name"] == "prune.ecodiff")["summary"]
+    assert entry["params_after"] < entry["params_before"]
+    from slimdiff.export import export_bundle
+
+    export_bundle(pruned, tmp_path / "b", optimize=False)
+    shipped = json.loads((tmp_path / "b/scheduler/scheduler_config.json").read_text())
+    assert shipped["_class_name"] == "PNDMScheduler" and shipped["skip_prk_steps"] is True
+    result = Text2ImagePipeline.from_bundle(tmp_path / "b")("a cat", steps=3, size=(64, 64))
+    assert len(result.timings_ms["denoiser_steps"]) == 4 and result.image.std() > 0

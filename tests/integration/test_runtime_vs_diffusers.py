@@ -212,6 +212,62 @@ def test_scheduler_choice_errors(exported):
         lcm(PROMPT, steps=60, size=(SIZE, SIZE), output="latent")
 
 
+@pytest.fixture(scope="module")
+def lcm_unet_bundle(tmp_path_factory):
+    """tiny:<family> with an LCM-distilled UNet's guidance embedding (time_cond_proj_dim:
+    `timestep_cond` in, no CFG batch) and LCMScheduler, exported unfused (quicker)."""
+    import diffusers
+    from slimdiff.export import export_bundle
+
+    from slimdiff.models import load_model
+
+    def get(family: str):
+        model = load_model(f"tiny:{family}")
+        pipe = model.pipe
+        config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+        torch.manual_seed(0)  # the new cond_proj layer; the rest keeps tiny's weights
+        unet = diffusers.UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 24})
+        missing, _ = unet.load_state_dict(pipe.unet.state_dict(), strict=False)
+        assert all(k.startswith("time_embedding.cond_proj") for k in missing)
+        pipe.unet = unet
+        pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+        folder = tmp_path_factory.mktemp(f"lcm-{family}") / "model"
+        pipe.save_pretrained(folder)
+        saved = load_model(str(folder))  # loaded back as a user's LCM checkpoint folder
+        export_bundle(saved, folder.parent / "bundle", optimize=False)
+        return load_model(str(folder)), folder.parent / "bundle"
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_lcm_unet_matches_diffusers(lcm_unet_bundle, family, monkeypatch):
+    """The guidance scale goes in as LCM's w-embedding, with no CFG batch, as diffusers'
+    SD and SDXL pipelines run a UNet with time_cond_proj_dim; 4 LCM steps."""
+    model, bundle = lcm_unet_bundle(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    assert not runtime.config.uses_cfg
+    assert runtime.config.kind.guidance_embedding_dim == 24
+    assert "timestep_cond" in runtime.denoiser.input_names
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    module = "diffusers.schedulers.scheduling_lcm"
+    model.pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(f"{module}.randn_tensor", _runtime_step_noise(0))
+    ref_image, ref_latents = _diffusers(model.pipe, latents, 8.0, None)
+    monkeypatch.setattr(f"{module}.randn_tensor", _runtime_step_noise(0))
+    _, no_model = _diffusers(model.pipe, latents, 8.0, None, zero=True)
+    result = runtime(PROMPT, steps=STEPS, guidance=8.0, size=(SIZE, SIZE), latents=latents)
+    contribution = np.linalg.norm(ref_latents - no_model)
+    assert contribution > 0.1 * np.linalg.norm(ref_latents)
+    rel = np.linalg.norm(result.latents - ref_latents) / contribution
+    assert rel < 1e-4, f"final latents off by {rel:.2e} of the denoiser's contribution"
+    assert _psnr(result.image, ref_image) >= 40.0
+    # the embedding carries the guidance: another scale gives another image
+    other = runtime(PROMPT, steps=STEPS, guidance=2.0, size=(SIZE, SIZE), latents=latents)
+    assert np.abs(other.latents - result.latents).max() > 1e-3
+
+
 def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):
     _, bundle = exported("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)

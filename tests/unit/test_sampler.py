@@ -27,6 +27,7 @@ from tests.unit.test_schedulers import (  # noqa: E402
     EULER_CASES,
     FLUX_DEV,
     FLUX_SCHNELL,
+    PNDM_CASES,
     SD3,
     SD15,
     SD_BETAS,
@@ -39,6 +40,7 @@ TOL = 1e-5  # as test_schedulers.py
 SHAPE = (1, 4, 8, 8)
 EULER, DDIM = "EulerDiscreteScheduler", "DDIMScheduler"
 DPM, FLOW = "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"
+PNDM = "PNDMScheduler"
 
 
 def _mu(config: dict, seq_len: int) -> float:
@@ -53,6 +55,10 @@ CASES = {
     **{f"euler-{k}": (EULER, c, n, {}) for k, (c, n) in EULER_CASES.items()},
     **{f"ddim-{k}": (DDIM, c, n, {}) for k, (c, n) in DDIM_CASES.items()},
     **{f"dpm-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_CASES.items()},
+    # PLMS only: the Runge-Kutta start (skip_prk_steps False) has no torch sampler
+    **{
+        f"pndm-{k}": (PNDM, c, n, {}) for k, (c, n) in PNDM_CASES.items() if c.get("skip_prk_steps")
+    },
     "flow-sd3": (FLOW, SD3, 28, {}),
     "flow-dynamic-no-sigmas": (FLOW, FLUX_DEV, 12, {"mu": _mu(FLUX_DEV, 256)}),
     "euler-custom-sigmas": (
@@ -137,6 +143,7 @@ ONE_PER_CLASS = {
     "dpm-midpoint": (DPM, SD_BETAS, 10),
     "dpm-heun": (DPM, {**SD_BETAS, "solver_type": "heun"}, 10),
     "flow-sd3": (FLOW, SD3, 10),
+    "pndm-plms": (PNDM, SD15, 10),
 }
 
 
@@ -175,6 +182,24 @@ def test_dpm_state_carries_the_history_and_is_checked():
         sampler.step(out, 6, x, state)
     order1 = TorchSampler.from_config({**SD_BETAS, "_class_name": DPM, "solver_order": 1}, 10)
     assert order1.step(out, 5, x, state)[1].x0 == ()
+
+
+def test_plms_state_carries_the_history_and_is_checked():
+    sampler = TorchSampler.from_config({**SD15, "_class_name": PNDM}, 10)
+    assert sampler.num_steps == 11  # the Heun-like second call at the first timestep
+    latent, noise = _inputs(3)
+    saved, _ = _trajectory(sampler, latent, noise)
+    x, state = saved[6]
+    assert state.step_index == 6 and len(state.eps) == 4 and state.start is None
+    assert saved[1][1].start is not None and len(saved[1][1].eps) == 1
+    out = 0.5 * x + noise
+    fourth, _ = sampler.step(out, 6, x, state)
+    first, _ = sampler.step(out, 6, x, sampler.initial_state())  # a fresh start: first order
+    assert not torch.allclose(fourth, first)
+    with pytest.raises(ValueError, match="step 6, not 7"):
+        sampler.step(out, 7, x, state)
+    with pytest.raises(ValueError, match="step 1 needs step 0's state"):
+        sampler.step(out, 1, x, sampler.initial_state())
 
 
 def _one_step(cls_name, config, steps, i, dtype=torch.float64):
@@ -216,7 +241,9 @@ def test_sample_loop_backpropagates_to_the_latents():
     assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
 
 
-@pytest.mark.parametrize(("cls_name", "config"), [(EULER, SD15), (DDIM, SD15), (DPM, SD_BETAS)])
+@pytest.mark.parametrize(
+    ("cls_name", "config"), [(EULER, SD15), (DDIM, SD15), (DPM, SD_BETAS), (PNDM, SD15)]
+)
 @pytest.mark.parametrize(
     ("sample_dtype", "out_dtype"),
     [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
@@ -241,9 +268,9 @@ def test_flow_match_low_precision_matches_diffusers():
 
 
 def test_unsupported_scheduler_class_names_the_supported_ones():
-    with pytest.raises(UserError, match="PNDMScheduler") as info:
-        TorchSampler.from_config({"_class_name": "PNDMScheduler"}, 10)
-    for name in (EULER, DDIM, DPM, FLOW):
+    with pytest.raises(UserError, match="HeunDiscreteScheduler") as info:
+        TorchSampler.from_config({"_class_name": "HeunDiscreteScheduler"}, 10)
+    for name in (EULER, DDIM, DPM, FLOW, PNDM):
         assert name in str(info.value)
     with pytest.raises(UserError, match="None"):
         TorchSampler.from_config({"beta_start": 0.1}, 10)
@@ -258,6 +285,7 @@ def test_unsupported_scheduler_class_names_the_supported_ones():
         (DPM, {"solver_order": 3}, "solver_order"),
         (DPM, {"variance_type": "learned_range"}, "variance_type"),
         (FLOW, {"stochastic_sampling": True}, "stochastic_sampling"),
+        (PNDM, {"skip_prk_steps": False}, "skip_prk_steps"),
     ],
 )
 def test_step_changing_config_values_raise(cls_name, config, key):
@@ -274,11 +302,12 @@ def test_bad_timestep_arguments_raise_user_errors():
         TorchSampler.from_config({"_class_name": EULER})
 
 
-@pytest.mark.parametrize("cls_name", [EULER, DDIM, DPM, FLOW])
+@pytest.mark.parametrize("cls_name", [EULER, DDIM, DPM, FLOW, PNDM])
 def test_out_of_range_step_index_raises(cls_name):
-    sampler = TorchSampler.from_config({"_class_name": cls_name}, 5)
+    plms = {"skip_prk_steps": True} if cls_name == PNDM else {}
+    sampler = TorchSampler.from_config({"_class_name": cls_name, **plms}, 5)
     x = torch.zeros(SHAPE)
-    for bad in (-1, 5):
+    for bad in (-1, sampler.num_steps):
         with pytest.raises(IndexError):
             sampler.step(x, bad, x, sampler.initial_state())
         with pytest.raises(IndexError):
