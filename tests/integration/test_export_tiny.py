@@ -52,8 +52,11 @@ def test_manifest_lists_components_with_their_io_names(exported):
         assert entry.inputs[0]["shape"] == ["B", "S"]
         assert [o["name"] for o in entry.outputs] == list(spec.outputs)
     den = manifest.components[arch.denoiser]
-    # The tiny FLUX is FLUX.1-dev-like (guidance_embeds=True), so every ArchSpec input stays.
-    assert [i["name"] for i in den.inputs] == [s.name for s in arch.denoiser_inputs]
+    # The tiny FLUX is FLUX.1-dev-like (guidance_embeds=True), so every ArchSpec input stays,
+    # but LCM's timestep_cond (the tiny UNets are not LCM-distilled: time_cond_proj_dim None).
+    expected = [s.name for s in arch.denoiser_inputs if s.name != "timestep_cond"]
+    assert [i["name"] for i in den.inputs] == expected
+    assert [s.name for s in arch.present_inputs(model.denoiser.config)] == expected
     assert [o["name"] for o in den.outputs] == ["out_sample"]
     assert all(i["dtype"] == "float32" for i in den.inputs)
     assert den.outputs[0]["shape"] == den.inputs[0]["shape"]  # prediction has the latent's layout
