@@ -152,7 +152,8 @@ def _scheduler_option(help_text: str):
             default=None,
             callback=_check_scheduler_name,
             help=help_text + " euler, euler-karras, euler-a, ddim, dpm++2m, dpm++2m-karras, "
-            "pndm, lcm, unipc, flow-euler, or a diffusers class name; built from the "
+            "dpm++2m-sde, dpm++2m-sde-karras, pndm, lcm, unipc, flow-euler, or a diffusers "
+            "class name; built from the "
             "model's scheduler config as diffusers' from_config does.",
         )(f)
 

@@ -102,6 +102,7 @@ _PLANNED_TARGETS: tuple[str, ...] = ()
 # not import (layers import downwards); tests/unit/test_export_scheduler.py keeps them equal.
 SCHEDULERS = (
     *("euler", "euler-karras", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras"),
+    *("dpm++2m-sde", "dpm++2m-sde-karras"),
     *("pndm", "lcm", "unipc", "flow-euler"),
     *("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"),
     *("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler"),

@@ -36,11 +36,12 @@ v-prediction follows Salimans & Ho, "Progressive Distillation" (2022, arXiv:2202
 
 Unlike diffusers, `scale_model_input` and `step` take the step index explicitly, so no
 hidden counter can drift; the multistep ones (DPM-Solver++, PNDM, UniPC) still keep their
-model-output history and require steps in order. The stochastic ones (`stochastic = True`:
-Euler a, LCM) take each step's standard-normal noise as `step(..., noise=)`, which the
-runtime draws from the seed; diffusers draws it from torch's generator, so their images
-differ from diffusers' for the same seed (the deterministic ones match it). Only numpy and
-the standard library are imported (the runtime is torch-free).
+model-output history and require steps in order. The stochastic ones (`stochastic` true:
+Euler a, LCM, DPM-Solver++ in its SDE form) take each step's standard-normal noise as
+`step(..., noise=)`, which the runtime draws from the seed; diffusers draws it from
+torch's generator, so their images differ from diffusers' for the same seed (the
+deterministic ones match it). Only numpy and the standard library are imported (the
+runtime is torch-free).
 
 `switch_scheduler` builds another scheduler's config from a bundle's, as diffusers'
 `OtherScheduler.from_config(pipe.scheduler.config)` does (`slimdiff run --scheduler`).
@@ -135,6 +136,11 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++2m-sde-karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
     "pndm": ("PNDMScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),

@@ -1,11 +1,14 @@
-"""DPMSolverMultistepScheduler as "DPM++ 2M" (midpoint or Heun), as diffusers has it.
+"""DPMSolverMultistepScheduler as "DPM++ 2M" and "DPM++ 2M SDE", as diffusers has it.
 
 Multistep DPM-Solver++ of Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of
 Diffusion Probabilistic Models" (arXiv:2211.01095), Algorithm 2: an exponential
 integrator in log-SNR lambda on the data prediction x0, second order from the previous
-step's x0. Port of diffusers.DPMSolverMultistepScheduler (scheduling_dpmsolver_multistep.py)
-for algorithm_type="dpmsolver++", solver_order 1 or 2; the coefficient scalars are
-float32 like diffusers' 0-d tensors (h = lambda_t - lambda_s is a float32 difference).
+step's x0. algorithm_type="sde-dpmsolver++" is its SDE form (section 5 of the paper; the
+"DPM++ 2M SDE" of k-diffusion): each step shrinks the deterministic part by e^-h and adds
+fresh noise of std sigma_t sqrt(1 - e^-2h), so it is stochastic (`step(..., noise=)`).
+Port of diffusers.DPMSolverMultistepScheduler (scheduling_dpmsolver_multistep.py) for
+those two algorithm types, solver_order 1 or 2; the coefficient scalars are float32 like
+diffusers' 0-d tensors (h = lambda_t - lambda_s is a float32 difference).
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ class DPMSolverMultistepScheduler:
         # diffusers silently maps these aliases (configs copied from DEIS/UniPC)
         algorithm_type = "dpmsolver++" if algorithm_type == "deis" else algorithm_type
         solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
-        choice(name, "algorithm_type", algorithm_type, ("dpmsolver++",))
+        algorithm = choice(
+            name, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++")
+        )
+        self.stochastic = algorithm == "sde-dpmsolver++"  # per instance: the config decides
         self.solver_order = choice(name, "solver_order", solver_order, (1, 2))
         self.solver_type = choice(name, "solver_type", solver_type, ("midpoint", "heun"))
         self.prediction_type = choice(
@@ -164,11 +170,22 @@ class DPMSolverMultistepScheduler:
         with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = +inf, h = inf
             return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
 
-    def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
+    def step(
+        self,
+        model_output: np.ndarray,
+        step_index: int,
+        sample: np.ndarray,
+        noise: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`noise`: standard normal of the sample's shape, for the SDE form only."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
+        if self.stochastic and (noise is None or np.shape(noise) != np.shape(sample)):
+            raise ValueError(
+                "sde-dpmsolver++ steps need standard-normal `noise` of the sample's shape"
+            )
         if i == 0:
             self._reset_history()
         elif i != self._last_step + 1:
@@ -194,20 +211,38 @@ class DPMSolverMultistepScheduler:
             or (self.lower_order_final and n < 15)
             or self.final_sigmas_type == "zero"
         )
-        if self.solver_order == 1 or self._lower_order_nums < 1 or lower_final:
-            prev = (sigma_t / sigma_s0) * sample - phi * x0  # DPM-Solver++(1) = DDIM
-        else:
+        first_order = self.solver_order == 1 or self._lower_order_nums < 1 or lower_final
+        d1 = None
+        if not first_order:
             m0, m1 = self._model_outputs[-1], self._model_outputs[-2]
             _, _, lambda_s1 = self._alpha_sigma_lambda(self.sigmas[i - 1])
             r0 = (lambda_s0 - lambda_s1) / h
             d1 = (ONE / r0) * (m0 - m1)
-            if self.solver_type == "midpoint":  # Lu et al. Algorithm 2
-                prev = (sigma_t / sigma_s0) * sample - phi * m0 - (F32(0.5) * phi) * d1
-            else:  # heun
-                prev = (
-                    (sigma_t / sigma_s0) * sample
-                    - phi * m0
-                    + (alpha_t * ((np.exp(-h) - ONE) / h + ONE)) * d1
-                )
+        if self.stochastic:
+            prev = self._sde_update(sample, x0, d1, alpha_t, sigma_t, sigma_s0, h, noise)
+        elif first_order:
+            prev = (sigma_t / sigma_s0) * sample - phi * x0  # DPM-Solver++(1) = DDIM
+        elif self.solver_type == "midpoint":  # Lu et al. Algorithm 2
+            prev = (sigma_t / sigma_s0) * sample - phi * x0 - (F32(0.5) * phi) * d1
+        else:  # heun
+            prev = (
+                (sigma_t / sigma_s0) * sample
+                - phi * x0
+                + (alpha_t * ((np.exp(-h) - ONE) / h + ONE)) * d1
+            )
         self._lower_order_nums = min(self._lower_order_nums + 1, self.solver_order)
         return as_f32(prev)
+
+    def _sde_update(self, sample, x0, d1, alpha_t, sigma_t, sigma_s0, h, noise) -> np.ndarray:
+        """SDE-DPM-Solver++ (first order, or 2M from the previous x0's difference d1), in
+        diffusers' expressions: x0 weight alpha_t (1 - e^-2h), noise std sigma_t sqrt(1 - e^-2h)."""
+        decay = np.exp(-h)
+        pull = alpha_t * (ONE - np.exp(F32(-2.0) * h))
+        prev = (sigma_t / sigma_s0 * decay) * sample + pull * x0
+        if d1 is not None:
+            if self.solver_type == "midpoint":
+                prev = prev + (F32(0.5) * pull) * d1
+            else:  # heun
+                heun = alpha_t * ((ONE - np.exp(F32(-2.0) * h)) / (F32(-2.0) * h) + ONE)
+                prev = prev + heun * d1
+        return prev + sigma_t * np.sqrt(ONE - np.exp(F32(-2) * h)) * as_f32(noise)

@@ -132,7 +132,10 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
 # Other schedulers than the bundle's (`slimdiff run --scheduler`): the runtime's switch
 # must build what diffusers' from_config builds, and sample as diffusers does. The
 # stochastic ones (euler-a, lcm) get the runtime's step noise in diffusers too.
-SWITCHED = ["pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras", "euler-a", "lcm"]
+SWITCHED = [
+    *("pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras"),
+    *("euler-a", "lcm", "dpm++2m-sde-karras"),
+]
 
 
 def _runtime_step_noise(seed: int):

@@ -81,9 +81,9 @@ def test_unsupported_scheduler_is_refused_naming_the_ones_that_work(sd15):
 
 
 def test_unported_option_of_a_ported_class_is_refused(sd15):
-    old = _with_scheduler(sd15, "DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++")
+    old = _with_scheduler(sd15, "DPMSolverMultistepScheduler", use_lu_lambdas=True)
     try:
-        with pytest.raises(UserError, match="algorithm_type='sde-dpmsolver\\+\\+'"):
+        with pytest.raises(UserError, match="use_lu_lambdas=True"):
             bundle_scheduler(sd15)
     finally:
         sd15.pipe.scheduler = old

@@ -136,6 +136,21 @@ DPM_CASES = {
     "lambda_min_clipped": ({"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, 12),
 }
 
+SDE = {**SD_BETAS, "algorithm_type": "sde-dpmsolver++"}
+DPM_SDE_CASES = {  # "DPM++ 2M SDE (Karras)": fresh noise every step
+    "2m": (SDE, 20),
+    "2m-karras": ({**SDE, "use_karras_sigmas": True}, 25),
+    "heun-sigma_min": ({**SDE, "solver_type": "heun", "final_sigmas_type": "sigma_min"}, 10),
+    "order1-trailing-vpred": (
+        {
+            **SDE,
+            "solver_order": 1,
+            "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction",
+        },
+        12,
+    ),
+}
 PNDM_CASES = {
     "sd15-plms": (SD15, 30),  # SD1.5's hub config: skip_prk_steps, leading, offset 1
     "sd15-plms-few": (SD15, 4),
@@ -338,6 +353,14 @@ def test_pndm_history_in_order():
         pndm.step(start, 3, start)
 
 
+@pytest.mark.parametrize("case", DPM_SDE_CASES)
+def test_dpmsolver_sde_trajectory(case):
+    config, steps = DPM_SDE_CASES[case]
+    ref, ours = _pair("DPMSolverMultistepScheduler", config)
+    assert ours.stochastic and not schedulers.DPMSolverMultistepScheduler().stochastic
+    _run(ref, ours, steps, seed=14)
+
+
 def test_flow_match_sd3():
     _run(*_pair("FlowMatchEulerDiscreteScheduler", SD3), 28, seed=4)
 
@@ -448,7 +471,7 @@ def test_unknown_class_names_supported_ones():
         ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
         ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("DDIMScheduler", {"thresholding": True}, "thresholding"),
-        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
         ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
         ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
         ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "stochastic_sampling"),
