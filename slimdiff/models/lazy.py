@@ -143,7 +143,6 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
     `restore_edits(name, module)`: replays a compress artifact's edits on a component
     before its weights are attached (slimdiff/artifact.py).
     """
-    import importlib
     import inspect
 
     import diffusers
@@ -161,7 +160,7 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
         if library is None:
             parts[name] = None
             continue
-        cls = getattr(importlib.import_module(library), class_name)
+        cls = _component_class(path, name, library, class_name)
         folder = path / name
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             module = empty_module(cls, folder)
@@ -174,6 +173,28 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
         else:  # tokenizers, schedulers: no weights
             parts[name] = cls.from_pretrained(folder)  # no weights: use_safetensors n/a
     return pipeline_cls(**parts)
+
+
+def _component_class(path: Path, name: str, library: str, class_name: str) -> type:
+    """The class a model_index.json entry names, resolved as diffusers' loader resolves it:
+    a diffusers pipeline module (the hub SD1.5 folder's safety checker is
+    ["stable_diffusion", "StableDiffusionSafetyChecker"]) or an importable library."""
+    import importlib
+
+    from diffusers import pipelines
+
+    try:
+        if hasattr(pipelines, library):
+            return getattr(getattr(pipelines, library), class_name)
+        return getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError) as err:
+        from slimdiff.errors import UserError
+
+        raise UserError(
+            f"{path}/model_index.json: {name} is [{library!r}, {class_name!r}], which this "
+            f"environment cannot import ({err}); install what provides it, or save the "
+            "pipeline again with save_pretrained"
+        ) from None
 
 
 def _check_keys(module: nn.Module, source: WeightSource, folder: Path) -> None:

@@ -67,6 +67,57 @@ def test_pipeline_folder_round_trip(tmp_path):
         assert torch.equal(p, q), n
 
 
+def _with_safety_checker(model):
+    """The tiny SD1.5 pipeline as the hub folder has it: a safety checker and feature
+    extractor, whose model_index.json entry names diffusers' pipeline module
+    ["stable_diffusion", "StableDiffusionSafetyChecker"], not an importable package."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import (
+        StableDiffusionSafetyChecker,
+    )
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tiny = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={**tiny, "num_hidden_layers": 1, "vocab_size": 100},
+        vision_config={**tiny, "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    p = model.pipe
+    return StableDiffusionPipeline(
+        vae=p.vae,
+        text_encoder=p.text_encoder,
+        tokenizer=p.tokenizer,
+        unet=p.unet,
+        scheduler=p.scheduler,
+        safety_checker=StableDiffusionSafetyChecker(config),
+        feature_extractor=CLIPImageProcessor(crop_size=32, size=32),
+    )
+
+
+def test_hub_sd15_layout_with_a_safety_checker_loads_both_ways(tmp_path):
+    m = load_model("tiny:sd15")
+    _with_safety_checker(m).save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    for weights in ("memory", "lazy"):
+        again = load_model(str(tmp_path / "p"), weights=weights)
+        assert again.arch.family == "sd15"
+        assert type(again.pipe.safety_checker).__name__ == "StableDiffusionSafetyChecker"
+    lazy = load_model(str(tmp_path / "p"), weights="lazy")
+    from slimdiff.models.lazy import materialize
+
+    materialize(lazy.denoiser)
+    for (n, p), (_, q) in zip(
+        m.denoiser.named_parameters(), lazy.denoiser.named_parameters(), strict=True
+    ):
+        assert torch.equal(p, q), n
+    index["safety_checker"] = ["no_such_library", "Checker"]
+    (tmp_path / "p" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"safety_checker is \['no_such_library', 'Checker'\]"):
+        load_model(str(tmp_path / "p"), weights="lazy")
+
+
 def test_component_folder_loads_the_denoiser_only(tmp_path):
     m = load_model("tiny:sdxl")
     m.denoiser.save_pretrained(tmp_path / "unet")
