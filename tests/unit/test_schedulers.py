@@ -151,6 +151,7 @@ DPM_SDE_CASES = {  # "DPM++ 2M SDE (Karras)": fresh noise every step
         12,
     ),
 }
+STOCHASTIC = ("EulerAncestralDiscreteScheduler", "LCMScheduler")  # and DPM's SDE form
 PNDM_CASES = {
     "sd15-plms": (SD15, 30),  # SD1.5's hub config: skip_prk_steps, leading, offset 1
     "sd15-plms-few": (SD15, 4),
@@ -278,47 +279,36 @@ def _pair(cls_name: str, config: dict):
     return ref, ours
 
 
-@pytest.mark.parametrize("case", EULER_CASES)
-def test_euler_trajectory(case):
-    config, steps = EULER_CASES[case]
-    running = bool(config.get("rescale_betas_zero_snr"))  # sigma_max = 4096: module doc
-    _run(*_pair("EulerDiscreteScheduler", config), steps, seed=1, running=running)
+# class -> its cases, each a trajectory against diffusers (the flow-match ones are below)
+TRAJECTORIES = {
+    "EulerDiscreteScheduler": EULER_CASES,
+    "DDIMScheduler": DDIM_CASES,
+    "DPMSolverMultistepScheduler": {
+        **DPM_CASES,
+        **{f"sde-{k}": v for k, v in DPM_SDE_CASES.items()},
+    },
+    "PNDMScheduler": PNDM_CASES,
+    "EulerAncestralDiscreteScheduler": EULER_A_CASES,
+    "LCMScheduler": LCM_CASES,
+}
 
 
-@pytest.mark.parametrize("case", DDIM_CASES)
-def test_ddim_trajectory(case):
-    config, steps = DDIM_CASES[case]
-    _run(*_pair("DDIMScheduler", config), steps, seed=2)
-
-
-@pytest.mark.parametrize("case", DPM_CASES)
-def test_dpmsolver_trajectory(case):
-    config, steps = DPM_CASES[case]
-    _run(*_pair("DPMSolverMultistepScheduler", config), steps, seed=3)
-
-
-@pytest.mark.parametrize("case", PNDM_CASES)
-def test_pndm_trajectory(case):
-    config, steps = PNDM_CASES[case]
-    ref, ours = _pair("PNDMScheduler", config)
-    _run(ref, ours, steps, seed=11)
-    # every model call is a scheduled timestep: one more than asked with skip_prk_steps
-    # (the Heun-like start), nine more with the Runge-Kutta start (12 calls for 3 steps)
-    extra = 1 if config.get("skip_prk_steps") else 9
-    assert len(ours.timesteps) == steps + extra
-
-
-@pytest.mark.parametrize("case", EULER_A_CASES)
-def test_euler_ancestral_trajectory(case):
-    config, steps = EULER_A_CASES[case]
-    running = bool(config.get("rescale_betas_zero_snr"))  # sigma_max = 4096: module doc
-    _run(*_pair("EulerAncestralDiscreteScheduler", config), steps, seed=12, running=running)
-
-
-@pytest.mark.parametrize("case", LCM_CASES)
-def test_lcm_trajectory(case):
-    config, steps = LCM_CASES[case]
-    _run(*_pair("LCMScheduler", config), steps, seed=13)
+@pytest.mark.parametrize(
+    ("cls_name", "case"),
+    [pytest.param(c, k, id=f"{c}-{k}") for c, cases in TRAJECTORIES.items() for k in cases],
+)
+def test_trajectory(cls_name, case):
+    config, steps = TRAJECTORIES[cls_name][case]
+    ref, ours = _pair(cls_name, config)
+    assert ours.stochastic == (cls_name in STOCHASTIC or "sde" in case)
+    # zero-terminal-SNR Euler(a): sigma_max = 4096, measured against the running scale
+    running = cls_name.startswith("Euler") and bool(config.get("rescale_betas_zero_snr"))
+    _run(ref, ours, steps, seed=sum(map(ord, case)), running=running)
+    if cls_name == "PNDMScheduler":
+        # every model call is a scheduled timestep: one more than asked with skip_prk_steps
+        # (the Heun-like start), nine more with the Runge-Kutta start (12 calls for 3 steps)
+        extra = 1 if config.get("skip_prk_steps") else 9
+        assert len(ours.timesteps) == steps + extra
 
 
 def test_stochastic_steps_need_noise():
@@ -337,28 +327,13 @@ def test_stochastic_steps_need_noise():
         lcm.set_timesteps(51)  # a subset of the distillation's 50-step grid
 
 
-def test_pndm_history_in_order():
+def test_pndm_steps_in_order():
     pndm = schedulers.PNDMScheduler(**SD15)
     pndm.set_timesteps(5)
-    rng = np.random.default_rng(9)
-    start, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
-    runs = []
-    for _ in range(2):  # a second pass from step 0 repeats the first exactly
-        x = start
-        for i in range(len(pndm.timesteps)):
-            x = pndm.step(np.float32(0.5) * x + noise, i, x)
-        runs.append(x)
-    np.testing.assert_array_equal(runs[0], runs[1])
+    x = np.zeros(SHAPE, np.float32)
+    pndm.step(x, 0, x)
     with pytest.raises(ValueError, match="history"):
-        pndm.step(start, 3, start)
-
-
-@pytest.mark.parametrize("case", DPM_SDE_CASES)
-def test_dpmsolver_sde_trajectory(case):
-    config, steps = DPM_SDE_CASES[case]
-    ref, ours = _pair("DPMSolverMultistepScheduler", config)
-    assert ours.stochastic and not schedulers.DPMSolverMultistepScheduler().stochastic
-    _run(ref, ours, steps, seed=14)
+        pndm.step(x, 3, x)
 
 
 def test_flow_match_sd3():
@@ -507,17 +482,21 @@ def test_misuse_raises():
         flux.step(x, -1, x)
 
 
-def test_dpmsolver_history_restarts_at_step_zero():
+@pytest.mark.parametrize(
+    "sched",
+    [schedulers.DPMSolverMultistepScheduler(**SD_BETAS), schedulers.PNDMScheduler(**SD15)],
+    ids=lambda s: type(s).__name__,
+)
+def test_history_restarts_at_step_zero(sched):
     """A second pass from step 0 without set_timesteps repeats the first exactly."""
-    dpm = schedulers.DPMSolverMultistepScheduler(**SD_BETAS)
-    dpm.set_timesteps(6)
+    sched.set_timesteps(6)
     rng = np.random.default_rng(8)
     start, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
     runs = []
     for _ in range(2):
         x = start
-        for i in range(len(dpm.timesteps)):
-            x = dpm.step(np.float32(0.5) * x + noise, i, x)
+        for i in range(len(sched.timesteps)):
+            x = sched.step(np.float32(0.5) * x + noise, i, x)
         runs.append(x)
     np.testing.assert_array_equal(runs[0], runs[1])
 
