@@ -86,6 +86,7 @@ def pipeline_constants(model: LoadedModel) -> PipelineSpec:
         "latent_channels": vae.latent_channels,
         "vae_scaling_factor": float(vae.scaling_factor),
         "vae_shift_factor": None if shift is None else float(shift),
+        **_latent_stats(arch, vae),
         # SDXL's pipeline config carries it; other pipelines have no such option.
         "force_zeros_for_empty_prompt": bool(
             pipe.config.get("force_zeros_for_empty_prompt", False)
@@ -95,6 +96,18 @@ def pipeline_constants(model: LoadedModel) -> PipelineSpec:
     }
     # The schema the runtime reads it with: a value it would refuse fails here, at export.
     return PipelineSpec.model_validate(record)
+
+
+def _latent_stats(arch, vae) -> dict:
+    """The VAE's per-channel latent mean and std where the family's pipeline decodes with
+    them (SDXL's, for Playground v2.5); absent otherwise, as in manifests before them."""
+    mean, std = vae.get("latents_mean"), vae.get("latents_std")
+    if not arch.vae_latent_stats or mean is None or std is None:
+        return {}
+    return {
+        "vae_latents_mean": [float(v) for v in mean],
+        "vae_latents_std": [float(v) for v in std],
+    }
 
 
 def _text_encoder_record(pipe, spec) -> TextEncoderRecord:

@@ -313,6 +313,10 @@ class PipelineSpec(pydantic.BaseModel):
     latent_channels: Annotated[int, Field(ge=1, le=64)]
     vae_scaling_factor: Annotated[float, Field(gt=0, le=1000)]
     vae_shift_factor: Annotated[float, Field(ge=-1000, le=1000)] | None
+    # Per-channel latent statistics SDXL's pipeline decodes with (Playground v2.5):
+    # latents * std / vae_scaling_factor + mean. Written only when the VAE has them.
+    vae_latents_mean: tuple[Annotated[float, Field(ge=-1000, le=1000)], ...] | None = None
+    vae_latents_std: tuple[Annotated[float, Field(gt=0, le=1000)], ...] | None = None
     force_zeros_for_empty_prompt: bool
     text_encoders: Annotated[tuple[TextEncoderRecord, ...], Field(min_length=1, max_length=8)]
     scheduler: BundlePath  # diffusers' scheduler_config.json
@@ -323,6 +327,16 @@ class PipelineSpec(pydantic.BaseModel):
 
         check_pipeline(self)
         return self
+
+    @pydantic.model_serializer(mode="wrap")
+    def _omit_absent_stats(self, handler: Any) -> dict[str, Any]:
+        # Written only when set: other bundles' manifests stay byte-identical to those of
+        # versions before these fields (same identity), and readable by those versions.
+        data = handler(self)
+        for key in ("vae_latents_mean", "vae_latents_std"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class Manifest(pydantic.BaseModel):

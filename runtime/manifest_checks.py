@@ -72,6 +72,11 @@ def check_pipeline(p: PipelineSpec) -> None:
         _fail("kind.pooled_input", "empty; null when the denoiser takes no pooled embedding")
     if ("timestep_cond" in kind.extra_inputs) != (kind.guidance_embedding_dim is not None):
         _fail("kind.guidance_embedding_dim", "set with the timestep_cond input, and only then")
+    stats = (p.vae_latents_mean, p.vae_latents_std)
+    if (stats[0] is None) != (stats[1] is None):
+        _fail("vae_latents_mean", "and vae_latents_std come together, or neither")
+    if stats[0] is not None and not len(stats[0]) == len(stats[1]) == p.latent_channels:
+        _fail("vae_latents_mean", f"and vae_latents_std need {p.latent_channels} values each")
     if kind.embeds_guidance and p.uses_cfg:
         _fail("uses_cfg", "true for a denoiser that takes the guidance scale as an input")
     if p.vae_scale_factor & (p.vae_scale_factor - 1):

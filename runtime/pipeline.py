@@ -223,7 +223,15 @@ class Text2ImagePipeline:
 
     def _decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
         z = self.conditioning.vae_latents(latents, height, width)
-        z = z / np.float32(self.config.vae_scaling_factor)
+        scaling = np.float32(self.config.vae_scaling_factor)
+        if self.config.vae_latents_mean is not None:  # SDXL's per-channel statistics
+            mean, std = (
+                np.asarray(v, np.float32).reshape(1, -1, 1, 1)
+                for v in (self.config.vae_latents_mean, self.config.vae_latents_std)
+            )
+            z = z * std / scaling + mean
+        else:
+            z = z / scaling
         if self.config.vae_shift_factor is not None:
             z = z + np.float32(self.config.vae_shift_factor)
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)

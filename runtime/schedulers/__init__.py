@@ -170,18 +170,22 @@ def scheduler_names() -> list[str]:
     return [*SCHEDULER_ALIASES, *sorted(_SCHEDULERS)]
 
 
-def _flow_matching(class_name: str) -> bool:
-    # diffusers names every flow-matching (rectified-flow) scheduler FlowMatch*; the others
-    # sample the discrete-time VP process. A model trained for one cannot use the other.
-    return class_name.startswith("FlowMatch")
+def _process(class_name: str) -> str:
+    """The diffusion process a scheduler samples, from its diffusers name: FlowMatch*
+    (rectified flow: SD3, FLUX), EDM* (Karras et al.'s preconditioned sigmas: Playground
+    v2.5), the rest the discrete-time VP process (SD1.5, SDXL). A model trained for one
+    cannot be sampled with another's scheduler."""
+    if class_name.startswith("FlowMatch"):
+        return "flow matching"
+    return "EDM" if class_name.startswith("EDM") else "discrete-time VP"
 
 
 def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
     """`config` (a scheduler_config.json dict) rewritten for scheduler `name`, a short name
     of SCHEDULER_ALIASES or a class name, as diffusers' `from_config` does: the keys both
     classes know carry over (betas, prediction type, spacing), the new class ignores the
-    rest. Raises ValueError for an unknown name, or a sampler of the other process
-    (flow matching for an SD1.5/SDXL model, or the reverse).
+    rest. Raises ValueError for an unknown name, or a sampler of another process (flow
+    matching for an SD1.5/SDXL model, a VP sampler for an EDM-trained one, ...).
 
     Example:
         >>> switch_scheduler({"_class_name": "PNDMScheduler", "beta_schedule": "linear"},
@@ -192,11 +196,12 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
     if class_name not in _SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(scheduler_names())}")
     current = str(config.get("_class_name", ""))
-    if _flow_matching(class_name) != _flow_matching(current):
-        allowed = [n for n in _SCHEDULERS if _flow_matching(n) == _flow_matching(current)]
+    if _process(class_name) != _process(current):
+        allowed = sorted(n for n in _SCHEDULERS if _process(n) == _process(current))
         raise ValueError(
-            f"{name} cannot replace {current or 'this scheduler'}: the model was trained "
-            f"for the other sampling process; use one of: {', '.join(sorted(allowed))}"
+            f"{name} cannot replace {current or 'this scheduler'}: it samples the "
+            f"{_process(class_name)} process, the model was trained for the "
+            f"{_process(current)} one; use one of: {', '.join(allowed) or 'none ported yet'}"
         )
     kept = {k: v for k, v in config.items() if not k.startswith("_")}
     return {"_class_name": class_name, **kept, **overrides}

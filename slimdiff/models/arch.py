@@ -211,6 +211,9 @@ class ArchSpec:
     default_guidance: float
     uses_cfg: bool  # classifier-free guidance batches (uncond, cond) into one call
     denoiser_onnx: OnnxPlan
+    # The pipeline decodes latents * latents_std / scaling_factor + latents_mean when the
+    # VAE config has per-channel statistics (StableDiffusionXLPipeline: Playground v2.5).
+    vae_latent_stats: bool = False
     # Widths fixed by the denoiser's config: axis name -> config key, or a function of it.
     config_axes: Mapping[str, ConfigAxis] = field(default_factory=dict)
     config_match: Mapping[str, Any] = field(default_factory=dict)

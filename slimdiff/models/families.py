@@ -119,6 +119,7 @@ SDXL = ArchSpec(
     default_guidance=5.0,
     uses_cfg=True,
     denoiser_onnx=_UNET_ONNX,
+    vae_latent_stats=True,
     **_UNET_STRUCTURE,
 )
 

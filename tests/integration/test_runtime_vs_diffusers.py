@@ -208,7 +208,8 @@ def test_scheduler_choice_errors(exported):
     _, bundle = exported("sd15")
     with pytest.raises(UserError, match="unknown scheduler 'heun'"):
         Text2ImagePipeline.from_bundle(bundle, scheduler="heun")
-    with pytest.raises(UserError, match="other sampling process"):
+    mismatch = "samples the flow matching process, the model was trained for the discrete-time VP"
+    with pytest.raises(UserError, match=mismatch):
         Text2ImagePipeline.from_bundle(bundle, scheduler="flow-euler")
     lcm = Text2ImagePipeline.from_bundle(bundle, scheduler="lcm")
     with pytest.raises(UserError, match=r"60 steps with LCMScheduler.*1\.\.50"):
@@ -269,6 +270,35 @@ def test_lcm_unet_matches_diffusers(lcm_unet_bundle, family, monkeypatch):
     # the embedding carries the guidance: another scale gives another image
     other = runtime(PROMPT, steps=STEPS, guidance=2.0, size=(SIZE, SIZE), latents=latents)
     assert np.abs(other.latents - result.latents).max() > 1e-3
+
+
+def test_sdxl_vae_latent_statistics_match_diffusers(tmp_path):
+    """A VAE config with per-channel latents_mean/std (Playground v2.5): SDXL's pipeline
+    decodes latents * std / scaling_factor + mean, and so must the runtime."""
+    from slimdiff.export import export_bundle
+
+    from slimdiff.models import load_model
+
+    model = load_model("tiny:sdxl")
+    mean, std = [0.5, -0.3, 0.2, 0.1], [0.8, 1.3, 0.9, 1.1]
+    model.pipe.vae.register_to_config(latents_mean=mean, latents_std=std)
+    export_bundle(model, tmp_path / "b", optimize=False)
+    pipeline = json.loads((tmp_path / "b" / "manifest.json").read_text())["pipeline"]
+    assert (pipeline["vae_latents_mean"], pipeline["vae_latents_std"]) == (mean, std)
+    runtime = Text2ImagePipeline.from_bundle(tmp_path / "b")
+    latents = (
+        np.random.default_rng(4)
+        .standard_normal(runtime.conditioning.latent_shape(SIZE, SIZE))
+        .astype(np.float32)
+    )
+    model.pipe.set_progress_bar_config(disable=True)
+    ref_image, _ = _diffusers(model.pipe, latents, 5.0, None)
+    result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
+    assert _psnr(result.image, ref_image) >= 40.0
+    # the statistics matter: decoding without them gives another image
+    plain = runtime._decode(result.latents, SIZE, SIZE)
+    runtime.config = runtime.config.model_copy(update={"vae_latents_mean": None})
+    assert _psnr(runtime._decode(result.latents, SIZE, SIZE), plain) < 30.0
 
 
 def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):

@@ -149,3 +149,28 @@ def test_no_edit_of_a_manifest_gives_anything_but_bundle_error(exported):
                 outcomes["refused"] += 1
     # Some edits are legitimate (source text, parity numbers); most must be refused.
     assert outcomes["refused"] > 10 * outcomes["valid"] > 0, outcomes
+
+
+@pytest.mark.parametrize(
+    ("stats", "error"),
+    [
+        ({"vae_latents_mean": [0.1] * 4, "vae_latents_std": [0.9] * 4}, None),
+        ({"vae_latents_mean": [0.1] * 4}, "come together"),
+        ({"vae_latents_mean": [0.1] * 3, "vae_latents_std": [0.9] * 3}, "need 4 values each"),
+        ({"vae_latents_mean": [0.1] * 4, "vae_latents_std": [0.9, 0.9, 0.9, 0]}, "std"),
+        ({"vae_latents_mean": [0.1] * 4, "vae_latents_std": "0.9"}, "std"),
+    ],
+)
+def test_vae_latent_statistics_are_optional_and_checked(exported, stats, error):
+    """Written only when the VAE has them (other manifests stay as they were); when
+    present, one value per latent channel each, the std positive."""
+    out, _ = exported
+    base = json.loads((out / "manifest.json").read_text())
+    assert "vae_latents_mean" not in base["pipeline"]  # tiny:sd15's VAE has none
+    base["pipeline"].update(stats)
+    data = json.dumps(base).encode()
+    if error is None:
+        assert parse_manifest(data, out).pipeline.vae_latents_std == (0.9,) * 4
+    else:
+        with pytest.raises(BundleError, match=error):
+            parse_manifest(data, out)
