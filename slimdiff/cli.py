@@ -152,7 +152,8 @@ def _scheduler_option(help_text: str):
             default=None,
             callback=_check_scheduler_name,
             help=help_text + " euler, euler-karras, euler-a, ddim, dpm++2m, dpm++2m-karras, "
-            "dpm++2m-sde, dpm++2m-sde-karras, pndm, lcm, unipc, flow-euler, or a diffusers "
+            "dpm++2m-sde, dpm++2m-sde-karras, pndm, lcm, unipc, edm-euler, edm-dpm++2m, "
+            "edm-dpm++2m-sde (EDM models), flow-euler (SD3/FLUX), or a diffusers "
             "class name; built from the "
             "model's scheduler config as diffusers' from_config does.",
         )(f)

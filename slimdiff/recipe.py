@@ -103,9 +103,10 @@ _PLANNED_TARGETS: tuple[str, ...] = ()
 SCHEDULERS = (
     *("euler", "euler-karras", "euler-a", "ddim", "dpm++2m", "dpm++2m-karras"),
     *("dpm++2m-sde", "dpm++2m-sde-karras"),
-    *("pndm", "lcm", "unipc", "flow-euler"),
-    *("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"),
-    *("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler"),
+    *("pndm", "lcm", "unipc", "edm-euler", "edm-dpm++2m", "edm-dpm++2m-sde", "flow-euler"),
+    *("DDIMScheduler", "DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"),
+    *("EDMEulerScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler"),
+    *("FlowMatchEulerDiscreteScheduler", "LCMScheduler"),
     *("PNDMScheduler", "UniPCMultistepScheduler"),
 )
 

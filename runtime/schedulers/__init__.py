@@ -24,6 +24,9 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   (2023, arXiv:2310.04378), for LCM-distilled models and LCM-LoRA (2-8 steps).
 - `UniPCMultistepScheduler`: the predictor-corrector of Zhao et al., "UniPC" (2023,
   arXiv:2302.04867).
+- `EDMEulerScheduler`, `EDMDPMSolverMultistepScheduler`: Euler and DPM-Solver++ (2M, its
+  SDE form, 3M) on the preconditioned sigmas of Karras et al. (2022, arXiv:2206.00364), for
+  EDM-trained models (Playground v2.5).
 - `FlowMatchEulerDiscreteScheduler`: Euler on the rectified-flow ODE, Lipman et al., "Flow
   Matching for Generative Modeling" (2023, arXiv:2210.02747), with the timestep shift of
   Esser et al., "Scaling Rectified Flow Transformers" (SD3, 2024, arXiv:2403.03206) and
@@ -37,7 +40,7 @@ v-prediction follows Salimans & Ho, "Progressive Distillation" (2022, arXiv:2202
 Unlike diffusers, `scale_model_input` and `step` take the step index explicitly, so no
 hidden counter can drift; the multistep ones (DPM-Solver++, PNDM, UniPC) still keep their
 model-output history and require steps in order. The stochastic ones (`stochastic` true:
-Euler a, LCM, DPM-Solver++ in its SDE form) take each step's standard-normal noise as
+Euler a, LCM, DPM-Solver++ in its SDE forms) take each step's standard-normal noise as
 `step(..., noise=)`, which the runtime draws from the seed; diffusers draws it from
 torch's generator, so their images differ from diffusers' for the same seed (the
 deterministic ones match it). Only numpy and the standard library are imported (the
@@ -67,6 +70,8 @@ import numpy as np
 
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
+from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler
@@ -78,6 +83,8 @@ __all__ = [
     "SCHEDULER_ALIASES",
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
+    "EDMDPMSolverMultistepScheduler",
+    "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
@@ -123,6 +130,8 @@ _SCHEDULERS: dict[str, type] = {
         PNDMScheduler,
         LCMScheduler,
         UniPCMultistepScheduler,
+        EDMEulerScheduler,
+        EDMDPMSolverMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
     )
 }
@@ -144,6 +153,9 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "pndm": ("PNDMScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "edm-euler": ("EDMEulerScheduler", {}),
+    "edm-dpm++2m": ("EDMDPMSolverMultistepScheduler", {}),
+    "edm-dpm++2m-sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 

@@ -272,9 +272,29 @@ def test_lcm_unet_matches_diffusers(lcm_unet_bundle, family, monkeypatch):
     assert np.abs(other.latents - result.latents).max() > 1e-3
 
 
-def test_sdxl_vae_latent_statistics_match_diffusers(tmp_path):
-    """A VAE config with per-channel latents_mean/std (Playground v2.5): SDXL's pipeline
-    decodes latents * std / scaling_factor + mean, and so must the runtime."""
+# Playground v2.5's scheduler_config.json (an SDXL UNet trained in the EDM formulation)
+PLAYGROUND_SCHEDULER = {
+    "algorithm_type": "dpmsolver++",
+    "euler_at_final": False,
+    "final_sigmas_type": "zero",
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "rho": 7.0,
+    "sigma_data": 0.5,
+    "sigma_max": 80.0,
+    "sigma_min": 0.002,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "thresholding": False,
+}
+
+
+def test_playground_like_sdxl_matches_diffusers(tmp_path):
+    """Playground v2.5's layout: EDMDPMSolverMultistepScheduler (the UNet gets log(sigma)/4
+    as its timestep, inputs scaled by c_in) and a VAE config with per-channel
+    latents_mean/std, which SDXL's pipeline decodes as latents * std / scaling + mean."""
+    import diffusers
     from slimdiff.export import export_bundle
 
     from slimdiff.models import load_model
@@ -282,7 +302,10 @@ def test_sdxl_vae_latent_statistics_match_diffusers(tmp_path):
     model = load_model("tiny:sdxl")
     mean, std = [0.5, -0.3, 0.2, 0.1], [0.8, 1.3, 0.9, 1.1]
     model.pipe.vae.register_to_config(latents_mean=mean, latents_std=std)
+    model.pipe.scheduler = diffusers.EDMDPMSolverMultistepScheduler(**PLAYGROUND_SCHEDULER)
     export_bundle(model, tmp_path / "b", optimize=False)
+    shipped = json.loads((tmp_path / "b/scheduler/scheduler_config.json").read_text())
+    assert shipped["_class_name"] == "EDMDPMSolverMultistepScheduler"
     pipeline = json.loads((tmp_path / "b" / "manifest.json").read_text())["pipeline"]
     assert (pipeline["vae_latents_mean"], pipeline["vae_latents_std"]) == (mean, std)
     runtime = Text2ImagePipeline.from_bundle(tmp_path / "b")
@@ -292,9 +315,16 @@ def test_sdxl_vae_latent_statistics_match_diffusers(tmp_path):
         .astype(np.float32)
     )
     model.pipe.set_progress_bar_config(disable=True)
-    ref_image, _ = _diffusers(model.pipe, latents, 5.0, None)
+    ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
+    _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
     result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
+    contribution = np.linalg.norm(ref_latents - no_model)
+    assert contribution > 0.1 * np.linalg.norm(ref_latents)
+    rel = np.linalg.norm(result.latents - ref_latents) / contribution
+    assert rel < 1e-4, f"final latents off by {rel:.2e} of the denoiser's contribution"
     assert _psnr(result.image, ref_image) >= 40.0
+    with pytest.raises(UserError, match="the model was trained for the EDM one"):
+        Text2ImagePipeline.from_bundle(tmp_path / "b", scheduler="euler")
     # the statistics matter: decoding without them gives another image
     plain = runtime._decode(result.latents, SIZE, SIZE)
     runtime.config = runtime.config.model_copy(update={"vae_latents_mean": None})

@@ -78,6 +78,7 @@ def test_unsupported_scheduler_is_refused_naming_the_ones_that_work(sd15):
     names = message.rpartition("one of: ")[2].split(", ")
     assert {"euler", "euler-a", "dpm++2m-karras", "pndm", "unipc", "lcm"} <= set(names)
     assert "flow-euler" not in names and "FlowMatchEulerDiscreteScheduler" not in names
+    assert "edm-euler" not in names and "EDMDPMSolverMultistepScheduler" not in names
 
 
 def test_unported_option_of_a_ported_class_is_refused(sd15):
