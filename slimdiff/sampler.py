@@ -199,6 +199,15 @@ class TorchSampler:
         i = self._check(step_index)
         return {k: v[i] for k, v in self._c.items()}
 
+    def _multistep_row(
+        self, step_index: int, state: SamplerState, solver: str
+    ) -> tuple[int, Coefficients]:
+        """The step's index and coefficients, once `state` is checked to feed this step."""
+        i = self._check(step_index)
+        if state.step_index is not None and state.step_index != i:
+            raise ValueError(f"{solver} state is for step {state.step_index}, not {i}")
+        return i, self._row(i)
+
     def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
         raise NotImplementedError
 
@@ -332,10 +341,7 @@ class _DPMSolverSampler(TorchSampler):
     def step(
         self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
     ) -> tuple[Tensor, SamplerState]:
-        i = self._check(step_index)
-        c = self._row(i)
-        if state.step_index is not None and state.step_index != i:
-            raise ValueError(f"DPM-Solver++ state is for step {state.step_index}, not {i}")
+        i, c = self._multistep_row(step_index, state, "DPM-Solver++")
         # diffusers' convert_model_output: x0 in the inputs' dtype, before the upcast
         if self.config["prediction_type"] == "epsilon":
             x0 = (sample - c["sigma_s"] * model_output) / c["alpha_s"]
@@ -401,10 +407,7 @@ class _PNDMSampler(TorchSampler):
     def step(
         self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
     ) -> tuple[Tensor, SamplerState]:
-        i = self._check(step_index)
-        c = self._row(i)
-        if state.step_index is not None and state.step_index != i:
-            raise ValueError(f"PLMS state is for step {state.step_index}, not {i}")
+        i, c = self._multistep_row(step_index, state, "PLMS")
         if i == 1:
             if state.start is None or not state.eps:
                 raise ValueError("PLMS step 1 needs step 0's state (its output and sample)")

@@ -22,6 +22,7 @@ import torch
 from slimdiff.runtime import BundleError, Text2ImagePipeline
 
 from slimdiff.errors import UserError
+from tests.unit.test_scheduler_edm import PLAYGROUND  # Playground v2.5's scheduler config
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +94,15 @@ def _diffusers(pipe, latents: np.ndarray, guidance: float, negative: str | None,
     return np.array(image), final["latents"]
 
 
+def _assert_close_to_diffusers(latents, ref_latents, no_model, label: str) -> None:
+    """Final latents within 1e-4 of the denoiser's contribution (module docstring), and
+    that contribution large enough to mean something."""
+    contribution = np.linalg.norm(ref_latents - no_model)
+    assert contribution > 0.1 * np.linalg.norm(ref_latents)  # the denoiser did something
+    rel = np.linalg.norm(latents - ref_latents) / contribution
+    assert rel < 1e-4, f"{label}: final latents off by {rel:.2e} of the denoiser's contribution"
+
+
 @pytest.mark.parametrize(("family", "guidance", "negative"), CASES)
 def test_runtime_matches_diffusers(exported, family, guidance, negative):
     model, bundle = exported(family)
@@ -117,10 +127,7 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
     # Error relative to what the denoiser changed (measured 2e-7 to 3e-6 on all six
     # cases), not to the latents, which are mostly the initial noise: text states scaled
     # by 0.9995 in the runtime are 8e-5 of the latents but 2e-4 of the contribution.
-    contribution = np.linalg.norm(ref_latents - no_model)
-    assert contribution > 0.1 * np.linalg.norm(ref_latents)  # the denoiser did something
-    rel = np.linalg.norm(result.latents - ref_latents) / contribution
-    assert rel < 1e-4, f"{family}: final latents off by {rel:.2e} of the denoiser's contribution"
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
     psnr = _psnr(result.image, ref_image)
     assert psnr >= 40.0, f"{family}: PSNR {psnr:.1f} dB"
     timings = result.timings_ms
@@ -173,10 +180,7 @@ def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
     finally:
         model.pipe.scheduler = original
     result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
-    contribution = np.linalg.norm(ref_latents - no_model)
-    assert contribution > 0.1 * np.linalg.norm(ref_latents)
-    rel = np.linalg.norm(result.latents - ref_latents) / contribution
-    assert rel < 1e-4, f"{name}: final latents off by {rel:.2e} of the denoiser's contribution"
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, name)
     assert _psnr(result.image, ref_image) >= 40.0
     # PNDM without skip_prk_steps (diffusers' default) starts with Runge-Kutta: 9 more calls
     calls = STEPS + 9 if class_name == "PNDMScheduler" else STEPS
@@ -262,32 +266,11 @@ def test_lcm_unet_matches_diffusers(lcm_unet_bundle, family, monkeypatch):
     monkeypatch.setattr(f"{module}.randn_tensor", _runtime_step_noise(0))
     _, no_model = _diffusers(model.pipe, latents, 8.0, None, zero=True)
     result = runtime(PROMPT, steps=STEPS, guidance=8.0, size=(SIZE, SIZE), latents=latents)
-    contribution = np.linalg.norm(ref_latents - no_model)
-    assert contribution > 0.1 * np.linalg.norm(ref_latents)
-    rel = np.linalg.norm(result.latents - ref_latents) / contribution
-    assert rel < 1e-4, f"final latents off by {rel:.2e} of the denoiser's contribution"
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
     assert _psnr(result.image, ref_image) >= 40.0
     # the embedding carries the guidance: another scale gives another image
     other = runtime(PROMPT, steps=STEPS, guidance=2.0, size=(SIZE, SIZE), latents=latents)
     assert np.abs(other.latents - result.latents).max() > 1e-3
-
-
-# Playground v2.5's scheduler_config.json (an SDXL UNet trained in the EDM formulation)
-PLAYGROUND_SCHEDULER = {
-    "algorithm_type": "dpmsolver++",
-    "euler_at_final": False,
-    "final_sigmas_type": "zero",
-    "lower_order_final": True,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "rho": 7.0,
-    "sigma_data": 0.5,
-    "sigma_max": 80.0,
-    "sigma_min": 0.002,
-    "solver_order": 2,
-    "solver_type": "midpoint",
-    "thresholding": False,
-}
 
 
 def test_playground_like_sdxl_matches_diffusers(tmp_path):
@@ -302,7 +285,7 @@ def test_playground_like_sdxl_matches_diffusers(tmp_path):
     model = load_model("tiny:sdxl")
     mean, std = [0.5, -0.3, 0.2, 0.1], [0.8, 1.3, 0.9, 1.1]
     model.pipe.vae.register_to_config(latents_mean=mean, latents_std=std)
-    model.pipe.scheduler = diffusers.EDMDPMSolverMultistepScheduler(**PLAYGROUND_SCHEDULER)
+    model.pipe.scheduler = diffusers.EDMDPMSolverMultistepScheduler(**PLAYGROUND)
     export_bundle(model, tmp_path / "b", optimize=False)
     shipped = json.loads((tmp_path / "b/scheduler/scheduler_config.json").read_text())
     assert shipped["_class_name"] == "EDMDPMSolverMultistepScheduler"
@@ -318,10 +301,7 @@ def test_playground_like_sdxl_matches_diffusers(tmp_path):
     ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
     _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
     result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
-    contribution = np.linalg.norm(ref_latents - no_model)
-    assert contribution > 0.1 * np.linalg.norm(ref_latents)
-    rel = np.linalg.norm(result.latents - ref_latents) / contribution
-    assert rel < 1e-4, f"final latents off by {rel:.2e} of the denoiser's contribution"
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "playground-like")
     assert _psnr(result.image, ref_image) >= 40.0
     with pytest.raises(UserError, match="the model was trained for the EDM one"):
         Text2ImagePipeline.from_bundle(tmp_path / "b", scheduler="euler")
