@@ -77,6 +77,7 @@ class Calibration:
         self.dtype = _DTYPES[spec.dtype]
         self._key: str | None = None
         self._trajectories: Trajectories | None = None
+        self._scheduler: Any = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -91,6 +92,37 @@ class Calibration:
         """Whether the pipeline batches (uncond, cond): as diffusers decides it."""
         denoiser = getattr(self.pipe, self.arch.denoiser)
         return self.arch.uses_cfg_for(denoiser.config) and self.guidance > 1.0
+
+    @property
+    def scheduler(self) -> Any:
+        """The diffusers scheduler calibration samples with: `calibration.scheduler` built
+        from the model's config as diffusers' from_config builds it, else the model's."""
+        if self.spec.scheduler is None:
+            return self.pipe.scheduler
+        if self._scheduler is None:
+            import diffusers
+
+            from slimdiff.errors import UserError
+
+            cls = getattr(diffusers, self.spec.scheduler, None)
+            if not (isinstance(cls, type) and hasattr(cls, "from_config")):
+                raise UserError(
+                    f"calibration.scheduler {self.spec.scheduler!r} is not a diffusers "
+                    "scheduler class; use e.g. EulerDiscreteScheduler"
+                )
+            self._scheduler = cls.from_config(self.pipe.scheduler.config)
+        return self._scheduler
+
+    @contextlib.contextmanager
+    def _sampling_with_calibration_scheduler(self) -> Iterator[None]:
+        # The pipeline runs calibration's scheduler; the model keeps its own (the artifact
+        # and bundle ship the model's).
+        original = self.pipe.scheduler
+        self.pipe.scheduler = self.scheduler
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = original
 
     @property
     def device(self) -> torch.device:
@@ -128,7 +160,7 @@ class Calibration:
         h, w = self.size
         noise = self.noise(i)
         denoiser = getattr(self.pipe, self.arch.denoiser)
-        with self._precision():
+        with self._precision(), self._sampling_with_calibration_scheduler():
             out = self.pipe(
                 self.prompts[i],
                 num_inference_steps=self.spec.steps,
@@ -146,15 +178,16 @@ class Calibration:
         """Hash of the model (weights fingerprint, scheduler) and the calibration settings,
         computed once: a pass that later replaces the denoiser does not change it."""
         if self._key is None:
-            self._key = fingerprint_key(
-                self.pipe,
-                prompts=self.prompts,
-                steps=self.spec.steps,
-                guidance=self.guidance,
-                seed=self.spec.seed,
-                size=list(self.size),
-                dtype=self.spec.dtype,
-            )
+            with self._sampling_with_calibration_scheduler():  # its config goes in the key
+                self._key = fingerprint_key(
+                    self.pipe,
+                    prompts=self.prompts,
+                    steps=self.spec.steps,
+                    guidance=self.guidance,
+                    seed=self.spec.seed,
+                    size=list(self.size),
+                    dtype=self.spec.dtype,
+                )
         return self._key
 
     def record(self) -> Trajectories:
@@ -195,7 +228,7 @@ class Calibration:
                     self._run,
                     self.prompts,
                     progress.advance,
-                    timesteps=lambda: self.pipe.scheduler.timesteps.tolist(),
+                    timesteps=lambda: self.scheduler.timesteps.tolist(),
                 )
         finally:  # the caller's bar settings back, as they were (diffusers' default: {})
             self.pipe._progress_bar_config = bar
@@ -209,7 +242,7 @@ class Calibration:
     def sampler(self, device: torch.device | str | None = None) -> TorchSampler:
         """A stateless sampler with the schedule the pipeline ran (same steps and shift)."""
         kind = self.arch.kind_for(getattr(self.pipe, self.arch.denoiser).config)
-        scheduler = self.pipe.scheduler
+        scheduler = self.scheduler
         config = {**scheduler.config, "_class_name": type(scheduler).__name__}
         args = timestep_args(kind, config, self.spec.steps, *self._latent_hw())
         steps = args.pop("num_inference_steps")

@@ -92,6 +92,11 @@ class CalibrationSpec(_Strict):
     # The dtype the pipeline runs in while the teacher's trajectories are recorded (and
     # passes calibrate): bfloat16 or float16 halve a GPU's memory and time; float32 on CPU.
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # The diffusers scheduler class calibration samples with, built from the model's
+    # scheduler config (from_config); None: the model's own. Passes that recompute steps
+    # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, DDIM,
+    # DPM-Solver++, PNDM, flow-match Euler): for a model that ships Euler a or UniPC, say.
+    scheduler: str | None = pydantic.Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}Scheduler$")
 
 
 # Export targets this version builds. "tensorrt" and "aoti" are planned: naming them is a

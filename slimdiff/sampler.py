@@ -129,7 +129,8 @@ class TorchSampler:
         if name not in _SAMPLERS:
             raise UserError(
                 f"scheduler {name!r} has no torch sampler; supported: {', '.join(_SAMPLERS)} "
-                "(set one in the model's scheduler/scheduler_config.json)"
+                "(calibrate with one: calibration.scheduler in the recipe, e.g. "
+                "EulerDiscreteScheduler)"
             )
         sampler_cls = _SAMPLERS[name]
         scheduler = getattr(diffusers, name).from_config(config)

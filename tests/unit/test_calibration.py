@@ -155,3 +155,36 @@ def test_cache_key_follows_the_weights_not_the_name(tmp_path):
     assert (
         Calibration(same.pipe, same.arch, SPEC).key == Calibration(model.pipe, model.arch, SPEC).key
     )
+
+
+def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
+    """A model shipping Euler a (no deterministic torch sampler) calibrates with
+    calibration.scheduler instead: the trajectories, the stateless loop and the cache key
+    use it, and the model keeps its own scheduler (the artifact and bundle ship that)."""
+    import diffusers
+
+    from slimdiff.errors import UserError
+
+    model = load_model("tiny:sd15")
+    pipe = model.pipe
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    spec = SPEC.model_copy(update={"size": (64, 64)})
+    with pytest.raises(UserError, match=r"calibration\.scheduler"):
+        Calibration(pipe, model.arch, spec).loop(model.denoiser)
+    euler = spec.model_copy(update={"scheduler": "EulerDiscreteScheduler"})
+    calib = Calibration(pipe, model.arch, euler, work_dir=tmp_path)
+    data = calib.record()
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert type(calib.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert calib.scheduler.config["beta_schedule"] == pipe.scheduler.config["beta_schedule"]
+    assert calib.key != Calibration(pipe, model.arch, spec).key
+    loop = calib.loop(model.denoiser)
+    with torch.no_grad():
+        final = loop.run(data.noise(0), calib.conditioning(0, model.denoiser))
+    rel = (final - data.final(0)).norm() / data.final(0).norm()
+    assert rel < 1e-5, float(rel)  # the loop samples as the recorded pipeline did
+    bad = spec.model_copy(update={"scheduler": "NoSuchScheduler"})
+    with pytest.raises(UserError, match="not a diffusers scheduler class"):
+        _ = Calibration(pipe, model.arch, bad).scheduler
+    with pytest.raises(ValueError, match="scheduler"):
+        CalibrationSpec(scheduler="euler")  # class names: the core has no alias table
