@@ -95,8 +95,10 @@ class Bundle:
         """The bytes of `rel` exactly as they were hashed (tokenizer.json, scheduler config)."""
         return self._contents[rel]
 
-    def read_json(self, rel: str) -> dict[str, Any]:
-        value = load_json_bytes(self.read_bytes(rel), f"{self.root}/{rel}")
+    def read_json(self, rel: str, infinities: bool = False) -> dict[str, Any]:
+        """A verified JSON object file; `infinities` for files diffusers writes (the
+        scheduler config: Python's json writes -inf as -Infinity)."""
+        value = load_json_bytes(self.read_bytes(rel), f"{self.root}/{rel}", infinities)
         if not isinstance(value, dict):
             raise BundleError(f"{self.root}/{rel}: the top level is not a JSON object; {FIX}")
         return value

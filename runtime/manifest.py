@@ -388,10 +388,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_json_bytes(data: bytes, where: str) -> Any:
-    """Parse a bundle's JSON file strictly (see strict_json.loads); BundleError if not."""
+def load_json_bytes(data: bytes, where: str, infinities: bool = False) -> Any:
+    """Parse a bundle's JSON file strictly (see strict_json.loads, and its `infinities`);
+    BundleError if not."""
     try:
-        return strict_json.loads(data, MAX_JSON_DEPTH)
+        return strict_json.loads(data, MAX_JSON_DEPTH, infinities)
     except strict_json.StrictJSONError as err:
         raise BundleError(f"{where}: {err}; {FIX}") from None
 

@@ -121,7 +121,7 @@ class Text2ImagePipeline:
     ) -> Text2ImagePipeline:
         manifest = bundle.manifest
         config = manifest.pipeline
-        scheduler_config = bundle.read_json(config.scheduler)
+        scheduler_config = bundle.read_json(config.scheduler, infinities=True)
         _check_scheduler(bundle.root, config, scheduler_config)
         if scheduler is not None:
             scheduler_config = _switched(config, scheduler_config, scheduler)

@@ -29,8 +29,13 @@ class StrictJSONError(ValueError):
     """Bytes that are not strict JSON; the message says why, without the file's name."""
 
 
-def loads(data: bytes, max_depth: int) -> Any:
-    """Parse `data`; raise StrictJSONError saying what is wrong with it."""
+def loads(data: bytes, max_depth: int, infinities: bool = False) -> Any:
+    """Parse `data`; raise StrictJSONError saying what is wrong with it.
+
+    `infinities`: also take `Infinity` and `-Infinity`, which Python's json module writes
+    for float infinities (diffusers' save_config: DPM-Solver's lambda_min_clipped = -inf);
+    NaN stays refused.
+    """
     if data[:3] == b"\xef\xbb\xbf" or data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise StrictJSONError("not UTF-8 JSON (it starts with a byte-order mark)")
     try:
@@ -43,7 +48,7 @@ def loads(data: bytes, max_depth: int) -> Any:
         value = json.loads(
             text,
             object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_no_constant,
+            parse_constant=_infinity if infinities else _no_constant,
             parse_float=_finite_float,
         )
     except RecursionError:
@@ -70,6 +75,12 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _infinity(name: str) -> float:
+    if name == "NaN":
+        return _no_constant(name)
+    return float(name)  # "Infinity", "-Infinity"
 
 
 def _finite_float(text: str) -> float:

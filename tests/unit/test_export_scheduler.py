@@ -138,3 +138,29 @@ def test_cli_and_recipe_names(tmp_path):
 
 def test_recipe_knows_the_runtimes_names():
     assert list(SCHEDULERS) == scheduler_names()
+
+
+def test_dpm_bundle_with_diffusers_infinity_runs(sd15, tmp_path):
+    """diffusers' save_config writes DPM-Solver's lambda_min_clipped = -inf as -Infinity (not
+    JSON): the runtime reads the scheduler config with infinities allowed (a bundle with a
+    DPM scheduler was refused at run time)."""
+    from slimdiff.runtime import Text2ImagePipeline
+
+    export_bundle(sd15, tmp_path / "b", scheduler="dpm++2m-karras", optimize=False)
+    text = (tmp_path / "b/scheduler/scheduler_config.json").read_text()
+    assert '"lambda_min_clipped": -Infinity' in text
+    pipe = Text2ImagePipeline.from_bundle(tmp_path / "b")
+    assert pipe.scheduler_config["lambda_min_clipped"] == float("-inf")
+    image = pipe("a cat", steps=3, size=(64, 64)).image
+    assert image.shape == (64, 64, 3)
+
+
+def test_strict_json_infinities_only_where_asked():
+    from slimdiff.runtime.strict_json import StrictJSONError, loads
+
+    data = b'{"a": -Infinity, "b": Infinity}'
+    assert loads(data, 4, infinities=True) == {"a": float("-inf"), "b": float("inf")}
+    with pytest.raises(StrictJSONError, match="-Infinity is not a JSON number"):
+        loads(data, 4)
+    with pytest.raises(StrictJSONError, match="NaN is not a JSON number"):
+        loads(b'{"a": NaN}', 4, infinities=True)
