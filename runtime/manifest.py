@@ -432,9 +432,39 @@ def parse_manifest(data: bytes, where: str | Path) -> Manifest:
     try:
         manifest = Manifest.model_validate_json(data, strict=True)
     except pydantic.ValidationError as err:
-        raise BundleError(f"{where}: {strict_json.describe(err, value)}; {FIX}") from None
+        raise BundleError(
+            f"{where}: {strict_json.describe(err, value)}; {_fix_for(err, value)}"
+        ) from None
     manifest._sha256 = hashlib.sha256(data).hexdigest()
     return manifest
+
+
+def _fix_for(err: pydantic.ValidationError, value: dict) -> str:
+    """FIX, unless a newer slimdiff wrote fields this one does not know (optional fields
+    are added within a schema version): then the fix is to upgrade."""
+    import slimdiff
+
+    unknown = any(e["type"] == "extra_forbidden" for e in err.errors())
+    writer = value.get("slimdiff_version")
+    if unknown and isinstance(writer, str) and _version(writer) > _version(slimdiff.__version__):
+        return (
+            f"it was written by slimdiff {writer[:32]}, newer than this {slimdiff.__version__}: "
+            "upgrade slimdiff (pip install -U slimdiff), or export the bundle again with this one"
+        )
+    return FIX
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """Leading numeric release parts ("0.2.1rc1" -> (0, 2, 1)); () when there are none."""
+    parts = []
+    for part in text.split("."):
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        if not digits:
+            break
+        parts.append(int(digits))
+        if digits != part:
+            break
+    return tuple(parts)
 
 
 def read_manifest(

@@ -174,3 +174,22 @@ def test_vae_latent_statistics_are_optional_and_checked(exported, stats, error):
     else:
         with pytest.raises(BundleError, match=error):
             parse_manifest(data, out)
+
+
+@pytest.mark.parametrize(
+    ("writer", "fix"),
+    [("99.0.1", "newer than this"), ("0.0.1", "export the bundle again"), ("dev", "again")],
+)
+def test_a_field_from_a_newer_slimdiff_says_upgrade(exported, writer, fix):
+    """Optional fields are added within a schema version (LCM's guidance_embedding_dim,
+    Playground's latent statistics): an unknown field in a manifest a newer slimdiff wrote
+    means this one is too old, not that the bundle is bad."""
+    out, _ = exported
+    base = json.loads((out / "manifest.json").read_text())
+    base["slimdiff_version"] = writer
+    base["pipeline"]["kind"]["some_future_field"] = 1
+    with pytest.raises(BundleError, match=fix) as info:
+        parse_manifest(json.dumps(base).encode(), out)
+    assert "some_future_field" in str(info.value)
+    if writer == "99.0.1":
+        assert "upgrade slimdiff (pip install -U slimdiff)" in str(info.value)
