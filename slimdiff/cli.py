@@ -241,6 +241,43 @@ def compress_cmd(
         click.echo(f"bundle ({target}): {path}")
 
 
+# ----------------------------------------------------------------------------- convert
+
+
+@main.command("convert")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--config",
+    "config",
+    required=True,
+    help="A diffusers folder (or hub id) of the same architecture: the base model the "
+    "checkpoint was fine-tuned from. Its configs, tokenizers and scheduler are used.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Diffusers folder to write."
+)
+@_allow_pickle_option
+def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
+    """Convert a single-file CHECKPOINT (A1111/ComfyUI .safetensors) to a diffusers folder.
+
+    Every command takes the folder, which loads lazily for streamed exports; the file
+    itself also loads directly where diffusers can fetch its default config (the hub or
+    its cache).
+    """
+    from slimdiff.app.args import check_output_dir
+    from slimdiff.fsutil import atomic_dir, check_replaceable
+    from slimdiff.models.families import family_of_pipeline
+    from slimdiff.models.single_file import load_single_file
+
+    check_output_dir(out)
+    check_replaceable(out, "diffusers")  # never over a user's folder: before the load
+    pipe = load_single_file(checkpoint, config=config, allow_pickle=allow_pickle)
+    family = family_of_pipeline(type(pipe).__name__)
+    with atomic_dir(out, marker="diffusers") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    click.echo(f"{out}: {family} ({type(pipe).__name__}) from {checkpoint}")
+
+
 # ----------------------------------------------------------------------------- export
 
 

@@ -7,7 +7,11 @@ A model argument is one of:
   compress artifacts (which add `slimdiff.json`);
 - a local component folder (a denoiser's `config.json`), for `inspect`;
 - a hub id such as `stabilityai/stable-diffusion-xl-base-1.0`, loaded through diffusers
-  when the hub is reachable or the files are in the local cache.
+  when the hub is reachable or the files are in the local cache;
+- a single-file checkpoint (`.safetensors` in the original layout, as A1111 and ComfyUI
+  use), loaded through diffusers' from_single_file with its default config for the
+  detected type (hub or cache); `slimdiff convert` writes it as a folder from a local
+  config (single_file.py).
 
 Weights load from safetensors only: `.bin`/`.ckpt` files are pickles, and unpickling can run
 code, so a folder or hub repo that has only those is refused with a message saying how to
@@ -27,6 +31,7 @@ from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.builtin import build_builtin, parse_builtin
 from slimdiff.models.families import FAMILIES, family_of_denoiser, family_of_pipeline, get_arch
+from slimdiff.models.single_file import is_single_file, load_single_file
 from slimdiff.models.toy import load_toy, parse_toy, toy_folder
 
 __all__ = [
@@ -127,6 +132,10 @@ def load_model(
     if toy is not None:
         return _wrap(load_toy(toy, device=device), model)
     path = Path(model).expanduser()
+    if is_single_file(path):  # one-file checkpoint (A1111/ComfyUI): slimdiff/models/single_file.py
+        pipe = load_single_file(path, allow_pickle=allow_pickle)
+        family_of_pipeline(type(pipe).__name__)
+        return _wrap(pipe.to(device) if device not in ("cpu", "meta") else pipe, model)
     if path.exists():
         return _load_local(path, model, device, allow_pickle)
     if _looks_like_hub_id(model):
@@ -218,7 +227,8 @@ def _align(module) -> None:
 def _load_local(path: Path, source: str, device: str, allow_pickle: bool) -> LoadedModel:
     if not path.is_dir():
         raise UserError(
-            f"{path} is a file; pass a diffusers pipeline folder (with model_index.json)"
+            f"{path} is a file; pass a diffusers pipeline folder (with model_index.json), or a "
+            "single-file checkpoint (.safetensors)"
         )
     index = path / "model_index.json"
     if index.is_file():

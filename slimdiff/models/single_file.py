@@ -1,0 +1,108 @@
+"""Single-file checkpoints: the one-file `.safetensors` that A1111, ComfyUI and Civitai use.
+
+Most fine-tunes ship this way: the UNet, VAE and text encoders in the original (CompVis /
+Stability) key layout in one file, no configs. diffusers' `from_single_file` converts it,
+given a diffusers config to build the components from: a folder of the same architecture
+(the base model it was fine-tuned from) or a hub id. Without one it fetches diffusers'
+default for the detected type (`stable-diffusion-v1-5/...` for "v1"), which needs the hub
+or its cache. `slimdiff convert FILE --config DIR --out FOLDER` writes the diffusers folder
+once; every command then takes FOLDER (and its lazy, streamed export).
+
+Pickled checkpoints (`.ckpt`, `.pt`) are refused unless the caller allows pickles.
+
+Example:
+    >>> pipe = load_single_file(Path("tuned.safetensors"), config="sdxl-base")  # doctest: +SKIP
+    >>> type(pipe).__name__                                                     # doctest: +SKIP
+    'StableDiffusionXLPipeline'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from slimdiff.errors import UserError
+
+__all__ = ["SINGLE_FILE_SUFFIXES", "is_single_file", "load_single_file"]
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+_PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+# diffusers' detected checkpoint type (infer_diffusers_model_type) -> the text-to-image
+# pipeline slimdiff loads it as; other types (inpainting, refiners, ControlNets, video)
+# are not text-to-image models slimdiff exports.
+_PIPELINES = {
+    "v1": "StableDiffusionPipeline",
+    "v2": "StableDiffusionPipeline",
+    "xl_base": "StableDiffusionXLPipeline",
+    "playground-v2-5": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "sd35_medium": "StableDiffusion3Pipeline",
+    "sd35_large": "StableDiffusion3Pipeline",
+    "flux-dev": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
+}
+
+
+def is_single_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def load_single_file(path: Path, config: str | None = None, allow_pickle: bool = False) -> Any:
+    """The diffusers pipeline of single-file checkpoint `path` (float32, CPU).
+
+    `config`: a diffusers folder or hub id of the same architecture; None: diffusers'
+    default for the detected type (the hub, or its cache). UserError, naming the fix, for
+    a pickled file without `allow_pickle`, a checkpoint that is not one of the supported
+    text-to-image types, or a config that cannot be had.
+    """
+    import diffusers
+    from diffusers.loaders.single_file_utils import (
+        infer_diffusers_model_type,
+        load_single_file_checkpoint,
+    )
+
+    if path.suffix.lower() in _PICKLED_SUFFIXES and not allow_pickle:
+        raise UserError(
+            f"{path} is a pickled checkpoint (unpickling can run code): pass --allow-pickle "
+            "if you trust it, or use its .safetensors version"
+        )
+    try:
+        checkpoint = load_single_file_checkpoint(str(path))
+    except Exception as err:  # safetensors' and torch's own errors for a damaged file
+        raise UserError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from None
+    kind = infer_diffusers_model_type(checkpoint)
+    pipeline = _PIPELINES.get(kind)
+    if pipeline is None or not _has_denoiser(checkpoint):
+        raise UserError(
+            f"{path}: diffusers reads it as a {kind!r} checkpoint, not a text-to-image model "
+            f"slimdiff supports (single files of: {', '.join(sorted(set(_PIPELINES)))}); "
+            "a LoRA or a lone component is not a whole model"
+        )
+    del checkpoint  # from_single_file reads the file itself (it takes a path, not tensors)
+    local = config is not None and Path(config).expanduser().is_dir()
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        return getattr(diffusers, pipeline).from_single_file(
+            str(path),
+            config=str(Path(config).expanduser()) if local else config,
+            local_files_only=local or offline,
+        )
+    except (OSError, ValueError) as err:  # hub and config errors (hub errors are OSErrors)
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        where = f"config {config!r}" if config else f"diffusers' default config for {kind!r}"
+        raise UserError(
+            f"{path}: could not build the {pipeline} from {where} ({detail}); convert it "
+            "once with `slimdiff convert FILE --config DIR --out FOLDER`, DIR a diffusers "
+            "folder of the same architecture (the base model it was fine-tuned from)"
+        ) from None
+
+
+def _has_denoiser(checkpoint: dict) -> bool:
+    # Original layouts keep the denoiser under model.diffusion_model.; FLUX/SD3 files saved
+    # without the prefix hold its blocks at the top level.
+    prefixes = ("model.diffusion_model.", "double_blocks.", "joint_blocks.")
+    return any(key.startswith(prefixes) for key in checkpoint)
