@@ -1,4 +1,4 @@
-"""Write a diffusers SD1.5 pipeline as one original-layout (LDM, "single-file") checkpoint.
+"""Write a diffusers SD1.5 or SDXL pipeline as one original-layout ("single-file") checkpoint.
 
 What A1111, ComfyUI and Civitai distribute: the UNet under `model.diffusion_model.`, the
 VAE under `first_stage_model.` and CLIP under `cond_stage_model.transformer.`, in the
@@ -135,13 +135,71 @@ def _vae(state: dict, config) -> dict:
     return out
 
 
-def write_sd15_single_file(pipe, path: Path) -> None:
-    """`pipe` (a diffusers StableDiffusionPipeline) as one LDM-layout safetensors file."""
+def _open_clip(state: dict, prefix: str) -> dict:
+    """CLIPTextModelWithProjection (SDXL's text_encoder_2) in OpenCLIP's names: the inverse
+    of diffusers' convert_open_clip_checkpoint (q, k, v joined into in_proj)."""
+    out = {}
+    renames = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), (".fc1.", ".c_fc."),
+               (".fc2.", ".c_proj."), (".self_attn.", ".attn.")]  # fmt: skip
+    top = {
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    for key, value in state.items():
+        if key in top:
+            out[prefix + top[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif ".self_attn." in key and any(f"{x}_proj." in key for x in "qkv"):
+            if "q_proj." not in key:
+                continue  # joined with q below
+            kind = key.rsplit(".", 1)[1]  # weight | bias
+            joined = torch.cat([state[key.replace("q_proj.", f"{x}_proj.")] for x in "qkv"])
+            block = key.split(".self_attn.")[0].replace("text_model.encoder.layers.", "resblocks.")
+            out[f"{prefix}transformer.{block}.attn.in_proj_{kind}"] = joined
+        else:
+            name = key.replace("text_model.encoder.layers.", "resblocks.")
+            for a, b in renames:
+                name = name.replace(a, b)
+            out[prefix + "transformer." + name] = value
+    return out
+
+
+def _unet_and_vae(pipe) -> dict:
     unet_prefixes = _unet_prefixes(pipe.unet.config)
     state = {}
     for key, value in pipe.unet.state_dict().items():
-        state["model.diffusion_model." + _rename(key, unet_prefixes, _RESNET)] = value
+        if key.startswith("add_embedding.linear_"):  # SDXL's: LDM's label_emb.0.{0,2}
+            name = key.replace("add_embedding.linear_1.", "label_emb.0.0.")
+            name = name.replace("add_embedding.linear_2.", "label_emb.0.2.")
+        else:
+            name = _rename(key, unet_prefixes, _RESNET)
+        state["model.diffusion_model." + name] = value
     state.update(_vae(pipe.vae.state_dict(), pipe.vae.config))
-    for key, value in pipe.text_encoder.state_dict().items():
-        state["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+    return state
+
+
+def _clip(state: dict, prefix: str) -> dict:
+    return {prefix + "text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
+
+
+def _save(state: dict, path: Path) -> None:
     save_file({k: v.detach().contiguous().to(torch.float32) for k, v in state.items()}, str(path))
+
+
+def write_sd15_single_file(pipe, path: Path) -> None:
+    """`pipe` (a diffusers StableDiffusionPipeline) as one LDM-layout safetensors file."""
+    state = _unet_and_vae(pipe)
+    state.update(_clip(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
+    _save(state, path)
+
+
+def write_sdxl_single_file(pipe, path: Path) -> None:
+    """`pipe` (a StableDiffusionXLPipeline) as one SGM-layout file, as SDXL fine-tunes ship:
+    CLIP-L under conditioner.embedders.0, OpenCLIP bigG under conditioner.embedders.1."""
+    state = _unet_and_vae(pipe)
+    state.update(_clip(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+    state.update(_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    _save(state, path)

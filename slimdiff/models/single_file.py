@@ -75,7 +75,10 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
         ) from None
     kind = infer_diffusers_model_type(checkpoint)
-    pipeline = _PIPELINES.get(kind)
+    # A local config names its pipeline (diffusers' key-based guess needs full-size
+    # encoders: SDXL's is told by OpenCLIP's 10th block); else the guess decides.
+    local = config is not None and Path(config).expanduser().is_dir()
+    pipeline = _config_pipeline(Path(config).expanduser()) if local else _PIPELINES.get(kind)
     if pipeline is None or not _has_denoiser(checkpoint):
         raise UserError(
             f"{path}: diffusers reads it as a {kind!r} checkpoint, not a text-to-image model "
@@ -83,7 +86,6 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             "a LoRA or a lone component is not a whole model"
         )
     del checkpoint  # from_single_file reads the file itself (it takes a path, not tensors)
-    local = config is not None and Path(config).expanduser().is_dir()
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         return getattr(diffusers, pipeline).from_single_file(
@@ -99,6 +101,20 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             "once with `slimdiff convert FILE --config DIR --out FOLDER`, DIR a diffusers "
             "folder of the same architecture (the base model it was fine-tuned from)"
         ) from None
+
+
+def _config_pipeline(folder: Path) -> str | None:
+    """The pipeline class a local diffusers config folder names, if slimdiff takes it."""
+    import json
+
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(
+            f"--config {folder} is not a diffusers pipeline folder (no readable "
+            "model_index.json); pass the base model's folder or hub id"
+        ) from None
+    return name if name in set(_PIPELINES.values()) else None
 
 
 def _has_denoiser(checkpoint: dict) -> bool:

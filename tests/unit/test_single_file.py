@@ -15,7 +15,7 @@ from slimdiff.cli import main
 from slimdiff.errors import UserError
 from slimdiff.models import load_model
 from slimdiff.models.single_file import load_single_file
-from tests.ldm_checkpoint import write_sd15_single_file
+from tests.ldm_checkpoint import write_sd15_single_file, write_sdxl_single_file
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,50 @@ def test_what_is_not_a_whole_model_is_refused(checkpoint, tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_model(str(tmp_path / "broken.safetensors"))
+
+
+def _sdxl_with_a_wider_bigg():
+    """tiny:sdxl with text_encoder_2 wider than text_encoder, as in SDXL (768 vs 1280):
+    diffusers tells the two encoders of a single file apart by their widths."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    pipe = load_model("tiny:sdxl").pipe
+    wide = {**pipe.text_encoder_2.config.to_dict(), "hidden_size": 48, "projection_dim": 48}
+    torch.manual_seed(0)
+    bigg = CLIPTextModelWithProjection(type(pipe.text_encoder_2.config)(**wide))
+    unet_config = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    unet_config["cross_attention_dim"] = pipe.text_encoder.config.hidden_size + 48
+    unet_config["projection_class_embeddings_input_dim"] = (
+        6 * unet_config["addition_time_embed_dim"] + 48
+    )
+    return StableDiffusionXLPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        text_encoder_2=bigg,
+        tokenizer_2=pipe.tokenizer_2,
+        unet=UNet2DConditionModel(**unet_config),
+        scheduler=pipe.scheduler,
+    )
+
+
+def test_sdxl_single_file_converts_with_both_text_encoders(tmp_path):
+    """SDXL fine-tunes' layout: CLIP-L under conditioner.embedders.0, OpenCLIP bigG (q, k, v
+    joined) under conditioner.embedders.1; the pipeline class comes from the config folder."""
+    pipe = _sdxl_with_a_wider_bigg()
+    pipe.save_pretrained(tmp_path / "base")
+    write_sdxl_single_file(pipe, tmp_path / "tuned.safetensors")
+    keys = load_file(str(tmp_path / "tuned.safetensors"))
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    out = tmp_path / "converted"
+    args = ["convert", str(tmp_path / "tuned.safetensors"), "--config", str(tmp_path / "base")]
+    done = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "sdxl (StableDiffusionXLPipeline)" in done.output
+    converted = load_model(str(out)).pipe
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        left, right = getattr(pipe, name).state_dict(), getattr(converted, name).state_dict()
+        assert left.keys() == right.keys(), name
+        for key, value in left.items():
+            assert torch.equal(value, right[key].reshape(value.shape)), (name, key)
