@@ -137,12 +137,16 @@ _SCHEDULERS: dict[str, type] = {
 }
 
 # Short names (the ones other UIs use) for a class and the config values it sets on top of
-# the bundle's: "dpm++2m-karras" is DPM-Solver++ 2M on Karras sigmas.
+# the bundle's: "dpm++2m-karras" is DPM-Solver++ 2M on Karras sigmas. "ddim" and "pndm" set
+# what Stable Diffusion's own configs of those classes set: no x0 clipping (latents are not
+# in [-1, 1]: from a config without the key, DDIM's default clip_sample=True ruins every
+# image, accuracy 0.0 on toy:shapes) and PLMS without the Runge-Kutta start.
+# The class names give diffusers' from_config exactly.
 SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
@@ -150,7 +154,7 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
-    "pndm": ("PNDMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "edm-euler": ("EDMEulerScheduler", {}),

@@ -515,3 +515,19 @@ def test_imports_only_numpy_and_stdlib():
                 continue
             for root in roots:
                 assert root == "numpy" or root in sys.stdlib_module_names, (path.name, root)
+
+
+def test_presets_carry_stable_diffusions_settings():
+    """`ddim` and `pndm` set what SD's own configs of those classes set; class names are
+    diffusers' from_config exactly (DDIM's default clips x0 to [-1, 1]: wrong for latents)."""
+    euler = {"_class_name": "EulerDiscreteScheduler", **SD_BETAS, "steps_offset": 1}
+    ddim = schedulers.switch_scheduler(euler, "ddim")
+    assert ddim["clip_sample"] is False and ddim["steps_offset"] == 1
+    assert not schedulers.scheduler_from_config(ddim).clip_sample
+    plain = schedulers.switch_scheduler(euler, "DDIMScheduler")
+    assert schedulers.scheduler_from_config(plain).clip_sample
+    plms = schedulers.scheduler_from_config(schedulers.switch_scheduler(euler, "pndm"))
+    plms.set_timesteps(20)
+    assert len(plms.timesteps) == 21  # the Heun-like start, no Runge-Kutta steps
+    karras = schedulers.switch_scheduler(euler, "dpm++2m-sde-karras")
+    assert karras["use_karras_sigmas"] and karras["algorithm_type"] == "sde-dpmsolver++"
