@@ -44,7 +44,7 @@ from slimdiff.runtime import strict_json
 from typing_extensions import TypedDict
 
 from slimdiff.errors import UserError
-from slimdiff.models.kinds import KIND_WRITTEN_WHEN_SET, KindSpec
+from slimdiff.models.kinds import KIND_WRITTEN_WHEN_SET, KindSpec, drop_unset
 
 __all__ = [
     "MANIFEST_NAME",
@@ -330,13 +330,7 @@ class PipelineSpec(pydantic.BaseModel):
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_stats(self, handler: Any) -> dict[str, Any]:
-        # Written only when set: other bundles' manifests stay byte-identical to those of
-        # versions before these fields (same identity), and readable by those versions.
-        data = handler(self)
-        for key in ("vae_latents_mean", "vae_latents_std"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        return data
+        return drop_unset(handler(self), ("vae_latents_mean", "vae_latents_std"))
 
 
 class Manifest(pydantic.BaseModel):

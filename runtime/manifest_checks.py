@@ -253,14 +253,12 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
         if _fixed(ids, 0) not in (None, text_len):
             _fail(f"{field}.inputs.txt_ids", f"length is not the text's {text_len} tokens")
     for name in kind.extra_inputs:
-        _check_io(f"{field}.inputs.{name}", entry.io(name), 1 if name == "guidance" else 2, _FLOATS)
-    if "timestep_cond" in kind.extra_inputs:
-        width = _fixed(
-            _check_io(f"{field}.inputs.timestep_cond", entry.io("timestep_cond"), 2, _FLOATS), 1
-        )
+        where = f"{field}.inputs.{name}"
+        spec = _check_io(where, entry.io(name), 1 if name == "guidance" else 2, _FLOATS)
+        width = _fixed(spec, 1) if name == "timestep_cond" else None
         if width not in (None, kind.guidance_embedding_dim):
             _fail(
-                f"{field}.inputs.timestep_cond",
+                where,
                 f"width {width} is not pipeline.kind.guidance_embedding_dim "
                 f"{kind.guidance_embedding_dim}",
             )

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from slimdiff.denoise import DenoiseLoop
+from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.fingerprint import fingerprint_key
 from slimdiff.models.kinds import pack_latents, timestep_args
@@ -101,8 +102,6 @@ class Calibration:
             return self.pipe.scheduler
         if self._scheduler is None:
             import diffusers
-
-            from slimdiff.errors import UserError
 
             cls = getattr(diffusers, self.spec.scheduler, None)
             if not (isinstance(cls, type) and hasattr(cls, "from_config")):

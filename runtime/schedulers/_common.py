@@ -54,6 +54,34 @@ def check_step(owner: str, step_index: int, num_steps: int) -> None:
         raise IndexError(f"{owner}: step_index {step_index} outside 0..{num_steps - 1}")
 
 
+def restarts(owner: str, step_index: int, last_step: int) -> bool:
+    """A multistep solver's step order: True at step 0 (its history starts afresh),
+    ValueError for any step but the one after `last_step` (a skipped or repeated step
+    would mix in another trajectory's history)."""
+    if step_index == 0:
+        return True
+    if step_index != last_step + 1:
+        raise ValueError(
+            f"{owner} keeps a history: step {last_step + 1} expected, got {step_index} "
+            "(call set_timesteps to restart)"
+        )
+    return False
+
+
+def check_noise(owner: str, noise: Any, sample: np.ndarray) -> None:
+    """A stochastic step's `noise`: given, and of the sample's shape."""
+    if noise is None or np.shape(noise) != np.shape(sample):
+        raise ValueError(f"{owner} steps need standard-normal `noise` of the sample's shape")
+
+
+def alpha_sigma_lambda(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
+    """VE sigma -> VP (alpha_t, sigma_t) and log-SNR lambda_t, all float32 like diffusers."""
+    alpha_t = ONE / np.sqrt(sigma * sigma + ONE)
+    sigma_t = sigma * alpha_t
+    with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = +inf, h = inf
+        return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
+
+
 def alphas_cumprod_f32(
     owner: str,
     num_train_timesteps: int,

@@ -20,6 +20,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    alpha_sigma_lambda,
     alphas_cumprod_f32,
     as_f32,
     check_step,
@@ -27,6 +28,7 @@ from ._common import (
     karras_sigmas,
     reject_args,
     reject_non_default,
+    restarts,
     sigma_to_t,
 )
 
@@ -162,14 +164,6 @@ class DPMSolverMultistepScheduler:
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)
 
-    @staticmethod
-    def _alpha_sigma_lambda(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
-        """VE sigma -> VP (alpha_t, sigma_t) and log-SNR lambda_t, all float32 like diffusers."""
-        alpha_t = ONE / np.sqrt(sigma * sigma + ONE)
-        sigma_t = sigma * alpha_t
-        with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = +inf, h = inf
-            return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
-
     def step(
         self,
         model_output: np.ndarray,
@@ -186,23 +180,18 @@ class DPMSolverMultistepScheduler:
             raise ValueError(
                 "sde-dpmsolver++ steps need standard-normal `noise` of the sample's shape"
             )
-        if i == 0:
+        if restarts("DPM-Solver++", i, self._last_step):
             self._reset_history()
-        elif i != self._last_step + 1:
-            raise ValueError(
-                f"DPM-Solver++ keeps a history: step {self._last_step + 1} "
-                f"expected, got {i} (call set_timesteps to restart)"
-            )
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)
-        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.sigmas[i])
+        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(self.sigmas[i])
         if self.prediction_type == "epsilon":
             x0 = (sample - sigma_s0 * model_output) / alpha_s0
         else:  # v_prediction
             x0 = alpha_s0 * sample - sigma_s0 * model_output
         self._model_outputs = [*self._model_outputs, x0][-self.solver_order :]
 
-        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.sigmas[i + 1])
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1])
         h = lambda_t - lambda_s0
         phi = alpha_t * (np.exp(-h) - ONE)  # alpha_t (e^-h - 1): -> -alpha_t when sigma_t -> 0
         # the last step is first order whenever its target sigma is 0 (or when asked)
@@ -215,7 +204,7 @@ class DPMSolverMultistepScheduler:
         d1 = None
         if not first_order:
             m0, m1 = self._model_outputs[-1], self._model_outputs[-2]
-            _, _, lambda_s1 = self._alpha_sigma_lambda(self.sigmas[i - 1])
+            _, _, lambda_s1 = alpha_sigma_lambda(self.sigmas[i - 1])
             r0 = (lambda_s0 - lambda_s1) / h
             d1 = (ONE / r0) * (m0 - m1)
         if self.stochastic:

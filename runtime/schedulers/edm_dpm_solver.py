@@ -25,7 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from ._common import F32, ONE, as_f32, check_step, choice, reject_args, reject_non_default
+from ._common import (
+    F32,
+    ONE,
+    as_f32,
+    check_noise,
+    check_step,
+    choice,
+    reject_args,
+    reject_non_default,
+    restarts,
+)
 from .edm_euler import (
     edm_sigmas,
     linspace_f32,
@@ -138,17 +148,10 @@ class EDMDPMSolverMultistepScheduler:
             raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
-        if self.stochastic and (noise is None or np.shape(noise) != np.shape(sample)):
-            raise ValueError(
-                "sde-dpmsolver++ steps need standard-normal `noise` of the sample's shape"
-            )
-        if i == 0:
+        if self.stochastic:
+            check_noise("sde-dpmsolver++", noise, sample)
+        if restarts("DPM-Solver++", i, self._last_step):
             self._reset_history()
-        elif i != self._last_step + 1:
-            raise ValueError(
-                f"DPM-Solver++ keeps a history: step {self._last_step + 1} "
-                f"expected, got {i} (call set_timesteps to restart)"
-            )
         self._last_step = i
         sample = as_f32(sample)
         sigma_s0, sigma_t = self.sigmas[i], self.sigmas[i + 1]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import F32, as_f32, check_step, reject_args
+from ._common import F32, as_f32, check_noise, check_step, reject_args
 from .euler import EulerDiscreteScheduler
 
 
@@ -72,8 +72,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     ) -> np.ndarray:
         name = type(self).__name__
         check_step(name, step_index, len(self.timesteps))
-        if noise is None or np.shape(noise) != np.shape(sample):
-            raise ValueError(f"{name}.step needs standard-normal `noise` of the sample's shape")
+        check_noise(name, noise, sample)
         # sigma_up/down in float32 as diffusers; the update in float64 as our Euler's step
         sigma, sigma_to = self.sigmas[step_index : step_index + 2]
         sigma_up = np.sqrt(

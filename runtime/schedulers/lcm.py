@@ -22,6 +22,7 @@ from ._common import (
     ONE,
     alphas_cumprod_f32,
     as_f32,
+    check_noise,
     check_step,
     choice,
     reject_args,
@@ -116,8 +117,8 @@ class LCMScheduler:
         i, n = step_index, len(self._t)
         check_step(name, i, n)
         last = i == n - 1
-        if not last and (noise is None or np.shape(noise) != np.shape(sample)):
-            raise ValueError(f"{name}.step needs standard-normal `noise` of the sample's shape")
+        if not last:
+            check_noise(name, noise, sample)
         sample, model_output = as_f32(sample), as_f32(model_output)
         t = int(self._t[i])
         a_t = self.alphas_cumprod[t]

@@ -27,6 +27,7 @@ from ._common import (
     check_step,
     choice,
     reject_args,
+    restarts,
     spaced_timesteps,
 )
 
@@ -117,13 +118,8 @@ class PNDMScheduler:
             raise ValueError("call set_timesteps before step")
         i = step_index
         check_step(type(self).__name__, i, len(self._t))
-        if i == 0:
+        if restarts("PNDM", i, self._last_step):
             self._reset_history()
-        elif i != self._last_step + 1:
-            raise ValueError(
-                f"PNDM keeps a history: step {self._last_step + 1} expected, got {i} "
-                "(call set_timesteps to restart)"
-            )
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)
         if i < self._prk_count:

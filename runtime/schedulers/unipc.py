@@ -30,6 +30,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    alpha_sigma_lambda,
     alphas_cumprod_f32,
     as_f32,
     check_step,
@@ -37,15 +38,9 @@ from ._common import (
     karras_sigmas,
     reject_args,
     reject_non_default,
+    restarts,
     sigma_to_t,
 )
-
-
-def _alpha_sigma_lambda(sigma: np.float32) -> tuple[np.float32, np.float32, np.float32]:
-    """VE sigma -> VP (alpha_t, sigma_t) and log-SNR lambda_t, float32 like diffusers."""
-    alpha_t = ONE / np.sqrt(sigma * sigma + ONE)
-    sigma_t = sigma * alpha_t
-    return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
 
 
 class UniPCMultistepScheduler:
@@ -187,13 +182,8 @@ class UniPCMultistepScheduler:
             raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
-        if i == 0:
+        if restarts("UniPC", i, self._last_step):
             self._reset_history()
-        elif i != self._last_step + 1:
-            raise ValueError(
-                f"UniPC keeps a history: step {self._last_step + 1} expected, got {i} "
-                "(call set_timesteps to restart)"
-            )
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)
         # converted from the uncorrected sample, the one the model saw
@@ -213,7 +203,7 @@ class UniPCMultistepScheduler:
         self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32
     ) -> np.ndarray:
         """The model output as UniPC integrates it: x0 with predict_x0, else epsilon."""
-        alpha_t, sigma_t, _ = _alpha_sigma_lambda(sigma)
+        alpha_t, sigma_t, _ = alpha_sigma_lambda(sigma)
         if self.predict_x0:
             if self.prediction_type == "epsilon":
                 return (sample - sigma_t * model_output) / alpha_t
@@ -233,7 +223,7 @@ class UniPCMultistepScheduler:
         """
         ms = self._model_outputs
         m0 = ms[-1]
-        alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(self.sigmas[s])
+        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(self.sigmas[s])
         if self.sigmas[s + 1] == 0:
             # Departure: the last step, to sigma = 0, is order 1 (__init__ rejects the rest)
             # and lands on the data prediction, the h -> inf limit of the update.
@@ -245,11 +235,11 @@ class UniPCMultistepScheduler:
             # is the identity. diffusers gets x as well, through 0/0 = NaN coefficients that
             # orders 1-2 do not use; at order 3 (lower_order_final=False) they give NaN.
             return x.copy()
-        alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(self.sigmas[s + 1])
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[s + 1])
         h = lambda_t - lambda_s0
         rks, d1s = [], []
         for k in range(1, order):
-            _, _, lambda_sk = _alpha_sigma_lambda(self.sigmas[s - k])
+            _, _, lambda_sk = alpha_sigma_lambda(self.sigmas[s - k])
             rk = (lambda_sk - lambda_s0) / h
             rks.append(rk)
             d1s.append((ms[-(k + 1)] - m0) / rk)

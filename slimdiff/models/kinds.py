@@ -34,6 +34,7 @@ __all__ = [
     "KindSpec",
     "ShiftSpec",
     "calculate_shift",
+    "drop_unset",
     "extra_inputs",
     "guidance_embedding",
     "latent_shape",
@@ -52,8 +53,21 @@ __all__ = [
 #                     time_cond_proj_dim = G): sinusoids of (guidance - 1) * 1000
 EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond")
 ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond"]
-# KindSpec fields a manifest holds only when they are set (see KindSpec's serializer).
+# KindSpec fields a manifest holds only when they are set (see drop_unset).
 KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim"})
+
+
+def drop_unset(data: dict[str, Any], keys: Any) -> dict[str, Any]:
+    """`data` without those of `keys` that are None: optional fields added to the manifest
+    within a schema version are written only when set, so the manifests of every model
+    without them stay byte-identical to earlier versions' (same identity), and those
+    versions' strict readers still read them."""
+    for key in keys:
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
+
+
 # The extra inputs that carry the guidance scale into the denoiser: a model with one is
 # not run with classifier-free guidance (diffusers' pipelines decide it the same way).
 _GUIDANCE_INPUTS = ("guidance", "timestep_cond")
@@ -111,13 +125,7 @@ class KindSpec(_Record):
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_embedding(self, handler: Any) -> dict[str, Any]:
-        # Written only where there is one: the manifests of every other model stay
-        # byte-identical to those of slimdiff versions before the field (same identity),
-        # and those versions' strict readers still read them.
-        data = handler(self)
-        if data.get("guidance_embedding_dim") is None:
-            data.pop("guidance_embedding_dim", None)
-        return data
+        return drop_unset(handler(self), KIND_WRITTEN_WHEN_SET)
 
     @property
     def embeds_guidance(self) -> bool:
