@@ -70,6 +70,10 @@ class Pass(abc.ABC):
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
+    def preflight(self, pipe: Any, calib: Any | None) -> None:
+        """Refuse (UserError) what `apply` could not run, before the runner does any slow
+        work (the teacher's trajectories); `calib` when needs_calibration. Default: nothing."""
+
     @abc.abstractmethod
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:
         """Transform `pipe` (a diffusers pipeline) in place; `calib` when needs_calibration."""

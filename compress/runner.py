@@ -54,6 +54,9 @@ def compress_model(
         from slimdiff.calib import Calibration
 
         calib = Calibration(pipe, model.arch, recipe.calibration, work_dir=work)
+    for p in passes:  # what a pass cannot run is refused before the trajectories' work
+        p.preflight(pipe, calib if p.needs_calibration else None)
+    if calib is not None:
         # The teacher is the model as loaded: its trajectories are recorded (or loaded from
         # the cache) before any pass changes it, whichever pass asks for them first.
         calib.record()

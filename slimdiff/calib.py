@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from slimdiff.denoise import DenoiseLoop
@@ -39,7 +40,7 @@ from slimdiff.models.loading import default_size
 from slimdiff.progress import Progress
 from slimdiff.prompts import read_prompts
 from slimdiff.recipe import CalibrationSpec
-from slimdiff.sampler import TorchSampler
+from slimdiff.sampler import StepNoise, TorchSampler
 from slimdiff.trajectories import (
     Trajectories,
     load_trajectories,
@@ -50,6 +51,10 @@ from slimdiff.trajectories import (
 __all__ = ["Calibration"]
 
 log = logging.getLogger(__name__)
+
+# Stochastic schedulers' step noise comes from its own seeded stream, apart from the
+# initial noise's (seed + i): see Calibration.step_noise.
+_STEP_NOISE_STREAM = 1
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -139,6 +144,15 @@ class Calibration:
         generator = torch.Generator("cpu").manual_seed(self.spec.seed + i)
         return pack_latents(torch.randn(shape, generator=generator), kind.latent_packing)
 
+    def step_noise(self, i: int) -> StepNoise:
+        """Prompt `i`'s step noise, for stochastic schedulers (Euler a, LCM, SDE solvers):
+        the pipeline draws it from a CPU generator with this seed, and the stateless loop
+        from a `StepNoise` with the same seed, so both add the same noise at each step."""
+        state = np.random.SeedSequence([_STEP_NOISE_STREAM, self.spec.seed + i]).generate_state(
+            1, np.uint64
+        )
+        return StepNoise(int(state[0]) >> 1)  # a non-negative int64 seed
+
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
         if self.dtype == torch.float32:
@@ -167,6 +181,7 @@ class Calibration:
                 height=h,
                 width=w,
                 latents=noise.to(denoiser.device, denoiser.dtype),
+                generator=torch.Generator("cpu").manual_seed(self.step_noise(i).seed),
                 output_type="latent",
                 callback_on_step_end=callback,
             )
@@ -186,6 +201,7 @@ class Calibration:
                     seed=self.spec.seed,
                     size=list(self.size),
                     dtype=self.spec.dtype,
+                    step_noise=_STEP_NOISE_STREAM,  # stochastic steps draw seeded noise
                 )
         return self._key
 

@@ -14,7 +14,7 @@ rounding (tests/unit/test_denoise.py: within 1e-5 relative, all four families).
 
 Example:
     loop = calib.loop(masked_unet)
-    x, state = loop.start(prompt=0)
+    x, state = loop.start(data.noise(0), calib.step_noise(0))
     for i in range(loop.steps):
         x, state = loop.step(i, x, state, cond)
 """
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from slimdiff.models.kinds import KindSpec
-from slimdiff.sampler import SamplerState, TorchSampler
+from slimdiff.sampler import SamplerState, StepNoise, TorchSampler
 
 __all__ = ["DenoiseLoop"]
 
@@ -46,11 +46,14 @@ class DenoiseLoop:
     def steps(self) -> int:
         return self.sampler.num_steps
 
-    def start(self, noise: torch.Tensor) -> tuple[torch.Tensor, SamplerState]:
+    def start(
+        self, noise: torch.Tensor, step_noise: StepNoise | None = None
+    ) -> tuple[torch.Tensor, SamplerState]:
         """The first latent from `noise` (as diffusers' `latents=` takes it), and the
-        sampler's initial state; SD/SDXL pipelines scale given latents by init_noise_sigma."""
+        sampler's initial state; SD/SDXL pipelines scale given latents by init_noise_sigma.
+        `step_noise`: the prompt's (`Calibration.step_noise`), for a stochastic sampler."""
         x = noise * self.sampler.init_noise_sigma
-        return x, self.sampler.initial_state()
+        return x, self.sampler.initial_state(step_noise)
 
     def predict(self, i: int, x: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """The guided model output at step `i` for latent `x` (what the scheduler steps)."""
@@ -77,9 +80,11 @@ class DenoiseLoop:
         """Step `i`: x_i -> x_{i+1}. Pure: same inputs, same outputs, no hidden counter."""
         return self.sampler.step(self.predict(i, x, cond), i, x, state)
 
-    def run(self, noise: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def run(
+        self, noise: torch.Tensor, cond: dict[str, Any], step_noise: StepNoise | None = None
+    ) -> torch.Tensor:
         """The whole trajectory from `noise`: the final latent (under the caller's grad mode)."""
-        x, state = self.start(noise)
+        x, state = self.start(noise, step_noise)
         for i in range(self.steps):
             x, state = self.step(i, x, state, cond)
         return x

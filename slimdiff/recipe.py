@@ -94,8 +94,9 @@ class CalibrationSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # The diffusers scheduler class calibration samples with, built from the model's
     # scheduler config (from_config); None: the model's own. Passes that recompute steps
-    # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, DDIM,
-    # DPM-Solver++, PNDM, flow-match Euler): for a model that ships Euler a or UniPC, say.
+    # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, Euler a, DDIM,
+    # DPM-Solver++ and its SDE form, PNDM, LCM, EDM Euler/DPM-Solver++, flow-match Euler):
+    # for a model that ships UniPC, Heun or DEIS, say.
     scheduler: str | None = pydantic.Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}Scheduler$")
 
 

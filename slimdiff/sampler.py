@@ -21,8 +21,16 @@ Euler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2 without churn), DDIM wi
 (Song et al. 2021, arXiv:2010.02502), multistep DPM-Solver++ 2M (Lu et al. 2022,
 arXiv:2211.01095), PLMS (Liu et al. 2022, arXiv:2202.09778; the hub SD1.5 default, with
 skip_prk_steps as its config sets), flow-matching Euler (Lipman et al. 2023,
-arXiv:2210.02747; SD3's shift, arXiv:2403.03206). This is a core module: it imports no
-slimdiff layer above the core.
+arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Euler ancestral (SDXL-Turbo's), LCM
+(Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M SDE, and the EDM pair of
+slimdiff/sampler_edm.py (Playground v2.5's). This is a core module: it imports no slimdiff
+layer above the core.
+
+Stochastic samplers (`stochastic`: Euler ancestral, LCM, the SDE solvers) add noise at
+each step. It comes from the state's `StepNoise`, which draws what diffusers' step draws
+from a seeded CPU generator, in the same order and dtype; a pipeline run with that
+generator and the sampler give the same trajectory, and a recomputed step adds the same
+noise as the first time.
 
 Example (EcoDiff's time-step checkpointing: a no-grad forward pass keeping only latents
 and states, then any step again with grad):
@@ -52,7 +60,7 @@ import torch
 
 from slimdiff.errors import UserError
 
-__all__ = ["SamplerState", "TorchSampler"]
+__all__ = ["SamplerState", "StepNoise", "TorchSampler", "sampler_classes"]
 
 Tensor = torch.Tensor
 Coefficients = dict[str, Tensor]
@@ -73,9 +81,42 @@ class SamplerState:
     step_index: int | None = None
     eps: tuple[Tensor, ...] = ()
     start: Tensor | None = None
+    noise: StepNoise | None = None
 
 
 _EMPTY = SamplerState()
+
+
+class StepNoise:
+    """The noise a stochastic scheduler draws at each step, as diffusers draws it.
+
+    diffusers' stochastic steps (Euler ancestral, LCM, the SDE DPM-Solvers) call
+    `randn_tensor(shape, generator=..., dtype=...)` once per step, in step order; with a CPU
+    generator the draw happens on the CPU. This draws the same way from a CPU generator
+    seeded `seed`, so a pipeline run with `generator=torch.Generator("cpu").manual_seed(seed)`
+    and a sampler started with `StepNoise(seed)` add the same noise. Draw k is made once and
+    kept: a step recomputed later (EcoDiff's backward walk) gets the same noise, so steps
+    stay pure functions of their arguments.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator = torch.Generator("cpu").manual_seed(seed)
+        self._draws: list[Tensor] = []
+
+    def draw(self, k: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+        """Step k's noise: shaped like `like`, on its device, drawn in `dtype` (as the
+        scheduler draws it); earlier draws are made first, in order."""
+        while len(self._draws) <= k:
+            noise = torch.randn(like.shape, generator=self._generator, dtype=dtype)
+            self._draws.append(noise.to(like.device))
+        noise = self._draws[k]
+        if noise.shape != like.shape or noise.dtype != dtype:
+            raise ValueError(
+                f"step {k}'s noise was drawn as {tuple(noise.shape)} {noise.dtype}, "
+                f"now asked for {tuple(like.shape)} {dtype}: one StepNoise per trajectory"
+            )
+        return noise.to(like.device)
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -126,14 +167,19 @@ class TorchSampler:
         import diffusers  # here, not at the top: importing it costs seconds
 
         name = config.get("_class_name")
-        if name not in _SAMPLERS:
+        samplers = sampler_classes()
+        if name not in samplers:
             raise UserError(
-                f"scheduler {name!r} has no torch sampler; supported: {', '.join(_SAMPLERS)} "
-                "(calibrate with one: calibration.scheduler in the recipe, e.g. "
-                "EulerDiscreteScheduler)"
+                f"scheduler {name!r} has no torch sampler; supported: {', '.join(samplers)} "
+                "(calibrate with one of the model's own process: calibration.scheduler in the "
+                "recipe, e.g. DPMSolverMultistepScheduler for a VP model, "
+                "EDMDPMSolverMultistepScheduler for an EDM one)"
             )
-        sampler_cls = _SAMPLERS[name]
-        scheduler = getattr(diffusers, name).from_config(config)
+        sampler_cls = samplers[name]
+        try:
+            scheduler = getattr(diffusers, name).from_config(config)
+        except (ValueError, NotImplementedError) as e:  # diffusers refuses the combination
+            raise UserError(f"{name}: {e}") from e
         for key, allowed in sampler_cls.supported.items():
             # read back from diffusers, which normalises aliases ("deis" -> "dpmsolver++")
             value = scheduler.config.get(key, allowed[0])
@@ -156,9 +202,18 @@ class TorchSampler:
             raise UserError(f"{name}.set_timesteps: {e}") from e
         return sampler_cls(scheduler, device)
 
-    def initial_state(self) -> SamplerState:
-        """The state before the first step (no history)."""
-        return _EMPTY
+    # whether `step` adds noise (drawn from the state's StepNoise); set per class or config
+    stochastic: bool = False
+
+    def initial_state(self, step_noise: StepNoise | None = None) -> SamplerState:
+        """The state before the first step (no history). A stochastic sampler needs
+        `step_noise`, the source of its per-step noise; the others ignore it."""
+        if not self.stochastic:
+            return _EMPTY
+        if step_noise is None:
+            name = self.config.get("_class_name", type(self).__name__)
+            raise ValueError(f"{name} adds noise at each step: pass initial_state(StepNoise(seed))")
+        return SamplerState(noise=step_noise)
 
     def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
         """The denoiser's input at step `step_index` (the sample itself except for Euler)."""
@@ -175,7 +230,10 @@ class TorchSampler:
         raise NotImplementedError
 
     def sample_loop(
-        self, denoise_fn: Callable[[Tensor, Tensor, int], Tensor], latents: Tensor
+        self,
+        denoise_fn: Callable[[Tensor, Tensor, int], Tensor],
+        latents: Tensor,
+        step_noise: StepNoise | None = None,
     ) -> Tensor:
         """All steps from `latents` (x_T, already scaled by `init_noise_sigma`); the final latent.
 
@@ -184,7 +242,7 @@ class TorchSampler:
         Example:
             final = sampler.sample_loop(lambda x, t, i: unet(x, t, cond).sample, latents)
         """
-        x, state = latents, self.initial_state()
+        x, state = latents, self.initial_state(step_noise)
         for i in range(self.num_steps):
             out = denoise_fn(self.scale_model_input(x, i), self.timesteps[i], i)
             x, state = self.step(out, i, x, state)
@@ -212,6 +270,14 @@ class TorchSampler:
     def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
         raise NotImplementedError
 
+    def _noise(
+        self, state: SamplerState, i: int, like: Tensor, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """Step i's noise from the state's StepNoise, in `dtype` (default: `like`'s)."""
+        if state.noise is None:
+            raise ValueError(f"step {i} adds noise: start from initial_state(StepNoise(seed))")
+        return state.noise.draw(i, like, like.dtype if dtype is None else dtype)
+
 
 _PREDICTIONS = ("epsilon", "v_prediction")
 
@@ -234,17 +300,44 @@ class _EulerSampler(TorchSampler):
     def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
         return sample / self._row(step_index)["in_scale"]
 
-    def step(
-        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
-    ) -> tuple[Tensor, SamplerState]:
-        c = self._row(step_index)
+    def _euler(self, model_output: Tensor, c: Coefficients, sample: Tensor) -> Tensor:
+        """sample + (sample - x0) / sigma * dt, upcast to float32 as diffusers does."""
         sample = _upcast(sample)
         if self.config["prediction_type"] == "epsilon":
             pred_x0 = sample - c["sigma"] * model_output
         else:  # v_prediction in the variance-exploding parametrisation
             pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
         derivative = (sample - pred_x0) / c["sigma"]
-        return (sample + derivative * c["dt"]).to(model_output.dtype), _EMPTY
+        return sample + derivative * c["dt"]
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        prev = self._euler(model_output, self._row(step_index), sample)
+        return prev.to(model_output.dtype), _EMPTY
+
+
+class _EulerAncestralSampler(_EulerSampler):
+    """diffusers.EulerAncestralDiscreteScheduler.step: an Euler step down to sigma_down, then
+    noise of std sigma_up (Karras et al. 2022's ancestral sampling, eta = 1). diffusers draws
+    that noise at every step, the last too (where sigma_up is 0), in the output's dtype."""
+
+    stochastic = True
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        sigma_from, sigma_to = scheduler.sigmas[i], scheduler.sigmas[i + 1]
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        euler = super()._coefficients(scheduler, i)
+        return {**euler, "dt": sigma_down - sigma_from, "up": sigma_up}
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        c = self._row(step_index)
+        prev = self._euler(model_output, c, sample)  # down to sigma_down
+        prev = prev + self._noise(state, step_index, model_output) * c["up"]
+        return prev.to(model_output.dtype), SamplerState(noise=state.noise)
 
 
 class _DDIMSampler(TorchSampler):
@@ -282,6 +375,50 @@ class _DDIMSampler(TorchSampler):
         return c["sqrt_a_prev"] * pred_x0 + c["sqrt_b_prev"] * pred_eps, _EMPTY
 
 
+class _LCMSampler(TorchSampler):
+    """diffusers.LCMScheduler.step (Luo et al. 2023, arXiv:2310.04378, Algorithm 3): the
+    consistency function's clean estimate f = c_out * x0 + c_skip * x, then noised again to
+    the next timestep with fresh noise, except after the last step; no upcast, as diffusers."""
+
+    supported: ClassVar = {"prediction_type": (*_PREDICTIONS, "sample"), "thresholding": (False,)}
+    stochastic = True
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        t = scheduler.timesteps[i]
+        prev_t = scheduler.timesteps[i + 1] if i + 1 < len(scheduler.timesteps) else t
+        a_t = scheduler.alphas_cumprod[t]
+        a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        return {
+            "sqrt_a": a_t.sqrt(),
+            "sqrt_b": (1 - a_t).sqrt(),
+            "c_skip": c_skip,
+            "c_out": c_out,
+            "sqrt_a_prev": a_prev.sqrt(),
+            "sqrt_b_prev": (1 - a_prev).sqrt(),
+        }
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        c = self._row(step_index)
+        if self.config["prediction_type"] == "epsilon":
+            pred_x0 = (sample - c["sqrt_b"] * model_output) / c["sqrt_a"]
+        elif self.config["prediction_type"] == "sample":
+            pred_x0 = model_output
+        else:  # v_prediction
+            pred_x0 = c["sqrt_a"] * sample - c["sqrt_b"] * model_output
+        if self.config["clip_sample"]:
+            r = self.config["clip_sample_range"]
+            pred_x0 = pred_x0.clamp(-r, r)
+        denoised = c["c_out"] * pred_x0 + c["c_skip"] * sample
+        if step_index == self.num_steps - 1:  # diffusers draws no noise after the last step
+            return denoised, SamplerState(noise=state.noise)
+        noise = self._noise(state, step_index, denoised)
+        prev = c["sqrt_a_prev"] * denoised + c["sqrt_b_prev"] * noise
+        return prev, SamplerState(noise=state.noise)
+
+
 def _alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """VE sigma -> VP (alpha_t, sigma_t) and log-SNR lambda_t, in diffusers' expressions."""
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
@@ -290,14 +427,15 @@ def _alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _DPMSolverSampler(TorchSampler):
-    """diffusers.DPMSolverMultistepScheduler.step for "dpmsolver++", order 1 or 2.
+    """diffusers.DPMSolverMultistepScheduler.step for "dpmsolver++" and "sde-dpmsolver++"
+    (DPM++ 2M SDE, Lu et al. 2022 eq. 18 with one noise draw per step), order 1 or 2.
 
     The state holds the previous step's data prediction x0 (diffusers' `model_outputs`);
     a state without history makes the step first order (diffusers' `lower_order_nums < 1`).
     """
 
     supported: ClassVar = {
-        "algorithm_type": ("dpmsolver++",),
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
         "solver_order": (1, 2),
         "solver_type": ("midpoint", "heun"),
         "prediction_type": _PREDICTIONS,
@@ -305,10 +443,14 @@ class _DPMSolverSampler(TorchSampler):
         "variance_type": (None,),
         "use_flow_sigmas": (False,),
     }
+    # diffusers' VP solver upcasts the sample and draws its noise in float32, then casts
+    # the result to the model output's dtype; the EDM one (subclass) does neither
+    upcast: ClassVar[bool] = True
 
     def __init__(self, scheduler: Any, device: str | torch.device | None = None) -> None:
         super().__init__(scheduler, device)
         n, cfg = self.num_steps, self.config
+        self.stochastic = cfg["algorithm_type"] == "sde-dpmsolver++"
         # the last step is first order when its target sigma is 0 (or when asked)
         lower_final = (
             cfg["euler_at_final"]
@@ -319,17 +461,21 @@ class _DPMSolverSampler(TorchSampler):
             cfg["solver_order"] == 1 or (i == n - 1 and lower_final) for i in range(n)
         ]
 
+    def _alpha_sigma_lambda(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return _alpha_sigma_lambda(sigma)
+
     def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
         s = scheduler.sigmas
-        alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(s[i])
-        alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(s[i + 1])  # sigma 0: h = inf
+        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(s[i])
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(s[i + 1])  # sigma 0: h = inf
         h = lambda_t - lambda_s0
         phi = alpha_t * (torch.exp(-h) - 1.0)
+        sde_phi = alpha_t * (1 - torch.exp(-2.0 * h))
         inv_r0 = torch.tensor(float("nan"))  # step 0 has no earlier step: never second order
         if i > 0:
-            _, _, lambda_s1 = _alpha_sigma_lambda(s[i - 1])
+            _, _, lambda_s1 = self._alpha_sigma_lambda(s[i - 1])
             inv_r0 = 1.0 / ((lambda_s0 - lambda_s1) / h)
-        return {
+        return {  # diffusers' expressions, dpmsolver++ then sde-dpmsolver++
             "alpha_s": alpha_s0,
             "sigma_s": sigma_s0,
             "ratio": sigma_t / sigma_s0,
@@ -337,28 +483,44 @@ class _DPMSolverSampler(TorchSampler):
             "half_phi": 0.5 * phi,
             "heun": alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0),
             "inv_r0": inv_r0,
+            "sde_ratio": sigma_t / sigma_s0 * torch.exp(-h),
+            "sde_phi": sde_phi,
+            "sde_half_phi": 0.5 * sde_phi,
+            "sde_heun": alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0),
+            "sde_noise": sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)),
         }
+
+    def _data_prediction(self, model_output: Tensor, sample: Tensor, c: Coefficients) -> Tensor:
+        # diffusers' convert_model_output: x0 in the inputs' dtype, before the upcast
+        if self.config["prediction_type"] == "epsilon":
+            return (sample - c["sigma_s"] * model_output) / c["alpha_s"]
+        return c["alpha_s"] * sample - c["sigma_s"] * model_output  # v_prediction
 
     def step(
         self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
     ) -> tuple[Tensor, SamplerState]:
         i, c = self._multistep_row(step_index, state, "DPM-Solver++")
-        # diffusers' convert_model_output: x0 in the inputs' dtype, before the upcast
-        if self.config["prediction_type"] == "epsilon":
-            x0 = (sample - c["sigma_s"] * model_output) / c["alpha_s"]
-        else:  # v_prediction
-            x0 = c["alpha_s"] * sample - c["sigma_s"] * model_output
-        sample = _upcast(sample)
-        if self._first_order[i] or not state.x0:  # DPM-Solver++(1), i.e. DDIM
-            prev = c["ratio"] * sample - c["phi"] * x0
-        else:  # Lu et al. Algorithm 2, from the previous step's x0
-            d1 = c["inv_r0"] * (x0 - state.x0[-1])
-            if self.config["solver_type"] == "midpoint":
-                prev = c["ratio"] * sample - c["phi"] * x0 - c["half_phi"] * d1
-            else:  # heun
-                prev = c["ratio"] * sample - c["phi"] * x0 + c["heun"] * d1
-        new_state = _EMPTY if self.config["solver_order"] == 1 else SamplerState((x0,), i + 1)
-        return prev.to(x0.dtype), new_state  # diffusers casts to the converted output's dtype
+        x0 = self._data_prediction(model_output, sample, c)
+        if self.upcast:
+            sample = _upcast(sample)
+        second = not (self._first_order[i] or not state.x0)
+        d1 = c["inv_r0"] * (x0 - state.x0[-1]) if second else None
+        midpoint = self.config["solver_type"] == "midpoint"
+        if not self.stochastic:
+            prev = c["ratio"] * sample - c["phi"] * x0  # DPM-Solver++(1), i.e. DDIM
+            if second:  # Lu et al. Algorithm 2, from the previous step's x0
+                prev = prev - c["half_phi"] * d1 if midpoint else prev + c["heun"] * d1
+        else:
+            # drawn like the converted output x0 (EDM), or in float32 (VP)
+            noise = self._noise(state, i, x0, torch.float32 if self.upcast else None)
+            prev = c["sde_ratio"] * sample + c["sde_phi"] * x0
+            if second:
+                prev = prev + (c["sde_half_phi"] if midpoint else c["sde_heun"]) * d1
+            prev = prev + c["sde_noise"] * noise
+        history = () if self.config["solver_order"] == 1 else (x0,)
+        new_state = SamplerState(history, i + 1 if history else None, noise=state.noise)
+        # the VP solver casts to the converted output's dtype; the EDM one keeps its own
+        return (prev.to(x0.dtype) if self.upcast else prev), new_state
 
 
 class _FlowMatchSampler(TorchSampler):
@@ -436,4 +598,13 @@ _SAMPLERS: dict[str, type[TorchSampler]] = {
     "DPMSolverMultistepScheduler": _DPMSolverSampler,
     "PNDMScheduler": _PNDMSampler,
     "FlowMatchEulerDiscreteScheduler": _FlowMatchSampler,
+    "EulerAncestralDiscreteScheduler": _EulerAncestralSampler,
+    "LCMScheduler": _LCMSampler,
 }
+
+
+def sampler_classes() -> dict[str, type[TorchSampler]]:
+    """diffusers scheduler class name -> its torch sampler class (the EDM pair included)."""
+    from slimdiff.sampler_edm import EDM_SAMPLERS  # it subclasses this module's samplers
+
+    return {**_SAMPLERS, **EDM_SAMPLERS}

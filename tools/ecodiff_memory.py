@@ -388,7 +388,9 @@ def measure(args, steps: int, checkpointing: bool) -> dict:
     baseline, setup_peak = _rss(), _maxrss()
     with _PeakSampler(args.sample_ms / 1000) as sampler:
         t = time.perf_counter()
-        loss, grads = mask_gradients(loop, masks, cond, noise, target, 0, 0.5, checkpointing)
+        loss, grads = mask_gradients(
+            loop, masks, cond, noise, target, 0, 0.5, checkpointing, step_noise=calib.step_noise(0)
+        )
         seconds = time.perf_counter() - t
     lifetime_peak = _maxrss()
     # The high-water mark rose during the call: the iteration's peak is it, exactly.

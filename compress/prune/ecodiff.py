@@ -91,6 +91,10 @@ class EcoDiffPass(Pass):
         needs no data."""
         return self.config.method == "ecodiff" or self.config.recover is not None
 
+    def preflight(self, pipe, calib) -> None:
+        if self.config.method == "ecodiff" and calib is not None:
+            calib.sampler()  # learned masks run the stateless sampler: it must exist
+
     @classmethod
     def restore(cls, module: Any, edit: Any) -> Any:
         from slimdiff.compress.prune.slicing import restore

@@ -62,6 +62,7 @@ from slimdiff.compress.prune.masks import MASK_TYPES, Masks, apply_masks
 from slimdiff.denoise import DenoiseLoop
 from slimdiff.errors import UserError
 from slimdiff.progress import Progress
+from slimdiff.sampler import StepNoise
 from slimdiff.trainstate import checkpoint_if_due, load_train_state, read_train_state
 
 __all__ = ["MaskReport", "MaskSettings", "draw_prompts", "mask_gradients", "train_masks"]
@@ -145,6 +146,7 @@ def mask_gradients(
     checkpointing: bool,
     recon_norm: str = "l2",
     bounded_penalty: bool = False,
+    step_noise: StepNoise | None = None,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """The loss of ONE masked trajectory and its gradient: (loss, {group key: dL/dλ}).
 
@@ -154,6 +156,8 @@ def mask_gradients(
     prompt's initial noise and the teacher's final latent (calib.record().noise / .final).
     `checkpointing`: time-step gradient checkpointing (see module); otherwise plain backprop
     through the whole trajectory, whose memory grows with the number of steps.
+    `step_noise`: the prompt's (calib.step_noise), which a stochastic sampler adds at each
+    step as the teacher's recorded run did; the walk back reuses each step's draw.
 
     Example:
         loss, grads = mask_gradients(calib.loop(unet), masks, calib.conditioning(0, unet),
@@ -172,7 +176,7 @@ def mask_gradients(
     with apply_masks(loop.denoiser, masks.groups, draw):
         if not checkpointing:
             with torch.enable_grad():
-                x, state = loop.start(noise)
+                x, state = loop.start(noise, step_noise)
                 for i in range(loop.steps):
                     step[0] = i
                     x, state = loop.step(i, x, state, cond)
@@ -182,7 +186,7 @@ def mask_gradients(
 
         saved = []  # per step: its input latent and sampler state, nothing else
         with torch.no_grad():
-            x, state = loop.start(noise)
+            x, state = loop.start(noise, step_noise)
             for i in range(loop.steps):
                 step[0] = i
                 saved.append((x, state))
@@ -329,6 +333,7 @@ def train_masks(
                         settings.checkpointing,
                         settings.recon_norm,
                         settings.bounded_penalty,
+                        calib.step_noise(prompt),
                     )
                     total += loss
                     for key, g in grads.items():

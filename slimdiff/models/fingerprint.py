@@ -55,6 +55,8 @@ def fingerprint(pipe: Any, components: tuple[str, ...] | None = None) -> dict[st
     out: dict[str, Any] = {
         "pipeline": type(pipe).__name__,
         "scheduler": _config_dict(scheduler.config) if scheduler is not None else None,
+        # the class too: Euler and Euler ancestral can share one config
+        "scheduler_class": type(scheduler).__name__ if scheduler is not None else None,
     }
     names = components or tuple(getattr(pipe, "components", {}))
     for name in names:

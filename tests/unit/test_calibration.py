@@ -10,6 +10,9 @@ import torch
 from slimdiff.calib import Calibration
 from slimdiff.models import load_model
 from slimdiff.recipe import CalibrationSpec, validate_recipe
+from slimdiff.sampler import StepNoise
+from tests.unit.test_scheduler_edm import PLAYGROUND
+from tests.unit.test_schedulers import STOCHASTIC
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -158,23 +161,23 @@ def test_cache_key_follows_the_weights_not_the_name(tmp_path):
 
 
 def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
-    """A model shipping Euler a (no deterministic torch sampler) calibrates with
-    calibration.scheduler instead: the trajectories, the stateless loop and the cache key
-    use it, and the model keeps its own scheduler (the artifact and bundle ship that)."""
+    """A model shipping UniPC (no torch sampler) calibrates with calibration.scheduler
+    instead: the trajectories, the stateless loop and the cache key use it, and the model
+    keeps its own scheduler (the artifact and bundle ship that)."""
     import diffusers
 
     from slimdiff.errors import UserError
 
     model = load_model("tiny:sd15")
     pipe = model.pipe
-    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     spec = SPEC.model_copy(update={"size": (64, 64)})
     with pytest.raises(UserError, match=r"calibration\.scheduler"):
         Calibration(pipe, model.arch, spec).loop(model.denoiser)
     euler = spec.model_copy(update={"scheduler": "EulerDiscreteScheduler"})
     calib = Calibration(pipe, model.arch, euler, work_dir=tmp_path)
     data = calib.record()
-    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     assert type(calib.scheduler).__name__ == "EulerDiscreteScheduler"
     assert calib.scheduler.config["beta_schedule"] == pipe.scheduler.config["beta_schedule"]
     assert calib.key != Calibration(pipe, model.arch, spec).key
@@ -188,3 +191,48 @@ def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
         _ = Calibration(pipe, model.arch, bad).scheduler
     with pytest.raises(ValueError, match="scheduler"):
         CalibrationSpec(scheduler="euler")  # class names: the core has no alias table
+
+
+# Schedulers that add noise at each step, and the EDM pair (Playground v2.5's): the loop
+# reproduces the recorded pipeline run only if it adds the same step noise (StepNoise, from
+# the generator calibration gives the pipeline) and preconditions as diffusers does.
+STOCHASTIC_AND_EDM = [
+    ("sd15", "EulerAncestralDiscreteScheduler", {}),
+    ("sdxl", "LCMScheduler", {}),
+    ("sd15", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("sdxl", "EDMDPMSolverMultistepScheduler", PLAYGROUND),
+    ("sdxl", "EDMDPMSolverMultistepScheduler", {**PLAYGROUND, "algorithm_type": "sde-dpmsolver++"}),
+    ("sdxl", "EDMEulerScheduler", {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "scheduler", "config"),
+    STOCHASTIC_AND_EDM,
+    ids=[f"{f}-{s}-{c.get('algorithm_type', '')}" for f, s, c in STOCHASTIC_AND_EDM],
+)
+def test_the_stateless_loop_reproduces_stochastic_and_edm_pipelines(family, scheduler, config):
+    import diffusers
+
+    model = load_model(f"tiny:{family}")
+    cls = getattr(diffusers, scheduler)
+    if scheduler.startswith("EDM"):  # another process: the model's VP config does not apply
+        model.pipe.scheduler = cls(**config)
+    else:
+        model.pipe.scheduler = cls.from_config({**model.pipe.scheduler.config, **config})
+    calib = Calibration(model.pipe, model.arch, SPEC.model_copy(update={"size": (64, 64)}))
+    data = calib.record()
+    loop = calib.loop(model.denoiser)
+    stochastic = loop.sampler.stochastic
+    assert stochastic == (scheduler in STOCHASTIC or "sde" in config.get("algorithm_type", ""))
+    for prompt in range(2):
+        cond = calib.conditioning(prompt, model.denoiser)
+        with torch.no_grad():
+            final = loop.run(data.noise(prompt), cond, calib.step_noise(prompt))
+        rel = (final - data.final(prompt)).norm() / data.final(prompt).norm()
+        assert rel < 1e-5, (scheduler, prompt, float(rel))
+    if stochastic:  # the noise matters, and the recorded run is reproducible
+        with torch.no_grad():
+            other = loop.run(data.noise(0), calib.conditioning(0, model.denoiser), StepNoise(99))
+        assert (other - data.final(0)).norm() > 1e-3 * data.final(0).norm()
+        assert torch.equal(calib._run(0)[1], data.final(0))

@@ -10,6 +10,7 @@ magnitude.
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,17 @@ diffusers = pytest.importorskip("diffusers")
 
 from slimdiff import sampler as sampler_module  # noqa: E402
 from slimdiff.errors import UserError  # noqa: E402
-from slimdiff.sampler import SamplerState, TorchSampler  # noqa: E402
+from slimdiff.sampler import SamplerState, StepNoise, TorchSampler  # noqa: E402
+from tests.unit import test_scheduler_edm as edm  # noqa: E402
 from tests.unit.test_schedulers import (  # noqa: E402
     DDIM_CASES,
     DPM_CASES,
+    DPM_SDE_CASES,
+    EULER_A_CASES,
     EULER_CASES,
     FLUX_DEV,
     FLUX_SCHNELL,
+    LCM_CASES,
     PNDM_CASES,
     SD3,
     SD15,
@@ -41,6 +46,9 @@ SHAPE = (1, 4, 8, 8)
 EULER, DDIM = "EulerDiscreteScheduler", "DDIMScheduler"
 DPM, FLOW = "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"
 PNDM = "PNDMScheduler"
+EULER_A, LCM = "EulerAncestralDiscreteScheduler", "LCMScheduler"
+EDM_DPM, EDM_EULER = edm.DPM, edm.EULER
+NOISE_SEED = 11  # the step noise's: diffusers' generator and our StepNoise alike
 
 
 def _mu(config: dict, seq_len: int) -> float:
@@ -58,6 +66,16 @@ CASES = {
     # PLMS only: the Runge-Kutta start (skip_prk_steps False) has no torch sampler
     **{
         f"pndm-{k}": (PNDM, c, n, {}) for k, (c, n) in PNDM_CASES.items() if c.get("skip_prk_steps")
+    },
+    **{f"dpm-sde-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_SDE_CASES.items()},
+    **{f"euler-a-{k}": (EULER_A, c, n, {}) for k, (c, n) in EULER_A_CASES.items()},
+    **{f"lcm-{k}": (LCM, c, n, {}) for k, (c, n) in LCM_CASES.items()},
+    # EDM: orders 1 and 2 (the third-order cases have no torch sampler)
+    **{
+        f"edm-{k}": (cls, c, n, {})
+        for cls, cases in edm.CASES.items()
+        for k, (c, n) in cases.items()
+        if c.get("solver_order", 2) < 3
     },
     "flow-sd3": (FLOW, SD3, 28, {}),
     "flow-dynamic-no-sigmas": (FLOW, FLUX_DEV, 12, {"mu": _mu(FLUX_DEV, 256)}),
@@ -98,7 +116,7 @@ def _inputs(seed: int, dtype=torch.float32, device=None):
 
 def _trajectory(sampler, x, noise):
     """Our run, keeping (sample_i, state_i) for every i and the final sample."""
-    state, saved = sampler.initial_state(), []
+    state, saved = sampler.initial_state(StepNoise(NOISE_SEED)), []
     for i in range(sampler.num_steps):
         saved.append((x, state))
         x, state = sampler.step(0.5 * sampler.scale_model_input(x, i) + noise, i, x, state)
@@ -115,6 +133,10 @@ def _compare(ref, ours, seed: int, running: bool = False, device=None) -> None:
     saved, final = _trajectory(ours, x_ref, noise)
     samples = [x for x, _ in saved[1:]] + [final]
     scale = 0.0
+    # diffusers' stochastic steps draw from this, as a pipeline's `generator=` would pass it
+    generator = {"generator": torch.Generator("cpu").manual_seed(NOISE_SEED)}
+    if "generator" not in inspect.signature(ref.step).parameters:  # PNDM's step has none
+        generator = {}
     for i, t in enumerate(ref.timesteps):
         in_ref = ref.scale_model_input(x_ref, t) if hasattr(ref, "scale_model_input") else x_ref
         # scale_model_input on diffusers' own latent, then the step against ours
@@ -122,7 +144,7 @@ def _compare(ref, ours, seed: int, running: bool = False, device=None) -> None:
         tol = 1e-6 * float(in_ref.abs().max())
         torch.testing.assert_close(in_ours, in_ref, rtol=0, atol=tol)
         scale = max(scale if running else 0.0, float(x_ref.abs().max()))
-        x_ref = ref.step(0.5 * in_ref + noise, t, x_ref).prev_sample
+        x_ref = ref.step(0.5 * in_ref + noise, t, x_ref, **generator).prev_sample
         assert samples[i].dtype == x_ref.dtype and samples[i].shape == SHAPE
         scale = max(scale, float(x_ref.abs().max()))
         err = float((samples[i] - x_ref).abs().max()) / scale
@@ -144,7 +166,14 @@ ONE_PER_CLASS = {
     "dpm-heun": (DPM, {**SD_BETAS, "solver_type": "heun"}, 10),
     "flow-sd3": (FLOW, SD3, 10),
     "pndm-plms": (PNDM, SD15, 10),
+    "euler-a": (EULER_A, SD15, 10),
+    "lcm": (LCM, SD_BETAS, 6),
+    "dpm-sde": (DPM, {**SD_BETAS, "algorithm_type": "sde-dpmsolver++"}, 10),
+    "edm-dpm": (EDM_DPM, edm.PLAYGROUND, 10),
+    "edm-dpm-sde-heun": (EDM_DPM, {**edm.SDE, "solver_type": "heun"}, 10),
+    "edm-euler-vpred": (EDM_EULER, edm.COSXL, 10),
 }
+MULTISTEP = (DPM, EDM_DPM)  # samplers whose state carries the previous step's x0
 
 
 @pytest.mark.parametrize("case", ONE_PER_CLASS)
@@ -159,7 +188,8 @@ def test_any_step_recomputes_bit_for_bit_in_any_order(case):
         kept = x.clone()
         out = 0.5 * sampler.scale_model_input(x, i) + noise
         first, first_state = sampler.step(out, i, x, state)
-        sampler.step(out, 0, x, sampler.initial_state())  # another step in between
+        # another step in between, with another noise source
+        sampler.step(out, 0, x, sampler.initial_state(StepNoise(NOISE_SEED + 1)))
         again, again_state = sampler.step(out, i, x, state)
         assert torch.equal(first, nexts[i]) and torch.equal(again, first)
         assert torch.equal(x, kept)  # inputs untouched
@@ -216,12 +246,12 @@ def test_step_gradients_pass_gradcheck_in_float64(case):
     i = steps // 2
     sampler, x, out, prev_x0 = _one_step(cls_name, config, steps, i)
     inputs = [out.requires_grad_(), x.requires_grad_()]
-    multistep = cls_name == DPM
-    if multistep:
+    if cls_name in MULTISTEP:
         inputs.append(prev_x0.requires_grad_())
+    step_noise = StepNoise(NOISE_SEED) if sampler.stochastic else None
 
     def fn(out, x, *history):
-        state = SamplerState(tuple(history), i) if history else sampler.initial_state()
+        state = SamplerState(tuple(history), i if history else None, noise=step_noise)
         prev, new_state = sampler.step(out, i, x, state)
         return (prev, *new_state.x0)
 
@@ -242,7 +272,12 @@ def test_sample_loop_backpropagates_to_the_latents():
 
 
 @pytest.mark.parametrize(
-    ("cls_name", "config"), [(EULER, SD15), (DDIM, SD15), (DPM, SD_BETAS), (PNDM, SD15)]
+    ("cls_name", "config"),
+    [
+        *((EULER, SD15), (DDIM, SD15), (DPM, SD_BETAS), (PNDM, SD15)),
+        *((EULER_A, SD15), (LCM, SD_BETAS), (DPM, edm.SDE | SD_BETAS)),
+        *((EDM_DPM, edm.PLAYGROUND), (EDM_DPM, edm.SDE), (EDM_EULER, edm.COSXL)),
+    ],
 )
 @pytest.mark.parametrize(
     ("sample_dtype", "out_dtype"),
@@ -253,8 +288,11 @@ def test_low_precision_dtype_path_matches_diffusers(cls_name, config, sample_dty
     ref, ours = _build(cls_name, config, 10, {})
     x, out = _inputs(6)
     x, out = x.to(sample_dtype), out.to(out_dtype)
-    expected = ref.step(out, ref.timesteps[0], x).prev_sample
-    got, _ = ours.step(out, 0, x, ours.initial_state())
+    kwargs = (
+        {"generator": torch.Generator("cpu").manual_seed(NOISE_SEED)} if ours.stochastic else {}
+    )
+    expected = ref.step(out, ref.timesteps[0], x, **kwargs).prev_sample
+    got, _ = ours.step(out, 0, x, ours.initial_state(StepNoise(NOISE_SEED)))
     assert got.dtype == expected.dtype
     assert torch.equal(got, expected)
 
@@ -270,7 +308,7 @@ def test_flow_match_low_precision_matches_diffusers():
 def test_unsupported_scheduler_class_names_the_supported_ones():
     with pytest.raises(UserError, match="HeunDiscreteScheduler") as info:
         TorchSampler.from_config({"_class_name": "HeunDiscreteScheduler"}, 10)
-    for name in (EULER, DDIM, DPM, FLOW, PNDM):
+    for name in (EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER):
         assert name in str(info.value)
     with pytest.raises(UserError, match="None"):
         TorchSampler.from_config({"beta_start": 0.1}, 10)
@@ -281,7 +319,14 @@ def test_unsupported_scheduler_class_names_the_supported_ones():
     [
         (EULER, {"prediction_type": "sample"}, "prediction_type"),
         (DDIM, {"thresholding": True}, "thresholding"),
-        (DPM, {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        (
+            DPM,
+            {"algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"},
+            "algorithm_type",
+        ),
+        (DPM, {"algorithm_type": "sde-dpmsolver"}, "final_sigmas_type"),  # diffusers refuses it
+        (EDM_DPM, {"solver_order": 3}, "solver_order"),
+        (LCM, {"thresholding": True}, "thresholding"),
         (DPM, {"solver_order": 3}, "solver_order"),
         (DPM, {"variance_type": "learned_range"}, "variance_type"),
         (FLOW, {"stochastic_sampling": True}, "stochastic_sampling"),
@@ -302,14 +347,16 @@ def test_bad_timestep_arguments_raise_user_errors():
         TorchSampler.from_config({"_class_name": EULER})
 
 
-@pytest.mark.parametrize("cls_name", [EULER, DDIM, DPM, FLOW, PNDM])
+@pytest.mark.parametrize(
+    "cls_name", [EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER]
+)
 def test_out_of_range_step_index_raises(cls_name):
     plms = {"skip_prk_steps": True} if cls_name == PNDM else {}
     sampler = TorchSampler.from_config({"_class_name": cls_name, **plms}, 5)
     x = torch.zeros(SHAPE)
     for bad in (-1, sampler.num_steps):
         with pytest.raises(IndexError):
-            sampler.step(x, bad, x, sampler.initial_state())
+            sampler.step(x, bad, x, sampler.initial_state(StepNoise(0)))
         with pytest.raises(IndexError):
             sampler.scale_model_input(x, bad)
 
@@ -336,3 +383,44 @@ def test_cuda_trajectory_matches_diffusers_with_tables_on_device(cls_name, confi
     assert all(v.device.type == "cuda" for v in ours._c.values())
     assert ours.timesteps.device.type == "cuda"
     _compare(ref, ours, seed=8, device="cuda")
+
+
+def test_step_noise_draws_in_step_order_once_and_checks_its_use():
+    like = torch.zeros(SHAPE)
+    late = StepNoise(5)
+    third = late.draw(3, like, torch.float32)  # earlier draws are made first, in order
+    gen = torch.Generator("cpu").manual_seed(5)
+    sequential = [torch.randn(SHAPE, generator=gen) for _ in range(4)]
+    assert torch.equal(third, sequential[3])
+    assert all(torch.equal(late.draw(k, like, torch.float32), sequential[k]) for k in range(4))
+    with pytest.raises(ValueError, match="one StepNoise per trajectory"):
+        late.draw(1, torch.zeros(1, 4, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="one StepNoise per trajectory"):
+        late.draw(1, like, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", ["euler-a", "lcm", "dpm-sde", "edm-dpm-sde-heun"])
+def test_stochastic_samplers_need_and_use_their_step_noise(case):
+    cls_name, config, steps = ONE_PER_CLASS[case]
+    sampler = TorchSampler.from_config({**config, "_class_name": cls_name}, steps)
+    assert sampler.stochastic
+    latent, noise = _inputs(9)
+    x = latent * sampler.init_noise_sigma
+    with pytest.raises(ValueError, match="adds noise at each step"):
+        sampler.initial_state()
+    with pytest.raises(ValueError, match="adds noise: start from"):
+        sampler.step(noise, 0, x, SamplerState())
+
+    def final(seed):
+        return sampler.sample_loop(lambda x, t, i: 0.5 * x + noise, x, StepNoise(seed))
+
+    assert torch.equal(final(1), final(1))
+    assert float((final(1) - final(2)).abs().max()) > 1e-3 * float(final(1).abs().max())
+
+
+@pytest.mark.parametrize("case", ["euler-vpred", "dpm-midpoint", "edm-dpm", "edm-euler-vpred"])
+def test_deterministic_samplers_ignore_step_noise(case):
+    cls_name, config, steps = ONE_PER_CLASS[case]
+    sampler = TorchSampler.from_config({**config, "_class_name": cls_name}, steps)
+    assert not sampler.stochastic
+    assert sampler.initial_state(StepNoise(1)) is sampler.initial_state()

@@ -66,6 +66,7 @@ def _gradients(model, calib, masks, checkpointing, prompt=0, iteration=0, beta=0
         iteration,
         beta,
         checkpointing,
+        step_noise=calib.step_noise(prompt),
     )
 
 
@@ -97,6 +98,23 @@ def test_checkpointing_carries_a_multistep_samplers_history(calibrated):
     # step's data prediction from the sampler state (the last step is first order).
     model, calib = calibrated("sdxl", steps=4, scheduler="DPMSolverMultistepScheduler")
     assert calib.sampler().config["solver_order"] == 2
+    _assert_checkpointing_matches_backprop(model, calib)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    ["EulerAncestralDiscreteScheduler", "LCMScheduler", "EDMDPMSolverMultistepScheduler"],
+)
+def test_step_noise_and_edm_samplers_train_against_their_own_teacher(calibrated, scheduler):
+    """SDXL-Turbo's Euler a and LCM add fresh noise at each step, Playground's EDM solver
+    preconditions the UNet: unmasked, the loop must land on the teacher's final latent
+    (loss ~0; without the teacher's step noise it is the size of the latent), and the
+    walk back must reuse each step's noise (checkpointed gradient = plain backprop's)."""
+    model, calib = calibrated("sd15", steps=4, scheduler=scheduler)
+    assert calib.sampler().stochastic == (scheduler != "EDMDPMSolverMultistepScheduler")
+    open_masks = Masks.for_denoiser(model.arch, model.denoiser, init_logit=20.0)
+    loss, _ = _gradients(model, calib, open_masks, checkpointing=True)
+    assert loss < 1e-10 * float(calib.record().final(0).square().mean()), loss
     _assert_checkpointing_matches_backprop(model, calib)
 
 
@@ -284,3 +302,32 @@ def test_heads_and_neurons_learn_at_their_own_rates(calibrated):
     assert sum(p.numel() for p in groups[0]["params"]) == heads
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(g.count for g in masks.groups)
     assert [g["lr"] for g in _param_groups(masks, MaskSettings(lr=0.2))] == [0.2, 0.2]
+
+
+def test_a_model_without_a_torch_sampler_is_refused_before_any_trajectory(tmp_path, monkeypatch):
+    """UniPC has no stateless sampler: the runner's preflight says so before it records the
+    teacher's trajectories (minutes to hours at full size), naming the recipe key to use."""
+    import diffusers
+
+    from slimdiff.compress.runner import compress_model
+    from slimdiff.recipe import validate_recipe
+
+    model = load_model("tiny:sd15")
+    model.pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(
+        model.pipe.scheduler.config
+    )
+    recipe = validate_recipe(
+        {
+            "model": "tiny:sd15",
+            "calibration": SPEC.model_dump(),
+            "passes": [{"pass": "prune.ecodiff", "sparsity": 0.2, "iterations": 1}],
+        }
+    )
+
+    def no_recording(self):
+        raise AssertionError("the trajectories were recorded before the refusal")
+
+    monkeypatch.setattr(Calibration, "record", no_recording)
+    with pytest.raises(UserError, match=r"UniPCMultistepScheduler.*calibration\.scheduler"):
+        compress_model(model, recipe, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
