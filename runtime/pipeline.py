@@ -153,12 +153,16 @@ class Text2ImagePipeline:
         size: tuple[int, int] | None = None,
         latents: np.ndarray | None = None,
         output: str = "image",
+        guidance_rescale: float = 0.0,
     ) -> GenerationResult:
         """Generate one image for `prompt`; `size` is (height, width) in pixels.
 
         `latents` replaces the seeded noise, in the layout diffusers' `latents=` takes.
         Classifier-free guidance runs when the model uses it and `guidance` > 1, as in
-        diffusers; for FLUX `guidance` is the embedded guidance value.
+        diffusers; for FLUX `guidance` is the embedded guidance value. `guidance_rescale`
+        (0 to 1) pulls the guided prediction's std back toward the text prediction's, as
+        diffusers' SD1.5/SDXL pipelines do (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4;
+        0.7 there for zero-terminal-SNR models); it needs a model that uses CFG.
         """
         start = time.perf_counter()
         if not isinstance(prompt, str):
@@ -167,6 +171,7 @@ class Text2ImagePipeline:
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         height, width = self._check_args(steps, size, output)
         _check_values(guidance, seed, latents)
+        rescale = self._check_rescale(guidance_rescale)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         timings: dict[str, float | list[float]] = {}
@@ -194,6 +199,8 @@ class Text2ImagePipeline:
             if do_cfg:
                 uncond, text = np.split(pred, 2)  # (uncond, cond), as batched above
                 pred = uncond + np.float32(guidance) * (text - uncond)
+                if rescale > 0:
+                    pred = _rescale_guided(pred, text, rescale)
             if scheduler.stochastic:
                 noise = step_rng.standard_normal(x.shape, dtype=np.float32)
                 x = scheduler.step(pred, i, x, noise=noise)
@@ -237,6 +244,17 @@ class Text2ImagePipeline:
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         return to_uint8(sample[0])
 
+    def _check_rescale(self, guidance_rescale: float) -> np.float32:
+        value = float(guidance_rescale)
+        if not (np.isfinite(value) and 0 <= value <= 1):
+            raise UserError(f"guidance rescale {guidance_rescale}: use a value from 0 to 1")
+        if value > 0 and not self.config.uses_cfg:
+            raise UserError(
+                "guidance rescale needs classifier-free guidance, which this model does not "
+                "use (it embeds the guidance, or was distilled without it); leave it at 0"
+            )
+        return np.float32(value)
+
     def _check_args(self, steps: int, size: tuple[int, int] | None, output: str) -> tuple[int, int]:
         if output not in _OUTPUTS:
             raise UserError(f"output {output!r} is not one of: {', '.join(_OUTPUTS)}")
@@ -265,6 +283,16 @@ class Text2ImagePipeline:
                 trained_h,
             )
         return height, width
+
+
+def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:
+    """diffusers' rescale_noise_cfg: the guided prediction scaled to the text prediction's
+    std (per image, unbiased as torch.std), mixed back with weight `rescale`."""
+    axes = tuple(range(1, guided.ndim))
+    std_text = text.std(axis=axes, ddof=1, keepdims=True)
+    std_cfg = guided.std(axis=axes, ddof=1, keepdims=True)
+    rescaled = guided * (std_text / std_cfg)
+    return rescale * rescaled + (np.float32(1) - rescale) * guided
 
 
 def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None:

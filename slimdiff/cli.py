@@ -439,6 +439,14 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.option("--negative-prompt", default=None)
 @click.option("--steps", type=_STEPS, default=None, help="Default: the bundle's.")
 @click.option("--guidance", type=float, default=None, help="0 to 100. Default: the bundle's.")
+@click.option(
+    "--guidance-rescale",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Rescale the guided prediction's std (diffusers' guidance_rescale; 0.7 for "
+    "zero-terminal-SNR models). Needs a model that uses CFG.",
+)
 @click.option("--seed", type=_SEED, default=0, show_default=True)
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option(
@@ -456,8 +464,8 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @_expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
-    bundle, prompt, negative_prompt, steps, guidance, seed, size, latents, backend,
-    scheduler, expect_sha256, out,
+    bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, seed, size, latents,
+    backend, scheduler, expect_sha256, out,
 ):  # fmt: skip
     """Generate an image from a bundle with the torch-free runtime."""
     from slimdiff.app.args import check_guidance, check_output_file, read_latents
@@ -479,6 +487,7 @@ def run_cmd(
         seed=seed,
         size=size,
         latents=init,
+        guidance_rescale=guidance_rescale,
     )
     save_png(result.image, out)
     t = result.timings_ms

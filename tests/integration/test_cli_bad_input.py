@@ -67,6 +67,8 @@ RUN_CASES = [
     (["--guidance", "inf"], "use a finite value"),
     (["--guidance", "-inf"], "use a finite value"),
     (["--guidance", "1e308"], "use a finite value"),
+    (["--guidance-rescale", "1.5"], "1.5 is not in the range 0.0<=x<=1.0"),
+    (["--guidance-rescale", "nan"], "guidance rescale nan: use a value from 0 to 1"),
     (["--backend", "bogus"], "unknown backend 'bogus'"),
     (["--expect-sha256", "0" * 64], "this is not the pinned bundle"),
 ]

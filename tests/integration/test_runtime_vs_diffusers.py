@@ -63,7 +63,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def _diffusers(pipe, latents: np.ndarray, guidance: float, negative: str | None, zero=False):
+def _diffusers(
+    pipe, latents: np.ndarray, guidance: float, negative: str | None, zero=False, **call
+):
     """diffusers' image and final latents (as output_type="latent" returns them).
 
     `zero`: the denoiser's output replaced by zeros, so what remains is the scheduler's
@@ -89,6 +91,7 @@ def _diffusers(pipe, latents: np.ndarray, guidance: float, negative: str | None,
         latents=torch.from_numpy(latents.copy()),
         callback_on_step_end=keep_last,
         **extra,
+        **call,
     ).images[0]
     handle.remove()
     return np.array(image), final["latents"]
@@ -309,6 +312,34 @@ def test_playground_like_sdxl_matches_diffusers(tmp_path):
     plain = runtime._decode(result.latents, SIZE, SIZE)
     runtime.config = runtime.config.model_copy(update={"vae_latents_mean": None})
     assert _psnr(runtime._decode(result.latents, SIZE, SIZE), plain) < 30.0
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_guidance_rescale_matches_diffusers(exported, family):
+    """diffusers' guidance_rescale (rescale_noise_cfg), as SD1.5/SDXL pipelines apply it."""
+    model, bundle = exported(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    model.pipe.set_progress_bar_config(disable=True)
+    ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None, guidance_rescale=0.7)
+    # the scheduler's arithmetic alone (a zero prediction has no std to rescale)
+    _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
+    call = {"steps": STEPS, "guidance": 5.0, "size": (SIZE, SIZE), "latents": latents}
+    result = runtime(PROMPT, guidance_rescale=0.7, **call)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, f"{family} rescale")
+    assert _psnr(result.image, ref_image) >= 40.0
+    plain = runtime(PROMPT, **call).latents  # and the rescale did something
+    assert np.linalg.norm(plain - result.latents) > 1e-3 * np.linalg.norm(ref_latents - no_model)
+    with pytest.raises(UserError, match="from 0 to 1"):
+        runtime(PROMPT, guidance_rescale=1.5, **call)
+
+
+def test_guidance_rescale_needs_a_model_that_uses_cfg(exported):
+    _, bundle = exported("flux")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    with pytest.raises(UserError, match="needs classifier-free guidance"):
+        runtime(PROMPT, steps=1, size=(SIZE, SIZE), guidance_rescale=0.5)
 
 
 def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):

@@ -308,8 +308,8 @@ def test_a_model_without_a_torch_sampler_is_refused_before_any_trajectory(tmp_pa
     """UniPC has no stateless sampler: the runner's preflight says so before it records the
     teacher's trajectories (minutes to hours at full size), naming the recipe key to use."""
     import diffusers
-
     from slimdiff.compress.runner import compress_model
+
     from slimdiff.recipe import validate_recipe
 
     model = load_model("tiny:sd15")
