@@ -342,6 +342,50 @@ def test_guidance_rescale_needs_a_model_that_uses_cfg(exported):
         runtime(PROMPT, steps=1, size=(SIZE, SIZE), guidance_rescale=0.5)
 
 
+def test_sd2_style_v_prediction_zero_snr_matches_diffusers(tmp_path):
+    """SD 2.x's layout in the SD1.5 family: linear proj_in/out, upcast attention, a head
+    count per block, and a v-prediction DDIM with zero terminal SNR and trailing steps
+    (SD 2.1-v fine-tunes), saved to a folder and exported from it with the fused graph."""
+    import diffusers
+    from slimdiff.export import export_bundle
+
+    from slimdiff.models import load_model
+
+    model = load_model("tiny:sd15")
+    old = model.pipe.unet.config
+    torch.manual_seed(0)
+    model.pipe.unet = diffusers.UNet2DConditionModel(
+        **{k: v for k, v in old.items() if not k.startswith("_")}
+        | {"attention_head_dim": (2, 4, 8, 8), "use_linear_projection": True}
+        | {"upcast_attention": True}
+    )
+    model.pipe.scheduler = diffusers.DDIMScheduler.from_config(
+        model.pipe.scheduler.config,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        clip_sample=False,
+    )
+    model.pipe.save_pretrained(tmp_path / "sd2")
+    folder = load_model(str(tmp_path / "sd2"))
+    assert folder.arch.family == "sd15"
+    export_bundle(folder, tmp_path / "b")
+    runtime = Text2ImagePipeline.from_bundle(tmp_path / "b")
+    latents = (
+        np.random.default_rng(6)
+        .standard_normal(runtime.conditioning.latent_shape(SIZE, SIZE))
+        .astype(np.float32)
+    )
+    pipe = folder.pipe
+    pipe.set_progress_bar_config(disable=True)
+    ref_image, ref_latents = _diffusers(pipe, latents, 5.0, None, guidance_rescale=0.7)
+    _, no_model = _diffusers(pipe, latents, 5.0, None, zero=True)
+    call = {"steps": STEPS, "guidance": 5.0, "size": (SIZE, SIZE), "latents": latents}
+    result = runtime(PROMPT, guidance_rescale=0.7, **call)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "sd2-style")
+    assert _psnr(result.image, ref_image) >= 40.0
+
+
 def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):
     _, bundle = exported("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
