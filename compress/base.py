@@ -73,6 +73,7 @@ class Pass(abc.ABC):
     def preflight(self, pipe: Any, calib: Any | None) -> None:
         """Refuse (UserError) what `apply` could not run, before the runner does any slow
         work (the teacher's trajectories); `calib` when needs_calibration. Default: nothing."""
+        return None
 
     @abc.abstractmethod
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:

@@ -50,6 +50,7 @@ and states, then any step again with grad):
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from collections.abc import Callable
@@ -82,6 +83,20 @@ class SamplerState:
     eps: tuple[Tensor, ...] = ()
     start: Tensor | None = None
     noise: StepNoise | None = None
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The history's tensors in a fixed order (x0, eps, start): what a backward walk
+        carries gradients through (EcoDiff's, compress/prune/train.py)."""
+        return (*self.x0, *self.eps, *(() if self.start is None else (self.start,)))
+
+    def with_tensors(self, tensors: tuple[Tensor, ...]) -> SamplerState:
+        """This state with its history's tensors replaced, in `tensors()`'s order."""
+        tensors = tuple(tensors)
+        if len(tensors) != len(self.tensors()):
+            raise ValueError(f"{len(tensors)} tensors for a state that holds {len(self.tensors())}")
+        n0, n1 = len(self.x0), len(self.x0) + len(self.eps)
+        start = tensors[n1] if self.start is not None else None
+        return dataclasses.replace(self, x0=tensors[:n0], eps=tensors[n0:n1], start=start)
 
 
 _EMPTY = SamplerState()

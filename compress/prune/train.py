@@ -23,8 +23,9 @@ Where this departs from the official code, and why:
   not the gradient of the loss it computed. With this, the checkpointed gradient equals
   plain backprop's (tests: within 1e-5 relative, all four tiny families).
 - Multistep samplers are exact: DPM-Solver++ 2M carries the previous step's data
-  prediction in `SamplerState.x0`, an output of the earlier step, so the walk carries its
-  gradient back with the latent's. The official walk follows the latent alone (and
+  prediction in `SamplerState.x0`, PLMS its noise predictions and first sample (`eps`,
+  `start`), outputs of earlier steps, so the walk carries their gradients back with the
+  latent's (`SamplerState.tensors()`). The official walk follows the latent alone (and
   patches `scheduler._step_index`).
 - One autograd call per step for all inputs, not two with retain_graph.
 - Gradients of the `prompts_per_iteration` trajectories of one optimizer step are averaged
@@ -44,7 +45,6 @@ Where this departs from the official code, and why:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -195,22 +195,24 @@ def mask_gradients(
             final = x.detach().requires_grad_(True)
             loss = _objective(final, target, masks, beta, recon_norm, bounded_penalty)
             g_x, *acc = torch.autograd.grad(loss, [final, *params], allow_unused=True)
-        g_state: tuple[torch.Tensor | None, ...] = ()  # dL/d(state.x0) of the step after
+        # dL/d(the state's history tensors) of the step after: SamplerState.tensors() order
+        g_state: tuple[torch.Tensor | None, ...] = ()
         for i in reversed(range(loop.steps)):
             x_i, state_i = saved.pop()
             step[0] = i
             x_in = x_i.detach().requires_grad_(True)
-            x0_in = tuple(t.detach().requires_grad_(True) for t in state_i.x0)
+            history_in = tuple(t.detach().requires_grad_(True) for t in state_i.tensors())
             with torch.enable_grad():
-                x_out, state_out = loop.step(i, x_in, dataclasses.replace(state_i, x0=x0_in), cond)
+                x_out, state_out = loop.step(i, x_in, state_i.with_tensors(history_in), cond)
             outputs, grad_outputs = [x_out], [g_x]
-            later = g_state or (None,) * len(state_out.x0)  # the last step: nothing later
-            for t, g in zip(state_out.x0, later, strict=True):
-                if g is not None:  # a later step used this step's data prediction
+            history_out = state_out.tensors()
+            later = g_state or (None,) * len(history_out)  # the last step: nothing later
+            for t, g in zip(history_out, later, strict=True):
+                if g is not None:  # a later step used this one (an x0, an eps, a sample)
                     outputs.append(t)
                     grad_outputs.append(g)
             got = torch.autograd.grad(
-                outputs, [*params, x_in, *x0_in], grad_outputs, allow_unused=True
+                outputs, [*params, x_in, *history_in], grad_outputs, allow_unused=True
             )
             n = len(params)
             acc = [_add(a, g) for a, g in zip(acc, got[:n], strict=True)]

@@ -230,6 +230,15 @@ def test_plms_state_carries_the_history_and_is_checked():
         sampler.step(out, 7, x, state)
     with pytest.raises(ValueError, match="step 1 needs step 0's state"):
         sampler.step(out, 1, x, sampler.initial_state())
+    # the history a backward walk carries: eps (4 here) then start (absent past call 1)
+    assert len(state.tensors()) == 4 and len(saved[1][1].tensors()) == 2
+    swapped = state.with_tensors(tuple(t + 1 for t in state.tensors()))
+    assert all(torch.equal(a + 1, b) for a, b in zip(state.eps, swapped.eps, strict=True))
+    assert swapped.step_index == 6 and swapped.start is None
+    restart = saved[1][1].with_tensors(saved[1][1].tensors())
+    assert restart.start is saved[1][1].start
+    with pytest.raises(ValueError, match="3 tensors for a state that holds 4"):
+        state.with_tensors(state.tensors()[:3])
 
 
 def _one_step(cls_name, config, steps, i, dtype=torch.float64):

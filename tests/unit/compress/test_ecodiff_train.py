@@ -33,7 +33,8 @@ def _calibrated(family: str, steps: int = 3, scheduler: str | None = None):
         import diffusers
 
         config = model.pipe.scheduler.config
-        model.pipe.scheduler = getattr(diffusers, scheduler).from_config(config)
+        plms = {"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}  # SD1.5's
+        model.pipe.scheduler = getattr(diffusers, scheduler).from_config(config, **plms)
     spec = SPEC.model_copy(update={"steps": steps})
     calib = Calibration(model.pipe, model.arch, spec)
     calib.record()
@@ -98,6 +99,16 @@ def test_checkpointing_carries_a_multistep_samplers_history(calibrated):
     # step's data prediction from the sampler state (the last step is first order).
     model, calib = calibrated("sdxl", steps=4, scheduler="DPMSolverMultistepScheduler")
     assert calib.sampler().config["solver_order"] == 2
+    _assert_checkpointing_matches_backprop(model, calib)
+
+
+def test_checkpointing_carries_plms_noise_history_and_start(calibrated):
+    # PLMS (the hub SD1.5 default): every step reads up to 3 earlier noise predictions
+    # (state.eps) and call 1 restarts from call 0's sample (state.start). Walking back
+    # with x0 alone missed those: the gradient was 22% off plain backprop's.
+    model, calib = calibrated("sd15", steps=4, scheduler="PNDMScheduler")
+    sampler = calib.loop(model.denoiser).sampler
+    assert sampler.config["skip_prk_steps"] and sampler.num_steps == 5
     _assert_checkpointing_matches_backprop(model, calib)
 
 
