@@ -161,18 +161,36 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
             parts[name] = None
             continue
         cls = _component_class(path, name, library, class_name)
-        folder = path / name
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
-            module = empty_module(cls, folder)
-            if restore_edits is not None:
-                module = restore_edits(name, module)
-            source = SafetensorsWeights(folder)
-            _check_keys(module, source, folder)
-            _load_buffers(module, source)
-            parts[name] = make_lazy(module.eval(), source)
-        else:  # tokenizers, schedulers: no weights
-            parts[name] = cls.from_pretrained(folder)  # no weights: use_safetensors n/a
-    return pipeline_cls(**parts)
+        try:
+            parts[name] = _lazy_component(cls, name, path / name, restore_edits)
+        except (OSError, ValueError, KeyError) as err:  # a missing, damaged or odd folder
+            raise _damaged(path / name, f"its {class_name}", err) from None
+    try:
+        return pipeline_cls(**parts)
+    except (TypeError, ValueError) as err:  # model_index.json lacks a component
+        raise _damaged(path, f"the {pipeline_cls.__name__} in it", err) from None
+
+
+def _lazy_component(cls: type, name: str, folder: Path, restore_edits) -> Any:
+    if isinstance(cls, type) and issubclass(cls, nn.Module):
+        module = empty_module(cls, folder)
+        if restore_edits is not None:
+            module = restore_edits(name, module)
+        source = SafetensorsWeights(folder)
+        _check_keys(module, source, folder)
+        _load_buffers(module, source)
+        return make_lazy(module.eval(), source)
+    return cls.from_pretrained(folder)  # tokenizers, schedulers: no weights
+
+
+def _damaged(where: Path, what: str, err: Exception) -> Exception:
+    from slimdiff.errors import UserError
+
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"{where}: could not build {what} ({reason}); check that the folder is complete and "
+        "its config is the model's, or save the pipeline again with save_pretrained"
+    )
 
 
 def _component_class(path: Path, name: str, library: str, class_name: str) -> type:

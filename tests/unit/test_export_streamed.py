@@ -211,3 +211,51 @@ def test_a_folder_in_an_older_layout_is_refused_lazily_and_loads_in_auto(saved_s
     result = CliRunner().invoke(main, ["export", str(folder), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2, result.output
     assert "vae lacks 1 of its weights (first: decoder.conv_in.weight)" in result.output
+
+
+def _damage(folder: Path, how: str) -> None:
+    if how == "no scheduler folder":
+        import shutil
+
+        shutil.rmtree(folder / "scheduler")
+    elif how == "bad json":
+        (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    elif how == "config of another model":
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        config["block_out_channels"] = config["block_out_channels"][:2]
+        (folder / "unet" / "config.json").write_text(json.dumps(config))
+    else:  # model_index.json without its vae
+        index = json.loads((folder / "model_index.json").read_text())
+        del index["vae"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    ("how", "where"),
+    [
+        ("no scheduler folder", "scheduler"),
+        ("bad json", "scheduler"),
+        ("config of another model", "unet"),
+        ("no vae in model_index.json", "pipe"),
+    ],
+)
+@pytest.mark.parametrize("weights", ["stream", "auto"])
+def test_a_damaged_folder_is_one_clear_error_on_either_route(
+    saved_sd15, tmp_path, how, where, weights
+):
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_sd15, folder)
+    _damage(folder, how)
+    out = tmp_path / "b"
+    result = CliRunner().invoke(
+        main, ["export", str(folder), "--out", str(out), "--weights", weights]
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not out.exists()
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "complete" in message
+    if weights == "stream":  # the lazy route names the component it could not build
+        name = "" if where == "pipe" else f"/{where}"
+        assert f"{folder}{name}: could not build" in message
