@@ -19,7 +19,14 @@ from slimdiff.models.arch import (
 )
 from slimdiff.models.kinds import KindSpec, ShiftSpec
 
-__all__ = ["FAMILIES", "family_of_denoiser", "family_of_pipeline", "get_arch"]
+__all__ = [
+    "EQUIVALENT_PIPELINES",
+    "FAMILIES",
+    "family_of_denoiser",
+    "family_of_pipeline",
+    "get_arch",
+    "text_to_image_class",
+]
 
 # ---------------------------------------------------------------- UNets (SD1.5, SDXL)
 
@@ -273,8 +280,28 @@ def get_arch(family: str) -> ArchSpec:
         ) from None
 
 
+# Pipeline classes that hold a whole text-to-image model of a family, loaded as the family's
+# own class (diffusers loads a folder's components into any pipeline class that takes them;
+# DiffusionPipeline.from_pipe converts a loaded one): LCM-Dreamshaper's hub folder names
+# LatentConsistencyModelPipeline, and folders saved from an img2img pipeline hold the same
+# model. Inpainting pipelines do not: their UNet takes a mask and a masked image.
+EQUIVALENT_PIPELINES = {
+    "LatentConsistencyModelPipeline": "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Pipeline",
+    "FluxImg2ImgPipeline": "FluxPipeline",
+}
+
+
+def text_to_image_class(class_name: str) -> str:
+    """The pipeline class slimdiff loads a `class_name` folder as (itself if not listed)."""
+    return EQUIVALENT_PIPELINES.get(class_name, class_name)
+
+
 def family_of_pipeline(class_name: str) -> str:
     """Family of a diffusers pipeline class name, e.g. "StableDiffusionXLPipeline" -> "sdxl"."""
+    class_name = text_to_image_class(class_name)
     for spec in FAMILIES.values():
         if class_name in spec.pipeline_classes:
             return spec.family

@@ -147,7 +147,9 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
 
     import diffusers
 
-    pipeline_cls = getattr(diffusers, index["_class_name"])
+    from slimdiff.models.families import text_to_image_class
+
+    pipeline_cls = getattr(diffusers, text_to_image_class(index["_class_name"]))
     accepted = inspect.signature(pipeline_cls.__init__).parameters
     parts: dict[str, Any] = {}
     for name, entry in index.items():

@@ -30,7 +30,13 @@ from typing import Any
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.builtin import build_builtin, parse_builtin
-from slimdiff.models.families import FAMILIES, family_of_denoiser, family_of_pipeline, get_arch
+from slimdiff.models.families import (
+    FAMILIES,
+    family_of_denoiser,
+    family_of_pipeline,
+    get_arch,
+    text_to_image_class,
+)
 from slimdiff.models.single_file import is_single_file, load_single_file
 from slimdiff.models.toy import load_toy, parse_toy, toy_folder
 
@@ -302,6 +308,7 @@ def _load_component(
 def _from_pretrained_pipeline(path: Path, class_name: str, device: str, allow_pickle: bool):
     import diffusers
 
+    class_name = text_to_image_class(class_name)
     cls = getattr(diffusers, class_name)
     try:
         pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
@@ -356,6 +363,9 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool):
             f"could not load hub model {model_id!r}: {detail[:300]} ({hint}); on a machine "
             f"with network run `hf download {model_id} --local-dir DIR` and pass DIR instead"
         ) from None
+    canonical = text_to_image_class(type(pipe).__name__)
+    if canonical != type(pipe).__name__:  # e.g. LatentConsistencyModelPipeline
+        pipe = getattr(diffusers, canonical).from_pipe(pipe)
     family_of_pipeline(type(pipe).__name__)
     refuse_missing(pipe.components, model_id)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe

@@ -114,6 +114,9 @@ def _config_pipeline(folder: Path) -> str | None:
             f"--config {folder} is not a diffusers pipeline folder (no readable "
             "model_index.json); pass the base model's folder or hub id"
         ) from None
+    from slimdiff.models.families import text_to_image_class
+
+    name = text_to_image_class(name) if isinstance(name, str) else name
     return name if name in set(_PIPELINES.values()) else None
 
 

@@ -276,6 +276,39 @@ def test_lcm_unet_matches_diffusers(lcm_unet_bundle, family, monkeypatch):
     assert np.abs(other.latents - result.latents).max() > 1e-3
 
 
+def test_a_latent_consistency_pipeline_folder_loads_as_sd15(lcm_unet_bundle, tmp_path, monkeypatch):
+    """LCM-Dreamshaper's hub layout: model_index.json names LatentConsistencyModelPipeline.
+    Loaded (in memory or lazily) as the StableDiffusionPipeline it holds; its bundle draws
+    what diffusers' LatentConsistencyModelPipeline draws."""
+    import diffusers
+    from slimdiff.export import export_bundle
+
+    from slimdiff.models import load_model
+
+    model, _ = lcm_unet_bundle("sd15")
+    lcm = diffusers.LatentConsistencyModelPipeline(**model.pipe.components)
+    lcm.save_pretrained(tmp_path / "lcm")
+    index = json.loads((tmp_path / "lcm" / "model_index.json").read_text())
+    assert index["_class_name"] == "LatentConsistencyModelPipeline"
+    for weights in ("memory", "lazy"):
+        loaded = load_model(str(tmp_path / "lcm"), weights=weights)
+        assert type(loaded.pipe).__name__ == "StableDiffusionPipeline"
+        assert loaded.arch.family == "sd15"
+    export_bundle(loaded, tmp_path / "b", optimize=False)
+    runtime = Text2ImagePipeline.from_bundle(tmp_path / "b")
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    lcm.set_progress_bar_config(disable=True)
+    module = "diffusers.schedulers.scheduling_lcm"
+    monkeypatch.setattr(f"{module}.randn_tensor", _runtime_step_noise(0))
+    ref_image, ref_latents = _diffusers(lcm, latents, 8.0, None)
+    monkeypatch.setattr(f"{module}.randn_tensor", _runtime_step_noise(0))
+    _, no_model = _diffusers(lcm, latents, 8.0, None, zero=True)
+    result = runtime(PROMPT, steps=STEPS, guidance=8.0, size=(SIZE, SIZE), latents=latents)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "lcm pipeline folder")
+    assert _psnr(result.image, ref_image) >= 40.0
+
+
 def test_playground_like_sdxl_matches_diffusers(tmp_path):
     """Playground v2.5's layout: EDMDPMSolverMultistepScheduler (the UNet gets log(sigma)/4
     as its timestep, inputs scaled by c_in) and a VAE config with per-channel

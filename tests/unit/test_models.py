@@ -198,6 +198,27 @@ def test_hub_errors_say_what_failed_and_others_keep_their_traceback(monkeypatch)
         load_model("org/some-model")
 
 
+def test_pipeline_classes_holding_a_text_to_image_model_load_as_it(monkeypatch):
+    import diffusers
+
+    from slimdiff.models.families import family_of_pipeline
+
+    assert family_of_pipeline("LatentConsistencyModelPipeline") == "sd15"
+    assert family_of_pipeline("StableDiffusionXLImg2ImgPipeline") == "sdxl"
+    assert family_of_pipeline("FluxImg2ImgPipeline") == "flux"
+    with pytest.raises(
+        UserError, match="unsupported pipeline class 'StableDiffusionInpaintPipeline'"
+    ):
+        family_of_pipeline("StableDiffusionInpaintPipeline")  # its UNet takes a mask too
+    # a hub id whose model_index.json names LatentConsistencyModelPipeline (LCM-Dreamshaper)
+    parts = load_model("tiny:sd15").pipe.components
+    hub = diffusers.LatentConsistencyModelPipeline(**parts)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", lambda *a, **k: hub)
+    loaded = load_model("org/lcm-model")
+    assert type(loaded.pipe).__name__ == "StableDiffusionPipeline"
+    assert loaded.pipe.unet is parts["unet"] and loaded.arch.family == "sd15"
+
+
 def test_resolve_device():
     from slimdiff.device import resolve_device
 
