@@ -95,8 +95,8 @@ class CalibrationSpec(_Strict):
     # The diffusers scheduler class calibration samples with, built from the model's
     # scheduler config (from_config); None: the model's own. Passes that recompute steps
     # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, Euler a, DDIM,
-    # DPM-Solver++ and its SDE form, PNDM, LCM, EDM Euler/DPM-Solver++, flow-match Euler):
-    # for a model that ships UniPC, Heun or DEIS, say.
+    # DPM-Solver++ and its SDE form, PNDM, LCM, UniPC, EDM Euler/DPM-Solver++, flow-match
+    # Euler): for a model that ships Heun, DEIS or KDPM2, say.
     scheduler: str | None = pydantic.Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}Scheduler$")
 
 

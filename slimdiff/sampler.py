@@ -22,9 +22,9 @@ Euler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2 without churn), DDIM wi
 arXiv:2211.01095), PLMS (Liu et al. 2022, arXiv:2202.09778; the hub SD1.5 default, with
 skip_prk_steps as its config sets), flow-matching Euler (Lipman et al. 2023,
 arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Euler ancestral (SDXL-Turbo's), LCM
-(Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M SDE, and the EDM pair of
-slimdiff/sampler_edm.py (Playground v2.5's). This is a core module: it imports no slimdiff
-layer above the core.
+(Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M SDE, UniPC
+(slimdiff/sampler_unipc.py) and the EDM pair (slimdiff/sampler_edm.py, Playground
+v2.5's). This is a core module: it imports no slimdiff layer above the core.
 
 Stochastic samplers (`stochastic`: Euler ancestral, LCM, the SDE solvers) add noise at
 each step. It comes from the state's `StepNoise`, which draws what diffusers' step draws
@@ -74,8 +74,10 @@ class SamplerState:
     `x0`: DPM-Solver++'s data predictions of earlier steps, oldest first (differentiable:
     gradients flow through them into the step that made them). `eps` and `start`: PLMS's
     noise predictions (the Adams-Bashforth history) and the sample its Heun-like second
-    call restarts from. `step_index`: the step this state feeds, None for a state without
-    history, valid at any step (a fresh start).
+    call restarts from. UniPC keeps its converted outputs in `x0`, the sample its last
+    prediction started from in `start` and that prediction's `order`. `step_index`: the step
+    this state feeds, None for a state without history, valid at any step (a fresh start).
+    `noise`: a stochastic sampler's per-step noise (StepNoise).
     """
 
     x0: tuple[Tensor, ...] = ()
@@ -83,6 +85,7 @@ class SamplerState:
     eps: tuple[Tensor, ...] = ()
     start: Tensor | None = None
     noise: StepNoise | None = None
+    order: int = 0  # UniPC: the order of the prediction that made the sample
 
     def tensors(self) -> tuple[Tensor, ...]:
         """The history's tensors in a fixed order (x0, eps, start): what a backward walk
@@ -620,6 +623,8 @@ _SAMPLERS: dict[str, type[TorchSampler]] = {
 
 def sampler_classes() -> dict[str, type[TorchSampler]]:
     """diffusers scheduler class name -> its torch sampler class (the EDM pair included)."""
-    from slimdiff.sampler_edm import EDM_SAMPLERS  # it subclasses this module's samplers
+    # they subclass this module's samplers
+    from slimdiff.sampler_edm import EDM_SAMPLERS
+    from slimdiff.sampler_unipc import UniPCSampler
 
-    return {**_SAMPLERS, **EDM_SAMPLERS}
+    return {**_SAMPLERS, **EDM_SAMPLERS, "UniPCMultistepScheduler": UniPCSampler}

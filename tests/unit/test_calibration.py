@@ -161,7 +161,7 @@ def test_cache_key_follows_the_weights_not_the_name(tmp_path):
 
 
 def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
-    """A model shipping UniPC (no torch sampler) calibrates with calibration.scheduler
+    """A model shipping DEIS (no torch sampler) calibrates with calibration.scheduler
     instead: the trajectories, the stateless loop and the cache key use it, and the model
     keeps its own scheduler (the artifact and bundle ship that)."""
     import diffusers
@@ -170,14 +170,14 @@ def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
 
     model = load_model("tiny:sd15")
     pipe = model.pipe
-    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.DEISMultistepScheduler.from_config(pipe.scheduler.config)
     spec = SPEC.model_copy(update={"size": (64, 64)})
     with pytest.raises(UserError, match=r"calibration\.scheduler"):
         Calibration(pipe, model.arch, spec).loop(model.denoiser)
     euler = spec.model_copy(update={"scheduler": "EulerDiscreteScheduler"})
     calib = Calibration(pipe, model.arch, euler, work_dir=tmp_path)
     data = calib.record()
-    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert type(pipe.scheduler).__name__ == "DEISMultistepScheduler"
     assert type(calib.scheduler).__name__ == "EulerDiscreteScheduler"
     assert calib.scheduler.config["beta_schedule"] == pipe.scheduler.config["beta_schedule"]
     assert calib.key != Calibration(pipe, model.arch, spec).key
@@ -193,7 +193,7 @@ def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
         CalibrationSpec(scheduler="euler")  # class names: the core has no alias table
 
 
-# Schedulers that add noise at each step, and the EDM pair (Playground v2.5's): the loop
+# Schedulers that add noise at each step, the EDM pair (Playground v2.5's) and UniPC: the loop
 # reproduces the recorded pipeline run only if it adds the same step noise (StepNoise, from
 # the generator calibration gives the pipeline) and preconditions as diffusers does.
 STOCHASTIC_AND_EDM = [
@@ -203,6 +203,7 @@ STOCHASTIC_AND_EDM = [
     ("sdxl", "EDMDPMSolverMultistepScheduler", PLAYGROUND),
     ("sdxl", "EDMDPMSolverMultistepScheduler", {**PLAYGROUND, "algorithm_type": "sde-dpmsolver++"}),
     ("sdxl", "EDMEulerScheduler", {}),
+    ("sd15", "UniPCMultistepScheduler", {"solver_order": 3}),
 ]
 
 

@@ -23,6 +23,7 @@ from slimdiff import sampler as sampler_module  # noqa: E402
 from slimdiff.errors import UserError  # noqa: E402
 from slimdiff.sampler import SamplerState, StepNoise, TorchSampler  # noqa: E402
 from tests.unit import test_scheduler_edm as edm  # noqa: E402
+from tests.unit import test_scheduler_unipc as unipc  # noqa: E402
 from tests.unit.test_schedulers import (  # noqa: E402
     DDIM_CASES,
     DPM_CASES,
@@ -48,6 +49,7 @@ DPM, FLOW = "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"
 PNDM = "PNDMScheduler"
 EULER_A, LCM = "EulerAncestralDiscreteScheduler", "LCMScheduler"
 EDM_DPM, EDM_EULER = edm.DPM, edm.EULER
+UNIPC = "UniPCMultistepScheduler"
 NOISE_SEED = 11  # the step noise's: diffusers' generator and our StepNoise alike
 
 
@@ -77,6 +79,7 @@ CASES = {
         for k, (c, n) in cases.items()
         if c.get("solver_order", 2) < 3
     },
+    **{f"unipc-{k}": (UNIPC, c, n, {}) for k, (c, n) in unipc.CASES.items()},
     "flow-sd3": (FLOW, SD3, 28, {}),
     "flow-dynamic-no-sigmas": (FLOW, FLUX_DEV, 12, {"mu": _mu(FLUX_DEV, 256)}),
     "euler-custom-sigmas": (
@@ -172,8 +175,14 @@ ONE_PER_CLASS = {
     "edm-dpm": (EDM_DPM, edm.PLAYGROUND, 10),
     "edm-dpm-sde-heun": (EDM_DPM, {**edm.SDE, "solver_type": "heun"}, 10),
     "edm-euler-vpred": (EDM_EULER, edm.COSXL, 10),
+    "unipc-order3": (UNIPC, {**SD_BETAS, "solver_order": 3}, 10),
+    "unipc-bh1-noise-vpred": (
+        UNIPC,
+        {**SD_BETAS, "solver_type": "bh1", "predict_x0": False, "prediction_type": "v_prediction"},
+        10,
+    ),
 }
-MULTISTEP = (DPM, EDM_DPM)  # samplers whose state carries the previous step's x0
+MULTISTEP = (DPM, EDM_DPM, UNIPC)  # samplers whose state carries the previous step's x0
 
 
 @pytest.mark.parametrize("case", ONE_PER_CLASS)
@@ -257,12 +266,18 @@ def test_step_gradients_pass_gradcheck_in_float64(case):
     inputs = [out.requires_grad_(), x.requires_grad_()]
     if cls_name in MULTISTEP:
         inputs.append(prev_x0.requires_grad_())
+    if cls_name == UNIPC:  # its corrector reads the previous step's start sample
+        inputs.append((x.detach() * 1.1).requires_grad_())
     step_noise = StepNoise(NOISE_SEED) if sampler.stochastic else None
 
     def fn(out, x, *history):
-        state = SamplerState(tuple(history), i if history else None, noise=step_noise)
+        extra = {}
+        if cls_name == UNIPC:
+            *history, start = history
+            extra = {"start": start, "order": 1}
+        state = SamplerState(tuple(history), i if history else None, noise=step_noise, **extra)
         prev, new_state = sampler.step(out, i, x, state)
-        return (prev, *new_state.x0)
+        return (prev, *new_state.tensors())
 
     assert torch.autograd.gradcheck(fn, inputs)
     # and each input really matters (a detached path would pass gradcheck as a constant)
@@ -317,7 +332,7 @@ def test_flow_match_low_precision_matches_diffusers():
 def test_unsupported_scheduler_class_names_the_supported_ones():
     with pytest.raises(UserError, match="HeunDiscreteScheduler") as info:
         TorchSampler.from_config({"_class_name": "HeunDiscreteScheduler"}, 10)
-    for name in (EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER):
+    for name in (EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER, UNIPC):
         assert name in str(info.value)
     with pytest.raises(UserError, match="None"):
         TorchSampler.from_config({"beta_start": 0.1}, 10)
@@ -336,6 +351,8 @@ def test_unsupported_scheduler_class_names_the_supported_ones():
         (DPM, {"algorithm_type": "sde-dpmsolver"}, "final_sigmas_type"),  # diffusers refuses it
         (EDM_DPM, {"solver_order": 3}, "solver_order"),
         (LCM, {"thresholding": True}, "thresholding"),
+        (UNIPC, {"thresholding": True}, "thresholding"),
+        (UNIPC, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "prediction_type"),
         (DPM, {"solver_order": 3}, "solver_order"),
         (DPM, {"variance_type": "learned_range"}, "variance_type"),
         (FLOW, {"stochastic_sampling": True}, "stochastic_sampling"),
@@ -357,7 +374,7 @@ def test_bad_timestep_arguments_raise_user_errors():
 
 
 @pytest.mark.parametrize(
-    "cls_name", [EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER]
+    "cls_name", [EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER, UNIPC]
 )
 def test_out_of_range_step_index_raises(cls_name):
     plms = {"skip_prk_steps": True} if cls_name == PNDM else {}

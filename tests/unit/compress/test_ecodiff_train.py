@@ -102,6 +102,14 @@ def test_checkpointing_carries_a_multistep_samplers_history(calibrated):
     _assert_checkpointing_matches_backprop(model, calib)
 
 
+def test_checkpointing_carries_unipcs_history_and_corrected_start(calibrated):
+    # UniPC (bh2, order 2): each step corrects its input from the previous step's start
+    # sample and outputs (state.start, state.x0), then predicts from the corrected one.
+    model, calib = calibrated("sd15", steps=4, scheduler="UniPCMultistepScheduler")
+    assert calib.sampler().config["solver_order"] == 2
+    _assert_checkpointing_matches_backprop(model, calib)
+
+
 def test_checkpointing_carries_plms_noise_history_and_start(calibrated):
     # PLMS (the hub SD1.5 default): every step reads up to 3 earlier noise predictions
     # (state.eps) and call 1 restarts from call 0's sample (state.start). Walking back
@@ -316,7 +324,7 @@ def test_heads_and_neurons_learn_at_their_own_rates(calibrated):
 
 
 def test_a_model_without_a_torch_sampler_is_refused_before_any_trajectory(tmp_path, monkeypatch):
-    """UniPC has no stateless sampler: the runner's preflight says so before it records the
+    """DEIS has no stateless sampler: the runner's preflight says so before it records the
     teacher's trajectories (minutes to hours at full size), naming the recipe key to use."""
     import diffusers
     from slimdiff.compress.runner import compress_model
@@ -324,7 +332,7 @@ def test_a_model_without_a_torch_sampler_is_refused_before_any_trajectory(tmp_pa
     from slimdiff.recipe import validate_recipe
 
     model = load_model("tiny:sd15")
-    model.pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(
+    model.pipe.scheduler = diffusers.DEISMultistepScheduler.from_config(
         model.pipe.scheduler.config
     )
     recipe = validate_recipe(
@@ -339,6 +347,6 @@ def test_a_model_without_a_torch_sampler_is_refused_before_any_trajectory(tmp_pa
         raise AssertionError("the trajectories were recorded before the refusal")
 
     monkeypatch.setattr(Calibration, "record", no_recording)
-    with pytest.raises(UserError, match=r"UniPCMultistepScheduler.*calibration\.scheduler"):
+    with pytest.raises(UserError, match=r"DEISMultistepScheduler.*calibration\.scheduler"):
         compress_model(model, recipe, tmp_path / "a")
     assert not (tmp_path / "a").exists()
