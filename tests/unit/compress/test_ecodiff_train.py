@@ -332,9 +332,7 @@ def test_a_model_without_a_torch_sampler_is_refused_before_any_trajectory(tmp_pa
     from slimdiff.recipe import validate_recipe
 
     model = load_model("tiny:sd15")
-    model.pipe.scheduler = diffusers.DEISMultistepScheduler.from_config(
-        model.pipe.scheduler.config
-    )
+    model.pipe.scheduler = diffusers.DEISMultistepScheduler.from_config(model.pipe.scheduler.config)
     recipe = validate_recipe(
         {
             "model": "tiny:sd15",
