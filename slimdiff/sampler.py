@@ -380,15 +380,11 @@ class _DDIMSampler(TorchSampler):
         self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
     ) -> tuple[Tensor, SamplerState]:
         c = self._row(step_index)
+        pred_x0 = _vp_x0(self.config, model_output, sample, c)
         if self.config["prediction_type"] == "epsilon":
-            pred_x0 = (sample - c["sqrt_b"] * model_output) / c["sqrt_a"]
             pred_eps = model_output
         else:  # v_prediction
-            pred_x0 = c["sqrt_a"] * sample - c["sqrt_b"] * model_output
             pred_eps = c["sqrt_a"] * model_output + c["sqrt_b"] * sample
-        if self.config["clip_sample"]:
-            r = self.config["clip_sample_range"]
-            pred_x0 = pred_x0.clamp(-r, r)
         # Song et al. eq. 12 with sigma_t = 0
         return c["sqrt_a_prev"] * pred_x0 + c["sqrt_b_prev"] * pred_eps, _EMPTY
 
@@ -420,21 +416,27 @@ class _LCMSampler(TorchSampler):
         self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
     ) -> tuple[Tensor, SamplerState]:
         c = self._row(step_index)
-        if self.config["prediction_type"] == "epsilon":
-            pred_x0 = (sample - c["sqrt_b"] * model_output) / c["sqrt_a"]
-        elif self.config["prediction_type"] == "sample":
-            pred_x0 = model_output
-        else:  # v_prediction
-            pred_x0 = c["sqrt_a"] * sample - c["sqrt_b"] * model_output
-        if self.config["clip_sample"]:
-            r = self.config["clip_sample_range"]
-            pred_x0 = pred_x0.clamp(-r, r)
-        denoised = c["c_out"] * pred_x0 + c["c_skip"] * sample
+        denoised = c["c_out"] * _vp_x0(self.config, model_output, sample, c) + c["c_skip"] * sample
         if step_index == self.num_steps - 1:  # diffusers draws no noise after the last step
             return denoised, SamplerState(noise=state.noise)
         noise = self._noise(state, step_index, denoised)
         prev = c["sqrt_a_prev"] * denoised + c["sqrt_b_prev"] * noise
         return prev, SamplerState(noise=state.noise)
+
+
+def _vp_x0(config: dict[str, Any], model_output: Tensor, sample: Tensor, c: Coefficients) -> Tensor:
+    """x0 from the model output at alpha-bar (`c["sqrt_a"]`, `c["sqrt_b"]`), clipped where
+    the config clips it: DDIM's and LCM's expressions."""
+    if config["prediction_type"] == "epsilon":
+        x0 = (sample - c["sqrt_b"] * model_output) / c["sqrt_a"]
+    elif config["prediction_type"] == "sample":
+        x0 = model_output
+    else:  # v_prediction
+        x0 = c["sqrt_a"] * sample - c["sqrt_b"] * model_output
+    if config["clip_sample"]:
+        r = config["clip_sample_range"]
+        x0 = x0.clamp(-r, r)
+    return x0
 
 
 def _alpha_sigma_lambda(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -77,13 +77,7 @@ class _EDMDPMSolverSampler(_EDMPreconditioning, _DPMSolverSampler):
     order 1 or 2: the VP solver's update with alpha_t = 1 and sigma_t = sigma (the inputs
     are scaled before the UNet), no upcast, the noise drawn in the output's dtype."""
 
-    supported: ClassVar = {
-        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
-        "solver_order": (1, 2),
-        "solver_type": ("midpoint", "heun"),
-        "prediction_type": _PREDICTIONS,
-        "thresholding": (False,),
-    }
+    # `supported`: the VP solver's (the EDM config lacks its VP-only keys: they default)
     upcast = False
 
     def _alpha_sigma_lambda(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
