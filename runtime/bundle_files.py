@@ -160,10 +160,7 @@ def read_manifest_bytes(bundle: str | Path, expect_sha256: str | None = None) ->
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise BundleError(
-            f"{given} is not a slimdiff bundle (no {MANIFEST_NAME}); an interrupted export "
-            "leaves none: export again"
-        ) from None
+        raise BundleError(_not_a_bundle(given, root)) from None
     if stat.S_ISLNK(st.st_mode):
         raise _link_error(root, MANIFEST_NAME)
     if not stat.S_ISREG(st.st_mode):
@@ -291,3 +288,19 @@ def _hash(root: Path, rel: str, checked: os.stat_result, keep: bool) -> tuple[st
                     raise BundleError(f"{root}: {rel} grew while it was being verified")
                 parts.append(chunk)
     return digest.hexdigest(), (b"".join(parts) if keep else None)
+
+
+def _not_a_bundle(given: Path, root: Path) -> str:
+    """Why `given` is no bundle, with the fix for the usual mix-ups: a model folder (export
+    it first) and a bundle's component folder (pass the bundle)."""
+    if (root / "model_index.json").is_file() or (root / "config.json").is_file():
+        return (
+            f"{given} is a diffusers model folder, not a slimdiff bundle: export it first "
+            f"(`slimdiff export {given} --out BUNDLE`) and run the bundle"
+        )
+    if (root.parent / MANIFEST_NAME).is_file():
+        return f"{given} is a folder inside a bundle: pass the bundle, {root.parent}"
+    return (
+        f"{given} is not a slimdiff bundle (no {MANIFEST_NAME}); an interrupted export leaves "
+        "none: export again"
+    )

@@ -252,6 +252,11 @@ def _load_local(path: Path, source: str, device: str, allow_pickle: bool) -> Loa
         if not allow_pickle:
             _refuse_pickles(path, [path])
         return _load_component(path, _read_json(config), source, device, allow_pickle)
+    if (path / "manifest.json").is_file():  # the usual mix-up: an exported bundle
+        raise UserError(
+            f"{path} is a slimdiff bundle, already exported: run it with `slimdiff run "
+            f"{path} --prompt ...`; export, compress and inspect take the model it came from"
+        )
     raise UserError(
         f"{path} is not a diffusers model folder: it has neither model_index.json (a pipeline) "
         "nor config.json (a component); save one with pipe.save_pretrained(folder)"

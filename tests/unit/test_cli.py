@@ -106,6 +106,29 @@ def test_non_diffusers_folder_exits_2(tmp_path):
     )
 
 
+def test_a_bundle_and_a_model_folder_swapped_say_which_is_which(tmp_path):
+    """The usual mix-ups: a bundle given to export, a model folder or a bundle's component
+    folder given to run; each names the command that takes it."""
+    bundle, model = tmp_path / "bundle", tmp_path / "model"
+    (bundle / "unet").mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    _assert_one_line_error(
+        _run("export", str(bundle), "--out", str(tmp_path / "b")),
+        f"{bundle} is a slimdiff bundle, already exported: run it with `slimdiff run",
+    )
+    png = str(tmp_path / "x.png")
+    _assert_one_line_error(
+        _run("run", str(model), "--prompt", "x", "--out", png),
+        f"{model} is a diffusers model folder, not a slimdiff bundle: export it first",
+    )
+    _assert_one_line_error(
+        _run("run", str(bundle / "unet"), "--prompt", "x", "--out", png),
+        f"is a folder inside a bundle: pass the bundle, {bundle}",
+    )
+
+
 def test_hub_id_while_offline_exits_2(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _assert_one_line_error(
