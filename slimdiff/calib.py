@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimdiff.denoise import DenoiseLoop
+from slimdiff.denoise import DenoiseLoop, check_guidance_rescale
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.fingerprint import fingerprint_key
@@ -84,6 +84,7 @@ class Calibration:
         self._key: str | None = None
         self._trajectories: Trajectories | None = None
         self._scheduler: Any = None
+        check_guidance_rescale(type(pipe), spec.guidance_rescale, "calibration.guidance_rescale")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -144,6 +145,11 @@ class Calibration:
         generator = torch.Generator("cpu").manual_seed(self.spec.seed + i)
         return pack_latents(torch.randn(shape, generator=generator), kind.latent_packing)
 
+    def _rescale(self) -> dict[str, float]:
+        # passed (and keyed) only when set: pipelines without it take no such argument
+        rescale = self.spec.guidance_rescale
+        return {"guidance_rescale": rescale} if rescale > 0 else {}
+
     def step_noise(self, i: int) -> StepNoise:
         """Prompt `i`'s step noise, for stochastic schedulers (Euler a, LCM, SDE solvers):
         the pipeline draws it from a CPU generator with this seed, and the stateless loop
@@ -182,6 +188,7 @@ class Calibration:
                 width=w,
                 latents=noise.to(denoiser.device, denoiser.dtype),
                 generator=torch.Generator("cpu").manual_seed(self.step_noise(i).seed),
+                **self._rescale(),
                 output_type="latent",
                 callback_on_step_end=callback,
             )
@@ -202,6 +209,7 @@ class Calibration:
                     size=list(self.size),
                     dtype=self.spec.dtype,
                     step_noise=_STEP_NOISE_STREAM,  # stochastic steps draw seeded noise
+                    **self._rescale(),
                 )
         return self._key
 
@@ -269,7 +277,12 @@ class Calibration:
         """The calibration's denoising loop around `denoiser` (a pass's own, e.g. masked)."""
         kind = self.arch.kind_for(denoiser.config)
         return DenoiseLoop(
-            denoiser, self.sampler(denoiser.device), kind, self.guidance, self.do_cfg
+            denoiser,
+            self.sampler(denoiser.device),
+            kind,
+            self.guidance,
+            self.do_cfg,
+            self.spec.guidance_rescale,
         )
 
     def conditioning(self, prompt: int, denoiser: torch.nn.Module) -> dict[str, Any]:

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
+from slimdiff.errors import UserError
 from slimdiff.models.kinds import KindSpec
 from slimdiff.sampler import SamplerState, StepNoise, TorchSampler
 
-__all__ = ["DenoiseLoop"]
+__all__ = ["DenoiseLoop", "check_guidance_rescale"]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class DenoiseLoop:
     kind: KindSpec
     guidance: float
     do_cfg: bool  # batch (uncond, cond) and mix them, as the pipeline does
+    guidance_rescale: float = 0.0  # diffusers' rescale_noise_cfg after the mix, when > 0
 
     @property
     def steps(self) -> int:
@@ -72,6 +74,12 @@ class DenoiseLoop:
         if self.do_cfg:
             uncond, text = pred.chunk(2)
             pred = uncond + self.guidance * (text - uncond)
+            if self.guidance_rescale > 0:
+                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+                    rescale_noise_cfg,
+                )
+
+                pred = rescale_noise_cfg(pred, text, guidance_rescale=self.guidance_rescale)
         return pred
 
     def step(
@@ -88,3 +96,15 @@ class DenoiseLoop:
         for i in range(self.steps):
             x, state = self.step(i, x, state, cond)
         return x
+
+
+def check_guidance_rescale(pipeline_cls: type, value: float, key: str) -> None:
+    """UserError when `value` > 0 and the diffusers pipeline class takes no guidance_rescale
+    (SD1.5 and SDXL pipelines do; SD3's and FLUX's do not). `key`: the recipe key, said."""
+    import inspect
+
+    if value > 0 and "guidance_rescale" not in inspect.signature(pipeline_cls.__call__).parameters:
+        raise UserError(
+            f"{key}: {pipeline_cls.__name__} has no guidance rescale (diffusers' SD1.5 and "
+            "SDXL pipelines have it); leave it at 0"
+        )

@@ -53,6 +53,8 @@ class _Strict(pydantic.BaseModel):
 Seed = Annotated[int, pydantic.Field(ge=0, le=MAX_SEED)]
 Steps = Annotated[int, pydantic.Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, pydantic.Field(ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)]
+# diffusers' guidance_rescale (SD1.5/SDXL pipelines; Lin et al. 2023): 0 is off
+GuidanceRescale = Annotated[float, pydantic.Field(ge=0, le=1, allow_inf_nan=False)]
 
 
 def _check_side(value: int) -> int:
@@ -87,6 +89,8 @@ class CalibrationSpec(_Strict):
     num_prompts: int = pydantic.Field(16, ge=1, le=100_000)
     steps: Steps = 20
     guidance: Guidance | None = None  # None: the family's default
+    # Calibrate as the model will be sampled: 0.7 for zero-terminal-SNR models (Lin et al.)
+    guidance_rescale: GuidanceRescale = 0.0
     seed: Seed = 0
     size: Size | None = None  # (height, width); None: the family's default
     # The dtype the pipeline runs in while the teacher's trajectories are recorded (and
@@ -160,6 +164,7 @@ class BenchSpec(_Strict):
     steps: Steps = 8
     size: Size | None = None
     guidance: Guidance | None = None
+    guidance_rescale: GuidanceRescale = 0.0  # as `slimdiff run --guidance-rescale`
     seed: Seed = 0
     repeat: int = pydantic.Field(3, ge=1, le=1000)
     warmup: int = pydantic.Field(1, ge=0, le=100)

@@ -72,6 +72,7 @@ def run_bench(
         get_backend(r.bench.backend)
         bundle_target(r.bench.backend, r.export.targets)
         check_outputs(r, out / "recipes" / r.name)
+        _check_rescale_before_loading(r)
     with exclusive(out):  # one bench per folder: a second one stops at once
         rows = []
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
@@ -103,6 +104,7 @@ def _advance(progress, task, recipe: Recipe, stage: str) -> None:
 
 def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool) -> dict[str, Any]:
     from slimdiff.app.flow import compress_and_export, use_threads
+    from slimdiff.denoise import check_guidance_rescale
     from slimdiff.inspect import inspect_model
     from slimdiff.models import load_model
     from slimdiff.models.fingerprint import fingerprint
@@ -112,6 +114,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     base = load_model(recipe.model, device=device, allow_pickle=allow_pickle)
     threads = use_threads(base)  # the worker subprocess inherits it (SLIMDIFF_THREADS)
     arch, pipe = base.arch, base.require_pipeline("bench")
+    check_guidance_rescale(type(pipe), b.guidance_rescale, "bench.guidance_rescale")
     size = tuple(b.size or base.default_size)
     guidance = arch.default_guidance if b.guidance is None else b.guidance
     prompts = list(b.prompts or BENCH_PROMPTS)
@@ -130,6 +133,8 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         "size": list(size),
         "guidance": guidance,
         "seed": b.seed,
+        # only when set, so the references of recipes without it keep their cache keys
+        **({"guidance_rescale": b.guidance_rescale} if b.guidance_rescale > 0 else {}),
     }
     # The reference cache is keyed by what the model is (its weights and configs), so a
     # retrained folder at the same path gets a fresh reference.
@@ -187,6 +192,8 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         "threads": threads,
         "size": list(size),
         "steps": b.steps,
+        "guidance": guidance,
+        "guidance_rescale": b.guidance_rescale,
         "params": info["denoiser"]["params"],
         "total_params": info["total_params"],
         "flops_per_step": info["denoiser"]["flops_per_step"],
@@ -245,6 +252,21 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         row["fidelity"]["heldout_psnr_db"] = float(np.mean([psnr(a, r) for a, r in pairs]))
         row["prompt_accuracy"]["images_per_prompt"] = b.accuracy_images
     return row
+
+
+def _check_rescale_before_loading(recipe: Recipe) -> None:
+    # Where the model's pipeline class can be read without loading it (built-ins, folders);
+    # a hub id, or a class the load will refuse, is checked once loaded (_bench_one).
+    from slimdiff.denoise import check_guidance_rescale
+    from slimdiff.models.loading import pipeline_class_of
+
+    rescale = recipe.bench.guidance_rescale
+    name = pipeline_class_of(recipe.model) if rescale > 0 else None
+    if name is not None:
+        import diffusers
+
+        if hasattr(diffusers, name):
+            check_guidance_rescale(getattr(diffusers, name), rescale, "bench.guidance_rescale")
 
 
 # The export target whose bundle each backend runs, best first.
@@ -333,6 +355,7 @@ def _pipe_kwargs(settings: dict, latents: np.ndarray) -> dict:
         "height": h,
         "width": w,
         "latents": torch.from_numpy(latents),
+        **{k: settings[k] for k in ("guidance_rescale",) if k in settings},
     }
 
 

@@ -67,13 +67,19 @@ def _accuracy_cells(row: dict[str, Any]) -> str:
     return f"{'-' if err is None else f'{err:.2e}'} | {'-' if db is None else f'{db:.1f}'} | {acc}"
 
 
+def _rescale(row: dict[str, Any]) -> str:
+    value = row.get("guidance_rescale") or 0
+    return f" (rescaled {value:g})" if value > 0 else ""
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     first = results["recipes"][0] if results["recipes"] else {}
     m = results["machine"]
     head = (
         f"Measured {results['date']} on {m['cpu']} ({m['cpu_count']} cores), "
         f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
-        f"size {first.get('size')}, {first.get('steps')} steps, backend {first.get('backend')}.\n"
+        f"size {first.get('size')}, {first.get('steps')} steps, guidance {first.get('guidance')}"
+        f"{_rescale(first)}, backend {first.get('backend')}.\n"
         f"Command: `{results['command']}`\n\n"
     )
     atomic_write_text(path, head + markdown_table(results))

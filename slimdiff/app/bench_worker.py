@@ -43,6 +43,7 @@ class _Job:
             "steps": job["steps"],
             "guidance": job["guidance"],
             "size": tuple(job["size"]),
+            "guidance_rescale": job.get("guidance_rescale", 0.0),
         }
         self.latents = [np.load(p) for p in job["latents"]]
         for _ in range(job["warmup"]):

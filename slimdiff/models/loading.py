@@ -153,6 +153,23 @@ def load_model(
     )
 
 
+def pipeline_class_of(model: str) -> str | None:
+    """The diffusers pipeline class `model` loads as, read without loading it: built-in and
+    toy models, and local folders with a model_index.json; None where that needs the hub
+    or the model is not a pipeline (a lone denoiser, a single file)."""
+    builtin = parse_builtin(model)
+    if builtin is not None:
+        return get_arch(builtin[1]).pipeline_classes[0]
+    toy = parse_toy(model)
+    path = toy_folder(toy) if toy is not None else Path(model).expanduser()
+    try:
+        index = _read_json(path / "model_index.json")
+    except UserError:  # not there, or not readable: the load will say which
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return text_to_image_class(name) if isinstance(name, str) else None
+
+
 def lazy_loadable(model: str) -> bool:
     """Whether load_model(model, weights="lazy") can load `model`: a built-in, the toy
     model, or a local pipeline folder (hub ids must be downloaded first)."""

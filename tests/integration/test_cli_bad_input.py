@@ -144,6 +144,8 @@ def test_bad_export_inspect_compress_bench_input(tmp_path):
         ("export.targets=[trt]", "unknown target 'trt'"),
         ("export.max_images=0", "export.max_images"),
         ("bench.guidance=.nan", "bench.guidance"),
+        ("bench.guidance_rescale=2", "bench.guidance_rescale"),
+        ("calibration.guidance_rescale=-1", "calibration.guidance_rescale"),
         ("bench.steps=[1", "not valid YAML"),
     ):
         _refused(
@@ -174,6 +176,11 @@ def test_bench_refuses_a_bad_backend_before_any_work(tmp_path):
     # a backend whose bundle the recipe does not export: refused before any work too
     result = _run("bench", "tiny-sdxl-fp32", "--backend", "aoti", "--out", tmp_path / "o")
     _refused(result, "add aoti to export.targets")
+    assert not (tmp_path / "o" / "_reference").exists()
+    # a guidance rescale the model's pipeline does not have (SD3's): refused before any work
+    args = ("--model", "tiny:sd3", "--set", "bench.guidance_rescale=0.5")
+    result = _run("bench", "tiny-sdxl-fp32", *args, "--out", tmp_path / "o")
+    _refused(result, "bench.guidance_rescale: StableDiffusion3Pipeline has no guidance rescale")
     assert not (tmp_path / "o" / "_reference").exists()
 
 

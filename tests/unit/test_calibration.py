@@ -237,3 +237,35 @@ def test_the_stateless_loop_reproduces_stochastic_and_edm_pipelines(family, sche
             other = loop.run(data.noise(0), calib.conditioning(0, model.denoiser), StepNoise(99))
         assert (other - data.final(0)).norm() > 1e-3 * data.final(0).norm()
         assert torch.equal(calib._run(0)[1], data.final(0))
+
+
+def test_guidance_rescale_is_recorded_replayed_and_keyed():
+    """calibration.guidance_rescale: the pipeline records with diffusers' rescale, the loop
+    replays it (rescale_noise_cfg after the CFG mix), and it is part of the cache key."""
+    model = load_model("tiny:sd15")
+    spec = SPEC.model_copy(update={"size": (64, 64), "guidance_rescale": 0.7})
+    calib = Calibration(model.pipe, model.arch, spec)
+    data = calib.record()
+    loop = calib.loop(model.denoiser)
+    assert loop.guidance_rescale == 0.7
+    cond = calib.conditioning(0, model.denoiser)
+    with torch.no_grad():
+        final = loop.run(data.noise(0), cond)
+        loop.guidance_rescale = 0.0
+        plain = loop.run(data.noise(0), cond)
+    ref = data.final(0)
+    assert float((final - ref).norm() / ref.norm()) < 1e-5
+    assert float((plain - ref).norm() / ref.norm()) > 1e-3  # the rescale mattered
+    plain_key = Calibration(model.pipe, model.arch, spec.model_copy(update={"guidance_rescale": 0}))
+    assert calib.key != plain_key.key
+
+
+def test_guidance_rescale_is_refused_where_the_pipeline_has_none():
+    from slimdiff.errors import UserError
+
+    model = load_model("tiny:sd3")
+    spec = SPEC.model_copy(update={"guidance_rescale": 0.5})
+    with pytest.raises(UserError, match=r"calibration\.guidance_rescale: StableDiffusion3Pipeline"):
+        Calibration(model.pipe, model.arch, spec)
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        CalibrationSpec(guidance_rescale=1.5)
