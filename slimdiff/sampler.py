@@ -21,10 +21,10 @@ Euler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2 without churn), DDIM wi
 (Song et al. 2021, arXiv:2010.02502), multistep DPM-Solver++ 2M (Lu et al. 2022,
 arXiv:2211.01095), PLMS (Liu et al. 2022, arXiv:2202.09778; the hub SD1.5 default, with
 skip_prk_steps as its config sets), flow-matching Euler (Lipman et al. 2023,
-arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Euler ancestral (SDXL-Turbo's), LCM
-(Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M SDE, UniPC
-(slimdiff/sampler_unipc.py) and the EDM pair (slimdiff/sampler_edm.py, Playground
-v2.5's). This is a core module: it imports no slimdiff layer above the core.
+arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Heun (Karras et al., Algorithm 1),
+Euler ancestral (SDXL-Turbo's), LCM (Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M
+SDE, UniPC (slimdiff/sampler_unipc.py) and the EDM pair (slimdiff/sampler_edm.py,
+Playground v2.5's). This is a core module: it imports no slimdiff layer above the core.
 
 Stochastic samplers (`stochastic`: Euler ancestral, LCM, the SDE solvers) add noise at
 each step. It comes from the state's `StepNoise`, which draws what diffusers' step draws
@@ -358,6 +358,57 @@ class _EulerAncestralSampler(_EulerSampler):
         return prev.to(model_output.dtype), SamplerState(noise=state.noise)
 
 
+class _HeunSampler(TorchSampler):
+    """diffusers.HeunDiscreteScheduler.step (gamma 0): even calls an Euler step from
+    sigmas[k] to sigmas[k + 1]; odd calls (the second half, at sigmas[k]) redo it from the
+    first half's sample with the mean of both slopes. The state carries the first half's
+    slope (`eps`) and sample (`start`). In the inputs' dtype, as diffusers (no upcast)."""
+
+    supported: ClassVar = {"prediction_type": (*_PREDICTIONS, "sample")}
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        s = scheduler.sigmas
+        if i % 2 == 0:
+            sigma_in = s[i] * (0 + 1)  # diffusers' sigma_hat, gamma 0
+            dt = s[i + 1] - sigma_in
+        else:  # the second half runs at the first half's target, with its dt
+            sigma_in = s[i]
+            dt = s[i] - s[i - 1] * (0 + 1)
+        return {
+            "sigma_in": sigma_in,
+            "dt": dt,
+            "in_scale": (s[i] ** 2 + 1) ** 0.5,
+            "c_out": -sigma_in / (sigma_in**2 + 1) ** 0.5,
+            "c_skip": sigma_in**2 + 1,
+        }
+
+    def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
+        return sample / self._row(step_index)["in_scale"]
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        i, c = self._multistep_row(step_index, state, "Heun")
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            pred_x0 = sample - c["sigma_in"] * model_output
+        elif kind == "v_prediction":
+            pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
+        else:  # sample
+            pred_x0 = model_output
+        if self.config["clip_sample"]:
+            r = self.config["clip_sample_range"]
+            pred_x0 = pred_x0.clamp(-r, r)
+        slope = (sample - pred_x0) / c["sigma_in"]
+        if i % 2 == 0:
+            after = SamplerState(step_index=i + 1, eps=(slope,), start=sample, noise=state.noise)
+            return sample + slope * c["dt"], after
+        if not state.eps or state.start is None:
+            raise ValueError(f"Heun call {i} is a second half: it needs call {i - 1}'s state")
+        slope = (state.eps[-1] + slope) / 2
+        return state.start + slope * c["dt"], SamplerState(noise=state.noise)
+
+
 class _DDIMSampler(TorchSampler):
     """diffusers.DDIMScheduler.step with eta = 0; computes in the inputs' dtype, as diffusers."""
 
@@ -619,6 +670,7 @@ _SAMPLERS: dict[str, type[TorchSampler]] = {
     "PNDMScheduler": _PNDMSampler,
     "FlowMatchEulerDiscreteScheduler": _FlowMatchSampler,
     "EulerAncestralDiscreteScheduler": _EulerAncestralSampler,
+    "HeunDiscreteScheduler": _HeunSampler,
     "LCMScheduler": _LCMSampler,
 }
 

@@ -33,6 +33,7 @@ ECODIFF_CASES = [
     ("sd15", "LCMScheduler", {}),
     ("sd15", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     ("sd15", "UniPCMultistepScheduler", {}),
+    ("sd15", "HeunDiscreteScheduler", {}),
     ("sdxl", "EDMDPMSolverMultistepScheduler", PLAYGROUND),
     ("sdxl", "EDMEulerScheduler", {}),
 ]

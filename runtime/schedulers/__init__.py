@@ -11,6 +11,8 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
 
 - `EulerDiscreteScheduler`: Euler method of Karras et al., "Elucidating the Design Space of
   Diffusion-Based Generative Models" (2022, arXiv:2206.00364), Algorithm 2 without churn.
+- `HeunDiscreteScheduler`: Heun's method of Karras et al. (2022), Algorithm 1 without churn:
+  two denoiser calls per step but the last.
 - `DDIMScheduler`: Song, Meng & Ermon, "Denoising Diffusion Implicit Models" (2021,
   arXiv:2010.02502), deterministic (eta = 0).
 - `DPMSolverMultistepScheduler`: multistep DPM-Solver++ (2M, midpoint or Heun) of Lu et al.,
@@ -75,6 +77,7 @@ from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler
+from .heun import HeunDiscreteScheduler
 from .lcm import LCMScheduler
 from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
@@ -88,6 +91,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
     "LCMScheduler",
     "PNDMScheduler",
     "Scheduler",
@@ -125,6 +129,7 @@ _SCHEDULERS: dict[str, type] = {
     for cls in (
         EulerDiscreteScheduler,
         EulerAncestralDiscreteScheduler,
+        HeunDiscreteScheduler,
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         PNDMScheduler,
@@ -146,6 +151,7 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),

@@ -143,7 +143,7 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
 # must build what diffusers' from_config builds, and sample as diffusers does. The
 # stochastic ones (euler-a, lcm) get the runtime's step noise in diffusers too.
 SWITCHED = [
-    *("pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras"),
+    *("pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras", "heun"),
     *("euler-a", "lcm", "dpm++2m-sde-karras"),
 ]
 
@@ -185,9 +185,10 @@ def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
     result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
     _assert_close_to_diffusers(result.latents, ref_latents, no_model, name)
     assert _psnr(result.image, ref_image) >= 40.0
-    # "pndm" is PLMS as SD configures it (skip_prk_steps): one more call, the Heun-like start
-    calls = STEPS + 1 if class_name == "PNDMScheduler" else STEPS
-    assert len(result.timings_ms["denoiser_steps"]) == calls
+    # "pndm" is PLMS as SD configures it (skip_prk_steps): one more call, the Heun-like start;
+    # Heun calls twice per step but the last
+    calls = {"PNDMScheduler": STEPS + 1, "HeunDiscreteScheduler": 2 * STEPS - 1}
+    assert len(result.timings_ms["denoiser_steps"]) == calls.get(class_name, STEPS)
 
 
 @pytest.mark.parametrize("name", ["euler-a", "lcm"])

@@ -193,7 +193,7 @@ def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
         CalibrationSpec(scheduler="euler")  # class names: the core has no alias table
 
 
-# Schedulers that add noise at each step, the EDM pair (Playground v2.5's) and UniPC: the loop
+# Schedulers that add noise at each step, the EDM pair (Playground v2.5's), UniPC, Heun: the loop
 # reproduces the recorded pipeline run only if it adds the same step noise (StepNoise, from
 # the generator calibration gives the pipeline) and preconditions as diffusers does.
 STOCHASTIC_AND_EDM = [
@@ -204,6 +204,7 @@ STOCHASTIC_AND_EDM = [
     ("sdxl", "EDMDPMSolverMultistepScheduler", {**PLAYGROUND, "algorithm_type": "sde-dpmsolver++"}),
     ("sdxl", "EDMEulerScheduler", {}),
     ("sd15", "UniPCMultistepScheduler", {"solver_order": 3}),
+    ("sd15", "HeunDiscreteScheduler", {}),
 ]
 
 

@@ -184,6 +184,23 @@ EULER_A_CASES = {
         12,
     ),
 }
+HEUN_CASES = {  # n steps: 2n - 1 denoiser calls, the second halves interleaved
+    "sd15-leading": (SD15, 15),
+    "sdxl-leading": (SDXL_EULER, 10),
+    "karras": ({**SD_BETAS, "use_karras_sigmas": True}, 12),
+    "linspace-vpred": ({**SD_BETAS, "prediction_type": "v_prediction"}, 10),
+    "trailing-sample-clip": (
+        {
+            **SD_BETAS,
+            "timestep_spacing": "trailing",
+            "prediction_type": "sample",
+            "clip_sample": True,
+            "clip_sample_range": 2.0,
+        },
+        6,
+    ),
+    "one-step": (SD_BETAS, 1),
+}
 LCM_CASES = {
     "lcm-sdxl-4": ({**SDXL_EULER, "original_inference_steps": 50, "timestep_scaling": 10.0}, 4),
     "lcm-8": ({**SD_BETAS, "set_alpha_to_one": True}, 8),
@@ -289,6 +306,7 @@ TRAJECTORIES = {
     },
     "PNDMScheduler": PNDM_CASES,
     "EulerAncestralDiscreteScheduler": EULER_A_CASES,
+    "HeunDiscreteScheduler": HEUN_CASES,
     "LCMScheduler": LCM_CASES,
 }
 
@@ -309,6 +327,8 @@ def test_trajectory(cls_name, case):
         # (the Heun-like start), nine more with the Runge-Kutta start (12 calls for 3 steps)
         extra = 1 if config.get("skip_prk_steps") else 9
         assert len(ours.timesteps) == steps + extra
+    if cls_name == "HeunDiscreteScheduler":
+        assert len(ours.timesteps) == 2 * steps - 1
 
 
 def test_stochastic_steps_need_noise():
@@ -423,10 +443,11 @@ def test_from_saved_config(tmp_path, cls_name, config):
 
 
 def test_unknown_class_names_supported_ones():
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler") as info:
-        schedulers.scheduler_from_config({"_class_name": "HeunDiscreteScheduler"})
+    with pytest.raises(ValueError, match="KDPM2DiscreteScheduler") as info:
+        schedulers.scheduler_from_config({"_class_name": "KDPM2DiscreteScheduler"})
     for name in (
         "EulerDiscreteScheduler",
+        "HeunDiscreteScheduler",
         "EulerAncestralDiscreteScheduler",
         "DDIMScheduler",
         "DPMSolverMultistepScheduler",
@@ -480,6 +501,17 @@ def test_misuse_raises():
         dpm.step(x, 5, x)
     with pytest.raises(IndexError):  # numpy would silently wrap -1 to the last sigma
         flux.step(x, -1, x)
+    heun = schedulers.HeunDiscreteScheduler(**SD_BETAS)
+    heun.set_timesteps(3)
+    assert len(heun.timesteps) == 5
+    with pytest.raises(ValueError, match="call 1 is a second half, and needs call 0 just before"):
+        heun.step(x, 1, x)
+    heun.step(x, 0, x)
+    heun.step(x, 1, x)
+    with pytest.raises(ValueError, match="needs call 2 just before"):
+        heun.step(x, 3, x)
+    with pytest.raises(ValueError, match="sigmas"):
+        heun.set_timesteps(3, sigmas=np.ones(4))
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,13 @@ def test_checkpointing_carries_unipcs_history_and_corrected_start(calibrated):
     _assert_checkpointing_matches_backprop(model, calib)
 
 
+def test_checkpointing_carries_heuns_first_half(calibrated):
+    # Heun: 2n - 1 calls; each second half reads the first half's slope and sample
+    model, calib = calibrated("sd15", steps=3, scheduler="HeunDiscreteScheduler")
+    assert calib.sampler().num_steps == 5
+    _assert_checkpointing_matches_backprop(model, calib)
+
+
 def test_checkpointing_carries_plms_noise_history_and_start(calibrated):
     # PLMS (the hub SD1.5 default): every step reads up to 3 earlier noise predictions
     # (state.eps) and call 1 restarts from call 0's sample (state.start). Walking back
