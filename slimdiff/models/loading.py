@@ -215,6 +215,15 @@ def _quiet_progress_bars() -> None:
 
 def _wrap(pipe, source: str) -> LoadedModel:
     arch = get_arch(family_of_pipeline(type(pipe).__name__))
+    needed = [arch.denoiser, "vae", "scheduler"]
+    needed += [name for t in arch.text_encoders for name in (t.name, t.tokenizer)]
+    missing = [name for name in needed if getattr(pipe, name, None) is None]
+    if missing:  # e.g. the SDXL refiner: image-to-image, without the first text encoder
+        raise UserError(
+            f"{source}: its {type(pipe).__name__} has no {', '.join(missing)} (null in "
+            f"model_index.json); a text-to-image {arch.family} model needs every one, so an "
+            "image-to-image-only model (such as the SDXL refiner) cannot be taken"
+        )
     # Loaded for inference, whatever the source (built-in models are built this way; a
     # folder's modules come back from diffusers trainable): passes that train turn on what
     # they train. One state for all also keeps reloads bit-identical: CPU kernels pick

@@ -219,6 +219,25 @@ def test_pipeline_classes_holding_a_text_to_image_model_load_as_it(monkeypatch):
     assert loaded.pipe.unet is parts["unet"] and loaded.arch.family == "sd15"
 
 
+def test_an_image_to_image_only_folder_is_refused_on_both_routes(tmp_path):
+    """The SDXL refiner's layout: StableDiffusionXLImg2ImgPipeline without the first text
+    encoder. It maps to SDXL's class like any img2img folder, then is refused for what it
+    lacks, in one line, instead of failing deep in the export."""
+    import diffusers
+
+    parts = load_model("tiny:sdxl").pipe.components
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **{k: parts[k] for k in ("vae", "text_encoder_2", "tokenizer_2", "unet", "scheduler")},
+        text_encoder=None,
+        tokenizer=None,
+        requires_aesthetics_score=True,
+    )
+    refiner.save_pretrained(tmp_path / "refiner")
+    for weights in ("memory", "lazy"):
+        with pytest.raises(UserError, match="has no text_encoder, tokenizer .*SDXL refiner"):
+            load_model(str(tmp_path / "refiner"), weights=weights)
+
+
 def test_resolve_device():
     from slimdiff.device import resolve_device
 
