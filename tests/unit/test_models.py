@@ -234,7 +234,7 @@ def test_an_image_to_image_only_folder_is_refused_on_both_routes(tmp_path):
     )
     refiner.save_pretrained(tmp_path / "refiner")
     for weights in ("memory", "lazy"):
-        with pytest.raises(UserError, match="has no text_encoder, tokenizer .*SDXL refiner"):
+        with pytest.raises(UserError, match=r"has no text_encoder, tokenizer .*SDXL refiner"):
             load_model(str(tmp_path / "refiner"), weights=weights)
 
 
