@@ -10,7 +10,8 @@ conditioning comes from the calibration cache (`Trajectories.conditioning`), so 
 encoders never run again.
 
 From the recorded initial noise, the loop reproduces the pipeline's final latent to float
-rounding (tests/unit/test_denoise.py: within 1e-5 relative, all four families).
+rounding (tests/unit/test_calibration.py: within 1e-5 relative, all four families, and
+bit for bit in the cases of tools/sampler_parity.py, one per scheduler).
 
 Example:
     loop = calib.loop(masked_unet)
