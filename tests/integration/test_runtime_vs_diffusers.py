@@ -214,8 +214,8 @@ def test_stochastic_scheduler_is_seeded(exported, name):
 
 def test_scheduler_choice_errors(exported):
     _, bundle = exported("sd15")
-    with pytest.raises(UserError, match="unknown scheduler 'heun'"):
-        Text2ImagePipeline.from_bundle(bundle, scheduler="heun")
+    with pytest.raises(UserError, match="unknown scheduler 'kdpm2'"):
+        Text2ImagePipeline.from_bundle(bundle, scheduler="kdpm2")
     mismatch = "samples the flow matching process, the model was trained for the discrete-time VP"
     with pytest.raises(UserError, match=mismatch):
         Text2ImagePipeline.from_bundle(bundle, scheduler="flow-euler")
