@@ -98,9 +98,9 @@ class CalibrationSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # The diffusers scheduler class calibration samples with, built from the model's
     # scheduler config (from_config); None: the model's own. Passes that recompute steps
-    # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, Euler a, Heun, DDIM,
-    # DPM-Solver++ and its SDE form, PNDM, LCM, UniPC, EDM Euler/DPM-Solver++, flow-match
-    # Euler): for a model that ships DEIS, KDPM2 or TCD, say.
+    # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, Euler a, Heun, DPM2,
+    # DDIM, DPM-Solver++ and its SDE form, PNDM, LCM, UniPC, EDM Euler/DPM-Solver++,
+    # flow-match Euler): for a model that ships DEIS, LMS or TCD, say.
     scheduler: str | None = pydantic.Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}Scheduler$")
 
 
@@ -111,12 +111,14 @@ _PLANNED_TARGETS: tuple[str, ...] = ()
 # What `export.scheduler` takes: runtime.schedulers.scheduler_names(), which the core may
 # not import (layers import downwards); tests/unit/test_export_scheduler.py keeps them equal.
 SCHEDULERS = (
-    *("euler", "euler-karras", "euler-a", "heun", "ddim", "dpm++2m", "dpm++2m-karras"),
+    *("euler", "euler-karras", "euler-a", "heun", "dpm2", "dpm2-karras", "ddim"),
+    *("dpm++2m", "dpm++2m-karras"),
     *("dpm++2m-sde", "dpm++2m-sde-karras"),
     *("pndm", "lcm", "unipc", "edm-euler", "edm-dpm++2m", "edm-dpm++2m-sde", "flow-euler"),
     *("DDIMScheduler", "DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"),
     *("EDMEulerScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler"),
-    *("FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler"),
+    *("FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler"),
+    *("LCMScheduler",),
     *("PNDMScheduler", "UniPCMultistepScheduler"),
 )
 

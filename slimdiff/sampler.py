@@ -21,7 +21,7 @@ Euler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2 without churn), DDIM wi
 (Song et al. 2021, arXiv:2010.02502), multistep DPM-Solver++ 2M (Lu et al. 2022,
 arXiv:2211.01095), PLMS (Liu et al. 2022, arXiv:2202.09778; the hub SD1.5 default, with
 skip_prk_steps as its config sets), flow-matching Euler (Lipman et al. 2023,
-arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Heun (Karras et al., Algorithm 1),
+arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Heun (Karras et al., Algorithm 1), DPM2,
 Euler ancestral (SDXL-Turbo's), LCM (Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M
 SDE, UniPC (slimdiff/sampler_unipc.py) and the EDM pair (slimdiff/sampler_edm.py,
 Playground v2.5's). This is a core module: it imports no slimdiff layer above the core.
@@ -409,6 +409,52 @@ class _HeunSampler(TorchSampler):
         return state.start + slope * c["dt"], SamplerState(noise=state.noise)
 
 
+class _KDPM2Sampler(TorchSampler):
+    """diffusers.KDPM2DiscreteScheduler.step (gamma 0): even calls an Euler half step from
+    sigmas[k] to the geometric midpoint; odd calls (at the midpoint) the whole step from the
+    first half's sample with the midpoint's slope. The state carries that sample (`start`).
+    In the inputs' dtype, as diffusers (no upcast)."""
+
+    supported: ClassVar = {"prediction_type": _PREDICTIONS}
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        s, mid = scheduler.sigmas, scheduler.sigmas_interpol
+        if i % 2 == 0:
+            sigma_in = s[i] * (0 + 1)  # diffusers' sigma_hat, gamma 0
+            dt = mid[i + 1] - sigma_in
+            scale = s[i]
+        else:  # at the midpoint: the whole step's dt
+            sigma_in = mid[i]
+            dt = s[i] - s[i - 1] * (0 + 1)
+            scale = mid[i]
+        return {
+            "sigma_in": sigma_in,
+            "dt": dt,
+            "in_scale": (scale**2 + 1) ** 0.5,
+            "c_out": -sigma_in / (sigma_in**2 + 1) ** 0.5,
+            "c_skip": sigma_in**2 + 1,
+        }
+
+    def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
+        return sample / self._row(step_index)["in_scale"]
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        i, c = self._multistep_row(step_index, state, "DPM2")
+        if self.config["prediction_type"] == "epsilon":
+            pred_x0 = sample - c["sigma_in"] * model_output
+        else:  # v_prediction
+            pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
+        slope = (sample - pred_x0) / c["sigma_in"]
+        if i % 2 == 0:
+            after = SamplerState(step_index=i + 1, start=sample, noise=state.noise)
+            return sample + slope * c["dt"], after
+        if state.start is None:
+            raise ValueError(f"DPM2 call {i} is a second half: it needs call {i - 1}'s state")
+        return state.start + slope * c["dt"], SamplerState(noise=state.noise)
+
+
 class _DDIMSampler(TorchSampler):
     """diffusers.DDIMScheduler.step with eta = 0; computes in the inputs' dtype, as diffusers."""
 
@@ -671,6 +717,7 @@ _SAMPLERS: dict[str, type[TorchSampler]] = {
     "FlowMatchEulerDiscreteScheduler": _FlowMatchSampler,
     "EulerAncestralDiscreteScheduler": _EulerAncestralSampler,
     "HeunDiscreteScheduler": _HeunSampler,
+    "KDPM2DiscreteScheduler": _KDPM2Sampler,
     "LCMScheduler": _LCMSampler,
 }
 

@@ -34,6 +34,7 @@ ECODIFF_CASES = [
     ("sd15", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     ("sd15", "UniPCMultistepScheduler", {}),
     ("sd15", "HeunDiscreteScheduler", {}),
+    ("sd15", "KDPM2DiscreteScheduler", {}),
     ("sdxl", "EDMDPMSolverMultistepScheduler", PLAYGROUND),
     ("sdxl", "EDMEulerScheduler", {}),
 ]

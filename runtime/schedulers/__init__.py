@@ -13,6 +13,8 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   Diffusion-Based Generative Models" (2022, arXiv:2206.00364), Algorithm 2 without churn.
 - `HeunDiscreteScheduler`: Heun's method of Karras et al. (2022), Algorithm 1 without churn:
   two denoiser calls per step but the last.
+- `KDPM2DiscreteScheduler` ("DPM2"): the same paper's second-order step through the
+  geometric midpoint of each sigma pair (k-diffusion's sample_dpm_2).
 - `DDIMScheduler`: Song, Meng & Ermon, "Denoising Diffusion Implicit Models" (2021,
   arXiv:2010.02502), deterministic (eta = 0).
 - `DPMSolverMultistepScheduler`: multistep DPM-Solver++ (2M, midpoint or Heun) of Lu et al.,
@@ -78,6 +80,7 @@ from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
@@ -92,6 +95,7 @@ __all__ = [
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "LCMScheduler",
     "PNDMScheduler",
     "Scheduler",
@@ -130,6 +134,7 @@ _SCHEDULERS: dict[str, type] = {
         EulerDiscreteScheduler,
         EulerAncestralDiscreteScheduler,
         HeunDiscreteScheduler,
+        KDPM2DiscreteScheduler,
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         PNDMScheduler,
@@ -152,6 +157,8 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2-karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),

@@ -54,6 +54,16 @@ def check_step(owner: str, step_index: int, num_steps: int) -> None:
         raise IndexError(f"{owner}: step_index {step_index} outside 0..{num_steps - 1}")
 
 
+def check_second_half(owner: str, step_index: int, first: int | None) -> None:
+    """Heun's and DPM2's odd calls finish the step the call before began (`first`, the
+    index of the last even call, or None): anything else mixes two trajectories."""
+    if first is None or first != step_index - 1:
+        raise ValueError(
+            f"{owner}: call {step_index} is a second half, and needs call {step_index - 1} "
+            "just before"
+        )
+
+
 def restarts(owner: str, step_index: int, last_step: int) -> bool:
     """A multistep solver's step order: True at step 0 (its history starts afresh),
     ValueError for any step but the one after `last_step` (a skipped or repeated step

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import F32, as_f32, check_step, choice, reject_args
+from ._common import F32, as_f32, check_second_half, check_step, choice, reject_args
 from .euler import EulerDiscreteScheduler
 
 
@@ -73,10 +73,7 @@ class HeunDiscreteScheduler(EulerDiscreteScheduler):
             dt = sigma_next - sigma
             self._first = (k, slope, dt, sample64)
             return as_f32(sample64 + slope * dt)
-        if self._first is None or self._first[0] != k - 1:
-            raise ValueError(
-                f"{name}: call {k} is a second half, and needs call {k - 1} just before"
-            )
+        check_second_half(name, k, None if self._first is None else self._first[0])
         _, first_slope, dt, start = self._first
         self._first = None
         sigma_next = float(self.sigmas[k])  # the first half's target, where this call ran

@@ -143,7 +143,7 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
 # must build what diffusers' from_config builds, and sample as diffusers does. The
 # stochastic ones (euler-a, lcm) get the runtime's step noise in diffusers too.
 SWITCHED = [
-    *("pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras", "heun"),
+    *("pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras", "heun", "dpm2-karras"),
     *("euler-a", "lcm", "dpm++2m-sde-karras"),
 ]
 
@@ -188,6 +188,7 @@ def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
     # "pndm" is PLMS as SD configures it (skip_prk_steps): one more call, the Heun-like start;
     # Heun calls twice per step but the last
     calls = {"PNDMScheduler": STEPS + 1, "HeunDiscreteScheduler": 2 * STEPS - 1}
+    calls["KDPM2DiscreteScheduler"] = 2 * STEPS - 1  # DPM2 too, through the midpoints
     assert len(result.timings_ms["denoiser_steps"]) == calls.get(class_name, STEPS)
 
 
@@ -214,8 +215,8 @@ def test_stochastic_scheduler_is_seeded(exported, name):
 
 def test_scheduler_choice_errors(exported):
     _, bundle = exported("sd15")
-    with pytest.raises(UserError, match="unknown scheduler 'kdpm2'"):
-        Text2ImagePipeline.from_bundle(bundle, scheduler="kdpm2")
+    with pytest.raises(UserError, match="unknown scheduler 'deis'"):
+        Text2ImagePipeline.from_bundle(bundle, scheduler="deis")
     mismatch = "samples the flow matching process, the model was trained for the discrete-time VP"
     with pytest.raises(UserError, match=mismatch):
         Text2ImagePipeline.from_bundle(bundle, scheduler="flow-euler")

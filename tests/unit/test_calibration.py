@@ -193,9 +193,10 @@ def test_calibration_scheduler_replaces_one_without_a_torch_sampler(tmp_path):
         CalibrationSpec(scheduler="euler")  # class names: the core has no alias table
 
 
-# Schedulers that add noise at each step, the EDM pair (Playground v2.5's), UniPC, Heun: the loop
-# reproduces the recorded pipeline run only if it adds the same step noise (StepNoise, from
-# the generator calibration gives the pipeline) and preconditions as diffusers does.
+# Schedulers that add noise at each step, the EDM pair (Playground v2.5's), UniPC, Heun and
+# DPM2: the loop reproduces the recorded pipeline run only if it adds the same step noise
+# (StepNoise, from the generator calibration gives the pipeline) and carries each solver's
+# state as diffusers does.
 STOCHASTIC_AND_EDM = [
     ("sd15", "EulerAncestralDiscreteScheduler", {}),
     ("sdxl", "LCMScheduler", {}),
@@ -205,6 +206,7 @@ STOCHASTIC_AND_EDM = [
     ("sdxl", "EDMEulerScheduler", {}),
     ("sd15", "UniPCMultistepScheduler", {"solver_order": 3}),
     ("sd15", "HeunDiscreteScheduler", {}),
+    ("sd15", "KDPM2DiscreteScheduler", {}),
 ]
 
 

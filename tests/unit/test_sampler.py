@@ -33,6 +33,7 @@ from tests.unit.test_schedulers import (  # noqa: E402
     FLUX_DEV,
     FLUX_SCHNELL,
     HEUN_CASES,
+    KDPM2_CASES,
     LCM_CASES,
     PNDM_CASES,
     SD3,
@@ -49,7 +50,7 @@ EULER, DDIM = "EulerDiscreteScheduler", "DDIMScheduler"
 DPM, FLOW = "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"
 PNDM = "PNDMScheduler"
 EULER_A, LCM = "EulerAncestralDiscreteScheduler", "LCMScheduler"
-HEUN = "HeunDiscreteScheduler"
+HEUN, KDPM2 = "HeunDiscreteScheduler", "KDPM2DiscreteScheduler"
 EDM_DPM, EDM_EULER = edm.DPM, edm.EULER
 UNIPC = "UniPCMultistepScheduler"
 NOISE_SEED = 11  # the step noise's: diffusers' generator and our StepNoise alike
@@ -75,6 +76,7 @@ CASES = {
     **{f"euler-a-{k}": (EULER_A, c, n, {}) for k, (c, n) in EULER_A_CASES.items()},
     **{f"lcm-{k}": (LCM, c, n, {}) for k, (c, n) in LCM_CASES.items()},
     **{f"heun-{k}": (HEUN, c, n, {}) for k, (c, n) in HEUN_CASES.items()},
+    **{f"dpm2-{k}": (KDPM2, c, n, {}) for k, (c, n) in KDPM2_CASES.items()},
     # EDM: orders 1 and 2 (the third-order cases have no torch sampler)
     **{
         f"edm-{k}": (cls, c, n, {})
@@ -180,6 +182,11 @@ ONE_PER_CLASS = {
     "edm-euler-vpred": (EDM_EULER, edm.COSXL, 10),
     "unipc-order3": (UNIPC, {**SD_BETAS, "solver_order": 3}, 10),
     "heun-vpred": (HEUN, {**SD_BETAS, "prediction_type": "v_prediction"}, 10),
+    "dpm2-karras-vpred": (
+        KDPM2,
+        {**SD_BETAS, "use_karras_sigmas": True, "prediction_type": "v_prediction"},
+        10,
+    ),
     "unipc-bh1-noise-vpred": (
         UNIPC,
         {**SD_BETAS, "solver_type": "bh1", "predict_x0": False, "prediction_type": "v_prediction"},
@@ -274,6 +281,8 @@ def test_step_gradients_pass_gradcheck_in_float64(case):
         inputs.append((x.detach() * 1.1).requires_grad_())
     if cls_name == HEUN:  # i is a second half: the first half's slope and sample
         inputs += [prev_x0.requires_grad_(), (x.detach() * 1.1).requires_grad_()]
+    if cls_name == KDPM2:  # i is a second half: the first half's sample
+        inputs.append((x.detach() * 1.1).requires_grad_())
     step_noise = StepNoise(NOISE_SEED) if sampler.stochastic else None
 
     def fn(out, x, *history):
@@ -284,6 +293,9 @@ def test_step_gradients_pass_gradcheck_in_float64(case):
         if cls_name == HEUN:
             slope, start = history
             history, extra = (), {"eps": (slope,), "start": start, "step_index": i}
+        if cls_name == KDPM2:
+            (start,) = history
+            history, extra = (), {"start": start, "step_index": i}
         at = {"step_index": i if history else None, **extra}
         state = SamplerState(tuple(history), noise=step_noise, **at)
         prev, new_state = sampler.step(out, i, x, state)
@@ -340,9 +352,22 @@ def test_flow_match_low_precision_matches_diffusers():
 
 
 def test_unsupported_scheduler_class_names_the_supported_ones():
-    with pytest.raises(UserError, match="KDPM2DiscreteScheduler") as info:
-        TorchSampler.from_config({"_class_name": "KDPM2DiscreteScheduler"}, 10)
-    for name in (EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER, UNIPC, HEUN):
+    with pytest.raises(UserError, match="DEISMultistepScheduler") as info:
+        TorchSampler.from_config({"_class_name": "DEISMultistepScheduler"}, 10)
+    for name in (
+        EULER,
+        DDIM,
+        DPM,
+        FLOW,
+        PNDM,
+        EULER_A,
+        LCM,
+        EDM_DPM,
+        EDM_EULER,
+        UNIPC,
+        HEUN,
+        KDPM2,
+    ):
         assert name in str(info.value)
     with pytest.raises(UserError, match="None"):
         TorchSampler.from_config({"beta_start": 0.1}, 10)
@@ -384,7 +409,8 @@ def test_bad_timestep_arguments_raise_user_errors():
 
 
 @pytest.mark.parametrize(
-    "cls_name", [EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER, UNIPC, HEUN]
+    "cls_name",
+    [EULER, DDIM, DPM, FLOW, PNDM, EULER_A, LCM, EDM_DPM, EDM_EULER, UNIPC, HEUN, KDPM2],
 )
 def test_out_of_range_step_index_raises(cls_name):
     plms = {"skip_prk_steps": True} if cls_name == PNDM else {}

@@ -201,6 +201,14 @@ HEUN_CASES = {  # n steps: 2n - 1 denoiser calls, the second halves interleaved
     ),
     "one-step": (SD_BETAS, 1),
 }
+KDPM2_CASES = {  # n steps: 2n - 1 calls, the geometric midpoints' interleaved
+    "sd15-leading": (SD15, 15),
+    "sdxl-leading": (SDXL_EULER, 10),
+    "karras": ({**SD_BETAS, "use_karras_sigmas": True}, 12),
+    "linspace-vpred": ({**SD_BETAS, "prediction_type": "v_prediction"}, 10),
+    "trailing": ({**SD_BETAS, "timestep_spacing": "trailing"}, 6),
+    "one-step": (SD_BETAS, 1),
+}
 LCM_CASES = {
     "lcm-sdxl-4": ({**SDXL_EULER, "original_inference_steps": 50, "timestep_scaling": 10.0}, 4),
     "lcm-8": ({**SD_BETAS, "set_alpha_to_one": True}, 8),
@@ -307,6 +315,7 @@ TRAJECTORIES = {
     "PNDMScheduler": PNDM_CASES,
     "EulerAncestralDiscreteScheduler": EULER_A_CASES,
     "HeunDiscreteScheduler": HEUN_CASES,
+    "KDPM2DiscreteScheduler": KDPM2_CASES,
     "LCMScheduler": LCM_CASES,
 }
 
@@ -327,7 +336,7 @@ def test_trajectory(cls_name, case):
         # (the Heun-like start), nine more with the Runge-Kutta start (12 calls for 3 steps)
         extra = 1 if config.get("skip_prk_steps") else 9
         assert len(ours.timesteps) == steps + extra
-    if cls_name == "HeunDiscreteScheduler":
+    if cls_name in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler"):
         assert len(ours.timesteps) == 2 * steps - 1
 
 
@@ -443,11 +452,12 @@ def test_from_saved_config(tmp_path, cls_name, config):
 
 
 def test_unknown_class_names_supported_ones():
-    with pytest.raises(ValueError, match="KDPM2DiscreteScheduler") as info:
-        schedulers.scheduler_from_config({"_class_name": "KDPM2DiscreteScheduler"})
+    with pytest.raises(ValueError, match="DEISMultistepScheduler") as info:
+        schedulers.scheduler_from_config({"_class_name": "DEISMultistepScheduler"})
     for name in (
         "EulerDiscreteScheduler",
         "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
         "EulerAncestralDiscreteScheduler",
         "DDIMScheduler",
         "DPMSolverMultistepScheduler",

@@ -110,9 +110,10 @@ def test_checkpointing_carries_unipcs_history_and_corrected_start(calibrated):
     _assert_checkpointing_matches_backprop(model, calib)
 
 
-def test_checkpointing_carries_heuns_first_half(calibrated):
-    # Heun: 2n - 1 calls; each second half reads the first half's slope and sample
-    model, calib = calibrated("sd15", steps=3, scheduler="HeunDiscreteScheduler")
+@pytest.mark.parametrize("scheduler", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_checkpointing_carries_the_first_half_of_two_call_steps(calibrated, scheduler):
+    # Heun, DPM2: 2n - 1 calls; each second half reads the first half's sample (and slope)
+    model, calib = calibrated("sd15", steps=3, scheduler=scheduler)
     assert calib.sampler().num_steps == 5
     _assert_checkpointing_matches_backprop(model, calib)
 
