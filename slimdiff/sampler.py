@@ -358,75 +358,16 @@ class _EulerAncestralSampler(_EulerSampler):
         return prev.to(model_output.dtype), SamplerState(noise=state.noise)
 
 
-class _HeunSampler(TorchSampler):
-    """diffusers.HeunDiscreteScheduler.step (gamma 0): even calls an Euler step from
-    sigmas[k] to sigmas[k + 1]; odd calls (the second half, at sigmas[k]) redo it from the
-    first half's sample with the mean of both slopes. The state carries the first half's
-    slope (`eps`) and sample (`start`). In the inputs' dtype, as diffusers (no upcast)."""
+class _TwoCallSampler(TorchSampler):
+    """What Heun and DPM2 share: each step but the last is two calls, the first an Euler
+    step, the second finishing it from the first's sample (`start` in the state). Per call:
+    the sigma the output is read at (`sigma_in`), the dt it steps with, the input scale.
+    In the inputs' dtype, as diffusers (no upcast); diffusers' VE x0 expressions."""
 
-    supported: ClassVar = {"prediction_type": (*_PREDICTIONS, "sample")}
+    name: ClassVar[str]
 
-    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
-        s = scheduler.sigmas
-        if i % 2 == 0:
-            sigma_in = s[i] * (0 + 1)  # diffusers' sigma_hat, gamma 0
-            dt = s[i + 1] - sigma_in
-        else:  # the second half runs at the first half's target, with its dt
-            sigma_in = s[i]
-            dt = s[i] - s[i - 1] * (0 + 1)
-        return {
-            "sigma_in": sigma_in,
-            "dt": dt,
-            "in_scale": (s[i] ** 2 + 1) ** 0.5,
-            "c_out": -sigma_in / (sigma_in**2 + 1) ** 0.5,
-            "c_skip": sigma_in**2 + 1,
-        }
-
-    def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
-        return sample / self._row(step_index)["in_scale"]
-
-    def step(
-        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
-    ) -> tuple[Tensor, SamplerState]:
-        i, c = self._multistep_row(step_index, state, "Heun")
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            pred_x0 = sample - c["sigma_in"] * model_output
-        elif kind == "v_prediction":
-            pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
-        else:  # sample
-            pred_x0 = model_output
-        if self.config["clip_sample"]:
-            r = self.config["clip_sample_range"]
-            pred_x0 = pred_x0.clamp(-r, r)
-        slope = (sample - pred_x0) / c["sigma_in"]
-        if i % 2 == 0:
-            after = SamplerState(step_index=i + 1, eps=(slope,), start=sample, noise=state.noise)
-            return sample + slope * c["dt"], after
-        if not state.eps or state.start is None:
-            raise ValueError(f"Heun call {i} is a second half: it needs call {i - 1}'s state")
-        slope = (state.eps[-1] + slope) / 2
-        return state.start + slope * c["dt"], SamplerState(noise=state.noise)
-
-
-class _KDPM2Sampler(TorchSampler):
-    """diffusers.KDPM2DiscreteScheduler.step (gamma 0): even calls an Euler half step from
-    sigmas[k] to the geometric midpoint; odd calls (at the midpoint) the whole step from the
-    first half's sample with the midpoint's slope. The state carries that sample (`start`).
-    In the inputs' dtype, as diffusers (no upcast)."""
-
-    supported: ClassVar = {"prediction_type": _PREDICTIONS}
-
-    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
-        s, mid = scheduler.sigmas, scheduler.sigmas_interpol
-        if i % 2 == 0:
-            sigma_in = s[i] * (0 + 1)  # diffusers' sigma_hat, gamma 0
-            dt = mid[i + 1] - sigma_in
-            scale = s[i]
-        else:  # at the midpoint: the whole step's dt
-            sigma_in = mid[i]
-            dt = s[i] - s[i - 1] * (0 + 1)
-            scale = mid[i]
+    @staticmethod
+    def _call(sigma_in: Tensor, dt: Tensor, scale: Tensor) -> Coefficients:
         return {
             "sigma_in": sigma_in,
             "dt": dt,
@@ -438,20 +379,79 @@ class _KDPM2Sampler(TorchSampler):
     def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
         return sample / self._row(step_index)["in_scale"]
 
+    def _slope(self, model_output: Tensor, sample: Tensor, c: Coefficients) -> Tensor:
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            pred_x0 = sample - c["sigma_in"] * model_output
+        elif kind == "v_prediction":
+            pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
+        else:  # sample
+            pred_x0 = model_output
+        if self.config.get("clip_sample"):  # Heun's option; DPM2 has none
+            r = self.config["clip_sample_range"]
+            pred_x0 = pred_x0.clamp(-r, r)
+        return (sample - pred_x0) / c["sigma_in"]
+
+    def _second_half(self, i: int, has_state: bool) -> None:
+        if not has_state:
+            raise ValueError(
+                f"{self.name} call {i} is a second half: it needs call {i - 1}'s state"
+            )
+
+
+class _HeunSampler(_TwoCallSampler):
+    """diffusers.HeunDiscreteScheduler.step (gamma 0): even calls an Euler step from
+    sigmas[k] to sigmas[k + 1]; odd calls (at sigmas[k]) redo it from the first half's
+    sample with the mean of both slopes (the first half's in the state's `eps`)."""
+
+    supported: ClassVar = {"prediction_type": (*_PREDICTIONS, "sample")}
+    name = "Heun"
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        s = scheduler.sigmas
+        if i % 2 == 0:
+            sigma_hat = s[i] * (0 + 1)  # gamma 0
+            return self._call(sigma_hat, s[i + 1] - sigma_hat, s[i])
+        # the second half runs at the first half's target, with its dt
+        return self._call(s[i], s[i] - s[i - 1] * (0 + 1), s[i])
+
     def step(
         self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
     ) -> tuple[Tensor, SamplerState]:
-        i, c = self._multistep_row(step_index, state, "DPM2")
-        if self.config["prediction_type"] == "epsilon":
-            pred_x0 = sample - c["sigma_in"] * model_output
-        else:  # v_prediction
-            pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
-        slope = (sample - pred_x0) / c["sigma_in"]
+        i, c = self._multistep_row(step_index, state, self.name)
+        slope = self._slope(model_output, sample, c)
+        if i % 2 == 0:
+            after = SamplerState(step_index=i + 1, eps=(slope,), start=sample, noise=state.noise)
+            return sample + slope * c["dt"], after
+        self._second_half(i, state.start is not None and bool(state.eps))
+        slope = (state.eps[-1] + slope) / 2
+        return state.start + slope * c["dt"], SamplerState(noise=state.noise)
+
+
+class _KDPM2Sampler(_TwoCallSampler):
+    """diffusers.KDPM2DiscreteScheduler.step (gamma 0): even calls an Euler half step from
+    sigmas[k] to the geometric midpoint; odd calls (at the midpoint) the whole step from the
+    first half's sample with the midpoint's slope."""
+
+    supported: ClassVar = {"prediction_type": _PREDICTIONS}
+    name = "DPM2"
+
+    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
+        s, mid = scheduler.sigmas, scheduler.sigmas_interpol
+        if i % 2 == 0:
+            sigma_hat = s[i] * (0 + 1)  # gamma 0
+            return self._call(sigma_hat, mid[i + 1] - sigma_hat, s[i])
+        return self._call(mid[i], s[i] - s[i - 1] * (0 + 1), mid[i])  # the whole step's dt
+
+    def step(
+        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
+    ) -> tuple[Tensor, SamplerState]:
+        i, c = self._multistep_row(step_index, state, self.name)
+        slope = self._slope(model_output, sample, c)
         if i % 2 == 0:
             after = SamplerState(step_index=i + 1, start=sample, noise=state.noise)
             return sample + slope * c["dt"], after
-        if state.start is None:
-            raise ValueError(f"DPM2 call {i} is a second half: it needs call {i - 1}'s state")
+        self._second_half(i, state.start is not None)
         return state.start + slope * c["dt"], SamplerState(noise=state.noise)
 
 

@@ -486,3 +486,16 @@ def test_deterministic_samplers_ignore_step_noise(case):
     sampler = TorchSampler.from_config({**config, "_class_name": cls_name}, steps)
     assert not sampler.stochastic
     assert sampler.initial_state(StepNoise(1)) is sampler.initial_state()
+
+
+@pytest.mark.parametrize(("cls_name", "label"), [(HEUN, "Heun"), (KDPM2, "DPM2")])
+def test_two_call_steps_need_the_first_halfs_state(cls_name, label):
+    sampler = TorchSampler.from_config({**SD_BETAS, "_class_name": cls_name}, 4)
+    assert sampler.num_steps == 7  # 2n - 1 calls
+    x = torch.ones(SHAPE)
+    _, after = sampler.step(x, 0, x, sampler.initial_state())
+    assert after.step_index == 1 and after.start is x
+    with pytest.raises(ValueError, match=f"{label} call 1 is a second half: it needs call 0"):
+        sampler.step(x, 1, x, sampler.initial_state())
+    with pytest.raises(ValueError, match="state is for step 1, not 3"):
+        sampler.step(x, 3, x, after)
