@@ -92,8 +92,22 @@ class EcoDiffPass(Pass):
         return self.config.method == "ecodiff" or self.config.recover is not None
 
     def preflight(self, pipe, calib) -> None:
-        if self.config.method == "ecodiff" and calib is not None:
-            calib.sampler()  # learned masks run the stateless sampler: it must exist
+        if self.config.method != "ecodiff" or calib is None:
+            return
+        sampler = calib.sampler()  # learned masks run the stateless sampler: it must exist
+        if sampler.stochastic and calib.spec.dtype != "float32":
+            # The teacher records under autocast, where diffusers draws the step noise in the
+            # output's dtype; the float32 training loop would draw other numbers. Recording
+            # the draws themselves would lift this (see the note of this change).
+            from slimdiff.errors import UserError
+
+            name = sampler.config.get("_class_name", "this scheduler")
+            raise UserError(
+                f"prune.ecodiff: {name} adds noise at each step, which calibration.dtype "
+                f"{calib.spec.dtype} draws in that precision and the float32 mask training "
+                "cannot replay; set calibration.dtype: float32, or calibration.scheduler to a "
+                "deterministic one of the model's process (e.g. EulerDiscreteScheduler)"
+            )
 
     @classmethod
     def restore(cls, module: Any, edit: Any) -> Any:

@@ -356,3 +356,13 @@ def test_a_model_without_a_torch_sampler_is_refused_before_any_trajectory(tmp_pa
     with pytest.raises(UserError, match=r"DEISMultistepScheduler.*calibration\.scheduler"):
         compress_model(model, recipe, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+    # a stochastic sampler recorded in bfloat16: its step noise cannot be replayed in float32
+    model.pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
+        model.pipe.scheduler.config
+    )
+    bf16 = recipe.model_copy(
+        update={"calibration": recipe.calibration.model_copy(update={"dtype": "bfloat16"})}
+    )
+    with pytest.raises(UserError, match=r"adds noise at each step.*calibration\.dtype: float32"):
+        compress_model(model, bf16, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
