@@ -154,10 +154,13 @@ class Calibration:
         """Prompt `i`'s step noise, for stochastic schedulers (Euler a, LCM, SDE solvers):
         the pipeline draws it from a CPU generator with this seed, and the stateless loop
         from a `StepNoise` with the same seed, so both add the same noise at each step."""
+        return StepNoise(self._step_seed(i))
+
+    def _step_seed(self, i: int) -> int:
         state = np.random.SeedSequence([_STEP_NOISE_STREAM, self.spec.seed + i]).generate_state(
             1, np.uint64
         )
-        return StepNoise(int(state[0]) >> 1)  # a non-negative int64 seed
+        return int(state[0]) >> 1  # a non-negative int64 seed
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
@@ -187,7 +190,7 @@ class Calibration:
                 height=h,
                 width=w,
                 latents=noise.to(denoiser.device, denoiser.dtype),
-                generator=torch.Generator("cpu").manual_seed(self.step_noise(i).seed),
+                generator=torch.Generator("cpu").manual_seed(self._step_seed(i)),
                 **self._rescale(),
                 output_type="latent",
                 callback_on_step_end=callback,

@@ -23,8 +23,10 @@ arXiv:2211.01095), PLMS (Liu et al. 2022, arXiv:2202.09778; the hub SD1.5 defaul
 skip_prk_steps as its config sets), flow-matching Euler (Lipman et al. 2023,
 arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Heun (Karras et al., Algorithm 1), DPM2,
 Euler ancestral (SDXL-Turbo's), LCM (Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M
-SDE, UniPC (slimdiff/sampler_unipc.py) and the EDM pair (slimdiff/sampler_edm.py,
-Playground v2.5's). This is a core module: it imports no slimdiff layer above the core.
+SDE, UniPC and the EDM pair (Playground v2.5's). Euler a and LCM are in
+slimdiff/sampler_stochastic.py, Heun and DPM2 in sampler_two_call.py, UniPC in
+sampler_unipc.py, the EDM pair in sampler_edm.py. These are core modules: they import no
+slimdiff layer above the core.
 
 Stochastic samplers (`stochastic`: Euler ancestral, LCM, the SDE solvers) add noise at
 each step. It comes from the state's `StepNoise`, which draws what diffusers' step draws
@@ -335,126 +337,6 @@ class _EulerSampler(TorchSampler):
         return prev.to(model_output.dtype), _EMPTY
 
 
-class _EulerAncestralSampler(_EulerSampler):
-    """diffusers.EulerAncestralDiscreteScheduler.step: an Euler step down to sigma_down, then
-    noise of std sigma_up (Karras et al. 2022's ancestral sampling, eta = 1). diffusers draws
-    that noise at every step, the last too (where sigma_up is 0), in the output's dtype."""
-
-    stochastic = True
-
-    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
-        sigma_from, sigma_to = scheduler.sigmas[i], scheduler.sigmas[i + 1]
-        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        euler = super()._coefficients(scheduler, i)
-        return {**euler, "dt": sigma_down - sigma_from, "up": sigma_up}
-
-    def step(
-        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
-    ) -> tuple[Tensor, SamplerState]:
-        c = self._row(step_index)
-        prev = self._euler(model_output, c, sample)  # down to sigma_down
-        prev = prev + self._noise(state, step_index, model_output) * c["up"]
-        return prev.to(model_output.dtype), SamplerState(noise=state.noise)
-
-
-class _TwoCallSampler(TorchSampler):
-    """What Heun and DPM2 share: each step but the last is two calls, the first an Euler
-    step, the second finishing it from the first's sample (`start` in the state). Per call:
-    the sigma the output is read at (`sigma_in`), the dt it steps with, the input scale.
-    In the inputs' dtype, as diffusers (no upcast); diffusers' VE x0 expressions."""
-
-    name: ClassVar[str]
-
-    @staticmethod
-    def _call(sigma_in: Tensor, dt: Tensor, scale: Tensor) -> Coefficients:
-        return {
-            "sigma_in": sigma_in,
-            "dt": dt,
-            "in_scale": (scale**2 + 1) ** 0.5,
-            "c_out": -sigma_in / (sigma_in**2 + 1) ** 0.5,
-            "c_skip": sigma_in**2 + 1,
-        }
-
-    def scale_model_input(self, sample: Tensor, step_index: int) -> Tensor:
-        return sample / self._row(step_index)["in_scale"]
-
-    def _slope(self, model_output: Tensor, sample: Tensor, c: Coefficients) -> Tensor:
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            pred_x0 = sample - c["sigma_in"] * model_output
-        elif kind == "v_prediction":
-            pred_x0 = model_output * c["c_out"] + (sample / c["c_skip"])
-        else:  # sample
-            pred_x0 = model_output
-        if self.config.get("clip_sample"):  # Heun's option; DPM2 has none
-            r = self.config["clip_sample_range"]
-            pred_x0 = pred_x0.clamp(-r, r)
-        return (sample - pred_x0) / c["sigma_in"]
-
-    def _second_half(self, i: int, has_state: bool) -> None:
-        if not has_state:
-            raise ValueError(
-                f"{self.name} call {i} is a second half: it needs call {i - 1}'s state"
-            )
-
-
-class _HeunSampler(_TwoCallSampler):
-    """diffusers.HeunDiscreteScheduler.step (gamma 0): even calls an Euler step from
-    sigmas[k] to sigmas[k + 1]; odd calls (at sigmas[k]) redo it from the first half's
-    sample with the mean of both slopes (the first half's in the state's `eps`)."""
-
-    supported: ClassVar = {"prediction_type": (*_PREDICTIONS, "sample")}
-    name = "Heun"
-
-    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
-        s = scheduler.sigmas
-        if i % 2 == 0:
-            sigma_hat = s[i] * (0 + 1)  # gamma 0
-            return self._call(sigma_hat, s[i + 1] - sigma_hat, s[i])
-        # the second half runs at the first half's target, with its dt
-        return self._call(s[i], s[i] - s[i - 1] * (0 + 1), s[i])
-
-    def step(
-        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
-    ) -> tuple[Tensor, SamplerState]:
-        i, c = self._multistep_row(step_index, state, self.name)
-        slope = self._slope(model_output, sample, c)
-        if i % 2 == 0:
-            after = SamplerState(step_index=i + 1, eps=(slope,), start=sample, noise=state.noise)
-            return sample + slope * c["dt"], after
-        self._second_half(i, state.start is not None and bool(state.eps))
-        slope = (state.eps[-1] + slope) / 2
-        return state.start + slope * c["dt"], SamplerState(noise=state.noise)
-
-
-class _KDPM2Sampler(_TwoCallSampler):
-    """diffusers.KDPM2DiscreteScheduler.step (gamma 0): even calls an Euler half step from
-    sigmas[k] to the geometric midpoint; odd calls (at the midpoint) the whole step from the
-    first half's sample with the midpoint's slope."""
-
-    supported: ClassVar = {"prediction_type": _PREDICTIONS}
-    name = "DPM2"
-
-    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
-        s, mid = scheduler.sigmas, scheduler.sigmas_interpol
-        if i % 2 == 0:
-            sigma_hat = s[i] * (0 + 1)  # gamma 0
-            return self._call(sigma_hat, mid[i + 1] - sigma_hat, s[i])
-        return self._call(mid[i], s[i] - s[i - 1] * (0 + 1), mid[i])  # the whole step's dt
-
-    def step(
-        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
-    ) -> tuple[Tensor, SamplerState]:
-        i, c = self._multistep_row(step_index, state, self.name)
-        slope = self._slope(model_output, sample, c)
-        if i % 2 == 0:
-            after = SamplerState(step_index=i + 1, start=sample, noise=state.noise)
-            return sample + slope * c["dt"], after
-        self._second_half(i, state.start is not None)
-        return state.start + slope * c["dt"], SamplerState(noise=state.noise)
-
-
 class _DDIMSampler(TorchSampler):
     """diffusers.DDIMScheduler.step with eta = 0; computes in the inputs' dtype, as diffusers."""
 
@@ -484,41 +366,6 @@ class _DDIMSampler(TorchSampler):
             pred_eps = c["sqrt_a"] * model_output + c["sqrt_b"] * sample
         # Song et al. eq. 12 with sigma_t = 0
         return c["sqrt_a_prev"] * pred_x0 + c["sqrt_b_prev"] * pred_eps, _EMPTY
-
-
-class _LCMSampler(TorchSampler):
-    """diffusers.LCMScheduler.step (Luo et al. 2023, arXiv:2310.04378, Algorithm 3): the
-    consistency function's clean estimate f = c_out * x0 + c_skip * x, then noised again to
-    the next timestep with fresh noise, except after the last step; no upcast, as diffusers."""
-
-    supported: ClassVar = {"prediction_type": (*_PREDICTIONS, "sample"), "thresholding": (False,)}
-    stochastic = True
-
-    def _coefficients(self, scheduler: Any, i: int) -> Coefficients:
-        t = scheduler.timesteps[i]
-        prev_t = scheduler.timesteps[i + 1] if i + 1 < len(scheduler.timesteps) else t
-        a_t = scheduler.alphas_cumprod[t]
-        a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
-        return {
-            "sqrt_a": a_t.sqrt(),
-            "sqrt_b": (1 - a_t).sqrt(),
-            "c_skip": c_skip,
-            "c_out": c_out,
-            "sqrt_a_prev": a_prev.sqrt(),
-            "sqrt_b_prev": (1 - a_prev).sqrt(),
-        }
-
-    def step(
-        self, model_output: Tensor, step_index: int, sample: Tensor, state: SamplerState
-    ) -> tuple[Tensor, SamplerState]:
-        c = self._row(step_index)
-        denoised = c["c_out"] * _vp_x0(self.config, model_output, sample, c) + c["c_skip"] * sample
-        if step_index == self.num_steps - 1:  # diffusers draws no noise after the last step
-            return denoised, SamplerState(noise=state.noise)
-        noise = self._noise(state, step_index, denoised)
-        prev = c["sqrt_a_prev"] * denoised + c["sqrt_b_prev"] * noise
-        return prev, SamplerState(noise=state.noise)
 
 
 def _vp_x0(config: dict[str, Any], model_output: Tensor, sample: Tensor, c: Coefficients) -> Tensor:
@@ -715,10 +562,6 @@ _SAMPLERS: dict[str, type[TorchSampler]] = {
     "DPMSolverMultistepScheduler": _DPMSolverSampler,
     "PNDMScheduler": _PNDMSampler,
     "FlowMatchEulerDiscreteScheduler": _FlowMatchSampler,
-    "EulerAncestralDiscreteScheduler": _EulerAncestralSampler,
-    "HeunDiscreteScheduler": _HeunSampler,
-    "KDPM2DiscreteScheduler": _KDPM2Sampler,
-    "LCMScheduler": _LCMSampler,
 }
 
 
@@ -726,6 +569,14 @@ def sampler_classes() -> dict[str, type[TorchSampler]]:
     """diffusers scheduler class name -> its torch sampler class (the EDM pair included)."""
     # they subclass this module's samplers
     from slimdiff.sampler_edm import EDM_SAMPLERS
+    from slimdiff.sampler_stochastic import STOCHASTIC_SAMPLERS
+    from slimdiff.sampler_two_call import TWO_CALL_SAMPLERS
     from slimdiff.sampler_unipc import UniPCSampler
 
-    return {**_SAMPLERS, **EDM_SAMPLERS, "UniPCMultistepScheduler": UniPCSampler}
+    return {
+        **_SAMPLERS,
+        **STOCHASTIC_SAMPLERS,
+        **TWO_CALL_SAMPLERS,
+        **EDM_SAMPLERS,
+        "UniPCMultistepScheduler": UniPCSampler,
+    }

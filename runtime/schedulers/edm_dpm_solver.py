@@ -36,16 +36,10 @@ from ._common import (
     reject_non_default,
     restarts,
 )
-from .edm_euler import (
-    edm_sigmas,
-    linspace_f32,
-    precondition_inputs,
-    precondition_noise,
-    precondition_outputs,
-)
+from .edm_euler import EDMSchedule, linspace_f32, precondition_outputs
 
 
-class EDMDPMSolverMultistepScheduler:
+class EDMDPMSolverMultistepScheduler(EDMSchedule):
     """diffusers.EDMDPMSolverMultistepScheduler as DPM++ 2M (Karras), e.g. Playground v2.5."""
 
     order = 1  # diffusers' value: one model call per step
@@ -82,34 +76,20 @@ class EDMDPMSolverMultistepScheduler:
         orders = (1, 2) if self.stochastic else (1, 2, 3)  # diffusers' SDE order 3 crashes
         self.solver_order = choice(name, "solver_order", solver_order, orders)
         self.solver_type = choice(name, "solver_type", solver_type, ("midpoint", "heun"))
-        self.sigma_schedule = choice(
-            name, "sigma_schedule", sigma_schedule, ("karras", "exponential")
-        )
-        # diffusers lists "sample" too, but its precondition_outputs raises for it
-        self.prediction_type = choice(
-            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
-        )
-        self.final_sigmas_type = choice(
-            name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
+        self._edm_config(
+            sigma_min,
+            sigma_max,
+            sigma_data,
+            sigma_schedule,
+            prediction_type,
+            rho,
+            final_sigmas_type,
         )
         self.lower_order_final, self.euler_at_final = bool(lower_order_final), bool(euler_at_final)
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self.sigma_data, self.rho = float(sigma_data), float(rho)
         # before set_timesteps diffusers exposes a num_train_timesteps schedule ending in 0
-        self._set_ramp(linspace_f32(0, 1, num_train_timesteps), F32(0))
+        self._set_tables(linspace_f32(0, 1, num_train_timesteps), F32(0))
         self.num_inference_steps: int | None = None
         self._reset_history()
-
-    @property
-    def init_noise_sigma(self) -> float:
-        # diffusers' value: sqrt(sigma_max^2 + 1), although EDM starts from sigma_max itself
-        return (self.sigma_max**2 + 1) ** 0.5
-
-    def _set_ramp(self, ramp: np.ndarray, last: np.float32) -> None:
-        sig = edm_sigmas(self.sigma_schedule, ramp, self.sigma_min, self.sigma_max, self.rho)
-        sig = sig.astype(F32)
-        self.timesteps = precondition_noise(sig)
-        self.sigmas = np.concatenate([sig, [last]]).astype(F32)
 
     def _reset_history(self) -> None:
         self._model_outputs: list[np.ndarray] = []  # data predictions x0, oldest first
@@ -127,14 +107,9 @@ class EDMDPMSolverMultistepScheduler:
             raise ValueError("num_inference_steps (1 or more) is required")
         ramp = linspace_f32(0, 1, num_inference_steps)  # torch.linspace's float32 ramp
         last = F32(self.sigma_min) if self.final_sigmas_type == "sigma_min" else F32(0)
-        self._set_ramp(ramp, last)
+        self._set_tables(ramp, last)
         self.num_inference_steps = num_inference_steps
         self._reset_history()
-
-    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
-        """c_in * x: the denoiser was trained on unit-variance inputs."""
-        check_step(type(self).__name__, step_index, len(self.timesteps))
-        return precondition_inputs(sample, self.sigmas[step_index], self.sigma_data)
 
     def step(
         self,

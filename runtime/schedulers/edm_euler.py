@@ -84,7 +84,52 @@ def precondition_outputs(
     return c_skip * as_f32(sample) + c_out * as_f32(model_output)
 
 
-class EDMEulerScheduler:
+class EDMSchedule:
+    """What the EDM schedulers share: their config, sigma tables and input scaling."""
+
+    def _edm_config(
+        self,
+        sigma_min: float,
+        sigma_max: float,
+        sigma_data: float,
+        sigma_schedule: str,
+        prediction_type: str,
+        rho: float,
+        final_sigmas_type: str,
+    ) -> None:
+        name = type(self).__name__
+        self.sigma_schedule = choice(
+            name, "sigma_schedule", sigma_schedule, ("karras", "exponential")
+        )
+        # diffusers lists "sample" too, but its precondition_outputs raises for it
+        self.prediction_type = choice(
+            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
+        )
+        self.final_sigmas_type = choice(
+            name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
+        )
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.sigma_data, self.rho = float(sigma_data), float(rho)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        # diffusers' value: sqrt(sigma_max^2 + 1), although EDM starts from sigma_max itself
+        return (self.sigma_max**2 + 1) ** 0.5
+
+    def _set_tables(self, ramp: np.ndarray, last: np.float32 | None) -> None:
+        """Sigmas on `ramp`, then `last` (None: the last scheduled sigma again)."""
+        sig = edm_sigmas(self.sigma_schedule, ramp, self.sigma_min, self.sigma_max, self.rho)
+        sig = sig.astype(F32)
+        self.timesteps = precondition_noise(sig)
+        self.sigmas = np.concatenate([sig, [sig[-1] if last is None else last]]).astype(F32)
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        """c_in * x: the denoiser was trained on unit-variance inputs."""
+        check_step(type(self).__name__, step_index, len(self.timesteps))
+        return precondition_inputs(sample, self.sigmas[step_index], self.sigma_data)
+
+
+class EDMEulerScheduler(EDMSchedule):
     """diffusers.EDMEulerScheduler, deterministic (s_churn = 0, diffusers' default)."""
 
     order = 1
@@ -102,34 +147,22 @@ class EDMEulerScheduler:
         final_sigmas_type: str = "zero",
         **config: Any,  # keys of other schedulers' configs: ignored, as diffusers does
     ) -> None:
-        name = type(self).__name__
-        self.sigma_schedule = choice(
-            name, "sigma_schedule", sigma_schedule, ("karras", "exponential")
+        self._edm_config(
+            sigma_min,
+            sigma_max,
+            sigma_data,
+            sigma_schedule,
+            prediction_type,
+            rho,
+            final_sigmas_type,
         )
-        self.prediction_type = choice(
-            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
-        )
-        self.final_sigmas_type = choice(
-            name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
-        )
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self.sigma_data, self.rho = float(sigma_data), float(rho)
         # before set_timesteps diffusers exposes num_train_timesteps + 1 sigmas; so do we
         self._set_ramp(np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps)
         self.num_inference_steps: int | None = None
 
-    @property
-    def init_noise_sigma(self) -> float:
-        # diffusers' value: sqrt(sigma_max^2 + 1), although EDM starts from sigma_max itself
-        return (self.sigma_max**2 + 1) ** 0.5
-
     def _set_ramp(self, ramp: np.ndarray) -> None:
-        sig = edm_sigmas(self.sigma_schedule, ramp, self.sigma_min, self.sigma_max, self.rho)
-        sig = sig.astype(F32)
-        self.timesteps = precondition_noise(sig)
         # "sigma_min" ends on the last scheduled sigma: the last step has length zero
-        last = sig[-1] if self.final_sigmas_type == "sigma_min" else F32(0)
-        self.sigmas = np.concatenate([sig, [last]]).astype(F32)
+        self._set_tables(ramp, None if self.final_sigmas_type == "sigma_min" else F32(0))
 
     def set_timesteps(
         self,
@@ -156,11 +189,6 @@ class EDMEulerScheduler:
             ramp = np.linspace(0, 1, num_inference_steps)  # float64, like diffusers
         self._set_ramp(ramp)
         self.num_inference_steps = len(self.timesteps)
-
-    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
-        """c_in * x: the denoiser was trained on unit-variance inputs."""
-        check_step(type(self).__name__, step_index, len(self.timesteps))
-        return precondition_inputs(sample, self.sigmas[step_index], self.sigma_data)
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         """Euler from sigmas[i] to sigmas[i + 1] along (x - D) / sigma, in float32."""

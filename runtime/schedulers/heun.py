@@ -21,6 +21,14 @@ from ._common import F32, as_f32, check_second_half, check_step, choice, reject_
 from .euler import EulerDiscreteScheduler
 
 
+def drop_euler_only(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` without the Euler options Heun's and DPM2's configs lack (final_sigmas_type,
+    sigma_min/max, zero-SNR rescaling): diffusers ignores such keys from another class's
+    config, and so do these subclasses of the Euler port."""
+    drop = ("final_sigmas_type", "sigma_min", "sigma_max", "rescale_betas_zero_snr")
+    return {k: v for k, v in config.items() if k not in drop}
+
+
 class HeunDiscreteScheduler(EulerDiscreteScheduler):
     """diffusers.HeunDiscreteScheduler (deterministic: diffusers' gamma is 0)."""
 
@@ -34,11 +42,7 @@ class HeunDiscreteScheduler(EulerDiscreteScheduler):
         clip_sample_range: float = 1.0,
         **config: Any,
     ) -> None:
-        # Heun's config has no final_sigmas_type, sigma_min/max or zero-SNR rescaling:
-        # diffusers ignores such keys from another class's config, and so does this.
-        for key in ("final_sigmas_type", "sigma_min", "sigma_max", "rescale_betas_zero_snr"):
-            config.pop(key, None)
-        super().__init__(**config)
+        super().__init__(**drop_euler_only(config))
         name = type(self).__name__
         self.prediction_type = choice(
             name, "prediction_type", prediction_type, ("epsilon", "v_prediction", "sample")

@@ -19,6 +19,7 @@ import numpy as np
 
 from ._common import F32, as_f32, check_step, choice, reject_args, sigma_to_t
 from .euler import EulerDiscreteScheduler
+from .heun import drop_euler_only
 
 
 class KDPM2DiscreteScheduler(EulerDiscreteScheduler):
@@ -28,10 +29,7 @@ class KDPM2DiscreteScheduler(EulerDiscreteScheduler):
     stochastic = False
 
     def __init__(self, prediction_type: str = "epsilon", **config: Any) -> None:
-        # DPM2's config has none of these; diffusers ignores them from another class's config
-        for key in ("final_sigmas_type", "sigma_min", "sigma_max", "rescale_betas_zero_snr"):
-            config.pop(key, None)
-        super().__init__(**config)
+        super().__init__(**drop_euler_only(config))
         self.prediction_type = choice(
             type(self).__name__, "prediction_type", prediction_type, ("epsilon", "v_prediction")
         )
