@@ -1,8 +1,8 @@
 """Compression passes and the runner that applies a recipe's passes to a pipeline.
 
 Built-in passes are imported here, explicitly, so they register themselves once:
-block removal (`blocks.remove`), EcoDiff pruning (`prune.ecodiff`) and QuEST quantization
-(`quant.quest`) land in their own subpackages.
+dropping text encoders (`text.drop`), block removal (`blocks.remove`), EcoDiff pruning
+(`prune.ecodiff`) and QuEST quantization (`quant.quest`) land in their own subpackages.
 """
 
 # Built-in passes, imported once so they register (keep this list explicit).
@@ -10,6 +10,7 @@ from slimdiff.compress import (
     blocks,  # noqa: F401  (blocks.remove)
     prune,  # noqa: F401  (prune.ecodiff)
     quant,  # noqa: F401  (quant.quest)
+    text,  # noqa: F401  (text.drop)
 )
 from slimdiff.compress.base import (
     Pass,

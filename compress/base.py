@@ -70,6 +70,11 @@ class Pass(abc.ABC):
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
+    def dropped_components(self) -> tuple[str, ...]:
+        """Pipeline components this pass removes whole (text.drop): the loader may skip
+        them. Default: none."""
+        return ()
+
     def preflight(self, pipe: Any, calib: Any | None) -> None:
         """Refuse (UserError) what `apply` could not run, before the runner does any slow
         work (the teacher's trajectories); `calib` when needs_calibration. Default: nothing."""

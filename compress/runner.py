@@ -18,14 +18,14 @@ import shutil
 import time
 from pathlib import Path
 
-from slimdiff.compress.base import PassReport, build_passes
+from slimdiff.compress.base import Pass, PassReport, Stage, build_passes
 
 from slimdiff.artifact import save_artifact
 from slimdiff.errors import UserError
 from slimdiff.models import LoadedModel, load_model
 from slimdiff.recipe import Recipe
 
-__all__ = ["compress_model"]
+__all__ = ["compress_model", "dropped_components"]
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +49,25 @@ def compress_model(
     passes = build_passes(recipe)
     out = Path(out)
     work = Path(work_dir) if work_dir is not None else out.with_name(f"{out.name}.work")
+    # Components passes (text.drop) first: the teacher is the pipeline as it is deployed.
+    first = [p for p in passes if p.stage == Stage.COMPONENTS]
+    rest = [p for p in passes if p.stage != Stage.COMPONENTS]
+    for p in first:
+        p.preflight(pipe, None)
+    reports = [_apply(p, pipe, None) for p in first]
     calib = None
-    if any(p.needs_calibration for p in passes):
+    if any(p.needs_calibration for p in rest):
         from slimdiff.calib import Calibration
 
         calib = Calibration(pipe, model.arch, recipe.calibration, work_dir=work)
-    for p in passes:  # what a pass cannot run is refused before the trajectories' work
+    for p in rest:  # what a pass cannot run is refused before the trajectories' work
         p.preflight(pipe, calib if p.needs_calibration else None)
     if calib is not None:
-        # The teacher is the model as loaded: its trajectories are recorded (or loaded from
-        # the cache) before any pass changes it, whichever pass asks for them first.
+        # The teacher is the model as loaded (less what components passes removed): its
+        # trajectories are recorded (or loaded from the cache) before any other pass
+        # changes it, whichever pass asks for them first.
         calib.record()
-    reports: list[PassReport] = []
-    for p in passes:
-        log.info("pass %s", p.name)
-        start = time.perf_counter()
-        report = p.apply(pipe, calib)
-        report.seconds = time.perf_counter() - start
-        reports.append(report)
+    reports += [_apply(p, pipe, calib) for p in rest]
     save_artifact(
         pipe, out, source=model.source, recipe=recipe, reports=reports, extra_meta=extra_meta
     )
@@ -78,3 +79,17 @@ def compress_model(
             f"{out}: the artifact reloads as {compressed.arch.family}, expected {model.arch.family}"
         )
     return compressed
+
+
+def _apply(p: Pass, pipe, calib) -> PassReport:
+    log.info("pass %s", p.name)
+    start = time.perf_counter()
+    report = p.apply(pipe, calib)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def dropped_components(recipe: Recipe) -> tuple[str, ...]:
+    """The pipeline components the recipe's passes remove whole (text.drop): loading the
+    model for it may skip them."""
+    return tuple(name for p in build_passes(recipe) for name in p.dropped_components())

@@ -20,6 +20,7 @@ from slimdiff.runtime.schedulers import SCHEDULER_ALIASES, scheduler_names, swit
 
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
+from slimdiff.models.text_encoders import zero_text
 
 __all__ = [
     "SCHEDULER_CONFIG",
@@ -55,7 +56,7 @@ def component_precisions(model: LoadedModel, precision: str, vae_precision: str 
     """Precision of each component: `precision`, except the VAE decoder (see _VAE_FP32_FLAG)."""
     if vae_precision is None:
         vae_precision = "fp32" if model.pipe.vae.config.get(_VAE_FP32_FLAG, False) else precision
-    names = model.arch.components
+    names = model.components
     return {name: (vae_precision if name == "vae_decoder" else precision) for name in names}
 
 
@@ -91,8 +92,9 @@ def pipeline_constants(model: LoadedModel) -> PipelineSpec:
         "force_zeros_for_empty_prompt": bool(
             pipe.config.get("force_zeros_for_empty_prompt", False)
         ),
-        "text_encoders": [_text_encoder_record(pipe, spec) for spec in arch.text_encoders],
+        "text_encoders": [_text_encoder_record(pipe, spec) for spec in model.text_encoders],
         "scheduler": SCHEDULER_CONFIG,
+        "zero_text": zero_text(arch, pipe) or None,  # SD3 without T5
     }
     # The schema the runtime reads it with: a value it would refuse fails here, at export.
     return PipelineSpec.model_validate(record)
@@ -171,7 +173,7 @@ def _samples(spec: PipelineSpec, config: dict, name: str) -> bool:
 def write_support_files(model: LoadedModel, root: Path, scheduler=None) -> None:
     """Tokenizers (tokenizer.json, read by the `tokenizers` library) and the scheduler
     config (`scheduler`, from bundle_scheduler; default the model's)."""
-    for spec in model.arch.text_encoders:
+    for spec in model.text_encoders:
         getattr(model.pipe, spec.tokenizer).save_pretrained(root / spec.tokenizer)
     scheduler = scheduler if scheduler is not None else model.pipe.scheduler
     scheduler.save_config(root / Path(SCHEDULER_CONFIG).parent)

@@ -70,7 +70,7 @@ def _axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
 
 
 def plan_components(model: LoadedModel) -> list[Component]:
-    """The components of `model`'s bundle, in arch.components order.
+    """The components of `model`'s bundle, in model.components order.
 
     Example:
         >>> [c.name for c in plan_components(load_model("tiny:sdxl"))]  # doctest: +SKIP
@@ -78,7 +78,7 @@ def plan_components(model: LoadedModel) -> list[Component]:
     """
     pipe, arch = model.pipe, model.arch
     plans = []
-    for spec in arch.text_encoders:
+    for spec in model.text_encoders:
         encoder = getattr(pipe, spec.name)
         plans.append(
             Component(

@@ -85,12 +85,9 @@ def size_range(
 
 def text_tokens(model: LoadedModel) -> int:
     """The denoiser's text length as the runtime feeds it: per segment the longest encoder
-    with a per-token output, the segments one after another."""
-    longest: dict[int, int] = {}
-    for spec in model.arch.text_encoders:
-        if spec.hidden_output is not None:
-            longest[spec.segment] = max(longest.get(spec.segment, 0), spec.max_length)
-    return sum(longest.values())
+    with a per-token output, the segments one after another. An absent optional encoder's
+    zeros have its length (SD3 without T5: 77 + 256 still)."""
+    return model.arch.text_length()
 
 
 def shape_profile(component: Component, model: LoadedModel, sizes: SizeRange) -> dict:
@@ -99,7 +96,7 @@ def shape_profile(component: Component, model: LoadedModel, sizes: SizeRange) ->
     vae = component.name == "vae_decoder"
     # With SDXL's force_zeros_for_empty_prompt the runtime encodes no negative prompt when
     # none is given (zeros instead): one prompt at opt, two when a negative one is.
-    text = component.name in {s.name for s in model.arch.text_encoders}
+    text = component.name in {s.name for s in model.text_encoders}
     zeros = bool(model.pipe.config.get("force_zeros_for_empty_prompt", False))
     batches = {
         "min": 1,

@@ -113,7 +113,8 @@ class Conditioning:
     def _embed(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """(encoder_hidden_states, pooled) for `texts`: hidden outputs side by side within a
         segment, segments zero-padded to the widest and joined on the token axis; pooled
-        outputs side by side (see TextEncoderSpec)."""
+        outputs side by side (see TextEncoderSpec). An encoder the bundle runs without
+        (`zero_text`) gives its segment in zeros."""
         segments: dict[int, list[np.ndarray]] = {}
         pooled = []
         for enc in self.encoders:
@@ -123,6 +124,9 @@ class Conditioning:
             pooled += [out[name] for name in enc.pooled_outputs]
         if not segments:
             raise BundleError("no text encoder outputs hidden states; export the bundle again")
+        for zero in self.pipeline.get("zero_text") or ():  # SD3 without T5, as diffusers
+            shape = (len(texts), zero["max_length"], zero["hidden_size"])
+            segments[zero["segment"]] = [np.zeros(shape, np.float32)]
         parts = [np.concatenate(segments[k], axis=-1) for k in sorted(segments)]
         width = max(p.shape[-1] for p in parts)
         parts = [np.pad(p, ((0, 0), (0, 0), (0, width - p.shape[-1]))) for p in parts]

@@ -56,6 +56,7 @@ __all__ = [
     "PipelineSpec",
     "ShapeProfile",
     "TextEncoderRecord",
+    "ZeroTextRecord",
     "check_relative_path",
     "load_json_bytes",
     "parse_manifest",
@@ -295,6 +296,19 @@ class TextEncoderRecord(pydantic.BaseModel):
         return f"{self.tokenizer}/tokenizer.json"
 
 
+class ZeroTextRecord(pydantic.BaseModel):
+    """A text encoder the pipeline runs without (SD3 without T5: diffusers'
+    `text_encoder_3=None`): its `segment` of the denoiser's text states is `max_length`
+    zero tokens of width `hidden_size` (slimdiff/models/text_encoders.py)."""
+
+    model_config = _CONFIG
+
+    name: ComponentName  # the encoder it stands for, e.g. "text_encoder_3"
+    segment: Annotated[int, Field(ge=0, le=7)]
+    max_length: Annotated[int, Field(ge=1, le=4096)]
+    hidden_size: Annotated[int, Field(ge=1, le=1 << 16)]
+
+
 class PipelineSpec(pydantic.BaseModel):
     """Constants the runtime's denoising loop needs (written by export/bundle.py)."""
 
@@ -320,6 +334,11 @@ class PipelineSpec(pydantic.BaseModel):
     force_zeros_for_empty_prompt: bool
     text_encoders: Annotated[tuple[TextEncoderRecord, ...], Field(min_length=1, max_length=8)]
     scheduler: BundlePath  # diffusers' scheduler_config.json
+    # Encoders the pipeline runs without, zeros in their place; written only when there
+    # are some, so other manifests read as before.
+    zero_text: Annotated[tuple[ZeroTextRecord, ...], Field(min_length=1, max_length=8)] | None = (
+        None
+    )
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> PipelineSpec:
@@ -330,7 +349,7 @@ class PipelineSpec(pydantic.BaseModel):
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_stats(self, handler: Any) -> dict[str, Any]:
-        return drop_unset(handler(self), ("vae_latents_mean", "vae_latents_std"))
+        return drop_unset(handler(self), ("vae_latents_mean", "vae_latents_std", "zero_text"))
 
 
 class Manifest(pydantic.BaseModel):

@@ -91,12 +91,17 @@ def check_pipeline(p: PipelineSpec) -> None:
         _fail("default_size", f"not a multiple of size_multiple {p.size_multiple}")
 
     encoders = p.text_encoders
-    if len({e.name for e in encoders}) != len(encoders):
-        _fail("text_encoders", "two records name the same encoder")
+    zeros = p.zero_text or ()
+    if len({e.name for e in (*encoders, *zeros)}) != len(encoders) + len(zeros):
+        _fail("text_encoders", "two records (or a zero_text one) name the same encoder")
     if not any(e.hidden_output for e in encoders):
         _fail("text_encoders", "no encoder outputs per-token hidden states")
-    for segment in {e.segment for e in encoders if e.hidden_output}:
+    for z in zeros:  # a zero segment stands for a whole encoder's: it shares it with none
+        if any(e.segment == z.segment and e.hidden_output for e in encoders):
+            _fail("zero_text", f"{z.name}'s segment {z.segment} also holds an encoder's states")
+    for segment in {e.segment for e in encoders if e.hidden_output} | {z.segment for z in zeros}:
         lengths = {e.max_length for e in encoders if e.hidden_output and e.segment == segment}
+        lengths |= {z.max_length for z in zeros if z.segment == segment}
         if len(lengths) > 1:
             _fail(
                 "text_encoders",
@@ -187,6 +192,9 @@ def _check_text_encoders(m: Manifest) -> tuple[int, int, int | None]:
                 _check_io(f"{field}.outputs.{out}", spec, 2, _FLOATS)
                 dim = _fixed(spec, 1)
                 pooled = None if pooled is None or dim is None else pooled + dim
+    for zero in m.pipeline.zero_text or ():
+        lengths[zero.segment] = zero.max_length
+        widths[zero.segment] = zero.hidden_size
     return sum(lengths.values()), max(widths.values()), pooled
 
 

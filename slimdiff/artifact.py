@@ -114,10 +114,17 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
     path = Path(path)
     index = _read_index(path)
     replay = _replays(path, index)
+    from slimdiff.models.loading import null_components
+
     cls = getattr(diffusers, index["_class_name"])
     rebuilt = {name: _rebuild(path / name, index[name], todo) for name, todo in replay.items()}
     try:
-        pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True, **rebuilt)
+        pipe = cls.from_pretrained(
+            path,
+            use_safetensors=None if allow_pickle else True,
+            **null_components(path),
+            **rebuilt,
+        )
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: incomplete artifact ({err}); compress again") from None
     from slimdiff.models.loading import refuse_missing

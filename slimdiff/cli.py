@@ -336,6 +336,14 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     "fit in memory.",
 )
 @_scheduler_option("The scheduler the bundle ships. Default: the model's.")
+@click.option(
+    "--drop-text-encoder",
+    "drop",
+    multiple=True,
+    metavar="NAME",
+    help="Leave out a text encoder the pipeline runs without, zeros in its place as "
+    "diffusers feeds them (SD3: text_encoder_3, T5-XXL). Repeatable. Recipe: pass text.drop.",
+)
 @_allow_pickle_option
 def export_cmd(
     model: str,
@@ -350,6 +358,7 @@ def export_cmd(
     max_images: int,
     weights: str,
     scheduler: str | None,
+    drop: tuple[str, ...],
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
@@ -364,15 +373,15 @@ def export_cmd(
     # Components load one at a time where they can (weights read from the files when
     # exported), so the whole pipeline is never in memory at once.
     if weights == "stream":
-        loaded = load_model(model, weights="lazy")
+        loaded = load_model(model, weights="lazy", without=drop)
     elif weights == "auto" and lazy_loadable(model):
         try:
-            loaded = load_model(model, weights="lazy")
+            loaded = load_model(model, weights="lazy", without=drop)
         except UserError as err:  # files lazy loading cannot read by key: loading converts
             log.info("loading %s into memory (%s)", model, err)
-            loaded = load_model(model, allow_pickle=allow_pickle)
+            loaded = load_model(model, allow_pickle=allow_pickle, without=drop)
     else:
-        loaded = load_model(model, allow_pickle=allow_pickle)
+        loaded = load_model(model, allow_pickle=allow_pickle, without=drop)
     manifest = export_bundle(
         loaded,
         out,

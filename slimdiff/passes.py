@@ -44,9 +44,12 @@ ENTRY_POINT_GROUP = "slimdiff.passes"
 class Stage(enum.IntEnum):
     """Where a pass may stand in a recipe: stages must not decrease."""
 
-    STRUCTURAL = 0  # block removal
-    PRUNING = 1  # structured pruning (EcoDiff)
-    QUANTIZATION = 2  # low-bit quantization (QuEST)
+    # Whole pipeline components (text.drop: SD3 without T5). Applied before calibration
+    # records the teacher, so the passes after it learn from the pipeline as deployed.
+    COMPONENTS = 0
+    STRUCTURAL = 1  # block removal
+    PRUNING = 2  # structured pruning (EcoDiff)
+    QUANTIZATION = 3  # low-bit quantization (QuEST)
 
 
 class PassConfig(pydantic.BaseModel):

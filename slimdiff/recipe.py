@@ -262,7 +262,7 @@ class Recipe(_Strict):
                 raise UserError(
                     f"passes[{i}] ({entry.name}): a {entry.stage.name.lower()} pass cannot "
                     f"follow {last.name} ({last.stage.name.lower()}); order passes "
-                    "structural -> pruning -> quantization"
+                    "components -> structural -> pruning -> quantization"
                 )
             last = entry
         return self

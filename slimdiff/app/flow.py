@@ -135,17 +135,21 @@ def compress_and_export(
 
 
 def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> FlowResult:
-    from slimdiff.compress.runner import compress_model
+    from slimdiff.compress.runner import compress_model, dropped_components
     from slimdiff.models import load_model
     from slimdiff.models.fingerprint import fingerprint
 
     check_outputs(recipe, out)
     result = FlowResult(artifact=out / "artifact")
+    dropped = dropped_components(recipe)  # text.drop: never loaded here
     if model is None:
         where = resolve_device(device or recipe.device)
-        model = load_model(recipe.model, device=where, allow_pickle=allow_pickle)
+        model = load_model(recipe.model, device=where, allow_pickle=allow_pickle, without=dropped)
         use_threads(model)
-    chash = compress_hash(recipe, fingerprint(model.require_pipeline("compress")))
+    # What the recipe drops does not change its result: the same hash whether the model came
+    # with it (bench's, loaded for the reference) or without.
+    model_print = fingerprint(model.require_pipeline("compress"))
+    chash = compress_hash(recipe, {k: v for k, v in model_print.items() if k not in dropped})
     if _cached(result.artifact, "slimdiff.json", "compress_hash", chash):
         log.info("reusing %s", result.artifact)
         result.reused.append("compress")

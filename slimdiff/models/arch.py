@@ -92,6 +92,10 @@ class TextEncoderSpec:
     max_length: int = 77  # tokens; the pipelines pad and truncate to this
     segment: int = 0
     onnx: OnnxPlan = CLIP_ONNX
+    # The family's pipeline also runs without this encoder (diffusers: SD3's
+    # `text_encoder_3=None`); its segment is then max_length zero tokens at the denoiser's
+    # text width (slimdiff/models/text_encoders.py).
+    optional: bool = False
 
     @property
     def hidden_output(self) -> str | None:
@@ -296,7 +300,7 @@ class ArchSpec:
         if "timestep_cond" in present:
             width = present["timestep_cond"].shape[-1]
             if isinstance(width, str):
-                width = self._config_axis(width, config)
+                width = self.config_axis(width, config)
             update["guidance_embedding_dim"] = int(width)
         return self.kind.model_copy(update=update)
 
@@ -314,10 +318,11 @@ class ArchSpec:
         sizes = {"B": batch, "H": lat_h, "W": lat_w, "S": text_len}
         sizes["L"] = (lat_h // p) * (lat_w // p)
         for axis in self.config_axes:
-            sizes[axis] = self._config_axis(axis, config)
+            sizes[axis] = self.config_axis(axis, config)
         return sizes
 
-    def _config_axis(self, axis: str, config: Any) -> int:
+    def config_axis(self, axis: str, config: Any) -> int:
+        """The width `config` fixes for a config axis ("D": the text states' width)."""
         source = self.config_axes[axis]
         return int(source(config) if callable(source) else config[source])
 

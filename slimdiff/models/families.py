@@ -154,9 +154,17 @@ SD3 = ArchSpec(
         TextEncoderSpec(
             "text_encoder_2", "tokenizer_2", "clip", ("penultimate_hidden_state", "text_embeds")
         ),
-        # CLIP states (77 tokens), zero-padded to T5's width, then T5's 256 tokens.
+        # CLIP states (77 tokens), zero-padded to T5's width, then T5's 256 tokens; without
+        # T5 (optional: diffusers' text_encoder_3=None) 256 zero tokens in its place.
         TextEncoderSpec(
-            "text_encoder_3", "tokenizer_3", "t5", ("last_hidden_state",), 256, 1, T5_ONNX
+            "text_encoder_3",
+            "tokenizer_3",
+            "t5",
+            ("last_hidden_state",),
+            256,
+            1,
+            T5_ONNX,
+            optional=True,
         ),
     ),
     denoiser_inputs=(

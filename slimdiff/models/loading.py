@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from slimdiff.errors import UserError
-from slimdiff.models.arch import ArchSpec
+from slimdiff.models.arch import ArchSpec, TextEncoderSpec
 from slimdiff.models.builtin import build_builtin, parse_builtin
 from slimdiff.models.families import (
     FAMILIES,
@@ -38,6 +38,11 @@ from slimdiff.models.families import (
     text_to_image_class,
 )
 from slimdiff.models.single_file import is_single_file, load_single_file
+from slimdiff.models.text_encoders import (
+    check_droppable,
+    drop_text_encoders,
+    present_text_encoders,
+)
 from slimdiff.models.toy import load_toy, parse_toy, toy_folder
 
 __all__ = [
@@ -46,6 +51,7 @@ __all__ = [
     "lazy_loadable",
     "load_model",
     "load_pipeline",
+    "null_components",
     "refuse_missing",
 ]
 
@@ -82,6 +88,16 @@ class LoadedModel:
     def default_size(self) -> tuple[int, int]:
         return default_size(self.arch, self.pipe)
 
+    @property
+    def text_encoders(self) -> tuple[TextEncoderSpec, ...]:
+        """The family's text encoders this model has (SD3 may run without T5)."""
+        return present_text_encoders(self.arch, self.pipe)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Its exported components, in the order the runtime runs them."""
+        return (*(s.name for s in self.text_encoders), self.arch.denoiser, "vae_decoder")
+
     def require_pipeline(self, what: str):
         if self.pipe is None:
             raise UserError(
@@ -115,7 +131,11 @@ def load_pipeline(model: str, device: str = "cpu", allow_pickle: bool = False):
 
 
 def load_model(
-    model: str, device: str = "cpu", allow_pickle: bool = False, weights: str = "memory"
+    model: str,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    weights: str = "memory",
+    without: tuple[str, ...] = (),
 ) -> LoadedModel:
     """Load `model` (built-in, local folder or hub id) on `device` ("meta" = no weights).
 
@@ -123,12 +143,41 @@ def load_model(
     `weights`: "memory" loads them; "lazy" leaves every torch component's parameters on
     the meta device and reads them from the files when asked (slimdiff/models/lazy.py), for
     an export of a model larger than memory (safetensors folders and built-ins; CPU).
+    `without`: text encoders to leave out (SD3's text_encoder_3, T5: models/text_encoders.py),
+    never loaded from a folder or the hub, dropped after the load otherwise.
     """
     _quiet_progress_bars()
+    skip = _skipped(model, without)
     if weights == "lazy":
-        return _load_lazy(model)
-    if weights != "memory":
+        loaded = _load_lazy(model, skip)
+    elif weights != "memory":
         raise UserError(f"weights {weights!r} is not supported; use memory or lazy")
+    else:
+        loaded = _load_memory(model, device, allow_pickle, skip)
+    if without:
+        pipe = loaded.require_pipeline("leaving out text encoders")
+        drop_text_encoders(pipe, loaded.arch, without)
+    return loaded
+
+
+def _skipped(model: str, without: tuple[str, ...]) -> dict[str, None]:
+    """from_pretrained's keywords that leave `without` (and their tokenizers) unloaded;
+    checked against the family where it is known before the load."""
+    if not without:
+        return {}
+    class_name = pipeline_class_of(model)
+    if class_name is None:  # a hub id: checked once loaded (drop_text_encoders)
+        return {
+            n: None for name in without for n in (name, name.replace("text_encoder", "tokenizer"))
+        }
+    arch = get_arch(family_of_pipeline(class_name))
+    specs = {s.name: s for s in arch.text_encoders}
+    return {
+        n: None for name in check_droppable(arch, without) for n in (name, specs[name].tokenizer)
+    }
+
+
+def _load_memory(model: str, device: str, allow_pickle: bool, skip: dict[str, None]) -> LoadedModel:
     builtin = parse_builtin(model)
     if builtin is not None:
         kind, family = builtin
@@ -143,9 +192,9 @@ def load_model(
         family_of_pipeline(type(pipe).__name__)
         return _wrap(pipe.to(device) if device not in ("cpu", "meta") else pipe, model)
     if path.exists():
-        return _load_local(path, model, device, allow_pickle)
+        return _load_local(path, model, device, allow_pickle, skip)
     if _looks_like_hub_id(model):
-        return _wrap(_load_hub(model, device, allow_pickle), model)
+        return _wrap(_load_hub(model, device, allow_pickle, skip), model)
     raise UserError(
         f"model {model!r} not found: pass a diffusers pipeline folder (with model_index.json), "
         "a hub id (org/name), or a built-in (tiny:<family>, random:<family>; families: "
@@ -178,7 +227,7 @@ def lazy_loadable(model: str) -> bool:
     return (Path(model).expanduser() / "model_index.json").is_file()
 
 
-def _load_lazy(model: str) -> LoadedModel:
+def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
     from slimdiff.models.lazy import lazy_pipeline
 
     builtin = parse_builtin(model)
@@ -200,6 +249,7 @@ def _load_lazy(model: str) -> LoadedModel:
         from slimdiff.artifact import load_artifact_lazy
 
         return _wrap(load_artifact_lazy(path), model)
+    index = {**index, **{name: [None, None] for name in skip if name in index}}
     return _wrap(lazy_pipeline(path, index), model)
 
 
@@ -216,7 +266,10 @@ def _quiet_progress_bars() -> None:
 def _wrap(pipe, source: str) -> LoadedModel:
     arch = get_arch(family_of_pipeline(type(pipe).__name__))
     needed = [arch.denoiser, "vae", "scheduler"]
-    needed += [name for t in arch.text_encoders for name in (t.name, t.tokenizer)]
+    # An optional encoder may be absent (SD3 without T5); one that is there needs its tokenizer.
+    present = present_text_encoders(arch, pipe)
+    needed += [t.name for t in arch.text_encoders if not t.optional]
+    needed += [t.tokenizer for t in arch.text_encoders if t in present or not t.optional]
     missing = [name for name in needed if getattr(pipe, name, None) is None]
     if missing:  # e.g. the SDXL refiner: image-to-image, without the first text encoder
         raise UserError(
@@ -256,7 +309,9 @@ def _align(module) -> None:
                     store[name] = copy
 
 
-def _load_local(path: Path, source: str, device: str, allow_pickle: bool) -> LoadedModel:
+def _load_local(
+    path: Path, source: str, device: str, allow_pickle: bool, skip: dict[str, None]
+) -> LoadedModel:
     if not path.is_dir():
         raise UserError(
             f"{path} is a file; pass a diffusers pipeline folder (with model_index.json), or a "
@@ -272,7 +327,8 @@ def _load_local(path: Path, source: str, device: str, allow_pickle: bool) -> Loa
             from slimdiff.artifact import load_artifact
 
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
-        return _wrap(_from_pretrained_pipeline(path, class_name, device, allow_pickle), source)
+        pipe = _from_pretrained_pipeline(path, class_name, device, allow_pickle, skip)
+        return _wrap(pipe, source)
     config = path / "config.json"
     if config.is_file():
         if not allow_pickle:
@@ -336,13 +392,17 @@ def _load_component(
     return LoadedModel(arch=get_arch(family), source=source, denoiser=model.eval())
 
 
-def _from_pretrained_pipeline(path: Path, class_name: str, device: str, allow_pickle: bool):
+def _from_pretrained_pipeline(
+    path: Path, class_name: str, device: str, allow_pickle: bool, skip: dict[str, None]
+):
     import diffusers
 
     class_name = text_to_image_class(class_name)
     cls = getattr(diffusers, class_name)
     try:
-        pipe = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+        pipe = cls.from_pretrained(
+            path, use_safetensors=None if allow_pickle else True, **null_components(path), **skip
+        )
     except (OSError, ValueError, KeyError) as err:
         raise UserError(
             f"{path}: could not load the {class_name} in it ({err}); check that every "
@@ -350,6 +410,18 @@ def _from_pretrained_pipeline(path: Path, class_name: str, device: str, allow_pi
         ) from None
     refuse_missing(pipe.components, path)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
+
+
+def null_components(path: Path) -> dict[str, None]:
+    """{name: None} for the components model_index.json lists as [null, null]: diffusers'
+    save_pretrained writes that for a component set to None (SD3 without T5), and its
+    from_pretrained refuses the folder unless they are passed as None again."""
+    index = _read_json(path / "model_index.json")
+    return {
+        k: None
+        for k, v in index.items()
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None
+    }
 
 
 def refuse_missing(components: dict[str, Any], where: Any) -> None:
@@ -373,13 +445,13 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
 
 
-def _load_hub(model_id: str, device: str, allow_pickle: bool):
+def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, None]):
     import diffusers
 
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
         safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model_id, use_safetensors=safe)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model_id, use_safetensors=safe, **skip)
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of
         # memory, a bug) keeps its traceback.

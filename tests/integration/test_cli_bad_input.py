@@ -134,6 +134,14 @@ def test_bad_export_inspect_compress_bench_input(tmp_path):
     _refused(_run("export", "tiny:sd15", "--out", "/proc/slimdiff-b"), "cannot write in")
     _refused(_run("export", "tiny:sd15", "--out", tmp_path / "b", "--precision", "int3"), "int3")
     _refused(_run("inspect", "tiny:sd15", "--size", "0x0"), "each side must be 8 to 8192")
+    for model, name, fragment in (
+        ("tiny:sdxl", "text_encoder_2", "sdxl's pipeline needs every one of its text encoders"),
+        ("tiny:sd3", "text_encoder", "sd3's pipeline needs it; only text_encoder_3 can be"),
+        ("tiny:sd3", "t5", "sd3 has no such text encoder"),
+    ):
+        drop = ("--drop-text-encoder", name)
+        _refused(_run("export", model, "--out", tmp_path / "d", *drop), fragment)
+        assert not (tmp_path / "d").exists()
     _refused(_run("compress", "tiny-sdxl-fp32", "--out", a_file), "is not a folder")
     binary = tmp_path / "r.yaml"
     binary.write_bytes(b"\x00\x01\xffbinary")

@@ -503,3 +503,43 @@ def test_missing_onnxruntime_says_what_to_install(exported):
 def test_missing_bundle_is_a_bundle_error(tmp_path):
     with pytest.raises(BundleError, match="not found"):
         Text2ImagePipeline.from_bundle(Path(tmp_path) / "nope")
+
+
+def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
+    """`export --drop-text-encoder text_encoder_3`: no T5 graph or tokenizer in the bundle,
+    and zeros in its place, as diffusers' SD3 pipeline feeds them with text_encoder_3=None;
+    with a negative prompt, so both halves of the CFG batch get them."""
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+    from slimdiff.models import load_model
+
+    out = tmp_path / "b"
+    args = ["export", "tiny:sd3", "--out", str(out), "--drop-text-encoder", "text_encoder_3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    _, full = exported("sd3")
+    assert {p.name for p in full.iterdir()} - {p.name for p in out.iterdir()} == {
+        "text_encoder_3",
+        "tokenizer_3",
+    }
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"]["zero_text"] == [
+        {"name": "text_encoder_3", "segment": 1, "max_length": 256, "hidden_size": 64}
+    ]
+    runtime = Text2ImagePipeline.from_bundle(out)
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    pipe = load_model("tiny:sd3", without=("text_encoder_3",)).pipe
+    pipe.set_progress_bar_config(disable=True)
+    ref_image, ref_latents = _diffusers(pipe, latents, 5.0, "blurry")
+    _, no_model = _diffusers(pipe, latents, 5.0, "blurry", zero=True)
+    call = {"steps": STEPS, "guidance": 5.0, "size": (SIZE, SIZE), "latents": latents}
+    result = runtime(PROMPT, negative_prompt="blurry", **call)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "sd3 without T5")
+    assert _psnr(result.image, ref_image) >= 40.0
+    # T5 mattered: the bundle with it samples something else from the same noise
+    with_t5 = Text2ImagePipeline.from_bundle(full)(PROMPT, negative_prompt="blurry", **call)
+    assert np.linalg.norm(with_t5.latents - result.latents) > 1e-2 * np.linalg.norm(
+        ref_latents - no_model
+    )
