@@ -136,7 +136,7 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
     as diffusers' `from_config` builds it. The model is left as it was.
 
     Raises UserError, before any export work, for an unknown name or a scheduler the
-    runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; DEIS, LMS, TCD
+    runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; DEIS, LMS
     and DPM-Solver's singlestep forms are not), naming the --scheduler choices that work.
     """
     import diffusers  # the exporter has torch and diffusers; the runtime does not

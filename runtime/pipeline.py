@@ -154,6 +154,7 @@ class Text2ImagePipeline:
         latents: np.ndarray | None = None,
         output: str = "image",
         guidance_rescale: float = 0.0,
+        eta: float | None = None,
     ) -> GenerationResult:
         """Generate one image for `prompt`; `size` is (height, width) in pixels.
 
@@ -162,7 +163,9 @@ class Text2ImagePipeline:
         diffusers; for FLUX `guidance` is the embedded guidance value. `guidance_rescale`
         (0 to 1) pulls the guided prediction's std back toward the text prediction's, as
         diffusers' SD1.5/SDXL pipelines do (Lin et al. 2023, arXiv:2305.08891, Sec. 3.4;
-        0.7 there for zero-terminal-SNR models); it needs a model that uses CFG.
+        0.7 there for zero-terminal-SNR models); it needs a model that uses CFG. `eta` is
+        the gamma of a TCD scheduler (0 to 1, as diffusers' pipelines pass it: 0 when not
+        given; the TCD authors suggest 0.3); no other ported scheduler takes one.
         """
         start = time.perf_counter()
         if not isinstance(prompt, str):
@@ -175,6 +178,8 @@ class Text2ImagePipeline:
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         timings: dict[str, float | list[float]] = {}
+        # before any graph runs: a step count or eta the scheduler refuses is the caller's
+        scheduler = self._scheduler(steps, height, width, eta)
 
         t0 = time.perf_counter()
         fixed = cond.encode(prompt, negative_prompt, do_cfg, guidance, height, width)
@@ -184,7 +189,6 @@ class Text2ImagePipeline:
             value.flags.writeable = False
         timings["text_encoders"] = _ms(t0)
 
-        scheduler = self._scheduler(steps, height, width)
         x = cond.initial_latents(latents, seed, height, width, scheduler)
         # Stochastic schedulers' per-step noise: a stream of its own from the seed, so the
         # initial latents stay those of `seed` (and of --latents) whatever the scheduler.
@@ -217,10 +221,12 @@ class Text2ImagePipeline:
         timings["end_to_end"] = _ms(start)
         return GenerationResult(image=image, latents=x, timings_ms=timings)
 
-    def _scheduler(self, steps: int, height: int, width: int) -> Scheduler:
-        """A fresh scheduler with this call's schedule set; a step count the scheduler
-        cannot take (LCM: at most its original_inference_steps) is the caller's error."""
+    def _scheduler(self, steps: int, height: int, width: int, eta: float | None) -> Scheduler:
+        """A fresh scheduler with this call's schedule (and TCD's eta) set; a step count the
+        scheduler cannot take (LCM: at most its original_inference_steps) is the caller's
+        error."""
         scheduler = scheduler_from_config(self.scheduler_config)
+        _set_eta(scheduler, eta)
         try:
             self.conditioning.set_timesteps(scheduler, steps, height, width)
         except ValueError as err:
@@ -283,6 +289,24 @@ class Text2ImagePipeline:
                 trained_h,
             )
         return height, width
+
+
+def _set_eta(scheduler: Scheduler, eta: float | None) -> None:
+    """TCD's gamma; UserError for a value out of 0..1, or for a scheduler that takes none
+    (DDIM's eta > 0, its stochastic form, is not ported; the others have no eta)."""
+    if eta is None:
+        return
+    value = float(eta)
+    if not (np.isfinite(value) and 0 <= value <= 1):
+        raise UserError(f"eta {eta}: use a value from 0 to 1")
+    if hasattr(scheduler, "eta"):
+        scheduler.eta = value
+    elif value > 0:
+        name = type(scheduler).__name__
+        raise UserError(
+            f"eta {value:g}: {name} takes no eta here (it is TCD's gamma: sample with "
+            "--scheduler tcd, or leave eta out)"
+        )
 
 
 def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:

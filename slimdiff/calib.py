@@ -85,6 +85,12 @@ class Calibration:
         self._trajectories: Trajectories | None = None
         self._scheduler: Any = None
         check_guidance_rescale(type(pipe), spec.guidance_rescale, "calibration.guidance_rescale")
+        if spec.eta > 0 and type(self.scheduler).__name__ != "TCDScheduler":
+            # diffusers would pass it to any step taking an eta (DDIM's stochastic form)
+            raise UserError(
+                f"calibration.eta is TCD's gamma; {type(self.scheduler).__name__} takes none: "
+                "set calibration.scheduler: TCDScheduler, or leave calibration.eta at 0"
+            )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -145,10 +151,13 @@ class Calibration:
         generator = torch.Generator("cpu").manual_seed(self.spec.seed + i)
         return pack_latents(torch.randn(shape, generator=generator), kind.latent_packing)
 
-    def _rescale(self) -> dict[str, float]:
-        # passed (and keyed) only when set: pipelines without it take no such argument
-        rescale = self.spec.guidance_rescale
-        return {"guidance_rescale": rescale} if rescale > 0 else {}
+    def _call_options(self) -> dict[str, float]:
+        # passed (and keyed) only when set: pipelines without them take no such argument
+        rescale, eta = self.spec.guidance_rescale, self.spec.eta
+        return {
+            **({"guidance_rescale": rescale} if rescale > 0 else {}),
+            **({"eta": eta} if eta > 0 else {}),
+        }
 
     def step_noise(self, i: int) -> StepNoise:
         """Prompt `i`'s step noise, for stochastic schedulers (Euler a, LCM, SDE solvers):
@@ -191,7 +200,7 @@ class Calibration:
                 width=w,
                 latents=noise.to(denoiser.device, denoiser.dtype),
                 generator=torch.Generator("cpu").manual_seed(self._step_seed(i)),
-                **self._rescale(),
+                **self._call_options(),
                 output_type="latent",
                 callback_on_step_end=callback,
             )
@@ -212,7 +221,7 @@ class Calibration:
                     size=list(self.size),
                     dtype=self.spec.dtype,
                     step_noise=_STEP_NOISE_STREAM,  # stochastic steps draw seeded noise
-                    **self._rescale(),
+                    **self._call_options(),
                 )
         return self._key
 
@@ -274,7 +283,9 @@ class Calibration:
         steps = args.pop("num_inference_steps")
         if "sigmas" in args:  # the pipeline passes sigmas alone (FLUX)
             steps = None
-        return TorchSampler.from_config(config, steps, device=device or self.device, **args)
+        return TorchSampler.from_config(
+            config, steps, device=device or self.device, eta=self.spec.eta, **args
+        )
 
     def loop(self, denoiser: torch.nn.Module) -> DenoiseLoop:
         """The calibration's denoising loop around `denoiser` (a pass's own, e.g. masked)."""

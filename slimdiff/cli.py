@@ -456,6 +456,13 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     help="Rescale the guided prediction's std (diffusers' guidance_rescale; 0.7 for "
     "zero-terminal-SNR models). Needs a model that uses CFG.",
 )
+@click.option(
+    "--eta",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="TCD's gamma (diffusers' eta), 0 to 1: 0 is deterministic, the TCD authors "
+    "suggest 0.3. Only with the TCD scheduler. Default: 0, as diffusers' pipelines.",
+)
 @click.option("--seed", type=_SEED, default=0, show_default=True)
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option(
@@ -473,8 +480,8 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @_expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
-    bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, seed, size, latents,
-    backend, scheduler, expect_sha256, out,
+    bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, size,
+    latents, backend, scheduler, expect_sha256, out,
 ):  # fmt: skip
     """Generate an image from a bundle with the torch-free runtime."""
     from slimdiff.app.args import check_guidance, check_output_file, read_latents
@@ -497,6 +504,7 @@ def run_cmd(
         size=size,
         latents=init,
         guidance_rescale=guidance_rescale,
+        eta=eta,
     )
     save_png(result.image, out)
     t = result.timings_ms

@@ -91,6 +91,9 @@ class CalibrationSpec(_Strict):
     guidance: Guidance | None = None  # None: the family's default
     # Calibrate as the model will be sampled: 0.7 for zero-terminal-SNR models (Lin et al.)
     guidance_rescale: GuidanceRescale = 0.0
+    # TCD's gamma (diffusers' eta, which its SD1.5/SDXL pipelines pass the step; 0 there
+    # unless given): only with a TCD scheduler
+    eta: float = pydantic.Field(0.0, ge=0, le=1, allow_inf_nan=False)
     seed: Seed = 0
     size: Size | None = None  # (height, width); None: the family's default
     # The dtype the pipeline runs in while the teacher's trajectories are recorded (and
@@ -99,8 +102,8 @@ class CalibrationSpec(_Strict):
     # The diffusers scheduler class calibration samples with, built from the model's
     # scheduler config (from_config); None: the model's own. Passes that recompute steps
     # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, Euler a, Heun, DPM2,
-    # DDIM, DPM-Solver++ and its SDE form, PNDM, LCM, UniPC, EDM Euler/DPM-Solver++,
-    # flow-match Euler): for a model that ships DEIS, LMS or TCD, say.
+    # DDIM, DPM-Solver++ and its SDE form, PNDM, LCM, TCD, UniPC, EDM Euler/DPM-Solver++,
+    # flow-match Euler): for a model that ships DEIS or LMS, say.
     scheduler: str | None = pydantic.Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}Scheduler$")
 
 
@@ -114,12 +117,13 @@ SCHEDULERS = (
     *("euler", "euler-karras", "euler-a", "heun", "dpm2", "dpm2-karras", "ddim"),
     *("dpm++2m", "dpm++2m-karras"),
     *("dpm++2m-sde", "dpm++2m-sde-karras"),
-    *("pndm", "lcm", "unipc", "edm-euler", "edm-dpm++2m", "edm-dpm++2m-sde", "flow-euler"),
+    *("pndm", "lcm", "tcd", "unipc", "edm-euler", "edm-dpm++2m", "edm-dpm++2m-sde"),
+    *("flow-euler",),
     *("DDIMScheduler", "DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"),
     *("EDMEulerScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler"),
     *("FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler"),
     *("LCMScheduler",),
-    *("PNDMScheduler", "UniPCMultistepScheduler"),
+    *("PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler"),
 )
 
 

@@ -22,16 +22,16 @@ Euler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2 without churn), DDIM wi
 arXiv:2211.01095), PLMS (Liu et al. 2022, arXiv:2202.09778; the hub SD1.5 default, with
 skip_prk_steps as its config sets), flow-matching Euler (Lipman et al. 2023,
 arXiv:2210.02747; SD3's shift, arXiv:2403.03206), Heun (Karras et al., Algorithm 1), DPM2,
-Euler ancestral (SDXL-Turbo's), LCM (Luo et al. 2023, arXiv:2310.04378), DPM-Solver++ 2M
-SDE, UniPC and the EDM pair (Playground v2.5's). Euler a and LCM are in
-slimdiff/sampler_stochastic.py, Heun and DPM2 in sampler_two_call.py, UniPC in
-sampler_unipc.py, the EDM pair in sampler_edm.py. These are core modules: they import no
-slimdiff layer above the core.
+Euler ancestral (SDXL-Turbo's), LCM (Luo et al. 2023, arXiv:2310.04378), TCD (Zheng et al.
+2024, arXiv:2402.19159), DPM-Solver++ 2M SDE, UniPC and the EDM pair (Playground v2.5's).
+Euler a, LCM and TCD are in slimdiff/sampler_stochastic.py, Heun and DPM2 in
+sampler_two_call.py, UniPC in sampler_unipc.py, the EDM pair in sampler_edm.py. These are
+core modules: they import no slimdiff layer above the core.
 
-Stochastic samplers (`stochastic`: Euler ancestral, LCM, the SDE solvers) add noise at
-each step. It comes from the state's `StepNoise`, which draws what diffusers' step draws
-from a seeded CPU generator, in the same order and dtype; a pipeline run with that
-generator and the sampler give the same trajectory, and a recomputed step adds the same
+Stochastic samplers (`stochastic`: Euler ancestral, LCM, TCD with eta > 0, the SDE solvers)
+add noise at each step. It comes from the state's `StepNoise`, which draws what diffusers'
+step draws from a seeded CPU generator, in the same order and dtype; a pipeline run with
+that generator and the sampler give the same trajectory, and a recomputed step adds the same
 noise as the first time.
 
 Example (EcoDiff's time-step checkpointing: a no-grad forward pass keeping only latents
@@ -175,11 +175,13 @@ class TorchSampler:
         sigmas: Any = None,
         mu: float | None = None,
         device: str | torch.device | None = None,
+        eta: float = 0.0,
     ) -> TorchSampler:
         """Build from a diffusers scheduler config (`pipe.scheduler.config`) by `_class_name`.
 
         `sigmas`/`mu` go to diffusers' `set_timesteps` as given (FLUX: `sigmas=np.linspace(1,
         1/n, n), mu=calculate_shift(...)`; Euler: custom sigmas including the final one).
+        `eta`: what the pipeline passes the step (TCD's gamma; no other sampler takes one).
 
         Example:
             sampler = TorchSampler.from_config(pipe.scheduler.config, 30)
@@ -220,10 +222,15 @@ class TorchSampler:
             scheduler.set_timesteps(**args)
         except ValueError as e:
             raise UserError(f"{name}.set_timesteps: {e}") from e
+        if sampler_cls.takes_eta:
+            return sampler_cls(scheduler, device, eta=eta)
+        if eta:
+            raise UserError(f"{name} takes no eta here (eta is TCD's gamma)")
         return sampler_cls(scheduler, device)
 
     # whether `step` adds noise (drawn from the state's StepNoise); set per class or config
     stochastic: bool = False
+    takes_eta: ClassVar[bool] = False  # TCD: its step's eta (gamma), a constructor argument
 
     def initial_state(self, step_noise: StepNoise | None = None) -> SamplerState:
         """The state before the first step (no history). A stochastic sampler needs

@@ -37,14 +37,32 @@ ECODIFF_CASES = [
     ("sd15", "KDPM2DiscreteScheduler", {}),
     ("sdxl", "EDMDPMSolverMultistepScheduler", PLAYGROUND),
     ("sdxl", "EDMEulerScheduler", {}),
+    ("sdxl", "TCDScheduler", {}),  # calibration.eta 0.3: TCD_ETA
 ]
+TCD_ETA = 0.3  # TCD's gamma for its row above: the authors' suggestion
+
+
+def _all_cases(limit: int | None):
+    """(class, config, steps, set_timesteps kwargs, eta) of test_sampler's cases, the TCD
+    ones (whose step takes an eta) after the others."""
+    for cls, config, steps, kwargs in list(cases.CASES.values())[:limit]:
+        yield cls, config, steps, kwargs, None
+    for config, steps, eta in list(cases.TCD_CASES.values())[:limit]:
+        yield "TCDScheduler", config, steps, {}, eta
 
 
 def step_errors(limit: int | None = None) -> dict[str, tuple[int, float]]:
-    """class -> (cases, worst relative per-step error) over test_sampler.CASES."""
+    """class -> (cases, worst relative per-step error) over test_sampler's cases."""
+    import functools
+
+    from slimdiff.sampler import TorchSampler
+
     worst: dict[str, tuple[int, float]] = {}
-    for cls, config, steps, kwargs in list(cases.CASES.values())[:limit]:
+    for cls, config, steps, kwargs, eta in _all_cases(limit):
         ref, ours = cases._build(cls, config, steps, kwargs)
+        if eta is not None:  # as a pipeline passes it to both
+            ref.step = functools.partial(ref.step, eta=eta)
+            ours = TorchSampler.from_config({**config, "_class_name": cls}, steps, eta=eta)
         latent, noise = cases._inputs(1)
         x_ref = latent * ours.init_noise_sigma
         saved, final = cases._trajectory(ours, x_ref, noise)
@@ -79,7 +97,9 @@ def ecodiff_rows(limit: int | None = None) -> list[tuple[str, str, float, float]
             model.pipe.scheduler = cls(**config)
         else:
             model.pipe.scheduler = cls.from_config({**model.pipe.scheduler.config, **config})
-        calib = Calibration(model.pipe, model.arch, SPEC.model_copy(update={"steps": 4}))
+        eta = TCD_ETA if name == "TCDScheduler" else 0.0
+        spec = SPEC.model_copy(update={"steps": 4, "eta": eta})
+        calib = Calibration(model.pipe, model.arch, spec)
         data = calib.record()
         model.denoiser.eval().requires_grad_(False)
         with torch.no_grad():
@@ -90,6 +110,7 @@ def ecodiff_rows(limit: int | None = None) -> list[tuple[str, str, float, float]
         _, full = _gradients(model, calib, masks, checkpointing=False)
         _, ckpt = _gradients(model, calib, masks, checkpointing=True)
         label = f"{name} {config.get('algorithm_type', '')}".strip() if config else name
+        label += f" eta {eta:g}" if eta else ""
         rows.append((f"tiny:{family}", label, replay, _rel(ckpt, full)))
     return rows
 

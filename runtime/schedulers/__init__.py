@@ -26,6 +26,9 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   for Diffusion Models on Manifolds" (2022, arXiv:2202.09778), the SD1.x/SD2 hub default.
 - `LCMScheduler`: multistep consistency sampling of Luo et al., "Latent Consistency Models"
   (2023, arXiv:2310.04378), for LCM-distilled models and LCM-LoRA (2-8 steps).
+- `TCDScheduler`: the strategic stochastic sampling of Zheng et al., "Trajectory
+  Consistency Distillation" (2024, arXiv:2402.19159), for TCD models and TCD-LoRA; its
+  gamma is the run's `eta`.
 - `UniPCMultistepScheduler`: the predictor-corrector of Zhao et al., "UniPC" (2023,
   arXiv:2302.04867).
 - `EDMEulerScheduler`, `EDMDPMSolverMultistepScheduler`: Euler and DPM-Solver++ (2M, its
@@ -44,11 +47,11 @@ v-prediction follows Salimans & Ho, "Progressive Distillation" (2022, arXiv:2202
 Unlike diffusers, `scale_model_input` and `step` take the step index explicitly, so no
 hidden counter can drift; the multistep ones (DPM-Solver++, PNDM, UniPC) still keep their
 model-output history and require steps in order. The stochastic ones (`stochastic` true:
-Euler a, LCM, DPM-Solver++ in its SDE forms) take each step's standard-normal noise as
-`step(..., noise=)`, which the runtime draws from the seed; diffusers draws it from
-torch's generator, so their images differ from diffusers' for the same seed (the
-deterministic ones match it). Only numpy and the standard library are imported (the
-runtime is torch-free).
+Euler a, LCM, TCD with eta > 0, DPM-Solver++ in its SDE forms) take each step's standard-
+normal noise as `step(..., noise=)`, which the runtime draws from the seed; diffusers draws
+it from torch's generator, so their images differ from diffusers' for the same seed (the
+deterministic ones match it). Only numpy and the standard library are imported (the runtime
+is torch-free).
 
 `switch_scheduler` builds another scheduler's config from a bundle's, as diffusers'
 `OtherScheduler.from_config(pipe.scheduler.config)` does (`slimdiff run --scheduler`).
@@ -83,6 +86,7 @@ from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
@@ -99,6 +103,7 @@ __all__ = [
     "LCMScheduler",
     "PNDMScheduler",
     "Scheduler",
+    "TCDScheduler",
     "UniPCMultistepScheduler",
     "scheduler_from_config",
     "scheduler_names",
@@ -139,6 +144,7 @@ _SCHEDULERS: dict[str, type] = {
         DPMSolverMultistepScheduler,
         PNDMScheduler,
         LCMScheduler,
+        TCDScheduler,
         UniPCMultistepScheduler,
         EDMEulerScheduler,
         EDMDPMSolverMultistepScheduler,
@@ -169,6 +175,7 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "edm-euler": ("EDMEulerScheduler", {}),
     "edm-dpm++2m": ("EDMDPMSolverMultistepScheduler", {}),

@@ -93,7 +93,9 @@ class LCMScheduler:
             )
         if n is None or not 0 < n <= original:
             # the schedule is a subset of the distillation's original_inference_steps grid
-            raise ValueError(f"num_inference_steps must be in 1..{original} for LCM, got {n}")
+            raise ValueError(
+                f"num_inference_steps must be in 1..{original} for {type(self).__name__}, got {n}"
+            )
         k = self.num_train_timesteps // original
         grid = (np.arange(1, original + 1) * k - 1)[::-1]
         picks = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)

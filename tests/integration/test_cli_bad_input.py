@@ -69,6 +69,9 @@ RUN_CASES = [
     (["--guidance", "1e308"], "use a finite value"),
     (["--guidance-rescale", "1.5"], "1.5 is not in the range 0.0<=x<=1.0"),
     (["--guidance-rescale", "nan"], "guidance rescale nan: use a value from 0 to 1"),
+    (["--eta", "1.5"], "1.5 is not in the range 0.0<=x<=1.0"),
+    (["--eta", "nan"], "eta nan: use a value from 0 to 1"),
+    (["--eta", "0.3"], "takes no eta here (it is TCD's gamma: sample with --scheduler tcd"),
     (["--backend", "bogus"], "unknown backend 'bogus'"),
     (["--expect-sha256", "0" * 64], "this is not the pinned bundle"),
 ]

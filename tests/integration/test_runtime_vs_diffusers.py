@@ -144,7 +144,7 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
 # stochastic ones (euler-a, lcm) get the runtime's step noise in diffusers too.
 SWITCHED = [
     *("pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras", "heun", "dpm2-karras"),
-    *("euler-a", "lcm", "dpm++2m-sde-karras"),
+    *("euler-a", "lcm", "dpm++2m-sde-karras", "tcd"),
 ]
 
 
@@ -211,6 +211,40 @@ def test_stochastic_scheduler_is_seeded(exported, name):
     np.testing.assert_array_equal(
         plain(PROMPT, seed=5, **run).latents, plain(PROMPT, latents=noise, **run).latents
     )
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_tcd_gamma_matches_diffusers(exported, eta, monkeypatch):
+    """TCD's strategic stochastic sampling: `eta` as diffusers' pipelines pass it to
+    TCDScheduler.step, the re-noising drawn from the runtime's step-noise stream."""
+    import diffusers
+    from diffusers.schedulers import scheduling_tcd
+
+    model, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="tcd")
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    original = model.pipe.scheduler
+    model.pipe.scheduler = diffusers.TCDScheduler.from_config(original.config)
+    try:
+        model.pipe.set_progress_bar_config(disable=True)
+        refs = []
+        for zero in (False, True):
+            monkeypatch.setattr(scheduling_tcd, "randn_tensor", _runtime_step_noise(4))
+            refs.append(_diffusers(model.pipe, latents, 5.0, None, zero=zero, eta=eta))
+    finally:
+        model.pipe.scheduler = original
+    (ref_image, ref_latents), (_, no_model) = refs
+    call = {"steps": STEPS, "guidance": 5.0, "size": (SIZE, SIZE), "latents": latents}
+    result = runtime(PROMPT, seed=4, eta=eta, **call)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, f"tcd eta {eta}")
+    assert _psnr(result.image, ref_image) >= 40.0
+    deterministic = runtime(PROMPT, seed=4, **call).latents  # eta 0, diffusers' default
+    assert np.abs(deterministic - result.latents).max() > 1e-2
+    with pytest.raises(UserError, match="use a value from 0 to 1"):
+        runtime(PROMPT, eta=1.5, **call)
+    with pytest.raises(UserError, match="EulerDiscreteScheduler takes no eta"):
+        Text2ImagePipeline.from_bundle(bundle, scheduler="euler")(PROMPT, eta=0.3, **call)
 
 
 def test_scheduler_choice_errors(exported):

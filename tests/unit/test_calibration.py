@@ -272,3 +272,37 @@ def test_guidance_rescale_is_refused_where_the_pipeline_has_none():
         Calibration(model.pipe, model.arch, spec)
     with pytest.raises(ValueError, match="less than or equal to 1"):
         CalibrationSpec(guidance_rescale=1.5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3])
+def test_tcd_eta_is_recorded_replayed_and_keyed(eta):
+    """calibration.eta (TCD's gamma): the pipeline records with it, the loop replays it
+    (with the same step noise when it is > 0), and it is part of the cache key."""
+    import diffusers
+
+    model = load_model("tiny:sdxl")
+    model.pipe.scheduler = diffusers.TCDScheduler.from_config(model.pipe.scheduler.config)
+    spec = SPEC.model_copy(update={"size": (64, 64), "eta": eta})
+    calib = Calibration(model.pipe, model.arch, spec)
+    data = calib.record()
+    loop = calib.loop(model.denoiser)
+    assert loop.sampler.stochastic == (eta > 0)
+    for prompt in range(2):
+        with torch.no_grad():
+            cond = calib.conditioning(prompt, model.denoiser)
+            final = loop.run(data.noise(prompt), cond, calib.step_noise(prompt))
+        assert torch.equal(final, data.final(prompt)), prompt
+    other = Calibration(model.pipe, model.arch, spec.model_copy(update={"eta": 1.0 - eta}))
+    assert other.key != calib.key
+
+
+def test_calibration_eta_needs_a_tcd_scheduler():
+    from slimdiff.errors import UserError
+
+    model = load_model("tiny:sd15")
+    with pytest.raises(
+        UserError, match=r"calibration\.eta is TCD's gamma; EulerDiscreteScheduler takes none"
+    ):
+        Calibration(model.pipe, model.arch, SPEC.model_copy(update={"eta": 0.3}))
+    spec = SPEC.model_copy(update={"eta": 0.3, "scheduler": "TCDScheduler"})
+    assert Calibration(model.pipe, model.arch, spec).sampler().eta == 0.3

@@ -40,6 +40,7 @@ from tests.unit.test_schedulers import (  # noqa: E402
     SD15,
     SD_BETAS,
     SDXL_EULER,
+    TCD_CASES,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -167,6 +168,27 @@ def test_trajectory_matches_diffusers(cls_name, config, steps, kwargs):
     _compare(*_build(cls_name, config, steps, kwargs), seed=1, running=running)
 
 
+@pytest.mark.parametrize("case", TCD_CASES)
+def test_tcd_trajectory_matches_diffusers(case):
+    """TCD with the eta a pipeline passes its step (diffusers' step default, 0.3, is not
+    what its pipelines run: they pass theirs, 0 unless given)."""
+    import functools
+
+    config, steps, eta = TCD_CASES[case]
+    ref, ours = _build("TCDScheduler", config, steps, {})
+    ref.step = functools.partial(ref.step, eta=eta)
+    ours = TorchSampler.from_config({**config, "_class_name": "TCDScheduler"}, steps, eta=eta)
+    assert ours.stochastic == (eta > 0)
+    _compare(ref, ours, seed=sum(map(ord, case)))
+
+
+def test_only_tcd_takes_an_eta():
+    with pytest.raises(UserError, match="LCMScheduler takes no eta"):
+        TorchSampler.from_config({**SD_BETAS, "_class_name": LCM}, 4, eta=0.3)
+    with pytest.raises(ValueError, match=r"must be in 0\.\.1"):
+        TorchSampler.from_config({**SD_BETAS, "_class_name": "TCDScheduler"}, 4, eta=1.5)
+
+
 ONE_PER_CLASS = {
     "euler-vpred": (EULER, {**SD_BETAS, "prediction_type": "v_prediction"}, 10),
     "ddim-clip": (DDIM, {**SD_BETAS, "clip_sample": True, "clip_sample_range": 1.5}, 10),
@@ -176,6 +198,7 @@ ONE_PER_CLASS = {
     "pndm-plms": (PNDM, SD15, 10),
     "euler-a": (EULER_A, SD15, 10),
     "lcm": (LCM, SD_BETAS, 6),
+    "tcd": ("TCDScheduler", {**SD_BETAS, "prediction_type": "v_prediction"}, 6),
     "dpm-sde": (DPM, {**SD_BETAS, "algorithm_type": "sde-dpmsolver++"}, 10),
     "edm-dpm": (EDM_DPM, edm.PLAYGROUND, 10),
     "edm-dpm-sde-heun": (EDM_DPM, {**edm.SDE, "solver_type": "heun"}, 10),

@@ -340,6 +340,34 @@ def test_trajectory(cls_name, case):
         assert len(ours.timesteps) == 2 * steps - 1
 
 
+TCD_CASES = {  # (config, steps, eta): TCD's gamma is the pipeline's `eta` (default 0)
+    "sdxl-4-gamma0.3": ({**SDXL_EULER, "original_inference_steps": 50}, 4, 0.3),
+    "sdxl-8-deterministic": ({**SDXL_EULER, "original_inference_steps": 50}, 8, 0.0),
+    "gamma1-lcm-like": ({**SD_BETAS, "set_alpha_to_one": False}, 6, 1.0),
+    "vpred-gamma0.5-original-100": (
+        {**SD_BETAS, "prediction_type": "v_prediction", "original_inference_steps": 100},
+        5,
+        0.5,
+    ),
+    "sample-pred": ({**SD_BETAS, "prediction_type": "sample"}, 3, 0.2),
+    "one-step": ({**SDXL_EULER, "thresholding": True}, 1, 0.3),  # TCD never thresholds
+}
+
+
+@pytest.mark.parametrize("case", TCD_CASES)
+def test_tcd_trajectory(case):
+    """diffusers' TCDScheduler.step defaults to eta 0.3 but its pipelines pass their own
+    eta (0.0 unless given): both sides get the case's."""
+    import functools
+
+    config, steps, eta = TCD_CASES[case]
+    ref, ours = _pair("TCDScheduler", config)
+    ref.step = functools.partial(ref.step, eta=eta)
+    ours.eta = eta
+    assert ours.stochastic == (eta > 0)
+    _run(ref, ours, steps, seed=sum(map(ord, case)))
+
+
 def test_stochastic_steps_need_noise():
     x = np.zeros(SHAPE, np.float32)
     for sched in (schedulers.EulerAncestralDiscreteScheduler(), schedulers.LCMScheduler()):
