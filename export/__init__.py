@@ -56,7 +56,7 @@ from slimdiff.export.onnx import (
     load_graph,
     save_model,
 )
-from slimdiff.export.optimize import convert_fp16, fuse
+from slimdiff.export.optimize import convert_fp16, fuse, fusion_memory
 from slimdiff.export.parity import ExportError, check_parity, raise_if_failed, torch_reference
 from slimdiff.export.profiles import shape_profile, size_range
 from slimdiff.export.streamed import export_streamed, fits_in_memory
@@ -78,7 +78,7 @@ from slimdiff.lowbit import (
     merged_scales,
     qdq_form,
 )
-from slimdiff.memory import rss_mib
+from slimdiff.memory import available_bytes, rss_mib
 from slimdiff.models.lazy import is_lazy, materialize, param_bytes
 from slimdiff.models.loading import LoadedModel
 
@@ -350,7 +350,10 @@ def export_onnx_component(
     if release:
         free_weights(component.model)
     fusions: dict[str, int] = {}
-    fused = fuse(str(raw), plan, for_gpu=gpu_fusions, fp16=precision == "fp16") if fusing else None
+    skipped = _fusions_skipped(raw, plan) if fusing else None
+    run_fusions = fusing and skipped is None
+    fp16 = precision == "fp16"
+    fused = fuse(str(raw), plan, for_gpu=gpu_fusions, fp16=fp16) if run_fusions else None
     if fused is not None:
         graph, fusions = fused[0].model, fused[1]
         # The optimizer's wrapper holds the graph too; with it gone, `del graph` below
@@ -385,6 +388,7 @@ def export_onnx_component(
         "ort_fusions": fusions,
         "attention": plan.attention if fusing else "native",
         "external_data": external,
+        **({"fusions_skipped": skipped} if skipped else {}),
     }
     if quantized:
         # What ORT's CPU EP runs, from the session's optimized graph: the proof that the
@@ -404,6 +408,22 @@ def export_onnx_component(
         parity=parity,
         extra=extra,
     )
+
+
+def _fusions_skipped(raw: Path, plan) -> str | None:
+    """Why ORT's fusions are skipped for the traced graph at `raw`: the optimizer would not
+    fit in the memory available (export/optimize.py, FUSE_MEMORY); None when they run.
+    The graph is exported as traced: it computes the same, only with a higher peak at run
+    time (unfused attention)."""
+    need, available = fusion_memory(raw, plan), available_bytes()
+    if available is None or need <= available:
+        return None
+    reason = (
+        f"ORT's optimizer would need about {need / 2**30:.1f} GiB, {available / 2**30:.1f} "
+        "GiB available; export on a machine with more memory for the fused graph"
+    )
+    log.warning("%s: fusions skipped: %s", raw.parent.name, reason)
+    return reason
 
 
 def _classic_attention(model) -> dict:

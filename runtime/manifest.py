@@ -190,6 +190,8 @@ class OnnxExtra(TypedDict, total=False):
     # at a time (export/streamed.py); parity_skipped says why no parity check ran.
     weights: Literal["memory", "streamed"]
     parity_skipped: Annotated[str, Field(max_length=500)]
+    # why ORT's fusions did not run (the optimizer would not fit in memory)
+    fusions_skipped: Annotated[str, Field(max_length=500)]
 
 
 Shape = Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1)]], Field(max_length=8)]

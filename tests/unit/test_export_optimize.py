@@ -44,3 +44,38 @@ def test_flux_without_guidance_embeds_has_no_guidance_input(tmp_path):
     ]  # fmt: skip
     assert "guidance" not in manifest.pipeline.kind.extra_inputs
     assert denoiser_rel_err(model, tmp_path / "schnell" / entry.path) <= 1e-4
+
+
+def test_fusions_are_skipped_when_the_optimizer_would_not_fit(tmp_path, monkeypatch):
+    """ORT's optimizer holds the graph several times over (FUSE_MEMORY): where that is more
+    than the memory available, the graph is exported unfused, with the reason recorded,
+    instead of the export being killed (SD3 Medium's fp32 transformer on 24 GiB)."""
+    from slimdiff.export.optimize import FUSE_MEMORY, fusion_memory
+
+    from slimdiff import export
+
+    model = load_model("tiny:sd3")
+    raw_bytes = {}
+
+    def available():  # room for everything but a fused transformer
+        return 1 << 20
+
+    real = fusion_memory
+
+    def spy(path, plan):
+        raw_bytes[path.parent.name] = sum(f.stat().st_size for f in path.parent.iterdir())
+        return real(path, plan)
+
+    monkeypatch.setattr(export, "available_bytes", available)
+    monkeypatch.setattr(export, "fusion_memory", spy)
+    manifest = export_bundle(model, tmp_path / "b")
+    entry = manifest.components["transformer"]
+    assert entry.extra["ort_fusions"] == {}
+    need = raw_bytes["transformer"] * FUSE_MEMORY[True]  # the mmdit plan infers shapes
+    assert f"about {need / 2**30:.1f} GiB, 0.0 GiB available" in entry.extra["fusions_skipped"]
+    assert entry.parity["rel_err"] <= entry.parity["tolerance"]
+    assert denoiser_rel_err(model, tmp_path / "b" / entry.path) <= 1e-4
+    # with the memory there, the same model fuses and records no reason
+    monkeypatch.setattr(export, "available_bytes", lambda: None)
+    fused = export_bundle(model, tmp_path / "f").components["transformer"]
+    assert fused.extra["ort_fusions"] and "fusions_skipped" not in fused.extra
