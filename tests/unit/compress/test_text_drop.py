@@ -236,3 +236,17 @@ def test_drop_is_idempotent_and_counts_parameters():
 class TestTextDropSD3(PassContract):
     pass_name = "text.drop"
     family = "sd3"
+
+
+def test_a_hub_id_is_loaded_without_the_dropped_encoder_and_checked_after():
+    """The family of a hub id is known only once loaded: from_pretrained gets None for the
+    encoder and its tokenizer (diffusers' naming), and the drop is checked then."""
+    from slimdiff.models.loading import _skipped
+
+    assert _skipped("org/sd3-medium", ("text_encoder_3",)) == {
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+    }
+    assert _skipped("tiny:sd3", ()) == {}
+    with pytest.raises(UserError, match="sdxl's pipeline needs every one"):
+        _skipped("tiny:sdxl", ("text_encoder_2",))  # a built-in: checked before the load
