@@ -106,6 +106,13 @@ class LCMScheduler:
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)
 
+    def _start_step(self, step_index: int) -> tuple[int, bool]:
+        """(step index, whether it is the last one), once the schedule and index check."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        check_step(type(self).__name__, step_index, len(self._t))
+        return step_index, step_index == len(self._t) - 1
+
     def step(
         self,
         model_output: np.ndarray,
@@ -113,14 +120,9 @@ class LCMScheduler:
         sample: np.ndarray,
         noise: np.ndarray | None = None,
     ) -> np.ndarray:
-        name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
-        i, n = step_index, len(self._t)
-        check_step(name, i, n)
-        last = i == n - 1
+        i, last = self._start_step(step_index)
         if not last:
-            check_noise(name, noise, sample)
+            check_noise(type(self).__name__, noise, sample)
         sample, model_output = as_f32(sample), as_f32(model_output)
         t = int(self._t[i])
         a_t = self.alphas_cumprod[t]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import F32, ONE, as_f32, check_noise, check_step
+from ._common import F32, ONE, as_f32, check_noise
 from .lcm import LCMScheduler
 
 
@@ -43,16 +43,11 @@ class TCDScheduler(LCMScheduler):
         sample: np.ndarray,
         noise: np.ndarray | None = None,
     ) -> np.ndarray:
-        name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
         if not 0 <= self.eta <= 1:
             raise ValueError(f"eta (TCD's gamma) must be in 0..1, not {self.eta}")
-        i, n = step_index, len(self._t)
-        check_step(name, i, n)
-        last = i == n - 1
+        i, last = self._start_step(step_index)
         if self.stochastic and not last:
-            check_noise(name, noise, sample)
+            check_noise(type(self).__name__, noise, sample)
         sample, model_output = as_f32(sample), as_f32(model_output)
         t = int(self._t[i])
         prev_t = 0 if last else int(self._t[i + 1])
