@@ -56,7 +56,7 @@ from slimdiff.export.onnx import (
     load_graph,
     save_model,
 )
-from slimdiff.export.optimize import convert_fp16, fuse, fusion_memory
+from slimdiff.export.optimize import FUSE_MEMORY, convert_fp16, fuse, fusion_memory
 from slimdiff.export.parity import ExportError, check_parity, raise_if_failed, torch_reference
 from slimdiff.export.profiles import shape_profile, size_range
 from slimdiff.export.streamed import export_streamed, fits_in_memory
@@ -192,7 +192,7 @@ def export_bundle(
             profile = shape_profile(component, model, sizes)
             aoti = target == "aoti" and _aoti().wants_aoti(component)
             lazy = is_lazy(component.model)
-            streamed = not aoti and _streams(component, weights)
+            streamed = not aoti and _streams(component, weights, precisions[component.name])
             if lazy and not streamed:
                 log.info("%s: loading its weights", component.name)
                 materialize(component.model)
@@ -247,14 +247,21 @@ def export_bundle(
     return manifest
 
 
-def _streams(component: Component, weights: str) -> bool:
+def _streams(component: Component, weights: str, precision: str) -> bool:
     """Whether `component` takes the streamed route (see export_bundle's `weights`)."""
     if has_quantized_layers(component.model):
         return False  # Q/DQ export reads the quantizers' state from the module
     if weights != "auto":
         return weights == "stream"
     # The usual route holds the weights, then the graph and a parity session, about as big.
-    return is_lazy(component.model) and not fits_in_memory(component.model, 2.0)
+    # An fp16 graph past protobuf's 2 GiB is converted through ORT's OnnxModel with
+    # symbolic shape inference (optimize.convert_fp16), which copies the graph over: sized
+    # as the optimizer with it. SD3 Medium's 8.1 GB transformer was killed there on 24 GiB;
+    # the streamed route converts one tensor at a time.
+    factor = 2.0
+    if precision == "fp16" and param_bytes(component.model) >= PROTOBUF_LIMIT:
+        factor = FUSE_MEMORY[True]
+    return is_lazy(component.model) and not fits_in_memory(component.model, factor)
 
 
 def _aoti():

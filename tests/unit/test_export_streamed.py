@@ -259,3 +259,22 @@ def test_a_damaged_folder_is_one_clear_error_on_either_route(
     if weights == "stream":  # the lazy route names the component it could not build
         name = "" if where == "pipe" else f"/{where}"
         assert f"{folder}{name}: could not build" in message
+
+
+@pytest.mark.parametrize(
+    ("gib", "precision", "streams"),
+    [(3, "fp32", False), (3, "fp16", True), (1, "fp16", False), (5, "fp32", True)],
+)
+def test_auto_streams_an_fp16_graph_past_2_gib_sooner(monkeypatch, gib, precision, streams):
+    """With 8 GiB free: the usual route needs about 2x the weights, and an fp16 graph past
+    protobuf's 2 GiB 3.5x (its conversion runs ORT's symbolic shape inference)."""
+    import slimdiff.export as export
+    import slimdiff.export.streamed as streamed
+    from slimdiff.export.components import plan_components
+
+    component = plan_components(load_model("tiny:sd15", weights="lazy"))[0]
+    for module in (export, streamed):
+        monkeypatch.setattr(module, "param_bytes", lambda _m: gib << 30)
+    monkeypatch.setattr(streamed, "available_bytes", lambda: 8 << 30)
+    assert export._streams(component, "auto", precision) == streams
+    assert export._streams(component, "memory", precision) is False
