@@ -45,10 +45,11 @@ TCD_ETA = 0.3  # TCD's gamma for its row above: the authors' suggestion
 def _all_cases(limit: int | None):
     """(class, config, steps, set_timesteps kwargs, eta) of test_sampler's cases, the TCD
     ones (whose step takes an eta) after the others."""
-    for cls, config, steps, kwargs in list(cases.CASES.values())[:limit]:
-        yield cls, config, steps, kwargs, None
-    for config, steps, eta in list(cases.TCD_CASES.values())[:limit]:
-        yield "TCDScheduler", config, steps, {}, eta
+    import itertools
+
+    plain = ((cls, c, n, kw, None) for cls, c, n, kw in cases.CASES.values())
+    tcd = (("TCDScheduler", c, n, {}, eta) for c, n, eta in cases.TCD_CASES.values())
+    return itertools.islice(itertools.chain(plain, tcd), limit)
 
 
 def step_errors(limit: int | None = None) -> dict[str, tuple[int, float]]:
