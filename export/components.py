@@ -8,9 +8,6 @@ records, so nothing downstream branches on the family.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
-import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from slimdiff.export.dummy_inputs import (
 from slimdiff.export.wrappers import DenoiserWrapper, TextEncoderWrapper, VaeDecoderWrapper
 from torch import nn
 
+from slimdiff.memory import release_memory
 from slimdiff.models.arch import VAE_ONNX, ArchSpec, OnnxPlan, TensorSpec
 from slimdiff.models.inputs import denoiser_inputs
 from slimdiff.models.loading import LoadedModel
@@ -198,21 +196,6 @@ def free_weights(model: nn.Module) -> None:
     and give the freed memory back to the OS. The model cannot compute afterwards."""
     model.to_empty(device="meta")
     release_memory()
-
-
-def release_memory() -> None:
-    """Collect reference cycles now and give free heap pages back to the OS.
-
-    onnxruntime.transformers' optimizer leaves its model in reference cycles, so a deleted
-    graph's weights (protobuf arenas) stay allocated until the cyclic collector runs:
-    measured on fp32 SDXL, 21.6 GiB resident during the UNet's parity session, the graph
-    and the session's copy of it side by side.
-    """
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        # glibc keeps freed small blocks in its heap; malloc_trim returns every free page.
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -38,6 +38,7 @@ from slimdiff.runtime.manifest import (
     PipelineSpec,
 )
 from slimdiff.runtime.schedulers import Scheduler, scheduler_from_config, switch_scheduler
+from slimdiff.runtime.sessions import OnDemandSession, ensure_loaded, release
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
@@ -59,7 +60,8 @@ class GenerationResult:
     `latents` are the final latents before VAE decoding, float32, in the denoiser's layout
     (what diffusers returns with output_type="latent"; packed (B, L, 4C) for FLUX).
     `timings_ms` holds "text_encoders", "denoiser_steps" (one entry per step),
-    "vae_decode" (absent with output="latent") and "end_to_end".
+    "vae_decode" (absent with output="latent") and "end_to_end"; with low_memory also
+    "load", the components' loads (in end_to_end, not in the others).
     """
 
     image: np.ndarray | None  # (H, W, 3) uint8; None with output="latent"
@@ -94,6 +96,7 @@ class Text2ImagePipeline:
         self.denoiser = denoiser
         self.vae_decoder = vae_decoder
         self.scheduler_config = scheduler_config
+        self.low_memory = isinstance(denoiser, OnDemandSession)
 
     @classmethod
     def from_bundle(
@@ -102,6 +105,7 @@ class Text2ImagePipeline:
         backend: str = "ort-cpu",
         expect_sha256: str | None = None,
         scheduler: str | None = None,
+        low_memory: bool = False,
     ) -> Text2ImagePipeline:
         """Verify `bundle` (schema, paths, SHA-256 of every file) and load it on `backend`.
 
@@ -109,15 +113,21 @@ class Text2ImagePipeline:
         `slimdiff export` prints): any other bundle is refused before its files are hashed.
         `scheduler` samples with another scheduler than the bundle's (a short name such as
         "euler-a" or "dpm++2m-karras", or a class name: runtime.schedulers.switch_scheduler),
-        built from the bundle's config as diffusers' from_config builds it.
+        built from the bundle's config as diffusers' from_config builds it. `low_memory`:
+        load each component only while it runs, so the peak is the largest one's, not their
+        sum; every call loads them again (runtime/sessions.py).
         """
         runner = get_backend(backend)  # fail on a bad backend name before hashing gigabytes
         bundle_files = open_bundle(bundle, expect_sha256=expect_sha256)
-        return cls._load_verified(bundle_files, runner, scheduler)
+        return cls._load_verified(bundle_files, runner, scheduler, low_memory)
 
     @classmethod
     def _load_verified(
-        cls, bundle: Bundle, runner: Backend, scheduler: str | None = None
+        cls,
+        bundle: Bundle,
+        runner: Backend,
+        scheduler: str | None = None,
+        low_memory: bool = False,
     ) -> Text2ImagePipeline:
         manifest = bundle.manifest
         config = manifest.pipeline
@@ -127,13 +137,19 @@ class Text2ImagePipeline:
             scheduler_config = _switched(config, scheduler_config, scheduler)
         # Everything parsed in-process first, so a bad file fails before any graph loads.
         tokenizers = [bundle_tokenizer(bundle, record) for record in config.text_encoders]
+
+        def load(name: str) -> Session:
+            if low_memory:  # loaded at first use, released after its phase of each call
+                return OnDemandSession(lambda: _load(runner, bundle, name))
+            return _load(runner, bundle, name)
+
         encoders = [
-            TextEncoder.from_bundle(bundle, record, tok, _load(runner, bundle, record.name))
+            TextEncoder.from_bundle(bundle, record, tok, load(record.name))
             for record, tok in zip(config.text_encoders, tokenizers, strict=True)
         ]
         conditioning = Conditioning(_conditioning_record(config), encoders, scheduler_config)
-        denoiser = _load(runner, bundle, config.denoiser)
-        vae_decoder = _load(runner, bundle, VAE_DECODER)
+        denoiser = load(config.denoiser)
+        vae_decoder = load(VAE_DECODER)
         log.info(
             "loaded %s bundle %s (sha256 %s) on %s",
             manifest.family,
@@ -181,6 +197,8 @@ class Text2ImagePipeline:
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
 
+        encoders = [enc.session for enc in cond.encoders]
+        loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
         t0 = time.perf_counter()
         fixed = cond.encode(prompt, negative_prompt, do_cfg, guidance, height, width)
         for value in fixed.values():
@@ -188,6 +206,8 @@ class Text2ImagePipeline:
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
             value.flags.writeable = False
         timings["text_encoders"] = _ms(t0)
+        release(*encoders)  # low_memory: freed before the denoiser loads
+        loading += ensure_loaded(self.denoiser)
 
         x = cond.initial_latents(latents, seed, height, width, scheduler)
         # Stochastic schedulers' per-step noise: a stream of its own from the seed, so the
@@ -212,12 +232,17 @@ class Text2ImagePipeline:
                 x = scheduler.step(pred, i, x)
             step_ms.append(_ms(t0))
         timings["denoiser_steps"] = step_ms
+        release(self.denoiser)
 
         image = None
         if output == "image":
+            loading += ensure_loaded(self.vae_decoder)
             t0 = time.perf_counter()
             image = self._decode(x, height, width)
             timings["vae_decode"] = _ms(t0)
+            release(self.vae_decoder)
+        if self.low_memory:
+            timings["load"] = loading
         timings["end_to_end"] = _ms(start)
         return GenerationResult(image=image, latents=x, timings_ms=timings)
 

@@ -477,11 +477,17 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     help="ort-cpu | ort-cuda | trt | trt-rtx | aoti (the last three: see the README)",
 )
 @_scheduler_option("Sample with this scheduler instead of the bundle's.")
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Load each component only while it runs (text encoders, then the denoiser, then "
+    "the VAE decoder): the peak is the largest one's, not their sum; loads cost time.",
+)
 @_expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, size,
-    latents, backend, scheduler, expect_sha256, out,
+    latents, backend, scheduler, low_memory, expect_sha256, out,
 ):  # fmt: skip
     """Generate an image from a bundle with the torch-free runtime."""
     from slimdiff.app.args import check_guidance, check_output_file, read_latents
@@ -493,7 +499,11 @@ def run_cmd(
     check_output_file(out)
     init = read_latents(latents) if latents is not None else None
     pipe = Text2ImagePipeline.from_bundle(
-        bundle, backend=backend, expect_sha256=expect_sha256, scheduler=scheduler
+        bundle,
+        backend=backend,
+        expect_sha256=expect_sha256,
+        scheduler=scheduler,
+        low_memory=low_memory,
     )
     result = pipe(
         prompt,
@@ -508,9 +518,10 @@ def run_cmd(
     )
     save_png(result.image, out)
     t = result.timings_ms
+    loads = f", loads {t['load']:.0f}" if "load" in t else ""
     click.echo(
         f"{out}  ({t['end_to_end']:.0f} ms: text {t['text_encoders']:.0f}, "
-        f"{len(t['denoiser_steps'])} steps, vae {t['vae_decode']:.0f})"
+        f"{len(t['denoiser_steps'])} steps, vae {t['vae_decode']:.0f}{loads})"
     )
 
 

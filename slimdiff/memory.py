@@ -8,11 +8,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import resource
 import sys
 from pathlib import Path
 
-__all__ = ["available_bytes", "peak_rss_mib", "rss_mib"]
+__all__ = ["available_bytes", "peak_rss_mib", "release_memory", "rss_mib"]
 
 
 def _status_mib(field: str) -> float | None:
@@ -61,3 +64,19 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return min(found) if found else None
+
+
+def release_memory() -> None:
+    """Collect reference cycles now and give free heap pages back to the OS.
+
+    onnxruntime.transformers' optimizer leaves its model in reference cycles, so a deleted
+    graph's weights (protobuf arenas) stay allocated until the cyclic collector runs:
+    measured on fp32 SDXL, 21.6 GiB resident during the UNet's parity session, the graph
+    and the session's copy of it side by side. The runtime's low-memory mode releases its
+    sessions the same way (runtime/sessions.py).
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        # glibc keeps freed small blocks in its heap; malloc_trim returns every free page.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

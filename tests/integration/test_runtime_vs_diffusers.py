@@ -10,6 +10,7 @@ same run with the denoiser's output zeroed). Bundles are built once per module.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -577,3 +578,50 @@ def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
     assert np.linalg.norm(with_t5.latents - result.latents) > 1e-2 * np.linalg.norm(
         ref_latents - no_model
     )
+
+
+def test_low_memory_holds_one_phase_at_a_time(exported, monkeypatch):
+    """low_memory: the text encoders, then the denoiser, then the VAE decoder are loaded
+    while they run and released after, every call; the image is the resident mode's."""
+    from slimdiff.runtime.sessions import OnDemandSession
+
+    _, bundle = exported("sdxl")
+    low = Text2ImagePipeline.from_bundle(bundle, low_memory=True)
+    encoders = [enc.session for enc in low.conditioning.encoders]
+    sessions = {"text": encoders, "denoiser": [low.denoiser], "vae": [low.vae_decoder]}
+    every = [*encoders, low.denoiser, low.vae_decoder]
+    assert all(isinstance(s, OnDemandSession) and not s.loaded for s in every)
+    held = []  # per run: which phases have a session loaded
+    real_run = OnDemandSession.run
+
+    def run(self, feeds):
+        held.append({k for k, group in sessions.items() if any(s.loaded for s in group)})
+        return real_run(self, feeds)
+
+    monkeypatch.setattr(OnDemandSession, "run", run)
+    call = {"steps": 3, "guidance": 5.0, "size": (SIZE, SIZE), "seed": 2}
+    first = low(PROMPT, **call)
+    again = low(PROMPT, **call)
+    assert held[:2] == [{"text"}, {"text"}]  # CLIP-L, CLIP-G
+    assert held[2:5] == [{"denoiser"}] * 3 and held[5] == {"vae"}
+    assert len(held) == 12 and held[6:] == held[:6]
+    assert not any(s.loaded for s in every)
+    assert all(s.loads == 2 for s in every)
+    assert first.timings_ms["load"] > 0 and len(first.timings_ms["denoiser_steps"]) == 3
+    resident = Text2ImagePipeline.from_bundle(bundle)(PROMPT, **call)
+    np.testing.assert_array_equal(first.latents, resident.latents)
+    np.testing.assert_array_equal(again.image, resident.image)
+
+
+def test_cli_low_memory_prints_the_loads(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    _, bundle = exported("sd15")
+    out = tmp_path / "x.png"
+    args = ["run", str(bundle), "--prompt", "a cat", "--size", "64x64", "--steps", "2"]
+    result = CliRunner().invoke(main, [*args, "--low-memory", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"2 steps, vae \d+, loads \d+\)$", result.output.strip()), result.output
+    assert out.stat().st_size > 0

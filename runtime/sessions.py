@@ -1,0 +1,81 @@
+"""Sessions loaded only while their component runs: the runtime's low-memory mode.
+
+A pipeline holds every component's session from the start by default, so its resident
+memory is their sum: SD3 Medium's fp16 bundle (T5-XXL included) is killed by the OOM
+killer on a 24 GiB host before its first step (docs/BENCHMARKS.md). With `low_memory` the
+text encoders are loaded, run and released, then the denoiser, then the VAE decoder: the
+peak is the largest component's, and every call pays the loads again (the trade diffusers'
+`enable_model_cpu_offload` makes on a GPU). Files are verified once, when the bundle is
+opened; each load checks the graph's inputs and outputs against the manifest, as the
+resident mode does at open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+from slimdiff.runtime.backends import Session
+
+from slimdiff.memory import release_memory
+
+__all__ = ["OnDemandSession", "ensure_loaded", "release"]
+
+
+class OnDemandSession:
+    """A Session that loads at first use and frees its graph on `release()`."""
+
+    def __init__(self, load: Callable[[], Session]) -> None:
+        self._load = load
+        self._session: Session | None = None
+        self.loads = 0  # how many times the graph was loaded (tests, logs)
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = self._load()
+            self.loads += 1
+        return self._session
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.session.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.session.output_names
+
+    @property
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        return self.session.input_dtypes
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.session.run(feeds)
+
+    def release(self) -> None:
+        self._session = None
+
+
+def ensure_loaded(*sessions: object) -> float:
+    """Load the on-demand sessions among `sessions` now; the milliseconds it took (kept
+    apart from the compute timings, so a first step's time is a step's)."""
+    start = time.perf_counter()
+    for session in sessions:
+        if isinstance(session, OnDemandSession):
+            _ = session.session
+    return (time.perf_counter() - start) * 1e3
+
+
+def release(*sessions: object) -> None:
+    """Release the on-demand sessions among `sessions` (resident ones stay) and give the
+    freed memory back to the OS."""
+    on_demand = [s for s in sessions if isinstance(s, OnDemandSession) and s.loaded]
+    for session in on_demand:
+        session.release()
+    if on_demand:
+        release_memory()
