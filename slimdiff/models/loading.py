@@ -401,7 +401,9 @@ def _from_pretrained_pipeline(
     cls = getattr(diffusers, class_name)
     try:
         pipe = cls.from_pretrained(
-            path, use_safetensors=None if allow_pickle else True, **null_components(path), **skip
+            path,
+            use_safetensors=None if allow_pickle else True,
+            **{**null_components(path), **skip},
         )
     except (OSError, ValueError, KeyError) as err:
         raise UserError(

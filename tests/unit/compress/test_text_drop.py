@@ -104,6 +104,9 @@ def test_leaving_t5_out_at_load_never_loads_it(sd3_folder, tmp_path, monkeypatch
     assert lazy.pipe.text_encoder_3 is None
     built = load_model("tiny:sd3", without=("text_encoder_3",))  # built, then dropped
     assert built.components == model.components
+    # a folder already without T5 (model_index.json's [null, null]) takes the same request
+    again = load_model(str(sd3_folder), without=("text_encoder_3",))
+    assert again.components == model.components
 
 
 @pytest.mark.parametrize(
