@@ -105,10 +105,12 @@ class Bundle:
 
     def summary(self) -> str:
         m = self.manifest
+        dropped = [z.name for z in m.pipeline.zero_text or ()]
+        without = f" (without {', '.join(dropped)}: zeros in its place)" if dropped else ""
         return (
             f"ok: {m.family} bundle, {len(m.components)} components "
-            f"({', '.join(m.components)}), {len(m.files) + 1} files, {self.size / 1e6:.1f} MB, "
-            "every SHA-256 matches"
+            f"({', '.join(m.components)}){without}, {len(m.files) + 1} files, "
+            f"{self.size / 1e6:.1f} MB, every SHA-256 matches"
         )
 
 

@@ -558,6 +558,8 @@ def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
         "text_encoder_3",
         "tokenizer_3",
     }
+    verify = CliRunner().invoke(main, ["verify", str(out)])
+    assert "(without text_encoder_3: zeros in its place), 10 files" in verify.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pipeline"]["zero_text"] == [
         {"name": "text_encoder_3", "segment": 1, "max_length": 256, "hidden_size": 64}
