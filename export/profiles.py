@@ -29,7 +29,7 @@ from slimdiff.export.dummy_inputs import Sizes
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
 
-__all__ = ["SizeRange", "shape_profile", "size_range", "text_tokens"]
+__all__ = ["SizeRange", "shape_profile", "size_range"]
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,6 @@ def size_range(
     return SizeRange(lo, opt, hi, max_images, scale, arch.uses_cfg_for(model.denoiser.config))
 
 
-def text_tokens(model: LoadedModel) -> int:
-    """The denoiser's text length as the runtime feeds it: per segment the longest encoder
-    with a per-token output, the segments one after another. An absent optional encoder's
-    zeros have its length (SD3 without T5: 77 + 256 still)."""
-    return model.arch.text_length()
-
-
 def shape_profile(component: Component, model: LoadedModel, sizes: SizeRange) -> dict:
     """{"min", "opt", "max"}: input name -> concrete shape, for `component`."""
     per_image = 2 if sizes.cfg else 1
@@ -104,7 +97,7 @@ def shape_profile(component: Component, model: LoadedModel, sizes: SizeRange) ->
         "max": sizes.max_images * (1 if vae else per_image),
     }
     pixels = {"min": sizes.min_size, "opt": sizes.opt_size, "max": sizes.max_size}
-    tokens = text_tokens(model)
+    tokens = model.arch.text_length()  # an absent optional encoder's zeros count too
     profile = {}
     for point, batch in batches.items():
         h, w = (v // sizes.vae_scale for v in pixels[point])

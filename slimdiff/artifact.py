@@ -122,7 +122,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         pipe = cls.from_pretrained(
             path,
             use_safetensors=None if allow_pickle else True,
-            **null_components(path),
+            **null_components(index),
             **rebuilt,
         )
     except (OSError, ValueError, KeyError) as err:

@@ -16,10 +16,17 @@ from pathlib import Path
 import click
 
 from slimdiff import __version__
+from slimdiff.app.options import (
+    SEED,
+    STEPS,
+    allow_pickle_option,
+    device_option,
+    dry_run_option,
+    expect_sha256_option,
+    scheduler_option,
+    set_option,
+)
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_SEED, MAX_STEPS
-
-log = logging.getLogger(__name__)
 
 SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
 
@@ -92,78 +99,10 @@ def main(verbose: int, threads: int | None) -> None:
     _quiet_libraries()
 
 
-def _set_option(f):
-    return click.option(
-        "--set",
-        "overrides",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="Override a recipe field, e.g. --set bench.steps=4 (repeatable).",
-    )(f)
-
-
-def _dry_run_option(f):
-    return click.option(
-        "--dry-run", is_flag=True, help="Validate and print the resolved recipe, then exit."
-    )(f)
-
-
 def _size(value: str | None) -> tuple[int, int] | None:
     from slimdiff.app.args import check_size
 
     return check_size(value)
-
-
-def _device_option(f):
-    return click.option(
-        "--device",
-        default=None,
-        help="Where passes, calibration and torch runs go: auto (cuda when available, else "
-        "cpu), cpu, cuda or cuda:N. Default: the recipe's `device:` (auto).",
-    )(f)
-
-
-def _allow_pickle_option(f):
-    return click.option(
-        "--allow-pickle",
-        is_flag=True,
-        help="Also load pickled .bin weights (unpickling can run code: only files you trust).",
-    )(f)
-
-
-def _check_scheduler_name(ctx, param, value: str | None) -> str | None:
-    if value is None:
-        return None
-    from slimdiff.runtime.schedulers import scheduler_names  # numpy only, and only when given
-
-    names = scheduler_names()
-    # short names in any case ("Euler-A"), class names as diffusers spells them
-    match = next((n for n in names if n.lower() == value.lower()), None)
-    if match is None:
-        raise click.BadParameter(f"{value!r} is not a scheduler; use one of: {', '.join(names)}")
-    return match
-
-
-def _scheduler_option(help_text: str):
-    def decorate(f):
-        return click.option(
-            "--scheduler",
-            metavar="NAME",
-            default=None,
-            callback=_check_scheduler_name,
-            help=help_text + " euler, euler-karras, euler-a, ddim, dpm++2m, dpm++2m-karras, "
-            "dpm++2m-sde, dpm++2m-sde-karras, pndm, lcm, unipc, edm-euler, edm-dpm++2m, "
-            "edm-dpm++2m-sde (EDM models), flow-euler (SD3/FLUX), or a diffusers "
-            "class name; built from the "
-            "model's scheduler config as diffusers' from_config does.",
-        )(f)
-
-    return decorate
-
-
-# Bounds shared with the recipe schema (slimdiff/recipe.py).
-_STEPS = click.IntRange(1, MAX_STEPS)
-_SEED = click.IntRange(0, MAX_SEED)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -182,7 +121,7 @@ def recipes_cmd() -> None:
 
 @main.command("validate")
 @click.argument("recipes", nargs=-1, required=True)
-@_set_option
+@set_option
 def validate_cmd(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Validate recipe files (or built-in names); exit 2 if any is invalid."""
     from slimdiff.recipe import load_recipe
@@ -209,10 +148,10 @@ def validate_cmd(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
 @click.option(
     "--out", type=click.Path(path_type=Path), help="Output folder (not needed with --dry-run)."
 )
-@_device_option
-@_allow_pickle_option
-@_set_option
-@_dry_run_option
+@device_option
+@allow_pickle_option
+@set_option
+@dry_run_option
 def compress_cmd(
     recipe: str, model: str | None, out: Path | None, device, allow_pickle, overrides, dry_run
 ) -> None:
@@ -256,7 +195,7 @@ def compress_cmd(
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Diffusers folder to write."
 )
-@_allow_pickle_option
+@allow_pickle_option
 def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     """Convert a single-file CHECKPOINT (A1111/ComfyUI .safetensors) to a diffusers folder.
 
@@ -335,7 +274,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     "memory; no fusions; parity where it fits). auto: stream the components that do not "
     "fit in memory.",
 )
-@_scheduler_option("The scheduler the bundle ships. Default: the model's.")
+@scheduler_option("The scheduler the bundle ships. Default: the model's.")
 @click.option(
     "--drop-text-encoder",
     "drop",
@@ -344,7 +283,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     help="Leave out a text encoder the pipeline runs without, zeros in its place as "
     "diffusers feeds them (SD3: text_encoder_3, T5-XXL). Repeatable. Recipe: pass text.drop.",
 )
-@_allow_pickle_option
+@allow_pickle_option
 def export_cmd(
     model: str,
     out: Path,
@@ -364,24 +303,12 @@ def export_cmd(
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
     from slimdiff.app.args import check_output_dir
     from slimdiff.export import check_out_dir, export_bundle
-    from slimdiff.models import load_model
-    from slimdiff.models.loading import lazy_loadable
+    from slimdiff.models.loading import load_for_export
 
     check_output_dir(out)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
-    # Components load one at a time where they can (weights read from the files when
-    # exported), so the whole pipeline is never in memory at once.
-    if weights == "stream":
-        loaded = load_model(model, weights="lazy", without=drop)
-    elif weights == "auto" and lazy_loadable(model):
-        try:
-            loaded = load_model(model, weights="lazy", without=drop)
-        except UserError as err:  # files lazy loading cannot read by key: loading converts
-            log.info("loading %s into memory (%s)", model, err)
-            loaded = load_model(model, allow_pickle=allow_pickle, without=drop)
-    else:
-        loaded = load_model(model, allow_pickle=allow_pickle, without=drop)
+    loaded = load_for_export(model, weights, allow_pickle, without=drop)
     manifest = export_bundle(
         loaded,
         out,
@@ -416,19 +343,9 @@ def export_cmd(
 # ----------------------------------------------------------------------------- run
 
 
-def _expect_sha256_option(f):
-    return click.option(
-        "--expect-sha256",
-        metavar="HEX",
-        default=None,
-        help="Refuse the bundle unless its manifest.json has this SHA-256 (the identity "
-        "`slimdiff export` and `slimdiff verify` print).",
-    )(f)
-
-
 @main.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@_expect_sha256_option
+@expect_sha256_option
 def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     """Check BUNDLE as `run` would (schema, paths, every file's SHA-256), loading nothing.
 
@@ -446,7 +363,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True)
 @click.option("--negative-prompt", default=None)
-@click.option("--steps", type=_STEPS, default=None, help="Default: the bundle's.")
+@click.option("--steps", type=STEPS, default=None, help="Default: the bundle's.")
 @click.option("--guidance", type=float, default=None, help="0 to 100. Default: the bundle's.")
 @click.option(
     "--guidance-rescale",
@@ -463,7 +380,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     help="TCD's gamma (diffusers' eta), 0 to 1: 0 is deterministic, the TCD authors "
     "suggest 0.3. Only with the TCD scheduler. Default: 0, as diffusers' pipelines.",
 )
-@click.option("--seed", type=_SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option(
     "--latents",
@@ -476,14 +393,14 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     show_default=True,
     help="ort-cpu | ort-cuda | trt | trt-rtx | aoti (the last three: see the README)",
 )
-@_scheduler_option("Sample with this scheduler instead of the bundle's.")
+@scheduler_option("Sample with this scheduler instead of the bundle's.")
 @click.option(
     "--low-memory",
     is_flag=True,
     help="Load each component only while it runs (text encoders, then the denoiser, then "
     "the VAE decoder): the peak is the largest one's, not their sum; loads cost time.",
 )
-@_expect_sha256_option
+@expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, size,
@@ -533,8 +450,8 @@ def run_cmd(
 @click.option("--recipe", default=None, help="Apply this recipe's passes first.")
 @click.option("--size", default=None, help=SIZE_HELP + " Default: the family's.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_set_option
-@_dry_run_option
+@set_option
+@dry_run_option
 def inspect_cmd(
     model: str, recipe: str | None, size: str | None, as_json: bool, overrides, dry_run: bool
 ) -> None:
@@ -576,7 +493,7 @@ def inspect_cmd(
 @main.command("bench")
 @click.argument("recipes", nargs=-1, required=True)
 @click.option("--model", default=None, help="Run every recipe on this model instead.")
-@click.option("--steps", type=_STEPS, default=None)
+@click.option("--steps", type=STEPS, default=None)
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option(
     "--backend",
@@ -585,10 +502,10 @@ def inspect_cmd(
 )
 @click.option("--repeat", type=click.IntRange(1, 1000), default=None, help="Timed runs per recipe.")
 @click.option("--out", type=click.Path(path_type=Path), help="Results folder (not with --dry-run).")
-@_device_option
-@_allow_pickle_option
-@_set_option
-@_dry_run_option
+@device_option
+@allow_pickle_option
+@set_option
+@dry_run_option
 def bench_cmd(
     recipes, model, steps, size, backend, repeat, out, device, allow_pickle, overrides, dry_run
 ) -> None:

@@ -56,7 +56,7 @@ def measure(model_name: str, size: int, repeat: int, out: Path) -> dict:
     from slimdiff.export.aoti import export_aoti_component
     from slimdiff.export.components import eval_mode, plan_components
     from slimdiff.export.dummy_inputs import Sizes
-    from slimdiff.export.profiles import size_range, text_tokens
+    from slimdiff.export.profiles import size_range
     from slimdiff.runtime.backends.aoti import AotiBackend
     from slimdiff.runtime.backends.ort import OrtBackend
 
@@ -77,7 +77,7 @@ def measure(model_name: str, size: int, repeat: int, out: Path) -> dict:
         compile_s = round(time.perf_counter() - t0, 1)
 
     scale = size_range(model).vae_scale
-    sizes = Sizes(2, size // scale, size // scale, text_tokens(model), full_text=True)
+    sizes = Sizes(2, size // scale, size // scale, model.arch.text_length(), full_text=True)
     feeds = component.make_inputs(sizes)
     args = [feeds[n] for n in component.input_names]
     numpy_feeds = {k: v.numpy() for k, v in feeds.items()}

@@ -276,7 +276,8 @@ class ArchSpec:
 
     def text_length(self) -> int:
         """Tokens in the denoiser's encoder_hidden_states: per segment the longest encoder,
-        summed over segments (SD3: 77 + 256; FLUX: T5's 512; UNets: 77)."""
+        summed over segments (SD3: 77 + 256; FLUX: T5's 512; UNets: 77). An optional
+        encoder a pipeline runs without still counts: its zeros have its length."""
         lengths: dict[int, int] = {}
         for te in self.text_encoders:
             if te.hidden_output is not None:

@@ -49,6 +49,7 @@ __all__ = [
     "LoadedModel",
     "default_size",
     "lazy_loadable",
+    "load_for_export",
     "load_model",
     "load_pipeline",
     "null_components",
@@ -202,6 +203,24 @@ def _load_memory(model: str, device: str, allow_pickle: bool, skip: dict[str, No
     )
 
 
+def load_for_export(
+    model: str, weights: str = "auto", allow_pickle: bool = False, without: tuple[str, ...] = ()
+) -> LoadedModel:
+    """`model` loaded as an export with `weights` ("auto" | "memory" | "stream", see
+    export_bundle) wants it: lazily where it can (each component's weights read from the
+    files when it is exported, so the whole pipeline is never in memory at once), else
+    into memory. Under "auto", files that lazy loading cannot read by key (an older
+    layout that loading converts) load into memory instead."""
+    if weights == "stream":
+        return load_model(model, weights="lazy", without=without)
+    if weights == "auto" and lazy_loadable(model):
+        try:
+            return load_model(model, weights="lazy", without=without)
+        except UserError as err:
+            log.info("loading %s into memory (%s)", model, err)
+    return load_model(model, allow_pickle=allow_pickle, without=without)
+
+
 def pipeline_class_of(model: str) -> str | None:
     """The diffusers pipeline class `model` loads as, read without loading it: built-in and
     toy models, and local folders with a model_index.json; None where that needs the hub
@@ -317,17 +336,19 @@ def _load_local(
             f"{path} is a file; pass a diffusers pipeline folder (with model_index.json), or a "
             "single-file checkpoint (.safetensors)"
         )
-    index = path / "model_index.json"
-    if index.is_file():
-        class_name = _read_json(index).get("_class_name", "")
+    index_file = path / "model_index.json"
+    if index_file.is_file():
+        index = _read_json(index_file)
+        class_name = index.get("_class_name", "")
         family_of_pipeline(class_name)  # raises a clear error for unsupported classes
         if not allow_pickle:
-            _refuse_pickles(path, [path / k for k, v in _read_json(index).items() if _is_part(v)])
+            _refuse_pickles(path, [path / k for k, v in index.items() if _is_part(v)])
         if (path / "slimdiff.json").is_file():
             from slimdiff.artifact import load_artifact
 
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
-        pipe = _from_pretrained_pipeline(path, class_name, device, allow_pickle, skip)
+        absent = {**null_components(index), **skip}
+        pipe = _from_pretrained_pipeline(path, class_name, device, allow_pickle, absent)
         return _wrap(pipe, source)
     config = path / "config.json"
     if config.is_file():
@@ -393,7 +414,7 @@ def _load_component(
 
 
 def _from_pretrained_pipeline(
-    path: Path, class_name: str, device: str, allow_pickle: bool, skip: dict[str, None]
+    path: Path, class_name: str, device: str, allow_pickle: bool, absent: dict[str, None]
 ):
     import diffusers
 
@@ -403,7 +424,7 @@ def _from_pretrained_pipeline(
         pipe = cls.from_pretrained(
             path,
             use_safetensors=None if allow_pickle else True,
-            **{**null_components(path), **skip},
+            **absent,  # components left out: null in model_index.json, or `without`
         )
     except (OSError, ValueError, KeyError) as err:
         raise UserError(
@@ -414,15 +435,14 @@ def _from_pretrained_pipeline(
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
 
 
-def null_components(path: Path) -> dict[str, None]:
-    """{name: None} for the components model_index.json lists as [null, null]: diffusers'
-    save_pretrained writes that for a component set to None (SD3 without T5), and its
-    from_pretrained refuses the folder unless they are passed as None again."""
-    index = _read_json(path / "model_index.json")
+def null_components(index: dict[str, Any]) -> dict[str, None]:
+    """{name: None} for the components a model_index.json dict lists as [null, null]:
+    diffusers' save_pretrained writes that for a component set to None (SD3 without T5),
+    and its from_pretrained refuses the folder unless they are passed as None again."""
     return {
         k: None
         for k, v in index.items()
-        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None
+        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and not _is_part(v)
     }
 
 

@@ -1,0 +1,97 @@
+"""click options several `slimdiff` commands share (slimdiff/cli.py). Only click and the
+core's limits are imported here, so `slimdiff --help` stays instant."""
+
+from __future__ import annotations
+
+import click
+
+from slimdiff.limits import MAX_SEED, MAX_STEPS
+
+__all__ = [
+    "SEED",
+    "STEPS",
+    "allow_pickle_option",
+    "device_option",
+    "dry_run_option",
+    "expect_sha256_option",
+    "scheduler_option",
+    "set_option",
+]
+
+
+def set_option(f):
+    return click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a recipe field, e.g. --set bench.steps=4 (repeatable).",
+    )(f)
+
+
+def dry_run_option(f):
+    return click.option(
+        "--dry-run", is_flag=True, help="Validate and print the resolved recipe, then exit."
+    )(f)
+
+
+def device_option(f):
+    return click.option(
+        "--device",
+        default=None,
+        help="Where passes, calibration and torch runs go: auto (cuda when available, else "
+        "cpu), cpu, cuda or cuda:N. Default: the recipe's `device:` (auto).",
+    )(f)
+
+
+def allow_pickle_option(f):
+    return click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Also load pickled .bin weights (unpickling can run code: only files you trust).",
+    )(f)
+
+
+def _check_scheduler_name(ctx, param, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from slimdiff.runtime.schedulers import scheduler_names  # numpy only, and only when given
+
+    names = scheduler_names()
+    # short names in any case ("Euler-A"), class names as diffusers spells them
+    match = next((n for n in names if n.lower() == value.lower()), None)
+    if match is None:
+        raise click.BadParameter(f"{value!r} is not a scheduler; use one of: {', '.join(names)}")
+    return match
+
+
+def scheduler_option(help_text: str):
+    def decorate(f):
+        return click.option(
+            "--scheduler",
+            metavar="NAME",
+            default=None,
+            callback=_check_scheduler_name,
+            help=help_text + " euler, euler-karras, euler-a, heun, dpm2, dpm2-karras, ddim, "
+            "dpm++2m, dpm++2m-karras, dpm++2m-sde, dpm++2m-sde-karras, pndm, lcm, tcd, unipc, "
+            "edm-euler, edm-dpm++2m, edm-dpm++2m-sde (EDM models), flow-euler (SD3/FLUX), or "
+            "a diffusers class name; built from the model's scheduler config as diffusers' "
+            "from_config does.",
+        )(f)
+
+    return decorate
+
+
+# Bounds shared with the recipe schema (slimdiff/recipe.py).
+STEPS = click.IntRange(1, MAX_STEPS)
+SEED = click.IntRange(0, MAX_SEED)
+
+
+def expect_sha256_option(f):
+    return click.option(
+        "--expect-sha256",
+        metavar="HEX",
+        default=None,
+        help="Refuse the bundle unless its manifest.json has this SHA-256 (the identity "
+        "`slimdiff export` and `slimdiff verify` print).",
+    )(f)
