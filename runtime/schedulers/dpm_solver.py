@@ -25,12 +25,12 @@ from ._common import (
     as_f32,
     check_step,
     choice,
-    karras_sigmas,
     reject_args,
     reject_non_default,
     restarts,
     sigma_to_t,
 )
+from ._sigmas import converted_sigmas, sigma_schedule
 
 
 class DPMSolverMultistepScheduler:
@@ -54,6 +54,8 @@ class DPMSolverMultistepScheduler:
         lower_order_final: bool = True,
         euler_at_final: bool = False,
         use_karras_sigmas: bool | None = False,
+        use_exponential_sigmas: bool | None = False,
+        use_beta_sigmas: bool | None = False,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         final_sigmas_type: str = "zero",
@@ -69,8 +71,6 @@ class DPMSolverMultistepScheduler:
             config,
             thresholding=False,
             variance_type=None,
-            use_exponential_sigmas=False,
-            use_beta_sigmas=False,
             use_lu_lambdas=False,
             use_flow_sigmas=False,
             use_dynamic_shifting=False,
@@ -95,6 +95,9 @@ class DPMSolverMultistepScheduler:
         )
         self.lower_order_final, self.euler_at_final = bool(lower_order_final), bool(euler_at_final)
         self.use_karras_sigmas = bool(use_karras_sigmas)
+        self.sigma_schedule = sigma_schedule(
+            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
         # not DPM keys, but diffusers honours them when a config (e.g. Euler's) carries them
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
@@ -146,12 +149,13 @@ class DPMSolverMultistepScheduler:
         else:  # trailing
             t = np.arange(last, 0, -n_train / n).round() - 1
         train = self._train_sigmas
-        if self.use_karras_sigmas:
+        if self.sigma_schedule:
             lo = self.sigma_min if self.sigma_min is not None else float(train[0])
             hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
-            sig = karras_sigmas(lo, hi, n)
+            sig = converted_sigmas(self.sigma_schedule, lo, hi, n)
             t = sigma_to_t(sig, np.log(train))
-            t = t.round() if self._round_karras else t
+            # diffusers rounds only the Karras timesteps (not for cosine betas)
+            t = t.round() if self.sigma_schedule == "karras" and self._round_karras else t
         else:
             sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)
         last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0

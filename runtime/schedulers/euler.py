@@ -3,7 +3,8 @@
 Euler's method on the probability-flow ODE in the variance-exploding parametrisation
 x = x0 + sigma * eps (Karras et al., "Elucidating the Design Space of Diffusion-Based
 Generative Models", arXiv:2206.00364, Algorithm 2 with s_churn = 0, i.e. deterministic),
-optionally on their rho = 7 sigma schedule (`use_karras_sigmas`). Port of
+optionally on their rho = 7 sigma schedule (`use_karras_sigmas`), or on exponential or Beta
+sigmas (`use_exponential_sigmas`, `use_beta_sigmas`: _sigmas.py). Port of
 diffusers.EulerDiscreteScheduler (scheduling_euler_discrete.py).
 """
 
@@ -20,12 +21,12 @@ from ._common import (
     as_f32,
     check_step,
     choice,
-    karras_sigmas,
     reject_args,
     reject_non_default,
     sigma_to_t,
     spaced_timesteps,
 )
+from ._sigmas import converted_sigmas, sigma_schedule
 
 
 class EulerDiscreteScheduler:
@@ -44,6 +45,8 @@ class EulerDiscreteScheduler:
         prediction_type: str = "epsilon",
         interpolation_type: str = "linear",
         use_karras_sigmas: bool | None = False,
+        use_exponential_sigmas: bool | None = False,
+        use_beta_sigmas: bool | None = False,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         timestep_spacing: str = "linspace",
@@ -53,13 +56,7 @@ class EulerDiscreteScheduler:
         **config: Any,
     ) -> None:
         name = type(self).__name__
-        reject_non_default(
-            name,
-            config,
-            use_exponential_sigmas=False,
-            use_beta_sigmas=False,
-            timestep_type="discrete",
-        )
+        reject_non_default(name, config, timestep_type="discrete")
         self.prediction_type = choice(
             name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
         )
@@ -72,6 +69,9 @@ class EulerDiscreteScheduler:
         )
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         self.use_karras_sigmas = bool(use_karras_sigmas)
+        self.sigma_schedule = sigma_schedule(
+            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         ac = alphas_cumprod_f32(
             name,
@@ -121,10 +121,10 @@ class EulerDiscreteScheduler:
             ).astype(F32)
             # float32 timesteps into float64 interpolation, exactly as diffusers does
             sig = np.interp(timesteps, np.arange(len(self._train_sigmas)), self._train_sigmas)
-            if self.use_karras_sigmas:
+            if self.sigma_schedule:
                 lo = self.sigma_min if self.sigma_min is not None else float(sig[-1])
                 hi = self.sigma_max if self.sigma_max is not None else float(sig[0])
-                sig = karras_sigmas(lo, hi, num_inference_steps)
+                sig = converted_sigmas(self.sigma_schedule, lo, hi, num_inference_steps)
                 timesteps = sigma_to_t(sig, log_sigmas)
             last = self._train_sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
             sig = np.concatenate([sig, [last]]).astype(F32)

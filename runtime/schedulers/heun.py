@@ -23,9 +23,10 @@ from .euler import EulerDiscreteScheduler
 
 def drop_euler_only(config: dict[str, Any]) -> dict[str, Any]:
     """`config` without the Euler options Heun's and DPM2's configs lack (final_sigmas_type,
-    sigma_min/max, zero-SNR rescaling): diffusers ignores such keys from another class's
-    config, and so do these subclasses of the Euler port."""
-    drop = ("final_sigmas_type", "sigma_min", "sigma_max", "rescale_betas_zero_snr")
+    zero-SNR rescaling): diffusers ignores such keys from another class's config, and so
+    do these subclasses of the Euler port. sigma_min/max stay: diffusers' converted
+    schedules (Karras, exponential, Beta) read them from any config that carries them."""
+    drop = ("final_sigmas_type", "rescale_betas_zero_snr")
     return {k: v for k, v in config.items() if k not in drop}
 
 

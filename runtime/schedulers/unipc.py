@@ -35,12 +35,12 @@ from ._common import (
     as_f32,
     check_step,
     choice,
-    karras_sigmas,
     reject_args,
     reject_non_default,
     restarts,
     sigma_to_t,
 )
+from ._sigmas import converted_sigmas, sigma_schedule
 
 
 class UniPCMultistepScheduler:
@@ -64,6 +64,8 @@ class UniPCMultistepScheduler:
         lower_order_final: bool = True,
         disable_corrector: Any = (),
         use_karras_sigmas: bool | None = False,
+        use_exponential_sigmas: bool | None = False,
+        use_beta_sigmas: bool | None = False,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         timestep_spacing: str = "linspace",
@@ -79,8 +81,6 @@ class UniPCMultistepScheduler:
             name,
             config,
             thresholding=False,
-            use_exponential_sigmas=False,
-            use_beta_sigmas=False,
             use_flow_sigmas=False,
             use_dynamic_shifting=False,
             shift_terminal=None,
@@ -111,7 +111,10 @@ class UniPCMultistepScheduler:
         self.predict_x0 = bool(predict_x0)
         self.disable_corrector = frozenset(int(k) for k in disable_corrector or ())
         self.use_karras_sigmas = bool(use_karras_sigmas)
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max  # Karras only, as in diffusers
+        self.sigma_schedule = sigma_schedule(
+            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max  # the converted schedules only
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         ac = alphas_cumprod_f32(
             name,
@@ -158,12 +161,14 @@ class UniPCMultistepScheduler:
         else:  # trailing
             t = np.arange(n_train, 0, -n_train / n).round() - 1
         train = self._train_sigmas
-        if self.use_karras_sigmas:
+        if self.sigma_schedule:
             lo = self.sigma_min if self.sigma_min is not None else float(train[0])
             hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
-            sig = karras_sigmas(lo, hi, n)
-            t = sigma_to_t(sig, np.log(train)).round()  # UniPC rounds on every schedule
-            # unlike the interpolated branch: the final Karras sigma, not the training one
+            sig = converted_sigmas(self.sigma_schedule, lo, hi, n)
+            t = sigma_to_t(sig, np.log(train))
+            # UniPC rounds the Karras timesteps on every beta schedule, only those
+            t = t.round() if self.sigma_schedule == "karras" else t
+            # unlike the interpolated branch: the last converted sigma, not the training one
             last_sigma = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
         else:
             sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)

@@ -237,8 +237,6 @@ def test_karras_sigma_min_last_step_is_identity(order):
     ("config", "key"),
     [
         ({"thresholding": True}, "thresholding"),
-        ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
-        ({"use_beta_sigmas": True}, "use_beta_sigmas"),
         ({"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "use_flow_sigmas"),
         ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
         ({"shift_terminal": 0.02}, "shift_terminal"),

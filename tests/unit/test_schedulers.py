@@ -502,7 +502,7 @@ def test_unknown_class_names_supported_ones():
     ("cls_name", "config", "key"),
     [
         ("EulerDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
-        ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "timestep_type"),
         ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("DDIMScheduler", {"thresholding": True}, "thresholding"),
         ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),

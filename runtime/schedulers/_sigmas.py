@@ -1,0 +1,110 @@
+"""The sigma schedules a VP scheduler's config may ask for instead of its interpolated one.
+
+diffusers' `use_karras_sigmas`, `use_exponential_sigmas` and `use_beta_sigmas` (at most one
+of them) replace the n sigmas read off the training schedule with n sigmas from sigma_max
+down to sigma_min:
+
+- Karras et al. (2022, arXiv:2206.00364) eq. 5, rho = 7 (`karras_sigmas` in _common);
+- exponential: evenly spaced in log sigma, k-diffusion's `get_sigmas_exponential`;
+- beta: Lee et al., "Beta Sampling is All You Need" (2024, arXiv:2407.12173): sigma_min +
+  (sigma_max - sigma_min) * F^-1(1 - i / (n - 1)), F the Beta(0.6, 0.6) CDF, which spends
+  more steps at both ends of the trajectory.
+
+diffusers computes the Beta quantiles with scipy.stats.beta.ppf. The runtime imports only
+numpy and the standard library, so `beta_ppf` inverts the regularized incomplete beta
+function itself: its continued fraction (Numerical Recipes, 3rd ed., section 6.4, modified
+Lentz) and bisection to float64 resolution, within 1e-12 of scipy (tests check).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._common import karras_sigmas
+
+SCHEDULES = ("karras", "exponential", "beta")
+BETA_ALPHA = BETA_BETA = 0.6  # diffusers' _convert_to_beta defaults; no config key sets them
+
+
+def sigma_schedule(
+    owner: str,
+    use_karras_sigmas: bool | None,
+    use_exponential_sigmas: bool | None,
+    use_beta_sigmas: bool | None,
+) -> str | None:
+    """Which of SCHEDULES the config asks for, or None; more than one is refused, as
+    diffusers refuses it."""
+    flags = (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+    chosen = [name for name, flag in zip(SCHEDULES, flags, strict=True) if flag]
+    if len(chosen) > 1:
+        keys = ", ".join(f"use_{name}_sigmas" for name in chosen)
+        raise ValueError(f"{owner}: {keys} are all set; set at most one of them")
+    return chosen[0] if chosen else None
+
+
+def converted_sigmas(schedule: str, lo: float, hi: float, n: int) -> np.ndarray:
+    """n descending float64 sigmas from `hi` to `lo` on `schedule` (one of SCHEDULES)."""
+    if schedule == "karras":
+        return karras_sigmas(lo, hi, n)
+    if schedule == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    quantiles = [beta_ppf(float(q), BETA_ALPHA, BETA_BETA) for q in 1 - np.linspace(0, 1, n)]
+    return np.array([lo + p * (hi - lo) for p in quantiles])
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The q-quantile of Beta(a, b): x with I_x(a, b) = q, by bisection (I is monotone)."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q} outside [0, 1]")
+    if q in (0.0, 1.0):
+        return q
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):  # float64 resolution reached
+            break
+        if betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    # the continued fraction converges fast below the mean; above it, use I_x(a, b) =
+    # 1 - I_{1-x}(b, a)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _continued_fraction(b, a, 1.0 - x) / b
+
+
+def _continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method."""
+    tiny, eps = 1e-300, 1e-16
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even term d_2m
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),  # odd term
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            delta = c * d
+            h *= delta
+        if abs(delta - 1.0) < eps:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge: {a}, {b}, {x}")

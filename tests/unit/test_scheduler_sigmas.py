@@ -1,0 +1,97 @@
+"""Exponential and Beta sigma schedules (`use_exponential_sigmas`, `use_beta_sigmas`)
+against diffusers, over whole trajectories with the harness of test_schedulers.py, and the
+scipy-free Beta quantiles behind them against scipy's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+scipy_stats = pytest.importorskip("scipy.stats")
+scipy_special = pytest.importorskip("scipy.special")
+
+from slimdiff.runtime import schedulers  # noqa: E402
+from slimdiff.runtime.schedulers._sigmas import beta_ppf, betainc, converted_sigmas  # noqa: E402
+
+from tests.unit.test_schedulers import SD15, SD_BETAS, SDXL_EULER, _pair, _run  # noqa: E402
+
+CLASSES = (
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+)
+CONFIGS = {
+    "exponential-sd15": ({**SD15, "use_exponential_sigmas": True}, 20),
+    "beta-sdxl": ({**SDXL_EULER, "use_beta_sigmas": True}, 12),
+    "beta-vpred-trailing": (
+        {
+            **SD_BETAS,
+            "use_beta_sigmas": True,
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing",
+        },
+        8,
+    ),
+    "exponential-sigma-range": (
+        {**SD_BETAS, "use_exponential_sigmas": True, "sigma_min": 0.05, "sigma_max": 10.0},
+        10,
+    ),
+    # an Euler config's sigma range, carried over by from_config: every class honours it
+    "karras-sigma-range": (
+        {**SD_BETAS, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 8.0},
+        9,
+    ),
+}
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("case", CONFIGS)
+def test_trajectory(cls_name, case):
+    config, steps = CONFIGS[case]
+    ref, ours = _pair(cls_name, config)
+    expected = next(k for k in ("karras", "exponential", "beta") if config.get(f"use_{k}_sigmas"))
+    assert ours.sigma_schedule == expected
+    _run(ref, ours, steps, seed=sum(map(ord, case + cls_name)))
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_schedules_span_the_range():
+    """n sigmas from hi down to lo: exponential evenly in log sigma, Beta denser at ends."""
+    exp = converted_sigmas("exponential", 0.03, 14.6, 7)
+    assert exp[0] == pytest.approx(14.6) and exp[-1] == pytest.approx(0.03)
+    np.testing.assert_allclose(np.diff(np.log(exp)), np.log(0.03 / 14.6) / 6, rtol=1e-12)
+    beta = converted_sigmas("beta", 0.03, 14.6, 9)
+    assert beta[0] == pytest.approx(14.6) and beta[-1] == pytest.approx(0.03)
+    gaps = -np.diff(beta)
+    assert np.all(gaps > 0) and gaps[4] > gaps[0] and gaps[4] > gaps[-1]
+    karras = converted_sigmas("karras", 0.03, 14.6, 5)
+    assert karras[0] == pytest.approx(14.6) and karras[-1] == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.6, 0.6), (2.0, 5.0), (0.3, 3.0), (10.0, 0.5)])
+def test_beta_quantiles_match_scipy(a, b):
+    xs = np.linspace(0.001, 0.999, 41)
+    for x in xs:
+        assert betainc(a, b, float(x)) == pytest.approx(scipy_special.betainc(a, b, x), abs=1e-13)
+        assert beta_ppf(float(x), a, b) == pytest.approx(scipy_stats.beta.ppf(x, a, b), abs=1e-12)
+    assert beta_ppf(0.0, a, b) == 0.0 and beta_ppf(1.0, a, b) == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        beta_ppf(1.5, a, b)
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_one_schedule_at_most(cls_name):
+    config = {"_class_name": cls_name, "use_karras_sigmas": True, "use_beta_sigmas": True}
+    with pytest.raises(ValueError, match="use_karras_sigmas, use_beta_sigmas are all set"):
+        schedulers.scheduler_from_config(config)
+
+
+def test_switch_carries_the_schedule():
+    """`run --scheduler` keeps the bundle's sigma schedule, as diffusers' from_config."""
+    euler = {"_class_name": "EulerDiscreteScheduler", **SD_BETAS, "use_beta_sigmas": True}
+    dpm = schedulers.scheduler_from_config(schedulers.switch_scheduler(euler, "dpm++2m"))
+    assert dpm.sigma_schedule == "beta"
