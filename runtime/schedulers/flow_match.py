@@ -4,7 +4,9 @@ Euler on the rectified-flow ODE dx/dsigma = v (Lipman et al., "Flow Matching for
 Generative Modeling", arXiv:2210.02747), with SD3's static timestep shift (Esser et al.,
 "Scaling Rectified Flow Transformers", arXiv:2403.03206, section 5.3.2) and FLUX's
 resolution-dependent one (`mu`), as diffusers' FlowMatchEulerDiscreteScheduler and its
-SD3/FLUX pipelines compute them.
+SD3/FLUX pipelines compute them; after the shift, optionally stretched to end at
+`shift_terminal`, then redrawn on Karras, exponential or Beta sigmas between its ends
+(_sigmas.py), in diffusers' order.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ._common import (
     choice,
     reject_non_default,
 )
+from ._sigmas import converted_sigmas, sigma_schedule
 
 
 class FlowMatchEulerDiscreteScheduler:
@@ -40,19 +43,23 @@ class FlowMatchEulerDiscreteScheduler:
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
         time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool | None = False,
+        use_exponential_sigmas: bool | None = False,
+        use_beta_sigmas: bool | None = False,
         **config: Any,
     ) -> None:
         name = type(self).__name__
-        reject_non_default(
-            name,
-            config,
-            invert_sigmas=False,
-            shift_terminal=None,
-            use_karras_sigmas=False,
-            use_exponential_sigmas=False,
-            use_beta_sigmas=False,
-            stochastic_sampling=False,
+        reject_non_default(name, config, invert_sigmas=False, stochastic_sampling=False)
+        if shift_terminal is not None and not 0 <= shift_terminal < 1:
+            raise ValueError(f"{name}: shift_terminal must be in [0, 1), got {shift_terminal}")
+        self.shift_terminal = shift_terminal
+        self.sigma_schedule = sigma_schedule(
+            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
+        # not keys of this class, but diffusers' converted schedules read them from any
+        # config that carries them (one converted from Euler's, say)
+        self.sigma_min, self.sigma_max = config.get("sigma_min"), config.get("sigma_max")
         self.time_shift_type = choice(
             name, "time_shift_type", time_shift_type, ("exponential", "linear")
         )
@@ -105,6 +112,13 @@ class FlowMatchEulerDiscreteScheduler:
             sig = self._time_shift(mu, sig)
         else:
             sig = self.shift * sig / (1 + (self.shift - 1) * sig)
+        if self.shift_terminal:  # stretch so that the last sigma is shift_terminal
+            one_minus = 1 - sig
+            sig = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        if self.sigma_schedule:
+            lo = self.sigma_min if self.sigma_min is not None else float(sig[-1])
+            hi = self.sigma_max if self.sigma_max is not None else float(sig[0])
+            sig = converted_sigmas(self.sigma_schedule, lo, hi, len(sig))
         sig = sig.astype(F32)
         self.timesteps = sig * F32(n_train)
         self.sigmas = np.concatenate([sig, np.zeros(1, F32)])

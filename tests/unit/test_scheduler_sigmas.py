@@ -15,7 +15,16 @@ scipy_special = pytest.importorskip("scipy.special")
 from slimdiff.runtime import schedulers  # noqa: E402
 from slimdiff.runtime.schedulers._sigmas import beta_ppf, betainc, converted_sigmas  # noqa: E402
 
-from tests.unit.test_schedulers import SD15, SD_BETAS, SDXL_EULER, _pair, _run  # noqa: E402
+from slimdiff.models.kinds import calculate_shift  # noqa: E402
+from tests.unit.test_schedulers import (  # noqa: E402
+    FLUX_DEV,
+    SD3,
+    SD15,
+    SD_BETAS,
+    SDXL_EULER,
+    _pair,
+    _run,
+)
 
 CLASSES = (
     "EulerDiscreteScheduler",
@@ -95,3 +104,41 @@ def test_switch_carries_the_schedule():
     euler = {"_class_name": "EulerDiscreteScheduler", **SD_BETAS, "use_beta_sigmas": True}
     dpm = schedulers.scheduler_from_config(schedulers.switch_scheduler(euler, "dpm++2m"))
     assert dpm.sigma_schedule == "beta"
+
+
+FLOW_CASES = {  # config, steps, FLUX's image sequence length (None: SD3's static shift)
+    "sd3-karras": ({**SD3, "use_karras_sigmas": True}, 12, None),
+    "sd3-beta": ({**SD3, "use_beta_sigmas": True}, 10, None),
+    "sd3-shift_terminal": ({**SD3, "shift_terminal": 0.05}, 10, None),
+    "flux-exponential-shift_terminal": (
+        {**FLUX_DEV, "use_exponential_sigmas": True, "shift_terminal": 0.1},
+        8,
+        1024,
+    ),
+    "flux-karras-sigma-range": (
+        {**FLUX_DEV, "use_karras_sigmas": True, "sigma_min": 0.02, "sigma_max": 0.98},
+        8,
+        4096,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FLOW_CASES)
+def test_flow_match_trajectory(case):
+    config, steps, seq_len = FLOW_CASES[case]
+    ref, ours = _pair("FlowMatchEulerDiscreteScheduler", config)
+    kwargs = {}
+    if seq_len is not None:  # as the FLUX pipeline calls it
+        kwargs = {
+            "sigmas": np.linspace(1.0, 1 / steps, steps),
+            "mu": calculate_shift(seq_len, 256, 4096, 0.5, 1.15),
+        }
+    _run(ref, ours, steps, seed=sum(map(ord, case)), **kwargs)
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    if config.get("shift_terminal") and not config.get("use_exponential_sigmas"):
+        assert ours.sigmas[-2] == pytest.approx(config["shift_terminal"], rel=1e-5)
+
+
+def test_flow_match_shift_terminal_range():
+    with pytest.raises(ValueError, match="shift_terminal must be in"):
+        schedulers.FlowMatchEulerDiscreteScheduler(shift_terminal=1.0)

@@ -509,7 +509,7 @@ def test_unknown_class_names_supported_ones():
         ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
         ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
         ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "stochastic_sampling"),
-        ("FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.02}, "shift_terminal"),
+        ("FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True}, "invert_sigmas"),
         ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
         ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "karras"}, "timestep_spacing"),
         ("LCMScheduler", {"thresholding": True}, "thresholding"),
