@@ -16,7 +16,12 @@ from pathlib import Path
 
 from slimdiff.runtime.manifest import MANIFEST_NAME, PipelineSpec, TextEncoderRecord, sha256_file
 from slimdiff.runtime.pipeline import scheduler_problem
-from slimdiff.runtime.schedulers import SCHEDULER_ALIASES, scheduler_names, switch_scheduler
+from slimdiff.runtime.schedulers import (
+    SCHEDULER_ALIASES,
+    SIGMA_KEYS,
+    scheduler_names,
+    switch_scheduler,
+)
 
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
@@ -136,8 +141,8 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
     as diffusers' `from_config` builds it. The model is left as it was.
 
     Raises UserError, before any export work, for an unknown name or a scheduler the
-    runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; DEIS, LMS
-    and DPM-Solver's singlestep forms are not), naming the --scheduler choices that work.
+    runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; DPM++ SDE, which
+    needs torchsde's Brownian tree, is not), naming the --scheduler choices that work.
     """
     import diffusers  # the exporter has torch and diffusers; the runtime does not
 
@@ -150,7 +155,10 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
         except ValueError as err:
             raise UserError(f"--scheduler: {err}") from None
         class_name, overrides = SCHEDULER_ALIASES.get(name, (name, {}))
-        scheduler = getattr(diffusers, class_name).from_config(scheduler.config, **overrides)
+        config = dict(scheduler.config)
+        if SIGMA_KEYS & overrides.keys():  # as switch_scheduler: "-karras" replaces, not clashes
+            config = {k: v for k, v in config.items() if k not in SIGMA_KEYS}
+        scheduler = getattr(diffusers, class_name).from_config(config, **overrides)
         current = {**scheduler.config, "_class_name": class_name}
     problem = scheduler_problem(spec, current)
     if problem is None:

@@ -37,7 +37,12 @@ from slimdiff.runtime.manifest import (
     Manifest,
     PipelineSpec,
 )
-from slimdiff.runtime.schedulers import Scheduler, scheduler_from_config, switch_scheduler
+from slimdiff.runtime.schedulers import (
+    Scheduler,
+    scheduler_from_config,
+    switch_scheduler,
+    takes_noise,
+)
 from slimdiff.runtime.sessions import OnDemandSession, ensure_loaded, release
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
@@ -225,7 +230,7 @@ class Text2ImagePipeline:
                 pred = uncond + np.float32(guidance) * (text - uncond)
                 if rescale > 0:
                     pred = _rescale_guided(pred, text, rescale)
-            if scheduler.stochastic:
+            if takes_noise(scheduler, i):
                 noise = step_rng.standard_normal(x.shape, dtype=np.float32)
                 x = scheduler.step(pred, i, x, noise=noise)
             else:

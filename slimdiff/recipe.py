@@ -103,7 +103,7 @@ class CalibrationSpec(_Strict):
     # scheduler config (from_config); None: the model's own. Passes that recompute steps
     # (EcoDiff) need one with a torch sampler (slimdiff/sampler.py: Euler, Euler a, Heun, DPM2,
     # DDIM, DPM-Solver++ and its SDE form, PNDM, LCM, TCD, UniPC, EDM Euler/DPM-Solver++,
-    # flow-match Euler): for a model that ships DEIS or LMS, say.
+    # flow-match Euler): for a model that ships DEIS, LMS or DDPM, say.
     scheduler: str | None = pydantic.Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}Scheduler$")
 
 
@@ -114,16 +114,17 @@ _PLANNED_TARGETS: tuple[str, ...] = ()
 # What `export.scheduler` takes: runtime.schedulers.scheduler_names(), which the core may
 # not import (layers import downwards); tests/unit/test_export_scheduler.py keeps them equal.
 SCHEDULERS = (
-    *("euler", "euler-karras", "euler-a", "heun", "dpm2", "dpm2-karras", "ddim"),
-    *("dpm++2m", "dpm++2m-karras"),
-    *("dpm++2m-sde", "dpm++2m-sde-karras"),
+    *("euler", "euler-karras", "euler-a", "heun", "dpm2", "dpm2-karras", "dpm2-a"),
+    *("dpm2-a-karras", "lms", "lms-karras", "ddim", "ddpm", "dpm++2m", "dpm++2m-karras"),
+    *("dpm++2m-sde", "dpm++2m-sde-karras", "dpm++2s", "dpm++2s-karras", "deis", "deis-karras"),
     *("pndm", "lcm", "tcd", "unipc", "edm-euler", "edm-dpm++2m", "edm-dpm++2m-sde"),
     *("flow-euler",),
-    *("DDIMScheduler", "DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"),
-    *("EDMEulerScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler"),
-    *("FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler"),
-    *("LCMScheduler",),
-    *("PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler"),
+    *("DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler"),
+    *("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"),
+    *("EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler"),
+    *("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler"),
+    *("KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler"),
+    *("LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler"),
 )
 
 

@@ -15,11 +15,20 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   two denoiser calls per step but the last.
 - `KDPM2DiscreteScheduler` ("DPM2"): the same paper's second-order step through the
   geometric midpoint of each sigma pair (k-diffusion's sample_dpm_2).
+- `KDPM2AncestralDiscreteScheduler` ("DPM2 a"): DPM2 with fresh noise at each step.
+- `LMSDiscreteScheduler`: linear multistep (order 4) on the same sigmas, k-diffusion's
+  `sample_lms`, with exact Lagrange-polynomial coefficients.
 - `DDIMScheduler`: Song, Meng & Ermon, "Denoising Diffusion Implicit Models" (2021,
   arXiv:2010.02502), deterministic (eta = 0).
 - `DPMSolverMultistepScheduler`: multistep DPM-Solver++ (2M, midpoint or Heun) of Lu et al.,
   "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models"
   (2022, arXiv:2211.01095).
+- `DPMSolverSinglestepScheduler` ("DPM++ 2S", not ancestral): singlestep DPM-Solver(++) of
+  Lu et al. (2022, arXiv:2206.00927 and arXiv:2211.01095), orders 1-3, and its SDE form.
+- `DEISMultistepScheduler`: log-rho multistep DEIS of Zhang & Chen, "Fast Sampling of
+  Diffusion Models with Exponential Integrator" (2023, arXiv:2204.13902), orders 1-3.
+- `DDPMScheduler`: ancestral sampling of Ho et al., "Denoising Diffusion Probabilistic
+  Models" (2020, arXiv:2006.11239), with its fixed variances.
 - `EulerAncestralDiscreteScheduler` ("Euler a"): Euler with fresh noise at each step, the
   ancestral sampler of Karras et al. (2022) as k-diffusion has it.
 - `PNDMScheduler`: pseudo linear multistep (PLMS) of Liu et al., "Pseudo Numerical Methods
@@ -40,18 +49,21 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   FLUX's resolution-dependent shift (`mu`: slimdiff.models.kinds.calculate_shift, from
   diffusers' pipeline_flux.py, which the runtime's conditioning computes).
 
+`use_karras_sigmas`, `use_exponential_sigmas` and `use_beta_sigmas` (Lee et al., "Beta
+Sampling is All You Need", arXiv:2407.12173) redraw the sigmas where diffusers does
+(_sigmas.py, with its own Beta quantile instead of scipy's).
 "leading"/"trailing"/"linspace" spacing and zero-terminal-SNR rescaling follow Lin et al.,
 "Common Diffusion Noise Schedules and Sample Steps are Flawed" (2024, arXiv:2305.08891);
 v-prediction follows Salimans & Ho, "Progressive Distillation" (2022, arXiv:2202.00512).
 
 Unlike diffusers, `scale_model_input` and `step` take the step index explicitly, so no
-hidden counter can drift; the multistep ones (DPM-Solver++, PNDM, UniPC) still keep their
-model-output history and require steps in order. The stochastic ones (`stochastic` true:
-Euler a, LCM, TCD with eta > 0, DPM-Solver++ in its SDE forms) take each step's standard-
-normal noise as `step(..., noise=)`, which the runtime draws from the seed; diffusers draws
-it from torch's generator, so their images differ from diffusers' for the same seed (the
-deterministic ones match it). Only numpy and the standard library are imported (the runtime
-is torch-free).
+hidden counter can drift; the multistep ones (DPM-Solver++, DEIS, LMS, PNDM, UniPC) keep
+their model-output history and require steps in order. The stochastic ones (`stochastic`
+true: Euler a, DPM2 a, DDPM, LCM, TCD with eta > 0, DPM-Solver++ in its SDE forms) take
+each step's standard-normal noise as `step(..., noise=)` where `takes_noise` says so,
+which the runtime draws from the seed; diffusers draws it from torch's generator, so their
+images differ from diffusers' for the same seed (the deterministic ones match it). Only
+numpy and the standard library are imported (the runtime is torch-free).
 
 `switch_scheduler` builds another scheduler's config from a bundle's, as diffusers'
 `OtherScheduler.from_config(pipe.scheduler.config)` does (`slimdiff run --scheduler`).
@@ -63,7 +75,7 @@ Example (the runtime's denoising loop, without guidance):
     x = rng.standard_normal(shape, dtype=np.float32) * np.float32(sched.init_noise_sigma)
     for i, t in enumerate(sched.timesteps):
         eps = unet(sched.scale_model_input(x, i), t, cond)
-        if sched.stochastic:  # Euler a, LCM: fresh noise each step
+        if takes_noise(sched, i):  # Euler a, LCM, ...: fresh noise at this step
             x = sched.step(eps, i, x, noise=rng.standard_normal(x.shape, dtype=np.float32))
         else:
             x = sched.step(eps, i, x)
@@ -76,6 +88,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
+from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
@@ -84,7 +99,9 @@ from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
+from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
@@ -92,15 +109,20 @@ from .unipc import UniPCMultistepScheduler
 __all__ = [
     "SCHEDULER_ALIASES",
     "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "EDMDPMSolverMultistepScheduler",
     "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",
     "LCMScheduler",
+    "LMSDiscreteScheduler",
     "PNDMScheduler",
     "Scheduler",
     "TCDScheduler",
@@ -108,6 +130,7 @@ __all__ = [
     "scheduler_from_config",
     "scheduler_names",
     "switch_scheduler",
+    "takes_noise",
 ]
 
 
@@ -140,8 +163,13 @@ _SCHEDULERS: dict[str, type] = {
         EulerAncestralDiscreteScheduler,
         HeunDiscreteScheduler,
         KDPM2DiscreteScheduler,
+        KDPM2AncestralDiscreteScheduler,
+        LMSDiscreteScheduler,
         DDIMScheduler,
         DPMSolverMultistepScheduler,
+        DPMSolverSinglestepScheduler,
+        DEISMultistepScheduler,
+        DDPMScheduler,
         PNDMScheduler,
         LCMScheduler,
         TCDScheduler,
@@ -153,10 +181,12 @@ _SCHEDULERS: dict[str, type] = {
 }
 
 # Short names (the ones other UIs use) for a class and the config values it sets on top of
-# the bundle's: "dpm++2m-karras" is DPM-Solver++ 2M on Karras sigmas. "ddim" and "pndm" set
-# what Stable Diffusion's own configs of those classes set: no x0 clipping (latents are not
-# in [-1, 1]: from a config without the key, DDIM's default clip_sample=True ruins every
-# image, accuracy 0.0 on toy:shapes) and PLMS without the Runge-Kutta start.
+# the bundle's: "dpm++2m-karras" is DPM-Solver++ 2M on Karras sigmas. "ddim", "ddpm" and
+# "pndm" set what Stable Diffusion's own configs of those classes set: no x0 clipping
+# (latents are not in [-1, 1]: from a config without the key, DDIM's default
+# clip_sample=True ruins every image, accuracy 0.0 on toy:shapes) and PLMS without the
+# Runge-Kutta start. "dpm++2s" is diffusers' singlestep DPM-Solver++, not A1111's
+# "DPM++ 2S a" (which is ancestral).
 # The class names give diffusers' from_config exactly.
 SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -165,7 +195,12 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "heun": ("HeunDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
     "dpm2-karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2-a-karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
@@ -173,6 +208,10 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
+    "dpm++2s": ("DPMSolverSinglestepScheduler", {}),
+    "dpm++2s-karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "deis-karras": ("DEISMultistepScheduler", {"use_karras_sigmas": True}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
     "tcd": ("TCDScheduler", {}),
@@ -182,6 +221,17 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "edm-dpm++2m-sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
+
+
+def takes_noise(scheduler: Scheduler, step_index: int) -> bool:
+    """Whether call `step_index` of a scheduler adds fresh noise (`step(..., noise=)`): every
+    call of a stochastic one, unless it says otherwise (`takes_noise`: DPM2 a's second
+    halves only, DDPM's steps from t > 0), so that a stream of draws lines up with
+    diffusers' draws, which come only where they are used."""
+    if not scheduler.stochastic:
+        return False
+    own = getattr(scheduler, "takes_noise", None)
+    return True if own is None else bool(own(step_index))
 
 
 def scheduler_from_config(config: dict[str, Any]) -> Scheduler:
@@ -216,6 +266,9 @@ def _process(class_name: str) -> str:
     return "EDM" if class_name.startswith("EDM") else "discrete-time VP"
 
 
+SIGMA_KEYS = frozenset(f"use_{name}_sigmas" for name in ("karras", "exponential", "beta"))
+
+
 def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
     """`config` (a scheduler_config.json dict) rewritten for scheduler `name`, a short name
     of SCHEDULER_ALIASES or a class name, as diffusers' `from_config` does: the keys both
@@ -240,4 +293,6 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
             f"{_process(current)} one; use one of: {', '.join(allowed) or 'none ported yet'}"
         )
     kept = {k: v for k, v in config.items() if not k.startswith("_")}
+    if SIGMA_KEYS & overrides.keys():  # "-karras" replaces the bundle's sigma schedule
+        kept = {k: v for k, v in kept.items() if k not in SIGMA_KEYS}
     return {"_class_name": class_name, **kept, **overrides}

@@ -154,7 +154,19 @@ def spaced_timesteps(spacing: str, n_train: int, n: int, steps_offset: int) -> n
         return np.linspace(0, n_train - 1, n)[::-1].copy()
     if spacing == "leading":
         return (np.arange(0, n) * (n_train // n)).round()[::-1].copy() + steps_offset
-    return np.arange(n_train, 0, -n_train / n).round() - 1  # "trailing"
+    return trailing_timesteps(n_train, n_train, n)
+
+
+def trailing_timesteps(start: int, n_train: int, n: int) -> np.ndarray:
+    """ "trailing" spacing, `n` points from `start` - 1 down by n_train / n (rounded).
+
+    diffusers' np.arange(start, 0, -n_train / n) yields n + 1 points for 62 step counts of
+    1..1000 (61, 103, 121, ...), where the float step leaves a remainder of ~1e-13: the
+    extra point rounds to timestep -1, which reads the *noisiest* alpha-bar (a negative
+    index) and ruins the image (DDIM, DPM-Solver++, UniPC, DEIS, DDPM alike). We keep the n
+    points asked for: a deliberate departure, identical to diffusers for every other count.
+    """
+    return np.arange(start, 0, -n_train / n).round()[:n] - 1
 
 
 def as_f32(x: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from ._common import (
     reject_non_default,
     restarts,
     sigma_to_t,
+    trailing_timesteps,
 )
 from ._sigmas import converted_sigmas, sigma_schedule
 
@@ -147,7 +148,7 @@ class DPMSolverMultistepScheduler:
         elif self.timestep_spacing == "leading":
             t = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + self.steps_offset
         else:  # trailing
-            t = np.arange(last, 0, -n_train / n).round() - 1
+            t = trailing_timesteps(last, n_train, n)
         train = self._train_sigmas
         if self.sigma_schedule:
             lo = self.sigma_min if self.sigma_min is not None else float(train[0])

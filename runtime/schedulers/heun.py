@@ -23,10 +23,11 @@ from .euler import EulerDiscreteScheduler
 
 def drop_euler_only(config: dict[str, Any]) -> dict[str, Any]:
     """`config` without the Euler options Heun's and DPM2's configs lack (final_sigmas_type,
-    zero-SNR rescaling): diffusers ignores such keys from another class's config, and so
-    do these subclasses of the Euler port. sigma_min/max stay: diffusers' converted
-    schedules (Karras, exponential, Beta) read them from any config that carries them."""
-    drop = ("final_sigmas_type", "rescale_betas_zero_snr")
+    zero-SNR rescaling, interpolation and timestep types): diffusers ignores such keys from
+    another class's config, and so do these subclasses of the Euler port. sigma_min/max
+    stay: diffusers' converted schedules (Karras, exponential, Beta) read them from any
+    config that carries them."""
+    drop = ("final_sigmas_type", "rescale_betas_zero_snr", "interpolation_type", "timestep_type")
     return {k: v for k, v in config.items() if k not in drop}
 
 
@@ -38,12 +39,14 @@ class HeunDiscreteScheduler(EulerDiscreteScheduler):
 
     def __init__(
         self,
+        beta_start: float = 0.00085,  # diffusers' defaults for Heun and DPM2, not Euler's
+        beta_end: float = 0.012,
         prediction_type: str = "epsilon",
         clip_sample: bool | None = False,
         clip_sample_range: float = 1.0,
         **config: Any,
     ) -> None:
-        super().__init__(**drop_euler_only(config))
+        super().__init__(beta_start=beta_start, beta_end=beta_end, **drop_euler_only(config))
         name = type(self).__name__
         self.prediction_type = choice(
             name, "prediction_type", prediction_type, ("epsilon", "v_prediction", "sample")

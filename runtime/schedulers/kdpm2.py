@@ -28,8 +28,15 @@ class KDPM2DiscreteScheduler(EulerDiscreteScheduler):
     order = 2
     stochastic = False
 
-    def __init__(self, prediction_type: str = "epsilon", **config: Any) -> None:
-        super().__init__(**drop_euler_only(config))
+    def __init__(
+        self,
+        beta_start: float = 0.00085,  # diffusers' defaults for DPM2, not Euler's
+        beta_end: float = 0.012,
+        prediction_type: str = "epsilon",
+        **config: Any,
+    ) -> None:
+        config = drop_euler_only(config)
+        super().__init__(beta_start=beta_start, beta_end=beta_end, **config)
         self.prediction_type = choice(
             type(self).__name__, "prediction_type", prediction_type, ("epsilon", "v_prediction")
         )

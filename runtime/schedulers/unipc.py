@@ -39,6 +39,7 @@ from ._common import (
     reject_non_default,
     restarts,
     sigma_to_t,
+    trailing_timesteps,
 )
 from ._sigmas import converted_sigmas, sigma_schedule
 
@@ -159,7 +160,7 @@ class UniPCMultistepScheduler:
         elif self.timestep_spacing == "leading":
             t = (np.arange(0, n + 1) * (n_train // (n + 1))).round()[::-1][:-1] + self.steps_offset
         else:  # trailing
-            t = np.arange(n_train, 0, -n_train / n).round() - 1
+            t = trailing_timesteps(n_train, n_train, n)
         train = self._train_sigmas
         if self.sigma_schedule:
             lo = self.sigma_min if self.sigma_min is not None else float(train[0])

@@ -146,6 +146,7 @@ def test_runtime_matches_diffusers(exported, family, guidance, negative):
 SWITCHED = [
     *("pndm", "dpm++2m-karras", "unipc", "ddim", "euler-karras", "heun", "dpm2-karras"),
     *("euler-a", "lcm", "dpm++2m-sde-karras", "tcd"),
+    *("lms", "deis", "dpm++2s", "dpm2-a", "ddpm"),
 ]
 
 
@@ -190,6 +191,7 @@ def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
     # Heun calls twice per step but the last
     calls = {"PNDMScheduler": STEPS + 1, "HeunDiscreteScheduler": 2 * STEPS - 1}
     calls["KDPM2DiscreteScheduler"] = 2 * STEPS - 1  # DPM2 too, through the midpoints
+    calls["KDPM2AncestralDiscreteScheduler"] = 2 * STEPS - 1
     assert len(result.timings_ms["denoiser_steps"]) == calls.get(class_name, STEPS)
 
 
@@ -250,8 +252,8 @@ def test_tcd_gamma_matches_diffusers(exported, eta, monkeypatch):
 
 def test_scheduler_choice_errors(exported):
     _, bundle = exported("sd15")
-    with pytest.raises(UserError, match="unknown scheduler 'deis'"):
-        Text2ImagePipeline.from_bundle(bundle, scheduler="deis")
+    with pytest.raises(UserError, match=r"unknown scheduler 'dpm\+\+sde'"):
+        Text2ImagePipeline.from_bundle(bundle, scheduler="dpm++sde")
     mismatch = "samples the flow matching process, the model was trained for the discrete-time VP"
     with pytest.raises(UserError, match=mismatch):
         Text2ImagePipeline.from_bundle(bundle, scheduler="flow-euler")

@@ -1,7 +1,7 @@
 """The scheduler a bundle ships: the model's, or --scheduler's, checked before any export.
 
 A hub SD1.5 folder ships PNDMScheduler, and fine-tunes ship whatever their authors used
-(DEIS, TCD, LMS...): a bundle the runtime cannot sample with must be refused before
+(IPNDM, SA-Solver, DPM++ SDE...): a bundle the runtime cannot sample with must be refused before
 minutes of export, naming the --scheduler choices that would work.
 """
 
@@ -50,6 +50,7 @@ def test_default_is_the_models_own(sd15):
         ("dpm++2m-karras", "DPMSolverMultistepScheduler", True),
         ("PNDMScheduler", "PNDMScheduler", None),
         ("lcm", "LCMScheduler", None),
+        ("deis-karras", "DEISMultistepScheduler", True),
     ],
 )
 def test_named_scheduler_from_the_models_config(sd15, name, cls_name, karras):
@@ -65,7 +66,7 @@ def test_named_scheduler_from_the_models_config(sd15, name, cls_name, karras):
 
 
 def test_unsupported_scheduler_is_refused_naming_the_ones_that_work(sd15):
-    old = _with_scheduler(sd15, "DEISMultistepScheduler")
+    old = _with_scheduler(sd15, "IPNDMScheduler")  # improved PNDM: no numpy port
     try:
         with pytest.raises(UserError) as info:
             bundle_scheduler(sd15)
@@ -73,7 +74,7 @@ def test_unsupported_scheduler_is_refused_naming_the_ones_that_work(sd15):
     finally:
         sd15.pipe.scheduler = old
     message = str(info.value)
-    assert "cannot sample with its DEISMultistepScheduler" in message
+    assert "cannot sample with its IPNDMScheduler" in message
     assert "--scheduler NAME" in message and "export.scheduler" in message
     names = message.rpartition("one of: ")[2].split(", ")
     assert {"euler", "euler-a", "dpm++2m-karras", "pndm", "unipc", "lcm"} <= set(names)
@@ -93,7 +94,7 @@ def test_unported_option_of_a_ported_class_is_refused(sd15):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("deis", "unknown scheduler 'deis'; use one of: euler,"),
+        ("dpm++sde", "unknown scheduler 'dpm\\+\\+sde'; use one of: euler,"),
         ("flow-euler", "samples the flow matching process"),
     ],
 )
@@ -123,10 +124,10 @@ def test_export_refuses_before_any_work_and_ships_the_choice(sd3, tmp_path):
 
 def test_cli_and_recipe_names(tmp_path):
     result = CliRunner().invoke(
-        main, ["export", "tiny:sd15", "--out", str(tmp_path / "b"), "--scheduler", "deis"]
+        main, ["export", "tiny:sd15", "--out", str(tmp_path / "b"), "--scheduler", "dpm++sde"]
     )
     assert result.exit_code == 2
-    assert "'deis' is not a scheduler; use one of: euler," in result.output
+    assert "'dpm++sde' is not a scheduler; use one of: euler," in result.output
     assert not (tmp_path / "b").exists()
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nmodel: tiny:sd15\nexport: {scheduler: euler-a}\n")

@@ -32,6 +32,10 @@ CLASSES = (
     "KDPM2DiscreteScheduler",
     "DPMSolverMultistepScheduler",
     "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
 )
 CONFIGS = {
     "exponential-sd15": ({**SD15, "use_exponential_sigmas": True}, 20),
@@ -104,6 +108,10 @@ def test_switch_carries_the_schedule():
     euler = {"_class_name": "EulerDiscreteScheduler", **SD_BETAS, "use_beta_sigmas": True}
     dpm = schedulers.scheduler_from_config(schedulers.switch_scheduler(euler, "dpm++2m"))
     assert dpm.sigma_schedule == "beta"
+    # a "-karras" name replaces the bundle's schedule instead of clashing with it
+    karras = schedulers.switch_scheduler(euler, "dpm++2m-karras")
+    assert schedulers.scheduler_from_config(karras).sigma_schedule == "karras"
+    assert "use_beta_sigmas" not in karras
 
 
 FLOW_CASES = {  # config, steps, FLUX's image sequence length (None: SD3's static shift)
@@ -142,3 +150,30 @@ def test_flow_match_trajectory(case):
 def test_flow_match_shift_terminal_range():
     with pytest.raises(ValueError, match="shift_terminal must be in"):
         schedulers.FlowMatchEulerDiscreteScheduler(shift_terminal=1.0)
+
+
+@pytest.mark.parametrize(
+    "cls_name",
+    [
+        "EulerDiscreteScheduler",
+        "DDIMScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+        "PNDMScheduler",
+        "DDPMScheduler",
+    ],
+)
+def test_trailing_step_counts_keep_n_points(cls_name):
+    """diffusers schedules n + 1 trailing timesteps, the last -1, for 62 step counts
+    (61, 103, ...): a negative index into the noisiest alpha-bar. The port keeps n, equal
+    to diffusers' first n."""
+    config = {**SD_BETAS, "timestep_spacing": "trailing", "skip_prk_steps": True}
+    ref, ours = _pair(cls_name, config)
+    ref.set_timesteps(61)
+    ours.set_timesteps(61)
+    theirs = ref.timesteps.numpy().astype(np.float32)
+    extra = 1 if cls_name == "PNDMScheduler" else 0  # PLMS repeats its first timestep
+    assert len(ours.timesteps) == 61 + extra and ours.timesteps.min() >= 0
+    assert len(theirs) == 62 + extra and theirs.min() == -1
+    np.testing.assert_allclose(ours.timesteps, theirs[: 61 + extra], rtol=1e-6, atol=1e-4)

@@ -480,8 +480,9 @@ def test_from_saved_config(tmp_path, cls_name, config):
 
 
 def test_unknown_class_names_supported_ones():
-    with pytest.raises(ValueError, match="DEISMultistepScheduler") as info:
-        schedulers.scheduler_from_config({"_class_name": "DEISMultistepScheduler"})
+    # DPM++ SDE (singlestep) draws from torchsde's Brownian tree: no numpy port
+    with pytest.raises(ValueError, match="DPMSolverSDEScheduler") as info:
+        schedulers.scheduler_from_config({"_class_name": "DPMSolverSDEScheduler"})
     for name in (
         "EulerDiscreteScheduler",
         "HeunDiscreteScheduler",
@@ -492,6 +493,9 @@ def test_unknown_class_names_supported_ones():
         "PNDMScheduler",
         "LCMScheduler",
         "FlowMatchEulerDiscreteScheduler",
+        "DEISMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "DDPMScheduler",
     ):
         assert name in str(info.value)
     with pytest.raises(ValueError, match="None"):
@@ -601,3 +605,23 @@ def test_presets_carry_stable_diffusions_settings():
     assert len(plms.timesteps) == 21  # the Heun-like start, no Runge-Kutta steps
     karras = schedulers.switch_scheduler(euler, "dpm++2m-sde-karras")
     assert karras["use_karras_sigmas"] and karras["algorithm_type"] == "sde-dpmsolver++"
+
+
+def test_takes_noise_lines_draws_up_with_diffusers():
+    """The runtime draws step noise only for the calls that use it, as diffusers does: DPM2
+    a's second halves, DDPM's steps from t > 0, every step of Euler a, none of Euler's."""
+    dpm2a = schedulers.KDPM2AncestralDiscreteScheduler(**SD_BETAS)
+    dpm2a.set_timesteps(3)
+    assert [schedulers.takes_noise(dpm2a, i) for i in range(5)] == [False, True, False, True, False]
+    ddpm = schedulers.DDPMScheduler(**SD15)
+    ddpm.set_timesteps(4)  # leading, offset 1: 751, 501, 251, 1
+    assert [schedulers.takes_noise(ddpm, i) for i in range(4)] == [True] * 4
+    ddpm = schedulers.DDPMScheduler(**SD_BETAS, timestep_spacing="leading")
+    ddpm.set_timesteps(4)  # 750, 500, 250, 0
+    assert [schedulers.takes_noise(ddpm, i) for i in range(4)] == [True, True, True, False]
+    euler_a = schedulers.EulerAncestralDiscreteScheduler(**SD_BETAS)
+    euler_a.set_timesteps(3)
+    assert all(schedulers.takes_noise(euler_a, i) for i in range(3))
+    euler = schedulers.EulerDiscreteScheduler(**SD_BETAS)
+    euler.set_timesteps(3)
+    assert not any(schedulers.takes_noise(euler, i) for i in range(3))

@@ -1,0 +1,287 @@
+"""DPMSolverSinglestepScheduler: singlestep DPM-Solver(++) ("DPM++ 2S"), as diffusers has it.
+
+Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in
+Around 10 Steps" (arXiv:2206.00927), DPM-Solver-2 and -3 on the noise prediction
+(algorithm_type="dpmsolver"), and Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling
+of Diffusion Probabilistic Models" (arXiv:2211.01095), Algorithm 1, DPM-Solver++(2S) on the
+data prediction x0 ("dpmsolver++", the default); "sde-dpmsolver++" is the latter's SDE
+form (section 5), which adds fresh noise at every step and is stochastic (`step(...,
+noise=)`). All are exponential integrators in log-SNR lambda.
+
+"Singlestep" as diffusers implements it: `order_list` cuts the schedule into groups
+([1, 2, 3, 1, 2, 3, ...] for solver_order 3). A group's first step is first order (DDIM)
+from its start sample; each further step solves again from that start sample to the next
+sigma, with the model outputs at the group's earlier (intermediate) points, so the group
+ends at the full order. One model call per step; `timesteps` has num_inference_steps
+entries. The timesteps are DPM-Solver's "linspace" (lambda_min_clipped trims the noisiest
+end) or Karras sigmas; diffusers' class has no timestep_spacing, steps_offset or
+rescale_betas_zero_snr and ignores those keys of a converted config, and so does this port.
+
+Port of diffusers.DPMSolverSinglestepScheduler (scheduling_dpmsolver_singlestep.py) for
+solver_order 1-3, solver_type "midpoint"/"heun", the three algorithm types; coefficients
+are float32 like diffusers' 0-d tensors, the sigma schedule float64 until its float32 cast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._common import (
+    F32,
+    ONE,
+    alpha_sigma_lambda,
+    alphas_cumprod_f32,
+    as_f32,
+    check_noise,
+    check_step,
+    choice,
+    reject_args,
+    reject_non_default,
+    restarts,
+    sigma_to_t,
+)
+from ._sigmas import converted_sigmas, sigma_schedule
+
+HALF = F32(0.5)
+
+
+def order_list(steps: int, order: int, lower_order_final: bool, final_zero: bool) -> list[int]:
+    """diffusers' get_order_list: the solver order of each step (groups 1, 2, .., order)."""
+    k = steps // order
+    if lower_order_final and order == 3:
+        tail = {0: [1, 2, 1], 1: [1], 2: [1, 2]}[steps % 3]
+        orders = [1, 2, 3] * (k - 1 if steps % 3 == 0 else k) + tail
+    elif lower_order_final and order == 2:
+        orders = [1, 2] * (k - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * k + [1]
+    else:  # without lower_order_final, steps is a multiple of order (set_timesteps)
+        orders = list(range(1, order + 1)) * k
+    if final_zero:
+        orders[-1] = 1  # the step to sigma = 0 is first order
+    return orders
+
+
+class DPMSolverSinglestepScheduler:
+    """diffusers.DPMSolverSinglestepScheduler ("DPM++ 2S", singlestep DPM-Solver(++))."""
+
+    order = 1  # diffusers' value: one model call per step
+    stochastic = False
+    init_noise_sigma = 1.0
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Any = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = False,
+        use_karras_sigmas: bool | None = False,
+        use_exponential_sigmas: bool | None = False,
+        use_beta_sigmas: bool | None = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        **config: Any,
+    ) -> None:
+        name = type(self).__name__
+        reject_non_default(
+            name,
+            config,
+            thresholding=False,
+            variance_type=None,
+            use_flow_sigmas=False,
+            use_dynamic_shifting=False,
+        )
+        # diffusers maps these aliases (configs copied from DEIS/UniPC); it then refuses
+        # "deis" with final_sigmas_type "zero" (it checks the unmapped name), we do not
+        algorithm_type = "dpmsolver++" if algorithm_type == "deis" else algorithm_type
+        solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
+        self.algorithm = choice(
+            name, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++", "dpmsolver")
+        )
+        self.stochastic = self.algorithm == "sde-dpmsolver++"  # per instance: the config decides
+        self.solver_order = choice(name, "solver_order", solver_order, (1, 2, 3))
+        self.solver_type = choice(name, "solver_type", solver_type, ("midpoint", "heun"))
+        self.prediction_type = choice(
+            name, "prediction_type", prediction_type, ("epsilon", "v_prediction", "sample")
+        )
+        self.final_sigmas_type = choice(
+            name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
+        )
+        if self.algorithm == "dpmsolver" and final_sigmas_type == "zero":
+            raise ValueError(
+                f"{name}: final_sigmas_type='zero' does not work with algorithm_type="
+                "'dpmsolver' (diffusers refuses it too); use 'sigma_min'"
+            )
+        self.lower_order_final = bool(lower_order_final)
+        self.use_karras_sigmas = bool(use_karras_sigmas)
+        self.sigma_schedule = sigma_schedule(
+            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
+        # not keys of this class, but diffusers honours them when a config carries them
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.num_train_timesteps = num_train_timesteps
+        self.lambda_min_clipped = lambda_min_clipped
+        ac = alphas_cumprod_f32(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False
+        )
+        self.alphas_cumprod = ac
+        self._lambda_t = np.log(np.sqrt(ac)) - np.log(np.sqrt(ONE - ac))
+        self._train_sigmas = np.sqrt((ONE - ac) / ac)
+        self.sigmas = self._train_sigmas
+        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps: int | None = None
+        self.order_list: list[int] = []
+        self._reset_history()
+
+    def _reset_history(self) -> None:
+        self._outputs: list[np.ndarray | None] = [None] * self.solver_order  # oldest first
+        self._start: np.ndarray | None = None  # the sample the current group starts from
+        self._last_step = -1
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        mu: float | None = None,
+        sigmas: np.ndarray | None = None,
+    ) -> None:
+        reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
+        n, n_train = num_inference_steps, self.num_train_timesteps
+        if n is None or not 0 < n <= n_train:
+            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+        # lambda_min_clipped trims the noisiest end (cosine schedules); -inf keeps it all
+        clipped = int(np.searchsorted(self._lambda_t[::-1], self.lambda_min_clipped))
+        t = np.linspace(0, n_train - 1 - clipped, n + 1).round()[::-1][:-1].copy()
+        train = self._train_sigmas
+        if self.sigma_schedule:
+            lo = self.sigma_min if self.sigma_min is not None else float(train[0])
+            hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
+            sig = converted_sigmas(self.sigma_schedule, lo, hi, n)
+            t = sigma_to_t(sig, np.log(train))
+            t = t.round() if self.sigma_schedule == "karras" else t  # diffusers: Karras only
+        else:
+            sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)
+        last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
+        self._t = t.astype(np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps = n
+        # diffusers rewrites its config for good (later set_timesteps keep it): steps not a
+        # multiple of the order, or a last step to sigma = 0, need the lower-order tail
+        if n % self.solver_order or self.final_sigmas_type == "zero":
+            self.lower_order_final = True
+        self.order_list = order_list(
+            n, self.solver_order, self.lower_order_final, self.final_sigmas_type == "zero"
+        )
+        self._reset_history()
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        return as_f32(sample)
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        step_index: int,
+        sample: np.ndarray,
+        noise: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`noise`: standard normal of the sample's shape, for sde-dpmsolver++ only."""
+        name = type(self).__name__
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        i = step_index
+        check_step(name, i, self.num_inference_steps)
+        if self.stochastic:
+            check_noise(name, noise, sample)
+        if restarts(name, i, self._last_step):
+            self._reset_history()
+        self._last_step = i
+        sample, model_output = as_f32(sample), as_f32(model_output)
+        self._outputs = [*self._outputs[1:], self._convert(model_output, sample, i)]
+        order = self.order_list[i]
+        while self._outputs[-order] is None:  # diffusers' guard (a group cut at its start)
+            order -= 1
+        if order == 1:
+            self._start = sample  # a new group: its later steps solve from here
+        return as_f32(self._update(order, i, noise))
+
+    def _convert(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
+        """The model output as the solver's quantity: x0 for DPM-Solver++, eps for DPM-Solver."""
+        if self.prediction_type == "sample" and self.algorithm != "dpmsolver":
+            return model_output
+        alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[i])
+        if self.algorithm == "dpmsolver":
+            if self.prediction_type == "epsilon":
+                return model_output
+            if self.prediction_type == "sample":
+                return (sample - alpha_t * model_output) / sigma_t
+            return alpha_t * model_output + sigma_t * sample  # v_prediction
+        if self.prediction_type == "epsilon":
+            return (sample - sigma_t * model_output) / alpha_t
+        return alpha_t * sample - sigma_t * model_output  # v_prediction
+
+    def _update(self, order: int, i: int, noise: np.ndarray | None) -> np.ndarray:
+        """From the group's start (index i + 1 - order) to sigmas[i + 1], in diffusers'
+        expressions: x_t = k_x x_s + k0 D0 + k1 D1 (+ k2 D2) (+ noise), where D0 is the
+        start's model output and D1, D2 the divided differences of the later ones."""
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1])
+        alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[i + 1 - order])
+        h = lambda_t - lambda_s
+        sde = self.algorithm == "sde-dpmsolver++"
+        if self.algorithm == "dpmsolver++":
+            k_x, k0 = sigma_t / sigma_s, -(alpha_t * (np.exp(-h) - ONE))
+        elif self.algorithm == "dpmsolver":
+            k_x, k0 = alpha_t / alpha_s, -(sigma_t * (np.exp(h) - ONE))
+        else:  # sde-dpmsolver++
+            k_x, k0 = sigma_t / sigma_s * np.exp(-h), alpha_t * (ONE - np.exp(F32(-2.0) * h))
+        m = self._outputs
+        prev = k_x * self._start + k0 * m[-order]
+        if order == 2:
+            r0 = (self._lambda(i) - lambda_s) / h
+            d1 = (ONE / r0) * (m[-1] - m[-2])
+            k1 = HALF * k0 if self.solver_type == "midpoint" else self._k1(h, alpha_t, sigma_t)
+            prev = prev + k1 * d1
+        elif order == 3:
+            lambda_s0, lambda_s1 = self._lambda(i), self._lambda(i - 1)
+            r0, r1 = (lambda_s0 - lambda_s) / h, (lambda_s1 - lambda_s) / h
+            d1_0, d1_1 = (ONE / r1) * (m[-2] - m[-3]), (ONE / r0) * (m[-1] - m[-3])
+            k1 = self._k1(h, alpha_t, sigma_t)
+            if self.solver_type == "midpoint":
+                prev = prev + k1 * d1_1
+            else:  # heun: the full third-order expansion
+                d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
+                d2 = F32(2.0) * (d1_1 - d1_0) / (r0 - r1)
+                prev = prev + k1 * d1 + self._k2(h, alpha_t, sigma_t) * d2
+        if sde:
+            prev = prev + sigma_t * np.sqrt(ONE - np.exp(F32(-2) * h)) * as_f32(noise)
+        return prev
+
+    def _lambda(self, i: int) -> np.float32:
+        """log-SNR at sigmas[i], one of the group's intermediate points."""
+        return alpha_sigma_lambda(self.sigmas[i])[2]
+
+    def _k1(self, h: np.float32, alpha_t: np.float32, sigma_t: np.float32) -> np.float32:
+        """The first divided difference's weight (phi_2 term of Lu et al.)."""
+        if self.algorithm == "dpmsolver++":
+            return alpha_t * ((np.exp(-h) - ONE) / h + ONE)
+        if self.algorithm == "dpmsolver":
+            return -(sigma_t * ((np.exp(h) - ONE) / h - ONE))
+        m2h = F32(-2.0) * h
+        return alpha_t * ((ONE - np.exp(m2h)) / m2h + ONE)
+
+    def _k2(self, h: np.float32, alpha_t: np.float32, sigma_t: np.float32) -> np.float32:
+        """The second divided difference's weight (phi_3 term), third-order Heun only."""
+        if self.algorithm == "dpmsolver++":
+            return -(alpha_t * ((np.exp(-h) - ONE + h) / (h * h) - HALF))
+        if self.algorithm == "dpmsolver":
+            return -(sigma_t * ((np.exp(h) - ONE - h) / (h * h) - HALF))
+        m2h = F32(-2.0) * h
+        return alpha_t * ((ONE - np.exp(m2h) + m2h) / (m2h * m2h) - HALF)
