@@ -8,8 +8,9 @@ min(i + 1, 4)). Port of diffusers.LMSDiscreteScheduler (scheduling_lms_discrete.
 pipelines call `step(..., order=4)` by default: here that is the attribute `lms_order`, which
 the runtime may set before a run. The tables are Euler's (this subclasses the Euler port:
 same spacings, linear sigma interpolation, Karras sigmas with unrounded timesteps, final
-sigma 0, init_noise_sigma), built from LMS's own keys only (no zero-SNR, no
-sigma_min/max: diffusers' LMS has none of them and ignores them in a converted config).
+sigma 0, init_noise_sigma), built from LMS's own keys only (no zero-SNR: diffusers' LMS
+ignores it in a converted config), and a carried sigma_min/max for the exponential and Beta
+schedules only, where diffusers' LMS reads them.
 
 Dtypes: the tables as Euler's (float32 sigmas); the coefficients in float64 from the float32
 sigmas; the step arithmetic float64, cast to float32 (diffusers: float32).
