@@ -22,7 +22,6 @@ from ._common import (
     check_step,
     choice,
     reject_args,
-    reject_non_default,
     sigma_to_t,
     spaced_timesteps,
 )
@@ -53,10 +52,11 @@ class EulerDiscreteScheduler:
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
         final_sigmas_type: str = "zero",
+        timestep_type: str = "discrete",
         **config: Any,
     ) -> None:
         name = type(self).__name__
-        reject_non_default(name, config, timestep_type="discrete")
+        choice(name, "timestep_type", timestep_type, ("discrete", "continuous"))
         self.prediction_type = choice(
             name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
         )
@@ -68,6 +68,9 @@ class EulerDiscreteScheduler:
             name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
         )
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
+        # "continuous" (CosXL-style v-prediction models): the denoiser's timestep is
+        # 0.25 log sigma, EDM's c_noise; diffusers applies it to v-prediction only
+        self._continuous = timestep_type == "continuous" and prediction_type == "v_prediction"
         self.use_karras_sigmas = bool(use_karras_sigmas)
         self.sigma_schedule = sigma_schedule(
             name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
@@ -89,6 +92,8 @@ class EulerDiscreteScheduler:
         # before set_timesteps diffusers exposes the full training schedule; so do we
         self.sigmas = np.concatenate([self._train_sigmas[::-1], [0]]).astype(F32)
         self.timesteps = np.arange(num_train_timesteps - 1, -1, -1, dtype=F32)
+        if self._continuous:
+            self.timesteps = (F32(0.25) * np.log(self.sigmas[:-1])).astype(F32)
         self.num_inference_steps: int | None = None
 
     @property
@@ -130,6 +135,8 @@ class EulerDiscreteScheduler:
             sig = np.concatenate([sig, [last]]).astype(F32)
         self.sigmas = sig
         self.timesteps = timesteps.astype(F32)
+        if self._continuous:
+            self.timesteps = (F32(0.25) * np.log(sig[:-1])).astype(F32)
         self.num_inference_steps = len(self.timesteps)
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:

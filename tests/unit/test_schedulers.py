@@ -92,6 +92,19 @@ EULER_CASES = {
         15,
     ),
     "linear-betas": ({"timestep_spacing": "leading"}, 10),
+    # CosXL-style: v-prediction on Karras sigmas, the denoiser's timestep 0.25 log sigma
+    "continuous-vpred-karras": (
+        {
+            **SD_BETAS,
+            "prediction_type": "v_prediction",
+            "timestep_type": "continuous",
+            "use_karras_sigmas": True,
+            "sigma_min": 0.002,
+            "sigma_max": 120.0,
+        },
+        12,
+    ),
+    "continuous-epsilon-stays-discrete": ({**SD_BETAS, "timestep_type": "continuous"}, 8),
 }
 DDIM_CASES = {
     "sd15": (SD15, 30),
@@ -506,7 +519,7 @@ def test_unknown_class_names_supported_ones():
     ("cls_name", "config", "key"),
     [
         ("EulerDiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
-        ("EulerDiscreteScheduler", {"timestep_type": "continuous"}, "timestep_type"),
+        ("EulerDiscreteScheduler", {"timestep_type": "karras"}, "timestep_type"),
         ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("DDIMScheduler", {"thresholding": True}, "thresholding"),
         ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
