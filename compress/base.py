@@ -66,6 +66,9 @@ class Pass(abc.ABC):
     needs_calibration: bool = False
     # The Edit types this pass records; register_pass registers them with `restore`.
     edits: ClassVar[tuple[type[Edit], ...]] = ()
+    # True for a pass that defines the model rather than compresses it (lora.fuse): bench
+    # applies it to its uncompressed reference too.
+    applies_to_reference: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -44,8 +44,9 @@ ENTRY_POINT_GROUP = "slimdiff.passes"
 class Stage(enum.IntEnum):
     """Where a pass may stand in a recipe: stages must not decrease."""
 
-    # Whole pipeline components (text.drop: SD3 without T5). Applied before calibration
-    # records the teacher, so the passes after it learn from the pipeline as deployed.
+    # Whole pipeline components and weights (text.drop: SD3 without T5; lora.fuse). Applied
+    # before calibration records the teacher, so the passes after it learn from the
+    # pipeline as deployed.
     COMPONENTS = 0
     STRUCTURAL = 1  # block removal
     PRUNING = 2  # structured pruning (EcoDiff)
@@ -56,6 +57,11 @@ class PassConfig(pydantic.BaseModel):
     """Base of every pass's config: data only, immutable, strict about keys."""
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    def input_files(self) -> tuple[str, ...]:
+        """Files the pass reads besides the model (lora.fuse's LoRAs): their contents, not
+        their paths, go into the compress cache key. Default: none."""
+        return ()
 
 
 @dataclass(frozen=True)

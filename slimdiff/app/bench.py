@@ -114,6 +114,9 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     base = load_model(recipe.model, device=device, allow_pickle=allow_pickle)
     threads = use_threads(base)  # the worker subprocess inherits it (SLIMDIFF_THREADS)
     arch, pipe = base.arch, base.require_pipeline("bench")
+    # Passes that define the model rather than compress it (lora.fuse) shape the reference
+    # too; compress then loads the model afresh, so they are not applied twice.
+    defining = _reference_passes(recipe, pipe)
     check_guidance_rescale(type(pipe), b.guidance_rescale, "bench.guidance_rescale")
     size = tuple(b.size or base.default_size)
     guidance = arch.default_guidance if b.guidance is None else b.guidance
@@ -151,6 +154,8 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     del pipe
 
     work = out / "recipes" / recipe.name
+    if defining:
+        base = None  # changed by the defining passes: freed before compress reloads it
     flow = compress_and_export(recipe, work, device=device, model=base)
     del base
     bundle = flow.bundles[bundle_target(b.backend, recipe.export.targets)]
@@ -357,6 +362,18 @@ def _pipe_kwargs(settings: dict, latents: np.ndarray) -> dict:
         "latents": torch.from_numpy(latents),
         **{k: settings[k] for k in ("guidance_rescale",) if k in settings},
     }
+
+
+def _reference_passes(recipe: Recipe, pipe) -> list[str]:
+    """Apply the recipe's passes that define the model (Pass.applies_to_reference) to the
+    reference pipeline; their names."""
+    from slimdiff.compress.base import build_passes
+
+    defining = [p for p in build_passes(recipe) if p.applies_to_reference]
+    for p in defining:
+        p.preflight(pipe, None)
+        p.apply(pipe, None)
+    return [p.name for p in defining]
 
 
 def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> dict:

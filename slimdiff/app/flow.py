@@ -72,9 +72,26 @@ def _hash(obj) -> str:
 
 
 def compress_hash(recipe: Recipe, model_fingerprint: dict) -> str:
-    """The artifact's cache key: the model's content fingerprint, not its name."""
+    """The artifact's cache key: the model's content fingerprint, not its name, and the
+    contents of the files passes read (lora.fuse's LoRAs), not their paths."""
     data = recipe.model_dump(mode="json", by_alias=True)
-    return _hash({"model": model_fingerprint, **{k: data[k] for k in ("calibration", "passes")}})
+    key = {"model": model_fingerprint, **{k: data[k] for k in ("calibration", "passes")}}
+    files = [(f, entry.name) for entry in recipe.passes for f in entry.config.input_files()]
+    if files:  # only then, so the keys of recipes that read no file stay as they were
+        key["inputs"] = {f: _file_digest(f, name) for f, name in files}
+    return _hash(key)
+
+
+def _file_digest(path: str, pass_name: str) -> str:
+    from slimdiff.runtime.manifest import sha256_file
+
+    try:
+        return sha256_file(Path(path).expanduser())
+    except OSError as err:
+        raise UserError(
+            f"{pass_name}: cannot read {path} ({err.strerror or type(err).__name__}); "
+            "paths are relative to the current directory"
+        ) from None
 
 
 def export_hash(compress: str, recipe: Recipe, target: str) -> str:

@@ -1,0 +1,147 @@
+"""`lora.fuse`: merge LoRA adapters into the weights before anything else runs.
+
+    - pass: lora.fuse
+      loras:
+        - path: loras/lcm-lora-sdxl.safetensors   # relative to the current directory
+          scale: 1.0                              # the LoRA's strength (default 1)
+
+Most SDXL deployments are a base or fine-tune plus LoRAs: a style, or a few-step
+distillation (LCM-LoRA, TCD-LoRA, Hyper-SD, SDXL-Lightning LoRAs). Fused, W' = W + scale *
+(alpha / r) * B A in every adapted layer, a LoRA costs nothing at inference, and the
+passes after it (distillation, EcoDiff, QuEST) compress the model as it will be deployed:
+it is a components pass, applied before calibration records the teacher. `slimdiff bench`
+fuses it into its reference too, since the LoRA is part of the model, not a compression.
+
+diffusers' LoRA loaders read the files (diffusers/PEFT, kohya-ss and A1111 layouts alike,
+converted by diffusers per family) and PEFT fuses them: `load_lora_weights`, `set_adapters`
+with the scales, `fuse_lora(safe_fusing=True)` (NaN weights are refused), then the adapter
+layers are unloaded, so the artifact is plain weights. Pickled LoRA files (.bin, .pt,
+.ckpt) are refused: nothing is unpickled. The files' contents, not their paths, key the
+compress cache (PassConfig.input_files), so an edited LoRA is never served stale.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
+
+from slimdiff.errors import UserError
+
+__all__ = ["FuseLoraPass"]
+
+
+class LoraFile(PassConfig):
+    path: Annotated[str, pydantic.Field(min_length=1)]
+    scale: Annotated[float, pydantic.Field(ge=-8.0, le=8.0)] = 1.0
+
+
+class FuseLoraConfig(PassConfig):
+    loras: Annotated[tuple[LoraFile, ...], pydantic.Field(min_length=1, max_length=16)]
+
+    def input_files(self) -> tuple[str, ...]:
+        return tuple(lora.path for lora in self.loras)
+
+
+@register_pass
+class FuseLoraPass(Pass):
+    """Fuse LoRA files into the pipeline's weights.
+
+    Example:
+        >>> config = FuseLoraConfig(loras=[{"path": "lcm-lora-sdxl.safetensors"}])
+        >>> report = FuseLoraPass(config).apply(pipe, None)  # doctest: +SKIP
+        >>> report.summary["layers_fused"]                   # doctest: +SKIP
+        {'unet': 278}
+    """
+
+    name = "lora.fuse"
+    stage = Stage.COMPONENTS
+    Config = FuseLoraConfig
+    applies_to_reference = True
+
+    def preflight(self, pipe: Any, calib: Any | None) -> None:
+        if not hasattr(pipe, "load_lora_weights"):
+            raise UserError(f"lora.fuse: diffusers has no LoRA loader for {type(pipe).__name__}")
+        for lora in self.config.loras:
+            lora_file(lora.path)
+        try:
+            import peft  # noqa: F401  (diffusers' LoRA loading needs it)
+        except ImportError:
+            raise UserError("lora.fuse needs the peft package: pip install peft") from None
+
+    def apply(self, pipe: Any, calib: Any | None) -> PassReport:
+        self.preflight(pipe, calib)
+        names = [f"slimdiff_lora_{i}" for i in range(len(self.config.loras))]
+        for name, lora in zip(names, self.config.loras, strict=True):
+            _load(pipe, lora_file(lora.path), name)
+        fused = _lora_layers(pipe)
+        try:
+            pipe.set_adapters(names, adapter_weights=[lora.scale for lora in self.config.loras])
+            pipe.fuse_lora(components=list(fused), adapter_names=names, safe_fusing=True)
+        except ValueError as err:  # safe_fusing: the fused weights hold NaN
+            pipe.unload_lora_weights()
+            raise UserError(f"lora.fuse: {err}") from None
+        pipe.unload_lora_weights()  # the adapter layers go; the fused weights stay
+        return PassReport(
+            self.name,
+            summary={
+                "loras": [{"path": lora.path, "scale": lora.scale} for lora in self.config.loras],
+                "layers_fused": fused,
+            },
+        )
+
+
+def lora_file(path: str) -> Path:
+    """`path` as a readable safetensors LoRA file; UserError naming the fix otherwise."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(
+            f"lora.fuse: {path} is not a file (paths are relative to the current directory)"
+        )
+    if file.suffix.lower() != ".safetensors":
+        raise UserError(
+            f"lora.fuse: {path} is not a .safetensors file; pickled LoRA files (.bin, .pt, "
+            ".ckpt) are not loaded: convert it to safetensors"
+        )
+    return file
+
+
+def _load(pipe: Any, file: Path, name: str) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(str(file), adapter_name=name)
+    except (ValueError, KeyError, IndexError, RuntimeError, OSError) as err:  # diffusers
+        pipe.unload_lora_weights()
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"lora.fuse: {file} does not load into this {type(pipe).__name__} ({detail}); "
+            "is it a LoRA for this model family?"
+        ) from None
+    if not _lora_layers(pipe, name):
+        pipe.unload_lora_weights()
+        raise UserError(
+            f"lora.fuse: no layer of {file} matches this {type(pipe).__name__}; "
+            "is it a LoRA for this model family?"
+        )
+
+
+def _lora_layers(pipe: Any, adapter: str | None = None) -> dict[str, int]:
+    """Per pipeline component, how many of its layers carry a LoRA adapter (`adapter`, or
+    any)."""
+    from peft.tuners.lora import LoraLayer
+
+    counts = {}
+    for component, module in pipe.components.items():
+        if not hasattr(module, "modules"):
+            continue
+        n = sum(
+            isinstance(m, LoraLayer) and (adapter is None or adapter in m.lora_A)
+            for m in module.modules()
+        )
+        if n:
+            counts[component] = n
+    return counts
