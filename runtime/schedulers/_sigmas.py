@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from ._common import karras_sigmas
+from ._common import karras_sigmas, sigma_to_t, trailing_timesteps
 
 SCHEDULES = ("karras", "exponential", "beta")
 BETA_ALPHA = BETA_BETA = 0.6  # diffusers' _convert_to_beta defaults; no config key sets them
@@ -52,6 +52,44 @@ def converted_sigmas(schedule: str, lo: float, hi: float, n: int) -> np.ndarray:
         return np.exp(np.linspace(math.log(hi), math.log(lo), n))
     quantiles = [beta_ppf(float(q), BETA_ALPHA, BETA_BETA) for q in 1 - np.linspace(0, 1, n)]
     return np.array([lo + p * (hi - lo) for p in quantiles])
+
+
+def multistep_timesteps(
+    spacing: str, n_train: int, n: int | None, steps_offset: int, last: int | None = None
+) -> np.ndarray:
+    """The spacing of DPM-Solver's family (DPM-Solver++, its singlestep form, UniPC, DEIS):
+    "linspace" and "leading" take n + 1 points from `last` - 1 (n_train; fewer when
+    lambda_min_clipped trims the noisiest end) down to 0 and drop the last; "trailing" is
+    Euler's. float64, unrounded where diffusers leaves them so."""
+    if n is None or not 0 < n <= n_train:
+        raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+    last = n_train if last is None else last
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
+    return trailing_timesteps(last, n_train, n)
+
+
+def multistep_sigmas(
+    t: np.ndarray,
+    train_sigmas: np.ndarray,
+    schedule: str | None,
+    sigma_min: float | None,
+    sigma_max: float | None,
+    round_karras: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of DPM-Solver's family: the training sigmas at the integer
+    timesteps `t`, or, with a converted `schedule`, its sigmas between sigma_min/max (the
+    training ends unless a config sets them) and their fractional timesteps, rounded for
+    Karras where diffusers rounds them (`round_karras`)."""
+    if not schedule:
+        return t, np.interp(t.astype(np.int64), np.arange(len(train_sigmas)), train_sigmas)
+    lo = sigma_min if sigma_min is not None else float(train_sigmas[0])
+    hi = sigma_max if sigma_max is not None else float(train_sigmas[-1])
+    sig = converted_sigmas(schedule, lo, hi, len(t))
+    t = sigma_to_t(sig, np.log(train_sigmas))
+    return (t.round() if schedule == "karras" and round_karras else t), sig
 
 
 def beta_ppf(q: float, a: float, b: float) -> float:

@@ -40,9 +40,8 @@ from ._common import (
     reject_args,
     reject_non_default,
     restarts,
-    sigma_to_t,
 )
-from ._sigmas import converted_sigmas, sigma_schedule
+from ._sigmas import multistep_sigmas, multistep_timesteps, sigma_schedule
 
 HALF = F32(0.5)
 
@@ -155,20 +154,12 @@ class DPMSolverSinglestepScheduler:
     ) -> None:
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n, n_train = num_inference_steps, self.num_train_timesteps
-        if n is None or not 0 < n <= n_train:
-            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
-        # lambda_min_clipped trims the noisiest end (cosine schedules); -inf keeps it all
+        # lambda_min_clipped trims the noisiest end (cosine schedules); -inf keeps it all;
+        # diffusers' singlestep class knows no other spacing than "linspace"
         clipped = int(np.searchsorted(self._lambda_t[::-1], self.lambda_min_clipped))
-        t = np.linspace(0, n_train - 1 - clipped, n + 1).round()[::-1][:-1].copy()
+        t = multistep_timesteps("linspace", n_train, n, 0, n_train - clipped)
         train = self._train_sigmas
-        if self.sigma_schedule:
-            lo = self.sigma_min if self.sigma_min is not None else float(train[0])
-            hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
-            sig = converted_sigmas(self.sigma_schedule, lo, hi, n)
-            t = sigma_to_t(sig, np.log(train))
-            t = t.round() if self.sigma_schedule == "karras" else t  # diffusers: Karras only
-        else:
-            sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)
+        t, sig = multistep_sigmas(t, train, self.sigma_schedule, self.sigma_min, self.sigma_max)
         last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
         self._t = t.astype(np.int64)

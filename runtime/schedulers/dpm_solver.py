@@ -28,10 +28,8 @@ from ._common import (
     reject_args,
     reject_non_default,
     restarts,
-    sigma_to_t,
-    trailing_timesteps,
 )
-from ._sigmas import converted_sigmas, sigma_schedule
+from ._sigmas import multistep_sigmas, multistep_timesteps, sigma_schedule
 
 
 class DPMSolverMultistepScheduler:
@@ -136,29 +134,21 @@ class DPMSolverMultistepScheduler:
         sigmas: np.ndarray | None = None,
     ) -> None:
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
-        if num_inference_steps is None:
-            raise ValueError("num_inference_steps is required")
-        n, n_train = num_inference_steps, self.num_train_timesteps
+        n_train = self.num_train_timesteps
         # lambda_min_clipped trims the noisiest end (cosine schedules); -inf keeps it all
         clipped = int(np.searchsorted(self._lambda_t[::-1], self.lambda_min_clipped))
-        last = n_train - clipped
-        # DPM spacing differs from Euler/DDIM: it drops the last of n + 1 points
-        if self.timestep_spacing == "linspace":
-            t = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy()
-        elif self.timestep_spacing == "leading":
-            t = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + self.steps_offset
-        else:  # trailing
-            t = trailing_timesteps(last, n_train, n)
+        t = multistep_timesteps(
+            self.timestep_spacing,
+            n_train,
+            num_inference_steps,
+            self.steps_offset,
+            n_train - clipped,
+        )
         train = self._train_sigmas
-        if self.sigma_schedule:
-            lo = self.sigma_min if self.sigma_min is not None else float(train[0])
-            hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
-            sig = converted_sigmas(self.sigma_schedule, lo, hi, n)
-            t = sigma_to_t(sig, np.log(train))
-            # diffusers rounds only the Karras timesteps (not for cosine betas)
-            t = t.round() if self.sigma_schedule == "karras" and self._round_karras else t
-        else:
-            sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)
+        # diffusers rounds the Karras timesteps except for cosine betas
+        t, sig = multistep_sigmas(
+            t, train, self.sigma_schedule, self.sigma_min, self.sigma_max, self._round_karras
+        )
         last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
         self._t = t.astype(np.int64)

@@ -38,10 +38,8 @@ from ._common import (
     reject_args,
     reject_non_default,
     restarts,
-    sigma_to_t,
-    trailing_timesteps,
 )
-from ._sigmas import converted_sigmas, sigma_schedule
+from ._sigmas import multistep_sigmas, multistep_timesteps, sigma_schedule
 
 
 class UniPCMultistepScheduler:
@@ -151,29 +149,15 @@ class UniPCMultistepScheduler:
     ) -> None:
         # diffusers takes `sigmas` only with flow sigmas, `mu` only with dynamic shifting
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
-        n, n_train = num_inference_steps, self.num_train_timesteps
-        if n is None or not 0 < n <= n_train:
-            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
-        # as DPM-Solver: n + 1 points, the last (t = 0) dropped
-        if self.timestep_spacing == "linspace":
-            t = np.linspace(0, n_train - 1, n + 1).round()[::-1][:-1].copy()
-        elif self.timestep_spacing == "leading":
-            t = (np.arange(0, n + 1) * (n_train // (n + 1))).round()[::-1][:-1] + self.steps_offset
-        else:  # trailing
-            t = trailing_timesteps(n_train, n_train, n)
         train = self._train_sigmas
-        if self.sigma_schedule:
-            lo = self.sigma_min if self.sigma_min is not None else float(train[0])
-            hi = self.sigma_max if self.sigma_max is not None else float(train[-1])
-            sig = converted_sigmas(self.sigma_schedule, lo, hi, n)
-            t = sigma_to_t(sig, np.log(train))
-            # UniPC rounds the Karras timesteps on every beta schedule, only those
-            t = t.round() if self.sigma_schedule == "karras" else t
-            # unlike the interpolated branch: the last converted sigma, not the training one
-            last_sigma = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
-        else:
-            sig = np.interp(t.astype(np.int64), np.arange(len(train)), train)
-            last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        t = multistep_timesteps(
+            self.timestep_spacing, self.num_train_timesteps, num_inference_steps, self.steps_offset
+        )
+        # UniPC rounds the Karras timesteps on every beta schedule
+        t, sig = multistep_sigmas(t, train, self.sigma_schedule, self.sigma_min, self.sigma_max)
+        last_sigma = 0.0
+        if self.final_sigmas_type == "sigma_min":  # a converted schedule's own last sigma,
+            last_sigma = sig[-1] if self.sigma_schedule else train[0]  # else the training one
         self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
         self._t = t.astype(np.int64)
         self.timesteps = self._t.astype(F32)
