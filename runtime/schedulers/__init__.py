@@ -25,6 +25,8 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   (2022, arXiv:2211.01095).
 - `DPMSolverSinglestepScheduler` ("DPM++ 2S", not ancestral): singlestep DPM-Solver(++) of
   Lu et al. (2022, arXiv:2206.00927 and arXiv:2211.01095), orders 1-3, and its SDE form.
+- `DPMSolverSDEScheduler` ("DPM++ SDE"): k-diffusion's stochastic DPM-Solver++ (r = 1/2),
+  two calls per step; its Brownian-tree noise is rebuilt from independent draws.
 - `DEISMultistepScheduler`: log-rho multistep DEIS of Zhang & Chen, "Fast Sampling of
   Diffusion Models with Exponential Integrator" (2023, arXiv:2204.13902), orders 1-3.
 - `DDPMScheduler`: ancestral sampling of Ho et al., "Denoising Diffusion Probabilistic
@@ -59,8 +61,8 @@ v-prediction follows Salimans & Ho, "Progressive Distillation" (2022, arXiv:2202
 Unlike diffusers, `scale_model_input` and `step` take the step index explicitly, so no
 hidden counter can drift; the multistep ones (DPM-Solver++, DEIS, LMS, PNDM, UniPC) keep
 their model-output history and require steps in order. The stochastic ones (`stochastic`
-true: Euler a, DPM2 a, DDPM, LCM, TCD with eta > 0, DPM-Solver++ in its SDE forms) take
-each step's standard-normal noise as `step(..., noise=)` where `takes_noise` says so,
+true: Euler a, DPM2 a, DDPM, DPM++ SDE, LCM, TCD with eta > 0, DPM-Solver++'s SDE forms)
+take each step's standard-normal noise as `step(..., noise=)` where `takes_noise` says so,
 which the runtime draws from the seed; diffusers draws it from torch's generator, so their
 images differ from diffusers' for the same seed (the deterministic ones match it). Only
 numpy and the standard library are imported (the runtime is torch-free).
@@ -90,6 +92,7 @@ import numpy as np
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
+from .dpm_sde import DPMSolverSDEScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .edm_dpm_solver import EDMDPMSolverMultistepScheduler
@@ -112,6 +115,7 @@ __all__ = [
     "DDPMScheduler",
     "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
     "DPMSolverSinglestepScheduler",
     "EDMDPMSolverMultistepScheduler",
     "EDMEulerScheduler",
@@ -168,6 +172,7 @@ _SCHEDULERS: dict[str, type] = {
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         DPMSolverSinglestepScheduler,
+        DPMSolverSDEScheduler,
         DEISMultistepScheduler,
         DDPMScheduler,
         PNDMScheduler,
@@ -210,6 +215,8 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "dpm++2s": ("DPMSolverSinglestepScheduler", {}),
     "dpm++2s-karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "dpm++sde": ("DPMSolverSDEScheduler", {}),
+    "dpm++sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "deis": ("DEISMultistepScheduler", {}),
     "deis-karras": ("DEISMultistepScheduler", {"use_karras_sigmas": True}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),

@@ -74,7 +74,8 @@ def scheduler_option(help_text: str):
             callback=_check_scheduler_name,
             help=help_text + " euler, euler-karras, euler-a, heun, dpm2, dpm2-karras, dpm2-a, "
             "dpm2-a-karras, lms, lms-karras, ddim, ddpm, dpm++2m, dpm++2m-karras, dpm++2m-sde, "
-            "dpm++2m-sde-karras, dpm++2s, dpm++2s-karras, deis, deis-karras, pndm, lcm, tcd, "
+            "dpm++2m-sde-karras, dpm++2s, dpm++2s-karras, dpm++sde, dpm++sde-karras, deis, "
+            "deis-karras, pndm, lcm, tcd, "
             "unipc, edm-euler, edm-dpm++2m, edm-dpm++2m-sde (EDM models), flow-euler "
             "(SD3/FLUX), or "
             "a diffusers class name; built from the model's scheduler config as diffusers' "

@@ -216,6 +216,53 @@ def test_stochastic_scheduler_is_seeded(exported, name):
     )
 
 
+def test_dpm_sde_matches_diffusers_given_the_runtime_noise(exported, monkeypatch):
+    """DPM++ SDE Karras through the runtime's loop (two calls a step, noise on all but the
+    last) against diffusers, whose Brownian-tree sampler is replaced by one built from the
+    runtime's draws (tests/unit/test_scheduler_dpm_sde.py)."""
+    pytest.importorskip("torchsde")
+    import diffusers
+    from diffusers.schedulers import scheduling_dpmsolver_sde
+
+    from tests.unit.test_scheduler_dpm_sde import BrownianFromDraws
+
+    def sampler_from_runtime_stream():
+        draw = _runtime_step_noise(0)
+
+        class Sampler(BrownianFromDraws):
+            def __call__(self, sigma, sigma_next):
+                self.draws.append(draw(self.shape).numpy())
+                return super().__call__(sigma, sigma_next)
+
+        def build(x, *_args, **_kwargs):
+            sampler = Sampler([])
+            sampler.shape = tuple(x.shape)
+            return sampler
+
+        monkeypatch.setattr(scheduling_dpmsolver_sde, "BrownianTreeNoiseSampler", build)
+
+    model, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="dpm++sde-karras")
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    original = model.pipe.scheduler
+    model.pipe.scheduler = diffusers.DPMSolverSDEScheduler.from_config(
+        original.config, use_karras_sigmas=True
+    )
+    try:
+        model.pipe.set_progress_bar_config(disable=True)
+        sampler_from_runtime_stream()
+        ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
+        sampler_from_runtime_stream()
+        _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
+    finally:
+        model.pipe.scheduler = original
+    result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "dpm++sde-karras")
+    assert _psnr(result.image, ref_image) >= 40.0
+    assert len(result.timings_ms["denoiser_steps"]) == 2 * STEPS - 1
+
+
 @pytest.mark.parametrize("eta", [0.3, 1.0])
 def test_tcd_gamma_matches_diffusers(exported, eta, monkeypatch):
     """TCD's strategic stochastic sampling: `eta` as diffusers' pipelines pass it to
@@ -252,8 +299,8 @@ def test_tcd_gamma_matches_diffusers(exported, eta, monkeypatch):
 
 def test_scheduler_choice_errors(exported):
     _, bundle = exported("sd15")
-    with pytest.raises(UserError, match=r"unknown scheduler 'dpm\+\+sde'"):
-        Text2ImagePipeline.from_bundle(bundle, scheduler="dpm++sde")
+    with pytest.raises(UserError, match=r"unknown scheduler 'k_euler'"):
+        Text2ImagePipeline.from_bundle(bundle, scheduler="k_euler")
     mismatch = "samples the flow matching process, the model was trained for the discrete-time VP"
     with pytest.raises(UserError, match=mismatch):
         Text2ImagePipeline.from_bundle(bundle, scheduler="flow-euler")

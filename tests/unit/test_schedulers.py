@@ -493,9 +493,8 @@ def test_from_saved_config(tmp_path, cls_name, config):
 
 
 def test_unknown_class_names_supported_ones():
-    # DPM++ SDE (singlestep) draws from torchsde's Brownian tree: no numpy port
-    with pytest.raises(ValueError, match="DPMSolverSDEScheduler") as info:
-        schedulers.scheduler_from_config({"_class_name": "DPMSolverSDEScheduler"})
+    with pytest.raises(ValueError, match="IPNDMScheduler") as info:  # no numpy port
+        schedulers.scheduler_from_config({"_class_name": "IPNDMScheduler"})
     for name in (
         "EulerDiscreteScheduler",
         "HeunDiscreteScheduler",
@@ -509,6 +508,7 @@ def test_unknown_class_names_supported_ones():
         "DEISMultistepScheduler",
         "DPMSolverSinglestepScheduler",
         "DDPMScheduler",
+        "DPMSolverSDEScheduler",
     ):
         assert name in str(info.value)
     with pytest.raises(ValueError, match="None"):
