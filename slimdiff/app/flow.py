@@ -82,6 +82,17 @@ def compress_hash(recipe: Recipe, model_fingerprint: dict) -> str:
     return _hash(key)
 
 
+def check_input_files(recipe: Recipe) -> None:
+    """UserError naming the first file a pass reads (lora.fuse's LoRAs) that is missing."""
+    for entry in recipe.passes:
+        for f in entry.config.input_files():
+            if not Path(f).expanduser().is_file():
+                raise UserError(
+                    f"{entry.name}: {f} is not a file (paths are relative to the current "
+                    "directory)"
+                )
+
+
 def _file_digest(path: str, pass_name: str) -> str:
     from slimdiff.runtime.manifest import sha256_file
 
@@ -157,6 +168,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
     from slimdiff.models.fingerprint import fingerprint
 
     check_outputs(recipe, out)
+    check_input_files(recipe)  # before minutes of loading the model
     result = FlowResult(artifact=out / "artifact")
     dropped = dropped_components(recipe)  # text.drop: never loaded here
     if model is None:

@@ -236,3 +236,24 @@ def test_kohya_layout_with_alpha(loras, tmp_path):
     text_after = pipe.text_encoder.get_submodule(TEXT_LAYER).weight.detach()
     torch.testing.assert_close(text_after, text_before + text_delta, rtol=0, atol=1e-6)
     assert set(report.summary["layers_fused"]) == {"unet", "text_encoder"}
+
+
+def test_a_missing_lora_stops_compress_before_the_model_loads(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nmodel: tiny:sdxl\npasses:\n"
+        "  - pass: lora.fuse\n    loras:\n      - {path: nowhere/l.safetensors}\n"
+    )
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("slimdiff.models.load_model", no_load)
+    done = CliRunner().invoke(main, ["compress", str(recipe), "--out", str(tmp_path / "o")])
+    assert done.exit_code == 2
+    assert "lora.fuse: nowhere/l.safetensors is not a file" in done.output
+    assert not (tmp_path / "o").exists()
