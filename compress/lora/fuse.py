@@ -110,6 +110,7 @@ def lora_file(path: str) -> Path:
 
 
 def _load(pipe: Any, file: Path, name: str) -> None:
+    _refuse_lycoris(file)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -126,6 +127,26 @@ def _load(pipe: Any, file: Path, name: str) -> None:
         raise UserError(
             f"lora.fuse: no layer of {file} matches this {type(pipe).__name__}; "
             "is it a LoRA for this model family?"
+        )
+
+
+def _refuse_lycoris(file: Path) -> None:
+    """LyCORIS's LoHa and LoKr factorizations (hada_*, lokr_* keys) are not LoRA: diffusers'
+    loaders do not read them, so say that rather than "another family"."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors' own errors for a damaged or foreign file
+        raise UserError(f"lora.fuse: {file} is not a readable safetensors file ({err})") from None
+    kinds = {k for key in keys for k in ("hada_", "lokr_") if k in key}
+    if kinds:
+        found = " / ".join(k.rstrip("_") for k in sorted(kinds))
+        raise UserError(
+            f"lora.fuse: {file} is a LyCORIS {found} file (LoHa/LoKr), "
+            "which diffusers' LoRA loaders do not read; merge it into the model with "
+            "LyCORIS's tools, or use a plain LoRA"
         )
 
 

@@ -114,6 +114,14 @@ def test_bad_files_are_refused_naming_the_fix(loras, tmp_path):
     save_file({"lora_unet_foo.lora_down.weight": torch.zeros(2, 3)}, str(other))
     with pytest.raises(UserError, match="is it a LoRA for this model family"):
         _pass((other, 1.0)).apply(pipe, None)
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_foo.hada_w1_a": torch.zeros(2, 3)}, str(loha))
+    with pytest.raises(UserError, match="LyCORIS hada file"):
+        _pass((loha, 1.0)).apply(pipe, None)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        _pass((damaged, 1.0)).apply(pipe, None)
     sd3 = load_model("tiny:sd3").pipe
     with pytest.raises(UserError, match="is it a LoRA for this model family"):
         _pass((loras / "style.safetensors", 1.0)).apply(sd3, None)
