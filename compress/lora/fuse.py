@@ -111,6 +111,12 @@ def lora_file(path: str) -> Path:
 
 def _load(pipe: Any, file: Path, name: str) -> None:
     _refuse_lycoris(file)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    # diffusers logs "No LoRA keys associated to ..." for each component a LoRA leaves
+    # alone (most leave the text encoders): noise for a user, who sees the layer counts
+    diffusers_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -122,6 +128,8 @@ def _load(pipe: Any, file: Path, name: str) -> None:
             f"lora.fuse: {file} does not load into this {type(pipe).__name__} ({detail}); "
             "is it a LoRA for this model family?"
         ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     if not _lora_layers(pipe, name):
         pipe.unload_lora_weights()
         raise UserError(

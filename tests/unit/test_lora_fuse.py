@@ -265,3 +265,29 @@ def test_a_missing_lora_stops_compress_before_the_model_loads(tmp_path, monkeypa
     assert done.exit_code == 2
     assert "lora.fuse: nowhere/l.safetensors is not a file" in done.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_other_families(family, tmp_path, capfd):
+    """SD1.5's UNet, SD3's and FLUX's transformers: each family's diffusers LoRA loader."""
+    torch.manual_seed(0)
+    pipe = load_model(f"tiny:{family}").pipe
+    name = "unet" if family == "sd15" else "transformer"
+    config = LoraConfig(
+        r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]
+    )
+    inject_adapter_in_model(config, getattr(pipe, name))
+    layers = get_peft_model_state_dict(getattr(pipe, name))
+    type(pipe).save_lora_weights(str(tmp_path), **{f"{name}_lora_layers": layers})
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    fresh = load_model(f"tiny:{family}").pipe
+    denoiser = getattr(fresh, name)
+    layer = next(n for n, _ in denoiser.named_modules() if n.endswith("to_q"))
+    before = denoiser.get_submodule(layer).weight.detach().clone()
+    capfd.readouterr()
+    report = _pass((file, 0.5)).apply(fresh, None)
+    assert "No LoRA keys" not in capfd.readouterr().err  # diffusers' per-component notice
+    expected = before + 0.5 * _delta(file, name, layer)
+    torch.testing.assert_close(denoiser.get_submodule(layer).weight.detach(), expected)
+    attention = sum(n.endswith("to_q") for n, _ in denoiser.named_modules())
+    assert report.summary["layers_fused"] == {name: 3 * attention}
