@@ -50,6 +50,7 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   Esser et al., "Scaling Rectified Flow Transformers" (SD3, 2024, arXiv:2403.03206) and
   FLUX's resolution-dependent shift (`mu`: slimdiff.models.kinds.calculate_shift, from
   diffusers' pipeline_flux.py, which the runtime's conditioning computes).
+- `FlowMatchHeunDiscreteScheduler`: Heun on the same ODE, SD3's static shift only.
 
 `use_karras_sigmas`, `use_exponential_sigmas` and `use_beta_sigmas` (Lee et al., "Beta
 Sampling is All You Need", arXiv:2407.12173) redraw the sigmas where diffusers does
@@ -100,6 +101,7 @@ from .edm_euler import EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .flow_match import FlowMatchEulerDiscreteScheduler
+from .flow_match_heun import FlowMatchHeunDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2DiscreteScheduler
 from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
@@ -122,6 +124,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler",
     "KDPM2DiscreteScheduler",
@@ -182,6 +185,7 @@ _SCHEDULERS: dict[str, type] = {
         EDMEulerScheduler,
         EDMDPMSolverMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
     )
 }
 
@@ -227,6 +231,7 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "edm-dpm++2m": ("EDMDPMSolverMultistepScheduler", {}),
     "edm-dpm++2m-sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
 
 

@@ -88,8 +88,7 @@ def check_input_files(recipe: Recipe) -> None:
         for f in entry.config.input_files():
             if not Path(f).expanduser().is_file():
                 raise UserError(
-                    f"{entry.name}: {f} is not a file (paths are relative to the current "
-                    "directory)"
+                    f"{entry.name}: {f} is not a file (paths are relative to the current directory)"
                 )
 
 

@@ -210,7 +210,10 @@ def timestep_args(
     args: dict[str, Any] = {"num_inference_steps": steps}
     if spec.sigmas == "linspace":
         args["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-    if spec.shift is not None:
+    # mu only for a schedule that shifts by resolution, as SD3's pipeline passes it (FLUX's
+    # always passes it, and a static-shift FlowMatchEuler ignores it there): a scheduler
+    # without dynamic shifting (SD3's flow-match Heun) takes no mu
+    if spec.shift is not None and scheduler_config.get("use_dynamic_shifting"):
         s, cfg = spec.shift, scheduler_config
         args["mu"] = calculate_shift(
             spec.image_tokens(lat_h, lat_w),

@@ -216,6 +216,28 @@ def test_stochastic_scheduler_is_seeded(exported, name):
     )
 
 
+def test_sd3_flow_heun_matches_diffusers(exported):
+    """SD3 sampled with flow-match Heun (`--scheduler flow-heun`): 2n - 1 calls."""
+    import diffusers
+
+    model, bundle = exported("sd3")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="flow-heun")
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    original = model.pipe.scheduler
+    model.pipe.scheduler = diffusers.FlowMatchHeunDiscreteScheduler.from_config(original.config)
+    try:
+        model.pipe.set_progress_bar_config(disable=True)
+        ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
+        _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
+    finally:
+        model.pipe.scheduler = original
+    result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "flow-heun")
+    assert _psnr(result.image, ref_image) >= 40.0
+    assert len(result.timings_ms["denoiser_steps"]) == 2 * STEPS - 1
+
+
 def test_dpm_sde_matches_diffusers_given_the_runtime_noise(exported, monkeypatch):
     """DPM++ SDE Karras through the runtime's loop (two calls a step, noise on all but the
     last) against diffusers, whose Brownian-tree sampler is replaced by one built from the

@@ -104,11 +104,14 @@ def test_bad_names(sd15, name, message):
 
 
 def test_export_refuses_before_any_work_and_ships_the_choice(sd3, tmp_path):
-    """SD3 with a flow-matching Heun: refused, nothing written; with flow-euler the bundle
-    carries FlowMatchEuler with the model's shift."""
-    old = _with_scheduler(sd3, "FlowMatchHeunDiscreteScheduler")
+    """SD3 with flow-matching LCM (no numpy port): refused, nothing written; with flow-euler
+    the bundle carries FlowMatchEuler with the model's shift."""
+    old = _with_scheduler(sd3, "FlowMatchLCMScheduler")
     try:
-        only_flow = r"one of: flow-euler, FlowMatchEulerDiscreteScheduler$"
+        only_flow = (
+            r"one of: flow-euler, flow-heun, FlowMatchEulerDiscreteScheduler, "
+            r"FlowMatchHeunDiscreteScheduler$"
+        )
         with pytest.raises(UserError, match=only_flow):
             export_bundle(sd3, tmp_path / "refused")
         assert list(tmp_path.iterdir()) == []

@@ -177,3 +177,26 @@ def test_trailing_step_counts_keep_n_points(cls_name):
     assert len(ours.timesteps) == 61 + extra and ours.timesteps.min() >= 0
     assert len(theirs) == 62 + extra and theirs.min() == -1
     np.testing.assert_allclose(ours.timesteps, theirs[: 61 + extra], rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize(("shift", "steps"), [(3.0, 10), (1.0, 6), (3.0, 1)])
+def test_flow_match_heun_trajectory(shift, steps):
+    """SD3's flow-match Heun: 2n - 1 calls, the second halves interleaved."""
+    config = {**SD3, "shift": shift}
+    ref, ours = _pair("FlowMatchHeunDiscreteScheduler", config)
+    _run(ref, ours, steps, seed=int(shift * 10) + steps)
+    assert len(ours.timesteps) == 2 * steps - 1
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_flow_match_heun_cannot_sample_flux():
+    """FLUX's pipeline passes sigmas and mu, which diffusers' flow-match Heun does not take:
+    refused as diffusers refuses it, naming what is missing."""
+    switched = schedulers.switch_scheduler(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_DEV}, "flow-heun"
+    )
+    heun = schedulers.scheduler_from_config(switched)  # FLUX's keys are ignored, as there
+    with pytest.raises(ValueError, match="does not take `mu`"):
+        heun.set_timesteps(4, mu=0.8)
+    with pytest.raises(ValueError, match="euler-a cannot replace"):
+        schedulers.switch_scheduler(switched, "euler-a")
