@@ -16,10 +16,7 @@ to 1e-6), and the closed forms against a float64 quadrature of the Lagrange basi
 
 from __future__ import annotations
 
-import ast
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,19 +249,3 @@ def test_scale_model_input_is_identity_and_init_noise_sigma_one():
     assert sched.init_noise_sigma == 1.0 and sched.stochastic is False
     np.testing.assert_array_equal(sched.scale_model_input(x, 4), x)
     assert sched.scale_model_input(x.astype(np.float64), 4).dtype == np.float32
-
-
-def test_imports_only_numpy_and_stdlib():
-    """deis.py is torch-free: numpy, the standard library and its sibling modules only."""
-    tree = ast.parse(Path(deis.__file__).read_text())
-    roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level in (0, 1), node.module  # "from ._common import ..." at most
-            if node.level == 0:
-                roots.add(node.module.split(".")[0])
-    assert "numpy" in roots
-    for root in roots:
-        assert root == "numpy" or root in sys.stdlib_module_names, root
