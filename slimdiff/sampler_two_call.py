@@ -1,8 +1,8 @@
-"""Stateless torch samplers whose steps are two denoiser calls: Heun and DPM2.
+"""Stateless torch samplers whose steps are two denoiser calls: Heun, DPM2, flow Heun.
 
-diffusers.HeunDiscreteScheduler and diffusers.KDPM2DiscreteScheduler, as `slimdiff.sampler`
-explains (the numpy ports: runtime/schedulers/heun.py, kdpm2.py). A core module, like
-slimdiff/sampler.py.
+diffusers.HeunDiscreteScheduler, KDPM2DiscreteScheduler and FlowMatchHeunDiscreteScheduler,
+as `slimdiff.sampler` explains (the numpy ports: runtime/schedulers/heun.py, kdpm2.py,
+flow_match_heun.py). A core module, like slimdiff/sampler.py.
 """
 
 from __future__ import annotations
@@ -117,7 +117,24 @@ class _KDPM2Sampler(_TwoCallSampler):
         return state.start + slope * c["dt"], SamplerState(noise=state.noise)
 
 
+class _FlowHeunSampler(_HeunSampler):
+    """diffusers.FlowMatchHeunDiscreteScheduler.step (SD3, gamma 0): Heun's steps on the
+    rectified flow, the velocity read as diffusers reads it (x0 = x - v sigma, the slope
+    (x - x0) / sigma), the denoiser's input unscaled."""
+
+    supported: ClassVar = {}
+    name = "flow-match Heun"
+
+    @staticmethod
+    def _call(sigma_in: Tensor, dt: Tensor, scale: Tensor) -> Coefficients:
+        return {"sigma_in": sigma_in, "dt": dt, "in_scale": scale * 0 + 1}
+
+    def _slope(self, model_output: Tensor, sample: Tensor, c: Coefficients) -> Tensor:
+        return (sample - (sample - model_output * c["sigma_in"])) / c["sigma_in"]
+
+
 TWO_CALL_SAMPLERS: dict[str, type[TorchSampler]] = {
     "HeunDiscreteScheduler": _HeunSampler,
     "KDPM2DiscreteScheduler": _KDPM2Sampler,
+    "FlowMatchHeunDiscreteScheduler": _FlowHeunSampler,
 }

@@ -87,6 +87,8 @@ CASES = {
     },
     **{f"unipc-{k}": (UNIPC, c, n, {}) for k, (c, n) in unipc.CASES.items()},
     "flow-sd3": (FLOW, SD3, 28, {}),
+    "flow-heun-sd3": ("FlowMatchHeunDiscreteScheduler", SD3, 10, {}),
+    "flow-heun-shift1-one-step": ("FlowMatchHeunDiscreteScheduler", {**SD3, "shift": 1.0}, 1, {}),
     "flow-dynamic-no-sigmas": (FLOW, FLUX_DEV, 12, {"mu": _mu(FLUX_DEV, 256)}),
     "euler-custom-sigmas": (
         EULER,
