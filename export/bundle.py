@@ -18,7 +18,7 @@ from slimdiff.runtime.manifest import MANIFEST_NAME, PipelineSpec, TextEncoderRe
 from slimdiff.runtime.pipeline import scheduler_problem
 from slimdiff.runtime.schedulers import (
     SCHEDULER_ALIASES,
-    SIGMA_KEYS,
+    replaced_schedule,
     scheduler_names,
     switch_scheduler,
 )
@@ -141,8 +141,8 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
     as diffusers' `from_config` builds it. The model is left as it was.
 
     Raises UserError, before any export work, for an unknown name or a scheduler the
-    runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; DPM++ SDE, which
-    needs torchsde's Brownian tree, is not), naming the --scheduler choices that work.
+    runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; SA-Solver and IPNDM
+    are not), naming the --scheduler choices that work.
     """
     import diffusers  # the exporter has torch and diffusers; the runtime does not
 
@@ -155,9 +155,7 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
         except ValueError as err:
             raise UserError(f"--scheduler: {err}") from None
         class_name, overrides = SCHEDULER_ALIASES.get(name, (name, {}))
-        config = dict(scheduler.config)
-        if SIGMA_KEYS & overrides.keys():  # as switch_scheduler: "-karras" replaces, not clashes
-            config = {k: v for k, v in config.items() if k not in SIGMA_KEYS}
+        config = replaced_schedule(dict(scheduler.config), overrides)
         scheduler = getattr(diffusers, class_name).from_config(config, **overrides)
         current = {**scheduler.config, "_class_name": class_name}
     problem = scheduler_problem(spec, current)

@@ -73,7 +73,7 @@ class FuseLoraPass(Pass):
             raise UserError("lora.fuse needs the peft package: pip install peft") from None
 
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:
-        self.preflight(pipe, calib)
+        # preflight ran already (the runner, bench); each file is checked again as it loads
         names = [f"slimdiff_lora_{i}" for i in range(len(self.config.loras))]
         for name, lora in zip(names, self.config.loras, strict=True):
             _load(pipe, lora_file(lora.path), name)

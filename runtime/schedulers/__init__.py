@@ -90,6 +90,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ._sigmas import SCHEDULES
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
@@ -134,6 +135,7 @@ __all__ = [
     "Scheduler",
     "TCDScheduler",
     "UniPCMultistepScheduler",
+    "replaced_schedule",
     "scheduler_from_config",
     "scheduler_names",
     "switch_scheduler",
@@ -278,7 +280,7 @@ def _process(class_name: str) -> str:
     return "EDM" if class_name.startswith("EDM") else "discrete-time VP"
 
 
-SIGMA_KEYS = frozenset(f"use_{name}_sigmas" for name in ("karras", "exponential", "beta"))
+SIGMA_KEYS = frozenset(f"use_{name}_sigmas" for name in SCHEDULES)
 
 
 def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -305,6 +307,12 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
             f"{_process(current)} one; use one of: {', '.join(allowed) or 'none ported yet'}"
         )
     kept = {k: v for k, v in config.items() if not k.startswith("_")}
-    if SIGMA_KEYS & overrides.keys():  # "-karras" replaces the bundle's sigma schedule
-        kept = {k: v for k, v in kept.items() if k not in SIGMA_KEYS}
-    return {"_class_name": class_name, **kept, **overrides}
+    return {"_class_name": class_name, **replaced_schedule(kept, overrides), **overrides}
+
+
+def replaced_schedule(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config` less its sigma-schedule flags when `overrides` sets one: a "-karras" name
+    replaces the bundle's schedule (exponential, Beta) rather than clashing with it."""
+    if not SIGMA_KEYS & overrides.keys():
+        return config
+    return {k: v for k, v in config.items() if k not in SIGMA_KEYS}

@@ -48,6 +48,13 @@ def reject_args(owner: str, **args: Any) -> None:
             raise ValueError(f"{owner}.set_timesteps does not take `{key}`")
 
 
+def check_steps(n: int | None, n_train: int) -> int:
+    """`set_timesteps`' step count: 1..n_train (the training schedule's length)."""
+    if n is None or not 0 < n <= n_train:
+        raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+    return n
+
+
 def check_step(owner: str, step_index: int, num_steps: int) -> None:
     # numpy would wrap a negative index around silently
     if not 0 <= step_index < num_steps:

@@ -19,10 +19,19 @@ Lentz) and bisection to float64 resolution, within 1e-12 of scipy (tests check).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from ._common import karras_sigmas, sigma_to_t, trailing_timesteps
+from ._common import (
+    F32,
+    ONE,
+    alphas_cumprod_f32,
+    check_steps,
+    karras_sigmas,
+    sigma_to_t,
+    trailing_timesteps,
+)
 
 SCHEDULES = ("karras", "exponential", "beta")
 BETA_ALPHA = BETA_BETA = 0.6  # diffusers' _convert_to_beta defaults; no config key sets them
@@ -44,14 +53,68 @@ def sigma_schedule(
     return chosen[0] if chosen else None
 
 
-def converted_sigmas(schedule: str, lo: float, hi: float, n: int) -> np.ndarray:
-    """n descending float64 sigmas from `hi` to `lo` on `schedule` (one of SCHEDULES)."""
+def converted_sigmas(
+    schedule: str,
+    lo: float,
+    hi: float,
+    n: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> np.ndarray:
+    """n descending float64 sigmas on `schedule` (one of SCHEDULES), from `sigma_max` down
+    to `sigma_min` where a config sets them, else from `hi` down to `lo` (the ends of the
+    schedule being converted)."""
+    lo = sigma_min if sigma_min is not None else lo
+    hi = sigma_max if sigma_max is not None else hi
     if schedule == "karras":
         return karras_sigmas(lo, hi, n)
     if schedule == "exponential":
         return np.exp(np.linspace(math.log(hi), math.log(lo), n))
     quantiles = [beta_ppf(float(q), BETA_ALPHA, BETA_BETA) for q in 1 - np.linspace(0, 1, n)]
     return np.array([lo + p * (hi - lo) for p in quantiles])
+
+
+class MultistepTables:
+    """The VP tables of DPM-Solver's family (DPM-Solver++ 2M and 2S, UniPC, DEIS) and how a
+    schedule sets them: float32 alpha-bars, log-SNR lambda and training sigmas, as
+    diffusers' torch builds them; int64 timesteps, exposed as float32."""
+
+    def _init_tables(
+        self,
+        owner: str,
+        num_train_timesteps: int,
+        beta_start: float,
+        beta_end: float,
+        beta_schedule: str,
+        trained_betas: Any,
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        ac = alphas_cumprod_f32(
+            owner,
+            num_train_timesteps,
+            beta_start,
+            beta_end,
+            beta_schedule,
+            trained_betas,
+            rescale_betas_zero_snr,
+        )
+        if rescale_betas_zero_snr:
+            ac[-1] = 2**-24  # diffusers: close to 0 so the first sigma is finite (4096)
+        self.alphas_cumprod = ac
+        self._lambda_t = np.log(np.sqrt(ac)) - np.log(np.sqrt(ONE - ac))
+        self._train_sigmas = np.sqrt((ONE - ac) / ac)
+        # before set_timesteps diffusers exposes the training schedule; so do we
+        self.sigmas = self._train_sigmas
+        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps: int | None = None
+
+    def _set_tables(self, t: np.ndarray, sig: np.ndarray, last_sigma: float) -> None:
+        """A schedule's timesteps `t` and sigmas `sig`, the final sigma appended."""
+        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
+        self._t = t.astype(np.int64)
+        self.timesteps = self._t.astype(F32)
+        self.num_inference_steps = len(self._t)
 
 
 def multistep_timesteps(
@@ -61,8 +124,7 @@ def multistep_timesteps(
     "linspace" and "leading" take n + 1 points from `last` - 1 (n_train; fewer when
     lambda_min_clipped trims the noisiest end) down to 0 and drop the last; "trailing" is
     Euler's. float64, unrounded where diffusers leaves them so."""
-    if n is None or not 0 < n <= n_train:
-        raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+    n = check_steps(n, n_train)
     last = n_train if last is None else last
     if spacing == "linspace":
         return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy()
@@ -85,9 +147,8 @@ def multistep_sigmas(
     Karras where diffusers rounds them (`round_karras`)."""
     if not schedule:
         return t, np.interp(t.astype(np.int64), np.arange(len(train_sigmas)), train_sigmas)
-    lo = sigma_min if sigma_min is not None else float(train_sigmas[0])
-    hi = sigma_max if sigma_max is not None else float(train_sigmas[-1])
-    sig = converted_sigmas(schedule, lo, hi, len(t))
+    ends = float(train_sigmas[0]), float(train_sigmas[-1])
+    sig = converted_sigmas(schedule, *ends, len(t), sigma_min, sigma_max)
     t = sigma_to_t(sig, np.log(train_sigmas))
     return (t.round() if schedule == "karras" and round_karras else t), sig
 

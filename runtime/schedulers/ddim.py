@@ -18,6 +18,7 @@ from ._common import (
     alphas_cumprod_f32,
     as_f32,
     check_step,
+    check_steps,
     choice,
     reject_args,
     reject_non_default,
@@ -81,8 +82,7 @@ class DDIMScheduler:
     ) -> None:
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n_train, n = self.num_train_timesteps, num_inference_steps
-        if n is None or not 0 < n <= n_train:
-            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+        check_steps(n, n_train)
         self.num_inference_steps = n
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
         self._t = (t.round() if self.timestep_spacing == "linspace" else t).astype(np.int64)

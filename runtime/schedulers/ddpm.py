@@ -37,6 +37,7 @@ from ._common import (
     as_f32,
     check_noise,
     check_step,
+    check_steps,
     choice,
     reject_args,
     reject_non_default,
@@ -101,8 +102,7 @@ class DDPMScheduler:
     ) -> None:
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n_train, n = self.num_train_timesteps, num_inference_steps
-        if n is None or not 0 < n <= n_train:
-            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+        check_steps(n, n_train)
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
         t = (t.round() if self.timestep_spacing == "linspace" else t).astype(np.int64)
         if t[0] >= n_train:  # diffusers: an IndexError at the first step
@@ -134,8 +134,8 @@ class DDPMScheduler:
             raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(name, i, n)
-        t = int(self._t[i])
-        if t > 0:
+        t, noisy = int(self._t[i]), self.takes_noise(i)
+        if noisy:
             check_noise(name, noise, sample)
         sample, model_output = as_f32(sample), as_f32(model_output)
         prev_t = int(self._t[i + 1]) if i + 1 < n else -1
@@ -157,7 +157,7 @@ class DDPMScheduler:
         x0_coeff = (np.sqrt(a_prev) * current_beta) / b_t
         sample_coeff = np.sqrt(current_alpha) * b_prev / b_t
         prev = x0_coeff * x0 + sample_coeff * sample
-        if t > 0:
+        if noisy:
             prev = prev + self._std(a_t, a_prev, current_beta) * as_f32(noise)
         return as_f32(prev)
 

@@ -30,7 +30,6 @@ from ._common import (
     F32,
     ONE,
     alpha_sigma_lambda,
-    alphas_cumprod_f32,
     as_f32,
     check_step,
     choice,
@@ -38,10 +37,15 @@ from ._common import (
     reject_non_default,
     restarts,
 )
-from ._sigmas import multistep_sigmas, multistep_timesteps, sigma_schedule
+from ._sigmas import (
+    MultistepTables,
+    multistep_sigmas,
+    multistep_timesteps,
+    sigma_schedule,
+)
 
 
-class DEISMultistepScheduler:
+class DEISMultistepScheduler(MultistepTables):
     """diffusers.DEISMultistepScheduler (log-rho DEIS, solver_order 1, 2 or 3)."""
 
     order = 1  # diffusers' value: one model call per step
@@ -97,7 +101,6 @@ class DEISMultistepScheduler:
             name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing")
         )
         self.lower_order_final = bool(lower_order_final)
-        self.use_karras_sigmas = bool(use_karras_sigmas)
         self.sigma_schedule = sigma_schedule(
             name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
@@ -106,15 +109,9 @@ class DEISMultistepScheduler:
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         # DEIS has no rescale_betas_zero_snr (nor final_sigmas_type): diffusers ignores the
         # key in a foreign config, and so do we (**config)
-        ac = alphas_cumprod_f32(
-            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False
+        self._init_tables(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
         )
-        self.alphas_cumprod = ac
-        self._train_sigmas = np.sqrt((ONE - ac) / ac)
-        self.sigmas = self._train_sigmas
-        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps: int | None = None
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -140,10 +137,7 @@ class DEISMultistepScheduler:
         # never 0: a converted schedule repeats its last sigma (that last step goes nowhere,
         # h = 0), the interpolated one ends at the smallest training sigma
         last_sigma = sig[-1] if self.sigma_schedule else train[0]
-        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
-        self._t = t.astype(np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps = len(self._t)
+        self._set_tables(t, sig, last_sigma)
         self._reset_history()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:

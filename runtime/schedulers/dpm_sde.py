@@ -34,6 +34,7 @@ from ._common import (
     check_noise,
     check_second_half,
     check_step,
+    check_steps,
     choice,
     reject_args,
     sigma_to_t,
@@ -101,15 +102,14 @@ class DPMSolverSDEScheduler:
     ) -> None:
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n, n_train = num_inference_steps, self.num_train_timesteps
-        if n is None or not 0 < n <= n_train:
-            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+        check_steps(n, n_train)
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset).astype(float)
         train, log_train = self._train_sigmas, np.log(self._train_sigmas)
         sig = np.interp(t, np.arange(len(train)), train)  # float64, as diffusers
         if self.sigma_schedule:
-            lo = self._bounds[0] if self._bounds[0] is not None else float(sig[-1])
-            hi = self._bounds[1] if self._bounds[1] is not None else float(sig[0])
-            sig = converted_sigmas(self.sigma_schedule, lo, hi, n)
+            sig = converted_sigmas(
+                self.sigma_schedule, float(sig[-1]), float(sig[0]), n, *self._bounds
+            )
             t = sigma_to_t(sig, log_train)
         # the midpoints in log sigma between consecutive sigmas, float64 as diffusers
         log_sig = -np.log(sig)
@@ -127,7 +127,7 @@ class DPMSolverSDEScheduler:
         return (self.sigmas[k], self.sigmas[k + 1]) if k % 2 == 0 else self.sigmas[k - 1 : k + 1]
 
     def _midpoint(self, sigma: np.float32, sigma_next: np.float32) -> np.float32:
-        # as step: t = -log sigma, halfway in t, back with exp(-t), in float32
+        # diffusers: t = -log sigma, halfway in t, back with exp(-t), in float32
         t, t_next = -np.log(sigma), -np.log(sigma_next)
         return np.exp(-(t + (t_next - t) * F32(0.5)))
 
@@ -161,19 +161,19 @@ class DPMSolverSDEScheduler:
         check_noise(name, noise, sample)
         # diffusers' float32 path: t = -log sigma, the midpoint halfway in t
         t, t_next = -np.log(sigma), -np.log(sigma_next)
-        t_mid = t + (t_next - t) * F32(0.5)
-        x0 = self._x0(model_output, x, sigma if k % 2 == 0 else np.exp(-t_mid))
+        mid = self._midpoint(sigma, sigma_next)
+        x0 = self._x0(model_output, x, sigma if k % 2 == 0 else mid)
         z = np.asarray(noise, dtype=np.float64)
         sigma_from = np.exp(-t)
         if k % 2 == 0:
             self._first = (k, x, z)
-            start, sigma_to = x, np.exp(-t_mid)
+            start, sigma_to = x, mid
         else:
             check_second_half(name, k, None if self._first is None else self._first[0])
             _, start, z1 = self._first
             self._first = None
             sigma_to = np.exp(-t_next)
-            hi, s, lo = float(sigma_from), float(np.exp(-t_mid)), float(sigma_to)
+            hi, s, lo = float(sigma_from), float(mid), float(sigma_to)
             # W over [sigma', sigma] = W over [s, sigma] (the first half's) + W over [sigma', s]
             z = (np.sqrt(hi - s) * z1 + np.sqrt(s - lo) * z) / np.sqrt(hi - lo)
         # sigma_up caps at the target; sigma_down is the deterministic rest

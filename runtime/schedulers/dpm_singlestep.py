@@ -32,7 +32,6 @@ from ._common import (
     F32,
     ONE,
     alpha_sigma_lambda,
-    alphas_cumprod_f32,
     as_f32,
     check_noise,
     check_step,
@@ -41,7 +40,12 @@ from ._common import (
     reject_non_default,
     restarts,
 )
-from ._sigmas import multistep_sigmas, multistep_timesteps, sigma_schedule
+from ._sigmas import (
+    MultistepTables,
+    multistep_sigmas,
+    multistep_timesteps,
+    sigma_schedule,
+)
 
 HALF = F32(0.5)
 
@@ -61,7 +65,7 @@ def order_list(steps: int, order: int, lower_order_final: bool, final_zero: bool
     return orders
 
 
-class DPMSolverSinglestepScheduler:
+class DPMSolverSinglestepScheduler(MultistepTables):
     """diffusers.DPMSolverSinglestepScheduler ("DPM++ 2S", singlestep DPM-Solver(++))."""
 
     order = 1  # diffusers' value: one model call per step
@@ -120,7 +124,6 @@ class DPMSolverSinglestepScheduler:
                 "'dpmsolver' (diffusers refuses it too); use 'sigma_min'"
             )
         self.lower_order_final = bool(lower_order_final)
-        self.use_karras_sigmas = bool(use_karras_sigmas)
         self.sigma_schedule = sigma_schedule(
             name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
@@ -128,16 +131,9 @@ class DPMSolverSinglestepScheduler:
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.num_train_timesteps = num_train_timesteps
         self.lambda_min_clipped = lambda_min_clipped
-        ac = alphas_cumprod_f32(
-            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False
+        self._init_tables(
+            name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
         )
-        self.alphas_cumprod = ac
-        self._lambda_t = np.log(np.sqrt(ac)) - np.log(np.sqrt(ONE - ac))
-        self._train_sigmas = np.sqrt((ONE - ac) / ac)
-        self.sigmas = self._train_sigmas
-        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps: int | None = None
         self.order_list: list[int] = []
         self._reset_history()
 
@@ -161,10 +157,7 @@ class DPMSolverSinglestepScheduler:
         train = self._train_sigmas
         t, sig = multistep_sigmas(t, train, self.sigma_schedule, self.sigma_min, self.sigma_max)
         last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
-        self._t = t.astype(np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps = n
+        self._set_tables(t, sig, last_sigma)
         # diffusers rewrites its config for good (later set_timesteps keep it): steps not a
         # multiple of the order, or a last step to sigma = 0, need the lower-order tail
         if n % self.solver_order or self.final_sigmas_type == "zero":

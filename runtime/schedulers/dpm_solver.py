@@ -21,7 +21,6 @@ from ._common import (
     F32,
     ONE,
     alpha_sigma_lambda,
-    alphas_cumprod_f32,
     as_f32,
     check_step,
     choice,
@@ -29,10 +28,15 @@ from ._common import (
     reject_non_default,
     restarts,
 )
-from ._sigmas import multistep_sigmas, multistep_timesteps, sigma_schedule
+from ._sigmas import (
+    MultistepTables,
+    multistep_sigmas,
+    multistep_timesteps,
+    sigma_schedule,
+)
 
 
-class DPMSolverMultistepScheduler:
+class DPMSolverMultistepScheduler(MultistepTables):
     """diffusers.DPMSolverMultistepScheduler as "DPM++ 2M" (algorithm_type="dpmsolver++")."""
 
     order = 1  # diffusers' value: one model call per step
@@ -93,7 +97,6 @@ class DPMSolverMultistepScheduler:
             name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min")
         )
         self.lower_order_final, self.euler_at_final = bool(lower_order_final), bool(euler_at_final)
-        self.use_karras_sigmas = bool(use_karras_sigmas)
         self.sigma_schedule = sigma_schedule(
             name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
@@ -102,7 +105,7 @@ class DPMSolverMultistepScheduler:
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         self.lambda_min_clipped = lambda_min_clipped
         self._round_karras = beta_schedule != "squaredcos_cap_v2"
-        ac = alphas_cumprod_f32(
+        self._init_tables(
             name,
             num_train_timesteps,
             beta_start,
@@ -111,15 +114,6 @@ class DPMSolverMultistepScheduler:
             trained_betas,
             rescale_betas_zero_snr,
         )
-        if rescale_betas_zero_snr:
-            ac[-1] = 2**-24
-        self.alphas_cumprod = ac
-        self._lambda_t = np.log(np.sqrt(ac)) - np.log(np.sqrt(ONE - ac))
-        self._train_sigmas = np.sqrt((ONE - ac) / ac)
-        self.sigmas = self._train_sigmas
-        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps: int | None = None
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -150,10 +144,7 @@ class DPMSolverMultistepScheduler:
             t, train, self.sigma_schedule, self.sigma_min, self.sigma_max, self._round_karras
         )
         last_sigma = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
-        self._t = t.astype(np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps = len(self._t)
+        self._set_tables(t, sig, last_sigma)
         self._reset_history()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:

@@ -71,7 +71,6 @@ class EulerDiscreteScheduler:
         # "continuous" (CosXL-style v-prediction models): the denoiser's timestep is
         # 0.25 log sigma, EDM's c_noise; diffusers applies it to v-prediction only
         self._continuous = timestep_type == "continuous" and prediction_type == "v_prediction"
-        self.use_karras_sigmas = bool(use_karras_sigmas)
         self.sigma_schedule = sigma_schedule(
             name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
@@ -127,9 +126,9 @@ class EulerDiscreteScheduler:
             # float32 timesteps into float64 interpolation, exactly as diffusers does
             sig = np.interp(timesteps, np.arange(len(self._train_sigmas)), self._train_sigmas)
             if self.sigma_schedule:
-                lo = self.sigma_min if self.sigma_min is not None else float(sig[-1])
-                hi = self.sigma_max if self.sigma_max is not None else float(sig[0])
-                sig = converted_sigmas(self.sigma_schedule, lo, hi, num_inference_steps)
+                ends = float(sig[-1]), float(sig[0])
+                bounds = self.sigma_min, self.sigma_max
+                sig = converted_sigmas(self.sigma_schedule, *ends, num_inference_steps, *bounds)
                 timesteps = sigma_to_t(sig, log_sigmas)
             last = self._train_sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
             sig = np.concatenate([sig, [last]]).astype(F32)

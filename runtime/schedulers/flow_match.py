@@ -116,9 +116,8 @@ class FlowMatchEulerDiscreteScheduler:
             one_minus = 1 - sig
             sig = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
         if self.sigma_schedule:
-            lo = self.sigma_min if self.sigma_min is not None else float(sig[-1])
-            hi = self.sigma_max if self.sigma_max is not None else float(sig[0])
-            sig = converted_sigmas(self.sigma_schedule, lo, hi, len(sig))
+            ends, bounds = (float(sig[-1]), float(sig[0])), (self.sigma_min, self.sigma_max)
+            sig = converted_sigmas(self.sigma_schedule, *ends, len(sig), *bounds)
         sig = sig.astype(F32)
         self.timesteps = sig * F32(n_train)
         self.sigmas = np.concatenate([sig, np.zeros(1, F32)])

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import F32, as_f32, check_second_half, check_step, reject_args
+from ._common import F32, as_f32, check_second_half, check_step, check_steps, reject_args
 
 
 class FlowMatchHeunDiscreteScheduler:
@@ -50,8 +50,7 @@ class FlowMatchHeunDiscreteScheduler:
     ) -> None:
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n, n_train = num_inference_steps, self.num_train_timesteps
-        if n is None or not 0 < n <= n_train:
-            raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
+        check_steps(n, n_train)
         sig = np.linspace(self._sigma_max * n_train, self._sigma_min * n_train, n) / n_train
         sig = (self.shift * sig / (1 + (self.shift - 1) * sig)).astype(F32)
         t = sig * F32(n_train)

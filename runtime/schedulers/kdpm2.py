@@ -51,7 +51,7 @@ class KDPM2DiscreteScheduler(EulerDiscreteScheduler):
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         super().set_timesteps(num_inference_steps)
         s, t = self.sigmas, self.timesteps  # n + 1 sigmas (the last 0), n timesteps
-        if self.use_karras_sigmas:
+        if self.sigma_schedule == "karras":
             t = np.round(t).astype(F32)  # diffusers rounds DPM2's Karras timesteps
         with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf, as torch
             log_s = np.log(s)

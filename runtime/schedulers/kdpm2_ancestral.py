@@ -70,7 +70,7 @@ class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         EulerDiscreteScheduler.set_timesteps(self, num_inference_steps)
         s, t = self.sigmas, self.timesteps  # n + 1 float32 sigmas (the last 0), n timesteps
-        if self.use_karras_sigmas:
+        if self.sigma_schedule == "karras":
             t = np.round(t).astype(F32)  # diffusers rounds DPM2's Karras timesteps
         s_next = np.concatenate([s[1:], [0]]).astype(F32)
         with np.errstate(divide="ignore", invalid="ignore"):  # the last entries: 0/0, log 0

@@ -31,7 +31,6 @@ from ._common import (
     F32,
     ONE,
     alpha_sigma_lambda,
-    alphas_cumprod_f32,
     as_f32,
     check_step,
     choice,
@@ -39,10 +38,15 @@ from ._common import (
     reject_non_default,
     restarts,
 )
-from ._sigmas import multistep_sigmas, multistep_timesteps, sigma_schedule
+from ._sigmas import (
+    MultistepTables,
+    multistep_sigmas,
+    multistep_timesteps,
+    sigma_schedule,
+)
 
 
-class UniPCMultistepScheduler:
+class UniPCMultistepScheduler(MultistepTables):
     """diffusers.UniPCMultistepScheduler on the VP schedule (UniPC-bh1/bh2, order 1-3)."""
 
     order = 1  # diffusers' value: one model call per step
@@ -109,13 +113,12 @@ class UniPCMultistepScheduler:
             )
         self.predict_x0 = bool(predict_x0)
         self.disable_corrector = frozenset(int(k) for k in disable_corrector or ())
-        self.use_karras_sigmas = bool(use_karras_sigmas)
         self.sigma_schedule = sigma_schedule(
             name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
         self.sigma_min, self.sigma_max = sigma_min, sigma_max  # the converted schedules only
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
-        ac = alphas_cumprod_f32(
+        self._init_tables(
             name,
             num_train_timesteps,
             beta_start,
@@ -124,14 +127,6 @@ class UniPCMultistepScheduler:
             trained_betas,
             rescale_betas_zero_snr,
         )
-        if rescale_betas_zero_snr:
-            ac[-1] = 2**-24  # diffusers: close to 0 so the first sigma is finite (4096)
-        self.alphas_cumprod = ac
-        self._train_sigmas = np.sqrt((ONE - ac) / ac)
-        self.sigmas = self._train_sigmas
-        self._t = np.arange(num_train_timesteps - 1, -1, -1, dtype=np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps: int | None = None
         self._reset_history()
 
     def _reset_history(self) -> None:
@@ -158,10 +153,7 @@ class UniPCMultistepScheduler:
         last_sigma = 0.0
         if self.final_sigmas_type == "sigma_min":  # a converted schedule's own last sigma,
             last_sigma = sig[-1] if self.sigma_schedule else train[0]  # else the training one
-        self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
-        self._t = t.astype(np.int64)
-        self.timesteps = self._t.astype(F32)
-        self.num_inference_steps = len(self._t)
+        self._set_tables(t, sig, last_sigma)
         self._reset_history()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
