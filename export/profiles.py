@@ -8,10 +8,11 @@ its feeds against them. They come from the exporter's own example-input builders
 length is what the runtime joins from the encoders (runtime/conditioning.py: segments one
 after another on the token axis, each as long as its longest encoder).
 
-Batch: the runtime makes one image per call; classifier-free guidance doubles the text
-encoders' and the denoiser's batch (negative and positive prompt), so their batch runs
-1..2 x images with 2 at opt (CFG; the text encoders 1 where an empty negative prompt is
-zeros, SDXL), and the VAE's 1..images.
+Batch: the runtime encodes the prompt once (with the negative one under classifier-free
+guidance: 2 rows), repeats the embeddings per image, runs all images of a call through the
+denoiser in one batch (2 x images under CFG) and decodes them one at a time. So the text
+encoders' batch runs 1..2 (1 at opt where an empty negative prompt is zeros, SDXL), the
+denoiser's 1..2 x max images with 2 at opt (CFG), and the VAE's is 1.
 
 Example:
     >>> r = size_range(load_model("tiny:sdxl"))                 # doctest: +SKIP
@@ -94,7 +95,7 @@ def shape_profile(component: Component, model: LoadedModel, sizes: SizeRange) ->
     batches = {
         "min": 1,
         "opt": 1 if vae or (text and zeros) else per_image,
-        "max": sizes.max_images * (1 if vae else per_image),
+        "max": 1 if vae else per_image if text else sizes.max_images * per_image,
     }
     pixels = {"min": sizes.min_size, "opt": sizes.opt_size, "max": sizes.max_size}
     tokens = model.arch.text_length()  # an absent optional encoder's zeros count too

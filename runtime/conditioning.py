@@ -66,29 +66,39 @@ class Conditioning:
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         return height // self.vae_scale, width // self.vae_scale
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        """Shape of diffusers' `latents=` argument for one image of this size."""
-        return latent_shape(self.kind, 1, self.channels, *self._latent_hw(height, width))
+    def latent_shape(self, height: int, width: int, images: int = 1) -> tuple[int, ...]:
+        """Shape of diffusers' `latents=` argument for `images` images of this size."""
+        return latent_shape(self.kind, images, self.channels, *self._latent_hw(height, width))
 
     def initial_latents(
-        self, latents: np.ndarray | None, seed: int, height: int, width: int, scheduler: Scheduler
+        self,
+        latents: np.ndarray | None,
+        seed: int,
+        height: int,
+        width: int,
+        scheduler: Scheduler,
+        images: int = 1,
     ) -> np.ndarray:
         """The given latents (checked) or seeded standard-normal noise, times the scheduler's
         init_noise_sigma, float32. Call after `set_timesteps` (Euler's sigma depends on it).
 
         diffusers' prepare_latents scales given latents too, not only fresh noise; the flow
-        schedulers' sigma is 1. Noise is drawn unpacked, then packed (as FluxPipeline).
+        schedulers' sigma is 1. Noise is drawn unpacked, then packed (as FluxPipeline), for
+        all images in one draw, as diffusers draws a batch from one generator: the first
+        image's noise is the noise of a one-image call with the same seed.
         """
-        shape = self.latent_shape(height, width)
+        shape = self.latent_shape(height, width, images)
         if latents is None:
-            raw = (1, self.channels, *self._latent_hw(height, width))
+            raw = (images, self.channels, *self._latent_hw(height, width))
             noise = np.random.default_rng(seed).standard_normal(raw).astype(np.float32)
             latents = pack_latents(noise, self.kind.latent_packing)
         else:
             latents = np.asarray(latents, dtype=np.float32)
             if latents.shape != shape:
+                count = "" if images == 1 else f" for {images} images"
                 raise UserError(
                     f"latents have shape {latents.shape}; size {height}x{width} needs {shape}"
+                    + count
                 )
         return (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
 
@@ -140,8 +150,11 @@ class Conditioning:
         guidance: float,
         height: int,
         width: int,
+        images: int = 1,
     ) -> Feeds:
-        """Denoiser inputs that stay the same at every step (text states, ids, ...)."""
+        """Denoiser inputs that stay the same at every step (text states, ids, ...), for
+        `images` images of the prompt: each prompt's embeddings repeated per image, the
+        negative ones first under CFG, as diffusers' num_images_per_prompt batches them."""
         zero_negative = negative_prompt is None and self.pipeline.get(
             "force_zeros_for_empty_prompt", False
         )
@@ -153,6 +166,9 @@ class Conditioning:
             if do_cfg:  # SDXL's force_zeros_for_empty_prompt
                 states = np.concatenate([np.zeros_like(states), states])
                 pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
+        if images > 1:  # rows (uncond, cond) -> uncond x images, cond x images
+            states = np.repeat(states, images, axis=0)
+            pooled = None if pooled is None else np.repeat(pooled, images, axis=0)
         feeds = {"encoder_hidden_states": states}
         if self.kind.pooled_input is not None:
             if pooled is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from slimdiff.runtime.backends import Backend, Session, get_backend
+from slimdiff.runtime.backends import Backend, Session, get_backend, shape_bound
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.image import to_uint8
@@ -47,7 +47,7 @@ from slimdiff.runtime.sessions import OnDemandSession, ensure_loaded, release
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS
+from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
 from slimdiff.models.kinds import timestep_args
 
 __all__ = ["GenerationResult", "Text2ImagePipeline", "scheduler_problem"]
@@ -60,18 +60,25 @@ _STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the 
 
 @dataclass
 class GenerationResult:
-    """One generated image and what it took.
+    """The images of one call and what they took.
 
-    `latents` are the final latents before VAE decoding, float32, in the denoiser's layout
-    (what diffusers returns with output_type="latent"; packed (B, L, 4C) for FLUX).
+    `images` holds one (H, W, 3) uint8 array per image (empty with output="latent");
+    `image` is the first. `latents` are the final latents before VAE decoding, float32, in
+    the denoiser's layout, one row per image (what diffusers returns with
+    output_type="latent"; packed (B, L, 4C) for FLUX).
     `timings_ms` holds "text_encoders", "denoiser_steps" (one entry per step),
     "vae_decode" (absent with output="latent") and "end_to_end"; with low_memory also
     "load", the components' loads (in end_to_end, not in the others).
     """
 
-    image: np.ndarray | None  # (H, W, 3) uint8; None with output="latent"
+    images: list[np.ndarray]
     latents: np.ndarray
     timings_ms: dict[str, float | list[float]] = field(default_factory=dict)
+
+    @property
+    def image(self) -> np.ndarray | None:
+        """The first image, (H, W, 3) uint8; None with output="latent"."""
+        return self.images[0] if self.images else None
 
 
 def _ms(start: float) -> float:
@@ -94,7 +101,10 @@ class Text2ImagePipeline:
         denoiser: Session,
         vae_decoder: Session,
         scheduler_config: dict,
+        max_batch: int | None = None,
     ) -> None:
+        """`max_batch`: the largest denoiser batch the backend runs (its profile's, where it
+        runs only those shapes); None for any."""
         self.manifest = manifest
         self.config = manifest.pipeline
         self.conditioning = conditioning
@@ -102,6 +112,7 @@ class Text2ImagePipeline:
         self.vae_decoder = vae_decoder
         self.scheduler_config = scheduler_config
         self.low_memory = isinstance(denoiser, OnDemandSession)
+        self.max_batch = max_batch
 
     @classmethod
     def from_bundle(
@@ -162,7 +173,8 @@ class Text2ImagePipeline:
             bundle.sha256,
             runner.name,
         )
-        return cls(manifest, conditioning, denoiser, vae_decoder, scheduler_config)
+        max_batch = _max_batch(bundle, runner, config)
+        return cls(manifest, conditioning, denoiser, vae_decoder, scheduler_config, max_batch)
 
     def __call__(
         self,
@@ -176,10 +188,16 @@ class Text2ImagePipeline:
         output: str = "image",
         guidance_rescale: float = 0.0,
         eta: float | None = None,
+        images: int = 1,
     ) -> GenerationResult:
-        """Generate one image for `prompt`; `size` is (height, width) in pixels.
+        """Generate `images` images for `prompt` in one batch; `size` is (height, width) in
+        pixels.
 
-        `latents` replaces the seeded noise, in the layout diffusers' `latents=` takes.
+        `latents` replaces the seeded noise, in the layout diffusers' `latents=` takes (one
+        row per image). `images` is diffusers' num_images_per_prompt: the denoiser runs
+        all of them in one batch (twice that under CFG), the VAE decodes them one at a time
+        (as diffusers with enable_vae_slicing), and the first image is the one a one-image
+        call with the same seed draws.
         Classifier-free guidance runs when the model uses it and `guidance` > 1, as in
         diffusers; for FLUX `guidance` is the embedded guidance value. `guidance_rescale`
         (0 to 1) pulls the guided prediction's std back toward the text prediction's, as
@@ -198,6 +216,7 @@ class Text2ImagePipeline:
         rescale = self._check_rescale(guidance_rescale)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
+        images = self._check_images(images, do_cfg)
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
@@ -205,7 +224,7 @@ class Text2ImagePipeline:
         encoders = [enc.session for enc in cond.encoders]
         loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
         t0 = time.perf_counter()
-        fixed = cond.encode(prompt, negative_prompt, do_cfg, guidance, height, width)
+        fixed = cond.encode(prompt, negative_prompt, do_cfg, guidance, height, width, images)
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
@@ -214,7 +233,7 @@ class Text2ImagePipeline:
         release(*encoders)  # low_memory: freed before the denoiser loads
         loading += ensure_loaded(self.denoiser)
 
-        x = cond.initial_latents(latents, seed, height, width, scheduler)
+        x = cond.initial_latents(latents, seed, height, width, scheduler, images)
         # Stochastic schedulers' per-step noise: a stream of its own from the seed, so the
         # initial latents stay those of `seed` (and of --latents) whatever the scheduler.
         step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
@@ -239,17 +258,17 @@ class Text2ImagePipeline:
         timings["denoiser_steps"] = step_ms
         release(self.denoiser)
 
-        image = None
+        decoded = []
         if output == "image":
             loading += ensure_loaded(self.vae_decoder)
             t0 = time.perf_counter()
-            image = self._decode(x, height, width)
+            decoded = [self._decode(x[i : i + 1], height, width) for i in range(images)]
             timings["vae_decode"] = _ms(t0)
             release(self.vae_decoder)
         if self.low_memory:
             timings["load"] = loading
         timings["end_to_end"] = _ms(start)
-        return GenerationResult(image=image, latents=x, timings_ms=timings)
+        return GenerationResult(images=decoded, latents=x, timings_ms=timings)
 
     def _scheduler(self, steps: int, height: int, width: int, eta: float | None) -> Scheduler:
         """A fresh scheduler with this call's schedule (and TCD's eta) set; a step count the
@@ -279,6 +298,24 @@ class Text2ImagePipeline:
             z = z + np.float32(self.config.vae_shift_factor)
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         return to_uint8(sample[0])
+
+    def _check_images(self, images: int, do_cfg: bool) -> int:
+        """`images` as an int from 1 to MAX_IMAGES, and within the denoiser's batch range
+        where the backend runs only the shapes the bundle was built for (TensorRT engines):
+        refused here, before any component runs."""
+        if isinstance(images, bool) or not isinstance(images, (int, np.integer)):
+            raise UserError(f"images {images!r}: use an integer from 1 to {MAX_IMAGES}")
+        if not 1 <= images <= MAX_IMAGES:
+            raise UserError(f"images {images}: use an integer from 1 to {MAX_IMAGES}")
+        per_image = 2 if do_cfg else 1
+        if self.max_batch is not None and images * per_image > self.max_batch:
+            most = self.max_batch // per_image
+            raise UserError(
+                f"{images} images per call: this bundle's denoiser is built for at most "
+                f"{most} on this backend; ask for at most {most}, or export again with "
+                f"--max-images {images}"
+            )
+        return int(images)
 
     def _check_rescale(self, guidance_rescale: float) -> np.float32:
         value = float(guidance_rescale)
@@ -369,6 +406,15 @@ def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> Non
 def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:
     """The `pipeline` record as Conditioning reads it: a dict, `kind` the validated KindSpec."""
     return {**config.model_dump(), "kind": config.kind}
+
+
+def _max_batch(bundle: Bundle, runner: Backend, config: PipelineSpec) -> int | None:
+    """The largest batch the denoiser's profile allows where `runner` runs only the
+    profile's shapes; None where it runs any (or the bundle predates profiles)."""
+    entry: ComponentEntry = bundle.manifest.components[config.denoiser]
+    if entry.profile is None or not shape_bound(runner, bundle.path(entry.path)):
+        return None
+    return int(entry.profile["max"][config.kind.sample_input][0])
 
 
 def _load(runner: Backend, bundle: Bundle, name: str) -> Session:

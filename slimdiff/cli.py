@@ -27,6 +27,7 @@ from slimdiff.app.options import (
     set_option,
 )
 from slimdiff.errors import UserError
+from slimdiff.limits import MAX_IMAGES
 
 SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
 
@@ -259,7 +260,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
 )
 @click.option(
     "--max-images",
-    type=click.IntRange(1, 64),
+    type=click.IntRange(1, MAX_IMAGES),
     default=1,
     show_default=True,
     help="Images per call the bundle is built for.",
@@ -381,6 +382,14 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     "suggest 0.3. Only with the TCD scheduler. Default: 0, as diffusers' pipelines.",
 )
 @click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option(
+    "--images",
+    type=click.IntRange(1, MAX_IMAGES),
+    default=1,
+    show_default=True,
+    help="Images of the prompt, in one batch (diffusers' num_images_per_prompt); more than "
+    "one are written as OUT's name plus -0, -1, ... The first is the image of --images 1.",
+)
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option(
     "--latents",
@@ -403,17 +412,19 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @expect_sha256_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
-    bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, size,
-    latents, backend, scheduler, low_memory, expect_sha256, out,
+    bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
+    size, latents, backend, scheduler, low_memory, expect_sha256, out,
 ):  # fmt: skip
-    """Generate an image from a bundle with the torch-free runtime."""
-    from slimdiff.app.args import check_guidance, check_output_file, read_latents
+    """Generate an image (or --images N) from a bundle with the torch-free runtime."""
+    from slimdiff.app.args import check_guidance, check_output_file, image_paths, read_latents
     from slimdiff.runtime import Text2ImagePipeline
     from slimdiff.runtime.image import save_png
 
     check_guidance(guidance)
     size = _size(size)
-    check_output_file(out)
+    outs = image_paths(out, images)
+    for path in outs:
+        check_output_file(path)
     init = read_latents(latents) if latents is not None else None
     pipe = Text2ImagePipeline.from_bundle(
         bundle,
@@ -432,13 +443,16 @@ def run_cmd(
         latents=init,
         guidance_rescale=guidance_rescale,
         eta=eta,
+        images=images,
     )
-    save_png(result.image, out)
+    for image, path in zip(result.images, outs, strict=True):
+        save_png(image, path)
     t = result.timings_ms
     loads = f", loads {t['load']:.0f}" if "load" in t else ""
     click.echo(
-        f"{out}  ({t['end_to_end']:.0f} ms: text {t['text_encoders']:.0f}, "
-        f"{len(t['denoiser_steps'])} steps, vae {t['vae_decode']:.0f}{loads})"
+        f"{', '.join(map(str, outs))}  ({t['end_to_end']:.0f} ms: text "
+        f"{t['text_encoders']:.0f}, {len(t['denoiser_steps'])} steps, vae "
+        f"{t['vae_decode']:.0f}{loads})"
     )
 
 

@@ -27,7 +27,7 @@ import pydantic
 import yaml
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_GUIDANCE, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE
+from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE
 from slimdiff.passes import PassConfig, Stage, get_schema
 from slimdiff.yamlio import check_depth, parse_yaml_value, read_yaml_file
 
@@ -142,7 +142,7 @@ class ExportSpec(_Strict):
     # profiles; export/profiles.py). None: half to 1.5x the model's default size.
     min_size: Size | None = None
     max_size: Size | None = None
-    max_images: int = pydantic.Field(1, ge=1, le=64)
+    max_images: int = pydantic.Field(1, ge=1, le=MAX_IMAGES)
     # The scheduler the bundle ships, built from the model's scheduler config as diffusers'
     # from_config does: a short name ("euler-a", "dpm++2m-karras") or a class name.
     # None: the model's own (which the runtime must support).

@@ -31,7 +31,14 @@ import numpy as np
 
 from slimdiff.errors import UserError
 
-__all__ = ["Backend", "Session", "backend_names", "check_feeds", "get_backend"]
+__all__ = [
+    "Backend",
+    "Session",
+    "backend_names",
+    "check_feeds",
+    "get_backend",
+    "shape_bound",
+]
 
 
 @runtime_checkable
@@ -64,6 +71,15 @@ class Backend(Protocol):
     name: str
 
     def load(self, path: str | Path) -> Session: ...
+
+
+def shape_bound(backend: Backend, path: str | Path) -> bool:
+    """Whether `backend` runs the component at `path` only at the shapes of the manifest's
+    profile (TensorRT engines; a backend says so with a `shape_bound(path)` method). ORT
+    runs any shape; an AOTInductor package runs the wider ranges it was exported with
+    (export/aoti.py AXIS_RANGES), which its session checks itself."""
+    method = getattr(backend, "shape_bound", None)
+    return bool(method(path)) if method is not None else False
 
 
 # name -> (module, factory, keyword arguments). Modules are imported only when asked for,

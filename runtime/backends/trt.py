@@ -152,6 +152,10 @@ class TensorRTBackend:
         )
         return where.plan_path
 
+    def shape_bound(self, path: str | Path) -> bool:
+        """True: an engine runs only the shapes of the manifest's profile."""
+        return True
+
     def load(self, path: str | Path) -> TensorRTSession:
         """The engine for bundle graph `path`: cached, or built now and cached."""
         where = self.locate(path)

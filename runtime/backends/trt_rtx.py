@@ -156,6 +156,10 @@ class TrtRtxBackend:
             )
         return devices[self.device_id]
 
+    def shape_bound(self, path: str | Path) -> bool:
+        """True: the EP's engine runs only the shapes of the manifest's profile."""
+        return True
+
     def load(self, path: str | Path) -> OrtSession:
         """Load bundle graph `path` (the first load builds its engine: minutes for a UNet)."""
         path = Path(path)

@@ -21,7 +21,14 @@ from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_SIDE, MIN_SIDE
 from slimdiff.recipe import parse_size
 
-__all__ = ["check_guidance", "check_output_dir", "check_output_file", "check_size", "read_latents"]
+__all__ = [
+    "check_guidance",
+    "check_output_dir",
+    "check_output_file",
+    "check_size",
+    "image_paths",
+    "read_latents",
+]
 
 
 def check_size(text: str | None) -> tuple[int, int] | None:
@@ -86,6 +93,15 @@ def check_output_file(path: str | Path, what: str = "--out") -> Path:
         raise UserError(f"{what} {path} exists and is not a regular file; choose a file path")
     _probe_dir(path.parent, f"{what} {path}")
     return path
+
+
+def image_paths(out: Path, images: int) -> list[Path]:
+    """Where `run --images N` writes: OUT itself for one image, else OUT's stem plus -0,
+    -1, ... (cat.png -> cat-0.png, cat-1.png)."""
+    out = Path(out)
+    if images == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(images)]
 
 
 def read_latents(path: Path):

@@ -67,7 +67,8 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def _diffusers(
     pipe, latents: np.ndarray, guidance: float, negative: str | None, zero=False, **call
 ):
-    """diffusers' image and final latents (as output_type="latent" returns them).
+    """diffusers' image (a list of all images with num_images_per_prompt) and final
+    latents (as output_type="latent" returns them).
 
     `zero`: the denoiser's output replaced by zeros, so what remains is the scheduler's
     arithmetic on the initial noise: the runtime must match the denoiser's contribution,
@@ -83,7 +84,7 @@ def _diffusers(
         return kwargs
 
     extra = {} if negative is None else {"negative_prompt": negative}
-    image = pipe(
+    images = pipe(
         PROMPT,
         num_inference_steps=STEPS,
         guidance_scale=guidance,
@@ -93,9 +94,11 @@ def _diffusers(
         callback_on_step_end=keep_last,
         **extra,
         **call,
-    ).images[0]
+    ).images
     handle.remove()
-    return np.array(image), final["latents"]
+    if "num_images_per_prompt" in call:
+        return [np.array(image) for image in images], final["latents"]
+    return np.array(images[0]), final["latents"]
 
 
 def _assert_close_to_diffusers(latents, ref_latents, no_model, label: str) -> None:
@@ -698,3 +701,112 @@ def test_cli_low_memory_prints_the_loads(exported, tmp_path):
     assert result.exit_code == 0, result.output
     assert re.search(r"2 steps, vae \d+, loads \d+\)$", result.output.strip()), result.output
     assert out.stat().st_size > 0
+
+
+# Several images per call (`images`, diffusers' num_images_per_prompt): one denoiser batch.
+IMAGE_CASES = [c for c in CASES if c[1] > 1.0]  # CFG: the negative rows repeat per image too
+
+
+@pytest.mark.parametrize(("family", "guidance", "negative"), IMAGE_CASES)
+def test_several_images_match_diffusers_num_images_per_prompt(exported, family, guidance, negative):
+    model, bundle = exported(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE, images=3)
+    latents = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    model.pipe.set_progress_bar_config(disable=True)
+    call = {"num_images_per_prompt": 3}
+    ref_images, ref_latents = _diffusers(model.pipe, latents, guidance, negative, **call)
+    _, no_model = _diffusers(model.pipe, latents, guidance, negative, zero=True, **call)
+
+    result = runtime(
+        PROMPT, negative_prompt=negative, steps=STEPS, guidance=guidance, size=(SIZE, SIZE),
+        latents=latents, images=3,
+    )  # fmt: skip
+
+    assert result.latents.shape == ref_latents.shape == shape and shape[0] == 3
+    for i in range(3):
+        _assert_close_to_diffusers(result.latents[i], ref_latents[i], no_model[i], f"{i}")
+    assert len(result.images) == 3 and result.image is result.images[0]
+    assert all(im.shape == (SIZE, SIZE, 3) and im.dtype == np.uint8 for im in result.images)
+    # decoded one at a time here, as one batch there
+    assert all(_psnr(a, b) >= 40.0 for a, b in zip(result.images, ref_images, strict=True))
+    assert len(result.timings_ms["denoiser_steps"]) == STEPS
+
+
+def test_the_first_of_several_seeded_images_is_the_one_image_of_that_seed(exported):
+    _, bundle = exported("sdxl")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    call = {"steps": 2, "seed": 5, "size": (SIZE, SIZE)}
+    one = runtime(PROMPT, **call)
+    three = runtime(PROMPT, images=3, **call)
+    # the same noise and conditioning; only the batch size of the graphs' arithmetic differs
+    np.testing.assert_allclose(three.latents[:1], one.latents, rtol=0, atol=1e-4)
+    assert _psnr(three.images[0], one.image) >= 40.0
+    # the others are other images: the seed's noise continues, it does not repeat
+    assert not np.allclose(three.latents[1], three.latents[0], atol=0.1)
+    assert not np.allclose(three.latents[2], three.latents[1], atol=0.1)
+
+
+def test_images_out_of_range_are_user_errors(exported):
+    _, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    for bad in (0, 65, 1.5, True):
+        with pytest.raises(UserError, match=r"images .*: use an integer from 1 to 64"):
+            runtime(PROMPT, steps=1, size=(SIZE, SIZE), images=bad)
+    wrong = np.zeros(runtime.conditioning.latent_shape(SIZE, SIZE), np.float32)
+    with pytest.raises(UserError, match=r"needs \(2, 4, 8, 8\) for 2 images"):
+        runtime(PROMPT, steps=1, size=(SIZE, SIZE), images=2, latents=wrong)
+
+
+def test_a_shape_bound_backend_refuses_more_images_than_the_profile_holds(exported, monkeypatch):
+    """A backend that runs only the profile's shapes (TensorRT, AOTInductor) gets its batch
+    checked before any component runs; the bundle was exported for one image per call."""
+    from slimdiff.runtime.backends.ort import OrtBackend
+
+    _, bundle = exported("sd15")
+    assert Text2ImagePipeline.from_bundle(bundle).max_batch is None  # onnxruntime: any batch
+    monkeypatch.setattr(OrtBackend, "shape_bound", lambda self, path: True, raising=False)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    assert runtime.max_batch == 2  # one image, CFG's pair
+
+    def no_run(feeds):
+        raise AssertionError("a component ran")
+
+    monkeypatch.setattr(runtime.conditioning.encoders[0].session, "run", no_run)
+    with pytest.raises(UserError, match=r"built for at most 1 on this backend.*--max-images 2"):
+        runtime(PROMPT, steps=1, size=(SIZE, SIZE), images=2, guidance=5.0)
+    monkeypatch.undo()
+    # without CFG two images make the same batch of 2
+    result = runtime(PROMPT, steps=1, size=(SIZE, SIZE), images=2, guidance=1.0)
+    assert result.latents.shape[0] == 2
+
+
+def test_cli_writes_one_file_per_image(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    _, bundle = exported("sd15")
+    out = tmp_path / "cat.png"
+    args = ["run", str(bundle), "--prompt", "a cat", "--size", "64x64", "--steps", "1"]
+    result = CliRunner().invoke(main, [*args, "--images", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["cat-0.png", "cat-1.png"], written
+    assert (tmp_path / "cat-0.png").read_bytes() != (tmp_path / "cat-1.png").read_bytes()
+    assert result.output.startswith(f"{tmp_path / 'cat-0.png'}, {tmp_path / 'cat-1.png'}  (")
+    bad = CliRunner().invoke(main, [*args, "--images", "0", "--out", str(out)])
+    assert bad.exit_code == 2 and "--images" in bad.output
+
+
+def test_images_per_call_tool_prints_both_timings(exported):
+    _, bundle = exported("sd15")
+    tool = Path(__file__).resolve().parents[2] / "tools" / "images_per_call.py"
+    args = [str(bundle), "--images", "2", "--steps", "1", "--repeats", "1"]
+    done = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    assert row["images"] == 2 and row["one_image_calls_ms"] > 0 and row["one_batched_call_ms"] > 0
+    assert row["speedup"] == pytest.approx(
+        row["one_image_calls_ms"] / row["one_batched_call_ms"], abs=0.01
+    )

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from slimdiff.runtime.backends import backend_names, get_backend
+from slimdiff.runtime.backends import backend_names, get_backend, shape_bound
 from slimdiff.runtime.manifest import BundleError
 
 from slimdiff.errors import UserError
@@ -58,6 +58,25 @@ def test_unknown_backend_lists_the_known_ones():
     ):
         get_backend("ort-gpu")
     assert backend_names() == ("ort-cpu", "ort-cuda", "trt", "trt-rtx", "aoti")
+
+
+@pytest.mark.parametrize(
+    ("module", "cls", "path", "bound"),
+    [
+        ("ort", "OrtBackend", "unet/model.onnx", False),  # onnxruntime runs any shape
+        ("trt", "TensorRTBackend", "unet/model.onnx", True),  # an engine: its profile's only
+        ("trt_rtx", "TrtRtxBackend", "unet/model.onnx", True),
+        # a package runs its exported axis ranges, wider than the profile; it checks them
+        ("aoti", "AotiBackend", "unet/model.pt2", False),
+    ],
+)
+def test_which_backends_run_only_the_profiles_shapes(module, cls, path, bound):
+    import importlib
+
+    backend_cls = getattr(importlib.import_module(f"slimdiff.runtime.backends.{module}"), cls)
+    # Not constructed: TensorRT's constructors look for TensorRT, absent here.
+    backend = object.__new__(backend_cls)
+    assert shape_bound(backend, path) is bound
 
 
 def test_missing_onnxruntime_names_the_package_to_install(monkeypatch):
