@@ -26,6 +26,7 @@ from slimdiff.runtime.schedulers import (
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
 from slimdiff.models.text_encoders import zero_text
+from slimdiff.models.vae import vae_scale_factor
 
 __all__ = [
     "SCHEDULER_CONFIG",
@@ -77,7 +78,7 @@ def pipeline_constants(model: LoadedModel) -> PipelineSpec:
     """
     arch, pipe = model.arch, model.pipe
     vae = pipe.vae.config
-    scale = 2 ** (len(vae.block_out_channels) - 1)
+    scale = vae_scale_factor(vae)
     shift = vae.get("shift_factor")
     kind = arch.kind_for(model.denoiser.config)
     record = {

@@ -29,6 +29,7 @@ from slimdiff.export.dummy_inputs import Sizes
 
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
+from slimdiff.models.vae import vae_scale_factor
 
 __all__ = ["SizeRange", "shape_profile", "size_range"]
 
@@ -46,7 +47,7 @@ class SizeRange:
 
 
 def _vae_scale(model: LoadedModel) -> int:
-    return 2 ** (len(model.pipe.vae.config.block_out_channels) - 1)
+    return vae_scale_factor(model.pipe.vae.config)
 
 
 def size_range(

@@ -245,10 +245,18 @@ def _sdxl(tiny: bool):
     # SDXL's second encoder is OpenCLIP bigG with a projection; its tokenizer pads with "!".
     text_encoder_2, tokenizer_2 = _clip(size.clip_g, size.clip_g[0], pad_token="!")
     unet = sdxl_unet(tiny)
-    vae = _vae(
+    return sdxl_pipeline(
+        sdxl_vae(tiny), (text_encoder, tokenizer), (text_encoder_2, tokenizer_2), unet
+    )
+
+
+def sdxl_vae(tiny: bool):
+    """The VAE of `tiny:sdxl` or `random:sdxl` alone (random weights from torch's current
+    RNG), e.g. for tools/vae_speed.py."""
+    size = _TINY if tiny else _SDXL
+    return _vae(
         size, 4, scaling_factor=0.13025, force_upcast=True, sample_size=128 if tiny else 1024
     )
-    return sdxl_pipeline(vae, (text_encoder, tokenizer), (text_encoder_2, tokenizer_2), unet)
 
 
 def sdxl_unet(tiny: bool):
