@@ -284,6 +284,14 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     help="Leave out a text encoder the pipeline runs without, zeros in its place as "
     "diffusers feeds them (SD3: text_encoder_3, T5-XXL). Repeatable. Recipe: pass text.drop.",
 )
+@click.option(
+    "--vae",
+    "vae",
+    default=None,
+    metavar="DIR",
+    help="Decode with the VAE in DIR (a diffusers VAE folder, or a pipeline folder's vae/): a "
+    "tiny decoder such as TAESDXL, or an fp16-safe VAE. Recipe: pass vae.replace.",
+)
 @allow_pickle_option
 def export_cmd(
     model: str,
@@ -299,6 +307,7 @@ def export_cmd(
     weights: str,
     scheduler: str | None,
     drop: tuple[str, ...],
+    vae: str | None,
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
@@ -309,7 +318,11 @@ def export_cmd(
     check_output_dir(out)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
+    swap = _vae_pass(vae) if vae is not None else None  # a bad folder: before the model loads
     loaded = load_for_export(model, weights, allow_pickle, without=drop)
+    if swap is not None:
+        swap.preflight(loaded.pipe, None)
+        swap.apply(loaded.pipe, None)
     manifest = export_bundle(
         loaded,
         out,
@@ -339,6 +352,14 @@ def export_cmd(
     from slimdiff.memory import peak_rss_mib
 
     click.echo(f"peak RSS {peak_rss_mib() / 1024:.2f} GiB")
+
+
+def _vae_pass(path: str):
+    """vae.replace for `export --vae DIR`, its folder checked (UserError) before any load."""
+    from slimdiff.compress.vae.replace import ReplaceVaePass, read_vae
+
+    read_vae(path)
+    return ReplaceVaePass(ReplaceVaePass.Config(path=path))
 
 
 # ----------------------------------------------------------------------------- run

@@ -41,7 +41,7 @@ from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register
 from slimdiff.errors import UserError
 from slimdiff.models.vae import VAE_CLASSES, vae_scale_factor
 
-__all__ = ["ReplaceVaePass"]
+__all__ = ["ReplaceVaePass", "read_vae", "vae_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ReplaceVaePass(Pass):
     Config = ReplaceVaeConfig
 
     def preflight(self, pipe: Any, calib: Any | None) -> None:
-        folder, config = _read(self.config.path)
+        folder, config = read_vae(self.config.path)
         _check_fits(config, pipe.vae.config, folder)
 
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:
@@ -82,7 +82,7 @@ class ReplaceVaePass(Pass):
 
         from slimdiff.models.loading import refuse_missing
 
-        folder, config = _read(self.config.path)
+        folder, config = read_vae(self.config.path)
         old = pipe.vae
         _check_fits(config, old.config, folder)
         cls = getattr(diffusers, config["_class_name"])
@@ -92,7 +92,10 @@ class ReplaceVaePass(Pass):
             detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
             raise UserError(f"vae.replace: could not load {folder} ({detail})") from None
         refuse_missing({"vae": vae}, folder)
-        pipe.vae = vae.to(old.device).eval().requires_grad_(False)  # updates model_index too
+        # A lazily loaded pipeline (export) has its VAE on the meta device: the new one,
+        # a few hundred MB at most, stays in memory and exports from there.
+        device = old.device if old.device.type != "meta" else "cpu"
+        pipe.vae = vae.to(device).eval().requires_grad_(False)  # updates model_index too
         return PassReport(
             self.name,
             summary={
@@ -121,7 +124,7 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _read(path: str) -> tuple[Path, dict]:
+def read_vae(path: str) -> tuple[Path, dict]:
     """(folder, config) of the VAE at `path`; UserError naming the fix otherwise."""
     folder = vae_folder(path)
     if folder is None:

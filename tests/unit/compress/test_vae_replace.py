@@ -209,3 +209,29 @@ def test_an_fp16_safe_vae_exports_in_fp16(tmp_path):
     )
     _pass(fixed).apply(model.pipe, None)
     assert component_precisions(model, "fp16", None)["vae_decoder"] == "fp16"
+
+
+def test_export_vae_option_swaps_the_decoder_of_a_lazily_loaded_model(taesd, tmp_path):
+    """`slimdiff export MODEL --vae DIR`: the built-in loads lazily (VAE on the meta
+    device); the bundle's decoder holds the tiny VAE's weights and runs."""
+    import onnx
+    from click.testing import CliRunner
+    from slimdiff.runtime import Text2ImagePipeline
+
+    from slimdiff.cli import main
+
+    out = tmp_path / "bundle"
+    args = ["export", "tiny:sd15", "--out", str(out), "--no-optimize", "--vae", str(taesd)]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    graph = onnx.load(str(out / "vae_decoder" / "model.onnx"), load_external_data=False).graph
+    weights = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    decoder = AutoencoderTiny.from_pretrained(taesd).decoder
+    assert abs(weights / sum(p.numel() for p in decoder.parameters()) - 1) < 0.01
+    image = Text2ImagePipeline.from_bundle(out)("a cat", steps=1, size=(64, 64)).image
+    assert image.shape == (64, 64, 3)
+    bad = CliRunner().invoke(
+        main, [*args[:-1], str(tmp_path / "none"), "--out", str(tmp_path / "b")]
+    )
+    assert bad.exit_code == 2 and "is not a diffusers VAE folder" in bad.output
+    assert not (tmp_path / "b").exists()
