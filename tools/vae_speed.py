@@ -2,8 +2,8 @@
 
     python tools/vae_speed.py --sizes 512 1024 --repeat 3 --out /tmp/vae-speed
 
-`sdxl`: random:sdxl's AutoencoderKL (SDXL's VAE architecture, seeded random weights);
-`tiny`: diffusers' AutoencoderTiny at its default config, which is TAESD's / TAESDXL's
+`sdxl-vae`: random:sdxl's AutoencoderKL (SDXL's VAE architecture, seeded random weights);
+`taesd`: diffusers' AutoencoderTiny at its default config, which is TAESD's / TAESDXL's
 (madebyollin/taesd*; `vae.replace` swaps one in). Weights do not change speed. Each
 decoder is exported with slimdiff's exporter (post_quant_conv + decoder, as in a bundle),
 without ORT's fusions, and timed by the runtime's ORT-CPU session on one image; also
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DECODERS = ("sdxl", "tiny")
+DECODERS = ("sdxl-vae", "taesd")
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", type=int, default=[512], help="image sides, pixels")
     p.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up")
     p.add_argument("--out", default="vae-speed", help="work folder and results.json")
-    p.add_argument("--smoke", action="store_true", help="tiny:sdxl's VAE for sdxl (tests)")
+    p.add_argument("--smoke", action="store_true", help="tiny:sdxl's VAE for sdxl-vae (tests)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,9 +44,9 @@ def main() -> None:
         "decoders": rows,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("| decoder | params | size | GFLOPs | ms (median) | speedup vs sdxl |")
+    print("| decoder | params | size | GFLOPs | ms (median) | speedup vs sdxl-vae |")
     print("|---|---|---|---|---|---|")
-    base = rows.get("sdxl")
+    base = rows.get("sdxl-vae")
     for name, row in rows.items():
         for size, cell in row["sizes"].items():
             speedup = base["sizes"][size]["ms"] / cell["ms"] if base else None
@@ -64,7 +64,7 @@ def _decoder(name: str, smoke: bool):
     from slimdiff.models.builtin import sdxl_vae
 
     torch.manual_seed(0)
-    vae = sdxl_vae(smoke) if name == "sdxl" else AutoencoderTiny()
+    vae = sdxl_vae(smoke) if name == "sdxl-vae" else AutoencoderTiny()
     return vae.eval().requires_grad_(False)
 
 
