@@ -17,8 +17,6 @@ from pathlib import Path
 from slimdiff.runtime.manifest import MANIFEST_NAME, PipelineSpec, TextEncoderRecord, sha256_file
 from slimdiff.runtime.pipeline import scheduler_problem
 from slimdiff.runtime.schedulers import (
-    SCHEDULER_ALIASES,
-    replaced_schedule,
     scheduler_names,
     switch_scheduler,
 )
@@ -151,13 +149,12 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
     current = {**scheduler.config, "_class_name": type(scheduler).__name__}
     spec = pipeline_constants(model)
     if name is not None:
-        try:
-            switch_scheduler(current, name)  # the name, and same sampling process
+        try:  # the name, and the same sampling process
+            switched = switch_scheduler(current, name)
         except ValueError as err:
             raise UserError(f"--scheduler: {err}") from None
-        class_name, overrides = SCHEDULER_ALIASES.get(name, (name, {}))
-        config = replaced_schedule(dict(scheduler.config), overrides)
-        scheduler = getattr(diffusers, class_name).from_config(config, **overrides)
+        class_name = switched.pop("_class_name")
+        scheduler = getattr(diffusers, class_name).from_config(switched)
         current = {**scheduler.config, "_class_name": class_name}
     problem = scheduler_problem(spec, current)
     if problem is None:

@@ -22,7 +22,8 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
   arXiv:2010.02502), deterministic (eta = 0).
 - `DPMSolverMultistepScheduler`: multistep DPM-Solver++ (2M, midpoint or Heun) of Lu et al.,
   "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models"
-  (2022, arXiv:2211.01095).
+  (2022, arXiv:2211.01095), orders 1-3, its SDE form and DPM-Solver's noise-prediction
+  forms, on VP or flow-matching sigmas (SD3: `flow-dpm++2m`).
 - `DPMSolverSinglestepScheduler` ("DPM++ 2S", not ancestral): singlestep DPM-Solver(++) of
   Lu et al. (2022, arXiv:2206.00927 and arXiv:2211.01095), orders 1-3, and its SDE form.
 - `DPMSolverSDEScheduler` ("DPM++ SDE"): k-diffusion's stochastic DPM-Solver++ (r = 1/2),
@@ -234,6 +235,11 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "edm-dpm++2m-sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    # DPM-Solver++ 2M on flow-matching sigmas (SD3; its flow_shift is the model's `shift`)
+    "flow-dpm++2m": (
+        "DPMSolverMultistepScheduler",
+        {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
 }
 
 
@@ -270,17 +276,23 @@ def scheduler_names() -> list[str]:
     return [*SCHEDULER_ALIASES, *sorted(_SCHEDULERS)]
 
 
-def _process(class_name: str) -> str:
-    """The diffusion process a scheduler samples, from its diffusers name: FlowMatch*
-    (rectified flow: SD3, FLUX), EDM* (Karras et al.'s preconditioned sigmas: Playground
-    v2.5), the rest the discrete-time VP process (SD1.5, SDXL). A model trained for one
-    cannot be sampled with another's scheduler."""
-    if class_name.startswith("FlowMatch"):
+def _process(class_name: str, config: dict[str, Any] | None = None) -> str:
+    """The diffusion process a scheduler samples, from its diffusers name and config:
+    FlowMatch* and the DPM-Solver on flow sigmas (rectified flow: SD3, FLUX), EDM*
+    (Karras et al.'s preconditioned sigmas: Playground v2.5), the rest the discrete-time
+    VP process (SD1.5, SDXL). A model trained for one cannot be sampled with another's
+    scheduler."""
+    if class_name.startswith("FlowMatch") or (config or {}).get("use_flow_sigmas"):
         return "flow matching"
     return "EDM" if class_name.startswith("EDM") else "discrete-time VP"
 
 
 SIGMA_KEYS = frozenset(f"use_{name}_sigmas" for name in SCHEDULES)
+
+
+def _target(name: str, kept: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    class_name, overrides = SCHEDULER_ALIASES.get(name, (name, {}))
+    return class_name, {**kept, **overrides}
 
 
 def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -299,15 +311,21 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
     if class_name not in _SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(scheduler_names())}")
     current = str(config.get("_class_name", ""))
-    if _process(class_name) != _process(current):
-        allowed = sorted(n for n in _SCHEDULERS if _process(n) == _process(current))
-        raise ValueError(
-            f"{name} cannot replace {current or 'this scheduler'}: it samples the "
-            f"{_process(class_name)} process, the model was trained for the "
-            f"{_process(current)} one; use one of: {', '.join(allowed) or 'none ported yet'}"
-        )
     kept = {k: v for k, v in config.items() if not k.startswith("_")}
-    return {"_class_name": class_name, **replaced_schedule(kept, overrides), **overrides}
+    switched = {"_class_name": class_name, **replaced_schedule(kept, overrides), **overrides}
+    trained, target = _process(current, config), _process(class_name, switched)
+    if target != trained:
+        allowed = [n for n in scheduler_names() if _process(*_target(n, kept)) == trained]
+        raise ValueError(
+            f"{name} cannot replace {current or 'this scheduler'}: it samples the {target} "
+            f"process, the model was trained for the {trained} one; use one of: "
+            f"{', '.join(allowed) or 'none ported yet'}"
+        )
+    if switched.get("use_flow_sigmas") and "flow_shift" not in config and "shift" in config:
+        # a flow-match config's `shift` is what DPM-Solver calls flow_shift (SD3: 3.0);
+        # diffusers' from_config would leave it at 1.0, sampling SD3 off its schedule
+        switched["flow_shift"] = config["shift"]
+    return switched
 
 
 def replaced_schedule(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _dpm
 from ._common import (
     F32,
     ONE,
@@ -47,7 +48,7 @@ from ._sigmas import (
     sigma_schedule,
 )
 
-HALF = F32(0.5)
+HALF = _dpm.HALF
 
 
 def order_list(steps: int, order: int, lower_order_final: bool, final_zero: bool) -> list[int]:
@@ -199,18 +200,10 @@ class DPMSolverSinglestepScheduler(MultistepTables):
 
     def _convert(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
         """The model output as the solver's quantity: x0 for DPM-Solver++, eps for DPM-Solver."""
-        if self.prediction_type == "sample" and self.algorithm != "dpmsolver":
-            return model_output
         alpha_t, sigma_t, _ = alpha_sigma_lambda(self.sigmas[i])
-        if self.algorithm == "dpmsolver":
-            if self.prediction_type == "epsilon":
-                return model_output
-            if self.prediction_type == "sample":
-                return (sample - alpha_t * model_output) / sigma_t
-            return alpha_t * model_output + sigma_t * sample  # v_prediction
-        if self.prediction_type == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        return alpha_t * sample - sigma_t * model_output  # v_prediction
+        return _dpm.solver_quantity(
+            self.algorithm, self.prediction_type, model_output, sample, alpha_t, sigma_t
+        )
 
     def _update(self, order: int, i: int, noise: np.ndarray | None) -> np.ndarray:
         """From the group's start (index i + 1 - order) to sigmas[i + 1], in diffusers'
@@ -219,53 +212,30 @@ class DPMSolverSinglestepScheduler(MultistepTables):
         alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[i + 1])
         alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(self.sigmas[i + 1 - order])
         h = lambda_t - lambda_s
-        sde = self.algorithm == "sde-dpmsolver++"
-        if self.algorithm == "dpmsolver++":
-            k_x, k0 = sigma_t / sigma_s, -(alpha_t * (np.exp(-h) - ONE))
-        elif self.algorithm == "dpmsolver":
-            k_x, k0 = alpha_t / alpha_s, -(sigma_t * (np.exp(h) - ONE))
-        else:  # sde-dpmsolver++
-            k_x, k0 = sigma_t / sigma_s * np.exp(-h), alpha_t * (ONE - np.exp(F32(-2.0) * h))
+        k_x, k0 = _dpm.base_coefficients(self.algorithm, h, alpha_s, sigma_s, alpha_t, sigma_t)
         m = self._outputs
+        coefficient_args = (self.algorithm, h, alpha_t, sigma_t)
         prev = k_x * self._start + k0 * m[-order]
         if order == 2:
             r0 = (self._lambda(i) - lambda_s) / h
             d1 = (ONE / r0) * (m[-1] - m[-2])
-            k1 = HALF * k0 if self.solver_type == "midpoint" else self._k1(h, alpha_t, sigma_t)
+            k1 = HALF * k0 if self.solver_type == "midpoint" else _dpm.phi2(*coefficient_args)
             prev = prev + k1 * d1
         elif order == 3:
             lambda_s0, lambda_s1 = self._lambda(i), self._lambda(i - 1)
             r0, r1 = (lambda_s0 - lambda_s) / h, (lambda_s1 - lambda_s) / h
             d1_0, d1_1 = (ONE / r1) * (m[-2] - m[-3]), (ONE / r0) * (m[-1] - m[-3])
-            k1 = self._k1(h, alpha_t, sigma_t)
+            k1 = _dpm.phi2(*coefficient_args)
             if self.solver_type == "midpoint":
                 prev = prev + k1 * d1_1
             else:  # heun: the full third-order expansion
                 d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
                 d2 = F32(2.0) * (d1_1 - d1_0) / (r0 - r1)
-                prev = prev + k1 * d1 + self._k2(h, alpha_t, sigma_t) * d2
-        if sde:
-            prev = prev + sigma_t * np.sqrt(ONE - np.exp(F32(-2) * h)) * as_f32(noise)
+                prev = prev + k1 * d1 + _dpm.phi3(*coefficient_args) * d2
+        if self.stochastic:
+            prev = prev + _dpm.noise_std(self.algorithm, h, sigma_t) * as_f32(noise)
         return prev
 
     def _lambda(self, i: int) -> np.float32:
         """log-SNR at sigmas[i], one of the group's intermediate points."""
         return alpha_sigma_lambda(self.sigmas[i])[2]
-
-    def _k1(self, h: np.float32, alpha_t: np.float32, sigma_t: np.float32) -> np.float32:
-        """The first divided difference's weight (phi_2 term of Lu et al.)."""
-        if self.algorithm == "dpmsolver++":
-            return alpha_t * ((np.exp(-h) - ONE) / h + ONE)
-        if self.algorithm == "dpmsolver":
-            return -(sigma_t * ((np.exp(h) - ONE) / h - ONE))
-        m2h = F32(-2.0) * h
-        return alpha_t * ((ONE - np.exp(m2h)) / m2h + ONE)
-
-    def _k2(self, h: np.float32, alpha_t: np.float32, sigma_t: np.float32) -> np.float32:
-        """The second divided difference's weight (phi_3 term), third-order Heun only."""
-        if self.algorithm == "dpmsolver++":
-            return -(alpha_t * ((np.exp(-h) - ONE + h) / (h * h) - HALF))
-        if self.algorithm == "dpmsolver":
-            return -(sigma_t * ((np.exp(h) - ONE - h) / (h * h) - HALF))
-        m2h = F32(-2.0) * h
-        return alpha_t * ((ONE - np.exp(m2h) + m2h) / (m2h * m2h) - HALF)

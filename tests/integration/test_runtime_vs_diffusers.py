@@ -219,16 +219,29 @@ def test_stochastic_scheduler_is_seeded(exported, name):
     )
 
 
-def test_sd3_flow_heun_matches_diffusers(exported):
-    """SD3 sampled with flow-match Heun (`--scheduler flow-heun`): 2n - 1 calls."""
+@pytest.mark.parametrize("name", ["flow-heun", "flow-dpm++2m"])
+def test_sd3_flow_schedulers_match_diffusers(exported, name):
+    """SD3 sampled with flow-match Heun (`--scheduler flow-heun`: 2n - 1 calls) and with
+    DPM-Solver++ 2M on flow sigmas (`flow-dpm++2m`: the model's shift as flow_shift)."""
     import diffusers
 
     model, bundle = exported("sd3")
-    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="flow-heun")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
     shape = runtime.conditioning.latent_shape(SIZE, SIZE)
     latents = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
     original = model.pipe.scheduler
-    model.pipe.scheduler = diffusers.FlowMatchHeunDiscreteScheduler.from_config(original.config)
+    if name == "flow-heun":
+        ref = diffusers.FlowMatchHeunDiscreteScheduler.from_config(original.config)
+    else:
+        shift = original.config.shift
+        assert shift != 1.0 and runtime.scheduler_config["flow_shift"] == shift
+        ref = diffusers.DPMSolverMultistepScheduler.from_config(
+            original.config,
+            use_flow_sigmas=True,
+            prediction_type="flow_prediction",
+            flow_shift=shift,
+        )
+    model.pipe.scheduler = ref
     try:
         model.pipe.set_progress_bar_config(disable=True)
         ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
@@ -236,9 +249,10 @@ def test_sd3_flow_heun_matches_diffusers(exported):
     finally:
         model.pipe.scheduler = original
     result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
-    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "flow-heun")
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, name)
     assert _psnr(result.image, ref_image) >= 40.0
-    assert len(result.timings_ms["denoiser_steps"]) == 2 * STEPS - 1
+    calls = 2 * STEPS - 1 if name == "flow-heun" else STEPS
+    assert len(result.timings_ms["denoiser_steps"]) == calls
 
 
 def test_dpm_sde_matches_diffusers_given_the_runtime_noise(exported, monkeypatch):

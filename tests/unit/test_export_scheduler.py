@@ -83,9 +83,9 @@ def test_unsupported_scheduler_is_refused_naming_the_ones_that_work(sd15):
 
 
 def test_unported_option_of_a_ported_class_is_refused(sd15):
-    old = _with_scheduler(sd15, "DPMSolverMultistepScheduler", use_lu_lambdas=True)
+    old = _with_scheduler(sd15, "DPMSolverMultistepScheduler", thresholding=True)
     try:
-        with pytest.raises(UserError, match="use_lu_lambdas=True"):
+        with pytest.raises(UserError, match="thresholding=True"):
             bundle_scheduler(sd15)
     finally:
         sd15.pipe.scheduler = old
@@ -109,7 +109,7 @@ def test_export_refuses_before_any_work_and_ships_the_choice(sd3, tmp_path):
     old = _with_scheduler(sd3, "FlowMatchLCMScheduler")
     try:
         only_flow = (
-            r"one of: flow-euler, flow-heun, FlowMatchEulerDiscreteScheduler, "
+            r"one of: flow-euler, flow-heun, flow-dpm\+\+2m, FlowMatchEulerDiscreteScheduler, "
             r"FlowMatchHeunDiscreteScheduler$"
         )
         with pytest.raises(UserError, match=only_flow):

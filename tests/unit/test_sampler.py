@@ -64,16 +64,30 @@ def _mu(config: dict, seq_len: int) -> float:
     return config["base_shift"] + m * (seq_len - lo)
 
 
+# The runtime's DPM-Solver ports cover configs the torch sampler refuses (third order, the
+# noise-prediction "dpmsolver" forms, sample and flow predictions): those cases are left
+# out below, and test_torch_sampler_refuses_what_it_lacks checks they are refused.
+_DPM_TORCH = {"solver_order": 2, "algorithm_type": "dpmsolver++", "prediction_type": "epsilon"}
+
+
+def _torch_has(config: dict) -> bool:
+    supported = sampler_module.sampler_classes()["DPMSolverMultistepScheduler"].supported
+    full = {**_DPM_TORCH, **config}
+    return all(full.get(k, allowed[0]) in allowed for k, allowed in supported.items())
+
+
+_ALL_DPM = {**DPM_CASES, **{f"sde-{k}": v for k, v in DPM_SDE_CASES.items()}}
+
 # name -> (class, config, num_inference_steps, other set_timesteps arguments)
 CASES = {
     **{f"euler-{k}": (EULER, c, n, {}) for k, (c, n) in EULER_CASES.items()},
     **{f"ddim-{k}": (DDIM, c, n, {}) for k, (c, n) in DDIM_CASES.items()},
-    **{f"dpm-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_CASES.items()},
+    **{f"dpm-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_CASES.items() if _torch_has(c)},
     # PLMS only: the Runge-Kutta start (skip_prk_steps False) has no torch sampler
     **{
         f"pndm-{k}": (PNDM, c, n, {}) for k, (c, n) in PNDM_CASES.items() if c.get("skip_prk_steps")
     },
-    **{f"dpm-sde-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_SDE_CASES.items()},
+    **{f"dpm-sde-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_SDE_CASES.items() if _torch_has(c)},
     **{f"euler-a-{k}": (EULER_A, c, n, {}) for k, (c, n) in EULER_A_CASES.items()},
     **{f"lcm-{k}": (LCM, c, n, {}) for k, (c, n) in LCM_CASES.items()},
     **{f"heun-{k}": (HEUN, c, n, {}) for k, (c, n) in HEUN_CASES.items()},
@@ -168,6 +182,18 @@ def _compare(ref, ours, seed: int, running: bool = False, device=None) -> None:
 def test_trajectory_matches_diffusers(cls_name, config, steps, kwargs):
     running = cls_name == EULER and bool(config.get("rescale_betas_zero_snr"))
     _compare(*_build(cls_name, config, steps, kwargs), seed=1, running=running)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [k for k, (c, _) in _ALL_DPM.items() if not _torch_has(c)],
+)
+def test_torch_sampler_refuses_what_it_lacks(case):
+    """One line naming the key and what the sampler takes (EcoDiff then asks for
+    calibration.scheduler before any work)."""
+    config, steps = _ALL_DPM[case]
+    with pytest.raises(UserError, match=r"is not supported by the torch sampler \(supported:"):
+        TorchSampler.from_config({"_class_name": DPM, **config}, steps)
 
 
 @pytest.mark.parametrize("case", TCD_CASES)

@@ -147,6 +147,66 @@ DPM_CASES = {
     "sigma_min-16-steps": ({**SD_BETAS, "final_sigmas_type": "sigma_min"}, 16),
     "order1": ({**SD_BETAS, "solver_order": 1}, 20),
     "lambda_min_clipped": ({"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}, 12),
+    "order3": ({**SD_BETAS, "solver_order": 3}, 20),
+    # under 15 steps the last two steps drop an order (lower_order_second, then first)
+    "order3-few-steps": ({**SD_BETAS, "solver_order": 3}, 8),
+    "order3-karras-vpred": (
+        {
+            **SD_BETAS,
+            "solver_order": 3,
+            "use_karras_sigmas": True,
+            "prediction_type": "v_prediction",
+        },
+        25,
+    ),
+    "order3-sigma_min-16-steps": (
+        {**SD_BETAS, "solver_order": 3, "final_sigmas_type": "sigma_min"},
+        16,
+    ),
+    "sample-prediction": ({**SD_BETAS, "prediction_type": "sample"}, 10),
+    "lu-lambdas": ({**SD_BETAS, "use_lu_lambdas": True}, 20),
+    "lu-lambdas-cosine": ({"beta_schedule": "squaredcos_cap_v2", "use_lu_lambdas": True}, 12),
+    # Karras wins over Lu, as in diffusers
+    "lu-and-karras": ({**SD_BETAS, "use_lu_lambdas": True, "use_karras_sigmas": True}, 12),
+    # DPM-Solver (noise prediction; deprecated in diffusers, still read from configs)
+    "dpmsolver": (
+        {**SD_BETAS, "algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        20,
+    ),
+    "dpmsolver-heun-vpred": (
+        {
+            **SD_BETAS,
+            "algorithm_type": "dpmsolver",
+            "final_sigmas_type": "sigma_min",
+            "solver_type": "heun",
+            "prediction_type": "v_prediction",
+        },
+        12,
+    ),
+    "dpmsolver-order3-sample": (
+        {
+            **SD_BETAS,
+            "algorithm_type": "dpmsolver",
+            "final_sigmas_type": "sigma_min",
+            "solver_order": 3,
+            "prediction_type": "sample",
+        },
+        16,
+    ),
+    # flow-matching sigmas (SD3 sampled with DPM-Solver++)
+    "flow": (
+        {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0},
+        20,
+    ),
+    "flow-order3-few": (
+        {
+            "use_flow_sigmas": True,
+            "prediction_type": "flow_prediction",
+            "flow_shift": 3.0,
+            "solver_order": 3,
+        },
+        8,
+    ),
 }
 
 SDE = {**SD_BETAS, "algorithm_type": "sde-dpmsolver++"}
@@ -162,6 +222,20 @@ DPM_SDE_CASES = {  # "DPM++ 2M SDE (Karras)": fresh noise every step
             "prediction_type": "v_prediction",
         },
         12,
+    ),
+    "order3": ({**SDE, "solver_order": 3}, 20),
+    "dpmsolver": (
+        {**SD_BETAS, "algorithm_type": "sde-dpmsolver", "final_sigmas_type": "sigma_min"},
+        20,
+    ),
+    "dpmsolver-heun": (
+        {
+            **SD_BETAS,
+            "algorithm_type": "sde-dpmsolver",
+            "final_sigmas_type": "sigma_min",
+            "solver_type": "heun",
+        },
+        10,
     ),
 }
 STOCHASTIC = ("EulerAncestralDiscreteScheduler", "LCMScheduler")  # and DPM's SDE form
@@ -442,6 +516,26 @@ def test_flow_match_dynamic_without_sigmas():
     _run(*_pair("FlowMatchEulerDiscreteScheduler", FLUX_DEV), 12, seed=6, mu=mu)
 
 
+def test_dpm_solver_flow_sigmas_shifted_by_mu():
+    """use_dynamic_shifting: mu sets flow_shift = e^mu, and it stays for later calls, as
+    diffusers writes it into its config; mu without the flag is refused."""
+    config = {
+        "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction",
+        "use_dynamic_shifting": True,
+        "solver_order": 3,
+    }
+    ref, ours = _pair("DPMSolverMultistepScheduler", config)
+    worst = _run(ref, ours, 12, seed=7, mu=0.9)
+    assert worst < TOL and ours.flow_shift == pytest.approx(np.exp(0.9))
+    _run(ref, ours, 6, seed=8)  # no mu: the shift set above
+    plain = schedulers.scheduler_from_config(
+        {"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True}
+    )
+    with pytest.raises(ValueError, match="mu needs use_dynamic_shifting"):
+        plain.set_timesteps(10, mu=0.5)
+
+
 def test_euler_custom_sigmas():
     ref, ours = _pair("EulerDiscreteScheduler", SDXL_EULER)
     sigmas = np.array([14.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.0])
@@ -522,9 +616,28 @@ def test_unknown_class_names_supported_ones():
         ("EulerDiscreteScheduler", {"timestep_type": "karras"}, "timestep_type"),
         ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("DDIMScheduler", {"thresholding": True}, "thresholding"),
-        ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
-        ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
-        ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}, "final_sigmas_type"),
+        (
+            "DPMSolverMultistepScheduler",
+            {
+                "algorithm_type": "sde-dpmsolver",
+                "final_sigmas_type": "sigma_min",
+                "solver_order": 3,
+            },
+            "solver_order",
+        ),
+        (
+            "DPMSolverMultistepScheduler",
+            {
+                "algorithm_type": "dpmsolver",
+                "final_sigmas_type": "sigma_min",
+                "prediction_type": "flow_prediction",
+            },
+            "flow_prediction",
+        ),
+        ("DPMSolverMultistepScheduler", {"variance_type": "learned_range"}, "variance_type"),
+        ("DPMSolverMultistepScheduler", {"thresholding": True}, "thresholding"),
+        ("DPMSolverMultistepScheduler", {"time_shift_type": "linear"}, "time_shift_type"),
         ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "stochastic_sampling"),
         ("FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True}, "invert_sigmas"),
         ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
@@ -602,6 +715,23 @@ def test_imports_only_numpy_and_stdlib():
                 continue
             for root in roots:
                 assert root == "numpy" or root in sys.stdlib_module_names, (path.name, root)
+
+
+def test_flow_dpm_solver_is_a_flow_matching_sampler():
+    """`flow-dpm++2m` samples SD3 (its shift becomes flow_shift); plain DPM-Solver++ is a VP
+    sampler and is refused for it, naming the flow choices; and back again."""
+    sd3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", **SD3}
+    switched = schedulers.switch_scheduler(sd3, "flow-dpm++2m")
+    assert switched["_class_name"] == "DPMSolverMultistepScheduler"
+    assert switched["use_flow_sigmas"] and switched["flow_shift"] == 3.0
+    assert switched["prediction_type"] == "flow_prediction"
+    with pytest.raises(ValueError, match=r"use one of: flow-euler, flow-heun, flow-dpm\+\+2m,"):
+        schedulers.switch_scheduler(sd3, "dpm++2m")
+    back = schedulers.switch_scheduler(switched, "flow-euler")
+    assert back["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    sd15 = {"_class_name": "PNDMScheduler", **SD_BETAS}
+    with pytest.raises(ValueError, match="samples the flow matching process"):
+        schedulers.switch_scheduler(sd15, "flow-dpm++2m")
 
 
 def test_presets_carry_stable_diffusions_settings():
