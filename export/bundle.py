@@ -11,6 +11,7 @@ every value is read from the model's ArchSpec or its component configs.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from slimdiff.runtime.pipeline import scheduler_problem
 from slimdiff.runtime.schedulers import (
     scheduler_names,
     switch_scheduler,
+    switch_warning,
 )
 
 from slimdiff.errors import UserError
@@ -36,6 +38,8 @@ __all__ = [
     "pipeline_constants",
     "write_support_files",
 ]
+
+log = logging.getLogger(__name__)
 
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
@@ -153,6 +157,9 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
             switched = switch_scheduler(current, name)
         except ValueError as err:
             raise UserError(f"--scheduler: {err}") from None
+        warning = switch_warning(current, switched)
+        if warning:
+            log.warning("--scheduler %s: %s", name, warning)
         class_name = switched.pop("_class_name")
         scheduler = getattr(diffusers, class_name).from_config(switched)
         current = {**scheduler.config, "_class_name": class_name}

@@ -41,6 +41,7 @@ from slimdiff.runtime.schedulers import (
     Scheduler,
     scheduler_from_config,
     switch_scheduler,
+    switch_warning,
     takes_noise,
 )
 from slimdiff.runtime.sessions import OnDemandSession, ensure_loaded, release
@@ -481,4 +482,7 @@ def _switched(config: PipelineSpec, scheduler_config: dict, name: str) -> dict:
     problem = scheduler_problem(config, switched)
     if problem is not None:
         raise UserError(f"scheduler {name} cannot sample this bundle ({problem}); pick another one")
+    warning = switch_warning(scheduler_config, switched)
+    if warning:
+        log.warning("scheduler %s: %s", name, warning)
     return switched

@@ -115,6 +115,7 @@ from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "SCHEDULER_ALIASES",
+    "ZERO_SNR_CLASSES",
     "DDIMScheduler",
     "DDPMScheduler",
     "DEISMultistepScheduler",
@@ -140,6 +141,7 @@ __all__ = [
     "scheduler_from_config",
     "scheduler_names",
     "switch_scheduler",
+    "switch_warning",
     "takes_noise",
 ]
 
@@ -288,6 +290,38 @@ def _process(class_name: str, config: dict[str, Any] | None = None) -> str:
 
 
 SIGMA_KEYS = frozenset(f"use_{name}_sigmas" for name in SCHEDULES)
+
+
+# The ported classes that honour `rescale_betas_zero_snr` (as their diffusers classes do;
+# tests/unit/test_schedulers.py keeps the set equal to diffusers').
+ZERO_SNR_CLASSES = frozenset(
+    {
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "DPMSolverMultistepScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "EulerDiscreteScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+        "UniPCMultistepScheduler",
+    }
+)
+
+
+def switch_warning(config: dict[str, Any], switched: dict[str, Any]) -> str | None:
+    """What a switch from `config` to `switched` (switch_scheduler's result) silently
+    drops that the model depends on, as one line; None when nothing. diffusers' from_config
+    drops it the same way: a zero-terminal-SNR model (SD2.1-v style, trained with
+    rescaled betas) sampled by a class without rescale_betas_zero_snr gets the ordinary
+    schedule, whose last step never reaches pure noise."""
+    target = switched.get("_class_name")
+    if config.get("rescale_betas_zero_snr") and target not in ZERO_SNR_CLASSES:
+        return (
+            f"{target} has no rescale_betas_zero_snr: this zero-terminal-SNR model is "
+            "sampled on the ordinary beta schedule, which it was not trained for; use one "
+            f"of {', '.join(sorted(ZERO_SNR_CLASSES))}"
+        )
+    return None
 
 
 def _target(name: str, kept: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -500,7 +500,7 @@ def test_guidance_rescale_needs_a_model_that_uses_cfg(exported):
         runtime(PROMPT, steps=1, size=(SIZE, SIZE), guidance_rescale=0.5)
 
 
-def test_sd2_style_v_prediction_zero_snr_matches_diffusers(tmp_path):
+def test_sd2_style_v_prediction_zero_snr_matches_diffusers(tmp_path, caplog):
     """SD 2.x's layout in the SD1.5 family: linear proj_in/out, upcast attention, a head
     count per block, and a v-prediction DDIM with zero terminal SNR and trailing steps
     (SD 2.1-v fine-tunes), saved to a folder and exported from it with the fused graph."""
@@ -542,6 +542,14 @@ def test_sd2_style_v_prediction_zero_snr_matches_diffusers(tmp_path):
     result = runtime(PROMPT, guidance_rescale=0.7, **call)
     _assert_close_to_diffusers(result.latents, ref_latents, no_model, "sd2-style")
     assert _psnr(result.image, ref_image) >= 40.0
+    # a sampler without rescale_betas_zero_snr would drop it: said once, when switched
+    with caplog.at_level("WARNING"):
+        Text2ImagePipeline.from_bundle(tmp_path / "b", scheduler="dpm++2s")
+    assert "DPMSolverSinglestepScheduler has no rescale_betas_zero_snr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Text2ImagePipeline.from_bundle(tmp_path / "b", scheduler="euler")
+    assert "rescale_betas_zero_snr" not in caplog.text
 
 
 def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):

@@ -734,6 +734,30 @@ def test_flow_dpm_solver_is_a_flow_matching_sampler():
         schedulers.switch_scheduler(sd15, "flow-dpm++2m")
 
 
+def test_zero_snr_classes_are_diffusers_own():
+    import inspect
+
+    honour = {
+        name
+        for name in schedulers.scheduler_names()
+        if name.endswith("Scheduler")
+        and "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, name)).parameters
+    }
+    assert honour == schedulers.ZERO_SNR_CLASSES
+
+
+def test_switching_a_zero_snr_model_to_a_class_without_it_warns():
+    zero_snr = {"_class_name": "EulerDiscreteScheduler", **SD_BETAS, "rescale_betas_zero_snr": True}
+    lost = schedulers.switch_scheduler(zero_snr, "deis")
+    warning = schedulers.switch_warning(zero_snr, lost)
+    assert warning.startswith("DEISMultistepScheduler has no rescale_betas_zero_snr")
+    assert "DDIMScheduler" in warning  # names the classes that keep it
+    kept = schedulers.switch_scheduler(zero_snr, "ddim")
+    assert schedulers.switch_warning(zero_snr, kept) is None
+    plain = {"_class_name": "EulerDiscreteScheduler", **SD_BETAS}
+    assert schedulers.switch_warning(plain, schedulers.switch_scheduler(plain, "deis")) is None
+
+
 def test_presets_carry_stable_diffusions_settings():
     """`ddim` and `pndm` set what SD's own configs of those classes set; class names are
     diffusers' from_config exactly (DDIM's default clips x0 to [-1, 1]: wrong for latents)."""
