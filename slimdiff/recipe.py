@@ -119,7 +119,7 @@ SCHEDULERS = (
     *("dpm++2m-sde", "dpm++2m-sde-karras", "dpm++2s", "dpm++2s-karras", "dpm++sde"),
     *("dpm++sde-karras", "deis", "deis-karras"),
     *("pndm", "lcm", "tcd", "unipc", "edm-euler", "edm-dpm++2m", "edm-dpm++2m-sde"),
-    *("flow-euler", "flow-heun", "flow-dpm++2m"),
+    *("flow-euler", "flow-heun", "flow-dpm++2m", "flow-unipc"),
     *("DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler"),
     *("DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler"),
     *("EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler"),

@@ -23,7 +23,7 @@ sigmas, DPM-Solver's coefficients), float64 where it computes in float64 numpy
 - `DPMSolverMultistepScheduler`: multistep DPM-Solver++ (2M, midpoint or Heun) of Lu et al.,
   "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models"
   (2022, arXiv:2211.01095), orders 1-3, its SDE form and DPM-Solver's noise-prediction
-  forms, on VP or flow-matching sigmas (SD3: `flow-dpm++2m`).
+  forms, on VP or flow-matching sigmas (SD3, FLUX: `flow-dpm++2m`).
 - `DPMSolverSinglestepScheduler` ("DPM++ 2S", not ancestral): singlestep DPM-Solver(++) of
   Lu et al. (2022, arXiv:2206.00927 and arXiv:2211.01095), orders 1-3, and its SDE form.
 - `DPMSolverSDEScheduler` ("DPM++ SDE"): k-diffusion's stochastic DPM-Solver++ (r = 1/2),
@@ -237,9 +237,14 @@ SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "edm-dpm++2m-sde": ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
     "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
-    # DPM-Solver++ 2M on flow-matching sigmas (SD3; its flow_shift is the model's `shift`)
+    # DPM-Solver++ 2M and UniPC on flow-matching sigmas (flow_shift: the model's `shift`; a
+    # dynamically shifted config, FLUX's, is shifted by the pipeline's mu instead)
     "flow-dpm++2m": (
         "DPMSolverMultistepScheduler",
+        {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
+    "flow-unipc": (
+        "UniPCMultistepScheduler",
         {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
     ),
 }

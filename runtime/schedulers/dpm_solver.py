@@ -35,6 +35,7 @@ from ._common import (
     restarts,
     sigma_to_t,
 )
+from ._flow import static_shift
 from ._sigmas import (
     MultistepTables,
     multistep_sigmas,
@@ -193,8 +194,7 @@ class DPMSolverMultistepScheduler(MultistepTables):
     def _flow_sigmas(self, n: int) -> np.ndarray:
         """Flow-matching sigmas from 1 down (not reaching 0), shifted by flow_shift."""
         s = 1.0 - np.linspace(1, 1 / self.num_train_timesteps, n + 1)
-        shift = self.flow_shift
-        return np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
+        return np.flip(static_shift(self.flow_shift, s))[:-1].copy()
 
     def _alpha_sigma_lambda(self, sigma: np.float32) -> tuple[np.float32, ...]:
         if not self.flow:

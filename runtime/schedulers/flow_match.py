@@ -11,7 +11,6 @@ SD3/FLUX pipelines compute them; after the shift, optionally stretched to end at
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from ._common import (
     choice,
     reject_non_default,
 )
+from ._flow import static_shift, stretch_to_terminal, time_shift
 from ._sigmas import converted_sigmas, sigma_schedule
 
 
@@ -71,19 +71,13 @@ class FlowMatchEulerDiscreteScheduler:
         t = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=F32)[::-1]
         sig = t / num_train_timesteps  # float32, as diffusers' torch tensor
         if not self.use_dynamic_shifting:
-            sig = shift * sig / (1 + (shift - 1) * sig)
+            sig = static_shift(shift, sig)
         # diffusers derives its default schedule from these *already shifted* ends and
         # then shifts again in set_timesteps; matching it means keeping that
         self._sigma_min, self._sigma_max = float(sig[-1]), float(sig[0])
         self.sigmas = np.concatenate([sig, [0]]).astype(F32)
         self.timesteps = (sig * F32(num_train_timesteps)).astype(F32)
         self.num_inference_steps: int | None = None
-
-    def _time_shift(self, mu: float, t: np.ndarray) -> np.ndarray:
-        # numpy with Python scalars keeps t's dtype (float32 for given sigmas, as diffusers)
-        if self.time_shift_type == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
-        return mu / (mu + (1 / t - 1) ** 1.0)
 
     def set_timesteps(
         self,
@@ -109,12 +103,11 @@ class FlowMatchEulerDiscreteScheduler:
                 / n_train
             )
         if self.use_dynamic_shifting:
-            sig = self._time_shift(mu, sig)
+            sig = time_shift(self.time_shift_type, mu, sig)
         else:
-            sig = self.shift * sig / (1 + (self.shift - 1) * sig)
+            sig = static_shift(self.shift, sig)
         if self.shift_terminal:  # stretch so that the last sigma is shift_terminal
-            one_minus = 1 - sig
-            sig = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+            sig = stretch_to_terminal(sig, self.shift_terminal)
         if self.sigma_schedule:
             ends, bounds = (float(sig[-1]), float(sig[0])), (self.sigma_min, self.sigma_max)
             sig = converted_sigmas(self.sigma_schedule, *ends, len(sig), *bounds)

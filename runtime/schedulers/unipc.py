@@ -6,9 +6,11 @@ log-SNR lambda on the data (x0) or noise prediction; UniP-p predicts from the la
 model outputs (Algorithm 2), and UniC corrects that prediction with the model output at
 the predicted point (Algorithm 1), so each model call raises the order by one.
 Port of diffusers.UniPCMultistepScheduler (scheduling_unipc_multistep.py), solver_type
-"bh1" or "bh2", solver_order 1-3, predict_x0 on or off, on the VP schedule (no flow
-sigmas). Coefficients are float32 like diffusers' 0-d tensors (the rho systems solved in
-float32 too), the sigma schedule float64 until its cast to float32, as there.
+"bh1" or "bh2", solver_order 1-3, predict_x0 on or off, epsilon, v, sample and flow
+predictions, on the VP schedule or on flow-matching sigmas (use_flow_sigmas: SD3's static
+shift, FLUX's given sigmas and dynamic shift by `mu`, shift_terminal). Coefficients are
+float32 like diffusers' 0-d tensors (the rho systems solved in float32 too), the sigma
+schedule float64 until its cast to float32, as there.
 
 Each `step(model_output, i, sample)` first corrects `sample` (the previous step's
 prediction) with this model output, then predicts the next sample from the corrected one,
@@ -27,17 +29,20 @@ from typing import Any
 
 import numpy as np
 
+from . import _dpm
 from ._common import (
     F32,
     ONE,
     alpha_sigma_lambda,
     as_f32,
     check_step,
+    check_steps,
     choice,
     reject_args,
     reject_non_default,
     restarts,
 )
+from ._flow import static_shift, stretch_to_terminal, time_shift
 from ._sigmas import (
     MultistepTables,
     multistep_sigmas,
@@ -75,27 +80,35 @@ class UniPCMultistepScheduler(MultistepTables):
         steps_offset: int = 0,
         final_sigmas_type: str = "zero",
         rescale_betas_zero_snr: bool = False,
+        use_flow_sigmas: bool | None = False,
+        flow_shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        shift_terminal: float | None = None,
         **config: Any,
     ) -> None:
         name = type(self).__name__
-        # flow_shift and time_shift_type only act with use_flow_sigmas / use_dynamic_shifting,
-        # dynamic_thresholding_ratio and sample_max_value only with thresholding
-        reject_non_default(
-            name,
-            config,
-            thresholding=False,
-            use_flow_sigmas=False,
-            use_dynamic_shifting=False,
-            shift_terminal=None,
-            solver_p=None,
+        # dynamic_thresholding_ratio and sample_max_value only act with thresholding
+        reject_non_default(name, config, thresholding=False, solver_p=None)
+        self.flow, self.flow_shift = bool(use_flow_sigmas), float(flow_shift)
+        self.use_dynamic_shifting = bool(use_dynamic_shifting)
+        self.time_shift_type = choice(
+            name, "time_shift_type", time_shift_type, ("exponential", "linear")
         )
+        if shift_terminal is not None and not self.flow:
+            raise ValueError(f"{name}: shift_terminal needs use_flow_sigmas (diffusers refuses it)")
+        self.shift_terminal = shift_terminal
         # diffusers silently maps these (configs copied from DPM-Solver/DEIS) to bh2
         solver_type = "bh2" if solver_type in ("midpoint", "heun", "logrho") else solver_type
         self.solver_type = choice(name, "solver_type", solver_type, ("bh1", "bh2"))
         self.solver_order = choice(name, "solver_order", solver_order, (1, 2, 3))
-        self.prediction_type = choice(
-            name, "prediction_type", prediction_type, ("epsilon", "v_prediction")
-        )
+        predictions = ("epsilon", "v_prediction", "sample", "flow_prediction")
+        self.prediction_type = choice(name, "prediction_type", prediction_type, predictions)
+        if self.prediction_type == "flow_prediction" and not predict_x0:
+            raise ValueError(
+                f"{name}: prediction_type 'flow_prediction' needs predict_x0 (diffusers "
+                "refuses it too)"
+            )
         self.timestep_spacing = choice(
             name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing")
         )
@@ -116,6 +129,11 @@ class UniPCMultistepScheduler(MultistepTables):
         self.sigma_schedule = sigma_schedule(
             name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
+        if self.flow and self.sigma_schedule:
+            raise ValueError(
+                f"{name}: use_{self.sigma_schedule}_sigmas with use_flow_sigmas is not "
+                "ported to the numpy runtime; use one of them"
+            )
         self.sigma_min, self.sigma_max = sigma_min, sigma_max  # the converted schedules only
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         self._init_tables(
@@ -142,8 +160,12 @@ class UniPCMultistepScheduler(MultistepTables):
         mu: float | None = None,
         sigmas: np.ndarray | None = None,
     ) -> None:
+        name = type(self).__name__
+        if self.flow:
+            self._set_flow_timesteps(num_inference_steps, mu, sigmas)
+            return
         # diffusers takes `sigmas` only with flow sigmas, `mu` only with dynamic shifting
-        reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
+        reject_args(name, mu=mu, sigmas=sigmas)
         train = self._train_sigmas
         t = multistep_timesteps(
             self.timestep_spacing, self.num_train_timesteps, num_inference_steps, self.steps_offset
@@ -155,6 +177,40 @@ class UniPCMultistepScheduler(MultistepTables):
             last_sigma = sig[-1] if self.sigma_schedule else train[0]  # else the training one
         self._set_tables(t, sig, last_sigma)
         self._reset_history()
+
+    def _set_flow_timesteps(
+        self, n: int | None, mu: float | None, sigmas: np.ndarray | None
+    ) -> None:
+        """diffusers' flow branch: sigmas from 1 down to 1/N (or the pipeline's, FLUX's),
+        shifted (statically, or by `mu`), stretched to shift_terminal, the first nudged
+        off 1 (log 0 in the update), timesteps sigma * N cast to int64 as diffusers does."""
+        name = type(self).__name__
+        if self.use_dynamic_shifting and mu is None:
+            raise ValueError(f"{name}: mu must be passed when use_dynamic_shifting is True")
+        n_train = self.num_train_timesteps
+        if sigmas is not None:  # FLUX's pipeline passes np.linspace(1, 1/n, n)
+            sig = np.asarray(sigmas, dtype=np.float64).copy()
+        else:
+            sig = np.linspace(1, 1 / n_train, check_steps(n, n_train) + 1)[:-1]
+        if self.use_dynamic_shifting:
+            sig = time_shift(self.time_shift_type, mu, sig)
+        else:
+            sig = static_shift(self.flow_shift, sig)
+        if self.shift_terminal:
+            sig = stretch_to_terminal(sig, self.shift_terminal)
+        if np.fabs(sig[0] - 1) < 1e-6:
+            sig[0] -= 1e-6
+        t = sig * n_train
+        last_sigma = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
+        self._set_tables(t, sig, last_sigma)
+        self._reset_history()
+
+    def _alpha_sigma_lambda(self, sigma: np.float32) -> tuple[np.float32, ...]:
+        if not self.flow:
+            return alpha_sigma_lambda(sigma)
+        alpha_t, sigma_t = ONE - sigma, sigma  # rectified flow: x = (1 - s) x0 + s eps
+        with np.errstate(divide="ignore"):
+            return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)
@@ -185,14 +241,11 @@ class UniPCMultistepScheduler(MultistepTables):
         self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32
     ) -> np.ndarray:
         """The model output as UniPC integrates it: x0 with predict_x0, else epsilon."""
-        alpha_t, sigma_t, _ = alpha_sigma_lambda(sigma)
-        if self.predict_x0:
-            if self.prediction_type == "epsilon":
-                return (sample - sigma_t * model_output) / alpha_t
-            return alpha_t * sample - sigma_t * model_output
-        if self.prediction_type == "epsilon":
-            return model_output
-        return alpha_t * model_output + sigma_t * sample
+        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(sigma)
+        algorithm = "dpmsolver++" if self.predict_x0 else "dpmsolver"  # x0 or eps, as DPM's
+        return _dpm.solver_quantity(
+            algorithm, self.prediction_type, model_output, sample, alpha_t, sigma_t
+        )
 
     def _update(
         self, x: np.ndarray, s: int, order: int, model_t: np.ndarray | None = None
@@ -205,7 +258,7 @@ class UniPCMultistepScheduler(MultistepTables):
         """
         ms = self._model_outputs
         m0 = ms[-1]
-        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(self.sigmas[s])
+        alpha_s0, sigma_s0, lambda_s0 = self._alpha_sigma_lambda(self.sigmas[s])
         if self.sigmas[s + 1] == 0:
             # Departure: the last step, to sigma = 0, is order 1 (__init__ rejects the rest)
             # and lands on the data prediction, the h -> inf limit of the update.
@@ -217,11 +270,11 @@ class UniPCMultistepScheduler(MultistepTables):
             # is the identity. diffusers gets x as well, through 0/0 = NaN coefficients that
             # orders 1-2 do not use; at order 3 (lower_order_final=False) they give NaN.
             return x.copy()
-        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(self.sigmas[s + 1])
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(self.sigmas[s + 1])
         h = lambda_t - lambda_s0
         rks, d1s = [], []
         for k in range(1, order):
-            _, _, lambda_sk = alpha_sigma_lambda(self.sigmas[s - k])
+            _, _, lambda_sk = self._alpha_sigma_lambda(self.sigmas[s - k])
             rk = (lambda_sk - lambda_s0) / h
             rks.append(rk)
             d1s.append((ms[-(k + 1)] - m0) / rk)

@@ -77,7 +77,7 @@ def scheduler_option(help_text: str):
             "dpm++2m-sde-karras, dpm++2s, dpm++2s-karras, dpm++sde, dpm++sde-karras, deis, "
             "deis-karras, pndm, lcm, tcd, "
             "unipc, edm-euler, edm-dpm++2m, edm-dpm++2m-sde (EDM models), flow-euler "
-            "(SD3/FLUX), flow-heun, flow-dpm++2m (SD3), or "
+            "(SD3/FLUX), flow-heun (SD3), flow-dpm++2m, flow-unipc (SD3/FLUX), or "
             "a diffusers class name; built from the model's scheduler config as diffusers' "
             "from_config does.",
         )(f)

@@ -208,7 +208,9 @@ def timestep_args(
         {'num_inference_steps': 30}
     """
     args: dict[str, Any] = {"num_inference_steps": steps}
-    if spec.sigmas == "linspace":
+    # FluxPipeline passes its linspace sigmas except to a scheduler that builds flow sigmas
+    # itself (use_flow_sigmas: UniPC, DPM-Solver), which gets only mu
+    if spec.sigmas == "linspace" and not scheduler_config.get("use_flow_sigmas"):
         args["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     # mu only for a schedule that shifts by resolution, as SD3's pipeline passes it (FLUX's
     # always passes it, and a static-shift FlowMatchEuler ignores it there): a scheduler

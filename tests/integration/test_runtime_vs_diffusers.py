@@ -219,13 +219,23 @@ def test_stochastic_scheduler_is_seeded(exported, name):
     )
 
 
-@pytest.mark.parametrize("name", ["flow-heun", "flow-dpm++2m"])
-def test_sd3_flow_schedulers_match_diffusers(exported, name):
-    """SD3 sampled with flow-match Heun (`--scheduler flow-heun`: 2n - 1 calls) and with
-    DPM-Solver++ 2M on flow sigmas (`flow-dpm++2m`: the model's shift as flow_shift)."""
+@pytest.mark.parametrize(
+    ("family", "name"),
+    [
+        ("sd3", "flow-heun"),
+        ("sd3", "flow-dpm++2m"),
+        ("sd3", "flow-unipc"),
+        ("flux", "flow-unipc"),
+        ("flux", "flow-dpm++2m"),
+    ],
+)
+def test_flow_schedulers_match_diffusers(exported, family, name):
+    """SD3 sampled with flow-match Heun (`--scheduler flow-heun`: 2n - 1 calls), and with
+    DPM-Solver++ 2M and UniPC on flow sigmas (the model's shift as flow_shift); FLUX with
+    UniPC and DPM-Solver++, which FluxPipeline gives mu but not its sigmas."""
     import diffusers
 
-    model, bundle = exported("sd3")
+    model, bundle = exported(family)
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
     shape = runtime.conditioning.latent_shape(SIZE, SIZE)
     latents = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
@@ -234,8 +244,9 @@ def test_sd3_flow_schedulers_match_diffusers(exported, name):
         ref = diffusers.FlowMatchHeunDiscreteScheduler.from_config(original.config)
     else:
         shift = original.config.shift
-        assert shift != 1.0 and runtime.scheduler_config["flow_shift"] == shift
-        ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        assert runtime.scheduler_config["flow_shift"] == shift
+        cls = "DPMSolverMultistepScheduler" if name == "flow-dpm++2m" else "UniPCMultistepScheduler"
+        ref = getattr(diffusers, cls).from_config(
             original.config,
             use_flow_sigmas=True,
             prediction_type="flow_prediction",

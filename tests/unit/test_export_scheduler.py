@@ -109,7 +109,8 @@ def test_export_refuses_before_any_work_and_ships_the_choice(sd3, tmp_path):
     old = _with_scheduler(sd3, "FlowMatchLCMScheduler")
     try:
         only_flow = (
-            r"one of: flow-euler, flow-heun, flow-dpm\+\+2m, FlowMatchEulerDiscreteScheduler, "
+            r"one of: flow-euler, flow-heun, flow-dpm\+\+2m, flow-unipc, "
+            r"FlowMatchEulerDiscreteScheduler, "
             r"FlowMatchHeunDiscreteScheduler$"
         )
         with pytest.raises(UserError, match=only_flow):

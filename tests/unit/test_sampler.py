@@ -64,30 +64,35 @@ def _mu(config: dict, seq_len: int) -> float:
     return config["base_shift"] + m * (seq_len - lo)
 
 
-# The runtime's DPM-Solver ports cover configs the torch sampler refuses (third order, the
-# noise-prediction "dpmsolver" forms, sample and flow predictions): those cases are left
-# out below, and test_torch_sampler_refuses_what_it_lacks checks they are refused.
-_DPM_TORCH = {"solver_order": 2, "algorithm_type": "dpmsolver++", "prediction_type": "epsilon"}
-
-
-def _torch_has(config: dict) -> bool:
-    supported = sampler_module.sampler_classes()["DPMSolverMultistepScheduler"].supported
-    full = {**_DPM_TORCH, **config}
+# The runtime's DPM-Solver and UniPC ports cover configs the torch sampler refuses (third
+# order, the noise-prediction "dpmsolver" forms, sample and flow predictions, flow
+# sigmas): those cases are left out below, and test_torch_sampler_refuses_what_it_lacks
+# checks they are refused.
+def _torch_has(cls_name: str, config: dict) -> bool:
+    supported = sampler_module.sampler_classes()[cls_name].supported
+    defaults = getattr(diffusers, cls_name)().config  # what an unset key means
+    full = {**defaults, **config}
     return all(full.get(k, allowed[0]) in allowed for k, allowed in supported.items())
 
 
-_ALL_DPM = {**DPM_CASES, **{f"sde-{k}": v for k, v in DPM_SDE_CASES.items()}}
+_MULTISTEP = {
+    **{("DPMSolverMultistepScheduler", k): v for k, v in DPM_CASES.items()},
+    **{("DPMSolverMultistepScheduler", f"sde-{k}"): v for k, v in DPM_SDE_CASES.items()},
+    **{("UniPCMultistepScheduler", k): v for k, v in unipc.CASES.items()},
+}
 
 # name -> (class, config, num_inference_steps, other set_timesteps arguments)
 CASES = {
     **{f"euler-{k}": (EULER, c, n, {}) for k, (c, n) in EULER_CASES.items()},
     **{f"ddim-{k}": (DDIM, c, n, {}) for k, (c, n) in DDIM_CASES.items()},
-    **{f"dpm-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_CASES.items() if _torch_has(c)},
+    **{f"dpm-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_CASES.items() if _torch_has(DPM, c)},
     # PLMS only: the Runge-Kutta start (skip_prk_steps False) has no torch sampler
     **{
         f"pndm-{k}": (PNDM, c, n, {}) for k, (c, n) in PNDM_CASES.items() if c.get("skip_prk_steps")
     },
-    **{f"dpm-sde-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_SDE_CASES.items() if _torch_has(c)},
+    **{
+        f"dpm-sde-{k}": (DPM, c, n, {}) for k, (c, n) in DPM_SDE_CASES.items() if _torch_has(DPM, c)
+    },
     **{f"euler-a-{k}": (EULER_A, c, n, {}) for k, (c, n) in EULER_A_CASES.items()},
     **{f"lcm-{k}": (LCM, c, n, {}) for k, (c, n) in LCM_CASES.items()},
     **{f"heun-{k}": (HEUN, c, n, {}) for k, (c, n) in HEUN_CASES.items()},
@@ -99,7 +104,9 @@ CASES = {
         for k, (c, n) in cases.items()
         if c.get("solver_order", 2) < 3
     },
-    **{f"unipc-{k}": (UNIPC, c, n, {}) for k, (c, n) in unipc.CASES.items()},
+    **{
+        f"unipc-{k}": (UNIPC, c, n, {}) for k, (c, n) in unipc.CASES.items() if _torch_has(UNIPC, c)
+    },
     "flow-sd3": (FLOW, SD3, 28, {}),
     "flow-heun-sd3": ("FlowMatchHeunDiscreteScheduler", SD3, 10, {}),
     "flow-heun-shift1-one-step": ("FlowMatchHeunDiscreteScheduler", {**SD3, "shift": 1.0}, 1, {}),
@@ -185,15 +192,15 @@ def test_trajectory_matches_diffusers(cls_name, config, steps, kwargs):
 
 
 @pytest.mark.parametrize(
-    "case",
-    [k for k, (c, _) in _ALL_DPM.items() if not _torch_has(c)],
+    ("cls_name", "case"),
+    [key for key, (c, _) in _MULTISTEP.items() if not _torch_has(key[0], c)],
 )
-def test_torch_sampler_refuses_what_it_lacks(case):
+def test_torch_sampler_refuses_what_it_lacks(cls_name, case):
     """One line naming the key and what the sampler takes (EcoDiff then asks for
     calibration.scheduler before any work)."""
-    config, steps = _ALL_DPM[case]
+    config, steps = _MULTISTEP[(cls_name, case)]
     with pytest.raises(UserError, match=r"is not supported by the torch sampler \(supported:"):
-        TorchSampler.from_config({"_class_name": DPM, **config}, steps)
+        TorchSampler.from_config({"_class_name": cls_name, **config}, steps)
 
 
 @pytest.mark.parametrize("case", TCD_CASES)

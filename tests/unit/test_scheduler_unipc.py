@@ -27,6 +27,7 @@ from slimdiff.runtime.schedulers.unipc import UniPCMultistepScheduler  # noqa: E
 
 from tests.unit.test_schedulers import SD15, SD_BETAS, SHAPE, TOL, _run  # noqa: E402
 
+FLOW_SD3 = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0}
 CASES = {
     "sd-defaults-bh2-order2": (SD_BETAS, 20),
     "bh1-sigma_min": ({**SD_BETAS, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}, 10),
@@ -99,6 +100,27 @@ CASES = {
     "cosine": ({"beta_schedule": "squaredcos_cap_v2"}, 10),
     "linear-betas": ({}, 10),
     "trained_betas": ({"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()}, 5),
+    "sample-prediction": ({**SD_BETAS, "prediction_type": "sample"}, 10),
+    "noise-prediction-sample": (
+        {
+            **SD_BETAS,
+            "predict_x0": False,
+            "prediction_type": "sample",
+            "final_sigmas_type": "sigma_min",
+        },
+        10,
+    ),
+    # flow-matching sigmas: SD3 (static shift 3) and the variants diffusers offers
+    "flow-sd3": (FLOW_SD3, 20),
+    "flow-sd3-few-steps": (FLOW_SD3, 4),
+    # bh1 to sigma 0 is NaN in diffusers (see test_last_step_to_sigma_zero_...): sigma_min
+    "flow-order3-bh1": (
+        {**FLOW_SD3, "solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+        12,
+    ),
+    "flow-sigma_min": ({**FLOW_SD3, "final_sigmas_type": "sigma_min"}, 10),
+    "flow-shift_terminal": ({**FLOW_SD3, "shift_terminal": 0.1}, 10),
+    "flow-shift-1": ({**FLOW_SD3, "flow_shift": 1.0}, 8),  # the first sigma nudged off 1
 }
 
 
@@ -114,6 +136,24 @@ def test_unipc_trajectory(case):
     config, steps = CASES[case]
     worst = _run(*_pair(config), steps, seed=9)
     assert worst < TOL
+
+
+@pytest.mark.parametrize("kind", ["exponential", "linear"])
+def test_flow_sigmas_given_and_shifted_by_mu(kind):
+    """FLUX's pipeline call: its own sigmas np.linspace(1, 1/n, n) and mu; diffusers takes
+    them only with flow sigmas, and dynamic shifting needs mu."""
+    config = {
+        "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction",
+        "use_dynamic_shifting": True,
+        "time_shift_type": kind,
+        "solver_order": 3,
+    }
+    steps = 9
+    worst = _run(*_pair(config), steps, seed=4, mu=1.1, sigmas=np.linspace(1, 1 / steps, steps))
+    assert worst < TOL
+    with pytest.raises(ValueError, match="mu must be passed"):
+        UniPCMultistepScheduler(**config).set_timesteps(steps)
 
 
 def test_solver_type_aliases_are_bh2():
@@ -196,9 +236,17 @@ def _agrees_where_finite(ours: np.ndarray, expected: np.ndarray, ref_last: np.nd
         {"predict_x0": False},
         {"predict_x0": False, "solver_type": "bh1", "prediction_type": "v_prediction"},
         {"solver_type": "bh1", "use_karras_sigmas": True, "solver_order": 3},
+        {"solver_type": "bh1", **FLOW_SD3},
         {},  # bh2 with predict_x0: diffusers is finite here, and must agree
     ],
-    ids=["bh1", "noise-prediction", "noise-prediction-bh1-vpred", "bh1-karras-order3", "bh2"],
+    ids=[
+        "bh1",
+        "noise-prediction",
+        "noise-prediction-bh1-vpred",
+        "bh1-karras-order3",
+        "flow-bh1",
+        "bh2",
+    ],
 )
 def test_last_step_to_sigma_zero_is_the_data_prediction(config):
     """The order-1 step to sigma = 0 returns x0: diffusers 0.42 gives NaN for bh1 (B(h) = -inf
@@ -237,12 +285,12 @@ def test_karras_sigma_min_last_step_is_identity(order):
     ("config", "key"),
     [
         ({"thresholding": True}, "thresholding"),
-        ({"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "use_flow_sigmas"),
-        ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
-        ({"shift_terminal": 0.02}, "shift_terminal"),
+        ({"shift_terminal": 0.02}, "shift_terminal"),  # without flow sigmas
+        ({"use_flow_sigmas": True, "use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({"prediction_type": "flow_prediction", "predict_x0": False}, "flow_prediction"),
+        ({"time_shift_type": "cubic"}, "time_shift_type"),
         ({"solver_p": diffusers.DPMSolverMultistepScheduler()}, "solver_p"),
-        ({"prediction_type": "sample"}, "prediction_type"),
-        ({"prediction_type": "flow_prediction"}, "prediction_type"),
+        ({"prediction_type": "x0"}, "prediction_type"),
         ({"timestep_spacing": "karras"}, "timestep_spacing"),
         ({"solver_order": 4}, "solver_order"),
         ({"solver_type": "bh3"}, "solver_type"),

@@ -725,7 +725,9 @@ def test_flow_dpm_solver_is_a_flow_matching_sampler():
     assert switched["_class_name"] == "DPMSolverMultistepScheduler"
     assert switched["use_flow_sigmas"] and switched["flow_shift"] == 3.0
     assert switched["prediction_type"] == "flow_prediction"
-    with pytest.raises(ValueError, match=r"use one of: flow-euler, flow-heun, flow-dpm\+\+2m,"):
+    with pytest.raises(
+        ValueError, match=r"one of: flow-euler, flow-heun, flow-dpm\+\+2m, flow-unipc,"
+    ):
         schedulers.switch_scheduler(sd3, "dpm++2m")
     back = schedulers.switch_scheduler(switched, "flow-euler")
     assert back["_class_name"] == "FlowMatchEulerDiscreteScheduler"
