@@ -1,7 +1,8 @@
 """`vae.replace`: swap the pipeline's VAE for another one of the same latent space.
 
     - pass: vae.replace
-      path: vae/taesdxl        # a diffusers VAE folder, or a pipeline folder (its vae/)
+      path: vae/taesdxl        # a diffusers VAE folder, or a pipeline folder (its vae/), or
+                               # a single .safetensors VAE file in the original layout
 
 Two swaps are common in deployment, and both change only the decode at the end of a run:
 
@@ -24,6 +25,12 @@ An AutoencoderKL whose scaling differs from the model's VAE is probably for anot
 family: a warning says so. Weights load from safetensors only; a hub id is not fetched
 (download it first, `hf download ID --local-dir DIR`), so the folder's files key the
 compress cache (PassConfig.input_files).
+
+A single VAE file in the original (LDM) layout, as A1111 and ComfyUI users keep them
+(vae-ft-mse-840000-ema-pruned.safetensors for SD1.5, sdxl_vae.safetensors, the fp16-fix's
+sdxl.vae.safetensors), is read by diffusers' from_single_file into the model's own
+AutoencoderKL architecture and config (its scaling factor and force_upcast flag: set
+`export.vae_precision: fp16` for an fp16-safe file).
 
 A components pass: it runs before calibration, and the passes after it never use the VAE.
 """
@@ -52,6 +59,8 @@ class ReplaceVaeConfig(PassConfig):
     path: Annotated[str, pydantic.Field(min_length=1)]
 
     def input_files(self) -> tuple[str, ...]:
+        if Path(self.path).expanduser().is_file():
+            return (str(Path(self.path).expanduser()),)
         folder = vae_folder(self.path)
         if folder is None:  # check_input_files names the file it looked for
             return (str(Path(self.path).expanduser() / "config.json"),)
@@ -74,24 +83,36 @@ class ReplaceVaePass(Pass):
     Config = ReplaceVaeConfig
 
     def preflight(self, pipe: Any, calib: Any | None) -> None:
-        folder, config = read_vae(self.config.path)
-        _check_fits(config, pipe.vae.config, folder)
+        where, config = read_vae(self.config.path)
+        if config is None:
+            _check_single_file(where, pipe.vae)
+        else:
+            _check_fits(config, pipe.vae.config, where)
 
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:
         import diffusers
 
         from slimdiff.models.loading import refuse_missing
 
-        folder, config = read_vae(self.config.path)
+        where, config = read_vae(self.config.path)
         old = pipe.vae
-        _check_fits(config, old.config, folder)
-        cls = getattr(diffusers, config["_class_name"])
+        if config is None:
+            _check_single_file(where, old)
+        else:
+            _check_fits(config, old.config, where)
         try:
-            vae = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=old.dtype)
+            if config is None:
+                vae = _from_single_file(where, old)
+            else:
+                cls = getattr(diffusers, config["_class_name"])
+                vae = cls.from_pretrained(where, use_safetensors=True, torch_dtype=old.dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # diffusers, safetensors
             detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
-            raise UserError(f"vae.replace: could not load {folder} ({detail})") from None
-        refuse_missing({"vae": vae}, folder)
+            raise UserError(
+                f"vae.replace: could not load {where} ({detail}); is it a VAE for this "
+                "model family?"
+            ) from None
+        refuse_missing({"vae": vae}, where)
         # A lazily loaded pipeline (export) has its VAE on the meta device: the new one,
         # a few hundred MB at most, stays in memory and exports from there.
         device = old.device if old.device.type != "meta" else "cpu"
@@ -100,7 +121,8 @@ class ReplaceVaePass(Pass):
             self.name,
             summary={
                 "path": self.config.path,
-                "class": config["_class_name"],
+                "class": type(vae).__name__,
+                "format": "single file" if config is None else "diffusers folder",
                 "decoder_params_before": _decoder_params(old),
                 "decoder_params": _decoder_params(vae),
                 "params_before": _params(old),
@@ -124,8 +146,18 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def read_vae(path: str) -> tuple[Path, dict]:
-    """(folder, config) of the VAE at `path`; UserError naming the fix otherwise."""
+def read_vae(path: str) -> tuple[Path, dict | None]:
+    """(folder, config) of the VAE at `path`, or (file, None) for a single .safetensors
+    file; UserError naming the fix otherwise."""
+    file = Path(path).expanduser()
+    if file.is_file():
+        if file.suffix.lower() != ".safetensors":
+            raise UserError(
+                f"vae.replace: {path} is not a .safetensors file; pickled VAE files (.pt, "
+                ".ckpt, .bin) are not loaded (unpickling can run code): convert it to "
+                "safetensors"
+            )
+        return file, None
     folder = vae_folder(path)
     if folder is None:
         looks_hub = len(path.split("/")) == 2 and not path.startswith((".", "/", "~"))
@@ -156,6 +188,44 @@ def read_vae(path: str) -> tuple[Path, dict]:
             "can run code): save it with save_pretrained(folder, safe_serialization=True)"
         )
     return folder, config
+
+
+def _check_single_file(file: Path, old: Any) -> None:
+    """A single file loads into the model's own AutoencoderKL: refuse another VAE class,
+    an unreadable file, or one without a VAE decoder's keys, before anything slow."""
+    from safetensors import safe_open
+
+    if type(old).__name__ != "AutoencoderKL":
+        raise UserError(
+            f"vae.replace: a single VAE file loads into the model's own AutoencoderKL "
+            f"architecture, and this model's VAE is {type(old).__name__}; pass a diffusers "
+            "VAE folder"
+        )
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors' own errors for a damaged or foreign file
+        raise UserError(f"vae.replace: {file} is not a readable safetensors file ({err})") from None
+    if not any(k.removeprefix("first_stage_model.").startswith("decoder.conv_in") for k in keys):
+        raise UserError(
+            f"vae.replace: {file} holds no VAE decoder (no decoder.conv_in weights): a "
+            "checkpoint or LoRA rather than a VAE? (a full checkpoint converts with "
+            "`slimdiff convert`)"
+        )
+
+
+def _from_single_file(file: Path, old: Any) -> Any:
+    """diffusers' from_single_file with the model's own VAE config (saved to a temporary
+    folder: diffusers reads a config from a folder or the hub, never from memory)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    with tempfile.TemporaryDirectory(prefix="slimdiff-vae-") as config_dir:
+        old.save_config(config_dir)
+        return AutoencoderKL.from_single_file(
+            str(file), config=config_dir, torch_dtype=old.dtype, local_files_only=True
+        )
 
 
 def _check_fits(new: dict, old: Any, folder: Path) -> None:

@@ -235,3 +235,65 @@ def test_export_vae_option_swaps_the_decoder_of_a_lazily_loaded_model(taesd, tmp
     )
     assert bad.exit_code == 2 and "is not a diffusers VAE folder" in bad.output
     assert not (tmp_path / "b").exists()
+
+
+def _single_file(vae, path, prefix: str = "") -> None:
+    """`vae` written as one .safetensors file in the original (LDM) key layout, as A1111
+    and ComfyUI users keep VAEs (tests/ldm_checkpoint.py's inverse converter)."""
+    from safetensors.torch import save_file
+
+    from tests.ldm_checkpoint import _vae
+
+    state = _vae(vae.state_dict(), vae.config)
+    save_file(
+        {prefix + k.removeprefix("first_stage_model."): v.contiguous() for k, v in state.items()},
+        str(path),
+    )
+
+
+@pytest.mark.parametrize("prefix", ["", "first_stage_model."])
+def test_a_single_file_vae_loads_into_the_models_architecture(tmp_path, prefix):
+    donor = load_model("tiny:sd15").pipe.vae
+    torch.manual_seed(5)
+    for p in donor.parameters():  # other weights than the model's own
+        p.data.normal_(0, 0.05)
+    file = tmp_path / "vae-ft-mse.safetensors"
+    _single_file(donor, file, prefix)
+    pipe = load_model("tiny:sd15").pipe
+    scaling = pipe.vae.config.scaling_factor
+    report = _pass(file).apply(pipe, None)
+    assert report.summary["format"] == "single file" and type(pipe.vae) is AutoencoderKL
+    for name, value in donor.state_dict().items():
+        assert torch.equal(pipe.vae.state_dict()[name], value), name
+    assert pipe.vae.config.scaling_factor == scaling  # the model's own config
+    assert _recipe(file).passes[0].config.input_files() == (str(file),)
+
+
+def test_bad_single_files_are_refused(tmp_path):
+    pipe = load_model("tiny:sd15").pipe
+
+    def refused(path, match, target=pipe):
+        with pytest.raises(UserError, match=match):
+            p = _pass(path)
+            p.preflight(target, None)
+            p.apply(target, None)
+
+    pickled = tmp_path / "vae.ckpt"
+    pickled.write_bytes(b"not loaded")
+    refused(pickled, r"not a \.safetensors file; pickled VAE files")
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "lora.safetensors"
+    save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, str(lora))
+    refused(lora, "holds no VAE decoder")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x00" * 16)
+    refused(damaged, "is not a readable safetensors file")
+    flux_vae = tmp_path / "flux-vae.safetensors"  # 16 latent channels: another family's
+    _single_file(load_model("tiny:flux").pipe.vae, flux_vae)
+    refused(flux_vae, "could not load .*is it a VAE for this model family")
+    tiny = load_model("tiny:sd15").pipe
+    tiny.vae = _tiny_vae()
+    ok_file = tmp_path / "ok.safetensors"
+    _single_file(load_model("tiny:sd15").pipe.vae, ok_file)
+    refused(ok_file, "this model's VAE is AutoencoderTiny", target=tiny)
