@@ -4,6 +4,8 @@
       loras:
         - path: loras/lcm-lora-sdxl.safetensors   # relative to the current directory
           scale: 1.0                              # the LoRA's strength (default 1)
+        - path: loras/style.safetensors           # per component, and per UNet block:
+          scale: {text_encoder: 0.0, unet: {down: 0.5, mid: 1.0, up: {block_0: [0, 1, 1]}}}
 
 Most SDXL deployments are a base or fine-tune plus LoRAs: a style, or a few-step
 distillation (LCM-LoRA, TCD-LoRA, Hyper-SD, SDXL-Lightning LoRAs). Fused, W' = W + scale *
@@ -22,9 +24,10 @@ compress cache (PassConfig.input_files), so an edited LoRA is never served stale
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
@@ -34,9 +37,21 @@ from slimdiff.errors import UserError
 __all__ = ["FuseLoraPass"]
 
 
+Scale = Annotated[float, pydantic.Field(ge=-8.0, le=8.0)]
+# diffusers' set_adapters weights: a float, or per component ("unet", "text_encoder", ...)
+# a float or, for a UNet, per stage ("down", "mid", "up") a float or per block ("block_1")
+# a float or one per transformer layer in the block.
+BlockScales = dict[Annotated[str, pydantic.Field(pattern=r"^block_[0-9]+$")], Scale | list[Scale]]
+UnetScales = dict[Literal["down", "mid", "up"], Scale | BlockScales]
+ComponentScales = dict[
+    Annotated[str, pydantic.Field(pattern=r"^(unet|transformer|text_encoder(_[23])?)$")],
+    Scale | UnetScales,
+]
+
+
 class LoraFile(PassConfig):
     path: Annotated[str, pydantic.Field(min_length=1)]
-    scale: Annotated[float, pydantic.Field(ge=-8.0, le=8.0)] = 1.0
+    scale: Scale | ComponentScales = 1.0
 
 
 class FuseLoraConfig(PassConfig):
@@ -67,6 +82,8 @@ class FuseLoraPass(Pass):
             raise UserError(f"lora.fuse: diffusers has no LoRA loader for {type(pipe).__name__}")
         for lora in self.config.loras:
             lora_file(lora.path)
+            if isinstance(lora.scale, dict):
+                _check_components(pipe, lora)
         try:
             import peft  # noqa: F401  (diffusers' LoRA loading needs it)
         except ImportError:
@@ -78,12 +95,15 @@ class FuseLoraPass(Pass):
         for name, lora in zip(names, self.config.loras, strict=True):
             _load(pipe, lora_file(lora.path), name)
         fused = _lora_layers(pipe)
+        # diffusers expands per-block scales and changes them in place: give it copies
+        weights = [copy.deepcopy(lora.scale) for lora in self.config.loras]
         try:
-            pipe.set_adapters(names, adapter_weights=[lora.scale for lora in self.config.loras])
+            pipe.set_adapters(names, adapter_weights=weights)
             pipe.fuse_lora(components=list(fused), adapter_names=names, safe_fusing=True)
-        except ValueError as err:  # safe_fusing: the fused weights hold NaN
+        except ValueError as err:  # safe_fusing (NaN weights), or a block the model lacks
             pipe.unload_lora_weights()
-            raise UserError(f"lora.fuse: {err}") from None
+            detail = str(err).strip().splitlines()[0][:300]
+            raise UserError(f"lora.fuse: {detail}") from None
         pipe.unload_lora_weights()  # the adapter layers go; the fused weights stay
         return PassReport(
             self.name,
@@ -92,6 +112,43 @@ class FuseLoraPass(Pass):
                 "layers_fused": fused,
             },
         )
+
+
+def _check_components(pipe: Any, lora: LoraFile) -> None:
+    """Per-component scales must name components this pipeline has (diffusers would skip a
+    key it does not know, leaving the LoRA at full strength there)."""
+    have = {name for name, module in pipe.components.items() if hasattr(module, "modules")}
+    unknown = sorted(set(lora.scale) - have)
+    if unknown:
+        raise UserError(
+            f"lora.fuse: {lora.path}: scale names {', '.join(unknown)}, which this "
+            f"{type(pipe).__name__} does not have; its components: {', '.join(sorted(have))}"
+        )
+    for name, value in lora.scale.items():
+        if isinstance(value, dict) and name != "unet":
+            raise UserError(
+                f"lora.fuse: {lora.path}: per-block scales (down/mid/up) apply to a UNet; "
+                f"give {name} one number"
+            )
+        if isinstance(value, dict):
+            _check_blocks(pipe.unet, lora.path, value)
+
+
+def _check_blocks(unet: Any, path: str, stages: dict) -> None:
+    """Block names must be blocks with attention layers (where LoRAs sit): diffusers skips
+    any other name without a word."""
+    for stage in ("down", "up"):
+        blocks = stages.get(stage)
+        if not isinstance(blocks, dict):
+            continue
+        modules = unet.down_blocks if stage == "down" else unet.up_blocks
+        have = [f"block_{i}" for i, block in enumerate(modules) if hasattr(block, "attentions")]
+        unknown = sorted(set(blocks) - set(have))
+        if unknown:
+            raise UserError(
+                f"lora.fuse: {path}: scale names {stage} {', '.join(unknown)}; this UNet's "
+                f"{stage} blocks with attention layers are {', '.join(have)}"
+            )
 
 
 def lora_file(path: str) -> Path:

@@ -291,3 +291,63 @@ def test_other_families(family, tmp_path, capfd):
     torch.testing.assert_close(denoiser.get_submodule(layer).weight.detach(), expected)
     attention = sum(n.endswith("to_q") for n, _ in denoiser.named_modules())
     assert report.summary["layers_fused"] == {name: 3 * attention}
+
+
+UP_LAYER = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def test_scales_per_component_and_per_unet_block(loras):
+    """diffusers' set_adapters weights: per component, and per UNet stage and block."""
+    style = loras / "style.safetensors"
+    pipe = load_model("tiny:sdxl").pipe
+    before = {
+        name: module.get_submodule(layer).weight.detach().clone()
+        for name, module, layer in (
+            ("down", pipe.unet, UNET_LAYER),
+            ("up", pipe.unet, UP_LAYER),
+            ("text", pipe.text_encoder, TEXT_LAYER),
+        )
+    }
+    scale = {"text_encoder": 0.0, "unet": {"down": 0.0, "mid": 1.0, "up": 0.75}}
+    report = _pass((style, scale)).apply(pipe, None)
+    after = {
+        "down": pipe.unet.get_submodule(UNET_LAYER).weight.detach(),
+        "up": pipe.unet.get_submodule(UP_LAYER).weight.detach(),
+        "text": pipe.text_encoder.get_submodule(TEXT_LAYER).weight.detach(),
+    }
+    torch.testing.assert_close(after["down"], before["down"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after["text"], before["text"], rtol=0, atol=1e-6)
+    expected_up = before["up"] + 0.75 * _delta(style, "unet", UP_LAYER)
+    torch.testing.assert_close(after["up"], expected_up, rtol=0, atol=1e-6)
+    assert report.summary["loras"][0]["scale"] == scale  # as given, not diffusers' expansion
+
+
+def test_bad_scales_are_refused(loras):
+    style = str(loras / "style.safetensors")
+    with pytest.raises(Exception, match="sideways"):
+        FuseLoraPass.Config(loras=[{"path": style, "scale": {"unet": {"sideways": 1.0}}}])
+    with pytest.raises(Exception, match="9"):
+        FuseLoraPass.Config(loras=[{"path": style, "scale": {"unet": 9.0}}])
+    cases = [
+        ({"transformer": 0.5}, "does not have; its components: .*unet"),
+        ({"text_encoder": {"down": 1.0}}, "per-block scales .* apply to a UNet"),
+        ({"unet": {"up": {"block_7": 1.0}}}, "up block_7; this UNet.s up blocks with attention"),
+    ]
+    for scale, message in cases:
+        pipe = load_model("tiny:sdxl").pipe
+        p = _pass((style, scale))
+        with pytest.raises(UserError, match=message):
+            p.preflight(pipe, None)
+            p.apply(pipe, None)
+        assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+def test_a_scale_list_of_the_wrong_length_is_one_line(loras):
+    """diffusers checks one scale per transformer layer of a block; its ValueError becomes
+    one line, and nothing stays half-applied."""
+    pipe = load_model("tiny:sdxl").pipe
+    p = _pass((loras / "style.safetensors", {"unet": {"down": {"block_1": [1.0, 0.5, 0.2]}}}))
+    p.preflight(pipe, None)
+    with pytest.raises(UserError, match=r"lora\.fuse: Expected \d scales for down.block_1, got 3"):
+        p.apply(pipe, None)
+    assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
