@@ -144,8 +144,8 @@ class Conditioning:
 
     def encode(
         self,
-        prompt: str,
-        negative_prompt: str | None,
+        prompt: str | list[str],
+        negative_prompt: str | list[str | None] | None,
         do_cfg: bool,
         guidance: float,
         height: int,
@@ -153,20 +153,24 @@ class Conditioning:
         images: int = 1,
     ) -> Feeds:
         """Denoiser inputs that stay the same at every step (text states, ids, ...), for
-        `images` images of the prompt: each prompt's embeddings repeated per image, the
-        negative ones first under CFG, as diffusers' num_images_per_prompt batches them."""
-        zero_negative = negative_prompt is None and self.pipeline.get(
-            "force_zeros_for_empty_prompt", False
+        `images` images of each prompt, batched as diffusers batches a list of prompts with
+        num_images_per_prompt: under CFG the negative rows first, then the prompts', each
+        prompt's rows repeated per image (p0, p0, p1, p1, ...). `negative_prompt`: one for
+        all prompts, or one per prompt (None: empty, or zeros where the pipeline says so)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = (
+            list(negative_prompt)
+            if isinstance(negative_prompt, (list, tuple))
+            else [negative_prompt] * len(prompts)
         )
-        if do_cfg and not zero_negative:
-            # One encoder call for both halves; CLIP has no padding mask so rows don't mix.
-            states, pooled = self._embed([negative_prompt or "", prompt])
-        else:
-            states, pooled = self._embed([prompt])
-            if do_cfg:  # SDXL's force_zeros_for_empty_prompt
-                states = np.concatenate([np.zeros_like(states), states])
-                pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
-        if images > 1:  # rows (uncond, cond) -> uncond x images, cond x images
+        halves = [self._encode_one(p, n, do_cfg) for p, n in zip(prompts, negatives, strict=True)]
+        # [(uncond, cond) per prompt] -> uncond rows of every prompt, then the cond rows
+        parts = [[h[k] for h in halves] for k in range(len(halves[0]))]
+        states = np.concatenate([s for part in parts for s, _ in part])
+        pooled = None
+        if halves[0][0][1] is not None:
+            pooled = np.concatenate([p for part in parts for _, p in part])
+        if images > 1:  # each prompt's row -> one row per image
             states = np.repeat(states, images, axis=0)
             pooled = None if pooled is None else np.repeat(pooled, images, axis=0)
         feeds = {"encoder_hidden_states": states}
@@ -191,6 +195,29 @@ class Conditioning:
             )
         )
         return feeds
+
+    def _encode_one(
+        self, prompt: str, negative: str | None, do_cfg: bool
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """[(states, pooled)] of one prompt: [uncond, cond] under CFG, else [cond]. One
+        encoder call of batch 2 (or 1) per prompt, so the text encoders run the batches
+        their shape profiles are built for, whatever the number of prompts."""
+        zero_negative = negative is None and self.pipeline.get(
+            "force_zeros_for_empty_prompt", False
+        )
+        if do_cfg and not zero_negative:
+            # One encoder call for both halves; CLIP has no padding mask so rows don't mix.
+            states, pooled = self._embed([negative or "", prompt])
+            return [
+                (states[:1], None if pooled is None else pooled[:1]),
+                (states[1:], None if pooled is None else pooled[1:]),
+            ]
+        states, pooled = self._embed([prompt])
+        if not do_cfg:
+            return [(states, pooled)]
+        # SDXL's force_zeros_for_empty_prompt
+        zeros = None if pooled is None else np.zeros_like(pooled)
+        return [(np.zeros_like(states), zeros), (states, pooled)]
 
     def step_feeds(self, model_input: np.ndarray, t: np.float32) -> Feeds:
         """Denoiser inputs for one step: the (scaled) latents and the timestep per sample."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,8 @@ class Text2ImagePipeline:
 
     def __call__(
         self,
-        prompt: str,
-        negative_prompt: str | None = None,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str | None] | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         seed: int = 0,
@@ -191,14 +192,16 @@ class Text2ImagePipeline:
         eta: float | None = None,
         images: int = 1,
     ) -> GenerationResult:
-        """Generate `images` images for `prompt` in one batch; `size` is (height, width) in
-        pixels.
+        """Generate `images` images for `prompt` (one string, or a list of prompts) in one
+        batch; `size` is (height, width) in pixels.
 
-        `latents` replaces the seeded noise, in the layout diffusers' `latents=` takes (one
-        row per image). `images` is diffusers' num_images_per_prompt: the denoiser runs
-        all of them in one batch (twice that under CFG), the VAE decodes them one at a time
-        (as diffusers with enable_vae_slicing), and the first image is the one a one-image
-        call with the same seed draws.
+        A list of prompts batches as diffusers batches one: the images come prompt by
+        prompt (p0's images, then p1's, ...); `negative_prompt` is one for all, or a list
+        of one per prompt. `latents` replaces the seeded noise, in the layout diffusers'
+        `latents=` takes (one row per image). `images` is diffusers' num_images_per_prompt:
+        the denoiser runs all images of all prompts in one batch (twice that under CFG), the
+        VAE decodes them one at a time (as diffusers with enable_vae_slicing), and the
+        first image is the one a one-image call with the same seed draws.
         Classifier-free guidance runs when the model uses it and `guidance` > 1, as in
         diffusers; for FLUX `guidance` is the embedded guidance value. `guidance_rescale`
         (0 to 1) pulls the guided prediction's std back toward the text prediction's, as
@@ -208,8 +211,7 @@ class Text2ImagePipeline:
         given; the TCD authors suggest 0.3); no other ported scheduler takes one.
         """
         start = time.perf_counter()
-        if not isinstance(prompt, str):
-            raise UserError(f"prompt must be one string, not {type(prompt).__name__}")
+        prompts, negatives = _check_prompts(prompt, negative_prompt)
         steps = int(steps if steps is not None else self.config.default_steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         height, width = self._check_args(steps, size, output)
@@ -217,7 +219,8 @@ class Text2ImagePipeline:
         rescale = self._check_rescale(guidance_rescale)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
-        images = self._check_images(images, do_cfg)
+        per_prompt = self._check_images(images, do_cfg, len(prompts))
+        images = per_prompt * len(prompts)
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
@@ -225,7 +228,7 @@ class Text2ImagePipeline:
         encoders = [enc.session for enc in cond.encoders]
         loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
         t0 = time.perf_counter()
-        fixed = cond.encode(prompt, negative_prompt, do_cfg, guidance, height, width, images)
+        fixed = cond.encode(prompts, negatives, do_cfg, guidance, height, width, per_prompt)
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
@@ -300,21 +303,27 @@ class Text2ImagePipeline:
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         return to_uint8(sample[0])
 
-    def _check_images(self, images: int, do_cfg: bool) -> int:
-        """`images` as an int from 1 to MAX_IMAGES, and within the denoiser's batch range
-        where the backend runs only the shapes the bundle was built for (TensorRT engines):
-        refused here, before any component runs."""
+    def _check_images(self, images: int, do_cfg: bool, prompts: int = 1) -> int:
+        """`images` (per prompt) as an int, at most MAX_IMAGES in all, and within the
+        denoiser's batch range where the backend runs only the shapes the bundle was built
+        for (TensorRT engines): refused here, before any component runs."""
         if isinstance(images, bool) or not isinstance(images, (int, np.integer)):
             raise UserError(f"images {images!r}: use an integer from 1 to {MAX_IMAGES}")
         if not 1 <= images <= MAX_IMAGES:
             raise UserError(f"images {images}: use an integer from 1 to {MAX_IMAGES}")
+        total = int(images) * prompts
+        if total > MAX_IMAGES:
+            raise UserError(
+                f"{prompts} prompts x {images} images = {total} images per call, more than "
+                f"{MAX_IMAGES}; split them over several calls"
+            )
         per_image = 2 if do_cfg else 1
-        if self.max_batch is not None and images * per_image > self.max_batch:
+        if self.max_batch is not None and total * per_image > self.max_batch:
             most = self.max_batch // per_image
             raise UserError(
-                f"{images} images per call: this bundle's denoiser is built for at most "
+                f"{total} images per call: this bundle's denoiser is built for at most "
                 f"{most} on this backend; ask for at most {most}, or export again with "
-                f"--max-images {images}"
+                f"--max-images {total}"
             )
         return int(images)
 
@@ -385,6 +394,26 @@ def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -
     std_cfg = guided.std(axis=axes, ddof=1, keepdims=True)
     rescaled = guided * (std_text / std_cfg)
     return rescale * rescaled + (np.float32(1) - rescale) * guided
+
+
+def _check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str | None]]:
+    """(prompts, one negative per prompt); UserError for anything but a string or a
+    non-empty list of strings, or a list of negatives of another length."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise UserError(f"prompt must be a string or a non-empty list of strings, not {prompt!r}")
+    if not all(isinstance(p, str) for p in prompts):
+        kinds = sorted({type(p).__name__ for p in prompts if not isinstance(p, str)})
+        raise UserError(f"prompts must be strings, not {', '.join(kinds)}")
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return list(prompts), [negative_prompt] * len(prompts)
+    if not isinstance(negative_prompt, (list, tuple)) or len(negative_prompt) != len(prompts):
+        raise UserError(
+            f"negative_prompt must be one string, or a list of one per prompt ({len(prompts)})"
+        )
+    if not all(n is None or isinstance(n, str) for n in negative_prompt):
+        raise UserError("negative prompts must be strings (or None)")
+    return list(prompts), list(negative_prompt)
 
 
 def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None:

@@ -383,8 +383,13 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 
 @main.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True)
-@click.option("--negative-prompt", default=None)
+@click.option(
+    "--prompt",
+    required=True,
+    multiple=True,
+    help="Repeat for several prompts, run in one batch; their images are written in order.",
+)
+@click.option("--negative-prompt", default=None, help="One for every prompt.")
 @click.option("--steps", type=STEPS, default=None, help="Default: the bundle's.")
 @click.option("--guidance", type=float, default=None, help="0 to 100. Default: the bundle's.")
 @click.option(
@@ -408,8 +413,9 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     type=click.IntRange(1, MAX_IMAGES),
     default=1,
     show_default=True,
-    help="Images of the prompt, in one batch (diffusers' num_images_per_prompt); more than "
-    "one are written as OUT's name plus -0, -1, ... The first is the image of --images 1.",
+    help="Images of each prompt, in one batch (diffusers' num_images_per_prompt). More than "
+    "one image in all are written as OUT's name plus -0, -1, ..., prompt by prompt; the "
+    "first is the image of --images 1.",
 )
 @click.option("--size", default=None, help=SIZE_HELP)
 @click.option(
@@ -443,7 +449,7 @@ def run_cmd(
 
     check_guidance(guidance)
     size = _size(size)
-    outs = image_paths(out, images)
+    outs = image_paths(out, images * len(prompt))
     for path in outs:
         check_output_file(path)
     init = read_latents(latents) if latents is not None else None
@@ -455,7 +461,7 @@ def run_cmd(
         low_memory=low_memory,
     )
     result = pipe(
-        prompt,
+        prompt[0] if len(prompt) == 1 else list(prompt),
         negative_prompt=negative_prompt,
         steps=steps,
         guidance=guidance,

@@ -766,6 +766,87 @@ def test_several_images_match_diffusers_num_images_per_prompt(exported, family, 
     assert len(result.timings_ms["denoiser_steps"]) == STEPS
 
 
+PROMPTS = ["a red circle on a blue background", "a green square at the top"]
+
+
+@pytest.mark.parametrize(
+    ("family", "negative"),
+    [("sdxl", None), ("sdxl", ["blurry", "low quality"]), ("sd15", "blurry"), ("flux", None)],
+)
+def test_a_list_of_prompts_matches_diffusers(exported, family, negative):
+    """Two prompts x two images: diffusers' batch order (p0, p0, p1, p1), negatives one for
+    all or one per prompt (SDXL without one: zeros), each image its own prompt's."""
+    model, bundle = exported(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    guidance = 3.5 if family == "flux" else 5.0
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE, images=4)
+    latents = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    model.pipe.set_progress_bar_config(disable=True)
+    # diffusers wants a list of negatives beside a list of prompts; the runtime takes one too
+    both_negatives = [negative] * 2 if isinstance(negative, str) else negative
+    extra = {} if negative is None else {"negative_prompt": both_negatives}
+
+    def reference(zero: bool):
+        final = {}
+
+        def keep_last(_pipe, step, _t, kwargs):
+            final["latents"] = kwargs["latents"].numpy().copy()
+            return kwargs
+
+        denoiser = model.pipe.unet if hasattr(model.pipe, "unet") else model.pipe.transformer
+        handle = denoiser.register_forward_hook(
+            lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]) if zero else None
+        )
+        images = model.pipe(
+            PROMPTS,
+            num_images_per_prompt=2,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance,
+            height=SIZE,
+            width=SIZE,
+            latents=torch.from_numpy(latents.copy()),
+            callback_on_step_end=keep_last,
+            **extra,
+        ).images
+        handle.remove()
+        return images, final["latents"]
+
+    ref, ref_latents = reference(zero=False)
+    _, no_model = reference(zero=True)
+    result = runtime(
+        PROMPTS, negative_prompt=negative, steps=STEPS, guidance=guidance, size=(SIZE, SIZE),
+        latents=latents, images=2,
+    )  # fmt: skip
+    assert len(result.images) == 4 and result.latents.shape == ref_latents.shape
+    for i in range(4):  # each image within 1e-4 of what its own denoiser calls contributed
+        _assert_close_to_diffusers(result.latents[i], ref_latents[i], no_model[i], f"{i}")
+    assert all(_psnr(a, np.array(b)) >= 40.0 for a, b in zip(result.images, ref, strict=True))
+    # swapping the prompts' rows would be far off: p0's and p1's contributions differ
+    swapped = np.linalg.norm(ref_latents[0] - ref_latents[2] - (no_model[0] - no_model[2]))
+    assert swapped > 1e-2 * np.linalg.norm(ref_latents[0] - no_model[0])
+    # the two prompts' images differ where the same noise is given to both
+    same_noise = np.concatenate([latents[:1]] * 2)
+    both = runtime(PROMPTS, steps=2, guidance=guidance, size=(SIZE, SIZE), latents=same_noise)
+    assert not np.allclose(both.latents[0], both.latents[1])
+
+
+def test_bad_prompt_lists_are_user_errors(exported):
+    _, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    call = {"steps": 1, "size": (SIZE, SIZE)}
+    for bad, message in [
+        ([], "non-empty list of strings"),
+        (["a", 3], "prompts must be strings, not int"),
+        (None, "a string or a non-empty list"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            runtime(bad, **call)
+    with pytest.raises(UserError, match=r"a list of one per prompt \(2\)"):
+        runtime(["a", "b"], negative_prompt=["x"], **call)
+    with pytest.raises(UserError, match="2 prompts x 40 images = 80 images per call"):
+        runtime(["a", "b"], images=40, **call)
+
+
 def test_the_first_of_several_seeded_images_is_the_one_image_of_that_seed(exported):
     _, bundle = exported("sdxl")
     runtime = Text2ImagePipeline.from_bundle(bundle)
@@ -830,6 +911,13 @@ def test_cli_writes_one_file_per_image(exported, tmp_path):
     assert result.output.startswith(f"{tmp_path / 'cat-0.png'}, {tmp_path / 'cat-1.png'}  (")
     bad = CliRunner().invoke(main, [*args, "--images", "0", "--out", str(out)])
     assert bad.exit_code == 2 and "--images" in bad.output
+    # two prompts x two images: four files, prompt by prompt
+    two = tmp_path / "two"
+    two.mkdir()
+    prompts = ["--prompt", "a dog"]
+    done = CliRunner().invoke(main, [*args, *prompts, "--images", "2", "--out", str(two / "x.png")])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in two.iterdir()) == [f"x-{i}.png" for i in range(4)]
 
 
 def test_images_per_call_tool_prints_both_timings(exported):
