@@ -123,6 +123,7 @@ def export_bundle(
     source: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     scheduler: str | None = None,
+    sigmas: str | None = None,
 ) -> Manifest:
     """Export `model`'s pipeline to a bundle folder at `out` and return its manifest.
 
@@ -167,6 +168,8 @@ def export_bundle(
             diffusers' from_config does: a short name ("euler-a", "dpm++2m-karras") or a
             class name (slimdiff.runtime.schedulers.switch_scheduler). Either way the
             bundle's scheduler is checked against the runtime before anything is exported.
+        sigmas: ship the scheduler on this sigma schedule ("karras", "exponential",
+            "beta"; runtime.schedulers.with_sigmas), after any `scheduler` switch.
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
@@ -180,7 +183,7 @@ def export_bundle(
     model.require_pipeline("export")
     out = Path(out)
     check_out_dir(out)
-    shipped_scheduler = bundle_scheduler(model, scheduler)
+    shipped_scheduler = bundle_scheduler(model, scheduler, sigmas)
     precisions = component_precisions(model, precision, vae_precision)
     sizes = size_range(model, min_size, max_size, max_images)
     components = plan_components(model)

@@ -21,6 +21,7 @@ from slimdiff.runtime.schedulers import (
     scheduler_names,
     switch_scheduler,
     switch_warning,
+    with_sigmas,
 )
 
 from slimdiff.errors import UserError
@@ -138,10 +139,11 @@ def _text_encoder_record(pipe, spec) -> TextEncoderRecord:
     )
 
 
-def bundle_scheduler(model: LoadedModel, name: str | None = None):
+def bundle_scheduler(model: LoadedModel, name: str | None = None, sigmas: str | None = None):
     """The diffusers scheduler the bundle ships: the model's, or scheduler `name` (a short
     name or class name, runtime.schedulers.switch_scheduler) built from the model's config
-    as diffusers' `from_config` builds it. The model is left as it was.
+    as diffusers' `from_config` builds it; with `sigmas` ("karras", "exponential", "beta")
+    on that sigma schedule (runtime.schedulers.with_sigmas). The model is left as it was.
 
     Raises UserError, before any export work, for an unknown name or a scheduler the
     runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; SA-Solver and IPNDM
@@ -162,6 +164,15 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None):
             log.warning("--scheduler %s: %s", name, warning)
         class_name = switched.pop("_class_name")
         scheduler = getattr(diffusers, class_name).from_config(switched)
+        current = {**scheduler.config, "_class_name": class_name}
+    if sigmas is not None:
+        try:
+            changed = with_sigmas(current, sigmas)
+        except ValueError as err:
+            raise UserError(f"--sigmas: {err}") from None
+        class_name = changed["_class_name"]
+        plain = {k: v for k, v in changed.items() if not k.startswith("_")}
+        scheduler = getattr(diffusers, class_name).from_config(plain)
         current = {**scheduler.config, "_class_name": class_name}
     problem = scheduler_problem(spec, current)
     if problem is None:

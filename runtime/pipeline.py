@@ -44,6 +44,7 @@ from slimdiff.runtime.schedulers import (
     switch_scheduler,
     switch_warning,
     takes_noise,
+    with_sigmas,
 )
 from slimdiff.runtime.sessions import OnDemandSession, ensure_loaded, release
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
@@ -124,6 +125,7 @@ class Text2ImagePipeline:
         expect_sha256: str | None = None,
         scheduler: str | None = None,
         low_memory: bool = False,
+        sigmas: str | None = None,
     ) -> Text2ImagePipeline:
         """Verify `bundle` (schema, paths, SHA-256 of every file) and load it on `backend`.
 
@@ -133,11 +135,13 @@ class Text2ImagePipeline:
         "euler-a" or "dpm++2m-karras", or a class name: runtime.schedulers.switch_scheduler),
         built from the bundle's config as diffusers' from_config builds it. `low_memory`:
         load each component only while it runs, so the peak is the largest one's, not their
-        sum; every call loads them again (runtime/sessions.py).
+        sum; every call loads them again (runtime/sessions.py). `sigmas` ("karras",
+        "exponential" or "beta") samples on that sigma schedule instead of the scheduler's
+        own (runtime.schedulers.with_sigmas), after any `scheduler` switch.
         """
         runner = get_backend(backend)  # fail on a bad backend name before hashing gigabytes
         bundle_files = open_bundle(bundle, expect_sha256=expect_sha256)
-        return cls._load_verified(bundle_files, runner, scheduler, low_memory)
+        return cls._load_verified(bundle_files, runner, scheduler, low_memory, sigmas)
 
     @classmethod
     def _load_verified(
@@ -146,6 +150,7 @@ class Text2ImagePipeline:
         runner: Backend,
         scheduler: str | None = None,
         low_memory: bool = False,
+        sigmas: str | None = None,
     ) -> Text2ImagePipeline:
         manifest = bundle.manifest
         config = manifest.pipeline
@@ -153,6 +158,8 @@ class Text2ImagePipeline:
         _check_scheduler(bundle.root, config, scheduler_config)
         if scheduler is not None:
             scheduler_config = _switched(config, scheduler_config, scheduler)
+        if sigmas is not None:
+            scheduler_config = _resampled(config, scheduler_config, sigmas)
         # Everything parsed in-process first, so a bad file fails before any graph loads.
         tokenizers = [bundle_tokenizer(bundle, record) for record in config.text_encoders]
 
@@ -499,6 +506,18 @@ def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -
         raise BundleError(
             f"{root}/{config.scheduler}: scheduler config not supported ({problem}); {FIX}"
         )
+
+
+def _resampled(config: PipelineSpec, scheduler_config: dict, sigmas: str) -> dict:
+    """The scheduler config on `sigmas`' schedule (the caller's choice: UserError)."""
+    try:
+        changed = with_sigmas(scheduler_config, sigmas)
+    except ValueError as err:
+        raise UserError(f"sigmas: {err}") from None
+    problem = scheduler_problem(config, changed)
+    if problem is not None:
+        raise UserError(f"{sigmas} sigmas cannot sample this bundle ({problem})")
+    return changed
 
 
 def _switched(config: PipelineSpec, scheduler_config: dict, name: str) -> dict:

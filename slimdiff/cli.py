@@ -25,6 +25,7 @@ from slimdiff.app.options import (
     expect_sha256_option,
     scheduler_option,
     set_option,
+    sigmas_option,
 )
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_IMAGES
@@ -276,6 +277,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     "fit in memory.",
 )
 @scheduler_option("The scheduler the bundle ships. Default: the model's.")
+@sigmas_option("Ship the scheduler")
 @click.option(
     "--drop-text-encoder",
     "drop",
@@ -306,6 +308,7 @@ def export_cmd(
     max_images: int,
     weights: str,
     scheduler: str | None,
+    sigmas: str | None,
     drop: tuple[str, ...],
     vae: str | None,
     allow_pickle,
@@ -335,6 +338,7 @@ def export_cmd(
         release_weights=True,  # the model was loaded for this export alone
         weights=weights,
         scheduler=scheduler,
+        sigmas=sigmas,
         **sizes,
     )
     del loaded
@@ -430,6 +434,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     help="ort-cpu | ort-cuda | trt | trt-rtx | aoti (the last three: see the README)",
 )
 @scheduler_option("Sample with this scheduler instead of the bundle's.")
+@sigmas_option("Sample")
 @click.option(
     "--low-memory",
     is_flag=True,
@@ -440,7 +445,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
-    size, latents, backend, scheduler, low_memory, expect_sha256, out,
+    size, latents, backend, scheduler, sigmas, low_memory, expect_sha256, out,
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime."""
     from slimdiff.app.args import check_guidance, check_output_file, image_paths, read_latents
@@ -459,6 +464,7 @@ def run_cmd(
         expect_sha256=expect_sha256,
         scheduler=scheduler,
         low_memory=low_memory,
+        sigmas=sigmas,
     )
     result = pipe(
         prompt[0] if len(prompt) == 1 else list(prompt),

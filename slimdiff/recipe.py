@@ -147,6 +147,9 @@ class ExportSpec(_Strict):
     # from_config does: a short name ("euler-a", "dpm++2m-karras") or a class name.
     # None: the model's own (which the runtime must support).
     scheduler: str | None = None
+    # The sigma schedule it samples on instead of its own (the class's use_<name>_sigmas
+    # key): karras | exponential | beta. None: the scheduler's own.
+    sigmas: Literal["karras", "exponential", "beta"] | None = None
 
     @pydantic.field_validator("scheduler")
     @classmethod

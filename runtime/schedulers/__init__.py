@@ -115,6 +115,8 @@ from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "SCHEDULER_ALIASES",
+    "SIGMA_SCHEDULES",
+    "SIGMA_SCHEDULE_CLASSES",
     "ZERO_SNR_CLASSES",
     "DDIMScheduler",
     "DDPMScheduler",
@@ -143,6 +145,7 @@ __all__ = [
     "switch_scheduler",
     "switch_warning",
     "takes_noise",
+    "with_sigmas",
 ]
 
 
@@ -369,7 +372,51 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 def replaced_schedule(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`config` less its sigma-schedule flags when `overrides` sets one: a "-karras" name
-    replaces the bundle's schedule (exponential, Beta) rather than clashing with it."""
+    replaces the bundle's schedule (exponential, Beta, DPM-Solver's Lu lambdas) rather
+    than clashing with it."""
     if not SIGMA_KEYS & overrides.keys():
         return config
-    return {k: v for k, v in config.items() if k not in SIGMA_KEYS}
+    return {k: v for k, v in config.items() if k not in SIGMA_KEYS | {"use_lu_lambdas"}}
+
+
+SIGMA_SCHEDULES = SCHEDULES  # what with_sigmas takes: karras, exponential, beta
+# The ported classes that take use_karras/exponential/beta_sigmas, all three, as their
+# diffusers classes do (tests/unit/test_schedulers.py keeps the set equal to diffusers').
+SIGMA_SCHEDULE_CLASSES = frozenset(
+    {
+        "DEISMultistepScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSDEScheduler",
+        "DPMSolverSinglestepScheduler",
+        "EulerDiscreteScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "UniPCMultistepScheduler",
+    }
+)
+
+
+def with_sigmas(config: dict[str, Any], schedule: str) -> dict[str, Any]:
+    """`config` (a scheduler_config.json dict) sampling on `schedule`'s sigmas (one of
+    SIGMA_SCHEDULES: Karras, exponential or Beta, between the same ends) instead of its
+    own: the class's `use_<schedule>_sigmas` key set, the other schedule keys dropped.
+    ValueError for an unknown schedule, or a class without that key (DDIM, PNDM, LCM, ...),
+    naming the classes that have it.
+
+    Example:
+        >>> with_sigmas({"_class_name": "EulerDiscreteScheduler"}, "beta")["use_beta_sigmas"]
+        True
+    """
+    if schedule not in SIGMA_SCHEDULES:
+        raise ValueError(f"unknown sigmas {schedule!r}; use one of: {', '.join(SIGMA_SCHEDULES)}")
+    key = f"use_{schedule}_sigmas"
+    name = str(config.get("_class_name", ""))
+    if name not in SIGMA_SCHEDULE_CLASSES:
+        raise ValueError(
+            f"{name or 'this scheduler'} has no {schedule} sigmas; pick a scheduler that "
+            f"has them ({', '.join(sorted(SIGMA_SCHEDULE_CLASSES))})"
+        )
+    return {**replaced_schedule(config, {key: True}), key: True}

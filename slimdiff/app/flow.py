@@ -106,8 +106,9 @@ def _file_digest(path: str, pass_name: str) -> str:
 
 def export_hash(compress: str, recipe: Recipe, target: str) -> str:
     export = recipe.export.model_dump(mode="json")
-    if export["scheduler"] is None:
-        del export["scheduler"]  # keeps the hashes of recipes written before the key
+    for key in ("scheduler", "sigmas"):  # keeps the hashes of recipes written before them
+        if export[key] is None:
+            del export[key]
     return _hash({"compress": compress, "target": target, **export})
 
 
@@ -212,6 +213,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 max_size=recipe.export.max_size,
                 max_images=recipe.export.max_images,
                 scheduler=recipe.export.scheduler,
+                sigmas=recipe.export.sigmas,
                 # The compressed model is loaded for the exports alone: the last one
                 # frees its weights as it goes (a full-size pipeline then fits in RAM).
                 release_weights=target == targets[-1],

@@ -85,6 +85,19 @@ def scheduler_option(help_text: str):
     return decorate
 
 
+def sigmas_option(what: str):
+    """--sigmas karras|exponential|beta: the scheduler's sigma schedule replaced."""
+    return click.option(
+        "--sigmas",
+        type=click.Choice(["karras", "exponential", "beta"]),
+        default=None,
+        help=f"{what} on this sigma schedule instead of the scheduler's own (its "
+        "use_<name>_sigmas key): Karras, exponential or Beta sigmas between the same ends. "
+        "For schedulers that have them (Euler, Heun, DPM2, LMS, DPM-Solver, DEIS, UniPC, "
+        "flow-match Euler, ...).",
+    )
+
+
 # Bounds shared with the recipe schema (slimdiff/recipe.py).
 STEPS = click.IntRange(1, MAX_STEPS)
 SEED = click.IntRange(0, MAX_SEED)

@@ -198,6 +198,34 @@ def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
     assert len(result.timings_ms["denoiser_steps"]) == calls.get(class_name, STEPS)
 
 
+@pytest.mark.parametrize(
+    ("name", "sigmas"), [(None, "beta"), ("dpm++2m-karras", "exponential"), ("unipc", "karras")]
+)
+def test_sigmas_option_matches_diffusers(exported, name, sigmas):
+    """`run --sigmas` (after any --scheduler): diffusers' class with use_<sigmas>_sigmas."""
+    import diffusers
+    from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
+
+    model, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name, sigmas=sigmas)
+    original = model.pipe.scheduler
+    class_name, overrides = SCHEDULER_ALIASES.get(name, (type(original).__name__, {}))
+    flags = {f"use_{s}_sigmas": s == sigmas for s in ("karras", "exponential", "beta")}
+    ref = getattr(diffusers, class_name).from_config(original.config, **{**overrides, **flags})
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    model.pipe.scheduler = ref
+    try:
+        model.pipe.set_progress_bar_config(disable=True)
+        ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
+        _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
+    finally:
+        model.pipe.scheduler = original
+    result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, f"{name}+{sigmas}")
+    assert _psnr(result.image, ref_image) >= 40.0
+
+
 @pytest.mark.parametrize("name", ["euler-a", "lcm"])
 def test_stochastic_scheduler_is_seeded(exported, name):
     """Fresh noise per step comes from the seed: same seed, same image; its own stream,
@@ -931,3 +959,18 @@ def test_images_per_call_tool_prints_both_timings(exported):
     assert row["speedup"] == pytest.approx(
         row["one_image_calls_ms"] / row["one_batched_call_ms"], abs=0.01
     )
+
+
+def test_cli_sigmas_on_a_scheduler_without_them_is_one_line(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    _, bundle = exported("sd15")
+    args = ["run", str(bundle), "--prompt", "a cat", "--out", str(tmp_path / "x.png")]
+    done = CliRunner().invoke(main, [*args, "--scheduler", "ddim", "--sigmas", "karras"])
+    assert done.exit_code == 2
+    assert "sigmas: DDIMScheduler has no karras sigmas; pick a scheduler that has them" in (
+        done.output
+    )
+    assert not (tmp_path / "x.png").exists()

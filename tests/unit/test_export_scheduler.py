@@ -169,3 +169,44 @@ def test_strict_json_infinities_only_where_asked():
         loads(data, 4)
     with pytest.raises(StrictJSONError, match="NaN is not a JSON number"):
         loads(b'{"a": NaN}', 4, infinities=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "sigmas", "cls_name"),
+    [
+        (None, "karras", "EulerDiscreteScheduler"),  # tiny:sd15's own
+        ("euler", "beta", "EulerDiscreteScheduler"),
+        ("dpm++2m-karras", "exponential", "DPMSolverMultistepScheduler"),
+    ],
+)
+def test_sigmas_replace_the_shipped_schedule(sd15, name, sigmas, cls_name):
+    """--sigmas after --scheduler: that class's use_<sigmas>_sigmas set, the others off (a
+    "-karras" name's too)."""
+    chosen = bundle_scheduler(sd15, name, sigmas)
+    assert type(chosen).__name__ == cls_name
+    flags = {s: chosen.config[f"use_{s}_sigmas"] for s in ("karras", "exponential", "beta")}
+    assert flags == {s: s == sigmas for s in flags}
+
+
+def test_sigmas_on_a_scheduler_without_them_are_refused(sd15):
+    old = _with_scheduler(sd15, "DDIMScheduler")
+    try:
+        with pytest.raises(
+            UserError, match=r"--sigmas: DDIMScheduler has no karras sigmas; .*Euler"
+        ):
+            bundle_scheduler(sd15, None, "karras")
+    finally:
+        sd15.pipe.scheduler = old
+
+
+def test_sigmas_in_the_cli_and_recipe(tmp_path):
+    result = CliRunner().invoke(
+        main, ["export", "tiny:sd15", "--out", str(tmp_path / "b"), "--sigmas", "polyexponential"]
+    )
+    assert result.exit_code == 2 and "--sigmas" in result.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: tiny:sd15\nexport: {scheduler: euler, sigmas: beta}\n")
+    assert load_recipe(recipe).export.sigmas == "beta"
+    recipe.write_text("version: 1\nmodel: tiny:sd15\nexport: {sigmas: cosine}\n")
+    with pytest.raises(UserError, match=r"export\.sigmas"):
+        load_recipe(recipe)

@@ -748,6 +748,34 @@ def test_zero_snr_classes_are_diffusers_own():
     assert honour == schedulers.ZERO_SNR_CLASSES
 
 
+def test_sigma_schedule_classes_are_diffusers_own():
+    import inspect
+
+    have = {
+        name
+        for name in schedulers.scheduler_names()
+        if name.endswith("Scheduler")
+        and "use_beta_sigmas" in inspect.signature(getattr(diffusers, name)).parameters
+    }
+    assert have == schedulers.SIGMA_SCHEDULE_CLASSES
+
+
+def test_with_sigmas_replaces_the_schedule():
+    dpm = {"_class_name": "DPMSolverMultistepScheduler", **SD_BETAS, "use_karras_sigmas": True}
+    beta = schedulers.with_sigmas({**dpm, "use_lu_lambdas": True}, "beta")
+    assert beta["use_beta_sigmas"] and "use_karras_sigmas" not in beta
+    assert "use_lu_lambdas" not in beta  # Lu would win over Beta in diffusers
+    ours = schedulers.scheduler_from_config(beta)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        {k: v for k, v in beta.items() if not k.startswith("_")}
+    )
+    assert _run(ref, ours, 12, seed=3) < TOL  # what diffusers samples on Beta sigmas
+    with pytest.raises(ValueError, match=r"DDIMScheduler has no exponential sigmas; .*Euler"):
+        schedulers.with_sigmas({"_class_name": "DDIMScheduler"}, "exponential")
+    with pytest.raises(ValueError, match="unknown sigmas 'cosine'"):
+        schedulers.with_sigmas(dpm, "cosine")
+
+
 def test_switching_a_zero_snr_model_to_a_class_without_it_warns():
     zero_snr = {"_class_name": "EulerDiscreteScheduler", **SD_BETAS, "rescale_betas_zero_snr": True}
     lost = schedulers.switch_scheduler(zero_snr, "deis")
