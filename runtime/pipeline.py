@@ -510,27 +510,27 @@ def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -
 
 def _resampled(config: PipelineSpec, scheduler_config: dict, sigmas: str) -> dict:
     """The scheduler config on `sigmas`' schedule (the caller's choice: UserError)."""
-    try:
-        changed = with_sigmas(scheduler_config, sigmas)
-    except ValueError as err:
-        raise UserError(f"sigmas: {err}") from None
-    problem = scheduler_problem(config, changed)
-    if problem is not None:
-        raise UserError(f"{sigmas} sigmas cannot sample this bundle ({problem})")
-    return changed
+    return _changed(config, with_sigmas, scheduler_config, sigmas, "sigmas")
 
 
 def _switched(config: PipelineSpec, scheduler_config: dict, name: str) -> dict:
     """The bundle's scheduler config rewritten for scheduler `name` (the caller's choice:
     a problem with it is a UserError, the bundle being fine)."""
-    try:
-        switched = switch_scheduler(scheduler_config, name)
-    except ValueError as err:
-        raise UserError(f"scheduler: {err}") from None
-    problem = scheduler_problem(config, switched)
-    if problem is not None:
-        raise UserError(f"scheduler {name} cannot sample this bundle ({problem}); pick another one")
+    switched = _changed(config, switch_scheduler, scheduler_config, name, "scheduler")
     warning = switch_warning(scheduler_config, switched)
     if warning:
         log.warning("scheduler %s: %s", name, warning)
     return switched
+
+
+def _changed(config: PipelineSpec, change, scheduler_config: dict, value: str, what: str) -> dict:
+    """`change(scheduler_config, value)`, its ValueError and a config the runtime cannot
+    sample with both UserErrors naming `what` (--scheduler, --sigmas)."""
+    try:
+        changed = change(scheduler_config, value)
+    except ValueError as err:
+        raise UserError(f"{what}: {err}") from None
+    problem = scheduler_problem(config, changed)
+    if problem is not None:
+        raise UserError(f"{what} {value} cannot sample this bundle ({problem}); pick another one")
+    return changed

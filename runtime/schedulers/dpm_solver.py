@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _dpm
+from . import _dpm, _flow
 from ._common import (
     ONE,
-    alpha_sigma_lambda,
     as_f32,
     check_noise,
     check_step,
@@ -35,7 +34,6 @@ from ._common import (
     restarts,
     sigma_to_t,
 )
-from ._flow import static_shift
 from ._sigmas import (
     MultistepTables,
     multistep_sigmas,
@@ -194,14 +192,10 @@ class DPMSolverMultistepScheduler(MultistepTables):
     def _flow_sigmas(self, n: int) -> np.ndarray:
         """Flow-matching sigmas from 1 down (not reaching 0), shifted by flow_shift."""
         s = 1.0 - np.linspace(1, 1 / self.num_train_timesteps, n + 1)
-        return np.flip(static_shift(self.flow_shift, s))[:-1].copy()
+        return np.flip(_flow.static_shift(self.flow_shift, s))[:-1].copy()
 
     def _alpha_sigma_lambda(self, sigma: np.float32) -> tuple[np.float32, ...]:
-        if not self.flow:
-            return alpha_sigma_lambda(sigma)
-        alpha_t, sigma_t = ONE - sigma, sigma  # rectified flow: x = (1 - s) x0 + s eps
-        with np.errstate(divide="ignore"):
-            return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
+        return _flow.alpha_sigma_lambda(sigma, self.flow)
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)

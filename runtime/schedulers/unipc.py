@@ -29,11 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _dpm
+from . import _dpm, _flow
 from ._common import (
     F32,
     ONE,
-    alpha_sigma_lambda,
     as_f32,
     check_step,
     check_steps,
@@ -206,11 +205,7 @@ class UniPCMultistepScheduler(MultistepTables):
         self._reset_history()
 
     def _alpha_sigma_lambda(self, sigma: np.float32) -> tuple[np.float32, ...]:
-        if not self.flow:
-            return alpha_sigma_lambda(sigma)
-        alpha_t, sigma_t = ONE - sigma, sigma  # rectified flow: x = (1 - s) x0 + s eps
-        with np.errstate(divide="ignore"):
-            return alpha_t, sigma_t, np.log(alpha_t) - np.log(sigma_t)
+        return _flow.alpha_sigma_lambda(sigma, self.flow)
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)

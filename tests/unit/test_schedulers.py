@@ -736,28 +736,24 @@ def test_flow_dpm_solver_is_a_flow_matching_sampler():
         schedulers.switch_scheduler(sd15, "flow-dpm++2m")
 
 
-def test_zero_snr_classes_are_diffusers_own():
-    import inspect
-
-    honour = {
-        name
-        for name in schedulers.scheduler_names()
-        if name.endswith("Scheduler")
-        and "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, name)).parameters
-    }
-    assert honour == schedulers.ZERO_SNR_CLASSES
-
-
-def test_sigma_schedule_classes_are_diffusers_own():
+@pytest.mark.parametrize(
+    ("key", "classes"),
+    [
+        ("rescale_betas_zero_snr", schedulers.ZERO_SNR_CLASSES),
+        ("use_beta_sigmas", schedulers.SIGMA_SCHEDULE_CLASSES),  # and Karras, exponential
+    ],
+)
+def test_class_sets_are_diffusers_own(key, classes):
+    """The ported classes whose diffusers class takes `key`."""
     import inspect
 
     have = {
         name
         for name in schedulers.scheduler_names()
         if name.endswith("Scheduler")
-        and "use_beta_sigmas" in inspect.signature(getattr(diffusers, name)).parameters
+        and key in inspect.signature(getattr(diffusers, name)).parameters
     }
-    assert have == schedulers.SIGMA_SCHEDULE_CLASSES
+    assert have == classes
 
 
 def test_with_sigmas_replaces_the_schedule():
