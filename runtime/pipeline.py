@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,7 @@ class Text2ImagePipeline:
         guidance_rescale: float = 0.0,
         eta: float | None = None,
         images: int = 1,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -216,6 +217,7 @@ class Text2ImagePipeline:
         0.7 there for zero-terminal-SNR models); it needs a model that uses CFG. `eta` is
         the gamma of a TCD scheduler (0 to 1, as diffusers' pipelines pass it: 0 when not
         given; the TCD authors suggest 0.3); no other ported scheduler takes one.
+        `on_step(done, total)` is called after each denoiser call (a progress bar).
         """
         start = time.perf_counter()
         prompts, negatives = _check_prompts(prompt, negative_prompt)
@@ -266,6 +268,8 @@ class Text2ImagePipeline:
             else:
                 x = scheduler.step(pred, i, x)
             step_ms.append(_ms(t0))
+            if on_step is not None:
+                on_step(i + 1, len(scheduler.timesteps))
         timings["denoiser_steps"] = step_ms
         release(self.denoiser)
 

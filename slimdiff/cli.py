@@ -449,6 +449,7 @@ def run_cmd(
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime."""
     from slimdiff.app.args import check_guidance, check_output_file, image_paths, read_latents
+    from slimdiff.progress import StepProgress
     from slimdiff.runtime import Text2ImagePipeline
     from slimdiff.runtime.image import save_png
 
@@ -466,18 +467,25 @@ def run_cmd(
         low_memory=low_memory,
         sigmas=sigmas,
     )
-    result = pipe(
-        prompt[0] if len(prompt) == 1 else list(prompt),
-        negative_prompt=negative_prompt,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        size=size,
-        latents=init,
-        guidance_rescale=guidance_rescale,
-        eta=eta,
-        images=images,
+    bar = StepProgress(
+        "denoising", hint="fewer --steps, a smaller --size, or a GPU --backend (ort-cuda, trt)"
     )
+    try:
+        result = pipe(
+            prompt[0] if len(prompt) == 1 else list(prompt),
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            size=size,
+            latents=init,
+            guidance_rescale=guidance_rescale,
+            eta=eta,
+            images=images,
+            on_step=bar,
+        )
+    finally:
+        bar.close()
     for image, path in zip(result.images, outs, strict=True):
         save_png(image, path)
     t = result.timings_ms

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "StepProgress"]
 
 log = logging.getLogger("slimdiff.progress")
 
@@ -111,3 +111,31 @@ class Progress:
             log.info(
                 "%s: done (%d %s in %s)", self.description, self.done, self.unit, _duration(spent)
             )
+
+
+class StepProgress:
+    """A `Progress` for work whose total is known only once it starts: call it as
+    `(done, total)` after each unit (the runtime's `on_step`), then `close()`.
+
+    Example:
+        bar = StepProgress("denoising", hint="fewer --steps")
+        try:
+            pipe(prompt, on_step=bar)
+        finally:
+            bar.close()
+    """
+
+    def __init__(self, description: str, *, hint: str = "", warn_after: float = 600.0) -> None:
+        self.description, self.hint, self.warn_after = description, hint, warn_after
+        self._progress: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._progress is None:
+            bar = Progress(self.description, total, hint=self.hint, warn_after=self.warn_after)
+            self._progress = bar.__enter__()
+        self._progress.advance(done - self._progress.done)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+            self._progress = None

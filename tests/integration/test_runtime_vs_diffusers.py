@@ -752,6 +752,15 @@ def test_low_memory_holds_one_phase_at_a_time(exported, monkeypatch):
     np.testing.assert_array_equal(again.image, resident.image)
 
 
+def test_on_step_reports_every_denoiser_call(exported):
+    """`on_step(done, total)` after each denoiser call: Heun's 2n - 1 calls counted."""
+    _, bundle = exported("sd15")
+    calls = []
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="heun")
+    runtime(PROMPT, steps=3, size=(SIZE, SIZE), output="latent", on_step=lambda *a: calls.append(a))
+    assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
 def test_cli_low_memory_prints_the_loads(exported, tmp_path):
     from click.testing import CliRunner
 

@@ -32,3 +32,26 @@ def test_short_work_does_not_warn(caplog):
         for _ in range(10):
             p.advance()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_step_progress_learns_its_total_from_the_first_call(caplog, monkeypatch):
+    """The runtime's on_step(done, total): the bar starts at the first call; a run that
+    will outlast warn_after (600 s for an image) warns once, with what to do."""
+    from slimdiff.progress import StepProgress
+
+    clock = iter(float(t) for t in range(0, 10_000, 40))  # each call: 40 s later
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="slimdiff.progress")
+    bar = StepProgress("denoising", hint="fewer --steps")
+    for done in range(1, 31):
+        bar(done, 30)
+    bar.close()
+    bar.close()  # a second close does nothing
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "denoising: 30 steps to do"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].endswith("more; fewer --steps")
+    assert messages[-1].startswith("denoising: done (30 steps in")
+    unused = StepProgress("denoising")
+    unused.close()  # never started: nothing logged
+    assert len(caplog.records) == len(messages)
