@@ -154,24 +154,23 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None, sigmas: str | 
     scheduler = model.pipe.scheduler
     current = {**scheduler.config, "_class_name": type(scheduler).__name__}
     spec = pipeline_constants(model)
+    chosen = current
     if name is not None:
         try:  # the name, and the same sampling process
-            switched = switch_scheduler(current, name)
+            chosen = switch_scheduler(current, name)
         except ValueError as err:
             raise UserError(f"--scheduler: {err}") from None
-        warning = switch_warning(current, switched)
+        warning = switch_warning(current, chosen)
         if warning:
             log.warning("--scheduler %s: %s", name, warning)
-        class_name = switched.pop("_class_name")
-        scheduler = getattr(diffusers, class_name).from_config(switched)
-        current = {**scheduler.config, "_class_name": class_name}
     if sigmas is not None:
         try:
-            changed = with_sigmas(current, sigmas)
+            chosen = with_sigmas(chosen, sigmas)
         except ValueError as err:
             raise UserError(f"--sigmas: {err}") from None
-        class_name = changed["_class_name"]
-        plain = {k: v for k, v in changed.items() if not k.startswith("_")}
+    if chosen is not current:  # built once, from the final config
+        class_name = chosen["_class_name"]
+        plain = {k: v for k, v in chosen.items() if not k.startswith("_")}
         scheduler = getattr(diffusers, class_name).from_config(plain)
         current = {**scheduler.config, "_class_name": class_name}
     problem = scheduler_problem(spec, current)

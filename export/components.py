@@ -38,6 +38,7 @@ __all__ = [
     "plan_components",
     "reference_precision",
     "release_memory",
+    "vae_decoder_component",
 ]
 
 # Text encoder outputs that carry the token axis; the others are pooled (B, P).
@@ -99,20 +100,24 @@ def plan_components(model: LoadedModel) -> list[Component]:
             )
         )
     plans.append(denoiser_component(arch, model.denoiser))
-    vae_axes = _axes(arch.vae_decoder_inputs)
-    plans.append(
-        Component(
-            name="vae_decoder",
-            plan=VAE_ONNX,
-            module=VaeDecoderWrapper(pipe.vae),
-            input_names=tuple(s.name for s in arch.vae_decoder_inputs),
-            output_names=("sample",),
-            dynamic_axes={**vae_axes, "sample": {0: "B", 2: "8h", 3: "8w"}},
-            make_inputs=partial(vae_decoder_inputs, pipe.vae),
-            model=pipe.vae,
-        )
-    )
+    plans.append(vae_decoder_component(arch, pipe.vae))
     return plans
+
+
+def vae_decoder_component(arch: ArchSpec, vae: nn.Module) -> Component:
+    """The bundle's VAE decoder component of `vae` (post_quant_conv + decoder, as
+    VaeDecoderWrapper traces it), alone: for work on the decoder only, e.g.
+    tools/vae_speed.py."""
+    return Component(
+        name="vae_decoder",
+        plan=VAE_ONNX,
+        module=VaeDecoderWrapper(vae),
+        input_names=tuple(s.name for s in arch.vae_decoder_inputs),
+        output_names=("sample",),
+        dynamic_axes={**_axes(arch.vae_decoder_inputs), "sample": {0: "B", 2: "8h", 3: "8w"}},
+        make_inputs=partial(vae_decoder_inputs, vae),
+        model=vae,
+    )
 
 
 def denoiser_component(arch: ArchSpec, denoiser: nn.Module) -> Component:

@@ -35,6 +35,7 @@ from slimdiff.lowbit import parameter_count
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.inputs import Sizes, denoiser_inputs, denoiser_kwargs
 from slimdiff.models.structure import attention_sites, ffn_sites, find_modules
+from slimdiff.models.vae import decoder_params
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -138,8 +139,7 @@ def inspect_model(
         latents = torch.zeros(
             images, vae.config.latent_channels, lat_h, lat_w, device=vae.device, dtype=vae.dtype
         )
-        # The exported decoder is post_quant_conv + decoder; SD3/FLUX VAEs have no post_quant_conv.
-        params = _params(vae.decoder) + _params(getattr(vae, "post_quant_conv", None))
+        params = decoder_params(vae)  # what the exported decoder holds
         report["vae_decoder"] = {"params": params, "flops": count_flops(vae.decode, latents)[0]}
         total += params
     report["total_params"] = total

@@ -71,33 +71,18 @@ def _decoder(name: str, smoke: bool):
 def measure(name: str, out: Path, args) -> dict:
     import numpy as np
     import torch
-    from slimdiff.export.components import Component, export_mode
-    from slimdiff.export.dummy_inputs import vae_decoder_inputs
+    from slimdiff.export.components import export_mode, vae_decoder_component
     from slimdiff.export.onnx import export_component
-    from slimdiff.export.wrappers import VaeDecoderWrapper
     from slimdiff.runtime.backends.ort import OrtBackend
 
     from slimdiff.inspect import count_flops
-    from slimdiff.models.arch import VAE_ONNX
-    from slimdiff.models.vae import vae_scale_factor
+    from slimdiff.models import get_arch
+    from slimdiff.models.vae import decoder_params, vae_scale_factor
 
     vae = _decoder(name, args.smoke)
-    post = getattr(vae, "post_quant_conv", None)
-    params = sum(p.numel() for p in vae.decoder.parameters())
-    params += sum(p.numel() for p in post.parameters()) if post is not None else 0
-    component = Component(
-        name="vae_decoder",
-        plan=VAE_ONNX,
-        module=VaeDecoderWrapper(vae),
-        input_names=("latent_sample",),
-        output_names=("sample",),
-        dynamic_axes={
-            "latent_sample": {0: "B", 2: "h", 3: "w"},
-            "sample": {0: "B", 2: "H", 3: "W"},
-        },
-        make_inputs=lambda sizes: vae_decoder_inputs(vae, sizes),
-        model=vae,
-    )
+    params = decoder_params(vae)
+    # the decoder as a bundle exports it; both decoders take SDXL's 4-channel latents
+    component = vae_decoder_component(get_arch("sdxl"), vae)
     path = out / name / "model.onnx"
     with export_mode(component, None):
         export_component(component, path)

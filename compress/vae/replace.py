@@ -46,7 +46,8 @@ import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
 
 from slimdiff.errors import UserError
-from slimdiff.models.vae import VAE_CLASSES, vae_scale_factor
+from slimdiff.lowbit import parameter_count
+from slimdiff.models.vae import VAE_CLASSES, decoder_params, vae_scale_factor
 
 __all__ = ["ReplaceVaePass", "read_vae", "vae_folder"]
 
@@ -94,12 +95,10 @@ class ReplaceVaePass(Pass):
 
         from slimdiff.models.loading import refuse_missing
 
+        # preflight ran already (the runner, bench, export --vae): no second check, whose
+        # scaling warning would be said twice
         where, config = read_vae(self.config.path)
         old = pipe.vae
-        if config is None:
-            _check_single_file(where, old)
-        else:
-            _check_fits(config, old.config, where)
         try:
             if config is None:
                 vae = _from_single_file(where, old)
@@ -123,10 +122,10 @@ class ReplaceVaePass(Pass):
                 "path": self.config.path,
                 "class": type(vae).__name__,
                 "format": "single file" if config is None else "diffusers folder",
-                "decoder_params_before": _decoder_params(old),
-                "decoder_params": _decoder_params(vae),
-                "params_before": _params(old),
-                "params": _params(vae),
+                "decoder_params_before": decoder_params(old),
+                "decoder_params": decoder_params(vae),
+                "params_before": parameter_count(old),
+                "params": parameter_count(vae),
             },
         )
 
@@ -257,13 +256,3 @@ def _stat(config: Any, key: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [round(float(v), 6) for v in value]
     return None if value is None else round(float(value), 6)
-
-
-def _params(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _decoder_params(vae: Any) -> int:
-    """What the bundle's VAE decoder holds: post_quant_conv (where there is one) + decoder."""
-    post = getattr(vae, "post_quant_conv", None)
-    return _params(vae.decoder) + (_params(post) if post is not None else 0)

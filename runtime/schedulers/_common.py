@@ -55,7 +55,11 @@ def check_steps(n: int | None, n_train: int) -> int:
     return n
 
 
-def check_step(owner: str, step_index: int, num_steps: int) -> None:
+def check_step(owner: str, step_index: int, num_steps: int | None) -> None:
+    """`step_index` within 0..num_steps - 1; `num_steps` None (a scheduler's
+    num_inference_steps before set_timesteps) is a ValueError."""
+    if num_steps is None:
+        raise ValueError("call set_timesteps before step")
     # numpy would wrap a negative index around silently
     if not 0 <= step_index < num_steps:
         raise IndexError(f"{owner}: step_index {step_index} outside 0..{num_steps - 1}")

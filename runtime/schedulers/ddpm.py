@@ -130,8 +130,6 @@ class DDPMScheduler:
     ) -> np.ndarray:
         """`noise`: standard normal of the sample's shape; unused (may be None) at t = 0."""
         name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(name, i, n)
         t, noisy = int(self._t[i]), self.takes_noise(i)

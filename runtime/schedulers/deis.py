@@ -144,8 +144,6 @@ class DEISMultistepScheduler(MultistepTables):
         return as_f32(sample)
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
         if restarts("DEIS", i, self._last_step):

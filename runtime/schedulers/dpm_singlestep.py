@@ -180,8 +180,6 @@ class DPMSolverSinglestepScheduler(MultistepTables):
     ) -> np.ndarray:
         """`noise`: standard normal of the sample's shape, for sde-dpmsolver++ only."""
         name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
         i = step_index
         check_step(name, i, self.num_inference_steps)
         if self.stochastic:

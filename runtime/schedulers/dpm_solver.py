@@ -209,8 +209,6 @@ class DPMSolverMultistepScheduler(MultistepTables):
     ) -> np.ndarray:
         """`noise`: standard normal of the sample's shape, for the SDE forms only."""
         name = type(self).__name__
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(name, i, n)
         if self.stochastic:

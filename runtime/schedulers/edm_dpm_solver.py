@@ -119,8 +119,6 @@ class EDMDPMSolverMultistepScheduler(EDMSchedule):
         noise: np.ndarray | None = None,
     ) -> np.ndarray:
         """`noise`: standard normal of the sample's shape, for the SDE form only."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
         if self.stochastic:

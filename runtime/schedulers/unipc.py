@@ -41,7 +41,6 @@ from ._common import (
     reject_non_default,
     restarts,
 )
-from ._flow import static_shift, stretch_to_terminal, time_shift
 from ._sigmas import (
     MultistepTables,
     multistep_sigmas,
@@ -192,11 +191,11 @@ class UniPCMultistepScheduler(MultistepTables):
         else:
             sig = np.linspace(1, 1 / n_train, check_steps(n, n_train) + 1)[:-1]
         if self.use_dynamic_shifting:
-            sig = time_shift(self.time_shift_type, mu, sig)
+            sig = _flow.time_shift(self.time_shift_type, mu, sig)
         else:
-            sig = static_shift(self.flow_shift, sig)
+            sig = _flow.static_shift(self.flow_shift, sig)
         if self.shift_terminal:
-            sig = stretch_to_terminal(sig, self.shift_terminal)
+            sig = _flow.stretch_to_terminal(sig, self.shift_terminal)
         if np.fabs(sig[0] - 1) < 1e-6:
             sig[0] -= 1e-6
         t = sig * n_train
@@ -211,8 +210,6 @@ class UniPCMultistepScheduler(MultistepTables):
         return as_f32(sample)
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
         if restarts("UniPC", i, self._last_step):

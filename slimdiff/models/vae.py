@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["VAE_CLASSES", "vae_scale_factor"]
+__all__ = ["VAE_CLASSES", "decoder_params", "vae_scale_factor"]
 
 # The VAE classes whose `decode(latents)` the exporter traces (export/wrappers.py).
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
@@ -29,3 +29,11 @@ def vae_scale_factor(config: Mapping[str, Any]) -> int:
         blocks = len(config["decoder_block_out_channels"])
         return int(config.get("upsampling_scaling_factor", 2)) ** (blocks - 1)
     return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def decoder_params(vae: Any) -> int:
+    """Parameters of what a bundle's VAE decoder holds: post_quant_conv (AutoencoderKL's;
+    SD3/FLUX VAEs and AutoencoderTiny have none) and the decoder."""
+    from slimdiff.lowbit import parameter_count
+
+    return parameter_count(vae.decoder) + parameter_count(getattr(vae, "post_quant_conv", None))
