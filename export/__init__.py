@@ -124,6 +124,7 @@ def export_bundle(
     progress: Callable[[str, int, int], None] | None = None,
     scheduler: str | None = None,
     sigmas: str | None = None,
+    vae_encoder: bool = False,
 ) -> Manifest:
     """Export `model`'s pipeline to a bundle folder at `out` and return its manifest.
 
@@ -170,6 +171,8 @@ def export_bundle(
             bundle's scheduler is checked against the runtime before anything is exported.
         sigmas: ship the scheduler on this sigma schedule ("karras", "exponential",
             "beta"; runtime.schedulers.with_sigmas), after any `scheduler` switch.
+        vae_encoder: also export the VAE encoder (component "vae_encoder", at the VAE
+            decoder's precision), which image-to-image runs need (`slimdiff run --image`).
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
@@ -186,12 +189,15 @@ def export_bundle(
     shipped_scheduler = bundle_scheduler(model, scheduler, sigmas)
     precisions = component_precisions(model, precision, vae_precision)
     sizes = size_range(model, min_size, max_size, max_images)
-    components = plan_components(model)
+    components = plan_components(model, vae_encoder=vae_encoder)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:
         for i, component in enumerate(components):
             if progress is not None:
                 progress(component.name, i, len(components))
+            # the VAE decoder and encoder share one model: its weights go with the last
+            needed_later = any(c.model is component.model for c in components[i + 1 :])
+            release = (release_weights or is_lazy(component.model)) and not needed_later
             profile = shape_profile(component, model, sizes)
             aoti = target == "aoti" and _aoti().wants_aoti(component)
             lazy = is_lazy(component.model)
@@ -226,9 +232,9 @@ def export_bundle(
                     qdq=qdq,
                     check=check,
                     threshold=external_data_threshold,
-                    release=release_weights or lazy,
+                    release=release,
                 )
-            if (release_weights or lazy) and entry.format == "aoti":
+            if release and entry.format == "aoti":
                 free_weights(component.model)  # ONNX components free theirs once traced
             elif param_bytes(component.model) >= _RELEASE_BYTES:
                 # The parity session and the graph it read are gone, but glibc keeps their

@@ -15,7 +15,14 @@ import logging
 import os
 from pathlib import Path
 
-from slimdiff.runtime.manifest import MANIFEST_NAME, PipelineSpec, TextEncoderRecord, sha256_file
+from slimdiff.runtime.manifest import (
+    MANIFEST_NAME,
+    VAE_DECODER,
+    VAE_ENCODER,
+    PipelineSpec,
+    TextEncoderRecord,
+    sha256_file,
+)
 from slimdiff.runtime.pipeline import scheduler_problem
 from slimdiff.runtime.schedulers import (
     scheduler_names,
@@ -62,11 +69,13 @@ def check_out_dir(out: Path) -> None:
 
 
 def component_precisions(model: LoadedModel, precision: str, vae_precision: str | None) -> dict:
-    """Precision of each component: `precision`, except the VAE decoder (see _VAE_FP32_FLAG)."""
+    """Precision of each component: `precision`, except the VAE decoder and encoder (see
+    _VAE_FP32_FLAG)."""
     if vae_precision is None:
         vae_precision = "fp32" if model.pipe.vae.config.get(_VAE_FP32_FLAG, False) else precision
-    names = model.components
-    return {name: (vae_precision if name == "vae_decoder" else precision) for name in names}
+    names = (*model.components, VAE_ENCODER)
+    vae = {VAE_DECODER, VAE_ENCODER}
+    return {name: (vae_precision if name in vae else precision) for name in names}
 
 
 def pipeline_constants(model: LoadedModel) -> PipelineSpec:

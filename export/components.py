@@ -19,8 +19,15 @@ from slimdiff.export.dummy_inputs import (
     Sizes,
     text_encoder_inputs,
     vae_decoder_inputs,
+    vae_encoder_inputs,
 )
-from slimdiff.export.wrappers import DenoiserWrapper, TextEncoderWrapper, VaeDecoderWrapper
+from slimdiff.export.wrappers import (
+    DenoiserWrapper,
+    TextEncoderWrapper,
+    VaeDecoderWrapper,
+    VaeEncoderWrapper,
+)
+from slimdiff.runtime.manifest import VAE_ENCODER, VAE_ENCODER_INPUT, VAE_ENCODER_OUTPUTS
 from torch import nn
 
 from slimdiff.memory import release_memory
@@ -39,6 +46,7 @@ __all__ = [
     "reference_precision",
     "release_memory",
     "vae_decoder_component",
+    "vae_encoder_component",
 ]
 
 # Text encoder outputs that carry the token axis; the others are pooled (B, P).
@@ -68,8 +76,9 @@ def _axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
     }
 
 
-def plan_components(model: LoadedModel) -> list[Component]:
-    """The components of `model`'s bundle, in model.components order.
+def plan_components(model: LoadedModel, vae_encoder: bool = False) -> list[Component]:
+    """The components of `model`'s bundle, in model.components order; with `vae_encoder`
+    the VAE encoder too (for image-to-image), last.
 
     Example:
         >>> [c.name for c in plan_components(load_model("tiny:sdxl"))]  # doctest: +SKIP
@@ -101,7 +110,28 @@ def plan_components(model: LoadedModel) -> list[Component]:
         )
     plans.append(denoiser_component(arch, model.denoiser))
     plans.append(vae_decoder_component(arch, pipe.vae))
+    if vae_encoder:
+        plans.append(vae_encoder_component(pipe.vae))
     return plans
+
+
+def vae_encoder_component(vae: nn.Module) -> Component:
+    """The VAE encoder of an image-to-image bundle: image -> the latent posterior's mean and
+    std (VaeEncoderWrapper), before scaling. Shares its model with the decoder."""
+    latent_axes = {0: "B", 2: "h", 3: "w"}
+    return Component(
+        name=VAE_ENCODER,
+        plan=VAE_ONNX,
+        module=VaeEncoderWrapper(vae),
+        input_names=(VAE_ENCODER_INPUT,),
+        output_names=VAE_ENCODER_OUTPUTS,
+        dynamic_axes={
+            VAE_ENCODER_INPUT: {0: "B", 2: "8h", 3: "8w"},
+            **dict.fromkeys(VAE_ENCODER_OUTPUTS, latent_axes),
+        },
+        make_inputs=partial(vae_encoder_inputs, vae),
+        model=vae,
+    )
 
 
 def vae_decoder_component(arch: ArchSpec, vae: nn.Module) -> Component:

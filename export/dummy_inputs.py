@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from slimdiff.models.inputs import Sizes
+from slimdiff.models.vae import vae_scale_factor
 
 __all__ = [
     "CHECK",
@@ -21,6 +22,7 @@ __all__ = [
     "Sizes",
     "text_encoder_inputs",
     "vae_decoder_inputs",
+    "vae_encoder_inputs",
 ]
 
 # Axis names that vary at run time; the other names in ArchSpec shapes ("C", "D", "P") stand
@@ -68,3 +70,12 @@ def vae_decoder_inputs(vae, sizes: Sizes) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(sizes.seed)
     shape = (sizes.batch, vae.config.latent_channels, sizes.height, sizes.width)
     return {"latent_sample": torch.randn(shape, generator=gen)}
+
+
+def vae_encoder_inputs(vae, sizes: Sizes) -> dict[str, torch.Tensor]:
+    """image (B, 3, H, W) ~ U(-1, 1), the pixels of latents of `sizes`: what the runtime
+    feeds after normalising an input image."""
+    gen = torch.Generator().manual_seed(sizes.seed)
+    scale = vae_scale_factor(vae.config)
+    shape = (sizes.batch, 3, sizes.height * scale, sizes.width * scale)
+    return {"image": torch.rand(shape, generator=gen) * 2 - 1}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from slimdiff.export.components import Component
 from slimdiff.export.dummy_inputs import Sizes
+from slimdiff.runtime.manifest import VAE_DECODER, VAE_ENCODER
 
 from slimdiff.errors import UserError
 from slimdiff.models.loading import LoadedModel
@@ -88,7 +89,7 @@ def size_range(
 def shape_profile(component: Component, model: LoadedModel, sizes: SizeRange) -> dict:
     """{"min", "opt", "max"}: input name -> concrete shape, for `component`."""
     per_image = 2 if sizes.cfg else 1
-    vae = component.name == "vae_decoder"
+    vae = component.name in (VAE_DECODER, VAE_ENCODER)  # one image at a time
     # With SDXL's force_zeros_for_empty_prompt the runtime encodes no negative prompt when
     # none is given (zeros instead): one prompt at opt, two when a negative one is.
     text = component.name in {s.name for s in model.text_encoders}

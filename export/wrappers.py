@@ -77,3 +77,23 @@ class VaeDecoderWrapper(nn.Module):
 
     def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(nn.Module):
+    """image (B, 3, 8h, 8w) in [-1, 1] -> (latent_mean, latent_std), each (B, C, h, w),
+    before scaling and shifting.
+
+    diffusers' img2img pipelines sample the KL posterior (`retrieve_latents` with a
+    generator): the runtime draws mean + std * noise from its own seed. A VAE without a
+    posterior (AutoencoderTiny's encode gives the latents themselves) has std 0.
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self.vae.encode(image, return_dict=False)[0]
+        if hasattr(encoded, "mean") and hasattr(encoded, "std"):  # DiagonalGaussianDistribution
+            return encoded.mean, encoded.std
+        return encoded, torch.zeros_like(encoded)

@@ -89,9 +89,7 @@ class Conditioning:
         """
         shape = self.latent_shape(height, width, images)
         if latents is None:
-            raw = (images, self.channels, *self._latent_hw(height, width))
-            noise = np.random.default_rng(seed).standard_normal(raw).astype(np.float32)
-            latents = pack_latents(noise, self.kind.latent_packing)
+            latents = self.noise(seed, height, width, images)
         else:
             latents = np.asarray(latents, dtype=np.float32)
             if latents.shape != shape:
@@ -101,6 +99,13 @@ class Conditioning:
                     + count
                 )
         return (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+
+    def noise(self, seed: int, height: int, width: int, images: int = 1) -> np.ndarray:
+        """Seeded standard-normal latents of `images` images, float32, in the denoiser's
+        layout: drawn unpacked (B, C, h, w) in one draw, then packed (as FluxPipeline)."""
+        raw = (images, self.channels, *self._latent_hw(height, width))
+        noise = np.random.default_rng(seed).standard_normal(raw).astype(np.float32)
+        return pack_latents(noise, self.kind.latent_packing)
 
     def set_timesteps(self, scheduler: Scheduler, steps: int, height: int, width: int) -> None:
         """Set the schedule as the family's pipeline does; call before `initial_latents`."""

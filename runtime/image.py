@@ -1,4 +1,5 @@
-"""Images out of the VAE: float (3, H, W) in [-1, 1] -> uint8 (H, W, 3) -> PNG on disk.
+"""Images out of the VAE: float (3, H, W) in [-1, 1] -> uint8 (H, W, 3) -> PNG on disk; and
+into it, for image-to-image: a file, PIL image or uint8 array -> (1, 3, H, W) in [-1, 1].
 
 Example:
     >>> img = to_uint8(np.zeros((3, 8, 8), np.float32))   # mid-grey
@@ -11,13 +12,18 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_bytes
 
-__all__ = ["save_png", "to_uint8"]
+__all__ = ["ImageInput", "image_size", "load_image", "prepare_image", "save_png", "to_uint8"]
+
+# What image-to-image takes: a file path, a PIL image, or an (H, W, 3) uint8 array.
+ImageInput = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 (a runtime alias)
 
 
 def to_uint8(sample: np.ndarray) -> np.ndarray:
@@ -39,3 +45,54 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a file (EXIF orientation applied, as diffusers' load_image),
+    a PIL image or an (H, W, 3) uint8 array; UserError naming what is wrong otherwise."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise UserError(f"image {path}: no such file")
+        try:
+            with Image.open(path) as opened:
+                loaded = ImageOps.exif_transpose(opened)
+                loaded.load()
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise UserError(f"image {path}: cannot be read as an image ({err})") from None
+        return loaded.convert("RGB")  # alpha dropped, grey and palette expanded
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise UserError(
+                f"image array of shape {image.shape} and dtype {image.dtype}: pass (H, W, 3) "
+                "uint8 RGB"
+            )
+        return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    raise UserError(f"image must be a file path, a PIL image or a uint8 array, not {image!r}")
+
+
+def image_size(image: Image.Image, multiple: int, max_side: int) -> tuple[int, int]:
+    """(H, W) an image-to-image run makes of `image` without a size: its own size cut down
+    to multiples of `multiple`, as diffusers' VaeImageProcessor does."""
+    width, height = image.size
+    height, width = height - height % multiple, width - width % multiple
+    if not (multiple <= height <= max_side and multiple <= width <= max_side):
+        raise UserError(
+            f"image of {image.size[0]}x{image.size[1]} pixels: each side must be {multiple} "
+            f"to {max_side}; resize it, or pass a size"
+        )
+    return height, width
+
+
+def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """`image` as a VAE encoder takes it: (1, 3, H, W) float32 in [-1, 1] with (H, W) =
+    `size`, as diffusers' VaeImageProcessor.preprocess makes it (Lanczos resize, its
+    default; /255 then 2x - 1 in float32)."""
+    height, width = size
+    if (width, height) != image.size:
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    x = np.asarray(image.convert("RGB")).astype(np.float32) / np.float32(255)  # (H, W, 3)
+    x = np.float32(2) * x - np.float32(1)  # [0, 1] -> [-1, 1], VaeImageProcessor.normalize
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[np.newaxis])  # (1, 3, H, W)

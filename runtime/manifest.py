@@ -78,6 +78,10 @@ TEXT_INPUT = "input_ids"
 DENOISER_OUTPUT = "out_sample"
 VAE_DECODER = "vae_decoder"
 VAE_INPUT, VAE_OUTPUT = "latent_sample", "sample"
+# Optional (`export --vae-encoder`): image -> the posterior's mean and std, for img2img.
+VAE_ENCODER = "vae_encoder"
+VAE_ENCODER_INPUT = "image"
+VAE_ENCODER_OUTPUTS = ("latent_mean", "latent_std")
 # Text encoder outputs: per-token hidden states (B, S, D), and pooled ones (B, P).
 HIDDEN_OUTPUTS = ("penultimate_hidden_state", "last_hidden_state")
 POOLED_OUTPUTS = ("text_embeds", "pooler_output")

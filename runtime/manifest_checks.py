@@ -21,6 +21,9 @@ from slimdiff.runtime.manifest import (
     POOLED_OUTPUTS,
     TEXT_INPUT,
     VAE_DECODER,
+    VAE_ENCODER,
+    VAE_ENCODER_INPUT,
+    VAE_ENCODER_OUTPUTS,
     VAE_INPUT,
     VAE_OUTPUT,
     ComponentEntry,
@@ -127,7 +130,7 @@ def check_manifest(m: Manifest) -> None:
         if name not in m.components:
             _fail("components", f"no {name} entry, which the pipeline needs")
     for name in m.components:
-        if name not in needed:
+        if name not in needed and name != VAE_ENCODER:  # the encoder is optional (img2img)
             _fail(f"components.{name}", "not a component this pipeline uses")
     if MANIFEST_NAME in m.files:
         _fail("files", f"lists {MANIFEST_NAME}, which cannot hold its own hash")
@@ -143,6 +146,8 @@ def check_manifest(m: Manifest) -> None:
     text_len, width, pooled = _check_text_encoders(m)
     _check_denoiser(m, text_len, width, pooled)
     _check_vae(m)
+    if VAE_ENCODER in m.components:
+        _check_vae_encoder(m)
 
 
 def _listed(m: Manifest, field: str, path: str) -> None:
@@ -287,3 +292,21 @@ def _check_vae(m: Manifest) -> None:
     image = _check_io(f"{field}.outputs.{VAE_OUTPUT}", entry.io(VAE_OUTPUT, True), 4, _FLOATS)
     if _fixed(image, 1) not in (None, 3):
         _fail(f"{field}.outputs.{VAE_OUTPUT}", "must have 3 (RGB) channels")
+
+
+def _check_vae_encoder(m: Manifest) -> None:
+    entry = m.components[VAE_ENCODER]
+    field = f"components.{VAE_ENCODER}"
+    if [i["name"] for i in entry.inputs] != [VAE_ENCODER_INPUT]:
+        _fail(f"{field}.inputs", f"must be exactly [{VAE_ENCODER_INPUT}]")
+    image = _check_io(f"{field}.inputs.{VAE_ENCODER_INPUT}", entry.inputs[0], 4, _FLOATS)
+    if _fixed(image, 1) not in (None, 3):
+        _fail(f"{field}.inputs.{VAE_ENCODER_INPUT}", "must have 3 (RGB) channels")
+    for name in VAE_ENCODER_OUTPUTS:
+        latent = _check_io(f"{field}.outputs.{name}", entry.io(name, True), 4, _FLOATS)
+        if _fixed(latent, 1) not in (None, m.pipeline.latent_channels):
+            _fail(
+                f"{field}.outputs.{name}",
+                f"has {_fixed(latent, 1)} channels, pipeline.latent_channels says "
+                f"{m.pipeline.latent_channels}",
+            )

@@ -23,14 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend, shape_bound
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.conditioning import Conditioning
-from slimdiff.runtime.image import to_uint8
+from slimdiff.runtime.image import ImageInput, image_size, load_image, prepare_image, to_uint8
 from slimdiff.runtime.manifest import (
     DENOISER_OUTPUT,
     FIX,
     VAE_DECODER,
+    VAE_ENCODER,
+    VAE_ENCODER_INPUT,
+    VAE_ENCODER_OUTPUTS,
     VAE_INPUT,
     VAE_OUTPUT,
     BundleError,
@@ -51,7 +55,7 @@ from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
-from slimdiff.models.kinds import timestep_args
+from slimdiff.models.kinds import img2img_begin, pack_latents, timestep_args
 
 __all__ = ["GenerationResult", "Text2ImagePipeline", "scheduler_problem"]
 
@@ -59,6 +63,7 @@ log = logging.getLogger(__name__)
 
 _OUTPUTS = ("image", "latent")
 _STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
+_POSTERIOR_STREAM = 2  # and img2img's draw from the VAE encoder's posterior
 
 
 @dataclass
@@ -70,8 +75,9 @@ class GenerationResult:
     the denoiser's layout, one row per image (what diffusers returns with
     output_type="latent"; packed (B, L, 4C) for FLUX).
     `timings_ms` holds "text_encoders", "denoiser_steps" (one entry per step),
-    "vae_decode" (absent with output="latent") and "end_to_end"; with low_memory also
-    "load", the components' loads (in end_to_end, not in the others).
+    "vae_decode" (absent with output="latent"), "vae_encode" (image-to-image only) and
+    "end_to_end"; with low_memory, or when an image-to-image call loads the VAE encoder,
+    also "load", the components' loads (in end_to_end, not in the others).
     """
 
     images: list[np.ndarray]
@@ -105,9 +111,11 @@ class Text2ImagePipeline:
         vae_decoder: Session,
         scheduler_config: dict,
         max_batch: int | None = None,
+        vae_encoder: Session | None = None,
     ) -> None:
         """`max_batch`: the largest denoiser batch the backend runs (its profile's, where it
-        runs only those shapes); None for any."""
+        runs only those shapes); None for any. `vae_encoder`: the bundle's, for
+        image-to-image (None: the bundle has none)."""
         self.manifest = manifest
         self.config = manifest.pipeline
         self.conditioning = conditioning
@@ -116,6 +124,7 @@ class Text2ImagePipeline:
         self.scheduler_config = scheduler_config
         self.low_memory = isinstance(denoiser, OnDemandSession)
         self.max_batch = max_batch
+        self.vae_encoder = vae_encoder
 
     @classmethod
     def from_bundle(
@@ -175,6 +184,10 @@ class Text2ImagePipeline:
         conditioning = Conditioning(_conditioning_record(config), encoders, scheduler_config)
         denoiser = load(config.denoiser)
         vae_decoder = load(VAE_DECODER)
+        vae_encoder = None
+        if VAE_ENCODER in manifest.components:
+            # loaded at the first image-to-image call: text-to-image never pays for it
+            vae_encoder = OnDemandSession(lambda: _load(runner, bundle, VAE_ENCODER))
         log.info(
             "loaded %s bundle %s (sha256 %s) on %s",
             manifest.family,
@@ -183,7 +196,15 @@ class Text2ImagePipeline:
             runner.name,
         )
         max_batch = _max_batch(bundle, runner, config)
-        return cls(manifest, conditioning, denoiser, vae_decoder, scheduler_config, max_batch)
+        return cls(
+            manifest,
+            conditioning,
+            denoiser,
+            vae_decoder,
+            scheduler_config,
+            max_batch,
+            vae_encoder,
+        )
 
     def __call__(
         self,
@@ -199,6 +220,8 @@ class Text2ImagePipeline:
         eta: float | None = None,
         images: int = 1,
         on_step: Callable[[int, int], None] | None = None,
+        image: ImageInput | None = None,
+        strength: float = 0.8,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -218,13 +241,26 @@ class Text2ImagePipeline:
         the gamma of a TCD scheduler (0 to 1, as diffusers' pipelines pass it: 0 when not
         given; the TCD authors suggest 0.3); no other ported scheduler takes one.
         `on_step(done, total)` is called after each denoiser call (a progress bar).
+
+        Image-to-image: `image` (a file path, a PIL image, or an (H, W, 3) uint8 array) is
+        encoded by the bundle's VAE encoder (`export --vae-encoder`), noised to the step
+        `strength` (0 to 1) sets and denoised from there, as diffusers' img2img pipelines
+        do: 1 starts from pure noise, lower values keep more of the image, and only
+        `strength` x `steps` steps run. The image is resized (Lanczos, as diffusers) to
+        `size` when given, else cut down to the nearest size multiple. Every image of the
+        call starts from the same encoded image; the latent draw from the VAE posterior
+        and the noise come from `seed`. `latents` cannot be given with it.
         """
         start = time.perf_counter()
         prompts, negatives = _check_prompts(prompt, negative_prompt)
         steps = int(steps if steps is not None else self.config.default_steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
+        source = None if image is None else self._check_image(image, latents)
+        if source is not None and size is None:
+            size = image_size(source, self.conditioning.size_multiple(), MAX_SIDE)
         height, width = self._check_args(steps, size, output)
         _check_values(guidance, seed, latents)
+        pixels = None if source is None else prepare_image(source, (height, width))
         rescale = self._check_rescale(guidance_rescale)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
@@ -233,6 +269,7 @@ class Text2ImagePipeline:
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
+        begin = 0 if pixels is None else self._begin(scheduler, steps, strength)
 
         encoders = [enc.session for enc in cond.encoders]
         loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
@@ -246,12 +283,27 @@ class Text2ImagePipeline:
         release(*encoders)  # low_memory: freed before the denoiser loads
         loading += ensure_loaded(self.denoiser)
 
-        x = cond.initial_latents(latents, seed, height, width, scheduler, images)
+        first_load = False  # the VAE encoder loaded by this call (its first img2img one)
+        if pixels is None:
+            x = cond.initial_latents(latents, seed, height, width, scheduler, images)
+        else:
+            first_load = not self.vae_encoder.loaded
+            loading += ensure_loaded(self.vae_encoder)
+            t0 = time.perf_counter()
+            clean = self._encode(pixels, seed, images)
+            timings["vae_encode"] = _ms(t0)
+            if self.low_memory:
+                release(self.vae_encoder)
+            # the same seeded draw as text-to-image's initial noise, then noised to `begin`
+            noise = cond.noise(seed, height, width, images)
+            x = scheduler.add_noise(clean, noise, begin).astype(np.float32)
         # Stochastic schedulers' per-step noise: a stream of its own from the seed, so the
         # initial latents stay those of `seed` (and of --latents) whatever the scheduler.
         step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
         step_ms: list[float] = []
-        for i, t in enumerate(scheduler.timesteps):
+        calls = len(scheduler.timesteps) - begin
+        for i in range(begin, len(scheduler.timesteps)):
+            t = scheduler.timesteps[i]
             t0 = time.perf_counter()
             model_input = np.concatenate([x, x]) if do_cfg else x
             model_input = scheduler.scale_model_input(model_input, i)
@@ -269,7 +321,7 @@ class Text2ImagePipeline:
                 x = scheduler.step(pred, i, x)
             step_ms.append(_ms(t0))
             if on_step is not None:
-                on_step(i + 1, len(scheduler.timesteps))
+                on_step(i + 1 - begin, calls)
         timings["denoiser_steps"] = step_ms
         release(self.denoiser)
 
@@ -280,7 +332,7 @@ class Text2ImagePipeline:
             decoded = [self._decode(x[i : i + 1], height, width) for i in range(images)]
             timings["vae_decode"] = _ms(t0)
             release(self.vae_decoder)
-        if self.low_memory:
+        if self.low_memory or first_load:
             timings["load"] = loading
         timings["end_to_end"] = _ms(start)
         return GenerationResult(images=decoded, latents=x, timings_ms=timings)
@@ -298,14 +350,58 @@ class Text2ImagePipeline:
             raise UserError(f"{steps} steps with {name}: {err}") from None
         return scheduler
 
+    def _check_image(self, image: ImageInput, latents: np.ndarray | None) -> Image.Image:
+        """The image-to-image input as an RGB image, once the bundle can run one."""
+        if self.vae_encoder is None:
+            raise UserError(
+                "this bundle has no VAE encoder, which image-to-image needs; export it again "
+                "with --vae-encoder (recipe: export.vae_encoder: true)"
+            )
+        if latents is not None:
+            raise UserError("latents and image are exclusive: image-to-image draws its own")
+        return load_image(image)
+
+    def _begin(self, scheduler: Scheduler, steps: int, strength: float) -> int:
+        """The first scheduler call of an image-to-image run (its history starts there)."""
+        value = float(strength)
+        if not (np.isfinite(value) and 0 < value <= 1):
+            raise UserError(f"strength {strength}: use a value above 0 and at most 1")
+        begin = img2img_begin(self.config.kind, steps, value, scheduler.order)
+        if begin >= len(scheduler.timesteps):
+            raise UserError(
+                f"strength {value:g} with {steps} steps leaves no step to run; raise the "
+                "strength or the steps (strength x steps must reach 1)"
+            )
+        try:
+            scheduler.set_begin_index(begin)
+        except ValueError as err:  # PNDM's Runge-Kutta start cannot begin mid-schedule
+            raise UserError(f"image-to-image at strength {value:g}: {err}") from None
+        return begin
+
+    def _encode(self, pixels: np.ndarray, seed: int, images: int) -> np.ndarray:
+        """The image's latents in the denoiser's layout, scaled as the decoder unscales
+        them, one row per image: a draw from the VAE posterior (diffusers' retrieve_latents
+        samples it too), repeated for every image as diffusers' img2img pipelines do."""
+        out = self.vae_encoder.run({VAE_ENCODER_INPUT: pixels})
+        mean, std = (np.asarray(out[n], np.float32) for n in VAE_ENCODER_OUTPUTS)
+        rng = np.random.default_rng([_POSTERIOR_STREAM, seed])
+        z = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        scaling = np.float32(self.config.vae_scaling_factor)
+        if self.config.vae_latents_mean is not None:  # SDXL's per-channel statistics
+            mean_c, std_c = _latent_stats(self.config)
+            z = (z - mean_c) * scaling / std_c
+        else:
+            if self.config.vae_shift_factor is not None:
+                z = z - np.float32(self.config.vae_shift_factor)
+            z = z * scaling
+        z = np.repeat(z.astype(np.float32), images, axis=0)
+        return pack_latents(z, self.config.kind.latent_packing)
+
     def _decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
         z = self.conditioning.vae_latents(latents, height, width)
         scaling = np.float32(self.config.vae_scaling_factor)
         if self.config.vae_latents_mean is not None:  # SDXL's per-channel statistics
-            mean, std = (
-                np.asarray(v, np.float32).reshape(1, -1, 1, 1)
-                for v in (self.config.vae_latents_mean, self.config.vae_latents_std)
-            )
+            mean, std = _latent_stats(self.config)
             z = z * std / scaling + mean
         else:
             z = z / scaling
@@ -377,6 +473,14 @@ class Text2ImagePipeline:
                 trained_h,
             )
         return height, width
+
+
+def _latent_stats(config: PipelineSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The VAE's per-channel latent mean and std, (1, C, 1, 1) float32."""
+    return tuple(  # type: ignore[return-value]
+        np.asarray(v, np.float32).reshape(1, -1, 1, 1)
+        for v in (config.vae_latents_mean, config.vae_latents_std)
+    )
 
 
 def _set_eta(scheduler: Scheduler, eta: float | None) -> None:

@@ -294,6 +294,12 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     help="Decode with the VAE in DIR (a diffusers VAE folder, or a pipeline folder's vae/): a "
     "tiny decoder such as TAESDXL, or an fp16-safe VAE. Recipe: pass vae.replace.",
 )
+@click.option(
+    "--vae-encoder",
+    is_flag=True,
+    help="Also export the VAE encoder, which image-to-image needs (run --image). Recipe: "
+    "export.vae_encoder.",
+)
 @allow_pickle_option
 def export_cmd(
     model: str,
@@ -311,6 +317,7 @@ def export_cmd(
     sigmas: str | None,
     drop: tuple[str, ...],
     vae: str | None,
+    vae_encoder: bool,
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
@@ -339,6 +346,7 @@ def export_cmd(
         weights=weights,
         scheduler=scheduler,
         sigmas=sigmas,
+        vae_encoder=vae_encoder,
         **sizes,
     )
     del loaded
@@ -421,7 +429,22 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     "one image in all are written as OUT's name plus -0, -1, ..., prompt by prompt; the "
     "first is the image of --images 1.",
 )
-@click.option("--size", default=None, help=SIZE_HELP)
+@click.option("--size", default=None, help=SIZE_HELP + " With --image: resized to it.")
+@click.option(
+    "--image",
+    "init_image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Image-to-image: start from this image (PNG, JPEG, ...), at its own size cut to the "
+    "size multiple unless --size is given. Needs a bundle exported with --vae-encoder.",
+)
+@click.option(
+    "--strength",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=None,
+    help="With --image: how far to noise it, above 0 to 1 (1: from pure noise, lower keeps "
+    "more of the image); strength x steps steps run. Default: 0.8.",
+)
 @click.option(
     "--latents",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -445,15 +468,21 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
-    size, latents, backend, scheduler, sigmas, low_memory, expect_sha256, out,
+    size, init_image, strength, latents, backend, scheduler, sigmas, low_memory,
+    expect_sha256, out,
 ):  # fmt: skip
-    """Generate an image (or --images N) from a bundle with the torch-free runtime."""
+    """Generate an image (or --images N) from a bundle with the torch-free runtime; from
+    an --image too (image-to-image)."""
     from slimdiff.app.args import check_guidance, check_output_file, image_paths, read_latents
     from slimdiff.progress import StepProgress
     from slimdiff.runtime import Text2ImagePipeline
     from slimdiff.runtime.image import save_png
 
     check_guidance(guidance)
+    if strength is not None and init_image is None:
+        raise click.UsageError("--strength needs --image (it sets how far the image is noised)")
+    if init_image is not None and latents is not None:
+        raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")
     size = _size(size)
     outs = image_paths(out, images * len(prompt))
     for path in outs:
@@ -483,6 +512,8 @@ def run_cmd(
             eta=eta,
             images=images,
             on_step=bar,
+            image=init_image,
+            strength=0.8 if strength is None else strength,
         )
     finally:
         bar.close()
@@ -490,9 +521,10 @@ def run_cmd(
         save_png(image, path)
     t = result.timings_ms
     loads = f", loads {t['load']:.0f}" if "load" in t else ""
+    encode = f", vae encode {t['vae_encode']:.0f}" if "vae_encode" in t else ""
     click.echo(
         f"{', '.join(map(str, outs))}  ({t['end_to_end']:.0f} ms: text "
-        f"{t['text_encoders']:.0f}, {len(t['denoiser_steps'])} steps, vae "
+        f"{t['text_encoders']:.0f}{encode}, {len(t['denoiser_steps'])} steps, vae "
         f"{t['vae_decode']:.0f}{loads})"
     )
 

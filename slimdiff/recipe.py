@@ -150,6 +150,8 @@ class ExportSpec(_Strict):
     # The sigma schedule it samples on instead of its own (the class's use_<name>_sigmas
     # key): karras | exponential | beta. None: the scheduler's own.
     sigmas: Literal["karras", "exponential", "beta"] | None = None
+    # Also export the VAE encoder, which image-to-image needs (`slimdiff run --image`).
+    vae_encoder: bool = False
 
     @pydantic.field_validator("scheduler")
     @classmethod

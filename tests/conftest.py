@@ -109,7 +109,8 @@ def shared_bundle(tmp_path_factory):
             model = load_model(f"tiny:{family}")
             before = _processors(model)
             out = tmp_path_factory.mktemp(f"{family}-{'fused' if optimize else 'plain'}")
-            manifest = export_bundle(model, out / "bundle", optimize=optimize)
+            # with the VAE encoder, so image-to-image tests share these bundles
+            manifest = export_bundle(model, out / "bundle", optimize=optimize, vae_encoder=True)
             cache[key] = SharedBundle(model, out / "bundle", manifest, before)
         return cache[key]
 

@@ -83,6 +83,12 @@ Example (the runtime's denoising loop, without guidance):
             x = sched.step(eps, i, x, noise=rng.standard_normal(x.shape, dtype=np.float32))
         else:
             x = sched.step(eps, i, x)
+
+img2img, as diffusers' img2img pipelines (SD, SDXL, SD3, FLUX): keep the schedule's last
+steps from begin = t_start * sched.order (t_start = n - int(n * strength)), call
+`sched.set_begin_index(begin)` after set_timesteps, start from
+`x = sched.add_noise(image_latents, rng.standard_normal(shape, dtype=np.float32), begin)`
+instead of the scaled noise, and loop `for i in range(begin, len(sched.timesteps))`.
 """
 
 from __future__ import annotations
@@ -155,6 +161,7 @@ class Scheduler(Protocol):
     timesteps: np.ndarray  # what the denoiser receives as `timestep` (float32), one per call
     init_noise_sigma: float  # the initial N(0, I) latent is multiplied by this
     stochastic: bool  # True: step() takes `noise`, standard normal of the sample's shape
+    order: int  # denoiser calls per step: 2 for Heun, DPM2 (a), DPM++ SDE, flow Heun; else 1
 
     def set_timesteps(
         self,
@@ -168,6 +175,18 @@ class Scheduler(Protocol):
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         """One denoising step from timesteps[step_index]; returns the previous sample.
         Stochastic schedulers also take `noise=`."""
+        ...
+
+    def set_begin_index(self, begin: int) -> None:
+        """img2img: start the run at step `begin` (t_start * order), after set_timesteps;
+        a multistep history starts afresh there. ValueError outside 0..len(timesteps) - 1
+        or where diffusers' run from there is ill-defined (odd for order 2, ...)."""
+        ...
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """img2img's first latents: clean `original` noised to timesteps[step_index] with
+        standard-normal `noise` of its shape, float32, as diffusers' add_noise (FlowMatch:
+        scale_noise) at that step."""
         ...
 
 

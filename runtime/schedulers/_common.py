@@ -1,4 +1,5 @@
-"""Helpers shared by the numpy schedulers: config checks and the diffusers schedule maths.
+"""Helpers shared by the numpy schedulers: config checks, the diffusers schedule maths, and
+img2img's begin index and forward noise (`Img2Img` and its noise forms).
 
 Scalars are explicit `np.float32` so numpy 1.x (value-based casting) and 2.x (NEP 50)
 give the same dtypes; where diffusers computes in float32 torch we compute in float32
@@ -75,15 +76,17 @@ def check_second_half(owner: str, step_index: int, first: int | None) -> None:
         )
 
 
-def restarts(owner: str, step_index: int, last_step: int) -> bool:
-    """A multistep solver's step order: True at step 0 (its history starts afresh),
-    ValueError for any step but the one after `last_step` (a skipped or repeated step
-    would mix in another trajectory's history)."""
-    if step_index == 0:
+def restarts(owner: str, step_index: int, last_step: int, begin: int) -> bool:
+    """A multistep solver's step order: True at `begin` (the run's first step, 0 or
+    img2img's set_begin_index: its history starts afresh there, as diffusers' does after
+    set_timesteps), ValueError for any step but the one after `last_step` (a skipped or
+    repeated step would mix in another trajectory's history) or one before `begin`."""
+    if step_index == begin:
         return True
-    if step_index != last_step + 1:
+    expected = last_step + 1 if last_step >= begin else begin
+    if step_index != expected:
         raise ValueError(
-            f"{owner} keeps a history: step {last_step + 1} expected, got {step_index} "
+            f"{owner} keeps a history: step {expected} expected, got {step_index} "
             "(call set_timesteps to restart)"
         )
     return False
@@ -183,3 +186,108 @@ def trailing_timesteps(start: int, n_train: int, n: int) -> np.ndarray:
 def as_f32(x: np.ndarray) -> np.ndarray:
     """float32 view/copy: the runtime's latents are float32 whatever the caller passes."""
     return np.asarray(x, dtype=F32)
+
+
+class Img2Img:
+    """img2img's `set_begin_index`, `begin_index` and `add_noise`, as diffusers' img2img
+    pipelines (SD, SDXL, SD3, FLUX) use them: they keep the schedule's steps from
+    begin = t_start * order on (`set_begin_index(begin)` where the class has it) and noise
+    the image's latents to timesteps[begin] with the forward process of the scheduler's
+    parametrisation, one of the `_noised` forms below, in float32 and diffusers' order of
+    operations. Each class mixes in one form and calls `_new_schedule()` from
+    set_timesteps, which sets the begin index back to 0 as diffusers' does."""
+
+    _begin_index = 0
+    _scheduled = False  # set_timesteps has run: the tables are the run's
+
+    @property
+    def begin_index(self) -> int:
+        """The step the run starts at: 0 (text-to-image) unless set_begin_index moved it."""
+        return self._begin_index
+
+    def _new_schedule(self) -> None:
+        """set_timesteps' part: a new schedule starts at step 0 (diffusers resets its
+        begin_index to None there, which is 0 for a pipeline's loop)."""
+        self._begin_index, self._scheduled = 0, True
+
+    def set_begin_index(self, begin: int) -> None:
+        """Start the run at step `begin` (img2img: t_start * order), after set_timesteps and
+        before the first step; the loop then runs steps begin..len(timesteps) - 1, and a
+        multistep solver's history starts afresh at `begin`. ValueError outside
+        0..len(timesteps) - 1, and where diffusers' run from `begin` is ill-defined."""
+        name = type(self).__name__
+        if not self._scheduled:
+            raise ValueError(f"{name}: call set_timesteps before set_begin_index")
+        n = len(self.timesteps)
+        if isinstance(begin, bool) or not isinstance(begin, (int, np.integer)):
+            raise ValueError(f"{name}: the begin index must be an int, got {begin!r}")
+        if not 0 <= begin < n:
+            raise ValueError(f"{name}: the begin index must be in 0..{n - 1}, got {begin}")
+        if begin % self.order:
+            # diffusers' Heun-like classes start from an odd index between the two calls
+            # of a step, whose sigmas are equal: Heun, DPM2 and flow Heun then return the
+            # noisy image unchanged, DPM2 a and DPM++ SDE NaN
+            raise ValueError(
+                f"{name}: begin index {begin} is odd, but each of its steps takes two "
+                "calls (order 2); start at t_start * order, as diffusers' pipelines do"
+            )
+        refused = self._refused_begin(int(begin))
+        if refused:
+            raise ValueError(f"{name} cannot start at step {begin}: {refused}")
+        self._begin_index = int(begin)
+
+    def _refused_begin(self, begin: int) -> str | None:
+        """Why the run cannot start at `begin` (None: it can); see PNDM."""
+        return None
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """The clean latents `original` noised to timesteps[step_index] with standard-normal
+        `noise` of the same shape, float32: diffusers' add_noise (scale_noise for
+        FlowMatch) at timesteps[begin:begin + 1] with begin = step_index."""
+        name = type(self).__name__
+        if not self._scheduled:
+            raise ValueError(f"{name}: call set_timesteps before add_noise")
+        check_step(name, step_index, len(self.timesteps))
+        if np.shape(original) != np.shape(noise):
+            raise ValueError(
+                f"{name}.add_noise: noise of shape {np.shape(noise)} for latents of shape "
+                f"{np.shape(original)}"
+            )
+        return as_f32(self._noised(as_f32(original), as_f32(noise), step_index))
+
+    def _noised(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class AlphaBarNoise(Img2Img):
+    """sqrt(a) x0 + sqrt(1 - a) eps at the integer timestep `_t[i]` (DDIM, DDPM, PNDM, LCM,
+    TCD), as diffusers indexes its float32 alphas_cumprod."""
+
+    def _noised(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        a = self.alphas_cumprod[int(self._t[i])]
+        return np.sqrt(a) * original + np.sqrt(ONE - a) * noise
+
+
+class SigmaNoise(Img2Img):
+    """x0 + sigma eps, the variance-exploding forward process (Euler's family, EDM)."""
+
+    def _noised(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        return original + noise * self.sigmas[i]
+
+
+class VPNoise(Img2Img):
+    """alpha_t x0 + sigma_t eps from the class's `_alpha_sigma_lambda(sigma)`: the VP
+    alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t, or on flow sigmas 1 - sigma and
+    sigma (diffusers' _sigma_to_alpha_sigma_t of DPM-Solver's family)."""
+
+    def _noised(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        alpha_t, sigma_t, _ = self._alpha_sigma_lambda(self.sigmas[i])
+        return alpha_t * original + sigma_t * noise
+
+
+class FlowNoise(Img2Img):
+    """sigma eps + (1 - sigma) x0, rectified flow's interpolation (diffusers' scale_noise)."""
+
+    def _noised(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        sigma = self.sigmas[i]
+        return sigma * noise + (ONE - sigma) * original

@@ -26,6 +26,8 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    VPNoise,
+    alpha_sigma_lambda,
     alphas_cumprod_f32,
     check_steps,
     karras_sigmas,
@@ -74,10 +76,11 @@ def converted_sigmas(
     return np.array([lo + p * (hi - lo) for p in quantiles])
 
 
-class MultistepTables:
+class MultistepTables(VPNoise):
     """The VP tables of DPM-Solver's family (DPM-Solver++ 2M and 2S, UniPC, DEIS) and how a
     schedule sets them: float32 alpha-bars, log-SNR lambda and training sigmas, as
-    diffusers' torch builds them; int64 timesteps, exposed as float32."""
+    diffusers' torch builds them; int64 timesteps, exposed as float32. img2img's noise is
+    the VP one from these sigmas (VPNoise)."""
 
     def _init_tables(
         self,
@@ -110,11 +113,18 @@ class MultistepTables:
         self.num_inference_steps: int | None = None
 
     def _set_tables(self, t: np.ndarray, sig: np.ndarray, last_sigma: float) -> None:
-        """A schedule's timesteps `t` and sigmas `sig`, the final sigma appended."""
+        """A schedule's timesteps `t` and sigmas `sig`, the final sigma appended: every
+        set_timesteps of the family ends here, so this also starts the run at step 0."""
         self.sigmas = np.concatenate([sig, [last_sigma]]).astype(F32)
         self._t = t.astype(np.int64)
         self.timesteps = self._t.astype(F32)
         self.num_inference_steps = len(self._t)
+        self._new_schedule()
+
+    def _alpha_sigma_lambda(self, sigma: np.float32) -> tuple[np.float32, ...]:
+        """(alpha_t, sigma_t, lambda_t) at a VP sigma (DPM-Solver++ and UniPC override it
+        for flow sigmas): add_noise's alpha_t x0 + sigma_t eps."""
+        return alpha_sigma_lambda(sigma)
 
 
 def multistep_timesteps(

@@ -15,6 +15,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    AlphaBarNoise,
     alphas_cumprod_f32,
     as_f32,
     check_step,
@@ -26,7 +27,7 @@ from ._common import (
 )
 
 
-class DDIMScheduler:
+class DDIMScheduler(AlphaBarNoise):
     """diffusers.DDIMScheduler with eta = 0 (the deterministic DDIM sampler)."""
 
     order = 1
@@ -87,6 +88,7 @@ class DDIMScheduler:
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
         self._t = (t.round() if self.timestep_spacing == "linspace" else t).astype(np.int64)
         self.timesteps = self._t.astype(F32)
+        self._new_schedule()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)  # DDIM's denoiser input is the sample itself

@@ -33,6 +33,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    AlphaBarNoise,
     alphas_cumprod_f32,
     as_f32,
     check_noise,
@@ -47,7 +48,7 @@ from ._common import (
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 
-class DDPMScheduler:
+class DDPMScheduler(AlphaBarNoise):
     """diffusers.DDPMScheduler with a fixed variance (the DDPM ancestral sampler)."""
 
     order = 1
@@ -113,6 +114,7 @@ class DDPMScheduler:
         self._t = t
         self.timesteps = self._t.astype(F32)
         self.num_inference_steps = len(self._t)
+        self._new_schedule()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)  # DDPM's denoiser input is the sample itself

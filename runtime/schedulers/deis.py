@@ -146,7 +146,7 @@ class DEISMultistepScheduler(MultistepTables):
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
-        if restarts("DEIS", i, self._last_step):
+        if restarts("DEIS", i, self._last_step, self._begin_index):
             self._reset_history()
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)

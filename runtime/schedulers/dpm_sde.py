@@ -29,6 +29,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    SigmaNoise,
     alphas_cumprod_f32,
     as_f32,
     check_noise,
@@ -43,7 +44,7 @@ from ._common import (
 from ._sigmas import converted_sigmas, sigma_schedule
 
 
-class DPMSolverSDEScheduler:
+class DPMSolverSDEScheduler(SigmaNoise):
     """diffusers.DPMSolverSDEScheduler ("DPM++ SDE", with Karras sigmas "DPM++ SDE Karras")."""
 
     order = 2
@@ -86,6 +87,8 @@ class DPMSolverSDEScheduler:
         )
         self._train_sigmas = np.sqrt((ONE - ac) / ac)
         self.set_timesteps(num_train_timesteps)
+        # that is diffusers' table before set_timesteps; img2img needs the run's own
+        self._scheduled = False
 
     @property
     def init_noise_sigma(self) -> float:
@@ -121,6 +124,7 @@ class DPMSolverSDEScheduler:
         self.timesteps = calls.astype(F32)
         self.num_inference_steps = n
         self._first: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._new_schedule()
 
     def _pair(self, k: int) -> tuple[np.float32, np.float32]:
         """(sigma, sigma') of the step call k belongs to."""

@@ -184,13 +184,15 @@ class DPMSolverSinglestepScheduler(MultistepTables):
         check_step(name, i, self.num_inference_steps)
         if self.stochastic:
             check_noise(name, noise, sample)
-        if restarts(name, i, self._last_step):
+        if restarts(name, i, self._last_step, self._begin_index):
             self._reset_history()
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)
         self._outputs = [*self._outputs[1:], self._convert(model_output, sample, i)]
         order = self.order_list[i]
-        while self._outputs[-order] is None:  # diffusers' guard (a group cut at its start)
+        # diffusers' guard for a group cut at its start: from a begin index inside a group
+        # (img2img) that group restarts there, at first order, and ends at its own order
+        while self._outputs[-order] is None:
             order -= 1
         if order == 1:
             self._start = sample  # a new group: its later steps solve from here

@@ -213,7 +213,7 @@ class DPMSolverMultistepScheduler(MultistepTables):
         check_step(name, i, n)
         if self.stochastic:
             check_noise(name, noise, sample)
-        if restarts("DPM-Solver++", i, self._last_step):
+        if restarts("DPM-Solver++", i, self._last_step, self._begin_index):
             self._reset_history()
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)

@@ -110,6 +110,7 @@ class EDMDPMSolverMultistepScheduler(EDMSchedule):
         self._set_tables(ramp, last)
         self.num_inference_steps = num_inference_steps
         self._reset_history()
+        self._new_schedule()
 
     def step(
         self,
@@ -123,7 +124,7 @@ class EDMDPMSolverMultistepScheduler(EDMSchedule):
         check_step(type(self).__name__, i, n)
         if self.stochastic:
             check_noise("sde-dpmsolver++", noise, sample)
-        if restarts("DPM-Solver++", i, self._last_step):
+        if restarts("DPM-Solver++", i, self._last_step, self._begin_index):
             self._reset_history()
         self._last_step = i
         sample = as_f32(sample)

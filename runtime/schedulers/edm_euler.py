@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import F32, ONE, as_f32, check_step, choice, reject_args
+from ._common import F32, ONE, SigmaNoise, as_f32, check_step, choice, reject_args
 
 
 def linspace_f32(start: float, end: float, num: int) -> np.ndarray:
@@ -84,7 +84,7 @@ def precondition_outputs(
     return c_skip * as_f32(sample) + c_out * as_f32(model_output)
 
 
-class EDMSchedule:
+class EDMSchedule(SigmaNoise):
     """What the EDM schedulers share: their config, sigma tables and input scaling."""
 
     def _edm_config(
@@ -189,6 +189,7 @@ class EDMEulerScheduler(EDMSchedule):
             ramp = np.linspace(0, 1, num_inference_steps)  # float64, like diffusers
         self._set_ramp(ramp)
         self.num_inference_steps = len(self.timesteps)
+        self._new_schedule()
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         """Euler from sigmas[i] to sigmas[i + 1] along (x - D) / sigma, in float32."""

@@ -17,6 +17,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    SigmaNoise,
     alphas_cumprod_f32,
     as_f32,
     check_step,
@@ -28,7 +29,7 @@ from ._common import (
 from ._sigmas import converted_sigmas, sigma_schedule
 
 
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(SigmaNoise):
     """diffusers.EulerDiscreteScheduler (the SD1.5/SDXL default), deterministic (s_churn=0)."""
 
     order = 1
@@ -137,6 +138,7 @@ class EulerDiscreteScheduler:
         if self._continuous:
             self.timesteps = (F32(0.25) * np.log(sig[:-1])).astype(F32)
         self.num_inference_steps = len(self.timesteps)
+        self._new_schedule()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         """x / sqrt(sigma^2 + 1): the denoiser was trained on unit-variance inputs."""

@@ -25,6 +25,7 @@ from .euler import EulerDiscreteScheduler
 class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     """diffusers.EulerAncestralDiscreteScheduler ("Euler a")."""
 
+    order = 1
     stochastic = True
 
     def __init__(

@@ -17,6 +17,7 @@ import numpy as np
 
 from ._common import (
     F32,
+    FlowNoise,
     as_f32,
     check_step,
     choice,
@@ -26,7 +27,7 @@ from ._flow import static_shift, stretch_to_terminal, time_shift
 from ._sigmas import converted_sigmas, sigma_schedule
 
 
-class FlowMatchEulerDiscreteScheduler:
+class FlowMatchEulerDiscreteScheduler(FlowNoise):
     """diffusers.FlowMatchEulerDiscreteScheduler as SD3 (static shift) and FLUX (mu) use it."""
 
     order = 1
@@ -115,6 +116,7 @@ class FlowMatchEulerDiscreteScheduler:
         self.timesteps = sig * F32(n_train)
         self.sigmas = np.concatenate([sig, np.zeros(1, F32)])
         self.num_inference_steps = len(sig)
+        self._new_schedule()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ._common import F32, as_f32, check_second_half, check_step, check_steps, reject_args
+from ._common import F32, FlowNoise, as_f32, check_second_half, check_step, check_steps, reject_args
 
 
-class FlowMatchHeunDiscreteScheduler:
+class FlowMatchHeunDiscreteScheduler(FlowNoise):
     """diffusers.FlowMatchHeunDiscreteScheduler (deterministic: diffusers' s_churn is 0)."""
 
     order = 2
@@ -59,6 +59,7 @@ class FlowMatchHeunDiscreteScheduler:
         self.sigmas = np.concatenate([s[:1], np.repeat(s[1:-1], 2), s[-1:]]).astype(F32)
         self.num_inference_steps = n
         self._first = None
+        self._new_schedule()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)

@@ -20,6 +20,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    AlphaBarNoise,
     alphas_cumprod_f32,
     as_f32,
     check_noise,
@@ -32,7 +33,7 @@ from ._common import (
 _SIGMA_DATA = F32(0.5)  # the boundary condition's sigma_data (diffusers hard-codes it too)
 
 
-class LCMScheduler:
+class LCMScheduler(AlphaBarNoise):
     """diffusers.LCMScheduler (LCM-distilled models and LCM-LoRA), strength 1."""
 
     order = 1
@@ -102,6 +103,7 @@ class LCMScheduler:
         self._t = grid[picks].astype(np.int64)
         self.timesteps = self._t.astype(F32)
         self.num_inference_steps = n
+        self._new_schedule()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)

@@ -111,14 +111,15 @@ class LMSDiscreteScheduler(EulerDiscreteScheduler):
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         """The slope at sigmas[i] joins the history; the step integrates the Lagrange
         polynomial through the last min(i + 1, lms_order) slopes from sigmas[i] to
-        sigmas[i + 1]. Steps run in order; step 0 restarts the history."""
+        sigmas[i + 1] (from a begin index, see below). Steps run in order; the begin index
+        (0 unless set_begin_index moved it) restarts the history."""
         name = type(self).__name__
         i = step_index
         check_step(name, i, len(self.timesteps))
         max_order = self.lms_order
         if isinstance(max_order, bool) or not isinstance(max_order, int) or max_order < 1:
             raise ValueError(f"{name}: lms_order must be a positive integer, got {max_order!r}")
-        if restarts(name, i, self._last_step):
+        if restarts(name, i, self._last_step, self._begin_index):
             self._derivatives = []
         self._last_step = i
         x = np.asarray(sample, dtype=np.float64)
@@ -131,8 +132,12 @@ class LMSDiscreteScheduler(EulerDiscreteScheduler):
         else:  # "sample"
             pred_x0 = out
         self._derivatives = [*self._derivatives, (x - pred_x0) / sigma][-max_order:]
-        # = diffusers' min(step_index + 1, order) for a run at a fixed order
-        order = len(self._derivatives)
-        coeffs = lms_coefficients(self.sigmas, i, order)
+        # diffusers' order is min(step_index + 1, order), from the step index, not the
+        # history's length: from an img2img begin index b > 0 its first steps weight the
+        # slopes known so far with the first coefficients of a higher-order rule (zip
+        # drops the rest: at b >= 3 the first step is 55/24 of Euler's for equal spacing).
+        # Mirrored, being well defined; from step 0 the two lengths are equal
+        order = min(i + 1, max_order)
+        coeffs = lms_coefficients(self.sigmas, i, order)[: len(self._derivatives)]
         prev = x + sum(c * d for c, d in zip(coeffs, reversed(self._derivatives), strict=True))
         return as_f32(prev)

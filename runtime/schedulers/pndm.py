@@ -7,10 +7,11 @@ pseudo Runge-Kutta steps (the paper's PNDM) or, with `skip_prk_steps` (what SD's
 set), by a Heun-like second call at the first timestep. Port of diffusers.PNDMScheduler
 (scheduling_pndm.py) in float32, as diffusers computes it.
 
-diffusers keeps a call counter; here the counter *is* the step index, so steps must come
-in order (step 0 restarts). The schedule has more entries than `num_inference_steps`:
-one more with skip_prk_steps, nine more with Runge-Kutta steps; `timesteps` lists every
-model call, and the runtime's loop runs over it.
+diffusers keeps a call counter; here the counter is the step index less the begin index (0
+unless img2img's set_begin_index moved it, and only with skip_prk_steps), so steps must
+come in order from there, where the history restarts. The schedule has more entries than
+`num_inference_steps`: one more with skip_prk_steps, nine more with Runge-Kutta steps;
+`timesteps` lists every model call, and the runtime's loop runs over it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from ._common import (
     F32,
     ONE,
+    AlphaBarNoise,
     alphas_cumprod_f32,
     as_f32,
     check_step,
@@ -38,7 +40,7 @@ _ORDER = 4  # pndm_order: Runge-Kutta stages, and the Adams-Bashforth history ke
 _AB = {2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
 
 
-class PNDMScheduler:
+class PNDMScheduler(AlphaBarNoise):
     """diffusers.PNDMScheduler: PLMS, with or without its Runge-Kutta start."""
 
     order = 1
@@ -109,6 +111,19 @@ class PNDMScheduler:
         self._t = np.concatenate([prk, plms]).astype(np.int64)
         self.timesteps = self._t.astype(F32)
         self._reset_history()
+        self._new_schedule()
+
+    def _refused_begin(self, begin: int) -> str | None:
+        # refused rather than mirrored: diffusers' step_prk counts its calls from the run's
+        # start but reads its own first (noisiest) timesteps, so it would denoise the image
+        # as if it were at timestep timesteps[0]
+        if begin and not self.skip_prk_steps:
+            return (
+                "the Runge-Kutta start (skip_prk_steps=False) steps from the schedule's first "
+                "timesteps whatever the image's; use skip_prk_steps=True (the `pndm` preset) "
+                "or another scheduler (ddim, euler)"
+            )
+        return None
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return as_f32(sample)
@@ -118,13 +133,13 @@ class PNDMScheduler:
             raise ValueError("call set_timesteps before step")
         i = step_index
         check_step(type(self).__name__, i, len(self._t))
-        if restarts("PNDM", i, self._last_step):
+        if restarts("PNDM", i, self._last_step, self._begin_index):
             self._reset_history()
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)
         if i < self._prk_count:
             return self._step_prk(model_output, i, sample)
-        return self._step_plms(model_output, i, sample)
+        return self._step_plms(model_output, i, i - self._begin_index, sample)
 
     def _step_prk(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
         """One stage of the 4-stage pseudo Runge-Kutta start (diffusers' step_prk)."""
@@ -145,19 +160,28 @@ class PNDMScheduler:
         start = self._start if self._start is not None else sample
         return self._prev_sample(start, t, prev_t, model_output)
 
-    def _step_plms(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
-        """One linear multistep step (diffusers' step_plms); `i` is its counter."""
+    def _step_plms(
+        self, model_output: np.ndarray, i: int, counter: int, sample: np.ndarray
+    ) -> np.ndarray:
+        """One linear multistep step (diffusers' step_plms) at timesteps[i], the run's call
+        `counter` (i - begin).
+
+        From a begin index b > 0 this mirrors diffusers' img2img, which is off by one
+        timestep: the schedule [t0, t1, t1, t2, ...] repeats t1 for the Heun-like start
+        from b = 0 only, so from b > 0 each later call takes its sample to be at the next
+        timestep while it is still at the previous one (at b = 1 the start's second call
+        also takes the image, noised to t1, to be at t0)."""
         ratio = self.num_train_timesteps // self.num_inference_steps
         t = int(self._t[i])
         prev_t = t - ratio
-        if i != 1:
+        if counter != 1:
             self._ets = [*self._ets[-(_ORDER - 1) :], model_output]
         else:  # the Heun-like second call: back to the first timestep, averaged output
             prev_t, t = t, t + ratio
         ets = self._ets
-        if len(ets) == 1 and i == 0:
+        if len(ets) == 1 and counter == 0:
             self._start = sample
-        elif len(ets) == 1 and i == 1:
+        elif len(ets) == 1 and counter == 1:
             model_output = (model_output + ets[-1]) / F32(2)
             sample, self._start = self._start, None
         else:

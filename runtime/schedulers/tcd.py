@@ -25,6 +25,8 @@ from .lcm import LCMScheduler
 class TCDScheduler(LCMScheduler):
     """diffusers.TCDScheduler, strength 1; `eta` is its step's gamma (set per run)."""
 
+    order = 1
+
     def __init__(self, **config) -> None:
         # TCD's config is LCM's, but its step never reads clip_sample or thresholding (nor
         # steps_offset, timestep_spacing: the schedule is LCM's skipping one).

@@ -15,7 +15,8 @@ schedule float64 until its cast to float32, as there.
 Each `step(model_output, i, sample)` first corrects `sample` (the previous step's
 prediction) with this model output, then predicts the next sample from the corrected one,
 as diffusers' step does; the final prediction is never corrected (no model call follows).
-The history makes steps run in order; step 0 restarts it.
+The history makes steps run in order; the begin index (0 unless set_begin_index moved
+it) restarts it.
 
 Where diffusers 0.42 evaluates its formulas at h = inf or h = 0 and gets NaN (the last step
 to sigma = 0 with bh1 or predict_x0=False; Karras with final "sigma_min" at order 3) this
@@ -212,14 +213,15 @@ class UniPCMultistepScheduler(MultistepTables):
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray) -> np.ndarray:
         i, n = step_index, self.num_inference_steps
         check_step(type(self).__name__, i, n)
-        if restarts("UniPC", i, self._last_step):
+        if restarts("UniPC", i, self._last_step, self._begin_index):
             self._reset_history()
         self._last_step = i
         sample, model_output = as_f32(sample), as_f32(model_output)
         # converted from the uncorrected sample, the one the model saw
         m_t = self._convert(model_output, sample, self.sigmas[i])
-        # diffusers tests step_index - 1: disable_corrector=[k] keeps step k's prediction
-        if i > 0 and i - 1 not in self.disable_corrector:
+        # diffusers tests step_index - 1: disable_corrector=[k] keeps step k's prediction;
+        # the first step (0, or img2img's begin index) has no prediction to correct
+        if i > 0 and i - 1 not in self.disable_corrector and self._last_sample is not None:
             sample = self._update(self._last_sample, i - 1, self._last_order, m_t)
         self._model_outputs = [*self._model_outputs, m_t][-self.solver_order :]
         order = min(self.solver_order, n - i) if self.lower_order_final else self.solver_order

@@ -106,8 +106,9 @@ def _file_digest(path: str, pass_name: str) -> str:
 
 def export_hash(compress: str, recipe: Recipe, target: str) -> str:
     export = recipe.export.model_dump(mode="json")
-    for key in ("scheduler", "sigmas"):  # keeps the hashes of recipes written before them
-        if export[key] is None:
+    # keeps the hashes of recipes written before these keys
+    for key, default in (("scheduler", None), ("sigmas", None), ("vae_encoder", False)):
+        if export[key] == default:
             del export[key]
     return _hash({"compress": compress, "target": target, **export})
 
@@ -214,6 +215,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 max_images=recipe.export.max_images,
                 scheduler=recipe.export.scheduler,
                 sigmas=recipe.export.sigmas,
+                vae_encoder=recipe.export.vae_encoder,
                 # The compressed model is loaded for the exports alone: the last one
                 # frees its weights as it goes (a full-size pipeline then fits in RAM).
                 release_weights=target == targets[-1],

@@ -179,6 +179,7 @@ SD3 = ArchSpec(
         pooled_input="pooled_projections",
         # SD3.5 configs set use_dynamic_shifting; the SD3 pipeline's default max_shift.
         shift=ShiftSpec(max_shift=1.16),
+        strength_rounding="start",
     ),
     token_patch_key="patch_size",
     config_axes=_DIT_AXES,
@@ -236,6 +237,7 @@ FLUX = ArchSpec(
         sigmas="linspace",
         shift=ShiftSpec(max_shift=1.15),
         extra_inputs=("img_ids", "txt_ids", "guidance"),
+        strength_rounding="start",
     ),
     config_axes=_DIT_AXES,
     default_size=(1024, 1024),

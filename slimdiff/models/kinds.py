@@ -37,6 +37,7 @@ __all__ = [
     "drop_unset",
     "extra_inputs",
     "guidance_embedding",
+    "img2img_begin",
     "latent_shape",
     "pack_latents",
     "timestep_args",
@@ -54,7 +55,7 @@ __all__ = [
 EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond")
 ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond"]
 # KindSpec fields a manifest holds only when they are set (see drop_unset).
-KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim"})
+KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim", "strength_rounding"})
 
 
 def drop_unset(data: dict[str, Any], keys: Any) -> dict[str, Any]:
@@ -122,6 +123,10 @@ class KindSpec(_Record):
     extra_inputs: tuple[ExtraInput, ...] = ()
     # G of "timestep_cond", the guidance embedding's width; None without that input.
     guidance_embedding_dim: int | None = pydantic.Field(None, ge=4, le=65536)
+    # How the family's img2img pipeline turns `strength` into its first step (img2img_begin):
+    # None rounds the denoised steps down (SD1.5, SDXL: start = n - int(n * strength)),
+    # "start" rounds the start down (SD3, FLUX: start = int(n - n * strength)).
+    strength_rounding: Literal["start"] | None = None
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_embedding(self, handler: Any) -> dict[str, Any]:
@@ -225,6 +230,22 @@ def timestep_args(
             cfg.get("max_shift", s.max_shift),
         )
     return args
+
+
+def img2img_begin(spec: KindSpec, steps: int, strength: float, order: int) -> int:
+    """The index of the first scheduler call of an image-to-image run: the family's img2img
+    pipeline's get_timesteps, `t_start * scheduler.order` (Heun-like schedulers make two
+    calls per step). `strength` 1 starts at the first step, lower values later.
+
+    Example:
+        >>> img2img_begin(KindSpec(name="unet", sample_input="sample"), 30, 0.75, 1)
+        8
+    """
+    if spec.strength_rounding == "start":  # SD3 and FLUX round the start down
+        start = int(max(steps - steps * strength, 0))
+    else:  # SD1.5 and SDXL round the number of denoised steps down
+        start = max(steps - min(int(steps * strength), steps), 0)
+    return start * order
 
 
 # ---------------------------------------------------------------- extra inputs

@@ -209,3 +209,20 @@ def test_killed_runs_partials_are_removed_on_the_next_run(tmp_path, caplog):
         "removed stale partial .bundle.999999-1.deadbeef.partial" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_bad_image_to_image_arguments(bundle, latents, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    out = tmp_path / "x.png"
+    run = ("run", bundle, "--prompt", "x", "--out", out)
+    # the module's bundle was exported without --vae-encoder
+    _refused(_run(*run, "--image", image), "export it again with --vae-encoder")
+    _refused(_run(*run, "--strength", "0.5"), "--strength needs --image")
+    _refused(_run(*run, "--image", image, "--strength", "0"), "is not in the range 0.0<x<=1.0")
+    _refused(_run(*run, "--image", image, "--strength", "1.5"), "is not in the range")
+    _refused(_run(*run, "--image", tmp_path / "missing.png"), "does not exist")
+    _refused(_run(*run, "--image", image, "--latents", latents / "shape.npy"), "exclusive")
+    assert not out.exists()

@@ -44,7 +44,8 @@ def exported(request, shared_bundle):
 def test_manifest_lists_components_with_their_io_names(exported):
     model, _, manifest, _ = exported
     arch = model.arch
-    assert list(manifest.components) == list(arch.components)
+    # the shared bundles carry the optional VAE encoder (image-to-image), last
+    assert list(manifest.components) == [*arch.components, "vae_encoder"]
     for spec in arch.text_encoders:
         entry = manifest.components[spec.name]
         assert [i["name"] for i in entry.inputs] == ["input_ids"]
@@ -68,6 +69,10 @@ def test_manifest_lists_components_with_their_io_names(exported):
         {"name": "latent_sample", "dtype": "float32", "shape": ["B", latent_channels, "h", "w"]}
     ]
     assert vae.outputs == [{"name": "sample", "dtype": "float32", "shape": ["B", 3, "8h", "8w"]}]
+    encoder = manifest.components["vae_encoder"]
+    assert encoder.inputs == [{"name": "image", "dtype": "float32", "shape": ["B", 3, "8h", "8w"]}]
+    latent = {"dtype": "float32", "shape": ["B", latent_channels, "h", "w"]}
+    assert encoder.outputs == [{"name": n, **latent} for n in ("latent_mean", "latent_std")]
 
 
 def test_every_component_matches_torch_on_fresh_inputs(exported):
@@ -269,6 +274,9 @@ def test_shape_profiles_hold_what_the_runtime_feeds(exported, monkeypatch):
     monkeypatch.setattr(OrtSession, "run", recording)
     pipe = Text2ImagePipeline.from_bundle(bundle)
     pipe("a red circle", steps=2, guidance=5.0, seed=0)
+    height, width = manifest.pipeline.default_size
+    image = np.zeros((height, width, 3), np.uint8)
+    pipe("a red circle", steps=2, guidance=5.0, seed=0, image=image, strength=1.0)
     profiles = {name: entry.profile for name, entry in manifest.components.items()}
     assert set(fed) == set(profiles)
     for name, calls in fed.items():
@@ -278,6 +286,14 @@ def test_shape_profiles_hold_what_the_runtime_feeds(exported, monkeypatch):
     lo = profiles["vae_decoder"]["min"]["latent_sample"]
     h, w = (d * manifest.pipeline.vae_scale_factor for d in lo[-2:])
     pipe("a red circle", steps=1, guidance=5.0, seed=0, size=(h, w))
+    pipe(
+        "a red circle",
+        steps=1,
+        guidance=5.0,
+        seed=0,
+        image=np.zeros((h, w, 3), np.uint8),
+        strength=1.0,
+    )
     for name, calls in fed.items():
         for call in calls:
             for tensor, shape in call.items():

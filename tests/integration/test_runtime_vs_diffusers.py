@@ -688,6 +688,7 @@ def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
 
     out = tmp_path / "b"
     args = ["export", "tiny:sd3", "--out", str(out), "--drop-text-encoder", "text_encoder_3"]
+    args.append("--vae-encoder")  # as the shared bundles
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     _, full = exported("sd3")
@@ -696,7 +697,7 @@ def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
         "tokenizer_3",
     }
     verify = CliRunner().invoke(main, ["verify", str(out)])
-    assert "(without text_encoder_3: zeros in its place), 10 files" in verify.output
+    assert "(without text_encoder_3: zeros in its place), 11 files" in verify.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pipeline"]["zero_text"] == [
         {"name": "text_encoder_3", "segment": 1, "max_length": 256, "hidden_size": 64}

@@ -251,3 +251,64 @@ def test_a_size_far_from_the_trained_one_is_warned_about(caplog):
 def test_api_arguments_out_of_bounds_are_user_errors(kwargs, message):
     with pytest.raises(UserError, match=message):
         _pipeline("sd15")("a cat", **kwargs)
+
+
+_IMG2IMG = {
+    "sd15": "stable_diffusion.pipeline_stable_diffusion_img2img.StableDiffusionImg2ImgPipeline",
+    "sdxl": "stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img."
+    "StableDiffusionXLImg2ImgPipeline",
+    "sd3": "stable_diffusion_3.pipeline_stable_diffusion_3_img2img.StableDiffusion3Img2ImgPipeline",
+    "flux": "flux.pipeline_flux_img2img.FluxImg2ImgPipeline",
+}
+
+
+@pytest.mark.parametrize("family", sorted(_IMG2IMG))
+@pytest.mark.parametrize("order", [1, 2])
+def test_img2img_begin_is_the_family_pipelines_get_timesteps(family, order):
+    """Every (steps, strength) of a grid starts where the family's diffusers img2img
+    pipeline starts: its own get_timesteps, run on a stand-in scheduler."""
+    import importlib
+    from types import SimpleNamespace
+
+    from slimdiff.models.kinds import img2img_begin
+
+    module, _, name = _IMG2IMG[family].rpartition(".")
+    cls = getattr(importlib.import_module(f"diffusers.pipelines.{module}"), name)
+    kind = get_arch(family).kind
+    for steps in (1, 2, 3, 4, 5, 7, 10, 25, 30, 50):
+        for strength in (0.01, 0.1, 0.3, 1 / 3, 0.5, 0.55, 0.6, 0.75, 0.8, 0.99, 1.0):
+            begun = []
+            scheduler = SimpleNamespace(
+                timesteps=torch.arange(steps * order), order=order, set_begin_index=begun.append
+            )
+            cls.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
+            assert img2img_begin(kind, steps, strength, order) == begun[0], (steps, strength)
+
+
+def test_prepare_image_is_diffusers_preprocess(tmp_path):
+    """Resize (Lanczos) and normalisation as VaeImageProcessor.preprocess, bit for bit; the
+    default size is the image's own cut down to the multiple."""
+    from slimdiff.runtime.image import image_size, load_image, prepare_image
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    pil = Image.fromarray(array)
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    for size in [(32, 48), (64, 64), (40, 56)]:
+        ref = processor.preprocess(pil, height=size[0], width=size[1]).numpy()
+        ours = prepare_image(load_image(array), size)
+        assert ours.shape == (1, 3, *size) and ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, ref)
+    assert image_size(pil, 8, 4096) == (32, 48)
+    assert image_size(pil, 16, 4096) == (32, 48)
+    # an RGBA or grey file comes in as RGB; EXIF orientation is applied
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(rng.integers(0, 256, (16, 24, 4), dtype=np.uint8), "RGBA").save(rgba)
+    assert load_image(rgba).mode == "RGB" and load_image(rgba).size == (24, 16)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(array).save(rotated, exif=exif)
+    assert load_image(rotated).size == (37, 50)
+    with pytest.raises(UserError, match="each side must be 16 to 4096"):
+        image_size(Image.fromarray(array[:8]), 16, 4096)

@@ -1,0 +1,251 @@
+"""Image-to-image from a bundle reproduces diffusers' img2img pipelines, family by family.
+
+The bundles come from the session's shared exports (tests/conftest.py), which carry the VAE
+encoder. diffusers' pipeline (StableDiffusion(XL|3)Img2ImgPipeline, FluxImg2ImgPipeline,
+built from the same components) gets the runtime's two draws, the posterior sample of
+the VAE encoder and the noise the image is noised with, through its randn_tensor; the
+final latents must then agree to 1e-4 of the denoiser's contribution and the images to
+40 dB, as in test_runtime_vs_diffusers.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from slimdiff.runtime import Text2ImagePipeline
+from slimdiff.runtime.pipeline import _POSTERIOR_STREAM
+
+from slimdiff.errors import UserError
+from slimdiff.models.kinds import unpack_latents
+from tests.integration.test_runtime_vs_diffusers import (
+    EXPORT_OPTIONS,
+    PROMPT,
+    SIZE,
+    _assert_close_to_diffusers,
+    _psnr,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+SEED = 3
+# strength 0.5 of 5 steps: SD1.5/SDXL denoise int(2.5) = 2 steps (start 3), SD3/FLUX start
+# at int(2.5) = 2 (3 steps): both roundings of get_timesteps are exercised
+STRENGTH = 0.5
+CASES = [("sd15", 5.0), ("sdxl", 5.0), ("sd3", 5.0), ("flux", 3.5)]
+PIPELINES = {
+    "sd15": "stable_diffusion.pipeline_stable_diffusion_img2img.StableDiffusionImg2ImgPipeline",
+    "sdxl": "stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img."
+    "StableDiffusionXLImg2ImgPipeline",
+    "sd3": "stable_diffusion_3.pipeline_stable_diffusion_3_img2img.StableDiffusion3Img2ImgPipeline",
+    "flux": "flux.pipeline_flux_img2img.FluxImg2ImgPipeline",
+}
+
+
+@pytest.fixture(scope="module")
+def exported(shared_bundle):
+    def get(family: str):
+        shared = shared_bundle(family, EXPORT_OPTIONS.get(family, {}).get("optimize", True))
+        return shared.model, shared.out
+
+    return get
+
+
+def test_image(size: int = SIZE) -> np.ndarray:
+    """A picture with structure at every scale: a disc on a gradient, (H, W, 3) uint8."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    disc = ((x - 0.4) ** 2 + (y - 0.55) ** 2 < 0.08).astype(np.float64)
+    rgb = np.stack([0.2 + 0.7 * disc, 0.3 + 0.5 * x * (1 - disc), 0.8 * y], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+test_image.__test__ = False  # a helper, not a test
+
+
+def _img2img_pipe(model, family: str):
+    module, _, name = PIPELINES[family].rpartition(".")
+    module = importlib.import_module(f"diffusers.pipelines.{module}")
+    pipe = getattr(module, name)(**model.pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return module, pipe
+
+
+def _diffusers(model, family, runtime, guidance, zero=False):
+    """diffusers' image and final latents, with the runtime's draws (module docstring)."""
+    from diffusers.models.autoencoders import vae as vae_module
+
+    module, pipe = _img2img_pipe(model, family)
+    cond = runtime.conditioning
+    lat_h = lat_w = SIZE // cond.vae_scale
+    noise = unpack_latents(cond.noise(SEED, SIZE, SIZE), cond.kind.latent_packing, lat_h, lat_w)
+    rng = np.random.default_rng([_POSTERIOR_STREAM, SEED])
+    posterior = rng.standard_normal((1, cond.channels, lat_h, lat_w), dtype=np.float32)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    handle = denoiser.register_forward_hook(
+        lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]) if zero else None
+    )
+    final = {}
+
+    def keep_last(_pipe, step, _t, kwargs):
+        final["latents"] = kwargs["latents"].numpy().copy()
+        return kwargs
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(noise))
+        patch.setattr(vae_module, "randn_tensor", lambda shape, **_: torch.from_numpy(posterior))
+        images = pipe(
+            PROMPT,
+            image=Image.fromarray(test_image()),  # a uint8 array would be read as [0, 1]
+            strength=STRENGTH,
+            num_inference_steps=STEPS,
+            guidance_scale=guidance,
+            height=SIZE,
+            width=SIZE,
+            callback_on_step_end=keep_last,
+        ).images
+    handle.remove()
+    return np.array(images[0]), final["latents"]
+
+
+@pytest.mark.parametrize(("family", "guidance"), CASES)
+def test_img2img_matches_diffusers(exported, family, guidance):
+    model, bundle = exported(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    ref_image, ref_latents = _diffusers(model, family, runtime, guidance)
+    _, no_model = _diffusers(model, family, runtime, guidance, zero=True)
+    steps_seen = []
+
+    result = runtime(
+        PROMPT,
+        steps=STEPS,
+        guidance=guidance,
+        seed=SEED,
+        image=test_image(),
+        strength=STRENGTH,
+        on_step=lambda done, total: steps_seen.append((done, total)),
+    )
+
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
+    assert _psnr(result.image, ref_image) >= 40.0
+    runs = 2 if runtime.config.kind.strength_rounding is None else 3
+    assert len(result.timings_ms["denoiser_steps"]) == runs
+    assert steps_seen == [(i + 1, runs) for i in range(runs)]
+    assert result.timings_ms["vae_encode"] > 0
+
+
+def test_img2img_strength_one_and_images(exported):
+    """strength 1 runs every step; several images share the encoded image but not the
+    noise, and the first is the one-image call's."""
+    _, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    args = {"steps": 3, "guidance": 5.0, "seed": 5, "image": test_image()}
+    one = runtime(PROMPT, strength=1.0, **args)
+    assert len(one.timings_ms["denoiser_steps"]) == 3
+    three = runtime(PROMPT, strength=1.0, images=3, **args)
+    np.testing.assert_array_equal(three.images[0], one.image)
+    assert not np.array_equal(three.latents[1], three.latents[0])
+    # a lower strength keeps more of the image: the result is closer to the input
+    low = runtime(PROMPT, strength=0.34, **args)
+    assert len(low.timings_ms["denoiser_steps"]) == 1
+    source = test_image().astype(np.float64)
+    assert np.abs(low.image - source).mean() < np.abs(one.image - source).mean()
+
+
+def test_img2img_resizes_to_size_and_cuts_to_the_multiple(exported, tmp_path):
+    _, bundle = exported("sdxl")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    m = runtime.conditioning.size_multiple()
+    path = tmp_path / "odd.png"
+    Image.fromarray(test_image(SIZE + m // 2 + 1)).save(path)  # not a multiple
+    args = {"steps": 2, "strength": 1.0, "output": "latent"}
+    cut = runtime(PROMPT, image=path, **args)
+    h, w = (SIZE + m // 2 + 1) // m * m, (SIZE + m // 2 + 1) // m * m
+    assert cut.latents.shape == runtime.conditioning.latent_shape(h, w)
+    resized = runtime(PROMPT, image=path, size=(SIZE, SIZE + m), **args)
+    assert resized.latents.shape == runtime.conditioning.latent_shape(SIZE, SIZE + m)
+
+
+def test_img2img_refusals(exported, tmp_path):
+    _, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    image = test_image()
+    with pytest.raises(UserError, match="leaves no step to run"):
+        runtime(PROMPT, steps=4, image=image, strength=0.2)  # int(0.8) = 0 steps
+    with pytest.raises(UserError, match="strength 0"):
+        runtime(PROMPT, image=image, strength=0)
+    with pytest.raises(UserError, match="exclusive"):
+        runtime(PROMPT, image=image, latents=np.zeros(runtime.conditioning.latent_shape(64, 64)))
+    with pytest.raises(UserError, match=r"\(H, W, 3\) uint8"):
+        runtime(PROMPT, image=image.astype(np.float32))
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(UserError, match="cannot be read as an image"):
+        runtime(PROMPT, image=bad)
+    with pytest.raises(UserError, match="no such file"):
+        runtime(PROMPT, image=tmp_path / "missing.png")
+    with pytest.raises(UserError, match="each side must be"):
+        runtime(PROMPT, image=test_image(4))
+
+
+def test_img2img_from_the_cli(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    _, bundle = exported("sd15")
+    source = tmp_path / "in.png"
+    Image.fromarray(test_image()).save(source)
+    out = tmp_path / "out.png"
+    args = ["run", str(bundle), "--prompt", PROMPT, "--image", str(source), "--steps", "4"]
+    result = CliRunner().invoke(main, [*args, "--strength", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "vae encode" in result.output and ", 2 steps," in result.output
+    assert Image.open(out).size == (SIZE, SIZE)
+
+
+def test_a_bundle_without_the_encoder(exported, tmp_path):
+    """An encoder-less manifest (every bundle before --vae-encoder) is valid; image-to-image
+    on it names the export option."""
+    import json
+    import shutil
+
+    _, bundle = exported("sd15")
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["components"]["vae_encoder"]
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if "vae_encoder/" not in k}
+    (copy / "manifest.json").chmod(0o644)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(copy / "vae_encoder")
+    runtime = Text2ImagePipeline.from_bundle(copy)
+    assert runtime.vae_encoder is None
+    with pytest.raises(UserError, match="export it again with --vae-encoder"):
+        runtime(PROMPT, image=test_image())
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (lambda e: e["inputs"][0].update(name="pixels"), "must be exactly \\[image\\]"),
+        (lambda e: e["inputs"][0]["shape"].__setitem__(1, 4), "3 \\(RGB\\) channels"),
+        (lambda e: e["outputs"][1]["shape"].__setitem__(1, 16), "latent_channels"),
+        (lambda e: e["outputs"].pop(), "latent_std': missing"),
+    ],
+)
+def test_the_encoder_entry_is_checked(exported, edit, error):
+    import json
+
+    from slimdiff.runtime.manifest import BundleError, parse_manifest
+
+    _, bundle = exported("sd15")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["components"]["vae_encoder"]
+    entry.pop("profile")  # checked on its own: here the entry's own checks speak
+    edit(entry)
+    with pytest.raises(BundleError, match=error):
+        parse_manifest(json.dumps(manifest).encode(), bundle)
