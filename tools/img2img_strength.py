@@ -31,8 +31,8 @@ from slimdiff.toy.render import render
 from slimdiff.toy.scenes import COLOURS, POSITIONS, SHAPES, Obj, caption
 
 
-def _pairs(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
-    """n (source image, edit prompt) pairs: one object, recoloured."""
+def _pairs(n: int, seed: int) -> list[tuple[np.ndarray, str, str]]:
+    """n (source image, its caption, edit prompt) triples: one object, recoloured."""
     rng = np.random.default_rng(seed)
     colours, positions = list(COLOURS), list(POSITIONS)
     pairs = []
@@ -41,7 +41,8 @@ def _pairs(n: int, seed: int) -> list[tuple[np.ndarray, str]]:
         where = positions[rng.integers(len(positions))]
         old, new = rng.choice(len(colours), 2, replace=False)
         source = render((Obj(shape, colours[old], where),), rng)
-        pairs.append((source, caption((Obj(shape, colours[new], where),))))
+        before, after = (caption((Obj(shape, colours[c], where),)) for c in (old, new))
+        pairs.append((source, before, after))
     return pairs
 
 
@@ -61,11 +62,15 @@ def main() -> None:
     args = p.parse_args()
     pipe = Text2ImagePipeline.from_bundle(args.bundle, backend=args.backend)
     pairs = _pairs(args.pairs, args.seed)
-    pipe(pairs[0][1], image=pairs[0][0], steps=args.steps)  # warm-up (and the encoder's load)
+    # the judge on the sources themselves: right for their captions, wrong for the edits
+    own = sum(judge(image, before).correct for image, before, _ in pairs) / len(pairs)
+    edit = sum(judge(image, after).correct for image, _, after in pairs) / len(pairs)
+    print(json.dumps({"sources_judged_as_captioned": own, "sources_judged_as_edited": edit}))
+    pipe(pairs[0][2], image=pairs[0][0], steps=args.steps)  # warm-up (and the encoder's load)
     rows = []
     for strength in args.strengths:
         right, diffs, psnrs, ms, calls = [], [], [], [], 0
-        for i, (source, prompt) in enumerate(pairs):
+        for i, (source, _, prompt) in enumerate(pairs):
             t0 = time.perf_counter()
             result = pipe(prompt, image=source, strength=strength, steps=args.steps, seed=i)
             ms.append((time.perf_counter() - t0) * 1e3)

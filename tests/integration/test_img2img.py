@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -79,6 +80,8 @@ def _diffusers(model, family, runtime, guidance, zero=False):
     from diffusers.models.autoencoders import vae as vae_module
 
     module, pipe = _img2img_pipe(model, family)
+    config = runtime.scheduler_config  # the bundle's, or the one `scheduler=` switched to
+    pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     cond = runtime.conditioning
     lat_h = lat_w = SIZE // cond.vae_scale
     noise = unpack_latents(cond.noise(SEED, SIZE, SIZE), cond.kind.latent_packing, lat_h, lat_w)
@@ -135,6 +138,24 @@ def test_img2img_matches_diffusers(exported, family, guidance):
     assert len(result.timings_ms["denoiser_steps"]) == runs
     assert steps_seen == [(i + 1, runs) for i in range(runs)]
     assert result.timings_ms["vae_encode"] > 0
+
+
+# Schedulers with a history or two calls per step, from a start past 0: their history must
+# begin there, as diffusers' set_begin_index makes it (PNDM's off-by-one start included).
+SWITCHED = ["dpm++2m-karras", "unipc", "heun", "pndm", "lms", "deis", "dpm++2s"]
+
+
+@pytest.mark.parametrize("name", SWITCHED)
+def test_img2img_with_other_schedulers_matches_diffusers(exported, name):
+    model, bundle = exported("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
+    ref_image, ref_latents = _diffusers(model, "sd15", runtime, 5.0)
+    _, no_model = _diffusers(model, "sd15", runtime, 5.0, zero=True)
+    result = runtime(
+        PROMPT, steps=STEPS, guidance=5.0, seed=SEED, image=test_image(), strength=STRENGTH
+    )
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, name)
+    assert _psnr(result.image, ref_image) >= 40.0
 
 
 def test_img2img_strength_one_and_images(exported):
@@ -249,3 +270,19 @@ def test_the_encoder_entry_is_checked(exported, edit, error):
     edit(entry)
     with pytest.raises(BundleError, match=error):
         parse_manifest(json.dumps(manifest).encode(), bundle)
+
+
+def test_img2img_low_memory_equals_resident(exported):
+    """--low-memory loads the encoder for its phase only; the image is the same."""
+    _, bundle = exported("sd15")
+    args = {"steps": 3, "guidance": 5.0, "seed": 2, "image": test_image(), "strength": 0.7}
+    resident = Text2ImagePipeline.from_bundle(bundle)
+    text_only = resident(PROMPT, steps=3)
+    assert "load" not in text_only.timings_ms and not resident.vae_encoder.loaded
+    first = resident(PROMPT, **args)
+    assert first.timings_ms["load"] > 0 and resident.vae_encoder.loaded  # kept from now on
+    assert "load" not in resident(PROMPT, **args).timings_ms
+    low = Text2ImagePipeline.from_bundle(bundle, low_memory=True)
+    result = low(PROMPT, **args)
+    np.testing.assert_array_equal(result.image, first.image)
+    assert not low.vae_encoder.loaded and low.vae_encoder.loads == 1

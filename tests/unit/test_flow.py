@@ -28,3 +28,33 @@ def test_a_retrained_folder_at_the_same_path_is_compressed_again(tmp_path):
     assert third.reused == []
     artifact = load_model(str(third.artifact)).pipe.transformer.proj_out.bias
     torch.testing.assert_close(artifact, retrained.pipe.transformer.proj_out.bias, rtol=0, atol=0)
+
+
+def test_export_keys_added_later_keep_earlier_recipes_hashes():
+    """A recipe that leaves scheduler, sigmas and vae_encoder unset hashes as it did before
+    those keys existed (its cached bundle is reused); setting one makes another bundle."""
+    from slimdiff.app.flow import _hash, export_hash
+
+    recipe = validate_recipe({"model": "tiny:sd15"})
+    before = {
+        k: v
+        for k, v in recipe.export.model_dump(mode="json").items()
+        if k not in ("scheduler", "sigmas", "vae_encoder")
+    }
+    assert export_hash("c", recipe, "onnx") == _hash({"compress": "c", "target": "onnx", **before})
+    hashes = {export_hash("c", recipe, "onnx")}
+    for key, value in (("vae_encoder", True), ("sigmas", "karras"), ("scheduler", "euler")):
+        changed = validate_recipe({"model": "tiny:sd15", "export": {key: value}})
+        hashes.add(export_hash("c", changed, "onnx"))
+    assert len(hashes) == 4
+
+
+def test_a_recipe_asks_for_the_vae_encoder(tmp_path):
+    import json
+
+    recipe = validate_recipe(
+        {"model": "tiny:sd15", "export": {"optimize": False, "vae_encoder": True}}
+    )
+    result = compress_and_export(recipe, tmp_path / "out")
+    manifest = json.loads((result.bundles["onnx"] / "manifest.json").read_text())
+    assert list(manifest["components"]) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
