@@ -278,35 +278,37 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
 
 
 def _check_vae(m: Manifest) -> None:
-    entry = m.components[VAE_DECODER]
-    field = f"components.{VAE_DECODER}"
-    if [i["name"] for i in entry.inputs] != [VAE_INPUT]:
-        _fail(f"{field}.inputs", f"must be exactly [{VAE_INPUT}]")
-    latent = _check_io(f"{field}.inputs.{VAE_INPUT}", entry.inputs[0], 4, _FLOATS)
-    if _fixed(latent, 1) not in (None, m.pipeline.latent_channels):
-        _fail(
-            f"{field}.inputs.{VAE_INPUT}",
-            f"has {_fixed(latent, 1)} channels, pipeline.latent_channels says "
-            f"{m.pipeline.latent_channels}",
-        )
-    image = _check_io(f"{field}.outputs.{VAE_OUTPUT}", entry.io(VAE_OUTPUT, True), 4, _FLOATS)
-    if _fixed(image, 1) not in (None, 3):
-        _fail(f"{field}.outputs.{VAE_OUTPUT}", "must have 3 (RGB) channels")
+    entry, field = m.components[VAE_DECODER], f"components.{VAE_DECODER}"
+    _only_input(entry, field, VAE_INPUT)
+    _check_latent(m, f"{field}.inputs.{VAE_INPUT}", entry.inputs[0])
+    _check_image(f"{field}.outputs.{VAE_OUTPUT}", entry.io(VAE_OUTPUT, True))
 
 
 def _check_vae_encoder(m: Manifest) -> None:
-    entry = m.components[VAE_ENCODER]
-    field = f"components.{VAE_ENCODER}"
-    if [i["name"] for i in entry.inputs] != [VAE_ENCODER_INPUT]:
-        _fail(f"{field}.inputs", f"must be exactly [{VAE_ENCODER_INPUT}]")
-    image = _check_io(f"{field}.inputs.{VAE_ENCODER_INPUT}", entry.inputs[0], 4, _FLOATS)
-    if _fixed(image, 1) not in (None, 3):
-        _fail(f"{field}.inputs.{VAE_ENCODER_INPUT}", "must have 3 (RGB) channels")
+    entry, field = m.components[VAE_ENCODER], f"components.{VAE_ENCODER}"
+    _only_input(entry, field, VAE_ENCODER_INPUT)
+    _check_image(f"{field}.inputs.{VAE_ENCODER_INPUT}", entry.inputs[0])
     for name in VAE_ENCODER_OUTPUTS:
-        latent = _check_io(f"{field}.outputs.{name}", entry.io(name, True), 4, _FLOATS)
-        if _fixed(latent, 1) not in (None, m.pipeline.latent_channels):
-            _fail(
-                f"{field}.outputs.{name}",
-                f"has {_fixed(latent, 1)} channels, pipeline.latent_channels says "
-                f"{m.pipeline.latent_channels}",
-            )
+        _check_latent(m, f"{field}.outputs.{name}", entry.io(name, True))
+
+
+def _only_input(entry: ComponentEntry, field: str, name: str) -> None:
+    if [i["name"] for i in entry.inputs] != [name]:
+        _fail(f"{field}.inputs", f"must be exactly [{name}]")
+
+
+def _check_latent(m: Manifest, field: str, spec: IOSpec | None) -> None:
+    """A VAE's latents: (B, C, h, w) floats, C the pipeline's latent_channels if fixed."""
+    latent = _check_io(field, spec, 4, _FLOATS)
+    if _fixed(latent, 1) not in (None, m.pipeline.latent_channels):
+        _fail(
+            field,
+            f"has {_fixed(latent, 1)} channels, pipeline.latent_channels says "
+            f"{m.pipeline.latent_channels}",
+        )
+
+
+def _check_image(field: str, spec: IOSpec | None) -> None:
+    """A VAE's pixels: (B, 3, H, W) floats."""
+    if _fixed(_check_io(field, spec, 4, _FLOATS), 1) not in (None, 3):
+        _fail(field, "must have 3 (RGB) channels")

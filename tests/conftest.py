@@ -115,3 +115,21 @@ def shared_bundle(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# ORT's UNet fusion takes over a minute on the tiny SDXL UNet (2 CPU cores); its fused
+# graph is checked against torch by the exporter's own parity check, so the runtime tests'
+# SDXL is exported unfused. The other families run the default (fused) bundles.
+_UNFUSED = frozenset({"sdxl"})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(shared_bundle):
+    """`tiny_bundle(family)`: (LoadedModel, bundle path) of the runtime tests' tiny:<family>
+    export (shared_bundle's, fused but for SDXL)."""
+
+    def get(family: str):
+        shared = shared_bundle(family, family not in _UNFUSED)
+        return shared.model, shared.out
+
+    return get

@@ -23,7 +23,6 @@ from slimdiff.runtime.pipeline import _POSTERIOR_STREAM
 from slimdiff.errors import UserError
 from slimdiff.models.kinds import unpack_latents
 from tests.integration.test_runtime_vs_diffusers import (
-    EXPORT_OPTIONS,
     PROMPT,
     SIZE,
     _assert_close_to_diffusers,
@@ -45,15 +44,6 @@ PIPELINES = {
     "sd3": "stable_diffusion_3.pipeline_stable_diffusion_3_img2img.StableDiffusion3Img2ImgPipeline",
     "flux": "flux.pipeline_flux_img2img.FluxImg2ImgPipeline",
 }
-
-
-@pytest.fixture(scope="module")
-def exported(shared_bundle):
-    def get(family: str):
-        shared = shared_bundle(family, EXPORT_OPTIONS.get(family, {}).get("optimize", True))
-        return shared.model, shared.out
-
-    return get
 
 
 def test_image(size: int = SIZE) -> np.ndarray:
@@ -115,8 +105,8 @@ def _diffusers(model, family, runtime, guidance, zero=False):
 
 
 @pytest.mark.parametrize(("family", "guidance"), CASES)
-def test_img2img_matches_diffusers(exported, family, guidance):
-    model, bundle = exported(family)
+def test_img2img_matches_diffusers(tiny_bundle, family, guidance):
+    model, bundle = tiny_bundle(family)
     runtime = Text2ImagePipeline.from_bundle(bundle)
     ref_image, ref_latents = _diffusers(model, family, runtime, guidance)
     _, no_model = _diffusers(model, family, runtime, guidance, zero=True)
@@ -146,8 +136,8 @@ SWITCHED = ["dpm++2m-karras", "unipc", "heun", "pndm", "lms", "deis", "dpm++2s"]
 
 
 @pytest.mark.parametrize("name", SWITCHED)
-def test_img2img_with_other_schedulers_matches_diffusers(exported, name):
-    model, bundle = exported("sd15")
+def test_img2img_with_other_schedulers_matches_diffusers(tiny_bundle, name):
+    model, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
     ref_image, ref_latents = _diffusers(model, "sd15", runtime, 5.0)
     _, no_model = _diffusers(model, "sd15", runtime, 5.0, zero=True)
@@ -158,10 +148,10 @@ def test_img2img_with_other_schedulers_matches_diffusers(exported, name):
     assert _psnr(result.image, ref_image) >= 40.0
 
 
-def test_img2img_strength_one_and_images(exported):
+def test_img2img_strength_one_and_images(tiny_bundle):
     """strength 1 runs every step; several images share the encoded image but not the
     noise, and the first is the one-image call's."""
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     args = {"steps": 3, "guidance": 5.0, "seed": 5, "image": test_image()}
     one = runtime(PROMPT, strength=1.0, **args)
@@ -176,8 +166,8 @@ def test_img2img_strength_one_and_images(exported):
     assert np.abs(low.image - source).mean() < np.abs(one.image - source).mean()
 
 
-def test_img2img_resizes_to_size_and_cuts_to_the_multiple(exported, tmp_path):
-    _, bundle = exported("sdxl")
+def test_img2img_resizes_to_size_and_cuts_to_the_multiple(tiny_bundle, tmp_path):
+    _, bundle = tiny_bundle("sdxl")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     m = runtime.conditioning.size_multiple()
     path = tmp_path / "odd.png"
@@ -190,8 +180,8 @@ def test_img2img_resizes_to_size_and_cuts_to_the_multiple(exported, tmp_path):
     assert resized.latents.shape == runtime.conditioning.latent_shape(SIZE, SIZE + m)
 
 
-def test_img2img_refusals(exported, tmp_path):
-    _, bundle = exported("sd15")
+def test_img2img_refusals(tiny_bundle, tmp_path):
+    _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     image = test_image()
     with pytest.raises(UserError, match="leaves no step to run"):
@@ -212,12 +202,12 @@ def test_img2img_refusals(exported, tmp_path):
         runtime(PROMPT, image=test_image(4))
 
 
-def test_img2img_from_the_cli(exported, tmp_path):
+def test_img2img_from_the_cli(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
     from slimdiff.cli import main
 
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     source = tmp_path / "in.png"
     Image.fromarray(test_image()).save(source)
     out = tmp_path / "out.png"
@@ -228,13 +218,13 @@ def test_img2img_from_the_cli(exported, tmp_path):
     assert Image.open(out).size == (SIZE, SIZE)
 
 
-def test_a_bundle_without_the_encoder(exported, tmp_path):
+def test_a_bundle_without_the_encoder(tiny_bundle, tmp_path):
     """An encoder-less manifest (every bundle before --vae-encoder) is valid; image-to-image
     on it names the export option."""
     import json
     import shutil
 
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -258,12 +248,12 @@ def test_a_bundle_without_the_encoder(exported, tmp_path):
         (lambda e: e["outputs"].pop(), "latent_std': missing"),
     ],
 )
-def test_the_encoder_entry_is_checked(exported, edit, error):
+def test_the_encoder_entry_is_checked(tiny_bundle, edit, error):
     import json
 
     from slimdiff.runtime.manifest import BundleError, parse_manifest
 
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = manifest["components"]["vae_encoder"]
     entry.pop("profile")  # checked on its own: here the entry's own checks speak
@@ -272,9 +262,9 @@ def test_the_encoder_entry_is_checked(exported, edit, error):
         parse_manifest(json.dumps(manifest).encode(), bundle)
 
 
-def test_img2img_low_memory_equals_resident(exported):
+def test_img2img_low_memory_equals_resident(tiny_bundle):
     """--low-memory loads the encoder for its phase only; the image is the same."""
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     args = {"steps": 3, "guidance": 5.0, "seed": 2, "image": test_image(), "strength": 0.7}
     resident = Text2ImagePipeline.from_bundle(bundle)
     text_only = resident(PROMPT, steps=3)

@@ -4,7 +4,7 @@ Each tiny model is exported with `slimdiff.export.export_bundle`, then generated
 from the same initial latents: once by its diffusers pipeline (torch) and once by
 `Text2ImagePipeline` (numpy + onnxruntime). Images must agree to >= 40 dB PSNR and the
 final latents to 1e-4 of the denoiser's contribution (the final latents less those of the
-same run with the denoiser's output zeroed). Bundles are built once per module.
+same run with the denoiser's output zeroed). Bundles are built once per session (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -41,22 +41,6 @@ CASES = [
     ("sd3", 5.0, None),
     ("flux", 3.5, None),
 ]
-
-# ORT's UNet fusion takes over a minute on the tiny SDXL UNet (2 CPU cores); its fused
-# graph is checked against torch by the exporter's own parity check, so here SDXL is
-# exported unfused. The other families run the default (fused) bundles.
-EXPORT_OPTIONS = {"sdxl": {"optimize": False}}
-
-
-@pytest.fixture(scope="module")
-def exported(shared_bundle):
-    """family -> (LoadedModel, bundle path), exported once per session (conftest)."""
-
-    def get(family: str):
-        shared = shared_bundle(family, EXPORT_OPTIONS.get(family, {}).get("optimize", True))
-        return shared.model, shared.out
-
-    return get
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,8 +101,8 @@ def _assert_close_to_diffusers(latents, ref_latents, no_model, label: str) -> No
 
 
 @pytest.mark.parametrize(("family", "guidance", "negative"), CASES)
-def test_runtime_matches_diffusers(exported, family, guidance, negative):
-    model, bundle = exported(family)
+def test_runtime_matches_diffusers(tiny_bundle, family, guidance, negative):
+    model, bundle = tiny_bundle(family)
     runtime = Text2ImagePipeline.from_bundle(bundle, backend="ort-cpu")
     shape = runtime.conditioning.latent_shape(SIZE, SIZE)
     latents = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
@@ -168,13 +152,13 @@ def _runtime_step_noise(seed: int):
 
 
 @pytest.mark.parametrize("name", SWITCHED)
-def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
+def test_switched_scheduler_matches_diffusers(tiny_bundle, name, monkeypatch):
     import importlib
 
     import diffusers
     from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
 
-    model, bundle = exported("sd15")
+    model, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
     class_name, overrides = SCHEDULER_ALIASES[name]
     assert runtime.scheduler_config["_class_name"] == class_name
@@ -207,12 +191,12 @@ def test_switched_scheduler_matches_diffusers(exported, name, monkeypatch):
 @pytest.mark.parametrize(
     ("name", "sigmas"), [(None, "beta"), ("dpm++2m-karras", "exponential"), ("unipc", "karras")]
 )
-def test_sigmas_option_matches_diffusers(exported, name, sigmas):
+def test_sigmas_option_matches_diffusers(tiny_bundle, name, sigmas):
     """`run --sigmas` (after any --scheduler): diffusers' class with use_<sigmas>_sigmas."""
     import diffusers
     from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
 
-    model, bundle = exported("sd15")
+    model, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name, sigmas=sigmas)
     original = model.pipe.scheduler
     class_name, overrides = SCHEDULER_ALIASES.get(name, (type(original).__name__, {}))
@@ -240,10 +224,10 @@ def _assert_same_run(model, runtime, scheduler, seed: int, label: str):
 
 
 @pytest.mark.parametrize("name", ["euler-a", "lcm"])
-def test_stochastic_scheduler_is_seeded(exported, name):
+def test_stochastic_scheduler_is_seeded(tiny_bundle, name):
     """Fresh noise per step comes from the seed: same seed, same image; its own stream,
     so the initial latents are still the seed's (and --latents are honoured)."""
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
     plain = Text2ImagePipeline.from_bundle(bundle)
     run = {"steps": 3, "size": (SIZE, SIZE), "output": "latent"}
@@ -270,13 +254,13 @@ def test_stochastic_scheduler_is_seeded(exported, name):
         ("flux", "flow-dpm++2m"),
     ],
 )
-def test_flow_schedulers_match_diffusers(exported, family, name):
+def test_flow_schedulers_match_diffusers(tiny_bundle, family, name):
     """SD3 sampled with flow-match Heun (`--scheduler flow-heun`: 2n - 1 calls), and with
     DPM-Solver++ 2M and UniPC on flow sigmas (the model's shift as flow_shift); FLUX with
     UniPC and DPM-Solver++, which FluxPipeline gives mu but not its sigmas."""
     import diffusers
 
-    model, bundle = exported(family)
+    model, bundle = tiny_bundle(family)
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
     original = model.pipe.scheduler
     if name == "flow-heun":
@@ -296,7 +280,7 @@ def test_flow_schedulers_match_diffusers(exported, family, name):
     assert len(result.timings_ms["denoiser_steps"]) == calls
 
 
-def test_dpm_sde_matches_diffusers_given_the_runtime_noise(exported, monkeypatch):
+def test_dpm_sde_matches_diffusers_given_the_runtime_noise(tiny_bundle, monkeypatch):
     """DPM++ SDE Karras through the runtime's loop (two calls a step, noise on all but the
     last) against diffusers, whose Brownian-tree sampler is replaced by one built from the
     runtime's draws (tests/unit/test_scheduler_dpm_sde.py)."""
@@ -321,7 +305,7 @@ def test_dpm_sde_matches_diffusers_given_the_runtime_noise(exported, monkeypatch
 
         monkeypatch.setattr(scheduling_dpmsolver_sde, "BrownianTreeNoiseSampler", build)
 
-    model, bundle = exported("sd15")
+    model, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="dpm++sde-karras")
     shape = runtime.conditioning.latent_shape(SIZE, SIZE)
     latents = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
@@ -344,13 +328,13 @@ def test_dpm_sde_matches_diffusers_given_the_runtime_noise(exported, monkeypatch
 
 
 @pytest.mark.parametrize("eta", [0.3, 1.0])
-def test_tcd_gamma_matches_diffusers(exported, eta, monkeypatch):
+def test_tcd_gamma_matches_diffusers(tiny_bundle, eta, monkeypatch):
     """TCD's strategic stochastic sampling: `eta` as diffusers' pipelines pass it to
     TCDScheduler.step, the re-noising drawn from the runtime's step-noise stream."""
     import diffusers
     from diffusers.schedulers import scheduling_tcd
 
-    model, bundle = exported("sd15")
+    model, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="tcd")
     shape = runtime.conditioning.latent_shape(SIZE, SIZE)
     latents = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
@@ -377,8 +361,8 @@ def test_tcd_gamma_matches_diffusers(exported, eta, monkeypatch):
         Text2ImagePipeline.from_bundle(bundle, scheduler="euler")(PROMPT, eta=0.3, **call)
 
 
-def test_scheduler_choice_errors(exported):
-    _, bundle = exported("sd15")
+def test_scheduler_choice_errors(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     with pytest.raises(UserError, match=r"unknown scheduler 'k_euler'"):
         Text2ImagePipeline.from_bundle(bundle, scheduler="k_euler")
     mismatch = "samples the flow matching process, the model was trained for the discrete-time VP"
@@ -392,7 +376,7 @@ def test_scheduler_choice_errors(exported):
 @pytest.fixture(scope="module")
 def lcm_unet_bundle(tmp_path_factory):
     """tiny:<family> with an LCM-distilled UNet's guidance embedding (time_cond_proj_dim:
-    `timestep_cond` in, no CFG batch) and LCMScheduler, exported unfused (quicker)."""
+    `timestep_cond` in, no CFG batch) and LCMScheduler, tiny_bundle unfused (quicker)."""
     import diffusers
     from slimdiff.export import export_bundle
 
@@ -514,9 +498,9 @@ def test_playground_like_sdxl_matches_diffusers(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_guidance_rescale_matches_diffusers(exported, family):
+def test_guidance_rescale_matches_diffusers(tiny_bundle, family):
     """diffusers' guidance_rescale (rescale_noise_cfg), as SD1.5/SDXL pipelines apply it."""
-    model, bundle = exported(family)
+    model, bundle = tiny_bundle(family)
     runtime = Text2ImagePipeline.from_bundle(bundle)
     shape = runtime.conditioning.latent_shape(SIZE, SIZE)
     latents = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
@@ -534,8 +518,8 @@ def test_guidance_rescale_matches_diffusers(exported, family):
         runtime(PROMPT, guidance_rescale=1.5, **call)
 
 
-def test_guidance_rescale_needs_a_model_that_uses_cfg(exported):
-    _, bundle = exported("flux")
+def test_guidance_rescale_needs_a_model_that_uses_cfg(tiny_bundle):
+    _, bundle = tiny_bundle("flux")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     with pytest.raises(UserError, match="needs classifier-free guidance"):
         runtime(PROMPT, steps=1, size=(SIZE, SIZE), guidance_rescale=0.5)
@@ -593,8 +577,8 @@ def test_sd2_style_v_prediction_zero_snr_matches_diffusers(tmp_path, caplog):
     assert "rescale_betas_zero_snr" not in caplog.text
 
 
-def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):
-    _, bundle = exported("sd15")
+def test_seed_gives_the_same_image_as_the_same_noise_passed_in(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     seeded = runtime(PROMPT, steps=2, seed=3, size=(SIZE, SIZE), output="latent")
     noise = np.random.default_rng(3).standard_normal((1, 4, SIZE // 8, SIZE // 8))
@@ -605,8 +589,8 @@ def test_seed_gives_the_same_image_as_the_same_noise_passed_in(exported):
     assert not np.allclose(other.latents, seeded.latents)
 
 
-def test_tampered_bundle_fails_before_anything_loads(exported, tmp_path, monkeypatch):
-    _, bundle = exported("sd15")
+def test_tampered_bundle_fails_before_anything_loads(tiny_bundle, tmp_path, monkeypatch):
+    _, bundle = tiny_bundle("sd15")
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     onnx_file = (
@@ -626,28 +610,28 @@ def test_tampered_bundle_fails_before_anything_loads(exported, tmp_path, monkeyp
         Text2ImagePipeline.from_bundle(copy)
 
 
-def test_bad_size_is_a_user_error(exported):
-    _, bundle = exported("sd15")
+def test_bad_size_is_a_user_error(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     with pytest.raises(UserError, match=r"size 130x128 is not a multiple of 8; use e.g. 128x128"):
         runtime(PROMPT, size=(130, 128))
 
 
-def test_flux_size_must_be_a_multiple_of_16(exported):
-    _, bundle = exported("flux")
+def test_flux_size_must_be_a_multiple_of_16(tiny_bundle):
+    _, bundle = tiny_bundle("flux")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     with pytest.raises(UserError, match=r"size 72x64 is not a multiple of 16; use e.g. 80x64"):
         runtime(PROMPT, size=(72, 64))
 
 
-def test_unknown_backend_is_a_user_error(exported):
-    _, bundle = exported("sd15")
+def test_unknown_backend_is_a_user_error(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     with pytest.raises(UserError, match="unknown backend 'tensorflow'; known backends: ort-cpu"):
         Text2ImagePipeline.from_bundle(bundle, backend="tensorflow")
 
 
-def test_missing_onnxruntime_says_what_to_install(exported):
-    _, bundle = exported("sd15")
+def test_missing_onnxruntime_says_what_to_install(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     code = textwrap.dedent(
         f"""
         import sys
@@ -677,7 +661,7 @@ def test_missing_bundle_is_a_bundle_error(tmp_path):
         Text2ImagePipeline.from_bundle(Path(tmp_path) / "nope")
 
 
-def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
+def test_sd3_without_t5_matches_diffusers(tiny_bundle, tmp_path):
     """`export --drop-text-encoder text_encoder_3`: no T5 graph or tokenizer in the bundle,
     and zeros in its place, as diffusers' SD3 pipeline feeds them with text_encoder_3=None;
     with a negative prompt, so both halves of the CFG batch get them."""
@@ -691,7 +675,7 @@ def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
     args.append("--vae-encoder")  # as the shared bundles
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    _, full = exported("sd3")
+    _, full = tiny_bundle("sd3")
     assert {p.name for p in full.iterdir()} - {p.name for p in out.iterdir()} == {
         "text_encoder_3",
         "tokenizer_3",
@@ -720,12 +704,12 @@ def test_sd3_without_t5_matches_diffusers(exported, tmp_path):
     )
 
 
-def test_low_memory_holds_one_phase_at_a_time(exported, monkeypatch):
+def test_low_memory_holds_one_phase_at_a_time(tiny_bundle, monkeypatch):
     """low_memory: the text encoders, then the denoiser, then the VAE decoder are loaded
     while they run and released after, every call; the image is the resident mode's."""
     from slimdiff.runtime.sessions import OnDemandSession
 
-    _, bundle = exported("sdxl")
+    _, bundle = tiny_bundle("sdxl")
     low = Text2ImagePipeline.from_bundle(bundle, low_memory=True)
     encoders = [enc.session for enc in low.conditioning.encoders]
     sessions = {"text": encoders, "denoiser": [low.denoiser], "vae": [low.vae_decoder]}
@@ -753,21 +737,21 @@ def test_low_memory_holds_one_phase_at_a_time(exported, monkeypatch):
     np.testing.assert_array_equal(again.image, resident.image)
 
 
-def test_on_step_reports_every_denoiser_call(exported):
+def test_on_step_reports_every_denoiser_call(tiny_bundle):
     """`on_step(done, total)` after each denoiser call: Heun's 2n - 1 calls counted."""
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     calls = []
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler="heun")
     runtime(PROMPT, steps=3, size=(SIZE, SIZE), output="latent", on_step=lambda *a: calls.append(a))
     assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
 
 
-def test_cli_low_memory_prints_the_loads(exported, tmp_path):
+def test_cli_low_memory_prints_the_loads(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
     from slimdiff.cli import main
 
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     out = tmp_path / "x.png"
     args = ["run", str(bundle), "--prompt", "a cat", "--size", "64x64", "--steps", "2"]
     result = CliRunner().invoke(main, [*args, "--low-memory", "--out", str(out)])
@@ -781,8 +765,10 @@ IMAGE_CASES = [c for c in CASES if c[1] > 1.0]  # CFG: the negative rows repeat 
 
 
 @pytest.mark.parametrize(("family", "guidance", "negative"), IMAGE_CASES)
-def test_several_images_match_diffusers_num_images_per_prompt(exported, family, guidance, negative):
-    model, bundle = exported(family)
+def test_several_images_match_diffusers_num_images_per_prompt(
+    tiny_bundle, family, guidance, negative
+):
+    model, bundle = tiny_bundle(family)
     runtime = Text2ImagePipeline.from_bundle(bundle)
     shape = runtime.conditioning.latent_shape(SIZE, SIZE, images=3)
     latents = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
@@ -813,10 +799,10 @@ PROMPTS = ["a red circle on a blue background", "a green square at the top"]
     ("family", "negative"),
     [("sdxl", None), ("sdxl", ["blurry", "low quality"]), ("sd15", "blurry"), ("flux", None)],
 )
-def test_a_list_of_prompts_matches_diffusers(exported, family, negative):
+def test_a_list_of_prompts_matches_diffusers(tiny_bundle, family, negative):
     """Two prompts x two images: diffusers' batch order (p0, p0, p1, p1), negatives one for
     all or one per prompt (SDXL without one: zeros), each image its own prompt's."""
-    model, bundle = exported(family)
+    model, bundle = tiny_bundle(family)
     runtime = Text2ImagePipeline.from_bundle(bundle)
     guidance = 3.5 if family == "flux" else 5.0
     shape = runtime.conditioning.latent_shape(SIZE, SIZE, images=4)
@@ -844,8 +830,8 @@ def test_a_list_of_prompts_matches_diffusers(exported, family, negative):
     assert not np.allclose(both.latents[0], both.latents[1])
 
 
-def test_bad_prompt_lists_are_user_errors(exported):
-    _, bundle = exported("sd15")
+def test_bad_prompt_lists_are_user_errors(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     call = {"steps": 1, "size": (SIZE, SIZE)}
     for bad, message in [
@@ -861,8 +847,8 @@ def test_bad_prompt_lists_are_user_errors(exported):
         runtime(["a", "b"], images=40, **call)
 
 
-def test_the_first_of_several_seeded_images_is_the_one_image_of_that_seed(exported):
-    _, bundle = exported("sdxl")
+def test_the_first_of_several_seeded_images_is_the_one_image_of_that_seed(tiny_bundle):
+    _, bundle = tiny_bundle("sdxl")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     call = {"steps": 2, "seed": 5, "size": (SIZE, SIZE)}
     one = runtime(PROMPT, **call)
@@ -875,8 +861,8 @@ def test_the_first_of_several_seeded_images_is_the_one_image_of_that_seed(export
     assert not np.allclose(three.latents[2], three.latents[1], atol=0.1)
 
 
-def test_images_out_of_range_are_user_errors(exported):
-    _, bundle = exported("sd15")
+def test_images_out_of_range_are_user_errors(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
     for bad in (0, 65, 1.5, True):
         with pytest.raises(UserError, match=r"images .*: use an integer from 1 to 64"):
@@ -886,12 +872,12 @@ def test_images_out_of_range_are_user_errors(exported):
         runtime(PROMPT, steps=1, size=(SIZE, SIZE), images=2, latents=wrong)
 
 
-def test_a_shape_bound_backend_refuses_more_images_than_the_profile_holds(exported, monkeypatch):
+def test_a_shape_bound_backend_refuses_more_images_than_the_profile_holds(tiny_bundle, monkeypatch):
     """A backend that runs only the profile's shapes (TensorRT, AOTInductor) gets its batch
     checked before any component runs; the bundle was exported for one image per call."""
     from slimdiff.runtime.backends.ort import OrtBackend
 
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     assert Text2ImagePipeline.from_bundle(bundle).max_batch is None  # onnxruntime: any batch
     monkeypatch.setattr(OrtBackend, "shape_bound", lambda self, path: True, raising=False)
     runtime = Text2ImagePipeline.from_bundle(bundle)
@@ -909,12 +895,12 @@ def test_a_shape_bound_backend_refuses_more_images_than_the_profile_holds(export
     assert result.latents.shape[0] == 2
 
 
-def test_cli_writes_one_file_per_image(exported, tmp_path):
+def test_cli_writes_one_file_per_image(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
     from slimdiff.cli import main
 
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     out = tmp_path / "cat.png"
     args = ["run", str(bundle), "--prompt", "a cat", "--size", "64x64", "--steps", "1"]
     result = CliRunner().invoke(main, [*args, "--images", "2", "--out", str(out)])
@@ -934,8 +920,8 @@ def test_cli_writes_one_file_per_image(exported, tmp_path):
     assert sorted(p.name for p in two.iterdir()) == [f"x-{i}.png" for i in range(4)]
 
 
-def test_images_per_call_tool_prints_both_timings(exported):
-    _, bundle = exported("sd15")
+def test_images_per_call_tool_prints_both_timings(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
     tool = Path(__file__).resolve().parents[2] / "tools" / "images_per_call.py"
     args = [str(bundle), "--images", "2", "--steps", "1", "--repeats", "1"]
     done = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True)
@@ -947,12 +933,12 @@ def test_images_per_call_tool_prints_both_timings(exported):
     )
 
 
-def test_cli_sigmas_on_a_scheduler_without_them_is_one_line(exported, tmp_path):
+def test_cli_sigmas_on_a_scheduler_without_them_is_one_line(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
     from slimdiff.cli import main
 
-    _, bundle = exported("sd15")
+    _, bundle = tiny_bundle("sd15")
     args = ["run", str(bundle), "--prompt", "a cat", "--out", str(tmp_path / "x.png")]
     done = CliRunner().invoke(main, [*args, "--scheduler", "ddim", "--sigmas", "karras"])
     assert done.exit_code == 2
