@@ -23,6 +23,7 @@ from slimdiff.app.options import (
     device_option,
     dry_run_option,
     expect_sha256_option,
+    lora_option,
     scheduler_option,
     set_option,
     sigmas_option,
@@ -294,6 +295,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     help="Decode with the VAE in DIR (a diffusers VAE folder, or a pipeline folder's vae/): a "
     "tiny decoder such as TAESDXL, or an fp16-safe VAE. Recipe: pass vae.replace.",
 )
+@lora_option
 @click.option(
     "--vae-encoder",
     is_flag=True,
@@ -317,6 +319,7 @@ def export_cmd(
     sigmas: str | None,
     drop: tuple[str, ...],
     vae: str | None,
+    loras: list[dict],
     vae_encoder: bool,
     allow_pickle,
 ) -> None:
@@ -329,10 +332,16 @@ def export_cmd(
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
     swap = _vae_pass(vae) if vae is not None else None  # a bad folder: before the model loads
-    loaded = load_for_export(model, weights, allow_pickle, without=drop)
-    if swap is not None:
-        swap.preflight(loaded.pipe, None)
-        swap.apply(loaded.pipe, None)
+    fuse = _lora_pass(loras, weights) if loras else None  # bad files too
+    # LoRAs fuse into weights held in memory: not into a lazily loaded model's
+    loaded = load_for_export(model, "memory" if fuse else weights, allow_pickle, without=drop)
+    for edit in (fuse, swap):  # in a recipe's order: lora.fuse, then vae.replace
+        if edit is not None:
+            edit.preflight(loaded.pipe, None)
+            report = edit.apply(loaded.pipe, None)
+            if edit is fuse:
+                layers = ", ".join(f"{n} {c}" for n, c in report.summary["layers_fused"].items())
+                click.echo(f"fused {len(loras)} LoRA(s): {layers} layers")
     manifest = export_bundle(
         loaded,
         out,
@@ -364,6 +373,20 @@ def export_cmd(
     from slimdiff.memory import peak_rss_mib
 
     click.echo(f"peak RSS {peak_rss_mib() / 1024:.2f} GiB")
+
+
+def _lora_pass(loras: list[dict], weights: str):
+    """lora.fuse for `export --lora`, its files checked (UserError) before any load."""
+    from slimdiff.compress.lora.fuse import FuseLoraPass, lora_file
+
+    if weights == "stream":
+        raise UserError(
+            "--lora fuses LoRAs into weights held in memory, which --weights stream never "
+            "loads; use --weights auto or memory"
+        )
+    for lora in loras:
+        lora_file(lora["path"])
+    return FuseLoraPass(FuseLoraPass.Config(loras=loras))
 
 
 def _vae_pass(path: str):

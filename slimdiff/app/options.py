@@ -14,6 +14,7 @@ __all__ = [
     "device_option",
     "dry_run_option",
     "expect_sha256_option",
+    "lora_option",
     "scheduler_option",
     "set_option",
 ]
@@ -49,6 +50,36 @@ def allow_pickle_option(f):
         "--allow-pickle",
         is_flag=True,
         help="Also load pickled .bin weights (unpickling can run code: only files you trust).",
+    )(f)
+
+
+def _lora_specs(ctx, param, values: tuple[str, ...]) -> list[dict]:
+    """PATH or PATH:SCALE -> lora.fuse's {"path", "scale"}; a suffix that is no number is
+    part of the path (a Windows drive, a colon in a name)."""
+    specs = []
+    for value in values:
+        path, sep, scale = value.rpartition(":")
+        try:
+            spec = {"path": path, "scale": float(scale)} if sep and path else {"path": value}
+        except ValueError:
+            spec = {"path": value}
+        if not -8 <= spec.get("scale", 1.0) <= 8:
+            raise click.BadParameter(f"{value!r}: the scale must be from -8 to 8")
+        specs.append(spec)
+    if len(specs) > 16:
+        raise click.BadParameter("at most 16 LoRAs; merge some first, or use a recipe")
+    return specs
+
+
+def lora_option(f):
+    return click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        metavar="PATH[:SCALE]",
+        callback=_lora_specs,
+        help="Fuse this LoRA (.safetensors; diffusers, kohya or A1111 layout) into the weights "
+        "first, at SCALE (default 1). Repeatable. Recipe: pass lora.fuse (per-block scales).",
     )(f)
 
 

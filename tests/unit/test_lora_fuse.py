@@ -351,3 +351,54 @@ def test_a_scale_list_of_the_wrong_length_is_one_line(loras):
     with pytest.raises(UserError, match=r"lora\.fuse: Expected \d scales for down.block_1, got 3"):
         p.apply(pipe, None)
     assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
+
+
+def test_export_lora_fuses_into_the_bundle(loras, tmp_path):
+    """`slimdiff export --lora PATH:SCALE` (repeatable): the bundle's UNet graph computes
+    the fused UNet, not the base one."""
+    import numpy as np
+    import onnxruntime as ort
+    from click.testing import CliRunner
+    from slimdiff.export.components import denoiser_component
+
+    from slimdiff.cli import main
+    from slimdiff.models.inputs import Sizes, denoiser_inputs
+
+    style, fast = loras / "style.safetensors", loras / "fast.safetensors"
+    out = tmp_path / "bundle"
+    args = ["export", "tiny:sdxl", "--out", str(out), "--no-optimize"]
+    result = CliRunner().invoke(main, [*args, "--lora", f"{style}:0.5", "--lora", str(fast)])
+    assert result.exit_code == 0, result.output
+    assert "fused 2 LoRA(s): text_encoder 12, unet 272 layers" in result.output
+    base = load_model("tiny:sdxl")
+    fused = load_model("tiny:sdxl")
+    _pass((style, 0.5), (fast, 1.0)).apply(fused.pipe, None)
+    feeds = denoiser_inputs(base.arch, base.denoiser, Sizes(2, 8, 8, 77, True, seed=3))
+    session = ort.InferenceSession(str(out / "unet" / "model.onnx"))
+    graph = session.run(None, {i.name: feeds[i.name].numpy() for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        want, before = (
+            (c := denoiser_component(m.arch, m.denoiser)).module(*(feeds[n] for n in c.input_names))
+            for m in (fused, base)
+        )
+    scale = float(want.abs().max())
+    assert np.abs(graph - want.numpy()).max() < 1e-4 * scale
+    assert np.abs(graph - before.numpy()).max() > 1e-2 * scale
+
+
+def test_export_lora_refusals(loras, tmp_path):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    out = tmp_path / "bundle"
+    style = loras / "style.safetensors"
+    cases = [
+        (["--lora", f"{style}:9"], "the scale must be from -8 to 8"),
+        (["--lora", str(tmp_path / "missing.safetensors")], "is not a file"),
+        (["--lora", str(style), "--weights", "stream"], "--weights stream never loads"),
+    ]
+    for extra, fragment in cases:
+        result = CliRunner().invoke(main, ["export", "tiny:sdxl", "--out", str(out), *extra])
+        assert result.exit_code == 2 and fragment in result.output, result.output
+        assert not out.exists()
