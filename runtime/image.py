@@ -20,7 +20,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_bytes
 
-__all__ = ["ImageInput", "image_size", "load_image", "prepare_image", "save_png", "to_uint8"]
+__all__ = [
+    "ImageInput",
+    "image_size",
+    "load_image",
+    "prepare_image",
+    "prepare_mask",
+    "save_png",
+    "to_uint8",
+]
 
 # What image-to-image takes: a file path, a PIL image, or an (H, W, 3) uint8 array.
 ImageInput = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 (a runtime alias)
@@ -64,12 +72,13 @@ def load_image(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        grey = image.ndim == 2  # a mask may be one channel
+        if image.dtype != np.uint8 or not (grey or (image.ndim == 3 and image.shape[2] == 3)):
             raise UserError(
                 f"image array of shape {image.shape} and dtype {image.dtype}: pass (H, W, 3) "
-                "uint8 RGB"
+                "uint8 RGB (or (H, W) uint8 for a mask)"
             )
-        return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+        return Image.fromarray(np.ascontiguousarray(image), mode="L" if grey else "RGB")
     raise UserError(f"image must be a file path, a PIL image or a uint8 array, not {image!r}")
 
 
@@ -96,3 +105,16 @@ def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     x = np.asarray(image.convert("RGB")).astype(np.float32) / np.float32(255)  # (H, W, 3)
     x = np.float32(2) * x - np.float32(1)  # [0, 1] -> [-1, 1], VaeImageProcessor.normalize
     return np.ascontiguousarray(x.transpose(2, 0, 1)[np.newaxis])  # (1, 3, H, W)
+
+
+def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """An inpainting mask as diffusers' mask processor makes it (VaeImageProcessor with
+    do_convert_grayscale, do_binarize, no normalisation): grey, resized (Lanczos) to `size`
+    (H, W), then 1 where it is at least half white (repainted), 0 elsewhere (kept);
+    (1, 1, H, W) float32."""
+    height, width = size
+    grey = mask.convert("L")
+    if (width, height) != grey.size:
+        grey = grey.resize((width, height), resample=Image.Resampling.LANCZOS)
+    x = np.asarray(grey).astype(np.float32) / np.float32(255)
+    return (x >= 0.5).astype(np.float32)[np.newaxis, np.newaxis]

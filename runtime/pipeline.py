@@ -27,7 +27,14 @@ from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend, shape_bound
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.conditioning import Conditioning
-from slimdiff.runtime.image import ImageInput, image_size, load_image, prepare_image, to_uint8
+from slimdiff.runtime.image import (
+    ImageInput,
+    image_size,
+    load_image,
+    prepare_image,
+    prepare_mask,
+    to_uint8,
+)
 from slimdiff.runtime.manifest import (
     DENOISER_OUTPUT,
     FIX,
@@ -222,6 +229,7 @@ class Text2ImagePipeline:
         on_step: Callable[[int, int], None] | None = None,
         image: ImageInput | None = None,
         strength: float = 0.8,
+        mask_image: ImageInput | None = None,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -250,6 +258,12 @@ class Text2ImagePipeline:
         `size` when given, else cut down to the nearest size multiple. Every image of the
         call starts from the same encoded image; the latent draw from the VAE posterior
         and the noise come from `seed`. `latents` cannot be given with it.
+
+        Inpainting: `mask_image` (same kinds; white is repainted, black kept, binarised at
+        half grey and resized as the image) repaints only the masked part of `image`, as
+        diffusers' inpaint pipelines do with a model that is not inpainting-trained: after
+        each step the unmasked latents are put back to the image's, noised to the next
+        step; at strength 1 the run starts from pure noise.
         """
         start = time.perf_counter()
         prompts, negatives = _check_prompts(prompt, negative_prompt)
@@ -261,11 +275,16 @@ class Text2ImagePipeline:
         height, width = self._check_args(steps, size, output)
         _check_values(guidance, seed, latents)
         pixels = None if source is None else prepare_image(source, (height, width))
+        if mask_image is not None and pixels is None:
+            raise UserError("a mask needs the image it masks: pass image as well")
         rescale = self._check_rescale(guidance_rescale)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         per_prompt = self._check_images(images, do_cfg, len(prompts))
         images = per_prompt * len(prompts)
+        mask = None
+        if mask_image is not None:
+            mask = self._mask(mask_image, height, width, images)
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
@@ -296,7 +315,11 @@ class Text2ImagePipeline:
                 release(self.vae_encoder)
             # the same seeded draw as text-to-image's initial noise, then noised to `begin`
             noise = cond.noise(seed, height, width, images)
-            x = scheduler.add_noise(clean, noise, begin).astype(np.float32)
+            if mask is not None and float(strength) == 1.0:
+                # diffusers' inpaint pipelines start from pure noise at full strength
+                x = cond.initial_latents(noise, seed, height, width, scheduler, images)
+            else:
+                x = scheduler.add_noise(clean, noise, begin).astype(np.float32)
         # Stochastic schedulers' per-step noise: a stream of its own from the seed, so the
         # initial latents stay those of `seed` (and of --latents) whatever the scheduler.
         step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
@@ -315,10 +338,14 @@ class Text2ImagePipeline:
                 if rescale > 0:
                     pred = _rescale_guided(pred, text, rescale)
             if takes_noise(scheduler, i):
-                noise = step_rng.standard_normal(x.shape, dtype=np.float32)
-                x = scheduler.step(pred, i, x, noise=noise)
+                fresh = step_rng.standard_normal(x.shape, dtype=np.float32)
+                x = scheduler.step(pred, i, x, noise=fresh)
             else:
                 x = scheduler.step(pred, i, x)
+            if mask is not None:  # the kept part back to the image, at the next step's noise
+                last = i == len(scheduler.timesteps) - 1
+                kept = clean if last else scheduler.add_noise(clean, noise, i + 1)
+                x = (np.float32(1) - mask) * kept + mask * x
             step_ms.append(_ms(t0))
             if on_step is not None:
                 on_step(i + 1 - begin, calls)
@@ -360,6 +387,17 @@ class Text2ImagePipeline:
         if latents is not None:
             raise UserError("latents and image are exclusive: image-to-image draws its own")
         return load_image(image)
+
+    def _mask(self, mask_image: ImageInput, height: int, width: int, images: int) -> np.ndarray:
+        """The inpainting mask on the latent grid, in the denoiser's layout (1: repaint)."""
+        grid = prepare_mask(load_image(mask_image), (height, width))
+        scale = self.conditioning.vae_scale
+        # torch's nearest interpolation to (H/s, W/s), as the pipelines' prepare_mask_latents:
+        # an integer ratio picks every s-th pixel
+        grid = grid[:, :, ::scale, ::scale]  # (1, 1, h, w)
+        channels = self.config.latent_channels
+        full = np.broadcast_to(grid, (images, channels, *grid.shape[2:]))
+        return np.ascontiguousarray(pack_latents(full, self.config.kind.latent_packing))
 
     def _begin(self, scheduler: Scheduler, steps: int, strength: float) -> int:
         """The first scheduler call of an image-to-image run (its history starts there)."""

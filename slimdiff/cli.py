@@ -462,6 +462,14 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     "size multiple unless --size is given. Needs a bundle exported with --vae-encoder.",
 )
 @click.option(
+    "--mask",
+    "mask_image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --image: inpaint, repainting where this mask is white and keeping the image "
+    "where it is black (resized to the image; binarised at half grey).",
+)
+@click.option(
     "--strength",
     type=click.FloatRange(0.0, 1.0, min_open=True),
     default=None,
@@ -491,7 +499,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
-    size, init_image, strength, latents, backend, scheduler, sigmas, low_memory,
+    size, init_image, mask_image, strength, latents, backend, scheduler, sigmas, low_memory,
     expect_sha256, out,
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime; from
@@ -502,6 +510,8 @@ def run_cmd(
     from slimdiff.runtime.image import save_png
 
     check_guidance(guidance)
+    if mask_image is not None and init_image is None:
+        raise click.UsageError("--mask needs --image (the image it masks)")
     if strength is not None and init_image is None:
         raise click.UsageError("--strength needs --image (it sets how far the image is noised)")
     if init_image is not None and latents is not None:
@@ -537,6 +547,7 @@ def run_cmd(
             on_step=bar,
             image=init_image,
             strength=0.8 if strength is None else strength,
+            mask_image=mask_image,
         )
     finally:
         bar.close()

@@ -1,7 +1,13 @@
-"""Image-to-image on toy:shapes: what `--strength` trades, judged automatically.
+"""Image-to-image and inpainting on toy:shapes: what `--strength` trades, judged automatically.
 
     slimdiff export toy:shapes --out /tmp/toy-i2i --vae-encoder
     python tools/img2img_strength.py /tmp/toy-i2i --pairs 24 --steps 20
+    python tools/img2img_strength.py /tmp/toy-i2i --pairs 24 --steps 20 --inpaint
+
+With --inpaint each source is one object on one side, and the prompt adds a second object
+on the opposite side (a two-object prompt of the grammar): every strength runs twice, with
+a mask over the opposite half (inpainting) and without (image-to-image), and the pixel
+difference is measured on the kept half only.
 
 Each source is a rendered one-object scene ("a red circle on the left", the training
 data's renderer, its own seed); the edit asks for the same shape and place in another
@@ -28,7 +34,7 @@ from slimdiff.runtime import Text2ImagePipeline
 
 from slimdiff.metrics.shapes import judge
 from slimdiff.toy.render import render
-from slimdiff.toy.scenes import COLOURS, POSITIONS, SHAPES, Obj, caption
+from slimdiff.toy.scenes import COLOURS, PAIRS, POSITIONS, SHAPES, Obj, caption
 
 
 def _pairs(n: int, seed: int) -> list[tuple[np.ndarray, str, str]]:
@@ -46,6 +52,63 @@ def _pairs(n: int, seed: int) -> list[tuple[np.ndarray, str, str]]:
     return pairs
 
 
+def _additions(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """n (source image, mask over the other half, two-object prompt) triples."""
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    out = []
+    for _ in range(n):
+        kept, added = PAIRS[rng.integers(len(PAIRS))][:: 1 if rng.random() < 0.5 else -1]
+        a, b = rng.choice(len(colours), 2, replace=False)
+        first = Obj(SHAPES[rng.integers(len(SHAPES))], colours[a], kept)
+        second = Obj(SHAPES[rng.integers(len(SHAPES))], colours[b], added)
+        source = render((first,), rng)
+        side = source.shape[0]
+        mask = np.zeros((side, side), np.uint8)  # white: the half the new object goes to
+        half = {"left": np.s_[:, : side // 2], "right": np.s_[:, side // 2 :]}
+        half |= {"top": np.s_[: side // 2, :], "bottom": np.s_[side // 2 :, :]}
+        mask[half[added]] = 255
+        out.append((source, mask, caption((first, second))))
+    return out
+
+
+def _inpaint(pipe, args) -> None:
+    rows = []
+    cases = _additions(args.pairs, args.seed)
+    for strength in args.strengths:
+        for masked in (True, False):
+            right, kept_diff, ms = [], [], []
+            for i, (source, mask, prompt) in enumerate(cases):
+                extra = {"mask_image": mask} if masked else {}
+                t0 = time.perf_counter()
+                image = pipe(
+                    prompt, image=source, strength=strength, steps=args.steps, seed=i, **extra
+                ).image
+                ms.append((time.perf_counter() - t0) * 1e3)
+                right.append(judge(image, prompt).correct)
+                keep = mask == 0
+                diff = np.abs(image[keep].astype(np.float64) - source[keep])
+                kept_diff.append(float(diff.mean()))
+            row = {
+                "strength": strength,
+                "mode": "inpaint" if masked else "img2img",
+                "accuracy": sum(right) / len(right),
+                "kept_half_abs_diff": statistics.mean(kept_diff),
+                "ms_per_image": statistics.median(ms),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        "\n| strength | mode | two-object accuracy | mean abs diff on the kept half | "
+        "ms per image (median) |\n|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {r['strength']:g} | {r['mode']} | {r['accuracy']:.1%} | "
+            f"{r['kept_half_abs_diff']:.1f} | {r['ms_per_image']:.0f} |"
+        )
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
@@ -59,8 +122,12 @@ def main() -> None:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="ort-cpu")
+    p.add_argument("--inpaint", action="store_true", help="add an object in a masked half")
     args = p.parse_args()
     pipe = Text2ImagePipeline.from_bundle(args.bundle, backend=args.backend)
+    if args.inpaint:
+        _inpaint(pipe, args)
+        return
     pairs = _pairs(args.pairs, args.seed)
     # the judge on the sources themselves: right for their captions, wrong for the edits
     own = sum(judge(image, before).correct for image, before, _ in pairs) / len(pairs)

@@ -221,6 +221,7 @@ def test_bad_image_to_image_arguments(bundle, latents, tmp_path):
     # the module's bundle was exported without --vae-encoder
     _refused(_run(*run, "--image", image), "export it again with --vae-encoder")
     _refused(_run(*run, "--strength", "0.5"), "--strength needs --image")
+    _refused(_run(*run, "--mask", image), "--mask needs --image")
     _refused(_run(*run, "--image", image, "--strength", "0"), "is not in the range 0.0<x<=1.0")
     _refused(_run(*run, "--image", image, "--strength", "1.5"), "is not in the range")
     _refused(_run(*run, "--image", tmp_path / "missing.png"), "does not exist")

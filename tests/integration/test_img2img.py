@@ -57,19 +57,39 @@ def test_image(size: int = SIZE) -> np.ndarray:
 test_image.__test__ = False  # a helper, not a test
 
 
-def _img2img_pipe(model, family: str):
-    module, _, name = PIPELINES[family].rpartition(".")
+INPAINT = {
+    "sd15": "stable_diffusion.pipeline_stable_diffusion_inpaint.StableDiffusionInpaintPipeline",
+    "sdxl": "stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint."
+    "StableDiffusionXLInpaintPipeline",
+    "sd3": "stable_diffusion_3.pipeline_stable_diffusion_3_inpaint.StableDiffusion3InpaintPipeline",
+    "flux": "flux.pipeline_flux_inpaint.FluxInpaintPipeline",
+}
+
+
+def test_mask(size: int = SIZE) -> np.ndarray:
+    """Repaint the right part: white there, black on the left, a grey ramp between (the
+    binarisation at half grey decides it), (H, W) uint8."""
+    ramp = np.clip((np.arange(size) - size * 0.4) / (size * 0.2), 0, 1)
+    return np.tile((ramp * 255).round().astype(np.uint8), (size, 1))
+
+
+test_mask.__test__ = False  # a helper, not a test
+
+
+def _img2img_pipe(model, family: str, pipelines: dict = PIPELINES):
+    module, _, name = pipelines[family].rpartition(".")
     module = importlib.import_module(f"diffusers.pipelines.{module}")
     pipe = getattr(module, name)(**model.pipe.components)
     pipe.set_progress_bar_config(disable=True)
     return module, pipe
 
 
-def _diffusers(model, family, runtime, guidance, zero=False):
-    """diffusers' image and final latents, with the runtime's draws (module docstring)."""
+def _diffusers(model, family, runtime, guidance, zero=False, strength=STRENGTH, mask=None):
+    """diffusers' image and final latents, with the runtime's draws (module docstring);
+    with `mask`, its inpaint pipeline."""
     from diffusers.models.autoencoders import vae as vae_module
 
-    module, pipe = _img2img_pipe(model, family)
+    module, pipe = _img2img_pipe(model, family, PIPELINES if mask is None else INPAINT)
     config = runtime.scheduler_config  # the bundle's, or the one `scheduler=` switched to
     pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     cond = runtime.conditioning
@@ -90,10 +110,12 @@ def _diffusers(model, family, runtime, guidance, zero=False):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(noise))
         patch.setattr(vae_module, "randn_tensor", lambda shape, **_: torch.from_numpy(posterior))
+        extra = {} if mask is None else {"mask_image": Image.fromarray(mask)}
         images = pipe(
             PROMPT,
             image=Image.fromarray(test_image()),  # a uint8 array would be read as [0, 1]
-            strength=STRENGTH,
+            strength=strength,
+            **extra,
             num_inference_steps=STEPS,
             guidance_scale=guidance,
             height=SIZE,
@@ -128,6 +150,55 @@ def test_img2img_matches_diffusers(tiny_bundle, family, guidance):
     assert len(result.timings_ms["denoiser_steps"]) == runs
     assert steps_seen == [(i + 1, runs) for i in range(runs)]
     assert result.timings_ms["vae_encode"] > 0
+
+
+@pytest.mark.parametrize(("family", "guidance"), CASES)
+@pytest.mark.parametrize("strength", [STRENGTH, 1.0])
+def test_inpainting_matches_diffusers(tiny_bundle, family, guidance, strength):
+    """Inpainting with a model not trained for it, as diffusers' inpaint pipelines do it
+    (the kept latents put back after every step); at strength 1 from pure noise."""
+    model, bundle = tiny_bundle(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    mask = test_mask()
+    call = {"strength": strength, "mask": mask}
+    ref_image, ref_latents = _diffusers(model, family, runtime, guidance, **call)
+    _, no_model = _diffusers(model, family, runtime, guidance, zero=True, **call)
+    result = runtime(
+        PROMPT,
+        steps=STEPS,
+        guidance=guidance,
+        seed=SEED,
+        image=test_image(),
+        strength=strength,
+        mask_image=mask,
+    )
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
+    if family == "sd3":
+        # diffusers 0.42's StableDiffusion3InpaintPipeline decodes latents / scaling_factor
+        # without adding the VAE's shift_factor back (its text-to-image and img2img
+        # pipelines add it, and its own encode subtracts it): the runtime decodes as those
+        # do, so its image is compared with diffusers' latents decoded that way
+        vae = model.pipe.vae
+        with torch.no_grad():
+            z = torch.from_numpy(ref_latents) / vae.config.scaling_factor + vae.config.shift_factor
+            decoded = vae.decode(z, return_dict=False)[0]
+        ref_image = np.array(model.pipe.image_processor.postprocess(decoded)[0])
+    assert _psnr(result.image, ref_image) >= 40.0
+    # the kept part is the image's own latents: only the VAE's round trip changes it
+    cond = runtime.conditioning
+    h = w = SIZE // cond.vae_scale
+    final = unpack_latents(result.latents, cond.kind.latent_packing, h, w)
+    kept = test_mask()[:: cond.vae_scale, :: cond.vae_scale] < 128  # (h, w)
+    assert kept.sum() > 0 and (~kept).sum() > 0
+    clean = unpack_latents(runtime._encode(_pixels(), SEED, 1), cond.kind.latent_packing, h, w)
+    np.testing.assert_allclose(final[..., kept], clean[..., kept], rtol=0, atol=1e-6)
+    assert np.abs(final[..., ~kept] - clean[..., ~kept]).max() > 0.1
+
+
+def _pixels():
+    from slimdiff.runtime.image import load_image, prepare_image
+
+    return prepare_image(load_image(test_image()), (SIZE, SIZE))
 
 
 # Schedulers with a history or two calls per step, from a start past 0: their history must
@@ -216,6 +287,14 @@ def test_img2img_from_the_cli(tiny_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     assert "vae encode" in result.output and ", 2 steps," in result.output
     assert Image.open(out).size == (SIZE, SIZE)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(test_mask()).save(mask)
+    painted = tmp_path / "painted.png"
+    args += ["--mask", str(mask), "--out", str(painted)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    # strength 0.8 of 4 steps: 3 steps run (the kept latents: test_inpainting_...)
+    assert ", 3 steps," in result.output and Image.open(painted).size == (SIZE, SIZE)
 
 
 def test_a_bundle_without_the_encoder(tiny_bundle, tmp_path):
