@@ -66,11 +66,13 @@ def load_image(image: ImageInput) -> Image.Image:
             with Image.open(path) as opened:
                 loaded = ImageOps.exif_transpose(opened)
                 loaded.load()
+        except Image.DecompressionBombError as err:
+            raise UserError(f"image {path}: too large to open safely ({err})") from None
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise UserError(f"image {path}: cannot be read as an image ({err})") from None
-        return loaded.convert("RGB")  # alpha dropped, grey and palette expanded
+        return _rgb(loaded, f"image {path}")
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _rgb(image, "image")
     if isinstance(image, np.ndarray):
         grey = image.ndim == 2  # a mask may be one channel
         if image.dtype != np.uint8 or not (grey or (image.ndim == 3 and image.shape[2] == 3)):
@@ -80,6 +82,21 @@ def load_image(image: ImageInput) -> Image.Image:
             )
         return Image.fromarray(np.ascontiguousarray(image), mode="L" if grey else "RGB")
     raise UserError(f"image must be a file path, a PIL image or a uint8 array, not {image!r}")
+
+
+# 16-bit grey modes: PIL's convert("RGB") clips their values at 255 (diffusers' load_image
+# has that bug: a 16-bit PNG comes out nearly white), so they are scaled down to 8 bits.
+_GREY_16 = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _rgb(image: Image.Image, name: str) -> Image.Image:
+    """`image` in RGB: alpha dropped, grey and palette expanded, 16-bit grey scaled."""
+    if image.mode in _GREY_16:
+        grey = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        raise UserError(f"{name}: a floating-point image; save it with 8 or 16 bits per channel")
+    return image.convert("RGB")
 
 
 def image_size(image: Image.Image, multiple: int, max_side: int) -> tuple[int, int]:

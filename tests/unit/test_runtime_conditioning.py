@@ -312,3 +312,21 @@ def test_prepare_image_is_diffusers_preprocess(tmp_path):
     assert load_image(rotated).size == (37, 50)
     with pytest.raises(UserError, match="each side must be 16 to 4096"):
         image_size(Image.fromarray(array[:8]), 16, 4096)
+
+
+def test_odd_image_files_load_or_are_refused_in_one_line(tmp_path, monkeypatch):
+    """16-bit grey is scaled to 8 bits (PIL's convert would clip it to white), a float
+    image and an oversized one are refused as UserErrors, not tracebacks."""
+    from slimdiff.runtime.image import load_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    grey = np.asarray(load_image(tmp_path / "grey16.png"))
+    assert grey.shape == (64, 64, 3) and grey.dtype == np.uint8
+    np.testing.assert_array_equal(grey[..., 0], (ramp / 257.0).round().astype(np.uint8))
+    Image.fromarray(np.zeros((8, 8), np.float32), mode="F").save(tmp_path / "float.tiff")
+    with pytest.raises(UserError, match="floating-point image"):
+        load_image(tmp_path / "float.tiff")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2x this is PIL's hard limit
+    with pytest.raises(UserError, match="too large to open safely"):
+        load_image(tmp_path / "grey16.png")
