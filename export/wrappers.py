@@ -93,7 +93,9 @@ class VaeEncoderWrapper(nn.Module):
         self.vae = vae
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         encoded = self.vae.encode(image, return_dict=False)[0]
-        if hasattr(encoded, "mean") and hasattr(encoded, "std"):  # DiagonalGaussianDistribution
+        if isinstance(encoded, DiagonalGaussianDistribution):  # AutoencoderKL's posterior
             return encoded.mean, encoded.std
-        return encoded, torch.zeros_like(encoded)
+        return encoded, torch.zeros_like(encoded)  # the latents themselves (AutoencoderTiny)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
+from PIL import Image
 from slimdiff.compress.runner import compress_model
 from slimdiff.compress.vae.replace import ReplaceVaePass
 
@@ -182,7 +183,8 @@ def test_compressed_artifact_exports_and_runs_as_diffusers_does(taesd, tmp_path)
     index = json.loads((out / "model_index.json").read_text())
     assert index["vae"] == ["diffusers", "AutoencoderTiny"]
     assert type(compressed.pipe.vae) is AutoencoderTiny
-    manifest = export_bundle(load_model(str(out)), tmp_path / "bundle", optimize=False)
+    bundle = tmp_path / "bundle"
+    manifest = export_bundle(load_model(str(out)), bundle, optimize=False, vae_encoder=True)
     assert manifest.pipeline.vae_scaling_factor == 1.0  # TAESD takes the scaled latents
     runtime = Text2ImagePipeline.from_bundle(tmp_path / "bundle")
     latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -194,6 +196,26 @@ def test_compressed_artifact_exports_and_runs_as_diffusers_does(taesd, tmp_path)
     ).images[0]
     diff = np.abs(np.asarray(ref, np.int16) - ours.astype(np.int16))
     assert diff.max() <= 1 and ours.std() > 1  # the same image, and not a blank one
+    # image-to-image through TAESD's encoder, which gives the latents themselves (no
+    # posterior to draw from): diffusers' img2img pipeline with the runtime's noise
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as i2i
+
+    source = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ours = runtime("a cat", steps=4, image=source, strength=0.5, seed=3, output="latent")
+    noise = runtime.conditioning.noise(3, 64, 64)
+    img2img = i2i.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(i2i, "randn_tensor", lambda shape, **_: torch.from_numpy(noise))
+        ref = img2img(
+            "a cat",
+            image=Image.fromarray(source),
+            strength=0.5,
+            num_inference_steps=4,
+            output_type="latent",
+        ).images
+    scale = float(ref.abs().max())
+    assert np.abs(ours.latents - ref.numpy()).max() < 1e-4 * scale
 
 
 def test_an_fp16_safe_vae_exports_in_fp16(tmp_path):
