@@ -172,7 +172,8 @@ def export_bundle(
         sigmas: ship the scheduler on this sigma schedule ("karras", "exponential",
             "beta"; runtime.schedulers.with_sigmas), after any `scheduler` switch.
         vae_encoder: also export the VAE encoder (component "vae_encoder", at the VAE
-            decoder's precision), which image-to-image runs need (`slimdiff run --image`).
+            decoder's precision), which image-to-image runs need (`slimdiff run --image`);
+            always for an inpainting model (KindSpec.inpainting), which runs only so.
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
@@ -189,6 +190,13 @@ def export_bundle(
     shipped_scheduler = bundle_scheduler(model, scheduler, sigmas)
     precisions = component_precisions(model, precision, vae_precision)
     sizes = size_range(model, min_size, max_size, max_images)
+    if model.arch.kind_for(model.denoiser.config).inpainting and not vae_encoder:
+        log.info(
+            "%s is an inpainting model, which runs only from an image: its VAE encoder "
+            "is exported too",
+            model.source,
+        )
+        vae_encoder = True
     components = plan_components(model, vae_encoder=vae_encoder)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:

@@ -224,10 +224,16 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
         _FLOATS,
     )
     channels = p.latent_channels * packing * packing
-    if _fixed(sample, 1 if packing == 1 else 2) not in (None, channels):
+    axis = 1 if packing == 1 else 2
+    if kind.inpainting and packing != 1:
+        _fail("pipeline.kind.inpainting", "needs unpacked latents (latent_packing 1)")
+    # an inpainting UNet takes the latents, the mask and the masked image's latents
+    taken = 2 * channels + 1 if kind.inpainting else channels
+    if _fixed(sample, axis) not in (None, taken):
         _fail(
             f"{field}.inputs.{kind.sample_input}",
-            f"channels are not {channels} (latent_channels {p.latent_channels}, packing {packing})",
+            f"channels are not {taken} (latent_channels {p.latent_channels}, packing {packing}"
+            + (", inpainting)" if kind.inpainting else ")"),
         )
     out = _check_io(
         f"{field}.outputs.{DENOISER_OUTPUT}",
@@ -235,7 +241,10 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
         len(sample["shape"]),
         _FLOATS,
     )
-    if out["shape"] != sample["shape"]:
+    expected_out = list(sample["shape"])
+    if kind.inpainting:
+        expected_out[axis] = channels if _fixed(sample, axis) is not None else out["shape"][axis]
+    if out["shape"] != expected_out:
         _fail(f"{field}.outputs.{DENOISER_OUTPUT}", f"shape differs from {kind.sample_input}'s")
     _check_io(f"{field}.inputs.timestep", entry.io("timestep"), 1, _FLOATS)
     states = _check_io(

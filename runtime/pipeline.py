@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 _OUTPUTS = ("image", "latent")
 _STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
 _POSTERIOR_STREAM = 2  # and img2img's draw from the VAE encoder's posterior
+_MASKED_STREAM = 3  # and an inpainting model's draw for the masked image
 
 
 @dataclass
@@ -277,14 +278,24 @@ class Text2ImagePipeline:
         pixels = None if source is None else prepare_image(source, (height, width))
         if mask_image is not None and pixels is None:
             raise UserError("a mask needs the image it masks: pass image as well")
+        inpainting_model = bool(self.config.kind.inpainting)
+        if inpainting_model and mask_image is None:
+            raise UserError(
+                "this is an inpainting model (its UNet takes a mask and a masked image): pass "
+                "an image and a mask (run --image FILE --mask FILE)"
+            )
         rescale = self._check_rescale(guidance_rescale)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         per_prompt = self._check_images(images, do_cfg, len(prompts))
         images = per_prompt * len(prompts)
-        mask = None
+        pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted
         if mask_image is not None:
-            mask = self._mask(mask_image, height, width, images)
+            pixel_mask = prepare_mask(load_image(mask_image), (height, width))
+        # a model not trained for inpainting gets the kept latents put back after each step
+        blend = None
+        if pixel_mask is not None and not inpainting_model:
+            blend = self._latent_mask(pixel_mask, images)
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
@@ -303,6 +314,7 @@ class Text2ImagePipeline:
         loading += ensure_loaded(self.denoiser)
 
         first_load = False  # the VAE encoder loaded by this call (its first img2img one)
+        extra = None  # an inpainting model's mask and masked image latents, every step
         if pixels is None:
             x = cond.initial_latents(latents, seed, height, width, scheduler, images)
         else:
@@ -310,12 +322,14 @@ class Text2ImagePipeline:
             loading += ensure_loaded(self.vae_encoder)
             t0 = time.perf_counter()
             clean = self._encode(pixels, seed, images)
+            if inpainting_model:
+                extra = self._inpainting_inputs(pixels, pixel_mask, seed, images, do_cfg)
             timings["vae_encode"] = _ms(t0)
             if self.low_memory:
                 release(self.vae_encoder)
             # the same seeded draw as text-to-image's initial noise, then noised to `begin`
             noise = cond.noise(seed, height, width, images)
-            if mask is not None and float(strength) == 1.0:
+            if pixel_mask is not None and float(strength) == 1.0:
                 # diffusers' inpaint pipelines start from pure noise at full strength
                 x = cond.initial_latents(noise, seed, height, width, scheduler, images)
             else:
@@ -330,6 +344,8 @@ class Text2ImagePipeline:
             t0 = time.perf_counter()
             model_input = np.concatenate([x, x]) if do_cfg else x
             model_input = scheduler.scale_model_input(model_input, i)
+            if extra is not None:  # (B, C, h, w) -> (B, 2C + 1, h, w), as diffusers joins them
+                model_input = np.concatenate([model_input, extra], axis=1)
             feeds = {**fixed, **cond.step_feeds(model_input, np.float32(t))}
             pred = self.denoiser.run(feeds)[DENOISER_OUTPUT]
             if do_cfg:
@@ -342,10 +358,10 @@ class Text2ImagePipeline:
                 x = scheduler.step(pred, i, x, noise=fresh)
             else:
                 x = scheduler.step(pred, i, x)
-            if mask is not None:  # the kept part back to the image, at the next step's noise
+            if blend is not None:  # the kept part back to the image, at the next step's noise
                 last = i == len(scheduler.timesteps) - 1
                 kept = clean if last else scheduler.add_noise(clean, noise, i + 1)
-                x = (np.float32(1) - mask) * kept + mask * x
+                x = (np.float32(1) - blend) * kept + blend * x
             step_ms.append(_ms(t0))
             if on_step is not None:
                 on_step(i + 1 - begin, calls)
@@ -388,16 +404,29 @@ class Text2ImagePipeline:
             raise UserError("latents and image are exclusive: image-to-image draws its own")
         return load_image(image)
 
-    def _mask(self, mask_image: ImageInput, height: int, width: int, images: int) -> np.ndarray:
-        """The inpainting mask on the latent grid, in the denoiser's layout (1: repaint)."""
-        grid = prepare_mask(load_image(mask_image), (height, width))
+    def _latent_grid(self, pixel_mask: np.ndarray) -> np.ndarray:
+        """(1, 1, H, W) -> (1, 1, h, w): torch's nearest interpolation to the latent size,
+        as the pipelines' prepare_mask_latents (an integer ratio picks every s-th pixel)."""
         scale = self.conditioning.vae_scale
-        # torch's nearest interpolation to (H/s, W/s), as the pipelines' prepare_mask_latents:
-        # an integer ratio picks every s-th pixel
-        grid = grid[:, :, ::scale, ::scale]  # (1, 1, h, w)
+        return pixel_mask[:, :, ::scale, ::scale]
+
+    def _latent_mask(self, pixel_mask: np.ndarray, images: int) -> np.ndarray:
+        """The mask on the latent grid in the denoiser's layout (1: repaint), every image."""
+        grid = self._latent_grid(pixel_mask)
         channels = self.config.latent_channels
         full = np.broadcast_to(grid, (images, channels, *grid.shape[2:]))
         return np.ascontiguousarray(pack_latents(full, self.config.kind.latent_packing))
+
+    def _inpainting_inputs(
+        self, pixels: np.ndarray, pixel_mask: np.ndarray, seed: int, images: int, do_cfg: bool
+    ) -> np.ndarray:
+        """What an inpainting UNet takes besides the latents: the mask on the latent grid
+        and the latents of the image with the repainted part blacked out (its own posterior
+        draw), (B, 1 + C, h, w), B as the denoiser batch; diffusers' prepare_mask_latents."""
+        masked = self._encode(pixels * (pixel_mask < 0.5), seed, images, _MASKED_STREAM)
+        grid = np.repeat(self._latent_grid(pixel_mask), images, axis=0)
+        joined = np.concatenate([grid, masked], axis=1).astype(np.float32)
+        return np.concatenate([joined, joined]) if do_cfg else joined
 
     def _begin(self, scheduler: Scheduler, steps: int, strength: float) -> int:
         """The first scheduler call of an image-to-image run (its history starts there)."""
@@ -416,13 +445,15 @@ class Text2ImagePipeline:
             raise UserError(f"image-to-image at strength {value:g}: {err}") from None
         return begin
 
-    def _encode(self, pixels: np.ndarray, seed: int, images: int) -> np.ndarray:
+    def _encode(
+        self, pixels: np.ndarray, seed: int, images: int, stream: int = _POSTERIOR_STREAM
+    ) -> np.ndarray:
         """The image's latents in the denoiser's layout, scaled as the decoder unscales
         them, one row per image: a draw from the VAE posterior (diffusers' retrieve_latents
         samples it too), repeated for every image as diffusers' img2img pipelines do."""
         out = self.vae_encoder.run({VAE_ENCODER_INPUT: pixels})
         mean, std = (np.asarray(out[n], np.float32) for n in VAE_ENCODER_OUTPUTS)
-        rng = np.random.default_rng([_POSTERIOR_STREAM, seed])
+        rng = np.random.default_rng([stream, seed])
         z = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
         scaling = np.float32(self.config.vae_scaling_factor)
         if self.config.vae_latents_mean is not None:  # SDXL's per-channel statistics

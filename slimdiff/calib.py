@@ -35,7 +35,7 @@ from slimdiff.denoise import DenoiseLoop, check_guidance_rescale
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec
 from slimdiff.models.fingerprint import fingerprint_key
-from slimdiff.models.kinds import pack_latents, timestep_args
+from slimdiff.models.kinds import pack_latents, refuse_inpainting, timestep_args
 from slimdiff.models.loading import default_size
 from slimdiff.progress import Progress
 from slimdiff.prompts import read_prompts
@@ -239,6 +239,7 @@ class Calibration:
         """
         if self._trajectories is not None:
             return self._trajectories
+        refuse_inpainting(getattr(self.pipe, self.arch.denoiser).config, "calibration")
         folder = None
         if self.work_dir is not None:
             folder = self.work_dir / "trajectories" / self.key

@@ -108,10 +108,12 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     from slimdiff.inspect import inspect_model
     from slimdiff.models import load_model
     from slimdiff.models.fingerprint import fingerprint
+    from slimdiff.models.kinds import refuse_inpainting
     from slimdiff.prompts import BENCH_PROMPTS
 
     b = recipe.bench
     base = load_model(recipe.model, device=device, allow_pickle=allow_pickle)
+    refuse_inpainting(base.denoiser.config, "bench")
     threads = use_threads(base)  # the worker subprocess inherits it (SLIMDIFF_THREADS)
     arch, pipe = base.arch, base.require_pipeline("bench")
     # Passes that define the model rather than compress it (lora.fuse) shape the reference

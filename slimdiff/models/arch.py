@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
-from slimdiff.models.kinds import KindSpec
+from slimdiff.models.kinds import KindSpec, is_inpainting
 
 __all__ = [
     "ArchSpec",
@@ -303,6 +303,8 @@ class ArchSpec:
             if isinstance(width, str):
                 width = self.config_axis(width, config)
             update["guidance_embedding_dim"] = int(width)
+        if is_inpainting(config):
+            update["inpainting"] = True
         return self.kind.model_copy(update=update)
 
     def uses_cfg_for(self, config: Any) -> bool:

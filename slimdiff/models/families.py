@@ -294,11 +294,15 @@ def get_arch(family: str) -> ArchSpec:
 # own class (diffusers loads a folder's components into any pipeline class that takes them;
 # DiffusionPipeline.from_pipe converts a loaded one): LCM-Dreamshaper's hub folder names
 # LatentConsistencyModelPipeline, and folders saved from an img2img pipeline hold the same
-# model. Inpainting pipelines do not: their UNet takes a mask and a masked image.
+# model. An SD1.5/SDXL inpainting pipeline holds the family's components too, its UNet
+# taking a mask and a masked image besides the latents (KindSpec.inpainting): it loads as
+# the family's and runs only with an image and a mask.
 EQUIVALENT_PIPELINES = {
     "LatentConsistencyModelPipeline": "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusionXLInpaintPipeline": "StableDiffusionXLPipeline",
     "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Pipeline",
     "FluxImg2ImgPipeline": "FluxPipeline",
 }

@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import pydantic
 
+from slimdiff.errors import UserError
+
 __all__ = [
     "EXTRA_INPUTS",
     "KIND_WRITTEN_WHEN_SET",
@@ -38,8 +40,10 @@ __all__ = [
     "extra_inputs",
     "guidance_embedding",
     "img2img_begin",
+    "is_inpainting",
     "latent_shape",
     "pack_latents",
+    "refuse_inpainting",
     "timestep_args",
     "unpack_latents",
 ]
@@ -55,7 +59,7 @@ __all__ = [
 EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond")
 ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond"]
 # KindSpec fields a manifest holds only when they are set (see drop_unset).
-KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim", "strength_rounding"})
+KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim", "strength_rounding", "inpainting"})
 
 
 def drop_unset(data: dict[str, Any], keys: Any) -> dict[str, Any]:
@@ -127,6 +131,10 @@ class KindSpec(_Record):
     # None rounds the denoised steps down (SD1.5, SDXL: start = n - int(n * strength)),
     # "start" rounds the start down (SD3, FLUX: start = int(n - n * strength)).
     strength_rounding: Literal["start"] | None = None
+    # True: an inpainting-trained denoiser (SD1.5/SDXL inpainting UNets, 9 input channels),
+    # whose sample input takes the latents, the mask and the masked image's latents joined
+    # on the channel axis; it runs only with an image and a mask. None: plain latents.
+    inpainting: Literal[True] | None = None
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_embedding(self, handler: Any) -> dict[str, Any]:
@@ -230,6 +238,26 @@ def timestep_args(
             cfg.get("max_shift", s.max_shift),
         )
     return args
+
+
+def is_inpainting(config: Any) -> bool:
+    """Whether a denoiser config is an inpainting-trained UNet's: in_channels = 2 x
+    out_channels + 1 (the latents, the masked image's latents and the mask; diffusers'
+    inpaint pipelines tell them apart by the same count)."""
+    inputs, outputs = config.get("in_channels"), config.get("out_channels")
+    return isinstance(inputs, int) and isinstance(outputs, int) and inputs == 2 * outputs + 1
+
+
+def refuse_inpainting(config: Any, what: str) -> None:
+    """UserError for an inpainting model where `what` draws text-to-image (calibration,
+    bench), which such a model cannot."""
+    if is_inpainting(config):
+        raise UserError(
+            f"{what} draws text-to-image, which an inpainting model (its UNet takes a mask "
+            "and a masked image) cannot: passes that calibrate (blocks.remove with "
+            "distillation, prune.ecodiff, quant.quest) and bench do not take it yet; "
+            "lora.fuse, text.drop, vae.replace, export and run --image --mask do"
+        )
 
 
 def img2img_begin(spec: KindSpec, steps: int, strength: float, order: int) -> int:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from slimdiff.runtime import Text2ImagePipeline
-from slimdiff.runtime.pipeline import _POSTERIOR_STREAM
+from slimdiff.runtime.pipeline import _MASKED_STREAM, _POSTERIOR_STREAM
 
 from slimdiff.errors import UserError
 from slimdiff.models.kinds import unpack_latents
@@ -95,8 +95,16 @@ def _diffusers(model, family, runtime, guidance, zero=False, strength=STRENGTH, 
     cond = runtime.conditioning
     lat_h = lat_w = SIZE // cond.vae_scale
     noise = unpack_latents(cond.noise(SEED, SIZE, SIZE), cond.kind.latent_packing, lat_h, lat_w)
-    rng = np.random.default_rng([_POSTERIOR_STREAM, SEED])
-    posterior = rng.standard_normal((1, cond.channels, lat_h, lat_w), dtype=np.float32)
+    shape = (1, cond.channels, lat_h, lat_w)
+    posterior, masked = (
+        np.random.default_rng([stream, SEED]).standard_normal(shape, dtype=np.float32)
+        for stream in (_POSTERIOR_STREAM, _MASKED_STREAM)
+    )
+    # the VAE posterior's draws in diffusers' order: the image's (unless an inpainting
+    # model starts from pure noise), then an inpainting model's masked image's
+    draws = [posterior]
+    if runtime.config.kind.inpainting:
+        draws = [masked] if strength == 1.0 else [posterior, masked]
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     handle = denoiser.register_forward_hook(
         lambda _m, _a, out: (torch.zeros_like(out[0]), *out[1:]) if zero else None
@@ -109,7 +117,12 @@ def _diffusers(model, family, runtime, guidance, zero=False, strength=STRENGTH, 
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(noise))
-        patch.setattr(vae_module, "randn_tensor", lambda shape, **_: torch.from_numpy(posterior))
+        calls = iter(range(len(draws) + 8))
+        patch.setattr(
+            vae_module,
+            "randn_tensor",
+            lambda shape, **_: torch.from_numpy(draws[min(next(calls), len(draws) - 1)]),
+        )
         extra = {} if mask is None else {"mask_image": Image.fromarray(mask)}
         images = pipe(
             PROMPT,
@@ -193,6 +206,73 @@ def test_inpainting_matches_diffusers(tiny_bundle, family, guidance, strength):
     clean = unpack_latents(runtime._encode(_pixels(), SEED, 1), cond.kind.latent_packing, h, w)
     np.testing.assert_allclose(final[..., kept], clean[..., kept], rtol=0, atol=1e-6)
     assert np.abs(final[..., ~kept] - clean[..., ~kept]).max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory):
+    """`inpainting_model(family)`: (LoadedModel, bundle) of an inpainting-trained tiny
+    model: the family's tiny pipeline with a 9-channel UNet, saved as diffusers'
+    inpaint pipeline saves it, loaded and exported by slimdiff (the VAE encoder comes
+    along by itself)."""
+    from slimdiff.export import export_bundle
+
+    from slimdiff.models import load_model
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            base = load_model(f"tiny:{family}").pipe
+            torch.manual_seed(0)
+            unet = diffusers.UNet2DConditionModel.from_config(base.unet.config, in_channels=9)
+            cls = getattr(diffusers, INPAINT[family].rpartition(".")[2])
+            folder = tmp_path_factory.mktemp(f"inpaint-{family}") / "model"
+            cls(**{**base.components, "unet": unet}).save_pretrained(folder)
+            model = load_model(str(folder))
+            bundle = folder.parent / "bundle"
+            export_bundle(model, bundle, optimize=False)
+            cache[family] = model, bundle
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("strength", [STRENGTH, 1.0])
+def test_inpainting_models_match_diffusers(inpainting_model, family, strength):
+    """A 9-channel inpainting UNet gets the mask and the masked image's latents joined to
+    its latents at every step, as diffusers' inpaint pipelines give them."""
+    model, bundle = inpainting_model(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    assert runtime.config.kind.inpainting and runtime.vae_encoder is not None
+    call = {"strength": strength, "mask": test_mask()}
+    ref_image, ref_latents = _diffusers(model, family, runtime, 5.0, **call)
+    _, no_model = _diffusers(model, family, runtime, 5.0, zero=True, **call)
+    result = runtime(
+        PROMPT,
+        steps=STEPS,
+        guidance=5.0,
+        seed=SEED,
+        image=test_image(),
+        strength=strength,
+        mask_image=test_mask(),
+    )
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
+    assert _psnr(result.image, ref_image) >= 40.0
+
+
+def test_inpainting_models_need_an_image_and_a_mask(inpainting_model, tmp_path):
+    model, bundle = inpainting_model("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    for call in ({}, {"image": test_image()}):
+        with pytest.raises(UserError, match="this is an inpainting model"):
+            runtime(PROMPT, steps=2, **call)
+    from slimdiff.calib import Calibration
+    from slimdiff.recipe import CalibrationSpec
+
+    calib = Calibration(model.pipe, model.arch, CalibrationSpec(num_prompts=1, steps=2))
+    with pytest.raises(UserError, match="an inpainting model"):
+        calib.record()
 
 
 def _pixels():
