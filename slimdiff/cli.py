@@ -333,8 +333,9 @@ def export_cmd(
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
     swap = _vae_pass(vae) if vae is not None else None  # a bad folder: before the model loads
     fuse = _lora_pass(loras, weights) if loras else None  # bad files too
-    # LoRAs fuse into weights held in memory: not into a lazily loaded model's
-    loaded = load_for_export(model, "memory" if fuse else weights, allow_pickle, without=drop)
+    loaded = load_for_export(model, weights, allow_pickle, without=drop)
+    if fuse is not None:
+        _fetch_for_loras(loaded, loras)
     for edit in (fuse, swap):  # in a recipe's order: lora.fuse, then vae.replace
         if edit is not None:
             edit.preflight(loaded.pipe, None)
@@ -387,6 +388,19 @@ def _lora_pass(loras: list[dict], weights: str):
     for lora in loras:
         lora_file(lora["path"])
     return FuseLoraPass(FuseLoraPass.Config(loras=loras))
+
+
+def _fetch_for_loras(loaded, loras: list[dict]) -> None:
+    """LoRAs fuse into weights in memory: a lazily loaded model fetches the components they
+    adapt (usually the denoiser alone) now; the others stay lazy, each loaded only while it
+    exports, so the peak stays that of a plain export."""
+    from slimdiff.compress.lora.fuse import lora_components
+    from slimdiff.models.lazy import is_lazy, materialize
+
+    for name in lora_components(loaded.pipe, [lora["path"] for lora in loras]):
+        module = getattr(loaded.pipe, name)
+        if is_lazy(module):
+            materialize(module)
 
 
 def _vae_pass(path: str):

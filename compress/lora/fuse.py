@@ -34,7 +34,7 @@ from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register
 
 from slimdiff.errors import UserError
 
-__all__ = ["FuseLoraPass"]
+__all__ = ["FuseLoraPass", "lora_components"]
 
 
 Scale = Annotated[float, pydantic.Field(ge=-8.0, le=8.0)]
@@ -149,6 +149,28 @@ def _check_blocks(unet: Any, path: str, stages: dict) -> None:
                 f"lora.fuse: {path}: scale names {stage} {', '.join(unknown)}; this UNet's "
                 f"{stage} blocks with attention layers are {', '.join(have)}"
             )
+
+
+def lora_components(pipe: Any, paths: list[str]) -> list[str]:
+    """The pipeline components the LoRA files adapt, read from their keys as diffusers'
+    loader converts them (kohya and A1111 layouts included), without loading weights into
+    the model: what a lazily loaded pipeline must fetch before it can fuse them. All the
+    components with weights but the VAE where a file's keys say nothing."""
+    have = [n for n, m in pipe.components.items() if hasattr(m, "parameters") and n != "vae"]
+    found: set[str] = set()
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = type(pipe).lora_state_dict(str(lora_file(path)))
+        except (ValueError, KeyError, IndexError, RuntimeError, OSError):
+            return have  # the fuse itself will say what is wrong with the file
+        state = loaded[0] if isinstance(loaded, tuple) else loaded
+        prefixes = {key.split(".", 1)[0] for key in state}
+        if not prefixes & set(have):
+            return have
+        found |= prefixes & set(have)
+    return [n for n in have if n in found]
 
 
 def lora_file(path: str) -> Path:

@@ -234,6 +234,9 @@ def test_kohya_layout_with_alpha(loras, tmp_path):
     file = tmp_path / "kohya.safetensors"
     save_file(kohya, str(file))
     pipe = load_model("tiny:sdxl").pipe
+    from slimdiff.compress.lora.fuse import lora_components
+
+    assert lora_components(pipe, [str(file)]) == ["text_encoder", "unet"]  # keys converted
     before = pipe.unet.get_submodule(UNET_LAYER).weight.detach().clone()
     text_before = pipe.text_encoder.get_submodule(TEXT_LAYER).weight.detach().clone()
     report = _pass((file, 0.5)).apply(pipe, None)
@@ -402,3 +405,19 @@ def test_export_lora_refusals(loras, tmp_path):
         result = CliRunner().invoke(main, ["export", "tiny:sdxl", "--out", str(out), *extra])
         assert result.exit_code == 2 and fragment in result.output, result.output
         assert not out.exists()
+
+
+def test_export_lora_fetches_only_the_components_the_loras_adapt(loras):
+    """A lazily loaded model (how export loads one) fetches the weights of what the LoRA
+    files adapt, read from their keys (kohya's too); the rest stays lazy."""
+    from slimdiff.cli import _fetch_for_loras
+    from slimdiff.models.lazy import is_lazy
+    from slimdiff.models.loading import load_for_export
+
+    model = load_for_export("tiny:sdxl")
+    assert is_lazy(model.pipe.unet) and is_lazy(model.pipe.text_encoder)
+    _fetch_for_loras(model, [{"path": str(loras / "fast.safetensors")}])  # UNet only
+    assert not is_lazy(model.pipe.unet)
+    assert is_lazy(model.pipe.text_encoder) and is_lazy(model.pipe.text_encoder_2)
+    _fetch_for_loras(model, [{"path": str(loras / "style.safetensors")}])  # + text_encoder
+    assert not is_lazy(model.pipe.text_encoder) and is_lazy(model.pipe.text_encoder_2)
