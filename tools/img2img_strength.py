@@ -98,15 +98,27 @@ def _inpaint(pipe, args) -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(
-        "\n| strength | mode | two-object accuracy | mean abs diff on the kept half | "
-        "ms per image (median) |\n|---|---|---|---|---|"
+    head = ("strength", "mode", "two-object accuracy", "mean abs diff on the kept half")
+    _table(
+        (*head, "ms per image (median)"),
+        [
+            (
+                f"{r['strength']:g}",
+                r["mode"],
+                f"{r['accuracy']:.1%}",
+                f"{r['kept_half_abs_diff']:.1f}",
+                f"{r['ms_per_image']:.0f}",
+            )
+            for r in rows
+        ],
     )
-    for r in rows:
-        print(
-            f"| {r['strength']:g} | {r['mode']} | {r['accuracy']:.1%} | "
-            f"{r['kept_half_abs_diff']:.1f} | {r['ms_per_image']:.0f} |"
-        )
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Print a Markdown table."""
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -155,15 +167,21 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(
-        "\n| strength | steps run | edit accuracy | mean abs diff to source | PSNR to source "
-        "(median) | ms per image (median) |\n|---|---|---|---|---|---|"
+    head = ("strength", "steps run", "edit accuracy", "mean abs diff to source")
+    _table(
+        (*head, "PSNR to source (median)", "ms per image (median)"),
+        [
+            (
+                f"{r['strength']:g}",
+                str(r["steps_run"]),
+                f"{r['edit_accuracy']:.1%}",
+                f"{r['mean_abs_diff']:.1f}",
+                f"{r['psnr_db']:.1f} dB",
+                f"{r['ms_per_image']:.0f}",
+            )
+            for r in rows
+        ],
     )
-    for r in rows:
-        print(
-            f"| {r['strength']:g} | {r['steps_run']} | {r['edit_accuracy']:.1%} | "
-            f"{r['mean_abs_diff']:.1f} | {r['psnr_db']:.1f} dB | {r['ms_per_image']:.0f} |"
-        )
 
 
 if __name__ == "__main__":

@@ -139,25 +139,33 @@ def _diffusers(model, family, runtime, guidance, zero=False, strength=STRENGTH, 
     return np.array(images[0]), final["latents"]
 
 
-@pytest.mark.parametrize(("family", "guidance"), CASES)
-def test_img2img_matches_diffusers(tiny_bundle, family, guidance):
-    model, bundle = tiny_bundle(family)
-    runtime = Text2ImagePipeline.from_bundle(bundle)
-    ref_image, ref_latents = _diffusers(model, family, runtime, guidance)
-    _, no_model = _diffusers(model, family, runtime, guidance, zero=True)
-    steps_seen = []
-
+def _compare(model, family, runtime, guidance, strength=STRENGTH, mask=None, **call):
+    """Run the runtime and diffusers (twice: as is, and with the denoiser zeroed) on the
+    same draws; assert the final latents and images agree (module docstring). Returns the
+    runtime's result and diffusers' image and latents."""
+    ref_image, ref_latents = _diffusers(model, family, runtime, guidance, False, strength, mask)
+    _, no_model = _diffusers(model, family, runtime, guidance, True, strength, mask)
     result = runtime(
         PROMPT,
         steps=STEPS,
         guidance=guidance,
         seed=SEED,
         image=test_image(),
-        strength=STRENGTH,
-        on_step=lambda done, total: steps_seen.append((done, total)),
+        strength=strength,
+        mask_image=mask,
+        **call,
     )
-
     _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
+    return result, ref_image, ref_latents
+
+
+@pytest.mark.parametrize(("family", "guidance"), CASES)
+def test_img2img_matches_diffusers(tiny_bundle, family, guidance):
+    model, bundle = tiny_bundle(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    steps_seen = []
+    on_step = lambda done, total: steps_seen.append((done, total))  # noqa: E731
+    result, ref_image, _ = _compare(model, family, runtime, guidance, on_step=on_step)
     assert _psnr(result.image, ref_image) >= 40.0
     runs = 2 if runtime.config.kind.strength_rounding is None else 3
     assert len(result.timings_ms["denoiser_steps"]) == runs
@@ -173,19 +181,7 @@ def test_inpainting_matches_diffusers(tiny_bundle, family, guidance, strength):
     model, bundle = tiny_bundle(family)
     runtime = Text2ImagePipeline.from_bundle(bundle)
     mask = test_mask()
-    call = {"strength": strength, "mask": mask}
-    ref_image, ref_latents = _diffusers(model, family, runtime, guidance, **call)
-    _, no_model = _diffusers(model, family, runtime, guidance, zero=True, **call)
-    result = runtime(
-        PROMPT,
-        steps=STEPS,
-        guidance=guidance,
-        seed=SEED,
-        image=test_image(),
-        strength=strength,
-        mask_image=mask,
-    )
-    _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
+    result, ref_image, ref_latents = _compare(model, family, runtime, guidance, strength, mask)
     if family == "sd3":
         # diffusers 0.42's StableDiffusion3InpaintPipeline decodes latents / scaling_factor
         # without adding the VAE's shift_factor back (its text-to-image and img2img
@@ -245,19 +241,7 @@ def test_inpainting_models_match_diffusers(inpainting_model, family, strength):
     model, bundle = inpainting_model(family)
     runtime = Text2ImagePipeline.from_bundle(bundle)
     assert runtime.config.kind.inpainting and runtime.vae_encoder is not None
-    call = {"strength": strength, "mask": test_mask()}
-    ref_image, ref_latents = _diffusers(model, family, runtime, 5.0, **call)
-    _, no_model = _diffusers(model, family, runtime, 5.0, zero=True, **call)
-    result = runtime(
-        PROMPT,
-        steps=STEPS,
-        guidance=5.0,
-        seed=SEED,
-        image=test_image(),
-        strength=strength,
-        mask_image=test_mask(),
-    )
-    _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)
+    result, ref_image, _ = _compare(model, family, runtime, 5.0, strength, test_mask())
     assert _psnr(result.image, ref_image) >= 40.0
 
 
@@ -290,12 +274,7 @@ SWITCHED = ["dpm++2m-karras", "unipc", "heun", "pndm", "lms", "deis", "dpm++2s"]
 def test_img2img_with_other_schedulers_matches_diffusers(tiny_bundle, name):
     model, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
-    ref_image, ref_latents = _diffusers(model, "sd15", runtime, 5.0)
-    _, no_model = _diffusers(model, "sd15", runtime, 5.0, zero=True)
-    result = runtime(
-        PROMPT, steps=STEPS, guidance=5.0, seed=SEED, image=test_image(), strength=STRENGTH
-    )
-    _assert_close_to_diffusers(result.latents, ref_latents, no_model, name)
+    result, ref_image, _ = _compare(model, "sd15", runtime, 5.0)
     assert _psnr(result.image, ref_image) >= 40.0
 
 
