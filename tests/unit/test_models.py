@@ -206,10 +206,12 @@ def test_pipeline_classes_holding_a_text_to_image_model_load_as_it(monkeypatch):
     assert family_of_pipeline("LatentConsistencyModelPipeline") == "sd15"
     assert family_of_pipeline("StableDiffusionXLImg2ImgPipeline") == "sdxl"
     assert family_of_pipeline("FluxImg2ImgPipeline") == "flux"
-    with pytest.raises(
-        UserError, match="unsupported pipeline class 'StableDiffusionInpaintPipeline'"
-    ):
-        family_of_pipeline("StableDiffusionInpaintPipeline")  # its UNet takes a mask too
+    # inpainting pipelines hold the family's components (an inpainting UNet is told apart
+    # by its channels: KindSpec.inpainting, tests/integration/test_img2img.py)
+    assert family_of_pipeline("StableDiffusionInpaintPipeline") == "sd15"
+    assert family_of_pipeline("StableDiffusionXLInpaintPipeline") == "sdxl"
+    with pytest.raises(UserError, match="unsupported pipeline class 'FluxFillPipeline'"):
+        family_of_pipeline("FluxFillPipeline")  # its transformer takes packed masks
     # a hub id whose model_index.json names LatentConsistencyModelPipeline (LCM-Dreamshaper)
     parts = load_model("tiny:sd15").pipe.components
     hub = diffusers.LatentConsistencyModelPipeline(**parts)
