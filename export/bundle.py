@@ -23,7 +23,7 @@ from slimdiff.runtime.manifest import (
     TextEncoderRecord,
     sha256_file,
 )
-from slimdiff.runtime.pipeline import scheduler_problem
+from slimdiff.runtime.scheduler_choice import scheduler_problem
 from slimdiff.runtime.schedulers import (
     scheduler_names,
     switch_scheduler,

@@ -35,13 +35,18 @@ from slimdiff.runtime.image import (
     prepare_mask,
     to_uint8,
 )
+from slimdiff.runtime.img2img import (
+    begin_at,
+    encode_image,
+    inpainting_inputs,
+    latent_mask,
+    latent_stats,
+)
 from slimdiff.runtime.manifest import (
     DENOISER_OUTPUT,
     FIX,
     VAE_DECODER,
     VAE_ENCODER,
-    VAE_ENCODER_INPUT,
-    VAE_ENCODER_OUTPUTS,
     VAE_INPUT,
     VAE_OUTPUT,
     BundleError,
@@ -49,29 +54,29 @@ from slimdiff.runtime.manifest import (
     Manifest,
     PipelineSpec,
 )
+from slimdiff.runtime.scheduler_choice import (
+    check_scheduler,
+    resampled,
+    set_eta,
+    switched,
+)
 from slimdiff.runtime.schedulers import (
     Scheduler,
     scheduler_from_config,
-    switch_scheduler,
-    switch_warning,
     takes_noise,
-    with_sigmas,
 )
 from slimdiff.runtime.sessions import OnDemandSession, ensure_loaded, release
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
-from slimdiff.models.kinds import img2img_begin, pack_latents, timestep_args
 
-__all__ = ["GenerationResult", "Text2ImagePipeline", "scheduler_problem"]
+__all__ = ["GenerationResult", "Text2ImagePipeline"]
 
 log = logging.getLogger(__name__)
 
 _OUTPUTS = ("image", "latent")
 _STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
-_POSTERIOR_STREAM = 2  # and img2img's draw from the VAE encoder's posterior
-_MASKED_STREAM = 3  # and an inpainting model's draw for the masked image
 
 
 @dataclass
@@ -172,11 +177,11 @@ class Text2ImagePipeline:
         manifest = bundle.manifest
         config = manifest.pipeline
         scheduler_config = bundle.read_json(config.scheduler, infinities=True)
-        _check_scheduler(bundle.root, config, scheduler_config)
+        check_scheduler(bundle.root, config, scheduler_config)
         if scheduler is not None:
-            scheduler_config = _switched(config, scheduler_config, scheduler)
+            scheduler_config = switched(config, scheduler_config, scheduler)
         if sigmas is not None:
-            scheduler_config = _resampled(config, scheduler_config, sigmas)
+            scheduler_config = resampled(config, scheduler_config, sigmas)
         # Everything parsed in-process first, so a bad file fails before any graph loads.
         tokenizers = [bundle_tokenizer(bundle, record) for record in config.text_encoders]
 
@@ -295,11 +300,11 @@ class Text2ImagePipeline:
         # a model not trained for inpainting gets the kept latents put back after each step
         blend = None
         if pixel_mask is not None and not inpainting_model:
-            blend = self._latent_mask(pixel_mask, images)
+            blend = latent_mask(self.config, pixel_mask, images)
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
-        begin = 0 if pixels is None else self._begin(scheduler, steps, strength)
+        begin = 0 if pixels is None else begin_at(self.config.kind, scheduler, steps, strength)
 
         encoders = [enc.session for enc in cond.encoders]
         loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
@@ -321,15 +326,21 @@ class Text2ImagePipeline:
             first_load = not self.vae_encoder.loaded
             loading += ensure_loaded(self.vae_encoder)
             t0 = time.perf_counter()
-            clean = self._encode(pixels, seed, images)
+            # an inpainting model at full strength starts from noise alone, as diffusers
+            full = pixel_mask is not None and float(strength) == 1.0
+            clean = None
+            if not (full and inpainting_model):
+                clean = encode_image(self.config, self.vae_encoder, pixels, seed, images)
             if inpainting_model:
-                extra = self._inpainting_inputs(pixels, pixel_mask, seed, images, do_cfg)
+                extra = inpainting_inputs(
+                    self.config, self.vae_encoder, pixels, pixel_mask, seed, images, do_cfg
+                )
             timings["vae_encode"] = _ms(t0)
             if self.low_memory:
                 release(self.vae_encoder)
             # the same seeded draw as text-to-image's initial noise, then noised to `begin`
             noise = cond.noise(seed, height, width, images)
-            if pixel_mask is not None and float(strength) == 1.0:
+            if full:
                 # diffusers' inpaint pipelines start from pure noise at full strength
                 x = cond.initial_latents(noise, seed, height, width, scheduler, images)
             else:
@@ -385,7 +396,7 @@ class Text2ImagePipeline:
         scheduler cannot take (LCM: at most its original_inference_steps) is the caller's
         error."""
         scheduler = scheduler_from_config(self.scheduler_config)
-        _set_eta(scheduler, eta)
+        set_eta(scheduler, eta)
         try:
             self.conditioning.set_timesteps(scheduler, steps, height, width)
         except ValueError as err:
@@ -404,73 +415,11 @@ class Text2ImagePipeline:
             raise UserError("latents and image are exclusive: image-to-image draws its own")
         return load_image(image)
 
-    def _latent_grid(self, pixel_mask: np.ndarray) -> np.ndarray:
-        """(1, 1, H, W) -> (1, 1, h, w): torch's nearest interpolation to the latent size,
-        as the pipelines' prepare_mask_latents (an integer ratio picks every s-th pixel)."""
-        scale = self.conditioning.vae_scale
-        return pixel_mask[:, :, ::scale, ::scale]
-
-    def _latent_mask(self, pixel_mask: np.ndarray, images: int) -> np.ndarray:
-        """The mask on the latent grid in the denoiser's layout (1: repaint), every image."""
-        grid = self._latent_grid(pixel_mask)
-        channels = self.config.latent_channels
-        full = np.broadcast_to(grid, (images, channels, *grid.shape[2:]))
-        return np.ascontiguousarray(pack_latents(full, self.config.kind.latent_packing))
-
-    def _inpainting_inputs(
-        self, pixels: np.ndarray, pixel_mask: np.ndarray, seed: int, images: int, do_cfg: bool
-    ) -> np.ndarray:
-        """What an inpainting UNet takes besides the latents: the mask on the latent grid
-        and the latents of the image with the repainted part blacked out (its own posterior
-        draw), (B, 1 + C, h, w), B as the denoiser batch; diffusers' prepare_mask_latents."""
-        masked = self._encode(pixels * (pixel_mask < 0.5), seed, images, _MASKED_STREAM)
-        grid = np.repeat(self._latent_grid(pixel_mask), images, axis=0)
-        joined = np.concatenate([grid, masked], axis=1).astype(np.float32)
-        return np.concatenate([joined, joined]) if do_cfg else joined
-
-    def _begin(self, scheduler: Scheduler, steps: int, strength: float) -> int:
-        """The first scheduler call of an image-to-image run (its history starts there)."""
-        value = float(strength)
-        if not (np.isfinite(value) and 0 < value <= 1):
-            raise UserError(f"strength {strength}: use a value above 0 and at most 1")
-        begin = img2img_begin(self.config.kind, steps, value, scheduler.order)
-        if begin >= len(scheduler.timesteps):
-            raise UserError(
-                f"strength {value:g} with {steps} steps leaves no step to run; raise the "
-                "strength or the steps (strength x steps must reach 1)"
-            )
-        try:
-            scheduler.set_begin_index(begin)
-        except ValueError as err:  # PNDM's Runge-Kutta start cannot begin mid-schedule
-            raise UserError(f"image-to-image at strength {value:g}: {err}") from None
-        return begin
-
-    def _encode(
-        self, pixels: np.ndarray, seed: int, images: int, stream: int = _POSTERIOR_STREAM
-    ) -> np.ndarray:
-        """The image's latents in the denoiser's layout, scaled as the decoder unscales
-        them, one row per image: a draw from the VAE posterior (diffusers' retrieve_latents
-        samples it too), repeated for every image as diffusers' img2img pipelines do."""
-        out = self.vae_encoder.run({VAE_ENCODER_INPUT: pixels})
-        mean, std = (np.asarray(out[n], np.float32) for n in VAE_ENCODER_OUTPUTS)
-        rng = np.random.default_rng([stream, seed])
-        z = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-        scaling = np.float32(self.config.vae_scaling_factor)
-        if self.config.vae_latents_mean is not None:  # SDXL's per-channel statistics
-            mean_c, std_c = _latent_stats(self.config)
-            z = (z - mean_c) * scaling / std_c
-        else:
-            if self.config.vae_shift_factor is not None:
-                z = z - np.float32(self.config.vae_shift_factor)
-            z = z * scaling
-        z = np.repeat(z.astype(np.float32), images, axis=0)
-        return pack_latents(z, self.config.kind.latent_packing)
-
     def _decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
         z = self.conditioning.vae_latents(latents, height, width)
         scaling = np.float32(self.config.vae_scaling_factor)
         if self.config.vae_latents_mean is not None:  # SDXL's per-channel statistics
-            mean, std = _latent_stats(self.config)
+            mean, std = latent_stats(self.config)
             z = z * std / scaling + mean
         else:
             z = z / scaling
@@ -542,32 +491,6 @@ class Text2ImagePipeline:
                 trained_h,
             )
         return height, width
-
-
-def _latent_stats(config: PipelineSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The VAE's per-channel latent mean and std, (1, C, 1, 1) float32."""
-    return tuple(  # type: ignore[return-value]
-        np.asarray(v, np.float32).reshape(1, -1, 1, 1)
-        for v in (config.vae_latents_mean, config.vae_latents_std)
-    )
-
-
-def _set_eta(scheduler: Scheduler, eta: float | None) -> None:
-    """TCD's gamma; UserError for a value out of 0..1, or for a scheduler that takes none
-    (DDIM's eta > 0, its stochastic form, is not ported; the others have no eta)."""
-    if eta is None:
-        return
-    value = float(eta)
-    if not (np.isfinite(value) and 0 <= value <= 1):
-        raise UserError(f"eta {eta}: use a value from 0 to 1")
-    if hasattr(scheduler, "eta"):
-        scheduler.eta = value
-    elif value > 0:
-        name = type(scheduler).__name__
-        raise UserError(
-            f"eta {value:g}: {name} takes no eta here (it is TCD's gamma: sample with "
-            "--scheduler tcd, or leave eta out)"
-        )
 
 
 def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:
@@ -655,59 +578,3 @@ def _load(runner: Backend, bundle: Bundle, name: str) -> Session:
             f"than the manifest declares for {name}; {FIX}"
         )
     return session
-
-
-def scheduler_problem(config: PipelineSpec, scheduler_config: dict) -> str | None:
-    """Why the runtime cannot sample with `scheduler_config` for this pipeline, or None.
-
-    Builds the scheduler and sets a schedule at the pipeline's default settings, so an
-    unsupported class, or values that break the maths, are found before any graph loads
-    (and, at export, before any component is exported) rather than mid-generation.
-    """
-    lat_h, lat_w = (v // config.vae_scale_factor for v in config.default_size)
-    try:
-        scheduler = scheduler_from_config(scheduler_config)
-        args = timestep_args(config.kind, scheduler_config, config.default_steps, lat_h, lat_w)
-        scheduler.set_timesteps(**args)
-        timesteps = np.asarray(scheduler.timesteps, np.float64)
-    except (ValueError, TypeError, ArithmeticError, KeyError, IndexError) as err:
-        return f"{type(err).__name__}: {str(err).partition(chr(10))[0]}"
-    if not np.isfinite(timesteps).all():
-        return "it gives non-finite timesteps"
-    return None
-
-
-def _check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -> None:
-    problem = scheduler_problem(config, scheduler_config)
-    if problem is not None:
-        raise BundleError(
-            f"{root}/{config.scheduler}: scheduler config not supported ({problem}); {FIX}"
-        )
-
-
-def _resampled(config: PipelineSpec, scheduler_config: dict, sigmas: str) -> dict:
-    """The scheduler config on `sigmas`' schedule (the caller's choice: UserError)."""
-    return _changed(config, with_sigmas, scheduler_config, sigmas, "sigmas")
-
-
-def _switched(config: PipelineSpec, scheduler_config: dict, name: str) -> dict:
-    """The bundle's scheduler config rewritten for scheduler `name` (the caller's choice:
-    a problem with it is a UserError, the bundle being fine)."""
-    switched = _changed(config, switch_scheduler, scheduler_config, name, "scheduler")
-    warning = switch_warning(scheduler_config, switched)
-    if warning:
-        log.warning("scheduler %s: %s", name, warning)
-    return switched
-
-
-def _changed(config: PipelineSpec, change, scheduler_config: dict, value: str, what: str) -> dict:
-    """`change(scheduler_config, value)`, its ValueError and a config the runtime cannot
-    sample with both UserErrors naming `what` (--scheduler, --sigmas)."""
-    try:
-        changed = change(scheduler_config, value)
-    except ValueError as err:
-        raise UserError(f"{what}: {err}") from None
-    problem = scheduler_problem(config, changed)
-    if problem is not None:
-        raise UserError(f"{what} {value} cannot sample this bundle ({problem}); pick another one")
-    return changed

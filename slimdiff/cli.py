@@ -17,12 +17,14 @@ import click
 
 from slimdiff import __version__
 from slimdiff.app.options import (
+    FILE,
     SEED,
     STEPS,
     allow_pickle_option,
     device_option,
     dry_run_option,
     expect_sha256_option,
+    image_to_image_options,
     lora_option,
     scheduler_option,
     set_option,
@@ -187,7 +189,7 @@ def compress_cmd(
 
 
 @main.command("convert")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=FILE)
 @click.option(
     "--config",
     "config",
@@ -325,24 +327,13 @@ def export_cmd(
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
     from slimdiff.app.args import check_output_dir
+    from slimdiff.app.export_cli import load_edited, report
     from slimdiff.export import check_out_dir, export_bundle
-    from slimdiff.models.loading import load_for_export
 
     check_output_dir(out)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
-    swap = _vae_pass(vae) if vae is not None else None  # a bad folder: before the model loads
-    fuse = _lora_pass(loras, weights) if loras else None  # bad files too
-    loaded = load_for_export(model, weights, allow_pickle, without=drop)
-    if fuse is not None:
-        _fetch_for_loras(loaded, loras)
-    for edit in (fuse, swap):  # in a recipe's order: lora.fuse, then vae.replace
-        if edit is not None:
-            edit.preflight(loaded.pipe, None)
-            report = edit.apply(loaded.pipe, None)
-            if edit is fuse:
-                layers = ", ".join(f"{n} {c}" for n, c in report.summary["layers_fused"].items())
-                click.echo(f"fused {len(loras)} LoRA(s): {layers} layers")
+    loaded = load_edited(model, weights, allow_pickle, drop, loras, vae, click.echo)
     manifest = export_bundle(
         loaded,
         out,
@@ -360,55 +351,7 @@ def export_cmd(
         **sizes,
     )
     del loaded
-    for name, comp in manifest.components.items():
-        parity = comp.parity
-        skipped = comp.extra.get("parity_skipped")
-        check = (
-            f"parity not checked: {skipped}"
-            if skipped
-            else f"rel err {parity.get('rel_err', float('nan')):.2e} "
-            f"(tol {parity.get('tolerance', float('nan')):.0e})"
-        )
-        click.echo(f"{name:<16} {comp.precision:<5} {check}")
-    click.echo(f"bundle: {out}  sha256 {manifest.sha256}")
-    from slimdiff.memory import peak_rss_mib
-
-    click.echo(f"peak RSS {peak_rss_mib() / 1024:.2f} GiB")
-
-
-def _lora_pass(loras: list[dict], weights: str):
-    """lora.fuse for `export --lora`, its files checked (UserError) before any load."""
-    from slimdiff.compress.lora.fuse import FuseLoraPass, lora_file
-
-    if weights == "stream":
-        raise UserError(
-            "--lora fuses LoRAs into weights held in memory, which --weights stream never "
-            "loads; use --weights auto or memory"
-        )
-    for lora in loras:
-        lora_file(lora["path"])
-    return FuseLoraPass(FuseLoraPass.Config(loras=loras))
-
-
-def _fetch_for_loras(loaded, loras: list[dict]) -> None:
-    """LoRAs fuse into weights in memory: a lazily loaded model fetches the components they
-    adapt (usually the denoiser alone) now; the others stay lazy, each loaded only while it
-    exports, so the peak stays that of a plain export."""
-    from slimdiff.compress.lora.fuse import lora_components
-    from slimdiff.models.lazy import is_lazy, materialize
-
-    for name in lora_components(loaded.pipe, [lora["path"] for lora in loras]):
-        module = getattr(loaded.pipe, name)
-        if is_lazy(module):
-            materialize(module)
-
-
-def _vae_pass(path: str):
-    """vae.replace for `export --vae DIR`, its folder checked (UserError) before any load."""
-    from slimdiff.compress.vae.replace import ReplaceVaePass, read_vae
-
-    read_vae(path)
-    return ReplaceVaePass(ReplaceVaePass.Config(path=path))
+    report(manifest, out, click.echo)
 
 
 # ----------------------------------------------------------------------------- run
@@ -467,32 +410,10 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     "first is the image of --images 1.",
 )
 @click.option("--size", default=None, help=SIZE_HELP + " With --image: resized to it.")
-@click.option(
-    "--image",
-    "init_image",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Image-to-image: start from this image (PNG, JPEG, ...), at its own size cut to the "
-    "size multiple unless --size is given. Needs a bundle exported with --vae-encoder.",
-)
-@click.option(
-    "--mask",
-    "mask_image",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="With --image: inpaint, repainting where this mask is white and keeping the image "
-    "where it is black (resized to the image; binarised at half grey).",
-)
-@click.option(
-    "--strength",
-    type=click.FloatRange(0.0, 1.0, min_open=True),
-    default=None,
-    help="With --image: how far to noise it, above 0 to 1 (1: from pure noise, lower keeps "
-    "more of the image); strength x steps steps run. Default: 0.8.",
-)
+@image_to_image_options
 @click.option(
     "--latents",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=FILE,
     help="Initial noise (.npy) in the layout diffusers' `latents=` takes, to compare exactly.",
 )
 @click.option(
@@ -518,18 +439,19 @@ def run_cmd(
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime; from
     an --image too (image-to-image)."""
-    from slimdiff.app.args import check_guidance, check_output_file, image_paths, read_latents
+    from slimdiff.app.args import (
+        check_guidance,
+        check_image_to_image,
+        check_output_file,
+        image_paths,
+        read_latents,
+    )
     from slimdiff.progress import StepProgress
     from slimdiff.runtime import Text2ImagePipeline
     from slimdiff.runtime.image import save_png
 
     check_guidance(guidance)
-    if mask_image is not None and init_image is None:
-        raise click.UsageError("--mask needs --image (the image it masks)")
-    if strength is not None and init_image is None:
-        raise click.UsageError("--strength needs --image (it sets how far the image is noised)")
-    if init_image is not None and latents is not None:
-        raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")
+    check_image_to_image(init_image, mask_image, strength, latents)
     size = _size(size)
     outs = image_paths(out, images * len(prompt))
     for path in outs:

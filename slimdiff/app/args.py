@@ -17,12 +17,15 @@ import stat
 import tempfile
 from pathlib import Path
 
+import click
+
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_SIDE, MIN_SIDE
 from slimdiff.recipe import parse_size
 
 __all__ = [
     "check_guidance",
+    "check_image_to_image",
     "check_output_dir",
     "check_output_file",
     "check_size",
@@ -121,3 +124,16 @@ def read_latents(path: Path):
     if not np.isfinite(array).all():
         raise UserError(f"--latents {path}: holds NaN or infinite values")
     return array
+
+
+def check_image_to_image(
+    image: Path | None, mask: Path | None, strength: float | None, latents: Path | None
+) -> None:
+    """`run`'s image-to-image options together: --mask and --strength need --image, which
+    draws its own latents."""
+    if mask is not None and image is None:
+        raise click.UsageError("--mask needs --image (the image it masks)")
+    if strength is not None and image is None:
+        raise click.UsageError("--strength needs --image (it sets how far the image is noised)")
+    if image is not None and latents is not None:
+        raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")

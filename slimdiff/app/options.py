@@ -3,20 +3,60 @@ core's limits are imported here, so `slimdiff --help` stays instant."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from slimdiff.limits import MAX_SEED, MAX_STEPS
 
 __all__ = [
+    "FILE",
     "SEED",
     "STEPS",
     "allow_pickle_option",
     "device_option",
     "dry_run_option",
     "expect_sha256_option",
+    "image_to_image_options",
     "lora_option",
     "scheduler_option",
     "set_option",
+]
+
+FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # an input file
+
+
+def image_to_image_options(f):
+    """`run`'s --image, --mask and --strength (image-to-image and inpainting)."""
+    for option in reversed(_IMAGE_TO_IMAGE):
+        f = option(f)
+    return f
+
+
+_IMAGE_TO_IMAGE = [
+    click.option(
+        "--image",
+        "init_image",
+        type=FILE,
+        default=None,
+        help="Image-to-image: start from this image (PNG, JPEG, ...), at its own size cut to "
+        "the size multiple unless --size is given. Needs a bundle exported with --vae-encoder.",
+    ),
+    click.option(
+        "--mask",
+        "mask_image",
+        type=FILE,
+        default=None,
+        help="With --image: inpaint, repainting where this mask is white and keeping the image "
+        "where it is black (resized to the image; binarised at half grey).",
+    ),
+    click.option(
+        "--strength",
+        type=click.FloatRange(0.0, 1.0, min_open=True),
+        default=None,
+        help="With --image: how far to noise it, above 0 to 1 (1: from pure noise, lower "
+        "keeps more of the image); strength x steps steps run. Default: 0.8.",
+    ),
 ]
 
 

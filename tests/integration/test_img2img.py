@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from slimdiff.runtime import Text2ImagePipeline
-from slimdiff.runtime.pipeline import _MASKED_STREAM, _POSTERIOR_STREAM
+from slimdiff.runtime.img2img import MASKED_STREAM, POSTERIOR_STREAM, encode_image
 
 from slimdiff.errors import UserError
 from slimdiff.models.kinds import unpack_latents
@@ -98,7 +98,7 @@ def _diffusers(model, family, runtime, guidance, zero=False, strength=STRENGTH, 
     shape = (1, cond.channels, lat_h, lat_w)
     posterior, masked = (
         np.random.default_rng([stream, SEED]).standard_normal(shape, dtype=np.float32)
-        for stream in (_POSTERIOR_STREAM, _MASKED_STREAM)
+        for stream in (POSTERIOR_STREAM, MASKED_STREAM)
     )
     # the VAE posterior's draws in diffusers' order: the image's (unless an inpainting
     # model starts from pure noise), then an inpainting model's masked image's
@@ -199,7 +199,8 @@ def test_inpainting_matches_diffusers(tiny_bundle, family, guidance, strength):
     final = unpack_latents(result.latents, cond.kind.latent_packing, h, w)
     kept = test_mask()[:: cond.vae_scale, :: cond.vae_scale] < 128  # (h, w)
     assert kept.sum() > 0 and (~kept).sum() > 0
-    clean = unpack_latents(runtime._encode(_pixels(), SEED, 1), cond.kind.latent_packing, h, w)
+    encoded = encode_image(runtime.config, runtime.vae_encoder, _pixels(), SEED, 1)
+    clean = unpack_latents(encoded, cond.kind.latent_packing, h, w)
     np.testing.assert_allclose(final[..., kept], clean[..., kept], rtol=0, atol=1e-6)
     assert np.abs(final[..., ~kept] - clean[..., ~kept]).max() > 0.1
 

@@ -162,24 +162,14 @@ def test_switched_scheduler_matches_diffusers(tiny_bundle, name, monkeypatch):
     runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name)
     class_name, overrides = SCHEDULER_ALIASES[name]
     assert runtime.scheduler_config["_class_name"] == class_name
-    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
-    latents = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
-    original = model.pipe.scheduler  # the shared model: put its scheduler back after
-    model.pipe.scheduler = getattr(diffusers, class_name).from_config(original.config, **overrides)
-    module = importlib.import_module(type(model.pipe.scheduler).__module__)
-    if hasattr(module, "randn_tensor"):
-        monkeypatch.setattr(module, "randn_tensor", _runtime_step_noise(0))
-    try:
-        model.pipe.set_progress_bar_config(disable=True)
-        ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
-        if hasattr(module, "randn_tensor"):  # the same step noise again
+    ref = getattr(diffusers, class_name).from_config(model.pipe.scheduler.config, **overrides)
+    module = importlib.import_module(type(ref).__module__)
+
+    def same_step_noise():  # each diffusers run draws the runtime's step noise from the start
+        if hasattr(module, "randn_tensor"):
             monkeypatch.setattr(module, "randn_tensor", _runtime_step_noise(0))
-        _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
-    finally:
-        model.pipe.scheduler = original
-    result = runtime(PROMPT, steps=STEPS, guidance=5.0, size=(SIZE, SIZE), latents=latents)
-    _assert_close_to_diffusers(result.latents, ref_latents, no_model, name)
-    assert _psnr(result.image, ref_image) >= 40.0
+
+    result = _assert_same_run(model, runtime, ref, seed=2, label=name, before_each=same_step_noise)
     # "pndm" is PLMS as SD configures it (skip_prk_steps): one more call, the Heun-like start;
     # Heun calls twice per step but the last
     calls = {"PNDMScheduler": STEPS + 1, "HeunDiscreteScheduler": 2 * STEPS - 1}
@@ -205,15 +195,19 @@ def test_sigmas_option_matches_diffusers(tiny_bundle, name, sigmas):
     _assert_same_run(model, runtime, ref, seed=4, label=f"{name}+{sigmas}")
 
 
-def _assert_same_run(model, runtime, scheduler, seed: int, label: str):
+def _assert_same_run(model, runtime, scheduler, seed: int, label: str, before_each=None):
     """The runtime's run and diffusers' with `scheduler` in the shared model's pipeline (put
-    back after) on the same latents: within 1e-4 of the contribution, >= 40 dB."""
+    back after) on the same latents: within 1e-4 of the contribution, >= 40 dB.
+    `before_each` runs before each of diffusers' two runs (a stochastic scheduler's noise)."""
     shape = runtime.conditioning.latent_shape(SIZE, SIZE)
     latents = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     original, model.pipe.scheduler = model.pipe.scheduler, scheduler
+    reset = before_each or (lambda: None)
     try:
         model.pipe.set_progress_bar_config(disable=True)
+        reset()
         ref_image, ref_latents = _diffusers(model.pipe, latents, 5.0, None)
+        reset()
         _, no_model = _diffusers(model.pipe, latents, 5.0, None, zero=True)
     finally:
         model.pipe.scheduler = original

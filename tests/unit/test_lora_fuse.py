@@ -410,14 +410,14 @@ def test_export_lora_refusals(loras, tmp_path):
 def test_export_lora_fetches_only_the_components_the_loras_adapt(loras):
     """A lazily loaded model (how export loads one) fetches the weights of what the LoRA
     files adapt, read from their keys (kohya's too); the rest stays lazy."""
-    from slimdiff.cli import _fetch_for_loras
+    from slimdiff.app.export_cli import fetch_for_loras
     from slimdiff.models.lazy import is_lazy
     from slimdiff.models.loading import load_for_export
 
     model = load_for_export("tiny:sdxl")
     assert is_lazy(model.pipe.unet) and is_lazy(model.pipe.text_encoder)
-    _fetch_for_loras(model, [{"path": str(loras / "fast.safetensors")}])  # UNet only
+    fetch_for_loras(model, [{"path": str(loras / "fast.safetensors")}])  # UNet only
     assert not is_lazy(model.pipe.unet)
     assert is_lazy(model.pipe.text_encoder) and is_lazy(model.pipe.text_encoder_2)
-    _fetch_for_loras(model, [{"path": str(loras / "style.safetensors")}])  # + text_encoder
+    fetch_for_loras(model, [{"path": str(loras / "style.safetensors")}])  # + text_encoder
     assert not is_lazy(model.pipe.text_encoder) and is_lazy(model.pipe.text_encoder_2)

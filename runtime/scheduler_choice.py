@@ -1,0 +1,102 @@
+"""Which scheduler a run samples with: the bundle's config checked against the numpy ports,
+switched (`--scheduler`) or put on another sigma schedule (`--sigmas`), and TCD's eta set.
+
+Each problem is raised before any graph loads: a bundle's is a BundleError, a choice of the
+caller's a UserError naming the option.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from slimdiff.runtime.manifest import FIX, BundleError, PipelineSpec
+from slimdiff.runtime.schedulers import (
+    Scheduler,
+    scheduler_from_config,
+    switch_scheduler,
+    switch_warning,
+    with_sigmas,
+)
+
+from slimdiff.errors import UserError
+from slimdiff.models.kinds import timestep_args
+
+__all__ = ["check_scheduler", "resampled", "scheduler_problem", "set_eta", "switched"]
+
+log = logging.getLogger(__name__)
+
+
+def set_eta(scheduler: Scheduler, eta: float | None) -> None:
+    """TCD's gamma; UserError for a value out of 0..1, or for a scheduler that takes none
+    (DDIM's eta > 0, its stochastic form, is not ported; the others have no eta)."""
+    if eta is None:
+        return
+    value = float(eta)
+    if not (np.isfinite(value) and 0 <= value <= 1):
+        raise UserError(f"eta {eta}: use a value from 0 to 1")
+    if hasattr(scheduler, "eta"):
+        scheduler.eta = value
+    elif value > 0:
+        name = type(scheduler).__name__
+        raise UserError(
+            f"eta {value:g}: {name} takes no eta here (it is TCD's gamma: sample with "
+            "--scheduler tcd, or leave eta out)"
+        )
+
+
+def scheduler_problem(config: PipelineSpec, scheduler_config: dict) -> str | None:
+    """Why the runtime cannot sample with `scheduler_config` for this pipeline, or None.
+
+    Builds the scheduler and sets a schedule at the pipeline's default settings, so an
+    unsupported class, or values that break the maths, are found before any graph loads
+    (and, at export, before any component is exported) rather than mid-generation.
+    """
+    lat_h, lat_w = (v // config.vae_scale_factor for v in config.default_size)
+    try:
+        scheduler = scheduler_from_config(scheduler_config)
+        args = timestep_args(config.kind, scheduler_config, config.default_steps, lat_h, lat_w)
+        scheduler.set_timesteps(**args)
+        timesteps = np.asarray(scheduler.timesteps, np.float64)
+    except (ValueError, TypeError, ArithmeticError, KeyError, IndexError) as err:
+        return f"{type(err).__name__}: {str(err).partition(chr(10))[0]}"
+    if not np.isfinite(timesteps).all():
+        return "it gives non-finite timesteps"
+    return None
+
+
+def check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) -> None:
+    problem = scheduler_problem(config, scheduler_config)
+    if problem is not None:
+        raise BundleError(
+            f"{root}/{config.scheduler}: scheduler config not supported ({problem}); {FIX}"
+        )
+
+
+def resampled(config: PipelineSpec, scheduler_config: dict, sigmas: str) -> dict:
+    """The scheduler config on `sigmas`' schedule (the caller's choice: UserError)."""
+    return _changed(config, with_sigmas, scheduler_config, sigmas, "sigmas")
+
+
+def switched(config: PipelineSpec, scheduler_config: dict, name: str) -> dict:
+    """The bundle's scheduler config rewritten for scheduler `name` (the caller's choice:
+    a problem with it is a UserError, the bundle being fine)."""
+    config_out = _changed(config, switch_scheduler, scheduler_config, name, "scheduler")
+    warning = switch_warning(scheduler_config, config_out)
+    if warning:
+        log.warning("scheduler %s: %s", name, warning)
+    return config_out
+
+
+def _changed(config: PipelineSpec, change, scheduler_config: dict, value: str, what: str) -> dict:
+    """`change(scheduler_config, value)`, its ValueError and a config the runtime cannot
+    sample with both UserErrors naming `what` (--scheduler, --sigmas)."""
+    try:
+        changed = change(scheduler_config, value)
+    except ValueError as err:
+        raise UserError(f"{what}: {err}") from None
+    problem = scheduler_problem(config, changed)
+    if problem is not None:
+        raise UserError(f"{what} {value} cannot sample this bundle ({problem}); pick another one")
+    return changed
