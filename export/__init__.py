@@ -35,6 +35,7 @@ from slimdiff.export.components import (
     Component,
     export_mode,
     free_weights,
+    model_device,
     plan_components,
     release_memory,
 )
@@ -81,6 +82,7 @@ from slimdiff.lowbit import (
 from slimdiff.memory import available_bytes, rss_mib
 from slimdiff.models.lazy import is_lazy, materialize, param_bytes
 from slimdiff.models.loading import LoadedModel
+from slimdiff.models.vae import vae_scale_factor
 
 __all__ = [
     "PRECISIONS",
@@ -125,6 +127,7 @@ def export_bundle(
     scheduler: str | None = None,
     sigmas: str | None = None,
     vae_encoder: bool = False,
+    controlnet: str | None = None,
 ) -> Manifest:
     """Export `model`'s pipeline to a bundle folder at `out` and return its manifest.
 
@@ -174,6 +177,10 @@ def export_bundle(
         vae_encoder: also export the VAE encoder (component "vae_encoder", at the VAE
             decoder's precision), which image-to-image runs need (`slimdiff run --image`);
             always for an inpainting model (KindSpec.inpainting), which runs only so.
+        controlnet: a diffusers ControlNet folder (or hub id) to steer the UNet with: the
+            denoiser graph then holds both and takes a control image and a conditioning
+            scale (slimdiff/models/controlnet.py; `slimdiff run --control-image`). Checked
+            against the UNet before anything is exported. ONNX targets only.
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
@@ -197,7 +204,8 @@ def export_bundle(
             model.source,
         )
         vae_encoder = True
-    components = plan_components(model, vae_encoder=vae_encoder)
+    steer = _controlnet(model, controlnet, target, weights) if controlnet is not None else None
+    components = plan_components(model, vae_encoder=vae_encoder, controlnet=steer)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:
         for i, component in enumerate(components):
@@ -258,7 +266,10 @@ def export_bundle(
             from slimdiff.export.tensorrt import write_build_script
 
             write_build_script(root, entries)  # hashed with the rest: before the manifest
-        manifest = _write_manifest(root, model, entries, source or {"model": model.source})
+        source = source or {"model": model.source}
+        if controlnet is not None:
+            source = {**source, "controlnet": str(controlnet)}
+        manifest = _write_manifest(root, model, entries, source, steer is not None)
         make_readable(root)
     log.info("bundle written to %s (sha256 %s)", out, manifest.sha256)
     return manifest
@@ -287,8 +298,35 @@ def _aoti():
     return aoti
 
 
+def _controlnet(model: LoadedModel, spec: str, target: str, weights: str):
+    """The ControlNet at `spec`, loaded and checked against `model`'s UNet (UserError),
+    with that UNet's weights in memory: the two trace as one graph."""
+    from slimdiff.models.controlnet import check_controlnet, controlnet_folder, load_controlnet
+
+    if target == "aoti":
+        raise UserError(
+            "--controlnet: AOTInductor packages do not take a ControlNet yet; export with "
+            "--target onnx or tensorrt"
+        )
+    if weights == "stream":
+        raise UserError(
+            "--controlnet traces the UNet and the ControlNet together from weights in memory, "
+            "which --weights stream never loads; use --weights auto or memory"
+        )
+    controlnet_folder(spec)  # the folder and its class, before the weights load
+    if is_lazy(model.denoiser):
+        materialize(model.denoiser)
+    controlnet = load_controlnet(spec)
+    check_controlnet(controlnet, model.denoiser, vae_scale_factor(model.pipe.vae.config), spec)
+    return controlnet.to(model_device(model.denoiser))
+
+
 def _write_manifest(
-    root: Path, model: LoadedModel, entries: dict[str, ComponentEntry], source: dict
+    root: Path,
+    model: LoadedModel,
+    entries: dict[str, ComponentEntry],
+    source: dict,
+    controlnet: bool = False,
 ) -> Manifest:
     """Write manifest.json, last, so a folder with a manifest is always complete; return it
     as the runtime reads it back, with `sha256` (the bundle's identity) set.
@@ -302,7 +340,7 @@ def _write_manifest(
             slimdiff_version=slimdiff.__version__,
             family=model.arch.family,
             source=source,
-            pipeline=pipeline_constants(model),
+            pipeline=pipeline_constants(model, controlnet),
             components=entries,
             files=hash_files(root),
         )

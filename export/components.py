@@ -32,7 +32,7 @@ from torch import nn
 
 from slimdiff.memory import release_memory
 from slimdiff.models.arch import VAE_ONNX, ArchSpec, OnnxPlan, TensorSpec
-from slimdiff.models.inputs import denoiser_inputs
+from slimdiff.models.inputs import denoiser_inputs, denoiser_specs
 from slimdiff.models.loading import LoadedModel
 
 __all__ = [
@@ -76,9 +76,13 @@ def _axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
     }
 
 
-def plan_components(model: LoadedModel, vae_encoder: bool = False) -> list[Component]:
+def plan_components(
+    model: LoadedModel, vae_encoder: bool = False, controlnet: nn.Module | None = None
+) -> list[Component]:
     """The components of `model`'s bundle, in model.components order; with `vae_encoder`
-    the VAE encoder too (for image-to-image), last.
+    the VAE encoder too (for image-to-image), last. With `controlnet` (checked with
+    slimdiff.models.controlnet.check_controlnet) the denoiser is the UNet and the
+    ControlNet in one graph (ControlledDenoiser).
 
     Example:
         >>> [c.name for c in plan_components(load_model("tiny:sdxl"))]  # doctest: +SKIP
@@ -108,7 +112,12 @@ def plan_components(model: LoadedModel, vae_encoder: bool = False) -> list[Compo
                 model=encoder,
             )
         )
-    plans.append(denoiser_component(arch, model.denoiser))
+    denoiser = model.denoiser
+    if controlnet is not None:
+        from slimdiff.models.controlnet import ControlledDenoiser
+
+        denoiser = ControlledDenoiser(denoiser, controlnet)
+    plans.append(denoiser_component(arch, denoiser))
     plans.append(vae_decoder_component(arch, pipe.vae))
     if vae_encoder:
         plans.append(vae_encoder_component(pipe.vae))
@@ -153,7 +162,7 @@ def vae_decoder_component(arch: ArchSpec, vae: nn.Module) -> Component:
 def denoiser_component(arch: ArchSpec, denoiser: nn.Module) -> Component:
     """The denoiser's Component (named arch.denoiser) for `denoiser`, which need not be the
     pipeline's: tools export a UNet alone with it (tools/unet_speed.py)."""
-    specs = arch.present_inputs(denoiser.config)
+    specs = denoiser_specs(arch, denoiser)
     names = tuple(s.name for s in specs)
     axes = _axes(specs)
     return Component(

@@ -27,7 +27,8 @@ __all__ = [
 
 # Axis names that vary at run time; the other names in ArchSpec shapes ("C", "D", "P") stand
 # for a width fixed by the model's config and are resolved to ints here.
-DYNAMIC_AXES = frozenset({"B", "H", "W", "L", "S", "h", "w"})
+# "8H"/"8W": a control image's pixels (slimdiff/models/controlnet.py).
+DYNAMIC_AXES = frozenset({"B", "H", "W", "L", "S", "h", "w", "8H", "8W"})
 
 
 # The trace's latent side, 18, is deliberately not a multiple of a UNet's overall

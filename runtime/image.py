@@ -112,15 +112,17 @@ def image_size(image: Image.Image, multiple: int, max_side: int) -> tuple[int, i
     return height, width
 
 
-def prepare_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+def prepare_image(image: Image.Image, size: tuple[int, int], normalize: bool = True) -> np.ndarray:
     """`image` as a VAE encoder takes it: (1, 3, H, W) float32 in [-1, 1] with (H, W) =
     `size`, as diffusers' VaeImageProcessor.preprocess makes it (Lanczos resize, its
-    default; /255 then 2x - 1 in float32)."""
+    default; /255 then 2x - 1 in float32). Without `normalize`, in [0, 1]: a ControlNet's
+    control image (diffusers' control_image_processor, do_normalize=False)."""
     height, width = size
     if (width, height) != image.size:
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     x = np.asarray(image.convert("RGB")).astype(np.float32) / np.float32(255)  # (H, W, 3)
-    x = np.float32(2) * x - np.float32(1)  # [0, 1] -> [-1, 1], VaeImageProcessor.normalize
+    if normalize:
+        x = np.float32(2) * x - np.float32(1)  # [0, 1] -> [-1, 1], VaeImageProcessor.normalize
     return np.ascontiguousarray(x.transpose(2, 0, 1)[np.newaxis])  # (1, 3, H, W)
 
 

@@ -82,6 +82,10 @@ VAE_INPUT, VAE_OUTPUT = "latent_sample", "sample"
 VAE_ENCODER = "vae_encoder"
 VAE_ENCODER_INPUT = "image"
 VAE_ENCODER_OUTPUTS = ("latent_mean", "latent_std")
+# Optional (`export --controlnet`): the denoiser graph holds a ControlNet and takes a control
+# image (B, 3, 8H, 8W) in [0, 1] and a conditioning scale (1,) besides (models/controlnet.py).
+CONTROL_IMAGE = "controlnet_cond"
+CONTROL_SCALE = "conditioning_scale"
 # Text encoder outputs: per-token hidden states (B, S, D), and pooled ones (B, P).
 HIDDEN_OUTPUTS = ("penultimate_hidden_state", "last_hidden_state")
 POOLED_OUTPUTS = ("text_embeds", "pooler_output")
@@ -315,6 +319,16 @@ class ZeroTextRecord(pydantic.BaseModel):
     hidden_size: Annotated[int, Field(ge=1, le=1 << 16)]
 
 
+class ControlNetRecord(pydantic.BaseModel):
+    """The ControlNet inside the denoiser graph (`export --controlnet`): its control image
+    has `conditioning_channels` channels (RGB) at the image's size, fed unnormalised in
+    [0, 1] as diffusers' ControlNet pipelines feed it."""
+
+    model_config = _CONFIG
+
+    conditioning_channels: Literal[3]
+
+
 class PipelineSpec(pydantic.BaseModel):
     """Constants the runtime's denoising loop needs (written by export/bundle.py)."""
 
@@ -345,6 +359,8 @@ class PipelineSpec(pydantic.BaseModel):
     zero_text: Annotated[tuple[ZeroTextRecord, ...], Field(min_length=1, max_length=8)] | None = (
         None
     )
+    # Written only for a bundle whose denoiser holds a ControlNet.
+    controlnet: ControlNetRecord | None = None
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> PipelineSpec:
@@ -355,7 +371,9 @@ class PipelineSpec(pydantic.BaseModel):
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_stats(self, handler: Any) -> dict[str, Any]:
-        return drop_unset(handler(self), ("vae_latents_mean", "vae_latents_std", "zero_text"))
+        return drop_unset(
+            handler(self), ("vae_latents_mean", "vae_latents_std", "zero_text", "controlnet")
+        )
 
 
 class Manifest(pydantic.BaseModel):

@@ -15,6 +15,8 @@ import re
 from typing import TYPE_CHECKING
 
 from slimdiff.runtime.manifest import (
+    CONTROL_IMAGE,
+    CONTROL_SCALE,
     DENOISER_OUTPUT,
     HIDDEN_OUTPUTS,
     MANIFEST_NAME,
@@ -210,6 +212,8 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
     field = f"components.{p.denoiser}"
     declared = {i["name"] for i in entry.inputs}
     expected = kind.input_names()
+    if p.controlnet is not None:
+        expected = expected | {CONTROL_IMAGE, CONTROL_SCALE}
     if declared != expected:
         _fail(
             f"{field}.inputs",
@@ -274,6 +278,8 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
         ids = _check_io(f"{field}.inputs.txt_ids", entry.io("txt_ids"), 2, _FLOATS)
         if _fixed(ids, 0) not in (None, text_len):
             _fail(f"{field}.inputs.txt_ids", f"length is not the text's {text_len} tokens")
+    if p.controlnet is not None:
+        _check_control(p, entry, field)
     for name in kind.extra_inputs:
         where = f"{field}.inputs.{name}"
         spec = _check_io(where, entry.io(name), 1 if name == "guidance" else 2, _FLOATS)
@@ -284,6 +290,17 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
                 f"width {width} is not pipeline.kind.guidance_embedding_dim "
                 f"{kind.guidance_embedding_dim}",
             )
+
+
+def _check_control(p: PipelineSpec, entry: ComponentEntry, field: str) -> None:
+    """A ControlNet's inputs: the control image (B, channels, H, W) and the scale (1,)."""
+    where = f"{field}.inputs.{CONTROL_IMAGE}"
+    image = _check_io(where, entry.io(CONTROL_IMAGE), 4, _FLOATS)
+    if _fixed(image, 1) not in (None, p.controlnet.conditioning_channels):
+        _fail(where, f"channels are not {p.controlnet.conditioning_channels}")
+    scale = _check_io(f"{field}.inputs.{CONTROL_SCALE}", entry.io(CONTROL_SCALE), 1, _FLOATS)
+    if scale["shape"] != [1]:
+        _fail(f"{field}.inputs.{CONTROL_SCALE}", "must have shape [1]")
 
 
 def _check_vae(m: Manifest) -> None:

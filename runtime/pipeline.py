@@ -27,6 +27,7 @@ from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend, shape_bound
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.conditioning import Conditioning
+from slimdiff.runtime.control import check_control, control_pixels, control_scales
 from slimdiff.runtime.image import (
     ImageInput,
     image_size,
@@ -43,6 +44,8 @@ from slimdiff.runtime.img2img import (
     latent_stats,
 )
 from slimdiff.runtime.manifest import (
+    CONTROL_IMAGE,
+    CONTROL_SCALE,
     DENOISER_OUTPUT,
     FIX,
     VAE_DECODER,
@@ -236,6 +239,10 @@ class Text2ImagePipeline:
         image: ImageInput | None = None,
         strength: float = 0.8,
         mask_image: ImageInput | None = None,
+        control_image: ImageInput | None = None,
+        control_scale: float = 1.0,
+        control_start: float = 0.0,
+        control_end: float = 1.0,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -270,14 +277,26 @@ class Text2ImagePipeline:
         diffusers' inpaint pipelines do with a model that is not inpainting-trained: after
         each step the unmasked latents are put back to the image's, noised to the next
         step; at strength 1 the run starts from pure noise.
+
+        ControlNet (a bundle exported with --controlnet): `control_image` (same kinds) steers
+        the run, as diffusers' ControlNet pipelines do: resized to `size` (without one, the
+        run takes the control image's size, cut down to the size multiple), its residuals
+        scaled by `control_scale` on the steps within [`control_start`, `control_end`] (as
+        fractions of the steps that run), by 0 outside. It combines with `image` (diffusers'
+        ControlNet img2img pipeline) and `mask_image` (its inpaint pipeline). Without one,
+        such a bundle draws as if it had no ControlNet (scale 0), still paying its cost.
         """
         start = time.perf_counter()
         prompts, negatives = _check_prompts(prompt, negative_prompt)
         steps = int(steps if steps is not None else self.config.default_steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         source = None if image is None else self._check_image(image, latents)
-        if source is not None and size is None:
-            size = image_size(source, self.conditioning.size_multiple(), MAX_SIDE)
+        control = check_control(
+            self.config, control_image, control_scale, control_start, control_end
+        )
+        sized_by = control if control is not None else source  # diffusers': the control's
+        if sized_by is not None and size is None:
+            size = image_size(sized_by, self.conditioning.size_multiple(), MAX_SIDE)
         height, width = self._check_args(steps, size, output)
         _check_values(guidance, seed, latents)
         pixels = None if source is None else prepare_image(source, (height, width))
@@ -310,6 +329,10 @@ class Text2ImagePipeline:
         loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
         t0 = time.perf_counter()
         fixed = cond.encode(prompts, negatives, do_cfg, guidance, height, width, per_prompt)
+        if self.config.controlnet is not None:
+            rows = images * (2 if do_cfg else 1)
+            channels = self.config.controlnet.conditioning_channels
+            fixed[CONTROL_IMAGE] = control_pixels(control, (height, width), rows, channels)
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
@@ -350,6 +373,8 @@ class Text2ImagePipeline:
         step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
         step_ms: list[float] = []
         calls = len(scheduler.timesteps) - begin
+        scale = 0.0 if control is None else float(control_scale)
+        scales = control_scales(calls, scale, float(control_start), float(control_end))
         for i in range(begin, len(scheduler.timesteps)):
             t = scheduler.timesteps[i]
             t0 = time.perf_counter()
@@ -358,6 +383,8 @@ class Text2ImagePipeline:
             if extra is not None:  # (B, C, h, w) -> (B, 2C + 1, h, w), as diffusers joins them
                 model_input = np.concatenate([model_input, extra], axis=1)
             feeds = {**fixed, **cond.step_feeds(model_input, np.float32(t))}
+            if self.config.controlnet is not None:
+                feeds[CONTROL_SCALE] = scales[i - begin]
             pred = self.denoiser.run(feeds)[DENOISER_OUTPUT]
             if do_cfg:
                 uncond, text = np.split(pred, 2)  # (uncond, cond), as batched above

@@ -21,11 +21,14 @@ import torch
 from slimdiff.models.arch import ArchSpec, TensorSpec
 from slimdiff.models.kinds import extra_inputs
 
-__all__ = ["Sizes", "denoiser_inputs", "denoiser_kwargs", "resolve_shape"]
+__all__ = ["Sizes", "denoiser_inputs", "denoiser_kwargs", "denoiser_specs", "resolve_shape"]
 
 # A sample's timestep is drawn in [0, this) before the kind's divisor: diffusers' schedulers
 # run on 1000 training timesteps.
 _TRAIN_TIMESTEPS = 1000.0
+# Inputs drawn uniformly from their range: a control image in [0, 1] (as diffusers'
+# ControlNet pipelines feed it, unnormalised), a conditioning scale around 1.
+_UNIFORM = {"controlnet_cond": (0.0, 1.0), "conditioning_scale": (0.5, 1.5)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,12 @@ class Sizes:
 def resolve_shape(spec: TensorSpec, axes: Mapping[str, int]) -> tuple[int, ...]:
     """Concrete shape of `spec` given a size for each named axis."""
     return tuple(d if isinstance(d, int) else axes[d] for d in spec.shape)
+
+
+def denoiser_specs(arch: ArchSpec, denoiser: torch.nn.Module) -> tuple[TensorSpec, ...]:
+    """The denoiser's graph inputs, in order: its ArchSpec's present ones, then any its
+    module adds (a ControlNet's control image and scale: slimdiff/models/controlnet.py)."""
+    return arch.present_inputs(denoiser.config) + tuple(getattr(denoiser, "input_specs", ()))
 
 
 def denoiser_inputs(
@@ -63,10 +72,13 @@ def denoiser_inputs(
     `meta` included.
     """
     cfg = denoiser.config
-    specs = arch.present_inputs(cfg)
+    specs = denoiser_specs(arch, denoiser)
     axes = arch.axis_sizes(
         cfg, batch=sizes.batch, lat_h=sizes.height, lat_w=sizes.width, text_len=sizes.text_len
     )
+    # a control image's pixels: the ControlNet's own scale (checked equal to the VAE's)
+    pixels = getattr(denoiser, "pixels_per_latent", vae_scale)
+    axes.update({"8H": sizes.height * pixels, "8W": sizes.width * pixels})
     like = {"device": device, "dtype": dtype or torch.float32}
     if zeros:
         return {s.name: torch.zeros(resolve_shape(s, axes), **like) for s in specs}
@@ -90,6 +102,9 @@ def denoiser_inputs(
         elif spec.name == "timestep":
             t = torch.rand(sizes.batch, generator=gen) * _TRAIN_TIMESTEPS
             value = t / kind.timestep_divisor
+        elif spec.name in _UNIFORM:  # a control image's pixels, a conditioning scale
+            low, high = _UNIFORM[spec.name]
+            value = low + (high - low) * torch.rand(resolve_shape(spec, axes), generator=gen)
         else:
             value = torch.randn(resolve_shape(spec, axes), generator=gen)
         feeds[spec.name] = value.to(**like)

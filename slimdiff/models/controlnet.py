@@ -1,0 +1,287 @@
+"""ControlNets: a diffusers ControlNetModel read from a folder (or the hub), checked against
+the model it steers, and joined with its UNet into one denoiser for export.
+
+The bundle's denoiser graph is the UNet and its ControlNet in one (ControlledDenoiser), as
+onnxruntime's stable-diffusion tooling (UNet2DConditionControlNetModel) and TensorRT's
+demoDiffusion (UNetXLModelControlNet) build theirs: two more inputs, the control image
+(`controlnet_cond`, (B, 3, 8H, 8W) pixels in [0, 1]) and the conditioning scale
+(`conditioning_scale`, (1,)), and one graph, one engine and one call per step.
+
+A ControlNet fits a UNet whose down path it mirrors: one residual per UNet skip connection
+(conv_in's, each ResNet's, each downsampler's) of the same width, and one for the mid
+block. Block removal (BK-SDM, SSD-1B, Vega, KOALA) drops ResNets from the down path, so a
+ControlNet trained for the full model does not fit the compressed one: diffusers would zip
+the residuals onto the wrong skips without a word (UNet2DConditionModel.forward), so it is
+refused here, naming what differs. BK-SDM's mid-block removal keeps the mid residual's
+place (diffusers adds it to the down path's output), as BK-SDM's ControlNet users do
+(BK-SDM #64).
+
+Example:
+    >>> controlnet = load_controlnet("controlnet-canny", model)   # doctest: +SKIP
+    >>> denoiser = ControlledDenoiser(model.denoiser, controlnet) # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimdiff.errors import UserError
+from slimdiff.models.arch import TensorSpec
+from slimdiff.models.kinds import is_inpainting
+from slimdiff.runtime.manifest import CONTROL_IMAGE, CONTROL_SCALE
+
+__all__ = [
+    "CONTROL_IMAGE",
+    "CONTROL_SCALE",
+    "CONTROL_SPECS",
+    "ControlledDenoiser",
+    "check_controlnet",
+    "controlnet_folder",
+    "load_controlnet",
+    "pixels_per_latent",
+]
+
+# The ControlNet's inputs beside the UNet's, in graph order. "8H"/"8W": image pixels, the
+# latent side times the VAE's (and the ControlNet's) pixels per latent pixel.
+CONTROL_SPECS = (
+    TensorSpec(CONTROL_IMAGE, "float32", ("B", 3, "8H", "8W")),
+    TensorSpec(CONTROL_SCALE, "float32", (1,)),
+)
+_CLASS = "ControlNetModel"
+# ControlNet classes diffusers has that a UNet bundle cannot take (yet), and why.
+_OTHER_CLASSES = {
+    "SD3ControlNetModel": "an SD3 ControlNet",
+    "SD3MultiControlNetModel": "an SD3 ControlNet",
+    "FluxControlNetModel": "a FLUX ControlNet",
+    "FluxMultiControlNetModel": "a FLUX ControlNet",
+    "ControlNetUnionModel": "a ControlNet-Union (several control types in one)",
+    "ControlNetXSAdapter": "a ControlNet-XS adapter",
+    "SparseControlNetModel": "a video (AnimateDiff) ControlNet",
+    "T2IAdapter": "a T2I-Adapter, not a ControlNet",
+}
+
+
+def controlnet_folder(spec: str) -> Path | str:
+    """The ControlNet folder `spec` names, its config read and its class checked: a
+    ControlNetModel folder, or a pipeline folder saved with one (its controlnet/). A path
+    that does not exist locally is taken as a hub id and returned as given."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+            return spec  # a hub id: from_pretrained fetches it (or finds it in the cache)
+        raise UserError(f"--controlnet {spec}: no such folder (a diffusers ControlNet folder)")
+    if path.is_file():
+        raise UserError(
+            f"--controlnet {spec} is a file: slimdiff takes a diffusers ControlNet folder "
+            "(config.json + diffusion_pytorch_model.safetensors); convert a single-file one "
+            "with diffusers' ControlNetModel.from_single_file(FILE).save_pretrained(DIR)"
+        )
+    if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
+        path = path / "controlnet"  # a ControlNet pipeline's folder
+    config = _read_config(path)
+    name = config.get("_class_name")
+    if name in _OTHER_CLASSES:
+        raise UserError(
+            f"--controlnet {spec} is {_OTHER_CLASSES[name]} ({name}); slimdiff takes SD1.5 "
+            "and SDXL ControlNets (ControlNetModel) only"
+        )
+    if name != _CLASS:
+        raise UserError(
+            f"--controlnet {spec}: config.json names {name!r}, not a {_CLASS}; pass the "
+            "ControlNet's own folder"
+        )
+    return path
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"--controlnet {path} has no config.json: pass a diffusers ControlNet folder"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"--controlnet {path}/config.json is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--controlnet {path}/config.json is not a JSON object")
+    return config
+
+
+def load_controlnet(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The ControlNetModel at `spec` (controlnet_folder), from safetensors only, for
+    inference (no gradients), on the CPU."""
+    from diffusers import ControlNetModel
+
+    where = controlnet_folder(spec)
+    local = isinstance(where, Path)
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    try:
+        controlnet = ControlNetModel.from_pretrained(
+            str(where), use_safetensors=True, torch_dtype=dtype, local_files_only=local or offline
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        fix = (
+            "it needs diffusion_pytorch_model.safetensors (pickled .bin weights are not read)"
+            if local
+            else "download it first and pass its folder"
+        )
+        raise UserError(f"--controlnet {spec}: could not load it ({first}); {fix}") from None
+    controlnet.requires_grad_(False)
+    return controlnet.eval()
+
+
+def pixels_per_latent(controlnet: nn.Module) -> int:
+    """How many image pixels the ControlNet's conditioning embedding maps to one latent
+    pixel: its conv stack halves the side once per step between its channel counts."""
+    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+
+
+def _skip_channels(down_blocks, first: int) -> list[int]:
+    """Widths of a down path's residuals, in order: conv_in's, then each block's ResNets'
+    and downsamplers' (diffusers' down blocks append one per ResNet and per downsampler)."""
+    widths = [first]
+    for block in down_blocks:
+        widths += [resnet.out_channels for resnet in block.resnets]
+        widths += [down.out_channels for down in (block.downsamplers or ())]
+    return widths
+
+
+def check_controlnet(controlnet: nn.Module, unet: nn.Module, vae_scale: int, spec: str) -> None:
+    """UserError, naming what differs, when `controlnet` cannot steer `unet` (a UNet with
+    latents of `vae_scale` pixels per latent pixel): another denoiser kind, another text
+    width or added conditioning, another latent grid, or another down path."""
+    where = f"--controlnet {spec}"
+    if not hasattr(unet, "down_blocks") or not hasattr(unet, "conv_in"):
+        raise UserError(
+            f"{where}: this model's denoiser is a {type(unet).__name__}; ControlNets steer "
+            "SD1.5 and SDXL UNets (UNet2DConditionModel) only"
+        )
+    cn, un = controlnet.config, unet.config
+    if cn.get("global_pool_conditions"):
+        raise UserError(
+            f"{where} pools its conditions (global_pool_conditions, as the shuffle ControlNet "
+            "does), which diffusers runs in guess mode; slimdiff's graph does not: not taken"
+        )
+    if cn.conditioning_channels != 3:
+        raise UserError(
+            f"{where} takes {cn.conditioning_channels}-channel control images; slimdiff feeds "
+            "RGB (3)"
+        )
+    for key in (
+        "cross_attention_dim",
+        "addition_embed_type",
+        "projection_class_embeddings_input_dim",
+    ):
+        if cn.get(key) != un.get(key):
+            raise UserError(
+                f"{where} has {key} {cn.get(key)}, this model's UNet {un.get(key)}: it is a "
+                "ControlNet for another model family (SD1.5 vs SDXL)"
+            )
+    # an inpainting UNet takes the latents, the mask and the masked image's latents
+    latent_channels = (un.in_channels - 1) // 2 if is_inpainting(un) else un.in_channels
+    if cn.in_channels != latent_channels:
+        raise UserError(
+            f"{where} takes {cn.in_channels}-channel latents, this model has {latent_channels}"
+        )
+    if pixels_per_latent(controlnet) != vae_scale:
+        raise UserError(
+            f"{where} maps {pixels_per_latent(controlnet)} image pixels to a latent pixel, "
+            f"this model's VAE {vae_scale}: they do not fit"
+        )
+    ours = _skip_channels(unet.down_blocks, unet.conv_in.out_channels)
+    theirs = [conv.out_channels for conv in controlnet.controlnet_down_blocks]
+    mid = controlnet.controlnet_mid_block.out_channels
+    if ours != theirs or mid != ours[-1]:
+        raise UserError(
+            f"{where} gives {len(theirs)} down residuals of widths {theirs}, but this UNet's "
+            f"down path has {len(ours)} skips of widths {ours}: the ControlNet was trained for "
+            "another UNet (block removal drops ResNets from the down path); use one trained "
+            "on this model's UNet (diffusers' ControlNetModel.from_unet, then training)"
+        )
+
+
+class ControlledDenoiser(nn.Module):
+    """A UNet steered by a ControlNet, as one module: the ControlNet runs on the latents (an
+    inpainting UNet's first `in_channels` of them, as diffusers' ControlNet inpaint pipeline
+    feeds it), and its residuals, scaled by `conditioning_scale`, go into the UNet's skips.
+
+    Called as the UNet is (the exporter's DenoiserWrapper), with the control image and
+    scale as two more keywords; returns the UNet's output tuple. `config` is the UNet's,
+    so everything that reads the denoiser's config reads it as before.
+    """
+
+    input_specs = CONTROL_SPECS
+
+    def __init__(self, unet: nn.Module, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def pixels_per_latent(self) -> int:
+        return pixels_per_latent(self.controlnet)
+
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        return {
+            f"{part}.{name}": processor
+            for part in ("unet", "controlnet")
+            for name, processor in getattr(self, part).attn_processors.items()
+        }
+
+    def set_attn_processor(self, processor) -> None:
+        """One processor for all, or a dict keyed as attn_processors (both parts')."""
+        for part in ("unet", "controlnet"):
+            own = processor
+            if isinstance(processor, dict):
+                prefix = f"{part}."
+                own = {
+                    k.removeprefix(prefix): v for k, v in processor.items() if k.startswith(prefix)
+                }
+            getattr(self, part).set_attn_processor(own)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+        added_cond_kwargs: dict | None = None,
+        return_dict: bool = False,
+        **unet_kwargs: Any,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(
+            sample[:, : self.controlnet.config.in_channels],
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=conditioning_scale,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+            **unet_kwargs,
+        )
