@@ -89,6 +89,7 @@ __all__ = [
     "TARGETS",
     "WEIGHTS",
     "ExportError",
+    "check_controlnet_export",
     "export_bundle",
     "export_onnx_component",
 ]
@@ -298,10 +299,11 @@ def _aoti():
     return aoti
 
 
-def _controlnet(model: LoadedModel, spec: str, target: str, weights: str):
-    """The ControlNet at `spec`, loaded and checked against `model`'s UNet (UserError),
-    with that UNet's weights in memory: the two trace as one graph."""
-    from slimdiff.models.controlnet import check_controlnet, controlnet_folder, load_controlnet
+def check_controlnet_export(spec: str, target: str, weights: str) -> None:
+    """UserError for a ControlNet export that cannot be: a bad folder (controlnet_folder),
+    or a target or weights route that cannot take one. Cheap: callers run it before the
+    model loads."""
+    from slimdiff.models.controlnet import controlnet_folder
 
     if target == "aoti":
         raise UserError(
@@ -313,7 +315,15 @@ def _controlnet(model: LoadedModel, spec: str, target: str, weights: str):
             "--controlnet traces the UNet and the ControlNet together from weights in memory, "
             "which --weights stream never loads; use --weights auto or memory"
         )
-    controlnet_folder(spec)  # the folder and its class, before the weights load
+    controlnet_folder(spec)
+
+
+def _controlnet(model: LoadedModel, spec: str, target: str, weights: str):
+    """The ControlNet at `spec`, loaded and checked against `model`'s UNet (UserError),
+    with that UNet's weights in memory: the two trace as one graph."""
+    from slimdiff.models.controlnet import check_controlnet, load_controlnet
+
+    check_controlnet_export(spec, target, weights)  # before the weights load
     if is_lazy(model.denoiser):
         materialize(model.denoiser)
     controlnet = load_controlnet(spec)

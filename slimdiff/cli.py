@@ -21,6 +21,7 @@ from slimdiff.app.options import (
     SEED,
     STEPS,
     allow_pickle_option,
+    control_options,
     device_option,
     dry_run_option,
     expect_sha256_option,
@@ -304,6 +305,13 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     help="Also export the VAE encoder, which image-to-image needs (run --image). Recipe: "
     "export.vae_encoder.",
 )
+@click.option(
+    "--controlnet",
+    default=None,
+    metavar="DIR",
+    help="Steer the UNet with this ControlNet (a diffusers ControlNet folder, SD1.5 or SDXL): "
+    "the denoiser graph holds both and runs take --control-image. Recipe: export.controlnet.",
+)
 @allow_pickle_option
 def export_cmd(
     model: str,
@@ -323,16 +331,19 @@ def export_cmd(
     vae: str | None,
     loras: list[dict],
     vae_encoder: bool,
+    controlnet: str | None,
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
     from slimdiff.app.args import check_output_dir
     from slimdiff.app.export_cli import load_edited, report
-    from slimdiff.export import check_out_dir, export_bundle
+    from slimdiff.export import check_controlnet_export, check_out_dir, export_bundle
 
     check_output_dir(out)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
+    if controlnet is not None:
+        check_controlnet_export(controlnet, target, weights)  # before the model loads
     loaded = load_edited(model, weights, allow_pickle, drop, loras, vae, click.echo)
     manifest = export_bundle(
         loaded,
@@ -348,6 +359,7 @@ def export_cmd(
         scheduler=scheduler,
         sigmas=sigmas,
         vae_encoder=vae_encoder,
+        controlnet=controlnet,
         **sizes,
     )
     del loaded
@@ -411,6 +423,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 )
 @click.option("--size", default=None, help=SIZE_HELP + " With --image: resized to it.")
 @image_to_image_options
+@control_options
 @click.option(
     "--latents",
     type=FILE,
@@ -434,12 +447,13 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
-    size, init_image, mask_image, strength, latents, backend, scheduler, sigmas, low_memory,
-    expect_sha256, out,
+    size, init_image, mask_image, strength, control_image, control_scale, control_start,
+    control_end, latents, backend, scheduler, sigmas, low_memory, expect_sha256, out,
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime; from
-    an --image too (image-to-image)."""
+    an --image too (image-to-image), steered by a --control-image (ControlNet)."""
     from slimdiff.app.args import (
+        check_control,
         check_guidance,
         check_image_to_image,
         check_output_file,
@@ -452,6 +466,7 @@ def run_cmd(
 
     check_guidance(guidance)
     check_image_to_image(init_image, mask_image, strength, latents)
+    control = check_control(control_image, control_scale, control_start, control_end)
     size = _size(size)
     outs = image_paths(out, images * len(prompt))
     for path in outs:
@@ -484,6 +499,7 @@ def run_cmd(
             image=init_image,
             strength=0.8 if strength is None else strength,
             mask_image=mask_image,
+            **control,
         )
     finally:
         bar.close()

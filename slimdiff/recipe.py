@@ -152,6 +152,9 @@ class ExportSpec(_Strict):
     sigmas: Literal["karras", "exponential", "beta"] | None = None
     # Also export the VAE encoder, which image-to-image needs (`slimdiff run --image`).
     vae_encoder: bool = False
+    # A ControlNet to steer the UNet with (a diffusers ControlNet folder or hub id): the
+    # denoiser graph holds both (`slimdiff run --control-image`). ONNX targets only.
+    controlnet: str | None = None
 
     @pydantic.field_validator("scheduler")
     @classmethod

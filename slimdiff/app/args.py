@@ -137,3 +137,23 @@ def check_image_to_image(
         raise click.UsageError("--strength needs --image (it sets how far the image is noised)")
     if image is not None and latents is not None:
         raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")
+
+
+def check_control(image: Path | None, scale, start, end) -> dict:
+    """`run`'s ControlNet options as the runtime's keywords: --control-scale, -start and
+    -end need --control-image, and start comes before end."""
+    given = [
+        name for name, v in (("scale", scale), ("start", start), ("end", end)) if v is not None
+    ]
+    if given and image is None:
+        raise click.UsageError(f"--control-{given[0]} needs --control-image")
+    first = 0.0 if start is None else start
+    last = 1.0 if end is None else end
+    if first >= last:
+        raise click.UsageError(f"--control-start {first:g} must be below --control-end {last:g}")
+    return {
+        "control_image": image,
+        "control_scale": 1.0 if scale is None else scale,
+        "control_start": first,
+        "control_end": last,
+    }

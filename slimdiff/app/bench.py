@@ -73,6 +73,13 @@ def run_bench(
         bundle_target(r.bench.backend, r.export.targets)
         check_outputs(r, out / "recipes" / r.name)
         _check_rescale_before_loading(r)
+        if r.export.controlnet is not None:
+            # its fidelity would need a control image per prompt and a torch ControlNet
+            # pipeline as the reference; text-to-image rows would measure scale 0 only
+            raise UserError(
+                f"recipe {r.name}: bench does not take export.controlnet yet (its prompts "
+                "have no control images); bench the recipe without it"
+            )
     with exclusive(out):  # one bench per folder: a second one stops at once
         rows = []
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())

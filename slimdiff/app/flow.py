@@ -107,10 +107,24 @@ def _file_digest(path: str, pass_name: str) -> str:
 def export_hash(compress: str, recipe: Recipe, target: str) -> str:
     export = recipe.export.model_dump(mode="json")
     # keeps the hashes of recipes written before these keys
-    for key, default in (("scheduler", None), ("sigmas", None), ("vae_encoder", False)):
+    defaults = (("scheduler", None), ("sigmas", None), ("vae_encoder", False))
+    for key, default in (*defaults, ("controlnet", None)):
         if export[key] == default:
             del export[key]
+    if "controlnet" in export:  # its contents, not its path (as lora.fuse's files)
+        export["controlnet"] = _folder_digest(export["controlnet"])
     return _hash({"compress": compress, "target": target, **export})
+
+
+def _folder_digest(spec: str) -> str:
+    """A ControlNet folder's config and weights, hashed; a hub id as named."""
+    from slimdiff.models.controlnet import controlnet_folder
+
+    folder = controlnet_folder(spec)
+    if not isinstance(folder, Path):
+        return folder
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors"))
+    return _hash({p.name: _file_digest(str(p), "export.controlnet") for p in files})
 
 
 def bundle_path(out: Path, recipe: Recipe, target: str) -> Path:
@@ -170,6 +184,11 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
 
     check_outputs(recipe, out)
     check_input_files(recipe)  # before minutes of loading the model
+    if recipe.export.controlnet is not None:
+        from slimdiff.export import check_controlnet_export
+
+        for target in recipe.export.targets:
+            check_controlnet_export(recipe.export.controlnet, target, "auto")
     result = FlowResult(artifact=out / "artifact")
     dropped = dropped_components(recipe)  # text.drop: never loaded here
     if model is None:
@@ -216,6 +235,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 scheduler=recipe.export.scheduler,
                 sigmas=recipe.export.sigmas,
                 vae_encoder=recipe.export.vae_encoder,
+                controlnet=recipe.export.controlnet,
                 # The compressed model is loaded for the exports alone: the last one
                 # frees its weights as it goes (a full-size pipeline then fits in RAM).
                 release_weights=target == targets[-1],

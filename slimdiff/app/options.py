@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from slimdiff.limits import MAX_SEED, MAX_STEPS
+from slimdiff.limits import MAX_CONTROL_SCALE, MAX_SEED, MAX_STEPS
 
 __all__ = [
     "FILE",
     "SEED",
     "STEPS",
     "allow_pickle_option",
+    "control_options",
     "device_option",
     "dry_run_option",
     "expect_sha256_option",
@@ -56,6 +57,47 @@ _IMAGE_TO_IMAGE = [
         default=None,
         help="With --image: how far to noise it, above 0 to 1 (1: from pure noise, lower "
         "keeps more of the image); strength x steps steps run. Default: 0.8.",
+    ),
+]
+
+
+def control_options(f):
+    """`run`'s --control-image, --control-scale, --control-start and --control-end
+    (a bundle exported with --controlnet)."""
+    for option in reversed(_CONTROL):
+        f = option(f)
+    return f
+
+
+_CONTROL = [
+    click.option(
+        "--control-image",
+        type=FILE,
+        default=None,
+        help="ControlNet: steer with this control image (an edge map, a depth map, a pose, "
+        "... as the ControlNet was trained on), resized to --size; without --size the run "
+        "takes its size. Needs a bundle exported with --controlnet.",
+    ),
+    click.option(
+        "--control-scale",
+        type=click.FloatRange(0.0, MAX_CONTROL_SCALE),
+        default=None,
+        help="With --control-image: how strongly it steers (diffusers' "
+        "controlnet_conditioning_scale). Default: 1.",
+    ),
+    click.option(
+        "--control-start",
+        type=click.FloatRange(0.0, 1.0),
+        default=None,
+        help="With --control-image: the fraction of the steps after which it starts steering "
+        "(diffusers' control_guidance_start). Default: 0.",
+    ),
+    click.option(
+        "--control-end",
+        type=click.FloatRange(0.0, 1.0),
+        default=None,
+        help="With --control-image: the fraction of the steps after which it stops (diffusers' "
+        "control_guidance_end). Default: 1.",
     ),
 ]
 
