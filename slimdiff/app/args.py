@@ -147,6 +147,8 @@ def check_control(image: Path | None, scale, start, end) -> dict:
     ]
     if given and image is None:
         raise click.UsageError(f"--control-{given[0]} needs --control-image")
+    if scale is not None and not math.isfinite(scale):  # click's FloatRange lets NaN through
+        raise click.UsageError(f"--control-scale {scale}: use a finite value")
     first = 0.0 if start is None else start
     last = 1.0 if end is None else end
     if first >= last:

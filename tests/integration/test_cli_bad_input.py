@@ -227,3 +227,49 @@ def test_bad_image_to_image_arguments(bundle, latents, tmp_path):
     _refused(_run(*run, "--image", tmp_path / "missing.png"), "does not exist")
     _refused(_run(*run, "--image", image, "--latents", latents / "shape.npy"), "exclusive")
     assert not out.exists()
+
+
+def test_bad_controlnet_arguments(bundle, tmp_path):
+    """ControlNet options: refused in one line before any model loads or graph runs."""
+    import json
+
+    from PIL import Image
+
+    image = tmp_path / "edges.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    out = tmp_path / "x.png"
+    run = ("run", bundle, "--prompt", "x", "--out", out)
+    # the module's bundle was exported without --controlnet
+    _refused(_run(*run, "--control-image", image), "export it again with --controlnet DIR")
+    _refused(_run(*run, "--control-scale", "0.5"), "--control-scale needs --control-image")
+    _refused(_run(*run, "--control-end", "0.5"), "--control-end needs --control-image")
+    _refused(_run(*run, "--control-image", image, "--control-scale", "-1"), "is not in the range")
+    _refused(_run(*run, "--control-image", image, "--control-scale", "nan"), "use a finite value")
+    _refused(
+        _run(*run, "--control-image", image, "--control-start", "0.6", "--control-end", "0.3"),
+        "--control-start 0.6 must be below --control-end 0.3",
+    )
+    _refused(_run(*run, "--control-image", tmp_path / "missing.png"), "does not exist")
+    assert not out.exists()
+
+    flux = tmp_path / "flux-cn"
+    flux.mkdir()
+    (flux / "config.json").write_text(json.dumps({"_class_name": "FluxControlNetModel"}))
+    broken = tmp_path / "broken-cn"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    export = ("export", "tiny:sd15", "--out", tmp_path / "b")
+    cases = [
+        ((tmp_path / "nowhere",), "no such folder"),
+        ((image,), "is a file"),
+        ((tmp_path,), "has no config.json"),
+        ((broken,), "is not readable JSON"),
+        ((flux,), "is a FLUX ControlNet (FluxControlNetModel)"),
+        ((flux, "--target", "aoti"), "AOTInductor packages do not take a ControlNet"),
+        ((flux, "--weights", "stream"), "which --weights stream never loads"),
+    ]
+    for args, fragment in cases:
+        start = time.perf_counter()
+        _refused(_run(*export, "--controlnet", *args), fragment)
+        assert time.perf_counter() - start < 5  # before the model loads
+    assert not (tmp_path / "b").exists()

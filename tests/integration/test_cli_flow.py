@@ -167,3 +167,44 @@ def test_bench_writes_results_for_each_recipe(tmp_path):
     assert (out / "latency_vs_fidelity.png").is_file()
     table = (out / "results.md").read_text()
     assert "| tiny-sdxl-fp32 |" in table and "| tiny-sdxl-fp16 |" in table
+
+
+def test_a_recipe_with_a_controlnet_exports_it_and_run_takes_control_images(tmp_path):
+    from slimdiff.models import load_model
+    from tests.controlnets import save_tiny_controlnet
+
+    folder = save_tiny_controlnet(load_model("tiny:sd15").denoiser, tmp_path / "cn")
+    recipe = tmp_path / "cn.yaml"
+    recipe.write_text(
+        f"name: tiny-cn\nmodel: tiny:sd15\nexport:\n  optimize: false\n  controlnet: {folder}\n"
+    )
+    out = tmp_path / "out"
+    result = _run("compress", recipe, "--out", out)
+    assert result.exit_code == 0, result.output
+    bundle = out / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["pipeline"]["controlnet"] == {"conditioning_channels": 3}
+    assert manifest["source"]["controlnet"] == str(folder)
+    verified = _run("verify", bundle)
+    assert "the denoiser with a ControlNet" in verified.output
+
+    edges = tmp_path / "edges.png"
+    pixels = np.zeros((48, 64, 3), np.uint8)
+    pixels[10:30, 20:50] = 255
+    Image.fromarray(pixels).save(edges)
+    run = ("run", bundle, "--prompt", "a red circle", "--steps", "3")
+    steered, plain, off = (tmp_path / f"{n}.png" for n in ("steered", "plain", "off"))
+    assert _run(*run, "--control-image", edges, "--out", steered).exit_code == 0
+    # without --size, the control image's size (48 x 64), as diffusers' ControlNet pipelines
+    assert Image.open(steered).size == (64, 48)
+    size = ("--size", "64x48")
+    assert _run(*run, *size, "--out", plain).exit_code == 0
+    scale0 = ("--control-image", edges, "--control-scale", "0")
+    assert _run(*run, *size, *scale0, "--out", off).exit_code == 0
+    # scale 0 adds nothing: the image of a run without control
+    assert np.array_equal(np.asarray(Image.open(off)), np.asarray(Image.open(plain)))
+    assert not np.array_equal(np.asarray(Image.open(steered)), np.asarray(Image.open(plain)))
+
+    refused = _run("bench", recipe, "--out", tmp_path / "bench")
+    assert refused.exit_code == 2
+    assert "bench does not take export.controlnet" in refused.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,23 +32,39 @@ def test_a_retrained_folder_at_the_same_path_is_compressed_again(tmp_path):
     torch.testing.assert_close(artifact, retrained.pipe.transformer.proj_out.bias, rtol=0, atol=0)
 
 
-def test_export_keys_added_later_keep_earlier_recipes_hashes():
-    """A recipe that leaves scheduler, sigmas and vae_encoder unset hashes as it did before
-    those keys existed (its cached bundle is reused); setting one makes another bundle."""
+def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
+    """A recipe that leaves scheduler, sigmas, vae_encoder and controlnet unset hashes as it
+    did before those keys existed (its cached bundle is reused); setting one makes another
+    bundle. A ControlNet is hashed by its files, not its path."""
+    import json
+
     from slimdiff.app.flow import _hash, export_hash
 
     recipe = validate_recipe({"model": "tiny:sd15"})
     before = {
         k: v
         for k, v in recipe.export.model_dump(mode="json").items()
-        if k not in ("scheduler", "sigmas", "vae_encoder")
+        if k not in ("scheduler", "sigmas", "vae_encoder", "controlnet")
     }
     assert export_hash("c", recipe, "onnx") == _hash({"compress": "c", "target": "onnx", **before})
+    folders = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+        folders.append(str(folder))
     hashes = {export_hash("c", recipe, "onnx")}
-    for key, value in (("vae_encoder", True), ("sigmas", "karras"), ("scheduler", "euler")):
+    changes = [("vae_encoder", True), ("sigmas", "karras"), ("scheduler", "euler")]
+    for key, value in [*changes, ("controlnet", folders[0])]:
         changed = validate_recipe({"model": "tiny:sd15", "export": {key: value}})
         hashes.add(export_hash("c", changed, "onnx"))
-    assert len(hashes) == 4
+    assert len(hashes) == 5
+    # the same files elsewhere: the same bundle; other weights: another
+    same = validate_recipe({"model": "tiny:sd15", "export": {"controlnet": folders[1]}})
+    assert export_hash("c", same, "onnx") in hashes
+    (Path(folders[1]) / "diffusion_pytorch_model.safetensors").write_bytes(b"retrained")
+    assert export_hash("c", same, "onnx") not in hashes
 
 
 def test_a_recipe_asks_for_the_vae_encoder(tmp_path):
