@@ -326,7 +326,7 @@ def _controlnet(model: LoadedModel, spec: str, target: str, weights: str):
     check_controlnet_export(spec, target, weights)  # before the weights load
     if is_lazy(model.denoiser):
         materialize(model.denoiser)
-    controlnet = load_controlnet(spec)
+    controlnet = load_controlnet(spec, model.denoiser)
     check_controlnet(controlnet, model.denoiser, vae_scale_factor(model.pipe.vae.config), spec)
     return controlnet.to(model_device(model.denoiser))
 

@@ -308,9 +308,10 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
 @click.option(
     "--controlnet",
     default=None,
-    metavar="DIR",
-    help="Steer the UNet with this ControlNet (a diffusers ControlNet folder, SD1.5 or SDXL): "
-    "the denoiser graph holds both and runs take --control-image. Recipe: export.controlnet.",
+    metavar="PATH",
+    help="Steer the UNet with this ControlNet, SD1.5 or SDXL: a diffusers ControlNet folder, "
+    "or one .safetensors file (original or diffusers layout). The denoiser graph holds both "
+    "and runs take --control-image. Recipe: export.controlnet.",
 )
 @allow_pickle_option
 def export_cmd(

@@ -123,6 +123,8 @@ def _folder_digest(spec: str) -> str:
     folder = controlnet_folder(spec)
     if not isinstance(folder, Path):
         return folder
+    if folder.is_file():
+        return _file_digest(str(folder), "export.controlnet")
     files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors"))
     return _hash({p.name: _file_digest(str(p), "export.controlnet") for p in files})
 

@@ -54,6 +54,8 @@ CONTROL_SPECS = (
     TensorSpec(CONTROL_SCALE, "float32", (1,)),
 )
 _CLASS = "ControlNetModel"
+# Single files: read when .safetensors; pickled ones refused by name (never unpickled).
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # ControlNet classes diffusers has that a UNet bundle cannot take (yet), and why.
 _OTHER_CLASSES = {
     "SD3ControlNetModel": "an SD3 ControlNet",
@@ -68,20 +70,22 @@ _OTHER_CLASSES = {
 
 
 def controlnet_folder(spec: str) -> Path | str:
-    """The ControlNet folder `spec` names, its config read and its class checked: a
-    ControlNetModel folder, or a pipeline folder saved with one (its controlnet/). A path
-    that does not exist locally is taken as a hub id and returned as given."""
+    """The ControlNet `spec` names, its config read and its class checked: a ControlNetModel
+    folder, or a pipeline folder saved with one (its controlnet/); or a single file (its
+    path, read by load_controlnet). A path that does not exist locally is taken as a hub
+    id and returned as given."""
     path = Path(spec).expanduser()
     if not path.exists():
         if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             return spec  # a hub id: from_pretrained fetches it (or finds it in the cache)
         raise UserError(f"--controlnet {spec}: no such folder (a diffusers ControlNet folder)")
     if path.is_file():
-        raise UserError(
-            f"--controlnet {spec} is a file: slimdiff takes a diffusers ControlNet folder "
-            "(config.json + diffusion_pytorch_model.safetensors); convert a single-file one "
-            "with diffusers' ControlNetModel.from_single_file(FILE).save_pretrained(DIR)"
-        )
+        if path.suffix.lower() not in _FILE_SUFFIXES:
+            raise UserError(
+                f"--controlnet {spec}: a ControlNet file is a .safetensors file (or pass a "
+                "diffusers ControlNet folder)"
+            )
+        return path  # a single-file ControlNet (models/controlnet_file.py)
     if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
         path = path / "controlnet"  # a ControlNet pipeline's folder
     config = _read_config(path)
@@ -113,12 +117,21 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def load_controlnet(spec: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_controlnet(
+    spec: str, unet: nn.Module | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """The ControlNetModel at `spec` (controlnet_folder), from safetensors only, for
-    inference (no gradients), on the CPU."""
+    inference (no gradients), on the CPU. A single file is configured after `unet`, the
+    UNet it steers (models/controlnet_file.py)."""
     from diffusers import ControlNetModel
 
     where = controlnet_folder(spec)
+    if isinstance(where, Path) and where.is_file():
+        if unet is None:
+            raise ValueError("a single-file ControlNet is configured after its UNet: pass unet")
+        from slimdiff.models.controlnet_file import load_controlnet_file
+
+        return load_controlnet_file(where, unet, dtype)
     local = isinstance(where, Path)
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
