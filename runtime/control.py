@@ -2,6 +2,8 @@
 control image and the conditioning scale of each step, as diffusers' ControlNet pipelines
 (StableDiffusion(XL)ControlNet(Img2Img|Inpaint)Pipeline, diffusers 0.42) make them.
 
+The scale defaults to 1 in every mode, as diffusers' text-to-image ControlNet pipelines
+(its img2img ones default to 0.8, its SD1.5 inpaint one to 0.5: pass the scale to match).
 The control image is resized to the run's size (Lanczos) and fed in [0, 1], not normalised;
 one row per image, twice over under classifier-free guidance (guess mode, which runs the
 ControlNet on the conditional half only, is not offered). The scale is
@@ -35,15 +37,22 @@ def check_control(
             "this bundle has no ControlNet, which a control image needs; export it again "
             "with --controlnet DIR (recipe: export.controlnet)"
         )
-    value = float(scale)
+    value, first, last = (
+        _number(v, what) for v, what in ((scale, "scale"), (start, "start"), (end, "end"))
+    )
     if not (np.isfinite(value) and 0 <= value <= MAX_CONTROL_SCALE):
         raise UserError(f"control scale {scale}: use a value from 0 to {MAX_CONTROL_SCALE:g}")
-    first, last = float(start), float(end)
     if not (0 <= first < last <= 1):
         raise UserError(
             f"control window {start}..{end}: use 0 <= start < end <= 1 (fractions of the steps)"
         )
     return None if image is None else load_image(image)
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UserError(f"control {what} {value!r}: use a number")
+    return float(value)
 
 
 def control_pixels(source, size: tuple[int, int], rows: int, channels: int) -> np.ndarray:

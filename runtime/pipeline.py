@@ -283,7 +283,8 @@ class Text2ImagePipeline:
         run takes the control image's size, cut down to the size multiple), its residuals
         scaled by `control_scale` on the steps within [`control_start`, `control_end`] (as
         fractions of the steps that run), by 0 outside. It combines with `image` (diffusers'
-        ControlNet img2img pipeline) and `mask_image` (its inpaint pipeline). Without one,
+        ControlNet img2img pipeline) and `mask_image` (its inpaint pipeline); the default
+        scale is 1 there too (diffusers': 0.8 and, for SD1.5 inpainting, 0.5). Without one,
         such a bundle draws as if it had no ControlNet (scale 0), still paying its cost.
         """
         start = time.perf_counter()
@@ -294,7 +295,10 @@ class Text2ImagePipeline:
         control = check_control(
             self.config, control_image, control_scale, control_start, control_end
         )
-        sized_by = control if control is not None else source  # diffusers': the control's
+        # diffusers' text-to-image ControlNet pipelines take the control image's size; its
+        # img2img and inpaint ones need both images of one size (they fail otherwise):
+        # here the image is resized to the control image's
+        sized_by = control if control is not None else source
         if sized_by is not None and size is None:
             size = image_size(sized_by, self.conditioning.size_multiple(), MAX_SIDE)
         height, width = self._check_args(steps, size, output)
