@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pydantic
@@ -90,6 +90,7 @@ __all__ = [
     "WEIGHTS",
     "ExportError",
     "check_controlnet_export",
+    "controlnet_specs",
     "export_bundle",
     "export_onnx_component",
 ]
@@ -128,7 +129,7 @@ def export_bundle(
     scheduler: str | None = None,
     sigmas: str | None = None,
     vae_encoder: bool = False,
-    controlnet: str | None = None,
+    controlnet: str | Sequence[str] | None = None,
 ) -> Manifest:
     """Export `model`'s pipeline to a bundle folder at `out` and return its manifest.
 
@@ -178,10 +179,12 @@ def export_bundle(
         vae_encoder: also export the VAE encoder (component "vae_encoder", at the VAE
             decoder's precision), which image-to-image runs need (`slimdiff run --image`);
             always for an inpainting model (KindSpec.inpainting), which runs only so.
-        controlnet: a diffusers ControlNet folder (or hub id) to steer the UNet with: the
-            denoiser graph then holds both and takes a control image and a conditioning
-            scale (slimdiff/models/controlnet.py; `slimdiff run --control-image`). Checked
-            against the UNet before anything is exported. ONNX targets only.
+        controlnet: a ControlNet to steer the UNet with (a diffusers ControlNet folder, a
+            single .safetensors file or a hub id), or a list of them (their residuals
+            summed, as diffusers' MultiControlNetModel): the denoiser graph then holds the
+            UNet and them, and takes their control images and scales
+            (slimdiff/models/controlnet.py; `slimdiff run --control-image`). Each is
+            checked against the UNet before anything is exported. ONNX targets only.
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
@@ -205,8 +208,9 @@ def export_bundle(
             model.source,
         )
         vae_encoder = True
-    steer = _controlnet(model, controlnet, target, weights) if controlnet is not None else None
-    components = plan_components(model, vae_encoder=vae_encoder, controlnet=steer)
+    specs = controlnet_specs(controlnet)
+    steer = [_controlnet(model, spec, target, weights) for spec in specs]
+    components = plan_components(model, vae_encoder=vae_encoder, controlnets=steer)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:
         for i, component in enumerate(components):
@@ -268,9 +272,9 @@ def export_bundle(
 
             write_build_script(root, entries)  # hashed with the rest: before the manifest
         source = source or {"model": model.source}
-        if controlnet is not None:
-            source = {**source, "controlnet": str(controlnet)}
-        manifest = _write_manifest(root, model, entries, source, steer is not None)
+        for i, spec in enumerate(specs):  # controlnet, controlnet_2, ...
+            source = {**source, "controlnet" + (f"_{i + 1}" if i else ""): str(spec)}
+        manifest = _write_manifest(root, model, entries, source, len(steer))
         make_readable(root)
     log.info("bundle written to %s (sha256 %s)", out, manifest.sha256)
     return manifest
@@ -297,6 +301,24 @@ def _aoti():
     from slimdiff.export import aoti  # torch._inductor only when the target asks for it
 
     return aoti
+
+
+def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
+    """export_bundle's `controlnet` as a list (none, one or several); UserError for more
+    than MAX_CONTROLNETS or one named twice."""
+    from slimdiff.models.controlnet import MAX_CONTROLNETS
+
+    if controlnet is None:
+        return []
+    specs = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
+    if len(specs) > MAX_CONTROLNETS:
+        raise UserError(
+            f"{len(specs)} ControlNets: a bundle takes at most {MAX_CONTROLNETS} (each adds "
+            "about 40% to every step)"
+        )
+    if len(set(specs)) != len(specs):
+        raise UserError("a ControlNet is named twice; give each once (scale it at run time)")
+    return [str(s) for s in specs]
 
 
 def check_controlnet_export(spec: str, target: str, weights: str) -> None:
@@ -336,7 +358,7 @@ def _write_manifest(
     model: LoadedModel,
     entries: dict[str, ComponentEntry],
     source: dict,
-    controlnet: bool = False,
+    controlnets: int = 0,
 ) -> Manifest:
     """Write manifest.json, last, so a folder with a manifest is always complete; return it
     as the runtime reads it back, with `sha256` (the bundle's identity) set.
@@ -350,7 +372,7 @@ def _write_manifest(
             slimdiff_version=slimdiff.__version__,
             family=model.arch.family,
             source=source,
-            pipeline=pipeline_constants(model, controlnet),
+            pipeline=pipeline_constants(model, controlnets),
             components=entries,
             files=hash_files(root),
         )

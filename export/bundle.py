@@ -78,9 +78,10 @@ def component_precisions(model: LoadedModel, precision: str, vae_precision: str 
     return {name: (vae_precision if name in vae else precision) for name in names}
 
 
-def pipeline_constants(model: LoadedModel, controlnet: bool = False) -> PipelineSpec:
+def pipeline_constants(model: LoadedModel, controlnets: int = 0) -> PipelineSpec:
     """The manifest's `pipeline` record: what the runtime's denoising loop needs
-    (`controlnet`: the denoiser graph holds one, and takes a control image).
+    (`controlnets`: how many ControlNets the denoiser graph holds, each taking a control
+    image).
 
     `kind` is the ArchSpec's KindSpec filled in for this denoiser (slimdiff/models/kinds.py):
     the runtime drives the denoiser from it alone, never from the family's name.
@@ -114,7 +115,7 @@ def pipeline_constants(model: LoadedModel, controlnet: bool = False) -> Pipeline
         "text_encoders": [_text_encoder_record(pipe, spec) for spec in model.text_encoders],
         "scheduler": SCHEDULER_CONFIG,
         "zero_text": zero_text(arch, pipe) or None,  # SD3 without T5
-        "controlnet": {"conditioning_channels": 3} if controlnet else None,
+        "controlnet": {"count": controlnets, "conditioning_channels": 3} if controlnets else None,
     }
     # The schema the runtime reads it with: a value it would refuse fails here, at export.
     return PipelineSpec.model_validate(record)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -77,12 +77,12 @@ def _axes(specs: tuple[TensorSpec, ...]) -> dict[str, dict[int, str]]:
 
 
 def plan_components(
-    model: LoadedModel, vae_encoder: bool = False, controlnet: nn.Module | None = None
+    model: LoadedModel, vae_encoder: bool = False, controlnets: Sequence[nn.Module] = ()
 ) -> list[Component]:
     """The components of `model`'s bundle, in model.components order; with `vae_encoder`
-    the VAE encoder too (for image-to-image), last. With `controlnet` (checked with
+    the VAE encoder too (for image-to-image), last. With `controlnets` (each checked with
     slimdiff.models.controlnet.check_controlnet) the denoiser is the UNet and the
-    ControlNet in one graph (ControlledDenoiser).
+    ControlNets in one graph (ControlledDenoiser).
 
     Example:
         >>> [c.name for c in plan_components(load_model("tiny:sdxl"))]  # doctest: +SKIP
@@ -113,10 +113,10 @@ def plan_components(
             )
         )
     denoiser = model.denoiser
-    if controlnet is not None:
+    if controlnets:
         from slimdiff.models.controlnet import ControlledDenoiser
 
-        denoiser = ControlledDenoiser(denoiser, controlnet)
+        denoiser = ControlledDenoiser(denoiser, controlnets)
     plans.append(denoiser_component(arch, denoiser))
     plans.append(vae_decoder_component(arch, pipe.vae))
     if vae_encoder:

@@ -1,72 +1,139 @@
-"""A ControlNet's inputs from a bundle whose denoiser holds one (`export --controlnet`): the
-control image and the conditioning scale of each step, as diffusers' ControlNet pipelines
-(StableDiffusion(XL)ControlNet(Img2Img|Inpaint)Pipeline, diffusers 0.42) make them.
+"""The ControlNets' inputs from a bundle whose denoiser holds them (`export --controlnet`):
+the control images and each step's conditioning scales, as diffusers' ControlNet pipelines
+(StableDiffusion(XL)ControlNet(Img2Img|Inpaint)Pipeline, diffusers 0.42) make them, with
+several ControlNets as its MultiControlNetModel runs them (one image, scale and window
+each, in the order the ControlNets were exported).
 
-The scale defaults to 1 in every mode, as diffusers' text-to-image ControlNet pipelines
-(its img2img ones default to 0.8, its SD1.5 inpaint one to 0.5: pass the scale to match).
-The control image is resized to the run's size (Lanczos) and fed in [0, 1], not normalised;
-one row per image, twice over under classifier-free guidance (guess mode, which runs the
-ControlNet on the conditional half only, is not offered). The scale is
-`scale` on the steps inside [start, end] of the steps that run, 0 outside:
-diffusers' `controlnet_keep`.
+Each control image is resized to the run's size (Lanczos) and fed in [0, 1], not
+normalised; one row per image, twice over under classifier-free guidance (guess mode,
+which runs the ControlNets on the conditional half only, is not offered). A ControlNet's
+scale is its `scale` on the steps inside its [start, end] of the steps that run, 0 outside:
+diffusers' `controlnet_keep`. The scale defaults to 1 in every mode, as diffusers'
+text-to-image ControlNet pipelines (its img2img ones default to 0.8, its SD1.5 inpaint one
+to 0.5: pass the scale to match).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 from slimdiff.runtime.image import ImageInput, load_image, prepare_image
 from slimdiff.runtime.manifest import PipelineSpec
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONTROL_SCALE
 
-__all__ = ["check_control", "control_pixels", "control_scales"]
+__all__ = ["Control", "check_control", "control_pixels", "control_scales"]
+
+Numbers = float | Sequence[float]
+
+
+@dataclass(frozen=True)
+class Control:
+    """A run's ControlNet settings, one entry per ControlNet of the bundle; `images` is
+    None when no control image is given (every scale then 0)."""
+
+    images: list[Image.Image] | None
+    scales: tuple[float, ...]
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.scales)
+
+
+def _images(value) -> list:
+    """One control image or a list of them (a file, a PIL image or a uint8 array each)."""
+    if isinstance(value, (str, Path, Image.Image, np.ndarray)):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise UserError(f"control image {value!r}: use a file path, a PIL image or a uint8 array")
+
+
+def _numbers(value: Numbers, what: str, count: int) -> tuple[float, ...]:
+    """One number for every ControlNet, or a list of one each."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise UserError(f"control {what} {v!r}: use a number")
+    if len(values) != count:
+        raise UserError(
+            f"{len(values)} control {what}s for {count} ControlNet(s): give one for all, or "
+            "one per ControlNet"
+        )
+    return tuple(float(v) for v in values)
 
 
 def check_control(
     config: PipelineSpec,
-    image: ImageInput | None,
-    scale: float,
-    start: float,
-    end: float,
-):
-    """The control image as an RGB image (None when not given), once the bundle can take
-    one and the scale and window are valid; UserError otherwise."""
-    if image is not None and config.controlnet is None:
+    image: ImageInput | Sequence[ImageInput] | None,
+    scale: Numbers,
+    start: Numbers,
+    end: Numbers,
+) -> Control:
+    """The run's ControlNet settings, once the bundle can take them; UserError for a
+    control image on a bundle without a ControlNet, another number of images than it has
+    ControlNets, or a scale or window out of range."""
+    count = config.controlnet.count if config.controlnet is not None else 0
+    if image is not None and count == 0:
         raise UserError(
             "this bundle has no ControlNet, which a control image needs; export it again "
             "with --controlnet DIR (recipe: export.controlnet)"
         )
-    value, first, last = (
-        _number(v, what) for v, what in ((scale, "scale"), (start, "start"), (end, "end"))
+    n = max(count, 1)  # a bundle without one still checks what it was given
+    scales, starts, ends = (
+        _numbers(v, what, n) for v, what in ((scale, "scale"), (start, "start"), (end, "end"))
     )
-    if not (np.isfinite(value) and 0 <= value <= MAX_CONTROL_SCALE):
-        raise UserError(f"control scale {scale}: use a value from 0 to {MAX_CONTROL_SCALE:g}")
-    if not (0 <= first < last <= 1):
-        raise UserError(
-            f"control window {start}..{end}: use 0 <= start < end <= 1 (fractions of the steps)"
+    for s in scales:
+        if not (np.isfinite(s) and 0 <= s <= MAX_CONTROL_SCALE):
+            raise UserError(f"control scale {s:g}: use a value from 0 to {MAX_CONTROL_SCALE:g}")
+    for first, last in zip(starts, ends, strict=True):
+        if not (0 <= first < last <= 1):
+            raise UserError(
+                f"control window {first}..{last}: use 0 <= start < end <= 1 (fractions of "
+                "the steps)"
+            )
+    images = None
+    if image is not None:
+        images = [load_image(i) for i in _images(image)]
+        if len(images) != count:
+            raise UserError(
+                f"{len(images)} control image(s) for this bundle's {count} ControlNet(s): "
+                "give one each, in the order they were exported"
+            )
+    return Control(images, scales[:count], starts[:count], ends[:count])
+
+
+def control_pixels(control: Control, size: tuple[int, int], rows: int) -> np.ndarray:
+    """(count, rows, 3, H, W) float32 in [0, 1]: each control image at `size` (H, W), one
+    row per denoiser row; zeros without images (the ControlNets then add nothing)."""
+    if control.images is None:
+        return np.zeros((control.count, rows, 3, *size), np.float32)
+    stacked = [np.repeat(prepare_image(i, size, normalize=False), rows, 0) for i in control.images]
+    return np.ascontiguousarray(np.stack(stacked))
+
+
+def control_scales(control: Control, steps: int) -> list[np.ndarray]:
+    """Each of `steps` denoiser calls' scales, (count,) float32: a ControlNet's scale where
+    step i of n has i / n >= its start and (i + 1) / n <= its end, else 0 (diffusers'
+    controlnet_keep, over the timesteps that run); all 0 without control images."""
+    out = []
+    for i in range(steps):
+        keep = [
+            not (i / steps < s or (i + 1) / steps > e)
+            for s, e in zip(control.starts, control.ends, strict=True)
+        ]
+        given = control.images is not None
+        out.append(
+            np.array(
+                [v if k and given else 0.0 for v, k in zip(control.scales, keep, strict=True)],
+                np.float32,
+            )
         )
-    return None if image is None else load_image(image)
-
-
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise UserError(f"control {what} {value!r}: use a number")
-    return float(value)
-
-
-def control_pixels(source, size: tuple[int, int], rows: int, channels: int) -> np.ndarray:
-    """(rows, channels, H, W) float32 in [0, 1]: `source` at `size` (H, W), one row per
-    denoiser row; zeros without a source (the ControlNet then adds nothing)."""
-    if source is None:
-        return np.zeros((rows, channels, *size), np.float32)
-    pixels = prepare_image(source, size, normalize=False)
-    return np.ascontiguousarray(np.repeat(pixels, rows, axis=0))
-
-
-def control_scales(steps: int, scale: float, start: float, end: float) -> list[np.ndarray]:
-    """The conditioning scale of each of `steps` denoiser calls, (1,) float32: `scale` where
-    step i of n has i / n >= start and (i + 1) / n <= end, else 0 (diffusers'
-    controlnet_keep, over the timesteps that run)."""
-    keep = [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
-    return [np.array([scale if k else 0.0], np.float32) for k in keep]
+    return out

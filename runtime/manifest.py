@@ -82,8 +82,9 @@ VAE_INPUT, VAE_OUTPUT = "latent_sample", "sample"
 VAE_ENCODER = "vae_encoder"
 VAE_ENCODER_INPUT = "image"
 VAE_ENCODER_OUTPUTS = ("latent_mean", "latent_std")
-# Optional (`export --controlnet`): the denoiser graph holds a ControlNet and takes a control
-# image (B, 3, 8H, 8W) in [0, 1] and a conditioning scale (1,) besides (models/controlnet.py).
+# Optional (`export --controlnet`): the denoiser graph holds N ControlNets and takes their
+# control images (N, B, 3, 8H, 8W) in [0, 1] and their scales (N,) besides
+# (models/controlnet.py).
 CONTROL_IMAGE = "controlnet_cond"
 CONTROL_SCALE = "conditioning_scale"
 # Text encoder outputs: per-token hidden states (B, S, D), and pooled ones (B, P).
@@ -320,12 +321,14 @@ class ZeroTextRecord(pydantic.BaseModel):
 
 
 class ControlNetRecord(pydantic.BaseModel):
-    """The ControlNet inside the denoiser graph (`export --controlnet`): its control image
-    has `conditioning_channels` channels (RGB) at the image's size, fed unnormalised in
-    [0, 1] as diffusers' ControlNet pipelines feed it."""
+    """The ControlNets inside the denoiser graph (`export --controlnet`): `count` of them,
+    their control images stacked (count, B, conditioning_channels, H, W), RGB at the
+    image's size, fed unnormalised in [0, 1] as diffusers' ControlNet pipelines feed them,
+    and one conditioning scale each."""
 
     model_config = _CONFIG
 
+    count: Annotated[int, Field(ge=1, le=8)]
     conditioning_channels: Literal[3]
 
 

@@ -293,14 +293,17 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
 
 
 def _check_control(p: PipelineSpec, entry: ComponentEntry, field: str) -> None:
-    """A ControlNet's inputs: the control image (B, channels, H, W) and the scale (1,)."""
-    where = f"{field}.inputs.{CONTROL_IMAGE}"
-    image = _check_io(where, entry.io(CONTROL_IMAGE), 4, _FLOATS)
-    if _fixed(image, 1) not in (None, p.controlnet.conditioning_channels):
-        _fail(where, f"channels are not {p.controlnet.conditioning_channels}")
+    """The ControlNets' inputs: the control images (count, B, channels, H, W) and the
+    scales (count,)."""
+    record, where = p.controlnet, f"{field}.inputs.{CONTROL_IMAGE}"
+    image = _check_io(where, entry.io(CONTROL_IMAGE), 5, _FLOATS)
+    if image["shape"][0] != record.count:
+        _fail(where, f"must stack pipeline.controlnet.count ({record.count}) images first")
+    if _fixed(image, 2) not in (None, record.conditioning_channels):
+        _fail(where, f"channels are not {record.conditioning_channels}")
     scale = _check_io(f"{field}.inputs.{CONTROL_SCALE}", entry.io(CONTROL_SCALE), 1, _FLOATS)
-    if scale["shape"] != [1]:
-        _fail(f"{field}.inputs.{CONTROL_SCALE}", "must have shape [1]")
+    if scale["shape"] != [record.count]:
+        _fail(f"{field}.inputs.{CONTROL_SCALE}", f"must have shape [{record.count}]")
 
 
 def _check_vae(m: Manifest) -> None:

@@ -239,10 +239,10 @@ class Text2ImagePipeline:
         image: ImageInput | None = None,
         strength: float = 0.8,
         mask_image: ImageInput | None = None,
-        control_image: ImageInput | None = None,
-        control_scale: float = 1.0,
-        control_start: float = 0.0,
-        control_end: float = 1.0,
+        control_image: ImageInput | Sequence[ImageInput] | None = None,
+        control_scale: float | Sequence[float] = 1.0,
+        control_start: float | Sequence[float] = 0.0,
+        control_end: float | Sequence[float] = 1.0,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -286,6 +286,9 @@ class Text2ImagePipeline:
         ControlNet img2img pipeline) and `mask_image` (its inpaint pipeline); the default
         scale is 1 there too (diffusers': 0.8 and, for SD1.5 inpainting, 0.5). Without one,
         such a bundle draws as if it had no ControlNet (scale 0), still paying its cost.
+        A bundle with several ControlNets takes a list of control images, one per
+        ControlNet in export order, and a scale, start and end for all or a list of one
+        each (diffusers' MultiControlNetModel: their residuals are summed).
         """
         start = time.perf_counter()
         prompts, negatives = _check_prompts(prompt, negative_prompt)
@@ -298,7 +301,7 @@ class Text2ImagePipeline:
         # diffusers' text-to-image ControlNet pipelines take the control image's size; its
         # img2img and inpaint ones need both images of one size (they fail otherwise):
         # here the image is resized to the control image's
-        sized_by = control if control is not None else source
+        sized_by = control.images[0] if control.images else source
         if sized_by is not None and size is None:
             size = image_size(sized_by, self.conditioning.size_multiple(), MAX_SIDE)
         height, width = self._check_args(steps, size, output)
@@ -335,8 +338,7 @@ class Text2ImagePipeline:
         fixed = cond.encode(prompts, negatives, do_cfg, guidance, height, width, per_prompt)
         if self.config.controlnet is not None:
             rows = images * (2 if do_cfg else 1)
-            channels = self.config.controlnet.conditioning_channels
-            fixed[CONTROL_IMAGE] = control_pixels(control, (height, width), rows, channels)
+            fixed[CONTROL_IMAGE] = control_pixels(control, (height, width), rows)
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
@@ -377,8 +379,7 @@ class Text2ImagePipeline:
         step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
         step_ms: list[float] = []
         calls = len(scheduler.timesteps) - begin
-        scale = 0.0 if control is None else float(control_scale)
-        scales = control_scales(calls, scale, float(control_start), float(control_end))
+        scales = control_scales(control, calls)
         for i in range(begin, len(scheduler.timesteps)):
             t = scheduler.timesteps[i]
             t0 = time.perf_counter()

@@ -307,11 +307,13 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
 )
 @click.option(
     "--controlnet",
-    default=None,
+    "controlnets",
+    multiple=True,
     metavar="PATH",
     help="Steer the UNet with this ControlNet, SD1.5 or SDXL: a diffusers ControlNet folder, "
     "or one .safetensors file (original or diffusers layout). The denoiser graph holds both "
-    "and runs take --control-image. Recipe: export.controlnet.",
+    "and runs take --control-image. Repeat for several (their residuals summed). Recipe: "
+    "export.controlnet.",
 )
 @allow_pickle_option
 def export_cmd(
@@ -332,19 +334,24 @@ def export_cmd(
     vae: str | None,
     loras: list[dict],
     vae_encoder: bool,
-    controlnet: str | None,
+    controlnets: tuple[str, ...],
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
     from slimdiff.app.args import check_output_dir
     from slimdiff.app.export_cli import load_edited, report
-    from slimdiff.export import check_controlnet_export, check_out_dir, export_bundle
+    from slimdiff.export import (
+        check_controlnet_export,
+        check_out_dir,
+        controlnet_specs,
+        export_bundle,
+    )
 
     check_output_dir(out)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
-    if controlnet is not None:
-        check_controlnet_export(controlnet, target, weights)  # before the model loads
+    for spec in controlnet_specs(list(controlnets)):  # before the model loads
+        check_controlnet_export(spec, target, weights)
     loaded = load_edited(model, weights, allow_pickle, drop, loras, vae, click.echo)
     manifest = export_bundle(
         loaded,
@@ -360,7 +367,7 @@ def export_cmd(
         scheduler=scheduler,
         sigmas=sigmas,
         vae_encoder=vae_encoder,
-        controlnet=controlnet,
+        controlnet=list(controlnets),
         **sizes,
     )
     del loaded

@@ -152,9 +152,10 @@ class ExportSpec(_Strict):
     sigmas: Literal["karras", "exponential", "beta"] | None = None
     # Also export the VAE encoder, which image-to-image needs (`slimdiff run --image`).
     vae_encoder: bool = False
-    # A ControlNet to steer the UNet with (a diffusers ControlNet folder or hub id): the
-    # denoiser graph holds both (`slimdiff run --control-image`). ONNX targets only.
-    controlnet: str | None = None
+    # A ControlNet to steer the UNet with (a diffusers ControlNet folder, a single
+    # .safetensors file or a hub id), or a list of them: the denoiser graph holds the UNet
+    # and them (`slimdiff run --control-image`). ONNX targets only.
+    controlnet: str | list[str] | None = None
 
     @pydantic.field_validator("scheduler")
     @classmethod

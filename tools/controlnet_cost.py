@@ -79,7 +79,7 @@ def measure(model_name: str, size: int, precision: str, repeat: int, out: Path) 
     controlnet = _controlnet(model.denoiser, scale)
     graphs, components, params = {}, {}, {}
     for name, steer in (("unet", None), ("unet+controlnet", controlnet)):
-        plan = plan_components(model, controlnet=steer)
+        plan = plan_components(model, controlnets=[steer] if steer is not None else [])
         component = next(c for c in plan if c.name == model.arch.denoiser)
         root = out / name.replace("+", "-")
         path = root / component.name / "model.onnx"
@@ -93,7 +93,7 @@ def measure(model_name: str, size: int, precision: str, repeat: int, out: Path) 
     threads = choose_threads(params["unet"])
     sessions = {n: OrtBackend("ort-cpu", threads=threads).load(g) for n, g in graphs.items()}
     inputs = {n: {k: feeds[k] for k in components[n].input_names} for n in graphs}
-    zero = {**inputs["unet+controlnet"], "conditioning_scale": np.zeros(1, np.float32)}
+    zero = {**inputs["unet+controlnet"], "conditioning_scale": np.zeros(1, np.float32)}  # (N,)
     # at scale 0 the ControlNet adds nothing: the two graphs must agree (the UNet is shared)
     plain = sessions["unet"].run(inputs["unet"])["out_sample"]
     steered = sessions["unet+controlnet"].run(zero)["out_sample"]

@@ -139,23 +139,30 @@ def check_image_to_image(
         raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")
 
 
-def check_control(image: Path | None, scale, start, end) -> dict:
-    """`run`'s ControlNet options as the runtime's keywords: --control-scale, -start and
-    -end need --control-image, and start comes before end."""
-    given = [
-        name for name, v in (("scale", scale), ("start", start), ("end", end)) if v is not None
-    ]
-    if given and image is None:
+def check_control(images: tuple, scales: tuple, starts: tuple, ends: tuple) -> dict:
+    """`run`'s ControlNet options (each repeatable: one per ControlNet, or one for all) as
+    the runtime's keywords: --control-scale, -start and -end need --control-image, and a
+    start comes before its end. The runtime checks the counts against the bundle."""
+    values = (("scale", scales), ("start", starts), ("end", ends))
+    given = [name for name, value in values if value]
+    if given and not images:
         raise click.UsageError(f"--control-{given[0]} needs --control-image")
-    if scale is not None and not math.isfinite(scale):  # click's FloatRange lets NaN through
-        raise click.UsageError(f"--control-scale {scale}: use a finite value")
-    first = 0.0 if start is None else start
-    last = 1.0 if end is None else end
-    if first >= last:
-        raise click.UsageError(f"--control-start {first:g} must be below --control-end {last:g}")
+    for scale in scales:
+        if not math.isfinite(scale):  # click's FloatRange lets NaN through
+            raise click.UsageError(f"--control-scale {scale}: use a finite value")
+    if len(starts) <= 1 and len(ends) <= 1:
+        first, last = (starts or (0.0,))[0], (ends or (1.0,))[0]
+        if first >= last:
+            raise click.UsageError(
+                f"--control-start {first:g} must be below --control-end {last:g}"
+            )
+
+    def one_or_each(value: tuple, default: float):
+        return default if not value else value[0] if len(value) == 1 else list(value)
+
     return {
-        "control_image": image,
-        "control_scale": 1.0 if scale is None else scale,
-        "control_start": first,
-        "control_end": last,
+        "control_image": (images[0] if len(images) == 1 else list(images)) or None,
+        "control_scale": one_or_each(scales, 1.0),
+        "control_start": one_or_each(starts, 0.0),
+        "control_end": one_or_each(ends, 1.0),
     }

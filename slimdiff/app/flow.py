@@ -111,8 +111,10 @@ def export_hash(compress: str, recipe: Recipe, target: str) -> str:
     for key, default in (*defaults, ("controlnet", None)):
         if export[key] == default:
             del export[key]
-    if "controlnet" in export:  # its contents, not its path (as lora.fuse's files)
-        export["controlnet"] = _folder_digest(export["controlnet"])
+    if "controlnet" in export:  # their contents, not their paths (as lora.fuse's files)
+        specs = export["controlnet"]
+        digests = [_folder_digest(s) for s in ([specs] if isinstance(specs, str) else specs)]
+        export["controlnet"] = digests[0] if isinstance(specs, str) else digests
     return _hash({"compress": compress, "target": target, **export})
 
 
@@ -187,10 +189,11 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
     check_outputs(recipe, out)
     check_input_files(recipe)  # before minutes of loading the model
     if recipe.export.controlnet is not None:
-        from slimdiff.export import check_controlnet_export
+        from slimdiff.export import check_controlnet_export, controlnet_specs
 
-        for target in recipe.export.targets:
-            check_controlnet_export(recipe.export.controlnet, target, "auto")
+        for spec in controlnet_specs(recipe.export.controlnet):
+            for target in recipe.export.targets:
+                check_controlnet_export(spec, target, "auto")
     result = FlowResult(artifact=out / "artifact")
     dropped = dropped_components(recipe)  # text.drop: never loaded here
     if model is None:

@@ -73,31 +73,32 @@ _CONTROL = [
     click.option(
         "--control-image",
         type=FILE,
-        default=None,
+        multiple=True,
         help="ControlNet: steer with this control image (an edge map, a depth map, a pose, "
         "... as the ControlNet was trained on), resized to --size; without --size the run "
-        "takes its size. Needs a bundle exported with --controlnet.",
+        "takes its size. Needs a bundle exported with --controlnet; repeat for one per "
+        "ControlNet, in export order.",
     ),
     click.option(
         "--control-scale",
         type=click.FloatRange(0.0, MAX_CONTROL_SCALE),
-        default=None,
+        multiple=True,
         help="With --control-image: how strongly it steers (diffusers' "
-        "controlnet_conditioning_scale). Default: 1.",
+        "controlnet_conditioning_scale). Once for all ControlNets, or once each. Default: 1.",
     ),
     click.option(
         "--control-start",
         type=click.FloatRange(0.0, 1.0),
-        default=None,
+        multiple=True,
         help="With --control-image: the fraction of the steps after which it starts steering "
-        "(diffusers' control_guidance_start). Default: 0.",
+        "(diffusers' control_guidance_start). Once for all, or once each. Default: 0.",
     ),
     click.option(
         "--control-end",
         type=click.FloatRange(0.0, 1.0),
-        default=None,
+        multiple=True,
         help="With --control-image: the fraction of the steps after which it stops (diffusers' "
-        "control_guidance_end). Default: 1.",
+        "control_guidance_end). Once for all, or once each. Default: 1.",
     ),
 ]
 

@@ -1,11 +1,12 @@
 """ControlNets: a diffusers ControlNetModel read from a folder (or the hub), checked against
 the model it steers, and joined with its UNet into one denoiser for export.
 
-The bundle's denoiser graph is the UNet and its ControlNet in one (ControlledDenoiser), as
+The bundle's denoiser graph is the UNet and its ControlNets in one (ControlledDenoiser), as
 onnxruntime's stable-diffusion tooling (UNet2DConditionControlNetModel) and TensorRT's
-demoDiffusion (UNetXLModelControlNet) build theirs: two more inputs, the control image
-(`controlnet_cond`, (B, 3, 8H, 8W) pixels in [0, 1]) and the conditioning scale
-(`conditioning_scale`, (1,)), and one graph, one engine and one call per step.
+demoDiffusion (UNetXLModelControlNet) build theirs: two more inputs, the control images
+stacked (`controlnet_cond`, (N, B, 3, 8H, 8W) pixels in [0, 1], N ControlNets) and their
+conditioning scales (`conditioning_scale`, (N,)), and one graph, one engine and one call
+per step.
 
 A ControlNet fits a UNet whose down path it mirrors: one residual per UNet skip connection
 (conv_in's, each ResNet's, each downsampler's) of the same width, and one for the mid
@@ -18,13 +19,14 @@ place (diffusers adds it to the down path's output), as BK-SDM's ControlNet user
 
 Example:
     >>> controlnet = load_controlnet("controlnet-canny", model)   # doctest: +SKIP
-    >>> denoiser = ControlledDenoiser(model.denoiser, controlnet) # doctest: +SKIP
+    >>> denoiser = ControlledDenoiser(model.denoiser, [controlnet]) # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +41,28 @@ from slimdiff.runtime.manifest import CONTROL_IMAGE, CONTROL_SCALE
 __all__ = [
     "CONTROL_IMAGE",
     "CONTROL_SCALE",
-    "CONTROL_SPECS",
+    "MAX_CONTROLNETS",
     "ControlledDenoiser",
     "check_controlnet",
+    "control_specs",
     "controlnet_folder",
     "load_controlnet",
     "pixels_per_latent",
 ]
 
-# The ControlNet's inputs beside the UNet's, in graph order. "8H"/"8W": image pixels, the
-# latent side times the VAE's (and the ControlNet's) pixels per latent pixel.
-CONTROL_SPECS = (
-    TensorSpec(CONTROL_IMAGE, "float32", ("B", 3, "8H", "8W")),
-    TensorSpec(CONTROL_SCALE, "float32", (1,)),
-)
+MAX_CONTROLNETS = 4  # per bundle: each adds about 40% to a step (docs/BENCHMARKS.md)
+
+
+def control_specs(count: int) -> tuple[TensorSpec, ...]:
+    """The inputs `count` ControlNets add to the UNet's, in graph order: their control
+    images stacked, and one scale each. "8H"/"8W": image pixels, the latent side times the
+    VAE's (and the ControlNets') pixels per latent pixel."""
+    return (
+        TensorSpec(CONTROL_IMAGE, "float32", (count, "B", 3, "8H", "8W")),
+        TensorSpec(CONTROL_SCALE, "float32", (count,)),
+    )
+
+
 _CLASS = "ControlNetModel"
 # Single files: read when .safetensors; pickled ones refused by name (never unpickled).
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -221,21 +231,24 @@ def check_controlnet(controlnet: nn.Module, unet: nn.Module, vae_scale: int, spe
 
 
 class ControlledDenoiser(nn.Module):
-    """A UNet steered by a ControlNet, as one module: the ControlNet runs on the latents (an
-    inpainting UNet's first `in_channels` of them, as diffusers' ControlNet inpaint pipeline
-    feeds it), and its residuals, scaled by `conditioning_scale`, go into the UNet's skips.
+    """A UNet steered by one or more ControlNets, as one module: each ControlNet runs on the
+    latents (an inpainting UNet's first `in_channels` of them, as diffusers' ControlNet
+    inpaint pipeline feeds it) with its own control image and scale, and the sum of their
+    scaled residuals goes into the UNet's skips (diffusers' MultiControlNetModel).
 
-    Called as the UNet is (the exporter's DenoiserWrapper), with the control image and
-    scale as two more keywords; returns the UNet's output tuple. `config` is the UNet's,
-    so everything that reads the denoiser's config reads it as before.
+    Called as the UNet is (the exporter's DenoiserWrapper), with the control images
+    stacked (N, B, 3, 8H, 8W) and the scales (N,) as two more keywords; returns the UNet's
+    output tuple. `config` is the UNet's, so everything that reads the denoiser's config
+    reads it as before.
     """
 
-    input_specs = CONTROL_SPECS
-
-    def __init__(self, unet: nn.Module, controlnet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, controlnets: Sequence[nn.Module]) -> None:
         super().__init__()
+        if not controlnets:
+            raise ValueError("ControlledDenoiser needs at least one ControlNet")
         self.unet = unet
-        self.controlnet = controlnet
+        self.controlnets = nn.ModuleList(controlnets)
+        self.input_specs = control_specs(len(controlnets))
 
     @property
     def config(self):
@@ -247,26 +260,28 @@ class ControlledDenoiser(nn.Module):
 
     @property
     def pixels_per_latent(self) -> int:
-        return pixels_per_latent(self.controlnet)
+        return pixels_per_latent(self.controlnets[0])  # all checked equal to the VAE's
+
+    def _parts(self) -> list[tuple[str, nn.Module]]:
+        return [("unet", self.unet)] + [
+            (f"controlnets.{i}", c) for i, c in enumerate(self.controlnets)
+        ]
 
     @property
     def attn_processors(self) -> dict[str, Any]:
         return {
-            f"{part}.{name}": processor
-            for part in ("unet", "controlnet")
-            for name, processor in getattr(self, part).attn_processors.items()
+            f"{name}.{key}": processor
+            for name, part in self._parts()
+            for key, processor in part.attn_processors.items()
         }
 
     def set_attn_processor(self, processor) -> None:
-        """One processor for all, or a dict keyed as attn_processors (both parts')."""
-        for part in ("unet", "controlnet"):
-            own = processor
+        """One processor for all, or a dict keyed as attn_processors (every part's)."""
+        for name, part in self._parts():
+            own, prefix = processor, f"{name}."
             if isinstance(processor, dict):
-                prefix = f"{part}."
-                own = {
-                    k.removeprefix(prefix): v for k, v in processor.items() if k.startswith(prefix)
-                }
-            getattr(self, part).set_attn_processor(own)
+                own = {k[len(prefix) :]: v for k, v in processor.items() if k.startswith(prefix)}
+            part.set_attn_processor(own)
 
     def forward(
         self,
@@ -279,15 +294,22 @@ class ControlledDenoiser(nn.Module):
         return_dict: bool = False,
         **unet_kwargs: Any,
     ) -> tuple[torch.Tensor, ...]:
-        down, mid = self.controlnet(
-            sample[:, : self.controlnet.config.in_channels],
-            timestep,
-            encoder_hidden_states=encoder_hidden_states,
-            controlnet_cond=controlnet_cond,
-            conditioning_scale=conditioning_scale,
-            added_cond_kwargs=added_cond_kwargs,
-            return_dict=False,
-        )
+        down, mid = None, None
+        for i, controlnet in enumerate(self.controlnets):
+            down_i, mid_i = controlnet(
+                sample[:, : controlnet.config.in_channels],
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=controlnet_cond[i],
+                conditioning_scale=conditioning_scale[i],
+                added_cond_kwargs=added_cond_kwargs,
+                return_dict=False,
+            )
+            if down is None:
+                down, mid = down_i, mid_i
+            else:  # MultiControlNetModel's sum
+                down = [a + b for a, b in zip(down, down_i, strict=True)]
+                mid = mid + mid_i
         return self.unet(
             sample,
             timestep,

@@ -261,12 +261,14 @@ def test_bad_controlnet_arguments(bundle, tmp_path):
     export = ("export", "tiny:sd15", "--out", tmp_path / "b")
     cases = [
         ((tmp_path / "nowhere",), "no such folder"),
-        ((image,), "is a file"),
+        ((image,), "a ControlNet file is a .safetensors file"),
         ((tmp_path,), "has no config.json"),
         ((broken,), "is not readable JSON"),
         ((flux,), "is a FLUX ControlNet (FluxControlNetModel)"),
         ((flux, "--target", "aoti"), "AOTInductor packages do not take a ControlNet"),
         ((flux, "--weights", "stream"), "which --weights stream never loads"),
+        ((broken, "--controlnet", broken), "a ControlNet is named twice"),
+        ((*[broken, "--controlnet"] * 4, flux), "5 ControlNets: a bundle takes at most 4"),
     ]
     for args, fragment in cases:
         start = time.perf_counter()

@@ -183,7 +183,7 @@ def test_a_recipe_with_a_controlnet_exports_it_and_run_takes_control_images(tmp_
     assert result.exit_code == 0, result.output
     bundle = out / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["pipeline"]["controlnet"] == {"conditioning_channels": 3}
+    assert manifest["pipeline"]["controlnet"] == {"count": 1, "conditioning_channels": 3}
     assert manifest["source"]["controlnet"] == str(folder)
     verified = _run("verify", bundle)
     assert "the denoiser with a ControlNet" in verified.output

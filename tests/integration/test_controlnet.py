@@ -318,22 +318,22 @@ def test_the_control_image_sizes_the_run(controlled):
 def test_the_manifest_records_the_controlnet(controlled, family):
     c = controlled(family)
     for manifest in (c.manifest, Text2ImagePipeline.from_bundle(c.bundle).manifest):
-        assert manifest.pipeline.controlnet == ControlNetRecord(conditioning_channels=3)
+        assert manifest.pipeline.controlnet == ControlNetRecord(count=1, conditioning_channels=3)
         assert manifest.source["controlnet"] == str(c.folder)
         assert manifest.source["model"] == f"tiny:{family}"
         unet = manifest.components["unet"]
         inputs = {spec["name"]: spec for spec in unet.inputs}
-        assert inputs["controlnet_cond"]["shape"] == ["B", 3, "8H", "8W"]
+        assert inputs["controlnet_cond"]["shape"] == [1, "B", 3, "8H", "8W"]
         assert inputs["controlnet_cond"]["dtype"] == "float32"
         assert inputs["conditioning_scale"]["shape"] == [1]
         for point, shapes in unet.profile.items():
             batch, _, h, w = shapes["sample"]
-            assert shapes["controlnet_cond"] == [batch, 3, 8 * h, 8 * w], point
+            assert shapes["controlnet_cond"] == [1, batch, 3, 8 * h, 8 * w], point
             assert shapes["conditioning_scale"] == [1], point
         # the exporter's parity check ran the graph with the ControlNet's inputs
         assert unet.parity["passed"] and "controlnet_cond" in unet.parity["inputs"]
     on_disk = json.loads((c.bundle / "manifest.json").read_text())
-    assert on_disk["pipeline"]["controlnet"] == {"conditioning_channels": 3}
+    assert on_disk["pipeline"]["controlnet"] == {"count": 1, "conditioning_channels": 3}
 
 
 def test_a_plain_bundle_writes_no_controlnet(tiny_bundle):
@@ -438,13 +438,18 @@ TAMPERINGS = [
     ),
     (
         "one-channel",
-        lambda p, u, i: i["controlnet_cond"]["shape"].__setitem__(1, 1),
+        lambda p, u, i: i["controlnet_cond"]["shape"].__setitem__(2, 1),
         r"unet\.inputs\.controlnet_cond': channels are not 3",
     ),
     (
         "rank-3",
-        lambda p, u, i: i["controlnet_cond"].update(shape=["B", 3, "8H"]),
-        r"unet\.inputs\.controlnet_cond': has rank 3, the pipeline needs 4",
+        lambda p, u, i: i["controlnet_cond"].update(shape=["B", 3, "8H", "8W"]),
+        r"unet\.inputs\.controlnet_cond': has rank 4, the pipeline needs 5",
+    ),
+    (
+        "count-2",
+        lambda p, u, i: p["controlnet"].update(count=2),
+        r"controlnet_cond': must stack pipeline\.controlnet\.count \(2\) images first",
     ),
     (
         "int-image",
@@ -499,3 +504,102 @@ def test_the_control_profile_is_checked(controlled):
     data["components"]["unet"]["profile"]["max"]["conditioning_scale"] = [2]
     with pytest.raises(BundleError, match=r"profile shape \[2\] of conditioning_scale"):
         parse_manifest(json.dumps(data).encode(), where)
+
+
+@pytest.fixture(scope="module")
+def two_controlnets(controlled, tmp_path_factory):
+    """tiny:sd15 exported with two ControlNets: the module's and another (another seed)."""
+    from slimdiff.export import export_bundle
+
+    c = controlled("sd15")
+    root = tmp_path_factory.mktemp("two-controlnets")
+    second = save_tiny_controlnet(c.model.denoiser, root / "second", seed=1)
+    bundle = root / "bundle"
+    export_bundle(c.model, bundle, optimize=False, controlnet=[str(c.folder), str(second)])
+    return c, diffusers.ControlNetModel.from_pretrained(second), second, bundle
+
+
+def test_two_controlnets_match_diffusers_multicontrolnet(two_controlnets):
+    """Two ControlNets, each its own image, scale and window, against diffusers' pipeline
+    with a list of ControlNets (MultiControlNetModel: the residuals summed)."""
+    c, second, second_folder, bundle = two_controlnets
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    assert runtime.config.controlnet == ControlNetRecord(count=2, conditioning_channels=3)
+    assert runtime.manifest.source["controlnet_2"] == str(second_folder)
+    inputs = {spec["name"]: spec for spec in runtime.manifest.components["unet"].inputs}
+    assert inputs["controlnet_cond"]["shape"] == [2, "B", 3, "8H", "8W"]
+    assert inputs["conditioning_scale"]["shape"] == [2]
+    pipe = getattr(diffusers, PIPELINES["sd15"])(
+        **c.model.pipe.components, controlnet=[c.controlnet, second]
+    )
+    config = runtime.scheduler_config
+    pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    latents = _initial_latents(runtime)
+    edges, other = control_image(), control_image()[::-1].copy()  # flipped: another image
+    settings = {"control_scale": [0.7, 1.2], "control_start": [0.0, 0.2], "control_end": [1.0, 0.8]}
+    call = {
+        "image": [Image.fromarray(edges), Image.fromarray(other)],
+        "latents": torch.from_numpy(latents),
+        **_diffusers_control(settings),
+    }
+    ref_image, ref_latents = _diffusers(pipe, **call)
+    _, no_model = _diffusers(pipe, zero=True, **call)
+    args = {"steps": STEPS, "guidance": GUIDANCE, "latents": latents}
+    result = runtime(PROMPT, control_image=[edges, other], **settings, **args)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "two ControlNets")
+    assert _psnr(result.image, ref_image) >= 40.0
+    # the second ControlNet counts: with it at scale 0 the run is another one
+    one = runtime(PROMPT, control_image=[edges, other], control_scale=[0.7, 0.0], **args)
+    assert _rel(one.latents, result.latents, ref_latents - no_model) > 0.01
+    # one scale for all: both at it
+    both = runtime(PROMPT, control_image=[edges, other], control_scale=0.7, **args)
+    same = runtime(PROMPT, control_image=[edges, other], control_scale=[0.7, 0.7], **args)
+    np.testing.assert_array_equal(both.latents, same.latents)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"control_image": "one"}, r"1 control image\(s\) for this bundle's 2 ControlNet\(s\)"),
+        ({"control_image": "three"}, r"3 control image\(s\) for this bundle's 2 ControlNet\(s\)"),
+        ({"control_scale": [1.0, 1.0, 1.0]}, r"3 control scales for 2 ControlNet\(s\)"),
+        ({"control_end": [1.0]}, r"1 control ends for 2 ControlNet\(s\)"),
+        ({"control_start": [0.0, 0.9], "control_end": [1.0, 0.5]}, r"control window 0.9..0.5"),
+    ],
+)
+def test_two_controlnets_refuse_other_counts(two_controlnets, kwargs, error):
+    *_, bundle = two_controlnets
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    images = {"one": [control_image()], "three": [control_image()] * 3}
+    kwargs = {
+        **kwargs,
+        "control_image": images.get(kwargs.get("control_image"), [control_image()] * 2),
+    }
+    with pytest.raises(UserError, match=error):
+        runtime(PROMPT, steps=1, **kwargs)
+
+
+def test_run_takes_a_control_image_per_controlnet(two_controlnets, tmp_path):
+    """`run --control-image A --control-image B --control-scale S`: one image each, one
+    scale for both, as the API's lists."""
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    *_, bundle = two_controlnets
+    paths = []
+    for name, pixels in (("a", control_image()), ("b", control_image()[::-1].copy())):
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        paths.append(tmp_path / f"{name}.png")
+    out = tmp_path / "x.png"
+    run = ["run", str(bundle), "--prompt", PROMPT, "--steps", "2", "--out", str(out)]
+    images = ["--control-image", str(paths[0]), "--control-image", str(paths[1])]
+    done = CliRunner().invoke(main, [*run, *images, "--control-scale", "0.5"])
+    assert done.exit_code == 0, done.output
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    expected = runtime(PROMPT, steps=2, control_image=paths, control_scale=[0.5, 0.5]).image
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+    refused = CliRunner().invoke(main, [*run, *images[:2]])
+    assert refused.exit_code == 2
+    assert "1 control image(s) for this bundle's 2 ControlNet(s)" in refused.output

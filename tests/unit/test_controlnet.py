@@ -12,7 +12,7 @@ import diffusers
 import numpy as np
 import pytest
 from PIL import Image
-from slimdiff.runtime.control import control_pixels, control_scales
+from slimdiff.runtime.control import Control, control_pixels, control_scales
 
 from slimdiff.errors import UserError
 from slimdiff.models.controlnet import check_controlnet, controlnet_folder, load_controlnet
@@ -61,6 +61,11 @@ def _keep(steps: int, start: float, end: float) -> list[float]:
 # ---------------------------------------------------------------- control_scales
 
 
+def _control(scales, starts, ends, images=()) -> Control:
+    """A run's settings as check_control returns them; `images` non-empty: given."""
+    return Control(list(images) or None, tuple(scales), tuple(starts), tuple(ends))
+
+
 @pytest.mark.parametrize(
     ("steps", "start", "end"),
     [
@@ -79,7 +84,7 @@ def _keep(steps: int, start: float, end: float) -> list[float]:
 )
 @pytest.mark.parametrize("scale", [1.0, 0.6, 0.0, 10.0])
 def test_control_scales_are_diffusers_controlnet_keep(steps, start, end, scale):
-    scales = control_scales(steps, scale, start, end)
+    scales = control_scales(_control([scale], [start], [end], [_GREY]), steps)
     assert len(scales) == steps
     for value in scales:
         assert value.shape == (1,) and value.dtype == np.float32
@@ -88,34 +93,51 @@ def test_control_scales_are_diffusers_controlnet_keep(steps, start, end, scale):
 
 
 def test_control_scales_by_hand():
-    got = [float(s[0]) for s in control_scales(5, 0.5, 0.2, 0.7)]
-    assert got == [0.0, 0.5, 0.5, 0.0, 0.0]  # steps 1 and 2: [0.2, 0.4], [0.4, 0.6]
-    assert [float(s[0]) for s in control_scales(4, 1.0, 0.0, 0.5)] == [1.0, 1.0, 0.0, 0.0]
-    assert [float(s[0]) for s in control_scales(4, 1.0, 0.5, 1.0)] == [0.0, 0.0, 1.0, 1.0]
+    def first(control, steps):
+        return [float(s[0]) for s in control_scales(control, steps)]
+
+    assert first(_control([0.5], [0.2], [0.7], [_GREY]), 5) == [0.0, 0.5, 0.5, 0.0, 0.0]
+    assert first(_control([1.0], [0.0], [0.5], [_GREY]), 4) == [1.0, 1.0, 0.0, 0.0]
+    assert first(_control([1.0], [0.5], [1.0], [_GREY]), 4) == [0.0, 0.0, 1.0, 1.0]
+    assert first(_control([1.0], [0.0], [1.0]), 4) == [0.0] * 4  # no image: scale 0
+
+
+def test_control_scales_of_two_controlnets_each_their_own_window():
+    """diffusers' MultiControlNetModel keep lists: one window and scale per ControlNet."""
+    control = _control([0.5, 1.5], [0.0, 0.4], [0.6, 1.0], [_GREY, _GREY])
+    got = np.stack(control_scales(control, 5))
+    assert got.shape == (5, 2) and got.dtype == np.float32
+    keeps = np.array([_keep(5, 0.0, 0.6), _keep(5, 0.4, 1.0)], np.float32).T
+    np.testing.assert_array_equal(got, keeps * np.float32([0.5, 1.5]))
 
 
 # ---------------------------------------------------------------- control_pixels
 
 
-def test_control_pixels_without_a_source_are_zeros():
-    pixels = control_pixels(None, (16, 24), 2, 3)
-    assert pixels.shape == (2, 3, 16, 24) and pixels.dtype == np.float32
+_GREY = Image.new("RGB", (24, 16), (128, 128, 128))
+
+
+def test_control_pixels_without_images_are_zeros():
+    pixels = control_pixels(_control([1.0, 1.0], [0.0, 0.0], [1.0, 1.0]), (16, 24), 2)
+    assert pixels.shape == (2, 2, 3, 16, 24) and pixels.dtype == np.float32
     assert not pixels.any()
 
 
-def test_control_pixels_are_the_image_in_0_1_one_row_each():
+def test_control_pixels_are_the_images_in_0_1_one_row_each():
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
     array[0, 0] = (0, 128, 255)
-    pixels = control_pixels(Image.fromarray(array), (16, 24), 4, 3)
-    assert pixels.shape == (4, 3, 16, 24) and pixels.dtype == np.float32
+    control = _control([1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [Image.fromarray(array), _GREY])
+    pixels = control_pixels(control, (16, 24), 4)
+    assert pixels.shape == (2, 4, 3, 16, 24) and pixels.dtype == np.float32
     assert pixels.flags.c_contiguous
     # at its own size: the image / 255, channels first, not normalised to [-1, 1]
-    np.testing.assert_allclose(pixels[0], array.transpose(2, 0, 1) / 255.0, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(pixels[0, 0], array.transpose(2, 0, 1) / 255.0, rtol=0, atol=1e-7)
     half = np.float32(128) / np.float32(255)  # in float32, as diffusers divides
-    np.testing.assert_array_equal(pixels[:, :, 0, 0], np.tile([0, half, 1], (4, 1)))
-    for row in pixels[1:]:
-        np.testing.assert_array_equal(row, pixels[0])
+    np.testing.assert_array_equal(pixels[0, :, :, 0, 0], np.tile([0, half, 1], (4, 1)))
+    for row in pixels[0, 1:]:
+        np.testing.assert_array_equal(row, pixels[0, 0])
+    assert np.all(pixels[1] == half)  # the second ControlNet's image, in its own slot
 
 
 def test_control_pixels_are_resized_as_diffusers_resizes():
@@ -126,12 +148,12 @@ def test_control_pixels_are_resized_as_diffusers_resizes():
     y, x = np.mgrid[0:40, 0:56]
     array = np.stack([x * 4, y * 6, (x + y) * 2], -1).clip(0, 255).astype(np.uint8)
     image = Image.fromarray(array)
-    pixels = control_pixels(image, (32, 48), 2, 3)
-    assert pixels.shape == (2, 3, 32, 48)
+    pixels = control_pixels(_control([1.0], [0.0], [1.0], [image]), (32, 48), 2)
+    assert pixels.shape == (1, 2, 3, 32, 48)
     assert pixels.min() >= 0.0 and pixels.max() <= 1.0
     processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
     ref = processor.preprocess(image, height=32, width=48).numpy()
-    np.testing.assert_allclose(pixels[:1], ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pixels[0, :1], ref, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- controlnet_folder

@@ -63,6 +63,9 @@ def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
     # the same files elsewhere: the same bundle; other weights: another
     same = validate_recipe({"model": "tiny:sd15", "export": {"controlnet": folders[1]}})
     assert export_hash("c", same, "onnx") in hashes
+    # two ControlNets: another bundle than either alone
+    both = validate_recipe({"model": "tiny:sd15", "export": {"controlnet": folders}})
+    assert export_hash("c", both, "onnx") not in hashes
     (Path(folders[1]) / "diffusion_pytorch_model.safetensors").write_bytes(b"retrained")
     assert export_hash("c", same, "onnx") not in hashes
 
