@@ -35,10 +35,10 @@ from slimdiff.export.components import (
     Component,
     export_mode,
     free_weights,
-    model_device,
     plan_components,
     release_memory,
 )
+from slimdiff.export.controlnet import check_controlnet_export, controlnet_specs, load_checked
 from slimdiff.export.lowbit import (
     compact_names,
     int4_digests,
@@ -82,7 +82,6 @@ from slimdiff.lowbit import (
 from slimdiff.memory import available_bytes, rss_mib
 from slimdiff.models.lazy import is_lazy, materialize, param_bytes
 from slimdiff.models.loading import LoadedModel
-from slimdiff.models.vae import vae_scale_factor
 
 __all__ = [
     "PRECISIONS",
@@ -209,7 +208,7 @@ def export_bundle(
         )
         vae_encoder = True
     specs = controlnet_specs(controlnet)
-    steer = [_controlnet(model, spec, target, weights) for spec in specs]
+    steer = [load_checked(model, spec, target, weights) for spec in specs]
     components = plan_components(model, vae_encoder=vae_encoder, controlnets=steer)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:
@@ -301,56 +300,6 @@ def _aoti():
     from slimdiff.export import aoti  # torch._inductor only when the target asks for it
 
     return aoti
-
-
-def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
-    """export_bundle's `controlnet` as a list (none, one or several); UserError for more
-    than MAX_CONTROLNETS or one named twice."""
-    from slimdiff.models.controlnet import MAX_CONTROLNETS
-
-    if controlnet is None:
-        return []
-    specs = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
-    if len(specs) > MAX_CONTROLNETS:
-        raise UserError(
-            f"{len(specs)} ControlNets: a bundle takes at most {MAX_CONTROLNETS} (each adds "
-            "about 40% to every step)"
-        )
-    if len(set(specs)) != len(specs):
-        raise UserError("a ControlNet is named twice; give each once (scale it at run time)")
-    return [str(s) for s in specs]
-
-
-def check_controlnet_export(spec: str, target: str, weights: str) -> None:
-    """UserError for a ControlNet export that cannot be: a bad folder (controlnet_folder),
-    or a target or weights route that cannot take one. Cheap: callers run it before the
-    model loads."""
-    from slimdiff.models.controlnet import controlnet_folder
-
-    if target == "aoti":
-        raise UserError(
-            "--controlnet: AOTInductor packages do not take a ControlNet yet; export with "
-            "--target onnx or tensorrt"
-        )
-    if weights == "stream":
-        raise UserError(
-            "--controlnet traces the UNet and the ControlNet together from weights in memory, "
-            "which --weights stream never loads; use --weights auto or memory"
-        )
-    controlnet_folder(spec)
-
-
-def _controlnet(model: LoadedModel, spec: str, target: str, weights: str):
-    """The ControlNet at `spec`, loaded and checked against `model`'s UNet (UserError),
-    with that UNet's weights in memory: the two trace as one graph."""
-    from slimdiff.models.controlnet import check_controlnet, load_controlnet
-
-    check_controlnet_export(spec, target, weights)  # before the weights load
-    if is_lazy(model.denoiser):
-        materialize(model.denoiser)
-    controlnet = load_controlnet(spec, model.denoiser)
-    check_controlnet(controlnet, model.denoiser, vae_scale_factor(model.pipe.vae.config), spec)
-    return controlnet.to(model_device(model.denoiser))
 
 
 def _write_manifest(

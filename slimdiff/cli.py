@@ -22,6 +22,7 @@ from slimdiff.app.options import (
     STEPS,
     allow_pickle_option,
     control_options,
+    controlnet_option,
     device_option,
     dry_run_option,
     expect_sha256_option,
@@ -305,16 +306,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     help="Also export the VAE encoder, which image-to-image needs (run --image). Recipe: "
     "export.vae_encoder.",
 )
-@click.option(
-    "--controlnet",
-    "controlnets",
-    multiple=True,
-    metavar="PATH",
-    help="Steer the UNet with this ControlNet, SD1.5 or SDXL: a diffusers ControlNet folder, "
-    "or one .safetensors file (original or diffusers layout). The denoiser graph holds both "
-    "and runs take --control-image. Repeat for several (their residuals summed). Recipe: "
-    "export.controlnet.",
-)
+@controlnet_option
 @allow_pickle_option
 def export_cmd(
     model: str,

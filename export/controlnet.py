@@ -1,0 +1,68 @@
+"""The ControlNets an export joins to the UNet (`export --controlnet`): the list given,
+refusals that need no model (the folder or file, the target, the weights route), and each
+ControlNet loaded and checked against the model's UNet (slimdiff/models/controlnet.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from slimdiff.export.components import model_device
+from torch import nn
+
+from slimdiff.errors import UserError
+from slimdiff.models.lazy import is_lazy, materialize
+from slimdiff.models.loading import LoadedModel
+from slimdiff.models.vae import vae_scale_factor
+
+__all__ = ["check_controlnet_export", "controlnet_specs", "load_checked"]
+
+
+def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
+    """export_bundle's `controlnet` as a list (none, one or several); UserError for more
+    than MAX_CONTROLNETS or one named twice."""
+    from slimdiff.models.controlnet import MAX_CONTROLNETS
+
+    if controlnet is None:
+        return []
+    specs = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
+    if len(specs) > MAX_CONTROLNETS:
+        raise UserError(
+            f"{len(specs)} ControlNets: a bundle takes at most {MAX_CONTROLNETS} (each adds "
+            "about 40% to every step)"
+        )
+    if len(set(specs)) != len(specs):
+        raise UserError("a ControlNet is named twice; give each once (scale it at run time)")
+    return [str(s) for s in specs]
+
+
+def check_controlnet_export(spec: str, target: str, weights: str) -> None:
+    """UserError for a ControlNet export that cannot be: a bad folder (controlnet_folder),
+    or a target or weights route that cannot take one. Cheap: callers run it before the
+    model loads."""
+    from slimdiff.models.controlnet import controlnet_folder
+
+    if target == "aoti":
+        raise UserError(
+            "--controlnet: AOTInductor packages do not take a ControlNet yet; export with "
+            "--target onnx or tensorrt"
+        )
+    if weights == "stream":
+        raise UserError(
+            "--controlnet traces the UNet and the ControlNet together from weights in memory, "
+            "which --weights stream never loads; use --weights auto or memory"
+        )
+    controlnet_folder(spec)
+
+
+def load_checked(model: LoadedModel, spec: str, target: str, weights: str) -> nn.Module:
+    """The ControlNet at `spec`, loaded and checked against `model`'s UNet (UserError),
+    with that UNet's weights in memory: the two trace as one graph."""
+    from slimdiff.models.controlnet import check_controlnet, load_controlnet
+
+    check_controlnet_export(spec, target, weights)  # before the weights load
+    if is_lazy(model.denoiser):
+        materialize(model.denoiser)
+    controlnet = load_controlnet(spec, model.denoiser)
+    check_controlnet(controlnet, model.denoiser, vae_scale_factor(model.pipe.vae.config), spec)
+    return controlnet.to(model_device(model.denoiser))
