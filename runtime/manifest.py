@@ -44,7 +44,11 @@ from slimdiff.runtime import strict_json
 from typing_extensions import TypedDict
 
 from slimdiff.errors import UserError
-from slimdiff.models.kinds import KIND_WRITTEN_WHEN_SET, KindSpec, drop_unset
+from slimdiff.models.kinds import (
+    KIND_WRITTEN_WHEN_SET,
+    KindSpec,
+    drop_unset,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -83,10 +87,7 @@ VAE_ENCODER = "vae_encoder"
 VAE_ENCODER_INPUT = "image"
 VAE_ENCODER_OUTPUTS = ("latent_mean", "latent_std")
 # Optional (`export --controlnet`): the denoiser graph holds N ControlNets and takes their
-# control images (N, B, 3, 8H, 8W) in [0, 1] and their scales (N,) besides
-# (models/controlnet.py).
-CONTROL_IMAGE = "controlnet_cond"
-CONTROL_SCALE = "conditioning_scale"
+# control images and scales besides (slimdiff/models/kinds.py: CONTROL_IMAGE, CONTROL_SCALE).
 # Text encoder outputs: per-token hidden states (B, S, D), and pooled ones (B, P).
 HIDDEN_OUTPUTS = ("penultimate_hidden_state", "last_hidden_state")
 POOLED_OUTPUTS = ("text_embeds", "pooler_output")

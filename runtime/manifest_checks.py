@@ -15,8 +15,6 @@ import re
 from typing import TYPE_CHECKING
 
 from slimdiff.runtime.manifest import (
-    CONTROL_IMAGE,
-    CONTROL_SCALE,
     DENOISER_OUTPUT,
     HIDDEN_OUTPUTS,
     MANIFEST_NAME,
@@ -31,6 +29,8 @@ from slimdiff.runtime.manifest import (
     ComponentEntry,
     IOSpec,
 )
+
+from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE
 
 if TYPE_CHECKING:
     from slimdiff.runtime.manifest import Manifest, PipelineSpec

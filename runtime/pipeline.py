@@ -44,8 +44,6 @@ from slimdiff.runtime.img2img import (
     latent_stats,
 )
 from slimdiff.runtime.manifest import (
-    CONTROL_IMAGE,
-    CONTROL_SCALE,
     DENOISER_OUTPUT,
     FIX,
     VAE_DECODER,
@@ -73,6 +71,7 @@ from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
+from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
 

@@ -35,8 +35,7 @@ from torch import nn
 
 from slimdiff.errors import UserError
 from slimdiff.models.arch import TensorSpec
-from slimdiff.models.kinds import is_inpainting
-from slimdiff.runtime.manifest import CONTROL_IMAGE, CONTROL_SCALE
+from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE, is_inpainting
 
 __all__ = [
     "CONTROL_IMAGE",

@@ -31,6 +31,8 @@ import pydantic
 from slimdiff.errors import UserError
 
 __all__ = [
+    "CONTROL_IMAGE",
+    "CONTROL_SCALE",
     "EXTRA_INPUTS",
     "KIND_WRITTEN_WHEN_SET",
     "KindSpec",
@@ -58,6 +60,10 @@ __all__ = [
 #                     time_cond_proj_dim = G): sinusoids of (guidance - 1) * 1000
 EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond")
 ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond"]
+# A UNet steered by ControlNets (`export --controlnet`) takes their control images (N, B, 3,
+# 8H, 8W) in [0, 1] and their scales (N,) besides (slimdiff/models/controlnet.py).
+CONTROL_IMAGE = "controlnet_cond"
+CONTROL_SCALE = "conditioning_scale"
 # KindSpec fields a manifest holds only when they are set (see drop_unset).
 KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim", "strength_rounding", "inpainting"})
 
