@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 from slimdiff.runtime import Text2ImagePipeline
-from slimdiff.runtime.img2img import POSTERIOR_STREAM
+from slimdiff.runtime.img2img import MASKED_STREAM, POSTERIOR_STREAM
 from slimdiff.runtime.manifest import BundleError, ControlNetRecord, parse_manifest
 
 from slimdiff.errors import UserError
@@ -117,8 +117,8 @@ def _pipe(c: Controlled, name: str, runtime: Text2ImagePipeline):
 
 def _diffusers(pipe, zero: bool = False, draws=None, **call) -> tuple[np.ndarray, np.ndarray]:
     """diffusers' image and final latents; `zero`: the UNet's output zeroed (the scheduler's
-    arithmetic alone, test_runtime_vs_diffusers.py); `draws`: (noise, posterior), the
-    runtime's draws of an image-to-image run, through the pipeline's and the VAE's
+    arithmetic alone, test_runtime_vs_diffusers.py); `draws`: (noise, posterior, ...),
+    the runtime's draws of an image-to-image run, through the pipeline's and the VAE's
     randn_tensor (test_img2img.py)."""
     import importlib
 
@@ -136,13 +136,19 @@ def _diffusers(pipe, zero: bool = False, draws=None, **call) -> tuple[np.ndarray
     try:
         with pytest.MonkeyPatch.context() as patch:
             if draws is not None:
-                noise, posterior = draws
+                noise, *posteriors = draws
                 module = importlib.import_module(type(pipe).__module__)
                 patch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(noise))
-                # the image's posterior; the ControlNet inpaint pipeline also encodes the
-                # masked image, which a 4-channel UNet never reads
+                # the VAE posterior's draws in order: the image's, then (an inpainting UNet)
+                # the masked image's; the ControlNet inpaint pipeline also encodes the
+                # masked image for a 4-channel UNet, which never reads it (the last again)
+                calls = iter(range(8))
                 patch.setattr(
-                    vae_module, "randn_tensor", lambda shape, **_: torch.from_numpy(posterior)
+                    vae_module,
+                    "randn_tensor",
+                    lambda shape, **_: torch.from_numpy(
+                        posteriors[min(next(calls), len(posteriors) - 1)]
+                    ),
                 )
             call = {"guidance_scale": GUIDANCE, "height": SIZE, "width": SIZE, **call}
             images = pipe(
@@ -603,3 +609,52 @@ def test_run_takes_a_control_image_per_controlnet(two_controlnets, tmp_path):
     refused = CliRunner().invoke(main, [*run, *images[:2]])
     assert refused.exit_code == 2
     assert "1 control image(s) for this bundle's 2 ControlNet(s)" in refused.output
+
+
+def test_an_inpainting_unet_with_a_controlnet_matches_diffusers(tmp_path):
+    """An inpainting-trained UNet (9 channels) steered by a ControlNet of its latents (4):
+    the ControlNet gets the latents alone, the UNet them with the mask and the masked
+    image's latents, as diffusers' StableDiffusionControlNetInpaintPipeline feeds them."""
+    from slimdiff.export import export_bundle
+
+    from slimdiff.models import load_model
+
+    base = load_model("tiny:sd15").pipe
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel.from_config(base.unet.config, in_channels=9)
+    folder = tmp_path / "model"
+    diffusers.StableDiffusionInpaintPipeline(**{**base.components, "unet": unet}).save_pretrained(
+        folder
+    )
+    steer = save_tiny_controlnet(base.unet, tmp_path / "controlnet")  # the 4-channel UNet's
+    model = load_model(str(folder))
+    export_bundle(model, tmp_path / "bundle", optimize=False, controlnet=str(steer))
+    runtime = Text2ImagePipeline.from_bundle(tmp_path / "bundle")
+    assert runtime.config.kind.inpainting and runtime.config.controlnet.count == 1
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
+        **model.pipe.components, controlnet=diffusers.ControlNetModel.from_pretrained(steer)
+    )
+    config = runtime.scheduler_config
+    pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    noise, posterior = _image_draws(runtime)
+    shape = posterior.shape
+    masked = np.random.default_rng([MASKED_STREAM, SEED]).standard_normal(shape, dtype=np.float32)
+    control, mask = control_image(), test_mask()
+    call = {
+        "image": Image.fromarray(test_image()),
+        "mask_image": Image.fromarray(mask),
+        "control_image": Image.fromarray(control),
+        "strength": STRENGTH,
+        "controlnet_conditioning_scale": 1.0,
+        "draws": (noise, posterior, masked),
+    }
+    ref_image, ref_latents = _diffusers(pipe, **call)
+    _, no_model = _diffusers(pipe, zero=True, **call)
+    args = {"steps": STEPS, "guidance": GUIDANCE, "seed": SEED, "image": test_image()}
+    args.update(strength=STRENGTH, mask_image=mask)
+    result = runtime(PROMPT, control_image=control, **args)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "9-channel + ControlNet")
+    assert _psnr(result.image, ref_image) >= 40.0
+    uncontrolled = runtime(PROMPT, **args)
+    assert _rel(result.latents, uncontrolled.latents, ref_latents - no_model) > 0.01
