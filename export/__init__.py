@@ -183,7 +183,7 @@ def export_bundle(
             summed, as diffusers' MultiControlNetModel): the denoiser graph then holds the
             UNet and them, and takes their control images and scales
             (slimdiff/models/controlnet.py; `slimdiff run --control-image`). Each is
-            checked against the UNet before anything is exported. ONNX targets only.
+            checked against the UNet before anything is exported.
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP

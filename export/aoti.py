@@ -46,6 +46,10 @@ hold over the range, and what export does about it:
   one tensor, and the Linear after each asks whether its slice can be viewed as a matrix,
   a guard `B != 1` (and `S != 1`). Those two Linears take a contiguous copy while
   exporting (a forward pre-hook, removed after), so the guards are never asked.
+- ControlNets (slimdiff/models/controlnet.py): the control image's sides are the latent
+  sides times the ControlNets' pixels per latent pixel, exported as derived dims
+  (`8 * Dim("H")`), not axes of their own: the two stay tied, as the conditioning
+  convolutions, which halve the control image to the latent sides, need.
 - FLUX: the packed token count L is its own axis (L = H/2 * W/2 is the runtime's
   arithmetic, not the graph's); the rotary positions come in as img_ids, so any L runs.
 
@@ -110,6 +114,9 @@ AXIS_RANGES = {
     "S": (1, 512),
     "L": (1, 16384),
 }
+# Axes sized by another (torch.export's derived dims): a ControlNet's control image sides,
+# the latent sides times its pixels per latent pixel (slimdiff/models/controlnet.py).
+_DERIVED = {"8H": "H", "8W": "W"}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # bf16 keeps 3 mantissa bits fewer than fp16: 8x its rounding per op (not measured here:
 # export_bundle offers fp32 and fp16 only).
@@ -218,7 +225,9 @@ def export_program(
     feeds = component.make_inputs(TRACE)
     args = tuple(feeds[n].to(device) for n in component.input_names)
     ranges = axis_ranges(component)
-    dims = {a: _dim(a, r) for a, r in ranges.items()}
+    dims = {a: _dim(a, r) for a, r in ranges.items() if a not in _DERIVED}
+    scale = getattr(component.model, "pixels_per_latent", None)
+    dims.update({a: scale * dims[base] for a, base in _DERIVED.items() if a in ranges})
     shapes = {
         "inputs": tuple(
             {i: dims[a] for i, a in component.dynamic_axes.get(n, {}).items()} or None
@@ -252,9 +261,14 @@ def export_program(
 def axis_ranges(component: Component) -> dict[str, dict[str, int]]:
     """The range the package accepts per input axis name (AXIS_RANGES, narrowed for a
     patch grid: see the module docstring), with "multiple" where sizes must be multiples of
-    a patch; outputs' axes ("8h" of the VAE's image) follow from the inputs'."""
+    a patch; outputs' axes ("8h" of the VAE's image) follow from the inputs'. A control
+    image's sides ("8H", "8W") are the latent sides' times the ControlNets' pixels per
+    latent pixel (_DERIVED)."""
     names = {a for n in component.input_names for a in component.dynamic_axes.get(n, {}).values()}
-    ranges = {a: dict(zip(("min", "max"), AXIS_RANGES[a], strict=True)) for a in sorted(names)}
+    ranges = {
+        a: dict(zip(("min", "max"), AXIS_RANGES[a], strict=True))
+        for a in sorted(names - set(_DERIVED))
+    }
     grid = _patch_grid(component.model)
     if grid is not None:
         patch, positions = grid
@@ -265,6 +279,11 @@ def axis_ranges(component: Component) -> dict[str, dict[str, int]]:
                 "max": min(hi // patch, positions - 1) * patch,
                 "multiple": patch,
             }
+    scale = getattr(component.model, "pixels_per_latent", None)
+    for axis in sorted(names & set(_DERIVED)):
+        base = ranges[_DERIVED[axis]]
+        step = scale * base.get("multiple", 1)
+        ranges[axis] = {"min": base["min"] * scale, "max": base["max"] * scale, "multiple": step}
     return ranges
 
 
@@ -420,15 +439,16 @@ def _skip_sized_upsampling(model: nn.Module) -> Iterator[None]:
     """diffusers' UNets forward each skip connection's size to the upsampler when a latent
     side is not a multiple of 2**num_upsamplers (their only use of it); with the modulus
     beyond every exported side, export takes that path, which holds at every size."""
-    if not isinstance(getattr(model, "num_upsamplers", None), int):
-        yield
-        return
-    before = model.num_upsamplers
-    model.num_upsamplers = _NEVER_DIVIDES
+    # the model's own UNet, or the one inside (ControlledDenoiser's)
+    unets = [m for m in model.modules() if isinstance(getattr(m, "num_upsamplers", None), int)]
+    before = [unet.num_upsamplers for unet in unets]
+    for unet in unets:
+        unet.num_upsamplers = _NEVER_DIVIDES
     try:
         yield
     finally:
-        model.num_upsamplers = before
+        for unet, value in zip(unets, before, strict=True):
+            unet.num_upsamplers = value
 
 
 # ---------------------------------------------------------------- IO and parity

@@ -38,15 +38,10 @@ def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
 
 def check_controlnet_export(spec: str, target: str, weights: str) -> None:
     """UserError for a ControlNet export that cannot be: a bad folder (controlnet_folder),
-    or a target or weights route that cannot take one. Cheap: callers run it before the
-    model loads."""
+    or a weights route that cannot take one (every target can: `target` is for routes a
+    later one may refuse). Cheap: callers run it before the model loads."""
     from slimdiff.models.controlnet import controlnet_folder
 
-    if target == "aoti":
-        raise UserError(
-            "--controlnet: AOTInductor packages do not take a ControlNet yet; export with "
-            "--target onnx or tensorrt"
-        )
     if weights == "stream":
         raise UserError(
             "--controlnet traces the UNet and the ControlNet together from weights in memory, "

@@ -589,6 +589,11 @@ def _load(runner: Backend, bundle: Bundle, name: str) -> Session:
     """Load component `name` from its verified graph; the graph must take and return what
     the manifest declares (a graph swapped for another one fails here, not mid-run)."""
     entry: ComponentEntry = bundle.manifest.components[name]
+    if entry.format == "aoti" and runner.name != "aoti":
+        raise UserError(
+            f"{bundle.root}: its {name} is an AOTInductor package (export --target aoti), "
+            f"which the {runner.name} backend cannot run; run it with --backend aoti"
+        )
     session = runner.load(bundle.path(entry.path))
     declared = sorted(i["name"] for i in entry.inputs)
     outputs = [o["name"] for o in entry.outputs]

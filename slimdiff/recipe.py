@@ -154,7 +154,7 @@ class ExportSpec(_Strict):
     vae_encoder: bool = False
     # A ControlNet to steer the UNet with (a diffusers ControlNet folder, a single
     # .safetensors file or a hub id), or a list of them: the denoiser graph holds the UNet
-    # and them (`slimdiff run --control-image`). ONNX targets only.
+    # and them (`slimdiff run --control-image`).
     controlnet: str | list[str] | None = None
 
     @pydantic.field_validator("scheduler")

@@ -103,6 +103,14 @@ def test_size_outside_the_package_range_is_a_user_error(aoti):
         session.run(feeds)
 
 
+def test_another_backend_is_told_to_use_aoti(aoti):
+    """An ONNX backend on a bundle with a package: one line naming --backend aoti, not
+    onnxruntime's protobuf error."""
+    _, out, _ = aoti
+    with pytest.raises(UserError, match=r"its unet is an AOTInductor package .* --backend aoti"):
+        Text2ImagePipeline.from_bundle(out, backend="ort-cpu")
+
+
 def test_onnx_component_loads_through_the_aoti_backend(aoti):
     _, out, _ = aoti
     path = out / "text_encoder" / "model.onnx"

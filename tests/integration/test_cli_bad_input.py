@@ -265,7 +265,7 @@ def test_bad_controlnet_arguments(bundle, tmp_path):
         ((tmp_path,), "has no config.json"),
         ((broken,), "is not readable JSON"),
         ((flux,), "is a FLUX ControlNet (FluxControlNetModel)"),
-        ((flux, "--target", "aoti"), "AOTInductor packages do not take a ControlNet"),
+        ((flux, "--target", "aoti"), "is a FLUX ControlNet (FluxControlNetModel)"),
         ((flux, "--weights", "stream"), "which --weights stream never loads"),
         ((broken, "--controlnet", broken), "a ControlNet is named twice"),
         ((*[broken, "--controlnet"] * 4, flux), "5 ControlNets: a bundle takes at most 4"),
