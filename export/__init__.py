@@ -129,6 +129,7 @@ def export_bundle(
     sigmas: str | None = None,
     vae_encoder: bool = False,
     controlnet: str | Sequence[str] | None = None,
+    allow_pickle: bool = False,
 ) -> Manifest:
     """Export `model`'s pipeline to a bundle folder at `out` and return its manifest.
 
@@ -184,6 +185,8 @@ def export_bundle(
             UNet and them, and takes their control images and scales
             (slimdiff/models/controlnet.py; `slimdiff run --control-image`). Each is
             checked against the UNet before anything is exported.
+        allow_pickle: read a ControlNet folder's pickled .bin weights too (unpickling can
+            run code: only files you trust).
 
     Example:
         >>> export_bundle(load_model("tiny:sd15"), "out/sd15", precision="fp16")  # doctest: +SKIP
@@ -208,7 +211,7 @@ def export_bundle(
         )
         vae_encoder = True
     specs = controlnet_specs(controlnet)
-    steer = [load_checked(model, spec, target, weights) for spec in specs]
+    steer = [load_checked(model, spec, target, weights, allow_pickle) for spec in specs]
     components = plan_components(model, vae_encoder=vae_encoder, controlnets=steer)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:

@@ -11,6 +11,7 @@ from slimdiff.export.components import model_device
 from torch import nn
 
 from slimdiff.errors import UserError
+from slimdiff.limits import MAX_CONTROLNETS
 from slimdiff.models.lazy import is_lazy, materialize
 from slimdiff.models.loading import LoadedModel
 from slimdiff.models.vae import vae_scale_factor
@@ -20,8 +21,7 @@ __all__ = ["check_controlnet_export", "controlnet_specs", "load_checked"]
 
 def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
     """export_bundle's `controlnet` as a list (none, one or several); UserError for more
-    than MAX_CONTROLNETS or one named twice."""
-    from slimdiff.models.controlnet import MAX_CONTROLNETS
+    than MAX_CONTROLNETS. One may come twice (two poses, one OpenPose ControlNet)."""
 
     if controlnet is None:
         return []
@@ -31,8 +31,6 @@ def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
             f"{len(specs)} ControlNets: a bundle takes at most {MAX_CONTROLNETS} (each adds "
             "about 40% to every step)"
         )
-    if len(set(specs)) != len(specs):
-        raise UserError("a ControlNet is named twice; give each once (scale it at run time)")
     return [str(s) for s in specs]
 
 
@@ -50,7 +48,9 @@ def check_controlnet_export(spec: str, target: str, weights: str) -> None:
     controlnet_folder(spec)
 
 
-def load_checked(model: LoadedModel, spec: str, target: str, weights: str) -> nn.Module:
+def load_checked(
+    model: LoadedModel, spec: str, target: str, weights: str, allow_pickle: bool = False
+) -> nn.Module:
     """The ControlNet at `spec`, loaded and checked against `model`'s UNet (UserError),
     with that UNet's weights in memory: the two trace as one graph."""
     from slimdiff.models.controlnet import check_controlnet, load_controlnet
@@ -58,6 +58,6 @@ def load_checked(model: LoadedModel, spec: str, target: str, weights: str) -> nn
     check_controlnet_export(spec, target, weights)  # before the weights load
     if is_lazy(model.denoiser):
         materialize(model.denoiser)
-    controlnet = load_controlnet(spec, model.denoiser)
+    controlnet = load_controlnet(spec, model.denoiser, allow_pickle=allow_pickle)
     check_controlnet(controlnet, model.denoiser, vae_scale_factor(model.pipe.vae.config), spec)
     return controlnet.to(model_device(model.denoiser))

@@ -360,6 +360,7 @@ def export_cmd(
         sigmas=sigmas,
         vae_encoder=vae_encoder,
         controlnet=list(controlnets),
+        allow_pickle=allow_pickle,
         **sizes,
     )
     del loaded

@@ -7,6 +7,7 @@ torch's generators both take; sides are pixels.
 from __future__ import annotations
 
 __all__ = [
+    "MAX_CONTROLNETS",
     "MAX_CONTROL_SCALE",
     "MAX_GUIDANCE",
     "MAX_IMAGES",
@@ -20,6 +21,7 @@ MAX_STEPS = 1000
 MIN_SIDE = 8
 MAX_SIDE = 8192
 MAX_GUIDANCE = 100.0
+MAX_CONTROLNETS = 4  # per bundle: each adds about 40% to a step (docs/BENCHMARKS.md)
 MAX_CONTROL_SCALE = 10.0  # a ControlNet's conditioning scale (diffusers' default: 1)
 MAX_SEED = 2**32 - 1
 MAX_IMAGES = 64  # per call: one batch through the denoiser

@@ -27,7 +27,15 @@ import pydantic
 import yaml
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE
+from slimdiff.limits import (
+    MAX_CONTROLNETS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+)
 from slimdiff.passes import PassConfig, Stage, get_schema
 from slimdiff.yamlio import check_depth, parse_yaml_value, read_yaml_file
 
@@ -156,6 +164,19 @@ class ExportSpec(_Strict):
     # .safetensors file or a hub id), or a list of them: the denoiser graph holds the UNet
     # and them (`slimdiff run --control-image`).
     controlnet: str | list[str] | None = None
+
+    @pydantic.field_validator("controlnet", mode="before")
+    @classmethod
+    def _controlnet_paths(cls, value: Any) -> Any:
+        paths = value if isinstance(value, list) else [value] if value is not None else []
+        if not all(isinstance(p, str) and p.strip() for p in paths):
+            raise ValueError(
+                "give a ControlNet path (a diffusers ControlNet folder or a .safetensors "
+                "file) or a list of them"
+            )
+        if len(paths) > MAX_CONTROLNETS:
+            raise ValueError(f"at most {MAX_CONTROLNETS} ControlNets (each adds ~40% per step)")
+        return value
 
     @pydantic.field_validator("scheduler")
     @classmethod

@@ -203,6 +203,13 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
     # What the recipe drops does not change its result: the same hash whether the model came
     # with it (bench's, loaded for the reference) or without.
     model_print = fingerprint(model.require_pipeline("compress"))
+    if recipe.export.controlnet is not None:  # another family's: before any compressing
+        from slimdiff.export import controlnet_specs
+        from slimdiff.models.controlnet import precheck_controlnets
+        from slimdiff.models.vae import vae_scale_factor
+
+        scale = vae_scale_factor(model.pipe.vae.config)
+        precheck_controlnets(controlnet_specs(recipe.export.controlnet), model.denoiser, scale)
     chash = compress_hash(recipe, {k: v for k, v in model_print.items() if k not in dropped})
     if _cached(result.artifact, "slimdiff.json", "compress_hash", chash):
         log.info("reusing %s", result.artifact)
@@ -241,6 +248,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 sigmas=recipe.export.sigmas,
                 vae_encoder=recipe.export.vae_encoder,
                 controlnet=recipe.export.controlnet,
+                allow_pickle=allow_pickle,
                 # The compressed model is loaded for the exports alone: the last one
                 # frees its weights as it goes (a full-size pipeline then fits in RAM).
                 release_weights=target == targets[-1],

@@ -24,9 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from slimdiff.errors import UserError
+from slimdiff.limits import MAX_CONTROLNETS
 from slimdiff.models.arch import TensorSpec
 from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE, is_inpainting
 
@@ -43,13 +48,13 @@ __all__ = [
     "MAX_CONTROLNETS",
     "ControlledDenoiser",
     "check_controlnet",
+    "check_controlnet_config",
     "control_specs",
     "controlnet_folder",
     "load_controlnet",
     "pixels_per_latent",
+    "precheck_controlnets",
 ]
-
-MAX_CONTROLNETS = 4  # per bundle: each adds about 40% to a step (docs/BENCHMARKS.md)
 
 
 def control_specs(count: int) -> tuple[TensorSpec, ...]:
@@ -87,11 +92,11 @@ def controlnet_folder(spec: str) -> Path | str:
     if not path.exists():
         if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             return spec  # a hub id: from_pretrained fetches it (or finds it in the cache)
-        raise UserError(f"--controlnet {spec}: no such folder (a diffusers ControlNet folder)")
+        raise UserError(f"ControlNet {spec}: no such folder or file")
     if path.is_file():
         if path.suffix.lower() not in _FILE_SUFFIXES:
             raise UserError(
-                f"--controlnet {spec}: a ControlNet file is a .safetensors file (or pass a "
+                f"ControlNet {spec}: a ControlNet file is a .safetensors file (or pass a "
                 "diffusers ControlNet folder)"
             )
         return path  # a single-file ControlNet (models/controlnet_file.py)
@@ -101,12 +106,12 @@ def controlnet_folder(spec: str) -> Path | str:
     name = config.get("_class_name")
     if name in _OTHER_CLASSES:
         raise UserError(
-            f"--controlnet {spec} is {_OTHER_CLASSES[name]} ({name}); slimdiff takes SD1.5 "
+            f"ControlNet {spec} is {_OTHER_CLASSES[name]} ({name}); slimdiff takes SD1.5 "
             "and SDXL ControlNets (ControlNetModel) only"
         )
     if name != _CLASS:
         raise UserError(
-            f"--controlnet {spec}: config.json names {name!r}, not a {_CLASS}; pass the "
+            f"ControlNet {spec}: config.json names {name!r}, not a {_CLASS}; pass the "
             "ControlNet's own folder"
         )
     return path
@@ -117,21 +122,25 @@ def _read_config(path: Path) -> dict[str, Any]:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
         raise UserError(
-            f"--controlnet {path} has no config.json: pass a diffusers ControlNet folder"
+            f"ControlNet {path} has no config.json: pass a diffusers ControlNet folder"
         ) from None
     except (OSError, ValueError) as err:
-        raise UserError(f"--controlnet {path}/config.json is not readable JSON ({err})") from None
+        raise UserError(f"ControlNet {path}/config.json is not readable JSON ({err})") from None
     if not isinstance(config, dict):
-        raise UserError(f"--controlnet {path}/config.json is not a JSON object")
+        raise UserError(f"ControlNet {path}/config.json is not a JSON object")
     return config
 
 
 def load_controlnet(
-    spec: str, unet: nn.Module | None = None, dtype: torch.dtype = torch.float32
+    spec: str,
+    unet: nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ) -> nn.Module:
-    """The ControlNetModel at `spec` (controlnet_folder), from safetensors only, for
-    inference (no gradients), on the CPU. A single file is configured after `unet`, the
-    UNet it steers (models/controlnet_file.py)."""
+    """The ControlNetModel at `spec` (controlnet_folder), for inference (no gradients), on
+    the CPU: from safetensors (an fp16 variant too, where it is all the folder holds), or
+    from pickled .bin weights with `allow_pickle`. A single file is configured after
+    `unet`, the UNet it steers (models/controlnet_file.py)."""
     from diffusers import ControlNetModel
 
     where = controlnet_folder(spec)
@@ -142,21 +151,60 @@ def load_controlnet(
 
         return load_controlnet_file(where, unet, dtype)
     local = isinstance(where, Path)
+    options = _weights_options(where, spec, allow_pickle) if local else {"use_safetensors": True}
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     try:
-        controlnet = ControlNetModel.from_pretrained(
-            str(where), use_safetensors=True, torch_dtype=dtype, local_files_only=local or offline
-        )
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        with _quiet_loaders():
+            controlnet = ControlNetModel.from_pretrained(
+                str(where), torch_dtype=dtype, local_files_only=local or offline, **options
+            )
+    except (OSError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:240] or type(err).__name__
         fix = (
-            "it needs diffusion_pytorch_model.safetensors (pickled .bin weights are not read)"
+            "its weights do not fit its config.json, or a file is damaged"
             if local
-            else "download it first and pass its folder"
+            else "download it first (huggingface-cli download) and pass its folder"
         )
-        raise UserError(f"--controlnet {spec}: could not load it ({first}); {fix}") from None
+        raise UserError(f"ControlNet {spec}: could not load it: {fix} ({detail})") from None
     controlnet.requires_grad_(False)
     return controlnet.eval()
+
+
+_WEIGHTS = "diffusion_pytorch_model"
+
+
+def _weights_options(folder: Path, spec: str, allow_pickle: bool) -> dict[str, Any]:
+    """from_pretrained's weight options for a local folder, from the files it holds: its
+    safetensors (whole or sharded), else an fp16 variant's, else (with `allow_pickle`) its
+    .bin; UserError naming what is missing otherwise."""
+    names = {p.name for p in folder.iterdir()}
+    for variant in (None, "fp16"):
+        stem = _WEIGHTS if variant is None else f"{_WEIGHTS}.{variant}"
+        if {f"{stem}.safetensors", f"{stem}.safetensors.index.json"} & names:
+            return {"use_safetensors": True, "variant": variant}
+    if any(n.startswith(_WEIGHTS) and n.endswith(".bin") for n in names):
+        if allow_pickle:
+            return {"use_safetensors": False}
+        raise UserError(
+            f"ControlNet {spec} holds only pickled weights (.bin; unpickling can run code): "
+            "pass --allow-pickle if you trust them, or use a .safetensors copy"
+        )
+    raise UserError(f"ControlNet {spec} has no {_WEIGHTS}.safetensors (no weights to load)")
+
+
+@contextlib.contextmanager
+def _quiet_loaders() -> Iterator[None]:
+    """diffusers' and huggingface_hub's own lines (an error logged before the exception
+    this module turns into one line, deprecation warnings) kept off the terminal."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def pixels_per_latent(controlnet: nn.Module) -> int:
@@ -178,23 +226,51 @@ def _skip_channels(down_blocks, first: int) -> list[int]:
 def check_controlnet(controlnet: nn.Module, unet: nn.Module, vae_scale: int, spec: str) -> None:
     """UserError, naming what differs, when `controlnet` cannot steer `unet` (a UNet with
     latents of `vae_scale` pixels per latent pixel): another denoiser kind, another text
-    width or added conditioning, another latent grid, or another down path."""
-    where = f"--controlnet {spec}"
+    width or added conditioning, another latent grid (check_controlnet_config), or another
+    down path."""
+    where = f"ControlNet {spec}"
+    check_controlnet_config(dict(controlnet.config), unet, vae_scale, spec)
+    ours = _skip_channels(unet.down_blocks, unet.conv_in.out_channels)
+    theirs = [conv.out_channels for conv in controlnet.controlnet_down_blocks]
+    mid = controlnet.controlnet_mid_block.out_channels
+    if ours != theirs or mid != ours[-1]:
+        raise UserError(
+            f"{where} gives {len(theirs)} down residuals of widths {theirs}, but this UNet's "
+            f"down path has {len(ours)} skips of widths {ours}: the ControlNet was trained for "
+            "another UNet (block removal drops ResNets from the down path); use one trained "
+            "on this model's UNet (diffusers' ControlNetModel.from_unet, then training)"
+        )
+
+
+def check_controlnet_config(
+    config: dict[str, Any], unet: nn.Module, vae_scale: int, spec: str
+) -> None:
+    """check_controlnet's checks that a ControlNet's config alone answers (a folder's
+    config.json, before any weights load): the denoiser kind, the text width and added
+    conditioning, the latent channels and the pixels per latent pixel."""
+    from diffusers import ControlNetModel
+
+    where = f"ControlNet {spec}"
     if not hasattr(unet, "down_blocks") or not hasattr(unet, "conv_in"):
         raise UserError(
             f"{where}: this model's denoiser is a {type(unet).__name__}; ControlNets steer "
             "SD1.5 and SDXL UNets (UNet2DConditionModel) only"
         )
-    cn, un = controlnet.config, unet.config
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(ControlNetModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    cn, un = {**defaults, **config}, unet.config
     if cn.get("global_pool_conditions"):
         raise UserError(
             f"{where} pools its conditions (global_pool_conditions, as the shuffle ControlNet "
             "does), which diffusers runs in guess mode; slimdiff's graph does not: not taken"
         )
-    if cn.conditioning_channels != 3:
+    if cn["conditioning_channels"] != 3:
         raise UserError(
-            f"{where} takes {cn.conditioning_channels}-channel control images; slimdiff feeds "
-            "RGB (3)"
+            f"{where} takes {cn['conditioning_channels']}-channel control images; slimdiff "
+            "feeds RGB (3)"
         )
     for key in (
         "cross_attention_dim",
@@ -208,25 +284,26 @@ def check_controlnet(controlnet: nn.Module, unet: nn.Module, vae_scale: int, spe
             )
     # an inpainting UNet takes the latents, the mask and the masked image's latents
     latent_channels = (un.in_channels - 1) // 2 if is_inpainting(un) else un.in_channels
-    if cn.in_channels != latent_channels:
+    if cn["in_channels"] != latent_channels:
         raise UserError(
-            f"{where} takes {cn.in_channels}-channel latents, this model has {latent_channels}"
+            f"{where} takes {cn['in_channels']}-channel latents, this model has {latent_channels}"
         )
-    if pixels_per_latent(controlnet) != vae_scale:
+    pixels = 2 ** (len(cn["conditioning_embedding_out_channels"]) - 1)
+    if pixels != vae_scale:
         raise UserError(
-            f"{where} maps {pixels_per_latent(controlnet)} image pixels to a latent pixel, "
-            f"this model's VAE {vae_scale}: they do not fit"
+            f"{where} maps {pixels} image pixels to a latent pixel, this model's VAE "
+            f"{vae_scale}: they do not fit"
         )
-    ours = _skip_channels(unet.down_blocks, unet.conv_in.out_channels)
-    theirs = [conv.out_channels for conv in controlnet.controlnet_down_blocks]
-    mid = controlnet.controlnet_mid_block.out_channels
-    if ours != theirs or mid != ours[-1]:
-        raise UserError(
-            f"{where} gives {len(theirs)} down residuals of widths {theirs}, but this UNet's "
-            f"down path has {len(ours)} skips of widths {ours}: the ControlNet was trained for "
-            "another UNet (block removal drops ResNets from the down path); use one trained "
-            "on this model's UNet (diffusers' ControlNetModel.from_unet, then training)"
-        )
+
+
+def precheck_controlnets(specs: list[str], unet: nn.Module, vae_scale: int) -> None:
+    """check_controlnet_config for each ControlNet folder of `specs` against `unet`: a
+    ControlNet for another family refused before minutes of compressing (a single file or
+    a hub id is checked when it loads)."""
+    for spec in specs:
+        where = controlnet_folder(spec)
+        if isinstance(where, Path) and where.is_dir():
+            check_controlnet_config(_read_config(where), unet, vae_scale, spec)
 
 
 class ControlledDenoiser(nn.Module):

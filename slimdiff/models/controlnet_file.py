@@ -42,7 +42,7 @@ def load_controlnet_file(path: Path, unet: nn.Module, dtype: torch.dtype) -> nn.
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    where = f"--controlnet {path}"
+    where = f"ControlNet {path}"
     if path.suffix.lower() in _PICKLED:
         raise UserError(
             f"{where} is a pickled file (unpickling can run code): use its .safetensors version"

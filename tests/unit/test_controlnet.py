@@ -185,21 +185,21 @@ def test_a_hub_id_is_returned_as_given(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no such folder"):
         controlnet_folder("a/b/c")  # not an id: a missing path
     for spec in ("./owner/name", str(tmp_path / "missing"), "missing"):
-        with pytest.raises(UserError, match=f"--controlnet {spec}: no such folder"):
+        with pytest.raises(UserError, match=f"ControlNet {spec}: no such folder"):
             controlnet_folder(spec)
 
 
 def test_a_hub_id_not_downloaded_is_refused_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"could not load it .*download it first"):
+    with pytest.raises(UserError, match=r"could not load it: download it first"):
         load_controlnet("slimdiff-tests/no-such-controlnet")
 
 
 def test_a_file_that_is_no_controlnet_is_refused(saved):
     notes = saved / "notes.txt"
     notes.write_text("a ControlNet?")
-    with pytest.raises(UserError, match=f"--controlnet {notes}.*diffusers ControlNet folder"):
+    with pytest.raises(UserError, match=f"ControlNet {notes}.*diffusers ControlNet folder"):
         controlnet_folder(str(notes))
 
 
@@ -262,8 +262,13 @@ def test_pickled_weights_are_never_read(tmp_path):
     _controlnet().save_config(folder)
     marker = tmp_path / "unpickled"
     (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_Unpickled(marker)))
-    with pytest.raises(UserError, match=r"needs diffusion_pytorch_model\.safetensors"):
+    with pytest.raises(UserError, match=r"holds only pickled weights .* pass --allow-pickle"):
         load_controlnet(str(folder))
+    assert not marker.exists()
+    # with allow_pickle it is read, through torch's weights-only unpickler (diffusers'),
+    # which refuses a file that calls anything: one line, and still no marker
+    with pytest.raises(UserError, match="could not load it: its weights do not fit"):
+        load_controlnet(str(folder), allow_pickle=True)
     assert not marker.exists()
     # garbage where the safetensors should be: refused too, as a UserError
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
@@ -294,7 +299,7 @@ def test_an_inpainting_unet_takes_a_controlnet_for_its_latents():
     [
         (
             lambda: _controlnet(cross_attention_dim=16),
-            r"--controlnet cn has cross_attention_dim 16, this model's UNet 8: it is a "
+            r"ControlNet cn has cross_attention_dim 16, this model's UNet 8: it is a "
             r"ControlNet for another model family",
         ),
         (
@@ -371,3 +376,48 @@ def test_a_transformer_is_refused():
 
     with pytest.raises(UserError, match="denoiser is a Transformer; ControlNets steer"):
         check_controlnet(_controlnet(), Transformer(), VAE_SCALE, "cn")
+
+
+def test_a_folder_with_only_an_fp16_variant_loads_it(tmp_path):
+    """diffusers' `save_pretrained(variant="fp16")` (diffusion_pytorch_model.fp16
+    .safetensors) is all some hub folders hold: read as float32."""
+    import torch
+
+    reference = _controlnet()
+    folder = tmp_path / "fp16"
+    reference.half().save_pretrained(folder, variant="fp16")
+    loaded = load_controlnet(str(folder))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    expected = reference.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[name].float()), name
+
+
+def test_a_folder_without_weights_is_refused(tmp_path):
+    folder = tmp_path / "config-only"
+    _controlnet().save_config(folder)
+    with pytest.raises(UserError, match=r"has no diffusion_pytorch_model\.safetensors"):
+        load_controlnet(str(folder))
+
+
+def test_the_same_controlnet_may_come_twice_but_not_five():
+    """One OpenPose ControlNet for two poses is a real use (diffusers takes it twice)."""
+    from slimdiff.export import controlnet_specs
+
+    assert controlnet_specs(["pose", "pose"]) == ["pose", "pose"]
+    assert controlnet_specs("a") == ["a"] and controlnet_specs(None) == []
+    with pytest.raises(UserError, match="5 ControlNets: a bundle takes at most 4"):
+        controlnet_specs(["a"] * 5)
+
+
+def test_a_config_check_needs_no_weights(tmp_path):
+    """precheck_controlnets reads config.json alone: another family's ControlNet is
+    refused before a recipe compresses anything."""
+    from slimdiff.models.controlnet import precheck_controlnets
+
+    folder = tmp_path / "cn"
+    _controlnet(cross_attention_dim=16).save_config(folder)  # no weights at all
+    with pytest.raises(UserError, match="has cross_attention_dim 16, this model's UNet 8"):
+        precheck_controlnets([str(folder)], _unet(), VAE_SCALE)
+    _controlnet().save_config(folder)
+    assert precheck_controlnets([str(folder)], _unet(), VAE_SCALE) is None

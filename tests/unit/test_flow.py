@@ -79,3 +79,27 @@ def test_a_recipe_asks_for_the_vae_encoder(tmp_path):
     result = compress_and_export(recipe, tmp_path / "out")
     manifest = json.loads((result.bundles["onnx"] / "manifest.json").read_text())
     assert list(manifest["components"]) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+
+
+def test_a_recipe_with_another_familys_controlnet_is_refused_before_compressing(tmp_path):
+    """The ControlNet's config against the model's UNet, before any pass runs: nothing
+    written, no folder left."""
+    from diffusers import ControlNetModel
+
+    from slimdiff.errors import UserError
+
+    sdxl = load_model("tiny:sdxl")
+    folder = tmp_path / "cn"
+    ControlNetModel.from_unet(sdxl.denoiser).save_config(folder)  # its config is enough
+    recipe = validate_recipe({"model": "tiny:sd15", "export": {"controlnet": str(folder)}})
+    with pytest.raises(UserError, match="it is a ControlNet for another model family"):
+        compress_and_export(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [5, "", " ", [5], [["a"]], True, {"a": 1}, ["a"] * 5])
+def test_export_controlnet_takes_paths(value):
+    from slimdiff.errors import UserError
+
+    with pytest.raises(UserError, match=r"export\.controlnet"):
+        validate_recipe({"model": "tiny:sd15", "export": {"controlnet": value}})
