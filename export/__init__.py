@@ -211,7 +211,7 @@ def export_bundle(
         )
         vae_encoder = True
     specs = controlnet_specs(controlnet)
-    steer = [load_checked(model, spec, target, weights, allow_pickle) for spec in specs]
+    steer = [load_checked(model, spec, weights, allow_pickle) for spec in specs]
     components = plan_components(model, vae_encoder=vae_encoder, controlnets=steer)
     entries: dict[str, ComponentEntry] = {}
     with atomic_dir(out) as root:

@@ -22,7 +22,6 @@ __all__ = ["check_controlnet_export", "controlnet_specs", "load_checked"]
 def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
     """export_bundle's `controlnet` as a list (none, one or several); UserError for more
     than MAX_CONTROLNETS. One may come twice (two poses, one OpenPose ControlNet)."""
-
     if controlnet is None:
         return []
     specs = [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
@@ -34,10 +33,10 @@ def controlnet_specs(controlnet: str | Sequence[str] | None) -> list[str]:
     return [str(s) for s in specs]
 
 
-def check_controlnet_export(spec: str, target: str, weights: str) -> None:
+def check_controlnet_export(spec: str, weights: str) -> None:
     """UserError for a ControlNet export that cannot be: a bad folder (controlnet_folder),
-    or a weights route that cannot take one (every target can: `target` is for routes a
-    later one may refuse). Cheap: callers run it before the model loads."""
+    or a weights route that cannot take one (every target can). Cheap: callers run it
+    before the model loads."""
     from slimdiff.models.controlnet import controlnet_folder
 
     if weights == "stream":
@@ -49,13 +48,13 @@ def check_controlnet_export(spec: str, target: str, weights: str) -> None:
 
 
 def load_checked(
-    model: LoadedModel, spec: str, target: str, weights: str, allow_pickle: bool = False
+    model: LoadedModel, spec: str, weights: str, allow_pickle: bool = False
 ) -> nn.Module:
     """The ControlNet at `spec`, loaded and checked against `model`'s UNet (UserError),
     with that UNet's weights in memory: the two trace as one graph."""
     from slimdiff.models.controlnet import check_controlnet, load_controlnet
 
-    check_controlnet_export(spec, target, weights)  # before the weights load
+    check_controlnet_export(spec, weights)  # before the weights load
     if is_lazy(model.denoiser):
         materialize(model.denoiser)
     controlnet = load_controlnet(spec, model.denoiser, allow_pickle=allow_pickle)

@@ -124,12 +124,12 @@ def control_scales(control: Control, steps: int) -> list[np.ndarray]:
     step i of n has i / n >= its start and (i + 1) / n <= its end, else 0 (diffusers'
     controlnet_keep, over the timesteps that run); all 0 without control images."""
     out = []
+    given = control.images is not None
     for i in range(steps):
         keep = [
             not (i / steps < s or (i + 1) / steps > e)
             for s, e in zip(control.starts, control.ends, strict=True)
         ]
-        given = control.images is not None
         out.append(
             np.array(
                 [v if k and given else 0.0 for v, k in zip(control.scales, keep, strict=True)],

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from slimdiff.runtime.backends import Backend, Session, get_backend, shape_bound
+from slimdiff.runtime.backends import Backend, Session, get_backend
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.control import check_control, control_pixels, control_scales
@@ -45,13 +45,10 @@ from slimdiff.runtime.img2img import (
 )
 from slimdiff.runtime.manifest import (
     DENOISER_OUTPUT,
-    FIX,
     VAE_DECODER,
     VAE_ENCODER,
     VAE_INPUT,
     VAE_OUTPUT,
-    BundleError,
-    ComponentEntry,
     Manifest,
     PipelineSpec,
 )
@@ -66,7 +63,13 @@ from slimdiff.runtime.schedulers import (
     scheduler_from_config,
     takes_noise,
 )
-from slimdiff.runtime.sessions import OnDemandSession, ensure_loaded, release
+from slimdiff.runtime.sessions import (
+    OnDemandSession,
+    denoiser_max_batch,
+    ensure_loaded,
+    load_component,
+    release,
+)
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
@@ -189,8 +192,8 @@ class Text2ImagePipeline:
 
         def load(name: str) -> Session:
             if low_memory:  # loaded at first use, released after its phase of each call
-                return OnDemandSession(lambda: _load(runner, bundle, name))
-            return _load(runner, bundle, name)
+                return OnDemandSession(lambda: load_component(runner, bundle, name))
+            return load_component(runner, bundle, name)
 
         encoders = [
             TextEncoder.from_bundle(bundle, record, tok, load(record.name))
@@ -202,7 +205,7 @@ class Text2ImagePipeline:
         vae_encoder = None
         if VAE_ENCODER in manifest.components:
             # loaded at the first image-to-image call: text-to-image never pays for it
-            vae_encoder = OnDemandSession(lambda: _load(runner, bundle, VAE_ENCODER))
+            vae_encoder = OnDemandSession(lambda: load_component(runner, bundle, VAE_ENCODER))
         log.info(
             "loaded %s bundle %s (sha256 %s) on %s",
             manifest.family,
@@ -210,7 +213,7 @@ class Text2ImagePipeline:
             bundle.sha256,
             runner.name,
         )
-        max_batch = _max_batch(bundle, runner, config)
+        max_batch = denoiser_max_batch(bundle, runner, config)
         return cls(
             manifest,
             conditioning,
@@ -574,43 +577,3 @@ def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> Non
 def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:
     """The `pipeline` record as Conditioning reads it: a dict, `kind` the validated KindSpec."""
     return {**config.model_dump(), "kind": config.kind}
-
-
-def _max_batch(bundle: Bundle, runner: Backend, config: PipelineSpec) -> int | None:
-    """The largest batch the denoiser's profile allows where `runner` runs only the
-    profile's shapes; None where it runs any (or the bundle predates profiles)."""
-    entry: ComponentEntry = bundle.manifest.components[config.denoiser]
-    if entry.profile is None or not shape_bound(runner, bundle.path(entry.path)):
-        return None
-    return int(entry.profile["max"][config.kind.sample_input][0])
-
-
-def _load(runner: Backend, bundle: Bundle, name: str) -> Session:
-    """Load component `name` from its verified graph; the graph must take and return what
-    the manifest declares (a graph swapped for another one fails here, not mid-run)."""
-    entry: ComponentEntry = bundle.manifest.components[name]
-    if entry.format == "aoti" and runner.name != "aoti":
-        raise UserError(
-            f"{bundle.root}: its {name} is an AOTInductor package (export --target aoti), "
-            f"which the {runner.name} backend cannot run; run it with --backend aoti"
-        )
-    session = runner.load(bundle.path(entry.path))
-    declared = sorted(i["name"] for i in entry.inputs)
-    outputs = [o["name"] for o in entry.outputs]
-    wrong_dtype = [
-        i["name"]
-        for i in entry.inputs
-        if i["dtype"] != "bfloat16" and str(session.input_dtypes.get(i["name"])) != i["dtype"]
-    ]
-    if sorted(session.input_names) != declared or not set(outputs) <= set(session.output_names):
-        raise BundleError(
-            f"{bundle.root}: {entry.path} takes {sorted(session.input_names)} and returns "
-            f"{session.output_names}, but the manifest says {name} takes {declared} and "
-            f"returns {outputs}; {FIX}"
-        )
-    if wrong_dtype:
-        raise BundleError(
-            f"{bundle.root}: {entry.path}'s inputs {', '.join(wrong_dtype)} have other dtypes "
-            f"than the manifest declares for {name}; {FIX}"
-        )
-    return session

@@ -1,4 +1,6 @@
-"""Sessions loaded only while their component runs: the runtime's low-memory mode.
+"""A bundle component's session, loaded and checked against the manifest
+(load_component), and sessions loaded only while their component runs: the runtime's
+low-memory mode.
 
 A pipeline holds every component's session from the start by default, so its resident
 memory is their sum: SD3 Medium's fp16 bundle (T5-XXL included) is killed by the OOM
@@ -16,11 +18,14 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from slimdiff.runtime.backends import Session
+from slimdiff.runtime.backends import Backend, Session, shape_bound
+from slimdiff.runtime.bundle_files import Bundle
+from slimdiff.runtime.manifest import FIX, BundleError, ComponentEntry, PipelineSpec
 
+from slimdiff.errors import UserError
 from slimdiff.memory import release_memory
 
-__all__ = ["OnDemandSession", "ensure_loaded", "release"]
+__all__ = ["OnDemandSession", "denoiser_max_batch", "ensure_loaded", "load_component", "release"]
 
 
 class OnDemandSession:
@@ -79,3 +84,43 @@ def release(*sessions: object) -> None:
         session.release()
     if on_demand:
         release_memory()
+
+
+def denoiser_max_batch(bundle: Bundle, runner: Backend, config: PipelineSpec) -> int | None:
+    """The largest batch the denoiser's profile allows where `runner` runs only the
+    profile's shapes; None where it runs any (or the bundle predates profiles)."""
+    entry: ComponentEntry = bundle.manifest.components[config.denoiser]
+    if entry.profile is None or not shape_bound(runner, bundle.path(entry.path)):
+        return None
+    return int(entry.profile["max"][config.kind.sample_input][0])
+
+
+def load_component(runner: Backend, bundle: Bundle, name: str) -> Session:
+    """Load component `name` from its verified graph; the graph must take and return what
+    the manifest declares (a graph swapped for another one fails here, not mid-run)."""
+    entry: ComponentEntry = bundle.manifest.components[name]
+    if entry.format == "aoti" and runner.name != "aoti":
+        raise UserError(
+            f"{bundle.root}: its {name} is an AOTInductor package (export --target aoti), "
+            f"which the {runner.name} backend cannot run; run it with --backend aoti"
+        )
+    session = runner.load(bundle.path(entry.path))
+    declared = sorted(i["name"] for i in entry.inputs)
+    outputs = [o["name"] for o in entry.outputs]
+    wrong_dtype = [
+        i["name"]
+        for i in entry.inputs
+        if i["dtype"] != "bfloat16" and str(session.input_dtypes.get(i["name"])) != i["dtype"]
+    ]
+    if sorted(session.input_names) != declared or not set(outputs) <= set(session.output_names):
+        raise BundleError(
+            f"{bundle.root}: {entry.path} takes {sorted(session.input_names)} and returns "
+            f"{session.output_names}, but the manifest says {name} takes {declared} and "
+            f"returns {outputs}; {FIX}"
+        )
+    if wrong_dtype:
+        raise BundleError(
+            f"{bundle.root}: {entry.path}'s inputs {', '.join(wrong_dtype)} have other dtypes "
+            f"than the manifest declares for {name}; {FIX}"
+        )
+    return session

@@ -16,18 +16,17 @@ from pathlib import Path
 import click
 
 from slimdiff import __version__
+from slimdiff.app.export_cli import edit_options
 from slimdiff.app.options import (
     FILE,
     SEED,
     STEPS,
     allow_pickle_option,
     control_options,
-    controlnet_option,
     device_option,
     dry_run_option,
     expect_sha256_option,
     image_to_image_options,
-    lora_option,
     scheduler_option,
     set_option,
     sigmas_option,
@@ -283,30 +282,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
 )
 @scheduler_option("The scheduler the bundle ships. Default: the model's.")
 @sigmas_option("Ship the scheduler")
-@click.option(
-    "--drop-text-encoder",
-    "drop",
-    multiple=True,
-    metavar="NAME",
-    help="Leave out a text encoder the pipeline runs without, zeros in its place as "
-    "diffusers feeds them (SD3: text_encoder_3, T5-XXL). Repeatable. Recipe: pass text.drop.",
-)
-@click.option(
-    "--vae",
-    "vae",
-    default=None,
-    metavar="DIR",
-    help="Decode with the VAE in DIR (a diffusers VAE folder, or a pipeline folder's vae/): a "
-    "tiny decoder such as TAESDXL, or an fp16-safe VAE. Recipe: pass vae.replace.",
-)
-@lora_option
-@click.option(
-    "--vae-encoder",
-    is_flag=True,
-    help="Also export the VAE encoder, which image-to-image needs (run --image). Recipe: "
-    "export.vae_encoder.",
-)
-@controlnet_option
+@edit_options
 @allow_pickle_option
 def export_cmd(
     model: str,
@@ -343,7 +319,7 @@ def export_cmd(
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
     for spec in controlnet_specs(list(controlnets)):  # before the model loads
-        check_controlnet_export(spec, target, weights)
+        check_controlnet_export(spec, weights)
     loaded = load_edited(model, weights, allow_pickle, drop, loras, vae, click.echo)
     manifest = export_bundle(
         loaded,

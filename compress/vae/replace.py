@@ -47,6 +47,7 @@ from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register
 
 from slimdiff.errors import UserError
 from slimdiff.lowbit import parameter_count
+from slimdiff.models.hub import looks_like_hub_id
 from slimdiff.models.vae import VAE_CLASSES, decoder_params, vae_scale_factor
 
 __all__ = ["ReplaceVaePass", "read_vae", "vae_folder"]
@@ -159,10 +160,9 @@ def read_vae(path: str) -> tuple[Path, dict | None]:
         return file, None
     folder = vae_folder(path)
     if folder is None:
-        looks_hub = len(path.split("/")) == 2 and not path.startswith((".", "/", "~"))
         hint = (
             f"; a hub id is not fetched: run `hf download {path} --local-dir DIR` and pass DIR"
-            if looks_hub and not Path(path).exists()
+            if looks_like_hub_id(path) and not Path(path).exists()
             else " (paths are relative to the current directory)"
         )
         raise UserError(

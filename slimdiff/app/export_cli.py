@@ -1,6 +1,7 @@
-"""`slimdiff export`'s parts beside the exporter: the component passes it applies without a
-recipe, `--lora` (lora.fuse) and `--vae` (vae.replace), in a recipe's order, on the model
-loaded for the export; and its per-component report.
+"""`slimdiff export`'s parts beside the exporter: the options that edit what is exported
+(`edit_options`); the component passes it applies without a recipe, `--lora` (lora.fuse)
+and `--vae` (vae.replace), in a recipe's order, on the model loaded for the export; and
+its per-component report.
 
 Their files are checked before the model loads. LoRAs fuse into weights held in memory: a
 lazily loaded model fetches only the components the files adapt (usually the denoiser);
@@ -12,9 +13,58 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import click
+
+from slimdiff.app.options import lora_option
 from slimdiff.errors import UserError
 
-__all__ = ["fetch_for_loras", "load_edited", "report"]
+__all__ = ["edit_options", "fetch_for_loras", "load_edited", "report"]
+
+
+def edit_options(f):
+    """`export`'s --drop-text-encoder, --vae, --lora, --vae-encoder and --controlnet: what
+    goes into the bundle besides the model as loaded."""
+    for option in reversed(_EDITS):
+        f = option(f)
+    return f
+
+
+_EDITS = [
+    click.option(
+        "--drop-text-encoder",
+        "drop",
+        multiple=True,
+        metavar="NAME",
+        help="Leave out a text encoder the pipeline runs without, zeros in its place as "
+        "diffusers feeds them (SD3: text_encoder_3, T5-XXL). Repeatable. Recipe: pass "
+        "text.drop.",
+    ),
+    click.option(
+        "--vae",
+        "vae",
+        default=None,
+        metavar="DIR",
+        help="Decode with the VAE in DIR (a diffusers VAE folder, or a pipeline folder's "
+        "vae/): a tiny decoder such as TAESDXL, or an fp16-safe VAE. Recipe: pass vae.replace.",
+    ),
+    lora_option,
+    click.option(
+        "--vae-encoder",
+        is_flag=True,
+        help="Also export the VAE encoder, which image-to-image needs (run --image). Recipe: "
+        "export.vae_encoder.",
+    ),
+    click.option(
+        "--controlnet",
+        "controlnets",
+        multiple=True,
+        metavar="PATH",
+        help="Steer the UNet with this ControlNet, SD1.5 or SDXL: a diffusers ControlNet "
+        "folder, or one .safetensors file (original or diffusers layout). The denoiser graph "
+        "holds both and runs take --control-image. Repeat for several (their residuals "
+        "summed). Recipe: export.controlnet.",
+    ),
+]
 
 
 def load_edited(

@@ -192,8 +192,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
         from slimdiff.export import check_controlnet_export, controlnet_specs
 
         for spec in controlnet_specs(recipe.export.controlnet):
-            for target in recipe.export.targets:
-                check_controlnet_export(spec, target, "auto")
+            check_controlnet_export(spec, "auto")  # its folder or file, before the model
     result = FlowResult(artifact=out / "artifact")
     dropped = dropped_components(recipe)  # text.drop: never loaded here
     if model is None:

@@ -15,7 +15,6 @@ __all__ = [
     "STEPS",
     "allow_pickle_option",
     "control_options",
-    "controlnet_option",
     "device_option",
     "dry_run_option",
     "expect_sha256_option",
@@ -102,20 +101,6 @@ _CONTROL = [
         "control_guidance_end). Once for all, or once each. Default: 1.",
     ),
 ]
-
-
-def controlnet_option(f):
-    """`export`'s --controlnet (repeatable)."""
-    return click.option(
-        "--controlnet",
-        "controlnets",
-        multiple=True,
-        metavar="PATH",
-        help="Steer the UNet with this ControlNet, SD1.5 or SDXL: a diffusers ControlNet folder, "
-        "or one .safetensors file (original or diffusers layout). The denoiser graph holds both "
-        "and runs take --control-image. Repeat for several (their residuals summed). Recipe: "
-        "export.controlnet.",
-    )(f)
 
 
 def set_option(f):

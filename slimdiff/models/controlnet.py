@@ -28,9 +28,8 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch import nn
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONTROLNETS
 from slimdiff.models.arch import TensorSpec
+from slimdiff.models.hub import hub_offline, looks_like_hub_id
 from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE, is_inpainting
 
 __all__ = [
@@ -90,7 +90,7 @@ def controlnet_folder(spec: str) -> Path | str:
     id and returned as given."""
     path = Path(spec).expanduser()
     if not path.exists():
-        if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        if looks_like_hub_id(spec):
             return spec  # a hub id: from_pretrained fetches it (or finds it in the cache)
         raise UserError(f"ControlNet {spec}: no such folder or file")
     if path.is_file():
@@ -151,12 +151,15 @@ def load_controlnet(
 
         return load_controlnet_file(where, unet, dtype)
     local = isinstance(where, Path)
-    options = _weights_options(where, spec, allow_pickle) if local else {"use_safetensors": True}
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    safe, variant = _weights_files(where, spec, allow_pickle) if local else (True, None)
     try:
         with _quiet_loaders():
             controlnet = ControlNetModel.from_pretrained(
-                str(where), torch_dtype=dtype, local_files_only=local or offline, **options
+                str(where),
+                use_safetensors=safe,
+                variant=variant,
+                torch_dtype=dtype,
+                local_files_only=local or hub_offline(),
             )
     except (OSError, ValueError, RuntimeError) as err:
         detail = " ".join(str(err).split())[:240] or type(err).__name__
@@ -173,18 +176,18 @@ def load_controlnet(
 _WEIGHTS = "diffusion_pytorch_model"
 
 
-def _weights_options(folder: Path, spec: str, allow_pickle: bool) -> dict[str, Any]:
-    """from_pretrained's weight options for a local folder, from the files it holds: its
-    safetensors (whole or sharded), else an fp16 variant's, else (with `allow_pickle`) its
-    .bin; UserError naming what is missing otherwise."""
+def _weights_files(folder: Path, spec: str, allow_pickle: bool) -> tuple[bool, str | None]:
+    """from_pretrained's (use_safetensors, variant) for a local folder, from the files it
+    holds: its safetensors (whole or sharded), else an fp16 variant's, else (with
+    `allow_pickle`) its .bin; UserError naming what is missing otherwise."""
     names = {p.name for p in folder.iterdir()}
     for variant in (None, "fp16"):
         stem = _WEIGHTS if variant is None else f"{_WEIGHTS}.{variant}"
         if {f"{stem}.safetensors", f"{stem}.safetensors.index.json"} & names:
-            return {"use_safetensors": True, "variant": variant}
+            return True, variant
     if any(n.startswith(_WEIGHTS) and n.endswith(".bin") for n in names):
         if allow_pickle:
-            return {"use_safetensors": False}
+            return False, None
         raise UserError(
             f"ControlNet {spec} holds only pickled weights (.bin; unpickling can run code): "
             "pass --allow-pickle if you trust them, or use a .safetensors copy"
@@ -207,10 +210,10 @@ def _quiet_loaders() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def pixels_per_latent(controlnet: nn.Module) -> int:
-    """How many image pixels the ControlNet's conditioning embedding maps to one latent
-    pixel: its conv stack halves the side once per step between its channel counts."""
-    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+def pixels_per_latent(config: Mapping[str, Any]) -> int:
+    """How many image pixels a ControlNet (its config) maps to one latent pixel: its
+    conditioning embedding halves the side once per step between its channel counts."""
+    return 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
 
 
 def _skip_channels(down_blocks, first: int) -> list[int]:
@@ -288,7 +291,7 @@ def check_controlnet_config(
         raise UserError(
             f"{where} takes {cn['in_channels']}-channel latents, this model has {latent_channels}"
         )
-    pixels = 2 ** (len(cn["conditioning_embedding_out_channels"]) - 1)
+    pixels = pixels_per_latent(cn)
     if pixels != vae_scale:
         raise UserError(
             f"{where} maps {pixels} image pixels to a latent pixel, this model's VAE "
@@ -331,12 +334,8 @@ class ControlledDenoiser(nn.Module):
         return self.unet.config
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
     def pixels_per_latent(self) -> int:
-        return pixels_per_latent(self.controlnets[0])  # all checked equal to the VAE's
+        return pixels_per_latent(self.controlnets[0].config)  # all checked equal to the VAE's
 
     def _parts(self) -> list[tuple[str, nn.Module]]:
         return [("unet", self.unet)] + [

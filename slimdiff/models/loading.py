@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from slimdiff.models.families import (
     get_arch,
     text_to_image_class,
 )
+from slimdiff.models.hub import hub_offline, looks_like_hub_id
 from slimdiff.models.single_file import is_single_file, load_single_file
 from slimdiff.models.text_encoders import (
     check_droppable,
@@ -194,7 +194,7 @@ def _load_memory(model: str, device: str, allow_pickle: bool, skip: dict[str, No
         return _wrap(pipe.to(device) if device not in ("cpu", "meta") else pipe, model)
     if path.exists():
         return _load_local(path, model, device, allow_pickle, skip)
-    if _looks_like_hub_id(model):
+    if looks_like_hub_id(model):
         return _wrap(_load_hub(model, device, allow_pickle, skip), model)
     raise UserError(
         f"model {model!r} not found: pass a diffusers pipeline folder (with model_index.json), "
@@ -256,7 +256,7 @@ def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
     path = toy_folder(toy) if toy is not None else Path(model).expanduser()
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        where = "a hub model" if not path.exists() and _looks_like_hub_id(model) else str(path)
+        where = "a hub model" if not path.exists() and looks_like_hub_id(model) else str(path)
         raise UserError(
             f"streamed weights need a diffusers pipeline folder with safetensors weights; "
             f"{where} is not one: download it first (`hf download ID --local-dir DIR`) and "
@@ -462,15 +462,10 @@ def refuse_missing(components: dict[str, Any], where: Any) -> None:
             )
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
-
-
 def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, None]):
     import diffusers
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    offline = hub_offline()
     try:
         safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
         pipe = diffusers.DiffusionPipeline.from_pretrained(model_id, use_safetensors=safe, **skip)

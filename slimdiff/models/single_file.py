@@ -18,11 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from slimdiff.errors import UserError
+from slimdiff.models.hub import hub_offline
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "is_single_file", "load_single_file"]
 
@@ -86,7 +86,7 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             "a LoRA or a lone component is not a whole model"
         )
     del checkpoint  # from_single_file reads the file itself (it takes a path, not tensors)
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    offline = hub_offline()
     try:
         return getattr(diffusers, pipeline).from_single_file(
             str(path),
