@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from slimdiff.runtime.image import save_png
     from slimdiff.runtime.manifest import BundleError, read_manifest
     from slimdiff.runtime.pipeline import GenerationResult, Text2ImagePipeline
+    from slimdiff.runtime.refiner import run_ensemble
 
 __all__ = [
     "BundleError",
@@ -31,6 +32,7 @@ __all__ = [
     "Text2ImagePipeline",
     "get_backend",
     "read_manifest",
+    "run_ensemble",
     "save_png",
 ]
 
@@ -43,6 +45,7 @@ _EXPORTS = {
     "save_png": "slimdiff.runtime.image",
     "GenerationResult": "slimdiff.runtime.pipeline",
     "Text2ImagePipeline": "slimdiff.runtime.pipeline",
+    "run_ensemble": "slimdiff.runtime.refiner",
 }
 
 

@@ -87,18 +87,34 @@ class Conditioning:
         all images in one draw, as diffusers draws a batch from one generator: the first
         image's noise is the noise of a one-image call with the same seed.
         """
-        shape = self.latent_shape(height, width, images)
         if latents is None:
             latents = self.noise(seed, height, width, images)
         else:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != shape:
-                count = "" if images == 1 else f" for {images} images"
-                raise UserError(
-                    f"latents have shape {latents.shape}; size {height}x{width} needs {shape}"
-                    + count
-                )
+            latents = self.check_latents(latents, height, width, images)
         return (latents * np.float32(scheduler.init_noise_sigma)).astype(np.float32)
+
+    def check_latents(self, latents: Any, height: int, width: int, images: int) -> np.ndarray:
+        """Given latents as float32, UserError unless they have the shape of `images`
+        images of this size."""
+        shape = self.latent_shape(height, width, images)
+        try:
+            latents = np.asarray(latents, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise UserError("latents must be an array of numbers") from None
+        if latents.shape != shape:
+            count = "" if images == 1 else f" for {images} images"
+            raise UserError(
+                f"latents have shape {latents.shape}; size {height}x{width} needs {shape}" + count
+            )
+        return latents
+
+    def latents_size(self, latents: Any) -> tuple[int, int] | None:
+        """(height, width) in pixels of unpacked (B, C, h, w) latents; None otherwise (the
+        size must then be given)."""
+        shape = np.shape(latents)
+        if len(shape) != 4 or self.kind.latent_packing != 1:
+            return None
+        return shape[2] * self.vae_scale, shape[3] * self.vae_scale
 
     def noise(self, seed: int, height: int, width: int, images: int = 1) -> np.ndarray:
         """Seeded standard-normal latents of `images` images, float32, in the denoiser's
@@ -156,12 +172,15 @@ class Conditioning:
         height: int,
         width: int,
         images: int = 1,
+        aesthetic: tuple[float, float] | None = None,
     ) -> Feeds:
         """Denoiser inputs that stay the same at every step (text states, ids, ...), for
         `images` images of each prompt, batched as diffusers batches a list of prompts with
         num_images_per_prompt: under CFG the negative rows first, then the prompts', each
         prompt's rows repeated per image (p0, p0, p1, p1, ...). `negative_prompt`: one for
-        all prompts, or one per prompt (None: empty, or zeros where the pipeline says so)."""
+        all prompts, or one per prompt (None: empty, or zeros where the pipeline says so).
+        `aesthetic`: the SDXL refiner's (negative, positive) aesthetic scores, which its
+        time ids carry on the negative rows and the prompts' rows."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = (
             list(negative_prompt)
@@ -186,6 +205,14 @@ class Conditioning:
                     "pooled embedding; export the bundle again"
                 )
             feeds[self.kind.pooled_input] = pooled
+        scores = None
+        if self.kind.aesthetic_score:
+            if aesthetic is None:
+                raise ValueError("the refiner's time ids need its aesthetic scores")
+            rows = states.shape[0]
+            negative_rows = rows // 2 if do_cfg else 0
+            scores = np.full(rows, aesthetic[1], np.float32)
+            scores[:negative_rows] = aesthetic[0]
         feeds.update(
             extra_inputs(
                 self.kind.extra_inputs,
@@ -197,6 +224,7 @@ class Conditioning:
                 text_len=states.shape[1],
                 guidance=guidance,
                 embedding_dim=self.kind.guidance_embedding_dim,
+                aesthetic=scores,
             )
         )
         return feeds

@@ -52,6 +52,7 @@ from slimdiff.runtime.manifest import (
     Manifest,
     PipelineSpec,
 )
+from slimdiff.runtime.refiner import check_aesthetic, check_fraction, end_index, start_index
 from slimdiff.runtime.scheduler_choice import (
     check_scheduler,
     resampled,
@@ -239,12 +240,16 @@ class Text2ImagePipeline:
         images: int = 1,
         on_step: Callable[[int, int], None] | None = None,
         image: ImageInput | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         mask_image: ImageInput | None = None,
         control_image: ImageInput | Sequence[ImageInput] | None = None,
         control_scale: float | Sequence[float] = 1.0,
         control_start: float | Sequence[float] = 0.0,
         control_end: float | Sequence[float] = 1.0,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -267,7 +272,8 @@ class Text2ImagePipeline:
 
         Image-to-image: `image` (a file path, a PIL image, or an (H, W, 3) uint8 array) is
         encoded by the bundle's VAE encoder (`export --vae-encoder`), noised to the step
-        `strength` (0 to 1) sets and denoised from there, as diffusers' img2img pipelines
+        `strength` (0 to 1; default 0.8, 0.3 for the SDXL refiner as diffusers' SDXL
+        img2img pipeline) sets and denoised from there, as diffusers' img2img pipelines
         do: 1 starts from pure noise, lower values keep more of the image, and only
         `strength` x `steps` steps run. The image is resized (Lanczos, as diffusers) to
         `size` when given, else cut down to the nearest size multiple. Every image of the
@@ -291,11 +297,25 @@ class Text2ImagePipeline:
         A bundle with several ControlNets takes a list of control images, one per
         ControlNet in export order, and a scale, start and end for all or a list of one
         each (diffusers' MultiControlNetModel: their residuals are summed).
+
+        The SDXL refiner (a bundle exported from its folder; runtime/refiner.py) runs on an
+        `image` as above, or on a base model's partly denoised latents, diffusers' "ensemble
+        of expert denoisers": the base call with `denoising_end` (0 to 1, e.g. 0.8) stops
+        there and returns its latents (output="latent"); the refiner call with
+        `denoising_start` equal to it takes them as `latents`, as they are (no noise, no
+        strength), with the same prompts, steps and size, and runs the rest of the
+        schedule. Its time ids carry `aesthetic_score` (default 6) on the prompt's rows and
+        `negative_aesthetic_score` (2.5) on the negative's; other bundles take neither.
+        `denoising_end` works on any bundle.
         """
         start = time.perf_counter()
         prompts, negatives = _check_prompts(prompt, negative_prompt)
         steps = int(steps if steps is not None else self.config.default_steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
+        aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
+        start_at, end_at = self._check_fractions(denoising_start, denoising_end, image, latents)
+        if strength is None:  # diffusers' SDXL img2img default for the refiner
+            strength = 0.3 if self.config.kind.aesthetic_score else 0.8
         source = None if image is None else self._check_image(image, latents)
         control = check_control(
             self.config, control_image, control_scale, control_start, control_end
@@ -306,6 +326,8 @@ class Text2ImagePipeline:
         sized_by = control.images[0] if control.images else source
         if sized_by is not None and size is None:
             size = image_size(sized_by, self.conditioning.size_multiple(), MAX_SIDE)
+        if start_at is not None and size is None:  # the base's latents give the size
+            size = self.conditioning.latents_size(latents)
         height, width = self._check_args(steps, size, output)
         _check_values(guidance, seed, latents)
         pixels = None if source is None else prepare_image(source, (height, width))
@@ -332,12 +354,21 @@ class Text2ImagePipeline:
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
         scheduler = self._scheduler(steps, height, width, eta)
-        begin = 0 if pixels is None else begin_at(self.config.kind, scheduler, steps, strength)
+        train_steps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        if start_at is not None:  # a base model's latents, handed over mid-schedule
+            begin = start_index(scheduler, start_at, train_steps)
+        else:
+            begin = 0 if pixels is None else begin_at(self.config.kind, scheduler, steps, strength)
+        end = len(scheduler.timesteps)
+        if end_at is not None:
+            end = end_index(scheduler, begin, end_at, train_steps)
 
         encoders = [enc.session for enc in cond.encoders]
         loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
         t0 = time.perf_counter()
-        fixed = cond.encode(prompts, negatives, do_cfg, guidance, height, width, per_prompt)
+        fixed = cond.encode(
+            prompts, negatives, do_cfg, guidance, height, width, per_prompt, aesthetic
+        )
         if self.config.controlnet is not None:
             rows = images * (2 if do_cfg else 1)
             fixed[CONTROL_IMAGE] = control_pixels(control, (height, width), rows)
@@ -351,7 +382,9 @@ class Text2ImagePipeline:
 
         first_load = False  # the VAE encoder loaded by this call (its first img2img one)
         extra = None  # an inpainting model's mask and masked image latents, every step
-        if pixels is None:
+        if start_at is not None:  # as they are: diffusers adds no noise with denoising_start
+            x = cond.check_latents(latents, height, width, images)
+        elif pixels is None:
             x = cond.initial_latents(latents, seed, height, width, scheduler, images)
         else:
             first_load = not self.vae_encoder.loaded
@@ -380,9 +413,9 @@ class Text2ImagePipeline:
         # initial latents stay those of `seed` (and of --latents) whatever the scheduler.
         step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
         step_ms: list[float] = []
-        calls = len(scheduler.timesteps) - begin
+        calls = end - begin
         scales = control_scales(control, calls)
-        for i in range(begin, len(scheduler.timesteps)):
+        for i in range(begin, end):
             t = scheduler.timesteps[i]
             t0 = time.perf_counter()
             model_input = np.concatenate([x, x]) if do_cfg else x
@@ -404,7 +437,7 @@ class Text2ImagePipeline:
             else:
                 x = scheduler.step(pred, i, x)
             if blend is not None:  # the kept part back to the image, at the next step's noise
-                last = i == len(scheduler.timesteps) - 1
+                last = i == end - 1
                 kept = clean if last else scheduler.add_noise(clean, noise, i + 1)
                 x = (np.float32(1) - blend) * kept + blend * x
             step_ms.append(_ms(t0))
@@ -437,6 +470,26 @@ class Text2ImagePipeline:
             name = type(scheduler).__name__
             raise UserError(f"{steps} steps with {name}: {err}") from None
         return scheduler
+
+    def _check_fractions(
+        self, start: Any, end: Any, image: Any, latents: Any
+    ) -> tuple[float | None, float | None]:
+        """denoising_start and denoising_end checked, and what the run starts from: the
+        refiner needs an image or, with denoising_start, the base's latents."""
+        start, end = check_fraction(start, "denoising_start"), check_fraction(end, "denoising_end")
+        if start is not None and end is not None and start >= end:
+            raise UserError(f"denoising_start {start:g} must be below denoising_end {end:g}")
+        if start is not None and (image is not None or latents is None):
+            raise UserError(
+                "denoising_start continues a base model's partly denoised latents: pass them "
+                "as latents (the base's output='latent' run with denoising_end), not an image"
+            )
+        if self.config.kind.aesthetic_score and image is None and start is None:
+            raise UserError(
+                "this is the SDXL refiner, which refines an image: pass an image (run --image "
+                "FILE), or run it after a base model (run BASE --refiner THIS_BUNDLE)"
+            )
+        return start, end
 
     def _check_image(self, image: ImageInput, latents: np.ndarray | None) -> Image.Image:
         """The image-to-image input as an RGB image, once the bundle can run one."""

@@ -239,7 +239,8 @@ class Calibration:
         """
         if self._trajectories is not None:
             return self._trajectories
-        refuse_inpainting(getattr(self.pipe, self.arch.denoiser).config, "calibration")
+        config = getattr(self.pipe, self.arch.denoiser).config
+        refuse_inpainting(config, "calibration", self.arch.kind_for(config))
         folder = None
         if self.work_dir is not None:
             folder = self.work_dir / "trajectories" / self.key

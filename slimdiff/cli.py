@@ -27,6 +27,7 @@ from slimdiff.app.options import (
     dry_run_option,
     expect_sha256_option,
     image_to_image_options,
+    refiner_options,
     scheduler_option,
     set_option,
     sigmas_option,
@@ -401,6 +402,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @click.option("--size", default=None, help=SIZE_HELP + " With --image: resized to it.")
 @image_to_image_options
 @control_options
+@refiner_options
 @click.option(
     "--latents",
     type=FILE,
@@ -425,10 +427,12 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
     size, init_image, mask_image, strength, control_image, control_scale, control_start,
-    control_end, latents, backend, scheduler, sigmas, low_memory, expect_sha256, out,
+    control_end, refiner, refiner_start, aesthetic_score, negative_aesthetic_score, latents,
+    backend, scheduler, sigmas, low_memory, expect_sha256, out,
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime; from
-    an --image too (image-to-image), steered by a --control-image (ControlNet)."""
+    an --image too (image-to-image), steered by a --control-image (ControlNet), finished by
+    an SDXL --refiner."""
     from slimdiff.app.args import (
         check_control,
         check_guidance,
@@ -443,53 +447,66 @@ def run_cmd(
 
     check_guidance(guidance)
     check_image_to_image(init_image, mask_image, strength, latents)
+    if refiner_start is not None and refiner is None:
+        raise click.UsageError("--refiner-start needs --refiner (the refiner's bundle)")
     control = check_control(control_image, control_scale, control_start, control_end)
     size = _size(size)
     outs = image_paths(out, images * len(prompt))
     for path in outs:
         check_output_file(path)
     init = read_latents(latents) if latents is not None else None
-    pipe = Text2ImagePipeline.from_bundle(
-        bundle,
-        backend=backend,
-        expect_sha256=expect_sha256,
-        scheduler=scheduler,
-        low_memory=low_memory,
-        sigmas=sigmas,
-    )
-    bar = StepProgress(
-        "denoising", hint="fewer --steps, a smaller --size, or a GPU --backend (ort-cuda, trt)"
-    )
-    try:
-        result = pipe(
-            prompt[0] if len(prompt) == 1 else list(prompt),
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            size=size,
-            latents=init,
-            guidance_rescale=guidance_rescale,
-            eta=eta,
-            images=images,
-            on_step=bar,
-            image=init_image,
-            strength=0.8 if strength is None else strength,
-            mask_image=mask_image,
-            **control,
-        )
-    finally:
-        bar.close()
-    for image, path in zip(result.images, outs, strict=True):
+    load = {"backend": backend, "scheduler": scheduler, "low_memory": low_memory, "sigmas": sigmas}
+    pipe = Text2ImagePipeline.from_bundle(bundle, expect_sha256=expect_sha256, **load)
+    call = {
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "size": size,
+        "latents": init,
+        "guidance_rescale": guidance_rescale,
+        "eta": eta,
+        "images": images,
+        "image": init_image,
+        "strength": strength,
+        "mask_image": mask_image,
+        **control,
+    }
+    aesthetic = {
+        "aesthetic_score": aesthetic_score,
+        "negative_aesthetic_score": negative_aesthetic_score,
+    }
+    text = prompt[0] if len(prompt) == 1 else list(prompt)
+    hint = "fewer --steps, a smaller --size, or a GPU --backend (ort-cuda, trt)"
+    if refiner is not None:
+        from slimdiff.app.refine import run_refined
+
+        results = run_refined(pipe, Text2ImagePipeline.from_bundle(refiner, **load), text, call,
+                              refiner_start, aesthetic, hint)  # fmt: skip
+    else:
+        bar = StepProgress("denoising", hint=hint)
+        try:
+            results = [pipe(text, on_step=bar, **call, **aesthetic)]
+        finally:
+            bar.close()
+    for image, path in zip(results[-1].images, outs, strict=True):
         save_png(image, path)
-    t = result.timings_ms
-    loads = f", loads {t['load']:.0f}" if "load" in t else ""
-    encode = f", vae encode {t['vae_encode']:.0f}" if "vae_encode" in t else ""
-    click.echo(
-        f"{', '.join(map(str, outs))}  ({t['end_to_end']:.0f} ms: text "
-        f"{t['text_encoders']:.0f}{encode}, {len(t['denoiser_steps'])} steps, vae "
-        f"{t['vae_decode']:.0f}{loads})"
-    )
+    click.echo(f"{', '.join(map(str, outs))}  ({_timings(results)})")
+
+
+def _timings(results: list) -> str:
+    """`run`'s one-line account of where the time went: per call (base, then refiner)."""
+    parts = []
+    for result in results:
+        t = result.timings_ms
+        loads = f", loads {t['load']:.0f}" if "load" in t else ""
+        encode = f", vae encode {t['vae_encode']:.0f}" if "vae_encode" in t else ""
+        vae = f", vae {t['vae_decode']:.0f}" if "vae_decode" in t else ""
+        parts.append(
+            f"{t['end_to_end']:.0f} ms: text {t['text_encoders']:.0f}{encode}, "
+            f"{len(t['denoiser_steps'])} steps{vae}{loads}"
+        )
+    return parts[0] if len(parts) == 1 else f"base {parts[0]}; refiner {parts[1]}"
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -137,10 +137,10 @@ class RemoveBlocksPass(Pass):
     def apply(self, pipe, calib) -> PassReport:
         from slimdiff.compress.blocks.student import removed_modules
 
-        from slimdiff.models import family_of_pipeline, get_arch
+        from slimdiff.models.families import arch_of_pipeline
 
         cfg = self.config
-        arch = get_arch(family_of_pipeline(type(pipe).__name__))
+        arch = arch_of_pipeline(pipe)
         if arch.denoiser_class not in self.denoisers:
             raise UserError(
                 f"blocks.remove cuts {', '.join(self.denoisers)} denoisers (SD1.x, SDXL and "

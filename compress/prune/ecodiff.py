@@ -120,10 +120,10 @@ class EcoDiffPass(Pass):
         from slimdiff.compress.prune.slicing import prune
         from slimdiff.compress.prune.units import maskable_params, unit_groups
 
-        from slimdiff.models import family_of_pipeline, get_arch
+        from slimdiff.models.families import arch_of_pipeline
 
         cfg = self.config
-        arch = get_arch(family_of_pipeline(type(pipe).__name__))
+        arch = arch_of_pipeline(pipe)
         denoiser = getattr(pipe, arch.denoiser)
         groups = unit_groups(arch, denoiser)
         if not groups:

@@ -29,7 +29,7 @@ from slimdiff.compress.quant.quest import (
 from slimdiff.errors import UserError
 from slimdiff.lowbit import merged_scales
 from slimdiff.models.arch import matches
-from slimdiff.models.families import family_of_pipeline, get_arch
+from slimdiff.models.families import arch_of_pipeline
 from slimdiff.models.fingerprint import module_digest
 from slimdiff.progress import Progress
 
@@ -43,7 +43,7 @@ _EVAL_BATCHES = 4  # for the report's output errors
 
 def apply_quest(p, pipe: Any, calib: Any) -> PassReport:
     cfg = p.config
-    arch = get_arch(family_of_pipeline(type(pipe).__name__))
+    arch = arch_of_pipeline(pipe)
     denoiser = getattr(pipe, arch.denoiser)
     plan = plan_layers(cfg, arch, denoiser)
     if not plan:

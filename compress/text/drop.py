@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
 
-from slimdiff.models.families import family_of_pipeline, get_arch
+from slimdiff.models.families import arch_of_pipeline
 from slimdiff.models.text_encoders import check_droppable, drop_text_encoders
 
 __all__ = ["DropTextPass"]
@@ -65,4 +65,4 @@ class DropTextPass(Pass):
 
 
 def _arch(pipe: Any):
-    return get_arch(family_of_pipeline(type(pipe).__name__))
+    return arch_of_pipeline(pipe)

@@ -120,7 +120,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
 
     b = recipe.bench
     base = load_model(recipe.model, device=device, allow_pickle=allow_pickle)
-    refuse_inpainting(base.denoiser.config, "bench")
+    refuse_inpainting(base.denoiser.config, "bench", base.arch.kind_for(base.denoiser.config))
     threads = use_threads(base)  # the worker subprocess inherits it (SLIMDIFF_THREADS)
     arch, pipe = base.arch, base.require_pipeline("bench")
     # Passes that define the model rather than compress it (lora.fuse) shape the reference

@@ -20,6 +20,7 @@ __all__ = [
     "expect_sha256_option",
     "image_to_image_options",
     "lora_option",
+    "refiner_options",
     "scheduler_option",
     "set_option",
 ]
@@ -56,7 +57,46 @@ _IMAGE_TO_IMAGE = [
         type=click.FloatRange(0.0, 1.0, min_open=True),
         default=None,
         help="With --image: how far to noise it, above 0 to 1 (1: from pure noise, lower "
-        "keeps more of the image); strength x steps steps run. Default: 0.8.",
+        "keeps more of the image); strength x steps steps run. Default: 0.8 (0.3 for the "
+        "SDXL refiner, as diffusers).",
+    ),
+]
+
+
+def refiner_options(f):
+    """`run`'s --refiner, --refiner-start and the SDXL refiner's aesthetic scores."""
+    for option in reversed(_REFINER):
+        f = option(f)
+    return f
+
+
+_REFINER = [
+    click.option(
+        "--refiner",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="An SDXL refiner's bundle: BUNDLE denoises the first --refiner-start of the "
+        "schedule and hands its latents to the refiner, which runs the rest (diffusers' "
+        "ensemble of expert denoisers: denoising_end / denoising_start).",
+    ),
+    click.option(
+        "--refiner-start",
+        type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+        default=None,
+        help="With --refiner: the fraction of the schedule where the refiner takes over. "
+        "Default: 0.8, as diffusers' example.",
+    ),
+    click.option(
+        "--aesthetic-score",
+        type=click.FloatRange(0.0, 10.0),
+        default=None,
+        help="SDXL refiner: the aesthetic score its prompt rows are conditioned on. Default: 6.",
+    ),
+    click.option(
+        "--negative-aesthetic-score",
+        type=click.FloatRange(0.0, 10.0),
+        default=None,
+        help="SDXL refiner: the score of its negative rows. Default: 2.5.",
     ),
 ]
 

@@ -1,11 +1,13 @@
-"""Built-in models that need no download: `tiny:<family>` and `random:<family>`.
+"""Built-in models that need no download: `tiny:<family>` and `random:<family>`, and the
+SDXL refiner as `tiny:sdxl-refiner` / `random:sdxl-refiner`.
 
 - `tiny:*` are complete diffusers pipelines with the family's real block topology at tiny
   width and seeded random weights, built in about a second: what tests use.
 - `random:*` are the full-size architectures with random weights, for latency and memory
   measurements; with `device="meta"` they cost no memory (parameter and FLOP counting).
 
-Configs follow the published ones (SD1.5 v1-5, SDXL base 1.0, SD3-medium, FLUX.1-dev);
+Configs follow the published ones (SD1.5 v1-5, SDXL base 1.0 and refiner 1.0, SD3-medium,
+FLUX.1-dev);
 tiny ones keep block types, counts and transformer depths' shape and shrink the widths.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from slimdiff.errors import UserError
+from slimdiff.models.families import FAMILIES
 from slimdiff.models.tokenizer_files import (
     clip_vocab_size,
     make_clip_tokenizer,
@@ -24,9 +27,12 @@ from slimdiff.models.tokenizer_files import (
     t5_vocab_size,
 )
 
-__all__ = ["BUILTIN_KINDS", "build_builtin", "parse_builtin"]
+__all__ = ["BUILTIN_KINDS", "BUILTIN_MODELS", "build_builtin", "builtin_class", "parse_builtin"]
 
 BUILTIN_KINDS = ("tiny", "random")
+# Built-in models besides the families' own: the SDXL refiner (family sdxl).
+_EXTRA_MODELS = {"sdxl-refiner": "StableDiffusionXLImg2ImgPipeline"}
+BUILTIN_MODELS = (*FAMILIES, *_EXTRA_MODELS)
 _SEED = 0
 
 
@@ -49,14 +55,17 @@ def parse_builtin(model: str) -> tuple[str, str] | None:
     kind, sep, family = model.partition(":")
     if not sep or kind not in BUILTIN_KINDS:
         return None
-    from slimdiff.models.families import FAMILIES
-
-    if family not in FAMILIES:
+    if family not in BUILTIN_MODELS:
         raise UserError(
-            f"unknown built-in model {model!r}; use {kind}:<family> with family one of "
-            f"{', '.join(FAMILIES)}"
+            f"unknown built-in model {model!r}; use {kind}:<model> with model one of "
+            f"{', '.join(BUILTIN_MODELS)}"
         )
     return kind, family
+
+
+def builtin_class(name: str) -> str:
+    """The pipeline class of built-in model `name` ("sdxl", "sdxl-refiner", ...)."""
+    return _EXTRA_MODELS.get(name) or FAMILIES[name].pipeline_classes[0]
 
 
 def build_builtin(kind: str, family: str, device: str = "cpu", lazy: bool = False):
@@ -75,7 +84,13 @@ def build_builtin(kind: str, family: str, device: str = "cpu", lazy: bool = Fals
 
     torch.manual_seed(_SEED)
     tiny = kind == "tiny"
-    builder = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]
+    builder = {
+        "sd15": _sd15,
+        "sdxl": _sdxl,
+        "sdxl-refiner": _sdxl_refiner,
+        "sd3": _sd3,
+        "flux": _flux,
+    }[family]
     if tiny or device == "meta":
         with torch.device(device):
             pipe = builder(tiny)
@@ -302,6 +317,48 @@ def sdxl_pipeline(vae, clip_l, clip_g, unet):
         unet=unet,
         scheduler=_sd_scheduler(EulerDiscreteScheduler),
         force_zeros_for_empty_prompt=True,
+    )
+
+
+def _sdxl_refiner(tiny: bool):
+    """SDXL refiner 1.0: OpenCLIP bigG alone, a four-stage UNet (384-1536 channels, four
+    transformer layers per attention block) conditioned on its text states (1280 wide),
+    pooled text and five time ids with the aesthetic score, and SDXL's VAE."""
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
+
+    size = _TINY if tiny else _SDXL
+    text_encoder_2, tokenizer_2 = _clip(size.clip_g, size.clip_g[0], pad_token="!")
+    time_dim = 8 if tiny else 256
+    unet = UNet2DConditionModel(
+        sample_size=16 if tiny else 128,
+        block_out_channels=size.unet_channels if tiny else (384, 768, 1536, 1536),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", *["CrossAttnDownBlock2D"] * 2, "DownBlock2D"),
+        up_block_types=("UpBlock2D", *["CrossAttnUpBlock2D"] * 2, "UpBlock2D"),
+        transformer_layers_per_block=1 if tiny else 4,
+        attention_head_dim=(2, 4, 4, 4) if tiny else (6, 12, 24, 24),
+        cross_attention_dim=size.clip_g[0],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=time_dim * 5 + size.clip_g[0],
+        upcast_attention=False,
+        norm_num_groups=size.groups,
+    )
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=sdxl_vae(tiny),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sd_scheduler(EulerDiscreteScheduler),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
     )
 
 

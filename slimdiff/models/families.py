@@ -7,6 +7,9 @@ Module names are diffusers 0.42's.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from slimdiff.errors import UserError
 from slimdiff.models.arch import (
     T5_ONNX,
@@ -22,9 +25,15 @@ from slimdiff.models.kinds import KindSpec, ShiftSpec
 __all__ = [
     "EQUIVALENT_PIPELINES",
     "FAMILIES",
+    "REFINER_PIPELINE",
+    "SDXL_REFINER",
+    "arch_of_class",
+    "arch_of_denoiser",
+    "arch_of_pipeline",
     "family_of_denoiser",
     "family_of_pipeline",
     "get_arch",
+    "is_refiner_unet",
     "text_to_image_class",
 ]
 
@@ -129,6 +138,57 @@ SDXL = ArchSpec(
     vae_latent_stats=True,
     **_UNET_STRUCTURE,
 )
+
+# The SDXL refiner (stabilityai/stable-diffusion-xl-refiner-1.0): an SDXL UNet trained on
+# the low-noise end of the schedule, run by StableDiffusionXLImg2ImgPipeline with
+# requires_aesthetics_score. It reads the second text encoder (OpenCLIP bigG) alone (its
+# model_index.json has text_encoder null), so its text states are that encoder's width, and
+# its five time ids carry an aesthetic score where SDXL's carry the target size. Family
+# "sdxl" (its bundles say so); the differences are data, as for the families.
+REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+
+
+def _refiner_pooled_width(cfg) -> int:
+    # add_embedding takes [pooled text, 5 Fourier-embedded time ids] concatenated.
+    return cfg.projection_class_embeddings_input_dim - 5 * cfg.addition_time_embed_dim
+
+
+SDXL_REFINER = replace(
+    SDXL,
+    pipeline_classes=(REFINER_PIPELINE,),
+    text_encoders=SDXL.text_encoders[1:],
+    denoiser_inputs=tuple(
+        replace(s, shape=("B", 5)) if s.name == "time_ids" else s for s in SDXL.denoiser_inputs
+    ),
+    kind=SDXL.kind.model_copy(update={"aesthetic_score": True}),
+    config_axes={**SDXL.config_axes, "P": _refiner_pooled_width},
+)
+
+
+def is_refiner_unet(config: Any) -> bool:
+    """Whether a lone SDXL UNet's config is the refiner's: its added embedding takes pooled
+    text as wide as its text states (one encoder's, OpenCLIP bigG's projection) and five
+    time ids. A pipeline says it itself (requires_aesthetics_score); this reads a UNet
+    folder without one (`inspect`), where SDXL base's (2816 - 5 x 256 = 1536, text 2048)
+    is told apart."""
+    try:
+        return (
+            config["addition_embed_type"] == "text_time"
+            and _refiner_pooled_width(_Config(config)) == config["cross_attention_dim"]
+        )
+    except (KeyError, TypeError):
+        return False
+
+
+class _Config(dict):
+    """Attribute access to a plain config dict (as diffusers' FrozenDict gives)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
 
 # ---------------------------------------------------------------- MMDiTs (SD3, FLUX)
 
@@ -308,9 +368,48 @@ EQUIVALENT_PIPELINES = {
 }
 
 
-def text_to_image_class(class_name: str) -> str:
-    """The pipeline class slimdiff loads a `class_name` folder as (itself if not listed)."""
+def text_to_image_class(class_name: str, config: Any = None) -> str:
+    """The pipeline class slimdiff loads a `class_name` folder as (itself if not listed).
+    `config`: the folder's model_index.json (or a loaded pipeline's config), which tells
+    the SDXL refiner (requires_aesthetics_score) from an SDXL saved by its img2img
+    pipeline: the refiner keeps its class, which runs its time ids."""
+    if class_name == REFINER_PIPELINE and config and config.get("requires_aesthetics_score"):
+        return class_name
     return EQUIVALENT_PIPELINES.get(class_name, class_name)
+
+
+def arch_of_pipeline(pipe: Any) -> ArchSpec:
+    """The ArchSpec of a loaded diffusers pipeline: its family's, or SDXL_REFINER for the
+    SDXL refiner. UserError for a class slimdiff does not take, and for a pipeline that
+    requires aesthetic scores but also has a first text encoder (not the refiner's layout,
+    whose text states are the second encoder's alone)."""
+    name = type(pipe).__name__
+    arch = arch_of_class(text_to_image_class(name, getattr(pipe, "config", None)))
+    if arch is SDXL_REFINER and getattr(pipe, "text_encoder", None) is not None:
+        raise UserError(
+            f"this {name} sets requires_aesthetics_score and has a first text encoder: "
+            "slimdiff takes the SDXL refiner's layout (text_encoder null, text_encoder_2 "
+            "only); set text_encoder to [null, null] in model_index.json, or "
+            "requires_aesthetics_score to false for an SDXL base model"
+        )
+    return arch
+
+
+def arch_of_class(class_name: str) -> ArchSpec:
+    """The ArchSpec of a pipeline class as text_to_image_class answers it: REFINER_PIPELINE
+    only for the refiner (the SDXL img2img class otherwise maps to SDXL's own)."""
+    if class_name == REFINER_PIPELINE:
+        return SDXL_REFINER
+    return get_arch(family_of_pipeline(class_name))
+
+
+def arch_of_denoiser(class_name: str, config: dict) -> ArchSpec | None:
+    """The ArchSpec of a lone denoiser from its class and config (the refiner's for an SDXL
+    refiner UNet); None if no family matches."""
+    family = family_of_denoiser(class_name, config)
+    if family == "sdxl" and is_refiner_unet(config):
+        return SDXL_REFINER
+    return None if family is None else get_arch(family)
 
 
 def family_of_pipeline(class_name: str) -> str:

@@ -93,6 +93,8 @@ def denoiser_inputs(
         text_len=sizes.text_len,
         guidance=torch.linspace(1.0, 5.0, sizes.batch).numpy(),  # varied, for parity checks
         embedding_dim=kind.guidance_embedding_dim,
+        # the refiner's aesthetic scores, varied over the batch as the guidance above
+        aesthetic=torch.linspace(2.5, 6.0, sizes.batch).numpy() if kind.aesthetic_score else None,
     )
     gen = torch.Generator().manual_seed(sizes.seed)
     feeds: dict[str, torch.Tensor] = {}

@@ -31,10 +31,12 @@ import pydantic
 from slimdiff.errors import UserError
 
 __all__ = [
+    "AESTHETIC_SCORE",
     "CONTROL_IMAGE",
     "CONTROL_SCALE",
     "EXTRA_INPUTS",
     "KIND_WRITTEN_WHEN_SET",
+    "NEGATIVE_AESTHETIC_SCORE",
     "KindSpec",
     "ShiftSpec",
     "calculate_shift",
@@ -52,7 +54,9 @@ __all__ = [
 
 # Denoiser inputs besides the latents, the timestep and the text conditioning, each made by
 # `extra_inputs` from the image geometry (and, for "guidance", the guidance value):
-#   time_ids  (B, 6)  SDXL's micro-conditioning: original size, crop top-left, target size
+#   time_ids  (B, 6)  SDXL's micro-conditioning: original size, crop top-left, target size;
+#             (B, 5) for the SDXL refiner (KindSpec.aesthetic_score): the aesthetic score
+#             in place of the target size
 #   img_ids   (L, 3)  FLUX's (0, row, column) id of each packed latent token
 #   txt_ids   (S, 3)  FLUX's text token ids: all zero
 #   guidance  (B,)    FLUX.1-dev's embedded guidance scale (schnell has no such input)
@@ -65,7 +69,13 @@ ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance", "timestep_con
 CONTROL_IMAGE = "controlnet_cond"
 CONTROL_SCALE = "conditioning_scale"
 # KindSpec fields a manifest holds only when they are set (see drop_unset).
-KIND_WRITTEN_WHEN_SET = frozenset({"guidance_embedding_dim", "strength_rounding", "inpainting"})
+KIND_WRITTEN_WHEN_SET = frozenset(
+    {"guidance_embedding_dim", "strength_rounding", "inpainting", "aesthetic_score"}
+)
+# diffusers' StableDiffusionXLImg2ImgPipeline defaults: the score the positive rows' time ids
+# carry, and the negative (unconditional) rows'.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 def drop_unset(data: dict[str, Any], keys: Any) -> dict[str, Any]:
@@ -141,6 +151,11 @@ class KindSpec(_Record):
     # whose sample input takes the latents, the mask and the masked image's latents joined
     # on the channel axis; it runs only with an image and a mask. None: plain latents.
     inpainting: Literal[True] | None = None
+    # True: the SDXL refiner's UNet (diffusers' StableDiffusionXLImg2ImgPipeline with
+    # requires_aesthetics_score): its time ids carry an aesthetic score in place of the
+    # target size (6.0 on the prompt's rows, 2.5 on the negative's), and it runs only on an
+    # image or on a base model's partly denoised latents. None: SDXL's six time ids.
+    aesthetic_score: Literal[True] | None = None
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_embedding(self, handler: Any) -> dict[str, Any]:
@@ -254,15 +269,22 @@ def is_inpainting(config: Any) -> bool:
     return isinstance(inputs, int) and isinstance(outputs, int) and inputs == 2 * outputs + 1
 
 
-def refuse_inpainting(config: Any, what: str) -> None:
-    """UserError for an inpainting model where `what` draws text-to-image (calibration,
-    bench), which such a model cannot."""
+def refuse_inpainting(config: Any, what: str, kind: KindSpec | None = None) -> None:
+    """UserError for a model that cannot draw text-to-image where `what` draws it
+    (calibration, bench): an inpainting model, or (`kind` given) the SDXL refiner."""
     if is_inpainting(config):
         raise UserError(
             f"{what} draws text-to-image, which an inpainting model (its UNet takes a mask "
             "and a masked image) cannot: passes that calibrate (blocks.remove with "
             "distillation, prune.ecodiff, quant.quest) and bench do not take it yet; "
             "lora.fuse, text.drop, vae.replace, export and run --image --mask do"
+        )
+    if kind is not None and kind.aesthetic_score:
+        raise UserError(
+            f"{what} draws text-to-image from noise, which the SDXL refiner is not trained "
+            "for (it refines an image, or a base model's last steps): passes that calibrate "
+            "(blocks.remove with distillation, prune.ecodiff, quant.quest) and bench do not "
+            "take it; lora.fuse, vae.replace, export and run --image (or run BASE --refiner) do"
         )
 
 
@@ -296,16 +318,26 @@ def extra_inputs(
     text_len: int,
     guidance: float | np.ndarray = 0.0,
     embedding_dim: int | None = None,
+    aesthetic: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The extra denoiser inputs `names` (see EXTRA_INPUTS) for one image of height x width
     pixels, float32, as the diffusers pipelines build them. `embedding_dim`: the width of
-    "timestep_cond" (KindSpec.guidance_embedding_dim)."""
+    "timestep_cond" (KindSpec.guidance_embedding_dim). `aesthetic`: the SDXL refiner's
+    aesthetic score of each row (B,), which its time ids carry in place of the target
+    size; None: SDXL's six time ids."""
     out: dict[str, np.ndarray] = {}
     for name in names:
         if name == "time_ids":
-            # original_size + crops_coords_top_left + target_size (SDXL's _get_add_time_ids)
-            row = np.array([[height, width, 0, 0, height, width]], np.float32)
-            out[name] = np.repeat(row, batch, axis=0)
+            # original_size + crops_coords_top_left + target_size (SDXL's _get_add_time_ids),
+            # or + aesthetic_score where the pipeline requires_aesthetics_score (refiner)
+            if aesthetic is None:
+                row = np.array([[height, width, 0, 0, height, width]], np.float32)
+                out[name] = np.repeat(row, batch, axis=0)
+            else:
+                rows = np.zeros((batch, 5), np.float32)
+                rows[:, :2] = (height, width)
+                rows[:, 4] = np.broadcast_to(np.asarray(aesthetic, np.float32), (batch,))
+                out[name] = rows
         elif name == "img_ids":
             # FluxPipeline._prepare_latent_image_ids: (0, row, column) per packed token
             h = height // vae_scale // packing

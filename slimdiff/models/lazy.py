@@ -149,7 +149,7 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
 
     from slimdiff.models.families import text_to_image_class
 
-    pipeline_cls = getattr(diffusers, text_to_image_class(index["_class_name"]))
+    pipeline_cls = getattr(diffusers, text_to_image_class(index["_class_name"], index))
     accepted = inspect.signature(pipeline_cls.__init__).parameters
     parts: dict[str, Any] = {}
     for name, entry in index.items():

@@ -28,12 +28,13 @@ from typing import Any
 
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec, TextEncoderSpec
-from slimdiff.models.builtin import build_builtin, parse_builtin
+from slimdiff.models.builtin import BUILTIN_MODELS, build_builtin, builtin_class, parse_builtin
 from slimdiff.models.families import (
     FAMILIES,
-    family_of_denoiser,
+    arch_of_class,
+    arch_of_denoiser,
+    arch_of_pipeline,
     family_of_pipeline,
-    get_arch,
     text_to_image_class,
 )
 from slimdiff.models.hub import hub_offline, looks_like_hub_id
@@ -171,7 +172,7 @@ def _skipped(model: str, without: tuple[str, ...]) -> dict[str, None]:
         return {
             n: None for name in without for n in (name, name.replace("text_encoder", "tokenizer"))
         }
-    arch = get_arch(family_of_pipeline(class_name))
+    arch = arch_of_class(class_name)
     specs = {s.name: s for s in arch.text_encoders}
     return {
         n: None for name in check_droppable(arch, without) for n in (name, specs[name].tokenizer)
@@ -198,8 +199,8 @@ def _load_memory(model: str, device: str, allow_pickle: bool, skip: dict[str, No
         return _wrap(_load_hub(model, device, allow_pickle, skip), model)
     raise UserError(
         f"model {model!r} not found: pass a diffusers pipeline folder (with model_index.json), "
-        "a hub id (org/name), or a built-in (tiny:<family>, random:<family>; families: "
-        f"{', '.join(FAMILIES)}; or toy:shapes)"
+        "a hub id (org/name), or a built-in (tiny:<model>, random:<model>; models: "
+        f"{', '.join(BUILTIN_MODELS)}; or toy:shapes)"
     )
 
 
@@ -227,7 +228,7 @@ def pipeline_class_of(model: str) -> str | None:
     or the model is not a pipeline (a lone denoiser, a single file)."""
     builtin = parse_builtin(model)
     if builtin is not None:
-        return get_arch(builtin[1]).pipeline_classes[0]
+        return builtin_class(builtin[1])
     toy = parse_toy(model)
     path = toy_folder(toy) if toy is not None else Path(model).expanduser()
     try:
@@ -235,7 +236,7 @@ def pipeline_class_of(model: str) -> str | None:
     except UserError:  # not there, or not readable: the load will say which
         return None
     name = index.get("_class_name") if isinstance(index, dict) else None
-    return text_to_image_class(name) if isinstance(name, str) else None
+    return text_to_image_class(name, index) if isinstance(name, str) else None
 
 
 def lazy_loadable(model: str) -> bool:
@@ -283,7 +284,7 @@ def _quiet_progress_bars() -> None:
 
 
 def _wrap(pipe, source: str) -> LoadedModel:
-    arch = get_arch(family_of_pipeline(type(pipe).__name__))
+    arch = arch_of_pipeline(pipe)
     needed = [arch.denoiser, "vae", "scheduler"]
     # An optional encoder may be absent (SD3 without T5); one that is there needs its tokenizer.
     present = present_text_encoders(arch, pipe)
@@ -348,7 +349,7 @@ def _load_local(
 
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
         absent = {**null_components(index), **skip}
-        pipe = _from_pretrained_pipeline(path, class_name, device, allow_pickle, absent)
+        pipe = _from_pretrained_pipeline(path, index, device, allow_pickle, absent)
         return _wrap(pipe, source)
     config = path / "config.json"
     if config.is_file():
@@ -395,8 +396,8 @@ def _load_component(
     import diffusers
 
     class_name = config.get("_class_name", "")
-    family = family_of_denoiser(class_name, config)
-    if family is None:
+    arch = arch_of_denoiser(class_name, config)
+    if arch is None:
         known = " / ".join(sorted({a.denoiser_class for a in FAMILIES.values()}))
         raise UserError(
             f"{path}: component class {class_name!r} is not a denoiser slimdiff knows; "
@@ -410,15 +411,15 @@ def _load_component(
     refuse_missing({class_name: model}, path)
     if device not in ("cpu", "meta"):
         model = model.to(device)
-    return LoadedModel(arch=get_arch(family), source=source, denoiser=model.eval())
+    return LoadedModel(arch=arch, source=source, denoiser=model.eval())
 
 
 def _from_pretrained_pipeline(
-    path: Path, class_name: str, device: str, allow_pickle: bool, absent: dict[str, None]
+    path: Path, index: dict[str, Any], device: str, allow_pickle: bool, absent: dict[str, None]
 ):
     import diffusers
 
-    class_name = text_to_image_class(class_name)
+    class_name = text_to_image_class(index.get("_class_name", ""), index)
     cls = getattr(diffusers, class_name)
     try:
         pipe = cls.from_pretrained(
@@ -483,7 +484,7 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, No
             f"could not load hub model {model_id!r}: {detail[:300]} ({hint}); on a machine "
             f"with network run `hf download {model_id} --local-dir DIR` and pass DIR instead"
         ) from None
-    canonical = text_to_image_class(type(pipe).__name__)
+    canonical = text_to_image_class(type(pipe).__name__, pipe.config)
     if canonical != type(pipe).__name__:  # e.g. LatentConsistencyModelPipeline
         pipe = getattr(diffusers, canonical).from_pipe(pipe)
     family_of_pipeline(type(pipe).__name__)

@@ -30,12 +30,13 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 # diffusers' detected checkpoint type (infer_diffusers_model_type) -> the text-to-image
-# pipeline slimdiff loads it as; other types (inpainting, refiners, ControlNets, video)
-# are not text-to-image models slimdiff exports.
+# pipeline slimdiff loads it as; other types (inpainting, ControlNets, video) are not models
+# slimdiff exports from one file. The SDXL refiner loads as its img2img pipeline.
 _PIPELINES = {
     "v1": "StableDiffusionPipeline",
     "v2": "StableDiffusionPipeline",
     "xl_base": "StableDiffusionXLPipeline",
+    "xl_refiner": "StableDiffusionXLImg2ImgPipeline",
     "playground-v2-5": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
     "sd35_medium": "StableDiffusion3Pipeline",
@@ -108,7 +109,8 @@ def _config_pipeline(folder: Path) -> str | None:
     import json
 
     try:
-        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+        index = json.loads((folder / "model_index.json").read_text())
+        name = index.get("_class_name")
     except (OSError, ValueError, AttributeError):
         raise UserError(
             f"--config {folder} is not a diffusers pipeline folder (no readable "
@@ -116,7 +118,7 @@ def _config_pipeline(folder: Path) -> str | None:
         ) from None
     from slimdiff.models.families import text_to_image_class
 
-    name = text_to_image_class(name) if isinstance(name, str) else name
+    name = text_to_image_class(name, index) if isinstance(name, str) else name
     return name if name in set(_PIPELINES.values()) else None
 
 

@@ -79,7 +79,10 @@ test_mask.__test__ = False  # a helper, not a test
 def _img2img_pipe(model, family: str, pipelines: dict = PIPELINES):
     module, _, name = pipelines[family].rpartition(".")
     module = importlib.import_module(f"diffusers.pipelines.{module}")
-    pipe = getattr(module, name)(**model.pipe.components)
+    # a model loaded as the pipeline itself keeps its config (the SDXL refiner's
+    # requires_aesthetics_score and force_zeros_for_empty_prompt)
+    same = type(model.pipe) is getattr(module, name)
+    pipe = model.pipe if same else getattr(module, name)(**model.pipe.components)
     pipe.set_progress_bar_config(disable=True)
     return module, pipe
 
