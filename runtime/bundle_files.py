@@ -108,8 +108,9 @@ class Bundle:
         dropped = [z.name for z in m.pipeline.zero_text or ()]
         without = f" (without {', '.join(dropped)}: zeros in its place)" if dropped else ""
         steered = ", the denoiser with a ControlNet" if m.pipeline.controlnet else ""
+        refiner = " refiner (image-to-image)" if m.pipeline.kind.aesthetic_score else ""
         return (
-            f"ok: {m.family} bundle, {len(m.components)} components "
+            f"ok: {m.family}{refiner} bundle, {len(m.components)} components "
             f"({', '.join(m.components)}){without}{steered}, {len(m.files) + 1} files, "
             f"{self.size / 1e6:.1f} MB, every SHA-256 matches"
         )

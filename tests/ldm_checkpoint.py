@@ -203,3 +203,11 @@ def write_sdxl_single_file(pipe, path: Path) -> None:
     state.update(_clip(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
     state.update(_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     _save(state, path)
+
+
+def write_sdxl_refiner_single_file(pipe, path: Path) -> None:
+    """`pipe` (the SDXL refiner's StableDiffusionXLImg2ImgPipeline) as one SGM-layout file,
+    as sd_xl_refiner_1.0.safetensors ships: OpenCLIP bigG alone, under conditioner.embedders.0."""
+    state = _unet_and_vae(pipe)
+    state.update(_open_clip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.0.model."))
+    _save(state, path)

@@ -263,9 +263,17 @@ def _check_teacher(preset, family: str, teacher) -> None:
         raise UserError(
             f"blocks.remove: preset {preset.name} starts from an uncompressed {family} UNet "
             f"({', '.join(preset.teacher_down_types)}, {preset.teacher_layers} layers per "
-            "block, a cross-attention mid-block); this one differs (already compressed?); "
+            f"block, a cross-attention mid-block); this one differs ({_why_different(cfg)}); "
             "use the generic keys instead"
         )
+
+
+def _why_different(cfg) -> str:
+    from slimdiff.models.families import is_refiner_unet
+
+    if is_refiner_unet(cfg):
+        return "it is the SDXL refiner's UNet, another architecture than the base's"
+    return "already compressed?"
 
 
 def _params(module) -> int:

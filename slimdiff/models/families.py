@@ -392,7 +392,31 @@ def arch_of_pipeline(pipe: Any) -> ArchSpec:
             "only); set text_encoder to [null, null] in model_index.json, or "
             "requires_aesthetics_score to false for an SDXL base model"
         )
+    if arch is SDXL_REFINER:
+        _check_refiner_unet(name, pipe)
     return arch
+
+
+def _check_refiner_unet(name: str, pipe: Any) -> None:
+    """UserError unless the UNet takes what the refiner's pipeline gives it: text states
+    of text_encoder_2's width, and its pooled embedding beside five time ids."""
+    unet, text = getattr(pipe, "unet", None), getattr(pipe, "text_encoder_2", None)
+    if unet is None or text is None:  # the loader names what is missing
+        return
+    u, t = unet.config, text.config
+    pooled = getattr(t, "projection_dim", None)
+    added = u.get("addition_time_embed_dim") or 0
+    if (
+        u.get("cross_attention_dim") != getattr(t, "hidden_size", None)
+        or u.get("projection_class_embeddings_input_dim") != (pooled or 0) + 5 * added
+    ):
+        raise UserError(
+            f"this {name} sets requires_aesthetics_score, but its UNet is not conditioned as "
+            "the SDXL refiner's (text states as wide as text_encoder_2's, its pooled "
+            "embedding and five time ids with the aesthetic score); if it is an SDXL base "
+            "model saved by the img2img pipeline, set requires_aesthetics_score to false in "
+            "model_index.json"
+        )
 
 
 def arch_of_class(class_name: str) -> ArchSpec:

@@ -291,11 +291,11 @@ def _wrap(pipe, source: str) -> LoadedModel:
     needed += [t.name for t in arch.text_encoders if not t.optional]
     needed += [t.tokenizer for t in arch.text_encoders if t in present or not t.optional]
     missing = [name for name in needed if getattr(pipe, name, None) is None]
-    if missing:  # e.g. the SDXL refiner: image-to-image, without the first text encoder
+    if missing:  # e.g. an SDXL folder without its first text encoder
         raise UserError(
             f"{source}: its {type(pipe).__name__} has no {', '.join(missing)} (null in "
-            f"model_index.json); a text-to-image {arch.family} model needs every one, so an "
-            "image-to-image-only model (such as the SDXL refiner) cannot be taken"
+            f"model_index.json); a {arch.family} model needs every one (the SDXL refiner, "
+            "which has no first text encoder, says so with requires_aesthetics_score: true)"
         )
     # Loaded for inference, whatever the source (built-in models are built this way; a
     # folder's modules come back from diffusers trainable): passes that train turn on what

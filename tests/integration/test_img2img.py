@@ -80,9 +80,10 @@ def _img2img_pipe(model, family: str, pipelines: dict = PIPELINES):
     module, _, name = pipelines[family].rpartition(".")
     module = importlib.import_module(f"diffusers.pipelines.{module}")
     # a model loaded as the pipeline itself keeps its config (the SDXL refiner's
-    # requires_aesthetics_score and force_zeros_for_empty_prompt)
-    same = type(model.pipe) is getattr(module, name)
-    pipe = model.pipe if same else getattr(module, name)(**model.pipe.components)
+    # requires_aesthetics_score and force_zeros_for_empty_prompt), in a pipeline of its own
+    # (the caller sets its scheduler)
+    cls = getattr(module, name)
+    pipe = cls.from_pipe(model.pipe) if type(model.pipe) is cls else cls(**model.pipe.components)
     pipe.set_progress_bar_config(disable=True)
     return module, pipe
 

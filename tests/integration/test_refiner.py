@@ -7,10 +7,13 @@ test_runtime_vs_diffusers.py.
 
 from __future__ import annotations
 
+import json
+
 import diffusers
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from slimdiff.runtime import Text2ImagePipeline, run_ensemble
 
 from slimdiff.errors import UserError
@@ -85,7 +88,8 @@ def test_the_scores_reach_the_time_ids(refiner):
 def _diffusers_ensemble(base, ref, noise, scheduler_config, zero=False):
     """diffusers' base (denoising_end) then refiner (denoising_start) on `noise`; the
     refiner's final latents and image, and the base's latents."""
-    pipes = (base.pipe, ref.pipe)
+    # pipelines of their own: the shared models keep their schedulers
+    pipes = base_pipe, ref_pipe = tuple(type(m.pipe).from_pipe(m.pipe) for m in (base, ref))
     handles = []
     for pipe in pipes:
         pipe.scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(
@@ -99,7 +103,7 @@ def _diffusers_ensemble(base, ref, noise, scheduler_config, zero=False):
                 )
             )
     common = {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE}
-    handoff = base.pipe(
+    handoff = base_pipe(
         PROMPT,
         latents=torch.from_numpy(noise),
         height=SIZE,
@@ -114,7 +118,7 @@ def _diffusers_ensemble(base, ref, noise, scheduler_config, zero=False):
         final["latents"] = kwargs["latents"].numpy().copy()
         return kwargs
 
-    image = ref.pipe(
+    image = ref_pipe(
         PROMPT, image=handoff, denoising_start=0.8, callback_on_step_end=keep_last, **common
     ).images[0]
     for handle in handles:
@@ -193,3 +197,123 @@ def test_ensemble_refusals(shared_bundle, refiner):
         ref(PROMPT, steps=2, latents=np.zeros((1, 4, 16, 16), np.float32), denoising_start=0.999)
     with pytest.raises(UserError, match="latents have shape"):
         ref(PROMPT, steps=2, size=(64, 64), latents=np.zeros((1, 4, 4, 4)), denoising_start=0.5)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_a_saved_refiner_folder_and_its_artifact(refiner, tmp_path):
+    """A refiner folder as diffusers saves it (text_encoder null, requires_aesthetics_score)
+    loads as the refiner into memory, lazily and as a lone UNet; compressed (vae.replace,
+    with its own VAE) the artifact keeps it, and its bundle draws what the built-in's does."""
+    from slimdiff.models.loading import load_for_export, load_model
+
+    model, bundle = refiner
+    folder = tmp_path / "refiner"
+    model.pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None] and index["requires_aesthetics_score"] is True
+    assert load_model(str(folder)).arch is SDXL_REFINER
+    lazy = load_for_export(str(folder))
+    assert lazy.arch is SDXL_REFINER and type(lazy.pipe).__name__ == index["_class_name"]
+    assert load_model(str(folder / "unet")).arch is SDXL_REFINER
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nmodel: {folder}\npasses:\n  - pass: vae.replace\n    path: {folder}\n"
+        "export:\n  vae_encoder: true\n"
+    )
+    out = tmp_path / "out"
+    result = _cli("compress", recipe, "--out", out)
+    assert result.exit_code == 0, result.output
+    artifact = json.loads((out / "artifact" / "model_index.json").read_text())
+    assert artifact["requires_aesthetics_score"] is True and artifact["text_encoder"] == [
+        None,
+        None,
+    ]
+    assert load_model(str(out / "artifact")).arch is SDXL_REFINER
+    image = tmp_path / "in.png"
+    Image.fromarray(test_image()).save(image)
+    args = ("--prompt", PROMPT, "--image", image, "--steps", 4, "--strength", 0.5)
+    for name, source in (("ours", out / "bundle"), ("builtin", bundle)):
+        result = _cli("run", source, *args, "--out", tmp_path / f"{name}.png")
+        assert result.exit_code == 0, result.output
+    ours, builtin = (np.array(Image.open(tmp_path / f"{n}.png")) for n in ("ours", "builtin"))
+    assert ours.shape == (SIZE, SIZE, 3) and _psnr(ours, builtin) >= 60.0
+
+
+def test_run_with_a_refiner_from_the_cli(shared_bundle, refiner, tmp_path):
+    base = shared_bundle("sdxl", False).out
+    ref = refiner[1]
+    out = tmp_path / "refined.png"
+    common = ("--prompt", PROMPT, "--steps", 10, "--size", f"{SIZE}x{SIZE}", "--seed", 2)
+    result = _cli("run", base, *common, "--refiner", ref, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "base" in result.output and "refiner" in result.output
+    assert "8 steps" in result.output and "2 steps" in result.output
+    refined = np.array(Image.open(out))
+    # the same through the API
+    base_rt, ref_rt = (Text2ImagePipeline.from_bundle(b) for b in (base, ref))
+    _, api = run_ensemble(base_rt, ref_rt, PROMPT, steps=10, size=(SIZE, SIZE), seed=2)
+    np.testing.assert_array_equal(refined, api.image)
+    # a later hand-off and other scores change the image
+    later = tmp_path / "later.png"
+    result = _cli(
+        "run", base, *common, "--refiner", ref, "--refiner-start", 0.6,
+        "--aesthetic-score", 8, "--out", later,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "6 steps" in result.output and "4 steps" in result.output
+    assert not np.array_equal(np.array(Image.open(later)), refined)
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--refiner-start", 0.5), "--refiner-start needs --refiner"),
+        (("--aesthetic-score", 5), "SDXL refiner only"),
+        (("--refiner", "BASE"), "not an SDXL refiner"),
+        (("--refiner", "REF", "--refiner-start", 1), "--refiner-start"),
+        (("--aesthetic-score", 12), "--aesthetic-score"),
+    ],
+)
+def test_refiner_options_are_checked(shared_bundle, refiner, tmp_path, args, error):
+    base = shared_bundle("sdxl", False).out
+    swap = {"BASE": base, "REF": refiner[1]}
+    args = [swap.get(a, a) if isinstance(a, str) else a for a in args]
+    result = _cli("run", base, "--prompt", "a", "--steps", 2, *args, "--out", tmp_path / "x.png")
+    assert result.exit_code == 2, result.output
+    assert error in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_refiner_alone_needs_an_image(refiner, tmp_path):
+    result = _cli("run", refiner[1], "--prompt", "a", "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and "refines an image" in result.output
+
+
+def test_a_refiner_single_file_converts_with_its_config(refiner, tmp_path):
+    """sd_xl_refiner_1.0.safetensors' layout, converted with a refiner folder as config:
+    the refiner again, with the file's weights."""
+    from slimdiff.models.loading import load_model
+    from tests.ldm_checkpoint import write_sdxl_refiner_single_file
+
+    model, _ = refiner
+    config = tmp_path / "config"
+    model.pipe.save_pretrained(config)
+    single = tmp_path / "refiner.safetensors"
+    write_sdxl_refiner_single_file(model.pipe, single)
+    result = _cli("convert", single, "--config", config, "--out", tmp_path / "conv")
+    assert result.exit_code == 0, result.output
+    converted = load_model(str(tmp_path / "conv"))
+    assert converted.arch is SDXL_REFINER
+    for name in ("unet", "text_encoder_2", "vae"):
+        ours = getattr(converted.pipe, name).state_dict()
+        theirs = getattr(model.pipe, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name

@@ -270,12 +270,13 @@ def test_a_missing_lora_stops_compress_before_the_model_loads(tmp_path, monkeypa
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl-refiner", "sd3", "flux"])
 def test_other_families(family, tmp_path, capfd):
-    """SD1.5's UNet, SD3's and FLUX's transformers: each family's diffusers LoRA loader."""
+    """SD1.5's and the SDXL refiner's UNets, SD3's and FLUX's transformers: each family's
+    diffusers LoRA loader."""
     torch.manual_seed(0)
     pipe = load_model(f"tiny:{family}").pipe
-    name = "unet" if family == "sd15" else "transformer"
+    name = "unet" if family in ("sd15", "sdxl-refiner") else "transformer"
     config = LoraConfig(
         r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]
     )

@@ -221,10 +221,11 @@ def test_pipeline_classes_holding_a_text_to_image_model_load_as_it(monkeypatch):
     assert loaded.pipe.unet is parts["unet"] and loaded.arch.family == "sd15"
 
 
-def test_an_image_to_image_only_folder_is_refused_on_both_routes(tmp_path):
-    """The SDXL refiner's layout: StableDiffusionXLImg2ImgPipeline without the first text
-    encoder. It maps to SDXL's class like any img2img folder, then is refused for what it
-    lacks, in one line, instead of failing deep in the export."""
+def test_a_refiner_folder_with_the_base_unet_is_refused_on_both_routes(tmp_path):
+    """The SDXL refiner's layout (StableDiffusionXLImg2ImgPipeline with
+    requires_aesthetics_score, without the first text encoder) around SDXL base's UNet,
+    which takes six time ids and both encoders' states: refused in one line naming the
+    fix, instead of failing deep in the export. The real refiner loads (test_refiner.py)."""
     import diffusers
 
     parts = load_model("tiny:sdxl").pipe.components
@@ -236,7 +237,7 @@ def test_an_image_to_image_only_folder_is_refused_on_both_routes(tmp_path):
     )
     refiner.save_pretrained(tmp_path / "refiner")
     for weights in ("memory", "lazy"):
-        with pytest.raises(UserError, match=r"has no text_encoder, tokenizer .*SDXL refiner"):
+        with pytest.raises(UserError, match=r"not conditioned as the SDXL refiner's"):
             load_model(str(tmp_path / "refiner"), weights=weights)
 
 

@@ -50,7 +50,9 @@ DPM2A_CASES = {  # (config, steps)
     "trailing": ({**SD_BETAS, "timestep_spacing": "trailing"}, 6),
     "karras-few-steps": ({**SDXL_EULER, "use_karras_sigmas": True}, 3),
     "one-step": (SD_BETAS, 1),
-    "two-steps": (SD_BETAS, 2),
+    # two steps: the midpoint lands within float32 rounding of the lowest training sigma,
+    # where diffusers' timestep is 0 or ~0.01 depending on torch's CPU kernels (seen to
+    # differ between machines): tested with shared tables below
     "many-steps": (SD15, 50),
     "class-defaults": ({}, 8),  # diffusers' own betas (0.00085..0.012 linear), not Euler's
 }
@@ -133,7 +135,7 @@ def test_dpm2_ancestral_midpoints_within_diffusers_rounding(config):
 
 @pytest.mark.parametrize(
     ("config", "steps"),
-    [(SD_BETAS, 3), ({**SD_BETAS, "use_karras_sigmas": True}, 4), (SD_BETAS, 4)],
+    [(SD_BETAS, 2), (SD_BETAS, 3), ({**SD_BETAS, "use_karras_sigmas": True}, 4), (SD_BETAS, 4)],
 )
 def test_dpm2_ancestral_few_steps_with_shared_tables(config, steps):
     """Where the midpoints differ from diffusers' by its rounding (see above), the steps
