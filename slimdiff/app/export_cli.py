@@ -15,18 +15,10 @@ from typing import Any
 
 import click
 
-from slimdiff.app.options import lora_option
+from slimdiff.app.options import lora_option, option_group
 from slimdiff.errors import UserError
 
 __all__ = ["edit_options", "fetch_for_loras", "load_edited", "report"]
-
-
-def edit_options(f):
-    """`export`'s --drop-text-encoder, --vae, --lora, --vae-encoder and --controlnet: what
-    goes into the bundle besides the model as loaded."""
-    for option in reversed(_EDITS):
-        f = option(f)
-    return f
 
 
 _EDITS = [
@@ -65,6 +57,10 @@ _EDITS = [
         "summed). Recipe: export.controlnet.",
     ),
 ]
+
+# `export`'s --drop-text-encoder, --vae, --lora, --vae-encoder and --controlnet: what goes
+# into the bundle besides the model as loaded
+edit_options = option_group(_EDITS)
 
 
 def load_edited(

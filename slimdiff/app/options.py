@@ -20,19 +20,13 @@ __all__ = [
     "expect_sha256_option",
     "image_to_image_options",
     "lora_option",
+    "option_group",
     "refiner_options",
     "scheduler_option",
     "set_option",
 ]
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # an input file
-
-
-def image_to_image_options(f):
-    """`run`'s --image, --mask and --strength (image-to-image and inpainting)."""
-    for option in reversed(_IMAGE_TO_IMAGE):
-        f = option(f)
-    return f
 
 
 _IMAGE_TO_IMAGE = [
@@ -61,13 +55,6 @@ _IMAGE_TO_IMAGE = [
         "SDXL refiner, as diffusers).",
     ),
 ]
-
-
-def refiner_options(f):
-    """`run`'s --refiner, --refiner-start and the SDXL refiner's aesthetic scores."""
-    for option in reversed(_REFINER):
-        f = option(f)
-    return f
 
 
 _REFINER = [
@@ -99,14 +86,6 @@ _REFINER = [
         help="SDXL refiner: the score of its negative rows. Default: 2.5.",
     ),
 ]
-
-
-def control_options(f):
-    """`run`'s --control-image, --control-scale, --control-start and --control-end
-    (a bundle exported with --controlnet)."""
-    for option in reversed(_CONTROL):
-        f = option(f)
-    return f
 
 
 _CONTROL = [
@@ -141,6 +120,26 @@ _CONTROL = [
         "control_guidance_end). Once for all, or once each. Default: 1.",
     ),
 ]
+
+
+def option_group(options: list):
+    """A decorator that applies `options` in order (the first is the first in --help)."""
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+# `run`'s --image, --mask and --strength (image-to-image and inpainting)
+image_to_image_options = option_group(_IMAGE_TO_IMAGE)
+# `run`'s --refiner, --refiner-start and the SDXL refiner's aesthetic scores
+refiner_options = option_group(_REFINER)
+# `run`'s --control-image, --control-scale, --control-start and --control-end (a bundle
+# exported with --controlnet)
+control_options = option_group(_CONTROL)
 
 
 def set_option(f):
