@@ -178,7 +178,8 @@ def export_bundle(
             "beta"; runtime.schedulers.with_sigmas), after any `scheduler` switch.
         vae_encoder: also export the VAE encoder (component "vae_encoder", at the VAE
             decoder's precision), which image-to-image runs need (`slimdiff run --image`);
-            always for an inpainting model (KindSpec.inpainting), which runs only so.
+            always for an inpainting model (KindSpec.inpainting) and the SDXL refiner
+            (KindSpec.aesthetic_score), which run from an image.
         controlnet: a ControlNet to steer the UNet with (a diffusers ControlNet folder, a
             single .safetensors file or a hub id), or a list of them (their residuals
             summed, as diffusers' MultiControlNetModel): the denoiser graph then holds the
@@ -203,11 +204,13 @@ def export_bundle(
     shipped_scheduler = bundle_scheduler(model, scheduler, sigmas)
     precisions = component_precisions(model, precision, vae_precision)
     sizes = size_range(model, min_size, max_size, max_images)
-    if model.arch.kind_for(model.denoiser.config).inpainting and not vae_encoder:
+    kind = model.arch.kind_for(model.denoiser.config)
+    if (kind.inpainting or kind.aesthetic_score) and not vae_encoder:
         log.info(
-            "%s is an inpainting model, which runs only from an image: its VAE encoder "
-            "is exported too",
+            "%s is %s, which runs only from an image (or, the refiner, a base model's "
+            "latents): its VAE encoder is exported too",
             model.source,
+            "an inpainting model" if kind.inpainting else "the SDXL refiner",
         )
         vae_encoder = True
     specs = controlnet_specs(controlnet)

@@ -210,7 +210,8 @@ def _cli(*args):
 def test_a_saved_refiner_folder_and_its_artifact(refiner, tmp_path):
     """A refiner folder as diffusers saves it (text_encoder null, requires_aesthetics_score)
     loads as the refiner into memory, lazily and as a lone UNet; compressed (vae.replace,
-    with its own VAE) the artifact keeps it, and its bundle draws what the built-in's does."""
+    with its own VAE) the artifact keeps it, and its bundle (with the VAE encoder, which a
+    refiner always gets) draws what the built-in's does."""
     from slimdiff.models.loading import load_for_export, load_model
 
     model, bundle = refiner
@@ -226,8 +227,7 @@ def test_a_saved_refiner_folder_and_its_artifact(refiner, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"version: 1\nmodel: {folder}\npasses:\n  - pass: vae.replace\n    path: {folder}\n"
-        "export:\n  vae_encoder: true\n"
-    )
+    )  # no export.vae_encoder: the refiner's is always exported
     out = tmp_path / "out"
     result = _cli("compress", recipe, "--out", out)
     assert result.exit_code == 0, result.output
