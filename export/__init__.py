@@ -20,6 +20,7 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydantic
 from slimdiff.export.bundle import (
@@ -279,7 +280,7 @@ def export_bundle(
         source = source or {"model": model.source}
         for i, spec in enumerate(specs):  # controlnet, controlnet_2, ...
             source = {**source, "controlnet" + (f"_{i + 1}" if i else ""): str(spec)}
-        manifest = _write_manifest(root, model, entries, source, len(steer))
+        manifest = _write_manifest(root, model, entries, source, steer)
         make_readable(root)
     log.info("bundle written to %s (sha256 %s)", out, manifest.sha256)
     return manifest
@@ -313,7 +314,7 @@ def _write_manifest(
     model: LoadedModel,
     entries: dict[str, ComponentEntry],
     source: dict,
-    controlnets: int = 0,
+    controlnets: Sequence[Any] = (),
 ) -> Manifest:
     """Write manifest.json, last, so a folder with a manifest is always complete; return it
     as the runtime reads it back, with `sha256` (the bundle's identity) set.

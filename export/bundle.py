@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from slimdiff.runtime.manifest import (
     MANIFEST_NAME,
@@ -78,10 +80,10 @@ def component_precisions(model: LoadedModel, precision: str, vae_precision: str 
     return {name: (vae_precision if name in vae else precision) for name in names}
 
 
-def pipeline_constants(model: LoadedModel, controlnets: int = 0) -> PipelineSpec:
+def pipeline_constants(model: LoadedModel, controlnets: Sequence[Any] = ()) -> PipelineSpec:
     """The manifest's `pipeline` record: what the runtime's denoising loop needs
-    (`controlnets`: how many ControlNets the denoiser graph holds, each taking a control
-    image).
+    (`controlnets`: the ControlNets the denoiser graph holds, each taking a control
+    image; the first one's global_pool_conditions makes diffusers run guess mode always).
 
     `kind` is the ArchSpec's KindSpec filled in for this denoiser (slimdiff/models/kinds.py):
     the runtime drives the denoiser from it alone, never from the family's name.
@@ -115,10 +117,21 @@ def pipeline_constants(model: LoadedModel, controlnets: int = 0) -> PipelineSpec
         "text_encoders": [_text_encoder_record(pipe, spec) for spec in model.text_encoders],
         "scheduler": SCHEDULER_CONFIG,
         "zero_text": zero_text(arch, pipe) or None,  # SD3 without T5
-        "controlnet": {"count": controlnets, "conditioning_channels": 3} if controlnets else None,
+        "controlnet": _controlnet_record(controlnets),
     }
     # The schema the runtime reads it with: a value it would refuse fails here, at export.
     return PipelineSpec.model_validate(record)
+
+
+def _controlnet_record(controlnets: Sequence[Any]) -> dict | None:
+    if not controlnets:
+        return None
+    record = {"count": len(controlnets), "conditioning_channels": 3}
+    # diffusers' ControlNet pipelines force guess mode where the (first) ControlNet pools its
+    # conditions (the shuffle ControlNet): written only then
+    if controlnets[0].config.get("global_pool_conditions"):
+        record["global_pool_conditions"] = True
+    return record
 
 
 def _latent_stats(arch, vae) -> dict:

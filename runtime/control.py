@@ -5,8 +5,10 @@ several ControlNets as its MultiControlNetModel runs them (one image, scale and 
 each, in the order the ControlNets were exported).
 
 Each control image is resized to the run's size (Lanczos) and fed in [0, 1], not
-normalised; one row per image, twice over under classifier-free guidance (guess mode,
-which runs the ControlNets on the conditional half only, is not offered). A ControlNet's
+normalised; one row per image, twice over under classifier-free guidance. Guess mode
+(diffusers' `guess_mode`; forced, as there, when the first ControlNet pools its
+conditions) weights the residuals by logspace(-1, 0) and, under CFG, gives them to the
+conditional half only (slimdiff/models/controlnet.py ControlledDenoiser). A ControlNet's
 scale is its `scale` on the steps inside its [start, end] of the steps that run, 0 outside:
 diffusers' `controlnet_keep`. The scale defaults to 1 in every mode, as diffusers'
 text-to-image ControlNet pipelines (its img2img ones default to 0.8, its SD1.5 inpaint one
@@ -26,8 +28,9 @@ from slimdiff.runtime.manifest import PipelineSpec
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONTROL_SCALE
+from slimdiff.models.kinds import CONTROL_GUESS, CONTROL_ROWS
 
-__all__ = ["Control", "check_control", "control_pixels", "control_scales"]
+__all__ = ["Control", "check_control", "control_pixels", "control_scales", "guess_feeds"]
 
 Numbers = float | Sequence[float]
 
@@ -41,6 +44,7 @@ class Control:
     scales: tuple[float, ...]
     starts: tuple[float, ...]
     ends: tuple[float, ...]
+    guess: bool = False
 
     @property
     def count(self) -> int:
@@ -76,11 +80,24 @@ def check_control(
     scale: Numbers,
     start: Numbers,
     end: Numbers,
+    guess: bool = False,
+    guess_inputs: bool = True,
 ) -> Control:
     """The run's ControlNet settings, once the bundle can take them; UserError for a
     control image on a bundle without a ControlNet, another number of images than it has
-    ControlNets, or a scale or window out of range."""
+    ControlNets, a scale or window out of range, or guess mode on a bundle whose graph
+    (`guess_inputs` False: exported before guess mode) cannot run it."""
     count = config.controlnet.count if config.controlnet is not None else 0
+    if not isinstance(guess, (bool, np.bool_)):
+        raise UserError(f"control guess mode {guess!r}: use True or False")
+    if guess and count == 0:
+        raise UserError("guess mode steers ControlNets; this bundle has none (--controlnet)")
+    if guess and not guess_inputs:
+        raise UserError(
+            "this bundle's denoiser graph was exported before guess mode: export it again "
+            "to run guess mode"
+        )
+    forced = bool(config.controlnet is not None and config.controlnet.global_pool_conditions)
     if image is not None and count == 0:
         raise UserError(
             "this bundle has no ControlNet, which a control image needs; export it again "
@@ -107,7 +124,7 @@ def check_control(
                 f"{len(images)} control image(s) for this bundle's {count} ControlNet(s): "
                 "give one each, in the order they were exported"
             )
-    return Control(images, scales[:count], starts[:count], ends[:count])
+    return Control(images, scales[:count], starts[:count], ends[:count], bool(guess) or forced)
 
 
 def control_pixels(control: Control, size: tuple[int, int], rows: int) -> np.ndarray:
@@ -137,3 +154,12 @@ def control_scales(control: Control, steps: int) -> list[np.ndarray]:
             )
         )
     return out
+
+
+def guess_feeds(control: Control, rows: int, do_cfg: bool) -> dict[str, np.ndarray]:
+    """Guess mode's inputs: a weight per denoiser row (0 on the unconditional half under
+    CFG in guess mode, else 1) and the switch to its residual scales (1 or 0)."""
+    weights = np.ones(rows, np.float32)
+    if control.guess and do_cfg:
+        weights[: rows // 2] = 0  # (uncond, cond): the negative rows come first
+    return {CONTROL_ROWS: weights, CONTROL_GUESS: np.array([float(control.guess)], np.float32)}

@@ -331,6 +331,13 @@ class ControlNetRecord(pydantic.BaseModel):
 
     count: Annotated[int, Field(ge=1, le=8)]
     conditioning_channels: Literal[3]
+    # The first ControlNet pools its conditions (the shuffle ControlNet's config): diffusers
+    # then runs guess mode always, and so does the runtime. Written only when set.
+    global_pool_conditions: Literal[True] | None = None
+
+    @pydantic.model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        return drop_unset(handler(self), ("global_pool_conditions",))
 
 
 class PipelineSpec(pydantic.BaseModel):

@@ -30,7 +30,7 @@ from slimdiff.runtime.manifest import (
     IOSpec,
 )
 
-from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE
+from slimdiff.models.kinds import CONTROL_GUESS, CONTROL_IMAGE, CONTROL_ROWS, CONTROL_SCALE
 
 if TYPE_CHECKING:
     from slimdiff.runtime.manifest import Manifest, PipelineSpec
@@ -214,6 +214,8 @@ def _check_denoiser(m: Manifest, text_len: int, width: int, pooled: int | None) 
     expected = kind.input_names()
     if p.controlnet is not None:
         expected = expected | {CONTROL_IMAGE, CONTROL_SCALE}
+        if CONTROL_ROWS in declared:  # guess mode's (bundles exported before it lack them)
+            expected = expected | {CONTROL_ROWS, CONTROL_GUESS}
     if declared != expected:
         _fail(
             f"{field}.inputs",
@@ -304,6 +306,11 @@ def _check_control(p: PipelineSpec, entry: ComponentEntry, field: str) -> None:
     scale = _check_io(f"{field}.inputs.{CONTROL_SCALE}", entry.io(CONTROL_SCALE), 1, _FLOATS)
     if scale["shape"] != [record.count]:
         _fail(f"{field}.inputs.{CONTROL_SCALE}", f"must have shape [{record.count}]")
+    if entry.io(CONTROL_ROWS) is not None:  # guess mode: a weight per row, and its switch
+        _check_io(f"{field}.inputs.{CONTROL_ROWS}", entry.io(CONTROL_ROWS), 1, _FLOATS)
+        guess = _check_io(f"{field}.inputs.{CONTROL_GUESS}", entry.io(CONTROL_GUESS), 1, _FLOATS)
+        if guess["shape"] != [1]:
+            _fail(f"{field}.inputs.{CONTROL_GUESS}", "must have shape [1]")
 
 
 def _check_vae(m: Manifest) -> None:

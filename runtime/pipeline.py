@@ -27,7 +27,7 @@ from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.conditioning import Conditioning
-from slimdiff.runtime.control import check_control, control_pixels, control_scales
+from slimdiff.runtime.control import check_control, control_pixels, control_scales, guess_feeds
 from slimdiff.runtime.image import (
     ImageInput,
     image_size,
@@ -75,7 +75,7 @@ from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
-from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE
+from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_ROWS, CONTROL_SCALE
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
 
@@ -246,6 +246,7 @@ class Text2ImagePipeline:
         control_scale: float | Sequence[float] = 1.0,
         control_start: float | Sequence[float] = 0.0,
         control_end: float | Sequence[float] = 1.0,
+        control_guess: bool = False,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
         denoising_start: float | None = None,
@@ -297,6 +298,9 @@ class Text2ImagePipeline:
         A bundle with several ControlNets takes a list of control images, one per
         ControlNet in export order, and a scale, start and end for all or a list of one
         each (diffusers' MultiControlNetModel: their residuals are summed).
+        `control_guess` runs diffusers' guess mode (residuals scaled from 0.1 at the
+        shallowest to 1 at the mid block, and under CFG given to the prompt's half only),
+        forced, as there, for a ControlNet that pools its conditions (shuffle).
 
         The SDXL refiner (a bundle exported from its folder; runtime/refiner.py) runs on an
         `image` as above, or on a base model's partly denoised latents, diffusers' "ensemble
@@ -310,15 +314,24 @@ class Text2ImagePipeline:
         """
         start = time.perf_counter()
         prompts, negatives = _check_prompts(prompt, negative_prompt)
-        steps = int(steps if steps is not None else self.config.default_steps)
+        steps = self.check_steps(steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
-        start_at, end_at = self._check_fractions(denoising_start, denoising_end, image, latents)
+        start_at, end_at = self._check_fractions(
+            denoising_start, denoising_end, image, latents, strength
+        )
         if strength is None:  # diffusers' SDXL img2img default for the refiner
             strength = 0.3 if self.config.kind.aesthetic_score else 0.8
         source = None if image is None else self._check_image(image, latents)
+        entry = self.manifest.components[self.config.denoiser]
         control = check_control(
-            self.config, control_image, control_scale, control_start, control_end
+            self.config,
+            control_image,
+            control_scale,
+            control_start,
+            control_end,
+            control_guess,
+            guess_inputs=entry.io(CONTROL_ROWS) is not None,
         )
         # diffusers' text-to-image ControlNet pipelines take the control image's size; its
         # img2img and inpaint ones need both images of one size (they fail otherwise):
@@ -372,6 +385,8 @@ class Text2ImagePipeline:
         if self.config.controlnet is not None:
             rows = images * (2 if do_cfg else 1)
             fixed[CONTROL_IMAGE] = control_pixels(control, (height, width), rows)
+            if entry.io(CONTROL_ROWS) is not None:
+                fixed.update(guess_feeds(control, rows, do_cfg))
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
@@ -471,14 +486,31 @@ class Text2ImagePipeline:
             raise UserError(f"{steps} steps with {name}: {err}") from None
         return scheduler
 
+    def check_steps(self, steps: Any) -> int:
+        """`steps` (None: the bundle's default) as an int; UserError for anything but a
+        whole number (the range is checked with the size)."""
+        if steps is None:
+            return int(self.config.default_steps)
+        whole = isinstance(steps, (int, np.integer)) or (
+            isinstance(steps, (float, np.floating)) and float(steps).is_integer()
+        )
+        if isinstance(steps, bool) or not whole:
+            raise UserError(f"steps {steps!r}: use a whole number from 1 to {MAX_STEPS}")
+        return int(steps)
+
     def _check_fractions(
-        self, start: Any, end: Any, image: Any, latents: Any
+        self, start: Any, end: Any, image: Any, latents: Any, strength: Any
     ) -> tuple[float | None, float | None]:
         """denoising_start and denoising_end checked, and what the run starts from: the
         refiner needs an image or, with denoising_start, the base's latents."""
         start, end = check_fraction(start, "denoising_start"), check_fraction(end, "denoising_end")
         if start is not None and end is not None and start >= end:
             raise UserError(f"denoising_start {start:g} must be below denoising_end {end:g}")
+        if start is not None and strength is not None:
+            raise UserError(
+                "strength has no effect with denoising_start (the hand-off fraction sets "
+                "where the run starts): leave it out"
+            )
         if start is not None and (image is not None or latents is None):
             raise UserError(
                 "denoising_start continues a base model's partly denoised latents: pass them "

@@ -50,20 +50,22 @@ def check_aesthetic(
 ) -> tuple[float, float] | None:
     """(negative, positive) aesthetic scores for a refiner bundle (diffusers' defaults 2.5
     and 6.0 where not given); None for any other bundle, which is refused a score."""
-    given = [v for v in (score, negative) if v is not None]
+    named = {"aesthetic score": score, "negative aesthetic score": negative}
+    given = {name: v for name, v in named.items() if v is not None}
     if not config.kind.aesthetic_score:
         if given:
             raise UserError(
                 "aesthetic scores condition the SDXL refiner only; this bundle's denoiser "
-                "takes none: leave out aesthetic_score / negative_aesthetic_score"
+                "takes none: leave out --aesthetic-score / --negative-aesthetic-score (API: "
+                "aesthetic_score=, negative_aesthetic_score=)"
             )
         return None
-    for value in given:
-        number = _number(value, "aesthetic score")
+    fix = f"use a value from 0 to {_MAX_SCORE:g} (diffusers' defaults: 6 and 2.5)"
+    for name, value in given.items():
+        number = _number(value, name, fix)
         if not 0 <= number <= _MAX_SCORE:
             raise UserError(
-                f"aesthetic score {value}: use a value from 0 to {_MAX_SCORE:g} (the LAION "
-                "aesthetic scale the refiner was trained on; diffusers' defaults: 6 and 2.5)"
+                f"{name} {value}: {fix}; the refiner was trained on the LAION aesthetic scale"
             )
     return (
         NEGATIVE_AESTHETIC_SCORE if negative is None else float(negative),
@@ -75,7 +77,7 @@ def check_fraction(value: float | None, name: str) -> float | None:
     """`value` as a float strictly between 0 and 1 (None passes)."""
     if value is None:
         return None
-    number = _number(value, name)
+    number = _number(value, name, "use a fraction of the schedule strictly between 0 and 1")
     if not 0 < number < 1:
         raise UserError(
             f"{name} {value}: use a fraction of the schedule strictly between 0 and 1 "
@@ -84,13 +86,14 @@ def check_fraction(value: float | None, name: str) -> float | None:
     return number
 
 
-def _number(value: object, name: str) -> float:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise UserError(f"{name} {value!r} is not a number") from None
-    if isinstance(value, bool) or not np.isfinite(number):
-        raise UserError(f"{name} {value!r} is not a finite number")
+def _number(value: object, name: str, fix: str) -> float:
+    """`value` as a float; UserError naming `name` and `fix` for anything but a finite
+    number (strings and booleans included)."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, np.number)):
+        raise UserError(f"{name} {value!r} is not a number; {fix}")
+    number = float(value)
+    if not np.isfinite(number):
+        raise UserError(f"{name} {value!r} is not a finite number; {fix}")
     return number
 
 
@@ -134,8 +137,15 @@ def start_index(scheduler: Scheduler, fraction: float, train_steps: int) -> int:
 
 
 def check_pair(base: Any, refiner: Any) -> None:
-    """UserError unless `refiner` is an SDXL refiner's pipeline whose latents are `base`'s
-    (same channels, VAE scale and layout) and `base` is not one."""
+    """UserError unless `refiner` is an SDXL refiner's pipeline that continues `base`'s
+    latents: `base` an SDXL model's (not a refiner), with the refiner's latent layout and
+    VAE scaling (the two share SDXL's VAE)."""
+    for name, pipe in (("base", base), ("refiner", refiner)):
+        if not hasattr(pipe, "config") or not hasattr(pipe, "manifest"):
+            raise UserError(
+                f"{name} {pipe!r} is not a loaded bundle: pass Text2ImagePipeline objects "
+                "(Text2ImagePipeline.from_bundle(path))"
+            )
     if not refiner.config.kind.aesthetic_score:
         raise UserError(
             "the refiner bundle is not an SDXL refiner's (its UNet takes no aesthetic score); "
@@ -146,14 +156,72 @@ def check_pair(base: Any, refiner: Any) -> None:
             "the base bundle is itself an SDXL refiner: pass the base model's bundle, and "
             "the refiner's as the refiner"
         )
-    layout = ("latent_channels", "vae_scale_factor")
-    theirs = [getattr(refiner.config, k) for k in layout] + [refiner.config.kind.latent_packing]
-    ours = [getattr(base.config, k) for k in layout] + [base.config.kind.latent_packing]
-    if ours != theirs:
+    if base.manifest.family != refiner.manifest.family:
         raise UserError(
-            f"the base's latents (channels, VAE scale, packing {ours}) are not the refiner's "
-            f"({theirs}): the refiner continues an SDXL base model's latents"
+            f"the base bundle is {base.manifest.family}'s: the SDXL refiner continues an SDXL "
+            "base model's latents (SDXL 1.0, SSD-1B, Vega and other SDXL fine-tunes)"
         )
+    layout = (
+        "latent_channels",
+        "vae_scale_factor",
+        "vae_scaling_factor",
+        "vae_shift_factor",
+        "vae_latents_mean",
+        "vae_latents_std",
+    )
+    ours = [getattr(base.config, k) for k in layout] + [base.config.kind.latent_packing]
+    theirs = [getattr(refiner.config, k) for k in layout] + [refiner.config.kind.latent_packing]
+    if ours != theirs:
+        differ = [k for k, a, b in zip((*layout, "packing"), ours, theirs, strict=True) if a != b]
+        raise UserError(
+            f"the base's latents are not the refiner's (their VAEs differ: {', '.join(differ)}); "
+            "the refiner continues the latents of an SDXL base with SDXL's VAE"
+        )
+
+
+# Keywords run_ensemble sets on the calls itself.
+_OWN = ("denoising_start", "denoising_end", "output", "on_step", "prompt")
+
+
+def _check_call(base: Any, call: dict[str, Any]) -> None:
+    import inspect
+
+    taken = set(inspect.signature(base.__call__).parameters) - set(_OWN)
+    own = sorted(k for k in call if k in _OWN)
+    if own:
+        raise UserError(
+            f"run_ensemble sets {', '.join(own)} itself (the hand-off is refiner_start): "
+            "leave them out"
+        )
+    unknown = sorted(set(call) - taken)
+    if unknown:
+        raise UserError(
+            f"run_ensemble got unknown keywords {', '.join(unknown)}; it takes the base "
+            f"call's: {', '.join(sorted(taken))}"
+        )
+
+
+def _check_split(base: Any, refiner: Any, steps: int, start: float, eta: Any) -> None:
+    """That the hand-off at `start` leaves steps to both, before the base runs: each
+    side's schedule at the bundle's default size (the SDXL schedules do not depend on the
+    size), the base's from its first step."""
+    if steps < 2:
+        raise UserError(f"{steps} step: a base and a refiner need at least 2 steps to share")
+    height, width = refiner.config.default_size
+    for pipe, name in ((base, "base"), (refiner, "refiner")):
+        scheduler = pipe._scheduler(steps, height, width, eta)
+        train = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+        try:
+            if name == "base":
+                end_index(scheduler, 0, start, train)
+            else:
+                start_index(scheduler, start, train)
+        except UserError:
+            where = "raise it" if name == "base" else "lower it"
+            raise UserError(
+                f"refiner start {start:g} leaves the {name} no step of the {steps}-step "
+                f"schedule ({type(scheduler).__name__}): {where}, or raise the steps"
+            ) from None
 
 
 def run_ensemble(
@@ -174,15 +242,20 @@ def run_ensemble(
     image, ControlNet images, ...); the refiner shares its negative prompt, guidance,
     seed, guidance rescale, eta and image count. `on_step(stage, done, total)`, stage
     "base" or "refiner". Returns both calls' GenerationResults; the refiner's has the
-    images."""
+    images. Everything is checked before the base runs (UserError)."""
     check_pair(base, refiner)
-    start = check_fraction(refiner_start, "refiner_start")
-    steps = int(steps if steps is not None else base.config.default_steps)
+    _check_call(base, call)
+    if refiner_start is None:
+        raise UserError("refiner_start: use a fraction of the schedule strictly between 0 and 1")
+    start = check_fraction(refiner_start, "refiner start")
+    steps = base.check_steps(steps)
     if call.get("mask_image") is not None:
         raise UserError(
             "inpainting with a refiner is not supported: run the refiner on the inpainted "
             "image instead (run REFINER --image)"
         )
+    check_aesthetic(refiner.config, aesthetic_score, negative_aesthetic_score)
+    _check_split(base, refiner, steps, start, call.get("eta"))
 
     def stage(name: str):
         return None if on_step is None else lambda done, total: on_step(name, done, total)

@@ -212,13 +212,15 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     """
     from slimdiff.app.args import check_output_dir
     from slimdiff.fsutil import atomic_dir, check_replaceable
-    from slimdiff.models.families import family_of_pipeline
+    from slimdiff.models.loading import wrap_pipeline
     from slimdiff.models.single_file import load_single_file
 
     check_output_dir(out)
     check_replaceable(out, "diffusers")  # never over a user's folder: before the load
     pipe = load_single_file(checkpoint, config=config, allow_pickle=allow_pickle)
-    family = family_of_pipeline(type(pipe).__name__)
+    # what every command checks when it loads the folder, before anything is written
+    loaded = wrap_pipeline(pipe, str(checkpoint))
+    family = loaded.arch.family + (" refiner" if loaded.arch.kind.aesthetic_score else "")
     with atomic_dir(out, marker="diffusers") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     click.echo(f"{out}: {family} ({type(pipe).__name__}) from {checkpoint}")
@@ -427,8 +429,9 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
     size, init_image, mask_image, strength, control_image, control_scale, control_start,
-    control_end, refiner, refiner_start, aesthetic_score, negative_aesthetic_score, latents,
-    backend, scheduler, sigmas, low_memory, expect_sha256, out,
+    control_end, control_guess, refiner, refiner_start, aesthetic_score,
+    negative_aesthetic_score, latents, backend, scheduler, sigmas, low_memory, expect_sha256,
+    out,
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime; from
     an --image too (image-to-image), steered by a --control-image (ControlNet), finished by
@@ -449,7 +452,7 @@ def run_cmd(
     check_image_to_image(init_image, mask_image, strength, latents)
     if refiner_start is not None and refiner is None:
         raise click.UsageError("--refiner-start needs --refiner (the refiner's bundle)")
-    control = check_control(control_image, control_scale, control_start, control_end)
+    control = check_control(control_image, control_scale, control_start, control_end, control_guess)
     size = _size(size)
     outs = image_paths(out, images * len(prompt))
     for path in outs:

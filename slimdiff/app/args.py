@@ -139,11 +139,13 @@ def check_image_to_image(
         raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")
 
 
-def check_control(images: tuple, scales: tuple, starts: tuple, ends: tuple) -> dict:
+def check_control(
+    images: tuple, scales: tuple, starts: tuple, ends: tuple, guess: bool = False
+) -> dict:
     """`run`'s ControlNet options (each repeatable: one per ControlNet, or one for all) as
     the runtime's keywords: --control-scale, -start and -end need --control-image, and a
     start comes before its end. The runtime checks the counts against the bundle."""
-    values = (("scale", scales), ("start", starts), ("end", ends))
+    values = (("scale", scales), ("start", starts), ("end", ends), ("guess-mode", guess))
     given = [name for name, value in values if value]
     if given and not images:
         raise click.UsageError(f"--control-{given[0]} needs --control-image")
@@ -165,4 +167,5 @@ def check_control(images: tuple, scales: tuple, starts: tuple, ends: tuple) -> d
         "control_scale": one_or_each(scales, 1.0),
         "control_start": one_or_each(starts, 0.0),
         "control_end": one_or_each(ends, 1.0),
+        "control_guess": bool(guess),
     }

@@ -119,6 +119,14 @@ _CONTROL = [
         help="With --control-image: the fraction of the steps after which it stops (diffusers' "
         "control_guidance_end). Once for all, or once each. Default: 1.",
     ),
+    click.option(
+        "--control-guess-mode",
+        "control_guess",
+        is_flag=True,
+        help="With --control-image: diffusers' guess mode, the ControlNet steering as if "
+        "without a prompt (its residuals scaled from 0.1 to 1, given to the prompt's half "
+        "of the CFG batch only). Always on for a shuffle ControlNet.",
+    ),
 ]
 
 

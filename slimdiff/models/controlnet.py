@@ -40,7 +40,13 @@ from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONTROLNETS
 from slimdiff.models.arch import TensorSpec
 from slimdiff.models.hub import hub_offline, looks_like_hub_id
-from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_SCALE, is_inpainting
+from slimdiff.models.kinds import (
+    CONTROL_GUESS,
+    CONTROL_IMAGE,
+    CONTROL_ROWS,
+    CONTROL_SCALE,
+    is_inpainting,
+)
 
 __all__ = [
     "CONTROL_IMAGE",
@@ -59,11 +65,14 @@ __all__ = [
 
 def control_specs(count: int) -> tuple[TensorSpec, ...]:
     """The inputs `count` ControlNets add to the UNet's, in graph order: their control
-    images stacked, and one scale each. "8H"/"8W": image pixels, the latent side times the
-    VAE's (and the ControlNets') pixels per latent pixel."""
+    images stacked, one scale each, and guess mode's row weights and switch
+    (ControlledDenoiser). "8H"/"8W": image pixels, the latent side times the VAE's (and
+    the ControlNets') pixels per latent pixel."""
     return (
         TensorSpec(CONTROL_IMAGE, "float32", (count, "B", 3, "8H", "8W")),
         TensorSpec(CONTROL_SCALE, "float32", (count,)),
+        TensorSpec(CONTROL_ROWS, "float32", ("B",)),
+        TensorSpec(CONTROL_GUESS, "float32", (1,)),
     )
 
 
@@ -265,11 +274,6 @@ def check_controlnet_config(
         if p.default is not inspect.Parameter.empty
     }
     cn, un = {**defaults, **config}, unet.config
-    if cn.get("global_pool_conditions"):
-        raise UserError(
-            f"{where} pools its conditions (global_pool_conditions, as the shuffle ControlNet "
-            "does), which diffusers runs in guess mode; slimdiff's graph does not: not taken"
-        )
     if cn["conditioning_channels"] != 3:
         raise UserError(
             f"{where} takes {cn['conditioning_channels']}-channel control images; slimdiff "
@@ -283,7 +287,7 @@ def check_controlnet_config(
         if cn.get(key) != un.get(key):
             raise UserError(
                 f"{where} has {key} {cn.get(key)}, this model's UNet {un.get(key)}: it is a "
-                "ControlNet for another model family (SD1.5 vs SDXL)"
+                "ControlNet for another model (SD1.5 vs SDXL, or SDXL base vs its refiner)"
             )
     # an inpainting UNet takes the latents, the mask and the masked image's latents
     latent_channels = (un.in_channels - 1) // 2 if is_inpainting(un) else un.in_channels
@@ -309,6 +313,25 @@ def precheck_controlnets(specs: list[str], unet: nn.Module, vae_scale: int) -> N
             check_controlnet_config(_read_config(where), unet, vae_scale, spec)
 
 
+def _guess(
+    controlnet: nn.Module,
+    down: Sequence[torch.Tensor],
+    mid: torch.Tensor,
+    rows: torch.Tensor,
+    guess: torch.Tensor,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One ControlNet's residuals weighted for guess mode (ControlledDenoiser)."""
+    # ControlNetModel.forward's guess-mode scales: logspace(-1, 0) over the residuals; none
+    # for a ControlNet that pools its conditions (ones: the switch stays a graph input)
+    ramp = torch.ones(len(down) + 1, dtype=mid.dtype, device=mid.device)
+    if not controlnet.config.get("global_pool_conditions"):
+        ramp = torch.logspace(-1, 0, len(down) + 1, dtype=mid.dtype, device=mid.device)
+    weights = 1 + guess.to(mid.dtype) * (ramp - 1)
+    per_row = rows.to(mid.dtype).reshape(-1, 1, 1, 1)
+    down = [d * weights[k] * per_row for k, d in enumerate(down)]
+    return down, mid * weights[-1] * per_row
+
+
 class ControlledDenoiser(nn.Module):
     """A UNet steered by one or more ControlNets, as one module: each ControlNet runs on the
     latents (an inpainting UNet's first `in_channels` of them, as diffusers' ControlNet
@@ -316,9 +339,17 @@ class ControlledDenoiser(nn.Module):
     scaled residuals goes into the UNet's skips (diffusers' MultiControlNetModel).
 
     Called as the UNet is (the exporter's DenoiserWrapper), with the control images
-    stacked (N, B, 3, 8H, 8W) and the scales (N,) as two more keywords; returns the UNet's
-    output tuple. `config` is the UNet's, so everything that reads the denoiser's config
-    reads it as before.
+    stacked (N, B, 3, 8H, 8W), the scales (N,), and guess mode's row weights (B,) and
+    switch (1,) as more keywords; returns the UNet's output tuple. `config` is the UNet's,
+    so everything that reads the denoiser's config reads it as before.
+
+    Guess mode (diffusers' `guess_mode`): each residual is scaled by logspace(-1, 0) over
+    the residuals, shallowest 0.1 to the mid block's 1 (ControlNetModel.forward; not for a
+    ControlNet that pools its conditions, whose residuals diffusers leaves unscaled), and
+    the rows' weights zero the residuals of the unconditional half under CFG: diffusers
+    runs the ControlNet on the conditional half only and adds zeros to the other, which
+    equals this, rows being independent. Switch 0 and weights 1 are plain ControlNet, and
+    leave its output bit for bit.
     """
 
     def __init__(self, unet: nn.Module, controlnets: Sequence[nn.Module]) -> None:
@@ -365,6 +396,8 @@ class ControlledDenoiser(nn.Module):
         encoder_hidden_states: torch.Tensor,
         controlnet_cond: torch.Tensor,
         conditioning_scale: torch.Tensor,
+        control_rows: torch.Tensor | None = None,
+        control_guess: torch.Tensor | None = None,
         added_cond_kwargs: dict | None = None,
         return_dict: bool = False,
         **unet_kwargs: Any,
@@ -380,6 +413,8 @@ class ControlledDenoiser(nn.Module):
                 added_cond_kwargs=added_cond_kwargs,
                 return_dict=False,
             )
+            if control_guess is not None:
+                down_i, mid_i = _guess(controlnet, down_i, mid_i, control_rows, control_guess)
             if down is None:
                 down, mid = down_i, mid_i
             else:  # MultiControlNetModel's sum

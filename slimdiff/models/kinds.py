@@ -32,7 +32,9 @@ from slimdiff.errors import UserError
 
 __all__ = [
     "AESTHETIC_SCORE",
+    "CONTROL_GUESS",
     "CONTROL_IMAGE",
+    "CONTROL_ROWS",
     "CONTROL_SCALE",
     "EXTRA_INPUTS",
     "KIND_WRITTEN_WHEN_SET",
@@ -65,9 +67,13 @@ __all__ = [
 EXTRA_INPUTS = ("time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond")
 ExtraInput = Literal["time_ids", "img_ids", "txt_ids", "guidance", "timestep_cond"]
 # A UNet steered by ControlNets (`export --controlnet`) takes their control images (N, B, 3,
-# 8H, 8W) in [0, 1] and their scales (N,) besides (slimdiff/models/controlnet.py).
+# 8H, 8W) in [0, 1] and their scales (N,) besides (slimdiff/models/controlnet.py), and for
+# diffusers' guess mode a weight per row (B,) (0 on the unconditional rows under CFG: the
+# residuals reach the conditional half only) and a switch (1,) to its per-residual scales.
 CONTROL_IMAGE = "controlnet_cond"
 CONTROL_SCALE = "conditioning_scale"
+CONTROL_ROWS = "control_rows"
+CONTROL_GUESS = "control_guess"
 # KindSpec fields a manifest holds only when they are set (see drop_unset).
 KIND_WRITTEN_WHEN_SET = frozenset(
     {"guidance_embedding_dim", "strength_rounding", "inpainting", "aesthetic_score"}

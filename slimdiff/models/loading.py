@@ -55,6 +55,7 @@ __all__ = [
     "load_pipeline",
     "null_components",
     "refuse_missing",
+    "wrap_pipeline",
 ]
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
 
         return _wrap(load_artifact_lazy(path), model)
     index = {**index, **{name: [None, None] for name in skip if name in index}}
+    _refuse_missing_folders(path, index, {})
     return _wrap(lazy_pipeline(path, index), model)
 
 
@@ -281,6 +283,12 @@ def _quiet_progress_bars() -> None:
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
+
+
+def wrap_pipeline(pipe, source: str) -> LoadedModel:
+    """A loaded diffusers pipeline as a LoadedModel, checked as every load checks it (its
+    family, the components it needs); UserError naming what is wrong."""
+    return _wrap(pipe, source)
 
 
 def _wrap(pipe, source: str) -> LoadedModel:
@@ -349,6 +357,7 @@ def _load_local(
 
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
         absent = {**null_components(index), **skip}
+        _refuse_missing_folders(path, index, absent)
         pipe = _from_pretrained_pipeline(path, index, device, allow_pickle, absent)
         return _wrap(pipe, source)
     config = path / "config.json"
@@ -399,9 +408,12 @@ def _load_component(
     arch = arch_of_denoiser(class_name, config)
     if arch is None:
         known = " / ".join(sorted({a.denoiser_class for a in FAMILIES.values()}))
+        what = f"component class {class_name!r}" if class_name else "its config.json"
+        if not class_name and config.get("architectures"):  # a transformers component
+            what = f"a {config['architectures'][0]} (transformers)"
         raise UserError(
-            f"{path}: component class {class_name!r} is not a denoiser slimdiff knows; "
-            f"pass a pipeline folder or a {known} folder"
+            f"{path}: {what} is not a denoiser slimdiff knows; pass a pipeline folder or a "
+            f"{known} folder"
         )
     cls = getattr(diffusers, class_name)
     try:
@@ -434,6 +446,20 @@ def _from_pretrained_pipeline(
         ) from None
     refuse_missing(pipe.components, path)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
+
+
+def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> None:
+    """UserError naming a component model_index.json lists whose folder is not there:
+    diffusers would take the missing subfolder for a hub repo and retry the network."""
+    for name, entry in index.items():
+        if name.startswith("_") or name in absent or not _is_part(entry):
+            continue
+        if not (path / name).is_dir():
+            raise UserError(
+                f"{path}: model_index.json lists {name} ({entry[1]}), but the folder has no "
+                f"{name}/: copy the whole pipeline folder, or set {name} to [null, null] if "
+                "the pipeline runs without it"
+            )
 
 
 def null_components(index: dict[str, Any]) -> dict[str, None]:

@@ -97,6 +97,13 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
     except (OSError, ValueError) as err:  # hub and config errors (hub errors are OSErrors)
         detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         where = f"config {config!r}" if config else f"diffusers' default config for {kind!r}"
+        if "size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err):
+            # diffusers' own advice (ignore_mismatched_sizes) would load random weights
+            raise UserError(
+                f"{path}: its weights do not fit the {pipeline} of {where} (other shapes): "
+                "--config must be a folder of the checkpoint's own architecture (SD1.5 vs "
+                "SDXL, SDXL base vs its refiner, the base model it was fine-tuned from)"
+            ) from None
         raise UserError(
             f"{path}: could not build the {pipeline} from {where} ({detail}); convert it "
             "once with `slimdiff convert FILE --config DIR --out FOLDER`, DIR a diffusers "

@@ -16,6 +16,7 @@ contribution and the images to 40 dB, as in test_runtime_vs_diffusers.py.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -458,17 +459,19 @@ TAMPERINGS = [
     (
         "no-scale",
         _drop_input("conditioning_scale"),
-        rf"controlnet_cond, encoder_hidden_states, sample, timestep {FEEDS} \(conditioning_scale",
+        rf"control_guess, control_rows, controlnet_cond, encoder_hidden_states, sample, "
+        rf"timestep {FEEDS} \(conditioning_scale",
     ),
     (
         "no-image",
         _drop_input("controlnet_cond"),
-        rf"conditioning_scale, encoder_hidden_states, sample, timestep {FEEDS}",
+        rf"conditioning_scale, control_guess, control_rows, encoder_hidden_states, sample, "
+        rf"timestep {FEEDS}",
     ),
     (
         "no-record",
         lambda p, u, i: p.pop("controlnet"),
-        rf"controlnet_cond, encoder_hidden_states, sample, timestep {FEEDS} "
+        rf"control_rows, controlnet_cond, encoder_hidden_states, sample, timestep {FEEDS} "
         r"\(encoder_hidden_states, sample, timestep\)",
     ),
     (
@@ -681,3 +684,111 @@ def test_the_aoti_export_keeps_the_control_image_sides_tied_to_the_latents(contr
     expected = expected[0] if isinstance(expected, tuple) else expected
     assert got.shape == expected.shape == feeds["sample"].shape
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "guidance"), [("sd15", GUIDANCE), ("sdxl", GUIDANCE), ("sd15", 1.0)]
+)
+def test_guess_mode_matches_diffusers(controlled, family, guidance):
+    """diffusers' guess_mode: residuals scaled by logspace(-1, 0), and under CFG the
+    ControlNet on the prompt's half only (zeros for the negative's); without CFG only the
+    scaling. The bundle's graph takes it as row weights and a switch."""
+    c = controlled(family)
+    runtime = Text2ImagePipeline.from_bundle(c.bundle)
+    pipe = _pipe(c, PIPELINES[family], runtime)
+    latents = _initial_latents(runtime)
+    control = control_image()
+    call = {"image": Image.fromarray(control), "latents": torch.from_numpy(latents)}
+    call.update(guess_mode=True, guidance_scale=guidance)
+    ref_image, ref_latents = _diffusers(pipe, **call)
+    _, no_model = _diffusers(pipe, zero=True, **call)
+    args = {"steps": STEPS, "guidance": guidance, "latents": latents, "control_image": control}
+    guessed = runtime(PROMPT, control_guess=True, **args)
+    label = f"{family} guess mode, guidance {guidance}"
+    _assert_close_to_diffusers(guessed.latents, ref_latents, no_model, label)
+    assert _psnr(guessed.image, ref_image) >= 40.0
+    plain = runtime(PROMPT, **args)  # the same bundle without guess mode
+    assert _rel(guessed.latents, plain.latents, ref_latents - no_model) > 0.01, label
+
+
+def test_a_pooling_controlnet_runs_in_guess_mode_always(controlled, tmp_path):
+    """A ControlNet whose config pools its conditions (global_pool_conditions, as the
+    shuffle ControlNet's): taken, recorded in the manifest, and run in guess mode whether
+    asked or not, as diffusers' pipelines force it."""
+    from slimdiff.export import export_bundle
+
+    c = controlled("sd15")
+    folder = tmp_path / "shuffle"
+    shutil.copytree(c.folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    manifest = export_bundle(c.model, tmp_path / "b", optimize=False, controlnet=str(folder))
+    record = manifest.pipeline.controlnet
+    assert record.global_pool_conditions is True
+    assert "global_pool_conditions" not in c.manifest.pipeline.controlnet.model_dump()
+    runtime = Text2ImagePipeline.from_bundle(tmp_path / "b")
+    controlnet = diffusers.ControlNetModel.from_pretrained(folder)
+    pipe = _pipe(c._replace(controlnet=controlnet), PIPELINES["sd15"], runtime)
+    latents = _initial_latents(runtime)
+    call = {"image": Image.fromarray(control_image()), "latents": torch.from_numpy(latents)}
+    ref_image, ref_latents = _diffusers(pipe, **call)  # guess mode forced by its config
+    _, no_model = _diffusers(pipe, zero=True, **call)
+    args = {"steps": STEPS, "guidance": GUIDANCE, "latents": latents}
+    result = runtime(PROMPT, control_image=control_image(), **args)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "pooled ControlNet")
+    assert _psnr(result.image, ref_image) >= 40.0
+    asked = runtime(PROMPT, control_image=control_image(), control_guess=True, **args)
+    np.testing.assert_array_equal(asked.latents, result.latents)
+
+
+def test_guess_mode_refusals_and_older_bundles(controlled, tmp_path):
+    """Guess mode needs a ControlNet bundle whose graph has its inputs: a bundle exported
+    before them still reads (its manifest without them validates) but refuses guess mode."""
+    from slimdiff.runtime.control import check_control
+
+    c = controlled("sd15")
+    runtime = Text2ImagePipeline.from_bundle(c.bundle)
+    with pytest.raises(UserError, match="True or False"):
+        runtime(PROMPT, steps=1, control_image=control_image(), control_guess="yes")
+    where = c.bundle / "manifest.json"
+    data = json.loads(where.read_text())
+    unet = data["components"]["unet"]
+    unet["inputs"] = [
+        i for i in unet["inputs"] if i["name"] not in ("control_rows", "control_guess")
+    ]
+    for bound in unet["profile"].values():
+        bound.pop("control_rows"), bound.pop("control_guess")
+    old = parse_manifest(json.dumps(data).encode(), where)
+    with pytest.raises(UserError, match="exported before guess mode"):
+        check_control(old.pipeline, control_image(), 1.0, 0.0, 1.0, True, guess_inputs=False)
+    plain = check_control(old.pipeline, control_image(), 1.0, 0.0, 1.0, False, guess_inputs=False)
+    assert plain.guess is False
+    # one of the two guess inputs alone is not a graph the runtime feeds
+    unet.pop("profile")  # checked on its own: here the input set speaks
+    unet["inputs"].append({"name": "control_rows", "dtype": "float32", "shape": ["B"]})
+    with pytest.raises(BundleError, match="is not what a unet pipeline feeds"):
+        parse_manifest(json.dumps(data).encode(), where)
+
+
+def test_guess_mode_from_the_cli(controlled, tmp_path):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    c = controlled("sd15")
+    edges = tmp_path / "edges.png"
+    Image.fromarray(control_image()).save(edges)
+    args = ["run", str(c.bundle), "--prompt", PROMPT, "--steps", "2", "--size", "64x64"]
+    outs = []
+    for extra in ([], ["--control-guess-mode"]):
+        out = tmp_path / f"{len(extra)}.png"
+        result = CliRunner().invoke(
+            main, [*args, "--control-image", str(edges), *extra, "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        outs.append(np.array(Image.open(out)))
+    assert not np.array_equal(*outs)
+    result = CliRunner().invoke(
+        main, [*args, "--control-guess-mode", "--out", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code == 2 and "--control-guess-mode needs --control-image" in result.output

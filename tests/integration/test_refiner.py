@@ -8,6 +8,7 @@ test_runtime_vs_diffusers.py.
 from __future__ import annotations
 
 import json
+import shutil
 
 import diffusers
 import numpy as np
@@ -317,3 +318,81 @@ def test_a_refiner_single_file_converts_with_its_config(refiner, tmp_path):
         theirs = getattr(model.pipe, name).state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
+def test_ensemble_checks_everything_before_the_base_runs(shared_bundle, refiner):
+    """Bad pairs, keywords and splits are refused before the base's first step."""
+    from types import SimpleNamespace
+
+    base = Text2ImagePipeline.from_bundle(shared_bundle("sdxl", False).out)
+    ref = Text2ImagePipeline.from_bundle(refiner[1])
+    ran = []
+    calls = {"on_step": lambda stage, done, total: ran.append(stage)}
+    sd15 = SimpleNamespace(config=base.config, manifest=SimpleNamespace(family="sd15"))
+    other_vae = SimpleNamespace(
+        config=base.config.model_copy(update={"vae_scaling_factor": 0.18215}),
+        manifest=base.manifest,
+    )
+    cases = [
+        ((sd15, ref), {}, "is sd15's"),
+        ((other_vae, ref), {}, "their VAEs differ: vae_scaling_factor"),
+        (("base-b", ref), {}, "not a loaded bundle"),
+        ((base, ref), {"denoising_end": 0.5}, "sets denoising_end itself"),
+        ((base, ref), {"bogus": 1}, "unknown keywords bogus"),
+        ((base, ref), {"refiner_start": None}, "strictly between 0 and 1"),
+        ((base, ref), {"refiner_start": "0.5"}, "is not a number"),
+        ((base, ref), {"steps": "abc"}, "use a whole number"),
+        ((base, ref), {"steps": 10.7}, "use a whole number"),
+        ((base, ref), {"steps": 1}, "at least 2 steps"),
+        ((base, ref), {"steps": 4, "refiner_start": 1e-9}, "leaves the base no step"),
+        ((base, ref), {"steps": 4, "refiner_start": 0.999999}, "leaves the refiner no step"),
+        ((base, ref), {"aesthetic_score": float("nan")}, "aesthetic score nan is not a finite"),
+        ((base, ref), {"negative_aesthetic_score": 12}, "negative aesthetic score 12"),
+    ]
+    for pair, kwargs, error in cases:
+        with pytest.raises(UserError, match=error):
+            run_ensemble(*pair, PROMPT, **{"steps": 10, **calls, **kwargs})
+    assert ran == []  # nothing ran
+    # DPM-Solver++'s 4-step schedule here has no timestep below the cutoff at 0.8 (200):
+    # refused before the base runs, not after
+    dpm = Text2ImagePipeline.from_bundle(refiner[1], scheduler="dpm++2m")
+    with pytest.raises(UserError, match="leaves the refiner no step of the 4-step"):
+        run_ensemble(base, dpm, PROMPT, steps=4, **calls)
+    assert ran == []
+    first, _ = run_ensemble(base, ref, PROMPT, steps=4, size=(SIZE, SIZE))
+    with pytest.raises(UserError, match="strength has no effect with denoising_start"):
+        ref(PROMPT, steps=4, latents=first.latents, denoising_start=0.8, strength=0.3)
+
+
+def test_convert_refuses_what_no_command_could_load(refiner, tmp_path):
+    """A refiner file converted with a config that does not say requires_aesthetics_score
+    would be an SDXL without its first text encoder: refused, nothing written."""
+    from tests.ldm_checkpoint import write_sdxl_refiner_single_file
+
+    model, _ = refiner
+    config = tmp_path / "config"
+    model.pipe.save_pretrained(config)
+    index = json.loads((config / "model_index.json").read_text())
+    index.pop("requires_aesthetics_score")
+    (config / "model_index.json").write_text(json.dumps(index))
+    single = tmp_path / "refiner.safetensors"
+    write_sdxl_refiner_single_file(model.pipe, single)
+    result = _cli("convert", single, "--config", config, "--out", tmp_path / "conv")
+    assert result.exit_code == 2 and "has no text_encoder" in result.output, result.output
+    assert not (tmp_path / "conv").exists()
+
+
+def test_a_folder_missing_a_component_says_which(refiner, tmp_path):
+    """Without unet/ diffusers would take the subfolder for a hub repo and retry the
+    network: one line names the folder instead, in memory and lazily."""
+    from slimdiff.models.loading import load_model
+
+    model, _ = refiner
+    folder = tmp_path / "refiner"
+    model.pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "unet")
+    for weights in ("memory", "lazy"):
+        with pytest.raises(
+            UserError, match=r"lists unet \(UNet2DConditionModel\), but the folder has no unet/"
+        ):
+            load_model(str(folder), weights=weights)

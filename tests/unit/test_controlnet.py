@@ -300,11 +300,7 @@ def test_an_inpainting_unet_takes_a_controlnet_for_its_latents():
         (
             lambda: _controlnet(cross_attention_dim=16),
             r"ControlNet cn has cross_attention_dim 16, this model's UNet 8: it is a "
-            r"ControlNet for another model family",
-        ),
-        (
-            lambda: _controlnet(global_pool_conditions=True),
-            r"pools its conditions \(global_pool_conditions",
+            r"ControlNet for another model \(SD1.5 vs SDXL",
         ),
         (
             lambda: _controlnet(conditioning_channels=1),
@@ -336,7 +332,6 @@ def test_an_inpainting_unet_takes_a_controlnet_for_its_latents():
     ],
     ids=[
         "cross-attention",
-        "global-pool",
         "one-channel",
         "short-embedding",
         "long-embedding",

@@ -118,8 +118,11 @@ def test_aesthetic_scores():
     for bad, error in ((10.5, "from 0 to 10"), (-1, "from 0 to 10"), (float("inf"), "finite")):
         with pytest.raises(UserError, match=error):
             check_aesthetic(refiner, bad, None)
-    with pytest.raises(UserError, match="finite"):
-        check_aesthetic(refiner, True, None)
+    for bad in (True, "6"):  # not numbers, though Python converts them
+        with pytest.raises(UserError, match=r"aesthetic score .* is not a number"):
+            check_aesthetic(refiner, bad, None)
+    with pytest.raises(UserError, match=r"^negative aesthetic score nan"):
+        check_aesthetic(refiner, None, float("nan"))
 
 
 def test_the_refiner_time_ids():
