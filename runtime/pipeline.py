@@ -52,7 +52,7 @@ from slimdiff.runtime.manifest import (
     Manifest,
     PipelineSpec,
 )
-from slimdiff.runtime.refiner import check_aesthetic, check_fraction, end_index, start_index
+from slimdiff.runtime.refiner import check_aesthetic, check_hand_off, end_index, start_index
 from slimdiff.runtime.scheduler_choice import (
     check_scheduler,
     resampled,
@@ -317,13 +317,12 @@ class Text2ImagePipeline:
         steps = self.check_steps(steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
-        start_at, end_at = self._check_fractions(
-            denoising_start, denoising_end, image, latents, strength
+        start_at, end_at = check_hand_off(
+            self.config, denoising_start, denoising_end, image, latents, strength
         )
         if strength is None:  # diffusers' SDXL img2img default for the refiner
             strength = 0.3 if self.config.kind.aesthetic_score else 0.8
         source = None if image is None else self._check_image(image, latents)
-        entry = self.manifest.components[self.config.denoiser]
         control = check_control(
             self.config,
             control_image,
@@ -331,7 +330,7 @@ class Text2ImagePipeline:
             control_start,
             control_end,
             control_guess,
-            guess_inputs=entry.io(CONTROL_ROWS) is not None,
+            guess_inputs=self._guess_inputs(),
         )
         # diffusers' text-to-image ControlNet pipelines take the control image's size; its
         # img2img and inpaint ones need both images of one size (they fail otherwise):
@@ -385,7 +384,7 @@ class Text2ImagePipeline:
         if self.config.controlnet is not None:
             rows = images * (2 if do_cfg else 1)
             fixed[CONTROL_IMAGE] = control_pixels(control, (height, width), rows)
-            if entry.io(CONTROL_ROWS) is not None:
+            if self._guess_inputs():
                 fixed.update(guess_feeds(control, rows, do_cfg))
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
@@ -486,6 +485,13 @@ class Text2ImagePipeline:
             raise UserError(f"{steps} steps with {name}: {err}") from None
         return scheduler
 
+    def _guess_inputs(self) -> bool:
+        """Whether the denoiser graph takes guess mode's inputs (ControlNet bundles exported
+        since guess mode)."""
+        if self.config.controlnet is None:
+            return False
+        return self.manifest.components[self.config.denoiser].io(CONTROL_ROWS) is not None
+
     def check_steps(self, steps: Any) -> int:
         """`steps` (None: the bundle's default) as an int; UserError for anything but a
         whole number (the range is checked with the size)."""
@@ -497,31 +503,6 @@ class Text2ImagePipeline:
         if isinstance(steps, bool) or not whole:
             raise UserError(f"steps {steps!r}: use a whole number from 1 to {MAX_STEPS}")
         return int(steps)
-
-    def _check_fractions(
-        self, start: Any, end: Any, image: Any, latents: Any, strength: Any
-    ) -> tuple[float | None, float | None]:
-        """denoising_start and denoising_end checked, and what the run starts from: the
-        refiner needs an image or, with denoising_start, the base's latents."""
-        start, end = check_fraction(start, "denoising_start"), check_fraction(end, "denoising_end")
-        if start is not None and end is not None and start >= end:
-            raise UserError(f"denoising_start {start:g} must be below denoising_end {end:g}")
-        if start is not None and strength is not None:
-            raise UserError(
-                "strength has no effect with denoising_start (the hand-off fraction sets "
-                "where the run starts): leave it out"
-            )
-        if start is not None and (image is not None or latents is None):
-            raise UserError(
-                "denoising_start continues a base model's partly denoised latents: pass them "
-                "as latents (the base's output='latent' run with denoising_end), not an image"
-            )
-        if self.config.kind.aesthetic_score and image is None and start is None:
-            raise UserError(
-                "this is the SDXL refiner, which refines an image: pass an image (run --image "
-                "FILE), or run it after a base model (run BASE --refiner THIS_BUNDLE)"
-            )
-        return start, end
 
     def _check_image(self, image: ImageInput, latents: np.ndarray | None) -> Image.Image:
         """The image-to-image input as an RGB image, once the bundle can run one."""

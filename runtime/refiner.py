@@ -32,6 +32,7 @@ __all__ = [
     "REFINER_START",
     "check_aesthetic",
     "check_fraction",
+    "check_hand_off",
     "check_pair",
     "end_index",
     "run_ensemble",
@@ -84,6 +85,32 @@ def check_fraction(value: float | None, name: str) -> float | None:
             "(0.8: the base denoises the first 80%, the refiner the rest)"
         )
     return number
+
+
+def check_hand_off(
+    config: PipelineSpec, start: Any, end: Any, image: Any, latents: Any, strength: Any
+) -> tuple[float | None, float | None]:
+    """A call's denoising_start and denoising_end checked, and what the run starts from:
+    the refiner needs an image or, with denoising_start, the base's latents."""
+    start, end = check_fraction(start, "denoising_start"), check_fraction(end, "denoising_end")
+    if start is not None and end is not None and start >= end:
+        raise UserError(f"denoising_start {start:g} must be below denoising_end {end:g}")
+    if start is not None and strength is not None:
+        raise UserError(
+            "strength has no effect with denoising_start (the hand-off fraction sets "
+            "where the run starts): leave it out"
+        )
+    if start is not None and (image is not None or latents is None):
+        raise UserError(
+            "denoising_start continues a base model's partly denoised latents: pass them "
+            "as latents (the base's output='latent' run with denoising_end), not an image"
+        )
+    if config.kind.aesthetic_score and image is None and start is None:
+        raise UserError(
+            "this is the SDXL refiner, which refines an image: pass an image (run --image "
+            "FILE), or run it after a base model (run BASE --refiner THIS_BUNDLE)"
+        )
+    return start, end
 
 
 def _number(value: object, name: str, fix: str) -> float:

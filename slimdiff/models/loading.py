@@ -456,9 +456,9 @@ def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> 
             continue
         if not (path / name).is_dir():
             raise UserError(
-                f"{path}: model_index.json lists {name} ({entry[1]}), but the folder has no "
-                f"{name}/: copy the whole pipeline folder, or set {name} to [null, null] if "
-                "the pipeline runs without it"
+                f"{path / name}: could not build {name} ({entry[1]}): model_index.json lists "
+                f"it, but there is no such folder; copy the complete pipeline folder, or set "
+                f"{name} to [null, null] if the pipeline runs without it"
             )
 
 

@@ -393,6 +393,6 @@ def test_a_folder_missing_a_component_says_which(refiner, tmp_path):
     shutil.rmtree(folder / "unet")
     for weights in ("memory", "lazy"):
         with pytest.raises(
-            UserError, match=r"lists unet \(UNet2DConditionModel\), but the folder has no unet/"
+            UserError, match=r"unet: could not build unet \(UNet2DConditionModel\): model_index"
         ):
             load_model(str(folder), weights=weights)
