@@ -23,13 +23,19 @@ def run_refined(
     from slimdiff.runtime.refiner import REFINER_START, run_ensemble
 
     bars = {name: StepProgress(f"denoising ({name})", hint=hint) for name in ("base", "refiner")}
+
+    def on_step(stage: str, done: int, total: int) -> None:
+        if stage == "refiner":
+            bars["base"].close()  # its "done" line before the refiner's first
+        bars[stage](done, total)
+
     try:
         results = run_ensemble(
             base,
             refiner,
             prompt,
             refiner_start=REFINER_START if start is None else start,
-            on_step=lambda stage, done, total: bars[stage](done, total),
+            on_step=on_step,
             **aesthetic,
             **call,
         )
