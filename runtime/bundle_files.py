@@ -155,6 +155,11 @@ def read_manifest_bytes(bundle: str | Path, expect_sha256: str | None = None) ->
     `expect_sha256` when given."""
     expected = _expected_digest(expect_sha256)
     given = Path(bundle)
+    if given.is_file():
+        raise BundleError(
+            f"{given} is a file; a bundle is the folder `slimdiff export MODEL --out FOLDER` "
+            "writes (with manifest.json): pass that folder"
+        )
     if not given.is_dir():
         raise BundleError(
             f"bundle {given} not found; create one with `slimdiff export MODEL --out {given}`"

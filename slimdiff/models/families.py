@@ -373,7 +373,8 @@ def text_to_image_class(class_name: str, config: Any = None) -> str:
     `config`: the folder's model_index.json (or a loaded pipeline's config), which tells
     the SDXL refiner (requires_aesthetics_score) from an SDXL saved by its img2img
     pipeline: the refiner keeps its class, which runs its time ids."""
-    if class_name == REFINER_PIPELINE and config and config.get("requires_aesthetics_score"):
+    aesthetic = bool(config) and config.get("requires_aesthetics_score") is True
+    if class_name == REFINER_PIPELINE and aesthetic:
         return class_name
     return EQUIVALENT_PIPELINES.get(class_name, class_name)
 

@@ -281,11 +281,13 @@ def test_run_with_a_refiner_from_the_cli(shared_bundle, refiner, tmp_path):
         (("--refiner", "BASE"), "not an SDXL refiner"),
         (("--refiner", "REF", "--refiner-start", 1), "--refiner-start"),
         (("--aesthetic-score", 12), "--aesthetic-score"),
+        (("--refiner", "FILE"), "is a file; a bundle is the folder"),
     ],
 )
 def test_refiner_options_are_checked(shared_bundle, refiner, tmp_path, args, error):
     base = shared_bundle("sdxl", False).out
-    swap = {"BASE": base, "REF": refiner[1]}
+    (tmp_path / "a.txt").write_text("not a bundle")
+    swap = {"BASE": base, "REF": refiner[1], "FILE": tmp_path / "a.txt"}
     args = [swap.get(a, a) if isinstance(a, str) else a for a in args]
     result = _cli("run", base, "--prompt", "a", "--steps", 2, *args, "--out", tmp_path / "x.png")
     assert result.exit_code == 2, result.output
