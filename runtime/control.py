@@ -24,13 +24,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from slimdiff.runtime.image import ImageInput, load_image, prepare_image
-from slimdiff.runtime.manifest import PipelineSpec
+from slimdiff.runtime.manifest import Manifest, PipelineSpec
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONTROL_SCALE
-from slimdiff.models.kinds import CONTROL_GUESS, CONTROL_ROWS
+from slimdiff.models.kinds import CONTROL_GUESS, CONTROL_IMAGE, CONTROL_ROWS
 
-__all__ = ["Control", "check_control", "control_pixels", "control_scales", "guess_feeds"]
+__all__ = [
+    "Control",
+    "check_control",
+    "control_feeds",
+    "control_pixels",
+    "control_scales",
+    "guess_feeds",
+    "takes_guess",
+]
 
 Numbers = float | Sequence[float]
 
@@ -163,3 +171,23 @@ def guess_feeds(control: Control, rows: int, do_cfg: bool) -> dict[str, np.ndarr
     if control.guess and do_cfg:
         weights[: rows // 2] = 0  # (uncond, cond): the negative rows come first
     return {CONTROL_ROWS: weights, CONTROL_GUESS: np.array([float(control.guess)], np.float32)}
+
+
+def takes_guess(manifest: Manifest) -> bool:
+    """Whether the bundle's denoiser graph takes guess mode's inputs (ControlNet bundles
+    exported since guess mode)."""
+    if manifest.pipeline.controlnet is None:
+        return False
+    return manifest.components[manifest.pipeline.denoiser].io(CONTROL_ROWS) is not None
+
+
+def control_feeds(
+    control: Control, size: tuple[int, int], images: int, do_cfg: bool, guess_inputs: bool
+) -> dict[str, np.ndarray]:
+    """The ControlNets' inputs that stay the same every step: the control images, one row
+    per denoiser row, and guess mode's where the graph takes them."""
+    rows = images * (2 if do_cfg else 1)
+    feeds = {CONTROL_IMAGE: control_pixels(control, size, rows)}
+    if guess_inputs:
+        feeds.update(guess_feeds(control, rows, do_cfg))
+    return feeds

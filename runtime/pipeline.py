@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
+from slimdiff.runtime.call_checks import check_prompts, check_step_count, check_values
 from slimdiff.runtime.conditioning import Conditioning
-from slimdiff.runtime.control import check_control, control_pixels, control_scales, guess_feeds
+from slimdiff.runtime.control import check_control, control_feeds, control_scales, takes_guess
 from slimdiff.runtime.image import (
     ImageInput,
     image_size,
@@ -52,7 +53,13 @@ from slimdiff.runtime.manifest import (
     Manifest,
     PipelineSpec,
 )
-from slimdiff.runtime.refiner import check_aesthetic, check_hand_off, end_index, start_index
+from slimdiff.runtime.refiner import (
+    check_aesthetic,
+    check_hand_off,
+    end_index,
+    start_index,
+    train_timesteps,
+)
 from slimdiff.runtime.scheduler_choice import (
     check_scheduler,
     resampled,
@@ -74,8 +81,8 @@ from slimdiff.runtime.sessions import (
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
-from slimdiff.models.kinds import CONTROL_IMAGE, CONTROL_ROWS, CONTROL_SCALE
+from slimdiff.limits import MAX_IMAGES, MAX_SIDE, MAX_STEPS
+from slimdiff.models.kinds import CONTROL_SCALE
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
 
@@ -313,8 +320,8 @@ class Text2ImagePipeline:
         `denoising_end` works on any bundle.
         """
         start = time.perf_counter()
-        prompts, negatives = _check_prompts(prompt, negative_prompt)
-        steps = self.check_steps(steps)
+        prompts, negatives = check_prompts(prompt, negative_prompt)
+        steps = check_step_count(steps, self.config.default_steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
         start_at, end_at = check_hand_off(
@@ -323,6 +330,7 @@ class Text2ImagePipeline:
         if strength is None:  # diffusers' SDXL img2img default for the refiner
             strength = 0.3 if self.config.kind.aesthetic_score else 0.8
         source = None if image is None else self._check_image(image, latents)
+        guess = takes_guess(self.manifest)  # the graph takes guess mode's inputs
         control = check_control(
             self.config,
             control_image,
@@ -330,7 +338,7 @@ class Text2ImagePipeline:
             control_start,
             control_end,
             control_guess,
-            guess_inputs=self._guess_inputs(),
+            guess,
         )
         # diffusers' text-to-image ControlNet pipelines take the control image's size; its
         # img2img and inpaint ones need both images of one size (they fail otherwise):
@@ -341,7 +349,7 @@ class Text2ImagePipeline:
         if start_at is not None and size is None:  # the base's latents give the size
             size = self.conditioning.latents_size(latents)
         height, width = self._check_args(steps, size, output)
-        _check_values(guidance, seed, latents)
+        check_values(guidance, seed, latents)
         pixels = None if source is None else prepare_image(source, (height, width))
         if mask_image is not None and pixels is None:
             raise UserError("a mask needs the image it masks: pass image as well")
@@ -365,8 +373,8 @@ class Text2ImagePipeline:
             blend = latent_mask(self.config, pixel_mask, images)
         timings: dict[str, float | list[float]] = {}
         # before any graph runs: a step count or eta the scheduler refuses is the caller's
-        scheduler = self._scheduler(steps, height, width, eta)
-        train_steps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        scheduler = self.make_scheduler(steps, height, width, eta)
+        train_steps = train_timesteps(self.scheduler_config)
         if start_at is not None:  # a base model's latents, handed over mid-schedule
             begin = start_index(scheduler, start_at, train_steps)
         else:
@@ -382,10 +390,7 @@ class Text2ImagePipeline:
             prompts, negatives, do_cfg, guidance, height, width, per_prompt, aesthetic
         )
         if self.config.controlnet is not None:
-            rows = images * (2 if do_cfg else 1)
-            fixed[CONTROL_IMAGE] = control_pixels(control, (height, width), rows)
-            if self._guess_inputs():
-                fixed.update(guess_feeds(control, rows, do_cfg))
+            fixed.update(control_feeds(control, (height, width), images, do_cfg, guess))
         for value in fixed.values():
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
@@ -472,7 +477,7 @@ class Text2ImagePipeline:
         timings["end_to_end"] = _ms(start)
         return GenerationResult(images=decoded, latents=x, timings_ms=timings)
 
-    def _scheduler(self, steps: int, height: int, width: int, eta: float | None) -> Scheduler:
+    def make_scheduler(self, steps: int, height: int, width: int, eta: float | None) -> Scheduler:
         """A fresh scheduler with this call's schedule (and TCD's eta) set; a step count the
         scheduler cannot take (LCM: at most its original_inference_steps) is the caller's
         error."""
@@ -484,25 +489,6 @@ class Text2ImagePipeline:
             name = type(scheduler).__name__
             raise UserError(f"{steps} steps with {name}: {err}") from None
         return scheduler
-
-    def _guess_inputs(self) -> bool:
-        """Whether the denoiser graph takes guess mode's inputs (ControlNet bundles exported
-        since guess mode)."""
-        if self.config.controlnet is None:
-            return False
-        return self.manifest.components[self.config.denoiser].io(CONTROL_ROWS) is not None
-
-    def check_steps(self, steps: Any) -> int:
-        """`steps` (None: the bundle's default) as an int; UserError for anything but a
-        whole number (the range is checked with the size)."""
-        if steps is None:
-            return int(self.config.default_steps)
-        whole = isinstance(steps, (int, np.integer)) or (
-            isinstance(steps, (float, np.floating)) and float(steps).is_integer()
-        )
-        if isinstance(steps, bool) or not whole:
-            raise UserError(f"steps {steps!r}: use a whole number from 1 to {MAX_STEPS}")
-        return int(steps)
 
     def _check_image(self, image: ImageInput, latents: np.ndarray | None) -> Image.Image:
         """The image-to-image input as an RGB image, once the bundle can run one."""
@@ -601,43 +587,6 @@ def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -
     std_cfg = guided.std(axis=axes, ddof=1, keepdims=True)
     rescaled = guided * (std_text / std_cfg)
     return rescale * rescaled + (np.float32(1) - rescale) * guided
-
-
-def _check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str | None]]:
-    """(prompts, one negative per prompt); UserError for anything but a string or a
-    non-empty list of strings, or a list of negatives of another length."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise UserError(f"prompt must be a string or a non-empty list of strings, not {prompt!r}")
-    if not all(isinstance(p, str) for p in prompts):
-        kinds = sorted({type(p).__name__ for p in prompts if not isinstance(p, str)})
-        raise UserError(f"prompts must be strings, not {', '.join(kinds)}")
-    if negative_prompt is None or isinstance(negative_prompt, str):
-        return list(prompts), [negative_prompt] * len(prompts)
-    if not isinstance(negative_prompt, (list, tuple)) or len(negative_prompt) != len(prompts):
-        raise UserError(
-            f"negative_prompt must be one string, or a list of one per prompt ({len(prompts)})"
-        )
-    if not all(n is None or isinstance(n, str) for n in negative_prompt):
-        raise UserError("negative prompts must be strings (or None)")
-    return list(prompts), list(negative_prompt)
-
-
-def _check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None:
-    if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
-        raise UserError(f"guidance {guidance}: use a finite value from 0 to {MAX_GUIDANCE:g}")
-    if (
-        isinstance(seed, bool)
-        or not isinstance(seed, (int, np.integer))
-        or not 0 <= seed <= MAX_SEED
-    ):
-        raise UserError(f"seed {seed!r}: use an integer from 0 to {MAX_SEED}")
-    if latents is not None:
-        array = np.asarray(latents)
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise UserError(f"latents hold {array.dtype}, not numbers")
-        if not np.isfinite(array).all():
-            raise UserError("latents hold NaN or infinite values")
 
 
 def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from slimdiff.runtime.call_checks import check_step_count
 from slimdiff.runtime.manifest import PipelineSpec
 from slimdiff.runtime.schedulers import Scheduler
 
@@ -37,6 +38,7 @@ __all__ = [
     "end_index",
     "run_ensemble",
     "start_index",
+    "train_timesteps",
 ]
 
 REFINER_START = 0.8  # diffusers' example: the base denoises the first 80% ("high_noise_frac")
@@ -124,6 +126,11 @@ def _number(value: object, name: str, fix: str) -> float:
     return number
 
 
+def train_timesteps(scheduler_config: dict[str, Any]) -> int:
+    """T, the training timesteps a scheduler config's fractions of the schedule refer to."""
+    return int(scheduler_config.get("num_train_timesteps", 1000))
+
+
 def _cutoff(fraction: float, train_steps: int) -> int:
     return round(train_steps - fraction * train_steps)
 
@@ -196,10 +203,9 @@ def check_pair(base: Any, refiner: Any) -> None:
         "vae_latents_mean",
         "vae_latents_std",
     )
-    ours = [getattr(base.config, k) for k in layout] + [base.config.kind.latent_packing]
-    theirs = [getattr(refiner.config, k) for k in layout] + [refiner.config.kind.latent_packing]
-    if ours != theirs:
-        differ = [k for k, a, b in zip((*layout, "packing"), ours, theirs, strict=True) if a != b]
+    # (the packing is the family's: checked with it)
+    differ = [k for k in layout if getattr(base.config, k) != getattr(refiner.config, k)]
+    if differ:
         raise UserError(
             f"the base's latents are not the refiner's (their VAEs differ: {', '.join(differ)}); "
             "the refiner continues the latents of an SDXL base with SDXL's VAE"
@@ -236,8 +242,8 @@ def _check_split(base: Any, refiner: Any, steps: int, start: float, eta: Any) ->
         raise UserError(f"{steps} step: a base and a refiner need at least 2 steps to share")
     height, width = refiner.config.default_size
     for pipe, name in ((base, "base"), (refiner, "refiner")):
-        scheduler = pipe._scheduler(steps, height, width, eta)
-        train = int(pipe.scheduler_config.get("num_train_timesteps", 1000))
+        scheduler = pipe.make_scheduler(steps, height, width, eta)
+        train = train_timesteps(pipe.scheduler_config)
         try:
             if name == "base":
                 end_index(scheduler, 0, start, train)
@@ -275,7 +281,7 @@ def run_ensemble(
     if refiner_start is None:
         raise UserError("refiner_start: use a fraction of the schedule strictly between 0 and 1")
     start = check_fraction(refiner_start, "refiner start")
-    steps = base.check_steps(steps)
+    steps = check_step_count(steps, base.config.default_steps)
     if call.get("mask_image") is not None:
         raise UserError(
             "inpainting with a refiner is not supported: run the refiner on the inpainted "

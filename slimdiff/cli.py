@@ -444,7 +444,7 @@ def run_cmd(
         image_paths,
         read_latents,
     )
-    from slimdiff.progress import StepProgress
+    from slimdiff.app.run import generate, timings_line
     from slimdiff.runtime import Text2ImagePipeline
     from slimdiff.runtime.image import save_png
 
@@ -480,36 +480,11 @@ def run_cmd(
         "negative_aesthetic_score": negative_aesthetic_score,
     }
     text = prompt[0] if len(prompt) == 1 else list(prompt)
-    hint = "fewer --steps, a smaller --size, or a GPU --backend (ort-cuda, trt)"
-    if refiner is not None:
-        from slimdiff.app.refine import run_refined
-
-        results = run_refined(pipe, Text2ImagePipeline.from_bundle(refiner, **load), text, call,
-                              refiner_start, aesthetic, hint)  # fmt: skip
-    else:
-        bar = StepProgress("denoising", hint=hint)
-        try:
-            results = [pipe(text, on_step=bar, **call, **aesthetic)]
-        finally:
-            bar.close()
+    second = None if refiner is None else Text2ImagePipeline.from_bundle(refiner, **load)
+    results = generate(pipe, second, text, call, refiner_start, aesthetic)
     for image, path in zip(results[-1].images, outs, strict=True):
         save_png(image, path)
-    click.echo(f"{', '.join(map(str, outs))}  ({_timings(results)})")
-
-
-def _timings(results: list) -> str:
-    """`run`'s one-line account of where the time went: per call (base, then refiner)."""
-    parts = []
-    for result in results:
-        t = result.timings_ms
-        loads = f", loads {t['load']:.0f}" if "load" in t else ""
-        encode = f", vae encode {t['vae_encode']:.0f}" if "vae_encode" in t else ""
-        vae = f", vae {t['vae_decode']:.0f}" if "vae_decode" in t else ""
-        parts.append(
-            f"{t['end_to_end']:.0f} ms: text {t['text_encoders']:.0f}{encode}, "
-            f"{len(t['denoiser_steps'])} steps{vae}{loads}"
-        )
-    return parts[0] if len(parts) == 1 else f"base {parts[0]}; refiner {parts[1]}"
+    click.echo(f"{', '.join(map(str, outs))}  ({timings_line(results)})")
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -99,9 +99,16 @@ SD15 = ArchSpec(
 )
 
 
-def _sdxl_pooled_width(cfg) -> int:
-    # add_embedding takes [pooled text, 6 Fourier-embedded time ids] concatenated.
-    return cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+def _pooled_width(time_ids: int):
+    """The pooled text width of an SDXL-style UNet config whose added embedding takes
+    [pooled text, `time_ids` Fourier-embedded time ids] concatenated (SDXL: 6, its
+    refiner: 5)."""
+
+    def width(cfg) -> int:
+        added = cfg["projection_class_embeddings_input_dim"]
+        return added - time_ids * cfg["addition_time_embed_dim"]
+
+    return width
 
 
 SDXL = ArchSpec(
@@ -127,7 +134,7 @@ SDXL = ArchSpec(
     kind=_UNET_KIND.model_copy(
         update={"pooled_input": "text_embeds", "extra_inputs": ("time_ids", "timestep_cond")}
     ),
-    config_axes={**_UNET_AXES, "P": _sdxl_pooled_width},
+    config_axes={**_UNET_AXES, "P": _pooled_width(6)},
     # SDXL's added embedding (pooled text + time ids) joins the time embedding.
     time_embedders=("time_embedding", "add_embedding"),
     default_size=(1024, 1024),
@@ -146,23 +153,32 @@ SDXL = ArchSpec(
 # its five time ids carry an aesthetic score where SDXL's carry the target size. Family
 # "sdxl" (its bundles say so); the differences are data, as for the families.
 REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
-
-
-def _refiner_pooled_width(cfg) -> int:
-    # add_embedding takes [pooled text, 5 Fourier-embedded time ids] concatenated.
-    return cfg.projection_class_embeddings_input_dim - 5 * cfg.addition_time_embed_dim
-
+_REFINER_TIME_IDS = 5
 
 SDXL_REFINER = replace(
     SDXL,
     pipeline_classes=(REFINER_PIPELINE,),
     text_encoders=SDXL.text_encoders[1:],
     denoiser_inputs=tuple(
-        replace(s, shape=("B", 5)) if s.name == "time_ids" else s for s in SDXL.denoiser_inputs
+        replace(s, shape=("B", _REFINER_TIME_IDS)) if s.name == "time_ids" else s
+        for s in SDXL.denoiser_inputs
     ),
     kind=SDXL.kind.model_copy(update={"aesthetic_score": True}),
-    config_axes={**SDXL.config_axes, "P": _refiner_pooled_width},
+    config_axes={**SDXL.config_axes, "P": _pooled_width(_REFINER_TIME_IDS)},
 )
+
+
+def _refiner_conditioned(config: Any, text_width: Any, pooled_width: Any) -> bool:
+    """Whether a UNet config takes the refiner's conditioning: text states `text_width`
+    wide, and pooled text `pooled_width` wide beside five time ids."""
+    try:
+        return (
+            config["addition_embed_type"] == "text_time"
+            and config["cross_attention_dim"] == text_width
+            and _pooled_width(_REFINER_TIME_IDS)(config) == pooled_width
+        )
+    except (KeyError, TypeError):
+        return False
 
 
 def is_refiner_unet(config: Any) -> bool:
@@ -171,23 +187,8 @@ def is_refiner_unet(config: Any) -> bool:
     time ids. A pipeline says it itself (requires_aesthetics_score); this reads a UNet
     folder without one (`inspect`), where SDXL base's (2816 - 5 x 256 = 1536, text 2048)
     is told apart."""
-    try:
-        return (
-            config["addition_embed_type"] == "text_time"
-            and _refiner_pooled_width(_Config(config)) == config["cross_attention_dim"]
-        )
-    except (KeyError, TypeError):
-        return False
-
-
-class _Config(dict):
-    """Attribute access to a plain config dict (as diffusers' FrozenDict gives)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    width = config.get("cross_attention_dim") if hasattr(config, "get") else None
+    return _refiner_conditioned(config, width, width)
 
 
 # ---------------------------------------------------------------- MMDiTs (SD3, FLUX)
@@ -386,38 +387,29 @@ def arch_of_pipeline(pipe: Any) -> ArchSpec:
     whose text states are the second encoder's alone)."""
     name = type(pipe).__name__
     arch = arch_of_class(text_to_image_class(name, getattr(pipe, "config", None)))
-    if arch is SDXL_REFINER and getattr(pipe, "text_encoder", None) is not None:
+    if arch is not SDXL_REFINER:
+        return arch
+    if getattr(pipe, "text_encoder", None) is not None:
         raise UserError(
             f"this {name} sets requires_aesthetics_score and has a first text encoder: "
             "slimdiff takes the SDXL refiner's layout (text_encoder null, text_encoder_2 "
             "only); set text_encoder to [null, null] in model_index.json, or "
             "requires_aesthetics_score to false for an SDXL base model"
         )
-    if arch is SDXL_REFINER:
-        _check_refiner_unet(name, pipe)
-    return arch
-
-
-def _check_refiner_unet(name: str, pipe: Any) -> None:
-    """UserError unless the UNet takes what the refiner's pipeline gives it: text states
-    of text_encoder_2's width, and its pooled embedding beside five time ids."""
     unet, text = getattr(pipe, "unet", None), getattr(pipe, "text_encoder_2", None)
-    if unet is None or text is None:  # the loader names what is missing
-        return
-    u, t = unet.config, text.config
-    pooled = getattr(t, "projection_dim", None)
-    added = u.get("addition_time_embed_dim") or 0
-    if (
-        u.get("cross_attention_dim") != getattr(t, "hidden_size", None)
-        or u.get("projection_class_embeddings_input_dim") != (pooled or 0) + 5 * added
-    ):
-        raise UserError(
-            f"this {name} sets requires_aesthetics_score, but its UNet is not conditioned as "
-            "the SDXL refiner's (text states as wide as text_encoder_2's, its pooled "
-            "embedding and five time ids with the aesthetic score); if it is an SDXL base "
-            "model saved by the img2img pipeline, set requires_aesthetics_score to false in "
-            "model_index.json"
-        )
+    # (a missing one is named by the loader)
+    if unet is not None and text is not None:
+        t = text.config
+        hidden, pooled = getattr(t, "hidden_size", None), getattr(t, "projection_dim", None)
+        if not _refiner_conditioned(unet.config, hidden, pooled):
+            raise UserError(
+                f"this {name} sets requires_aesthetics_score, but its UNet is not conditioned "
+                "as the SDXL refiner's (text states as wide as text_encoder_2's, its pooled "
+                "embedding and five time ids with the aesthetic score); if it is an SDXL base "
+                "model saved by the img2img pipeline, set requires_aesthetics_score to false "
+                "in model_index.json"
+            )
+    return arch
 
 
 def arch_of_class(class_name: str) -> ArchSpec:

@@ -150,8 +150,8 @@ def test_the_kind_record():
 def test_telling_the_refiner_apart():
     assert is_refiner_unet(REFINER_UNET) and not is_refiner_unet(BASE_UNET)
     assert not is_refiner_unet({"addition_embed_type": None})
-    assert SDXL_REFINER.config_axis("P", SimpleNamespace(**REFINER_UNET)) == 1280
-    assert SDXL.config_axis("P", SimpleNamespace(**BASE_UNET)) == 1280
+    assert SDXL_REFINER.config_axis("P", REFINER_UNET) == 1280
+    assert SDXL.config_axis("P", BASE_UNET) == 1280
     shapes = {s.name: s.shape for s in SDXL_REFINER.denoiser_inputs}
     assert shapes["time_ids"] == ("B", 5) and shapes["text_embeds"] == ("B", "P")
     assert arch_of_denoiser("UNet2DConditionModel", REFINER_UNET) is SDXL_REFINER
