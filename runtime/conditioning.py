@@ -172,15 +172,16 @@ class Conditioning:
         height: int,
         width: int,
         images: int = 1,
-        aesthetic: tuple[float, float] | None = None,
+        time_ids: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Feeds:
         """Denoiser inputs that stay the same at every step (text states, ids, ...), for
         `images` images of each prompt, batched as diffusers batches a list of prompts with
         num_images_per_prompt: under CFG the negative rows first, then the prompts', each
         prompt's rows repeated per image (p0, p0, p1, p1, ...). `negative_prompt`: one for
         all prompts, or one per prompt (None: empty, or zeros where the pipeline says so).
-        `aesthetic`: the SDXL refiner's (negative, positive) aesthetic scores, which its
-        time ids carry on the negative rows and the prompts' rows."""
+        `time_ids`: SDXL's (negative row, prompt row) of time ids (runtime/
+        size_conditioning.py time_id_rows; the refiner's carry its aesthetic scores); None:
+        the default six ids of a height x width image on every row."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = (
             list(negative_prompt)
@@ -205,14 +206,13 @@ class Conditioning:
                     "pooled embedding; export the bundle again"
                 )
             feeds[self.kind.pooled_input] = pooled
-        scores = None
-        if self.kind.aesthetic_score:
-            if aesthetic is None:
-                raise ValueError("the refiner's time ids need its aesthetic scores")
+        ids = None
+        if time_ids is not None:
             rows = states.shape[0]
-            negative_rows = rows // 2 if do_cfg else 0
-            scores = np.full(rows, aesthetic[1], np.float32)
-            scores[:negative_rows] = aesthetic[0]
+            ids = np.repeat(time_ids[1][None], rows, axis=0)
+            ids[: rows // 2 if do_cfg else 0] = time_ids[0]
+        elif self.kind.aesthetic_score:
+            raise ValueError("the refiner's time ids need its aesthetic scores")
         feeds.update(
             extra_inputs(
                 self.kind.extra_inputs,
@@ -224,7 +224,7 @@ class Conditioning:
                 text_len=states.shape[1],
                 guidance=guidance,
                 embedding_dim=self.kind.guidance_embedding_dim,
-                aesthetic=scores,
+                time_ids=ids,
             )
         )
         return feeds

@@ -78,6 +78,7 @@ from slimdiff.runtime.sessions import (
     load_component,
     release,
 )
+from slimdiff.runtime.size_conditioning import check_size_conditioning, time_id_rows
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
@@ -258,6 +259,12 @@ class Text2ImagePipeline:
         negative_aesthetic_score: float | None = None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -318,12 +325,30 @@ class Text2ImagePipeline:
         schedule. Its time ids carry `aesthetic_score` (default 6) on the prompt's rows and
         `negative_aesthetic_score` (2.5) on the negative's; other bundles take neither.
         `denoising_end` works on any bundle.
+
+        SDXL bundles (their UNet's time ids) take diffusers' size and crop conditioning:
+        `original_size`, `crops_coords_top_left` and `target_size` ((height, width) and
+        (top, left) in pixels; defaults: the run's size, (0, 0), the run's size) and
+        their `negative_` forms for CFG's negative rows, with the defaults of diffusers'
+        pipelines (runtime/size_conditioning.py); e.g. negative_original_size=(512, 512)
+        steers away from low-resolution sources. Other bundles take none.
         """
         start = time.perf_counter()
         prompts, negatives = check_prompts(prompt, negative_prompt)
         steps = check_step_count(steps, self.config.default_steps)
         guidance = float(guidance if guidance is not None else self.config.default_guidance)
         aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
+        sizing = check_size_conditioning(
+            "time_ids" in self.config.kind.extra_inputs,
+            {
+                "original_size": original_size,
+                "crops_coords_top_left": crops_coords_top_left,
+                "target_size": target_size,
+                "negative_original_size": negative_original_size,
+                "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                "negative_target_size": negative_target_size,
+            },
+        )
         start_at, end_at = check_hand_off(
             self.config, denoising_start, denoising_end, image, latents, strength
         )
@@ -386,8 +411,16 @@ class Text2ImagePipeline:
         encoders = [enc.session for enc in cond.encoders]
         loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
         t0 = time.perf_counter()
+        time_ids = None
+        if "time_ids" in self.config.kind.extra_inputs:
+            # diffusers' img2img and inpaint pipelines (the refiner's too) default the
+            # negative ids otherwise than its text-to-image one
+            from_image = pixels is not None or start_at is not None
+            time_ids = time_id_rows(
+                sizing, height, width, image_to_image=from_image, aesthetic=aesthetic
+            )
         fixed = cond.encode(
-            prompts, negatives, do_cfg, guidance, height, width, per_prompt, aesthetic
+            prompts, negatives, do_cfg, guidance, height, width, per_prompt, time_ids
         )
         if self.config.controlnet is not None:
             fixed.update(control_feeds(control, (height, width), images, do_cfg, guess))

@@ -44,7 +44,19 @@ __all__ = [
 REFINER_START = 0.8  # diffusers' example: the base denoises the first 80% ("high_noise_frac")
 # What the refiner's call shares with the base's (the rest steers the base's start: the
 # image, its strength, the initial noise, ControlNets, the size, which the latents carry).
-_SHARED = ("negative_prompt", "guidance", "seed", "guidance_rescale", "eta", "images")
+# Size conditioning goes to both but the target sizes, which the refiner's time ids have not.
+_SHARED = (
+    "negative_prompt",
+    "guidance",
+    "seed",
+    "guidance_rescale",
+    "eta",
+    "images",
+    "original_size",
+    "crops_coords_top_left",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+)
 _MAX_SCORE = 10.0  # the LAION aesthetic predictor's scale, which the refiner was trained on
 
 
@@ -273,7 +285,8 @@ def run_ensemble(
     Text2ImagePipeline) denoises the first `refiner_start` of a `steps`-step schedule and
     `refiner` the rest from its latents. `call` holds the base call's other keywords (an
     image, ControlNet images, ...); the refiner shares its negative prompt, guidance,
-    seed, guidance rescale, eta and image count. `on_step(stage, done, total)`, stage
+    seed, guidance rescale, eta, image count, and size conditioning but the target sizes
+    (its time ids carry the aesthetic score instead). `on_step(stage, done, total)`, stage
     "base" or "refiner". Returns both calls' GenerationResults; the refiner's has the
     images. Everything is checked before the base runs (UserError)."""
     check_pair(base, refiner)

@@ -31,6 +31,7 @@ from slimdiff.app.options import (
     scheduler_option,
     set_option,
     sigmas_option,
+    size_conditioning_options,
 )
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_IMAGES
@@ -405,6 +406,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 @image_to_image_options
 @control_options
 @refiner_options
+@size_conditioning_options
 @click.option(
     "--latents",
     type=FILE,
@@ -431,11 +433,12 @@ def run_cmd(
     size, init_image, mask_image, strength, control_image, control_scale, control_start,
     control_end, control_guess, refiner, refiner_start, aesthetic_score,
     negative_aesthetic_score, latents, backend, scheduler, sigmas, low_memory, expect_sha256,
-    out,
+    out, **sizing,
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime; from
     an --image too (image-to-image), steered by a --control-image (ControlNet), finished by
     an SDXL --refiner."""
+    # `sizing`: SDXL's size conditioning (--original-size, ...) under the API's keywords
     from slimdiff.app.args import (
         check_control,
         check_guidance,
@@ -474,6 +477,7 @@ def run_cmd(
         "strength": strength,
         "mask_image": mask_image,
         **control,
+        **sizing,
     }
     aesthetic = {
         "aesthetic_score": aesthetic_score,

@@ -7,6 +7,7 @@ torch's generators both take; sides are pixels.
 from __future__ import annotations
 
 __all__ = [
+    "MAX_CONDITIONING_SIDE",
     "MAX_CONTROLNETS",
     "MAX_CONTROL_SCALE",
     "MAX_GUIDANCE",
@@ -20,6 +21,9 @@ __all__ = [
 MAX_STEPS = 1000
 MIN_SIDE = 8
 MAX_SIDE = 8192
+# SDXL's size conditioning (original and target sizes, crop offsets): sizes the UNet is
+# told about, not drawn, so larger than MAX_SIDE (camera originals)
+MAX_CONDITIONING_SIDE = 16384
 MAX_GUIDANCE = 100.0
 MAX_CONTROLNETS = 4  # per bundle: each adds about 40% to a step (docs/BENCHMARKS.md)
 MAX_CONTROL_SCALE = 10.0  # a ControlNet's conditioning scale (diffusers' default: 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from slimdiff.limits import MAX_CONTROL_SCALE, MAX_SEED, MAX_STEPS
+from slimdiff.limits import MAX_CONDITIONING_SIDE, MAX_CONTROL_SCALE, MAX_SEED, MAX_STEPS
 
 __all__ = [
     "FILE",
@@ -24,6 +24,7 @@ __all__ = [
     "refiner_options",
     "scheduler_option",
     "set_option",
+    "size_conditioning_options",
 ]
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # an input file
@@ -88,6 +89,72 @@ _REFINER = [
 ]
 
 
+class _Pair(click.ParamType):
+    """WIDTHxHEIGHT (as --size) -> (height, width), or TOP,LEFT -> (top, left), pixels."""
+
+    def __init__(self, crop: bool) -> None:
+        self.crop = crop
+        self.name = "TOP,LEFT" if crop else "WIDTHxHEIGHT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        low = 0 if self.crop else 1
+        first, sep, second = value.lower().replace(" ", "").partition("," if self.crop else "x")
+        example = "e.g. 0,0 or 256,128" if self.crop else "e.g. 512x512"
+        if not (sep and first.isdigit() and second.isdigit() and len(first + second) < 12):
+            self.fail(f"{value!r} is not {self.name}; use {example}", param, ctx)
+        pair = (int(first), int(second)) if self.crop else (int(second), int(first))
+        if not all(low <= v <= MAX_CONDITIONING_SIDE for v in pair):
+            self.fail(f"{value!r}: each value must be {low} to {MAX_CONDITIONING_SIDE}", param, ctx)
+        return pair
+
+
+def _size_conditioning(name: str, crop: bool, text: str) -> click.Option:
+    pair = _Pair(crop)
+    return click.option(name, type=pair, default=None, metavar=pair.name, help=text)
+
+
+_SIZE_CONDITIONING = [
+    _size_conditioning(
+        "--original-size",
+        False,
+        "SDXL's size conditioning: the source image size the UNet is told about "
+        "(diffusers' original_size). Default: the image's size.",
+    ),
+    _size_conditioning(
+        "--crops-coords-top-left",
+        True,
+        "SDXL: the crop's top-left corner the UNet is told about, TOP,LEFT in pixels "
+        "(diffusers' crops_coords_top_left). Default: 0,0 (uncropped).",
+    ),
+    _size_conditioning(
+        "--target-size",
+        False,
+        "SDXL: the target size the UNet is told about (diffusers' target_size). Default: "
+        "the image's size.",
+    ),
+    _size_conditioning(
+        "--negative-original-size",
+        False,
+        "SDXL: the original size of CFG's negative rows, e.g. 512x512 to steer away from "
+        "low-resolution sources; text-to-image uses it with --negative-target-size only, "
+        "as diffusers.",
+    ),
+    _size_conditioning(
+        "--negative-crops-coords-top-left",
+        True,
+        "SDXL: the crop corner of CFG's negative rows. Default: 0,0.",
+    ),
+    _size_conditioning(
+        "--negative-target-size",
+        False,
+        "SDXL: the target size of CFG's negative rows (e.g. 1024x1024 with "
+        "--negative-original-size 512x512).",
+    ),
+]
+
+
 _CONTROL = [
     click.option(
         "--control-image",
@@ -145,6 +212,9 @@ def option_group(options: list):
 image_to_image_options = option_group(_IMAGE_TO_IMAGE)
 # `run`'s --refiner, --refiner-start and the SDXL refiner's aesthetic scores
 refiner_options = option_group(_REFINER)
+# `run`'s SDXL size conditioning: --original-size, --crops-coords-top-left, --target-size
+# and their --negative- forms (runtime/size_conditioning.py)
+size_conditioning_options = option_group(_SIZE_CONDITIONING)
 # `run`'s --control-image, --control-scale, --control-start and --control-end (a bundle
 # exported with --controlnet)
 control_options = option_group(_CONTROL)

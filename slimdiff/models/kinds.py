@@ -325,15 +325,19 @@ def extra_inputs(
     guidance: float | np.ndarray = 0.0,
     embedding_dim: int | None = None,
     aesthetic: np.ndarray | None = None,
+    time_ids: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The extra denoiser inputs `names` (see EXTRA_INPUTS) for one image of height x width
     pixels, float32, as the diffusers pipelines build them. `embedding_dim`: the width of
     "timestep_cond" (KindSpec.guidance_embedding_dim). `aesthetic`: the SDXL refiner's
     aesthetic score of each row (B,), which its time ids carry in place of the target
-    size; None: SDXL's six time ids."""
+    size; None: SDXL's six time ids. `time_ids`: the rows themselves (B, 5 or 6), as the
+    runtime builds them from a call's size conditioning (runtime/size_conditioning.py)."""
     out: dict[str, np.ndarray] = {}
     for name in names:
-        if name == "time_ids":
+        if name == "time_ids" and time_ids is not None:
+            out[name] = np.asarray(time_ids, np.float32)
+        elif name == "time_ids":
             # original_size + crops_coords_top_left + target_size (SDXL's _get_add_time_ids),
             # or + aesthetic_score where the pipeline requires_aesthetics_score (refiner)
             if aesthetic is None:

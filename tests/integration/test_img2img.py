@@ -88,9 +88,11 @@ def _img2img_pipe(model, family: str, pipelines: dict = PIPELINES):
     return module, pipe
 
 
-def _diffusers(model, family, runtime, guidance, zero=False, strength=STRENGTH, mask=None):
+def _diffusers(
+    model, family, runtime, guidance, zero=False, strength=STRENGTH, mask=None, given=None
+):
     """diffusers' image and final latents, with the runtime's draws (module docstring);
-    with `mask`, its inpaint pipeline."""
+    with `mask`, its inpaint pipeline; `given`: more keywords for its call."""
     from diffusers.models.autoencoders import vae as vae_module
 
     module, pipe = _img2img_pipe(model, family, PIPELINES if mask is None else INPAINT)
@@ -138,17 +140,21 @@ def _diffusers(model, family, runtime, guidance, zero=False, strength=STRENGTH, 
             height=SIZE,
             width=SIZE,
             callback_on_step_end=keep_last,
+            **(given or {}),
         ).images
     handle.remove()
     return np.array(images[0]), final["latents"]
 
 
-def _compare(model, family, runtime, guidance, strength=STRENGTH, mask=None, **call):
+def _compare(model, family, runtime, guidance, strength=STRENGTH, mask=None, given=None, **call):
     """Run the runtime and diffusers (twice: as is, and with the denoiser zeroed) on the
-    same draws; assert the final latents and images agree (module docstring). Returns the
+    same draws; assert the final latents and images agree (module docstring). `given`:
+    keywords both calls take (diffusers' names); `call`: the runtime's alone. Returns the
     runtime's result and diffusers' image and latents."""
-    ref_image, ref_latents = _diffusers(model, family, runtime, guidance, False, strength, mask)
-    _, no_model = _diffusers(model, family, runtime, guidance, True, strength, mask)
+    given = given or {}
+    args = (model, family, runtime, guidance)
+    ref_image, ref_latents = _diffusers(*args, False, strength, mask, given)
+    _, no_model = _diffusers(*args, True, strength, mask, given)
     result = runtime(
         PROMPT,
         steps=STEPS,
@@ -157,6 +163,7 @@ def _compare(model, family, runtime, guidance, strength=STRENGTH, mask=None, **c
         image=test_image(),
         strength=strength,
         mask_image=mask,
+        **given,
         **call,
     )
     _assert_close_to_diffusers(result.latents, ref_latents, no_model, family)

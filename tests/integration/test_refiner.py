@@ -59,18 +59,8 @@ def test_refiner_img2img_matches_diffusers(refiner, score, negative):
 
 
 def _compare_scores(model, runtime, scores):
-    # diffusers' img2img call takes the scores as keywords: pass them through its __call__
     given = {k: v for k, v in scores.items() if v is not None}
-    if not given:
-        return _compare(model, "sdxl", runtime, GUIDANCE)
-    original = type(model.pipe).__call__
-
-    def with_scores(self, *args, **kwargs):
-        return original(self, *args, **{**kwargs, **given})
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(model.pipe), "__call__", with_scores)
-        return _compare(model, "sdxl", runtime, GUIDANCE, **given)
+    return _compare(model, "sdxl", runtime, GUIDANCE, given=given)
 
 
 def test_the_scores_reach_the_time_ids(refiner):

@@ -129,6 +129,20 @@ def test_sdxl_zero_negative_and_time_ids():
     assert enc2.calls[-1] == ["blurry", "a cat"]  # (uncond, cond), as diffusers batches
 
 
+def test_sdxl_time_id_rows_follow_the_negative_and_prompt_rows():
+    """Negative rows first, for every prompt and image (diffusers 0.42's text-to-image
+    pipeline repeats [negative, prompt] pairs instead, which mixes them up past one image
+    when the two differ; its img2img pipeline orders them as here)."""
+    out = {"penultimate_hidden_state": np.ones((1, 77, 4), np.float32)}
+    pooled = {**out, "text_embeds": np.ones((1, 5), np.float32)}
+    cond = _cond("sdxl", [_FakeEncoder("clip", out), _FakeEncoder("clip", pooled)])
+    rows = (np.arange(6, dtype=np.float32), np.arange(6, dtype=np.float32) + 10)
+    feeds = cond.encode(["a", "b"], None, True, 5.0, 64, 64, images=2, time_ids=rows)
+    assert feeds["time_ids"].tolist() == [rows[0].tolist()] * 4 + [rows[1].tolist()] * 4
+    alone = cond.encode("a", None, False, 5.0, 64, 64, time_ids=rows)
+    assert alone["time_ids"].tolist() == [rows[1].tolist()]  # no CFG: the prompt's row
+
+
 def test_sd3_pads_clip_states_to_t5_width_then_joins_sequences():
     clip_l = _FakeEncoder(
         "clip",
