@@ -49,7 +49,7 @@ from slimdiff.compress.base import (
 )
 from slimdiff.compress.blocks.plan import Settings, make_plan, read_structure
 from slimdiff.compress.blocks.presets import PRESETS, get_preset, presets_for
-from slimdiff.compress.distill.config import SEGMIND, DistillConfig
+from slimdiff.compress.distill.config import SEGMIND, DistillConfig, check_settings
 
 from slimdiff.edits import Edit
 from slimdiff.errors import UserError
@@ -134,21 +134,39 @@ class RemoveBlocksPass(Pass):
         """Only distillation needs calibration (the teacher's trajectories)."""
         return self.config.distill.steps > 0
 
-    def apply(self, pipe, calib) -> PassReport:
-        from slimdiff.compress.blocks.student import removed_modules
+    def preflight(self, pipe, calib) -> None:
+        """What apply would refuse, before the runner records the teacher's trajectories:
+        another kind of denoiser, a preset of another family or teacher, a structure this
+        UNet cannot take, distillation settings that cannot run."""
+        arch = self._arch(pipe)
+        self.plan(getattr(pipe, arch.denoiser), arch.family)
+        if self.config.distill.steps > 0:
+            check_settings(self.config.distill.resolve(self._defaults()))
 
+    def _arch(self, pipe):
         from slimdiff.models.families import arch_of_pipeline
 
-        cfg = self.config
         arch = arch_of_pipeline(pipe)
         if arch.denoiser_class not in self.denoisers:
             raise UserError(
                 f"blocks.remove cuts {', '.join(self.denoisers)} denoisers (SD1.x, SDXL and "
                 f"their fine-tunes); {arch.family}'s is a {arch.denoiser_class}"
             )
+        return arch
+
+    def _defaults(self):
+        """The distillation settings keys left out take: the preset paper's, else Segmind's."""
+        preset = self.config.preset
+        return get_preset(preset).distill if preset is not None else SEGMIND
+
+    def apply(self, pipe, calib) -> PassReport:
+        from slimdiff.compress.blocks.student import removed_modules
+
+        cfg = self.config
+        arch = self._arch(pipe)
         teacher = getattr(pipe, arch.denoiser)
         student, mapping = self.build_student(teacher, arch.family)
-        defaults = get_preset(cfg.preset).distill if cfg.preset is not None else SEGMIND
+        defaults = self._defaults()
         before, after = _params(teacher), _params(student)
         removed = removed_modules(teacher, mapping)
         changed = _config_changes(teacher.config, student.config)
@@ -178,6 +196,11 @@ class RemoveBlocksPass(Pass):
         No distillation: `apply` runs that. tools/unet_speed.py uses this directly."""
         from slimdiff.compress.blocks.student import build_student
 
+        return build_student(teacher, self.plan(teacher, family))
+
+    def plan(self, teacher, family: str):
+        """The student's structure this config cuts from `teacher` (a `family` UNet), from
+        its config alone; UserError when the preset or the keys do not fit it."""
         cfg = self.config
         if cfg.preset is not None:
             preset = get_preset(cfg.preset)
@@ -192,7 +215,7 @@ class RemoveBlocksPass(Pass):
                 mid=cfg.mid,
                 keep=cfg.keep,
             )
-        return build_student(teacher, make_plan(read_structure(teacher), settings))
+        return make_plan(read_structure(teacher), settings)
 
     def _distill(self, arch, teacher, student, mapping, calib, defaults) -> dict | str:
         """Recover the student by distillation from the teacher; what it did, for the report.

@@ -11,7 +11,17 @@ from typing import Literal
 import pydantic
 from slimdiff.compress.base import PassConfig
 
-__all__ = ["BK_SDM", "KOALA", "SEGMIND", "DistillConfig", "DistillSettings", "Hooks"]
+from slimdiff.errors import UserError
+
+__all__ = [
+    "BK_SDM",
+    "KOALA",
+    "SEGMIND",
+    "DistillConfig",
+    "DistillSettings",
+    "Hooks",
+    "check_settings",
+]
 
 # Where feature losses are taken (compress/distill/features.py):
 #   block      each down_blocks.i and up_blocks.i output (BK-SDM)
@@ -129,4 +139,13 @@ class DistillConfig(PassConfig):
             max_grad_norm=self.max_grad_norm,
             seed=self.seed,
             **given,
+        )
+
+
+def check_settings(settings: DistillSettings) -> None:
+    """UserError for settings a run cannot take (checked before any trajectory is recorded)."""
+    if settings.accumulate > settings.batch:
+        raise UserError(
+            f"distill.accumulate ({settings.accumulate}) splits a batch of {settings.batch} "
+            "pairs; it can be at most the batch"
         )

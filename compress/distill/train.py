@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from slimdiff.compress.distill.config import DistillSettings
+from slimdiff.compress.distill.config import DistillSettings, check_settings
 from slimdiff.compress.distill.features import capture
 
 from slimdiff.errors import UserError
@@ -84,11 +84,7 @@ def distill(
                          DistillSettings(steps=100, lr=1e-4), Path("work/distill.safetensors"))
     """
     start_time = time.perf_counter()
-    if settings.accumulate > settings.batch:
-        raise UserError(
-            f"distill.accumulate ({settings.accumulate}) splits a batch of {settings.batch} "
-            "pairs; it can be at most the batch"
-        )
+    check_settings(settings)
     # What a checkpoint must have been written with to be resumed (the batch drawing, the
     # loss and the optimizer; not the checkpoint interval or the report's label).
     state = {k: v for k, v in asdict(settings).items() if k not in ("source", "checkpoint_every")}

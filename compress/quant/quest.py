@@ -77,6 +77,20 @@ class QuestPass(Pass):
     edits = EDITS
     needs_calibration = True
 
+    def preflight(self, pipe: Any, calib: Any) -> None:
+        """What apply would refuse, before the runner records the teacher's trajectories:
+        no layer left to quantize, more timestep groups than calibration steps."""
+        from slimdiff.models.families import arch_of_pipeline
+
+        arch = arch_of_pipeline(pipe)
+        layer_plan(self.config, arch, getattr(pipe, arch.denoiser))
+        if calib is not None:
+            steps = calib.spec.steps
+            # the denoiser calls the trajectories hold: a second-order scheduler (Heun,
+            # KDPM2) makes two per step but the first
+            calls = steps if getattr(calib.scheduler, "order", 1) == 1 else 2 * steps - 1
+            group_edges([float(i) for i in range(calls)], self.config.timestep_groups)
+
     def apply(self, pipe: Any, calib: Any) -> PassReport:
         from slimdiff.compress.quant.run import apply_quest
 
@@ -127,14 +141,22 @@ def plan_layers(cfg: QuestConfig, arch, denoiser) -> dict[str, LayerQuant]:
     return plan
 
 
+def layer_plan(cfg: QuestConfig, arch, denoiser) -> dict[str, LayerQuant]:
+    """plan_layers, refused (UserError) when it leaves no layer to quantize."""
+    plan = plan_layers(cfg, arch, denoiser)
+    if not plan:
+        raise UserError("quant.quest: no Linear or Conv2d layer is left to quantize (keep_fp?)")
+    return plan
+
+
 def group_edges(timesteps: list[float], groups: int) -> list[float]:
     """Boundaries splitting the calibration's steps into `groups` contiguous runs: the
     midpoints between the last timestep of one run and the first of the next."""
     n = len(timesteps)
     if groups > n:
         raise UserError(
-            f"quant.quest: timestep_groups {groups} exceeds calibration.steps {n}; use at "
-            f"most {n} groups or more calibration steps"
+            f"quant.quest: timestep_groups {groups} exceeds the {n} denoiser calls of "
+            f"calibration.steps; use at most {n} groups or more calibration steps"
         )
     bounds = [round(i * n / groups) for i in range(1, groups)]
     return [(timesteps[b - 1] + timesteps[b]) / 2 for b in bounds]

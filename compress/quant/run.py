@@ -22,11 +22,10 @@ from slimdiff.compress.quant.layers import quant_layers, replace_layers
 from slimdiff.compress.quant.quest import (
     checkpoint_key,
     group_edges,
-    plan_layers,
+    layer_plan,
     sample_pairs,
 )
 
-from slimdiff.errors import UserError
 from slimdiff.lowbit import merged_scales
 from slimdiff.models.arch import matches
 from slimdiff.models.families import arch_of_pipeline
@@ -45,9 +44,7 @@ def apply_quest(p, pipe: Any, calib: Any) -> PassReport:
     cfg = p.config
     arch = arch_of_pipeline(pipe)
     denoiser = getattr(pipe, arch.denoiser)
-    plan = plan_layers(cfg, arch, denoiser)
-    if not plan:
-        raise UserError("quant.quest: no Linear or Conv2d layer is left to quantize (keep_fp?)")
+    plan = layer_plan(cfg, arch, denoiser)
     if calib is None:  # `inspect --recipe`: quantization changes neither params nor FLOPs
         bits = [f"w{s.weight_bits}a{s.act_bits or 'fp'}" for s in plan.values()]
         counts = {b: bits.count(b) for b in sorted(set(bits))}

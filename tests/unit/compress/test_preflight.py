@@ -1,0 +1,86 @@
+"""What blocks.remove and quant.quest cannot run is refused before the runner records the
+teacher's trajectories (minutes to hours at full size), and nothing is written."""
+
+from __future__ import annotations
+
+import pytest
+from slimdiff.compress.runner import compress_model
+
+from slimdiff.calib import Calibration
+from slimdiff.errors import UserError
+from slimdiff.models import load_model
+from slimdiff.recipe import validate_recipe
+
+CALIBRATION = {"prompts": ["a red circle"], "num_prompts": 1, "steps": 3, "size": [64, 64]}
+DISTILL = {"steps": 2, "lr": 1e-4}
+
+
+@pytest.fixture
+def no_recording(monkeypatch):
+    def refuse(self):
+        raise AssertionError("the trajectories were recorded before the refusal")
+
+    monkeypatch.setattr(Calibration, "record", refuse)
+
+
+def _refused(model: str, step: dict, match: str, tmp_path, calibration=CALIBRATION) -> None:
+    recipe = validate_recipe({"model": model, "calibration": calibration, "passes": [step]})
+    with pytest.raises(UserError, match=match):
+        compress_model(load_model(model), recipe, tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.work").exists()
+
+
+@pytest.mark.usefixtures("no_recording")
+@pytest.mark.parametrize(
+    ("model", "step", "match"),
+    [
+        (
+            "tiny:sd15",
+            {"pass": "blocks.remove", "preset": "ssd-1b", "distill": DISTILL},
+            r"^blocks\.remove: preset ssd-1b is for sdxl UNets, this model is sd15; use one of "
+            r"bk-sdm-base",
+        ),
+        (
+            "tiny:sd3",
+            {"pass": "blocks.remove", "drop": ["transformer_blocks.1"], "distill": DISTILL},
+            r"^blocks\.remove cuts UNet2DConditionModel denoisers .*; sd3's is a "
+            r"SD3Transformer2DModel",
+        ),
+        (
+            "tiny:sdxl",
+            {
+                "pass": "blocks.remove",
+                "preset": "vega",
+                "distill": {**DISTILL, "batch": 2, "accumulate": 4},
+            },
+            r"^distill\.accumulate \(4\) splits a batch of 2 pairs",
+        ),
+        (
+            "tiny:sd15",
+            {"pass": "quant.quest", "weights": "int8", "keep_fp": ["*"]},
+            r"^quant\.quest: no Linear or Conv2d layer is left to quantize",
+        ),
+        (
+            "tiny:sd15",
+            {"pass": "quant.quest", "weights": "int8", "timestep_groups": 4},
+            r"^quant\.quest: timestep_groups 4 exceeds the 3 denoiser calls of "
+            r"calibration\.steps",
+        ),
+    ],
+    ids=["preset of another family", "not a unet", "accumulate", "no layer", "groups"],
+)
+def test_refused_before_the_trajectories(model, step, match, tmp_path):
+    _refused(model, step, match, tmp_path)
+
+
+def test_a_second_order_scheduler_makes_more_calls_to_group(tmp_path, no_recording):
+    """Heun's 3 steps are 5 denoiser calls: 5 groups pass the preflight (then reach the
+    recording, refused here), 6 do not."""
+    heun = {**CALIBRATION, "scheduler": "HeunDiscreteScheduler"}
+    step = {"pass": "quant.quest", "weights": "int8", "timestep_groups": 6}
+    _refused("tiny:sd15", step, r"timestep_groups 6 exceeds the 5 denoiser calls", tmp_path, heun)
+    recipe = validate_recipe(
+        {"model": "tiny:sd15", "calibration": heun, "passes": [{**step, "timestep_groups": 5}]}
+    )
+    with pytest.raises(AssertionError, match="recorded before the refusal"):
+        compress_model(load_model("tiny:sd15"), recipe, tmp_path / "b")
