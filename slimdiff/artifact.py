@@ -199,6 +199,8 @@ def _read_weights(folder: Path) -> dict[str, Any]:
     """Every tensor of a component folder's safetensors (one file or an indexed shard set)."""
     from safetensors.torch import load_file
 
+    from slimdiff.models.weights import open_safetensors
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no .safetensors weights; compress the model again")
@@ -206,5 +208,7 @@ def _read_weights(folder: Path) -> dict[str, Any]:
     for file in files:
         # clone(): tensors read from one file buffer can sit at unaligned offsets, which
         # sends matrix products down other kernels than the saved model's (2e-7 apart).
+        with open_safetensors(file):  # a damaged file refused by name
+            pass
         state.update({k: v.clone() for k, v in load_file(str(file)).items()})
     return state

@@ -340,6 +340,8 @@ def _align(module) -> None:
 def _load_local(
     path: Path, source: str, device: str, allow_pickle: bool, skip: dict[str, None]
 ) -> LoadedModel:
+    from slimdiff.models.weights import check_weight_files
+
     if not path.is_dir():
         raise UserError(
             f"{path} is a file; pass a diffusers pipeline folder (with model_index.json), or a "
@@ -358,12 +360,15 @@ def _load_local(
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
         absent = {**null_components(index), **skip}
         _refuse_missing_folders(path, index, absent)
+        parts = [path / k for k, v in index.items() if _is_part(v) and k not in absent]
+        check_weight_files(parts)
         pipe = _from_pretrained_pipeline(path, index, device, allow_pickle, absent)
         return _wrap(pipe, source)
     config = path / "config.json"
     if config.is_file():
         if not allow_pickle:
             _refuse_pickles(path, [path])
+        check_weight_files([path])
         return _load_component(path, _read_json(config), source, device, allow_pickle)
     if (path / "manifest.json").is_file():  # the usual mix-up: an exported bundle
         raise UserError(

@@ -24,7 +24,15 @@ from torch import nn
 
 from slimdiff.errors import UserError
 
-__all__ = ["InitWeights", "ModuleWeights", "SafetensorsWeights", "WeightSource", "init_rule"]
+__all__ = [
+    "InitWeights",
+    "ModuleWeights",
+    "SafetensorsWeights",
+    "WeightSource",
+    "check_weight_files",
+    "init_rule",
+    "open_safetensors",
+]
 
 
 class WeightSource(Protocol):
@@ -66,8 +74,6 @@ class SafetensorsWeights:
     """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         self.folder = folder
         files = _weight_files(folder)
         if not files:
@@ -77,18 +83,48 @@ class SafetensorsWeights:
             )
         self._where: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
+            with open_safetensors(file) as handle:
                 self._where.update(dict.fromkeys(handle.keys(), file))
 
     def tensor(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         file = self._where[key]
-        with safe_open(str(file), framework="pt") as handle:
-            return handle.get_tensor(key)  # its own storage: 64-byte aligned, file released
+        with open_safetensors(file) as handle:
+            try:
+                return handle.get_tensor(key)  # its own storage: 64-byte aligned, file released
+            except Exception as err:  # safetensors' errors: the file changed under us
+                raise _unreadable(file, err) from None
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
+
+
+def open_safetensors(file: Path):
+    """safetensors' safe_open of `file` (a context manager); UserError naming the file when
+    it is missing, damaged or cut short (an interrupted download or copy), where
+    safetensors raises its own error, which names no file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise _unreadable(file, err) from None
+
+
+def _unreadable(file: Path, err: Exception) -> UserError:
+    return UserError(
+        f"{file}: not a readable safetensors file ({err}); it is damaged or incomplete (an "
+        "interrupted download or copy?): download or copy it again"
+    )
+
+
+def check_weight_files(folders: list[Path]) -> None:
+    """Open the .safetensors files from_pretrained reads in `folders` (headers only, mapped,
+    not read): a damaged one is refused naming it, before from_pretrained fails on it
+    without a name."""
+    for folder in folders:
+        for file in _weight_files(folder) if folder.is_dir() else ():
+            with open_safetensors(file):
+                pass
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -261,6 +261,33 @@ def test_a_damaged_folder_is_one_clear_error_on_either_route(
         assert f"{folder}{name}: could not build" in message
 
 
+@pytest.mark.parametrize("command", ["export-stream", "export-memory", "inspect"])
+def test_a_cut_short_weights_file_is_named(saved_sd15, tmp_path, command):
+    """A shard cut short (an interrupted download) is refused naming it, on every route;
+    an fp16 variant beside it, which no route reads, may be damaged."""
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_sd15, folder)
+    shard = sorted((folder / "unet").glob("diffusion_pytorch_model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    variant = next((folder / "unet").glob("*.fp16*.safetensors"))
+    variant.write_bytes(b"")
+    out = tmp_path / "b"
+    args = {
+        "export-stream": ["export", str(folder), "--out", str(out), "--weights", "stream"],
+        "export-memory": ["export", str(folder), "--out", str(out), "--weights", "memory"],
+        "inspect": ["inspect", str(folder)],
+    }[command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not out.exists()
+    assert result.output.strip().splitlines()[-1].startswith(
+        f"error: {shard}: not a readable safetensors file ("
+    )
+    assert "damaged or incomplete" in result.output
+
+
 @pytest.mark.parametrize(
     ("gib", "precision", "streams"),
     [(3, "fp32", False), (3, "fp16", True), (1, "fp16", False), (5, "fp32", True)],
