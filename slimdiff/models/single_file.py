@@ -60,6 +60,7 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
     """
     import diffusers
     from diffusers.loaders.single_file_utils import (
+        SingleFileComponentError,
         infer_diffusers_model_type,
         load_single_file_checkpoint,
     )
@@ -86,6 +87,9 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             f"slimdiff supports (single files of: {', '.join(sorted(set(_PIPELINES)))}); "
             "a LoRA or a lone component is not a whole model"
         )
+    # What the file lacks comes from a local config folder's weights (diffusers' pipeline
+    # loader looks there only for diffusers' own weight names, and refuses the rest)
+    given = _from_config(path, checkpoint, pipeline, Path(config).expanduser()) if local else {}
     del checkpoint  # from_single_file reads the file itself (it takes a path, not tensors)
     offline = hub_offline()
     try:
@@ -93,7 +97,13 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             str(path),
             config=str(Path(config).expanduser()) if local else config,
             local_files_only=local or offline,
+            **given,
         )
+    except SingleFileComponentError as err:  # a component neither the file nor config has
+        raise UserError(
+            f"{path}: {err.message or err} (diffusers); the file lacks a component: pass a "
+            "local --config folder that holds its weights (the base model's whole folder)"
+        ) from None
     except (OSError, ValueError) as err:  # hub and config errors (hub errors are OSErrors)
         detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         where = f"config {config!r}" if config else f"diffusers' default config for {kind!r}"
@@ -109,6 +119,84 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             "once with `slimdiff convert FILE --config DIR --out FOLDER`, DIR a diffusers "
             "folder of the same architecture (the base model it was fine-tuned from)"
         ) from None
+
+
+# Where the SD3/FLUX layout (Stability's sd3_medium_incl_clips*, ComfyUI's whole FLUX
+# files) keeps each CLIP; SD1.x/SDXL files keep all of theirs or none
+_CLIP_PREFIXES = {
+    "text_encoder": "text_encoders.clip_l.",
+    "text_encoder_2": "text_encoders.clip_g.",
+}
+_VAE_PREFIXES = ("first_stage_model.", "vae.")  # diffusers' LDM_VAE_KEYS
+
+
+def _in_file(name: str, cls: type, checkpoint: dict) -> bool:
+    """Whether the file holds pipeline component `name` (a model of class `cls`)."""
+    from diffusers.loaders.single_file_utils import (
+        is_clip_model_in_single_file,
+        is_t5_in_single_file,
+    )
+
+    if cls.__name__ == "T5EncoderModel":
+        return is_t5_in_single_file(checkpoint)
+    if cls.__name__ == "AutoencoderKL":
+        return any(key.startswith(_VAE_PREFIXES) for key in checkpoint)
+    if cls.__name__.startswith("CLIPTextModel"):
+        if any(key.startswith("text_encoders.") for key in checkpoint):
+            prefix = _CLIP_PREFIXES.get(name)
+            return prefix is not None and any(key.startswith(prefix) for key in checkpoint)
+        return is_clip_model_in_single_file(cls, checkpoint)
+    return True  # the denoiser (checked before) and models diffusers reads from any file
+
+
+def _from_config(path: Path, checkpoint: dict, pipeline: str, folder: Path) -> dict[str, Any]:
+    """The models a single file lacks, for from_single_file's keywords: loaded from the
+    config folder where it has their weights (float32); None for a text encoder the
+    family runs without (SD3's T5, as Stability's sd3_medium_incl_clips file ships,
+    with a warning); UserError naming the component otherwise (a FLUX transformer file
+    with a config folder of configs only)."""
+    import json
+    import logging
+
+    import diffusers
+    import torch
+    import transformers
+
+    from slimdiff.models.families import arch_of_class
+
+    arch = arch_of_class(pipeline)
+    optional = {t.name: t.tokenizer for t in arch.text_encoders if t.optional}
+    index = json.loads((folder / "model_index.json").read_text())
+    given: dict[str, Any] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not (isinstance(entry, list) and len(entry) == 2):
+            continue
+        library, class_name = entry
+        module = {"diffusers": diffusers, "transformers": transformers}.get(library)
+        cls = getattr(module, class_name, None) if module is not None and class_name else None
+        if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+            continue  # tokenizers and schedulers: diffusers reads them from the folder
+        if _in_file(name, cls, checkpoint):
+            continue
+        if any((folder / name).glob("*.safetensors")):
+            model = cls.from_pretrained(folder / name, use_safetensors=True, local_files_only=True)
+            given[name] = model.to(torch.float32).eval()
+            logging.getLogger(__name__).info("%s: %s from %s", path.name, name, folder / name)
+        elif name in optional:
+            logging.getLogger(__name__).warning(
+                "%s holds no %s and %s has no weights for it: loading %s without it (give "
+                "--config a folder with %s weights to keep it)",
+                path, name, folder, arch.family, name,
+            )  # fmt: skip
+            given[name] = None
+            given[optional[name]] = None
+        else:
+            raise UserError(
+                f"{path} holds no {name} ({class_name}) and --config {folder} has no weights "
+                f"for it: pass the base model's whole diffusers folder as --config (files such "
+                "as flux1-dev.safetensors hold the transformer alone)"
+            )
+    return given
 
 
 def _config_pipeline(folder: Path) -> str | None:

@@ -282,8 +282,10 @@ def test_a_cut_short_weights_file_is_named(saved_sd15, tmp_path, command):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and not out.exists()
-    assert result.output.strip().splitlines()[-1].startswith(
-        f"error: {shard}: not a readable safetensors file ("
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {shard}: not a readable safetensors file (")
     )
     assert "damaged or incomplete" in result.output
 
