@@ -270,7 +270,8 @@ def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
         from slimdiff.artifact import load_artifact_lazy
 
         return _wrap(load_artifact_lazy(path), model)
-    index = {**index, **{name: [None, None] for name in skip if name in index}}
+    never = {**unused_components(index), **skip}
+    index = {**index, **{name: [None, None] for name in never if name in index}}
     _refuse_missing_folders(path, index, {})
     return _wrap(lazy_pipeline(path, index), model)
 
@@ -353,12 +354,14 @@ def _load_local(
         class_name = index.get("_class_name", "")
         family_of_pipeline(class_name)  # raises a clear error for unsupported classes
         if not allow_pickle:
-            _refuse_pickles(path, [path / k for k, v in index.items() if _is_part(v)])
+            unused = unused_components(index)
+            parts = [path / k for k, v in index.items() if _is_part(v) and k not in unused]
+            _refuse_pickles(path, parts)
         if (path / "slimdiff.json").is_file():
             from slimdiff.artifact import load_artifact
 
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
-        absent = {**null_components(index), **skip}
+        absent = {**null_components(index), **unused_components(index), **skip}
         _refuse_missing_folders(path, index, absent)
         parts = [path / k for k, v in index.items() if _is_part(v) and k not in absent]
         check_weight_files(parts)
@@ -467,6 +470,17 @@ def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> 
             )
 
 
+# Pipeline components no bundle runs, never loaded: SD1.x's NSFW safety checker and the
+# image encoders of IP-Adapters (with their processors). Repos list them in model_index.json
+# (runwayml's SD1.5: a 1.2 GB checker) and downloads often leave their folders out.
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def unused_components(index: dict[str, Any]) -> dict[str, None]:
+    """{name: None} for the UNUSED_COMPONENTS a model_index.json dict lists."""
+    return {name: None for name in UNUSED_COMPONENTS if _is_part(index.get(name))}
+
+
 def null_components(index: dict[str, Any]) -> dict[str, None]:
     """{name: None} for the components a model_index.json dict lists as [null, null]:
     diffusers' save_pretrained writes that for a component set to None (SD3 without T5),
@@ -500,7 +514,9 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, No
     offline = hub_offline()
     try:
         safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model_id, use_safetensors=safe, **skip)
+        # (unused components: None is taken for a pipeline's optional ones, ignored otherwise)
+        never = {**dict.fromkeys(UNUSED_COMPONENTS), **skip}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(model_id, use_safetensors=safe, **never)
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of
         # memory, a bug) keeps its traceback.

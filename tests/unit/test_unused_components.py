@@ -1,0 +1,51 @@
+"""Components no bundle runs (SD1.x's safety checker, IP-Adapters' image encoder and
+processors) are never loaded, whatever model_index.json says and whatever their folders
+hold: missing (a download that left them out), pickled, or damaged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from slimdiff.cli import main
+from slimdiff.models import load_model
+
+UNUSED = {
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """tiny:sd15 as runwayml's SD1.5 repo lists it; the checker's folder holds a pickle
+    that is no valid file either, the others are not there."""
+    root = tmp_path_factory.mktemp("sd15") / "pipe"
+    load_model("tiny:sd15").pipe.save_pretrained(root)
+    index = json.loads((root / "model_index.json").read_text())
+    index.update(UNUSED, requires_safety_checker=True)
+    (root / "model_index.json").write_text(json.dumps(index))
+    (root / "safety_checker").mkdir()
+    (root / "safety_checker" / "pytorch_model.bin").write_bytes(b"not a pickle")
+    return root
+
+
+@pytest.mark.parametrize("weights", ["memory", "lazy"])
+def test_they_are_never_loaded(folder, weights):
+    model = load_model(str(folder), weights=weights)
+    assert model.arch.family == "sd15"
+    for name in UNUSED:
+        assert getattr(model.pipe, name, None) is None
+
+
+@pytest.mark.parametrize("weights", ["memory", "stream"])
+def test_the_folder_exports(folder, tmp_path, weights):
+    out = tmp_path / "b"
+    args = ["export", str(folder), "--out", str(out), "--weights", weights]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder"}
