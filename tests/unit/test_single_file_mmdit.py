@@ -30,31 +30,19 @@ from tests.ldm_checkpoint_mmdit import (
     COMFY_PREFIX,
     flux_converter_for_any_width,
     flux_transformer_state,
-    patch_flux_width,
     same_weights,
     sd3_transformer_state,
-    tuned_sd3,
     write_flux_single_file,
     write_sd3_single_file,
 )
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return tuned_sd3(tmp_path_factory.mktemp("sd3"))
-
-
-@pytest.fixture
-def flux_any_width(monkeypatch):
-    patch_flux_width(monkeypatch)
 
 
 def _kind(file) -> str:
     return infer_diffusers_model_type(load_single_file_checkpoint(str(file)))
 
 
-def test_sd3_file_has_stabilitys_layout(sd3, tmp_path):
-    pipe, _ = sd3
+def test_sd3_file_has_stabilitys_layout(sd3_finetune, tmp_path):
+    pipe, _ = sd3_finetune
     file = tmp_path / "sd3.safetensors"
     write_sd3_single_file(pipe, file)
     keys = set(load_single_file_checkpoint(str(file)))
@@ -80,8 +68,8 @@ def test_sd3_file_has_stabilitys_layout(sd3, tmp_path):
     assert _kind(file) == "v1"
 
 
-def test_sd3_pipeline_loads_back_exactly(sd3, tmp_path):
-    pipe, base = sd3
+def test_sd3_pipeline_loads_back_exactly(sd3_finetune, tmp_path):
+    pipe, base = sd3_finetune
     file = tmp_path / "sd3.safetensors"
     write_sd3_single_file(pipe, file)
     loaded = StableDiffusion3Pipeline.from_single_file(
@@ -92,8 +80,8 @@ def test_sd3_pipeline_loads_back_exactly(sd3, tmp_path):
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["all-components", "transformer-only"])
-def test_sd3_components_load_back_exactly(sd3, tmp_path, whole):
-    pipe, base = sd3
+def test_sd3_components_load_back_exactly(sd3_finetune, tmp_path, whole):
+    pipe, base = sd3_finetune
     file = tmp_path / "sd3.safetensors"
     if whole:
         write_sd3_single_file(pipe, file)
@@ -111,8 +99,8 @@ def test_sd3_components_load_back_exactly(sd3, tmp_path, whole):
         same_weights(pipe.vae, vae)
 
 
-def test_sd3_writer_refuses_what_the_layout_cannot_hold(sd3, tmp_path):
-    pipe, _ = sd3
+def test_sd3_writer_refuses_what_the_layout_cannot_hold(sd3_finetune, tmp_path):
+    pipe, _ = sd3_finetune
     with pytest.raises(ValueError, match="clip_h"):
         write_sd3_single_file(pipe, tmp_path / "x.safetensors", text_encoders=("clip_h",))
     base = load_model("tiny:sd3").pipe  # its CLIP-L projects with random weights

@@ -19,24 +19,12 @@ from slimdiff.cli import main
 from slimdiff.models import load_model
 from tests.ldm_checkpoint_mmdit import (
     COMFY_PREFIX,
-    patch_flux_width,
     same_weights,
-    tuned_sd3,
     write_flux_single_file,
     write_sd3_single_file,
 )
 
 SD3_MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return tuned_sd3(tmp_path_factory.mktemp("sd3"))
-
-
-@pytest.fixture
-def flux_any_width(monkeypatch):
-    patch_flux_width(monkeypatch)
 
 
 def _convert(file, config, out) -> None:
@@ -51,8 +39,8 @@ def _convert(file, config, out) -> None:
     [(("clip_l", "clip_g"), True), ((), True), ((), False)],
     ids=["incl-clips", "transformer-and-vae", "transformer-only"],
 )
-def test_sd3_takes_what_the_file_lacks_from_the_config(sd3, tmp_path, parts, vae):
-    tuned, base = sd3
+def test_sd3_takes_what_the_file_lacks_from_the_config(sd3_finetune, tmp_path, parts, vae):
+    tuned, base = sd3_finetune
     file = tmp_path / "sd3.safetensors"
     write_sd3_single_file(tuned, file, text_encoders=parts, vae=vae)
     _convert(file, base, tmp_path / "out")
@@ -64,8 +52,8 @@ def test_sd3_takes_what_the_file_lacks_from_the_config(sd3, tmp_path, parts, vae
         same_weights(getattr(tuned if name in in_file else original, name), getattr(loaded, name))
 
 
-def test_sd3_without_t5_anywhere_runs_without_it(sd3, tmp_path, caplog):
-    tuned, base = sd3
+def test_sd3_without_t5_anywhere_runs_without_it(sd3_finetune, tmp_path, caplog):
+    tuned, base = sd3_finetune
     config = tmp_path / "base"
     shutil.copytree(base, config)
     for weights in (config / "text_encoder_3").glob("*.safetensors"):
