@@ -81,11 +81,19 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
     # encoders: SDXL's is told by OpenCLIP's 10th block); else the guess decides.
     local = config is not None and Path(config).expanduser().is_dir()
     pipeline = _config_pipeline(Path(config).expanduser()) if local else _PIPELINES.get(kind)
+    if pipeline is not None and local and not _has_denoiser(checkpoint):
+        # a denoiser alone in diffusers' layout (SDXL-Lightning's UNet file): slimdiff's own
+        from slimdiff.models.denoiser_file import denoiser_pipeline
+
+        pipe = denoiser_pipeline(path, checkpoint, Path(config).expanduser())
+        if pipe is not None:
+            return pipe
     if pipeline is None or not _has_denoiser(checkpoint):
         raise UserError(
             f"{path}: diffusers reads it as a {kind!r} checkpoint, not a text-to-image model "
-            f"slimdiff supports (single files of: {', '.join(sorted(set(_PIPELINES)))}); "
-            "a LoRA or a lone component is not a whole model"
+            f"slimdiff supports (single files of: {', '.join(sorted(set(_PIPELINES)))}, or "
+            "with --config DIR the UNet or transformer of DIR's model alone); a LoRA or "
+            "another component is not a whole model"
         )
     # What the file lacks comes from a local config folder's weights (diffusers' pipeline
     # loader looks there only for diffusers' own weight names, and refuses the rest)
