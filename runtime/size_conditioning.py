@@ -18,7 +18,12 @@ defaults differ by pipeline, and this port keeps each one's:
   target sizes are not used.
 
 Where a pipeline ignores a given value, this logs a warning and ignores it too, so that
-the image stays diffusers'. Heights and widths in pixels, (height, width) as diffusers.
+the image stays diffusers'. Two departures: diffusers' text-to-image pipeline repeats the
+[negative, prompt] pair of rows over the batch, which past one image gives some negative
+rows the prompt's ids (and the other way round) when the two differ; here negative rows
+carry the negative ids for every batch. And its SDXL ControlNet inpaint pipeline ignores
+the negative values altogether; here they apply as in its other image-to-image
+pipelines. Heights and widths in pixels, (height, width) as diffusers.
 
 Example:
     >>> values = check_size_conditioning(True, {"original_size": (512, 512)})
