@@ -25,7 +25,7 @@ from slimdiff.errors import UserError
 from slimdiff.models import LoadedModel, load_model
 from slimdiff.recipe import Recipe
 
-__all__ = ["compress_model", "dropped_components"]
+__all__ = ["check_passes", "compress_model", "dropped_components"]
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,7 @@ def compress_model(
     for p in first:
         p.preflight(pipe, None)
     reports = [_apply(p, pipe, None) for p in first]
-    calib = None
-    if any(p.needs_calibration for p in rest):
-        from slimdiff.calib import Calibration
-
-        calib = Calibration(pipe, model.arch, recipe.calibration, work_dir=work)
-    for p in rest:  # what a pass cannot run is refused before the trajectories' work
-        p.preflight(pipe, calib if p.needs_calibration else None)
+    calib = _preflight(model, pipe, rest, recipe, work)
     if calib is not None:
         # The teacher is the model as loaded (less what components passes removed): its
         # trajectories are recorded (or loaded from the cache) before any other pass
@@ -79,6 +73,32 @@ def compress_model(
             f"{out}: the artifact reloads as {compressed.arch.family}, expected {model.arch.family}"
         )
     return compressed
+
+
+def _preflight(model: LoadedModel, pipe, rest: list[Pass], recipe: Recipe, work: Path | None):
+    """The calibration the passes after the components ones need (None: none does), after
+    their preflights: what a pass cannot run is refused before the trajectories' work."""
+    calib = None
+    if any(p.needs_calibration for p in rest):
+        from slimdiff.calib import Calibration
+
+        calib = Calibration(pipe, model.arch, recipe.calibration, work_dir=work)
+    for p in rest:
+        p.preflight(pipe, calib if p.needs_calibration else None)
+    return calib
+
+
+def check_passes(model: LoadedModel, recipe: Recipe) -> None:
+    """Every pass's preflight on `model` (loaded lazily will do: configs and shapes, no
+    weights), in compress_model's order, nothing applied or recorded: what `compress`
+    would refuse before its slow work, for `compress --dry-run`. (Components passes are
+    not applied first, so the later checks see the pipeline as loaded.)"""
+    pipe = model.require_pipeline("compress")
+    passes = build_passes(recipe)
+    for p in passes:
+        if p.stage == Stage.COMPONENTS:
+            p.preflight(pipe, None)
+    _preflight(model, pipe, [p for p in passes if p.stage != Stage.COMPONENTS], recipe, None)
 
 
 def _apply(p: Pass, pipe, calib) -> PassReport:

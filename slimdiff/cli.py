@@ -174,7 +174,10 @@ def compress_cmd(
     values = {k: v for k, v in (("model", model), ("device", device)) if v is not None}
     r = load_recipe(recipe, overrides, values)
     if dry_run:
+        from slimdiff.app.flow import check_recipe_model
+
         click.echo(r.to_yaml(), nl=False)
+        click.echo(f"# {check_recipe_model(r)}")
         return
     if out is None:
         raise UserError("compress needs --out FOLDER (for OUT/artifact and OUT/bundle)")

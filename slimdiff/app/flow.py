@@ -47,6 +47,7 @@ __all__ = [
     "ARTIFACT_EVIDENCE",
     "FlowResult",
     "check_outputs",
+    "check_recipe_model",
     "compress_and_export",
     "compress_hash",
     "export_hash",
@@ -90,6 +91,25 @@ def check_input_files(recipe: Recipe) -> None:
                 raise UserError(
                     f"{entry.name}: {f} is not a file (paths are relative to the current directory)"
                 )
+
+
+def check_recipe_model(recipe: Recipe) -> str:
+    """The recipe's passes checked against its model without its weights (compress
+    --dry-run): the files passes read, then each pass's preflight on the model loaded
+    lazily (configs and shapes). UserError for what `compress` would refuse; else a line
+    saying what was checked (a hub id is not: loading it means downloading it)."""
+    from slimdiff.compress.runner import check_passes, dropped_components
+    from slimdiff.models import load_model
+    from slimdiff.models.loading import lazy_loadable
+
+    check_input_files(recipe)
+    if not recipe.passes:
+        return "no passes to check"
+    if not lazy_loadable(recipe.model):
+        return f"passes not checked against {recipe.model} (download it, or compress to check)"
+    model = load_model(recipe.model, weights="lazy", without=dropped_components(recipe))
+    check_passes(model, recipe)
+    return f"passes checked against {recipe.model} ({model.arch.family}): ok"
 
 
 def _file_digest(path: str, pass_name: str) -> str:

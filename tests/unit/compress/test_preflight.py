@@ -3,6 +3,8 @@ teacher's trajectories (minutes to hours at full size), and nothing is written."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from slimdiff.compress.runner import compress_model
 
@@ -84,3 +86,28 @@ def test_a_second_order_scheduler_makes_more_calls_to_group(tmp_path, no_recordi
     )
     with pytest.raises(AssertionError, match="recorded before the refusal"):
         compress_model(load_model("tiny:sd15"), recipe, tmp_path / "b")
+
+
+def _dry_run(tmp_path, recipe: dict):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"version": 1, **recipe}))  # JSON is YAML
+    return CliRunner().invoke(main, ["compress", str(path), "--dry-run"])
+
+
+@pytest.mark.usefixtures("no_recording")
+def test_dry_run_checks_the_passes_against_the_model(tmp_path):
+    step = {"pass": "blocks.remove", "preset": "ssd-1b", "distill": DISTILL}
+    bad = _dry_run(tmp_path, {"model": "tiny:sd15", "calibration": CALIBRATION, "passes": [step]})
+    assert bad.exit_code == 2
+    assert "error: blocks.remove: preset ssd-1b is for sdxl UNets, this model is sd15" in bad.output
+    good = _dry_run(tmp_path, {"model": "tiny:sdxl", "calibration": CALIBRATION, "passes": [step]})
+    assert good.exit_code == 0, good.output
+    assert "preset: ssd-1b" in good.output  # the resolved recipe, then the check's line
+    assert good.output.rstrip().endswith("# passes checked against tiny:sdxl (sdxl): ok")
+    hub = _dry_run(tmp_path, {"model": "org/not-here", "passes": [step]})
+    assert hub.exit_code == 0, hub.output
+    assert "# passes not checked against org/not-here (download it" in hub.output
