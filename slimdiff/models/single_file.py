@@ -188,7 +188,9 @@ def _from_config(path: Path, checkpoint: dict, pipeline: str, folder: Path) -> d
             continue
         if any((folder / name).glob("*.safetensors")):
             model = cls.from_pretrained(folder / name, use_safetensors=True, local_files_only=True)
-            given[name] = model.to(torch.float32).eval()
+            if any(p.dtype != torch.float32 for p in model.parameters()):  # an fp16 folder
+                model = model.to(torch.float32)
+            given[name] = model.eval()
             logging.getLogger(__name__).info("%s: %s from %s", path.name, name, folder / name)
         elif name in optional:
             logging.getLogger(__name__).warning(

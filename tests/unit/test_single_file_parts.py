@@ -114,3 +114,22 @@ def test_a_config_without_the_missing_weights_is_one_line(flux, tmp_path):
     line = done.output.strip().splitlines()[-1]
     assert line.startswith(f"error: {file} holds no text_encoder (CLIPTextModel) and --config")
     assert "pass the base model's whole diffusers folder as --config" in line
+
+
+@pytest.mark.usefixtures("flux_any_width")
+def test_an_fp8_flux_file_loads_as_float32(flux, tmp_path):
+    """FLUX files often ship in float8_e4m3fn (ComfyUI's fp8 checkpoints): their values,
+    upcast exactly, in a float32 model."""
+    from safetensors.torch import load_file, save_file
+
+    tuned, _, base = flux
+    file = tmp_path / "flux1-tuned.safetensors"
+    write_flux_single_file(tuned, file)
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in load_file(str(file)).items()}
+    save_file(fp8, str(file))
+    _convert(file, base, tmp_path / "out")
+    loaded = load_model(str(tmp_path / "out")).pipe.transformer
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for key, value in tuned.state_dict().items():
+        expected = value.to(torch.float8_e4m3fn).float()
+        assert torch.equal(loaded.state_dict()[key], expected), key
