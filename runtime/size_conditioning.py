@@ -61,9 +61,6 @@ class SizeConditioning:
     negative_crops_coords_top_left: Pair | None = None
     negative_target_size: Pair | None = None
 
-    def given(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
 
 SIZE_CONDITIONING = tuple(f.name for f in fields(SizeConditioning))
 

@@ -68,7 +68,6 @@ def test_values_are_pairs_of_whole_numbers():
         True, {"original_size": [np.int64(4096), 2048.0], "crops_coords_top_left": (0, 0)}
     )
     assert checked == SizeConditioning(original_size=(4096, 2048), crops_coords_top_left=(0, 0))
-    assert checked.given() == ["original_size", "crops_coords_top_left"]
     assert check_size_conditioning(False, dict.fromkeys(SIZE_CONDITIONING)) == SizeConditioning()
 
 
