@@ -53,6 +53,7 @@ from slimdiff.runtime.manifest import (
     FIX,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    VAE_ENCODER,
     BundleError,
     Manifest,
     load_json_bytes,
@@ -113,6 +114,34 @@ class Bundle:
             f"ok: {m.family}{refiner} bundle, {len(m.components)} components "
             f"({', '.join(m.components)}){without}{steered}, {len(m.files) + 1} files, "
             f"{self.size / 1e6:.1f} MB, every SHA-256 matches"
+        )
+
+
+    def usage(self) -> str:
+        """What a run of this bundle takes, in `slimdiff run`'s terms: the defaults, the
+        scheduler, the denoiser's format and precision, and the inputs beyond a prompt."""
+        m = self.manifest
+        p = m.pipeline
+        scheduler = self.read_json(p.scheduler, infinities=True).get("_class_name", "?")
+        denoiser = m.components[p.denoiser]
+        height, width = p.default_size
+        takes = []
+        if p.kind.inpainting:
+            takes.append("--image and --mask, always (an inpainting model)")
+        elif VAE_ENCODER in m.components:
+            takes.append("--image, --mask")
+        if p.controlnet is not None:
+            n = p.controlnet.count
+            takes.append(f"--control-image ({n} ControlNet{'s' if n > 1 else ''})")
+        if "time_ids" in p.kind.extra_inputs:
+            takes.append("--original-size and SDXL's other size conditioning")
+        if p.kind.aesthetic_score:
+            takes.append("--aesthetic-score")
+        return (
+            f"runs: default {width}x{height}, {p.default_steps} steps, guidance "
+            f"{p.default_guidance:g}, {scheduler}; {p.denoiser} {denoiser.format} "
+            f"{denoiser.precision}; sides in multiples of {p.size_multiple}"
+            + (f"; takes {', '.join(takes)}" if takes else "")
         )
 
 

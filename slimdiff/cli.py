@@ -367,6 +367,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     verified = open_bundle(bundle, expect_sha256=expect_sha256)
     click.echo(f"bundle: {bundle}  sha256 {verified.sha256}")
     click.echo(verified.summary())
+    click.echo(verified.usage())
 
 
 @main.command("run")

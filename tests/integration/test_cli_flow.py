@@ -187,6 +187,7 @@ def test_a_recipe_with_a_controlnet_exports_it_and_run_takes_control_images(tmp_
     assert manifest["source"]["controlnet"] == str(folder)
     verified = _run("verify", bundle)
     assert "the denoiser with a ControlNet" in verified.output
+    assert verified.output.rstrip().endswith("; takes --control-image (1 ControlNet)")
 
     edges = tmp_path / "edges.png"
     pixels = np.zeros((48, 64, 3), np.uint8)

@@ -225,6 +225,17 @@ def test_cli_bad_sizes_are_one_line(tiny_bundle, tmp_path, args, message):
     assert "Traceback" not in result.output and not (tmp_path / "a.png").exists()
 
 
+def test_verify_says_an_sdxl_bundle_takes_them(tiny_bundle):
+    _, bundle = tiny_bundle("sdxl")  # exported with its VAE encoder
+    result = CliRunner().invoke(main, ["verify", str(bundle)])
+    assert result.exit_code == 0, result.output
+    usage = result.output.strip().splitlines()[-1]
+    assert usage.startswith("runs: default 128x128, 30 steps, guidance 5, Euler")
+    assert usage.endswith(
+        "; takes --image, --mask, --original-size and SDXL's other size conditioning"
+    )
+
+
 def test_cli_on_another_family_exits_2(tiny_bundle, tmp_path):
     _, bundle = tiny_bundle("sd15")
     cmd = ["run", str(bundle), "--prompt", "x", "--steps", "1", "--original-size", "512x512"]

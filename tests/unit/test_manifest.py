@@ -54,12 +54,17 @@ def test_identity_printed_by_export_equals_verify_and_the_file_hash(exported):
     out, printed = exported
     verify = _cli("verify", str(out))
     assert verify.returncode == 0, verify.stderr
-    first, summary = verify.stdout.splitlines()
+    first, summary, usage = verify.stdout.splitlines()
     assert first == f"bundle: {out}  sha256 {printed}"
     assert re.fullmatch(
         r"ok: sd15 bundle, 3 components \(text_encoder, unet, vae_decoder\), "
         r"\d+ files, [\d.]+ MB, every SHA-256 matches",
         summary,
+    )
+    # tiny:sd15's defaults and scheduler; nothing beyond a prompt (no VAE encoder)
+    assert usage == (
+        "runs: default 128x128, 30 steps, guidance 7.5, EulerDiscreteScheduler; unet onnx "
+        "fp32; sides in multiples of 8"
     )
     assert printed == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
     assert open_bundle(out).sha256 == read_manifest(out, verify=False).sha256 == printed
