@@ -128,6 +128,7 @@ def export_bundle(
     progress: Callable[[str, int, int], None] | None = None,
     scheduler: str | None = None,
     sigmas: str | None = None,
+    timestep_spacing: str | None = None,
     vae_encoder: bool = False,
     controlnet: str | Sequence[str] | None = None,
     allow_pickle: bool = False,
@@ -177,6 +178,9 @@ def export_bundle(
             bundle's scheduler is checked against the runtime before anything is exported.
         sigmas: ship the scheduler on this sigma schedule ("karras", "exponential",
             "beta"; runtime.schedulers.with_sigmas), after any `scheduler` switch.
+        timestep_spacing: ship it with diffusers' `timestep_spacing` set ("leading",
+            "trailing", "linspace"; runtime.schedulers.with_spacing): "trailing" for
+            SDXL-Lightning, Hyper-SD and other few-step distillations.
         vae_encoder: also export the VAE encoder (component "vae_encoder", at the VAE
             decoder's precision), which image-to-image runs need (`slimdiff run --image`);
             always for an inpainting model (KindSpec.inpainting) and the SDXL refiner
@@ -202,7 +206,7 @@ def export_bundle(
     model.require_pipeline("export")
     out = Path(out)
     check_out_dir(out)
-    shipped_scheduler = bundle_scheduler(model, scheduler, sigmas)
+    shipped_scheduler = bundle_scheduler(model, scheduler, sigmas, timestep_spacing)
     precisions = component_precisions(model, precision, vae_precision)
     sizes = size_range(model, min_size, max_size, max_images)
     kind = model.arch.kind_for(model.denoiser.config)

@@ -31,6 +31,7 @@ from slimdiff.runtime.schedulers import (
     switch_scheduler,
     switch_warning,
     with_sigmas,
+    with_spacing,
 )
 
 from slimdiff.errors import UserError
@@ -164,11 +165,17 @@ def _text_encoder_record(pipe, spec) -> TextEncoderRecord:
     )
 
 
-def bundle_scheduler(model: LoadedModel, name: str | None = None, sigmas: str | None = None):
+def bundle_scheduler(
+    model: LoadedModel,
+    name: str | None = None,
+    sigmas: str | None = None,
+    spacing: str | None = None,
+):
     """The diffusers scheduler the bundle ships: the model's, or scheduler `name` (a short
     name or class name, runtime.schedulers.switch_scheduler) built from the model's config
     as diffusers' `from_config` builds it; with `sigmas` ("karras", "exponential", "beta")
-    on that sigma schedule (runtime.schedulers.with_sigmas). The model is left as it was.
+    on that sigma schedule (runtime.schedulers.with_sigmas), with `spacing` its
+    timestep_spacing (runtime.schedulers.with_spacing). The model is left as it was.
 
     Raises UserError, before any export work, for an unknown name or a scheduler the
     runtime cannot sample with (a hub SD1.5 folder's PNDM is ported; SA-Solver and IPNDM
@@ -188,11 +195,15 @@ def bundle_scheduler(model: LoadedModel, name: str | None = None, sigmas: str | 
         warning = switch_warning(current, chosen)
         if warning:
             log.warning("--scheduler %s: %s", name, warning)
-    if sigmas is not None:
-        try:
-            chosen = with_sigmas(chosen, sigmas)
-        except ValueError as err:
-            raise UserError(f"--sigmas: {err}") from None
+    for option, change, value in (
+        ("--sigmas", with_sigmas, sigmas),
+        ("--timestep-spacing", with_spacing, spacing),
+    ):
+        if value is not None:
+            try:
+                chosen = change(chosen, value)
+            except ValueError as err:
+                raise UserError(f"{option}: {err}") from None
     if chosen is not current:  # built once, from the final config
         class_name = chosen["_class_name"]
         plain = {k: v for k, v in chosen.items() if not k.startswith("_")}

@@ -116,7 +116,6 @@ class Bundle:
             f"{self.size / 1e6:.1f} MB, every SHA-256 matches"
         )
 
-
     def usage(self) -> str:
         """What a run of this bundle takes, in `slimdiff run`'s terms: the defaults, the
         scheduler, the denoiser's format and precision, and the inputs beyond a prompt."""

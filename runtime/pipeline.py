@@ -63,6 +63,7 @@ from slimdiff.runtime.refiner import (
 from slimdiff.runtime.scheduler_choice import (
     check_scheduler,
     resampled,
+    respaced,
     set_eta,
     switched,
 )
@@ -162,6 +163,7 @@ class Text2ImagePipeline:
         scheduler: str | None = None,
         low_memory: bool = False,
         sigmas: str | None = None,
+        timestep_spacing: str | None = None,
     ) -> Text2ImagePipeline:
         """Verify `bundle` (schema, paths, SHA-256 of every file) and load it on `backend`.
 
@@ -174,10 +176,14 @@ class Text2ImagePipeline:
         sum; every call loads them again (runtime/sessions.py). `sigmas` ("karras",
         "exponential" or "beta") samples on that sigma schedule instead of the scheduler's
         own (runtime.schedulers.with_sigmas), after any `scheduler` switch.
+        `timestep_spacing` ("leading", "trailing" or "linspace": diffusers' key) places the
+        steps in the training range otherwise than the bundle's config ("trailing" for
+        SDXL-Lightning, Hyper-SD, SDXL-Turbo and other few-step distillations).
         """
         runner = get_backend(backend)  # fail on a bad backend name before hashing gigabytes
         bundle_files = open_bundle(bundle, expect_sha256=expect_sha256)
-        return cls._load_verified(bundle_files, runner, scheduler, low_memory, sigmas)
+        schedule = {"sigmas": sigmas, "timestep_spacing": timestep_spacing}
+        return cls._load_verified(bundle_files, runner, scheduler, low_memory, **schedule)
 
     @classmethod
     def _load_verified(
@@ -187,6 +193,7 @@ class Text2ImagePipeline:
         scheduler: str | None = None,
         low_memory: bool = False,
         sigmas: str | None = None,
+        timestep_spacing: str | None = None,
     ) -> Text2ImagePipeline:
         manifest = bundle.manifest
         config = manifest.pipeline
@@ -196,6 +203,8 @@ class Text2ImagePipeline:
             scheduler_config = switched(config, scheduler_config, scheduler)
         if sigmas is not None:
             scheduler_config = resampled(config, scheduler_config, sigmas)
+        if timestep_spacing is not None:
+            scheduler_config = respaced(config, scheduler_config, timestep_spacing)
         # Everything parsed in-process first, so a bad file fails before any graph loads.
         tokenizers = [bundle_tokenizer(bundle, record) for record in config.text_encoders]
 

@@ -18,12 +18,20 @@ from slimdiff.runtime.schedulers import (
     switch_scheduler,
     switch_warning,
     with_sigmas,
+    with_spacing,
 )
 
 from slimdiff.errors import UserError
 from slimdiff.models.kinds import timestep_args
 
-__all__ = ["check_scheduler", "resampled", "scheduler_problem", "set_eta", "switched"]
+__all__ = [
+    "check_scheduler",
+    "resampled",
+    "respaced",
+    "scheduler_problem",
+    "set_eta",
+    "switched",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,12 @@ def check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) ->
 def resampled(config: PipelineSpec, scheduler_config: dict, sigmas: str) -> dict:
     """The scheduler config on `sigmas`' schedule (the caller's choice: UserError)."""
     return _changed(config, with_sigmas, scheduler_config, sigmas, "sigmas")
+
+
+def respaced(config: PipelineSpec, scheduler_config: dict, spacing: str) -> dict:
+    """The scheduler config on diffusers' `spacing` of timesteps (the caller's choice:
+    UserError)."""
+    return _changed(config, with_spacing, scheduler_config, spacing, "timestep spacing")
 
 
 def switched(config: PipelineSpec, scheduler_config: dict, name: str) -> dict:

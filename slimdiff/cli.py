@@ -32,6 +32,7 @@ from slimdiff.app.options import (
     set_option,
     sigmas_option,
     size_conditioning_options,
+    spacing_option,
 )
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_IMAGES
@@ -289,6 +290,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
 )
 @scheduler_option("The scheduler the bundle ships. Default: the model's.")
 @sigmas_option("Ship the scheduler")
+@spacing_option("Ship the scheduler")
 @edit_options
 @allow_pickle_option
 def export_cmd(
@@ -305,6 +307,7 @@ def export_cmd(
     weights: str,
     scheduler: str | None,
     sigmas: str | None,
+    timestep_spacing: str | None,
     drop: tuple[str, ...],
     vae: str | None,
     loras: list[dict],
@@ -341,6 +344,7 @@ def export_cmd(
         weights=weights,
         scheduler=scheduler,
         sigmas=sigmas,
+        timestep_spacing=timestep_spacing,
         vae_encoder=vae_encoder,
         controlnet=list(controlnets),
         allow_pickle=allow_pickle,
@@ -424,6 +428,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
 )
 @scheduler_option("Sample with this scheduler instead of the bundle's.")
 @sigmas_option("Sample")
+@spacing_option("Sample")
 @click.option(
     "--low-memory",
     is_flag=True,
@@ -436,8 +441,8 @@ def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
     size, init_image, mask_image, strength, control_image, control_scale, control_start,
     control_end, control_guess, refiner, refiner_start, aesthetic_score,
-    negative_aesthetic_score, latents, backend, scheduler, sigmas, low_memory, expect_sha256,
-    out, **sizing,
+    negative_aesthetic_score, latents, backend, scheduler, sigmas, timestep_spacing,
+    low_memory, expect_sha256, out, **sizing,
 ):  # fmt: skip
     """Generate an image (or --images N) from a bundle with the torch-free runtime; from
     an --image too (image-to-image), steered by a --control-image (ControlNet), finished by
@@ -465,7 +470,13 @@ def run_cmd(
     for path in outs:
         check_output_file(path)
     init = read_latents(latents) if latents is not None else None
-    load = {"backend": backend, "scheduler": scheduler, "low_memory": low_memory, "sigmas": sigmas}
+    load = {
+        "backend": backend,
+        "scheduler": scheduler,
+        "low_memory": low_memory,
+        "sigmas": sigmas,
+        "timestep_spacing": timestep_spacing,
+    }
     pipe = Text2ImagePipeline.from_bundle(bundle, expect_sha256=expect_sha256, **load)
     call = {
         "negative_prompt": negative_prompt,

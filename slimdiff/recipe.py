@@ -158,6 +158,9 @@ class ExportSpec(_Strict):
     # The sigma schedule it samples on instead of its own (the class's use_<name>_sigmas
     # key): karras | exponential | beta. None: the scheduler's own.
     sigmas: Literal["karras", "exponential", "beta"] | None = None
+    # diffusers' timestep_spacing it ships with: "trailing" for SDXL-Lightning, Hyper-SD,
+    # SDXL-Turbo and other few-step distillations. None: the scheduler's own.
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None
     # Also export the VAE encoder, which image-to-image needs (`slimdiff run --image`).
     vae_encoder: bool = False
     # A ControlNet to steer the UNet with (a diffusers ControlNet folder, a single

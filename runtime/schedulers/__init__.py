@@ -123,6 +123,8 @@ __all__ = [
     "SCHEDULER_ALIASES",
     "SIGMA_SCHEDULES",
     "SIGMA_SCHEDULE_CLASSES",
+    "SPACING_CLASSES",
+    "TIMESTEP_SPACINGS",
     "ZERO_SNR_CLASSES",
     "DDIMScheduler",
     "DDPMScheduler",
@@ -152,6 +154,7 @@ __all__ = [
     "switch_warning",
     "takes_noise",
     "with_sigmas",
+    "with_spacing",
 ]
 
 
@@ -416,6 +419,53 @@ SIGMA_SCHEDULE_CLASSES = frozenset(
         "UniPCMultistepScheduler",
     }
 )
+
+
+# diffusers' timestep spacings: where a schedule of n steps puts its timesteps in the
+# training range ("trailing" ends on the last training step: what SDXL-Lightning, Hyper-SD,
+# SDXL-Turbo, DMD2 and other few-step distillations sample with)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# The ported classes whose schedule follows `timestep_spacing`, as their diffusers classes
+# (LCM and TCD take the key but their schedules ignore it; tests/unit/test_schedulers.py
+# keeps the set equal to diffusers')
+SPACING_CLASSES = frozenset(
+    {
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "DEISMultistepScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSDEScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "EulerDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "LMSDiscreteScheduler",
+        "PNDMScheduler",
+        "UniPCMultistepScheduler",
+    }
+)
+
+
+def with_spacing(config: dict[str, Any], spacing: str) -> dict[str, Any]:
+    """`config` (a scheduler_config.json dict) with diffusers' `timestep_spacing` set to
+    `spacing` (one of TIMESTEP_SPACINGS), as `from_config(config, timestep_spacing=...)`
+    sets it. ValueError for an unknown spacing, or a class without one (flow matching,
+    EDM, LCM, TCD, DPM-Solver singlestep), naming the classes that have it.
+
+    Example:
+        >>> with_spacing({"_class_name": "EulerDiscreteScheduler"}, "trailing")
+        {'_class_name': 'EulerDiscreteScheduler', 'timestep_spacing': 'trailing'}
+    """
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; use one of: {', '.join(TIMESTEP_SPACINGS)}")
+    name = str(config.get("_class_name", ""))
+    if name not in SPACING_CLASSES:
+        raise ValueError(
+            f"{name or 'this scheduler'} has no timestep spacing; pick a scheduler that has "
+            f"one ({', '.join(sorted(SPACING_CLASSES))})"
+        )
+    return {**config, "timestep_spacing": spacing}
 
 
 def with_sigmas(config: dict[str, Any], schedule: str) -> dict[str, Any]:

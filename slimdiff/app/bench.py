@@ -138,6 +138,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         np.random.default_rng(b.seed + i).standard_normal(shape).astype(np.float32)
         for i in range(len(prompts))
     ]
+    shipped = _shipped_scheduler(recipe)
     settings = {
         "model": recipe.model,
         "prompts": prompts,
@@ -145,20 +146,24 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         "size": list(size),
         "guidance": guidance,
         "seed": b.seed,
-        # only when set, so the references of recipes without it keep their cache keys
+        # only when set, so the references of recipes without them keep their cache keys
         **({"guidance_rescale": b.guidance_rescale} if b.guidance_rescale > 0 else {}),
+        **({"scheduler": shipped} if shipped else {}),
     }
     # The reference cache is keyed by what the model is (its weights and configs), so a
     # retrained folder at the same path gets a fresh reference.
     model_key = {"fingerprint": fingerprint(pipe), "device": device}
 
     ref_dir = out / "_reference" / _key({**settings, "model": model_key})
+    own = pipe.scheduler
+    _ship_scheduler(base, shipped)  # the reference samples as the bundle will
     reference = _reference(pipe, settings, noise, ref_dir)
     accuracy = _accuracy_settings(b, settings, shape)
     if accuracy is not None:
         acc_settings, acc_noise = accuracy
         acc_ref_dir = out / "_reference" / _key({**acc_settings, "model": model_key})
         acc_reference = _reference(pipe, acc_settings, acc_noise, acc_ref_dir)
+    pipe.scheduler = own  # compress keeps the model's (export ships the other)
     step("reference")
     del pipe
 
@@ -174,6 +179,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     info = inspect_model(compressed, size=size)
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
+    _ship_scheduler(compressed, shipped)
     timings, eager = _timed_pairs(compressed.pipe, bundle, settings, noise, b, run_dir)
     del compressed
     step("torch eager vs runtime")
@@ -266,6 +272,26 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         row["fidelity"]["heldout_psnr_db"] = float(np.mean([psnr(a, r) for a, r in pairs]))
         row["prompt_accuracy"]["images_per_prompt"] = b.accuracy_images
     return row
+
+
+def _shipped_scheduler(recipe: Recipe) -> dict[str, str]:
+    """The recipe's export.scheduler, export.sigmas and export.timestep_spacing that are
+    set: the bundle samples otherwise than the model's own scheduler."""
+    keys = ("scheduler", "sigmas", "timestep_spacing")
+    return {k: getattr(recipe.export, k) for k in keys if getattr(recipe.export, k) is not None}
+
+
+def _ship_scheduler(model, shipped: dict[str, str]) -> None:
+    """Give `model`'s torch pipeline the scheduler the bundle ships (export's own
+    bundle_scheduler), so torch and the runtime sample alike; nothing when `shipped` is
+    empty."""
+    if not shipped:
+        return
+    from slimdiff.export.bundle import bundle_scheduler
+
+    model.pipe.scheduler = bundle_scheduler(
+        model, shipped.get("scheduler"), shipped.get("sigmas"), shipped.get("timestep_spacing")
+    )
 
 
 def _check_rescale_before_loading(recipe: Recipe) -> None:

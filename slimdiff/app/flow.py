@@ -127,7 +127,12 @@ def _file_digest(path: str, pass_name: str) -> str:
 def export_hash(compress: str, recipe: Recipe, target: str) -> str:
     export = recipe.export.model_dump(mode="json")
     # keeps the hashes of recipes written before these keys
-    defaults = (("scheduler", None), ("sigmas", None), ("vae_encoder", False))
+    defaults = (
+        ("scheduler", None),
+        ("sigmas", None),
+        ("timestep_spacing", None),
+        ("vae_encoder", False),
+    )
     for key, default in (*defaults, ("controlnet", None)):
         if export[key] == default:
             del export[key]
@@ -265,6 +270,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 max_images=recipe.export.max_images,
                 scheduler=recipe.export.scheduler,
                 sigmas=recipe.export.sigmas,
+                timestep_spacing=recipe.export.timestep_spacing,
                 vae_encoder=recipe.export.vae_encoder,
                 controlnet=recipe.export.controlnet,
                 allow_pickle=allow_pickle,

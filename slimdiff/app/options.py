@@ -25,6 +25,7 @@ __all__ = [
     "scheduler_option",
     "set_option",
     "size_conditioning_options",
+    "spacing_option",
 ]
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)  # an input file
@@ -326,6 +327,19 @@ def sigmas_option(what: str):
         "use_<name>_sigmas key): Karras, exponential or Beta sigmas between the same ends. "
         "For schedulers that have them (Euler, Heun, DPM2, LMS, DPM-Solver, DEIS, UniPC, "
         "flow-match Euler, ...).",
+    )
+
+
+def spacing_option(what: str):
+    """--timestep-spacing leading|trailing|linspace: diffusers' timestep_spacing set."""
+    return click.option(
+        "--timestep-spacing",
+        type=click.Choice(["leading", "trailing", "linspace"]),
+        default=None,
+        help=f"{what} with this timestep spacing (diffusers' timestep_spacing): trailing for "
+        "SDXL-Lightning, Hyper-SD, SDXL-Turbo and other few-step distillations. For "
+        "schedulers that have one (Euler, Euler-a, Heun, DPM2, LMS, DDIM, DDPM, PNDM, "
+        "DPM-Solver, DEIS, UniPC).",
     )
 
 

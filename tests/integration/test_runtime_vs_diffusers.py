@@ -940,3 +940,40 @@ def test_cli_sigmas_on_a_scheduler_without_them_is_one_line(tiny_bundle, tmp_pat
         done.output
     )
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(("family", "name"), [("sdxl", None), ("sd15", "dpm++2m")])
+def test_timestep_spacing_matches_diffusers(tiny_bundle, family, name):
+    """`run --timestep-spacing trailing` (SDXL-Lightning's): diffusers' class built with
+    timestep_spacing="trailing", after any --scheduler."""
+    import diffusers
+    from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
+
+    model, bundle = tiny_bundle(family)
+    runtime = Text2ImagePipeline.from_bundle(bundle, scheduler=name, timestep_spacing="trailing")
+    original = model.pipe.scheduler
+    assert original.config.timestep_spacing != "trailing"  # the bundle's own is another
+    class_name, overrides = SCHEDULER_ALIASES.get(name, (type(original).__name__, {}))
+    spaced = {**overrides, "timestep_spacing": "trailing"}
+    ref = getattr(diffusers, class_name).from_config(original.config, **spaced)
+    _assert_same_run(model, runtime, ref, seed=6, label=f"{family} {name} trailing")
+
+
+def test_cli_timestep_spacing_on_a_flow_model_is_one_line(tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    _, bundle = tiny_bundle("flux")
+    args = ["run", str(bundle), "--prompt", "a cat", "--out", str(tmp_path / "x.png")]
+    done = CliRunner().invoke(main, [*args, "--timestep-spacing", "trailing"])
+    assert done.exit_code == 2
+    assert (
+        "timestep spacing: FlowMatchEulerDiscreteScheduler has no timestep spacing; pick a "
+        "scheduler that has one" in done.output
+    )
+    assert not (tmp_path / "x.png").exists()
+    export = ["export", "tiny:flux", "--out", str(tmp_path / "b"), "--timestep-spacing", "trailing"]
+    refused = CliRunner().invoke(main, export)
+    assert refused.exit_code == 2 and "--timestep-spacing: FlowMatchEuler" in refused.output
+    assert not (tmp_path / "b").exists()

@@ -33,8 +33,8 @@ def test_a_retrained_folder_at_the_same_path_is_compressed_again(tmp_path):
 
 
 def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
-    """A recipe that leaves scheduler, sigmas, vae_encoder and controlnet unset hashes as it
-    did before those keys existed (its cached bundle is reused); setting one makes another
+    """A recipe that leaves scheduler, sigmas, timestep_spacing, vae_encoder and controlnet
+    unset hashes as it did before those keys existed (its cached bundle is reused); setting one makes another
     bundle. A ControlNet is hashed by its files, not its path."""
     import json
 
@@ -44,7 +44,7 @@ def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
     before = {
         k: v
         for k, v in recipe.export.model_dump(mode="json").items()
-        if k not in ("scheduler", "sigmas", "vae_encoder", "controlnet")
+        if k not in ("scheduler", "sigmas", "timestep_spacing", "vae_encoder", "controlnet")
     }
     assert export_hash("c", recipe, "onnx") == _hash({"compress": "c", "target": "onnx", **before})
     folders = []
@@ -55,11 +55,16 @@ def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
         (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
         folders.append(str(folder))
     hashes = {export_hash("c", recipe, "onnx")}
-    changes = [("vae_encoder", True), ("sigmas", "karras"), ("scheduler", "euler")]
+    changes = [
+        ("vae_encoder", True),
+        ("sigmas", "karras"),
+        ("scheduler", "euler"),
+        ("timestep_spacing", "trailing"),
+    ]
     for key, value in [*changes, ("controlnet", folders[0])]:
         changed = validate_recipe({"model": "tiny:sd15", "export": {key: value}})
         hashes.add(export_hash("c", changed, "onnx"))
-    assert len(hashes) == 5
+    assert len(hashes) == 6  # each change, and none
     # the same files elsewhere: the same bundle; other weights: another
     same = validate_recipe({"model": "tiny:sd15", "export": {"controlnet": folders[1]}})
     assert export_hash("c", same, "onnx") in hashes

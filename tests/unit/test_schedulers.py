@@ -756,6 +756,47 @@ def test_class_sets_are_diffusers_own(key, classes):
     assert have == classes
 
 
+def test_spacing_classes_are_diffusers_own():
+    """The ported classes whose diffusers class takes timestep_spacing, but LCM and TCD,
+    whose schedules ignore it."""
+    import inspect
+
+    have = {
+        name
+        for name in schedulers.scheduler_names()
+        if name.endswith("Scheduler")
+        and "timestep_spacing" in inspect.signature(getattr(diffusers, name)).parameters
+    }
+    assert have - {"LCMScheduler", "TCDScheduler"} == schedulers.SPACING_CLASSES
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_with_spacing_samples_as_diffusers_from_config(name, spacing):
+    """SDXL's config (leading, steps_offset 1) on another spacing, as
+    `from_config(config, timestep_spacing=...)` builds it (SDXL-Lightning: trailing)."""
+    config = {"_class_name": name, **SD15, "timestep_spacing": "leading"}
+    spaced = schedulers.with_spacing(config, spacing)
+    assert spaced["timestep_spacing"] == spacing and config["timestep_spacing"] == "leading"
+    plain = {k: v for k, v in config.items() if not k.startswith("_")}
+    ref = getattr(diffusers, name).from_config(plain, timestep_spacing=spacing)
+    ours = schedulers.scheduler_from_config(spaced)
+    for n in (4, 8):
+        ref.set_timesteps(n)
+        ours.set_timesteps(n)
+        np.testing.assert_allclose(np.asarray(ours.timesteps), ref.timesteps.numpy(), atol=1e-4)
+    assert _run(ref, ours, 4, seed=5) < TOL
+
+
+def test_with_spacing_refusals():
+    with pytest.raises(ValueError, match=r"FlowMatchEulerDiscreteScheduler has no timestep spac"):
+        schedulers.with_spacing({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "trailing")
+    with pytest.raises(ValueError, match=r"LCMScheduler has no timestep spacing; .*Euler"):
+        schedulers.with_spacing({"_class_name": "LCMScheduler"}, "trailing")
+    with pytest.raises(ValueError, match=r"unknown spacing 'uniform'; use one of: leading"):
+        schedulers.with_spacing({"_class_name": "EulerDiscreteScheduler"}, "uniform")
+
+
 def test_with_sigmas_replaces_the_schedule():
     dpm = {"_class_name": "DPMSolverMultistepScheduler", **SD_BETAS, "use_karras_sigmas": True}
     beta = schedulers.with_sigmas({**dpm, "use_lu_lambdas": True}, "beta")
