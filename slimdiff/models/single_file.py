@@ -171,6 +171,7 @@ def _from_config(path: Path, checkpoint: dict, pipeline: str, folder: Path) -> d
     import transformers
 
     from slimdiff.models.families import arch_of_class
+    from slimdiff.models.loading import UNUSED_COMPONENTS
 
     arch = arch_of_class(pipeline)
     optional = {t.name: t.tokenizer for t in arch.text_encoders if t.optional}
@@ -180,6 +181,9 @@ def _from_config(path: Path, checkpoint: dict, pipeline: str, folder: Path) -> d
         if name.startswith("_") or not (isinstance(entry, list) and len(entry) == 2):
             continue
         library, class_name = entry
+        if name in UNUSED_COMPONENTS and library is not None:
+            given[name] = None  # never loaded (a safety checker, an IP-Adapter's encoder)
+            continue
         module = {"diffusers": diffusers, "transformers": transformers}.get(library)
         cls = getattr(module, class_name, None) if module is not None and class_name else None
         if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):

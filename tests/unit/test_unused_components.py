@@ -49,3 +49,17 @@ def test_the_folder_exports(folder, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder"}
+
+
+def test_a_single_file_converts_with_such_a_config_folder(folder, tmp_path):
+    """runwayml's layout as --config: the file's model, no checker looked for."""
+    from tests.ldm_checkpoint import write_sd15_single_file
+
+    file = tmp_path / "tuned.safetensors"
+    write_sd15_single_file(load_model("tiny:sd15").pipe, file)
+    out = tmp_path / "out"
+    args = ["convert", str(file), "--config", str(folder), "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    pipe = load_model(str(out)).pipe
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
