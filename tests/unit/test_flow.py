@@ -34,8 +34,8 @@ def test_a_retrained_folder_at_the_same_path_is_compressed_again(tmp_path):
 
 def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
     """A recipe that leaves scheduler, sigmas, timestep_spacing, vae_encoder and controlnet
-    unset hashes as it did before those keys existed (its cached bundle is reused); setting one makes another
-    bundle. A ControlNet is hashed by its files, not its path."""
+    unset hashes as it did before those keys existed (its cached bundle is reused);
+    setting one makes another bundle. A ControlNet is hashed by its files, not its path."""
     import json
 
     from slimdiff.app.flow import _hash, export_hash
