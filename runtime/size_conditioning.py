@@ -74,9 +74,10 @@ def check_size_conditioning(takes_time_ids: bool, values: dict[str, Any]) -> Siz
         raise ValueError(f"not size conditioning: {', '.join(unknown)}")
     given = {k: v for k, v in values.items() if v is not None}
     if given and not takes_time_ids:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise UserError(
             f"{', '.join(given)}: size and crop conditioning is SDXL's (its UNet's time ids); "
-            "this bundle's denoiser takes none: leave them out"
+            f"this bundle's denoiser takes none: leave them out (run: {flags})"
         )
     return SizeConditioning(**{k: _pair(k, v) for k, v in given.items()})
 

@@ -436,7 +436,18 @@ def family_of_pipeline(class_name: str) -> str:
         if class_name in spec.pipeline_classes:
             return spec.family
     supported = ", ".join(c for s in FAMILIES.values() for c in s.pipeline_classes)
+    if class_name.startswith(_EXPORTED_PREFIXES):
+        raise UserError(
+            f"this is {class_name}, an already exported model (ONNX or OpenVINO, saved by "
+            "optimum or diffusers' Onnx pipelines); slimdiff compresses and exports from the "
+            f"PyTorch model: pass its diffusers folder or hub id ({supported})"
+        )
     raise UserError(f"unsupported pipeline class {class_name!r}; slimdiff supports: {supported}")
+
+
+# Pipeline classes of models exported by other tools: optimum's ORT/OpenVINO pipelines and
+# diffusers' own (deprecated) Onnx pipelines
+_EXPORTED_PREFIXES = ("ORT", "OV", "Onnx")
 
 
 def family_of_denoiser(class_name: str, config: dict) -> str | None:

@@ -242,3 +242,4 @@ def test_cli_on_another_family_exits_2(tiny_bundle, tmp_path):
     result = CliRunner().invoke(main, [*cmd, "--out", str(tmp_path / "a.png")])
     assert result.exit_code == 2
     assert "size and crop conditioning is SDXL's" in result.output
+    assert "leave them out (run: --original-size)" in result.output

@@ -144,6 +144,12 @@ def test_missing_and_non_diffusers_folders_get_clear_errors(tmp_path):
     )
     with pytest.raises(UserError, match="unsupported pipeline class 'KandinskyPipeline'"):
         load_model(str(tmp_path / "other"))
+    # folders other tools exported already (optimum's ORT/OpenVINO, diffusers' Onnx ones)
+    for name in ("ORTStableDiffusionXLPipeline", "OVStableDiffusionPipeline"):
+        (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": name}))
+        for weights in ("memory", "lazy"):
+            with pytest.raises(UserError, match=rf"^this is {name}, an already exported model"):
+                load_model(str(tmp_path / "other"), weights=weights)
 
 
 def test_hub_id_offline_is_one_clear_error(monkeypatch):
