@@ -1,6 +1,6 @@
-"""Checks of a run's arguments that need no bundle state: the prompts, the step count, the
-guidance, the seed and given latents (runtime/pipeline.py calls them first). Each raises
-UserError with the fix."""
+"""Checks of a run's arguments, before any graph runs (runtime/pipeline.py): the prompts,
+the step count, the guidance, the seed, given latents, the image count and the guidance
+rescale. Each raises UserError with the fix."""
 
 from __future__ import annotations
 
@@ -9,9 +9,25 @@ from typing import Any
 import numpy as np
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_GUIDANCE, MAX_SEED, MAX_STEPS
+from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
 
-__all__ = ["check_prompts", "check_step_count", "check_values"]
+__all__ = [
+    "check_images",
+    "check_prompts",
+    "check_rescale",
+    "check_step_count",
+    "check_values",
+    "is_whole",
+]
+
+
+def is_whole(value: Any) -> bool:
+    """Whether `value` is a whole number: an int, or a float with no fraction (not a bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer()
+    )
 
 
 def check_step_count(steps: Any, default: int) -> int:
@@ -19,10 +35,7 @@ def check_step_count(steps: Any, default: int) -> int:
     whole number (the range is checked with the size)."""
     if steps is None:
         return int(default)
-    whole = isinstance(steps, (int, np.integer)) or (
-        isinstance(steps, (float, np.floating)) and float(steps).is_integer()
-    )
-    if isinstance(steps, bool) or not whole:
+    if not is_whole(steps):
         raise UserError(f"steps {steps!r}: use a whole number from 1 to {MAX_STEPS}")
     return int(steps)
 
@@ -62,3 +75,41 @@ def check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None
             raise UserError(f"latents hold {array.dtype}, not numbers")
         if not np.isfinite(array).all():
             raise UserError("latents hold NaN or infinite values")
+
+
+def check_images(images: Any, do_cfg: bool, prompts: int, max_batch: int | None) -> int:
+    """`images` (per prompt) as an int, at most MAX_IMAGES in all, and within the
+    denoiser's batch range `max_batch` where the backend runs only the shapes the bundle
+    was built for (TensorRT engines; None: any)."""
+    if isinstance(images, bool) or not isinstance(images, (int, np.integer)):
+        raise UserError(f"images {images!r}: use an integer from 1 to {MAX_IMAGES}")
+    if not 1 <= images <= MAX_IMAGES:
+        raise UserError(f"images {images}: use an integer from 1 to {MAX_IMAGES}")
+    total = int(images) * prompts
+    if total > MAX_IMAGES:
+        raise UserError(
+            f"{prompts} prompts x {images} images = {total} images per call, more than "
+            f"{MAX_IMAGES}; split them over several calls"
+        )
+    per_image = 2 if do_cfg else 1
+    if max_batch is not None and total * per_image > max_batch:
+        most = max_batch // per_image
+        raise UserError(
+            f"{total} images per call: this bundle's denoiser is built for at most "
+            f"{most} on this backend; ask for at most {most}, or export again with "
+            f"--max-images {total}"
+        )
+    return int(images)
+
+
+def check_rescale(guidance_rescale: Any, uses_cfg: bool) -> np.float32:
+    """The guidance rescale, 0 to 1, for a model that uses CFG (`uses_cfg`) unless 0."""
+    value = float(guidance_rescale)
+    if not (np.isfinite(value) and 0 <= value <= 1):
+        raise UserError(f"guidance rescale {guidance_rescale}: use a value from 0 to 1")
+    if value > 0 and not uses_cfg:
+        raise UserError(
+            "guidance rescale needs classifier-free guidance, which this model does not "
+            "use (it embeds the guidance, or was distilled without it); leave it at 0"
+        )
+    return np.float32(value)

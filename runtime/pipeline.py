@@ -26,7 +26,13 @@ import numpy as np
 from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
-from slimdiff.runtime.call_checks import check_prompts, check_step_count, check_values
+from slimdiff.runtime.call_checks import (
+    check_images,
+    check_prompts,
+    check_rescale,
+    check_step_count,
+    check_values,
+)
 from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.control import check_control, control_feeds, control_scales, takes_guess
 from slimdiff.runtime.image import (
@@ -60,13 +66,7 @@ from slimdiff.runtime.refiner import (
     start_index,
     train_timesteps,
 )
-from slimdiff.runtime.scheduler_choice import (
-    check_scheduler,
-    resampled,
-    respaced,
-    set_eta,
-    switched,
-)
+from slimdiff.runtime.scheduler_choice import chosen, set_eta
 from slimdiff.runtime.schedulers import (
     Scheduler,
     scheduler_from_config,
@@ -83,7 +83,7 @@ from slimdiff.runtime.size_conditioning import check_size_conditioning, time_id_
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_IMAGES, MAX_SIDE, MAX_STEPS
+from slimdiff.limits import MAX_SIDE, MAX_STEPS
 from slimdiff.models.kinds import CONTROL_SCALE
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
@@ -197,14 +197,8 @@ class Text2ImagePipeline:
     ) -> Text2ImagePipeline:
         manifest = bundle.manifest
         config = manifest.pipeline
-        scheduler_config = bundle.read_json(config.scheduler, infinities=True)
-        check_scheduler(bundle.root, config, scheduler_config)
-        if scheduler is not None:
-            scheduler_config = switched(config, scheduler_config, scheduler)
-        if sigmas is not None:
-            scheduler_config = resampled(config, scheduler_config, sigmas)
-        if timestep_spacing is not None:
-            scheduler_config = respaced(config, scheduler_config, timestep_spacing)
+        own = bundle.read_json(config.scheduler, infinities=True)
+        scheduler_config = chosen(bundle.root, config, own, scheduler, sigmas, timestep_spacing)
         # Everything parsed in-process first, so a bad file fails before any graph loads.
         tokenizers = [bundle_tokenizer(bundle, record) for record in config.text_encoders]
 
@@ -393,10 +387,10 @@ class Text2ImagePipeline:
                 "this is an inpainting model (its UNet takes a mask and a masked image): pass "
                 "an image and a mask (run --image FILE --mask FILE)"
             )
-        rescale = self._check_rescale(guidance_rescale)
+        rescale = check_rescale(guidance_rescale, self.config.uses_cfg)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
-        per_prompt = self._check_images(images, do_cfg, len(prompts))
+        per_prompt = check_images(images, do_cfg, len(prompts), self.max_batch)
         images = per_prompt * len(prompts)
         pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted
         if mask_image is not None:
@@ -555,41 +549,6 @@ class Text2ImagePipeline:
             z = z + np.float32(self.config.vae_shift_factor)
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         return to_uint8(sample[0])
-
-    def _check_images(self, images: int, do_cfg: bool, prompts: int = 1) -> int:
-        """`images` (per prompt) as an int, at most MAX_IMAGES in all, and within the
-        denoiser's batch range where the backend runs only the shapes the bundle was built
-        for (TensorRT engines): refused here, before any component runs."""
-        if isinstance(images, bool) or not isinstance(images, (int, np.integer)):
-            raise UserError(f"images {images!r}: use an integer from 1 to {MAX_IMAGES}")
-        if not 1 <= images <= MAX_IMAGES:
-            raise UserError(f"images {images}: use an integer from 1 to {MAX_IMAGES}")
-        total = int(images) * prompts
-        if total > MAX_IMAGES:
-            raise UserError(
-                f"{prompts} prompts x {images} images = {total} images per call, more than "
-                f"{MAX_IMAGES}; split them over several calls"
-            )
-        per_image = 2 if do_cfg else 1
-        if self.max_batch is not None and total * per_image > self.max_batch:
-            most = self.max_batch // per_image
-            raise UserError(
-                f"{total} images per call: this bundle's denoiser is built for at most "
-                f"{most} on this backend; ask for at most {most}, or export again with "
-                f"--max-images {total}"
-            )
-        return int(images)
-
-    def _check_rescale(self, guidance_rescale: float) -> np.float32:
-        value = float(guidance_rescale)
-        if not (np.isfinite(value) and 0 <= value <= 1):
-            raise UserError(f"guidance rescale {guidance_rescale}: use a value from 0 to 1")
-        if value > 0 and not self.config.uses_cfg:
-            raise UserError(
-                "guidance rescale needs classifier-free guidance, which this model does not "
-                "use (it embeds the guidance, or was distilled without it); leave it at 0"
-            )
-        return np.float32(value)
 
     def _check_args(self, steps: int, size: tuple[int, int] | None, output: str) -> tuple[int, int]:
         if output not in _OUTPUTS:

@@ -26,6 +26,7 @@ from slimdiff.models.kinds import timestep_args
 
 __all__ = [
     "check_scheduler",
+    "chosen",
     "resampled",
     "respaced",
     "scheduler_problem",
@@ -80,6 +81,27 @@ def check_scheduler(root: Path, config: PipelineSpec, scheduler_config: dict) ->
         raise BundleError(
             f"{root}/{config.scheduler}: scheduler config not supported ({problem}); {FIX}"
         )
+
+
+def chosen(
+    root: Path,
+    config: PipelineSpec,
+    scheduler_config: dict,
+    scheduler: str | None = None,
+    sigmas: str | None = None,
+    spacing: str | None = None,
+) -> dict:
+    """The scheduler config a run of bundle `root` samples with: its own (checked: a
+    BundleError), switched to `scheduler`, put on `sigmas`' schedule and on timestep
+    `spacing`, in that order, where given (the caller's choices: UserErrors)."""
+    check_scheduler(root, config, scheduler_config)
+    if scheduler is not None:
+        scheduler_config = switched(config, scheduler_config, scheduler)
+    if sigmas is not None:
+        scheduler_config = resampled(config, scheduler_config, sigmas)
+    if spacing is not None:
+        scheduler_config = respaced(config, scheduler_config, spacing)
+    return scheduler_config
 
 
 def resampled(config: PipelineSpec, scheduler_config: dict, sigmas: str) -> dict:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+from slimdiff.runtime.call_checks import is_whole
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONDITIONING_SIDE
@@ -92,10 +93,7 @@ def _pair(name: str, value: Any) -> Pair:
         raise UserError(f"{name} {value!r}: {fix}")
     out = []
     for item in items:
-        whole = isinstance(item, (int, np.integer)) or (
-            isinstance(item, (float, np.floating)) and float(item).is_integer()
-        )
-        if isinstance(item, (bool, np.bool_)) or not whole:
+        if not is_whole(item):
             raise UserError(f"{name} {value!r}: {fix}")
         if not low <= int(item) <= MAX_CONDITIONING_SIDE:
             raise UserError(f"{name} {value!r}: {fix}")

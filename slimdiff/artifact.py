@@ -114,7 +114,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
     path = Path(path)
     index = _read_index(path)
     replay = _replays(path, index)
-    from slimdiff.models.loading import null_components
+    from slimdiff.models.loading import left_out
 
     cls = getattr(diffusers, index["_class_name"])
     rebuilt = {name: _rebuild(path / name, index[name], todo) for name, todo in replay.items()}
@@ -122,7 +122,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         pipe = cls.from_pretrained(
             path,
             use_safetensors=None if allow_pickle else True,
-            **null_components(index),
+            **left_out(index),
             **rebuilt,
         )
     except (OSError, ValueError, KeyError) as err:

@@ -215,20 +215,9 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     itself also loads directly where diffusers can fetch its default config (the hub or
     its cache).
     """
-    from slimdiff.app.args import check_output_dir
-    from slimdiff.fsutil import atomic_dir, check_replaceable
-    from slimdiff.models.loading import wrap_pipeline
-    from slimdiff.models.single_file import load_single_file
+    from slimdiff.app.convert import convert_file
 
-    check_output_dir(out)
-    check_replaceable(out, "diffusers")  # never over a user's folder: before the load
-    pipe = load_single_file(checkpoint, config=config, allow_pickle=allow_pickle)
-    # what every command checks when it loads the folder, before anything is written
-    loaded = wrap_pipeline(pipe, str(checkpoint))
-    family = loaded.arch.family + (" refiner" if loaded.arch.kind.aesthetic_score else "")
-    with atomic_dir(out, marker="diffusers") as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-    click.echo(f"{out}: {family} ({type(pipe).__name__}) from {checkpoint}")
+    click.echo(convert_file(checkpoint, config, out, allow_pickle))
 
 
 # ----------------------------------------------------------------------------- export

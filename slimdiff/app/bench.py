@@ -110,7 +110,12 @@ def _advance(progress, task, recipe: Recipe, stage: str) -> None:
 
 
 def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool) -> dict[str, Any]:
-    from slimdiff.app.flow import compress_and_export, use_threads
+    from slimdiff.app.flow import (
+        compress_and_export,
+        ship_scheduler,
+        shipped_scheduler,
+        use_threads,
+    )
     from slimdiff.denoise import check_guidance_rescale
     from slimdiff.inspect import inspect_model
     from slimdiff.models import load_model
@@ -138,7 +143,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         np.random.default_rng(b.seed + i).standard_normal(shape).astype(np.float32)
         for i in range(len(prompts))
     ]
-    shipped = _shipped_scheduler(recipe)
+    shipped = shipped_scheduler(recipe)
     settings = {
         "model": recipe.model,
         "prompts": prompts,
@@ -156,7 +161,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
 
     ref_dir = out / "_reference" / _key({**settings, "model": model_key})
     own = pipe.scheduler
-    _ship_scheduler(base, shipped)  # the reference samples as the bundle will
+    ship_scheduler(base, shipped)  # the reference samples as the bundle will
     reference = _reference(pipe, settings, noise, ref_dir)
     accuracy = _accuracy_settings(b, settings, shape)
     if accuracy is not None:
@@ -179,7 +184,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     info = inspect_model(compressed, size=size)
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    _ship_scheduler(compressed, shipped)
+    ship_scheduler(compressed, shipped)
     timings, eager = _timed_pairs(compressed.pipe, bundle, settings, noise, b, run_dir)
     del compressed
     step("torch eager vs runtime")
@@ -272,26 +277,6 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         row["fidelity"]["heldout_psnr_db"] = float(np.mean([psnr(a, r) for a, r in pairs]))
         row["prompt_accuracy"]["images_per_prompt"] = b.accuracy_images
     return row
-
-
-def _shipped_scheduler(recipe: Recipe) -> dict[str, str]:
-    """The recipe's export.scheduler, export.sigmas and export.timestep_spacing that are
-    set: the bundle samples otherwise than the model's own scheduler."""
-    keys = ("scheduler", "sigmas", "timestep_spacing")
-    return {k: getattr(recipe.export, k) for k in keys if getattr(recipe.export, k) is not None}
-
-
-def _ship_scheduler(model, shipped: dict[str, str]) -> None:
-    """Give `model`'s torch pipeline the scheduler the bundle ships (export's own
-    bundle_scheduler), so torch and the runtime sample alike; nothing when `shipped` is
-    empty."""
-    if not shipped:
-        return
-    from slimdiff.export.bundle import bundle_scheduler
-
-    model.pipe.scheduler = bundle_scheduler(
-        model, shipped.get("scheduler"), shipped.get("sigmas"), shipped.get("timestep_spacing")
-    )
 
 
 def _check_rescale_before_loading(recipe: Recipe) -> None:

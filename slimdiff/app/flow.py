@@ -51,6 +51,8 @@ __all__ = [
     "compress_and_export",
     "compress_hash",
     "export_hash",
+    "ship_scheduler",
+    "shipped_scheduler",
     "use_threads",
 ]
 
@@ -91,6 +93,27 @@ def check_input_files(recipe: Recipe) -> None:
                 raise UserError(
                     f"{entry.name}: {f} is not a file (paths are relative to the current directory)"
                 )
+
+
+def shipped_scheduler(recipe: Recipe) -> dict[str, str]:
+    """The recipe's export.scheduler, export.sigmas and export.timestep_spacing that are
+    set, as export_bundle's keywords: the bundle samples otherwise than the model's own
+    scheduler."""
+    keys = ("scheduler", "sigmas", "timestep_spacing")
+    return {k: getattr(recipe.export, k) for k in keys if getattr(recipe.export, k) is not None}
+
+
+def ship_scheduler(model: LoadedModel, shipped: dict[str, str]) -> None:
+    """Give `model`'s torch pipeline the scheduler the bundle ships (export's own
+    bundle_scheduler), so torch and the runtime sample alike (bench); nothing when
+    `shipped` is empty."""
+    if not shipped:
+        return
+    from slimdiff.export.bundle import bundle_scheduler
+
+    model.pipe.scheduler = bundle_scheduler(
+        model, shipped.get("scheduler"), shipped.get("sigmas"), shipped.get("timestep_spacing")
+    )
 
 
 def check_recipe_model(recipe: Recipe) -> str:
@@ -268,9 +291,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
                 min_size=recipe.export.min_size,
                 max_size=recipe.export.max_size,
                 max_images=recipe.export.max_images,
-                scheduler=recipe.export.scheduler,
-                sigmas=recipe.export.sigmas,
-                timestep_spacing=recipe.export.timestep_spacing,
+                **shipped_scheduler(recipe),
                 vae_encoder=recipe.export.vae_encoder,
                 controlnet=recipe.export.controlnet,
                 allow_pickle=allow_pickle,

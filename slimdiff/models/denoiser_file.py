@@ -6,13 +6,12 @@ rest of the pipeline comes from `convert FILE --config DIR`'s folder, its denois
 weights from the file, every key and shape checked.
 
 Example:
-    >>> pipe = denoiser_pipeline(Path("lightning_unet.safetensors"), state, Path("sdxl"))
-    ...                                                                  # doctest: +SKIP
+    >>> pipe = denoiser_pipeline(Path("lightning_unet.safetensors"), state, Path("sdxl"),
+    ...                          index)                                  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,19 @@ _DENOISERS = ("unet", "transformer")
 _PREFIXES = ("unet.", "transformer.", "model.")
 
 
-def denoiser_keys(folder: Path) -> tuple[str, set[str]] | None:
-    """(component name, state-dict keys) of the config folder's denoiser, built on the meta
-    device from its config alone; None when the folder has none that slimdiff knows."""
-    import diffusers
-    import torch
+def denoiser_keys(folder: Path, index: dict[str, Any]) -> tuple[str, set[str]] | None:
+    """(component name, state-dict keys) of the config folder's denoiser (`index` its
+    model_index.json), built on the meta device from its config alone; None when the
+    folder has none that slimdiff knows."""
+    from slimdiff.models.lazy import component_class, empty_module
 
-    index = json.loads((folder / "model_index.json").read_text())
     for name in _DENOISERS:
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers"):
             continue
-        cls = getattr(diffusers, entry[1], None)
-        config_file = folder / name / "config.json"
-        if cls is None or not config_file.is_file():
+        if not (folder / name / "config.json").is_file():
             return None
-        with torch.device("meta"):
-            model = cls.from_config(json.loads(config_file.read_text()))
+        model = empty_module(component_class(folder, name, *entry), folder / name)
         return name, set(model.state_dict())
     return None
 
@@ -54,12 +49,15 @@ def _strip(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def denoiser_pipeline(path: Path, state: dict[str, Any], folder: Path) -> Any | None:
-    """The config folder's pipeline with its denoiser's weights from `state` (the file at
-    `path`, read), or None when `state` is not that denoiser's in diffusers' layout (its
-    keys are other). UserError when the keys match but a shape does not (another size
-    of the architecture), or the folder does not load."""
-    found = denoiser_keys(folder)
+def denoiser_pipeline(
+    path: Path, state: dict[str, Any], folder: Path, index: dict[str, Any]
+) -> Any | None:
+    """The config folder's pipeline (`index` its model_index.json) with its denoiser's
+    weights from `state` (the file at `path`, read), or None when `state` is not that
+    denoiser's in diffusers' layout (its keys are other). UserError when the keys match
+    but a shape does not (another size of the architecture), or the folder does not
+    load."""
+    found = denoiser_keys(folder, index)
     if found is None:
         return None
     name, keys = found

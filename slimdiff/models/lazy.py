@@ -25,6 +25,7 @@ from slimdiff.models.weights import ModuleWeights, SafetensorsWeights, WeightSou
 
 __all__ = [
     "aliases",
+    "component_class",
     "empty_module",
     "is_lazy",
     "lazy_pipeline",
@@ -148,6 +149,7 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
     import diffusers
 
     from slimdiff.models.families import text_to_image_class
+    from slimdiff.models.loading import UNUSED_COMPONENTS
 
     pipeline_cls = getattr(diffusers, text_to_image_class(index["_class_name"], index))
     accepted = inspect.signature(pipeline_cls.__init__).parameters
@@ -159,10 +161,10 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
             parts[name] = entry  # a pipeline setting (SDXL's force_zeros_for_empty_prompt)
             continue
         library, class_name = entry
-        if library is None:
+        if library is None or name in UNUSED_COMPONENTS:  # absent, or never loaded
             parts[name] = None
             continue
-        cls = _component_class(path, name, library, class_name)
+        cls = component_class(path, name, library, class_name)
         try:
             parts[name] = _lazy_component(cls, name, path / name, restore_edits)
         except (OSError, ValueError, KeyError) as err:  # a missing, damaged or odd folder
@@ -195,7 +197,7 @@ def _damaged(where: Path, what: str, err: Exception) -> Exception:
     )
 
 
-def _component_class(path: Path, name: str, library: str, class_name: str) -> type:
+def component_class(path: Path, name: str, library: str, class_name: str) -> type:
     """The class a model_index.json entry names, resolved as diffusers' loader resolves it:
     a diffusers pipeline module (the hub SD1.5 folder's safety checker is
     ["stable_diffusion", "StableDiffusionSafetyChecker"]) or an importable library."""

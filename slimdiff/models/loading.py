@@ -270,8 +270,7 @@ def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
         from slimdiff.artifact import load_artifact_lazy
 
         return _wrap(load_artifact_lazy(path), model)
-    never = {**unused_components(index), **skip}
-    index = {**index, **{name: [None, None] for name in never if name in index}}
+    index = {**index, **{name: [None, None] for name in skip if name in index}}
     _refuse_missing_folders(path, index, {})
     return _wrap(lazy_pipeline(path, index), model)
 
@@ -353,15 +352,15 @@ def _load_local(
         index = _read_json(index_file)
         class_name = index.get("_class_name", "")
         family_of_pipeline(class_name)  # raises a clear error for unsupported classes
+        unused = unused_components(index)
         if not allow_pickle:
-            unused = unused_components(index)
             parts = [path / k for k, v in index.items() if _is_part(v) and k not in unused]
             _refuse_pickles(path, parts)
         if (path / "slimdiff.json").is_file():
             from slimdiff.artifact import load_artifact
 
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
-        absent = {**null_components(index), **unused_components(index), **skip}
+        absent = {**left_out(index), **skip}
         _refuse_missing_folders(path, index, absent)
         parts = [path / k for k, v in index.items() if _is_part(v) and k not in absent]
         check_weight_files(parts)
@@ -460,7 +459,9 @@ def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> 
     """UserError naming a component model_index.json lists whose folder is not there:
     diffusers would take the missing subfolder for a hub repo and retry the network."""
     for name, entry in index.items():
-        if name.startswith("_") or name in absent or not _is_part(entry):
+        if name.startswith("_") or name in absent or name in UNUSED_COMPONENTS:
+            continue
+        if not _is_part(entry):
             continue
         if not (path / name).is_dir():
             raise UserError(
@@ -479,6 +480,12 @@ UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 def unused_components(index: dict[str, Any]) -> dict[str, None]:
     """{name: None} for the UNUSED_COMPONENTS a model_index.json dict lists."""
     return {name: None for name in UNUSED_COMPONENTS if _is_part(index.get(name))}
+
+
+def left_out(index: dict[str, Any]) -> dict[str, None]:
+    """{name: None} for every component from_pretrained must be given None for: those
+    model_index.json lists as null, and the unused ones it lists."""
+    return {**null_components(index), **unused_components(index)}
 
 
 def null_components(index: dict[str, Any]) -> dict[str, None]:

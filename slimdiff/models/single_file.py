@@ -79,13 +79,15 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
     kind = infer_diffusers_model_type(checkpoint)
     # A local config names its pipeline (diffusers' key-based guess needs full-size
     # encoders: SDXL's is told by OpenCLIP's 10th block); else the guess decides.
-    local = config is not None and Path(config).expanduser().is_dir()
-    pipeline = _config_pipeline(Path(config).expanduser()) if local else _PIPELINES.get(kind)
+    folder = Path(config).expanduser() if config is not None else None
+    local = folder is not None and folder.is_dir()
+    index = _config_index(folder) if local else {}
+    pipeline = _config_pipeline(index) if local else _PIPELINES.get(kind)
     if pipeline is not None and local and not _has_denoiser(checkpoint):
         # a denoiser alone in diffusers' layout (SDXL-Lightning's UNet file): slimdiff's own
         from slimdiff.models.denoiser_file import denoiser_pipeline
 
-        pipe = denoiser_pipeline(path, checkpoint, Path(config).expanduser())
+        pipe = denoiser_pipeline(path, checkpoint, folder, index)
         if pipe is not None:
             return pipe
     if pipeline is None or not _has_denoiser(checkpoint):
@@ -97,13 +99,13 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
         )
     # What the file lacks comes from a local config folder's weights (diffusers' pipeline
     # loader looks there only for diffusers' own weight names, and refuses the rest)
-    given = _from_config(path, checkpoint, pipeline, Path(config).expanduser()) if local else {}
+    given = _from_config(path, checkpoint, pipeline, folder, index) if local else {}
     del checkpoint  # from_single_file reads the file itself (it takes a path, not tensors)
     offline = hub_offline()
     try:
         return getattr(diffusers, pipeline).from_single_file(
             str(path),
-            config=str(Path(config).expanduser()) if local else config,
+            config=str(folder) if local else config,
             local_files_only=local or offline,
             **given,
         )
@@ -157,40 +159,42 @@ def _in_file(name: str, cls: type, checkpoint: dict) -> bool:
     return True  # the denoiser (checked before) and models diffusers reads from any file
 
 
-def _from_config(path: Path, checkpoint: dict, pipeline: str, folder: Path) -> dict[str, Any]:
+def _from_config(
+    path: Path, checkpoint: dict, pipeline: str, folder: Path, index: dict[str, Any]
+) -> dict[str, Any]:
     """The models a single file lacks, for from_single_file's keywords: loaded from the
-    config folder where it has their weights (float32); None for a text encoder the
+    config folder (`index` its model_index.json) where it has their weights (float32);
+    None for a text encoder the
     family runs without (SD3's T5, as Stability's sd3_medium_incl_clips file ships,
     with a warning); UserError naming the component otherwise (a FLUX transformer file
     with a config folder of configs only)."""
-    import json
     import logging
 
-    import diffusers
     import torch
-    import transformers
 
     from slimdiff.models.families import arch_of_class
+    from slimdiff.models.lazy import component_class
     from slimdiff.models.loading import UNUSED_COMPONENTS
+    from slimdiff.models.weights import weight_files
 
     arch = arch_of_class(pipeline)
     optional = {t.name: t.tokenizer for t in arch.text_encoders if t.optional}
-    index = json.loads((folder / "model_index.json").read_text())
     given: dict[str, Any] = {}
     for name, entry in index.items():
         if name.startswith("_") or not (isinstance(entry, list) and len(entry) == 2):
             continue
         library, class_name = entry
-        if name in UNUSED_COMPONENTS and library is not None:
+        if library is None:
+            continue  # absent from the pipeline: diffusers passes None itself
+        if name in UNUSED_COMPONENTS:
             given[name] = None  # never loaded (a safety checker, an IP-Adapter's encoder)
             continue
-        module = {"diffusers": diffusers, "transformers": transformers}.get(library)
-        cls = getattr(module, class_name, None) if module is not None and class_name else None
-        if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        cls = component_class(folder, name, library, class_name)
+        if not issubclass(cls, torch.nn.Module):
             continue  # tokenizers and schedulers: diffusers reads them from the folder
         if _in_file(name, cls, checkpoint):
             continue
-        if any((folder / name).glob("*.safetensors")):
+        if weight_files(folder / name):
             model = cls.from_pretrained(folder / name, use_safetensors=True, local_files_only=True)
             if any(p.dtype != torch.float32 for p in model.parameters()):  # an fp16 folder
                 model = model.to(torch.float32)
@@ -213,20 +217,27 @@ def _from_config(path: Path, checkpoint: dict, pipeline: str, folder: Path) -> d
     return given
 
 
-def _config_pipeline(folder: Path) -> str | None:
-    """The pipeline class a local diffusers config folder names, if slimdiff takes it."""
+def _config_index(folder: Path) -> dict[str, Any]:
+    """A local config folder's model_index.json; UserError when it has no readable one."""
     import json
 
     try:
         index = json.loads((folder / "model_index.json").read_text())
-        name = index.get("_class_name")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict):
         raise UserError(
             f"--config {folder} is not a diffusers pipeline folder (no readable "
             "model_index.json); pass the base model's folder or hub id"
-        ) from None
+        )
+    return index
+
+
+def _config_pipeline(index: dict[str, Any]) -> str | None:
+    """The pipeline class a config folder's model_index.json names, if slimdiff takes it."""
     from slimdiff.models.families import text_to_image_class
 
+    name = index.get("_class_name")
     name = text_to_image_class(name, index) if isinstance(name, str) else name
     return name if name in set(_PIPELINES.values()) else None
 

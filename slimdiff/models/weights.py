@@ -32,6 +32,7 @@ __all__ = [
     "check_weight_files",
     "init_rule",
     "open_safetensors",
+    "weight_files",
 ]
 
 
@@ -75,7 +76,7 @@ class SafetensorsWeights:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        files = _weight_files(folder)
+        files = weight_files(folder)
         if not files:
             raise UserError(
                 f"{folder}: no .safetensors weights; save the model with "
@@ -122,12 +123,14 @@ def check_weight_files(folders: list[Path]) -> None:
     not read): a damaged one is refused naming it, before from_pretrained fails on it
     without a name."""
     for folder in folders:
-        for file in _weight_files(folder) if folder.is_dir() else ():
+        for file in weight_files(folder) if folder.is_dir() else ():
             with open_safetensors(file):
                 pass
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads in a component folder: an index's
+    shards, else the plain files, else (nothing else there) a variant's; [] for none."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     plain = [i for i in indexes if i.name.count(".") == 3]  # <name>.safetensors.index.json
     for index in plain or indexes:
