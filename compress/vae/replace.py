@@ -47,7 +47,7 @@ from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register
 
 from slimdiff.errors import UserError
 from slimdiff.lowbit import parameter_count
-from slimdiff.models.hub import looks_like_hub_id
+from slimdiff.models.hub import local_path, looks_like_hub_id
 from slimdiff.models.vae import VAE_CLASSES, decoder_params, vae_scale_factor
 
 __all__ = ["ReplaceVaePass", "read_vae", "vae_folder"]
@@ -61,11 +61,11 @@ class ReplaceVaeConfig(PassConfig):
     path: Annotated[str, pydantic.Field(min_length=1)]
 
     def input_files(self) -> tuple[str, ...]:
-        if Path(self.path).expanduser().is_file():
-            return (str(Path(self.path).expanduser()),)
+        if local_path(self.path).is_file():
+            return (str(local_path(self.path)),)
         folder = vae_folder(self.path)
         if folder is None:  # check_input_files names the file it looked for
-            return (str(Path(self.path).expanduser() / "config.json"),)
+            return (str(local_path(self.path) / "config.json"),)
         return (*(str(p) for p in _weight_files(folder)), str(folder / "config.json"))
 
 
@@ -134,7 +134,7 @@ class ReplaceVaePass(Pass):
 def vae_folder(path: str) -> Path | None:
     """The VAE folder `path` names: itself (config.json), or a pipeline folder's vae/;
     None when neither exists."""
-    root = Path(path).expanduser()
+    root = local_path(path)
     if (root / "model_index.json").is_file() and (root / "vae" / "config.json").is_file():
         return root / "vae"
     if (root / "config.json").is_file():
@@ -149,7 +149,7 @@ def _weight_files(folder: Path) -> list[Path]:
 def read_vae(path: str) -> tuple[Path, dict | None]:
     """(folder, config) of the VAE at `path`, or (file, None) for a single .safetensors
     file; UserError naming the fix otherwise."""
-    file = Path(path).expanduser()
+    file = local_path(path)
     if file.is_file():
         if file.suffix.lower() != ".safetensors":
             raise UserError(

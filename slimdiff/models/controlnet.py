@@ -39,7 +39,7 @@ from torch import nn
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONTROLNETS
 from slimdiff.models.arch import TensorSpec
-from slimdiff.models.hub import hub_offline, looks_like_hub_id
+from slimdiff.models.hub import hub_offline, local_path, looks_like_hub_id
 from slimdiff.models.kinds import (
     CONTROL_GUESS,
     CONTROL_IMAGE,
@@ -97,7 +97,7 @@ def controlnet_folder(spec: str) -> Path | str:
     folder, or a pipeline folder saved with one (its controlnet/); or a single file (its
     path, read by load_controlnet). A path that does not exist locally is taken as a hub
     id and returned as given."""
-    path = Path(spec).expanduser()
+    path = local_path(spec)
     if not path.exists():
         if looks_like_hub_id(spec):
             return spec  # a hub id: from_pretrained fetches it (or finds it in the cache)

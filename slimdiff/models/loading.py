@@ -37,7 +37,7 @@ from slimdiff.models.families import (
     family_of_pipeline,
     text_to_image_class,
 )
-from slimdiff.models.hub import hub_offline, looks_like_hub_id
+from slimdiff.models.hub import hub_offline, local_path, looks_like_hub_id
 from slimdiff.models.single_file import is_single_file, load_single_file
 from slimdiff.models.text_encoders import (
     check_droppable,
@@ -189,7 +189,7 @@ def _load_memory(model: str, device: str, allow_pickle: bool, skip: dict[str, No
     toy = parse_toy(model)
     if toy is not None:
         return _wrap(load_toy(toy, device=device), model)
-    path = Path(model).expanduser()
+    path = local_path(model)
     if is_single_file(path):  # one-file checkpoint (A1111/ComfyUI): slimdiff/models/single_file.py
         pipe = load_single_file(path, allow_pickle=allow_pickle)
         family_of_pipeline(type(pipe).__name__)
@@ -231,7 +231,7 @@ def pipeline_class_of(model: str) -> str | None:
     if builtin is not None:
         return builtin_class(builtin[1])
     toy = parse_toy(model)
-    path = toy_folder(toy) if toy is not None else Path(model).expanduser()
+    path = toy_folder(toy) if toy is not None else local_path(model)
     try:
         index = _read_json(path / "model_index.json")
     except UserError:  # not there, or not readable: the load will say which
@@ -245,7 +245,7 @@ def lazy_loadable(model: str) -> bool:
     model, or a local pipeline folder (hub ids must be downloaded first)."""
     if parse_builtin(model) is not None or parse_toy(model) is not None:
         return True
-    return (Path(model).expanduser() / "model_index.json").is_file()
+    return (local_path(model) / "model_index.json").is_file()
 
 
 def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
@@ -255,7 +255,7 @@ def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
     if builtin is not None:
         return _wrap(build_builtin(*builtin, lazy=True), model)
     toy = parse_toy(model)
-    path = toy_folder(toy) if toy is not None else Path(model).expanduser()
+    path = toy_folder(toy) if toy is not None else local_path(model)
     index_file = path / "model_index.json"
     if not index_file.is_file():
         where = "a hub model" if not path.exists() and looks_like_hub_id(model) else str(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from slimdiff.errors import UserError
-from slimdiff.models.hub import hub_offline
+from slimdiff.models.hub import hub_offline, local_path
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "is_single_file", "load_single_file"]
 
@@ -79,7 +79,7 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
     kind = infer_diffusers_model_type(checkpoint)
     # A local config names its pipeline (diffusers' key-based guess needs full-size
     # encoders: SDXL's is told by OpenCLIP's 10th block); else the guess decides.
-    folder = Path(config).expanduser() if config is not None else None
+    folder = local_path(config) if config is not None else None
     local = folder is not None and folder.is_dir()
     index = _config_index(folder) if local else {}
     pipeline = _config_pipeline(index) if local else _PIPELINES.get(kind)
