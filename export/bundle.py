@@ -119,9 +119,15 @@ def pipeline_constants(model: LoadedModel, controlnets: Sequence[Any] = ()) -> P
         "scheduler": SCHEDULER_CONFIG,
         "zero_text": zero_text(arch, pipe) or None,  # SD3 without T5
         "controlnet": _controlnet_record(controlnets),
+        "default_strength": _strength_record(arch, controlnets),
     }
     # The schema the runtime reads it with: a value it would refuse fails here, at export.
     return PipelineSpec.model_validate(record)
+
+
+def _strength_record(arch: Any, controlnets: Sequence[Any]) -> dict[str, float]:
+    image, inpaint = (controlnets and arch.controlnet_strength) or arch.default_strength
+    return {"image": image, "inpaint": inpaint}
 
 
 def _controlnet_record(controlnets: Sequence[Any]) -> dict | None:

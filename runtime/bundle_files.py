@@ -125,10 +125,14 @@ class Bundle:
         denoiser = m.components[p.denoiser]
         height, width = p.default_size
         takes = []
+        from slimdiff.runtime.img2img import default_strength
+
+        strength = f"inpainting at strength {default_strength(p, True):g}"
         if p.kind.inpainting:
-            takes.append("--image and --mask, always (an inpainting model)")
+            takes.append(f"--image and --mask, always (an inpainting model, {strength})")
         elif VAE_ENCODER in m.components:
-            takes.append("--image, --mask")
+            image = default_strength(p, False)
+            takes.append(f"--image, --mask (image-to-image at strength {image:g}, {strength})")
         if p.controlnet is not None:
             n = p.controlnet.count
             takes.append(f"--control-image ({n} ControlNet{'s' if n > 1 else ''})")

@@ -20,6 +20,7 @@ __all__ = [
     "MASKED_STREAM",
     "POSTERIOR_STREAM",
     "begin_at",
+    "default_strength",
     "encode_image",
     "inpainting_inputs",
     "latent_mask",
@@ -28,6 +29,15 @@ __all__ = [
 
 POSTERIOR_STREAM = 2  # seeds img2img's draw from the VAE encoder's posterior
 MASKED_STREAM = 3  # and an inpainting model's draw for the masked image
+
+
+def default_strength(config: PipelineSpec, inpaint: bool) -> float:
+    """The strength of a run that gives none: the bundle's record of its diffusers
+    pipelines' defaults; 0.8 (0.3 for the SDXL refiner) for bundles exported before it."""
+    record = config.default_strength
+    if record is None:
+        return 0.3 if config.kind.aesthetic_score else 0.8
+    return record.inpaint if inpaint else record.image
 
 
 def begin_at(kind: KindSpec, scheduler: Scheduler, steps: int, strength: float) -> int:

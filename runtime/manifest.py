@@ -340,6 +340,16 @@ class ControlNetRecord(pydantic.BaseModel):
         return drop_unset(handler(self), ("global_pool_conditions",))
 
 
+class StrengthRecord(pydantic.BaseModel):
+    """The `strength` a run takes when it gives none: image-to-image's and inpainting's,
+    the defaults of the diffusers pipelines that run this bundle's model."""
+
+    model_config = _CONFIG
+
+    image: Annotated[float, Field(gt=0, le=1)]
+    inpaint: Annotated[float, Field(gt=0, le=1)]
+
+
 class PipelineSpec(pydantic.BaseModel):
     """Constants the runtime's denoising loop needs (written by export/bundle.py)."""
 
@@ -372,6 +382,8 @@ class PipelineSpec(pydantic.BaseModel):
     )
     # Written only for a bundle whose denoiser holds a ControlNet.
     controlnet: ControlNetRecord | None = None
+    # Absent in bundles exported before it: 0.8 then (0.3 for the SDXL refiner).
+    default_strength: StrengthRecord | None = None
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> PipelineSpec:
@@ -383,7 +395,8 @@ class PipelineSpec(pydantic.BaseModel):
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_stats(self, handler: Any) -> dict[str, Any]:
         return drop_unset(
-            handler(self), ("vae_latents_mean", "vae_latents_std", "zero_text", "controlnet")
+            handler(self),
+            ("vae_latents_mean", "vae_latents_std", "zero_text", "controlnet", "default_strength"),
         )
 
 

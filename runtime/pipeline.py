@@ -45,6 +45,7 @@ from slimdiff.runtime.image import (
 )
 from slimdiff.runtime.img2img import (
     begin_at,
+    default_strength,
     encode_image,
     inpainting_inputs,
     latent_mask,
@@ -290,10 +291,12 @@ class Text2ImagePipeline:
 
         Image-to-image: `image` (a file path, a PIL image, or an (H, W, 3) uint8 array) is
         encoded by the bundle's VAE encoder (`export --vae-encoder`), noised to the step
-        `strength` (0 to 1; default 0.8, 0.3 for the SDXL refiner as diffusers' SDXL
-        img2img pipeline) sets and denoised from there, as diffusers' img2img pipelines
-        do: 1 starts from pure noise, lower values keep more of the image, and only
-        `strength` x `steps` steps run. The image is resized (Lanczos, as diffusers) to
+        `strength` (0 to 1; default: that of the model's diffusers pipeline, which the
+        bundle records: image-to-image SD1.5 0.8, SDXL 0.3, SD3/FLUX 0.6; inpainting
+        SD1.5 1.0, SDXL 0.9999, SD3/FLUX 0.6; SDXL ControlNet image-to-image 0.8) sets
+        and denoised from there, as diffusers' img2img pipelines do: 1 starts from pure
+        noise, lower values keep more of the image, and only `strength` x `steps` steps
+        run. The image is resized (Lanczos, as diffusers) to
         `size` when given, else cut down to the nearest size multiple. Every image of the
         call starts from the same encoded image; the latent draw from the VAE posterior
         and the noise come from `seed`. `latents` cannot be given with it.
@@ -355,8 +358,8 @@ class Text2ImagePipeline:
         start_at, end_at = check_hand_off(
             self.config, denoising_start, denoising_end, image, latents, strength
         )
-        if strength is None:  # diffusers' SDXL img2img default for the refiner
-            strength = 0.3 if self.config.kind.aesthetic_score else 0.8
+        if strength is None:
+            strength = default_strength(self.config, mask_image is not None)
         source = None if image is None else self._check_image(image, latents)
         guess = takes_guess(self.manifest)  # the graph takes guess mode's inputs
         control = check_control(

@@ -53,8 +53,9 @@ _IMAGE_TO_IMAGE = [
         type=click.FloatRange(0.0, 1.0, min_open=True),
         default=None,
         help="With --image: how far to noise it, above 0 to 1 (1: from pure noise, lower "
-        "keeps more of the image); strength x steps steps run. Default: 0.8 (0.3 for the "
-        "SDXL refiner, as diffusers).",
+        "keeps more of the image); strength x steps steps run. Default: the model's diffusers "
+        "pipeline's (`verify` shows it): image-to-image SD1.5 0.8, SDXL 0.3, SD3/FLUX 0.6; "
+        "inpainting SD1.5 1.0, SDXL 0.9999, SD3/FLUX 0.6.",
     ),
 ]
 

@@ -215,6 +215,10 @@ class ArchSpec:
     default_guidance: float
     uses_cfg: bool  # classifier-free guidance batches (uncond, cond) into one call
     denoiser_onnx: OnnxPlan
+    # `strength` when a run gives none: the defaults of the family's diffusers image-to-
+    # image and inpaint pipelines (0.42), then of its ControlNet ones (None: the same).
+    default_strength: tuple[float, float] = (0.8, 1.0)
+    controlnet_strength: tuple[float, float] | None = None
     # The pipeline decodes latents * latents_std / scaling_factor + latents_mean when the
     # VAE config has per-channel statistics (StableDiffusionXLPipeline: Playground v2.5).
     vae_latent_stats: bool = False

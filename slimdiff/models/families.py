@@ -140,6 +140,10 @@ SDXL = ArchSpec(
     default_size=(1024, 1024),
     default_steps=30,
     default_guidance=5.0,
+    # StableDiffusionXLImg2ImgPipeline (the refiner's too): 0.3, its inpaint one 0.9999
+    # (one step of 30 skipped); its ControlNet img2img one 0.8
+    default_strength=(0.3, 0.9999),
+    controlnet_strength=(0.8, 0.9999),
     uses_cfg=True,
     denoiser_onnx=_UNET_ONNX,
     vae_latent_stats=True,
@@ -247,6 +251,7 @@ SD3 = ArchSpec(
     default_size=(1024, 1024),
     default_steps=28,
     default_guidance=7.0,
+    default_strength=(0.6, 0.6),  # StableDiffusion3Img2Img/InpaintPipeline
     uses_cfg=True,
     # SD3 transformer (full width, 2 of 24 layers), joint attention -> MultiHeadAttention:
     # at 1024 px, batch 2, 22.2 -> 13.6 s and peak RSS 16.0 -> 5.6 GB; at 512 px no change.
@@ -304,6 +309,7 @@ FLUX = ArchSpec(
     default_size=(1024, 1024),
     default_steps=28,
     default_guidance=3.5,
+    default_strength=(0.6, 0.6),  # FluxImg2Img/InpaintPipeline
     uses_cfg=False,  # FLUX.1 is guidance-distilled: one batch, guidance as an input
     # ORT 1.32's FLUX attention pattern wants q/k RMSNorm after the head transpose (the
     # layout of older diffusers' FluxAttnProcessor2_0); diffusers 0.42 normalises before it,

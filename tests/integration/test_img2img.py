@@ -364,8 +364,8 @@ def test_img2img_from_the_cli(tiny_bundle, tmp_path):
     args += ["--mask", str(mask), "--out", str(painted)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    # strength 0.8 of 4 steps: 3 steps run (the kept latents: test_inpainting_...)
-    assert ", 3 steps," in result.output and Image.open(painted).size == (SIZE, SIZE)
+    # SD1.5 inpainting's default strength, 1.0: all 4 steps run, from pure noise
+    assert ", 4 steps," in result.output and Image.open(painted).size == (SIZE, SIZE)
 
 
 def test_a_bundle_without_the_encoder(tiny_bundle, tmp_path):

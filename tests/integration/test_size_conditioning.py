@@ -232,7 +232,8 @@ def test_verify_says_an_sdxl_bundle_takes_them(tiny_bundle):
     usage = result.output.strip().splitlines()[-1]
     assert usage.startswith("runs: default 128x128, 30 steps, guidance 5, Euler")
     assert usage.endswith(
-        "; takes --image, --mask, --original-size and SDXL's other size conditioning"
+        "; takes --image, --mask (image-to-image at strength 0.3, inpainting at strength "
+        "0.9999), --original-size and SDXL's other size conditioning"
     )
 
 
