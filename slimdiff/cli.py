@@ -34,7 +34,7 @@ from slimdiff.app.options import (
     size_conditioning_options,
     spacing_option,
 )
-from slimdiff.errors import UserError
+from slimdiff.errors import UserError, out_of_memory
 from slimdiff.limits import MAX_IMAGES
 
 SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
@@ -64,6 +64,12 @@ class _Group(click.Group):
         except UserError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
+        except Exception as err:  # an allocation that failed: one line; anything else a bug
+            oom = out_of_memory(err, ctx.invoked_subcommand)
+            if oom is None:
+                raise
+            click.secho(f"error: {oom}", fg="red", err=True)
+            sys.exit(oom.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -6,7 +6,9 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+import re
+
+__all__ = ["UserError", "out_of_memory"]
 
 
 class UserError(Exception):
@@ -17,3 +19,36 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+# What onnxruntime (CPU arena and CUDA), torch (CPU allocator and CUDA) and the C++
+# runtime say when an allocation fails; their exception classes differ and are not all
+# importable here (onnxruntime's are unexported), so the message is what is matched.
+_OUT_OF_MEMORY = re.compile(
+    r"out of memory|failed to allocate memory|bad_alloc|can't allocate memory|"
+    r"cannot allocate memory|ALLOC_FAILED",
+    re.IGNORECASE,
+)
+_BYTES = re.compile(r"(?:buffer of size|allocate) (\d{6,})")
+_FIXES = {
+    "run": "run a smaller --size or fewer --images, or add --low-memory",
+    "bench": "bench a smaller size (bench.size) or fewer images",
+    "export": "export with --weights stream, or on a machine with more memory",
+    "compress": "lower the recipe's batch sizes or calibration size, or use a machine with "
+    "more memory (or a GPU: --device)",
+}
+
+
+def out_of_memory(err: BaseException, command: str | None) -> UserError | None:
+    """One line for an allocation that failed (MemoryError, torch's OutOfMemoryError,
+    onnxruntime's arena errors), naming the fix for `command`; None for any other error.
+    Exit code 1: the input was valid, this machine lacks the memory for it."""
+    text = str(err)
+    if not (isinstance(err, MemoryError) or _OUT_OF_MEMORY.search(text)):
+        return None
+    size = _BYTES.search(text)
+    what = f"{int(size.group(1)) / 2**30:.1f} GiB in one block" if size else type(err).__name__
+    fix = _FIXES.get(command or "", "use smaller inputs or a machine with more memory")
+    error = UserError(f"out of memory ({what}); {fix}")
+    error.exit_code = 1
+    return error

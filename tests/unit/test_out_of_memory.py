@@ -1,0 +1,77 @@
+"""An allocation that fails (onnxruntime's arena, torch's allocators, numpy) ends a
+command in one line that names the fix, exit code 1; other errors keep their traceback."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from slimdiff.runtime.pipeline import Text2ImagePipeline
+
+from slimdiff.cli import main
+from slimdiff.errors import out_of_memory
+
+ORT = (
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Attention "
+    "node. Name:'Attention_0' Status Message: bfc_arena.cc:360 void* onnxruntime::BFCArena::"
+    "AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Failed to allocate memory for "
+    "requested buffer of size 2199023255552"
+)
+TORCH_CPU = (
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)"
+)
+TORCH_CUDA = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total capacity)"
+
+
+@pytest.mark.parametrize(
+    "err, size",
+    [
+        (RuntimeError(ORT), "2048.0 GiB in one block"),
+        (RuntimeError(TORCH_CPU), "20.0 GiB in one block"),
+        (RuntimeError(TORCH_CUDA), "RuntimeError"),
+        (MemoryError(), "MemoryError"),
+        (RuntimeError("std::bad_alloc"), "RuntimeError"),
+    ],
+)
+def test_allocation_failures_become_one_line(err, size):
+    error = out_of_memory(err, "run")
+    assert error is not None and error.exit_code == 1
+    assert str(error) == (
+        f"out of memory ({size}); run a smaller --size or fewer --images, or add --low-memory"
+    )
+    assert "--weights stream" in str(out_of_memory(err, "export"))
+
+
+@pytest.mark.parametrize("err", [ValueError("bad shape"), RuntimeError("CUDA error: misaligned")])
+def test_other_errors_are_not_taken_for_it(err):
+    assert out_of_memory(err, "run") is None
+
+
+def test_the_cli_prints_it_in_one_line(tiny_bundle, tmp_path, monkeypatch):
+    _, bundle = tiny_bundle("sd15")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(ORT)
+
+    monkeypatch.setattr(Text2ImagePipeline, "__call__", fails)
+    out = tmp_path / "a.png"
+    args = ["run", str(bundle), "--prompt", "a", "--steps", "1", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "error: out of memory (2048.0 GiB in one block); run a smaller --size or fewer "
+        "--images, or add --low-memory"
+    )
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_bug_keeps_its_traceback(tiny_bundle, tmp_path, monkeypatch):
+    _, bundle = tiny_bundle("sd15")
+
+    def fails(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(Text2ImagePipeline, "__call__", fails)
+    args = ["run", str(bundle), "--prompt", "a", "--out", str(tmp_path / "a.png")]
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, KeyError)
