@@ -15,6 +15,7 @@ __all__ = [
     "check_images",
     "check_prompts",
     "check_rescale",
+    "check_size_pair",
     "check_step_count",
     "check_values",
     "is_whole",
@@ -28,6 +29,19 @@ def is_whole(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) or (
         isinstance(value, (float, np.floating)) and float(value).is_integer()
     )
+
+
+def check_size_pair(size: Any) -> tuple[int, int] | None:
+    """A run's `size`, (height, width) in whole pixels, as ints (None stays None);
+    UserError for anything else (a "WxH" string, one number, fractions)."""
+    if size is None:
+        return None
+    pair = tuple(size) if isinstance(size, (tuple, list, np.ndarray)) else None
+    if pair is None or len(pair) != 2 or not all(is_whole(v) for v in pair):
+        raise UserError(
+            f"size {size!r}: pass (height, width) in whole pixels, e.g. size=(1024, 768)"
+        )
+    return int(pair[0]), int(pair[1])
 
 
 def check_step_count(steps: Any, default: int) -> int:

@@ -30,6 +30,7 @@ from slimdiff.runtime.call_checks import (
     check_images,
     check_prompts,
     check_rescale,
+    check_size_pair,
     check_step_count,
     check_values,
 )
@@ -560,14 +561,16 @@ class Text2ImagePipeline:
             raise UserError(f"steps must be at least 1, not {steps}")
         if steps > MAX_STEPS:
             raise UserError(f"steps must be at most {MAX_STEPS}, not {steps}")
-        height, width = (int(v) for v in (size or self.config.default_size))
+        height, width = check_size_pair(size) or self.config.default_size
         m = self.conditioning.size_multiple()
+        # width x height in messages, as `run --size` takes it
         if not (m <= height <= MAX_SIDE and m <= width <= MAX_SIDE):
-            raise UserError(f"size {height}x{width}: each side must be {m} to {MAX_SIDE} pixels")
+            raise UserError(f"size {width}x{height}: each side must be {m} to {MAX_SIDE} pixels")
         if height % m or width % m:
             fix_h, fix_w = (max(m, int(v / m + 0.5) * m) for v in (height, width))
             raise UserError(
-                f"size {height}x{width} is not a multiple of {m}; use e.g. {fix_h}x{fix_w}"
+                f"size {width}x{height} (width x height) is not a multiple of {m}; use e.g. "
+                f"{fix_w}x{fix_h}"
             )
         trained_h, trained_w = self.config.default_size
         area = (height * width) / (trained_h * trained_w)

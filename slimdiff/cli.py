@@ -114,10 +114,10 @@ def main(verbose: int, threads: int | None) -> None:
     _quiet_libraries()
 
 
-def _size(value: str | None) -> tuple[int, int] | None:
+def _size(value: str | None, option: str = "--size") -> tuple[int, int] | None:
     from slimdiff.app.args import check_size
 
-    return check_size(value)
+    return check_size(value, option)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -322,7 +322,7 @@ def export_cmd(
 
     check_output_dir(out)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
-    sizes = {"min_size": _size(min_size), "max_size": _size(max_size)}
+    sizes = {"min_size": _size(min_size, "--min-size"), "max_size": _size(max_size, "--max-size")}
     for spec in controlnet_specs(list(controlnets)):  # before the model loads
         check_controlnet_export(spec, weights)
     loaded = load_edited(model, weights, allow_pickle, drop, loras, vae, click.echo)
@@ -448,6 +448,7 @@ def run_cmd(
         check_guidance,
         check_image_to_image,
         check_output_file,
+        check_size,
         image_paths,
         read_latents,
     )
@@ -460,7 +461,7 @@ def run_cmd(
     if refiner_start is not None and refiner is None:
         raise click.UsageError("--refiner-start needs --refiner (the refiner's bundle)")
     control = check_control(control_image, control_scale, control_start, control_end, control_guess)
-    size = _size(size)
+    size = check_size(size, multiple=None)  # the bundle's multiple: the runtime checks it
     outs = image_paths(out, images * len(prompt))
     for path in outs:
         check_output_file(path)

@@ -34,20 +34,26 @@ __all__ = [
 ]
 
 
-def check_size(text: str | None) -> tuple[int, int] | None:
-    """(height, width) from WIDTHxHEIGHT text, each side a multiple of 8 in 8..MAX_SIDE (the
-    bundle may need a larger multiple; the runtime says so)."""
+def check_size(
+    text: str | None, option: str = "--size", multiple: int | None = 8
+) -> tuple[int, int] | None:
+    """(height, width) from WIDTHxHEIGHT text given as `option`, each side a multiple of
+    `multiple` in MIN_SIDE..MAX_SIDE. `multiple` None (run's --size): any side from 1 to
+    MAX_SIDE, the bundle's own multiple being checked by the runtime, which knows it."""
     size = parse_size(text)
     if size is None:
         return None
+    low = MIN_SIDE if multiple is not None else 1
     for side in size:
-        if not MIN_SIDE <= side <= MAX_SIDE:
+        if not low <= side <= MAX_SIDE:
             raise UserError(
-                f"--size {text}: each side must be 8 to {MAX_SIDE} pixels; use e.g. 1024x1024"
+                f"{option} {text}: each side must be {low} to {MAX_SIDE} pixels; use e.g. 1024x1024"
             )
-    if any(side % 8 for side in size):
-        h, w = (max(8, round(s / 8) * 8) for s in size)
-        raise UserError(f"--size {text}: each side must be a multiple of 8; use e.g. {w}x{h}")
+    if multiple is not None and any(side % multiple for side in size):
+        h, w = (max(multiple, round(s / multiple) * multiple) for s in size)
+        raise UserError(
+            f"{option} {text}: each side must be a multiple of {multiple}; use e.g. {w}x{h}"
+        )
     return size
 
 

@@ -54,10 +54,10 @@ def latents(tmp_path_factory):
 
 
 RUN_CASES = [
-    (["--size", "0x0"], "each side must be 8 to 8192"),
-    (["--size", "7x7"], "each side must be 8 to 8192"),
-    (["--size", "100000x100000"], "each side must be 8 to 8192"),
-    (["--size", "130x128"], "each side must be a multiple of 8; use e.g. 128x128"),
+    (["--size", "0x0"], "--size 0x0: each side must be 1 to 8192"),
+    (["--size", "7x7"], "size 7x7: each side must be 8 to 8192"),  # the bundle's multiple
+    (["--size", "100000x100000"], "each side must be 1 to 8192"),
+    (["--size", "130x128"], "size 130x128 (width x height) is not a multiple of 8; use e.g. 128"),
     (["--size", "big"], "is not WIDTHxHEIGHT"),
     (["--steps", "1000000000"], "1000000000 is not in the range 1<=x<=1000"),
     (["--steps", "0"], "is not in the range 1<=x<=1000"),
@@ -137,6 +137,11 @@ def test_bad_export_inspect_compress_bench_input(tmp_path):
     _refused(_run("export", "tiny:sd15", "--out", "/proc/slimdiff-b"), "cannot write in")
     _refused(_run("export", "tiny:sd15", "--out", tmp_path / "b", "--precision", "int3"), "int3")
     _refused(_run("inspect", "tiny:sd15", "--size", "0x0"), "each side must be 8 to 8192")
+    for option, size, fragment in (
+        ("--min-size", "13x13", "--min-size 13x13: each side must be a multiple of 8; use e.g."),
+        ("--max-size", "99999x8", "--max-size 99999x8: each side must be 8 to 8192"),
+    ):
+        _refused(_run("export", "tiny:sd15", "--out", tmp_path / "s", option, size), fragment)
     for model, name, fragment in (
         ("tiny:sdxl", "text_encoder_2", "sdxl's pipeline needs every one of its text encoders"),
         ("tiny:sd3", "text_encoder", "sd3's pipeline needs it; only text_encoder_3 can be"),

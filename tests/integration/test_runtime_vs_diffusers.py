@@ -607,14 +607,17 @@ def test_tampered_bundle_fails_before_anything_loads(tiny_bundle, tmp_path, monk
 def test_bad_size_is_a_user_error(tiny_bundle):
     _, bundle = tiny_bundle("sd15")
     runtime = Text2ImagePipeline.from_bundle(bundle)
-    with pytest.raises(UserError, match=r"size 130x128 is not a multiple of 8; use e.g. 128x128"):
+    match = r"size 128x130 \(width x height\) is not a multiple of 8; use e.g. 128x128"
+    with pytest.raises(UserError, match=match):
         runtime(PROMPT, size=(130, 128))
 
 
 def test_flux_size_must_be_a_multiple_of_16(tiny_bundle):
     _, bundle = tiny_bundle("flux")
     runtime = Text2ImagePipeline.from_bundle(bundle)
-    with pytest.raises(UserError, match=r"size 72x64 is not a multiple of 16; use e.g. 80x64"):
+    # (height, width) = (72, 64): 64 wide, 72 high, 80 the nearest height
+    match = r"size 64x72 \(width x height\) is not a multiple of 16; use e.g. 64x80"
+    with pytest.raises(UserError, match=match):
         runtime(PROMPT, size=(72, 64))
 
 

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from slimdiff.metrics import judge, prompt_accuracy
 from slimdiff.models import load_model
@@ -82,6 +83,16 @@ def test_torch_and_onnx_follow_prompts_alike(toy, tmp_path):
     ]
     assert sum(same) >= len(PROMPTS) - 1
     assert abs(acc_torch["all"] - acc_onnx["all"]) <= 1 / len(PROMPTS) + 1e-9
+    # its VAE halves twice: sides in multiples of 4, which `run --size` takes too
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    out = tmp_path / "36.png"
+    args = ["run", str(bundle), "--prompt", PROMPTS[0], "--steps", "1", "--size", "36x44"]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (36, 44)
 
 
 def test_bench_reports_prompt_accuracy(tmp_path):

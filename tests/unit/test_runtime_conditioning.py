@@ -174,13 +174,17 @@ def test_size_must_be_a_multiple_of_the_latent_grid(family, multiple):
     pipe = _pipeline(family)
     assert pipe.conditioning.size_multiple() == multiple
     bad = (multiple * 16 + 2, multiple * 16)
-    with pytest.raises(UserError, match=rf"size {bad[0]}x{bad[1]} is not a multiple of {multiple}"):
+    match = rf"size {bad[1]}x{bad[0]} \(width x height\) is not a multiple of {multiple}"
+    with pytest.raises(UserError, match=match):
         pipe("a cat", size=bad)
 
 
 def test_size_error_suggests_the_nearest_valid_size():
-    with pytest.raises(UserError, match=r"size 130x128 is not a multiple of 8; use e.g. 128x128"):
+    match = r"size 128x130 \(width x height\) is not a multiple of 8; use e.g. 128x128"
+    with pytest.raises(UserError, match=match):
         _pipeline("sd15")("a cat", size=(130, 128))
+    with pytest.raises(UserError, match=r"size 72x48 \(width x height\).* use e.g. 80x48"):
+        _pipeline("flux")("a cat", size=(48, 72))
 
 
 def test_bad_output_and_steps_are_user_errors():
@@ -258,6 +262,10 @@ def test_a_size_far_from_the_trained_one_is_warned_about(caplog):
         ({"seed": 2**70}, "use an integer from 0"),
         ({"steps": 1_000_000_000}, "steps must be at most 1000"),
         ({"size": (100000, 64)}, "each side must be 8 to 8192"),
+        ({"size": "64x64"}, r"size '64x64': pass \(height, width\) in whole pixels"),
+        ({"size": (64.5, 64)}, "in whole pixels"),
+        ({"size": (64,)}, "in whole pixels"),
+        ({"size": np.array([64, 64, 3])}, "in whole pixels"),
         ({"latents": np.full((1, 4, 8, 8), np.nan, np.float32)}, "NaN or infinite"),
         ({"latents": np.array(["x"])}, "not numbers"),
     ],
