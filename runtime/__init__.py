@@ -21,7 +21,7 @@ from slimdiff.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from slimdiff.runtime.backends import get_backend
-    from slimdiff.runtime.image import save_png
+    from slimdiff.runtime.image import save_image, save_png
     from slimdiff.runtime.manifest import BundleError, read_manifest
     from slimdiff.runtime.pipeline import GenerationResult, Text2ImagePipeline
     from slimdiff.runtime.refiner import run_ensemble
@@ -33,6 +33,7 @@ __all__ = [
     "get_backend",
     "read_manifest",
     "run_ensemble",
+    "save_image",
     "save_png",
 ]
 
@@ -42,6 +43,7 @@ _EXPORTS = {
     "BundleError": "slimdiff.runtime.manifest",
     "read_manifest": "slimdiff.runtime.manifest",
     "get_backend": "slimdiff.runtime.backends",
+    "save_image": "slimdiff.runtime.image",
     "save_png": "slimdiff.runtime.image",
     "GenerationResult": "slimdiff.runtime.pipeline",
     "Text2ImagePipeline": "slimdiff.runtime.pipeline",

@@ -1,4 +1,5 @@
-"""Images out of the VAE: float (3, H, W) in [-1, 1] -> uint8 (H, W, 3) -> PNG on disk; and
+"""Images out of the VAE: float (3, H, W) in [-1, 1] -> uint8 (H, W, 3) -> PNG (or JPEG,
+WebP: save_image) on disk; and
 into it, for image-to-image: a file, PIL image or uint8 array -> (1, 3, H, W) in [-1, 1].
 
 Example:
@@ -22,10 +23,12 @@ from slimdiff.fsutil import atomic_write_bytes
 
 __all__ = [
     "ImageInput",
+    "image_format",
     "image_size",
     "load_image",
     "prepare_image",
     "prepare_mask",
+    "save_image",
     "save_png",
     "to_uint8",
 ]
@@ -46,8 +49,45 @@ def to_uint8(sample: np.ndarray) -> np.ndarray:
     return (x * np.float32(255)).round().astype(np.uint8)
 
 
+# File suffix -> (PIL format, save options). JPEG at quality 95 without chroma
+# subsampling and lossless WebP: a generated image is the product, not a preview.
+_FORMATS = {
+    ".png": ("PNG", {}),
+    ".jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    ".webp": ("WEBP", {"lossless": True}),
+}
+
+
+def image_format(path: str | Path) -> str:
+    """The format `path`'s suffix names (.png, .jpg/.jpeg, .webp; none: PNG); UserError
+    for another suffix, before any work."""
+    suffix = Path(path).suffix.lower()
+    if suffix == "":
+        return "PNG"
+    if suffix not in _FORMATS:
+        raise UserError(
+            f"{path}: images are written as .png, .jpg or .webp, not {suffix}; name the file "
+            "with one of those"
+        )
+    return _FORMATS[suffix][0]
+
+
+def save_image(image: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W, 3) uint8 image atomically (temp file in the folder, rename), in the
+    format its suffix names (image_format)."""
+    path = Path(path)
+    name = image_format(path)
+    options = next((o for f, o in _FORMATS.values() if f == name), {})
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format=name, **options)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write an (H, W, 3) uint8 image as PNG atomically (temp file in the folder, rename)."""
+    """Write an (H, W, 3) uint8 image as PNG atomically (temp file in the folder, rename),
+    whatever the suffix."""
     path = Path(path)
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG")

@@ -431,7 +431,12 @@ def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
     "the VAE decoder): the peak is the largest one's, not their sum; loads cost time.",
 )
 @expect_sha256_option
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="PNG to write.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Image to write: .png (or no suffix), .jpg (quality 95) or .webp (lossless).",
+)
 def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
     size, init_image, mask_image, strength, control_image, control_scale, control_start,
@@ -454,7 +459,7 @@ def run_cmd(
     )
     from slimdiff.app.run import generate, timings_line
     from slimdiff.runtime import Text2ImagePipeline
-    from slimdiff.runtime.image import save_png
+    from slimdiff.runtime.image import image_format, save_image
 
     check_guidance(guidance)
     check_image_to_image(init_image, mask_image, strength, latents)
@@ -465,6 +470,7 @@ def run_cmd(
     outs = image_paths(out, images * len(prompt))
     for path in outs:
         check_output_file(path)
+        image_format(path)
     init = read_latents(latents) if latents is not None else None
     load = {
         "backend": backend,
@@ -498,7 +504,7 @@ def run_cmd(
     second = None if refiner is None else Text2ImagePipeline.from_bundle(refiner, **load)
     results = generate(pipe, second, text, call, refiner_start, aesthetic)
     for image, path in zip(results[-1].images, outs, strict=True):
-        save_png(image, path)
+        save_image(image, path)
     click.echo(f"{', '.join(map(str, outs))}  ({timings_line(results)})")
 
 

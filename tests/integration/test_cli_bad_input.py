@@ -117,6 +117,9 @@ def test_bad_run_outputs(bundle, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _refused(_run("run", bundle, "--prompt", "x", "--out", blocker / "x.png"), "Not a directory")
+    gif = tmp_path / "x.gif"
+    _refused(_run("run", bundle, "--prompt", "x", "--out", gif), "written as .png, .jpg or .webp")
+    assert not gif.exists()
 
 
 @pytest.mark.parametrize("size", ["8x8", "16x16", "24x24", "72x72", "136x128"])

@@ -352,3 +352,36 @@ def test_odd_image_files_load_or_are_refused_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2x this is PIL's hard limit
     with pytest.raises(UserError, match="too large to open safely"):
         load_image(tmp_path / "grey16.png")
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "exact"),
+    [
+        ("a.png", "PNG", True),
+        ("a", "PNG", True),
+        ("a.JPG", "JPEG", False),
+        ("a.jpeg", "JPEG", False),
+        ("a.webp", "WEBP", True),
+    ],
+)
+def test_save_image_writes_the_format_its_suffix_names(tmp_path, name, fmt, exact):
+    from PIL import Image
+    from slimdiff.runtime.image import save_image
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((16, 24, 3)) * 255).astype(np.uint8)
+    path = save_image(img, tmp_path / name)
+    with Image.open(path) as saved:
+        assert saved.format == fmt and saved.size == (24, 16)
+        back = np.asarray(saved.convert("RGB"))
+    error = np.abs(back.astype(int) - img).mean()
+    assert error == 0 if exact else error < 8  # JPEG at quality 95 on noise
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_save_image_refuses_other_suffixes_before_writing(tmp_path):
+    from slimdiff.runtime.image import save_image
+
+    with pytest.raises(UserError, match=r"a.gif: images are written as .png, .jpg or .webp"):
+        save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "a.gif")
+    assert not list(tmp_path.iterdir())
