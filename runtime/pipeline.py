@@ -76,6 +76,7 @@ from slimdiff.runtime.schedulers import (
 )
 from slimdiff.runtime.sessions import (
     OnDemandSession,
+    check_backend_fits,
     denoiser_max_batch,
     ensure_loaded,
     load_component,
@@ -197,6 +198,7 @@ class Text2ImagePipeline:
         sigmas: str | None = None,
         timestep_spacing: str | None = None,
     ) -> Text2ImagePipeline:
+        check_backend_fits(runner, bundle)
         manifest = bundle.manifest
         config = manifest.pipeline
         own = bundle.read_json(config.scheduler, infinities=True)

@@ -25,7 +25,14 @@ from slimdiff.runtime.manifest import FIX, BundleError, ComponentEntry, Pipeline
 from slimdiff.errors import UserError
 from slimdiff.memory import release_memory
 
-__all__ = ["OnDemandSession", "denoiser_max_batch", "ensure_loaded", "load_component", "release"]
+__all__ = [
+    "OnDemandSession",
+    "check_backend_fits",
+    "denoiser_max_batch",
+    "ensure_loaded",
+    "load_component",
+    "release",
+]
 
 
 class OnDemandSession:
@@ -93,6 +100,17 @@ def denoiser_max_batch(bundle: Bundle, runner: Backend, config: PipelineSpec) ->
     if entry.profile is None or not shape_bound(runner, bundle.path(entry.path)):
         return None
     return int(entry.profile["max"][config.kind.sample_input][0])
+
+
+def check_backend_fits(runner: Backend, bundle: Bundle) -> None:
+    """UserError for the aoti backend on a bundle without an AOTInductor package: it would
+    run every ONNX graph through onnxruntime, not what was asked for."""
+    formats = {entry.format for entry in bundle.manifest.components.values()}
+    if runner.name == "aoti" and "aoti" not in formats:
+        raise UserError(
+            f"{bundle.root} has no AOTInductor package (its components are ONNX graphs); "
+            "export it with --target aoti, or run it with --backend ort-cpu"
+        )
 
 
 def load_component(runner: Backend, bundle: Bundle, name: str) -> Session:

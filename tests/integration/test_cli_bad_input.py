@@ -73,6 +73,7 @@ RUN_CASES = [
     (["--eta", "nan"], "eta nan: use a value from 0 to 1"),
     (["--eta", "0.3"], "takes no eta here (it is TCD's gamma: sample with --scheduler tcd"),
     (["--backend", "bogus"], "unknown backend 'bogus'"),
+    (["--backend", "aoti"], "has no AOTInductor package (its components are ONNX graphs); export"),
     (["--expect-sha256", "0" * 64], "this is not the pinned bundle"),
 ]
 
