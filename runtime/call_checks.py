@@ -4,6 +4,7 @@ rescale. Each raises UserError with the fix."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,10 @@ __all__ = [
     "check_step_count",
     "check_values",
     "is_whole",
+    "warn_unguided",
 ]
+
+log = logging.getLogger("slimdiff.runtime.pipeline")
 
 
 def is_whole(value: Any) -> bool:
@@ -127,3 +131,19 @@ def check_rescale(guidance_rescale: Any, uses_cfg: bool) -> np.float32:
             "use (it embeds the guidance, or was distilled without it); leave it at 0"
         )
     return np.float32(value)
+
+
+def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool]) -> None:
+    """Warn, naming them, of the `given` negative-side values a run without
+    classifier-free guidance ignores (diffusers ignores them without a word): on a model
+    without CFG (FLUX.1, guidance-distilled), or at guidance 1 or below."""
+    ignored = [name for name, on in given.items() if on]
+    if not ignored:
+        return
+    why = (
+        f"guidance {guidance:g} turns classifier-free guidance off (it runs above 1)"
+        if uses_cfg
+        else "this model runs without classifier-free guidance (it embeds the guidance, or "
+        "was distilled without it)"
+    )
+    log.warning("ignored: %s; %s", ", ".join(ignored), why)

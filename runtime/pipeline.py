@@ -33,6 +33,7 @@ from slimdiff.runtime.call_checks import (
     check_size_pair,
     check_step_count,
     check_values,
+    warn_unguided,
 )
 from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.control import check_control, control_feeds, control_scales, takes_guess
@@ -82,7 +83,11 @@ from slimdiff.runtime.sessions import (
     load_component,
     release,
 )
-from slimdiff.runtime.size_conditioning import check_size_conditioning, time_id_rows
+from slimdiff.runtime.size_conditioning import (
+    SIZE_CONDITIONING,
+    check_size_conditioning,
+    time_id_rows,
+)
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
@@ -396,6 +401,17 @@ class Text2ImagePipeline:
         rescale = check_rescale(guidance_rescale, self.config.uses_cfg)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
+        if not do_cfg:
+            negative_sizes = [
+                k for k in SIZE_CONDITIONING if k.startswith("negative_") and getattr(sizing, k)
+            ]
+            given = {
+                "the negative prompt": any(negatives),
+                "guidance rescale": bool(rescale),
+                "the negative size conditioning": bool(negative_sizes),
+                "the negative aesthetic score": negative_aesthetic_score is not None,
+            }
+            warn_unguided(self.config.uses_cfg, guidance, given)
         per_prompt = check_images(images, do_cfg, len(prompts), self.max_batch)
         images = per_prompt * len(prompts)
         pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted

@@ -3,6 +3,8 @@ FLUX packing and ids, SD3's joined text states, SDXL's zero negative, sizes, pix
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -385,3 +387,36 @@ def test_save_image_refuses_other_suffixes_before_writing(tmp_path):
     with pytest.raises(UserError, match=r"a.gif: images are written as .png, .jpg or .webp"):
         save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / "a.gif")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("family", "kwargs", "names", "why"),
+    [
+        ("flux", {"negative_prompt": "blurry"}, "the negative prompt", "runs without"),
+        (
+            "sdxl",
+            {"guidance": 1.0, "negative_prompt": ["x"], "guidance_rescale": 0.7},
+            "the negative prompt, guidance rescale",
+            "guidance 1 turns classifier-free guidance off",
+        ),
+        (
+            "sdxl",
+            {"guidance": 0.0, "negative_original_size": (512, 512)},
+            "the negative size conditioning",
+            "guidance 0 turns",
+        ),
+    ],
+)
+def test_values_a_run_without_cfg_ignores_are_named(family, kwargs, names, why, caplog):
+    """The warning comes with the argument checks, before any graph runs (none here)."""
+    with caplog.at_level("WARNING"), contextlib.suppress(Exception):
+        _pipeline(family)("a cat", **kwargs)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ignored:")]
+    assert len(lines) == 1 and lines[0].startswith(f"ignored: {names}; ") and why in lines[0]
+
+
+def test_nothing_is_said_when_guidance_uses_them(caplog):
+    with caplog.at_level("WARNING"), contextlib.suppress(Exception):
+        _pipeline("sdxl")("a cat", negative_prompt="blurry", guidance=5.0)
+        _pipeline("flux")("a cat", negative_prompt="")
+    assert not [r for r in caplog.records if r.getMessage().startswith("ignored:")]
