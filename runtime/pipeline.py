@@ -366,6 +366,11 @@ class Text2ImagePipeline:
         start_at, end_at = check_hand_off(
             self.config, denoising_start, denoising_end, image, latents, strength
         )
+        if strength is not None and image is None:
+            raise UserError(
+                "strength sets how far an image is noised: pass the image as well (image=...), "
+                "or leave strength out"
+            )
         if strength is None:
             strength = default_strength(self.config, mask_image is not None)
         source = None if image is None else self._check_image(image, latents)

@@ -246,26 +246,34 @@ def _check_call(base: Any, call: dict[str, Any]) -> None:
         )
 
 
-def _check_split(base: Any, refiner: Any, steps: int, start: float, eta: Any) -> None:
+def _check_split(base: Any, refiner: Any, steps: int, start: float, call: dict) -> None:
     """That the hand-off at `start` leaves steps to both, before the base runs: each
     side's schedule at the bundle's default size (the SDXL schedules do not depend on the
-    size), the base's from its first step."""
+    size), the base's from its first step (the step its strength begins at, with an
+    image)."""
+    from slimdiff.runtime.img2img import begin_at, default_strength
+
     if steps < 2:
         raise UserError(f"{steps} step: a base and a refiner need at least 2 steps to share")
     height, width = refiner.config.default_size
     for pipe, name in ((base, "base"), (refiner, "refiner")):
-        scheduler = pipe.make_scheduler(steps, height, width, eta)
+        scheduler = pipe.make_scheduler(steps, height, width, call.get("eta"))
         train = train_timesteps(pipe.scheduler_config)
+        begin, strength = 0, call.get("strength")
+        if name == "base" and call.get("image") is not None:
+            strength = default_strength(pipe.config, False) if strength is None else strength
+            begin = begin_at(pipe.config.kind, scheduler, steps, strength)
         try:
             if name == "base":
-                end_index(scheduler, 0, start, train)
+                end_index(scheduler, begin, start, train)
             else:
                 start_index(scheduler, start, train)
         except UserError:
             where = "raise it" if name == "base" else "lower it"
+            after = f" after the image's strength {strength:g}" if begin else ""
             raise UserError(
                 f"refiner start {start:g} leaves the {name} no step of the {steps}-step "
-                f"schedule ({type(scheduler).__name__}): {where}, or raise the steps"
+                f"schedule ({type(scheduler).__name__}){after}: {where}, or raise the steps"
             ) from None
 
 
@@ -301,7 +309,7 @@ def run_ensemble(
             "image instead (run REFINER --image)"
         )
     check_aesthetic(refiner.config, aesthetic_score, negative_aesthetic_score)
-    _check_split(base, refiner, steps, start, call.get("eta"))
+    _check_split(base, refiner, steps, start, call)
 
     def stage(name: str):
         return None if on_step is None else lambda done, total: on_step(name, done, total)

@@ -338,6 +338,16 @@ def test_ensemble_checks_everything_before_the_base_runs(shared_bundle, refiner)
         ((base, ref), {"steps": 1}, "at least 2 steps"),
         ((base, ref), {"steps": 4, "refiner_start": 1e-9}, "leaves the base no step"),
         ((base, ref), {"steps": 4, "refiner_start": 0.999999}, "leaves the refiner no step"),
+        (
+            (base, ref),
+            {
+                "steps": 4,
+                "image": np.zeros((64, 64, 3), np.uint8),
+                "strength": 0.5,
+                "refiner_start": 0.3,
+            },
+            r"refiner start 0.3 leaves the base no step .* after the image's strength 0.5",
+        ),
         ((base, ref), {"aesthetic_score": float("nan")}, "aesthetic score nan is not a finite"),
         ((base, ref), {"negative_aesthetic_score": 12}, "negative aesthetic score 12"),
     ]

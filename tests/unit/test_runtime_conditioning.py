@@ -420,3 +420,8 @@ def test_nothing_is_said_when_guidance_uses_them(caplog):
         _pipeline("sdxl")("a cat", negative_prompt="blurry", guidance=5.0)
         _pipeline("flux")("a cat", negative_prompt="")
     assert not [r for r in caplog.records if r.getMessage().startswith("ignored:")]
+
+
+def test_strength_without_an_image_is_refused():
+    with pytest.raises(UserError, match="strength sets how far an image is noised: pass the"):
+        _pipeline("sdxl")("a cat", strength=0.5)
