@@ -25,7 +25,7 @@ from slimdiff.runtime.manifest import (
     TextEncoderRecord,
     sha256_file,
 )
-from slimdiff.runtime.scheduler_choice import scheduler_problem
+from slimdiff.runtime.scheduler_choice import scheduler_problem, warn_replaced_sigmas
 from slimdiff.runtime.schedulers import (
     scheduler_names,
     switch_scheduler,
@@ -201,6 +201,7 @@ def bundle_scheduler(
         warning = switch_warning(current, chosen)
         if warning:
             log.warning("--scheduler %s: %s", name, warning)
+        warn_replaced_sigmas(chosen, name, sigmas)
     for option, change, value in (
         ("--sigmas", with_sigmas, sigmas),
         ("--timestep-spacing", with_spacing, spacing),

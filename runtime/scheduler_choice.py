@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from slimdiff.runtime.manifest import FIX, BundleError, PipelineSpec
 from slimdiff.runtime.schedulers import (
+    SIGMA_SCHEDULES,
     Scheduler,
     scheduler_from_config,
     switch_scheduler,
@@ -97,11 +98,25 @@ def chosen(
     check_scheduler(root, config, scheduler_config)
     if scheduler is not None:
         scheduler_config = switched(config, scheduler_config, scheduler)
+        warn_replaced_sigmas(scheduler_config, scheduler, sigmas)
     if sigmas is not None:
         scheduler_config = resampled(config, scheduler_config, sigmas)
     if spacing is not None:
         scheduler_config = respaced(config, scheduler_config, spacing)
     return scheduler_config
+
+
+def warn_replaced_sigmas(switched_config: dict, scheduler: str, sigmas: str | None) -> None:
+    """Warn when `sigmas` replaces the sigma schedule that scheduler preset `scheduler`
+    (e.g. euler-karras) brings: both were asked for, the later one wins."""
+    own = [s for s in SIGMA_SCHEDULES if switched_config.get(f"use_{s}_sigmas")]
+    if sigmas is not None and own and own != [sigmas]:
+        log.warning(
+            "--scheduler %s samples on %s sigmas, which --sigmas %s replaces",
+            scheduler,
+            own[0],
+            sigmas,
+        )
 
 
 def resampled(config: PipelineSpec, scheduler_config: dict, sigmas: str) -> dict:

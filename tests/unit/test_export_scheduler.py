@@ -179,10 +179,18 @@ def test_strict_json_infinities_only_where_asked():
         ("dpm++2m-karras", "exponential", "DPMSolverMultistepScheduler"),
     ],
 )
-def test_sigmas_replace_the_shipped_schedule(sd15, name, sigmas, cls_name):
+def test_sigmas_replace_the_shipped_schedule(sd15, name, sigmas, cls_name, caplog):
     """--sigmas after --scheduler: that class's use_<sigmas>_sigmas set, the others off (a
-    "-karras" name's too)."""
-    chosen = bundle_scheduler(sd15, name, sigmas)
+    "-karras" name's too, with a warning)."""
+    with caplog.at_level("WARNING"):
+        chosen = bundle_scheduler(sd15, name, sigmas)
+    replaced = [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()]
+    karras = name is not None and name.endswith("-karras")
+    assert replaced == (
+        [f"--scheduler {name} samples on karras sigmas, which --sigmas {sigmas} replaces"]
+        if karras
+        else []
+    )
     assert type(chosen).__name__ == cls_name
     flags = {s: chosen.config[f"use_{s}_sigmas"] for s in ("karras", "exponential", "beta")}
     assert flags == {s: s == sigmas for s in flags}
@@ -210,3 +218,16 @@ def test_sigmas_in_the_cli_and_recipe(tmp_path):
     recipe.write_text("version: 1\nmodel: tiny:sd15\nexport: {sigmas: cosine}\n")
     with pytest.raises(UserError, match=r"export\.sigmas"):
         load_recipe(recipe)
+
+
+def test_run_warns_the_same_when_sigmas_replace_a_presets(sd15, caplog, tmp_path):
+    from slimdiff.export.bundle import pipeline_constants
+    from slimdiff.runtime.scheduler_choice import chosen
+
+    own = {**sd15.pipe.scheduler.config, "_class_name": type(sd15.pipe.scheduler).__name__}
+    with caplog.at_level("WARNING"):
+        config = chosen(tmp_path, pipeline_constants(sd15), own, "euler-karras", "beta")
+    assert config["use_beta_sigmas"] and not config.get("use_karras_sigmas")
+    assert "--scheduler euler-karras samples on karras sigmas, which --sigmas beta replaces" in [
+        r.getMessage() for r in caplog.records
+    ]
