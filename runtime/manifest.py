@@ -476,8 +476,8 @@ def parse_manifest(data: bytes, where: str | Path) -> Manifest:
     if version != SCHEMA_VERSION:
         older = version < SCHEMA_VERSION
         raise BundleError(
-            f"{where}: manifest schema version {version} is from an "
-            f"{'older' if older else 'newer'} slimdiff; this one reads version "
+            f"{where}: manifest schema version {version} is from "
+            f"{'an older' if older else 'a newer'} slimdiff; this one reads version "
             f"{SCHEMA_VERSION}: "
             + (FIX if older else "upgrade slimdiff, or export the bundle again with this one")
         )

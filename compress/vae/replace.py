@@ -151,11 +151,15 @@ def read_vae(path: str) -> tuple[Path, dict | None]:
     file; UserError naming the fix otherwise."""
     file = local_path(path)
     if file.is_file():
+        if file.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+            raise UserError(
+                f"vae.replace: {path} is a pickled file; pickled VAE files (.pt, .ckpt, .bin) "
+                "are not loaded (unpickling can run code): convert it to safetensors"
+            )
         if file.suffix.lower() != ".safetensors":
             raise UserError(
-                f"vae.replace: {path} is not a .safetensors file; pickled VAE files (.pt, "
-                ".ckpt, .bin) are not loaded (unpickling can run code): convert it to "
-                "safetensors"
+                f"vae.replace: {path} is not a VAE: pass a .safetensors file or a diffusers "
+                "VAE folder"
             )
         return file, None
     folder = vae_folder(path)

@@ -118,6 +118,13 @@ def read_latents(path: Path):
     import numpy as np
 
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as err:
+        raise UserError(f"--latents {path}: {err.strerror}") from None
+    if magic != b"\x93NUMPY":  # np.load would call any other file pickled data
+        raise UserError(f"--latents {path}: not a .npy file; write one with numpy.save")
+    try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise UserError(f"--latents {path}: not a plain .npy array ({err})") from None

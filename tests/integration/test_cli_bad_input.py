@@ -92,7 +92,7 @@ def test_bad_run_arguments(bundle, tmp_path, args, fragment):
         ("nan.npy", "NaN or infinite"),
         ("shape.npy", "latents have shape (1, 3, 8, 8)"),
         ("objects.npy", "not a plain .npy array"),
-        ("garbage.npy", "not a plain .npy array"),
+        ("garbage.npy", "not a .npy file; write one with numpy.save"),
     ],
 )
 def test_bad_latents(bundle, latents, tmp_path, name, fragment):

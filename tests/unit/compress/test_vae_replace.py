@@ -302,7 +302,10 @@ def test_bad_single_files_are_refused(tmp_path):
 
     pickled = tmp_path / "vae.ckpt"
     pickled.write_bytes(b"not loaded")
-    refused(pickled, r"not a \.safetensors file; pickled VAE files")
+    refused(pickled, r"vae.ckpt is a pickled file; pickled VAE files")
+    picture = tmp_path / "vae.png"
+    picture.write_bytes(b"\x89PNG")
+    refused(picture, r"vae.png is not a VAE: pass a .safetensors file or a diffusers VAE folder")
     from safetensors.torch import save_file
 
     lora = tmp_path / "lora.safetensors"
