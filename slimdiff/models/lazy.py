@@ -21,7 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimdiff.models.weights import ModuleWeights, SafetensorsWeights, WeightSource
+from slimdiff.models.weights import (
+    ModuleWeights,
+    SafetensorsWeights,
+    WeightSource,
+    checkpoint_renamer,
+)
 
 __all__ = [
     "aliases",
@@ -134,7 +139,11 @@ def empty_module(module_cls: type, folder: Path) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         if hasattr(module_cls, "load_config"):  # diffusers ModelMixin
             return module_cls.from_config(module_cls.load_config(folder))
-        return module_cls(module_cls.config_class.from_json_file(folder / "config.json"))
+        module = module_cls(module_cls.config_class.from_json_file(folder / "config.json"))
+    # T5's encoder.embed_tokens is shared.weight, which alone its files hold: tied as
+    # from_pretrained ties them, so either name finds it
+    module.tie_weights()
+    return module
 
 
 def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
@@ -180,7 +189,7 @@ def _lazy_component(cls: type, name: str, folder: Path, restore_edits) -> Any:
         module = empty_module(cls, folder)
         if restore_edits is not None:
             module = restore_edits(name, module)
-        source = SafetensorsWeights(folder)
+        source = SafetensorsWeights(folder, checkpoint_renamer(module))
         _check_keys(module, source, folder)
         _load_buffers(module, source)
         return make_lazy(module.eval(), source)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +31,7 @@ __all__ = [
     "SafetensorsWeights",
     "WeightSource",
     "check_weight_files",
+    "checkpoint_renamer",
     "init_rule",
     "open_safetensors",
     "weight_files",
@@ -68,13 +70,15 @@ class SafetensorsWeights:
     diffusers and transformers name their weights `<name>.safetensors`, or shards listed by
     `<name>.safetensors.index.json`; variants (`<name>.fp16.safetensors`) are used only when
     the folder has nothing else, as `from_pretrained` does without a `variant`.
+    `rename` maps a file's key to the module's (transformers' renaming of checkpoints an
+    older transformers saved: checkpoint_renamer); the keys asked for are the module's.
 
     Example:
         >>> SafetensorsWeights(Path("flux-dev/transformer")).tensor("x_embedder.weight").shape
         torch.Size([3072, 64])  # doctest: +SKIP
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, rename: Callable[[str], str] | None = None):
         self.folder = folder
         files = weight_files(folder)
         if not files:
@@ -82,21 +86,50 @@ class SafetensorsWeights:
                 f"{folder}: no .safetensors weights; save the model with "
                 "save_pretrained(..., safe_serialization=True)"
             )
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, str]] = {}  # module key -> (file, file key)
         for file in files:
             with open_safetensors(file) as handle:
-                self._where.update(dict.fromkeys(handle.keys(), file))
+                stored = handle.keys()  # a safe_open handle is no mapping
+            for key in stored:
+                self._where[rename(key) if rename else key] = (file, key)
 
     def tensor(self, key: str) -> torch.Tensor:
-        file = self._where[key]
+        file, stored = self._where[key]
         with open_safetensors(file) as handle:
             try:
-                return handle.get_tensor(key)  # its own storage: 64-byte aligned, file released
+                return handle.get_tensor(stored)  # its own storage: 64-byte aligned, file released
             except Exception as err:  # safetensors' errors: the file changed under us
                 raise _unreadable(file, err) from None
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
+
+
+def checkpoint_renamer(module: nn.Module) -> Callable[[str], str] | None:
+    """How transformers renames the keys of a checkpoint an older transformers saved when
+    it loads one into `module` (transformers 5 keeps CLIPTextModel's layers without the
+    `text_model.` prefix its hub files carry), as a function of the file's key; None for
+    a module that is no transformers model, or whose conversions merge or split tensors
+    (WeightConverter), which no key-by-key read can follow. transformers' own mapping and
+    renaming functions are used, so a later version's conversions come with it."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # a transformers without conversion mappings renames nothing
+        return None
+    if not isinstance(module, PreTrainedModel):
+        return None
+    transforms = get_model_conversion_mapping(module)
+    if any(isinstance(t, WeightConverter) for t in transforms):
+        return None
+    names = dict.fromkeys(module.state_dict())  # meta tensors: names only
+    prefix = getattr(module, "base_model_prefix", None) or None
+
+    def rename(key: str) -> str:
+        return rename_source_key(key, transforms, [], prefix, names)[0]
+
+    return rename
 
 
 def open_safetensors(file: Path):
