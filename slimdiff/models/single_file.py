@@ -27,7 +27,7 @@ from slimdiff.models.hub import hub_offline, local_path
 __all__ = ["SINGLE_FILE_SUFFIXES", "is_single_file", "load_single_file"]
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-_PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth")
+_PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # diffusers' detected checkpoint type (infer_diffusers_model_type) -> the text-to-image
 # pipeline slimdiff loads it as; other types (inpainting, ControlNets, video) are not models
@@ -65,10 +65,20 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
         load_single_file_checkpoint,
     )
 
-    if path.suffix.lower() in _PICKLED_SUFFIXES and not allow_pickle:
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and not (allow_pickle and suffix in _PICKLED_SUFFIXES):
+        # diffusers torch.loads any file not named .safetensors
         raise UserError(
             f"{path} is a pickled checkpoint (unpickling can run code): pass --allow-pickle "
             "if you trust it, or use its .safetensors version"
+            if suffix in _PICKLED_SUFFIXES
+            else f"{path}: a single-file checkpoint is a .safetensors file (or, with "
+            f"--allow-pickle, {', '.join(_PICKLED_SUFFIXES)}), not {path.suffix or 'no suffix'}"
+        )
+    if path.suffix != suffix:
+        raise UserError(
+            f"{path}: diffusers reads a checkpoint by its lowercase suffix; rename it to "
+            f"{path.with_suffix(suffix).name}"
         )
     try:
         checkpoint = load_single_file_checkpoint(str(path))
@@ -102,13 +112,28 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
     given = _from_config(path, checkpoint, pipeline, folder, index) if local else {}
     del checkpoint  # from_single_file reads the file itself (it takes a path, not tensors)
     offline = hub_offline()
+    where = f"config {config!r}" if config else f"diffusers' default config for {kind!r}"
     try:
-        return getattr(diffusers, pipeline).from_single_file(
+        pipe = getattr(diffusers, pipeline).from_single_file(
             str(path),
             config=str(folder) if local else config,
             local_files_only=local or offline,
             **given,
         )
+    except (KeyError, IndexError) as err:  # diffusers' converters on another layout's keys
+        raise UserError(
+            f"{path}: its weights do not fit the {pipeline} of {where} (diffusers' "
+            f"conversion: {type(err).__name__} {err}): --config must be a folder of the "
+            "checkpoint's own architecture (SD1.5 vs SDXL vs FLUX, the base model it was "
+            "fine-tuned from)"
+        ) from None
+    except NotImplementedError as err:  # a model left on meta, moved by diffusers' loader
+        if "meta tensor" not in str(err):
+            raise
+        raise UserError(
+            f"{path}: some weights of its model are not in the file (diffusers left them "
+            "unset); the file is incomplete: use the whole checkpoint"
+        ) from None
     except SingleFileComponentError as err:  # a component neither the file nor config has
         raise UserError(
             f"{path}: {err.message or err} (diffusers); the file lacks a component: pass a "
@@ -116,7 +141,6 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
         ) from None
     except (OSError, ValueError) as err:  # hub and config errors (hub errors are OSErrors)
         detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        where = f"config {config!r}" if config else f"diffusers' default config for {kind!r}"
         if "size mismatch" in str(err) or "ignore_mismatched_sizes" in str(err):
             # diffusers' own advice (ignore_mismatched_sizes) would load random weights
             raise UserError(
@@ -129,6 +153,11 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             "once with `slimdiff convert FILE --config DIR --out FOLDER`, DIR a diffusers "
             "folder of the same architecture (the base model it was fine-tuned from)"
         ) from None
+    from slimdiff.models.loading import refuse_missing
+
+    # diffusers leaves a weight neither the file nor the config holds on the meta device
+    refuse_missing(pipe.components, path)
+    return pipe
 
 
 # Where the SD3/FLUX layout (Stability's sd3_medium_incl_clips*, ComfyUI's whole FLUX

@@ -92,6 +92,45 @@ def test_what_is_not_a_whole_model_is_refused(checkpoint, tmp_path):
         load_model(str(tmp_path / "broken.safetensors"))
 
 
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("model.bin", r"model.bin is a pickled checkpoint .*--allow-pickle"),
+        ("model.py", r"a single-file checkpoint is a .safetensors file .*not .py"),
+        ("model.SAFETENSORS", r"by its lowercase suffix; rename it to model.safetensors"),
+    ],
+)
+def test_files_diffusers_would_unpickle_are_refused(checkpoint, tmp_path, name, fragment):
+    """diffusers torch.loads any file not named `.safetensors`: only pickles given
+    --allow-pickle reach it."""
+    _, base, file = checkpoint
+    (tmp_path / name).write_bytes(file.read_bytes())
+    with pytest.raises(UserError, match=fragment):
+        load_single_file(tmp_path / name, config=str(base))
+
+
+def test_incomplete_files_and_other_architectures_are_refused(checkpoint, tmp_path):
+    _, base, file = checkpoint
+    state = load_file(str(file))
+    cases = [
+        ("final_layer_norm", "text_encoder lacks 2 of its weights"),
+        ("model.diffusion_model.out.2", "some weights of its model are not in the file"),
+    ]
+    for dropped, fragment in cases:
+        part = tmp_path / "part.safetensors"
+        save_file({k: v for k, v in state.items() if dropped not in k}, str(part))
+        with pytest.raises(UserError, match=fragment):
+            load_single_file(part, config=str(base))
+    sdxl = tmp_path / "sdxl"
+    load_model("tiny:sdxl").pipe.save_pretrained(sdxl)
+    result = CliRunner().invoke(
+        main, ["convert", str(file), "--config", str(sdxl), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "weights do not fit the StableDiffusionXLPipeline" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def _sdxl_with_a_wider_bigg():
     """tiny:sdxl with text_encoder_2 wider than text_encoder, as in SDXL (768 vs 1280):
     diffusers tells the two encoders of a single file apart by their widths."""
