@@ -184,7 +184,7 @@ def compress_cmd(
         from slimdiff.app.flow import check_recipe_model
 
         click.echo(r.to_yaml(), nl=False)
-        click.echo(f"# {check_recipe_model(r)}")
+        click.echo(f"# {check_recipe_model(r, allow_pickle)}")
         return
     if out is None:
         raise UserError("compress needs --out FOLDER (for OUT/artifact and OUT/bundle)")

@@ -116,21 +116,31 @@ def ship_scheduler(model: LoadedModel, shipped: dict[str, str]) -> None:
     )
 
 
-def check_recipe_model(recipe: Recipe) -> str:
+def check_recipe_model(recipe: Recipe, allow_pickle: bool = False) -> str:
     """The recipe's passes checked against its model without its weights (compress
-    --dry-run): the files passes read, then each pass's preflight on the model loaded
-    lazily (configs and shapes). UserError for what `compress` would refuse; else a line
-    saying what was checked (a hub id is not: loading it means downloading it)."""
+    --dry-run): the model argument, the files passes read, then each pass's preflight on
+    the model loaded lazily (configs and shapes). UserError for what `compress` would
+    refuse; else a line saying what was checked (a hub id is not: loading it means
+    downloading it; nor a single file or pickled weights, which load only whole)."""
     from slimdiff.compress.runner import check_passes, dropped_components
     from slimdiff.models import load_model
-    from slimdiff.models.loading import lazy_loadable
+    from slimdiff.models.loading import check_pipeline_path
 
+    what = check_pipeline_path(recipe.model, "compress")
     check_input_files(recipe)
     if not recipe.passes:
         return "no passes to check"
-    if not lazy_loadable(recipe.model):
-        return f"passes not checked against {recipe.model} (download it, or compress to check)"
-    model = load_model(recipe.model, weights="lazy", without=dropped_components(recipe))
+    unchecked = f"passes not checked against {recipe.model}"
+    if what == "hub":
+        return f"{unchecked} (a hub id: download it, or compress to check)"
+    if what == "file":
+        return f"{unchecked} (a single file loads whole: convert it, or compress to check)"
+    try:
+        model = load_model(recipe.model, weights="lazy", without=dropped_components(recipe))
+    except UserError:
+        if not allow_pickle:
+            raise
+        return f"{unchecked} (pickled weights, if any, load only whole: compress to check)"
     check_passes(model, recipe)
     return f"passes checked against {recipe.model} ({model.arch.family}): ok"
 

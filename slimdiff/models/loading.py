@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from slimdiff.errors import UserError
 from slimdiff.models.arch import ArchSpec, TextEncoderSpec
@@ -48,6 +48,7 @@ from slimdiff.models.toy import load_toy, parse_toy, toy_folder
 
 __all__ = [
     "LoadedModel",
+    "check_pipeline_path",
     "default_size",
     "lazy_loadable",
     "load_for_export",
@@ -198,11 +199,37 @@ def _load_memory(model: str, device: str, allow_pickle: bool, skip: dict[str, No
         return _load_local(path, model, device, allow_pickle, skip)
     if looks_like_hub_id(model):
         return _wrap(_load_hub(model, device, allow_pickle, skip), model)
-    raise UserError(
+    raise _not_found(model)
+
+
+def _not_found(model: str) -> UserError:
+    return UserError(
         f"model {model!r} not found: pass a diffusers pipeline folder (with model_index.json), "
         "a hub id (org/name), or a built-in (tiny:<model>, random:<model>; models: "
         f"{', '.join(BUILTIN_MODELS)}; or toy:shapes)"
     )
+
+
+def check_pipeline_path(model: str, what: str) -> str:
+    """What `model` is, checked without loading it, for `what` (a command that needs a
+    whole pipeline): "pipeline" (a built-in or a folder with model_index.json), "file" (a
+    single-file checkpoint) or "hub" (an id not found locally); UserError, the load's own
+    line, for anything else (a missing path, a component folder, a bundle)."""
+    if lazy_loadable(model):
+        return "pipeline"
+    path = local_path(model)
+    if not path.exists():
+        if looks_like_hub_id(model):
+            return "hub"
+        raise _not_found(model)
+    if is_single_file(path):
+        return "file"
+    if path.is_dir() and (path / "config.json").is_file():
+        raise UserError(
+            f"{model} is a single component folder; {what} needs the whole pipeline: pass "
+            "the folder that holds model_index.json"
+        )
+    _refuse_non_model(path)
 
 
 def load_for_export(
@@ -343,10 +370,7 @@ def _load_local(
     from slimdiff.models.weights import check_weight_files
 
     if not path.is_dir():
-        raise UserError(
-            f"{path} is a file; pass a diffusers pipeline folder (with model_index.json), or a "
-            "single-file checkpoint (.safetensors)"
-        )
+        _refuse_non_model(path)
     index_file = path / "model_index.json"
     if index_file.is_file():
         index = _read_json(index_file)
@@ -372,6 +396,17 @@ def _load_local(
             _refuse_pickles(path, [path])
         check_weight_files([path])
         return _load_component(path, _read_json(config), source, device, allow_pickle)
+    _refuse_non_model(path)
+
+
+def _refuse_non_model(path: Path) -> NoReturn:
+    """The UserError for a path that holds no model: a file that is no single-file
+    checkpoint, an exported bundle, a folder without model_index.json or config.json."""
+    if not path.is_dir():
+        raise UserError(
+            f"{path} is a file; pass a diffusers pipeline folder (with model_index.json), or a "
+            "single-file checkpoint (.safetensors)"
+        )
     if (path / "manifest.json").is_file():  # the usual mix-up: an exported bundle
         raise UserError(
             f"{path} is a slimdiff bundle, already exported: run it with `slimdiff run "

@@ -110,4 +110,25 @@ def test_dry_run_checks_the_passes_against_the_model(tmp_path):
     assert good.output.rstrip().endswith("# passes checked against tiny:sdxl (sdxl): ok")
     hub = _dry_run(tmp_path, {"model": "org/not-here", "passes": [step]})
     assert hub.exit_code == 0, hub.output
-    assert "# passes not checked against org/not-here (download it" in hub.output
+    assert "# passes not checked against org/not-here (a hub id: download it" in hub.output
+
+
+@pytest.mark.usefixtures("no_recording")
+def test_dry_run_refuses_what_compress_would_not_load(tmp_path):
+    """A missing path, a component folder and a bundle: compress's own line, exit 2."""
+    step = {"pass": "text.drop", "encoders": ["text_encoder_3"]}
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    (unet / "config.json").write_text("{}")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    cases = [
+        (tmp_path / "missing", "not found: pass a diffusers pipeline folder"),
+        (unet, "is a single component folder; compress needs the whole pipeline"),
+        (bundle, "is a slimdiff bundle, already exported"),
+    ]
+    for model, fragment in cases:
+        result = _dry_run(tmp_path, {"model": str(model), "passes": [step]})
+        assert result.exit_code == 2, result.output
+        assert fragment in result.output and "Traceback" not in result.output
