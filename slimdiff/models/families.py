@@ -437,6 +437,11 @@ def arch_of_denoiser(class_name: str, config: dict) -> ArchSpec | None:
 
 def family_of_pipeline(class_name: str) -> str:
     """Family of a diffusers pipeline class name, e.g. "StableDiffusionXLPipeline" -> "sdxl"."""
+    if not isinstance(class_name, str) or not class_name:
+        raise UserError(
+            f"model_index.json's _class_name is {class_name!r}, not a diffusers pipeline class; "
+            "save the pipeline again with save_pretrained"
+        )
     class_name = text_to_image_class(class_name)
     for spec in FAMILIES.values():
         if class_name in spec.pipeline_classes:

@@ -594,7 +594,15 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def _read_json(path: Path) -> dict:
+    """A model folder's JSON file, an object (model_index.json, config.json); UserError
+    for anything else."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: unreadable JSON ({err}); re-save the model") from None
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{path}: holds a JSON {type(value).__name__}, not an object; re-save the model "
+            "with save_pretrained"
+        )
+    return value

@@ -161,14 +161,31 @@ def check_weight_files(folders: list[Path]) -> None:
                 pass
 
 
+def _shards(index: Path) -> set[str]:
+    """The shard file names a `<name>.safetensors.index.json` lists; UserError for an index
+    that is not one (cut short, or not the object save_pretrained writes)."""
+    try:
+        value = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{index}: unreadable ({err}); download or copy it again") from None
+    weight_map = value.get("weight_map") if isinstance(value, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(n, str) and n and "/" not in n and "\\" not in n for n in weight_map.values()
+    ):
+        raise UserError(
+            f"{index}: not a shard index (an object whose weight_map names the shard file of "
+            "each weight); download or copy it again"
+        )
+    return set(weight_map.values())
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files from_pretrained reads in a component folder: an index's
     shards, else the plain files, else (nothing else there) a variant's; [] for none."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     plain = [i for i in indexes if i.name.count(".") == 3]  # <name>.safetensors.index.json
     for index in plain or indexes:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return sorted({folder / name for name in weight_map.values()})
+        return sorted({folder / name for name in _shards(index)})
     files = sorted(folder.glob("*.safetensors"))
     return [f for f in files if "." not in f.stem] or files
 
