@@ -37,6 +37,7 @@ from slimdiff.models.families import (
     family_of_pipeline,
     text_to_image_class,
 )
+from slimdiff.models.fit import check_fits
 from slimdiff.models.hub import hub_offline, local_path, looks_like_hub_id
 from slimdiff.models.single_file import is_single_file, load_single_file
 from slimdiff.models.text_encoders import (
@@ -332,6 +333,7 @@ def _wrap(pipe, source: str) -> LoadedModel:
             f"model_index.json); a {arch.family} model needs every one (the SDXL refiner, "
             "which has no first text encoder, says so with requires_aesthetics_score: true)"
         )
+    check_fits(arch, pipe, source)
     # Loaded for inference, whatever the source (built-in models are built this way; a
     # folder's modules come back from diffusers trainable): passes that train turn on what
     # they train. One state for all also keeps reloads bit-identical: CPU kernels pick

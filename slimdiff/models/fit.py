@@ -1,0 +1,76 @@
+"""Whether a loaded pipeline's parts are the ones its family runs: diffusers loads whatever
+classes and configs a folder names (an SD1.5 pipeline around an SDXL UNet, SDXL's second
+text encoder without its projection, a UNet taking 5 channels), and each fails only deep
+inside an export or a trace. Checked once, where every load is wrapped
+(loading._wrap), from configs alone: lazy (meta) models pass through the same check.
+
+Example:
+    >>> check_fits(get_arch("sd15"), pipe, "my-folder")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimdiff.errors import UserError
+from slimdiff.models.arch import ArchSpec
+
+__all__ = ["check_fits"]
+
+_FIX = "the folder mixes models: save the pipeline again with save_pretrained"
+
+
+def check_fits(arch: ArchSpec, pipe: Any, source: str) -> None:
+    """UserError naming the first part of `pipe` that is not what `arch`'s pipeline runs:
+    the denoiser's class and family-telling config, its input channels, the text
+    encoders' classes."""
+    from slimdiff.models.families import family_of_denoiser
+
+    denoiser = getattr(pipe, arch.denoiser)
+    name = type(denoiser).__name__
+    config = dict(denoiser.config)
+    found = family_of_denoiser(name, config)
+    if found != arch.family:
+        what = f"a {found} {name}" if found else f"a {name} of no family slimdiff knows"
+        raise UserError(
+            f"{source}: its {arch.denoiser} is {what} (by its config), not the {arch.family} "
+            f"one its {type(pipe).__name__} runs; {_FIX}"
+        )
+    _check_channels(arch, pipe, config, source)
+    for spec in arch.text_encoders:
+        encoder = getattr(pipe, spec.name, None)
+        if encoder is not None and not _encoder_fits(spec, type(encoder).__name__):
+            raise UserError(
+                f"{source}: its {spec.name} is a {type(encoder).__name__}, which cannot give "
+                f"what a {arch.family} pipeline reads from it ({', '.join(spec.outputs)}); "
+                f"{_FIX}"
+            )
+
+
+def _check_channels(arch: ArchSpec, pipe: Any, config: dict, source: str) -> None:
+    latent = int(pipe.vae.config.latent_channels)
+    packed = latent * arch.kind.latent_packing**2  # FLUX packs 2x2 latent pixels per token
+    allowed = {packed}
+    if arch.denoiser == "unet":
+        allowed.add(2 * latent + 1)  # inpainting UNets: latents, mask, masked image
+    given = config.get("in_channels")
+    if given not in allowed:
+        takes = " or ".join(str(n) for n in sorted(allowed))
+        raise UserError(
+            f"{source}: its {arch.denoiser} takes {given} input channels, and a {arch.family} "
+            f"pipeline with this VAE ({latent} latent channels) feeds {takes} (text-to-image "
+            "or inpainting); a denoiser trained for other inputs is not one slimdiff runs"
+        )
+
+
+def _encoder_fits(spec: Any, class_name: str) -> bool:
+    if spec.kind == "t5":
+        return class_name.startswith("T5")
+    if not class_name.startswith("CLIPTextModel"):
+        return False
+    projected = class_name.endswith("WithProjection")
+    if "text_embeds" in spec.outputs:
+        return projected
+    if "pooler_output" in spec.outputs:
+        return not projected
+    return True

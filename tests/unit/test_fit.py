@@ -1,0 +1,77 @@
+"""A folder whose parts are not its family's (another family's denoiser, SDXL's second
+text encoder without its projection, a UNet taking other inputs) is refused in one line
+when it loads, lazily or not, before any export or trace fails on it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from slimdiff.cli import main
+from slimdiff.errors import UserError
+from slimdiff.models import load_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    for family in ("sd15", "sdxl"):
+        load_model(f"tiny:{family}").pipe.save_pretrained(root / family)
+    return root
+
+
+def _edit_json(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def _sdxl_unet_in_sd15(root):
+    shutil.rmtree(root / "sd15" / "unet")
+    shutil.copytree(root / "sdxl" / "unet", root / "sd15" / "unet")
+    return root / "sd15"
+
+
+def _unprojected_text_encoder_2(root):
+    _edit_json(root / "sdxl" / "model_index.json", text_encoder_2=["transformers", "CLIPTextModel"])
+    _edit_json(root / "sdxl" / "text_encoder_2" / "config.json", architectures=["CLIPTextModel"])
+    return root / "sdxl"
+
+
+def _five_channel_unet(root):
+    """Config and weights alike: diffusers loads it."""
+    unet = root / "sd15" / "unet"
+    _edit_json(unet / "config.json", in_channels=5)
+    file = unet / "diffusion_pytorch_model.safetensors"
+    state = load_file(file)
+    weight = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([weight, weight[:, :1]], dim=1)
+    save_file(state, file)
+    return root / "sd15"
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (_sdxl_unet_in_sd15, "its unet is a sdxl UNet2DConditionModel (by its config), not the"),
+        (_unprojected_text_encoder_2, "its text_encoder_2 is a CLIPTextModel, which cannot give"),
+        (_five_channel_unet, "its unet takes 5 input channels, and a sd15 pipeline with this"),
+    ],
+)
+def test_parts_of_another_kind_are_refused(saved, tmp_path, make, fragment):
+    shutil.copytree(saved, tmp_path / "m")
+    folder = make(tmp_path / "m")
+    for weights in ("memory", "lazy"):
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            load_model(str(folder), weights=weights)
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 2 and fragment in result.output
+
+
+def test_the_families_own_parts_pass(saved):
+    for family in ("sd15", "sdxl"):
+        assert load_model(str(saved / family), weights="lazy").arch.family == family
