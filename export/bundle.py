@@ -120,6 +120,7 @@ def pipeline_constants(model: LoadedModel, controlnets: Sequence[Any] = ()) -> P
         "zero_text": zero_text(arch, pipe) or None,  # SD3 without T5
         "controlnet": _controlnet_record(controlnets),
         "default_strength": _strength_record(arch, controlnets),
+        "max_side": model.max_side,
     }
     # The schema the runtime reads it with: a value it would refuse fails here, at export.
     return PipelineSpec.model_validate(record)

@@ -64,22 +64,27 @@ def size_range(
     multiple = arch.kind_for(model.denoiser.config).size_multiple(scale)
     opt = tuple(model.default_size)
 
+    limit = model.max_side  # SD3: its positional embedding's reach
+
     def fit(size, what: str) -> tuple[int, int]:
         h, w = (int(v) for v in size)
         if h % multiple or w % multiple or h < multiple or w < multiple:
             raise UserError(
-                f"{what} {h}x{w}: image sides must be positive multiples of {multiple} pixels "
+                f"{what} {w}x{h}: image sides must be positive multiples of {multiple} pixels "
                 f"for this model; pass e.g. {max(multiple, h // multiple * multiple)}"
             )
+        model.check_size((h, w), what)
         return h, w
 
     def scaled(factor: float) -> tuple[int, int]:
-        return tuple(max(multiple, int(v * factor) // multiple * multiple) for v in opt)
+        top = limit if limit is not None else None
+        sides = (max(multiple, int(v * factor) // multiple * multiple) for v in opt)
+        return tuple(min(s, top // multiple * multiple) if top else s for s in sides)
 
     lo = fit(min_size, "min size") if min_size is not None else scaled(0.5)
     hi = fit(max_size, "max size") if max_size is not None else scaled(1.5)
     if any(a > b for a, b in zip(lo, hi, strict=True)):
-        raise UserError(f"min size {lo[0]}x{lo[1]} exceeds max size {hi[0]}x{hi[1]}")
+        raise UserError(f"min size {lo[1]}x{lo[0]} exceeds max size {hi[1]}x{hi[0]}")
     opt = tuple(min(max(o, a), b) for o, a, b in zip(opt, lo, hi, strict=True))
     if max_images < 1:
         raise UserError(f"max images {max_images}: build for at least one image per call")

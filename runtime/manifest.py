@@ -384,6 +384,8 @@ class PipelineSpec(pydantic.BaseModel):
     controlnet: ControlNetRecord | None = None
     # Absent in bundles exported before it: 0.8 then (0.3 for the SDXL refiner).
     default_strength: StrengthRecord | None = None
+    # The largest side the denoiser takes (SD3's positional embedding); written only then.
+    max_side: Annotated[int, Field(ge=8, le=1 << 20)] | None = None
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> PipelineSpec:
@@ -396,7 +398,14 @@ class PipelineSpec(pydantic.BaseModel):
     def _omit_absent_stats(self, handler: Any) -> dict[str, Any]:
         return drop_unset(
             handler(self),
-            ("vae_latents_mean", "vae_latents_std", "zero_text", "controlnet", "default_strength"),
+            (
+                "vae_latents_mean",
+                "vae_latents_std",
+                "zero_text",
+                "controlnet",
+                "default_strength",
+                "max_side",
+            ),
         )
 
 

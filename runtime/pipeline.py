@@ -587,8 +587,9 @@ class Text2ImagePipeline:
         height, width = check_size_pair(size) or self.config.default_size
         m = self.conditioning.size_multiple()
         # width x height in messages, as `run --size` takes it
-        if not (m <= height <= MAX_SIDE and m <= width <= MAX_SIDE):
-            raise UserError(f"size {width}x{height}: each side must be {m} to {MAX_SIDE} pixels")
+        top = min(MAX_SIDE, self.config.max_side or MAX_SIDE)  # SD3: its position embedding's
+        if not (m <= height <= top and m <= width <= top):
+            raise UserError(f"size {width}x{height}: each side must be {m} to {top} pixels")
         if height % m or width % m:
             fix_h, fix_w = (max(m, int(v / m + 0.5) * m) for v in (height, width))
             raise UserError(

@@ -77,6 +77,7 @@ def inspect_model(
     """A JSON-able report of params and FLOPs of `model` at `size` (h, w) pixels (see module)."""
     arch = model.arch
     height, width = size or model.default_size
+    model.check_size((height, width), "--size")
     cfg = arch.uses_cfg_for(model.denoiser.config)
     batch = (2 if cfg else 1) if batch is None else batch
     if batch < 1:

@@ -94,6 +94,29 @@ class LoadedModel:
         return default_size(self.arch, self.pipe)
 
     @property
+    def max_side(self) -> int | None:
+        """The largest image side in pixels its denoiser takes, where it has a limit of its
+        own: SD3's PatchEmbed holds positions for pos_embed_max_size patches a side (192:
+        3072 px); None for the others."""
+        config = self.denoiser.config
+        positions = config.get("pos_embed_max_size")
+        if not isinstance(positions, int) or positions < 1:
+            return None
+        scale = self.pipe.vae_scale_factor if self.pipe is not None else 8
+        return positions * int(config.get("patch_size") or 1) * int(scale)
+
+    def check_size(self, size: tuple[int, int], what: str = "size") -> None:
+        """UserError for a (height, width) beyond max_side."""
+        limit = self.max_side
+        height, width = size
+        if limit is not None and max(height, width) > limit:
+            raise UserError(
+                f"{what} {width}x{height}: this {self.arch.family} {self.arch.denoiser} holds "
+                f"positions for sides up to {limit} px (pos_embed_max_size); use at most "
+                f"{limit}x{limit}"
+            )
+
+    @property
     def text_encoders(self) -> tuple[TextEncoderSpec, ...]:
         """The family's text encoders this model has (SD3 may run without T5)."""
         return present_text_encoders(self.arch, self.pipe)
