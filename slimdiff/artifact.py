@@ -110,6 +110,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         >>> pipe = load_artifact("out/tiny/artifact")                  # doctest: +SKIP
     """
     import diffusers
+    import torch
 
     path = Path(path)
     index = _read_index(path)
@@ -122,6 +123,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         pipe = cls.from_pretrained(
             path,
             use_safetensors=None if allow_pickle else True,
+            torch_dtype=torch.float32,  # whatever the files hold (transformers 5 keeps it)
             **left_out(index),
             **rebuilt,
         )

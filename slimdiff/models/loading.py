@@ -484,7 +484,9 @@ def _load_component(
         )
     cls = getattr(diffusers, class_name)
     try:
-        model = cls.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+        model = cls.from_pretrained(
+            path, use_safetensors=None if allow_pickle else True, torch_dtype=_float32()
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
     refuse_missing({class_name: model}, path)
@@ -500,10 +502,15 @@ def _from_pretrained_pipeline(
 
     class_name = text_to_image_class(index.get("_class_name", ""), index)
     cls = getattr(diffusers, class_name)
+    parts = [path / k for k, v in index.items() if _is_part(v) and k not in absent]
+    variant = _folder_variant(path, parts)
     try:
         pipe = cls.from_pretrained(
             path,
             use_safetensors=None if allow_pickle else True,
+            variant=variant,
+            # float32 whatever the files hold: transformers 5 otherwise keeps their dtype
+            torch_dtype=_float32(),
             **absent,  # components left out: null in model_index.json, or `without`
         )
     except (OSError, ValueError, KeyError) as err:
@@ -513,6 +520,32 @@ def _from_pretrained_pipeline(
         ) from None
     refuse_missing(pipe.components, path)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
+
+
+def _float32():  # torch imported when it is needed
+    import torch
+
+    return torch.float32
+
+
+def _folder_variant(path: Path, parts: list[Path]) -> str | None:
+    """The variant from_pretrained must be told to load a folder whose components hold
+    only that variant's weights (a download of `*.fp16.*` files), as lazy loading reads
+    them; None where every component has plain weights. UserError for components of
+    different variants."""
+    from slimdiff.models.weights import variants, weight_files
+
+    found: set[str] = set()
+    for part in parts:
+        if part.is_dir():
+            weight_files(part)  # several variants in one folder: refused, named
+            found |= variants(part)
+    if len(found) > 1:
+        raise UserError(
+            f"{path}: its components hold only variant weights, of different variants "
+            f"({', '.join(sorted(found))}); keep one variant's files in every component"
+        )
+    return next(iter(found), None)
 
 
 def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> None:
@@ -583,7 +616,9 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, No
         safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
         # (unused components: None is taken for a pipeline's optional ones, ignored otherwise)
         never = {**dict.fromkeys(UNUSED_COMPONENTS), **skip}
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model_id, use_safetensors=safe, **never)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            model_id, use_safetensors=safe, torch_dtype=_float32(), **never
+        )
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of
         # memory, a bug) keeps its traceback.

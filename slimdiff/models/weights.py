@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "checkpoint_renamer",
     "init_rule",
     "open_safetensors",
+    "variants",
     "weight_files",
 ]
 
@@ -179,15 +181,46 @@ def _shards(index: Path) -> set[str]:
     return set(weight_map.values())
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def _variant(file: Path) -> str | None:
+    """The variant a weights file belongs to: diffusion_pytorch_model.fp16.safetensors
+    and its shards (...fp16-00001-of-00002.safetensors) are "fp16"; None for plain ones."""
+    stem = _SHARD.sub("", file.stem)
+    return stem.rpartition(".")[2] if "." in stem else None
+
+
+def variants(folder: Path) -> set[str]:
+    """The variants a component folder holds weights of, when it holds no plain ones
+    (as a repo downloaded with `--include "*.fp16.*"`); empty otherwise."""
+    files = list(folder.glob("*.safetensors"))
+    if any(_variant(f) is None for f in files):
+        return set()
+    return {v for f in files if (v := _variant(f)) is not None}
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files from_pretrained reads in a component folder: an index's
-    shards, else the plain files, else (nothing else there) a variant's; [] for none."""
+    shards, else the plain files, else (nothing else there) one variant's; [] for none.
+    UserError for a folder of several variants and no plain weights (from_pretrained
+    then needs to be told which, and refuses without)."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     plain = [i for i in indexes if i.name.count(".") == 3]  # <name>.safetensors.index.json
-    for index in plain or indexes:
-        return sorted({folder / name for name in _shards(index)})
+    if plain:
+        return sorted({folder / name for name in _shards(plain[0])})
     files = sorted(folder.glob("*.safetensors"))
-    return [f for f in files if "." not in f.stem] or files
+    if any(_variant(f) is None for f in files):
+        return [f for f in files if _variant(f) is None]
+    found = variants(folder)
+    if len(found) > 1:
+        raise UserError(
+            f"{folder}: holds weights of the variants {', '.join(sorted(found))} and none "
+            "without a variant, so which to load is not known; keep one variant's files"
+        )
+    for index in indexes:  # a variant's shard index
+        return sorted({folder / name for name in _shards(index)})
+    return files
 
 
 class InitWeights:
