@@ -112,6 +112,8 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
     import diffusers
     import torch
 
+    from slimdiff.models.weights import dtype_keyword
+
     path = Path(path)
     index = _read_index(path)
     replay = _replays(path, index)
@@ -123,7 +125,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         pipe = cls.from_pretrained(
             path,
             use_safetensors=None if allow_pickle else True,
-            torch_dtype=torch.float32,  # whatever the files hold (transformers 5 keeps it)
+            **dtype_keyword(torch.float32),  # whatever the files hold (transformers 5 keeps it)
             **left_out(index),
             **rebuilt,
         )

@@ -516,10 +516,17 @@ def run_cmd(
 @click.option("--recipe", default=None, help="Apply this recipe's passes first.")
 @click.option("--size", default=None, help=SIZE_HELP + " Default: the family's.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@allow_pickle_option
 @set_option
 @dry_run_option
 def inspect_cmd(
-    model: str, recipe: str | None, size: str | None, as_json: bool, overrides, dry_run: bool
+    model: str,
+    recipe: str | None,
+    size: str | None,
+    as_json: bool,
+    allow_pickle: bool,
+    overrides,
+    dry_run: bool,
 ) -> None:
     """Parameters and FLOPs per denoiser step, per component and per block.
 
@@ -536,9 +543,16 @@ def inspect_cmd(
         return
     from slimdiff.inspect import format_table, inspect_model
     from slimdiff.models import load_model
+    from slimdiff.models.loading import lazy_loadable
 
-    device = "meta" if model.startswith("random:") else "cpu"
-    loaded = load_model(model, device=device)
+    loaded = None
+    if model.startswith("random:"):
+        loaded = load_model(model, device="meta")
+    elif r is None and lazy_loadable(model) and not allow_pickle:
+        # counting needs configs and shapes only: no weights read (a 12B model in seconds)
+        loaded = load_model(model, weights="lazy")
+    if loaded is None:
+        loaded = load_model(model, allow_pickle=allow_pickle)
     if r is not None:
         from slimdiff.compress import build_passes
 

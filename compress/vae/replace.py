@@ -49,6 +49,7 @@ from slimdiff.errors import UserError
 from slimdiff.lowbit import parameter_count
 from slimdiff.models.hub import local_path, looks_like_hub_id
 from slimdiff.models.vae import VAE_CLASSES, decoder_params, vae_scale_factor
+from slimdiff.models.weights import dtype_keyword
 
 __all__ = ["ReplaceVaePass", "read_vae", "vae_folder"]
 
@@ -105,7 +106,7 @@ class ReplaceVaePass(Pass):
                 vae = _from_single_file(where, old)
             else:
                 cls = getattr(diffusers, config["_class_name"])
-                vae = cls.from_pretrained(where, use_safetensors=True, torch_dtype=old.dtype)
+                vae = cls.from_pretrained(where, use_safetensors=True, **dtype_keyword(old.dtype))
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # diffusers, safetensors
             detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
             raise UserError(
@@ -227,7 +228,7 @@ def _from_single_file(file: Path, old: Any) -> Any:
     with tempfile.TemporaryDirectory(prefix="slimdiff-vae-") as config_dir:
         old.save_config(config_dir)
         return AutoencoderKL.from_single_file(
-            str(file), config=config_dir, torch_dtype=old.dtype, local_files_only=True
+            str(file), config=config_dir, **dtype_keyword(old.dtype), local_files_only=True
         )
 
 

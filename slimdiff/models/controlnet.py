@@ -47,6 +47,7 @@ from slimdiff.models.kinds import (
     CONTROL_SCALE,
     is_inpainting,
 )
+from slimdiff.models.weights import dtype_keyword
 
 __all__ = [
     "CONTROL_IMAGE",
@@ -167,7 +168,7 @@ def load_controlnet(
                 str(where),
                 use_safetensors=safe,
                 variant=variant,
-                torch_dtype=dtype,
+                **dtype_keyword(dtype),
                 local_files_only=local or hub_offline(),
             )
     except (OSError, ValueError, RuntimeError) as err:

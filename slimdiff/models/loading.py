@@ -46,6 +46,7 @@ from slimdiff.models.text_encoders import (
     present_text_encoders,
 )
 from slimdiff.models.toy import load_toy, parse_toy, toy_folder
+from slimdiff.models.weights import refuse_pickles
 
 __all__ = [
     "LoadedModel",
@@ -401,10 +402,12 @@ def _load_local(
         index = _read_json(index_file)
         class_name = index.get("_class_name", "")
         family_of_pipeline(class_name)  # raises a clear error for unsupported classes
-        unused = unused_components(index)
+        # entries the pipeline class does not take (diffusers ignores them) are not read
+        foreign = foreign_components(index)
+        unused = {**unused_components(index), **foreign}
         if not allow_pickle:
             parts = [path / k for k, v in index.items() if _is_part(v) and k not in unused]
-            _refuse_pickles(path, parts)
+            refuse_pickles(parts)
         if (path / "slimdiff.json").is_file():
             from slimdiff.artifact import load_artifact
 
@@ -412,13 +415,13 @@ def _load_local(
         absent = {**left_out(index), **skip}
         _refuse_missing_folders(path, index, absent)
         parts = [path / k for k, v in index.items() if _is_part(v) and k not in absent]
-        check_weight_files(parts)
+        check_weight_files([p for p in parts if p.name not in foreign])
         pipe = _from_pretrained_pipeline(path, index, device, allow_pickle, absent)
         return _wrap(pipe, source)
     config = path / "config.json"
     if config.is_file():
         if not allow_pickle:
-            _refuse_pickles(path, [path])
+            refuse_pickles([path])
         check_weight_files([path])
         return _load_component(path, _read_json(config), source, device, allow_pickle)
     _refuse_non_model(path)
@@ -443,27 +446,9 @@ def _refuse_non_model(path: Path) -> NoReturn:
     )
 
 
-_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-
-
 def _is_part(entry: Any) -> bool:
     # model_index.json components are [library, class]; null for an absent optional part.
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
-
-
-def _refuse_pickles(root: Path, folders: list[Path]) -> None:
-    """UserError when a component holds pickled weights and no safetensors."""
-    for folder in folders:
-        if not folder.is_dir() or any(folder.glob("*.safetensors")):
-            continue
-        pickled = sorted(p.name for pattern in _PICKLED for p in folder.glob(pattern))
-        if pickled:
-            raise UserError(
-                f"{folder} has only pickled weights ({', '.join(pickled[:3])}), which slimdiff "
-                "does not load by default: unpickling can run code. Convert them to "
-                "safetensors (load and `save_pretrained(..., safe_serialization=True)` where "
-                "you trust them), or pass --allow-pickle if you trust these files"
-            )
 
 
 def _load_component(
@@ -485,7 +470,7 @@ def _load_component(
     cls = getattr(diffusers, class_name)
     try:
         model = cls.from_pretrained(
-            path, use_safetensors=None if allow_pickle else True, torch_dtype=_float32()
+            path, use_safetensors=None if allow_pickle else True, **_float32()
         )
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
@@ -502,7 +487,8 @@ def _from_pretrained_pipeline(
 
     class_name = text_to_image_class(index.get("_class_name", ""), index)
     cls = getattr(diffusers, class_name)
-    parts = [path / k for k, v in index.items() if _is_part(v) and k not in absent]
+    skipped = {**absent, **foreign_components(index)}
+    parts = [path / k for k, v in index.items() if _is_part(v) and k not in skipped]
     variant = _folder_variant(path, parts)
     try:
         pipe = cls.from_pretrained(
@@ -510,7 +496,7 @@ def _from_pretrained_pipeline(
             use_safetensors=None if allow_pickle else True,
             variant=variant,
             # float32 whatever the files hold: transformers 5 otherwise keeps their dtype
-            torch_dtype=_float32(),
+            **_float32(),
             **absent,  # components left out: null in model_index.json, or `without`
         )
     except (OSError, ValueError, KeyError) as err:
@@ -522,10 +508,12 @@ def _from_pretrained_pipeline(
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
 
 
-def _float32():  # torch imported when it is needed
+def _float32() -> dict[str, Any]:  # torch imported when it is needed
     import torch
 
-    return torch.float32
+    from slimdiff.models.weights import dtype_keyword
+
+    return dtype_keyword(torch.float32)
 
 
 def _folder_variant(path: Path, parts: list[Path]) -> str | None:
@@ -550,9 +538,11 @@ def _folder_variant(path: Path, parts: list[Path]) -> str | None:
 
 def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> None:
     """UserError naming a component model_index.json lists whose folder is not there:
-    diffusers would take the missing subfolder for a hub repo and retry the network."""
+    diffusers would take the missing subfolder for a hub repo and retry the network.
+    Entries the pipeline does not take are not looked for (diffusers ignores them)."""
+    foreign = foreign_components(index)
     for name, entry in index.items():
-        if name.startswith("_") or name in absent or name in UNUSED_COMPONENTS:
+        if name.startswith("_") or name in absent or name in UNUSED_COMPONENTS or name in foreign:
             continue
         if not _is_part(entry):
             continue
@@ -573,6 +563,18 @@ UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 def unused_components(index: dict[str, Any]) -> dict[str, None]:
     """{name: None} for the UNUSED_COMPONENTS a model_index.json dict lists."""
     return {name: None for name in UNUSED_COMPONENTS if _is_part(index.get(name))}
+
+
+def foreign_components(index: dict[str, Any]) -> dict[str, None]:
+    """{name: None} for the components a model_index.json dict lists that its pipeline
+    class does not take (an SDXL repo's "watermarker" entry): diffusers ignores them."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, text_to_image_class(index.get("_class_name", ""), index))
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: None for k, v in index.items() if _is_part(v) and k not in accepted}
 
 
 def left_out(index: dict[str, Any]) -> dict[str, None]:
@@ -617,7 +619,7 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, No
         # (unused components: None is taken for a pipeline's optional ones, ignored otherwise)
         never = {**dict.fromkeys(UNUSED_COMPONENTS), **skip}
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            model_id, use_safetensors=safe, torch_dtype=_float32(), **never
+            model_id, use_safetensors=safe, **_float32(), **never
         )
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of

@@ -33,8 +33,10 @@ __all__ = [
     "WeightSource",
     "check_weight_files",
     "checkpoint_renamer",
+    "dtype_keyword",
     "init_rule",
     "open_safetensors",
+    "refuse_pickles",
     "variants",
     "weight_files",
 ]
@@ -84,6 +86,7 @@ class SafetensorsWeights:
         self.folder = folder
         files = weight_files(folder)
         if not files:
+            refuse_pickles([folder])  # the likelier reason, and its option
             raise UserError(
                 f"{folder}: no .safetensors weights; save the model with "
                 "save_pretrained(..., safe_serialization=True)"
@@ -105,6 +108,15 @@ class SafetensorsWeights:
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
+
+
+def dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """from_pretrained's keyword for the dtype to load in: `dtype` where diffusers has
+    renamed it (it then warns of `torch_dtype`), else `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype" if renamed else "torch_dtype": dtype}
 
 
 def checkpoint_renamer(module: nn.Module) -> Callable[[str], str] | None:
@@ -132,6 +144,24 @@ def checkpoint_renamer(module: nn.Module) -> Callable[[str], str] | None:
         return rename_source_key(key, transforms, [], prefix, names)[0]
 
     return rename
+
+
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def refuse_pickles(folders: list[Path]) -> None:
+    """UserError when a component folder holds pickled weights and no safetensors."""
+    for folder in folders:
+        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+            continue
+        pickled = sorted(p.name for pattern in _PICKLED for p in folder.glob(pattern))
+        if pickled:
+            raise UserError(
+                f"{folder} has only pickled weights ({', '.join(pickled[:3])}), which slimdiff "
+                "does not load by default: unpickling can run code. Convert them to "
+                "safetensors (load and `save_pretrained(..., safe_serialization=True)` where "
+                "you trust them), or pass --allow-pickle if you trust these files"
+            )
 
 
 def open_safetensors(file: Path):

@@ -63,3 +63,38 @@ def test_a_single_file_converts_with_such_a_config_folder(folder, tmp_path):
     assert result.exit_code == 0, result.output
     pipe = load_model(str(out)).pipe
     assert pipe.safety_checker is None and pipe.feature_extractor is None
+
+
+def test_entries_the_pipeline_does_not_take_are_ignored(folder, tmp_path):
+    """An entry diffusers' pipeline class has no parameter for (a stray "watermarker"),
+    its folder absent: ignored, as from_pretrained ignores it."""
+    import shutil
+
+    copy = tmp_path / "pipe"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["watermarker"] = ["diffusers", "StableDiffusionXLWatermarker"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    for weights in ("memory", "lazy"):
+        assert load_model(str(copy), weights=weights).arch.family == "sd15"
+
+
+def test_inspect_takes_allow_pickle(folder, tmp_path):
+    """inspect reads a pickled component with --allow-pickle, as export does, and its
+    refusal without names that option."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "pipe"
+    shutil.copytree(folder, copy)
+    vae = copy / "vae"
+    state = load_file(vae / "diffusion_pytorch_model.safetensors")
+    (vae / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, vae / "diffusion_pytorch_model.bin")
+    refused = CliRunner().invoke(main, ["inspect", str(copy)])
+    assert refused.exit_code == 2 and "has only pickled weights" in refused.output
+    assert "--allow-pickle" in refused.output
+    allowed = CliRunner().invoke(main, ["inspect", str(copy), "--allow-pickle"])
+    assert allowed.exit_code == 0, allowed.output
