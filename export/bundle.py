@@ -28,6 +28,7 @@ from slimdiff.runtime.manifest import (
 from slimdiff.runtime.scheduler_choice import scheduler_problem, warn_replaced_sigmas
 from slimdiff.runtime.schedulers import (
     scheduler_names,
+    scheduler_process,
     switch_scheduler,
     switch_warning,
     with_sigmas,
@@ -126,6 +127,30 @@ def pipeline_constants(model: LoadedModel, controlnets: Sequence[Any] = ()) -> P
     return PipelineSpec.model_validate(record)
 
 
+# The families trained as rectified flows; SD1.5 and SDXL models are VP (or EDM) diffusions.
+_FLOW_FAMILIES = ("sd3", "flux")
+
+
+def _warn_other_process(model: LoadedModel, config: dict[str, Any]) -> None:
+    """Warn when the folder's own scheduler samples another process than its family's
+    models are trained for (an SD3 folder with DDIM): diffusers samples it without a word,
+    and the images are noise unless this model was trained so."""
+    process = scheduler_process(config["_class_name"], config)
+    flow = model.arch.family in _FLOW_FAMILIES
+    if (process == "flow matching") == flow:
+        return
+    log.warning(
+        "%s: its scheduler %s samples %s, and %s models are trained as %s; unless this "
+        "one was, its images will be noise: put its base model's scheduler_config.json in "
+        "the folder's scheduler/",
+        model.source,
+        config["_class_name"],
+        process,
+        model.arch.family,
+        "rectified flows" if flow else "VP or EDM diffusions",
+    )
+
+
 def _strength_record(arch: Any, controlnets: Sequence[Any]) -> dict[str, float]:
     image, inpaint = (controlnets and arch.controlnet_strength) or arch.default_strength
     return {"image": image, "inpaint": inpaint}
@@ -192,6 +217,7 @@ def bundle_scheduler(
 
     scheduler = model.pipe.scheduler
     current = {**scheduler.config, "_class_name": type(scheduler).__name__}
+    _warn_other_process(model, current)
     spec = pipeline_constants(model)
     chosen = current
     if name is not None:

@@ -150,6 +150,7 @@ __all__ = [
     "replaced_schedule",
     "scheduler_from_config",
     "scheduler_names",
+    "scheduler_process",
     "switch_scheduler",
     "switch_warning",
     "takes_noise",
@@ -308,7 +309,7 @@ def scheduler_names() -> list[str]:
     return [*SCHEDULER_ALIASES, *sorted(_SCHEDULERS)]
 
 
-def _process(class_name: str, config: dict[str, Any] | None = None) -> str:
+def scheduler_process(class_name: str, config: dict[str, Any] | None = None) -> str:
     """The diffusion process a scheduler samples, from its diffusers name and config:
     FlowMatch* and the DPM-Solver on flow sigmas (rectified flow: SD3, FLUX), EDM*
     (Karras et al.'s preconditioned sigmas: Playground v2.5), the rest the discrete-time
@@ -377,9 +378,9 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
     current = str(config.get("_class_name", ""))
     kept = {k: v for k, v in config.items() if not k.startswith("_")}
     switched = {"_class_name": class_name, **replaced_schedule(kept, overrides), **overrides}
-    trained, target = _process(current, config), _process(class_name, switched)
+    trained, target = scheduler_process(current, config), scheduler_process(class_name, switched)
     if target != trained:
-        allowed = [n for n in scheduler_names() if _process(*_target(n, kept)) == trained]
+        allowed = [n for n in scheduler_names() if scheduler_process(*_target(n, kept)) == trained]
         raise ValueError(
             f"{name} cannot replace {current or 'this scheduler'}: it samples the {target} "
             f"process, the model was trained for the {trained} one; use one of: "

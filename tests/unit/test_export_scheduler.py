@@ -231,3 +231,21 @@ def test_run_warns_the_same_when_sigmas_replace_a_presets(sd15, caplog, tmp_path
     assert "--scheduler euler-karras samples on karras sigmas, which --sigmas beta replaces" in [
         r.getMessage() for r in caplog.records
     ]
+
+
+def test_a_scheduler_of_another_process_than_the_familys_is_warned_of(sd15, caplog):
+    old = _with_scheduler(sd15, "FlowMatchEulerDiscreteScheduler")
+    try:
+        with caplog.at_level("WARNING"):
+            bundle_scheduler(sd15)
+    finally:
+        sd15.pipe.scheduler = old
+    lines = [r.getMessage() for r in caplog.records if "trained as" in r.getMessage()]
+    assert len(lines) == 1
+    assert (
+        "FlowMatchEulerDiscreteScheduler samples flow matching, and sd15 models are " in (lines[0])
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        bundle_scheduler(sd15)  # its own Euler: nothing said
+    assert not [r for r in caplog.records if "trained as" in r.getMessage()]
