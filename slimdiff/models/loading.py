@@ -547,10 +547,12 @@ def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> 
         if not _is_part(entry):
             continue
         if not (path / name).is_dir():
+            arch = arch_of_class(text_to_image_class(index.get("_class_name", ""), index))
+            optional = any(t.name == name and t.optional for t in arch.text_encoders)
+            fix = f", or set {name} to [null, null] to run without it" if optional else ""
             raise UserError(
                 f"{path / name}: could not build {name} ({entry[1]}): model_index.json lists "
-                f"it, but there is no such folder; copy the complete pipeline folder, or set "
-                f"{name} to [null, null] if the pipeline runs without it"
+                f"it, but there is no such folder; copy the complete pipeline folder{fix}"
             )
 
 
@@ -632,8 +634,9 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, No
         else:
             hint = "the hub is unreachable, the id is wrong, or access is gated"
         raise UserError(
-            f"could not load hub model {model_id!r}: {detail[:300]} ({hint}); on a machine "
-            f"with network run `hf download {model_id} --local-dir DIR` and pass DIR instead"
+            f"could not load hub model {model_id!r} (no local folder of that name either): "
+            f"{detail[:300]} ({hint}); on a machine with network run `hf download "
+            f"{model_id} --local-dir DIR` and pass DIR instead"
         ) from None
     canonical = text_to_image_class(type(pipe).__name__, pipe.config)
     if canonical != type(pipe).__name__:  # e.g. LatentConsistencyModelPipeline
