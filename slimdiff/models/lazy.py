@@ -138,11 +138,17 @@ def empty_module(module_cls: type, folder: Path) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         if hasattr(module_cls, "load_config"):  # diffusers ModelMixin
-            return module_cls.from_config(module_cls.load_config(folder))
-        module = module_cls(module_cls.config_class.from_json_file(folder / "config.json"))
-    # T5's encoder.embed_tokens is shared.weight, which alone its files hold: tied as
-    # from_pretrained ties them, so either name finds it
-    module.tie_weights()
+            module = module_cls.from_config(module_cls.load_config(folder))
+        else:
+            module = module_cls(module_cls.config_class.from_json_file(folder / "config.json"))
+    # float32, as every load is: transformers 5 builds in the config's torch_dtype (SDXL's
+    # hub text encoders say float16) but for a few layers, and weights take the
+    # parameter's dtype when they are read
+    module = module.float()
+    if hasattr(module, "tie_weights"):  # after the cast, which may swap parameters
+        # T5's encoder.embed_tokens is shared.weight, which alone its files hold: tied as
+        # from_pretrained ties them, so either name finds it
+        module.tie_weights()
     return module
 
 
