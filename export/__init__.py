@@ -435,7 +435,8 @@ def export_onnx_component(
     raise_if_failed(
         parity,
         f"{component.name}: ONNX ({tolerance_key})",
-        "export with optimize=False to rule out the fusions, and report the model if it persists",
+        "export with --no-optimize (API: optimize=False) to rule out onnxruntime's fusions, "
+        "and report the model if it persists",
     )
     extra = {
         "opset": OPSET,

@@ -22,6 +22,7 @@ import torch
 from slimdiff.export.components import Component, eval_mode, model_device, reference_precision
 from slimdiff.export.dummy_inputs import CHECK
 
+from slimdiff.errors import UserError
 from slimdiff.threads import choose_threads, ort_session_options
 
 __all__ = [
@@ -46,9 +47,11 @@ log = logging.getLogger(__name__)
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "int8": 2e-1}
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """The exported graph does not reproduce the torch model (a toolkit or model problem,
-    not bad user input)."""
+    not bad user input): one line from the CLI, as a UserError, but exit code 1."""
+
+    exit_code = 1
 
 
 def raise_if_failed(parity: dict[str, Any], what: str, fix: str) -> None:

@@ -114,3 +114,15 @@ def test_parity_failure_raises_export_error_naming_the_component(sd3, tmp_path, 
     with pytest.raises(ExportError, match=r"text_encoder_2: ONNX \(fp32\) differs from torch"):
         export_bundle(sd3, tmp_path / "bundle", optimize=False)
     assert list(tmp_path.iterdir()) == []
+    # the CLI: one line naming its own option, exit 1 (not the user's input), nothing left
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    result = CliRunner().invoke(main, ["export", "tiny:sd3", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "error: text_encoder_2: ONNX (fp32) differs from torch: rel err 0.5"
+    )
+    assert "export with --no-optimize (API: optimize=False)" in result.output
+    assert list(tmp_path.iterdir()) == []
