@@ -200,10 +200,17 @@ def export_bundle(
     _validate(target, precision, vae_precision, external_data_threshold)
     if weights not in WEIGHTS:
         raise UserError(f"weights {weights!r} is not supported; use one of: {', '.join(WEIGHTS)}")
+    qdq_given = qdq
     qdq = qdq or ("tensorrt" if target == "tensorrt" else "ort")
     if qdq not in QDQ_FORMS:
         raise UserError(f"qdq form {qdq!r} is not supported; use one of: {', '.join(QDQ_FORMS)}")
     model.require_pipeline("export")
+    if qdq_given is not None and not has_quantized_layers(model.denoiser):
+        log.warning(
+            "qdq %s has no effect: %s has no quantized layers (a quant.quest recipe makes them)",
+            qdq_given,
+            model.source,
+        )
     out = Path(out)
     check_out_dir(out)
     shipped_scheduler = bundle_scheduler(model, scheduler, sigmas, timestep_spacing)

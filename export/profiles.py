@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from slimdiff.export.components import Component
@@ -33,6 +34,8 @@ from slimdiff.models.loading import LoadedModel
 from slimdiff.models.vae import vae_scale_factor
 
 __all__ = ["SizeRange", "shape_profile", "size_range"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ def size_range(
         if h % multiple or w % multiple or h < multiple or w < multiple:
             raise UserError(
                 f"{what} {w}x{h}: image sides must be positive multiples of {multiple} pixels "
-                f"for this model; pass e.g. {max(multiple, h // multiple * multiple)}"
+                f"for this model; pass e.g. {max(multiple, w // multiple * multiple)}x"
+                f"{max(multiple, h // multiple * multiple)}"
             )
         model.check_size((h, w), what)
         return h, w
@@ -85,7 +89,20 @@ def size_range(
     hi = fit(max_size, "max size") if max_size is not None else scaled(1.5)
     if any(a > b for a, b in zip(lo, hi, strict=True)):
         raise UserError(f"min size {lo[1]}x{lo[0]} exceeds max size {hi[1]}x{hi[0]}")
+    default = opt
     opt = tuple(min(max(o, a), b) for o, a, b in zip(opt, lo, hi, strict=True))
+    if opt != default:
+        log.warning(
+            "the model's default size %dx%d is outside the range built for (%dx%d to %dx%d): "
+            "runs without --size fall outside it on the backends that hold to the range "
+            "(TensorRT)",
+            default[1],
+            default[0],
+            lo[1],
+            lo[0],
+            hi[1],
+            hi[0],
+        )
     if max_images < 1:
         raise UserError(f"max images {max_images}: build for at least one image per call")
     return SizeRange(lo, opt, hi, max_images, scale, arch.uses_cfg_for(model.denoiser.config))

@@ -264,6 +264,11 @@ def _lora_specs(ctx, param, values: tuple[str, ...]) -> list[dict]:
         try:
             spec = {"path": path, "scale": float(scale)} if sep and path else {"path": value}
         except ValueError:
+            if Path(path).expanduser().is_file() and not Path(value).expanduser().exists():
+                raise click.BadParameter(
+                    f"{value!r}: the scale {scale!r} after the colon is not a number; use e.g. "
+                    f"{path}:0.8"
+                ) from None
             spec = {"path": value}
         if not -8 <= spec.get("scale", 1.0) <= 8:
             raise click.BadParameter(f"{value!r}: the scale must be from -8 to 8")

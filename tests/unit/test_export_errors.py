@@ -121,8 +121,27 @@ def test_parity_failure_raises_export_error_naming_the_component(sd3, tmp_path, 
 
     result = CliRunner().invoke(main, ["export", "tiny:sd3", "--out", str(tmp_path / "b")])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1].startswith(
-        "error: text_encoder_2: ONNX (fp32) differs from torch: rel err 0.5"
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith("error: text_encoder_2: ONNX (fp32) differs from torch: rel err 0.5")
     )
     assert "export with --no-optimize (API: optimize=False)" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_options_that_change_nothing_are_said(sd3, tmp_path, caplog):
+    """--qdq on a model without quantized layers, and a range that leaves out the model's
+    default size, are warned of (the export goes on: here it stops at the file --out)."""
+    from slimdiff.export.profiles import size_range
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with caplog.at_level("WARNING"), pytest.raises(UserError, match="is a file; pass a folder"):
+        export_bundle(sd3, a_file, qdq="tensorrt")
+    assert "qdq tensorrt has no effect: tiny:sd3 has no quantized layers" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        sizes = size_range(sd3, max_size=(64, 96))
+    assert sizes.opt_size == (64, 96)
+    assert "default size 128x128 is outside the range built for (64x64 to 96x64)" in caplog.text
