@@ -117,7 +117,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
     path = Path(path)
     index = _read_index(path)
     replay = _replays(path, index)
-    from slimdiff.models.loading import left_out
+    from slimdiff.models.index import left_out
 
     cls = getattr(diffusers, index["_class_name"])
     rebuilt = {name: _rebuild(path / name, index[name], todo) for name, todo in replay.items()}
@@ -131,7 +131,7 @@ def load_artifact(path: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         )
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: incomplete artifact ({err}); compress again") from None
-    from slimdiff.models.loading import refuse_missing
+    from slimdiff.models.index import refuse_missing
 
     refuse_missing(pipe.components, path)
     return pipe.to(device) if device != "cpu" else pipe

@@ -95,7 +95,7 @@ class ReplaceVaePass(Pass):
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:
         import diffusers
 
-        from slimdiff.models.loading import refuse_missing
+        from slimdiff.models.index import refuse_missing
 
         # preflight ran already (the runner, bench, export --vae): no second check, whose
         # scaling warning would be said twice

@@ -164,7 +164,7 @@ def lazy_pipeline(path: Path, index: dict[str, Any], restore_edits=None):
     import diffusers
 
     from slimdiff.models.families import text_to_image_class
-    from slimdiff.models.loading import UNUSED_COMPONENTS
+    from slimdiff.models.index import UNUSED_COMPONENTS
 
     pipeline_cls = getattr(diffusers, text_to_image_class(index["_class_name"], index))
     accepted = inspect.signature(pipeline_cls.__init__).parameters

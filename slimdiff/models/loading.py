@@ -21,7 +21,6 @@ trusts.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,6 +38,18 @@ from slimdiff.models.families import (
 )
 from slimdiff.models.fit import check_fits
 from slimdiff.models.hub import hub_offline, local_path, looks_like_hub_id
+from slimdiff.models.index import (
+    UNUSED_COMPONENTS,
+    folder_variant,
+    foreign_components,
+    is_part,
+    left_out,
+    null_components,
+    read_json,
+    refuse_missing,
+    refuse_missing_folders,
+    unused_components,
+)
 from slimdiff.models.single_file import is_single_file, load_single_file
 from slimdiff.models.text_encoders import (
     check_droppable,
@@ -285,7 +296,7 @@ def pipeline_class_of(model: str) -> str | None:
     toy = parse_toy(model)
     path = toy_folder(toy) if toy is not None else local_path(model)
     try:
-        index = _read_json(path / "model_index.json")
+        index = read_json(path / "model_index.json")
     except UserError:  # not there, or not readable: the load will say which
         return None
     name = index.get("_class_name") if isinstance(index, dict) else None
@@ -316,14 +327,14 @@ def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
             f"{where} is not one: download it first (`hf download ID --local-dir DIR`) and "
             "pass DIR, or load the weights into memory"
         )
-    index = _read_json(index_file)
+    index = read_json(index_file)
     family_of_pipeline(index.get("_class_name", ""))  # a clear error for unsupported classes
     if (path / "slimdiff.json").is_file():
         from slimdiff.artifact import load_artifact_lazy
 
         return _wrap(load_artifact_lazy(path), model)
     index = {**index, **{name: [None, None] for name in skip if name in index}}
-    _refuse_missing_folders(path, index, {})
+    refuse_missing_folders(path, index, {})
     return _wrap(lazy_pipeline(path, index), model)
 
 
@@ -399,22 +410,22 @@ def _load_local(
         _refuse_non_model(path)
     index_file = path / "model_index.json"
     if index_file.is_file():
-        index = _read_json(index_file)
+        index = read_json(index_file)
         class_name = index.get("_class_name", "")
         family_of_pipeline(class_name)  # raises a clear error for unsupported classes
         # entries the pipeline class does not take (diffusers ignores them) are not read
         foreign = foreign_components(index)
         unused = {**unused_components(index), **foreign}
         if not allow_pickle:
-            parts = [path / k for k, v in index.items() if _is_part(v) and k not in unused]
+            parts = [path / k for k, v in index.items() if is_part(v) and k not in unused]
             refuse_pickles(parts)
         if (path / "slimdiff.json").is_file():
             from slimdiff.artifact import load_artifact
 
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
         absent = {**left_out(index), **skip}
-        _refuse_missing_folders(path, index, absent)
-        parts = [path / k for k, v in index.items() if _is_part(v) and k not in absent]
+        refuse_missing_folders(path, index, absent)
+        parts = [path / k for k, v in index.items() if is_part(v) and k not in absent]
         check_weight_files([p for p in parts if p.name not in foreign])
         pipe = _from_pretrained_pipeline(path, index, device, allow_pickle, absent)
         return _wrap(pipe, source)
@@ -423,7 +434,7 @@ def _load_local(
         if not allow_pickle:
             refuse_pickles([path])
         check_weight_files([path])
-        return _load_component(path, _read_json(config), source, device, allow_pickle)
+        return _load_component(path, read_json(config), source, device, allow_pickle)
     _refuse_non_model(path)
 
 
@@ -444,11 +455,6 @@ def _refuse_non_model(path: Path) -> NoReturn:
         f"{path} is not a diffusers model folder: it has neither model_index.json (a pipeline) "
         "nor config.json (a component); save one with pipe.save_pretrained(folder)"
     )
-
-
-def _is_part(entry: Any) -> bool:
-    # model_index.json components are [library, class]; null for an absent optional part.
-    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
 
 
 def _load_component(
@@ -488,8 +494,8 @@ def _from_pretrained_pipeline(
     class_name = text_to_image_class(index.get("_class_name", ""), index)
     cls = getattr(diffusers, class_name)
     skipped = {**absent, **foreign_components(index)}
-    parts = [path / k for k, v in index.items() if _is_part(v) and k not in skipped]
-    variant = _folder_variant(path, parts)
+    parts = [path / k for k, v in index.items() if is_part(v) and k not in skipped]
+    variant = folder_variant(path, parts)
     try:
         pipe = cls.from_pretrained(
             path,
@@ -514,102 +520,6 @@ def _float32() -> dict[str, Any]:  # torch imported when it is needed
     from slimdiff.models.weights import dtype_keyword
 
     return dtype_keyword(torch.float32)
-
-
-def _folder_variant(path: Path, parts: list[Path]) -> str | None:
-    """The variant from_pretrained must be told to load a folder whose components hold
-    only that variant's weights (a download of `*.fp16.*` files), as lazy loading reads
-    them; None where every component has plain weights. UserError for components of
-    different variants."""
-    from slimdiff.models.weights import variants, weight_files
-
-    found: set[str] = set()
-    for part in parts:
-        if part.is_dir():
-            weight_files(part)  # several variants in one folder: refused, named
-            found |= variants(part)
-    if len(found) > 1:
-        raise UserError(
-            f"{path}: its components hold only variant weights, of different variants "
-            f"({', '.join(sorted(found))}); keep one variant's files in every component"
-        )
-    return next(iter(found), None)
-
-
-def _refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> None:
-    """UserError naming a component model_index.json lists whose folder is not there:
-    diffusers would take the missing subfolder for a hub repo and retry the network.
-    Entries the pipeline does not take are not looked for (diffusers ignores them)."""
-    foreign = foreign_components(index)
-    for name, entry in index.items():
-        if name.startswith("_") or name in absent or name in UNUSED_COMPONENTS or name in foreign:
-            continue
-        if not _is_part(entry):
-            continue
-        if not (path / name).is_dir():
-            arch = arch_of_class(text_to_image_class(index.get("_class_name", ""), index))
-            optional = any(t.name == name and t.optional for t in arch.text_encoders)
-            fix = f", or set {name} to [null, null] to run without it" if optional else ""
-            raise UserError(
-                f"{path / name}: could not build {name} ({entry[1]}): model_index.json lists "
-                f"it, but there is no such folder; copy the complete pipeline folder{fix}"
-            )
-
-
-# Pipeline components no bundle runs, never loaded: SD1.x's NSFW safety checker and the
-# image encoders of IP-Adapters (with their processors). Repos list them in model_index.json
-# (runwayml's SD1.5: a 1.2 GB checker) and downloads often leave their folders out.
-UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
-
-
-def unused_components(index: dict[str, Any]) -> dict[str, None]:
-    """{name: None} for the UNUSED_COMPONENTS a model_index.json dict lists."""
-    return {name: None for name in UNUSED_COMPONENTS if _is_part(index.get(name))}
-
-
-def foreign_components(index: dict[str, Any]) -> dict[str, None]:
-    """{name: None} for the components a model_index.json dict lists that its pipeline
-    class does not take (an SDXL repo's "watermarker" entry): diffusers ignores them."""
-    import inspect
-
-    import diffusers
-
-    cls = getattr(diffusers, text_to_image_class(index.get("_class_name", ""), index))
-    accepted = inspect.signature(cls.__init__).parameters
-    return {k: None for k, v in index.items() if _is_part(v) and k not in accepted}
-
-
-def left_out(index: dict[str, Any]) -> dict[str, None]:
-    """{name: None} for every component from_pretrained must be given None for: those
-    model_index.json lists as null, and the unused ones it lists."""
-    return {**null_components(index), **unused_components(index)}
-
-
-def null_components(index: dict[str, Any]) -> dict[str, None]:
-    """{name: None} for the components a model_index.json dict lists as [null, null]:
-    diffusers' save_pretrained writes that for a component set to None (SD3 without T5),
-    and its from_pretrained refuses the folder unless they are passed as None again."""
-    return {
-        k: None
-        for k, v in index.items()
-        if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and not _is_part(v)
-    }
-
-
-def refuse_missing(components: dict[str, Any], where: Any) -> None:
-    """UserError when a weight the model needs was not in its files: diffusers then leaves
-    the parameter on the meta device with a warning, and any use of it fails much later."""
-    for name, module in components.items():
-        named = getattr(module, "named_parameters", None)
-        if named is None:
-            continue
-        missing = [key for key, p in named() if p.device.type == "meta"]
-        if missing:
-            raise UserError(
-                f"{where}: {name} lacks {len(missing)} of its weights (first: {missing[0]}); "
-                "the files are incomplete or use other names: save the model again with "
-                "save_pretrained"
-            )
 
 
 def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, None]):
@@ -656,18 +566,3 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
-
-
-def _read_json(path: Path) -> dict:
-    """A model folder's JSON file, an object (model_index.json, config.json); UserError
-    for anything else."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable JSON ({err}); re-save the model") from None
-    if not isinstance(value, dict):
-        raise UserError(
-            f"{path}: holds a JSON {type(value).__name__}, not an object; re-save the model "
-            "with save_pretrained"
-        )
-    return value

@@ -153,7 +153,7 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
             "once with `slimdiff convert FILE --config DIR --out FOLDER`, DIR a diffusers "
             "folder of the same architecture (the base model it was fine-tuned from)"
         ) from None
-    from slimdiff.models.loading import refuse_missing
+    from slimdiff.models.index import refuse_missing
 
     # diffusers leaves a weight neither the file nor the config holds on the meta device
     refuse_missing(pipe.components, path)
@@ -202,8 +202,8 @@ def _from_config(
     import torch
 
     from slimdiff.models.families import arch_of_class
+    from slimdiff.models.index import UNUSED_COMPONENTS
     from slimdiff.models.lazy import component_class
-    from slimdiff.models.loading import UNUSED_COMPONENTS
     from slimdiff.models.weights import weight_files
 
     arch = arch_of_class(pipeline)
