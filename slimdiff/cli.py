@@ -549,8 +549,12 @@ def inspect_cmd(
     if model.startswith("random:"):
         loaded = load_model(model, device="meta")
     elif r is None and lazy_loadable(model) and not allow_pickle:
-        # counting needs configs and shapes only: no weights read (a 12B model in seconds)
+        # counting needs configs and shapes only: no weights read (a 12B model in seconds);
+        # on the meta device whole, as random:* models (a lazy model's buffers are real)
         loaded = load_model(model, weights="lazy")
+        for part in loaded.pipe.components.values():
+            if hasattr(part, "to_empty"):  # torch modules
+                part.to("meta")
     if loaded is None:
         loaded = load_model(model, allow_pickle=allow_pickle)
     if r is not None:

@@ -49,7 +49,6 @@ from slimdiff.errors import UserError
 from slimdiff.lowbit import parameter_count
 from slimdiff.models.hub import local_path, looks_like_hub_id
 from slimdiff.models.vae import VAE_CLASSES, decoder_params, vae_scale_factor
-from slimdiff.models.weights import dtype_keyword
 
 __all__ = ["ReplaceVaePass", "read_vae", "vae_folder"]
 
@@ -96,6 +95,7 @@ class ReplaceVaePass(Pass):
         import diffusers
 
         from slimdiff.models.index import refuse_missing
+        from slimdiff.models.weights import dtype_keyword
 
         # preflight ran already (the runner, bench, export --vae): no second check, whose
         # scaling warning would be said twice
@@ -224,6 +224,8 @@ def _from_single_file(file: Path, old: Any) -> Any:
     import tempfile
 
     from diffusers import AutoencoderKL
+
+    from slimdiff.models.weights import dtype_keyword
 
     with tempfile.TemporaryDirectory(prefix="slimdiff-vae-") as config_dir:
         old.save_config(config_dir)

@@ -30,6 +30,7 @@ PIPELINE_KEYS = {
     "denoiser", "kind", "uses_cfg", "default_size", "default_steps", "default_guidance",
     "vae_scale_factor", "size_multiple", "latent_channels", "vae_scaling_factor",
     "vae_shift_factor", "force_zeros_for_empty_prompt", "text_encoders", "scheduler",
+    "default_strength",
 }  # fmt: skip
 
 
@@ -185,7 +186,8 @@ def test_every_file_is_hashed_and_no_temp_folder_is_left(exported):
 def test_pipeline_constants_come_from_the_model(exported):
     model, out, manifest, _ = exported
     pipeline = json.loads((out / MANIFEST_NAME).read_text())["pipeline"]
-    assert set(pipeline) == PIPELINE_KEYS
+    # SD3's transformer bounds the side (pos_embed_max_size), the others do not
+    assert set(pipeline) == PIPELINE_KEYS | ({"max_side"} if model.arch.family == "sd3" else set())
     vae = model.pipe.vae.config
     assert pipeline["denoiser"] == model.arch.denoiser
     assert pipeline["vae_scale_factor"] == 2 ** (len(vae.block_out_channels) - 1) == 8
