@@ -167,3 +167,19 @@ def test_a_pruned_models_report_shows_its_per_layer_widths(one_torch_thread):
     table = Console(width=200, record=True)
     table.print(format_table(pruned))
     assert f"{den['heads']}" in table.export_text()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_the_cli_counts_a_folder_without_its_weights_as_with_them(family, tmp_path):
+    """`inspect FOLDER` loads lazily and counts on the meta device: the report is the one
+    of the model in memory (SD3's positional embedding, a real buffer, included)."""
+    from click.testing import CliRunner
+
+    from slimdiff.cli import main
+
+    model = load_model(f"tiny:{family}")
+    model.pipe.save_pretrained(tmp_path / "pipe")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "pipe"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = {**inspect_model(model), "model": str(tmp_path / "pipe")}
+    assert json.loads(result.output) == json.loads(json.dumps(report))
