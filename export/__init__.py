@@ -205,7 +205,14 @@ def export_bundle(
     if qdq not in QDQ_FORMS:
         raise UserError(f"qdq form {qdq!r} is not supported; use one of: {', '.join(QDQ_FORMS)}")
     model.require_pipeline("export")
-    if qdq_given is not None and not has_quantized_layers(model.denoiser):
+    quantized = has_quantized_layers(model.denoiser)
+    if quantized and precision != "fp32":
+        raise UserError(
+            f"precision {precision}: {model.source} has quantized layers, exported as fp32 "
+            "ONNX around their Q/DQ integer kernels (onnxruntime has no fp16 form of them); "
+            "export it with --precision fp32"
+        )
+    if qdq_given is not None and not quantized:
         log.warning(
             "qdq %s has no effect: %s has no quantized layers (a quant.quest recipe makes them)",
             qdq_given,

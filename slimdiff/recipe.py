@@ -305,7 +305,30 @@ class Recipe(_Strict):
                     "components -> structural -> pruning -> quantization"
                 )
             last = entry
+        quantized = [e.name for e in self.passes if e.name.startswith("quant.")]
+        if quantized and self.export.precision != "fp32":
+            raise UserError(
+                f"export.precision {self.export.precision}: {quantized[0]} bundles are fp32 "
+                "ONNX around their Q/DQ integer layers (onnxruntime has no fp16 form of "
+                "them); set export.precision: fp32"
+            )
         return self
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        # bench writes each recipe's work under OUT/recipes/NAME: a folder name, no path
+        # ("": unnamed, a recipe built in code; bench refuses it)
+        if name == "":
+            return name
+        if name in (".", "..") or name.startswith(".") or set(name) & set("/\\:"):
+            raise ValueError(
+                f"{name!r} is not a recipe name: bench names a folder after it; use letters, "
+                "digits, '-', '_' and '.' (not first), no '/'"
+            )
+        if any(ord(c) < 32 for c in name) or len(name) > 100:
+            raise ValueError("a recipe name is one line of at most 100 characters")
+        return name
 
     def content_hash(self) -> str:
         """SHA-256 of the normalised recipe (names the compress cache)."""

@@ -182,6 +182,25 @@ class _Loader(yaml.SafeLoader):
                 "(or aliases that nest into each other)",
             )
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        # yaml keeps the last of two equal keys without a word: a recipe's second
+        # `export:` would silently undo the first
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise _LimitError(
+                        f"key {_shorten(key_node.value)!r} appears twice in one mapping (first "
+                        f"on line {seen[key].line + 1})",
+                        key_node.start_mark,
+                        "keep one of them: YAML would silently take the last",
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
     def construct_object(self, node: Any, deep: bool = False) -> Any:
         # A scalar that matches a resolver's pattern can still fail its conversion
         # (`0b_`, `!!int ""`, `!!bool maybe`): yaml lets ValueError/IndexError/KeyError out.

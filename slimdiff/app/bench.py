@@ -62,6 +62,8 @@ def run_bench(
 
     out = Path(out)
     names = [r.name for r in recipes]
+    if "" in names:
+        raise UserError("a recipe has an empty `name`; bench names each recipe's folder after it")
     if len(set(names)) != len(names):
         raise UserError(f"recipe names repeat ({', '.join(names)}); give each a unique `name`")
     # Everything that can be refused is refused before the first model loads.

@@ -145,3 +145,15 @@ def test_options_that_change_nothing_are_said(sd3, tmp_path, caplog):
         sizes = size_range(sd3, max_size=(64, 96))
     assert sizes.opt_size == (64, 96)
     assert "default size 128x128 is outside the range built for (64x64 to 96x64)" in caplog.text
+
+
+def test_quantized_layers_export_fp32_only(tmp_path):
+    """Q/DQ layers have no fp16 form in onnxruntime: refused before any export work."""
+    from slimdiff.lowbit import INT4_DIGEST_ATTR
+
+    model = load_model("tiny:sd3")
+    layer = next(m for m in model.denoiser.modules() if isinstance(m, torch.nn.Linear))
+    setattr(layer, INT4_DIGEST_ATTR, None)  # what a quantized layer carries
+    with pytest.raises(UserError, match=r"precision fp16: tiny:sd3 has quantized layers"):
+        export_bundle(model, tmp_path / "bundle", precision="fp16")
+    assert list(tmp_path.iterdir()) == []

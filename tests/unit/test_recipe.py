@@ -271,3 +271,22 @@ def test_a_thousand_mutated_recipes_load_or_fail_cleanly():
     finally:
         shutil.rmtree(tmp)
     assert outcomes["ok"] > 0 and outcomes["refused"] > 0
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", ".hidden", "..", "c:d", "x\ny"])
+def test_a_recipe_name_is_a_folder_name(name):
+    """bench writes each recipe's work under OUT/recipes/NAME."""
+    with pytest.raises(UserError, match="name"):
+        validate_recipe({"model": "tiny:sdxl", "name": name})
+    assert (
+        validate_recipe({"model": "tiny:sdxl", "name": "sdxl-ssd_1b.v2"}).name == "sdxl-ssd_1b.v2"
+    )
+
+
+def test_quantized_recipes_export_fp32():
+    """Q/DQ layers have no fp16 form in onnxruntime: refused before any compress work."""
+    step = {"pass": "quant.quest", "weights": "int8", "method": "minmax"}
+    recipe = {"model": "tiny:sdxl", "passes": [step]}
+    with pytest.raises(UserError, match=r"export\.precision fp16: quant\.quest bundles are fp32"):
+        validate_recipe({**recipe, "export": {"precision": "fp16"}})
+    assert validate_recipe(recipe).export.precision == "fp32"

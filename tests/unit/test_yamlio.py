@@ -377,3 +377,20 @@ def test_fuzzed_recipes_parse_or_raise_user_error_quickly(tmp_path: Path) -> Non
     assert outcomes["value"] > 30 and outcomes["error"] > 100, outcomes
     assert slowest < 1.0, slowest
     assert elapsed < 10.0, elapsed  # ~2 s on a laptop; generous for a loaded CI machine
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word; a recipe's second `export:`
+    would silently undo the first. A merge (`<<: *anchor`) overridden by a key is fine."""
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nexport: {precision: fp16}\nexport: {precision: fp32}\n")
+    with pytest.raises(
+        UserError,
+        match=r"key 'export' appears twice in one mapping \(first on "
+        r"line 2\) at line 3",
+    ):
+        read_yaml_file(path)
+    path.write_text(
+        "base: &b {precision: fp16, targets: [onnx]}\nexport:\n  <<: *b\n  precision: fp32\n"
+    )
+    assert read_yaml_file(path)["export"] == {"precision": "fp32", "targets": ["onnx"]}
