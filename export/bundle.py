@@ -127,16 +127,12 @@ def pipeline_constants(model: LoadedModel, controlnets: Sequence[Any] = ()) -> P
     return PipelineSpec.model_validate(record)
 
 
-# The families trained as rectified flows; SD1.5 and SDXL models are VP (or EDM) diffusions.
-_FLOW_FAMILIES = ("sd3", "flux")
-
-
 def _warn_other_process(model: LoadedModel, config: dict[str, Any]) -> None:
     """Warn when the folder's own scheduler samples another process than its family's
     models are trained for (an SD3 folder with DDIM): diffusers samples it without a word,
     and the images are noise unless this model was trained so."""
     process = scheduler_process(config["_class_name"], config)
-    flow = model.arch.family in _FLOW_FAMILIES
+    flow = model.arch.flow_matching
     if (process == "flow matching") == flow:
         return
     log.warning(

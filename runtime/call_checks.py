@@ -21,6 +21,7 @@ __all__ = [
     "check_values",
     "is_whole",
     "warn_unguided",
+    "whole_pair",
 ]
 
 log = logging.getLogger("slimdiff.runtime.pipeline")
@@ -35,17 +36,25 @@ def is_whole(value: Any) -> bool:
     )
 
 
+def whole_pair(value: Any) -> tuple[int, int] | None:
+    """`value` as two ints when it is two whole numbers (a tuple, list or array); else None."""
+    items = tuple(value) if isinstance(value, (tuple, list, np.ndarray)) else None
+    if items is None or len(items) != 2 or not all(is_whole(v) for v in items):
+        return None
+    return int(items[0]), int(items[1])
+
+
 def check_size_pair(size: Any) -> tuple[int, int] | None:
     """A run's `size`, (height, width) in whole pixels, as ints (None stays None);
     UserError for anything else (a "WxH" string, one number, fractions)."""
     if size is None:
         return None
-    pair = tuple(size) if isinstance(size, (tuple, list, np.ndarray)) else None
-    if pair is None or len(pair) != 2 or not all(is_whole(v) for v in pair):
+    pair = whole_pair(size)
+    if pair is None:
         raise UserError(
             f"size {size!r}: pass (height, width) in whole pixels, e.g. size=(1024, 768)"
         )
-    return int(pair[0]), int(pair[1])
+    return pair
 
 
 def check_step_count(steps: Any, default: int) -> int:

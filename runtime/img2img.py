@@ -8,6 +8,8 @@ prepare_mask_latents. The per-family differences come from the manifest's record
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from slimdiff.runtime.backends import Session
 from slimdiff.runtime.manifest import VAE_ENCODER_INPUT, VAE_ENCODER_OUTPUTS, PipelineSpec
@@ -25,6 +27,7 @@ __all__ = [
     "inpainting_inputs",
     "latent_mask",
     "latent_stats",
+    "run_strength",
 ]
 
 POSTERIOR_STREAM = 2  # seeds img2img's draw from the VAE encoder's posterior
@@ -38,6 +41,17 @@ def default_strength(config: PipelineSpec, inpaint: bool) -> float:
     if record is None:
         return 0.3 if config.kind.aesthetic_score else 0.8
     return record.inpaint if inpaint else record.image
+
+
+def run_strength(config: PipelineSpec, strength: Any, image: Any, mask: Any) -> Any:
+    """A call's strength: the one given, which needs an image (UserError without), else
+    the default for its mode (default_strength)."""
+    if strength is not None and image is None:
+        raise UserError(
+            "strength sets how far an image is noised: pass the image as well (image=...), "
+            "or leave strength out"
+        )
+    return default_strength(config, mask is not None) if strength is None else strength
 
 
 def begin_at(kind: KindSpec, scheduler: Scheduler, steps: int, strength: float) -> int:

@@ -47,11 +47,11 @@ from slimdiff.runtime.image import (
 )
 from slimdiff.runtime.img2img import (
     begin_at,
-    default_strength,
     encode_image,
     inpainting_inputs,
     latent_mask,
     latent_stats,
+    run_strength,
 )
 from slimdiff.runtime.manifest import (
     DENOISER_OUTPUT,
@@ -84,7 +84,6 @@ from slimdiff.runtime.sessions import (
     release,
 )
 from slimdiff.runtime.size_conditioning import (
-    SIZE_CONDITIONING,
     check_size_conditioning,
     time_id_rows,
 )
@@ -366,13 +365,7 @@ class Text2ImagePipeline:
         start_at, end_at = check_hand_off(
             self.config, denoising_start, denoising_end, image, latents, strength
         )
-        if strength is not None and image is None:
-            raise UserError(
-                "strength sets how far an image is noised: pass the image as well (image=...), "
-                "or leave strength out"
-            )
-        if strength is None:
-            strength = default_strength(self.config, mask_image is not None)
+        strength = run_strength(self.config, strength, image, mask_image)
         source = None if image is None else self._check_image(image, latents)
         guess = takes_guess(self.manifest)  # the graph takes guess mode's inputs
         control = check_control(
@@ -407,13 +400,10 @@ class Text2ImagePipeline:
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         if not do_cfg:
-            negative_sizes = [
-                k for k in SIZE_CONDITIONING if k.startswith("negative_") and getattr(sizing, k)
-            ]
             given = {
                 "the negative prompt": any(negatives),
                 "guidance rescale": bool(rescale),
-                "the negative size conditioning": bool(negative_sizes),
+                "the negative size conditioning": sizing.has_negatives,
                 "the negative aesthetic score": negative_aesthetic_score is not None,
             }
             warn_unguided(self.config.uses_cfg, guidance, given)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from slimdiff.runtime.call_checks import is_whole
+from slimdiff.runtime.call_checks import whole_pair
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONDITIONING_SIDE
@@ -61,6 +61,11 @@ class SizeConditioning:
     negative_original_size: Pair | None = None
     negative_crops_coords_top_left: Pair | None = None
     negative_target_size: Pair | None = None
+
+    @property
+    def has_negatives(self) -> bool:
+        """Whether any value for CFG's negative rows was given."""
+        return any(getattr(self, k) is not None for k in SIZE_CONDITIONING if "negative" in k)
 
 
 SIZE_CONDITIONING = tuple(f.name for f in fields(SizeConditioning))
@@ -88,17 +93,10 @@ def _pair(name: str, value: Any) -> Pair:
     low = 0 if crop else 1
     what = "(top, left) in pixels" if crop else "(height, width) in pixels"
     fix = f"use two whole numbers {what}, each {low} to {MAX_CONDITIONING_SIDE}"
-    items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
-    if items is None or len(items) != 2:
+    pair = whole_pair(value)
+    if pair is None or not all(low <= v <= MAX_CONDITIONING_SIDE for v in pair):
         raise UserError(f"{name} {value!r}: {fix}")
-    out = []
-    for item in items:
-        if not is_whole(item):
-            raise UserError(f"{name} {value!r}: {fix}")
-        if not low <= int(item) <= MAX_CONDITIONING_SIDE:
-            raise UserError(f"{name} {value!r}: {fix}")
-        out.append(int(item))
-    return out[0], out[1]
+    return pair
 
 
 def time_id_rows(

@@ -541,22 +541,9 @@ def inspect_cmd(
     if dry_run:
         click.echo(r.to_yaml(), nl=False)
         return
-    from slimdiff.inspect import format_table, inspect_model
-    from slimdiff.models import load_model
-    from slimdiff.models.loading import lazy_loadable
+    from slimdiff.inspect import format_table, inspect_model, load_for_inspect
 
-    loaded = None
-    if model.startswith("random:"):
-        loaded = load_model(model, device="meta")
-    elif r is None and lazy_loadable(model) and not allow_pickle:
-        # counting needs configs and shapes only: no weights read (a 12B model in seconds);
-        # on the meta device whole, as random:* models (a lazy model's buffers are real)
-        loaded = load_model(model, weights="lazy")
-        for part in loaded.pipe.components.values():
-            if hasattr(part, "to_empty"):  # torch modules
-                part.to("meta")
-    if loaded is None:
-        loaded = load_model(model, allow_pickle=allow_pickle)
+    loaded = load_for_inspect(model, with_weights=r is not None, allow_pickle=allow_pickle)
     if r is not None:
         from slimdiff.compress import build_passes
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from slimdiff.models.loading import LoadedModel
 
-__all__ = ["count_flops", "format_table", "inspect_model"]
+__all__ = ["count_flops", "format_table", "inspect_model", "load_for_inspect"]
 
 # Latent pixels per pixel side for a lone component folder (no VAE config to read): all four
 # families use an 8x VAE.
@@ -69,6 +69,25 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int,
         fn(*args, **kwargs)
     per_module = {name: sum(ops.values()) for name, ops in fc.get_flop_counts().items()}
     return fc.get_total_flops(), per_module
+
+
+def load_for_inspect(model: str, with_weights: bool = False, allow_pickle: bool = False) -> Any:
+    """`model` loaded to be counted: configs and shapes only, on the meta device whole
+    (random:* models; folders and built-ins lazily, no weight read: a 12B model in
+    seconds; a lazy model's real buffers moved too), unless `with_weights` (a recipe's passes
+    run on it first) or pickled weights are allowed, which load into memory."""
+    from slimdiff.models import load_model
+    from slimdiff.models.loading import lazy_loadable
+
+    if model.startswith("random:"):
+        return load_model(model, device="meta")
+    if with_weights or allow_pickle or not lazy_loadable(model):
+        return load_model(model, allow_pickle=allow_pickle)
+    loaded = load_model(model, weights="lazy")
+    for part in loaded.pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.to("meta")
+    return loaded
 
 
 def inspect_model(

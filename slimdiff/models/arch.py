@@ -219,6 +219,9 @@ class ArchSpec:
     # image and inpaint pipelines (0.42), then of its ControlNet ones (None: the same).
     default_strength: tuple[float, float] = (0.8, 1.0)
     controlnet_strength: tuple[float, float] | None = None
+    # Trained as a rectified flow (SD3, FLUX): sampled by flow-matching schedulers; the
+    # others are VP (or EDM) diffusions.
+    flow_matching: bool = False
     # The pipeline decodes latents * latents_std / scaling_factor + latents_mean when the
     # VAE config has per-channel statistics (StableDiffusionXLPipeline: Playground v2.5).
     vae_latent_stats: bool = False

@@ -36,13 +36,13 @@ def folder_variant(path: Path, parts: list[Path]) -> str | None:
     """The variant from_pretrained must be told to load a folder whose components hold
     only that variant's weights (a download of `*.fp16.*` files), as lazy loading reads
     them; None where every component has plain weights. UserError for components of
-    different variants."""
-    from slimdiff.models.weights import variants, weight_files
+    different variants (several in one component: weights.weight_files, which the load
+    runs first, refuses them)."""
+    from slimdiff.models.weights import variants
 
     found: set[str] = set()
     for part in parts:
         if part.is_dir():
-            weight_files(part)  # several variants in one folder: refused, named
             found |= variants(part)
     if len(found) > 1:
         raise UserError(

@@ -425,9 +425,10 @@ def _load_local(
             return _wrap(load_artifact(path, device=device, allow_pickle=allow_pickle), source)
         absent = {**left_out(index), **skip}
         refuse_missing_folders(path, index, absent)
-        parts = [path / k for k, v in index.items() if is_part(v) and k not in absent]
-        check_weight_files([p for p in parts if p.name not in foreign])
-        pipe = _from_pretrained_pipeline(path, index, device, allow_pickle, absent)
+        read = [path / k for k, v in index.items() if is_part(v) and k not in {**absent, **foreign}]
+        check_weight_files(read)
+        variant = folder_variant(path, read)  # the one from_pretrained must be told, if any
+        pipe = _from_pretrained_pipeline(path, index, device, allow_pickle, absent, variant)
         return _wrap(pipe, source)
     config = path / "config.json"
     if config.is_file():
@@ -487,15 +488,17 @@ def _load_component(
 
 
 def _from_pretrained_pipeline(
-    path: Path, index: dict[str, Any], device: str, allow_pickle: bool, absent: dict[str, None]
+    path: Path,
+    index: dict[str, Any],
+    device: str,
+    allow_pickle: bool,
+    absent: dict[str, None],
+    variant: str | None,
 ):
     import diffusers
 
     class_name = text_to_image_class(index.get("_class_name", ""), index)
     cls = getattr(diffusers, class_name)
-    skipped = {**absent, **foreign_components(index)}
-    parts = [path / k for k, v in index.items() if is_part(v) and k not in skipped]
-    variant = folder_variant(path, parts)
     try:
         pipe = cls.from_pretrained(
             path,

@@ -242,7 +242,7 @@ def weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if any(_variant(f) is None for f in files):
         return [f for f in files if _variant(f) is None]
-    found = variants(folder)
+    found = {_variant(f) for f in files}  # all variants here: no plain file
     if len(found) > 1:
         raise UserError(
             f"{folder}: holds weights of the variants {', '.join(sorted(found))} and none "
