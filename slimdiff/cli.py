@@ -146,7 +146,8 @@ def validate_cmd(recipes: tuple[str, ...], overrides: tuple[str, ...]) -> None:
         try:
             r = load_recipe(ref, overrides)
         except UserError as err:
-            click.secho(f"error: {err}", fg="red", err=True)
+            for line in err.details or [str(err)]:
+                click.secho(f"error: {line}", fg="red", err=True)
             failed += 1
             continue
         click.echo(f"ok: {ref} ({r.model}, {len(r.passes)} passes, export {r.export.targets})")

@@ -242,7 +242,7 @@ class PassEntry(pydantic.BaseModel):
         try:
             config = schema.config.model_validate(options)
         except pydantic.ValidationError as err:
-            raise UserError(f"{where} ({name}): {_first_error(err)}") from None
+            raise _invalid(err, f"{where} ({name})") from None
         return cls(name=name, config=config)
 
     @property
@@ -292,7 +292,15 @@ class Recipe(_Strict):
     def _resolve(cls, items: Any) -> list[PassEntry]:
         if not isinstance(items, list):
             raise ValueError("passes is a list of `- pass: NAME` entries")
-        return [PassEntry.resolve(item, f"passes[{i}]") for i, item in enumerate(items)]
+        entries, errors = [], []
+        for i, item in enumerate(items):
+            try:
+                entries.append(PassEntry.resolve(item, f"passes[{i}]"))
+            except UserError as err:
+                errors.extend(err.details or [str(err)])
+        if errors:  # every pass's problems at once, as pydantic does for the other fields
+            raise _many(errors)
+        return entries
 
     @pydantic.model_validator(mode="after")
     def _ordered(self) -> Recipe:
@@ -386,23 +394,39 @@ def load_recipe(
 
 
 def validate_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
-    """Validate a recipe dict: schema, each pass's config, and the pass order."""
+    """Validate a recipe dict: schema, each pass's config, and the pass order.
+
+    The error's message names the first problem and how many follow; its `details` list
+    every one (`slimdiff validate` prints them all)."""
     try:
         return Recipe.model_validate(data)
     except pydantic.ValidationError as err:
-        raise UserError(f"{origin}: {_first_error(err)}") from None
+        raise _invalid(err, origin) from None
     except UserError as err:  # a pass entry's own error, raised by the Recipe validators
-        raise UserError(f"{origin}: {err}") from None
+        error = UserError(f"{origin}: {err}")
+        error.details = [f"{origin}: {line}" for line in err.details]
+        raise error from None
 
 
-def _first_error(err: pydantic.ValidationError) -> str:
-    e = err.errors()[0]
+def _invalid(err: pydantic.ValidationError, where: str) -> UserError:
+    """One UserError for all of `err`'s problems: the first in its message, all in details."""
+    return _many([f"{where}: {_error_line(e)}" for e in err.errors()])
+
+
+def _many(lines: list[str]) -> UserError:
+    """A UserError whose message is the first of `lines` and a count of the rest."""
+    more = f" ({len(lines) - 1} more; `slimdiff validate` lists them)" if len(lines) > 1 else ""
+    error = UserError(lines[0] + more)
+    error.details = lines
+    return error
+
+
+def _error_line(e: Any) -> str:
     loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
-        msg = "unknown key; remove it or check the spelling (`slimdiff validate` lists errors)"
-    extra = f" ({len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"field '{loc}': {msg}{extra}"
+        msg = "unknown key; remove it or check the spelling"
+    return f"field '{loc}': {msg}"
 
 
 def _apply(data: dict[str, Any], key: str, value: Any, what: str, path: Path) -> None:

@@ -190,6 +190,16 @@ class _Loader(yaml.SafeLoader):
             for key_node, _ in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
                     continue
+                if not key_node.tag.endswith(":str"):
+                    # YAML 1.1 reads `on:`, `no:`, `1:` or `null:` as a bool, int or None;
+                    # every key of a {what} is a name, so the typed key is a mistake
+                    kind = key_node.tag.rsplit(":", 1)[-1]
+                    raise _LimitError(
+                        f"key {_shorten(key_node.value)!r} is read by YAML as !!{kind}, "
+                        "not as a name",
+                        key_node.start_mark,
+                        f"quote it ('{_shorten(key_node.value)}':) if it is meant as a key",
+                    )
                 key = (key_node.tag, key_node.value)
                 if key in seen:
                     raise _LimitError(

@@ -40,6 +40,12 @@ def test_validate_ok_and_bad(tmp_path):
     result = _run("validate", str(bad))
     assert result.exit_code == 2
     assert "field 'bench.steps'" in result.output
+    bad.write_text("version: 1\nmodel: tiny:sdxl\nbench: {steps: -1, sizes: 3}\n")
+    result = _run("validate", str(bad), "tiny-sdxl-fp32")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("ok: tiny-sdxl-fp32"), lines
+    assert "field 'bench.sizes': unknown key" in lines[1] and "more" not in lines[1]
 
 
 def test_unknown_recipe_key_exits_2(tmp_path):

@@ -102,6 +102,45 @@ def test_unknown_pass_lists_the_known_ones(tmp_path, two_passes):
         load_recipe(path)
 
 
+def test_every_problem_is_listed_and_the_message_counts_them(tmp_path, two_passes):
+    path = _write(
+        tmp_path,
+        "version: 1\nmodel: m\nbench: {steps: -1}\nexport: {targetz: [onnx]}\n",
+    )
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert "(1 more; `slimdiff validate` lists them)" in str(err.value)
+    assert sorted(line.split(": ", 1)[1] for line in err.value.details) == [
+        "field 'bench.steps': Input should be greater than or equal to 1",
+        "field 'export.targetz': unknown key; remove it or check the spelling",
+    ]
+    # every pass entry is checked, not only the first bad one
+    path = _write(
+        tmp_path,
+        "version: 1\nmodel: m\npasses:\n  - pass: test.structural\n    ratio: x\n    a: 1\n"
+        "  - pass: prune.magic\n  - 7\n",
+    )
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value).endswith("(3 more; `slimdiff validate` lists them)")
+    details = [line.split(": ", 1)[1] for line in err.value.details]
+    assert [d.split(":")[0] for d in details] == ["passes[0] (test.structural)"] * 2 + [
+        "passes[1]",
+        "passes[2]",
+    ]
+    assert "unknown pass 'prune.magic'" in details[2]
+
+
+@pytest.mark.parametrize("key", ["on", "no", "1", "null", "2.5"])
+def test_a_key_yaml_reads_as_a_bool_or_number_is_refused_with_its_line(tmp_path, key):
+    path = _write(tmp_path, f"version: 1\nmodel: m\nbench:\n  {key}: 3\n")
+    with pytest.raises(UserError, match=rf"key '{key}' is read by YAML as !!\w+.*line 4.*quote"):
+        load_recipe(path)
+    path = _write(tmp_path, f"version: 1\nmodel: m\nbench:\n  '{key}': 3\n")
+    with pytest.raises(UserError, match=rf"field 'bench.{key}': unknown key"):
+        load_recipe(path)
+
+
 def test_passes_must_go_structural_then_quantization(two_passes):
     data = {"model": "m", "passes": [{"pass": "test.quant"}, {"pass": "test.structural"}]}
     with pytest.raises(UserError, match=r"passes\[1\].*cannot follow test\.quant"):
