@@ -21,7 +21,7 @@ class UserError(Exception):
     exit_code = 2
     #: every problem found, one line each, where there were several (the message names
     #: the first); `slimdiff validate` prints them all
-    details: list[str] = []
+    details: tuple[str, ...] = ()
 
 
 # What onnxruntime (CPU arena and CUDA), torch (CPU allocator and CUDA) and the C++

@@ -404,7 +404,7 @@ def validate_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
         raise _invalid(err, origin) from None
     except UserError as err:  # a pass entry's own error, raised by the Recipe validators
         error = UserError(f"{origin}: {err}")
-        error.details = [f"{origin}: {line}" for line in err.details]
+        error.details = tuple(f"{origin}: {line}" for line in err.details)
         raise error from None
 
 
@@ -417,7 +417,7 @@ def _many(lines: list[str]) -> UserError:
     """A UserError whose message is the first of `lines` and a count of the rest."""
     more = f" ({len(lines) - 1} more; `slimdiff validate` lists them)" if len(lines) > 1 else ""
     error = UserError(lines[0] + more)
-    error.details = lines
+    error.details = tuple(lines)
     return error
 
 
