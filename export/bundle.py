@@ -11,6 +11,7 @@ every value is read from the model's ArchSpec or its component configs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -264,6 +265,14 @@ def write_support_files(model: LoadedModel, root: Path, scheduler=None) -> None:
         getattr(model.pipe, spec.tokenizer).save_pretrained(root / spec.tokenizer)
     scheduler = scheduler if scheduler is not None else model.pipe.scheduler
     scheduler.save_config(root / Path(SCHEDULER_CONFIG).parent)
+    # save_config drops `_use_default_values` (the keys the model's own file left out),
+    # which from_config needs to switch class as diffusers does: `run --scheduler` reads it
+    defaults = scheduler.config.get("_use_default_values")
+    if defaults:
+        path = root / SCHEDULER_CONFIG
+        written = json.loads(path.read_text())
+        written["_use_default_values"] = sorted(defaults)
+        path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def make_readable(root: Path) -> None:

@@ -306,6 +306,11 @@ def _open_checked(root: Path, rel: str, checked: os.stat_result):
     """Open `rel` without following a link; it must be the very file `checked` describes."""
     try:
         fd = os.open(root / rel, _OPEN_FLAGS)
+    except PermissionError as err:
+        raise BundleError(
+            f"{root}: cannot open {rel} ({err.strerror}); give this user read access to the "
+            "bundle's files (chmod -R a+rX on the folder)"
+        ) from None
     except OSError as err:
         raise BundleError(f"{root}: cannot open {rel} ({err.strerror}); {FIX}") from None
     st = os.fstat(fd)

@@ -1,6 +1,7 @@
 """Checks of a run's arguments, before any graph runs (runtime/pipeline.py): the prompts,
 the step count, the guidance, the seed, given latents, the image count and the guidance
-rescale. Each raises UserError with the fix."""
+rescale. Each raises UserError with the fix. And, as a run goes, that its latents and
+pixels stay finite (check_finite)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
 
 __all__ = [
+    "check_finite",
     "check_images",
     "check_prompts",
     "check_rescale",
@@ -131,7 +133,10 @@ def check_images(images: Any, do_cfg: bool, prompts: int, max_batch: int | None)
 
 def check_rescale(guidance_rescale: Any, uses_cfg: bool) -> np.float32:
     """The guidance rescale, 0 to 1, for a model that uses CFG (`uses_cfg`) unless 0."""
-    value = float(guidance_rescale)
+    try:
+        value = float(guidance_rescale)
+    except (TypeError, ValueError):
+        value = float("nan")
     if not (np.isfinite(value) and 0 <= value <= 1):
         raise UserError(f"guidance rescale {guidance_rescale}: use a value from 0 to 1")
     if value > 0 and not uses_cfg:
@@ -156,3 +161,14 @@ def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool]) -> No
         "was distilled without it)"
     )
     log.warning("ignored: %s; %s", ", ".join(ignored), why)
+
+
+def check_finite(values: np.ndarray, where: str, fix: str) -> None:
+    """Refuse NaN or infinite `values` (latents `where` in the run, or decoded pixels):
+    otherwise they silently become a black image. Exit code 1: the arguments were valid,
+    the numbers broke down (a scheduler setting the model does not fit, overflow in fp16)."""
+    if np.isfinite(values).all():
+        return
+    error = UserError(f"NaN or infinite values {where}; {fix}")
+    error.exit_code = 1
+    raise error

@@ -126,7 +126,7 @@ def check_control(
             )
     images = None
     if image is not None:
-        images = [load_image(i) for i in _images(image)]
+        images = [load_image(i, "control image") for i in _images(image)]
         if len(images) != count:
             raise UserError(
                 f"{len(images)} control image(s) for this bundle's {count} ControlNet(s): "

@@ -79,49 +79,60 @@ def save_image(image: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     name = image_format(path)
     options = next((o for f, o in _FORMATS.values() if f == name), {})
+    return _write(image, path, name, options)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W, 3) uint8 image as PNG atomically (temp file in the folder, rename),
+    whatever the suffix."""
+    return _write(image, Path(path), "PNG", {})
+
+
+def _write(image: np.ndarray, path: Path, name: str, options: dict) -> Path:
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3):
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else repr(image)
+        raise UserError(
+            f"{path}: an image to save is an (H, W, 3) uint8 array, not {got} (a call with "
+            "output='latent' returns latents only: decode them with output='image')"
+        )
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format=name, **options)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write an (H, W, 3) uint8 image as PNG atomically (temp file in the folder, rename),
-    whatever the suffix."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def load_image(image: ImageInput) -> Image.Image:
+def load_image(image: ImageInput, what: str = "image") -> Image.Image:
     """An RGB PIL image from a file (EXIF orientation applied, as diffusers' load_image),
-    a PIL image or an (H, W, 3) uint8 array; UserError naming what is wrong otherwise."""
+    a PIL image or an (H, W, 3) uint8 array; UserError naming what is wrong otherwise.
+    `what` names it in messages ("mask", "control image")."""
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise UserError(f"{what} {path}: a folder, not an image file")
+        if not path.exists():
+            raise UserError(f"{what} {path}: no such file")
         if not path.is_file():
-            raise UserError(f"image {path}: no such file")
+            raise UserError(f"{what} {path}: not a regular file (a device or pipe?)")
         try:
             with Image.open(path) as opened:
                 loaded = ImageOps.exif_transpose(opened)
                 loaded.load()
         except Image.DecompressionBombError as err:
-            raise UserError(f"image {path}: too large to open safely ({err})") from None
+            raise UserError(f"{what} {path}: too large to open safely ({err})") from None
         except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise UserError(f"image {path}: cannot be read as an image ({err})") from None
-        return _rgb(loaded, f"image {path}")
+            raise UserError(f"{what} {path}: cannot be read as an image ({err})") from None
+        return _rgb(loaded, f"{what} {path}")
     if isinstance(image, Image.Image):
-        return _rgb(image, "image")
+        return _rgb(image, what)
     if isinstance(image, np.ndarray):
         grey = image.ndim == 2  # a mask may be one channel
         if image.dtype != np.uint8 or not (grey or (image.ndim == 3 and image.shape[2] == 3)):
             raise UserError(
-                f"image array of shape {image.shape} and dtype {image.dtype}: pass (H, W, 3) "
+                f"{what} array of shape {image.shape} and dtype {image.dtype}: pass (H, W, 3) "
                 "uint8 RGB (or (H, W) uint8 for a mask)"
             )
         return Image.fromarray(np.ascontiguousarray(image), mode="L" if grey else "RGB")
-    raise UserError(f"image must be a file path, a PIL image or a uint8 array, not {image!r}")
+    raise UserError(f"{what} must be a file path, a PIL image or a uint8 array, not {image!r}")
 
 
 # 16-bit grey modes: PIL's convert("RGB") clips their values at 255 (diffusers' load_image

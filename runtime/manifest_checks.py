@@ -30,6 +30,7 @@ from slimdiff.runtime.manifest import (
     IOSpec,
 )
 
+from slimdiff.limits import MAX_SIDE
 from slimdiff.models.kinds import CONTROL_GUESS, CONTROL_IMAGE, CONTROL_ROWS, CONTROL_SCALE
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ def check_pipeline(p: PipelineSpec) -> None:
         )
     if any(v % p.size_multiple for v in p.default_size):
         _fail("default_size", f"not a multiple of size_multiple {p.size_multiple}")
+    top = min(MAX_SIDE, p.max_side or MAX_SIDE)  # what a run takes (runtime/pipeline.py)
+    if max(p.default_size) > top:
+        _fail("default_size", f"a side above {top} pixels, which no run takes")
 
     encoders = p.text_encoders
     zeros = p.zero_text or ()

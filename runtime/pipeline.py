@@ -27,6 +27,7 @@ from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.call_checks import (
+    check_finite,
     check_images,
     check_prompts,
     check_rescale,
@@ -99,6 +100,11 @@ log = logging.getLogger(__name__)
 
 _OUTPUTS = ("image", "latent")
 _STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
+_NAN_FIX = (
+    "try the bundle's own scheduler (no --scheduler/--sigmas/--timestep-spacing), and "
+    "latents of unit scale; an fp16 bundle may overflow: export it in fp32"
+)
+_VAE_NAN_FIX = "an fp16 VAE overflows on some latents: export with --vae-precision fp32"
 
 
 @dataclass
@@ -411,7 +417,7 @@ class Text2ImagePipeline:
         images = per_prompt * len(prompts)
         pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted
         if mask_image is not None:
-            pixel_mask = prepare_mask(load_image(mask_image), (height, width))
+            pixel_mask = prepare_mask(load_image(mask_image, "mask"), (height, width))
         # a model not trained for inpainting gets the kept latents put back after each step
         blend = None
         if pixel_mask is not None and not inpainting_model:
@@ -508,6 +514,7 @@ class Text2ImagePipeline:
                 x = scheduler.step(pred, i, x, noise=fresh)
             else:
                 x = scheduler.step(pred, i, x)
+            check_finite(x, f"in the latents after step {i + 1 - begin} of {calls}", _NAN_FIX)
             if blend is not None:  # the kept part back to the image, at the next step's noise
                 last = i == end - 1
                 kept = clean if last else scheduler.add_noise(clean, noise, i + 1)
@@ -565,6 +572,7 @@ class Text2ImagePipeline:
         if self.config.vae_shift_factor is not None:
             z = z + np.float32(self.config.vae_shift_factor)
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
+        check_finite(sample, "in the VAE decoder's output", _VAE_NAN_FIX)
         return to_uint8(sample[0])
 
     def _check_args(self, steps: int, size: tuple[int, int] | None, output: str) -> tuple[int, int]:

@@ -65,7 +65,10 @@ class PromptTokenizer:
         except Exception as err:  # tokenizers raises a bare Exception on parse errors
             reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise BundleError(f"{where}: not a readable tokenizer.json ({reason}); {FIX}") from None
-        return cls(tokenizer, max_length, pad_token_id)
+        try:
+            return cls(tokenizer, max_length, pad_token_id)
+        except BundleError as err:
+            raise BundleError(f"{where}: {err}") from None
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids, int64 (len(prompts), max_length), special tokens included. A prompt

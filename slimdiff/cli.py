@@ -356,17 +356,40 @@ def export_cmd(
 @main.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @expect_sha256_option
-def verify_cmd(bundle: Path, expect_sha256: str | None) -> None:
-    """Check BUNDLE as `run` would (schema, paths, every file's SHA-256), loading nothing.
+@click.option(
+    "--load",
+    is_flag=True,
+    help="Also load every graph, one at a time, on --backend and check its inputs and "
+    "outputs against the manifest, as `run` does (seconds to minutes, the largest graph's "
+    "memory).",
+)
+@click.option(
+    "--backend",
+    default="ort-cpu",
+    show_default=True,
+    help="The backend --load loads the graphs on.",
+)
+def verify_cmd(bundle: Path, expect_sha256: str | None, load: bool, backend: str) -> None:
+    """Check BUNDLE as `run` would before it samples: the schema, paths and every file's
+    SHA-256, the scheduler config and tokenizers it parses; with --load, the graphs too.
 
     Prints the bundle's identity (SHA-256 of its manifest.json, which pins every file) and
     a one-line summary; exit 2 with one line saying what is wrong otherwise.
     """
+    from slimdiff.runtime.backends import get_backend
     from slimdiff.runtime.bundle_files import open_bundle
+    from slimdiff.runtime.preflight import check_graphs, check_parts
 
+    runner = get_backend(backend) if load else None  # a bad name fails before any hashing
     verified = open_bundle(bundle, expect_sha256=expect_sha256)
+    check_parts(verified)
+    loaded = []
+    if runner is not None:
+        loaded = check_graphs(verified, runner)
     click.echo(f"bundle: {bundle}  sha256 {verified.sha256}")
     click.echo(verified.summary())
+    if loaded:
+        click.echo(f"loaded: {', '.join(loaded)} on {runner.name}, as the manifest declares")
     click.echo(verified.usage())
 
 

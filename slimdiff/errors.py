@@ -50,7 +50,11 @@ def out_of_memory(err: BaseException, command: str | None) -> UserError | None:
     if not (isinstance(err, MemoryError) or _OUT_OF_MEMORY.search(text)):
         return None
     size = _BYTES.search(text)
-    what = f"{int(size.group(1)) / 2**30:.1f} GiB in one block" if size else type(err).__name__
+    what = type(err).__name__
+    if size:
+        n = int(size.group(1))
+        what = f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+        what += " in one block"
     fix = _FIXES.get(command or "", "use smaller inputs or a machine with more memory")
     error = UserError(f"out of memory ({what}); {fix}")
     error.exit_code = 1

@@ -64,8 +64,13 @@ class Progress:
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total, completed=self.done)
         else:
-            log.info("%s: %d %s to do", self.description, self.total - self.done, self.unit)
+            left = self.total - self.done
+            log.info("%s: %d %s to do", self.description, left, self._units(left))
         return self
+
+    def _units(self, n: int) -> str:
+        """The unit for `n` of them: "1 step", "2 steps" (units are given plural)."""
+        return self.unit[:-1] if n == 1 and self.unit.endswith("s") else self.unit
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
         self.done += n
@@ -109,7 +114,11 @@ class Progress:
         elif exc[0] is None:
             spent = time.perf_counter() - self._t0
             log.info(
-                "%s: done (%d %s in %s)", self.description, self.done, self.unit, _duration(spent)
+                "%s: done (%d %s in %s)",
+                self.description,
+                self.done,
+                self._units(self.done),
+                _duration(spent),
             )
 
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ from slimdiff.runtime.backends import check_feeds
 from slimdiff.runtime.backends.ort_binding import BoundRunner
 from slimdiff.runtime.manifest import BundleError
 
-from slimdiff.errors import UserError
+from slimdiff.errors import UserError, out_of_memory
 from slimdiff.threads import choose_threads, ort_session_options
 
 __all__ = ["OrtBackend", "OrtSession"]
@@ -65,9 +66,17 @@ _INSTALL = {
 def _import_ort(device: str) -> Any:
     try:
         import onnxruntime
-    except ImportError:
+    except ImportError as err:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise UserError(
+                f"backend ort-{device} needs onnxruntime, which is not installed: "
+                f"{_INSTALL[device]}"
+            ) from None
+        # installed but broken (a missing system library, a half-removed install)
         raise UserError(
-            f"backend ort-{device} needs onnxruntime, which is not installed: {_INSTALL[device]}"
+            f"backend ort-{device}: onnxruntime is installed but does not import "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); fix "
+            f"what that names, or reinstall it: {_INSTALL[device]}"
         ) from None
     return onnxruntime
 
@@ -199,7 +208,9 @@ class OrtBackend:
         """Load one ONNX file (its external-data file must sit beside it)."""
         path = Path(path)
         options = self._ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: ORT's warnings are not the user's concern
+        # ORT's warnings are not the user's concern, and its errors come back as exceptions,
+        # which slimdiff turns into one line: its own log shows them only with -vv
+        options.log_severity_level = 3 if log.isEnabledFor(logging.DEBUG) else 4
         n = choose_threads(_weight_params(path), self.threads)
         ort_session_options(options, n)
         try:
@@ -207,6 +218,8 @@ class OrtBackend:
                 str(path), sess_options=options, providers=self.providers
             )
         except Exception as err:  # onnxruntime raises its own exception classes, unexported
+            if out_of_memory(err, None) is not None:
+                raise  # the bundle is fine: the CLI names the memory fix (slimdiff/errors.py)
             raise UserError(
                 f"{path}: onnxruntime could not load it ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}); export the bundle again"

@@ -376,7 +376,12 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
     if class_name not in _SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of: {', '.join(scheduler_names())}")
     current = str(config.get("_class_name", ""))
-    kept = {k: v for k, v in config.items() if not k.startswith("_")}
+    # diffusers' from_config drops the keys the original scheduler_config.json left out
+    # (`_use_default_values`, which slimdiff export keeps): they take the new class's
+    # defaults (a hub SD1.5 folder's PNDM "leading" spacing becomes Euler's "linspace")
+    defaults = config.get("_use_default_values")
+    defaults = set(defaults) if isinstance(defaults, list) else set()
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaults}
     switched = {"_class_name": class_name, **replaced_schedule(kept, overrides), **overrides}
     trained, target = scheduler_process(current, config), scheduler_process(class_name, switched)
     if target != trained:

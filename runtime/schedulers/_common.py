@@ -42,6 +42,18 @@ def reject_non_default(owner: str, config: dict[str, Any], **defaults: Any) -> N
         )
 
 
+def reject_learned_variance(owner: str, config: dict[str, Any]) -> None:
+    """DPM-Solver reads variance_type only to cut a learned variance off the model output
+    (DeepFloyd IF's 6 channels), not ported; any other value (a DDPM config's
+    "fixed_small", carried over by from_config) samples as None does, as in diffusers."""
+    value = config.get("variance_type")
+    if value in ("learned", "learned_range"):
+        raise ValueError(
+            f"{owner}: variance_type={value!r} (a model that predicts its variance) is not "
+            "supported by the numpy runtime; pick a supported scheduler config or run diffusers"
+        )
+
+
 def reject_args(owner: str, **args: Any) -> None:
     """set_timesteps arguments of the uniform API that this scheduler has no use for."""
     for key, value in args.items():

@@ -44,14 +44,25 @@ def sigma_schedule(
     use_karras_sigmas: bool | None,
     use_exponential_sigmas: bool | None,
     use_beta_sigmas: bool | None,
+    flow: bool = False,
+    flow_ok: tuple[str, ...] = (),
 ) -> str | None:
     """Which of SCHEDULES the config asks for, or None; more than one is refused, as
-    diffusers refuses it."""
+    diffusers refuses it. With `flow` (use_flow_sigmas) any but those in `flow_ok` is
+    refused: diffusers converts the VP training sigmas (up to ~157) and then reads them as
+    flow sigmas (alpha = 1 - sigma < 0), so its samples are NaN: a black image. (UniPC
+    maps its Karras sigmas into flow ones, s / (1 + s): `flow_ok` there.)"""
     flags = (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
     chosen = [name for name, flag in zip(SCHEDULES, flags, strict=True) if flag]
     if len(chosen) > 1:
         keys = ", ".join(f"use_{name}_sigmas" for name in chosen)
         raise ValueError(f"{owner}: {keys} are all set; set at most one of them")
+    if chosen and flow and chosen[0] not in flow_ok:
+        raise ValueError(
+            f"{owner}: use_{chosen[0]}_sigmas with use_flow_sigmas samples NaN (diffusers "
+            "converts VP sigmas, then reads them as flow sigmas); use one of them (no "
+            "--sigmas on a flow-matching model)"
+        )
     return chosen[0] if chosen else None
 
 

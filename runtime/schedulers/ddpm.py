@@ -62,7 +62,7 @@ class DDPMScheduler(AlphaBarNoise):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: Any = None,
-        variance_type: str = "fixed_small",
+        variance_type: str | None = "fixed_small",
         clip_sample: bool = True,
         prediction_type: str = "epsilon",
         clip_sample_range: float = 1.0,
@@ -73,6 +73,9 @@ class DDPMScheduler(AlphaBarNoise):
     ) -> None:
         name = type(self).__name__
         reject_non_default(name, config, thresholding=False)
+        # None (a DPM-Solver config's, carried over by from_config) falls through diffusers'
+        # branches to the clamped posterior variance: fixed_small's
+        variance_type = "fixed_small" if variance_type is None else variance_type
         self.variance_type = choice(name, "variance_type", variance_type, VARIANCE_TYPES)
         self.prediction_type = choice(
             name, "prediction_type", prediction_type, ("epsilon", "v_prediction", "sample")

@@ -38,6 +38,7 @@ from ._common import (
     check_step,
     choice,
     reject_args,
+    reject_learned_variance,
     reject_non_default,
     restarts,
 )
@@ -99,10 +100,10 @@ class DPMSolverSinglestepScheduler(MultistepTables):
             name,
             config,
             thresholding=False,
-            variance_type=None,
             use_flow_sigmas=False,
             use_dynamic_shifting=False,
         )
+        reject_learned_variance(name, config)
         # diffusers maps these aliases (configs copied from DEIS/UniPC); it then refuses
         # "deis" with final_sigmas_type "zero" (it checks the unmapped name), we do not
         algorithm_type = "dpmsolver++" if algorithm_type == "deis" else algorithm_type

@@ -30,6 +30,7 @@ from ._common import (
     check_step,
     choice,
     reject_args,
+    reject_learned_variance,
     reject_non_default,
     restarts,
     sigma_to_t,
@@ -81,7 +82,8 @@ class DPMSolverMultistepScheduler(MultistepTables):
     ) -> None:
         name = type(self).__name__
         # thresholding and learned variances serve pixel-space models (DeepFloyd IF)
-        reject_non_default(name, config, thresholding=False, variance_type=None)
+        reject_non_default(name, config, thresholding=False)
+        reject_learned_variance(name, config)
         # diffusers silently maps these aliases (configs copied from DEIS/UniPC)
         algorithm_type = "dpmsolver++" if algorithm_type == "deis" else algorithm_type
         solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
@@ -114,10 +116,12 @@ class DPMSolverMultistepScheduler(MultistepTables):
             name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing")
         )
         self.lower_order_final, self.euler_at_final = bool(lower_order_final), bool(euler_at_final)
-        self.sigma_schedule = sigma_schedule(
-            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
-        )
         self.use_lu_lambdas, self.flow = bool(use_lu_lambdas), bool(use_flow_sigmas)
+        self.sigma_schedule = sigma_schedule(
+            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, self.flow
+        )
+        if self.use_lu_lambdas and self.flow:  # VP sigmas read as flow ones, as above
+            raise ValueError(f"{name}: use_lu_lambdas with use_flow_sigmas samples NaN")
         self.flow_shift, self.use_dynamic_shifting = float(flow_shift), bool(use_dynamic_shifting)
         # not DPM keys, but diffusers honours them when a config (e.g. Euler's) carries them
         self.sigma_min, self.sigma_max = sigma_min, sigma_max

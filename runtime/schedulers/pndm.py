@@ -102,6 +102,12 @@ class PNDMScheduler(AlphaBarNoise):
             prk = np.array([], dtype=np.int64)
             plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
         else:
+            if n < _ORDER:  # diffusers fails on numpy broadcasting here
+                raise ValueError(
+                    f"the Runge-Kutta start (skip_prk_steps=False) takes at least "
+                    f"{_ORDER} steps, not {n}; run more steps, or sample with "
+                    "skip_prk_steps=True (the `pndm` preset)"
+                )
             half = n_train // n // 2  # RK's midpoints sit half a step back
             stages = ascending[-_ORDER:].repeat(2) + np.tile([0, half], _ORDER)
             prk = stages[:-1].repeat(2)[1:-1][::-1]

@@ -44,6 +44,7 @@ from ._common import (
 )
 from ._sigmas import (
     MultistepTables,
+    converted_sigmas,
     multistep_sigmas,
     multistep_timesteps,
     sigma_schedule,
@@ -126,13 +127,8 @@ class UniPCMultistepScheduler(MultistepTables):
         self.predict_x0 = bool(predict_x0)
         self.disable_corrector = frozenset(int(k) for k in disable_corrector or ())
         self.sigma_schedule = sigma_schedule(
-            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+            name, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, self.flow, ("karras",)
         )
-        if self.flow and self.sigma_schedule:
-            raise ValueError(
-                f"{name}: use_{self.sigma_schedule}_sigmas with use_flow_sigmas is not "
-                "ported to the numpy runtime; use one of them"
-            )
         self.sigma_min, self.sigma_max = sigma_min, sigma_max  # the converted schedules only
         self.num_train_timesteps, self.steps_offset = num_train_timesteps, steps_offset
         self._init_tables(
@@ -187,6 +183,9 @@ class UniPCMultistepScheduler(MultistepTables):
         if self.use_dynamic_shifting and mu is None:
             raise ValueError(f"{name}: mu must be passed when use_dynamic_shifting is True")
         n_train = self.num_train_timesteps
+        if self.sigma_schedule == "karras":
+            self._set_flow_karras(check_steps(n, n_train), sigmas)
+            return
         if sigmas is not None:  # FLUX's pipeline passes np.linspace(1, 1/n, n)
             sig = np.asarray(sigmas, dtype=np.float64).copy()
         else:
@@ -202,6 +201,24 @@ class UniPCMultistepScheduler(MultistepTables):
         t = sig * n_train
         last_sigma = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
         self._set_tables(t, sig, last_sigma)
+        self._reset_history()
+
+    def _set_flow_karras(self, n: int, sigmas: np.ndarray | None) -> None:
+        """diffusers' Karras branch with flow sigmas: Karras sigmas over the VP training
+        range (or the config's sigma_min/max), mapped into flow sigmas s / (1 + s),
+        timesteps s * N; no shift (diffusers' Karras branch skips it, and `mu`)."""
+        if sigmas is not None:
+            # diffusers converts the given flow sigmas as if they were VP ones, reversed:
+            # a schedule with no meaning, not ported (FLUX's pipeline passes them)
+            raise ValueError(
+                f"{type(self).__name__}: use_karras_sigmas with use_flow_sigmas and a given "
+                "sigma list (FLUX's) is not ported; sample without --sigmas"
+            )
+        train = self._train_sigmas
+        vp = converted_sigmas("karras", train[0], train[-1], n, self.sigma_min, self.sigma_max)
+        sig = vp / (vp + 1)
+        last_sigma = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
+        self._set_tables(sig * self.num_train_timesteps, sig, last_sigma)
         self._reset_history()
 
     def _alpha_sigma_lambda(self, sigma: np.float32) -> tuple[np.float32, ...]:

@@ -62,8 +62,9 @@ def timings_line(results: list[Any]) -> str:
         loads = f", loads {t['load']:.0f}" if "load" in t else ""
         encode = f", vae encode {t['vae_encode']:.0f}" if "vae_encode" in t else ""
         vae = f", vae {t['vae_decode']:.0f}" if "vae_decode" in t else ""
+        steps = len(t["denoiser_steps"])
         parts.append(
             f"{t['end_to_end']:.0f} ms: text {t['text_encoders']:.0f}{encode}, "
-            f"{len(t['denoiser_steps'])} steps{vae}{loads}"
+            f"{steps} step{'' if steps == 1 else 's'}{vae}{loads}"
         )
     return parts[0] if len(parts) == 1 else f"base {parts[0]}; refiner {parts[1]}"

@@ -50,6 +50,7 @@ def latents(tmp_path_factory):
     np.save(folder / "shape.npy", np.zeros((1, 3, 8, 8), np.float32))
     np.save(folder / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     (folder / "garbage.npy").write_bytes(b"not numpy at all")
+    np.save(folder / "huge.npy", np.full((1, 4, 8, 8), 3e38, np.float32))
     return folder
 
 
@@ -99,6 +100,24 @@ def test_bad_latents(bundle, latents, tmp_path, name, fragment):
     out = tmp_path / "x.png"
     args = ("run", bundle, "--prompt", "x", "--size", "64x64", "--latents", latents / name)
     _refused(_run(*args, "--out", out), fragment)
+    assert not out.exists()
+
+
+def test_a_run_whose_numbers_break_down_stops_instead_of_writing_a_black_image(
+    bundle, latents, tmp_path
+):
+    out = tmp_path / "x.png"
+    args = ("run", bundle, "--prompt", "x", "--size", "64x64", "--steps", "2")
+    result = _run(*args, "--latents", latents / "huge.npy", "--out", out)
+    assert result.exit_code == 1, result.output
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith(
+            "error: NaN or infinite values in the latents after step 1 of 2; try the bundle's own "
+            "scheduler"
+        )
+    )
     assert not out.exists()
 
 

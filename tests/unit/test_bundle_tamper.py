@@ -8,6 +8,7 @@ proven here too, on graphs crafted with the onnx package (the runtime does not p
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -120,6 +121,40 @@ def test_cli_refuses_with_one_line_and_exit_2(copy, tmp_path, case, command):
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert re.search(fragment, lines[0]), lines[0]
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["scheduler-class-rehashed", "scheduler-garbage-rehashed", "tokenizer-garbage-rehashed"],
+)
+def test_verify_parses_what_run_parses_before_it_says_ok(copy, case):
+    """Files whose hashes match but that a run cannot read: verify says so, and no `ok`."""
+    tamper, fragment = next(c[1:] for c in CASES if c[0] == case)
+    tamper(copy)
+    out = _cli("verify", str(copy))
+    assert out.returncode == 2 and out.stdout == "", out
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and re.search(fragment, lines[0]), lines
+
+
+def test_verify_load_checks_each_graph_against_the_manifest(copy):
+    ok = _cli("verify", str(copy), "--load")
+    assert ok.returncode == 0, ok.stderr
+    names = ", ".join(json.loads((copy / "manifest.json").read_text())["components"])
+    assert names.startswith("text_encoder, unet, vae_decoder")
+    assert f"loaded: {names} on ort-cpu, as the manifest declares" in ok.stdout
+    replace_file(UNET, (copy / "vae_decoder/model.onnx").read_bytes(), rehash=True)(copy)
+    assert _cli("verify", str(copy)).returncode == 0  # the hashes match: only a load sees it
+    out = _cli("verify", str(copy), "--load")
+    assert out.returncode == 2 and out.stdout == ""
+    assert re.search(r"^error: .*unet/model.onnx takes \['latent_sample'\]", out.stderr)
+    assert _cli("verify", str(copy), "--load", "--backend", "nope").returncode == 2
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "slimdiff", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 # ---------------------------------------------------------------- ONNX external data

@@ -160,6 +160,59 @@ def test_dpm_bundle_with_diffusers_infinity_runs(sd15, tmp_path):
     assert image.shape == (64, 64, 3)
 
 
+# runwayml/stable-diffusion-v1-5's scheduler/scheduler_config.json, verbatim: written by
+# diffusers 0.6, before timestep_spacing and prediction_type existed
+SD15_HUB_PNDM = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "cls_name"),
+    [
+        ("euler", "EulerDiscreteScheduler"),
+        ("dpm++2m", "DPMSolverMultistepScheduler"),
+        ("ddim", "DDIMScheduler"),
+        ("unipc", "UniPCMultistepScheduler"),
+    ],
+)
+def test_switching_a_hub_sd15_scheduler_gives_diffusers_from_config(sd15, tmp_path, name, cls_name):
+    """diffusers' from_config gives the keys the file left out (`_use_default_values`) the new
+    class's defaults: SD1.5's PNDM "leading" spacing becomes Euler's "linspace". The bundle
+    keeps that list (save_config drops it), so `run --scheduler` switches as diffusers does."""
+    from slimdiff.export.bundle import write_support_files
+    from slimdiff.runtime.schedulers import scheduler_from_config, switch_scheduler
+
+    pndm = diffusers.PNDMScheduler.from_config(SD15_HUB_PNDM)
+    assert "timestep_spacing" in pndm.config["_use_default_values"]
+    expected = getattr(diffusers, cls_name).from_config(pndm.config)
+    expected.set_timesteps(30)
+    old, sd15.pipe.scheduler = sd15.pipe.scheduler, pndm
+    try:
+        write_support_files(sd15, tmp_path)
+        shipped = bundle_scheduler(sd15, name)  # export --scheduler NAME
+    finally:
+        sd15.pipe.scheduler = old
+    assert shipped.config.timestep_spacing == expected.config.timestep_spacing
+    written = json.loads((tmp_path / "scheduler/scheduler_config.json").read_text())
+    assert written["timestep_spacing"] == "leading"  # PNDM's own, as save_config writes it
+    assert "timestep_spacing" in written["_use_default_values"]
+    ours = scheduler_from_config(switch_scheduler(written, name))  # run --scheduler NAME
+    ours.set_timesteps(30)
+    assert ours.timesteps.tolist() == pytest.approx(expected.timesteps.numpy().tolist())
+    assert float(ours.init_noise_sigma) == pytest.approx(float(expected.init_noise_sigma))
+
+
 def test_strict_json_infinities_only_where_asked():
     from slimdiff.runtime.strict_json import StrictJSONError, loads
 

@@ -31,6 +31,7 @@ TORCH_CUDA = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB 
         (RuntimeError(TORCH_CUDA), "RuntimeError"),
         (MemoryError(), "MemoryError"),
         (RuntimeError("std::bad_alloc"), "RuntimeError"),
+        (RuntimeError("buffer of size 1048576"), "1 MiB in one block"),
     ],
 )
 def test_allocation_failures_become_one_line(err, size):
@@ -75,3 +76,41 @@ def test_a_bug_keeps_its_traceback(tiny_bundle, tmp_path, monkeypatch):
     args = ["run", str(bundle), "--prompt", "a", "--out", str(tmp_path / "a.png")]
     result = CliRunner().invoke(main, args)
     assert isinstance(result.exception, KeyError)
+
+
+def test_a_graph_that_cannot_load_for_memory_is_not_called_a_broken_bundle(
+    tiny_bundle, tmp_path, monkeypatch
+):
+    """onnxruntime's bad_alloc while it builds a session: the memory fix, exit 1, not
+    "export the bundle again" (exit 2)."""
+    import onnxruntime
+
+    _, bundle = tiny_bundle("sd15")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("Exception during initialization: std::bad_alloc")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", fails)
+    args = ["run", str(bundle), "--prompt", "a", "--out", str(tmp_path / "a.png")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: out of memory (RuntimeError); run a smaller --size or fewer --images, or add "
+        "--low-memory"
+    )
+
+
+def test_an_onnxruntime_that_fails_to_import_is_not_called_missing(monkeypatch):
+    import importlib.util
+    import sys
+
+    from slimdiff.runtime.backends import ort
+
+    from slimdiff.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` fails
+    with pytest.raises(UserError, match=r"installed but does not import \(ImportError: .*\); fix"):
+        ort._import_ort("cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="needs onnxruntime, which is not installed: pip install"):
+        ort._import_ort("cpu")

@@ -55,3 +55,12 @@ def test_step_progress_learns_its_total_from_the_first_call(caplog, monkeypatch)
     unused = StepProgress("denoising")
     unused.close()  # never started: nothing logged
     assert len(caplog.records) == len(messages)
+
+
+def test_one_of_a_unit_is_said_in_the_singular(caplog):
+    caplog.set_level(logging.INFO, logger="slimdiff.progress")
+    with Progress("denoising", 1, unit="steps") as p:
+        p.advance()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "denoising: 1 step to do"
+    assert messages[-1].startswith("denoising: done (1 step in ")

@@ -356,6 +356,42 @@ def test_odd_image_files_load_or_are_refused_in_one_line(tmp_path, monkeypatch):
         load_image(tmp_path / "grey16.png")
 
 
+def test_image_paths_that_are_not_image_files_say_what_they_are(tmp_path):
+    from slimdiff.runtime.image import load_image, save_image
+
+    with pytest.raises(UserError, match=r"^mask .*: a folder, not an image file$"):
+        load_image(tmp_path, "mask")
+    with pytest.raises(UserError, match=r"^image .*missing.png: no such file$"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(UserError, match=r"^control image /dev/null: not a regular file"):
+        load_image("/dev/null", "control image")
+    with pytest.raises(UserError, match=r"^mask array of shape \(2, 2, 4\)"):
+        load_image(np.zeros((2, 2, 4), np.uint8), "mask")
+    # what a latent-only call returns has no image: one line, not PIL's TypeError
+    for bad in (None, np.zeros((1, 4, 8, 8), np.float32)):
+        with pytest.raises(UserError, match=r"an \(H, W, 3\) uint8 array, not .*output='latent'"):
+            save_image(bad, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("value", [None, "x", [0.5], float("nan"), -0.1])
+def test_a_guidance_rescale_that_is_not_a_number_from_0_to_1_is_one_line(value):
+    from slimdiff.runtime.call_checks import check_rescale
+
+    with pytest.raises(UserError, match="use a value from 0 to 1"):
+        check_rescale(value, uses_cfg=True)
+
+
+def test_non_finite_values_stop_the_run_with_exit_code_1():
+    from slimdiff.runtime.call_checks import check_finite
+
+    check_finite(np.ones(4, np.float32), "in x", "fix it")  # finite: nothing
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(UserError, match=r"^NaN or infinite values in x; fix it$") as err:
+            check_finite(np.array([0.0, bad], np.float32), "in x", "fix it")
+        assert err.value.exit_code == 1
+
+
 @pytest.mark.parametrize(
     ("name", "fmt", "exact"),
     [

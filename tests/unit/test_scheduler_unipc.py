@@ -121,6 +121,17 @@ CASES = {
     "flow-sigma_min": ({**FLOW_SD3, "final_sigmas_type": "sigma_min"}, 10),
     "flow-shift_terminal": ({**FLOW_SD3, "shift_terminal": 0.1}, 10),
     "flow-shift-1": ({**FLOW_SD3, "flow_shift": 1.0}, 8),  # the first sigma nudged off 1
+    # Karras over the VP range mapped into flow sigmas s / (1 + s), no shift
+    "flow-karras": ({**FLOW_SD3, "use_karras_sigmas": True}, 12),
+    "flow-karras-sigma_min-order3": (
+        {
+            **FLOW_SD3,
+            "use_karras_sigmas": True,
+            "final_sigmas_type": "sigma_min",
+            "solver_order": 3,
+        },
+        8,
+    ),
 }
 
 
@@ -286,7 +297,8 @@ def test_karras_sigma_min_last_step_is_identity(order):
     [
         ({"thresholding": True}, "thresholding"),
         ({"shift_terminal": 0.02}, "shift_terminal"),  # without flow sigmas
-        ({"use_flow_sigmas": True, "use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({"use_flow_sigmas": True, "use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ({"use_flow_sigmas": True, "use_beta_sigmas": True}, "use_beta_sigmas"),
         ({"prediction_type": "flow_prediction", "predict_x0": False}, "flow_prediction"),
         ({"time_shift_type": "cubic"}, "time_shift_type"),
         ({"solver_p": diffusers.DPMSolverMultistepScheduler()}, "solver_p"),

@@ -536,6 +536,57 @@ def test_dpm_solver_flow_sigmas_shifted_by_mu():
         plain.set_timesteps(10, mu=0.5)
 
 
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        *(("DPMSolverMultistepScheduler", k) for k in ("karras", "exponential", "beta", "lu")),
+        # UniPC maps its Karras sigmas into flow ones (tests/unit/test_scheduler_unipc.py)
+        *(("UniPCMultistepScheduler", k) for k in ("exponential", "beta")),
+    ],
+)
+def test_flow_sigmas_with_a_vp_sigma_schedule_is_refused(name, key):
+    """diffusers converts the VP training sigmas (up to ~157) and reads them as flow
+    sigmas (alpha = 1 - sigma): NaN from the first step. Refused instead of a black image."""
+    config = {"_class_name": name, "use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+    flag = "use_lu_lambdas" if key == "lu" else f"use_{key}_sigmas"
+    reference = getattr(diffusers, name).from_config({**config, flag: True})
+    reference.set_timesteps(4)
+    assert reference.sigmas.max() > 100  # VP sigmas, where flow sigmas are at most 1
+    with pytest.raises(ValueError, match=rf"{flag} with use_flow_sigmas samples NaN"):
+        schedulers.scheduler_from_config({**config, flag: True})
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "variance_type"),
+    [
+        ("DDPMScheduler", None),  # a DPM-Solver config's, carried over
+        ("DPMSolverMultistepScheduler", "fixed_small"),  # a DDPM config's
+        ("DPMSolverSinglestepScheduler", "fixed_large"),
+    ],
+)
+def test_a_variance_type_carried_over_from_another_class_samples_as_diffusers(
+    cls_name, variance_type
+):
+    ref, ours = _pair(cls_name, {**SD15, "variance_type": variance_type})
+    assert _run(ref, ours, 8, seed=4) < TOL
+
+
+@pytest.mark.parametrize("value", ["learned", "learned_range"])
+def test_dpm_solver_refuses_a_learned_variance(value):
+    config = {"_class_name": "DPMSolverMultistepScheduler", "variance_type": value}
+    with pytest.raises(ValueError, match=f"variance_type='{value}'.*predicts its variance"):
+        schedulers.scheduler_from_config(config)
+
+
+def test_pndm_runge_kutta_start_needs_four_steps():
+    config = {"_class_name": "PNDMScheduler", **SD15, "skip_prk_steps": False}
+    scheduler = schedulers.scheduler_from_config(config)
+    with pytest.raises(ValueError, match="takes at least 4 steps, not 3; run more steps"):
+        scheduler.set_timesteps(3)
+    scheduler.set_timesteps(4)
+    assert len(scheduler.timesteps) == 13  # as diffusers': 12 Runge-Kutta calls, then PLMS
+
+
 def test_euler_custom_sigmas():
     ref, ours = _pair("EulerDiscreteScheduler", SDXL_EULER)
     sigmas = np.array([14.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.0])
