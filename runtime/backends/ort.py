@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import logging
 import os
 from pathlib import Path
@@ -67,7 +67,8 @@ def _import_ort(device: str) -> Any:
     try:
         import onnxruntime
     except ImportError as err:
-        if importlib.util.find_spec("onnxruntime") is None:
+        # on the path (not sys.modules, where a failed import may have left it)?
+        if importlib.machinery.PathFinder.find_spec("onnxruntime") is None:
             raise UserError(
                 f"backend ort-{device} needs onnxruntime, which is not installed: "
                 f"{_INSTALL[device]}"
