@@ -80,11 +80,15 @@ def test_which_backends_run_only_the_profiles_shapes(module, cls, path, bound):
 
 
 def test_missing_onnxruntime_names_the_package_to_install(monkeypatch):
-    # None in sys.modules makes `import onnxruntime` raise ImportError, as if not installed.
+    # None in sys.modules makes `import onnxruntime` raise ImportError, and off the path
+    # it is as if never installed
+    import importlib.machinery
+
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(UserError, match="pip install onnxruntime"):
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="needs onnxruntime, which is not installed: pip install"):
         get_backend("ort-cpu")
-    with pytest.raises(UserError, match=r"pip install 'slimdiff\[gpu\]'"):
+    with pytest.raises(UserError, match=r"not installed: pip install 'slimdiff\[gpu\]'"):
         get_backend("ort-cuda")
 
 
