@@ -116,6 +116,11 @@ def test_an_onnxruntime_that_fails_to_import_is_not_called_missing(monkeypatch):
         UserError, match=r"installed but does not import \(ModuleNotFoundError: .*\); fix"
     ):
         ort._import_ort("cpu")
-    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", lambda name: None)
+    find = importlib.machinery.PathFinder.find_spec
+
+    def hidden(name, path=None, target=None):
+        return None if name.split(".")[0] == "onnxruntime" else find(name, path, target)
+
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", hidden)
     with pytest.raises(UserError, match="needs onnxruntime, which is not installed: pip install"):
         ort._import_ort("cpu")

@@ -85,7 +85,12 @@ def test_missing_onnxruntime_names_the_package_to_install(monkeypatch):
     import importlib.machinery
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", lambda name: None)
+    find = importlib.machinery.PathFinder.find_spec
+
+    def hidden(name, path=None, target=None):
+        return None if name.split(".")[0] == "onnxruntime" else find(name, path, target)
+
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", hidden)
     with pytest.raises(UserError, match="needs onnxruntime, which is not installed: pip install"):
         get_backend("ort-cpu")
     with pytest.raises(UserError, match=r"not installed: pip install 'slimdiff\[gpu\]'"):
