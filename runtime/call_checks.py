@@ -11,15 +11,17 @@ from typing import Any
 import numpy as np
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
+from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
 
 __all__ = [
     "check_finite",
     "check_images",
     "check_prompts",
     "check_rescale",
+    "check_run_args",
     "check_size_pair",
     "check_step_count",
+    "check_true_cfg",
     "check_values",
     "is_whole",
     "warn_unguided",
@@ -27,6 +29,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("slimdiff.runtime.pipeline")
+
+_OUTPUTS = ("image", "latent")
 
 
 def is_whole(value: Any) -> bool:
@@ -147,7 +151,7 @@ def check_rescale(guidance_rescale: Any, uses_cfg: bool) -> np.float32:
     return np.float32(value)
 
 
-def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool]) -> None:
+def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool], family: str) -> None:
     """Warn, naming them, of the `given` negative-side values a run without
     classifier-free guidance ignores (diffusers ignores them without a word): on a model
     without CFG (FLUX.1, guidance-distilled), or at guidance 1 or below."""
@@ -160,6 +164,8 @@ def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool]) -> No
         else "this model runs without classifier-free guidance (it embeds the guidance, or "
         "was distilled without it)"
     )
+    if family in TRUE_CFG_FAMILIES:
+        why += "; a true_cfg_scale above 1 runs the negative prompt (run --true-cfg-scale)"
     log.warning("ignored: %s; %s", ", ".join(ignored), why)
 
 
@@ -172,3 +178,73 @@ def check_finite(values: np.ndarray, where: str, fix: str) -> None:
     error = UserError(f"NaN or infinite values {where}; {fix}")
     error.exit_code = 1
     raise error
+
+
+def check_run_args(
+    config: Any, multiple: int, steps: int, size: tuple[int, int] | None, output: str
+) -> tuple[int, int]:
+    """The run's (height, width): `size`, else the bundle's default; the step count and
+    output kind checked. `config` is the manifest's PipelineSpec, `multiple` the size
+    multiple. Warns of a size far from the trained one."""
+    if output not in _OUTPUTS:
+        raise UserError(f"output {output!r} is not one of: {', '.join(_OUTPUTS)}")
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, not {steps}")
+    if steps > MAX_STEPS:
+        raise UserError(f"steps must be at most {MAX_STEPS}, not {steps}")
+    height, width = check_size_pair(size) or config.default_size
+    m = multiple
+    # width x height in messages, as `run --size` takes it
+    top = min(MAX_SIDE, config.max_side or MAX_SIDE)  # SD3: its position embedding's
+    if not (m <= height <= top and m <= width <= top):
+        raise UserError(f"size {width}x{height}: each side must be {m} to {top} pixels")
+    if height % m or width % m:
+        fix_h, fix_w = (max(m, int(v / m + 0.5) * m) for v in (height, width))
+        raise UserError(
+            f"size {width}x{height} (width x height) is not a multiple of {m}; use e.g. "
+            f"{fix_w}x{fix_h}"
+        )
+    trained_h, trained_w = config.default_size
+    area = (height * width) / (trained_h * trained_w)
+    if not 1 / 4 <= area <= 4:
+        log.warning(
+            "size %dx%d is far from the %dx%d this model draws by default; images this far "
+            "from the trained size usually fall apart",
+            width,
+            height,
+            trained_w,
+            trained_h,
+        )
+    return height, width
+
+
+# The families whose diffusers pipeline offers true_cfg_scale: FluxPipeline (and its
+# img2img and inpaint forms), for guidance-distilled FLUX.1 and its de-distilled tunes.
+TRUE_CFG_FAMILIES = ("flux",)
+
+
+def check_true_cfg(family: str, scale: Any, negatives: list[str | None]) -> np.float32 | None:
+    """diffusers' FluxPipeline `true_cfg_scale`: above 1 with a negative prompt, each step
+    also runs the denoiser on the negative prompt and takes neg + scale * (pos - neg). The
+    scale for such a run, else None (1, or no negative prompt: warned, as diffusers warns)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (np.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
+        raise UserError(f"true_cfg_scale {scale!r}: use a finite value from 0 to {MAX_GUIDANCE:g}")
+    if value <= 1:
+        return None
+    if family not in TRUE_CFG_FAMILIES:
+        raise UserError(
+            f"true_cfg_scale is FLUX's second, negative-prompt pass; this {family} model "
+            "guides with --guidance (classifier-free guidance)"
+        )
+    if not any(negatives):
+        log.warning(
+            "true_cfg_scale %g needs a negative prompt; without one the run is not guided by "
+            "it (as in diffusers)",
+            value,
+        )
+        return None
+    return np.float32(value)

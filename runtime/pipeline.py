@@ -31,8 +31,9 @@ from slimdiff.runtime.call_checks import (
     check_images,
     check_prompts,
     check_rescale,
-    check_size_pair,
+    check_run_args,
     check_step_count,
+    check_true_cfg,
     check_values,
     warn_unguided,
 )
@@ -91,14 +92,13 @@ from slimdiff.runtime.size_conditioning import (
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
-from slimdiff.limits import MAX_SIDE, MAX_STEPS
+from slimdiff.limits import MAX_SIDE
 from slimdiff.models.kinds import CONTROL_SCALE
 
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
 
 log = logging.getLogger(__name__)
 
-_OUTPUTS = ("image", "latent")
 _STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
 _NAN_FIX = (
     "try the bundle's own scheduler (no --scheduler/--sigmas/--timestep-spacing), and "
@@ -282,6 +282,7 @@ class Text2ImagePipeline:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
+        true_cfg_scale: float = 1.0,
     ) -> GenerationResult:
         """Generate `images` images for `prompt` (one string, or a list of prompts) in one
         batch; `size` is (height, width) in pixels.
@@ -351,6 +352,11 @@ class Text2ImagePipeline:
         their `negative_` forms for CFG's negative rows, with the defaults of diffusers'
         pipelines (runtime/size_conditioning.py); e.g. negative_original_size=(512, 512)
         steers away from low-resolution sources. Other bundles take none.
+
+        FLUX bundles take diffusers' `true_cfg_scale`: above 1, with a `negative_prompt`,
+        each step runs the transformer a second time on the negative prompt and takes
+        neg + true_cfg_scale * (pos - neg), as FluxPipeline does (twice the time a step;
+        `guidance` stays the embedded value). Other bundles guide with `guidance`.
         """
         start = time.perf_counter()
         prompts, negatives = check_prompts(prompt, negative_prompt)
@@ -391,7 +397,8 @@ class Text2ImagePipeline:
             size = image_size(sized_by, self.conditioning.size_multiple(), MAX_SIDE)
         if start_at is not None and size is None:  # the base's latents give the size
             size = self.conditioning.latents_size(latents)
-        height, width = self._check_args(steps, size, output)
+        multiple = self.conditioning.size_multiple()
+        height, width = check_run_args(self.config, multiple, steps, size, output)
         check_values(guidance, seed, latents)
         pixels = None if source is None else prepare_image(source, (height, width))
         if mask_image is not None and pixels is None:
@@ -403,16 +410,17 @@ class Text2ImagePipeline:
                 "an image and a mask (run --image FILE --mask FILE)"
             )
         rescale = check_rescale(guidance_rescale, self.config.uses_cfg)
+        true_cfg = check_true_cfg(self.manifest.family, true_cfg_scale, negatives)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         if not do_cfg:
             given = {
-                "the negative prompt": any(negatives),
+                "the negative prompt": any(negatives) and true_cfg is None,
                 "guidance rescale": bool(rescale),
                 "the negative size conditioning": sizing.has_negatives,
                 "the negative aesthetic score": negative_aesthetic_score is not None,
             }
-            warn_unguided(self.config.uses_cfg, guidance, given)
+            warn_unguided(self.config.uses_cfg, guidance, given, self.manifest.family)
         per_prompt = check_images(images, do_cfg, len(prompts), self.max_batch)
         images = per_prompt * len(prompts)
         pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted
@@ -450,7 +458,11 @@ class Text2ImagePipeline:
         )
         if self.config.controlnet is not None:
             fixed.update(control_feeds(control, (height, width), images, do_cfg, guess))
-        for value in fixed.values():
+        negative = {}  # true CFG's text inputs: the negative prompts, encoded as prompts
+        if true_cfg is not None:
+            unguided = [n or "" for n in negatives]
+            negative = cond.encode(unguided, None, False, guidance, height, width, per_prompt)
+        for value in (*fixed.values(), *negative.values()):
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
             value.flags.writeable = False
@@ -504,6 +516,9 @@ class Text2ImagePipeline:
             if self.config.controlnet is not None:
                 feeds[CONTROL_SCALE] = scales[i - begin]
             pred = self.denoiser.run(feeds)[DENOISER_OUTPUT]
+            if true_cfg is not None:  # FluxPipeline: a second call, not a doubled batch
+                neg = self.denoiser.run({**feeds, **negative})[DENOISER_OUTPUT]
+                pred = neg + true_cfg * (pred - neg)
             if do_cfg:
                 uncond, text = np.split(pred, 2)  # (uncond, cond), as batched above
                 pred = uncond + np.float32(guidance) * (text - uncond)
@@ -574,38 +589,6 @@ class Text2ImagePipeline:
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         check_finite(sample, "in the VAE decoder's output", _VAE_NAN_FIX)
         return to_uint8(sample[0])
-
-    def _check_args(self, steps: int, size: tuple[int, int] | None, output: str) -> tuple[int, int]:
-        if output not in _OUTPUTS:
-            raise UserError(f"output {output!r} is not one of: {', '.join(_OUTPUTS)}")
-        if steps < 1:
-            raise UserError(f"steps must be at least 1, not {steps}")
-        if steps > MAX_STEPS:
-            raise UserError(f"steps must be at most {MAX_STEPS}, not {steps}")
-        height, width = check_size_pair(size) or self.config.default_size
-        m = self.conditioning.size_multiple()
-        # width x height in messages, as `run --size` takes it
-        top = min(MAX_SIDE, self.config.max_side or MAX_SIDE)  # SD3: its position embedding's
-        if not (m <= height <= top and m <= width <= top):
-            raise UserError(f"size {width}x{height}: each side must be {m} to {top} pixels")
-        if height % m or width % m:
-            fix_h, fix_w = (max(m, int(v / m + 0.5) * m) for v in (height, width))
-            raise UserError(
-                f"size {width}x{height} (width x height) is not a multiple of {m}; use e.g. "
-                f"{fix_w}x{fix_h}"
-            )
-        trained_h, trained_w = self.config.default_size
-        area = (height * width) / (trained_h * trained_w)
-        if not 1 / 4 <= area <= 4:
-            log.warning(
-                "size %dx%d is far from the %dx%d this model draws by default; images this far "
-                "from the trained size usually fall apart",
-                width,
-                height,
-                trained_w,
-                trained_h,
-            )
-        return height, width
 
 
 def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:

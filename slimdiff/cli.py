@@ -26,6 +26,7 @@ from slimdiff.app.options import (
     device_option,
     dry_run_option,
     expect_sha256_option,
+    guidance_options,
     image_to_image_options,
     refiner_options,
     scheduler_option,
@@ -403,22 +404,7 @@ def verify_cmd(bundle: Path, expect_sha256: str | None, load: bool, backend: str
 )
 @click.option("--negative-prompt", default=None, help="One for every prompt.")
 @click.option("--steps", type=STEPS, default=None, help="Default: the bundle's.")
-@click.option("--guidance", type=float, default=None, help="0 to 100. Default: the bundle's.")
-@click.option(
-    "--guidance-rescale",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.0,
-    show_default=True,
-    help="Rescale the guided prediction's std (diffusers' guidance_rescale; 0.7 for "
-    "zero-terminal-SNR models). Needs a model that uses CFG.",
-)
-@click.option(
-    "--eta",
-    type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="TCD's gamma (diffusers' eta), 0 to 1: 0 is deterministic, the TCD authors "
-    "suggest 0.3. Only with the TCD scheduler. Default: 0, as diffusers' pipelines.",
-)
+@guidance_options
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option(
     "--images",
@@ -462,7 +448,8 @@ def verify_cmd(bundle: Path, expect_sha256: str | None, load: bool, backend: str
     help="Image to write: .png (or no suffix), .jpg (quality 95) or .webp (lossless).",
 )
 def run_cmd(
-    bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, eta, seed, images,
+    bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, true_cfg_scale, eta,
+    seed, images,
     size, init_image, mask_image, strength, control_image, control_scale, control_start,
     control_end, control_guess, refiner, refiner_start, aesthetic_score,
     negative_aesthetic_score, latents, backend, scheduler, sigmas, timestep_spacing,
@@ -512,6 +499,7 @@ def run_cmd(
         "size": size,
         "latents": init,
         "guidance_rescale": guidance_rescale,
+        "true_cfg_scale": true_cfg_scale,
         "eta": eta,
         "images": images,
         "image": init_image,

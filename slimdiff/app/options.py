@@ -18,6 +18,7 @@ __all__ = [
     "device_option",
     "dry_run_option",
     "expect_sha256_option",
+    "guidance_options",
     "image_to_image_options",
     "lora_option",
     "option_group",
@@ -199,6 +200,34 @@ _CONTROL = [
 ]
 
 
+_GUIDANCE = [
+    click.option("--guidance", type=float, default=None, help="0 to 100. Default: the bundle's."),
+    click.option(
+        "--guidance-rescale",
+        type=click.FloatRange(0.0, 1.0),
+        default=0.0,
+        show_default=True,
+        help="Rescale the guided prediction's std (diffusers' guidance_rescale; 0.7 for "
+        "zero-terminal-SNR models). Needs a model that uses CFG.",
+    ),
+    click.option(
+        "--true-cfg-scale",
+        type=click.FloatRange(0.0, 100.0),
+        default=1.0,
+        show_default=True,
+        help="FLUX: above 1 with --negative-prompt, a second transformer pass per step on the "
+        "negative prompt, mixed as diffusers' FluxPipeline true_cfg_scale (twice the time).",
+    ),
+    click.option(
+        "--eta",
+        type=click.FloatRange(0.0, 1.0),
+        default=None,
+        help="TCD's gamma (diffusers' eta), 0 to 1: 0 is deterministic, the TCD authors "
+        "suggest 0.3. Only with the TCD scheduler. Default: 0, as diffusers' pipelines.",
+    ),
+]
+
+
 def option_group(options: list):
     """A decorator that applies `options` in order (the first is the first in --help)."""
 
@@ -210,6 +239,8 @@ def option_group(options: list):
     return apply
 
 
+# `run`'s --guidance, --guidance-rescale, --true-cfg-scale and --eta
+guidance_options = option_group(_GUIDANCE)
 # `run`'s --image, --mask and --strength (image-to-image and inpainting)
 image_to_image_options = option_group(_IMAGE_TO_IMAGE)
 # `run`'s --refiner, --refiner-start and the SDXL refiner's aesthetic scores

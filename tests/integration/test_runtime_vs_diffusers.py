@@ -519,6 +519,40 @@ def test_guidance_rescale_needs_a_model_that_uses_cfg(tiny_bundle):
         runtime(PROMPT, steps=1, size=(SIZE, SIZE), guidance_rescale=0.5)
 
 
+def test_flux_true_cfg_matches_diffusers(tiny_bundle, caplog):
+    """FluxPipeline's true_cfg_scale: a second transformer pass on the negative prompt,
+    neg + scale * (pos - neg), the embedded guidance unchanged."""
+    model, bundle = tiny_bundle("flux")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    shape = runtime.conditioning.latent_shape(SIZE, SIZE)
+    latents = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    model.pipe.set_progress_bar_config(disable=True)
+    negative = "blurry, low quality"
+    ref_image, ref_latents = _diffusers(model.pipe, latents, 3.5, negative, true_cfg_scale=4.0)
+    _, no_model = _diffusers(model.pipe, latents, 3.5, negative, zero=True, true_cfg_scale=4.0)
+    call = {"steps": STEPS, "guidance": 3.5, "size": (SIZE, SIZE), "latents": latents}
+    result = runtime(PROMPT, negative_prompt=negative, true_cfg_scale=4.0, **call)
+    _assert_close_to_diffusers(result.latents, ref_latents, no_model, "flux true cfg")
+    assert _psnr(result.image, ref_image) >= 40.0
+    plain = runtime(PROMPT, **call).latents  # the negative pass did something
+    assert np.linalg.norm(plain - result.latents) > 1e-3 * np.linalg.norm(ref_latents - no_model)
+    # without a negative prompt diffusers runs no second pass, and says so; so does this
+    with caplog.at_level("WARNING", logger="slimdiff.runtime.pipeline"):
+        alone = runtime(PROMPT, true_cfg_scale=4.0, **call).latents
+    np.testing.assert_array_equal(alone, plain)
+    assert "true_cfg_scale 4 needs a negative prompt" in caplog.text
+
+
+def test_true_cfg_is_fluxs_alone(tiny_bundle):
+    _, bundle = tiny_bundle("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    call = {"steps": 1, "size": (SIZE, SIZE), "negative_prompt": "x"}
+    with pytest.raises(UserError, match=r"true_cfg_scale is FLUX's .* this sd15 model guides with"):
+        runtime(PROMPT, true_cfg_scale=3.0, **call)
+    with pytest.raises(UserError, match="true_cfg_scale nan: use a finite value from 0 to 100"):
+        runtime(PROMPT, true_cfg_scale=float("nan"), **call)
+
+
 def test_sd2_style_v_prediction_zero_snr_matches_diffusers(tmp_path, caplog):
     """SD 2.x's layout in the SD1.5 family: linear proj_in/out, upcast attention, a head
     count per block, and a v-prediction DDIM with zero terminal SNR and trailing steps
