@@ -247,10 +247,12 @@ def test_an_unvalidated_kind_record_is_refused():
 
 
 def test_a_size_far_from_the_trained_one_is_warned_about(caplog):
+    from slimdiff.runtime.call_checks import check_run_args
+
     pipe = _pipeline("sd15")  # draws 64x64 by default
-    assert pipe._check_args(4, (128, 128), "image") == (128, 128)
+    assert check_run_args(pipe.config, 8, 4, (128, 128), "image") == (128, 128)
     assert not caplog.records
-    pipe._check_args(4, (512, 512), "image")
+    check_run_args(pipe.config, 8, 4, (512, 512), "image")
     (record,) = caplog.records
     assert "size 512x512 is far from the 64x64 this model draws by default" in record.getMessage()
 
