@@ -45,7 +45,9 @@ def _cond(family: str, encoders=(), **extra) -> Conditioning:
 def _pipeline(family: str) -> Text2ImagePipeline:
     config = _config(family)
     # Only the argument checks run (no graphs): a manifest without validation suffices.
-    manifest = Manifest.model_construct(pipeline=PipelineSpec.model_construct(**config))
+    manifest = Manifest.model_construct(
+        family=family, pipeline=PipelineSpec.model_construct(**config)
+    )
     return Text2ImagePipeline(manifest, Conditioning(config, [], {}), None, None, {})
 
 
