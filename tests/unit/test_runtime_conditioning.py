@@ -432,7 +432,13 @@ def test_save_image_refuses_other_suffixes_before_writing(tmp_path):
 @pytest.mark.parametrize(
     ("family", "kwargs", "names", "why"),
     [
-        ("flux", {"negative_prompt": "blurry"}, "the negative prompt", "runs without"),
+        (
+            "flux",
+            {"negative_prompt": "blurry"},
+            "the negative prompt",
+            "runs without classifier-free guidance (it embeds the guidance, or was distilled "
+            "without it); a true_cfg_scale above 1 runs the negative prompt",
+        ),
         (
             "sdxl",
             {"guidance": 1.0, "negative_prompt": ["x"], "guidance_rescale": 0.7},
