@@ -121,6 +121,7 @@ class EcoDiffPass(Pass):
         from slimdiff.compress.prune.units import maskable_params, unit_groups
 
         from slimdiff.models.families import arch_of_pipeline
+        from slimdiff.models.fingerprint import module_digest
 
         cfg = self.config
         arch = arch_of_pipeline(pipe)
@@ -133,14 +134,20 @@ class EcoDiffPass(Pass):
             )
         # On the meta device (see _scores) every module is cut by the same fraction.
         scope = "local" if next(denoiser.parameters()).is_meta else cfg.scope
-        scores, learning = self._scores(arch, denoiser, groups, calib)
+        # what the masks are learned on: a resume must find the same denoiser (an earlier
+        # pass of the recipe, distilled longer, changes it without changing this config)
+        digest = module_digest(denoiser)
+        scores, learning = self._scores(arch, denoiser, groups, calib, digest)
         keep = select(groups, scores, sparsity=cfg.sparsity, scope=scope)
+        _check_prompt_kept(denoiser, groups, keep, cfg.sparsity, scope)
         teacher = copy.deepcopy(denoiser) if cfg.recover is not None else None
         before = _params(denoiser)
         edits = prune(arch, denoiser, groups, keep, component=arch.denoiser)
         after = _params(denoiser)
         maskable = maskable_params(groups)
-        recovery = self._recover(arch, teacher, denoiser, calib) if teacher is not None else "off"
+        recovery = "off"
+        if teacher is not None:
+            recovery = self._recover(arch, teacher, denoiser, calib, digest)
         summary = {
             "method": cfg.method,
             "scope": scope,
@@ -165,7 +172,7 @@ class EcoDiffPass(Pass):
         )
         return PassReport(self.name, summary=summary, edits=edits)
 
-    def _scores(self, arch, denoiser, groups, calib) -> tuple[dict, dict | str]:
+    def _scores(self, arch, denoiser, groups, calib, digest: str) -> tuple[dict, dict | str]:
         """Per group (units,) scores, higher = keep; and what the learning did."""
         cfg = self.config
         import torch
@@ -210,7 +217,8 @@ class EcoDiffPass(Pass):
         masks = Masks.for_denoiser(
             arch, denoiser, cfg.init_logit, mask_type=cfg.mask, seed=cfg.seed
         )
-        report = train_masks(denoiser, masks, calib, settings, self._checkpoint(calib))
+        checkpoint = self._checkpoint(calib, digest)
+        report = train_masks(denoiser, masks, calib, settings, checkpoint)
         scores = {key: lam.detach().cpu().clone() for key, lam in masks.named_logits()}
         gates = masks.eval_masks()
         closed = sum(int((g == 0).sum()) for g in gates.values())
@@ -223,7 +231,7 @@ class EcoDiffPass(Pass):
             "closed_gates": closed,  # units whose median gate learned to be exactly 0
         }
 
-    def _recover(self, arch, teacher, student, calib) -> dict | str:
+    def _recover(self, arch, teacher, student, calib, digest: str) -> dict | str:
         """EcoDiff's optional retraining, as layer-level distillation from the unpruned
         denoiser: its output and every block output (`arch.blocks`: the same names in both,
         since slicing keeps the module tree)."""
@@ -249,7 +257,7 @@ class EcoDiffPass(Pass):
             source="prune.ecodiff recover: output and block outputs of the unpruned denoiser",
         )
         data = calib.record()
-        checkpoint = self._checkpoint(calib, "recover")
+        checkpoint = self._checkpoint(calib, digest, "recover")
         report = distill(
             student,
             teacher.requires_grad_(False),
@@ -261,10 +269,12 @@ class EcoDiffPass(Pass):
         )
         return {**asdict(settings), **asdict(report), "blocks": len(blocks)}
 
-    def _checkpoint(self, calib, what: str = "masks") -> Path | None:
-        """Where mask learning (or recovery) checkpoints. Masks are keyed by the teacher,
-        the calibration and the learning keys only (see the module docstring); recovery by
-        the whole config. None without a work folder."""
+    def _checkpoint(self, calib, digest: str, what: str = "masks") -> Path | None:
+        """Where mask learning (or recovery) checkpoints. Masks are keyed by the denoiser
+        they are learned on (`digest`, fingerprint.module_digest: an earlier pass of the
+        recipe that changed changes it), the calibration and the learning keys only (see
+        the module docstring); recovery by the whole config too. None without a work
+        folder."""
         cfg = self.config
         root = checkpoint_root(cfg.work_dir, calib)
         if root is None:
@@ -272,9 +282,38 @@ class EcoDiffPass(Pass):
         dumped = cfg.model_dump(mode="json", exclude={"work_dir"})
         if what == "masks":
             dumped = {k: dumped[k] for k in _LEARNING_KEYS}
-        blob = json.dumps({"calibration": calib.key, "pass": dumped}, sort_keys=True)
+        blob = json.dumps(
+            {"calibration": calib.key, "denoiser": digest, "pass": dumped}, sort_keys=True
+        )
         key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return root / f"{self.name}-{what}-{key}" / f"{what}.safetensors"
+
+
+def _check_prompt_kept(denoiser, groups, keep, sparsity: float, scope: str) -> None:
+    """Refuse a selection that removes every attention head reading the prompt: the model
+    would draw the same image whatever the text (and its graph would drop the text input).
+    The paper's code does not guard this; on full-size models it takes an extreme sparsity,
+    on tiny ones half. The learned masks stay checkpointed: a lower sparsity reuses them."""
+    reading = [g for g in groups if g.kind == "heads" and _reads_prompt(denoiser, g.site)]
+    if reading and not any(keep[g.key] for g in reading):
+        raise UserError(
+            f"prune.ecodiff: sparsity {sparsity:g} ({scope}) removes every attention head "
+            f"that reads the prompt ({sum(g.count for g in reading)} heads in "
+            f"{len(reading)} modules): the model would ignore the text; lower "
+            "prune.sparsity (the learned masks are reused), or use scope: local"
+        )
+
+
+def _reads_prompt(denoiser, site) -> bool:
+    """Whether an attention site sees the text: cross-attention (UNets' attn2), joint
+    attention with context projections (SD3, FLUX double blocks), or single-stream
+    attention over text and image tokens together (FLUX single blocks, `pre_only`)."""
+    attention = denoiser.get_submodule(site.attention)
+    return bool(
+        site.context_qkv
+        or getattr(attention, "is_cross_attention", False)
+        or getattr(attention, "pre_only", False)
+    )
 
 
 def _before_after(groups, keep, unit: str) -> list[int]:

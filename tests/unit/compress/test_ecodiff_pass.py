@@ -5,6 +5,7 @@ maskable ones; calibration is asked for only when needed; bad configs are refuse
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar
 
 import pytest
@@ -15,6 +16,7 @@ from slimdiff.compress.prune.units import maskable_params, unit_groups
 from slimdiff.calib import Calibration
 from slimdiff.errors import UserError
 from slimdiff.models import load_model
+from slimdiff.models.fingerprint import module_digest
 from slimdiff.recipe import CalibrationSpec, Recipe
 from tests.unit.compress.pass_contract import PassContract
 
@@ -137,6 +139,18 @@ def test_a_recipe_resolves_the_typed_config_and_stage_order():
         )
 
 
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_a_selection_that_leaves_no_head_reading_the_prompt_is_refused(family):
+    """Cross-attention (SD1.5's attn2), joint attention (SD3) and single-stream attention
+    (FLUX): at 0.9 global every one of their heads would go on these tiny models."""
+    with pytest.raises(UserError, match=r"sparsity 0.9 \(global\) removes every attention head"):
+        _apply(family, {"sparsity": 0.9, "method": "magnitude"}, calib=False)
+    *_, report = _apply(
+        family, {"sparsity": 0.9, "method": "magnitude", "scope": "local"}, calib=False
+    )
+    assert 0 < report.summary["heads"][1] < report.summary["heads"][0]
+
+
 def test_learned_masks_resume_from_a_shared_work_folder(tmp_path):
     """Recipes that differ only in sparsity reuse the learned masks (the checkpoint key
     leaves sparsity, scope and recover out); the pruned models then differ only there."""
@@ -144,10 +158,16 @@ def test_learned_masks_resume_from_a_shared_work_folder(tmp_path):
     spec = CalibrationSpec(num_prompts=2, steps=2, size=(64, 64))
     calib = Calibration(model.pipe, model.arch, spec, work_dir=tmp_path)
     cls = get_pass("prune.ecodiff")
-    a = cls(cls.Config(sparsity=0.2, **LEARN))._checkpoint(calib)
-    b = cls(cls.Config(sparsity=0.4, scope="local", **LEARN))._checkpoint(calib)
-    c = cls(cls.Config(sparsity=0.2, beta=0.1, **LEARN))._checkpoint(calib)
+    digest = module_digest(model.denoiser)
+    a = cls(cls.Config(sparsity=0.2, **LEARN))._checkpoint(calib, digest)
+    b = cls(cls.Config(sparsity=0.4, scope="local", **LEARN))._checkpoint(calib, digest)
+    c = cls(cls.Config(sparsity=0.2, beta=0.1, **LEARN))._checkpoint(calib, digest)
     assert a == b != c
+    # masks learned on another denoiser (an earlier pass distilled longer) are not reused
+    other = copy.deepcopy(model.denoiser)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    assert cls(cls.Config(sparsity=0.2, **LEARN))._checkpoint(calib, module_digest(other)) != a
     assert a.parent.parent == tmp_path / "checkpoints"
     report = cls(cls.Config(sparsity=0.2, **LEARN)).apply(model.pipe, calib)
     assert report.summary["masks"]["resumed_from"] == 0 and a.is_file()
