@@ -18,8 +18,10 @@ from __future__ import annotations
 import enum
 import importlib
 import logging
+import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 import pydantic
 
@@ -29,6 +31,7 @@ __all__ = [
     "PassConfig",
     "PassSchema",
     "Stage",
+    "StrictRecord",
     "get_schema",
     "load_plugins",
     "register_schema",
@@ -53,10 +56,31 @@ class Stage(enum.IntEnum):
     QUANTIZATION = 3  # low-bit quantization (QuEST)
 
 
-class PassConfig(pydantic.BaseModel):
-    """Base of every pass's config: data only, immutable, strict about keys."""
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(arg) for arg in typing.get_args(annotation))
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+class StrictRecord(pydantic.BaseModel):
+    """Recipe data: immutable, unknown keys refused, no infinities or NaN in a number, and
+    no yes/no value where a number or text goes (YAML's `true` would be read as 1)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_bool(field.annotation):
+            raise ValueError(
+                f"{str(value).lower()} is a yes/no value, which this key does not take"
+            )
+        return value
+
+
+class PassConfig(StrictRecord):
+    """Base of every pass's config: data only, immutable, strict about keys."""
 
     def input_files(self) -> tuple[str, ...]:
         """Files the pass reads besides the model (lora.fuse's LoRAs): their contents, not

@@ -36,7 +36,7 @@ from slimdiff.limits import (
     MAX_STEPS,
     MIN_SIDE,
 )
-from slimdiff.passes import PassConfig, Stage, get_schema
+from slimdiff.passes import PassConfig, Stage, StrictRecord, get_schema
 from slimdiff.yamlio import check_depth, parse_yaml_value, read_yaml_file
 
 __all__ = [
@@ -51,8 +51,7 @@ __all__ = [
 ]
 
 
-class _Strict(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictRecord  # the recipe's sections: strict as the passes' configs
 
 
 # Bounds that say what is allowed (pydantic names them in its message). Seeds are what numpy
@@ -114,11 +113,23 @@ class CalibrationSpec(_Strict):
     # flow-match Euler): for a model that ships DEIS, LMS or DDPM, say.
     scheduler: str | None = pydantic.Field(None, pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}Scheduler$")
 
+    @pydantic.field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, prompts: str | list[str]) -> str | list[str]:
+        if not (prompts.strip() if isinstance(prompts, str) else any(p.strip() for p in prompts)):
+            raise ValueError(
+                "give at least one prompt: a list, a text file of one per line, or builtin"
+            )
+        return prompts
+
 
 # Export targets this version builds. "tensorrt" and "aoti" are planned: naming them is a
 # validation error, not a failure after the compression work.
 TARGETS = ("onnx", "tensorrt", "aoti")  # export.TARGETS (the recipe imports no torch)
 _PLANNED_TARGETS: tuple[str, ...] = ()
+# What `bench.backend` takes: runtime.backends.backend_names(), kept equal by
+# tests/unit/test_runtime_backends.py (the core may not import the runtime).
+BACKENDS = ("ort-cpu", "ort-cuda", "trt", "trt-rtx", "aoti")
 # What `export.scheduler` takes: runtime.schedulers.scheduler_names(), which the core may
 # not import (layers import downwards); tests/unit/test_export_scheduler.py keeps them equal.
 SCHEDULERS = (
@@ -139,7 +150,7 @@ SCHEDULERS = (
 
 
 class ExportSpec(_Strict):
-    targets: list[str] = ["onnx"]
+    targets: list[str] = pydantic.Field(default_factory=lambda: ["onnx"])
     precision: Literal["fp32", "fp16"] = "fp32"
     vae_precision: Literal["fp32", "fp16"] | None = None  # None: fp32 where the VAE needs it
     optimize: bool = True  # onnxruntime transformer-optimizer fusions
@@ -210,12 +221,26 @@ class BenchSpec(_Strict):
     seed: Seed = 0
     repeat: int = pydantic.Field(3, ge=1, le=1000)
     warmup: int = pydantic.Field(1, ge=0, le=100)
-    backend: str = "ort-cpu"
+    backend: str = "ort-cpu"  # one of BACKENDS
     # Prompt following, judged automatically on a held-out prompt set (toy:shapes only, so
     # far): `accuracy_images` seeds per prompt, through the runtime and the uncompressed
     # torch model.
     accuracy: Literal["toy-shapes"] | None = None
     accuracy_images: int = pydantic.Field(4, ge=1, le=64)
+
+    @pydantic.field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; use one of: {', '.join(BACKENDS)}")
+        return name
+
+    @pydantic.field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, prompts: list[str] | None) -> list[str] | None:
+        if prompts is not None and not any(p.strip() for p in prompts):
+            raise ValueError("give at least one prompt, or leave bench.prompts out (built-in)")
+        return prompts
 
 
 class PassEntry(pydantic.BaseModel):
@@ -269,12 +294,12 @@ class Recipe(_Strict):
     version: Literal[1] = 1
     name: str = ""  # defaults to the file stem
     description: str = ""
-    model: str
+    model: str = pydantic.Field(min_length=1)
     # Where passes and calibration run: "auto" (cuda when available, else cpu), "cpu",
     # "cuda" or "cuda:N". `--device` overrides it.
     device: str = "auto"
     calibration: CalibrationSpec = CalibrationSpec()
-    passes: list[PassEntry] = []
+    passes: list[PassEntry] = pydantic.Field(default_factory=list)
     export: ExportSpec = ExportSpec()
     bench: BenchSpec = BenchSpec()
 
@@ -423,7 +448,7 @@ def _many(lines: list[str]) -> UserError:
 
 def _error_line(e: Any) -> str:
     loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-    msg = e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")  # our validators' own words
     if e["type"] == "extra_forbidden":
         msg = "unknown key; remove it or check the spelling"
     return f"field '{loc}': {msg}"

@@ -111,7 +111,7 @@ class DistillConfig(PassConfig):
     hooks: Hooks | None = None
     checkpoint_every: int | None = pydantic.Field(None, ge=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)  # None: no clipping
-    seed: int = 0  # draws the (prompt, step) pairs of each iteration
+    seed: int = pydantic.Field(0, ge=0)  # draws the (prompt, step) pairs of each iteration
     # Checkpoints go here instead of the calibration work folder (see compress/runner.py).
     work_dir: str | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -139,6 +140,29 @@ def test_a_key_yaml_reads_as_a_bool_or_number_is_refused_with_its_line(tmp_path,
     path = _write(tmp_path, f"version: 1\nmodel: m\nbench:\n  '{key}': 3\n")
     with pytest.raises(UserError, match=rf"field 'bench.{key}': unknown key"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: ''", "field 'model': String should have at least 1 character"),
+        ("calibration: {prompts: []}", "field 'calibration.prompts': give at least one prompt"),
+        ("calibration: {prompts: ' '}", "field 'calibration.prompts': give at least one prompt"),
+        ("bench: {prompts: ['']}", "field 'bench.prompts': give at least one prompt"),
+        ("bench: {backend: onnx}", "field 'bench.backend': unknown backend 'onnx'; use one of"),
+        ("bench: {steps: true}", "field 'bench.steps': true is a yes/no value"),
+        ("bench: {guidance: .inf}", "field 'bench.guidance': Input should be a finite number"),
+        (
+            "passes: [{pass: test.structural, ratio: yes}]",
+            "passes[0] (test.structural): field 'ratio': true is a yes/no value",
+        ),
+        ("passes: [{pass: test.structural, ratio: .nan}]", "should be a finite number"),
+    ],
+)
+def test_values_no_run_could_use_are_refused_at_validation(tmp_path, two_passes, text, message):
+    base = "version: 1\nmodel: m\n" if not text.startswith("model") else "version: 1\n"
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe(_write(tmp_path, base + text + "\n"))
 
 
 def test_passes_must_go_structural_then_quantization(two_passes):

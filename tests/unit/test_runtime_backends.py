@@ -183,3 +183,10 @@ def test_sessions_get_the_thread_policy_and_never_spin(tmp_path, monkeypatch):
     assert _session_threads(OrtBackend("ort-cpu", threads=4).load(path)) == (4, "0")
     monkeypatch.setenv("SLIMDIFF_THREADS", "3")
     assert _session_threads(get_backend("ort-cpu").load(path)) == (3, "0")
+
+
+def test_the_recipe_knows_the_backends():
+    """bench.backend is checked by the recipe, which may not import the runtime."""
+    from slimdiff.recipe import BACKENDS
+
+    assert backend_names() == BACKENDS
