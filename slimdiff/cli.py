@@ -559,8 +559,10 @@ def inspect_cmd(
     if r is not None:
         from slimdiff.compress import build_passes
 
+        pipe = loaded.require_pipeline("--recipe")
         for p in build_passes(r):
-            p.apply(loaded.require_pipeline("--recipe"), None)
+            p.preflight(pipe, None)  # what compress would refuse, in its words
+            p.apply(pipe, None)
     report = inspect_model(loaded, size=_size(size) or (r.bench.size if r else None))
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -338,6 +338,13 @@ class Recipe(_Strict):
                     "components -> structural -> pruning -> quantization"
                 )
             last = entry
+        stages = [e.stage for e in self.passes]
+        if stages.count(Stage.QUANTIZATION) > 1:
+            i = [j for j, s in enumerate(stages) if s == Stage.QUANTIZATION][1]
+            raise UserError(
+                f"passes[{i}] ({self.passes[i].name}): a model is quantized once; keep one "
+                "quantization pass (its settings choose the bits per layer)"
+            )
         quantized = [e.name for e in self.passes if e.name.startswith("quant.")]
         if quantized and self.export.precision != "fp32":
             raise UserError(

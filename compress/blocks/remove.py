@@ -138,8 +138,17 @@ class RemoveBlocksPass(Pass):
         """What apply would refuse, before the runner records the teacher's trajectories:
         another kind of denoiser, a preset of another family or teacher, a structure this
         UNet cannot take, distillation settings that cannot run."""
+        from slimdiff.compress.prior import refuse_reshaped
+
         arch = self._arch(pipe)
-        self.plan(getattr(pipe, arch.denoiser), arch.family)
+        denoiser = getattr(pipe, arch.denoiser)
+        refuse_reshaped(
+            denoiser,
+            self.name,
+            "remove blocks from the unpruned, unquantized model, then prune or quantize (one "
+            "recipe: blocks.remove first)",
+        )
+        self.plan(denoiser, arch.family)
         if self.config.distill.steps > 0:
             check_settings(self.config.distill.resolve(self._defaults()))
 

@@ -92,6 +92,17 @@ class EcoDiffPass(Pass):
         return self.config.method == "ecodiff" or self.config.recover is not None
 
     def preflight(self, pipe, calib) -> None:
+        from slimdiff.compress.prior import refuse_quantized
+
+        from slimdiff.models.families import arch_of_pipeline
+
+        denoiser = getattr(pipe, arch_of_pipeline(pipe).denoiser)
+        refuse_quantized(
+            denoiser,
+            self.name,
+            "prune the unquantized model, then quantize (one recipe: prune.ecodiff before "
+            "quant.quest)",
+        )
         if self.config.method != "ecodiff" or calib is None:
             return
         sampler = calib.sampler()  # learned masks run the stateless sampler: it must exist

@@ -80,10 +80,14 @@ class QuestPass(Pass):
     def preflight(self, pipe: Any, calib: Any) -> None:
         """What apply would refuse, before the runner records the teacher's trajectories:
         no layer left to quantize, more timestep groups than calibration steps."""
+        from slimdiff.compress.prior import refuse_quantized
+
         from slimdiff.models.families import arch_of_pipeline
 
         arch = arch_of_pipeline(pipe)
-        layer_plan(self.config, arch, getattr(pipe, arch.denoiser))
+        denoiser = getattr(pipe, arch.denoiser)
+        refuse_quantized(denoiser, self.name, "quantize the model it was made from instead")
+        layer_plan(self.config, arch, denoiser)
         if calib is not None:
             steps = calib.spec.steps
             # the denoiser calls the trajectories hold: a second-order scheduler (Heun,

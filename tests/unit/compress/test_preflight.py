@@ -132,3 +132,64 @@ def test_dry_run_refuses_what_compress_would_not_load(tmp_path):
         result = _dry_run(tmp_path, {"model": str(model), "passes": [step]})
         assert result.exit_code == 2, result.output
         assert fragment in result.output and "Traceback" not in result.output
+
+
+def _quantized(model):
+    """The model with quant.quest's layers in place (as a quantized artifact loads)."""
+    from slimdiff.compress import get_pass
+    from slimdiff.compress.quant.edits import Quantized
+    from slimdiff.compress.quant.layers import replace_layers
+    from slimdiff.compress.quant.quest import plan_layers
+
+    plan = plan_layers(get_pass("quant.quest").Config(), model.arch, model.denoiser)
+    replace_layers(model.denoiser.requires_grad_(False), Quantized(component="unet", layers=plan))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("step", "match"),
+    [
+        (
+            {"pass": "prune.ecodiff", "method": "magnitude"},
+            r"^prune\.ecodiff: the model is quantized already \(\d+ quant\.quest layers, .*\); "
+            r"prune the unquantized model, then quantize",
+        ),
+        (
+            {"pass": "quant.quest", "method": "minmax"},
+            r"^quant\.quest: the model is quantized already .*; quantize the model it was made "
+            r"from instead",
+        ),
+        (
+            {"pass": "blocks.remove", "preset": "bk-sdm-small", "distill": DISTILL},
+            r"^blocks\.remove: the UNet2DConditionModel's layers are not what its config "
+            r"describes \(\d+ tensors, e\.g\. .*\); remove blocks from the unpruned",
+        ),
+    ],
+)
+def test_a_quantized_model_is_not_pruned_quantized_or_cut_again(step, match, tmp_path):
+    from slimdiff.compress import build_passes
+
+    model = _quantized(load_model("tiny:sd15"))
+    recipe = validate_recipe({"model": "tiny:sd15", "calibration": CALIBRATION, "passes": [step]})
+    with pytest.raises(UserError, match=match):
+        build_passes(recipe)[0].preflight(model.pipe, None)
+
+
+def test_blocks_are_not_removed_from_a_pruned_model():
+    from slimdiff.compress import build_passes, get_pass
+
+    model = load_model("tiny:sd15")
+    cls = get_pass("prune.ecodiff")
+    cls(cls.Config(sparsity=0.3, method="magnitude")).apply(model.pipe, None)
+    step = {"pass": "blocks.remove", "preset": "bk-sdm-small", "distill": DISTILL}
+    recipe = validate_recipe({"model": "tiny:sd15", "passes": [step]})
+    with pytest.raises(UserError, match=r"layers are not what its config describes .*attn"):
+        build_passes(recipe)[0].preflight(model.pipe, None)
+    # the model as its config builds it passes
+    build_passes(recipe)[0].preflight(load_model("tiny:sd15").pipe, None)
+
+
+def test_a_recipe_quantizes_once():
+    q = {"pass": "quant.quest", "method": "minmax"}
+    with pytest.raises(UserError, match=r"passes\[1\] \(quant\.quest\): a model is quantized once"):
+        validate_recipe({"model": "tiny:sd15", "passes": [q, {**q, "weights": "int4"}]})
