@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from slimdiff.errors import UserError
 
 __all__ = ["BENCH_PROMPTS", "CALIBRATION_PROMPTS", "read_prompts"]
+
+log = logging.getLogger(__name__)
 
 # Short, varied captions in the style of COCO / Conceptual Captions.
 CALIBRATION_PROMPTS = [
@@ -67,4 +70,15 @@ def read_prompts(source: str | list[str], limit: int | None = None) -> list[str]
         prompts = [s for s in prompts if s and not s.startswith("#")]
     if not prompts:
         raise UserError(f"no prompts in {source!r}")
+    if limit and len(prompts) < limit:
+        where = "the list" if isinstance(source, list) else repr(source)
+        log.warning(
+            "calibration.num_prompts is %d, but %s holds %d prompts: calibrating on %d; give "
+            "calibration.prompts a text file of %d or more (EcoDiff's SDXL masks: 100)",
+            limit,
+            where,
+            len(prompts),
+            len(prompts),
+            limit,
+        )
     return list(prompts[:limit] if limit else prompts)

@@ -353,3 +353,18 @@ def test_quantized_recipes_export_fp32():
     with pytest.raises(UserError, match=r"export\.precision fp16: quant\.quest bundles are fp32"):
         validate_recipe({**recipe, "export": {"precision": "fp16"}})
     assert validate_recipe(recipe).export.precision == "fp32"
+
+
+def test_fewer_prompts_than_num_prompts_is_said(tmp_path, caplog):
+    from slimdiff.prompts import CALIBRATION_PROMPTS, read_prompts
+
+    with caplog.at_level("WARNING", logger="slimdiff.prompts"):
+        assert read_prompts("builtin", 100) == CALIBRATION_PROMPTS
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        f"calibration.num_prompts is 100, but 'builtin' holds {len(CALIBRATION_PROMPTS)} prompts"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slimdiff.prompts"):
+        assert read_prompts(["a", "b", "c"], 2) == ["a", "b"]
+    assert not caplog.records
