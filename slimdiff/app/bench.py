@@ -89,7 +89,12 @@ def run_bench(
             task = progress.add_task("bench", total=len(recipes) * len(_STAGES))
             for recipe in recipes:
                 advance = functools.partial(_advance, progress, task, recipe)
-                rows.append(_bench_one(recipe, out, advance, devices[recipe.name], allow_pickle))
+                try:
+                    row = _bench_one(recipe, out, advance, devices[recipe.name], allow_pickle)
+                except UserError as err:  # the others still run; the table says which failed
+                    log.error("recipe %s failed: %s", recipe.name, err)
+                    row = {"name": recipe.name, "error": str(err)}
+                rows.append(row)
         results = {
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(),
@@ -100,7 +105,15 @@ def run_bench(
         write_markdown(results, out / "results.md")
         write_plot(results, out / "latency_vs_fidelity.png")
         for row in rows:
-            write_grid(row, out / f"grid_{row['name']}.png")
+            if "error" not in row:
+                write_grid(row, out / f"grid_{row['name']}.png")
+        failed = [row["name"] for row in rows if "error" in row]
+        if failed:
+            raise UserError(
+                f"{len(failed)} of {len(rows)} recipes failed ({', '.join(failed)}; why: "
+                f"{out / 'results.md'}); the others' results are written, and a rerun reuses "
+                "their cached work"
+            )
         return results
 
 

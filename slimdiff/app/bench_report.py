@@ -30,6 +30,10 @@ def markdown_table(results: dict[str, Any]) -> str:
     header = _HEADER + (_ACCURACY_HEADER if with_acc else "")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results["recipes"]:
+        if "error" in r:  # a recipe that failed: its message across the row
+            cells = header.count("|") - 3  # after the name and the message
+            lines.append(f"| {r['name']} | failed: {_cell(r['error'])} |" + " |" * cells)
+            continue
         lat = r["latency_ms"]
         den = r.get("denoiser_bytes")
         floor = r.get("flop_floor_fraction")
@@ -50,6 +54,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             line += f" {_accuracy_cells(r)} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """`text` fit for one markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _accuracy_cells(row: dict[str, Any]) -> str:
@@ -73,7 +82,8 @@ def _rescale(row: dict[str, Any]) -> str:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    first = results["recipes"][0] if results["recipes"] else {}
+    measured = [r for r in results["recipes"] if "error" not in r]
+    first = measured[0] if measured else {}
     m = results["machine"]
     head = (
         f"Measured {results['date']} on {m['cpu']} ({m['cpu_count']} cores), "
@@ -94,7 +104,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in results["recipes"]:
-        if r.get("simulated"):  # no speed of its own to plot
+        if r.get("simulated") or "error" in r:  # no speed of its own to plot
             continue
         x, y = r["latency_ms"]["denoiser_step"], r["fidelity"]["psnr_db"]
         ax.scatter([x], [y], s=40)

@@ -62,3 +62,33 @@ def test_the_table_quotes_the_fraction_of_the_matmul_rate():
     col = head.split("|").index(" of matmul rate ")
     assert fast.split("|")[col].strip() == "12.5%"
     assert slow.split("|")[col].strip() == "simulated"
+
+
+def test_a_recipe_that_failed_keeps_its_row_and_the_others_theirs(tmp_path, monkeypatch):
+    """One failing recipe does not lose the others' results: they are written, its row
+    says why, and the command still ends in one line, exit code 2."""
+    import json
+
+    from slimdiff.app import bench, bench_report
+    from slimdiff.recipe import Recipe
+
+    def one(recipe, out, advance, device, allow_pickle):
+        if recipe.name == "bad":
+            raise UserError("compress: something | wrong\nhere")
+        return {**_row(name=recipe.name), "images": [], "reference_images": []}
+
+    monkeypatch.setattr(bench, "_bench_one", one)
+    monkeypatch.setattr(bench_report, "write_grid", lambda row, path: None)
+    recipes = [Recipe(model="tiny:sd15", name=n) for n in ("good", "bad")]
+    with pytest.raises(UserError, match=r"^1 of 2 recipes failed \(bad; why: .*results\.md\)"):
+        bench.run_bench(recipes, tmp_path / "o", device="cpu")
+    rows = json.loads((tmp_path / "o/results.json").read_text())["recipes"]
+    assert [r["name"] for r in rows] == ["good", "bad"]
+    assert rows[1] == {"name": "bad", "error": "compress: something | wrong\nhere"}
+    table = (tmp_path / "o/results.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| recipe |"))
+    bad = next(line for line in table if line.startswith("| bad |"))
+    assert "| failed: compress: something \\| wrong here |" in bad
+    assert bad.count("|") - bad.count("\\|") == header.count("|")  # as many cells
+    assert any(line.startswith("| good | 1.00 |") for line in table)
+    assert (tmp_path / "o/latency_vs_fidelity.png").is_file()
