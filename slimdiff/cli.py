@@ -174,7 +174,8 @@ def compress_cmd(
 ) -> None:
     """Compress a model with RECIPE, then export it as the recipe says.
 
-    Writes OUT/artifact (a diffusers folder) and OUT/bundle (the exported bundle); OUT/work
+    Writes OUT/artifact (a diffusers folder; pruned and quantized ones load through
+    slimdiff only) and OUT/bundle (the exported bundle); OUT/work
     keeps calibration caches and distillation checkpoints, so a killed run resumes when the
     same command is run again.
     """

@@ -35,7 +35,13 @@ Departures from the official code, and why:
   probabilities at 16 bit (`--sm_abit 16`) and onnxruntime's fused attention has no
   integer kernel to run quantized q/k/v products in;
 - the finetuned "sensitive" layers are measured per model instead of the paper's fixed
-  per-task list (SD: the FFN layers), so the pass holds across families.
+  per-task list (SD: the FFN layers), so the pass holds across families;
+- 4-bit activations keep one step size per layer (per timestep group), where the official
+  code switches to channel-wise (token-dimension) activation quantizers at act_bit=4: a
+  per-channel input scale has no place in an integer GEMM (the scale must factor out of
+  the sum over input channels), so those layers could only be simulated, never exported
+  as the real INT4/INT8 graphs this pass feeds; the low-rank branch and SmoothQuant-style
+  migration (`lowrank`) stand in for it against activation outliers.
 """
 
 from __future__ import annotations
