@@ -37,10 +37,9 @@ Departures from the official code, and why:
 - the finetuned "sensitive" layers are measured per model instead of the paper's fixed
   per-task list (SD: the FFN layers), so the pass holds across families;
 - 4-bit activations keep one step size per layer (per timestep group), where the official
-  code switches to channel-wise (token-dimension) activation quantizers at act_bit=4: a
-  per-channel input scale has no place in an integer GEMM (the scale must factor out of
-  the sum over input channels), so those layers could only be simulated, never exported
-  as the real INT4/INT8 graphs this pass feeds; the low-rank branch and SmoothQuant-style
+  code switches to channel-wise activation quantizers over the token dimension at
+  act_bit=4: static scales per token position fit only the calibration resolution, and
+  the bundles here take a range of sizes; the low-rank branch and SmoothQuant-style
   migration (`lowrank`) stand in for it against activation outliers.
 """
 
