@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +39,21 @@ def pytest_collection_modifyitems(config, items):
             cuda = _cuda_available() if cuda is None else cuda
             if not cuda:
                 item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def onnxruntime_not_installed(monkeypatch):
+    """`import onnxruntime` fails and onnxruntime is off the path, as where it was never
+    installed (the backend tells that from an install that fails to import)."""
+    import importlib.machinery
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    find = importlib.machinery.PathFinder.find_spec
+
+    def hidden(name, path=None, target=None):
+        return None if name.split(".")[0] == "onnxruntime" else find(name, path, target)
+
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", hidden)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import onnx
 import pytest
@@ -79,18 +77,8 @@ def test_which_backends_run_only_the_profiles_shapes(module, cls, path, bound):
     assert shape_bound(backend, path) is bound
 
 
-def test_missing_onnxruntime_names_the_package_to_install(monkeypatch):
-    # None in sys.modules makes `import onnxruntime` raise ImportError, and off the path
-    # it is as if never installed
-    import importlib.machinery
-
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    find = importlib.machinery.PathFinder.find_spec
-
-    def hidden(name, path=None, target=None):
-        return None if name.split(".")[0] == "onnxruntime" else find(name, path, target)
-
-    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec", hidden)
+@pytest.mark.usefixtures("onnxruntime_not_installed")
+def test_missing_onnxruntime_names_the_package_to_install():
     with pytest.raises(UserError, match="needs onnxruntime, which is not installed: pip install"):
         get_backend("ort-cpu")
     with pytest.raises(UserError, match=r"not installed: pip install 'slimdiff\[gpu\]'"):
