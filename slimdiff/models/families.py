@@ -70,6 +70,7 @@ _UNET_AXES = {
 # LCM-distilled UNets (LCM-SDXL, LCM-SSD-1B, LCM-Dreamshaper) embed the guidance scale:
 # time_cond_proj_dim in their config, `timestep_cond` in their call, no CFG batch.
 _LCM_INPUT = TensorSpec("timestep_cond", "float32", ("B", "G"), when="time_cond_proj_dim")
+_NO_CLASS_EMBEDDING = {"class_embed_type": None, "num_class_embeds": None}
 _UNET_KIND = KindSpec(name="unet", sample_input="sample", extra_inputs=("timestep_cond",))
 
 SD15 = ArchSpec(
@@ -77,7 +78,9 @@ SD15 = ArchSpec(
     pipeline_classes=("StableDiffusionPipeline",),
     denoiser="unet",
     denoiser_class="UNet2DConditionModel",
-    config_match={"addition_embed_type": None},
+    # class-conditioned UNets (unCLIP's image embedding, the x4 upscaler's noise level)
+    # take inputs no SD1.5 pipeline gives
+    config_match={"addition_embed_type": None, **_NO_CLASS_EMBEDDING},
     text_encoders=(TextEncoderSpec("text_encoder", "tokenizer", "clip", ("last_hidden_state",)),),
     denoiser_inputs=(
         TensorSpec("sample", "float32", ("B", "C", "H", "W")),
@@ -116,7 +119,7 @@ SDXL = ArchSpec(
     pipeline_classes=("StableDiffusionXLPipeline",),
     denoiser="unet",
     denoiser_class="UNet2DConditionModel",
-    config_match={"addition_embed_type": "text_time"},
+    config_match={"addition_embed_type": "text_time", **_NO_CLASS_EMBEDDING},
     text_encoders=(
         TextEncoderSpec("text_encoder", "tokenizer", "clip", ("penultimate_hidden_state",)),
         TextEncoderSpec(
@@ -466,3 +469,16 @@ _EXPORTED_PREFIXES = ("ORT", "OV", "Onnx")
 def family_of_denoiser(class_name: str, config: dict) -> str | None:
     """Family of a lone denoiser from its class and config; None if no family matches."""
     return next((s.family for s in FAMILIES.values() if s.matches_config(class_name, config)), None)
+
+
+def why_no_family(class_name: str, config: dict) -> str:
+    """What makes a denoiser of a known class fit no family, in a few words ("" if its
+    class is not one slimdiff knows): the config keys that tell the families apart."""
+    if class_name != "UNet2DConditionModel":
+        return ""
+    if config.get("class_embed_type") is not None or config.get("num_class_embeds"):
+        return "class-conditioned (class_embed_type / num_class_embeds: unCLIP, upscalers)"
+    kind = config.get("addition_embed_type")
+    if kind not in (None, "text_time"):
+        return f"conditioned by addition_embed_type {kind!r} (Kandinsky-style)"
+    return ""

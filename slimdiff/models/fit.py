@@ -24,13 +24,18 @@ def check_fits(arch: ArchSpec, pipe: Any, source: str) -> None:
     """UserError naming the first part of `pipe` that is not what `arch`'s pipeline runs:
     the denoiser's class and family-telling config, its input channels, the text
     encoders' classes."""
-    from slimdiff.models.families import family_of_denoiser
+    from slimdiff.models.families import family_of_denoiser, why_no_family
 
     denoiser = getattr(pipe, arch.denoiser)
     name = type(denoiser).__name__
     config = dict(denoiser.config)
     found = family_of_denoiser(name, config)
     if found != arch.family:
+        why = why_no_family(name, config)
+        if why and not found:
+            raise UserError(
+                f"{source}: its {arch.denoiser} ({name}) is {why}, which slimdiff does not run"
+            )
         what = f"a {found} {name}" if found else f"a {name} of no family slimdiff knows"
         raise UserError(
             f"{source}: its {arch.denoiser} is {what} (by its config), not the {arch.family} "
@@ -45,6 +50,7 @@ def check_fits(arch: ArchSpec, pipe: Any, source: str) -> None:
                 f"what a {arch.family} pipeline reads from it ({', '.join(spec.outputs)}); "
                 f"{_FIX}"
             )
+    _check_text_widths(arch, pipe, config, source)
 
 
 def _check_channels(arch: ArchSpec, pipe: Any, config: dict, source: str) -> None:
@@ -61,6 +67,45 @@ def _check_channels(arch: ArchSpec, pipe: Any, config: dict, source: str) -> Non
             f"pipeline with this VAE ({latent} latent channels) feeds {takes} (text-to-image "
             "or inpainting); a denoiser trained for other inputs is not one slimdiff runs"
         )
+
+
+def _check_text_widths(arch: ArchSpec, pipe: Any, config: dict, source: str) -> None:
+    """The text encoders' widths against what the denoiser's config takes: the hidden
+    states side by side within a segment (each segment zero-padded to the widest, so none
+    may be wider than the denoiser's text width, and with every encoder present the widest
+    is it), the pooled outputs side by side."""
+    hidden: dict[int, list[tuple[str, int]]] = {}
+    pooled: list[tuple[str, int]] = []
+    complete = True
+    for spec in arch.text_encoders:
+        encoder = getattr(pipe, spec.name, None)
+        if encoder is None:
+            complete = False
+            continue
+        cfg = encoder.config
+        width = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0))
+        if spec.hidden_output is not None:
+            hidden.setdefault(spec.segment, []).append((spec.name, width))
+        if "text_embeds" in spec.outputs:
+            pooled.append((spec.name, int(cfg.projection_dim)))
+        elif "pooler_output" in spec.outputs:
+            pooled.append((spec.name, width))
+    takes = arch.config_axis("D", config)
+    sums = [sum(w for _, w in parts) for parts in hidden.values()]
+    if sums and (max(sums) > takes or (complete and max(sums) != takes)):
+        parts = ", ".join(f"{n} {w}" for group in hidden.values() for n, w in group)
+        raise UserError(
+            f"{source}: its text encoders give states {max(sums)} wide ({parts}), but its "
+            f"{arch.denoiser} takes text {takes} wide; {_FIX}"
+        )
+    if pooled and "P" in arch.config_axes:
+        want = arch.config_axis("P", config)
+        if sum(w for _, w in pooled) != want:
+            parts = ", ".join(f"{n} {w}" for n, w in pooled)
+            raise UserError(
+                f"{source}: its text encoders' pooled embedding is {sum(w for _, w in pooled)} "
+                f"wide ({parts}), but its {arch.denoiser} takes {want}; {_FIX}"
+            )
 
 
 def _encoder_fits(spec: Any, class_name: str) -> bool:

@@ -35,6 +35,7 @@ from slimdiff.models.families import (
     arch_of_pipeline,
     family_of_pipeline,
     text_to_image_class,
+    why_no_family,
 )
 from slimdiff.models.fit import check_fits
 from slimdiff.models.hub import hub_offline, local_path, looks_like_hub_id
@@ -470,6 +471,9 @@ def _load_component(
         what = f"component class {class_name!r}" if class_name else "its config.json"
         if not class_name and config.get("architectures"):  # a transformers component
             what = f"a {config['architectures'][0]} (transformers)"
+        why = why_no_family(class_name, config)
+        if why:  # a known class, configured as no family slimdiff runs
+            raise UserError(f"{path}: this {class_name} is {why}, which slimdiff does not run")
         raise UserError(
             f"{path}: {what} is not a denoiser slimdiff knows; pass a pipeline folder or a "
             f"{known} folder"

@@ -54,10 +54,41 @@ def _five_channel_unet(root):
     return root / "sd15"
 
 
+def _class_conditioned_unet(root):
+    """An SD2.1-unCLIP / x4-upscaler style UNet (a class embedding), weights and all."""
+    from diffusers import UNet2DConditionModel
+
+    unet = root / "sd15" / "unet"
+    config = {k: v for k, v in UNet2DConditionModel.load_config(unet).items() if k[0] != "_"}
+    UNet2DConditionModel(**{**config, "num_class_embeds": 10}).save_pretrained(unet)
+    return root / "sd15"
+
+
+def _wider_text_encoder(root):
+    """A text encoder 48 wide before a UNet whose cross-attention takes 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = root / "sd15" / "text_encoder"
+    config = CLIPTextConfig.from_pretrained(folder)
+    config.hidden_size, config.intermediate_size = 48, 96
+    CLIPTextModel(config).save_pretrained(folder)
+    return root / "sd15"
+
+
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
         (_sdxl_unet_in_sd15, "its unet is a sdxl UNet2DConditionModel (by its config), not the"),
+        (
+            _class_conditioned_unet,
+            "its unet (UNet2DConditionModel) is class-conditioned (class_embed_type / "
+            "num_class_embeds: unCLIP, upscalers), which slimdiff does not run",
+        ),
+        (
+            _wider_text_encoder,
+            "its text encoders give states 48 wide (text_encoder 48), but its unet takes text "
+            "32 wide",
+        ),
         (_unprojected_text_encoder_2, "its text_encoder_2 is a CLIPTextModel, which cannot give"),
         (_five_channel_unet, "its unet takes 5 input channels, and a sd15 pipeline with this"),
     ],
@@ -75,3 +106,17 @@ def test_parts_of_another_kind_are_refused(saved, tmp_path, make, fragment):
 def test_the_families_own_parts_pass(saved):
     for family in ("sd15", "sdxl"):
         assert load_model(str(saved / family), weights="lazy").arch.family == family
+
+
+def test_a_lone_class_conditioned_unet_says_what_it_is(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = load_model("tiny:sd15").pipe.unet
+    config = {k: v for k, v in unet.config.items() if k[0] != "_"}
+    UNet2DConditionModel(**{**config, "class_embed_type": "timestep"}).save_pretrained(tmp_path)
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: {tmp_path}: this UNet2DConditionModel is class-conditioned (class_embed_type "
+        "/ num_class_embeds: unCLIP, upscalers), which slimdiff does not run"
+    )
