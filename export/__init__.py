@@ -24,6 +24,7 @@ from typing import Any
 
 import pydantic
 from slimdiff.export.bundle import (
+    BUNDLE_EVIDENCE,
     bundle_scheduler,
     check_out_dir,
     component_precisions,
@@ -73,7 +74,7 @@ from slimdiff.runtime.manifest import (
 
 import slimdiff
 from slimdiff.errors import UserError
-from slimdiff.fsutil import atomic_dir, atomic_write_bytes
+from slimdiff.fsutil import atomic_dir, atomic_write_bytes, exclusive_beside
 from slimdiff.lowbit import (
     QDQ_FORMS,
     has_quantized_layers,
@@ -236,7 +237,7 @@ def export_bundle(
     steer = [load_checked(model, spec, weights, allow_pickle) for spec in specs]
     components = plan_components(model, vae_encoder=vae_encoder, controlnets=steer)
     entries: dict[str, ComponentEntry] = {}
-    with atomic_dir(out) as root:
+    with exclusive_beside(out), atomic_dir(out, marker="bundle", legacy=BUNDLE_EVIDENCE) as root:
         for i, component in enumerate(components):
             if progress is not None:
                 progress(component.name, i, len(components))

@@ -37,6 +37,7 @@ from slimdiff.runtime.schedulers import (
 )
 
 from slimdiff.errors import UserError
+from slimdiff.fsutil import check_replaceable
 from slimdiff.models.loading import LoadedModel
 from slimdiff.models.text_encoders import zero_text
 from slimdiff.models.vae import vae_scale_factor
@@ -62,15 +63,18 @@ SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 _VAE_FP32_FLAG = "force_upcast"
 
 
+# What marks a bundle from a slimdiff that wrote no `.slimdiff` marker: a manifest.json
+# that says slimdiff_version (fsutil._slimdiff_wrote)
+BUNDLE_EVIDENCE = (MANIFEST_NAME,)
+
+
 def check_out_dir(out: Path) -> None:
-    """Refuse to replace anything at `out` but an earlier bundle (atomic_dir would delete it)."""
+    """Refuse to replace anything at `out` but an earlier bundle (atomic_dir would delete
+    it): an empty folder, one marked as a bundle, or an older bundle (BUNDLE_EVIDENCE); and
+    a mount point, which cannot be swapped. Before any model loads."""
     if out.is_file():
         raise UserError(f"--out {out} is a file; pass a folder path for the bundle")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise UserError(
-            f"--out {out} exists and is not a slimdiff bundle (no {MANIFEST_NAME}); "
-            "pass a new folder, or remove this one first"
-        )
+    check_replaceable(out, "bundle", legacy=BUNDLE_EVIDENCE)
 
 
 def component_precisions(model: LoadedModel, precision: str, vae_precision: str | None) -> dict:

@@ -61,6 +61,7 @@ __all__ = [
     "atomic_write_text",
     "check_replaceable",
     "exclusive",
+    "exclusive_beside",
     "remove_stale_partials",
 ]
 
@@ -135,7 +136,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     Write the temp by name (for writers that take a filename). On success it is fsynced,
     renamed over `path`, and the folder fsynced; on any exception it is deleted and `path`
     is untouched. A crash leaves `path` as it was or complete, plus at most a temp file
-    that `remove_stale_partials(path)` clears. The file gets the permissions a plain
+    that `remove_stale_partials(path)` clears (the next atomic_file of `path` calls it).
+    The file gets the permissions a plain
     `open(path, "w")` gives: an existing file's mode, else 0o666 & ~umask. Anything at
     `path` but a regular file (a folder, a device such as /dev/full, a FIFO, a socket) is
     refused with a `UserError`, before anything is written.
@@ -147,6 +149,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     target = _resolve(path)
     _file_mode(path, target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)  # a killed writer's temp file of `path`
     tmp = _make_temp(target, "tmp")
     try:
         yield tmp
@@ -350,7 +353,7 @@ def _check_dir(
         return
     marker_path = target / MARKER_NAME
     if not marker_path.exists():
-        if any((target / name).is_file() for name in legacy):
+        if any(_slimdiff_wrote(target / name) for name in legacy):
             return
         raise UserError(
             f"{where} exists and was not written by slimdiff (no {MARKER_NAME} marker); "
@@ -367,6 +370,45 @@ def _check_dir(
         raise UserError(
             f"{where} holds a slimdiff {kind}, not a {marker}; move it away or choose another --out"
         )
+
+
+def _slimdiff_wrote(file: Path) -> bool:
+    """Whether `file` is the evidence of an older slimdiff's output it names: a bundle's
+    manifest.json says `slimdiff_version` (a web app's manifest.json is no evidence); any
+    other legacy name (slimdiff.json) is slimdiff's own."""
+    if not file.is_file():
+        return False
+    if file.name != "manifest.json":
+        return True
+    try:
+        data = json.loads(file.read_bytes()[: 1 << 24])
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "slimdiff_version" in data and "files" in data
+
+
+@contextlib.contextmanager
+def exclusive_beside(path: str | Path) -> Iterator[None]:
+    """`exclusive` for an output that is replaced whole (a bundle): the lock is a file
+    beside it, `.NAME.lock`, which stays (a later run locks the same file)."""
+    target = _resolve(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(
+                f"{path} is being written by another slimdiff run ({owner}); wait for it to "
+                "finish or pass another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _owner() -> str:

@@ -75,10 +75,23 @@ def _wider_text_encoder(root):
     return root / "sd15"
 
 
+def _long_clip(root):
+    """Long-CLIP: 248 positions, and a tokenizer that pads prompts to them."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = root / "sd15" / "text_encoder"
+    config = CLIPTextConfig.from_pretrained(folder)
+    config.max_position_embeddings = 248
+    CLIPTextModel(config).save_pretrained(folder)
+    _edit_json(root / "sd15" / "tokenizer" / "tokenizer_config.json", model_max_length=248)
+    return root / "sd15"
+
+
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
         (_sdxl_unet_in_sd15, "its unet is a sdxl UNet2DConditionModel (by its config), not the"),
+        (_long_clip, "its tokenizer reads 248-token prompts (model_max_length: a long-context"),
         (
             _class_conditioned_unet,
             "its unet (UNet2DConditionModel) is class-conditioned (class_embed_type / "

@@ -395,7 +395,11 @@ def test_empty_folders_and_legacy_outputs_are_replaceable(tmp_path):
     empty.mkdir()
     check_replaceable(empty, "bundle")
     legacy = _old_folder(tmp_path)
-    (legacy / "manifest.json").write_text("{}")
+    # a web app's manifest.json is no evidence: export would have deleted the app
+    (legacy / "manifest.json").write_text('{"name": "my app", "files": []}')
+    with pytest.raises(UserError, match=r"no \.slimdiff marker"):
+        check_replaceable(legacy, "bundle", legacy=("manifest.json",))
+    (legacy / "manifest.json").write_text('{"slimdiff_version": "0.1.0", "files": {}}')
     with pytest.raises(UserError, match=r"no \.slimdiff marker"):
         check_replaceable(legacy, "bundle")
     check_replaceable(legacy, "bundle", legacy=("manifest.json",))

@@ -59,3 +59,41 @@ def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
     with exclusive(tmp_path / "kept"):
         (tmp_path / "kept" / "result.json").write_text("{}")
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [LOCK_NAME, "result.json"]
+
+
+def test_a_bundle_being_written_is_not_written_by_a_second_export(tmp_path):
+    from slimdiff.fsutil import exclusive_beside
+
+    out = tmp_path / "bundle"
+    code = HOLD.replace("exclusive", "exclusive_beside")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(UserError, match=r"being written by another slimdiff run \(pid "),
+            exclusive_beside(out),
+        ):
+            pass
+        with exclusive_beside(tmp_path / "other"):  # another bundle is free
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_beside(out):  # its process gone, the lock is free
+        pass
+
+
+def test_export_replaces_a_bundle_but_no_folder_with_a_foreign_manifest(tmp_path):
+    from slimdiff.export.bundle import check_out_dir
+
+    app = tmp_path / "webapp"
+    (app / "src").mkdir(parents=True)
+    (app / "manifest.json").write_text('{"name": "app", "icons": []}')
+    with pytest.raises(UserError, match="was not written by slimdiff"):
+        check_out_dir(app)
+    old = tmp_path / "old-bundle"  # a bundle of a slimdiff that wrote no marker
+    old.mkdir()
+    (old / "manifest.json").write_text('{"slimdiff_version": "0.1.0", "files": {}}')
+    check_out_dir(old)
