@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from slimdiff.app.options import (
     size_conditioning_options,
     spacing_option,
 )
-from slimdiff.errors import UserError, out_of_memory
+from slimdiff.errors import Terminated, UserError, disk_error, out_of_memory
 from slimdiff.limits import MAX_IMAGES
+from slimdiff.threads import MAX_THREADS
 
 SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
 
@@ -65,15 +67,28 @@ class _Group(click.Group):
         except UserError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
-        except Exception as err:  # an allocation that failed: one line; anything else a bug
-            oom = out_of_memory(err, ctx.invoked_subcommand)
-            if oom is None:
+        except Exception as err:  # memory or disk that ran out: one line; anything else a bug
+            known = out_of_memory(err, ctx.invoked_subcommand) or disk_error(err)
+            if known is None:
                 raise
-            click.secho(f"error: {oom}", fg="red", err=True)
-            sys.exit(oom.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            click.secho(f"error: {known}", fg="red", err=True)
+            sys.exit(known.exit_code)
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, Terminated)
+            click.echo("terminated" if terminated else "interrupted", err=True)
+            sys.exit(err.exit_code if terminated else 130)
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+def _closed_streams_to_devnull() -> None:
+    """A command run with stdout or stderr closed (`>&-`) writes there into /dev/null, as
+    to a full pipe, rather than failing on the first log line."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (for the process's life)
 
 
 def _quiet_libraries() -> None:
@@ -92,7 +107,7 @@ def _quiet_libraries() -> None:
 @click.option("-v", "--verbose", count=True, help="-v: progress logs, -vv: debug logs.")
 @click.option(
     "--threads",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_THREADS),
     default=None,
     help="CPU threads for torch and onnxruntime (sets SLIMDIFF_THREADS, which subprocesses "
     "inherit). Default: the CPUs this process may use, at most 2 for tiny models.",
@@ -101,14 +116,21 @@ def main(verbose: int, threads: int | None) -> None:
     """Compress, export, run and benchmark text-to-image diffusion models."""
     from slimdiff.threads import ENV, prepare_process, threads_from_env
 
+    _closed_streams_to_devnull()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+
     if threads is not None:
         os.environ[ENV] = str(threads)
     threads_from_env()  # a bad SLIMDIFF_THREADS fails here, with one line, not mid-run
     prepare_process()  # OpenMP must not spin; it reads this when torch is imported
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    from rich.console import Console
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    # logs and progress on stderr: stdout carries what a command prints (paths, tables)
+    handler = RichHandler(show_path=False, console=Console(stderr=True))
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
     # Progress of long work (slimdiff/progress.py) shows by default; off a terminal it is
     # the only sign of life of a long compress.
     logging.getLogger("slimdiff.progress").setLevel(min(level, logging.INFO))

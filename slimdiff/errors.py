@@ -6,9 +6,10 @@ a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import re
 
-__all__ = ["UserError", "out_of_memory"]
+__all__ = ["Terminated", "UserError", "disk_error", "out_of_memory"]
 
 
 class UserError(Exception):
@@ -59,3 +60,38 @@ def out_of_memory(err: BaseException, command: str | None) -> UserError | None:
     error = UserError(f"out of memory ({what}); {fix}")
     error.exit_code = 1
     return error
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`kill`, `timeout`, `docker stop`, a closed terminal), raised where
+    the process is, so temp folders are removed as on Ctrl-C; exit code 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+_NO_SPACE = re.compile(r"no space left on device|disk quota exceeded", re.IGNORECASE)
+
+
+def disk_error(err: BaseException) -> UserError | None:
+    """One line for a write the disk refused: out of space (exit 1: the input was fine) or
+    permission denied (exit 2: a path this user may not write); None for anything else.
+    Seen as OSError, or in the message of a library's own error (safetensors, onnx)."""
+    errors = [err, err.__cause__, err.__context__]
+    for e in (e for e in errors if e is not None):
+        code = getattr(e, "errno", None)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        if code in (errno.ENOSPC, errno.EDQUOT) or _NO_SPACE.search(str(e)):
+            error = UserError(
+                f"no space left on the disk{where}; free some, or write elsewhere (--out, and "
+                "TMPDIR for temporary files)"
+            )
+            error.exit_code = 1
+            return error
+        if isinstance(e, PermissionError) or code == errno.EROFS:
+            return UserError(
+                f"cannot write there{where}: {e.strerror or e}; choose a folder this user may "
+                "write, or change its permissions"
+            )
+    return None

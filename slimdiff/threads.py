@@ -263,13 +263,16 @@ def ort_session_options(options: Any, n: int, spinning: bool = False) -> Any:
     return options
 
 
+MAX_THREADS = 1024  # what --threads takes too: beyond, onnxruntime's pools fail or stall
+
+
 def _positive(value: Any, what: str) -> int:
     try:
         n = int(str(value).strip())
     except ValueError:
         n = 0
-    if n < 1:
-        raise UserError(f"{what} must be a whole number >= 1, not {value!r}")
+    if not 1 <= n <= MAX_THREADS:
+        raise UserError(f"{what} must be a whole number from 1 to {MAX_THREADS}, not {value!r}")
     return n
 
 

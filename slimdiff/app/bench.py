@@ -19,6 +19,7 @@ and OUT/grid_<recipe>.png (reference row on top, the recipe's images below).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -547,9 +548,13 @@ class _Worker:
                 self._read()  # {"done": ...}: timings.json is written
                 self.report = json.loads((self.run_dir / "timings.json").read_text())
         finally:
-            self.proc.stdin.close()
-            if self.proc.wait(timeout=60 if exc[0] is None else 5) is None:
+            with contextlib.suppress(OSError):  # a worker that died has closed the pipe
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60 if exc[0] is None else 5)
+            except subprocess.TimeoutExpired:  # mid-image when interrupted: no orphan left
                 self.proc.kill()
+                self.proc.wait()
             self._log.close()
 
 

@@ -115,3 +115,61 @@ def test_an_onnxruntime_that_fails_to_import_is_not_called_missing(monkeypatch):
         UserError, match=r"installed but does not import \(ModuleNotFoundError: .*\); fix"
     ):
         ort._import_ort("cpu")
+
+
+@pytest.mark.parametrize(
+    ("err", "line", "code"),
+    [
+        (
+            OSError(28, "No space left on device", "/out/unet/model.onnx"),
+            "no space left on the disk (/out/unet/model.onnx); free some, or write elsewhere",
+            1,
+        ),
+        (
+            RuntimeError("SafetensorError: I/O error: No space left on device (os error 28)"),
+            "no space left on the disk; free some",
+            1,
+        ),
+        (
+            PermissionError(13, "Permission denied", "/ro/.b.1.partial"),
+            "cannot write there "
+            "(/ro/.b.1.partial): Permission denied; choose a folder this user may write",
+            2,
+        ),
+        (
+            OSError(30, "Read-only file system", "/mnt/x"),
+            "cannot write there (/mnt/x): Read-only file system",
+            2,
+        ),
+    ],
+)
+def test_a_disk_that_refuses_a_write_is_one_line(err, line, code):
+    from slimdiff.errors import disk_error
+
+    error = disk_error(err)
+    assert error is not None and str(error).startswith(line) and error.exit_code == code
+    wrapped = RuntimeError("export failed")
+    wrapped.__cause__ = err
+    assert str(disk_error(wrapped)) == str(error)
+    assert disk_error(ValueError("bad shape")) is None
+
+
+def test_a_terminated_export_cleans_up_and_exits_143(tmp_path, monkeypatch):
+    """SIGTERM (kill, timeout, docker stop) unwinds as Ctrl-C does: no partial left."""
+    import os
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr("slimdiff.export.export_component", killed)
+    try:
+        result = CliRunner().invoke(main, ["export", "tiny:sd15", "--out", str(tmp_path / "b")])
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert result.exit_code == 143, result.output
+    assert result.output.strip().splitlines()[-1] == "terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], [".b.lock"])
