@@ -82,6 +82,11 @@ def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[st
     if not all(isinstance(p, str) for p in prompts):
         kinds = sorted({type(p).__name__ for p in prompts if not isinstance(p, str)})
         raise UserError(f"prompts must be strings, not {', '.join(kinds)}")
+    for text in (
+        *prompts,
+        *(negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt]),
+    ):
+        _check_text(text)
     if negative_prompt is None or isinstance(negative_prompt, str):
         return list(prompts), [negative_prompt] * len(prompts)
     if not isinstance(negative_prompt, (list, tuple)) or len(negative_prompt) != len(prompts):
@@ -91,6 +96,21 @@ def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[st
     if not all(n is None or isinstance(n, str) for n in negative_prompt):
         raise UserError("negative prompts must be strings (or None)")
     return list(prompts), list(negative_prompt)
+
+
+def _check_text(text: Any) -> None:
+    """A prompt the tokenizer can take: text that encodes as UTF-8 (a shell argument in
+    another encoding reaches Python with its bytes escaped as lone surrogates)."""
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end].encode("utf-8", "surrogateescape")
+        raise UserError(
+            f"prompt {text[: max(err.start, 1)]!r}...: byte 0x{bad[:1].hex()} is not UTF-8 "
+            "text; pass the prompt in UTF-8 (the terminal's or the file's encoding)"
+        ) from None
 
 
 def check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None:

@@ -345,7 +345,7 @@ def export_cmd(
         export_bundle,
     )
 
-    check_output_dir(out)
+    check_output_dir(out, replaced=True)
     check_out_dir(out)  # not a folder of the user's: refused before the model loads
     sizes = {"min_size": _size(min_size, "--min-size"), "max_size": _size(max_size, "--max-size")}
     for spec in controlnet_specs(list(controlnets)):  # before the model loads

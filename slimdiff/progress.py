@@ -127,11 +127,8 @@ class StepProgress:
     `(done, total)` after each unit (the runtime's `on_step`), then `close()`.
 
     Example:
-        bar = StepProgress("denoising", hint="fewer --steps")
-        try:
+        with StepProgress("denoising", hint="fewer --steps") as bar:
             pipe(prompt, on_step=bar)
-        finally:
-            bar.close()
     """
 
     def __init__(self, description: str, *, hint: str = "", warn_after: float = 600.0) -> None:
@@ -144,7 +141,15 @@ class StepProgress:
             self._progress = bar.__enter__()
         self._progress.advance(done - self._progress.done)
 
-    def close(self) -> None:
+    def close(self, *exc: Any) -> None:
+        """End the bar: its "done" line, unless `exc` (an exception's type, value and
+        traceback) says the work stopped short (Ctrl-C, an error)."""
         if self._progress is not None:
-            self._progress.__exit__(None, None, None)
+            self._progress.__exit__(*(exc or (None, None, None)))
             self._progress = None
+
+    def __enter__(self) -> StepProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close(*exc)

@@ -77,12 +77,16 @@ def _probe_dir(folder: Path, what: str) -> None:
         ) from None
 
 
-def check_output_dir(path: str | Path, what: str = "--out") -> Path:
-    """An output folder slimdiff can create or replace: not a file, its parent writable."""
+def check_output_dir(path: str | Path, what: str = "--out", replaced: bool = False) -> Path:
+    """An output folder slimdiff can create or write in: not a file, and writable (where
+    it exists, else its parent). `replaced`: a folder swapped in whole (atomic_dir: a
+    bundle, a converted model), built beside it, so its parent must be writable too."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} exists and is not a folder; pass a folder path")
     _probe_dir(path if path.is_dir() else path.parent, f"{what} {path}")
+    if replaced and path.is_dir():
+        _probe_dir(path.absolute().parent, f"{what} {path} (replaced from beside it)")
     return path
 
 

@@ -16,7 +16,7 @@ def convert_file(checkpoint: Path, config: str, out: Path, allow_pickle: bool) -
     from slimdiff.models.loading import wrap_pipeline
     from slimdiff.models.single_file import load_single_file
 
-    check_output_dir(out)
+    check_output_dir(out, replaced=True)
     check_replaceable(out, "diffusers")  # never over a user's folder: before the load
     pipe = load_single_file(checkpoint, config=config, allow_pickle=allow_pickle)
     # what every command checks when it loads the folder, before anything is written

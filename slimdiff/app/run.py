@@ -24,11 +24,8 @@ def generate(
     from slimdiff.progress import StepProgress
 
     if refiner is None:
-        bar = StepProgress("denoising", hint=_HINT)
-        try:
+        with StepProgress("denoising", hint=_HINT) as bar:
             return [pipe(prompt, on_step=bar, **call, **aesthetic)]
-        finally:
-            bar.close()
     from slimdiff.runtime.refiner import REFINER_START, run_ensemble
 
     bars = {name: StepProgress(f"denoising ({name})", hint=_HINT) for name in ("base", "refiner")}
@@ -38,7 +35,7 @@ def generate(
             bars["base"].close()  # its "done" line before the refiner's first
         bars[stage](done, total)
 
-    try:
+    with bars["base"], bars["refiner"]:  # "done" lines only for a run that ended well
         results = run_ensemble(
             pipe,
             refiner,
@@ -48,9 +45,6 @@ def generate(
             **aesthetic,
             **call,
         )
-    finally:
-        for bar in bars.values():
-            bar.close()
     return list(results)
 
 

@@ -64,3 +64,17 @@ def test_one_of_a_unit_is_said_in_the_singular(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "denoising: 1 step to do"
     assert messages[-1].startswith("denoising: done (1 step in ")
+
+
+def test_work_that_stops_short_says_no_done(caplog):
+    """Ctrl-C or an error mid-run: no "done" line after "interrupted"."""
+    import pytest
+
+    from slimdiff.progress import StepProgress
+
+    caplog.set_level(logging.INFO, logger="slimdiff.progress")
+    with pytest.raises(KeyboardInterrupt), StepProgress("denoising") as bar:
+        bar(1, 30)
+        raise KeyboardInterrupt
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["denoising: 30 steps to do"]

@@ -471,3 +471,15 @@ def test_nothing_is_said_when_guidance_uses_them(caplog):
 def test_strength_without_an_image_is_refused():
     with pytest.raises(UserError, match="strength sets how far an image is noised: pass the"):
         _pipeline("sdxl")("a cat", strength=0.5)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line():
+    """A shell argument in Latin-1 reaches Python with its byte escaped as a surrogate."""
+    from slimdiff.runtime.call_checks import check_prompts
+
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(UserError, match=r"^prompt 'caf'\.\.\.: byte 0xe9 is not UTF-8 text"):
+        check_prompts(latin1, None)
+    with pytest.raises(UserError, match=r"byte 0xe9 is not UTF-8 text"):
+        check_prompts(["a", "b"], ["x", latin1])
+    assert check_prompts("café", "ünïcode") == (["café"], ["ünïcode"])
