@@ -102,7 +102,7 @@ def pipeline_constants(model: LoadedModel, controlnets: Sequence[Any] = ()) -> P
     arch, pipe = model.arch, model.pipe
     vae = pipe.vae.config
     scale = vae_scale_factor(vae)
-    shift = vae.get("shift_factor")
+    shift = vae.get("shift_factor") if arch.vae_shift else None  # as the pipeline decodes
     kind = arch.kind_for(model.denoiser.config)
     record = {
         "denoiser": arch.denoiser,

@@ -225,6 +225,9 @@ class ArchSpec:
     # The pipeline decodes latents * latents_std / scaling_factor + latents_mean when the
     # VAE config has per-channel statistics (StableDiffusionXLPipeline: Playground v2.5).
     vae_latent_stats: bool = False
+    # The pipeline decodes latents / scaling_factor + the VAE's shift_factor (SD3, FLUX);
+    # SD1.5/SDXL pipelines ignore a shift_factor in the VAE config (a FLUX VAE swapped in).
+    vae_shift: bool = False
     # Widths fixed by the denoiser's config: axis name -> config key, or a function of it.
     config_axes: Mapping[str, ConfigAxis] = field(default_factory=dict)
     config_match: Mapping[str, Any] = field(default_factory=dict)

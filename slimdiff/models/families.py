@@ -256,6 +256,7 @@ SD3 = ArchSpec(
     default_guidance=7.0,
     default_strength=(0.6, 0.6),  # StableDiffusion3Img2Img/InpaintPipeline
     flow_matching=True,
+    vae_shift=True,  # latents / scaling_factor + shift_factor, as its pipeline decodes
     uses_cfg=True,
     # SD3 transformer (full width, 2 of 24 layers), joint attention -> MultiHeadAttention:
     # at 1024 px, batch 2, 22.2 -> 13.6 s and peak RSS 16.0 -> 5.6 GB; at 512 px no change.
@@ -315,6 +316,7 @@ FLUX = ArchSpec(
     default_guidance=3.5,
     default_strength=(0.6, 0.6),  # FluxImg2Img/InpaintPipeline
     flow_matching=True,
+    vae_shift=True,  # latents / scaling_factor + shift_factor, as its pipeline decodes
     uses_cfg=False,  # FLUX.1 is guidance-distilled: one batch, guidance as an input
     # ORT 1.32's FLUX attention pattern wants q/k RMSNorm after the head transpose (the
     # layout of older diffusers' FluxAttnProcessor2_0); diffusers 0.42 normalises before it,

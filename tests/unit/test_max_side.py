@@ -42,3 +42,13 @@ def test_inspect_and_the_runtime_refuse_beyond_it(tiny_bundle):
     assert pipe.config.max_side == 512
     with pytest.raises(UserError, match=r"size 1024x512: each side must be 16 to 512 pixels"):
         pipe("a cat", size=(512, 1024), steps=1)
+
+
+@pytest.mark.parametrize(("family", "applies"), [("sd15", False), ("sdxl", False), ("sd3", True)])
+def test_the_vae_shift_is_recorded_where_the_familys_pipeline_decodes_with_it(family, applies):
+    """SD3/FLUX pipelines decode latents / scaling + shift_factor; SD1.5/SDXL pipelines
+    ignore a shift_factor in the VAE config (a FLUX-style VAE swapped in), so must a run."""
+    model = load_model(f"tiny:{family}")
+    model.pipe.vae.register_to_config(shift_factor=0.1159)
+    shift = pipeline_constants(model).vae_shift_factor
+    assert shift == (pytest.approx(0.1159) if applies else None)
