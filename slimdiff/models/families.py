@@ -378,8 +378,13 @@ EQUIVALENT_PIPELINES = {
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
     "StableDiffusionXLInpaintPipeline": "StableDiffusionXLPipeline",
     "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Pipeline",
+    "StableDiffusion3InpaintPipeline": "StableDiffusion3Pipeline",
     "FluxImg2ImgPipeline": "FluxPipeline",
+    "FluxInpaintPipeline": "FluxPipeline",
 }
+# Classes whose folders hold the SDXL refiner when their config says
+# requires_aesthetics_score (diffusers' docs load the refiner with either)
+_REFINER_CLASSES = (REFINER_PIPELINE, "StableDiffusionXLInpaintPipeline")
 
 
 def text_to_image_class(class_name: str, config: Any = None) -> str:
@@ -388,8 +393,8 @@ def text_to_image_class(class_name: str, config: Any = None) -> str:
     the SDXL refiner (requires_aesthetics_score) from an SDXL saved by its img2img
     pipeline: the refiner keeps its class, which runs its time ids."""
     aesthetic = bool(config) and config.get("requires_aesthetics_score") is True
-    if class_name == REFINER_PIPELINE and aesthetic:
-        return class_name
+    if class_name in _REFINER_CLASSES and aesthetic:
+        return REFINER_PIPELINE
     return EQUIVALENT_PIPELINES.get(class_name, class_name)
 
 
@@ -460,7 +465,10 @@ def family_of_pipeline(class_name: str) -> str:
             "optimum or diffusers' Onnx pipelines); slimdiff compresses and exports from the "
             f"PyTorch model: pass its diffusers folder or hub id ({supported})"
         )
-    raise UserError(f"unsupported pipeline class {class_name!r}; slimdiff supports: {supported}")
+    raise UserError(
+        f"unsupported pipeline class {class_name!r}; slimdiff supports: {supported} (and "
+        f"their img2img and inpaint forms: {', '.join(EQUIVALENT_PIPELINES)})"
+    )
 
 
 # Pipeline classes of models exported by other tools: optimum's ORT/OpenVINO pipelines and

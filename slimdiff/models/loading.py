@@ -364,10 +364,14 @@ def _wrap(pipe, source: str) -> LoadedModel:
     needed += [t.tokenizer for t in arch.text_encoders if t in present or not t.optional]
     missing = [name for name in needed if getattr(pipe, name, None) is None]
     if missing:  # e.g. an SDXL folder without its first text encoder
+        optional = [t.name for t in arch.text_encoders if t.optional]
+        hint = {
+            "sdxl": " (the SDXL refiner, which has no first text encoder, says so with "
+            "requires_aesthetics_score: true)",
+        }.get(arch.family, f" (only {', '.join(optional)} may be left out)" if optional else "")
         raise UserError(
             f"{source}: its {type(pipe).__name__} has no {', '.join(missing)} (null in "
-            f"model_index.json); a {arch.family} model needs every one (the SDXL refiner, "
-            "which has no first text encoder, says so with requires_aesthetics_score: true)"
+            f"model_index.json); a {arch.family} model needs every one{hint}"
         )
     check_fits(arch, pipe, source)
     # Loaded for inference, whatever the source (built-in models are built this way; a

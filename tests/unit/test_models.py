@@ -220,6 +220,8 @@ def test_pipeline_classes_holding_a_text_to_image_model_load_as_it(monkeypatch):
     # by its channels: KindSpec.inpainting, tests/integration/test_img2img.py)
     assert family_of_pipeline("StableDiffusionInpaintPipeline") == "sd15"
     assert family_of_pipeline("StableDiffusionXLInpaintPipeline") == "sdxl"
+    assert family_of_pipeline("StableDiffusion3InpaintPipeline") == "sd3"
+    assert family_of_pipeline("FluxInpaintPipeline") == "flux"
     with pytest.raises(UserError, match="unsupported pipeline class 'FluxFillPipeline'"):
         family_of_pipeline("FluxFillPipeline")  # its transformer takes packed masks
     # a hub id whose model_index.json names LatentConsistencyModelPipeline (LCM-Dreamshaper)
@@ -267,3 +269,33 @@ def test_bench_prompts_are_not_calibration_prompts():
     from slimdiff.prompts import BENCH_PROMPTS, CALIBRATION_PROMPTS
 
     assert len(BENCH_PROMPTS) == 4 and not set(BENCH_PROMPTS) & set(CALIBRATION_PROMPTS)
+
+
+def test_a_refiner_saved_by_the_sdxl_inpaint_pipeline_loads_as_the_refiner(tmp_path):
+    """diffusers' docs load the refiner with StableDiffusionXLInpaintPipeline too: its
+    requires_aesthetics_score says which model the folder holds."""
+    import diffusers
+
+    from slimdiff.models.families import SDXL_REFINER
+
+    parts = load_model("tiny:sdxl-refiner").pipe.components
+    diffusers.StableDiffusionXLInpaintPipeline(
+        **parts, requires_aesthetics_score=True
+    ).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.arch is SDXL_REFINER and loaded.pipe.text_encoder is None
+
+
+def test_a_missing_required_encoder_names_what_may_be_left_out(tmp_path):
+    import json
+
+    load_model("tiny:sd3").pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path))
+    assert str(err.value).endswith(
+        "has no text_encoder_2 (null in model_index.json); a sd3 model needs every one (only "
+        "text_encoder_3 may be left out)"
+    )
