@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,10 @@ from slimdiff.recipe import CalibrationSpec
 from slimdiff.sampler import StepNoise, TorchSampler
 from slimdiff.trajectories import (
     Trajectories,
+    load_prompts,
     load_trajectories,
     record_trajectories,
+    save_prompt,
     save_trajectories,
 )
 
@@ -249,6 +253,11 @@ class Calibration:
                 log.info("calibration: reusing trajectories in %s", folder)
                 self._trajectories = cached
                 return cached
+        # each prompt saved as it is recorded: a killed run resumes at the next one
+        recorded = None if folder is None else folder.with_name(f"{folder.name}.prompts")
+        done = {} if recorded is None else load_prompts(recorded, len(self.prompts))
+        if done:
+            log.info("calibration: %d of %d prompts recorded before", len(done), len(self.prompts))
         denoiser = getattr(self.pipe, self.arch.denoiser)
         bar = dict(getattr(self.pipe, "_progress_bar_config", {}))
         self.pipe.set_progress_bar_config(disable=True)
@@ -266,12 +275,15 @@ class Calibration:
                     self.prompts,
                     progress.advance,
                     timesteps=lambda: self.scheduler.timesteps.tolist(),
+                    done=done,
+                    on_prompt=None if recorded is None else partial(save_prompt, recorded),
                 )
         finally:  # the caller's bar settings back, as they were (diffusers' default: {})
             self.pipe._progress_bar_config = bar
         data.key = self.key
         if folder is not None:
             save_trajectories(folder, data)
+            shutil.rmtree(recorded, ignore_errors=True)  # all in `folder` now
             log.info("calibration: trajectories saved to %s", folder)
         self._trajectories = data
         return data

@@ -10,15 +10,38 @@ previous checkpoint or the new one, and two processes saving the same path do no
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slimdiff.fsutil import atomic_file, remove_stale_partials
 
-__all__ = ["load_train_state", "read_train_state", "save_train_state"]
+__all__ = ["can_resume", "load_train_state", "read_train_state", "save_train_state"]
+
+log = logging.getLogger(__name__)
+
+
+def can_resume(path: Path | None) -> bool:
+    """Whether `path` holds a checkpoint to resume from. A damaged one (another program
+    wrote or cut it: slimdiff's own writes are atomic) is moved aside to NAME.damaged, with
+    a warning, and the work starts over rather than ending in a traceback."""
+    if path is None or not path.is_file():
+        return False
+    try:
+        _meta(path)
+        return True
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        log.warning(
+            "checkpoint %s is unreadable (%s): moved to %s, starting over", path, err, aside
+        )
+        return False
 
 
 def checkpoint_if_due(

@@ -27,17 +27,28 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from slimdiff.fsutil import atomic_dir
+from slimdiff.fsutil import atomic_dir, atomic_file
 
-__all__ = ["Trajectories", "load_trajectories", "record_trajectories", "save_trajectories"]
+__all__ = [
+    "Trajectories",
+    "load_prompts",
+    "load_trajectories",
+    "record_trajectories",
+    "save_prompt",
+    "save_trajectories",
+]
+
+log = logging.getLogger(__name__)
 
 _FORMAT = 2
 _TRAJ = "traj."  # per-prompt tensors that are not denoiser inputs: noise, final
@@ -133,11 +144,15 @@ def record_trajectories(
     prompts: list[str],
     progress: Callable[[], None] | None = None,
     timesteps: Callable[[], Iterable[float]] | None = None,
+    done: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None,
+    on_prompt: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None] | None = None,
 ) -> Trajectories:
     """Run `run_prompt(i)` for every prompt while a pre-hook records `denoiser`'s inputs.
 
     `run_prompt(i)` returns (initial noise, final latent); `timesteps()` the scheduler's
-    timesteps of the run just made.
+    timesteps of the run just made. `done`: prompts an earlier, killed run recorded,
+    {i: (tensors, meta)}, taken as they are; `on_prompt(i, tensors, meta)` is called as
+    each prompt is recorded (calib.py saves it, so a killed run resumes there).
     """
     calls: list[dict[str, torch.Tensor]] = []
     unbatched: set[str] = set()  # FLUX's token ids: shared, not concatenated, when batched
@@ -150,15 +165,26 @@ def record_trajectories(
         calls.append(flat)
 
     tensors = []
+    steps: list[float] = []
     handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for i in range(len(prompts)):
-            calls.clear()
-            noise, final = run_prompt(i)
-            counts.add(len(calls))
-            packed = _pack(calls)
-            packed[_TRAJ + "noise"] = noise.detach().float().cpu().contiguous()
-            packed[_TRAJ + "final"] = final.detach().float().cpu().contiguous()
+            if done and i in done:  # recorded before a kill: as it was
+                packed, meta = done[i]
+                counts.add(int(meta["calls"]))
+                unbatched.update(meta["unbatched"])
+                steps = [float(t) for t in meta["timesteps"]]
+            else:
+                calls.clear()
+                noise, final = run_prompt(i)
+                counts.add(len(calls))
+                packed = _pack(calls)
+                packed[_TRAJ + "noise"] = noise.detach().float().cpu().contiguous()
+                packed[_TRAJ + "final"] = final.detach().float().cpu().contiguous()
+                steps = [float(t) for t in timesteps()] if timesteps is not None else []
+                if on_prompt is not None:
+                    meta = {"calls": len(calls), "unbatched": sorted(unbatched), "timesteps": steps}
+                    on_prompt(i, packed, meta)
             tensors.append(packed)
             if progress is not None:
                 progress()
@@ -166,7 +192,6 @@ def record_trajectories(
         handle.remove()
     if len(counts) != 1:  # a scheduler that adapts its step count: cannot index by step
         raise RuntimeError(f"the denoiser ran {sorted(counts)} times per prompt; expected one")
-    steps = [float(t) for t in timesteps()] if timesteps is not None else []
     return Trajectories(list(prompts), counts.pop(), tensors, frozenset(unbatched), "", steps)
 
 
@@ -186,17 +211,51 @@ def save_trajectories(folder: Path, t: Trajectories) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def save_prompt(folder: Path, i: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """One prompt's recording, as it is made (atomic): what a killed run resumes from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / f"prompt_{i:04d}.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"slimdiff.prompt": json.dumps(meta)})
+
+
+def load_prompts(folder: Path, count: int) -> dict[int, tuple[dict[str, torch.Tensor], dict]]:
+    """The prompts of `count` that `save_prompt` wrote to `folder`; an unreadable file is
+    left out (recorded again)."""
+    done = {}
+    for i in range(count):
+        path = folder / f"prompt_{i:04d}.safetensors"
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["slimdiff.prompt"])
+            done[i] = (load_file(str(path)), meta)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            log.warning(
+                "calibration: %s is unreadable (%s); recording that prompt again", path, err
+            )
+    return done
+
+
 def load_trajectories(folder: Path) -> Trajectories | None:
-    """The trajectories saved in `folder`; None when there are none (or another format)."""
+    """The trajectories saved in `folder`; None when there are none (or another format, or
+    a damaged file: warned of, recorded again)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if meta.get("format") != _FORMAT:
         return None
-    tensors = [
-        load_file(str(folder / f"prompt_{i:04d}.safetensors")) for i in range(len(meta["prompts"]))
-    ]
+    try:
+        tensors = [
+            load_file(str(folder / f"prompt_{i:04d}.safetensors"))
+            for i in range(len(meta["prompts"]))
+        ]
+    except (OSError, SafetensorError) as err:
+        log.warning(
+            "calibration: %s is damaged (%s); recording the trajectories again", folder, err
+        )
+        return None
     return Trajectories(
         prompts=meta["prompts"],
         steps=meta["steps"],

@@ -38,7 +38,7 @@ from slimdiff.compress.distill.features import capture
 from slimdiff.errors import UserError
 from slimdiff.models.arch import matches
 from slimdiff.progress import Progress
-from slimdiff.trainstate import checkpoint_if_due, load_train_state, read_train_state
+from slimdiff.trainstate import can_resume, checkpoint_if_due, load_train_state, read_train_state
 from slimdiff.trajectories import Trajectories
 
 __all__ = ["DistillReport", "distill", "draw_pairs"]
@@ -88,7 +88,7 @@ def distill(
     # What a checkpoint must have been written with to be resumed (the batch drawing, the
     # loss and the optimizer; not the checkpoint interval or the report's label).
     state = {k: v for k, v in asdict(settings).items() if k not in ("source", "checkpoint_every")}
-    resume = checkpoint is not None and checkpoint.is_file()
+    resume = can_resume(checkpoint)
     if resume and read_train_state(checkpoint)[1].get("settings") != json.loads(json.dumps(state)):
         raise UserError(
             f"{checkpoint} is a checkpoint of other distillation settings; delete it or "

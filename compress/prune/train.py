@@ -63,7 +63,7 @@ from slimdiff.denoise import DenoiseLoop
 from slimdiff.errors import UserError
 from slimdiff.progress import Progress
 from slimdiff.sampler import StepNoise
-from slimdiff.trainstate import checkpoint_if_due, load_train_state, read_train_state
+from slimdiff.trainstate import can_resume, checkpoint_if_due, load_train_state, read_train_state
 
 __all__ = ["MaskReport", "MaskSettings", "draw_prompts", "mask_gradients", "train_masks"]
 
@@ -278,7 +278,7 @@ def train_masks(
     data = calib.record()
     device = next(denoiser.parameters()).device
     masks.to(device)
-    resume = checkpoint is not None and checkpoint.is_file()
+    resume = can_resume(checkpoint)
     state: dict[str, Any] = {}
     if checkpoint is not None:
         state = _fingerprint(settings, masks, calib.key)

@@ -20,7 +20,7 @@ from slimdiff.compress.quant.layers import QuantLayer, quant_layers
 from torch import nn
 
 from slimdiff.progress import Progress
-from slimdiff.trainstate import checkpoint_if_due, load_train_state
+from slimdiff.trainstate import can_resume, checkpoint_if_due, load_train_state
 
 __all__ = ["Stage", "finetune", "only_quantized", "rank_sensitivity", "trainable"]
 
@@ -99,7 +99,7 @@ def finetune(
     optimizer = torch.optim.Adam([{"params": ps, "lr": lr} for ps, lr in stage.groups if ps])
     total = stage.epochs * len(batches)
     start = 0
-    if checkpoint is not None and checkpoint.is_file():
+    if can_resume(checkpoint):
         start, _ = load_train_state(checkpoint, {"student": student}, optimizer)
         log.info("%s: resuming at step %d of %d", stage.label, start, total)
     captured: dict[str, dict[str, torch.Tensor]] = {"s": {}, "t": {}}

@@ -306,3 +306,38 @@ def test_calibration_eta_needs_a_tcd_scheduler():
         Calibration(model.pipe, model.arch, SPEC.model_copy(update={"eta": 0.3}))
     spec = SPEC.model_copy(update={"eta": 0.3, "scheduler": "TCDScheduler"})
     assert Calibration(model.pipe, model.arch, spec).sampler().eta == 0.3
+
+
+def test_a_killed_recording_resumes_at_the_next_prompt(tmp_path, monkeypatch):
+    """Each prompt is saved as it is recorded: a run killed after the first of three
+    prompts records two on the rerun, and the result equals an unbroken recording; a
+    damaged cache is recorded again, with a warning."""
+    spec = SPEC.model_copy(update={"prompts": ["a", "b", "c"], "num_prompts": 3, "size": (64, 64)})
+    model = load_model("tiny:sd15")
+    calib = Calibration(model.pipe, model.arch, spec, work_dir=tmp_path)
+    real, ran = calib._run, []
+
+    def killed_after_one(i):
+        if ran:
+            raise KeyboardInterrupt
+        ran.append(i)
+        return real(i)
+
+    monkeypatch.setattr(calib, "_run", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        calib.record()
+    again = Calibration(model.pipe, model.arch, spec, work_dir=tmp_path)
+    reran = []
+    monkeypatch.setattr(again, "_run", lambda i: reran.append(i) or real(i))
+    resumed = again.record()
+    assert reran == [1, 2]
+    straight = Calibration(model.pipe, model.arch, spec).record()  # no work folder
+    assert resumed.steps == straight.steps and resumed.timesteps == straight.timesteps
+    for a, b in zip(resumed.tensors, straight.tensors, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    folder = tmp_path / "trajectories" / again.key
+    assert not folder.with_name(f"{folder.name}.prompts").exists()  # folded into the cache
+    first = folder / "prompt_0000.safetensors"
+    first.write_bytes(first.read_bytes()[:100])  # damaged
+    third = Calibration(model.pipe, model.arch, spec, work_dir=tmp_path)
+    assert len(third.record().tensors) == 3  # recorded again, not a SafetensorError

@@ -108,3 +108,18 @@ def test_temps_of_saves_killed_midway_are_removed(tmp_path):
     model, _ = _setup()
     save_train_state(tmp_path / "state.safetensors", {"m": model})
     assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_work_starts_over(tmp_path, caplog):
+    from slimdiff.trainstate import can_resume
+
+    path = tmp_path / "ckpt.safetensors"
+    assert not can_resume(None) and not can_resume(path)
+    model = torch.nn.Linear(2, 2)
+    save_train_state(path, {"m": model}, None, step=3)
+    assert can_resume(path)
+    path.write_bytes(path.read_bytes()[:40])  # cut by another program
+    with caplog.at_level("WARNING", logger="slimdiff.trainstate"):
+        assert not can_resume(path)
+    assert not path.exists() and (tmp_path / "ckpt.safetensors.damaged").is_file()
+    assert "starting over" in caplog.text
