@@ -390,24 +390,35 @@ def _slimdiff_wrote(file: Path) -> bool:
 @contextlib.contextmanager
 def exclusive_beside(path: str | Path) -> Iterator[None]:
     """`exclusive` for an output that is replaced whole (a bundle): the lock is a file
-    beside it, `.NAME.lock`, which stays (a later run locks the same file)."""
+    beside it, `.NAME.lock`, removed when the block ends. A run that locks a file its
+    holder has just removed sees another inode at the name and locks again."""
     target = _resolve(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.parent / f".{target.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise UserError(
                 f"{path} is being written by another slimdiff run ({owner}); wait for it to "
                 "finish or pass another --out"
             ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it while this run opened it: lock the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # still held: no other run can take it in between
         os.close(fd)
 
 

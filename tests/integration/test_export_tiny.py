@@ -20,6 +20,7 @@ import pytest
 import torch
 from slimdiff.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
+from slimdiff.fsutil import MARKER_NAME
 from tests.conftest import _processors
 from tests.onnx_check import denoiser_rel_err, rel_err
 
@@ -166,7 +167,8 @@ def test_denoiser_onnx_matches_torch_on_new_inputs(exported):
 def test_every_file_is_hashed_and_no_temp_folder_is_left(exported):
     _, out, manifest, _ = exported
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert on_disk - {MANIFEST_NAME} == set(manifest.files)
+    # the manifest pins every file but itself and the marker saying slimdiff wrote the folder
+    assert on_disk - {MANIFEST_NAME, MARKER_NAME} == set(manifest.files)
     for rel, digest in manifest.files.items():
         assert sha256_file(out / rel) == digest
     for name in manifest.components:
@@ -176,7 +178,7 @@ def test_every_file_is_hashed_and_no_temp_folder_is_left(exported):
     assert manifest.pipeline.scheduler in manifest.files
     # Only the bundle beside it: no .partial build folder, no .work exports inside.
     assert [p.name for p in out.parent.iterdir()] == ["bundle"]
-    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+    assert [p.name for p in out.rglob(".*")] == [MARKER_NAME]  # its own marker alone
     # The runtime's reader verifies every hash and accepts it: the same manifest, the same
     # identity (SHA-256 of manifest.json's bytes).
     assert read_manifest(out) == manifest

@@ -61,7 +61,7 @@ def test_out_folder_that_is_not_a_bundle_is_left_alone(sd3, tmp_path):
     precious = tmp_path / "photos"
     precious.mkdir()
     (precious / "cat.png").write_bytes(b"meow")
-    with pytest.raises(UserError, match="exists and is not a slimdiff bundle"):
+    with pytest.raises(UserError, match="exists and was not written by slimdiff"):
         export_bundle(sd3, precious)
     assert (precious / "cat.png").read_bytes() == b"meow"
 
