@@ -75,6 +75,13 @@ def check_out_dir(out: Path) -> None:
     if out.is_file():
         raise UserError(f"--out {out} is a file; pass a folder path for the bundle")
     check_replaceable(out, "bundle", legacy=BUNDLE_EVIDENCE)
+    here, target = Path.cwd().resolve(), out.resolve()
+    if here == target or target in here.parents:
+        # the swap would leave this shell in a deleted folder
+        raise UserError(
+            f"--out {out} is the current folder (or holds it); pass a folder beside it, e.g. "
+            "--out bundle"
+        )
 
 
 def component_precisions(model: LoadedModel, precision: str, vae_precision: str | None) -> dict:

@@ -66,6 +66,19 @@ def test_out_folder_that_is_not_a_bundle_is_left_alone(sd3, tmp_path):
     assert (precious / "cat.png").read_bytes() == b"meow"
 
 
+def test_the_current_folder_is_not_replaced(sd3, tmp_path, monkeypatch):
+    """An empty current folder would be swapped for the bundle, leaving the shell in a
+    deleted folder: refused, as is a folder holding the current one."""
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    (tmp_path / "a" / ".slimdiff").write_text('{"kind": "bundle"}')  # a bundle's folder
+    monkeypatch.chdir(inner)
+    for out in (".", str(tmp_path / "a")):
+        with pytest.raises(UserError, match="is the current folder \\(or holds it\\)"):
+            export_bundle(sd3, out)
+    assert inner.is_dir() and not any(inner.iterdir())
+
+
 def _fail_on(monkeypatch, component_name: str):
     """Make the export of `component_name` raise midway, after earlier components wrote files."""
     real = export_pkg.check_parity
