@@ -94,16 +94,7 @@ def exclusive(folder: str | Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(
-                f"{folder} is in use by another slimdiff run ({owner}); wait for it to "
-                "finish or pass another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        _lock_or_refuse(fd, f"{folder} is in use by")
         yield
     finally:
         # A run refused before it wrote anything leaves no folder behind.
@@ -387,6 +378,20 @@ def _slimdiff_wrote(file: Path) -> bool:
     return isinstance(data, dict) and "slimdiff_version" in data and "files" in data
 
 
+def _lock_or_refuse(fd: int, what: str) -> None:
+    """Take an exclusive flock on `fd` and write this process's pid in it; UserError
+    ("{what} another slimdiff run (pid N); ...") when another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        raise UserError(
+            f"{what} another slimdiff run ({owner}); wait for it to finish or pass another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+
+
 @contextlib.contextmanager
 def exclusive_beside(path: str | Path) -> Iterator[None]:
     """`exclusive` for an output that is replaced whole (a bundle): the lock is a file
@@ -398,23 +403,15 @@ def exclusive_beside(path: str | Path) -> Iterator[None]:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            _lock_or_refuse(fd, f"{path} is being written by")
+        except UserError:
             os.close(fd)
-            raise UserError(
-                f"{path} is being written by another slimdiff run ({owner}); wait for it to "
-                "finish or pass another --out"
-            ) from None
-        try:
+            raise
+        with contextlib.suppress(FileNotFoundError):
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break
-        except FileNotFoundError:
-            pass
         os.close(fd)  # its holder removed it while this run opened it: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
