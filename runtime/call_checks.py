@@ -260,7 +260,7 @@ def check_true_cfg(family: str, scale: Any, negatives: list[str | None]) -> np.f
             f"true_cfg_scale is FLUX's second, negative-prompt pass; this {family} model "
             "guides with --guidance (classifier-free guidance)"
         )
-    if not any(negatives):
+    if all(n is None for n in negatives):  # diffusers: negative_prompt is not None
         log.warning(
             "true_cfg_scale %g needs a negative prompt; without one the run is not guided by "
             "it (as in diffusers)",

@@ -67,16 +67,16 @@ class _Group(click.Group):
         except UserError as err:
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(err.exit_code)
+        except BrokenPipeError:  # stdout piped into `head` or a reader that quit: done
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error at exit's flush
+            sys.exit(141)  # 128 + SIGPIPE, as a shell tool ends
         except Exception as err:  # memory or disk that ran out: one line; anything else a bug
             known = out_of_memory(err, ctx.invoked_subcommand) or disk_error(err)
             if known is None:
                 raise
             click.secho(f"error: {known}", fg="red", err=True)
             sys.exit(known.exit_code)
-        except BrokenPipeError:  # stdout piped into `head` or a reader that quit: done
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # no second error at exit's flush
-            sys.exit(141)  # 128 + SIGPIPE, as a shell tool ends
         except KeyboardInterrupt as err:
             terminated = isinstance(err, Terminated)
             click.echo("terminated" if terminated else "interrupted", err=True)

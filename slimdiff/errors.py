@@ -75,11 +75,14 @@ _NO_SPACE = re.compile(r"no space left on device|disk quota exceeded", re.IGNORE
 
 
 def disk_error(err: BaseException) -> UserError | None:
-    """One line for a write the disk refused: out of space (exit 1: the input was fine) or
-    permission denied (exit 2: a path this user may not write); None for anything else.
+    """One line for a file operation the system refused: out of space (exit 1: the input
+    was fine), a read-only disk or permission denied (exit 2: a path this user may not
+    use); None for anything else.
     Seen as OSError, or in the message of a library's own error (safetensors, onnx)."""
-    errors = [err, err.__cause__, err.__context__]
-    for e in (e for e in errors if e is not None):
+    # a library's error raised from an OSError (`raise ... from`), not a bug met while
+    # handling one (an implicit __context__ keeps its traceback)
+    errors = [err, *([err.__cause__] if isinstance(err.__cause__, OSError) else [])]
+    for e in errors:
         code = getattr(e, "errno", None)
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         if code in (errno.ENOSPC, errno.EDQUOT) or _NO_SPACE.search(str(e)):
@@ -89,9 +92,13 @@ def disk_error(err: BaseException) -> UserError | None:
             )
             error.exit_code = 1
             return error
-        if isinstance(e, PermissionError) or code == errno.EROFS:
+        if code == errno.EROFS:
             return UserError(
-                f"cannot write there{where}: {e.strerror or e}; choose a folder this user may "
-                "write, or change its permissions"
+                f"cannot write there{where}: {e.strerror}; choose a folder on a writable disk"
+            )
+        if isinstance(e, PermissionError):  # a read (a prompt file) or a write
+            return UserError(
+                f"permission denied{where}: {e.strerror or e}; give this user access to it, "
+                "or choose another path"
             )
     return None

@@ -60,7 +60,12 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-            self._bar = RichProgress(*columns, TimeRemainingColumn(), transient=True)
+            from rich.console import Console
+
+            # on stderr, the stream it asked about: stdout is what a command prints
+            self._bar = RichProgress(
+                *columns, TimeRemainingColumn(), transient=True, console=Console(stderr=True)
+            )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total, completed=self.done)
         else:

@@ -311,7 +311,8 @@ def _check_prompt_kept(denoiser, groups, keep, sparsity: float, scope: str) -> N
             f"prune.ecodiff: sparsity {sparsity:g} ({scope}) removes every attention head "
             f"that reads the prompt ({sum(g.count for g in reading)} heads in "
             f"{len(reading)} modules): the model would ignore the text; lower "
-            "prune.sparsity (the learned masks are reused), or use scope: local"
+            "prune.sparsity (the learned masks are reused)"
+            + (", or use scope: local" if scope == "global" else "")
         )
 
 

@@ -54,6 +54,7 @@ def run_bench(
     `device` (default: each recipe's `device:`) is where torch work runs: the reference,
     compression, calibration and the torch eager timings.
     """
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from slimdiff.app.bench_report import write_grid, write_markdown, write_plot
@@ -86,7 +87,7 @@ def run_bench(
     with exclusive(out):  # one bench per folder: a second one stops at once
         rows = []
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-        with Progress(*columns, transient=False) as progress:
+        with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
             task = progress.add_task("bench", total=len(recipes) * len(_STAGES))
             for recipe in recipes:
                 advance = functools.partial(_advance, progress, task, recipe)

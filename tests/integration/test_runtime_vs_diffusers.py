@@ -541,6 +541,11 @@ def test_flux_true_cfg_matches_diffusers(tiny_bundle, caplog):
         alone = runtime(PROMPT, true_cfg_scale=4.0, **call).latents
     np.testing.assert_array_equal(alone, plain)
     assert "true_cfg_scale 4 needs a negative prompt" in caplog.text
+    # an empty negative prompt is one, as diffusers tests `negative_prompt is not None`
+    _, ref_empty = _diffusers(model.pipe, latents, 3.5, "", true_cfg_scale=4.0)
+    empty = runtime(PROMPT, negative_prompt="", true_cfg_scale=4.0, **call).latents
+    _assert_close_to_diffusers(empty, ref_empty, no_model, "flux true cfg, empty negative")
+    assert np.linalg.norm(empty - plain) > 1e-3 * np.linalg.norm(ref_latents - no_model)
 
 
 def test_true_cfg_is_fluxs_alone(tiny_bundle):

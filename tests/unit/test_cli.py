@@ -167,3 +167,24 @@ def test_inspect_json_on_tiny_model():
 def test_every_command_has_help(cmd):
     result = _run(cmd, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_a_reader_that_quit_ends_the_command_quietly_with_141():
+    """stdout into a pipe whose reader is gone (`| head` done): exit 141 (128 + SIGPIPE),
+    as a shell tool ends, and nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "slimdiff", "validate", "tiny-sdxl-fp32"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert out.returncode == 141 and out.stderr == b""

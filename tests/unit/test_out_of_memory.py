@@ -131,27 +131,30 @@ def test_an_onnxruntime_that_fails_to_import_is_not_called_missing(monkeypatch):
             1,
         ),
         (
-            PermissionError(13, "Permission denied", "/ro/.b.1.partial"),
-            "cannot write there "
-            "(/ro/.b.1.partial): Permission denied; choose a folder this user may write",
+            PermissionError(13, "Permission denied", "/data/prompts.txt"),
+            "permission denied (/data/prompts.txt): Permission denied; give this user access",
             2,
         ),
         (
             OSError(30, "Read-only file system", "/mnt/x"),
-            "cannot write there (/mnt/x): Read-only file system",
+            "cannot write there (/mnt/x): Read-only file system; choose a folder on a writable",
             2,
         ),
     ],
 )
-def test_a_disk_that_refuses_a_write_is_one_line(err, line, code):
+def test_a_file_operation_the_system_refuses_is_one_line(err, line, code):
     from slimdiff.errors import disk_error
 
     error = disk_error(err)
     assert error is not None and str(error).startswith(line) and error.exit_code == code
-    wrapped = RuntimeError("export failed")
-    wrapped.__cause__ = err
-    assert str(disk_error(wrapped)) == str(error)
+    if isinstance(err, OSError):
+        wrapped = RuntimeError("export failed")
+        wrapped.__cause__ = err  # raise ... from err: a library's own error around it
+        assert str(disk_error(wrapped)) == str(error)
     assert disk_error(ValueError("bad shape")) is None
+    bug = KeyError("a bug")  # raised while handling it: a bug keeps its traceback
+    bug.__context__ = err
+    assert disk_error(bug) is None
 
 
 def test_a_terminated_export_cleans_up_and_exits_143(tmp_path, monkeypatch):
