@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -117,19 +118,25 @@ def image_paths(out: Path, images: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(images)]
 
 
+_MAX_LATENTS_BYTES = 1 << 30  # 16 FLUX images at 4096 px are 256 MiB of float32 latents
+
+
 def read_latents(path: Path):
     """A .npy of finite floats (no pickles): the initial noise `--latents` gives."""
     import numpy as np
 
+    # read once, whole: a pipe (`--latents <(...)`) cannot be opened twice
     try:
         with open(path, "rb") as f:
-            magic = f.read(6)
+            data = f.read(_MAX_LATENTS_BYTES + 1)
     except OSError as err:
         raise UserError(f"--latents {path}: {err.strerror}") from None
-    if magic != b"\x93NUMPY":  # np.load would call any other file pickled data
+    if len(data) > _MAX_LATENTS_BYTES:
+        raise UserError(f"--latents {path}: over {_MAX_LATENTS_BYTES >> 20} MiB, not latents")
+    if data[:6] != b"\x93NUMPY":  # np.load would call any other file pickled data
         raise UserError(f"--latents {path}: not a .npy file; write one with numpy.save")
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise UserError(f"--latents {path}: not a plain .npy array ({err})") from None
     numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)

@@ -188,3 +188,25 @@ def test_a_reader_that_quit_ends_the_command_quietly_with_141():
     finally:
         os.close(write)
     assert out.returncode == 141 and out.stderr == b""
+
+
+def test_latents_from_a_pipe_are_read_once(tmp_path):
+    """`--latents <(...)`: a pipe cannot be opened twice, so the file is read whole once."""
+    import os
+    import threading
+
+    import numpy as np
+
+    from slimdiff.app.args import read_latents
+
+    noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "n.npy", noise)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    data = (tmp_path / "n.npy").read_bytes()
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data))
+    writer.start()
+    try:
+        np.testing.assert_array_equal(read_latents(fifo), noise)
+    finally:
+        writer.join(timeout=10)
