@@ -157,10 +157,7 @@ def check_images(images: Any, do_cfg: bool, prompts: int, max_batch: int | None)
 
 def check_rescale(guidance_rescale: Any, uses_cfg: bool) -> np.float32:
     """The guidance rescale, 0 to 1, for a model that uses CFG (`uses_cfg`) unless 0."""
-    try:
-        value = float(guidance_rescale)
-    except (TypeError, ValueError):
-        value = float("nan")
+    value = _as_float(guidance_rescale)
     if not (np.isfinite(value) and 0 <= value <= 1):
         raise UserError(f"guidance rescale {guidance_rescale}: use a value from 0 to 1")
     if value > 0 and not uses_cfg:
@@ -171,7 +168,7 @@ def check_rescale(guidance_rescale: Any, uses_cfg: bool) -> np.float32:
     return np.float32(value)
 
 
-def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool], family: str) -> None:
+def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool], true_cfg: bool) -> None:
     """Warn, naming them, of the `given` negative-side values a run without
     classifier-free guidance ignores (diffusers ignores them without a word): on a model
     without CFG (FLUX.1, guidance-distilled), or at guidance 1 or below."""
@@ -184,9 +181,17 @@ def warn_unguided(uses_cfg: bool, guidance: float, given: dict[str, bool], famil
         else "this model runs without classifier-free guidance (it embeds the guidance, or "
         "was distilled without it)"
     )
-    if family in TRUE_CFG_FAMILIES:
+    if true_cfg:  # the bundle's kind offers it
         why += "; a true_cfg_scale above 1 runs the negative prompt (run --true-cfg-scale)"
     log.warning("ignored: %s; %s", ", ".join(ignored), why)
+
+
+def _as_float(value: Any) -> float:
+    """`value` as a float, NaN when it is none (None, text): the range check refuses it."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def check_finite(values: np.ndarray, where: str, fix: str) -> None:
@@ -238,24 +243,18 @@ def check_run_args(
     return height, width
 
 
-# The families whose diffusers pipeline offers true_cfg_scale: FluxPipeline (and its
-# img2img and inpaint forms), for guidance-distilled FLUX.1 and its de-distilled tunes.
-TRUE_CFG_FAMILIES = ("flux",)
-
-
-def check_true_cfg(family: str, scale: Any, negatives: list[str | None]) -> np.float32 | None:
+def check_true_cfg(
+    kind: Any, family: str, scale: Any, negatives: list[str | None]
+) -> np.float32 | None:
     """diffusers' FluxPipeline `true_cfg_scale`: above 1 with a negative prompt, each step
     also runs the denoiser on the negative prompt and takes neg + scale * (pos - neg). The
     scale for such a run, else None (1, or no negative prompt: warned, as diffusers warns)."""
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        value = float("nan")
+    value = _as_float(scale)
     if not (np.isfinite(value) and 0 <= value <= MAX_GUIDANCE):
         raise UserError(f"true_cfg_scale {scale!r}: use a finite value from 0 to {MAX_GUIDANCE:g}")
     if value <= 1:
         return None
-    if family not in TRUE_CFG_FAMILIES:
+    if not kind.true_cfg:  # KindSpec.true_cfg: FLUX's pipelines offer it
         raise UserError(
             f"true_cfg_scale is FLUX's second, negative-prompt pass; this {family} model "
             "guides with --guidance (classifier-free guidance)"

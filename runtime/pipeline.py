@@ -410,7 +410,7 @@ class Text2ImagePipeline:
                 "an image and a mask (run --image FILE --mask FILE)"
             )
         rescale = check_rescale(guidance_rescale, self.config.uses_cfg)
-        true_cfg = check_true_cfg(self.manifest.family, true_cfg_scale, negatives)
+        true_cfg = check_true_cfg(self.config.kind, self.manifest.family, true_cfg_scale, negatives)
         cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         if not do_cfg:
@@ -420,7 +420,7 @@ class Text2ImagePipeline:
                 "the negative size conditioning": sizing.has_negatives,
                 "the negative aesthetic score": negative_aesthetic_score is not None,
             }
-            warn_unguided(self.config.uses_cfg, guidance, given, self.manifest.family)
+            warn_unguided(self.config.uses_cfg, guidance, given, bool(self.config.kind.true_cfg))
         per_prompt = check_images(images, do_cfg, len(prompts), self.max_batch)
         images = per_prompt * len(prompts)
         pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted

@@ -309,6 +309,7 @@ FLUX = ArchSpec(
         shift=ShiftSpec(max_shift=1.15),
         extra_inputs=("img_ids", "txt_ids", "guidance"),
         strength_rounding="start",
+        true_cfg=True,  # FluxPipeline's true_cfg_scale
     ),
     config_axes=_DIT_AXES,
     default_size=(1024, 1024),

@@ -76,7 +76,7 @@ CONTROL_ROWS = "control_rows"
 CONTROL_GUESS = "control_guess"
 # KindSpec fields a manifest holds only when they are set (see drop_unset).
 KIND_WRITTEN_WHEN_SET = frozenset(
-    {"guidance_embedding_dim", "strength_rounding", "inpainting", "aesthetic_score"}
+    {"guidance_embedding_dim", "strength_rounding", "inpainting", "aesthetic_score", "true_cfg"}
 )
 # diffusers' StableDiffusionXLImg2ImgPipeline defaults: the score the positive rows' time ids
 # carry, and the negative (unconditional) rows'.
@@ -162,6 +162,10 @@ class KindSpec(_Record):
     # target size (6.0 on the prompt's rows, 2.5 on the negative's), and it runs only on an
     # image or on a base model's partly denoised latents. None: SDXL's six time ids.
     aesthetic_score: Literal[True] | None = None
+    # True: the family's pipeline offers diffusers' `true_cfg_scale` (FluxPipeline): a
+    # second denoiser pass per step on the negative prompt. None: it guides by CFG or not
+    # at all (bundles exported before it: refused).
+    true_cfg: Literal[True] | None = None
 
     @pydantic.model_serializer(mode="wrap")
     def _omit_absent_embedding(self, handler: Any) -> dict[str, Any]:
