@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slimdiff.fsutil import atomic_file, remove_stale_partials
+from slimdiff.fsutil import atomic_file  # which clears a killed writer's temp file first
 
 __all__ = ["can_resume", "load_train_state", "read_train_state", "save_train_state"]
 
@@ -93,7 +93,6 @@ def save_train_state(
                     scalars.setdefault(str(index), {})[slot] = number
         opt_meta = {"param_groups": state["param_groups"], "scalars": scalars}
     meta = {"step": step, "extra": extra or {}, "optimizer": opt_meta}
-    remove_stale_partials(path)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"slimdiff.train_state": json.dumps(meta)})
 
