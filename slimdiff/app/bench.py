@@ -19,21 +19,19 @@ and OUT/grid_<recipe>.png (reference row on top, the recipe's images below).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import functools
 import hashlib
 import json
 import logging
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from slimdiff.app.bench_timing import pipe_kwargs, run_worker, timed_pairs
 from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_text
@@ -202,7 +200,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     ship_scheduler(compressed, shipped)
-    timings, eager = _timed_pairs(compressed.pipe, bundle, settings, noise, b, run_dir)
+    timings, eager = timed_pairs(compressed.pipe, bundle, settings, noise, b, run_dir)
     del compressed
     step("torch eager vs runtime")
 
@@ -210,7 +208,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         acc_dir = work / "accuracy"
         acc_dir.mkdir(parents=True, exist_ok=True)
         once = b.model_copy(update={"warmup": 0, "repeat": 1})
-        _run_worker(bundle, acc_settings, acc_noise, once, acc_dir)
+        run_worker(bundle, acc_settings, acc_noise, once, acc_dir)
     step("accuracy")
 
     images = [_read_png(run_dir / f"image_{i}.png") for i in range(len(prompts))]
@@ -387,20 +385,6 @@ def _read_png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _pipe_kwargs(settings: dict, latents: np.ndarray) -> dict:
-    import torch
-
-    h, w = settings["size"]
-    return {
-        "num_inference_steps": settings["steps"],
-        "guidance_scale": settings["guidance"],
-        "height": h,
-        "width": w,
-        "latents": torch.from_numpy(latents),
-        **{k: settings[k] for k in ("guidance_rescale",) if k in settings},
-    }
-
-
 def _reference_passes(recipe: Recipe, pipe) -> list[str]:
     """Apply the recipe's passes that define the model (Pass.applies_to_reference) to the
     reference pipeline; their names."""
@@ -436,7 +420,7 @@ def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> 
                     prompt,
                     output_type="np",
                     callback_on_step_end=keep,
-                    **_pipe_kwargs(settings, noise[i]),
+                    **pipe_kwargs(settings, noise[i]),
                 )
             image = (out.images[0] * 255).round().astype(np.uint8)
             save_png(image, ref_dir / f"image_{i}.png")
@@ -446,154 +430,6 @@ def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> 
         "images": [_read_png(ref_dir / f"image_{i}.png") for i in range(n)],
         "latents": [np.load(ref_dir / f"latents_{i}.npy") for i in range(n)],
     }
-
-
-def _torch_ms_per_step(pipe, settings: dict, latents: np.ndarray, prompt: str) -> float:
-    """Median ms per denoising step of one diffusers pipeline run in torch eager."""
-    import torch
-
-    stamps: list[float] = []
-
-    def tick(_pipe, _i, _t, kw):
-        if torch.cuda.is_available() and kw["latents"].is_cuda:
-            torch.cuda.synchronize()  # a step's kernels are done when its time is taken
-        stamps.append(time.perf_counter())
-        return kw
-
-    with torch.no_grad():
-        start = time.perf_counter()
-        pipe(
-            prompt,
-            output_type="latent",
-            callback_on_step_end=tick,
-            **_pipe_kwargs(settings, latents),
-        )
-    # The first interval also covers text encoding; steps after it are pure denoising steps.
-    deltas = np.diff([start, *stamps])[1:] if len(stamps) > 1 else np.diff([start, *stamps])
-    return float(np.median(deltas) * 1e3)
-
-
-def _timed_pairs(pipe, bundle: Path, settings: dict, noise, b, run_dir: Path):
-    """Torch eager and the runtime timed alternately (A B A B ...), `b.repeat` times over
-    every prompt, with the same warm-up: a load on the machine hits both alike. Returns the
-    runtime's timings and {"ms_per_step", "speedup", "ratios"} for eager, the speedup being
-    the median of the pairs' ratios (eager ms/step over runtime ms/step)."""
-    import torch
-
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():  # eager's warm-up, as the worker warms up before it reports ready
-        warm = dict(_pipe_kwargs(settings, noise[0]), num_inference_steps=2)
-        for _ in range(b.warmup):
-            pipe(settings["prompts"][0], output_type="latent", **warm)
-    eager, ratios = [], []
-    with _Worker(bundle, settings, noise, b, run_dir) as worker:
-        for rep in range(b.repeat):
-            for i, prompt in enumerate(settings["prompts"]):
-                ms = _torch_ms_per_step(pipe, settings, noise[i], prompt)
-                run = worker.run(i, save=rep == 0)
-                eager.append(ms)
-                ratios.append(ms / float(np.median(run["denoiser_steps"])))
-    report = worker.report
-    return report, {
-        "ms_per_step": float(np.median(eager)),
-        "speedup": float(np.median(ratios)),
-        "ratios": ratios,
-    }
-
-
-class _Worker:
-    """The bench worker in --serve mode: one runtime run per `run(i)` (bench_worker.py)."""
-
-    def __init__(self, bundle: Path, settings: dict, noise, b, run_dir: Path) -> None:
-        self.job_file = _write_job(bundle, settings, noise, b, run_dir)
-        self.run_dir = run_dir
-        self.log = run_dir / "worker.log"
-        self.report: dict = {}
-
-    def __enter__(self) -> _Worker:
-        self._log = open(self.log, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "slimdiff.app.bench_worker", str(self.job_file), "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-        )
-        self._read()  # {"ready": true}
-        return self
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self._fail()
-        return json.loads(line)
-
-    def _fail(self):
-        self._log.flush()
-        err = self.log.read_text().strip()
-        if self.proc.returncode == UserError.exit_code:  # the worker's one-line user error
-            raise UserError(f"runtime failed: {err.splitlines()[-1].removeprefix('error: ')}")
-        raise RuntimeError(f"bench worker failed (exit {self.proc.returncode}):\n{err}")
-
-    def run(self, i: int, save: bool) -> dict:
-        self.proc.stdin.write(json.dumps({"run": i, "save": save}) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if exc[0] is None:
-                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
-                self.proc.stdin.flush()
-                self._read()  # {"done": ...}: timings.json is written
-                self.report = json.loads((self.run_dir / "timings.json").read_text())
-        finally:
-            with contextlib.suppress(OSError):  # a worker that died has closed the pipe
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=60 if exc[0] is None else 5)
-            except subprocess.TimeoutExpired:  # mid-image when interrupted: no orphan left
-                self.proc.kill()
-                self.proc.wait()
-            self._log.close()
-
-
-def _write_job(bundle: Path, settings: dict, noise, b, run_dir: Path) -> Path:
-    paths = []
-    for i, lat in enumerate(noise):
-        p = run_dir / f"noise_{i}.npy"
-        np.save(p, lat)
-        paths.append(str(p))
-    job = {
-        **settings,
-        "bundle": str(bundle),
-        "backend": b.backend,
-        "warmup": b.warmup,
-        "repeat": b.repeat,
-        "latents": paths,
-        "out": str(run_dir),
-    }
-    job_file = run_dir / "job.json"
-    job_file.write_text(json.dumps(job, indent=2))
-    return job_file
-
-
-def _run_worker(bundle: Path, settings: dict, noise, b, run_dir: Path) -> dict:
-    """The worker's batch mode: every prompt `b.repeat` times (prompt accuracy images)."""
-    job_file = _write_job(bundle, settings, noise, b, run_dir)
-    proc = subprocess.run(
-        [sys.executable, "-m", "slimdiff.app.bench_worker", str(job_file)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode == UserError.exit_code:  # the worker's one-line user error
-        raise UserError(
-            f"runtime failed on {bundle}: {proc.stderr.strip().removeprefix('error: ')}"
-        )
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench worker failed on {bundle}:\n{proc.stderr}")
-    return json.loads((run_dir / "timings.json").read_text())
 
 
 def machine_info() -> dict[str, Any]:
