@@ -74,7 +74,8 @@ from slimdiff.runtime.manifest import (
 
 import slimdiff
 from slimdiff.errors import UserError
-from slimdiff.fsutil import atomic_dir, atomic_write_bytes, exclusive_beside
+from slimdiff.fsutil import atomic_dir, atomic_write_bytes
+from slimdiff.locks import exclusive_beside
 from slimdiff.lowbit import (
     QDQ_FORMS,
     has_quantized_layers,

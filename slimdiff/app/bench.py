@@ -57,7 +57,7 @@ def run_bench(
 
     from slimdiff.app.bench_report import write_grid, write_markdown, write_plot
     from slimdiff.app.flow import check_outputs
-    from slimdiff.fsutil import exclusive
+    from slimdiff.locks import exclusive
     from slimdiff.runtime.backends import get_backend
 
     out = Path(out)

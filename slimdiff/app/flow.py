@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
-from slimdiff.fsutil import check_replaceable, exclusive, remove_stale_partials
+from slimdiff.fsutil import check_replaceable, remove_stale_partials
+from slimdiff.locks import exclusive
 from slimdiff.recipe import Recipe
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""fsutil.exclusive: one slimdiff run per output folder; the lock dies with its process."""
+"""locks.exclusive: one slimdiff run per output folder; the lock dies with its process."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import textwrap
 import pytest
 
 from slimdiff.errors import UserError
-from slimdiff.fsutil import LOCK_NAME, exclusive
+from slimdiff.locks import LOCK_NAME, exclusive
 
 HOLD = textwrap.dedent(
     """
     import sys, time
-    from slimdiff.fsutil import exclusive
+    from slimdiff.locks import exclusive
     with exclusive(sys.argv[1]):
         print("held", flush=True)
         time.sleep(60)
@@ -62,7 +62,7 @@ def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
 
 
 def test_a_bundle_being_written_is_not_written_by_a_second_export(tmp_path):
-    from slimdiff.fsutil import exclusive_beside
+    from slimdiff.locks import exclusive_beside
 
     out = tmp_path / "bundle"
     code = HOLD.replace("exclusive", "exclusive_beside")
