@@ -124,6 +124,9 @@ def check_control(
                 f"control window {first}..{last}: use 0 <= start < end <= 1 (fractions of "
                 "the steps)"
             )
+    if image is None:
+        settings = {"scale": (scales, 1.0), "start": (starts, 0.0), "end": (ends, 1.0)}
+        _refuse_settings_without_image(count, settings, bool(guess))
     images = None
     if image is not None:
         images = [load_image(i, "control image") for i in _images(image)]
@@ -133,6 +136,23 @@ def check_control(
                 "give one each, in the order they were exported"
             )
     return Control(images, scales[:count], starts[:count], ends[:count], bool(guess) or forced)
+
+
+def _refuse_settings_without_image(count: int, settings: dict[str, tuple], guess: bool) -> None:
+    """A scale or window other than the defaults, or guess mode, given without a control
+    image would be dropped without a word (the run draws at scale 0): refused, as `run`
+    refuses --control-scale without --control-image and diffusers' ControlNet pipelines
+    take no conditioning scale without an image."""
+    changed = [what for what, (values, default) in settings.items() if set(values) - {default}]
+    for what in [*changed, *(["guess mode"] if guess else [])]:
+        if count == 0:
+            raise UserError(
+                f"control {what} steers a ControlNet; this bundle has none (export it again "
+                "with --controlnet DIR)"
+            )
+        raise UserError(
+            f"control {what} needs a control image: pass control_image (run --control-image FILE)"
+        )
 
 
 def control_pixels(control: Control, size: tuple[int, int], rows: int) -> np.ndarray:

@@ -380,6 +380,37 @@ def test_bad_control_arguments(controlled, kwargs, error):
         runtime(PROMPT, steps=1, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "what"),
+    [
+        ({"control_scale": 0.5}, "scale"),
+        ({"control_start": 0.2}, "start"),
+        ({"control_end": 0.8}, "end"),
+        ({"control_guess": True}, "guess mode"),
+    ],
+)
+def test_control_settings_without_a_control_image_are_refused(
+    controlled, tiny_bundle, kwargs, what
+):
+    """Without a control image the ControlNet adds nothing: a scale, window or guess mode
+    given with none would be dropped in silence, so it is refused (as `run` refuses
+    --control-scale without --control-image); the defaults stay accepted."""
+    runtime = Text2ImagePipeline.from_bundle(controlled("sd15").bundle)
+    with pytest.raises(UserError, match=rf"control {what} needs a control image"):
+        runtime(PROMPT, steps=1, **kwargs)
+    defaults = {
+        "control_scale": 1.0,
+        "control_start": 0.0,
+        "control_end": 1,
+        "control_guess": False,
+    }
+    assert runtime(PROMPT, steps=1, output="latent", **defaults).latents.shape[0] == 1
+    if what != "guess mode":  # a bundle without a ControlNet: guess mode says so already
+        plain = Text2ImagePipeline.from_bundle(tiny_bundle("sd15")[1])
+        with pytest.raises(UserError, match=rf"control {what} steers a ControlNet; this bundle"):
+            plain(PROMPT, steps=1, **kwargs)
+
+
 def test_export_refuses_streamed_weights(controlled, tmp_path):
     from slimdiff.export import export_bundle
 
