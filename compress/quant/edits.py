@@ -35,6 +35,8 @@ class Quantized(Edit):
 
     `group_edges` are the timesteps between consecutive groups, in the order the sampler
     visits them (descending): a call at timestep t uses group sum(t < e for e in edges).
+    They are in the units of the denoiser's `timestep` input (the scheduler's t divided by
+    the kind's timestep_divisor: FLUX's are in [0, 1]).
     """
 
     op: Literal["quant.quest.layers"] = "quant.quest.layers"

@@ -171,9 +171,12 @@ def group_edges(timesteps: list[float], groups: int) -> list[float]:
     return [(timesteps[b - 1] + timesteps[b]) / 2 for b in bounds]
 
 
-def checkpoint_key(cfg: QuestConfig, calib, digest: str) -> str:
+def checkpoint_key(cfg: QuestConfig, calib, digest: str, edges: list[float]) -> str:
     keep = cfg.model_dump(mode="json", exclude={"work_dir"})
-    blob = json.dumps({"cfg": keep, "calib": calib.key, "model": digest}, sort_keys=True)
+    # the edges: a checkpoint whose scales were learned with other groups is not resumed
+    blob = json.dumps(
+        {"cfg": keep, "calib": calib.key, "model": digest, "edges": edges}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

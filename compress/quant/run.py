@@ -55,7 +55,10 @@ def apply_quest(p, pipe: Any, calib: Any) -> PassReport:
         component=arch.denoiser,
         layers=plan,
         groups=groups,
-        group_edges=group_edges(list(data.timesteps), groups),
+        # in the units the denoiser's `timestep` takes, which the group hook reads
+        # (FluxPipeline passes t / 1000: edges from the scheduler's t put every call in
+        # the last group, and the scales were not timestep-aware)
+        group_edges=group_edges([t / arch.kind.timestep_divisor for t in data.timesteps], groups),
     )
     digest = module_digest(denoiser)
     teacher = copy.deepcopy(denoiser).eval() if cfg.method == "quest" else None
@@ -105,7 +108,9 @@ def apply_quest(p, pipe: Any, calib: Any) -> PassReport:
         summary["output_rel_err_before_finetune"] = _output_err(
             denoiser, teacher, data, eval_batches
         )
-        summary.update(_quest(cfg, arch, calib, denoiser, teacher, data, batches, digest))
+        summary.update(
+            _quest(cfg, arch, calib, denoiser, teacher, data, batches, digest, edit.group_edges)
+        )
         summary["output_rel_err"] = _output_err(denoiser, teacher, data, eval_batches)
         if groups > 1:  # what exporting one merged scale per quantizer costs
             with merged_scales():
@@ -121,7 +126,7 @@ def apply_quest(p, pipe: Any, calib: Any) -> PassReport:
     return PassReport(p.name, summary=summary, edits=[edit])
 
 
-def _quest(cfg, arch, calib, denoiser, teacher, data, batches, digest) -> dict[str, Any]:
+def _quest(cfg, arch, calib, denoiser, teacher, data, batches, digest, edges) -> dict[str, Any]:
     ft = cfg.finetune
     layers = quant_layers(denoiser)
     out: dict[str, Any] = {}
@@ -136,7 +141,7 @@ def _quest(cfg, arch, calib, denoiser, teacher, data, batches, digest) -> dict[s
             "\n".join(f"  {n:<{width}}  {e:.3e}" for n, e in ranking[:10]),
         )
     root = checkpoint_root(cfg.work_dir, calib)
-    key = checkpoint_key(cfg, calib, digest)
+    key = checkpoint_key(cfg, calib, digest, edges)
     ckpt = (
         (lambda stage: root / f"quest-{key}" / f"{stage}.safetensors") if root else (lambda s: None)
     )
@@ -156,7 +161,14 @@ def _quest(cfg, arch, calib, denoiser, teacher, data, batches, digest) -> dict[s
     chosen = [n for n, _ in ranking if n not in time_names][: ft.sensitive]
     out["finetuned_layers"] = {"time": time_names, "sensitive": chosen}
     weights = [p for n in chosen for p in trainable(layers[n], weights=True)[0]]
-    scales = [p for lay in layers.values() for p in trainable(lay, weights=False)[1]]
+    # QuEST's second stage trains every activation step size outside the time-embedding
+    # layers (theirs are the first stage's; pd_optimize_timewise skips `emb` quantizers)
+    scales = [
+        p
+        for n, lay in layers.items()
+        if not matches(n, arch.time_layers)
+        for p in trainable(lay, weights=False)[1]
+    ]
     stages.append(
         Stage(
             "quest sensitive layers",

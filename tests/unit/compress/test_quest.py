@@ -137,6 +137,36 @@ def test_groups_follow_the_timestep():
     assert [group_of(t, edges) for t in (999, 751, 750, 500, 250, 10)] == [0, 0, 0, 1, 1, 2]
 
 
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_calibration_fills_every_timestep_group(family, monkeypatch):
+    """The group edges are in the units the denoiser's `timestep` takes (FluxPipeline
+    passes t / 1000): the calibration's calls land in both groups, whose ranges differ.
+    With edges from the scheduler's t, every FLUX call went to the last group."""
+    from slimdiff.compress.quant import layers as quant
+    from slimdiff.compress.quant.layers import act_quantizers
+
+    from slimdiff.calib import Calibration
+    from slimdiff.recipe import CalibrationSpec
+
+    model = load_model(f"tiny:{family}")
+    extra = {"guidance": 0.0} if family == "flux" else {}
+    spec = CalibrationSpec(num_prompts=1, steps=4, size=(64, 64), **extra)
+    calib = Calibration(model.pipe, model.arch, spec)
+    seen = []
+    group_of_t = quant.group_of
+    monkeypatch.setattr(quant, "group_of", lambda t, e: seen.append(group_of_t(t, e)) or seen[-1])
+    cls = get_pass("quant.quest")
+    p = cls(cls.Config(weights="int8", activations="int8", method="minmax", timestep_groups=2))
+    (edge,) = p.apply(model.pipe, calib).edits[0].group_edges
+    divisor = model.arch.kind.timestep_divisor
+    steps = [t / divisor for t in calib.record().timesteps]
+    assert steps[1] > edge > steps[2]  # the midpoint of the 2nd and 3rd of 4 calls
+    assert set(seen) == {0, 1}
+    quantizers = act_quantizers(model.denoiser)
+    differ = [not torch.equal(q.scale[0], q.scale[1]) for q in quantizers]
+    assert sum(differ) > len(quantizers) // 2
+
+
 def test_plan_keeps_io_layers_at_8_bit_and_skips_never_quantize():  # and weight_only
     from slimdiff.compress.quant.quest import plan_layers
 
