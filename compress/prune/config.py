@@ -4,7 +4,7 @@ Example (YAML, a recipe's pass entry):
 
     - pass: prune.ecodiff
       sparsity: 0.2          # fraction of the maskable parameters (heads, FFN neurons) to remove
-      scope: global          # global | local: one ranking over the model, or per module
+      scope: global          # global: heads, then neurons, ranked over the model; local: per module
       method: ecodiff        # ecodiff (learned masks) | magnitude (weight norms: the baseline)
       iterations: 100        # optimizer steps of mask learning
       lr: 0.1                # head masks (and FFN masks unless ffn_lr is given)

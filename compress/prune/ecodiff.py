@@ -21,7 +21,8 @@ What it does, in order:
    after the whole trajectory against the teacher's, on the calibration's prompts, noise
    and sampler) or the weight norms (`magnitude.py`);
 3. which stay: the lowest-scored go until `sparsity` of the maskable parameters is gone
-   (`select.py`), globally or per module;
+   (`select.py`), over the model (heads among heads, neurons among neurons, as the
+   official binarisation) or per module;
 4. slicing for real (`slicing.py`): Q/K/V rows, output-projection columns, FFN rows and
    columns; head counts updated; a module left without units becomes a skip. The typed
    edits go into slimdiff.json and `restore` replays them on load;

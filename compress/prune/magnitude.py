@@ -17,11 +17,12 @@ unit contributes to the Frobenius norm of the layer, the usual proxy for its out
 Biases are left out (they are offsets, not connections), as in both tools.
 
 Scale: a head spans ~4 x in x head_dim weights, a neuron ~3 x in, so raw norms of heads and
-neurons (and of narrow and wide layers) are not comparable in one global ranking. With
+neurons (and of narrow and wide layers) are not comparable in one ranking. With
 `normalize="mean"` (the default) each group's scores are divided by the group's mean, as
 Torch-Pruning's default `normalizer="mean"` does before its global ranking: a score says
 how a unit compares with the others of its module, and `select(scope="global")` then
-takes the relatively weakest units anywhere. Within a group the order is unchanged.
+takes the relatively weakest heads anywhere, and the weakest neurons (each kind ranked
+on its own). Within a group the order is unchanged.
 
 Example:
     >>> scores = magnitude_scores(unit_groups(arch, pipe.unet), pipe.unet)  # doctest: +SKIP

@@ -25,8 +25,9 @@ Where this departs from the official code, and why:
   time-step gradient checkpointing recomputes step i with exactly the masks its forward
   pass used. The official code draws
   fresh noise on the recomputation, so its gradients are not those of the loss it computed.
-- No noise floor on u: the official configs set `masking_eps: 0.5`, which becomes
-  log(u + 0.5) - log(1 - u + 0.5) and narrows the logistic noise to (-1.1, 1.1); here it is
+- No noise floor on u: the official configs set `masking_eps` (SDXL, SD3: 0.5; FLUX: 0.1),
+  which becomes log(u + eps) - log(1 - u + eps) and narrows the logistic noise to
+  (-1.1, 1.1) at 0.5, (-2.4, 2.4) at 0.1; here it is
   Louizos' full logistic noise (u clamped to [1e-6, 1 - 1e-6] only to keep logs finite).
 - Eval masks (`eval_masks`, for ranking and inspection after training) are the hard-concrete
   *median*, the gate at u = 1/2: clamp(sigmoid(λ / 0.83) * 1.2 - 0.1, 0, 1). It has a closed

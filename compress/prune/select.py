@@ -8,15 +8,19 @@ parameters* removed (`units.maskable_params`), each unit weighing what it costs
 (`UnitGroup.params_per_unit`: a head spans thousands of parameters, a neuron a few
 hundred), where the paper's `ratio` counts units.
 
-- "global": every unit in one ranking by score, heads and neurons together, as the paper
-  ranks λ; the lowest-scored go while the removed parameters stay within the target. Near
-  the target a unit that would overshoot it is kept and the ranking continues past it
-  (greedy fill), then one more unit goes if that lands nearer: the result is within one
-  small unit (a neuron) of the target, where a prefix of the ranking can miss it by half
-  a head (2.6% of tiny SD3's maskable parameters; little on full-size models).
-  Scores must be comparable across groups: mask logits are (one parametrisation for every
-  mask); weight norms are not (a head's norm grows with its width): `magnitude_scores`
-  normalises them per group for that reason.
+- "global": one ranking across the model per kind of unit, heads among heads and neurons
+  among neurons, as the official code binarises (each hooker's `binarize(scope, ratio)`
+  in create_pipeline ranks its own λ): each kind loses `sparsity` of its parameters.
+  Mask logits of the two kinds are not comparable (FLUX's paper settings learn them at
+  learning rates 0.5 and 0.1, and the per-layer penalty pulls a 24-head layer harder than
+  a 3072-neuron one): one joint ranking removed 71% of tiny FLUX's heads and 0.2% of its
+  neurons at 0.2. Within a kind, the lowest-scored go while the removed parameters stay
+  within the target; near it a unit that would overshoot is kept and the ranking continues
+  past it (greedy fill), then one more unit goes if that lands nearer. Heads go first;
+  the neurons' target takes up the heads' rounding (departure: the paper rounds each
+  kind alone), so the total lands within one neuron of `sparsity` whenever the neurons
+  can take it up (a model with more neuron than head parameters), where a prefix of one
+  ranking can miss it by half a head (2.6% of tiny SD3's maskable parameters).
 - "local": each group loses the same fraction of its units, rounded. Rounding down or up
   per group is chosen (largest remainder first, while that brings the total nearer), so
   the total is within half the largest unit of the target, where independent rounding
@@ -98,18 +102,38 @@ def _indices(kept: torch.Tensor) -> list[int]:
 
 
 def _global(groups: Sequence[UnitGroup], scores: dict[str, torch.Tensor], sparsity: float) -> Keep:
-    target = sparsity * maskable_params(list(groups))
-    units = [
-        (float(score), gi, unit)
-        for gi, g in enumerate(groups)
-        for unit, score in enumerate(scores[g.key].tolist())
-    ]
-    units.sort()  # lowest score first; ties by module order, then index
-    # Greedy fill down the ranking: a unit goes if the removed parameters stay within the
-    # target; one that would overshoot is kept and the walk goes on to the next (a plain
-    # prefix stops at the first head that does not fit: off by up to half a head, 2.5% of
-    # tiny SD3's maskable parameters). Then at most one kept unit goes past the target,
-    # the lowest-ranked that lands nearer than stopping short.
+    kinds: dict[str, list[int]] = {}  # kind -> indices into groups, in module order
+    for gi, g in enumerate(groups):
+        kinds.setdefault(g.kind, []).append(gi)
+    # the kind with the coarsest units first; the finest (neurons) takes up their rounding
+    order = sorted(kinds, key=lambda k: -max(groups[gi].params_per_unit for gi in kinds[k]))
+    total = sparsity * maskable_params(list(groups))
+    removed, gone = 0, []
+    for n, kind in enumerate(order):
+        members = kinds[kind]
+        size = sum(groups[gi].params for gi in members)
+        target = total - removed if n == len(order) - 1 else sparsity * size
+        units = [
+            (float(score), gi, unit)
+            for gi in members
+            for unit, score in enumerate(scores[groups[gi].key].tolist())
+        ]
+        units.sort()  # lowest score first; ties by module order, then index
+        taken = _fill(units, groups, min(max(target, 0.0), size))
+        removed += sum(groups[gi].params_per_unit for _, gi, _ in taken)
+        gone += taken
+    dropped: dict[str, set[int]] = {g.key: set() for g in groups}
+    for _, gi, unit in gone:
+        dropped[groups[gi].key].add(unit)
+    return {g.key: [i for i in range(g.count) if i not in dropped[g.key]] for g in groups}
+
+
+def _fill(units: list[tuple[float, int, int]], groups: Sequence[UnitGroup], target: float) -> list:
+    """The units of one ranking (lowest first) that go: greedy fill down the ranking, a
+    unit going if the removed parameters stay within the target; one that would overshoot
+    is kept and the walk goes on to the next (a plain prefix stops at the first head that
+    does not fit). Then at most one kept unit goes past the target, the lowest-ranked that
+    lands nearer than stopping short."""
     removed, gone, over = 0, [], []
     for unit in units:
         cost = groups[unit[1]].params_per_unit
@@ -122,10 +146,7 @@ def _global(groups: Sequence[UnitGroup], scores: dict[str, torch.Tensor], sparsi
         if removed + groups[unit[1]].params_per_unit - target < target - removed:
             gone.append(unit)
             break
-    dropped: dict[str, set[int]] = {g.key: set() for g in groups}
-    for _, gi, unit in gone:
-        dropped[groups[gi].key].add(unit)
-    return {g.key: [i for i in range(g.count) if i not in dropped[g.key]] for g in groups}
+    return gone
 
 
 def _local(groups: Sequence[UnitGroup], scores: dict[str, torch.Tensor], sparsity: float) -> Keep:

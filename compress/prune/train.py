@@ -32,9 +32,10 @@ Where this departs from the official code, and why:
   (the gradient of the mean loss); the official accumulation sums them, and steps the
   optimizer after the very first sample alone. AdamW is nearly scale-free, so this is a
   choice of what the reported loss means more than of the result.
-- Warm-up: the LR rises linearly over the first `warmup` iterations to `lr`, then stays
-  (the paper's constant schedule with 10 warm-up steps); diffusers' schedule used there
-  starts at 0, wasting the first step, here the first step is lr / warmup.
+- Learning rate: constant from the first step, as the official runs have it: their
+  configs name a "constant" schedule with `warmup_steps: 10`, and diffusers'
+  get_scheduler("constant", ...) ignores the warm-up steps. `warmup` (default 0) is
+  there for a linear warm-up over that many iterations (the first step at lr / warmup).
 - AdamW keeps torch's default weight decay (0.01) on λ, as the official optimizer does.
 - The norm masks of the official FLUX configs (AdaLN modulation outputs) are not learned:
   pruning them saves parameters but no compute (its `SparsityLinear` scatters the kept
@@ -89,7 +90,7 @@ class MaskSettings:
     checkpoint_every: int = 10
     prompts_per_iteration: int = 4
     seed: int = 0
-    warmup: int = 10
+    warmup: int = 0  # iterations of linear LR warm-up; 0: constant, as the official runs
     mask_type: str = "hard_concrete"
     recon_norm: str = "l2"
     ffn_lr: float | None = None  # the neuron masks' learning rate; None: lr

@@ -439,17 +439,32 @@ def _groups(*spec: tuple[str, int, int]) -> list[UnitGroup]:
 def test_select_breaks_ties_by_module_order_then_unit_index():
     groups = _groups(("attn:a", 4, 10), ("ffn:b", 4, 10))
     scores = {"attn:a": torch.ones(4), "ffn:b": torch.ones(4)}
-    assert select(groups, scores, 0.25) == {"attn:a": [2, 3], "ffn:b": [0, 1, 2, 3]}
+    # each kind loses 0.25 of its parameters: one head, one neuron, the earliest of each
+    assert select(groups, scores, 0.25) == {"attn:a": [1, 2, 3], "ffn:b": [1, 2, 3]}
     assert select(groups, scores, 0.25, "local") == {"attn:a": [1, 2, 3], "ffn:b": [1, 2, 3]}
-    scores = {"attn:a": torch.tensor([3.0, 1.0, 1.0, 2.0]), "ffn:b": torch.tensor([1.0, 0, 5, 5])}
-    # global ranking: b1 (0), a1, a2, b0 (1: a before b), a3 (2), ...
-    assert select(groups, scores, 0.5) == {"attn:a": [0, 3], "ffn:b": [2, 3]}
+    groups = _groups(("attn:a", 4, 10), ("attn:c", 4, 10), ("ffn:b", 4, 10))
+    scores = {k: torch.tensor([3.0, 1.0, 1.0, 2.0]) for k in ("attn:a", "attn:c", "ffn:b")}
+    # the heads' ranking: a1, a2, c1, c2 (1: a before c, then by index), a3, c3 (2), ...;
+    # 3/8 of the heads' 80 is a1, a2, c1; the neurons' 15: b1 (b2 would land as far off)
+    keep = select(groups, scores, 3 / 8)
+    assert keep == {"attn:a": [0, 3], "attn:c": [0, 2, 3], "ffn:b": [0, 2, 3]}
+
+
+def test_select_global_ranks_heads_among_heads_and_neurons_among_neurons():
+    """EcoDiff binarises each kind's λ on its own (one `binarize` per hooker): every
+    neuron scoring below every head still takes the neurons' share only."""
+    groups = _groups(("attn:a", 2, 100), ("ffn:b", 10, 10))  # 200 + 100 parameters
+    scores = {"attn:a": torch.tensor([5.0, 6.0]), "ffn:b": torch.arange(10.0)}
+    keep = select(groups, scores, 0.5)  # heads: 100 of 200, neurons: 50 of 100
+    assert keep == {"attn:a": [1], "ffn:b": [5, 6, 7, 8, 9]}
+    assert achieved_sparsity(groups, keep) == 0.5
 
 
 def test_select_global_weighs_each_unit_by_the_parameters_it_spans():
     groups = _groups(("attn:a", 2, 100), ("ffn:b", 10, 10))  # 200 + 100 parameters
     scores = {"attn:a": torch.tensor([0.0, 9.0]), "ffn:b": torch.arange(1.0, 11.0)}
-    # a0 first (100 of 300 = 1/3), then b0, b1, ... each 10
+    # 0.4 of 300 = 120: the heads' target, 80 of 200, lands nearer with a0 (100) than with
+    # none; the neurons take up the rest, 20: b0 and b1
     keep = select(groups, scores, 0.4)
     assert keep == {"attn:a": [1], "ffn:b": list(range(2, 10))}
     assert achieved_sparsity(groups, keep) == pytest.approx(0.4)
@@ -459,17 +474,23 @@ def test_select_global_weighs_each_unit_by_the_parameters_it_spans():
 
 
 def test_select_global_keeps_a_unit_that_would_overshoot_and_fills_with_smaller_ones():
-    groups = _groups(("attn:a", 2, 100), ("ffn:b", 10, 10))  # 300 parameters
-    scores = {"attn:a": torch.tensor([0.0, 1.0]), "ffn:b": torch.arange(2.0, 12.0)}
-    # target 150: a0 (100); a1 would make 200, so it stays; b0..b4 make 150 (a prefix of
-    # the ranking would stop at 100 or 200, a sixth off)
-    keep = select(groups, scores, 0.5)
-    assert keep == {"attn:a": [1], "ffn:b": [5, 6, 7, 8, 9]}
-    assert achieved_sparsity(groups, keep) == 0.5
-    # target 87: a0 and a1 (100 each) do not fit, b0..b7 fill to 80 (7 short); then the
-    # lowest-ranked kept unit that lands nearer goes: not a0 (93 over), b8 (90: 3 over)
+    groups = _groups(("attn:a", 1, 100), ("attn:c", 5, 20), ("ffn:b", 10, 10))  # 300
+    scores = {
+        "attn:a": torch.tensor([0.0]),
+        "attn:c": torch.arange(1.0, 6.0),
+        "ffn:b": torch.arange(10.0),
+    }
+    # 0.3: the heads' target is 60 of 200; a0 (100) would overshoot and stays, c0..c2
+    # fill it (a prefix of the ranking would stop at 0 or 100); the neurons' 30: b0..b2
+    keep = select(groups, scores, 0.3)
+    assert keep == {"attn:a": [0], "attn:c": [3, 4], "ffn:b": list(range(3, 10))}
+    assert achieved_sparsity(groups, keep) == pytest.approx(0.3)
+    # 0.29 (87): heads' target 58: c0, c1 make 40; then the lowest-ranked kept head that
+    # lands nearer goes: not a0 (82 over), c2 (2 over). The neurons take up the rest, 27:
+    # b0, b1 (20), then b2 (3 over, nearer than 7 short): within one neuron of the target
     keep = select(groups, scores, 0.29)
-    assert keep == {"attn:a": [0, 1], "ffn:b": [9]}
+    assert keep == {"attn:a": [0], "attn:c": [3, 4], "ffn:b": list(range(3, 10))}
+    assert achieved_sparsity(groups, keep) == pytest.approx(0.3)
 
 
 def test_select_threshold_keeps_the_units_scoring_above_it():
