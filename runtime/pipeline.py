@@ -81,6 +81,7 @@ from slimdiff.runtime.sessions import (
     OnDemandSession,
     check_backend_fits,
     denoiser_max_batch,
+    denoiser_shape_check,
     ensure_loaded,
     load_component,
     release,
@@ -166,6 +167,9 @@ class Text2ImagePipeline:
         self.low_memory = isinstance(denoiser, OnDemandSession)
         self.max_batch = max_batch
         self.vae_encoder = vae_encoder
+        # {denoiser input: shape} -> UserError where the backend can tell up front that
+        # the denoiser does not take it (an AOTInductor package's ranges); None: any shape
+        self.check_shapes: Callable[[dict[str, tuple[int, ...]]], None] | None = None
 
     @classmethod
     def from_bundle(
@@ -240,7 +244,7 @@ class Text2ImagePipeline:
             runner.name,
         )
         max_batch = denoiser_max_batch(bundle, runner, config)
-        return cls(
+        pipe = cls(
             manifest,
             conditioning,
             denoiser,
@@ -249,6 +253,8 @@ class Text2ImagePipeline:
             max_batch,
             vae_encoder,
         )
+        pipe.check_shapes = denoiser_shape_check(bundle, runner, config)
+        return pipe
 
     def __call__(
         self,
@@ -423,6 +429,10 @@ class Text2ImagePipeline:
             warn_unguided(self.config.uses_cfg, guidance, given, bool(self.config.kind.true_cfg))
         per_prompt = check_images(images, do_cfg, len(prompts), self.max_batch)
         images = per_prompt * len(prompts)
+        if self.check_shapes is not None:  # before the text encoders run, not at step 1
+            rows = images * (2 if do_cfg else 1)
+            latent = cond.latent_shape(height, width, rows)
+            self.check_shapes({self.config.kind.sample_input: latent})
         pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted
         if mask_image is not None:
             pixel_mask = prepare_mask(load_image(mask_image, "mask"), (height, width))

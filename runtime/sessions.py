@@ -29,6 +29,7 @@ __all__ = [
     "OnDemandSession",
     "check_backend_fits",
     "denoiser_max_batch",
+    "denoiser_shape_check",
     "ensure_loaded",
     "load_component",
     "release",
@@ -100,6 +101,19 @@ def denoiser_max_batch(bundle: Bundle, runner: Backend, config: PipelineSpec) ->
     if entry.profile is None or not shape_bound(runner, bundle.path(entry.path)):
         return None
     return int(entry.profile["max"][config.kind.sample_input][0])
+
+
+def denoiser_shape_check(
+    bundle: Bundle, runner: Backend, config: PipelineSpec
+) -> Callable[[dict[str, tuple[int, ...]]], None] | None:
+    """`check({input: shape})` raising UserError where `runner` can tell, before anything
+    runs, that the denoiser does not take those shapes (an AOTInductor package's axis
+    ranges, read from its io.json); None where it cannot (ORT takes any shape)."""
+    method = getattr(runner, "check_shapes", None)
+    if method is None:
+        return None
+    path = bundle.path(bundle.manifest.components[config.denoiser].path)
+    return lambda shapes: method(path, shapes)
 
 
 def check_backend_fits(runner: Backend, bundle: Bundle) -> None:

@@ -105,24 +105,32 @@ class AotiSession:
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         # The compiled wrapper checks sizes too, but from C++ (a RuntimeError naming a
         # symbol): the runtime says which axis of which input is out of range, and why.
-        declared = self._shapes[name]
-        if len(shape) != len(declared):
-            raise ValueError(f"{self.path}: {name} has {len(shape)} dims, the package takes "
-                             f"{len(declared)}")  # fmt: skip
-        for size, dim in zip(shape, declared, strict=True):
-            if isinstance(dim, int):
-                if size != dim:
-                    raise ValueError(f"{self.path}: {name} has shape {list(shape)}, the package "
-                                     f"takes {declared}")  # fmt: skip
-                continue
-            axis = self._axes[dim]
-            if not axis_accepts(axis, size):
-                raise UserError(
-                    f"{self.path}: axis {dim} of {name} is {size}, outside the "
-                    f"{axis_range_text(axis)} this "
-                    "AOTInductor package was compiled for; pick a size (or batch) within the "
-                    "bundle's range, or run it with --backend ort-cpu"
-                )
+        check_shape(self.path, self._shapes[name], self._axes, name, shape)
+
+
+def check_shape(
+    path: Path, declared: list, axes: dict, name: str, shape: tuple[int, ...], fixed: bool = True
+) -> None:
+    """UserError when input `name` of shape `shape` has an axis outside the range the
+    package at `path` was compiled for (`declared`: its io.json shape, `axes` its ranges);
+    ValueError for another rank or, with `fixed`, another fixed dimension."""
+    if len(shape) != len(declared):
+        raise ValueError(f"{path}: {name} has {len(shape)} dims, the package takes "
+                         f"{len(declared)}")  # fmt: skip
+    for size, dim in zip(shape, declared, strict=True):
+        if isinstance(dim, int):
+            if fixed and size != dim:
+                raise ValueError(f"{path}: {name} has shape {list(shape)}, the package "
+                                 f"takes {declared}")  # fmt: skip
+            continue
+        axis = axes[dim]
+        if not axis_accepts(axis, size):
+            raise UserError(
+                f"{path}: axis {dim} of {name} is {size}, outside the "
+                f"{axis_range_text(axis)} this AOTInductor package was compiled for "
+                "(export --target aoti's ranges); pick a size or image count within them, "
+                "or run the bundle with --backend ort-cpu"
+            )
 
 
 class AotiBackend:
@@ -154,6 +162,19 @@ class AotiBackend:
         if path.suffix != ".pt2":
             raise BundleError(f"{path}: backend {self.name} runs .pt2 and .onnx files; {FIX}")
         return self._load_package(path)
+
+    def check_shapes(self, path: str | Path, shapes: dict[str, tuple[int, ...]]) -> None:
+        """UserError, before anything loads, when an input's shape has an axis outside the
+        package's ranges (its io.json; no torch): a run refused before its text encoders
+        run, not at its first denoiser step. Fixed dimensions are the session's to check."""
+        path = Path(path)
+        if path.suffix != ".pt2":
+            return
+        io = _read_io(path)
+        declared = {i["name"]: i["shape"] for i in io["inputs"]}
+        for name, shape in shapes.items():
+            if name in declared:
+                check_shape(path, declared[name], io["axes"], name, shape, fixed=False)
 
     def _load_package(self, path: Path) -> AotiSession:
         torch = _import_torch()

@@ -103,6 +103,22 @@ def test_size_outside_the_package_range_is_a_user_error(aoti):
         session.run(feeds)
 
 
+def test_a_run_outside_the_package_range_is_refused_before_it_starts(aoti, monkeypatch):
+    """17 images under CFG are 34 UNet rows, past the package's 1..32: refused from its
+    io.json before the text encoders run (not at the first step), naming the axis. The
+    CLI's image limit (64) is not the package's."""
+    _, out, _ = aoti
+    pipe = Text2ImagePipeline.from_bundle(out, backend="aoti")
+    ran = []
+    monkeypatch.setattr(pipe.conditioning, "encode", lambda *a, **k: ran.append(a))
+    with pytest.raises(UserError, match=r"axis B of sample is 34, outside the 1\.\.32 .*"
+                       r"pick a size or image count within them"):  # fmt: skip
+        pipe(PROMPT, steps=1, guidance=5.0, images=17)
+    with pytest.raises(UserError, match=r"axis B of sample is 33, outside the 1\.\.32"):
+        pipe(PROMPT, steps=1, guidance=1.0, images=33)
+    assert ran == []
+
+
 def test_another_backend_is_told_to_use_aoti(aoti):
     """An ONNX backend on a bundle with a package: one line naming --backend aoti, not
     onnxruntime's protobuf error."""
