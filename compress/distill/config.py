@@ -52,6 +52,9 @@ class DistillSettings:
     checkpoint_every: int = 100
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    # Exponential moving average of the student's weights (diffusers' EMAModel, with its
+    # (1 + n) / (10 + n) warm-up), copied into the student at the end; 0: none.
+    ema_decay: float = 0.0
     source: str = ""  # whose defaults these are, for the report
 
 
@@ -63,7 +66,10 @@ BK_SDM = DistillSettings(
     out_weight=1.0,
     feat_weight=1.0,
     hooks="block",
-    source="BK-SDM (arXiv 2305.15798): out 1, feat 1 at block outputs, lr 5e-5",
+    # scripts/kd_train.sh passes --use_ema: EMAModel(decay 0.9999) over the student, and
+    # kd_train_text_to_image.py saves the EMA weights (ema_unet.copy_to) as the result
+    ema_decay=0.9999,
+    source="BK-SDM (arXiv 2305.15798): out 1, feat 1 at block outputs, lr 5e-5, EMA 0.9999",
 )
 SEGMIND = DistillSettings(
     lr=1e-5,  # batch 32 x 4 accumulation, 251k steps at 1024 px (SSD-1B)
@@ -72,7 +78,7 @@ SEGMIND = DistillSettings(
     hooks="sub_block",
     source="SSD-1B/Vega (arXiv 2401.02677): out 0.5, feat 0.5 at every ResNet and "
     "transformer output, lr 1e-5",
-)
+)  # no EMA: segmind/distill-sd's distill_training.py offers --use_ema, off by default
 # KOALA released no training code (youngwanLEE/sdxl-koala is inference only). The paper's
 # finding is that feature distillation at self-attention outputs helps most; which layers
 # exactly is not published, so every kept transformer block's attn1 is used. Weights as
@@ -97,6 +103,7 @@ class DistillConfig(PassConfig):
           batch: 4            # (prompt, step) pairs per iteration, each a CFG batch
           hooks: sub_block    # block | sub_block | self_attn
           checkpoint_every: 50
+          ema_decay: 0.9999   # average the student's weights (BK-SDM's default); 0: off
     """
 
     steps: int = pydantic.Field(0, ge=0)
@@ -112,6 +119,7 @@ class DistillConfig(PassConfig):
     checkpoint_every: int | None = pydantic.Field(None, ge=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)  # None: no clipping
     seed: int = pydantic.Field(0, ge=0)  # draws the (prompt, step) pairs of each iteration
+    ema_decay: float | None = pydantic.Field(None, ge=0, lt=1)  # 0: no EMA; None: preset's
     # Checkpoints go here instead of the calibration work folder (see compress/runner.py).
     work_dir: str | None = None
 
@@ -129,7 +137,15 @@ class DistillConfig(PassConfig):
         """These keys over `defaults` (a paper's)."""
         given = {
             k: getattr(self, k)
-            for k in ("lr", "batch", "out_weight", "feat_weight", "hooks", "checkpoint_every")
+            for k in (
+                "lr",
+                "batch",
+                "out_weight",
+                "feat_weight",
+                "hooks",
+                "checkpoint_every",
+                "ema_decay",
+            )
             if getattr(self, k) is not None
         }
         return replace(

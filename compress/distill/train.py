@@ -15,8 +15,14 @@ with the feature pairs of `features.feature_pairs`. Where this departs from the 
 - Modules the ArchSpec marks frozen (never_touch: conv_in/out and the output norm; the
   time and added embeddings) stay bit-identical. The papers train the whole student.
 - Each iteration's (prompt, step) pairs are drawn from (seed, iteration) alone, and the
-  student, optimizer and iteration are checkpointed, so a killed run resumed from its last
-  checkpoint ends bit-identical to one that was never interrupted.
+  student, optimizer, EMA weights and iteration are checkpointed, so a killed run resumed
+  from its last checkpoint ends bit-identical to one that was never interrupted.
+
+With `ema_decay` (BK-SDM's preset: 0.9999, as its kd_train.sh --use_ema), diffusers'
+EMAModel averages the trained parameters after every optimizer step and the average
+replaces them at the end, as BK-SDM saves its EMA UNet. Its decay warms up as
+(1 + n) / (10 + n) at step n, so a run of a few hundred iterations averages roughly its
+last tenth; the reported losses are the trained weights', before the average.
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ def distill(
     # What a checkpoint must have been written with to be resumed (the batch drawing, the
     # loss and the optimizer; not the checkpoint interval or the report's label).
     state = {k: v for k, v in asdict(settings).items() if k not in ("source", "checkpoint_every")}
+    if not settings.ema_decay:
+        del state["ema_decay"]  # checkpoints from before EMA existed stay resumable
     resume = can_resume(checkpoint)
     if resume and read_train_state(checkpoint)[1].get("settings") != json.loads(json.dumps(state)):
         raise UserError(
@@ -109,10 +117,19 @@ def distill(
         if train:
             params.append(p)
     opt = torch.optim.AdamW(params, lr=settings.lr)
+    modules: dict[str, torch.nn.Module] = {"student": student}
+    ema = None
+    if settings.ema_decay and settings.steps:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=settings.ema_decay)
+        modules["ema"] = _Shadow(ema.shadow_params)  # checkpointed with the student
     start, losses, first = 0, {}, {}
     if resume:
-        start, extra = load_train_state(checkpoint, {"student": student}, opt)
+        start, extra = load_train_state(checkpoint, modules, opt)
         losses, first = extra["losses"], extra["first_losses"]
+        if ema is not None:
+            ema.optimization_step = start  # the decay's warm-up goes on from there
         log.info("distill: resuming at iteration %d from %s", start, checkpoint)
     step = functools.partial(
         _iteration, student, teacher, data, pairs if settings.feat_weight > 0 else [], settings
@@ -132,12 +149,14 @@ def distill(
                 if settings.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 opt.step()
+                if ema is not None:
+                    ema.step(params)
                 first = first or losses
                 done = it + 1
                 extra = {"settings": state, "losses": losses, "first_losses": first}
                 checkpoint_if_due(
                     checkpoint,
-                    {"student": student},
+                    modules,
                     opt,
                     done,
                     settings.steps,
@@ -147,6 +166,8 @@ def distill(
                 progress.advance(description=_describe(losses))
                 if on_iteration is not None:
                     on_iteration(done)
+        if ema is not None:
+            ema.copy_to(params)  # the result is the average, as BK-SDM saves it
     finally:
         if dtype != torch.float32:
             student.to(dtype)
@@ -162,6 +183,16 @@ def distill(
         feature_pairs=len(pairs) if settings.feat_weight > 0 else 0,
         seconds=time.perf_counter() - start_time,
     )
+
+
+class _Shadow(torch.nn.Module):
+    """EMAModel's shadow parameters as buffers (the same tensors, updated in place), so
+    the train-state checkpoint saves and restores them with the student."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        for i, tensor in enumerate(tensors):
+            self.register_buffer(f"p{i}", tensor)
 
 
 def _iteration(student, teacher, data, pairs, settings: DistillSettings, it: int):

@@ -139,8 +139,9 @@ def _kill_after(n: int):
     return hook
 
 
-def test_a_killed_distillation_resumes_from_its_checkpoint_bit_identical(tmp_path):
-    settings = replace(SEGMIND, steps=6, lr=1e-4, batch=2, checkpoint_every=2)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_a_killed_distillation_resumes_from_its_checkpoint_bit_identical(tmp_path, ema):
+    settings = replace(SEGMIND, steps=6, lr=1e-4, batch=2, checkpoint_every=2, ema_decay=ema)
     never = load_model("tiny:sdxl").arch.frozen
     run = functools.partial(distill_train.distill, settings=settings, frozen=never)
 
@@ -159,6 +160,31 @@ def test_a_killed_distillation_resumes_from_its_checkpoint_bit_identical(tmp_pat
     want = reference.state_dict()
     for name, got in student.state_dict().items():
         assert torch.equal(got, want[name]), name
+
+
+def test_the_ema_of_the_trained_weights_replaces_them_at_the_end(tmp_path):
+    """BK-SDM's --use_ema: after each optimizer step the average moves toward the weights
+    at diffusers' EMAModel decay, min(decay, (1 + n) / (10 + n)) at step n + 1 (0 at the
+    first: the average starts as the first step's weights); the student ends as it."""
+    settings = replace(SEGMIND, steps=4, lr=1e-3, batch=2, ema_decay=0.3)
+    never = load_model("tiny:sdxl").arch.frozen
+    teacher, student, data, pairs = _student(tmp_path)
+    snapshots = []
+
+    def keep(_done):
+        snapshots.append({n: p.detach().clone() for n, p in student.named_parameters()})
+
+    distill_train.distill(student, teacher, data, pairs, settings, frozen=never, on_iteration=keep)
+    average = dict(snapshots[0])
+    for n, weights in enumerate(snapshots[1:], start=1):  # optimizer step n + 1
+        decay = min(0.3, (1 + n) / (10 + n))  # 2/11, 3/12, then the cap
+        for name, w in weights.items():
+            average[name] = average[name] - (1 - decay) * (average[name] - w)
+    moved = 0
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.detach(), average[name], rtol=1e-5, atol=1e-7)
+        moved += not torch.equal(p.detach(), snapshots[-1][name])
+    assert moved > 0  # the average is not the last step's weights
 
 
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
@@ -393,6 +419,8 @@ def test_calibration_is_needed_only_when_distilling(tmp_path):
 def test_preset_defaults_are_the_papers_and_recipe_keys_override_them():
     bk = DistillConfig(steps=10).resolve(PRESETS["bk-sdm-small"].distill)
     assert (bk.out_weight, bk.feat_weight, bk.hooks, bk.lr) == (1.0, 1.0, "block", 5e-5)
+    assert bk.ema_decay == 0.9999  # kd_train.sh --use_ema
+    assert DistillConfig(ema_decay=0).resolve(PRESETS["bk-sdm-small"].distill).ema_decay == 0
     ssd = DistillConfig(steps=10, lr=3e-4).resolve(PRESETS["ssd-1b"].distill)
     assert (ssd.out_weight, ssd.feat_weight, ssd.hooks, ssd.lr) == (0.5, 0.5, "sub_block", 3e-4)
     koala = DistillConfig(hooks="block").resolve(PRESETS["koala-700m"].distill)
