@@ -85,12 +85,35 @@ class Bundle:
     sha256: str  # of manifest.json's bytes: pins every file through `files`
     size: int  # bytes hashed, manifest.json included
     _contents: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # (device, inode, size, mtime) of each file when it was hashed: a graph loaded later
+    # (low memory, the VAE encoder at the first image-to-image call) must be that file
+    _identity: dict[str, tuple[int, int, int, int]] = field(default_factory=dict, repr=False)
 
     def path(self, rel: str) -> Path:
         """The checked, hashed file `rel`, to hand to a backend (ONNX graphs)."""
         if rel not in self.manifest.files:
             raise BundleError(f"{self.root}: {rel} is not listed in {MANIFEST_NAME} files; {FIX}")
         return self.root / rel
+
+    def check_unchanged(self, folder: str) -> None:
+        """BundleError when a file under `folder` is not the one hashed at open: the
+        bundle was re-exported or edited in place since (a pipeline held for hours loads
+        graphs on demand; without this it would run another model's graph, unverified)."""
+        prefix = folder.rstrip("/") + "/"
+        for rel, identity in self._identity.items():
+            if not rel.startswith(prefix):
+                continue
+            try:
+                st = os.lstat(self.root / rel)
+                now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                now = None
+            if now != identity:
+                raise BundleError(
+                    f"{self.root}: {rel} changed since the bundle was opened and verified "
+                    "(exported again or edited); open the bundle again (a new pipeline, or "
+                    "run the command again) to verify and load what it holds now"
+                )
 
     def read_bytes(self, rel: str) -> bytes:
         """The bytes of `rel` exactly as they were hashed (tokenizer.json, scheduler config)."""
@@ -179,7 +202,10 @@ def open_bundle(bundle: str | Path, expect_sha256: str | None = None) -> Bundle:
         size += checked[rel].st_size
         if content is not None:
             contents[rel] = content
-    return Bundle(root, manifest, manifest.sha256, size, contents)
+    identity = {
+        rel: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for rel, st in checked.items()
+    }
+    return Bundle(root, manifest, manifest.sha256, size, contents, identity)
 
 
 def read_manifest_bytes(bundle: str | Path, expect_sha256: str | None = None) -> tuple[Path, bytes]:

@@ -7,9 +7,10 @@ memory is their sum: SD3 Medium's fp16 bundle (T5-XXL included) is killed by the
 killer on a 24 GiB host before its first step (docs/BENCHMARKS.md). With `low_memory` the
 text encoders are loaded, run and released, then the denoiser, then the VAE decoder: the
 peak is the largest component's, and every call pays the loads again (the trade diffusers'
-`enable_model_cpu_offload` makes on a GPU). Files are verified once, when the bundle is
-opened; each load checks the graph's inputs and outputs against the manifest, as the
-resident mode does at open.
+`enable_model_cpu_offload` makes on a GPU). Files are hashed once, when the bundle is
+opened; each load checks that the component's files are still those (Bundle.check_unchanged:
+a folder exported again meanwhile is refused, not run unverified) and the graph's inputs
+and outputs against the manifest, as the resident mode does at open.
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ def load_component(runner: Backend, bundle: Bundle, name: str) -> Session:
             f"{bundle.root}: its {name} is an AOTInductor package (export --target aoti), "
             f"which the {runner.name} backend cannot run; run it with --backend aoti"
         )
+    folder = entry.path.rsplit("/", 1)[0]
+    bundle.check_unchanged(folder)  # the graph and its external data, as they were hashed
     session = runner.load(bundle.path(entry.path))
     declared = sorted(i["name"] for i in entry.inputs)
     outputs = [o["name"] for o in entry.outputs]
