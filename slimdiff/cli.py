@@ -350,7 +350,11 @@ def verify_cmd(bundle: Path, expect_sha256: str | None, load: bool, backend: str
     multiple=True,
     help="Repeat for several prompts, run in one batch; their images are written in order.",
 )
-@click.option("--negative-prompt", default=None, help="One for every prompt.")
+@click.option(
+    "--negative-prompt",
+    multiple=True,
+    help="One for every prompt, or repeated: one per --prompt, in order.",
+)
 @click.option("--steps", type=STEPS, default=None, help="Default: the bundle's.")
 @guidance_options
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -411,6 +415,7 @@ def run_cmd(
         check_control,
         check_guidance,
         check_image_to_image,
+        check_negatives,
         check_output_file,
         check_size,
         image_paths,
@@ -421,6 +426,7 @@ def run_cmd(
     from slimdiff.runtime.image import image_format, save_image
 
     check_guidance(guidance)
+    negative_prompt = check_negatives(negative_prompt, len(prompt))
     check_image_to_image(init_image, mask_image, strength, latents)
     if refiner_start is not None and refiner is None:
         raise click.UsageError("--refiner-start needs --refiner (the refiner's bundle)")

@@ -163,6 +163,20 @@ def check_image_to_image(
         raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")
 
 
+def check_negatives(negatives: tuple[str, ...], prompts: int) -> str | list[str] | None:
+    """`run`'s --negative-prompt (repeatable) as the runtime's negative_prompt: none, one
+    for every prompt, or one per --prompt in order; another count is refused (keeping the
+    last one, as a plain option would, paired every prompt with it in silence)."""
+    if len(negatives) <= 1:
+        return negatives[0] if negatives else None
+    if len(negatives) != prompts:
+        raise click.UsageError(
+            f"--negative-prompt given {len(negatives)} times for {prompts} --prompt: give one "
+            "for every prompt, or one per --prompt, in order"
+        )
+    return list(negatives)
+
+
 def check_control(
     images: tuple, scales: tuple, starts: tuple, ends: tuple, guess: bool = False
 ) -> dict:

@@ -957,6 +957,31 @@ def test_cli_writes_one_file_per_image(tiny_bundle, tmp_path):
     assert sorted(p.name for p in two.iterdir()) == [f"x-{i}.png" for i in range(4)]
 
 
+def test_cli_takes_one_negative_prompt_per_prompt(tiny_bundle, tmp_path):
+    """--negative-prompt repeated pairs with --prompt in order (the API's list); another
+    count is refused before the bundle loads, not paired in silence with the last one."""
+    from click.testing import CliRunner
+    from slimdiff.runtime import Text2ImagePipeline
+    from slimdiff.runtime.image import save_image
+
+    from slimdiff.cli import main
+
+    _, bundle = tiny_bundle("sd15")
+    args = ["run", str(bundle), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2"]
+    negatives = ["--negative-prompt", "green", "--negative-prompt", "yellow"]
+    done = CliRunner().invoke(main, [*args, *negatives, "--out", str(tmp_path / "x.png")])
+    assert done.exit_code == 0, done.output
+    pipe = Text2ImagePipeline.from_bundle(bundle)
+    want = pipe(["a cat", "a dog"], negative_prompt=["green", "yellow"], steps=2).images
+    for i, image in enumerate(want):
+        save_image(image, tmp_path / f"want-{i}.png")
+        assert (tmp_path / f"x-{i}.png").read_bytes() == (tmp_path / f"want-{i}.png").read_bytes()
+    three = [*negatives, "--negative-prompt", "blue"]
+    bad = CliRunner().invoke(main, [*args, *three, "--out", str(tmp_path / "y.png")])
+    assert bad.exit_code == 2
+    assert "--negative-prompt given 3 times for 2 --prompt: give one for every prompt" in bad.output
+
+
 def test_images_per_call_tool_prints_both_timings(tiny_bundle):
     _, bundle = tiny_bundle("sd15")
     tool = Path(__file__).resolve().parents[2] / "tools" / "images_per_call.py"
