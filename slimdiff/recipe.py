@@ -303,6 +303,15 @@ class Recipe(_Strict):
     export: ExportSpec = ExportSpec()
     bench: BenchSpec = BenchSpec()
 
+    def __init__(self, **data: Any) -> None:
+        # A recipe built in Python gets validate's one UserError with every problem listed,
+        # not pydantic's ValidationError (model_validate, which validate_recipe calls, does
+        # not come through here)
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as err:
+            raise _invalid(err) from None  # validate_recipe names the file
+
     @pydantic.field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
@@ -324,7 +333,9 @@ class Recipe(_Strict):
             except UserError as err:
                 errors.extend(err.details or [str(err)])
         if errors:  # every pass's problems at once, as pydantic does for the other fields
-            raise _many(errors)
+            # a ValueError, so pydantic goes on to validate the other fields (a UserError
+            # here would stop it: validate listed the passes' problems and nothing else)
+            raise _PassErrors(errors)
         return entries
 
     @pydantic.model_validator(mode="after")
@@ -440,9 +451,22 @@ def validate_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
         raise error from None
 
 
-def _invalid(err: pydantic.ValidationError, where: str) -> UserError:
-    """One UserError for all of `err`'s problems: the first in its message, all in details."""
-    return _many([f"{where}: {_error_line(e)}" for e in err.errors()])
+class _PassErrors(ValueError):
+    """The pass entries' problems, one line each, carried through pydantic's validation."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(lines[0])
+        self.lines = lines
+
+
+def _invalid(err: pydantic.ValidationError, where: str | None = None) -> UserError:
+    """One UserError for all of `err`'s problems: the first in its message, all in details;
+    each line starts with `where` when given."""
+    lines = []
+    for e in err.errors():
+        passes = (e.get("ctx") or {}).get("error")
+        lines += passes.lines if isinstance(passes, _PassErrors) else [_error_line(e)]
+    return _many([f"{where}: {line}" if where else line for line in lines])
 
 
 def _many(lines: list[str]) -> UserError:

@@ -130,6 +130,20 @@ def test_every_problem_is_listed_and_the_message_counts_them(tmp_path, two_passe
         "passes[2]",
     ]
     assert "unknown pass 'prune.magic'" in details[2]
+    # a bad pass does not hide the other fields' problems, before or after it
+    path = _write(
+        tmp_path,
+        "version: 1\nmodel: m\ndevice: gpu\npasses:\n  - pass: prune.magic\n"
+        "export: {precision: fp64}\n",
+    )
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    details = [line.split(": ", 1)[1] for line in err.value.details]
+    assert [d.split(":")[0] for d in details] == [
+        "field 'device'",
+        "passes[0]",
+        "field 'export.precision'",
+    ]
 
 
 @pytest.mark.parametrize("key", ["on", "no", "1", "null", "2.5"])
