@@ -23,7 +23,12 @@ __all__ = ["__version__", "load"]
 
 def load(model: str, device: str = "cpu", allow_pickle: bool = False):
     """The diffusers pipeline of `model`: a compress artifact (its edit log replayed), a
-    diffusers folder, a hub id or a built-in (see slimdiff.models.loading)."""
+    diffusers folder, a hub id or a built-in (see slimdiff.models.loading), on `device`
+    ("cpu", "cuda", "cuda:N", "auto": cuda when torch sees a GPU; "meta": no weights).
+    Bad input raises slimdiff.errors.UserError."""
+    from slimdiff.device import resolve_device
     from slimdiff.models.loading import load_pipeline
 
+    if device != "meta":  # one line for "gpu" or a CPU-only torch, not torch's assertion
+        device = resolve_device(device)
     return load_pipeline(model, device=device, allow_pickle=allow_pickle)

@@ -16,6 +16,8 @@ def resolve_device(device: str) -> str:
     """ "auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda[:N]" checked to exist."""
     import torch
 
+    if not isinstance(device, str):
+        raise UserError(f"device {device!r}: use a name, one of auto, cpu, cuda, cuda:N")
     base, _, index = device.partition(":")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

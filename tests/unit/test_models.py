@@ -263,6 +263,23 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="torch sees no CUDA GPU here"):
             resolve_device("cuda:0")
+    with pytest.raises(UserError, match="device 0: use a name"):
+        resolve_device(0)
+
+
+def test_the_python_api_checks_the_device_as_the_cli_does():
+    """slimdiff.load("tiny:sdxl", device="gpu") is one UserError, not torch's RuntimeError
+    (or, for "cuda" on a CPU-only torch, its AssertionError) from deep in the load."""
+    import slimdiff
+
+    with pytest.raises(UserError, match=r"device 'gpu' is not one of: auto, cpu, cuda"):
+        slimdiff.load("tiny:sdxl", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"device 'cuda': torch sees no CUDA GPU here"):
+            slimdiff.load("tiny:sdxl", device="cuda")
+    pipe = slimdiff.load("tiny:sd15", device="auto")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pipe.unet.device.type == want
 
 
 def test_bench_prompts_are_not_calibration_prompts():
