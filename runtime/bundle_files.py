@@ -372,7 +372,26 @@ def _not_a_bundle(given: Path, root: Path) -> str:
         )
     if (root.parent / MANIFEST_NAME).is_file():
         return f"{given} is a folder inside a bundle: pass the bundle, {root.parent}"
+    inside = _bundles_inside(root)
+    if inside:  # compress's output folder holds its bundle in bundle/, bench's deeper
+        return f"{given} is not a bundle, it holds one: pass {', or '.join(map(str, inside))}"
     return (
         f"{given} is not a slimdiff bundle (no {MANIFEST_NAME}); an interrupted export leaves "
         "none: export again"
     )
+
+
+def _bundles_inside(root: Path, limit: int = 3) -> list[Path]:
+    """Bundles among `root`'s subfolders (compress writes OUT/bundle), at most `limit`."""
+    found = []
+    try:
+        with os.scandir(root) as entries:
+            for entry in sorted(entries, key=lambda e: e.name)[:MAX_FOLDER_ENTRIES]:
+                if (
+                    entry.is_dir(follow_symlinks=False)
+                    and (Path(entry.path) / MANIFEST_NAME).is_file()
+                ):
+                    found.append(Path(entry.path))
+    except OSError:
+        return []
+    return found[:limit]

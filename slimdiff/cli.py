@@ -39,7 +39,10 @@ from slimdiff.errors import UserError
 from slimdiff.limits import MAX_IMAGES
 from slimdiff.threads import MAX_THREADS
 
-SIZE_HELP = "Image size as WIDTHxHEIGHT, multiples of 8 (16 for SD3/FLUX), e.g. 1024x1024."
+SIZE_HELP = (
+    "Image size as WIDTHxHEIGHT in multiples of the model's size multiple (8 for SD1.5 and "
+    "SDXL, 16 for SD3 and FLUX; `slimdiff verify` prints a bundle's), e.g. 1024x1024."
+)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -133,6 +133,11 @@ def test_a_bundle_and_a_model_folder_swapped_say_which_is_which(tmp_path):
         _run("run", str(bundle / "unet"), "--prompt", "x", "--out", png),
         f"is a folder inside a bundle: pass the bundle, {bundle}",
     )
+    # compress's output folder: its bundle is OUT/bundle
+    _assert_one_line_error(
+        _run("run", str(tmp_path), "--prompt", "x", "--out", png),
+        f"{tmp_path} is not a bundle, it holds one: pass {bundle}",
+    )
 
 
 def test_hub_id_while_offline_exits_2(tmp_path, monkeypatch):
