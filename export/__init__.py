@@ -41,6 +41,7 @@ from slimdiff.export.components import (
     release_memory,
 )
 from slimdiff.export.controlnet import check_controlnet_export, controlnet_specs, load_checked
+from slimdiff.export.fp16 import convert_fp16
 from slimdiff.export.lowbit import (
     compact_names,
     int4_digests,
@@ -59,7 +60,7 @@ from slimdiff.export.onnx import (
     load_graph,
     save_model,
 )
-from slimdiff.export.optimize import FUSE_MEMORY, convert_fp16, fuse, fusion_memory
+from slimdiff.export.optimize import FUSE_MEMORY, fuse, fusion_memory
 from slimdiff.export.parity import ExportError, check_parity, raise_if_failed, torch_reference
 from slimdiff.export.profiles import shape_profile, size_range
 from slimdiff.export.streamed import export_streamed, fits_in_memory
@@ -432,7 +433,7 @@ def export_onnx_component(
     else:
         graph = load_graph(raw)
     if precision == "fp16":
-        graph = convert_fp16(graph)
+        graph = convert_fp16(graph, t5=plan.model_type == "t5")
     quantized = is_quantized(graph)
     four_bit = four_bit if quantized else set()
     # TensorRT's parser does not fold the unpacking subgraph: int4 values stay int8 there.

@@ -59,7 +59,10 @@ SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 # diffusers marks VAEs that overflow in fp16 with `force_upcast` (the SDXL VAE: NaN/black
 # images; the fp16-fix VAE sets it False). ORT's optimize_pipeline and demoDiffusion keep
-# that VAE fp32, so a fp16 export does too unless vae_precision says otherwise.
+# that VAE fp32, so a fp16 export does too unless vae_precision says otherwise. Only a
+# config that says so: AutoencoderKL defaults the flag to True, and a config without it
+# (SD1.5's VAE, which its pipeline runs in fp16) reads True after loading; diffusers lists
+# such keys in the loaded config's `_use_default_values`.
 _VAE_FP32_FLAG = "force_upcast"
 
 
@@ -88,7 +91,9 @@ def component_precisions(model: LoadedModel, precision: str, vae_precision: str 
     """Precision of each component: `precision`, except the VAE decoder and encoder (see
     _VAE_FP32_FLAG)."""
     if vae_precision is None:
-        vae_precision = "fp32" if model.pipe.vae.config.get(_VAE_FP32_FLAG, False) else precision
+        config = model.pipe.vae.config
+        said = _VAE_FP32_FLAG not in config.get("_use_default_values", ())
+        vae_precision = "fp32" if said and config.get(_VAE_FP32_FLAG, False) else precision
     names = (*model.components, VAE_ENCODER)
     vae = {VAE_DECODER, VAE_ENCODER}
     return {name: (vae_precision if name in vae else precision) for name in names}

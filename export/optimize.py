@@ -32,11 +32,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
-from slimdiff.export.onnx import PROTOBUF_LIMIT, tensor_bytes
 
 from slimdiff.models.arch import OnnxPlan
 
-__all__ = ["convert_fp16", "fuse", "fusion_memory", "fusion_options", "has_contrib_ops"]
+__all__ = ["fuse", "fusion_memory", "fusion_options"]
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def fuse(path: str, plan: OnnxPlan, *, for_gpu: bool = False, fp16: bool = False
 
     options = fusion_options(plan, for_gpu=for_gpu, fp16=fp16)
     log.info("ORT %s fusions (%s) on %s", plan.model_type, "gpu" if for_gpu else "cpu", path)
-    with _quiet():
+    with quiet():
         model = optimize_model(
             path,
             model_type=plan.model_type,
@@ -123,41 +122,8 @@ def fuse(path: str, plan: OnnxPlan, *, for_gpu: bool = False, fp16: bool = False
     return model, counts
 
 
-def convert_fp16(model: onnx.ModelProto, keep_float32: bool | list[str] = True) -> onnx.ModelProto:
-    """Weights and compute to float16, graph inputs and outputs kept float32.
-
-    keep_io_types=True puts Casts at the graph edges, so the runtime feeds float32 whatever
-    the component's precision (the mixed-IO dtype mismatch optimum users hit with an fp32
-    SDXL VAE does not arise). ORT's CPU EP runs fp16 graphs by casting around ops that lack
-    fp16 kernels: fp16 is a size and GPU format here, not a CPU speed-up.
-
-    `keep_float32`: the inputs and outputs kept float32 (True: all). A graph whose weights
-    are inputs (export/streamed.py) names its real IO, and its weight inputs turn fp16.
-    """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    # The converter needs every tensor's type. ONNX shape inference gives them in a second
-    # but knows none of ORT's contrib ops (MultiHeadAttention, ...) and fails past 2 GiB in
-    # memory. ORT's OnnxModel route handles both through its symbolic shape inference, which
-    # costs ~20 s on a UNet-sized graph (30x the plain route), so only when needed.
-    if has_contrib_ops(model) or tensor_bytes(model) >= PROTOBUF_LIMIT:
-        wrapped = OnnxModel(model)
-        with _quiet():
-            wrapped.convert_float_to_float16(
-                keep_io_types=keep_float32, use_symbolic_shape_infer=True
-            )
-    else:
-        wrapped = OnnxModel(convert_float_to_float16(model, keep_io_types=keep_float32))
-        # Cast pairs the converter leaves back to back (fp16 -> fp32 -> fp16); ORT would drop
-        # them at load too, this keeps the saved graph clean.
-        wrapped.remove_cascaded_cast_nodes()
-    wrapped.topological_sort()  # the IO casts are appended at the end of the node list
-    return wrapped.model
-
-
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     # ORT's optimizer draws a tqdm bar on stderr and its symbolic shape inference prints
     # sympy notes ("Cannot determine if ... < 0") on stdout; library code does not print.
     # Their log records go through logging and are unaffected.

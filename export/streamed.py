@@ -36,8 +36,8 @@ from pathlib import Path
 import onnx
 import torch
 from slimdiff.export.components import Component, export_mode, release_memory
+from slimdiff.export.fp16 import convert_fp16
 from slimdiff.export.onnx import OPSET, PROTOBUF_LIMIT, export_component, graph_io, save_model
-from slimdiff.export.optimize import convert_fp16
 from slimdiff.export.parity import ExportError, check_parity, raise_if_failed, torch_reference
 from slimdiff.runtime.manifest import ComponentEntry
 from torch import nn
@@ -108,7 +108,7 @@ def export_streamed(
     _check_names(graph, keys, component.name)
     io = [*component.input_names, *component.output_names]
     if precision == "fp16":
-        graph = convert_fp16(graph, keep_float32=io)
+        graph = convert_fp16(graph, keep_float32=io, t5=component.plan.model_type == "t5")
     values: dict[str, Callable[[], torch.Tensor]] = {
         name: (lambda k=k: fetch_tensor(source, k)) for name, k in keys.items()
     }

@@ -81,3 +81,24 @@ def test_vae_precision_default_follows_force_upcast(sdxl_fp16):
         assert component_precisions(model, "fp16", None)["vae_decoder"] == "fp16"
     finally:
         model.pipe.vae.register_to_config(force_upcast=original)
+
+
+def test_a_vae_config_without_force_upcast_exports_at_the_bundle_precision(tmp_path):
+    """SD1.5's VAE config has no force_upcast; diffusers fills it in as True on load (and
+    lists it in _use_default_values). Its pipeline runs that VAE in fp16, so does the
+    bundle; a config that says True (SDXL's) keeps fp32."""
+    import json
+
+    import diffusers
+
+    model = load_model("tiny:sd15")
+    model.pipe.vae.save_pretrained(tmp_path / "vae")
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    for said, want in ((None, "fp16"), (True, "fp32"), (False, "fp16")):
+        config.pop("force_upcast", None)
+        if said is not None:
+            config["force_upcast"] = said
+        (tmp_path / "vae" / "config.json").write_text(json.dumps(config))
+        model.pipe.vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae")
+        assert model.pipe.vae.config.force_upcast is (True if said is None else said)
+        assert component_precisions(model, "fp16", None)["vae_decoder"] == want, said
