@@ -6,6 +6,7 @@ pixels stay finite (check_finite)."""
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_ST
 __all__ = [
     "check_finite",
     "check_images",
+    "check_number",
     "check_prompts",
     "check_rescale",
     "check_run_args",
@@ -40,6 +42,17 @@ def is_whole(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) or (
         isinstance(value, (float, np.floating)) and float(value).is_integer()
     )
+
+
+def check_number(value: Any, name: str, hint: str) -> float:
+    """`value` as a float; UserError "`name` `value`: use a number`hint`" for anything but
+    an int or float (numpy's too): float() would take "7" and True, and fail on "abc" with
+    a ValueError that does not name the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise UserError(f"{name} {reprlib.repr(value)}: use a number{hint}")
+    return float(value)
 
 
 def whole_pair(value: Any) -> tuple[int, int] | None:
@@ -123,7 +136,13 @@ def check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None
     ):
         raise UserError(f"seed {seed!r}: use an integer from 0 to {MAX_SEED}")
     if latents is not None:
-        array = np.asarray(latents)
+        try:
+            array = np.asarray(latents)
+        except ValueError:  # numpy refuses a ragged nested list
+            raise UserError(
+                "latents: a ragged nested list; pass an array of the latent shape "
+                "(e.g. the latents of a run's output='latent' result)"
+            ) from None
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise UserError(f"latents hold {array.dtype}, not numbers")
         if not np.isfinite(array).all():

@@ -12,6 +12,7 @@ Batches under classifier-free guidance are (uncond, cond), as diffusers concaten
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ from slimdiff.models.kinds import (
 )
 
 __all__ = ["Conditioning"]
+
+log = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
 
@@ -104,14 +107,18 @@ class Conditioning:
         if latents.shape != shape:
             count = "" if images == 1 else f" for {images} images"
             raise UserError(
-                f"latents have shape {latents.shape}; size {height}x{width} needs {shape}" + count
+                f"latents have shape {latents.shape}; size {width}x{height} (width x height) "
+                f"needs {shape}" + count
             )
         return latents
 
     def latents_size(self, latents: Any) -> tuple[int, int] | None:
         """(height, width) in pixels of unpacked (B, C, h, w) latents; None otherwise (the
         size must then be given)."""
-        shape = np.shape(latents)
+        try:
+            shape = np.shape(latents)
+        except ValueError:  # a ragged nested list: refused with the run's other arguments
+            return None
         if len(shape) != 4 or self.kind.latent_packing != 1:
             return None
         return shape[2] * self.vae_scale, shape[3] * self.vae_scale
@@ -149,7 +156,7 @@ class Conditioning:
         segments: dict[int, list[np.ndarray]] = {}
         pooled = []
         for enc in self.encoders:
-            out = enc(texts)
+            out = enc(texts, warn=False)
             if enc.hidden_output is not None:
                 segments.setdefault(enc.segment, []).append(out[enc.hidden_output])
             pooled += [out[name] for name in enc.pooled_outputs]
@@ -173,6 +180,7 @@ class Conditioning:
         width: int,
         images: int = 1,
         time_ids: tuple[np.ndarray, np.ndarray] | None = None,
+        prompts_are: str = "prompt",
     ) -> Feeds:
         """Denoiser inputs that stay the same at every step (text states, ids, ...), for
         `images` images of each prompt, batched as diffusers batches a list of prompts with
@@ -181,13 +189,16 @@ class Conditioning:
         all prompts, or one per prompt (None: empty, or zeros where the pipeline says so).
         `time_ids`: SDXL's (negative row, prompt row) of time ids (runtime/
         size_conditioning.py time_id_rows; the refiner's carry its aesthetic scores); None:
-        the default six ids of a height x width image on every row."""
+        the default six ids of a height x width image on every row. `prompts_are`: what the
+        long-prompt warning calls `prompt` ("negative prompt" for FLUX's true CFG pass)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = (
             list(negative_prompt)
             if isinstance(negative_prompt, (list, tuple))
             else [negative_prompt] * len(prompts)
         )
+        self._warn_cut(prompts, negatives if do_cfg else [], prompts_are)
+        # warned of above, once per prompt, not per encoder
         halves = [self._encode_one(p, n, do_cfg) for p, n in zip(prompts, negatives, strict=True)]
         # [(uncond, cond) per prompt] -> uncond rows of every prompt, then the cond rows
         parts = [[h[k] for h in halves] for k in range(len(halves[0]))]
@@ -228,6 +239,24 @@ class Conditioning:
             )
         )
         return feeds
+
+    def _warn_cut(self, prompts: list[str], negatives: list[str | None], what: str) -> None:
+        """Warn once of each distinct prompt longer than a text encoder reads (SDXL's two
+        encoders and SD3's three all cut a long one), a negative one named as such."""
+        texts = dict.fromkeys(prompts, what)
+        for text in negatives:
+            if text:  # None and "" are never cut
+                texts.setdefault(text, "negative prompt")
+        cut = [(enc, set(enc.cut(list(texts)))) for enc in self.encoders]
+        for text, name in texts.items():
+            reads = sorted({(enc.max_length, enc.kind) for enc, gone in cut if text in gone})
+            if reads:
+                log.warning(
+                    "%s %r is longer than %s; the rest is ignored, as in diffusers",
+                    name,
+                    text if len(text) <= 60 else text[:57] + "...",
+                    " and ".join(f"the {n} tokens {kind.upper()} reads" for n, kind in reads),
+                )
 
     def _encode_one(
         self, prompt: str, negative: str | None, do_cfg: bool

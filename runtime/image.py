@@ -23,6 +23,7 @@ from slimdiff.fsutil import atomic_write_bytes
 
 __all__ = [
     "ImageInput",
+    "describe",
     "image_format",
     "image_size",
     "load_image",
@@ -89,11 +90,23 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 
 
 def _write(image: np.ndarray, path: Path, name: str, options: dict) -> Path:
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3):
-        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else repr(image)
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+        fix = ""
+        if image is None or getattr(image, "ndim", 0) == 4:  # a latents-only call's result
+            fix = " (a call with output='latent' returns latents only: use output='image')"
+        elif isinstance(image, Image.Image):
+            fix = " (np.asarray(image.convert('RGB')) is one)"
         raise UserError(
-            f"{path}: an image to save is an (H, W, 3) uint8 array, not {got} (a call with "
-            "output='latent' returns latents only: decode them with output='image')"
+            f"{path}: an image to save is an (H, W, 3) uint8 array, not {describe(image)}{fix}"
+        )
+    if image.shape[2] != 3:  # PIL's own error would not say what it takes
+        fix = ""
+        if image.shape[0] == 3:
+            fix = " (channels first: image.transpose(1, 2, 0) puts them last)"
+        elif image.shape[2] == 4:
+            fix = " (RGBA: image[..., :3] drops the alpha channel)"
+        raise UserError(
+            f"{path}: an image to save is an (H, W, 3) uint8 array, not of shape {image.shape}{fix}"
         )
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format=name, **options)
@@ -132,7 +145,24 @@ def load_image(image: ImageInput, what: str = "image") -> Image.Image:
                 "uint8 RGB (or (H, W) uint8 for a mask)"
             )
         return Image.fromarray(np.ascontiguousarray(image), mode="L" if grey else "RGB")
-    raise UserError(f"{what} must be a file path, a PIL image or a uint8 array, not {image!r}")
+    raise UserError(
+        f"{what} must be a file path, a PIL image or an (H, W, 3) uint8 array, not "
+        f"{describe(image)}"
+    )
+
+
+def describe(value: object) -> str:
+    """`value` in a few words for a message: its type, an array's shape and dtype (its repr
+    may run to pages)."""
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    if isinstance(value, Image.Image):
+        return f"a PIL image ({value.mode})"
+    if value is None:
+        return "None"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 # 16-bit grey modes: PIL's convert("RGB") clips their values at 255 (diffusers' load_image

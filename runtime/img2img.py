@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from slimdiff.runtime.backends import Session
+from slimdiff.runtime.call_checks import check_number
 from slimdiff.runtime.manifest import VAE_ENCODER_INPUT, VAE_ENCODER_OUTPUTS, PipelineSpec
 from slimdiff.runtime.schedulers import Scheduler
 
@@ -45,7 +46,7 @@ def default_strength(config: PipelineSpec, inpaint: bool) -> float:
 
 def run_strength(config: PipelineSpec, strength: Any, image: Any, mask: Any) -> Any:
     """A call's strength: the one given, which needs an image (UserError without), else
-    the default for its mode (default_strength)."""
+    the default for its mode (default_strength); begin_at checks its value."""
     if strength is not None and image is None:
         raise UserError(
             "strength sets how far an image is noised: pass the image as well (image=...), "
@@ -56,8 +57,9 @@ def run_strength(config: PipelineSpec, strength: Any, image: Any, mask: Any) -> 
 
 def begin_at(kind: KindSpec, scheduler: Scheduler, steps: int, strength: float) -> int:
     """The first scheduler call of an image-to-image run, set as the scheduler's begin index
-    (its history starts there); UserError for a strength that leaves no step."""
-    value = float(strength)
+    (its history starts there); UserError for a strength that is not a number from 0 to 1
+    or leaves no step."""
+    value = check_number(strength, "strength", " above 0 and at most 1")
     if not (np.isfinite(value) and 0 < value <= 1):
         raise UserError(f"strength {strength}: use a value above 0 and at most 1")
     begin = img2img_begin(kind, steps, value, scheduler.order)

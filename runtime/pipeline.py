@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import reprlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.call_checks import (
     check_finite,
     check_images,
+    check_number,
     check_prompts,
     check_rescale,
     check_run_args,
@@ -175,7 +177,7 @@ class Text2ImagePipeline:
     def from_bundle(
         cls,
         bundle: str | Path,
-        backend: str = "ort-cpu",
+        backend: str | Backend = "ort-cpu",
         expect_sha256: str | None = None,
         scheduler: str | None = None,
         low_memory: bool = False,
@@ -183,6 +185,12 @@ class Text2ImagePipeline:
         timestep_spacing: str | None = None,
     ) -> Text2ImagePipeline:
         """Verify `bundle` (schema, paths, SHA-256 of every file) and load it on `backend`.
+
+        `backend` is a name ("ort-cpu", "ort-cuda", "trt", "trt-rtx", "aoti") or a backend
+        object: what get_backend(name) returns, or one built with settings a name cannot
+        carry, e.g. OrtBackend(threads=4) from slimdiff.runtime.backends.ort (intra-op
+        threads; by default SLIMDIFF_THREADS, else chosen from the graph's size and the
+        free CPUs) or OrtBackend("ort-cuda", device="cuda", device_id=1).
 
         `expect_sha256` pins the bundle's identity (the SHA-256 of its manifest.json, which
         `slimdiff export` prints): any other bundle is refused before its files are hashed.
@@ -197,7 +205,12 @@ class Text2ImagePipeline:
         steps in the training range otherwise than the bundle's config ("trailing" for
         SDXL-Lightning, Hyper-SD, SDXL-Turbo and other few-step distillations).
         """
-        runner = get_backend(backend)  # fail on a bad backend name before hashing gigabytes
+        runner = _backend(backend)  # fail on a bad backend before hashing gigabytes
+        if expect_sha256 is not None and not isinstance(expect_sha256, str):
+            raise UserError(
+                "expect_sha256 must be the 64-hex-digit SHA-256 string `slimdiff export` "
+                f"prints, not {type(expect_sha256).__name__} {reprlib.repr(expect_sha256)}"
+            )
         bundle_files = open_bundle(bundle, expect_sha256=expect_sha256)
         schedule = {"sigmas": sigmas, "timestep_spacing": timestep_spacing}
         return cls._load_verified(bundle_files, runner, scheduler, low_memory, **schedule)
@@ -367,7 +380,14 @@ class Text2ImagePipeline:
         start = time.perf_counter()
         prompts, negatives = check_prompts(prompt, negative_prompt)
         steps = check_step_count(steps, self.config.default_steps)
-        guidance = float(guidance if guidance is not None else self.config.default_guidance)
+        if guidance is None:
+            guidance = float(self.config.default_guidance)
+        else:
+            guidance = check_number(guidance, "guidance", ", e.g. 7.5")
+        if on_step is not None and not callable(on_step):  # else it fails after step 1
+            raise UserError(
+                f"on_step {reprlib.repr(on_step)}: pass a function of (done, total), or None"
+            )
         aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
         sizing = check_size_conditioning(
             "time_ids" in self.config.kind.extra_inputs,
@@ -471,7 +491,16 @@ class Text2ImagePipeline:
         negative = {}  # true CFG's text inputs: the negative prompts, encoded as prompts
         if true_cfg is not None:
             unguided = [n or "" for n in negatives]
-            negative = cond.encode(unguided, None, False, guidance, height, width, per_prompt)
+            negative = cond.encode(
+                unguided,
+                None,
+                False,
+                guidance,
+                height,
+                width,
+                per_prompt,
+                prompts_are="negative prompt",
+            )
         for value in (*fixed.values(), *negative.values()):
             # Read-only: the same every step, so a GPU backend copies it to the device once
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
@@ -599,6 +628,20 @@ class Text2ImagePipeline:
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         check_finite(sample, "in the VAE decoder's output", _VAE_NAN_FIX)
         return to_uint8(sample[0])
+
+
+def _backend(backend: str | Backend) -> Backend:
+    """The backend called `backend` (get_backend), or `backend` itself when it is one (a
+    `name` and a `load` method); UserError otherwise."""
+    if isinstance(backend, str):
+        return get_backend(backend)
+    if isinstance(getattr(backend, "name", None), str) and callable(getattr(backend, "load", None)):
+        return backend
+    raise UserError(
+        f"backend {reprlib.repr(backend)}: pass a backend name such as 'ort-cpu' or a backend "
+        "object (slimdiff.runtime.get_backend(name), or e.g. "
+        "slimdiff.runtime.backends.ort.OrtBackend(threads=4))"
+    )
 
 
 def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from slimdiff.runtime.call_checks import check_number
 from slimdiff.runtime.manifest import FIX, BundleError, PipelineSpec
 from slimdiff.runtime.schedulers import (
     SIGMA_SCHEDULES,
@@ -39,11 +40,12 @@ log = logging.getLogger(__name__)
 
 
 def set_eta(scheduler: Scheduler, eta: float | None) -> None:
-    """TCD's gamma; UserError for a value out of 0..1, or for a scheduler that takes none
-    (DDIM's eta > 0, its stochastic form, is not ported; the others have no eta)."""
+    """TCD's gamma; UserError for a non-number or a value out of 0..1, or for a scheduler
+    that takes none (DDIM's eta > 0, its stochastic form, is not ported; the others have
+    no eta)."""
     if eta is None:
         return
-    value = float(eta)
+    value = check_number(eta, "eta", " from 0 to 1")
     if not (np.isfinite(value) and 0 <= value <= 1):
         raise UserError(f"eta {eta}: use a value from 0 to 1")
     if hasattr(scheduler, "eta"):
@@ -51,8 +53,8 @@ def set_eta(scheduler: Scheduler, eta: float | None) -> None:
     elif value > 0:
         name = type(scheduler).__name__
         raise UserError(
-            f"eta {value:g}: {name} takes no eta here (it is TCD's gamma: sample with "
-            "--scheduler tcd, or leave eta out)"
+            f"eta {value:g}: {name} takes no eta here (only TCD's gamma is ported as eta, not "
+            "DDIM's stochastic eta nor another's: sample with --scheduler tcd, or leave eta out)"
         )
 
 

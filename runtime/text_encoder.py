@@ -71,9 +71,19 @@ class TextEncoder:
     def pooled_outputs(self) -> tuple[str, ...]:
         return tuple(name for name in self.outputs if name in POOLED_OUTPUTS)
 
-    def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Encode `prompts` in one batch (or one by one for a batch-1 graph)."""
-        ids = self.tokenizer(prompts)  # (B, max_length) int64
+    @property
+    def max_length(self) -> int:
+        """The tokens this encoder reads; a longer prompt is cut."""
+        return self.tokenizer.max_length
+
+    def cut(self, prompts: Sequence[str]) -> list[str]:
+        """The `prompts` longer than this encoder reads, which its tokenizer cuts."""
+        return self.tokenizer.cut(prompts)
+
+    def __call__(self, prompts: Sequence[str], warn: bool = True) -> dict[str, np.ndarray]:
+        """Encode `prompts` in one batch (or one by one for a batch-1 graph); `warn`: of a
+        prompt the tokenizer cuts (Conditioning.encode warns once for all encoders)."""
+        ids = self.tokenizer(prompts, warn=warn)  # (B, max_length) int64
         if self.dynamic_batch or len(prompts) == 1:
             out = self.session.run({TEXT_INPUT: ids})
         else:

@@ -70,12 +70,18 @@ class PromptTokenizer:
         except BundleError as err:
             raise BundleError(f"{where}: {err}") from None
 
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+    def cut(self, prompts: Sequence[str]) -> list[str]:
+        """The `prompts` longer than max_length, which a call cuts."""
+        encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=True)
+        return [p for p, e in zip(prompts, encodings, strict=True) if e.overflowing]
+
+    def __call__(self, prompts: Sequence[str], warn: bool = True) -> np.ndarray:
         """Token ids, int64 (len(prompts), max_length), special tokens included. A prompt
-        longer than max_length is cut, as the diffusers pipelines cut it, with a warning."""
+        longer than max_length is cut, as the diffusers pipelines cut it, with a warning
+        (`warn` False: the caller warns, e.g. once for a pipeline's several encoders)."""
         encodings = self._tokenizer.encode_batch(list(prompts), add_special_tokens=True)
         for prompt, encoding in zip(prompts, encodings, strict=True):
-            if encoding.overflowing:
+            if encoding.overflowing and warn:
                 log.warning(
                     "prompt %r is longer than the %d tokens this text encoder reads; the "
                     "rest is ignored, as in diffusers",

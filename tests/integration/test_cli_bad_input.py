@@ -72,7 +72,7 @@ RUN_CASES = [
     (["--guidance-rescale", "nan"], "guidance rescale nan: use a value from 0 to 1"),
     (["--eta", "1.5"], "1.5 is not in the range 0.0<=x<=1.0"),
     (["--eta", "nan"], "eta nan: use a value from 0 to 1"),
-    (["--eta", "0.3"], "takes no eta here (it is TCD's gamma: sample with --scheduler tcd"),
+    (["--eta", "0.3"], "takes no eta here (only TCD's gamma is ported as eta, not DDIM's"),
     (["--backend", "bogus"], "unknown backend 'bogus'"),
     (["--backend", "aoti"], "has no AOTInductor package (its components are ONNX graphs); export"),
     (["--expect-sha256", "0" * 64], "this is not the pinned bundle"),

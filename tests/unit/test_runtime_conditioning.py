@@ -89,9 +89,14 @@ class _FakeEncoder:
         self.pooled_outputs = tuple(k for k in outputs if k in ("text_embeds", "pooler_output"))
         self.calls: list[list[str]] = []
 
-    def __call__(self, texts):
+    def __call__(self, texts, warn=True):
         self.calls.append(list(texts))
         return {k: np.repeat(v, len(texts), axis=0) for k, v in self._outputs.items()}
+
+    max_length = 4  # tokens, here words: what `cut` cuts beyond
+
+    def cut(self, texts):
+        return [t for t in texts if len(t.split()) > self.max_length]
 
 
 def test_flux_feeds_ids_and_guidance_match_diffusers():
@@ -112,6 +117,24 @@ def test_flux_feeds_ids_and_guidance_match_diffusers():
     assert feeds["encoder_hidden_states"].shape == (1, 512, 32)
     step = cond.step_feeds(np.zeros((1, 24, 64), np.float32), np.float32(750.0))
     assert step["timestep"].tolist() == [0.75]  # FluxPipeline passes t / 1000
+
+
+def test_a_long_prompt_is_warned_of_once_for_all_encoders(caplog):
+    out = {"penultimate_hidden_state": np.ones((1, 77, 4), np.float32)}
+    cond = _cond("sd15", [_FakeEncoder("clip", out), _FakeEncoder("clip", out)])
+    long = "a red cat on a blue square"
+    with caplog.at_level("WARNING"):
+        cond.encode([long, long], "blurry " + long, True, 5.0, 64, 64)
+        # FLUX's true CFG pass encodes the negative prompts as prompts
+        cond.encode("blurry " + long, None, False, 5.0, 64, 64, prompts_are="negative prompt")
+        cond.encode("a cat", "blurry", True, 5.0, 64, 64)  # nothing cut
+    rest = "is longer than the 4 tokens CLIP reads; the rest is ignored, as in diffusers"
+    negative = f"negative prompt {'blurry ' + long!r} {rest}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"prompt {long!r} {rest}",
+        negative,
+        negative,  # the true CFG pass's
+    ]
 
 
 def test_sdxl_zero_negative_and_time_ids():
@@ -200,8 +223,9 @@ def test_bad_output_and_steps_are_user_errors():
 
 def test_latents_of_the_wrong_shape_are_a_user_error():
     cond = _cond("sd3")
-    with pytest.raises(UserError, match=r"size 64x64 needs \(1, 16, 8, 8\)"):
-        cond.initial_latents(np.zeros((1, 4, 8, 8)), 0, 64, 64, scheduler=_Sigma(1.0))
+    # width x height, as run --size spells it: a 64-high, 128-wide run
+    with pytest.raises(UserError, match=r"size 128x64 \(width x height\) needs \(1, 16, 8, 16\)"):
+        cond.initial_latents(np.zeros((1, 4, 8, 8)), 0, 64, 128, scheduler=_Sigma(1.0))
 
 
 def test_to_uint8_matches_diffusers_postprocess():

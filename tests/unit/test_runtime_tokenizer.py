@@ -103,3 +103,8 @@ def test_a_prompt_cut_at_max_length_is_warned_about(tmp_path, caplog):
     assert ids.shape == (2, 8)
     (record,) = caplog.records
     assert "longer than the 8 tokens this text encoder reads" in record.getMessage()
+    # `cut` names the prompts a call cuts; warn=False leaves the warning to the caller
+    long = "a red cat on the sky of a blue square photo"
+    assert runtime.cut([long, "a cat"]) == [long]
+    caplog.clear()
+    assert (runtime([long], warn=False) == ids[:1]).all() and not caplog.records
