@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from slimdiff.models.loading import LoadedModel
 
-__all__ = ["count_flops", "format_table", "inspect_model", "load_for_inspect"]
+__all__ = ["check_size", "count_flops", "format_table", "inspect_model", "load_for_inspect"]
 
 # Latent pixels per pixel side for a lone component folder (no VAE config to read): all four
 # families use an 8x VAE.
@@ -96,7 +96,7 @@ def inspect_model(
     """A JSON-able report of params and FLOPs of `model` at `size` (h, w) pixels (see module)."""
     arch = model.arch
     height, width = size or model.default_size
-    model.check_size((height, width), "--size")
+    check_size(model, (height, width), "--size")
     cfg = arch.uses_cfg_for(model.denoiser.config)
     batch = (2 if cfg else 1) if batch is None else batch
     if batch < 1:
@@ -104,13 +104,6 @@ def inspect_model(
     pipe = model.pipe
     denoiser = model.denoiser
     scale = pipe.vae_scale_factor if pipe is not None else _VAE_SCALE
-    # Transformers patchify (SD3) or pack (FLUX) 2x2 latents into one token.
-    multiple = arch.kind_for(denoiser.config).size_multiple(scale)
-    if height % multiple or width % multiple:
-        raise UserError(
-            f"size {height}x{width} is not a multiple of {multiple} pixels, which {arch.family} "
-            f"needs; try {height // multiple * multiple}x{width // multiple * multiple}"
-        )
     lat_h, lat_w = height // scale, width // scale
 
     flops, per_module = count_flops(
@@ -164,6 +157,23 @@ def inspect_model(
         total += params
     report["total_params"] = total
     return report
+
+
+def check_size(model: LoadedModel, size: tuple[int, int], what: str) -> None:
+    """UserError for a (height, width) the model cannot draw: beyond its positions, or off
+    its latent grid (named as the options take sizes: WIDTHxHEIGHT)."""
+    height, width = size
+    model.check_size((height, width), what)
+    scale = model.pipe.vae_scale_factor if model.pipe is not None else _VAE_SCALE
+    # Transformers patchify (SD3) or pack (FLUX) 2x2 latents into one token.
+    multiple = model.arch.kind_for(model.denoiser.config).size_multiple(scale)
+    if height % multiple or width % multiple:
+        raise UserError(
+            f"{what} {width}x{height} is not a multiple of {multiple} pixels, which "
+            f"{model.arch.family} needs; try "
+            f"{max(multiple, width // multiple * multiple)}x"
+            f"{max(multiple, height // multiple * multiple)}"
+        )
 
 
 def _denoiser_inputs(
@@ -220,9 +230,9 @@ def format_table(report: dict) -> Table:
     """The report as a rich Table for the CLI: one row per component and denoiser block."""
     from rich.table import Table  # rich only for human output; keeps `import` of this lean
 
-    height, width = report["size"]
+    height, width = report["size"]  # (height, width), as inspect_model takes it
     table = Table(
-        title=f"{report['model']} ({report['family']}), {height}x{width}, batch {report['batch']}"
+        title=f"{report['model']} ({report['family']}), {width}x{height}, batch {report['batch']}"
     )
     table.add_column("component")
     table.add_column("params (M)", justify="right")

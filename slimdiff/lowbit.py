@@ -58,13 +58,19 @@ def parameter_count(model) -> int:
     """Parameters of `model` (a torch module or None), counting each quantized layer's
     integer weight (a buffer once finalised, int4 packed two to a byte) as the weights it
     stands for: `weight_shape` is what the layer declares. Activation quantizers' step
-    sizes (modules with `counts_as_parameters = False`) are metadata, not weights."""
+    sizes (modules with `counts_as_parameters = False`) are metadata, not weights. A
+    parameter two modules share (T5's `shared` and `encoder.embed_tokens`) counts once, as
+    torch's `parameters()` counts it."""
     if model is None:
         return 0
     total = 0
+    seen: set[int] = set()  # ids of the parameters counted so far
     for m in model.modules():
         if getattr(m, "counts_as_parameters", True):
-            total += sum(p.numel() for p in m.parameters(recurse=False))
+            for p in m.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
         if hasattr(m, INT4_DIGEST_ATTR) and "weight_q" in getattr(m, "_buffers", {}):
             total += int(np.prod(m.weight_shape))
     return total

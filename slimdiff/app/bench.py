@@ -2,13 +2,15 @@
 
 For each recipe, on the same prompts, seeds and initial noise:
 - the uncompressed model in torch is the reference (images and final latents, cached by a
-  fingerprint of its weights, so a retrained model gets a fresh reference);
+  fingerprint of its weights and tokenizers, so a retrained model gets a fresh reference,
+  and by the diffusers and torch that draw it);
 - the bundle runs in the torch-free runtime, in its own process (bench_worker) so its peak
   memory is the runtime's alone: per-stage latency after warm-up (median and p90);
 - the compressed model in torch eager is timed in pairs with the runtime, run for run
   (A B A B, same repeats and warm-up), and the speedup column is the median of the pairs'
   ratios: both sides see the same machine load, which a busy 2-core machine varies by 10x;
-- fidelity: PSNR of images and relative error of final latents against the reference;
+- fidelity: PSNR of the images (from their pooled MSE) and relative error of final latents
+  against the reference;
 - prompt accuracy (recipes with `bench.accuracy`): the held-out prompts, several seeds
   each, drawn by the bundle and by the uncompressed torch model, scored by the judge in
   `slimdiff.metrics` (fraction of images judged fully correct, split by object count).
@@ -75,6 +77,8 @@ def run_bench(
         bundle_target(r.bench.backend, r.export.targets)
         check_outputs(r, out / "recipes" / r.name)
         _check_rescale_before_loading(r)
+        check_accuracy_model(r)
+        _check_size_before_loading(r)
         if r.export.controlnet is not None:
             # its fidelity would need a control image per prompt and a torch ControlNet
             # pipeline as the reference; text-to-image rows would measure scale 0 only
@@ -107,6 +111,8 @@ def run_bench(
         for row in rows:
             if "error" not in row:
                 write_grid(row, out / f"grid_{row['name']}.png")
+            else:  # what an earlier run measured must not sit beside the failure
+                _remove_outputs(out, row["name"])
         failed = [row["name"] for row in rows if "error" in row]
         if failed:
             raise UserError(
@@ -132,7 +138,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         use_threads,
     )
     from slimdiff.denoise import check_guidance_rescale
-    from slimdiff.inspect import inspect_model
+    from slimdiff.inspect import check_size, inspect_model
     from slimdiff.models import load_model
     from slimdiff.models.fingerprint import fingerprint
     from slimdiff.models.kinds import refuse_inpainting
@@ -143,11 +149,12 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     refuse_inpainting(base.denoiser.config, "bench", base.arch.kind_for(base.denoiser.config))
     threads = use_threads(base)  # the worker subprocess inherits it (SLIMDIFF_THREADS)
     arch, pipe = base.arch, base.require_pipeline("bench")
+    size = tuple(b.size or base.default_size)
+    check_size(base, size, "bench.size")  # a hub id's, before the reference is drawn
     # Passes that define the model rather than compress it (lora.fuse) shape the reference
     # too; compress then loads the model afresh, so they are not applied twice.
     defining = _reference_passes(recipe, pipe)
     check_guidance_rescale(type(pipe), b.guidance_rescale, "bench.guidance_rescale")
-    size = tuple(b.size or base.default_size)
     guidance = arch.default_guidance if b.guidance is None else b.guidance
     prompts = list(b.prompts or BENCH_PROMPTS)
     vae_scale = pipe.vae_scale_factor
@@ -172,7 +179,8 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     }
     # The reference cache is keyed by what the model is (its weights and configs), so a
     # retrained folder at the same path gets a fresh reference.
-    model_key = {"fingerprint": fingerprint(pipe), "device": device}
+    # The libraries that draw it too: another diffusers or torch may sample otherwise.
+    model_key = {"fingerprint": fingerprint(pipe), "device": device, **_reference_versions()}
 
     ref_dir = out / "_reference" / _key({**settings, "model": model_key})
     own = pipe.scheduler
@@ -196,7 +204,8 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     step("compress+export")
 
     compressed = load_model(str(flow.artifact), device=device)
-    info = inspect_model(compressed, size=size)
+    # FLOPs of the call that runs: the CFG batch of 2 only where the pipeline batches it
+    info = inspect_model(compressed, size=size, batch=cfg_batch(arch, compressed, guidance))
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     ship_scheduler(compressed, shipped)
@@ -237,6 +246,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         "params": info["denoiser"]["params"],
         "total_params": info["total_params"],
         "flops_per_step": info["denoiser"]["flops_per_step"],
+        "denoiser_batch": info["batch"],
         "bytes_on_disk": _bytes(bundle),
         "denoiser_bytes": _bytes(bundle / arch.denoiser),
         "latency_ms": {
@@ -252,7 +262,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         # Median over (eager, runtime) pairs timed back to back, so both saw the same load.
         "speedup_vs_eager": eager["speedup"],
         "speedup_pairs": eager["ratios"],
-        "peak_rss_mb": timings["peak_rss_mb"],
+        "peak_rss_mib": timings["peak_rss_mib"],
         "matmul_tflops": rate["tflops"],
         # How far the step is from the device's matrix rate on its FLOPs (None when the
         # precision is simulated: no time to divide by).
@@ -262,7 +272,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         / (float(np.median(steps_ms)) / 1e3)
         / (rate["tflops"] * 1e12),
         "fidelity": {
-            "psnr_db": float(np.mean(psnrs)),
+            "psnr_db": pooled_psnr(images, reference["images"]),
             "latent_rel_err": float(np.mean(errs)),
             "psnr_db_per_prompt": psnrs,
         },
@@ -288,8 +298,7 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
         row["fidelity"]["heldout_latent_rel_err"] = float(np.mean(acc_errs))
         # The image PSNR over the same held-out images: the 4 bench prompts' mean moves by
         # about 2 dB between two runs of one 4-bit recipe; 192 images do not.
-        pairs = zip(acc_images, acc_reference["images"], strict=True)
-        row["fidelity"]["heldout_psnr_db"] = float(np.mean([psnr(a, r) for a, r in pairs]))
+        row["fidelity"]["heldout_psnr_db"] = pooled_psnr(acc_images, acc_reference["images"])
         row["prompt_accuracy"]["images_per_prompt"] = b.accuracy_images
     return row
 
@@ -307,6 +316,106 @@ def _check_rescale_before_loading(recipe: Recipe) -> None:
 
         if hasattr(diffusers, name):
             check_guidance_rescale(getattr(diffusers, name), rescale, "bench.guidance_rescale")
+
+
+def _check_size_before_loading(recipe: Recipe) -> None:
+    """bench.size against the model's latent grid, from its configs (a lazy load reads no
+    weight); a hub id or a single file is checked once loaded (_bench_one), still before
+    the reference is drawn: diffusers would silently draw another size."""
+    from slimdiff.inspect import check_size
+    from slimdiff.models import load_model
+    from slimdiff.models.loading import lazy_loadable
+
+    if recipe.bench.size is None or not lazy_loadable(recipe.model):
+        return  # the model's default size is on its grid
+    check_size(load_model(recipe.model, weights="lazy"), tuple(recipe.bench.size), "bench.size")
+
+
+def check_accuracy_model(recipe: Recipe) -> None:
+    """UserError when `bench.accuracy: toy-shapes` is set for a model that is not toy:shapes
+    nor derived from it: the judge looks for the toy's coloured shapes, which any other
+    model scores 0% on, telling nothing."""
+    if recipe.bench.accuracy is None or _derived_from_toy(recipe.model):
+        return
+    raise UserError(
+        f"recipe {recipe.name}: bench.accuracy: toy-shapes judges toy:shapes images (coloured "
+        f"shapes), and {recipe.model} is not toy:shapes nor compressed from it; remove "
+        "bench.accuracy, or bench toy:shapes"
+    )
+
+
+def _derived_from_toy(model: str) -> bool:
+    """toy:shapes, a copy of its pipeline folder (saved or retrained: its UNet's
+    architecture), or a compress artifact whose source chain leads to one of those."""
+    from slimdiff.models.hub import local_path
+    from slimdiff.models.toy import parse_toy, toy_folder
+
+    seen: set[str] = set()
+    while model not in seen:
+        seen.add(model)
+        if model.startswith("toy:"):
+            return parse_toy(model) == "shapes"
+        folder = local_path(model)
+        meta = _json_object(folder / "slimdiff.json")
+        if meta is None:  # not an artifact: the toy's UNet, or another model
+            unet = _json_object(folder / "unet" / "config.json")
+            return unet is not None and _toy_architecture(unet, toy_folder())
+        source = meta.get("source")
+        if not isinstance(source, str):
+            return False
+        model = source
+    return False
+
+
+# The UNet config keys that make the toy's architecture (what the judge's images need).
+_TOY_UNET_KEYS = (
+    "_class_name",
+    "block_out_channels",
+    "down_block_types",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "sample_size",
+)
+
+
+def _toy_architecture(unet: dict, toy: Path) -> bool:
+    ours = _json_object(toy / "unet" / "config.json") or {}
+    return all(unet.get(k) == ours.get(k) for k in _TOY_UNET_KEYS)
+
+
+def _json_object(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def cfg_batch(arch, model, guidance: float) -> int:
+    """The batch the denoiser is called with: 2 under classifier-free guidance, which the
+    pipelines (diffusers' and the runtime's) use only where the family does, the denoiser
+    does not take the guidance scale as an input (FLUX.1-dev, LCM UNets), and guidance > 1."""
+    return 2 if arch.uses_cfg_for(model.denoiser.config) and guidance > 1.0 else 1
+
+
+def pooled_psnr(images: list[np.ndarray], references: list[np.ndarray]) -> float:
+    """PSNR of a set of images from their pooled MSE (one dB value over every pixel of every
+    image): a mean of per-image dB values lets one identical image (capped at 100 dB) lift
+    the figure by tens of dB; the pooled MSE weighs each pixel's error once."""
+    return psnr(np.stack(images), np.stack(references))
+
+
+def _remove_outputs(out: Path, name: str) -> None:
+    """A failed recipe's outputs of an earlier run: its grid, and its run's images and
+    timings (recipes/NAME/run, /accuracy), which the failure row does not point to.
+    The caches (artifact, bundles, work) stay for the next run."""
+    import shutil
+
+    (out / f"grid_{name}.png").unlink(missing_ok=True)
+    for sub in ("run", "accuracy"):
+        folder = out / "recipes" / name / sub
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
 
 
 # The export target whose bundle each backend runs, best first.
@@ -432,10 +541,20 @@ def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> 
     }
 
 
+def _reference_versions() -> dict[str, str]:
+    import diffusers
+    import torch
+
+    return {"diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
 def machine_info() -> dict[str, Any]:
     import os
 
+    import slimdiff
+
     info = {
+        "slimdiff": slimdiff.__version__,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),

@@ -12,9 +12,9 @@ from slimdiff.fsutil import atomic_write_text
 __all__ = ["markdown_table", "write_grid", "write_markdown", "write_plot"]
 
 _HEADER = (
-    "| recipe | denoiser params (M) | bundle (MB) | denoiser (MB) | GFLOP/step | "
+    "| denoiser params (M) | bundle (MB) | denoiser (MB) | GFLOP/step | "
     "ms/step (median / p90) | torch eager ms/step | speedup | of matmul rate | end-to-end ms | "
-    "peak RSS (MB) | PSNR (dB) | latent rel err |"
+    "peak RSS (MiB) | PSNR (dB) | latent rel err |"
 )
 
 
@@ -24,10 +24,38 @@ _ACCURACY_HEADER = (
 )
 
 
+# The run settings results.md states: once in its heading when every measured recipe ran
+# with the same value, else as a column per row: (column, a row's value, heading words).
+_SETTINGS = (
+    ("size", lambda r: f"{r['size'][1]}x{r['size'][0]}", "size {}"),  # rows hold (h, w)
+    ("steps", lambda r: f"{r['steps']}", "{} steps"),
+    ("guidance", lambda r: f"{r['guidance']:g}{_rescale(r)}", "guidance {}"),
+    ("backend", lambda r: f"{r['backend']}", "backend {}"),
+)
+
+
+def _setting_values(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Each setting's value per measured recipe (failed ones ran nothing)."""
+    measured = [r for r in results["recipes"] if "error" not in r]
+    return {name: [show(r) for r in measured] for name, show, _ in _SETTINGS}
+
+
+def _varying(results: dict[str, Any]) -> list[str]:
+    return [name for name, values in _setting_values(results).items() if len(set(values)) > 1]
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per recipe; a prompt-accuracy column when any recipe measured it."""
+    """One row per recipe; a column per run setting that differs between recipes, and a
+    prompt-accuracy column when any recipe measured it."""
     with_acc = any("prompt_accuracy" in r for r in results["recipes"])
-    header = _HEADER + (_ACCURACY_HEADER if with_acc else "")
+    varying = _varying(results)
+    shows = {name: show for name, show, _ in _SETTINGS}
+    header = (
+        "| recipe | "
+        + "".join(f"{name} | " for name in varying)
+        + _HEADER.removeprefix("| ")
+        + (_ACCURACY_HEADER if with_acc else "")
+    )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results["recipes"]:
         if "error" in r:  # a recipe that failed: its message across the row
@@ -37,6 +65,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         lat = r["latency_ms"]
         den = r.get("denoiser_bytes")
         floor = r.get("flop_floor_fraction")
+        # results.json before the key said MiB: the same number under its old name
+        rss = r["peak_rss_mib"] if "peak_rss_mib" in r else r["peak_rss_mb"]
         if r.get("simulated"):  # the precision has no kernel here: no speed to quote
             step, speedup, e2e, rate = "simulated", "simulated", "simulated", "simulated"
         else:
@@ -44,10 +74,12 @@ def markdown_table(results: dict[str, Any]) -> str:
             speedup, e2e = f"{r['speedup_vs_eager']:.2f}x", f"{lat['end_to_end']:.0f}"
             rate = "-" if floor is None else f"{floor:.1%}"
         line = (
-            f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['bytes_on_disk'] / 1e6:.1f} | "
+            f"| {r['name']} | "
+            + "".join(f"{shows[name](r)} | " for name in varying)
+            + f"{r['params'] / 1e6:.2f} | {r['bytes_on_disk'] / 1e6:.1f} | "
             f"{'-' if den is None else f'{den / 1e6:.2f}'} | "
             f"{r['flops_per_step'] / 1e9:.2f} | {step} | {r['torch_eager_ms_per_step']:.2f} | "
-            f"{speedup} | {rate} | {e2e} | {r['peak_rss_mb']:.0f} | "
+            f"{speedup} | {rate} | {e2e} | {rss:.0f} | "
             f"{r['fidelity']['psnr_db']:.1f} | {r['fidelity']['latent_rel_err']:.2e} |"
         )
         if with_acc:
@@ -82,14 +114,19 @@ def _rescale(row: dict[str, Any]) -> str:
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
-    measured = [r for r in results["recipes"] if "error" not in r]
-    first = measured[0] if measured else {}
     m = results["machine"]
+    # The settings every measured recipe shares; those that differ are table columns, and
+    # with no recipe measured there is none to state.
+    values = _setting_values(results)
+    settings = ", ".join(
+        words.format(values[name][0])
+        for name, _, words in _SETTINGS
+        if values[name] and len(set(values[name])) == 1
+    )
     head = (
         f"Measured {results['date']} on {m['cpu']} ({m['cpu_count']} cores), "
-        f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; "
-        f"size {first.get('size')}, {first.get('steps')} steps, guidance {first.get('guidance')}"
-        f"{_rescale(first)}, backend {first.get('backend')}.\n"
+        f"onnxruntime {m['onnxruntime']}, torch {m['torch']}"
+        f"{f'; {settings}' if settings else ''}.\n"
         f"Command: `{results['command']}`\n\n"
     )
     atomic_write_text(path, head + markdown_table(results))

@@ -30,28 +30,50 @@ def pipe_kwargs(settings: dict, latents: np.ndarray) -> dict:
 
 
 def torch_ms_per_step(pipe, settings: dict, latents: np.ndarray, prompt: str) -> float:
-    """Median ms per denoising step of one diffusers pipeline run in torch eager."""
+    """Median ms per denoising step of one diffusers pipeline run in torch eager.
+
+    A step is timed from the denoiser's first call in it to the end of the step
+    (callback_on_step_end), as the runtime times its steps: text encoding and the set-up
+    before the first step are in no step, at any step count (at 1 step they were all of it).
+    """
     import torch
 
-    stamps: list[float] = []
+    denoiser = denoiser_module(pipe)
+    on_cuda = denoiser.device.type == "cuda"
+    starts: list[float] = []
+    deltas: list[float] = []
+
+    def stamp() -> float:
+        if on_cuda:
+            torch.cuda.synchronize()  # the kernels queued so far are done when time is taken
+        return time.perf_counter()
+
+    def start(_module, _args):
+        if not starts:  # the step's first call (CFG batches one; true CFG makes two)
+            starts.append(stamp())
 
     def tick(_pipe, _i, _t, kw):
-        if torch.cuda.is_available() and kw["latents"].is_cuda:
-            torch.cuda.synchronize()  # a step's kernels are done when its time is taken
-        stamps.append(time.perf_counter())
+        deltas.append(stamp() - starts.pop())
         return kw
 
-    with torch.no_grad():
-        start = time.perf_counter()
-        pipe(
-            prompt,
-            output_type="latent",
-            callback_on_step_end=tick,
-            **pipe_kwargs(settings, latents),
-        )
-    # The first interval also covers text encoding; steps after it are pure denoising steps.
-    deltas = np.diff([start, *stamps])[1:] if len(stamps) > 1 else np.diff([start, *stamps])
+    hook = denoiser.register_forward_pre_hook(start)
+    try:
+        with torch.no_grad():
+            pipe(
+                prompt,
+                output_type="latent",
+                callback_on_step_end=tick,
+                **pipe_kwargs(settings, latents),
+            )
+    finally:
+        hook.remove()
     return float(np.median(deltas) * 1e3)
+
+
+def denoiser_module(pipe):
+    """The pipeline's denoiser: its UNet, or its transformer (SD3, FLUX)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def timed_pairs(pipe, bundle: Path, settings: dict, noise, b, run_dir: Path):

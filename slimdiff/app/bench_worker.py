@@ -62,7 +62,7 @@ class _Job:
         return result.timings_ms
 
     def finish(self, runs: list[dict]) -> dict:
-        report = {"load_ms": self.load_ms, "runs": runs, "peak_rss_mb": peak_rss_mib()}
+        report = {"load_ms": self.load_ms, "runs": runs, "peak_rss_mib": peak_rss_mib()}
         (self.out / "timings.json").write_text(json.dumps(report, indent=2))
         return report
 
@@ -96,7 +96,7 @@ def serve(job: dict, stdin=sys.stdin, stdout=sys.stdout) -> dict:
         runs.append(worker.run(int(request["run"]), bool(request.get("save"))))
         _send(stdout, runs[-1])
     report = worker.finish(runs)
-    _send(stdout, {"done": True, "peak_rss_mb": report["peak_rss_mb"]})
+    _send(stdout, {"done": True, "peak_rss_mib": report["peak_rss_mib"]})
     return report
 
 

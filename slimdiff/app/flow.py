@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import slimdiff
 from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
 from slimdiff.fsutil import check_replaceable, remove_stale_partials
@@ -80,6 +81,8 @@ def compress_hash(recipe: Recipe, model_fingerprint: dict) -> str:
     contents of the files passes read (lora.fuse's LoRAs), not their paths."""
     data = recipe.model_dump(mode="json", by_alias=True)
     key = {"model": model_fingerprint, **{k: data[k] for k in ("calibration", "passes")}}
+    # Another slimdiff may compress differently (a pass's fix): its artifact is not reused.
+    key["slimdiff"] = slimdiff.__version__
     files = [(f, entry.name) for entry in recipe.passes for f in entry.config.input_files()]
     if files:  # only then, so the keys of recipes that read no file stay as they were
         key["inputs"] = {f: _file_digest(f, name) for f, name in files}
@@ -174,7 +177,10 @@ def export_hash(compress: str, recipe: Recipe, target: str) -> str:
         specs = export["controlnet"]
         digests = [_folder_digest(s) for s in ([specs] if isinstance(specs, str) else specs)]
         export["controlnet"] = digests[0] if isinstance(specs, str) else digests
-    return _hash({"compress": compress, "target": target, **export})
+    # Another slimdiff may export differently (a graph's fix, a manifest field).
+    return _hash(
+        {"compress": compress, "target": target, "slimdiff": slimdiff.__version__, **export}
+    )
 
 
 def _folder_digest(spec: str) -> str:
@@ -216,6 +222,21 @@ def _cached(path: Path, meta_file: str, key: str, value: str) -> bool:
         return False
     node = meta.get("source", meta) if meta_file == "manifest.json" else meta
     return node.get(key) == value
+
+
+def _verifies(bundle: Path) -> bool:
+    """Whether a cached bundle still verifies as the runtime opens it (every file's SHA-256
+    against its manifest): a truncated or changed file is exported again, not reused to
+    fail in every later run."""
+    from slimdiff.runtime.bundle_files import open_bundle
+    from slimdiff.runtime.manifest import BundleError
+
+    try:
+        open_bundle(bundle)
+    except BundleError as err:
+        log.warning("exporting %s again: the cached bundle does not verify (%s)", bundle, err)
+        return False
+    return True
 
 
 def compress_and_export(
@@ -268,7 +289,9 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
 
         scale = vae_scale_factor(model.pipe.vae.config)
         precheck_controlnets(controlnet_specs(recipe.export.controlnet), model.denoiser, scale)
-    chash = compress_hash(recipe, {k: v for k, v in model_print.items() if k not in dropped})
+    # ... nor the tokenizers of the encoders it drops (the loader skips them with the encoder)
+    gone = {*dropped, *(s.tokenizer for s in model.arch.text_encoders if s.name in dropped)}
+    chash = compress_hash(recipe, {k: v for k, v in model_print.items() if k not in gone})
     if _cached(result.artifact, "slimdiff.json", "compress_hash", chash):
         log.info("reusing %s", result.artifact)
         result.reused.append("compress")
@@ -286,7 +309,7 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
     for target in targets:
         bundle = bundle_path(out, recipe, target)
         ehash = export_hash(chash, recipe, target)
-        if _cached(bundle, "manifest.json", "export_hash", ehash):
+        if _cached(bundle, "manifest.json", "export_hash", ehash) and _verifies(bundle):
             result.reused.append(f"export:{target}")
         else:
             from slimdiff.export import export_bundle

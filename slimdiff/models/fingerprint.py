@@ -7,7 +7,9 @@ whose snapshot moved, never reuses a stale result.
 Every tensor contributes its name, shape, dtype and a strided sample of its values (32 per
 tensor): any training changes most values of every tensor it touches, and a pipeline's
 state dicts are read from memory in well under a second even at SDXL size, where hashing
-every byte would take tens of seconds.
+every byte would take tens of seconds. Each tokenizer contributes the files it saves (its
+vocabulary, merges or SentencePiece model): another vocabulary feeds the same text encoder
+other token ids.
 
 Example:
     >>> fingerprint(load_model("tiny:sdxl").pipe)["unet"]          # doctest: +SKIP
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["fingerprint", "fingerprint_key", "module_digest"]
+__all__ = ["fingerprint", "fingerprint_key", "module_digest", "tokenizer_digest"]
 
 _SAMPLES = 32  # values per tensor
 
@@ -63,7 +67,38 @@ def fingerprint(pipe: Any, components: tuple[str, ...] | None = None) -> dict[st
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             out[name] = module_digest(module)
+        elif _is_tokenizer(module):
+            out[name] = tokenizer_digest(module)
     return out
+
+
+def _is_tokenizer(obj: Any) -> bool:
+    from transformers import PreTrainedTokenizerBase
+
+    return isinstance(obj, PreTrainedTokenizerBase)
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """SHA-256 over every file the tokenizer saves, in name order: its vocabulary and merges
+    (or SentencePiece model) decide the token ids the text encoder sees, so another
+    tokenizer with the same encoder is another model. JSON files are hashed by content
+    without the keys that record where or with what they were saved (the same tokenizer
+    from another folder, or another transformers, hashes alike)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    with tempfile.TemporaryDirectory(prefix="slimdiff-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            if path.suffix == ".json":
+                value = json.loads(data)
+                if isinstance(value, dict):
+                    value = {k: v for k, v in value.items() if k not in _SAVED_WHERE}
+                data = json.dumps(value, sort_keys=True).encode()
+            h.update(f"{path.relative_to(tmp).as_posix()}:{len(data)}:".encode())
+            h.update(data)
+    return h.hexdigest()
 
 
 def fingerprint_key(pipe: Any, **settings: Any) -> str:
@@ -75,6 +110,26 @@ def fingerprint_key(pipe: Any, **settings: Any) -> str:
 # Config keys that record how or where a model was saved, not what it computes: transformers'
 # save_pretrained adds `architectures` and `dtype`, and the library versions differ by host.
 _BOOKKEEPING = frozenset({"architectures", "dtype", "torch_dtype", "transformers_version"})
+# What a saved tokenizer's JSON may record about where and how it was loaded, not its
+# tokens: transformers saves the from_pretrained keywords it was loaded with (a tokenizer
+# read from a local folder saves "is_local": true and "local_files_only").
+_SAVED_WHERE = frozenset(
+    {
+        "name_or_path",
+        "_name_or_path",
+        "_commit_hash",
+        "transformers_version",
+        "is_local",
+        "local_files_only",
+        "cache_dir",
+        "revision",
+        "subfolder",
+        "token",
+        "force_download",
+        "proxies",
+        "trust_remote_code",
+    }
+)
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

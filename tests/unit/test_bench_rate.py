@@ -42,6 +42,10 @@ def test_a_backend_without_its_bundle_is_refused():
 def _row(**over):
     row = {
         "name": "r",
+        "size": [64, 64],
+        "steps": 4,
+        "guidance": 7.5,
+        "backend": "ort-cpu",
         "params": 1e6,
         "bytes_on_disk": 2e6,
         "denoiser_bytes": 1e6,
@@ -49,7 +53,7 @@ def _row(**over):
         "latency_ms": {"denoiser_step": 20.0, "denoiser_step_p90": 21.0, "end_to_end": 400.0},
         "torch_eager_ms_per_step": 70.0,
         "speedup_vs_eager": 3.5,
-        "peak_rss_mb": 120.0,
+        "peak_rss_mib": 120.0,
         "flop_floor_fraction": 0.125,
         "fidelity": {"psnr_db": 40.0, "latent_rel_err": 1e-3},
     }
