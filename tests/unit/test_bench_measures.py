@@ -285,7 +285,7 @@ def test_prompt_accuracy_is_refused_for_a_model_not_from_toy_shapes(tmp_path, mo
 
 
 def test_toy_shapes_and_what_derives_from_it_may_be_judged(tmp_path):
-    from slimdiff.app.bench import check_accuracy_model
+    from slimdiff.app.bench_checks import check_accuracy_model
     from slimdiff.models.toy import toy_folder
 
     def check(model: str) -> None:
