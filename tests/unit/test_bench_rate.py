@@ -10,6 +10,7 @@ from slimdiff.app.bench import bundle_target
 from slimdiff.app.bench_report import markdown_table
 from slimdiff.errors import UserError
 from slimdiff.metrics.matmul_rate import matmul_tflops
+from tests.unit.bench_rows import bench_row
 
 
 def test_cpu_matmul_rate_is_measured():
@@ -39,25 +40,7 @@ def test_a_backend_without_its_bundle_is_refused():
         bundle_target("aoti", ["onnx"])
 
 
-def _row(**over):
-    row = {
-        "name": "r",
-        "size": [64, 64],
-        "steps": 4,
-        "guidance": 7.5,
-        "backend": "ort-cpu",
-        "params": 1e6,
-        "bytes_on_disk": 2e6,
-        "denoiser_bytes": 1e6,
-        "flops_per_step": 4.5e8,
-        "latency_ms": {"denoiser_step": 20.0, "denoiser_step_p90": 21.0, "end_to_end": 400.0},
-        "torch_eager_ms_per_step": 70.0,
-        "speedup_vs_eager": 3.5,
-        "peak_rss_mib": 120.0,
-        "flop_floor_fraction": 0.125,
-        "fidelity": {"psnr_db": 40.0, "latent_rel_err": 1e-3},
-    }
-    return {**row, **over}
+_row = bench_row
 
 
 def test_the_table_quotes_the_fraction_of_the_matmul_rate():
@@ -79,7 +62,7 @@ def test_a_recipe_that_failed_keeps_its_row_and_the_others_theirs(tmp_path, monk
     def one(recipe, out, advance, device, allow_pickle):
         if recipe.name == "bad":
             raise UserError("compress: something | wrong\nhere")
-        return {**_row(name=recipe.name), "images": [], "reference_images": []}
+        return _row(recipe.name)
 
     monkeypatch.setattr(bench, "_bench_one", one)
     monkeypatch.setattr(bench_report, "write_grid", lambda row, path: None)
