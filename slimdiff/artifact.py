@@ -61,6 +61,8 @@ def save_artifact(
 
     `out` is replaced only if slimdiff wrote it (its marker or slimdiff.json), never a
     user's folder (UserError)."""
+    from slimdiff.models.saving import save_pipeline
+
     out = Path(out)
     edits = [e for r in reports for e in r.edits]
     meta = {
@@ -75,7 +77,7 @@ def save_artifact(
         {**asdict(r), "edits": [e.model_dump(mode="json") for e in r.edits]} for r in reports
     ]
     with atomic_dir(out, marker=MARKER, legacy=_LEGACY) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)  # keys the source config left out stay out
         (tmp / "slimdiff.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "report.json").write_text(
             json.dumps({"passes": reports_json}, indent=2, default=str) + "\n"

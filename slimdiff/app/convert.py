@@ -14,6 +14,7 @@ def convert_file(checkpoint: Path, config: str, out: Path, allow_pickle: bool) -
     from slimdiff.app.args import check_output_dir
     from slimdiff.fsutil import atomic_dir, check_replaceable
     from slimdiff.models.loading import wrap_pipeline
+    from slimdiff.models.saving import save_pipeline
     from slimdiff.models.single_file import load_single_file
 
     check_output_dir(out, replaced=True)
@@ -23,5 +24,5 @@ def convert_file(checkpoint: Path, config: str, out: Path, allow_pickle: bool) -
     loaded = wrap_pipeline(pipe, str(checkpoint))
     family = loaded.arch.family + (" refiner" if loaded.arch.kind.aesthetic_score else "")
     with atomic_dir(out, marker="diffusers") as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        save_pipeline(pipe, tmp)  # keys the checkpoint's config left out stay out
     return f"{out}: {family} ({type(pipe).__name__}) from {checkpoint}"
