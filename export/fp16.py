@@ -117,8 +117,9 @@ def convert_fp16(
     fp16 kernels: fp16 is a size and GPU format here, not a CPU speed-up.
 
     `keep_float32`: the inputs and outputs kept float32 (True: all). A graph whose weights
-    are inputs (export/streamed.py) names its real IO, and its weight inputs turn fp16 (but
-    those of fp32 nodes). `t5`: the graph is a T5 encoder.
+    are inputs (export/streamed.py) names its real IO, and its weight inputs turn fp16,
+    those of fp32 nodes too (cast back to fp32 where read: the compute stays fp32, the
+    stored weights are fp16). `t5`: the graph is a T5 encoder.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel

@@ -98,22 +98,27 @@ class Bundle:
     def check_unchanged(self, folder: str) -> None:
         """BundleError when a file under `folder` is not the one hashed at open: the
         bundle was re-exported or edited in place since (a pipeline held for hours loads
-        graphs on demand; without this it would run another model's graph, unverified)."""
+        graphs on demand; without this it would run another model's graph, unverified).
+        A file whose inode, size or mtime moved (a `touch`, a restore from backup) is
+        hashed again, and passes if its bytes are still those of the manifest."""
         prefix = folder.rstrip("/") + "/"
         for rel, identity in self._identity.items():
-            if not rel.startswith(prefix):
-                continue
-            try:
-                st = os.lstat(self.root / rel)
-                now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            except OSError:
-                now = None
-            if now != identity:
-                raise BundleError(
-                    f"{self.root}: {rel} changed since the bundle was opened and verified "
-                    "(exported again or edited); open the bundle again (a new pipeline, or "
-                    "run the command again) to verify and load what it holds now"
-                )
+            if rel.startswith(prefix) and _identity(self.root / rel) != identity:
+                self._identity[rel] = self._rehash(rel)
+
+    def _rehash(self, rel: str) -> tuple[int, int, int, int]:
+        try:
+            st = _check_path(self.root, rel)
+            digest, _ = _hash(self.root, rel, st, keep=False)
+        except BundleError:
+            digest, st = None, None
+        if digest != self.manifest.files[rel]:
+            raise BundleError(
+                f"{self.root}: {rel} changed since the bundle was opened and verified "
+                "(exported again or edited); open the bundle again (a new pipeline, or "
+                "run the command again) to verify and load what it holds now"
+            )
+        return _stat_identity(st)
 
     def read_bytes(self, rel: str) -> bytes:
         """The bytes of `rel` exactly as they were hashed (tokenizer.json, scheduler config)."""
@@ -202,9 +207,7 @@ def open_bundle(bundle: str | Path, expect_sha256: str | None = None) -> Bundle:
         size += checked[rel].st_size
         if content is not None:
             contents[rel] = content
-    identity = {
-        rel: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for rel, st in checked.items()
-    }
+    identity = {rel: _stat_identity(st) for rel, st in checked.items()}
     return Bundle(root, manifest, manifest.sha256, size, contents, identity)
 
 
@@ -248,6 +251,18 @@ def read_manifest_bytes(bundle: str | Path, expect_sha256: str | None = None) ->
             "bundle; fetch the pinned one again, or check the expected value"
         )
     return root, data
+
+
+def _stat_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What says a file is the same one (not followed if a link); None if it is gone."""
+    try:
+        return _stat_identity(os.lstat(path))
+    except OSError:
+        return None
 
 
 def _expected_digest(value: str | None) -> str | None:

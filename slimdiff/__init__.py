@@ -29,6 +29,8 @@ def load(model: str, device: str = "cpu", allow_pickle: bool = False):
     from slimdiff.device import resolve_device
     from slimdiff.models.loading import load_pipeline
 
+    if hasattr(device, "type") and hasattr(device, "index"):  # a torch.device
+        device = str(device)
     if device != "meta":  # one line for "gpu" or a CPU-only torch, not torch's assertion
         device = resolve_device(device)
     return load_pipeline(model, device=device, allow_pickle=allow_pickle)

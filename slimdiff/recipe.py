@@ -305,8 +305,8 @@ class Recipe(_Strict):
 
     def __init__(self, **data: Any) -> None:
         # A recipe built in Python gets validate's one UserError with every problem listed,
-        # not pydantic's ValidationError (model_validate, which validate_recipe calls, does
-        # not come through here)
+        # not pydantic's ValidationError; model_validate (validate_recipe) comes through
+        # here too, pydantic calling a model's own __init__
         try:
             super().__init__(**data)
         except pydantic.ValidationError as err:
@@ -443,9 +443,9 @@ def validate_recipe(data: dict[str, Any], origin: str = "<recipe>") -> Recipe:
     every one (`slimdiff validate` prints them all)."""
     try:
         return Recipe.model_validate(data)
-    except pydantic.ValidationError as err:
+    except pydantic.ValidationError as err:  # not a mapping: pydantic refuses it before __init__
         raise _invalid(err, origin) from None
-    except UserError as err:  # a pass entry's own error, raised by the Recipe validators
+    except UserError as err:  # Recipe.__init__'s, and the order checks' (_ordered)
         error = UserError(f"{origin}: {err}")
         error.details = tuple(f"{origin}: {line}" for line in err.details)
         raise error from None

@@ -35,8 +35,8 @@ class FinetuneConfig(PassConfig):
     1. the time-embedding layers (ArchSpec.time_layers): weights, biases and their
        activation step sizes, lr `lr_time` (the paper: 1e-5 for both);
     2. the `sensitive` layers whose quantization alone moves the output most (measured,
-       ranked in report.json), plus every activation step size: weights at `lr_weights`
-       (1e-5), step sizes at `lr_scales` (1e-4).
+       ranked in report.json), plus every activation step size but stage 1's: weights
+       at `lr_weights` (1e-5), step sizes at `lr_scales` (1e-4).
     The paper trains for 200-400 epochs over 2 samples a timestep (stage 1) and 20 epochs
     over 64 (stage 2) on SD1.4; an epoch here is one pass over every calibration
     (prompt, step) pair, `batch` pairs a step.

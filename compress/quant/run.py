@@ -162,12 +162,11 @@ def _quest(cfg, arch, calib, denoiser, teacher, data, batches, digest, edges) ->
     out["finetuned_layers"] = {"time": time_names, "sensitive": chosen}
     weights = [p for n in chosen for p in trainable(layers[n], weights=True)[0]]
     # QuEST's second stage trains every activation step size outside the time-embedding
-    # layers (theirs are the first stage's; pd_optimize_timewise skips `emb` quantizers)
+    # layers (theirs are the first stage's; pd_optimize_timewise skips `emb` quantizers);
+    # without a first stage, every one
+    first = set(time_names) if ft.epochs_time else set()
     scales = [
-        p
-        for n, lay in layers.items()
-        if not matches(n, arch.time_layers)
-        for p in trainable(lay, weights=False)[1]
+        p for n, lay in layers.items() if n not in first for p in trainable(lay, weights=False)[1]
     ]
     stages.append(
         Stage(

@@ -14,10 +14,14 @@ from slimdiff.runtime.manifest import BundleError
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _rewrite(path):
-    """The same bytes under a new inode, as an export replacing the file writes it."""
+def _rewrite(path, change: bool = True):
+    """The file replaced under a new inode, as an export writes it: with one byte of its
+    raw tensor data changed (`change`), or the same bytes."""
     tmp = path.with_name(path.name + ".new")
-    shutil.copyfile(path, tmp)
+    data = bytearray(path.read_bytes())
+    if change:
+        data[-1] ^= 0x01  # another file: refused by its hash before anything parses it
+    tmp.write_bytes(bytes(data))
     os.replace(tmp, path)
 
 
@@ -25,14 +29,26 @@ def test_a_graph_replaced_after_open_is_refused_at_its_next_load(tiny_bundle, tm
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle("sd15")[1], bundle)
     pipe = Text2ImagePipeline.from_bundle(bundle, low_memory=True)
-    first = pipe("a red circle", steps=1, output="latent").latents
+    pipe("a red circle", steps=1, output="latent")
     _rewrite(bundle / "unet" / "model.onnx")
     with pytest.raises(BundleError, match=r"unet/model\.onnx changed since the bundle was "
                        r"opened and verified .* open the bundle again"):  # fmt: skip
         pipe("a red circle", steps=1, output="latent")
-    # a new pipeline verifies what the folder holds now (here the same bytes) and runs it
-    again = Text2ImagePipeline.from_bundle(bundle, low_memory=True)
-    assert (again("a red circle", steps=1, output="latent").latents == first).all()
+    # a new pipeline verifies what the folder holds now: here refused, the bytes changed
+    with pytest.raises(BundleError, match=r"unet/model\.onnx does not match its SHA-256"):
+        Text2ImagePipeline.from_bundle(bundle, low_memory=True)
+
+
+def test_a_graph_touched_or_copied_back_unchanged_loads(tiny_bundle, tmp_path):
+    """Inode, size or mtime moved but not the bytes (a `touch`, a restore from backup):
+    hashed again at the load, and run."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle("sd15")[1], bundle)
+    pipe = Text2ImagePipeline.from_bundle(bundle, low_memory=True)
+    first = pipe("a red circle", steps=1, output="latent").latents
+    _rewrite(bundle / "unet" / "model.onnx", change=False)
+    os.utime(bundle / "text_encoder" / "model.onnx")
+    assert (pipe("a red circle", steps=1, output="latent").latents == first).all()
 
 
 def test_a_resident_pipeline_never_reloads_and_keeps_running(tiny_bundle, tmp_path):
