@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,12 +24,22 @@ HOLD = textwrap.dedent(
 )
 
 
-def test_a_second_run_on_the_same_folder_stops_with_one_line(tmp_path):
+@contextlib.contextmanager
+def _held(code: str, path):
+    """Another process holding `path` with `code` (HOLD) while the block runs; killed after."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_run_on_the_same_folder_stops_with_one_line(tmp_path):
+    with _held(HOLD, tmp_path) as holder:
         with (
             pytest.raises(UserError, match=rf"in use by another slimdiff run \(pid {holder.pid}\)"),
             exclusive(tmp_path),
@@ -36,9 +47,6 @@ def test_a_second_run_on_the_same_folder_stops_with_one_line(tmp_path):
             pass
         with exclusive(tmp_path / "other"):  # another folder is free
             pass
-    finally:
-        holder.kill()
-        holder.wait()
     with exclusive(tmp_path):  # the killed holder released it
         assert (tmp_path / LOCK_NAME).read_text() == f"pid {os.getpid()}"
 
@@ -65,12 +73,7 @@ def test_a_bundle_being_written_is_not_written_by_a_second_export(tmp_path):
     from slimdiff.locks import exclusive_beside
 
     out = tmp_path / "bundle"
-    code = HOLD.replace("exclusive", "exclusive_beside")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _held(HOLD.replace("exclusive", "exclusive_beside"), out):
         with (
             pytest.raises(UserError, match=r"being written by another slimdiff run \(pid "),
             exclusive_beside(out),
@@ -78,9 +81,6 @@ def test_a_bundle_being_written_is_not_written_by_a_second_export(tmp_path):
             pass
         with exclusive_beside(tmp_path / "other"):  # another bundle is free
             pass
-    finally:
-        holder.kill()
-        holder.wait()
     with exclusive_beside(out):  # its process gone, the lock is free
         pass
 
