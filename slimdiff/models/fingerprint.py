@@ -128,6 +128,11 @@ _SAVED_WHERE = frozenset(
         "force_download",
         "proxies",
         "trust_remote_code",
+        # tokenizer.json's state of the last call: a fast tokenizer called with padding or
+        # truncation keeps them and saves them (the pipeline's first prompt changed the
+        # digest, and a resumed calibration missed its cache)
+        "padding",
+        "truncation",
     }
 )
 

@@ -347,3 +347,15 @@ def test_eager_ms_per_step_leaves_text_encoding_out(steps, monkeypatch):
     ms = torch_ms_per_step(pipe, settings, latents, "a red cube")
     assert (time.perf_counter() - start) > 1.0  # the slow encoding ran
     assert 0 < ms < 500
+
+
+def test_a_tokenizer_call_does_not_change_its_digest():
+    """A fast tokenizer called with padding and truncation keeps them and saves them in
+    tokenizer.json; the digest leaves that call state out (a pipeline's first prompt
+    changed it, and a resumed calibration missed its cache)."""
+    from slimdiff.models.fingerprint import tokenizer_digest
+
+    tokenizer = load_model("tiny:sd15").pipe.tokenizer
+    before = tokenizer_digest(tokenizer)
+    tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True)
+    assert tokenizer_digest(tokenizer) == before
