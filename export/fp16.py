@@ -14,14 +14,15 @@ typed engines (runtime/trt_build.py, build.sh) compute what the graph says. Kept
   scaled x400 and run with native fp16 arithmetic (onnx's reference evaluator), 59% of
   the first Pow's output was inf and the encoder's output all zeros, while the parity
   check on ORT-CPU passed (tests/unit/test_fp16_kept_fp32.py).
-- The sinusoidal embeddings of the timestep, FLUX's guidance and SDXL's size ids, from
-  the graph input to the first MatMul: diffusers' get_timestep_embedding computes them in
-  fp32 in fp16 pipelines. In fp16, t = 801.3 reads 801.5 and the phase of the highest
-  frequency is off by 0.2 rad (FLUX's guidance x 1000: 1 rad).
+- The sinusoidal embeddings of the timestep, FLUX's guidance, SDXL's size ids and FLUX's
+  position ids (TIME_INPUTS), from the graph input to the first MatMul, with the constants
+  they read: diffusers computes them in fp32 in fp16 pipelines. In fp16, t = 801.3 reads
+  801.5 and the phase of the highest frequency is off by 0.2 rad (FLUX's guidance x 1000:
+  1 rad).
 
-`remove_cascaded_cast_nodes` then joins the converter's Cast(fp32 -> fp16) at a kept input
-with the Cast back to fp32 before its first fp32 node (a lossless Cast fp32 -> fp32), so
-the timestep reaches its embedding unrounded.
+`_join_float_casts` then joins the converter's Cast(fp32 -> fp16) at a kept input with the
+Cast back to fp32 before its first fp32 node (a lossless Cast fp32 -> fp32), so the
+timestep reaches its embedding unrounded.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ __all__ = ["convert_fp16", "fp32_nodes"]
 log = logging.getLogger(__name__)
 
 # Node names from torch.onnx's export of transformers' T5EncoderModel (module paths)
+_T5_NORM = r"/(final_)?layer_norm/"  # T5LayerNorm: the variance and the scaling
 _T5_FP32 = re.compile(
-    r"/(final_)?layer_norm/"  # T5LayerNorm: the variance and the scaling
-    r"|/DenseReluDense/wo/"  # the FFN's output projection (_keep_in_fp32_modules)
-    r"|/layer\.\d+/Add(_\d+)?$"  # the residual adds, which take wo's fp32 output
-    r"|/SelfAttention/Softmax"  # softmax(scores.float())
+    _T5_NORM
+    + r"|/DenseReluDense/wo/"  # the FFN's output projection (_keep_in_fp32_modules)
+    + r"|/layer\.\d+/Add(_\d+)?$"  # the residual adds, which take wo's fp32 output
+    + r"|/SelfAttention/Softmax"  # softmax(scores.float())
 )
-_T5_NORM = re.compile(r"/(final_)?layer_norm/")
 
 # Denoiser inputs embedded as sinusoids of their values: timesteps reach 1000, FLUX's
 # guidance is multiplied by 1000, SDXL's size ids are pixel counts, FLUX's position ids
@@ -65,7 +66,7 @@ def fp32_nodes(graph: onnx.ModelProto, t5: bool = False) -> list[str]:
     names = []
     if t5:
         names = [n.name for n in graph.graph.node if _T5_FP32.search(n.name)]
-        if not any(_T5_NORM.search(n) for n in names):
+        if not any(re.search(_T5_NORM, n) for n in names):
             log.warning(
                 "fp16: no T5 layer norm found by its node names in this graph; it converts "
                 "whole, and may overflow to inf on a GPU (export it in fp32 if it does)"
@@ -142,6 +143,8 @@ def convert_fp16(
             model, keep_io_types=keep_float32, node_block_list=kept
         )
         wrapped = OnnxModel(converted)
+    # (OnnxModel's conversion above joins cascaded casts itself, integer ones too, one link
+    # at a time in node order: longer chains at a kept input are left for this)
     _join_float_casts(wrapped.model)
     # the first casts of joined pairs where nothing else reads them (inputs all kept: a
     # streamed graph takes its weights as inputs, and an input a graph ignores is declared)

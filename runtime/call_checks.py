@@ -25,6 +25,7 @@ __all__ = [
     "check_step_count",
     "check_true_cfg",
     "check_values",
+    "is_number",
     "is_whole",
     "warn_unguided",
     "whole_pair",
@@ -44,13 +45,18 @@ def is_whole(value: Any) -> bool:
     )
 
 
+def is_number(value: Any) -> bool:
+    """An int or float (numpy's too), not a bool: float() would take "7" and True."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating)
+    )
+
+
 def check_number(value: Any, name: str, hint: str) -> float:
     """`value` as a float; UserError "`name` `value`: use a number`hint`" for anything but
-    an int or float (numpy's too): float() would take "7" and True, and fail on "abc" with
-    a ValueError that does not name the argument."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
+    a number (is_number), where float() would fail on "abc" with a ValueError that does not
+    name the argument."""
+    if not is_number(value):
         raise UserError(f"{name} {reprlib.repr(value)}: use a number{hint}")
     return float(value)
 

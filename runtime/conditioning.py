@@ -19,6 +19,7 @@ import numpy as np
 from slimdiff.runtime.manifest import BundleError
 from slimdiff.runtime.schedulers import Scheduler
 from slimdiff.runtime.text_encoder import TextEncoder
+from slimdiff.runtime.tokenizer import shown
 
 from slimdiff.errors import UserError
 from slimdiff.models.kinds import (
@@ -254,7 +255,7 @@ class Conditioning:
                 log.warning(
                     "%s %r is longer than %s; the rest is ignored, as in diffusers",
                     name,
-                    text if len(text) <= 60 else text[:57] + "...",
+                    shown(text),
                     " and ".join(f"the {n} tokens {kind.upper()} reads" for n, kind in reads),
                 )
 

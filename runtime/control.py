@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from slimdiff.runtime.call_checks import is_number
 from slimdiff.runtime.image import ImageInput, load_image, prepare_image
 from slimdiff.runtime.manifest import Manifest, PipelineSpec
 
@@ -72,7 +73,7 @@ def _numbers(value: Numbers, what: str, count: int) -> tuple[float, ...]:
     """One number for every ControlNet, or a list of one each."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        if not is_number(v):
             raise UserError(f"control {what} {v!r}: use a number")
     if len(values) != count:
         raise UserError(

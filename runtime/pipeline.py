@@ -205,7 +205,7 @@ class Text2ImagePipeline:
         steps in the training range otherwise than the bundle's config ("trailing" for
         SDXL-Lightning, Hyper-SD, SDXL-Turbo and other few-step distillations).
         """
-        runner = _backend(backend)  # fail on a bad backend before hashing gigabytes
+        runner = get_backend(backend)  # fail on a bad backend before hashing gigabytes
         if expect_sha256 is not None and not isinstance(expect_sha256, str):
             raise UserError(
                 "expect_sha256 must be the 64-hex-digit SHA-256 string `slimdiff export` "
@@ -628,20 +628,6 @@ class Text2ImagePipeline:
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
         check_finite(sample, "in the VAE decoder's output", _VAE_NAN_FIX)
         return to_uint8(sample[0])
-
-
-def _backend(backend: str | Backend) -> Backend:
-    """The backend called `backend` (get_backend), or `backend` itself when it is one (a
-    `name` and a `load` method); UserError otherwise."""
-    if isinstance(backend, str):
-        return get_backend(backend)
-    if isinstance(getattr(backend, "name", None), str) and callable(getattr(backend, "load", None)):
-        return backend
-    raise UserError(
-        f"backend {reprlib.repr(backend)}: pass a backend name such as 'ort-cpu' or a backend "
-        "object (slimdiff.runtime.get_backend(name), or e.g. "
-        "slimdiff.runtime.backends.ort.OrtBackend(threads=4))"
-    )
 
 
 def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from slimdiff.runtime.manifest import FIX, BundleError
 from tokenizers import Tokenizer
 
-__all__ = ["PromptTokenizer"]
+__all__ = ["PromptTokenizer", "shown"]
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,14 @@ class PromptTokenizer:
                 log.warning(
                     "prompt %r is longer than the %d tokens this text encoder reads; the "
                     "rest is ignored, as in diffusers",
-                    prompt if len(prompt) <= 60 else prompt[:57] + "...",
+                    shown(prompt),
                     self.max_length,
                 )
         return np.array([e.ids for e in encodings], dtype=np.int64).reshape(
             len(prompts), self.max_length
         )
+
+
+def shown(prompt: str) -> str:
+    """`prompt` cut to 60 characters for a log line."""
+    return prompt if len(prompt) <= 60 else prompt[:57] + "..."

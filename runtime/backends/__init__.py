@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import reprlib
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -104,13 +105,23 @@ def backend_names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called `name`; raises UserError naming the known ones otherwise.
+def get_backend(name: str | Backend) -> Backend:
+    """The backend called `name`; raises UserError naming the known ones otherwise. A
+    backend object (a string `name` and a `load` method: what this returns, or one built
+    with settings a name cannot carry, e.g. OrtBackend(threads=4)) is returned as it is.
 
     Example:
         >>> get_backend("ort-cpu").name
         'ort-cpu'
     """
+    if not isinstance(name, str):
+        if isinstance(getattr(name, "name", None), str) and callable(getattr(name, "load", None)):
+            return name
+        raise UserError(
+            f"backend {reprlib.repr(name)}: pass a backend name such as 'ort-cpu' or a backend "
+            "object (slimdiff.runtime.get_backend(name), or e.g. "
+            "slimdiff.runtime.backends.ort.OrtBackend(threads=4))"
+        )
     if name in _PLANNED:
         raise UserError(f"backend {name!r}: {_PLANNED[name]}")
     if name not in _BACKENDS:

@@ -4,7 +4,6 @@ of a model that is not toy:shapes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from slimdiff.errors import UserError
@@ -101,8 +100,10 @@ def _toy_architecture(unet: dict, toy: Path) -> bool:
 
 
 def _json_object(path: Path) -> dict | None:
+    """The JSON object in `path` (models.index.read_json), None where there is none."""
+    from slimdiff.models.index import read_json
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        return read_json(path)
+    except UserError:
         return None
-    return value if isinstance(value, dict) else None

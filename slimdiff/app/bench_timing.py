@@ -38,7 +38,9 @@ def torch_ms_per_step(pipe, settings: dict, latents: np.ndarray, prompt: str) ->
     """
     import torch
 
-    denoiser = denoiser_module(pipe)
+    from slimdiff.models.families import arch_of_pipeline
+
+    denoiser = getattr(pipe, arch_of_pipeline(pipe).denoiser)
     on_cuda = denoiser.device.type == "cuda"
     starts: list[float] = []
     deltas: list[float] = []
@@ -68,12 +70,6 @@ def torch_ms_per_step(pipe, settings: dict, latents: np.ndarray, prompt: str) ->
     finally:
         hook.remove()
     return float(np.median(deltas) * 1e3)
-
-
-def denoiser_module(pipe):
-    """The pipeline's denoiser: its UNet, or its transformer (SD3, FLUX)."""
-    unet = getattr(pipe, "unet", None)
-    return unet if unet is not None else pipe.transformer
 
 
 def timed_pairs(pipe, bundle: Path, settings: dict, noise, b, run_dir: Path):
