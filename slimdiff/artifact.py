@@ -202,12 +202,13 @@ def _rebuild(folder: Path, entry: Any, edits: list[Edit]):
 
 
 def _read_weights(folder: Path) -> dict[str, Any]:
-    """Every tensor of a component folder's safetensors (one file or an indexed shard set)."""
+    """Every tensor of a component folder's weights (one file or an indexed shard set),
+    by from_pretrained's names only: another .safetensors file beside them is not read."""
     from safetensors.torch import load_file
 
-    from slimdiff.models.weights import open_safetensors
+    from slimdiff.models.weights import open_safetensors, weight_files
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise UserError(f"{folder}: no .safetensors weights; compress the model again")
     state: dict[str, Any] = {}

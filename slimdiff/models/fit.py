@@ -111,10 +111,11 @@ def _check_text_widths(arch: ArchSpec, pipe: Any, config: dict, source: str) -> 
 
 def _check_text_lengths(arch: ArchSpec, pipe: Any, source: str) -> None:
     """diffusers' SD/SDXL pipelines pad and cut CLIP prompts to the tokenizer's
-    model_max_length, which long-context CLIPs (Long-CLIP: 248) raise; the bundles here
-    read 77 tokens (the families' fixed text axis), so such a model would draw otherwise
-    than in diffusers. A length beyond the encoder's positions (a tokenizer saved without
-    one reads as 1e30) is no length diffusers could run either, and is left alone."""
+    model_max_length, which long-context CLIPs (Long-CLIP: 248) raise and a tokenizer saved
+    with a shorter one (64) lowers; the bundles here read 77 tokens (the families' fixed
+    text axis), so such a model would draw otherwise than in diffusers. A length beyond the
+    encoder's positions (a tokenizer saved without one reads as 1e30) is no length diffusers
+    could run either, and is left alone."""
     for spec in arch.text_encoders:
         tokenizer, encoder = getattr(pipe, spec.tokenizer, None), getattr(pipe, spec.name, None)
         if spec.kind != "clip" or tokenizer is None or encoder is None:
@@ -122,11 +123,13 @@ def _check_text_lengths(arch: ArchSpec, pipe: Any, source: str) -> None:
         length = int(getattr(tokenizer, "model_max_length", spec.max_length))
         positions = int(getattr(encoder.config, "max_position_embeddings", spec.max_length))
         if length != spec.max_length and length <= positions:
+            longer = length > spec.max_length
+            what = "a long-context CLIP such as Long-CLIP" if longer else "shorter than CLIP's"
             raise UserError(
                 f"{source}: its {spec.tokenizer} reads {length}-token prompts (model_max_length: "
-                f"a long-context CLIP such as Long-CLIP), where slimdiff's {arch.family} "
-                f"bundles read {spec.max_length}; to export it at {spec.max_length} tokens (the "
-                f"rest cut, as its diffusers pipeline would then), set model_max_length to "
+                f"{what}), where slimdiff's {arch.family} bundles read {spec.max_length}; to "
+                f"export it at {spec.max_length} tokens ({'the rest cut, ' if longer else ''}as "
+                f"its diffusers pipeline would then read them), set model_max_length to "
                 f"{spec.max_length} in {spec.tokenizer}/tokenizer_config.json"
             )
 

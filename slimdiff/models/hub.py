@@ -10,7 +10,7 @@ from pathlib import Path
 
 from slimdiff.errors import UserError
 
-__all__ = ["hub_offline", "local_path", "looks_like_hub_id"]
+__all__ = ["cached_snapshot", "hub_offline", "local_path", "looks_like_hub_id"]
 
 _REVISION = "main"
 
@@ -53,3 +53,15 @@ def local_path(name: str | os.PathLike[str]) -> Path:
         f"{path} is a hub cache folder with {len(found)} snapshots ({names}) and no "
         f"refs/{_REVISION}; pass one snapshot folder ({snapshots}/<commit>)"
     )
+
+
+def cached_snapshot(model_id: str) -> Path | None:
+    """The huggingface_hub cache's snapshot folder of hub pipeline `model_id` (the one
+    `refs/main` names, where its model_index.json is cached); None when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model_id, "model_index.json", revision=_REVISION)
+    except ValueError:  # not a valid repo id after all
+        return None
+    return Path(found).parent if isinstance(found, str) else None

@@ -37,19 +37,38 @@ def folder_variant(path: Path, parts: list[Path]) -> str | None:
     only that variant's weights (a download of `*.fp16.*` files), as lazy loading reads
     them; None where every component has plain weights. UserError for components of
     different variants (several in one component: weights.weight_files, which the load
-    runs first, refuses them)."""
-    from slimdiff.models.weights import variants
+    runs first, refuses them), and for a variant-only component beside one holding plain
+    and variant weights: diffusers refuses that folder without a variant and, told it,
+    loads the variant in both, while lazy loading would read the plain ones."""
+    from slimdiff.models.weights import held_weights
 
-    found: set[str] = set()
+    only: dict[str, set[str]] = {}  # component: its variants, where it holds no plain weights
+    both: dict[str, set[str]] = {}  # component: its variants, beside plain weights
     for part in parts:
         if part.is_dir():
-            found |= variants(part)
+            plain, found = held_weights(part)
+            if found:
+                (both if plain else only)[part.name] = found
+    found = set().union(*only.values())
     if len(found) > 1:
         raise UserError(
             f"{path}: its components hold only variant weights, of different variants "
             f"({', '.join(sorted(found))}); keep one variant's files in every component"
         )
-    return next(iter(found), None)
+    variant = next(iter(found), None)
+    mixed = [name for name, held in both.items() if variant in held]
+    if mixed:
+        raise UserError(
+            f"{path}: {_names(list(only))} only {variant} weights, while {_names(mixed)} "
+            f"plain and {variant} ones, so which to load is not known (diffusers "
+            f"refuses such a folder without a variant); keep plain weights in every component, "
+            f"or only the {variant} files (remove {mixed[0]}'s plain ones)"
+        )
+    return variant
+
+
+def _names(parts: list[str]) -> str:
+    return f"{', '.join(parts)} {'hold' if len(parts) > 1 else 'holds'}"
 
 
 def refuse_missing_folders(path: Path, index: dict[str, Any], absent: dict) -> None:

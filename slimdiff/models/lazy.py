@@ -195,11 +195,19 @@ def _lazy_component(cls: type, name: str, folder: Path, restore_edits) -> Any:
         module = empty_module(cls, folder)
         if restore_edits is not None:
             module = restore_edits(name, module)
-        source = SafetensorsWeights(folder, checkpoint_renamer(module))
+        source = SafetensorsWeights(folder, checkpoint_renamer(module), _weights_name(module))
         _check_keys(module, source, folder)
         _load_buffers(module, source)
         return make_lazy(module.eval(), source)
     return cls.from_pretrained(folder)  # tokenizers, schedulers: no weights
+
+
+def _weights_name(module: nn.Module) -> str:
+    """The weights file name from_pretrained reads for `module`'s class: diffusers' models
+    diffusion_pytorch_model.*, transformers' model.* (weights.weight_files)."""
+    from diffusers import ModelMixin
+
+    return "diffusion_pytorch_model" if isinstance(module, ModelMixin) else "model"
 
 
 def _damaged(where: Path, what: str, err: Exception) -> Exception:

@@ -38,7 +38,7 @@ from slimdiff.models.families import (
     why_no_family,
 )
 from slimdiff.models.fit import check_fits
-from slimdiff.models.hub import hub_offline, local_path, looks_like_hub_id
+from slimdiff.models.hub import cached_snapshot, hub_offline, local_path, looks_like_hub_id
 from slimdiff.models.index import (
     UNUSED_COMPONENTS,
     folder_variant,
@@ -104,7 +104,7 @@ class LoadedModel:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        return default_size(self.arch, self.pipe)
+        return default_size(self.arch, self.pipe, self.denoiser)
 
     @property
     def max_side(self) -> int | None:
@@ -148,14 +148,17 @@ class LoadedModel:
         return self.pipe
 
 
-def default_size(arch: ArchSpec, pipe=None) -> tuple[int, int]:
+def default_size(arch: ArchSpec, pipe=None, denoiser=None) -> tuple[int, int]:
     """(height, width) a pipeline draws by default, as diffusers computes it: the denoiser's
     sample_size times the VAE's scale (64 px for toy:shapes, 128 for the tiny models, 1024
-    for SDXL/SD3); the family's default when that is unknown (FLUX's config has no
-    sample_size; a lone denoiser has no VAE)."""
-    sample = getattr(pipe, arch.denoiser).config.get("sample_size") if pipe is not None else None
+    for SDXL/SD3); for a lone `denoiser` (no pipeline), its sample_size times 8, the scale
+    of every family's VAE and diffusers' default without one; the family's default when
+    that is unknown (FLUX's config has no sample_size)."""
+    module = getattr(pipe, arch.denoiser) if pipe is not None else denoiser
+    sample = module.config.get("sample_size") if module is not None else None
     if isinstance(sample, int):
-        return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
+        scale = pipe.vae_scale_factor if pipe is not None else 8
+        return sample * scale, sample * scale
     return tuple(arch.default_size)
 
 
@@ -188,6 +191,7 @@ def load_model(
     never loaded from a folder or the hub, dropped after the load otherwise.
     """
     _quiet_progress_bars()
+    _quiet_fetch_fallbacks()
     skip = _skipped(model, without)
     if weights == "lazy":
         loaded = _load_lazy(model, skip)
@@ -336,7 +340,34 @@ def _load_lazy(model: str, skip: dict[str, None]) -> LoadedModel:
         return _wrap(load_artifact_lazy(path), model)
     index = {**index, **{name: [None, None] for name in skip if name in index}}
     refuse_missing_folders(path, index, {})
+    # the checks of the memory route, in its order: both routes read the same files
+    from slimdiff.models.weights import check_weight_files
+
+    unread = {**left_out(index), **foreign_components(index)}
+    read = [path / k for k, v in index.items() if is_part(v) and k not in unread]
+    check_weight_files(read)
+    folder_variant(path, read)
     return _wrap(lazy_pipeline(path, index), model)
+
+
+class _FetchFallbacks(logging.Filter):
+    """Drops the lines diffusers logs while it looks for a component's weights under one
+    name and then another (ModelMixin.from_pretrained: "An error occurred while trying to
+    fetch ..." and, with pickles allowed, "Defaulting to unsafe serialization"): a load
+    that fails says why in its own one line, and one allowed to unpickle did ask for it."""
+
+    _LINES = ("An error occurred while trying to fetch", "Defaulting to unsafe serialization")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self._LINES)
+
+
+def _quiet_fetch_fallbacks() -> None:
+    import diffusers.models.modeling_utils as modeling
+
+    logger = logging.getLogger(modeling.__name__)
+    if not any(isinstance(f, _FetchFallbacks) for f in logger.filters):
+        logger.addFilter(_FetchFallbacks())
 
 
 def _quiet_progress_bars() -> None:
@@ -485,7 +516,10 @@ def _load_component(
     cls = getattr(diffusers, class_name)
     try:
         model = cls.from_pretrained(
-            path, use_safetensors=None if allow_pickle else True, **_float32()
+            path,
+            use_safetensors=None if allow_pickle else True,
+            variant=folder_variant(path, [path]),  # a folder of one variant's weights only
+            **_float32(),
         )
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
@@ -537,19 +571,27 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, No
     import diffusers
 
     offline = hub_offline()
+    snapshot = cached_snapshot(model_id)
+    # (unused components: None is taken for a pipeline's optional ones, ignored otherwise)
+    never = {**dict.fromkeys(UNUSED_COMPONENTS), **skip}
     try:
         safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
-        # (unused components: None is taken for a pipeline's optional ones, ignored otherwise)
-        never = {**dict.fromkeys(UNUSED_COMPONENTS), **skip}
         pipe = diffusers.DiffusionPipeline.from_pretrained(
-            model_id, use_safetensors=safe, **_float32(), **never
+            model_id,
+            use_safetensors=safe,
+            variant=_cached_variant(snapshot, never),
+            **_float32(),
+            **never,
         )
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of
         # memory, a bug) keeps its traceback.
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "safetensors" in detail and not allow_pickle:
+        pickled = snapshot is None or any(snapshot.glob("*/*.bin"))
+        if "safetensors" in detail and not allow_pickle and pickled:
             hint = "it has no safetensors weights; pass --allow-pickle if you trust its .bin files"
+        elif "safetensors" in detail and not allow_pickle:
+            hint = "the cache lacks some of its weights, and it holds no .bin files either"
         elif offline:
             hint = "HF_HUB_OFFLINE is set and the files are not in the local cache"
         else:
@@ -565,6 +607,18 @@ def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, No
     family_of_pipeline(type(pipe).__name__)
     refuse_missing(pipe.components, model_id)
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
+
+
+def _cached_variant(snapshot: Path | None, never: dict[str, None]) -> str | None:
+    """The variant a hub model's cached snapshot holds alone (a download of `*.fp16.*`
+    files), which from_pretrained must be told, as for a local folder; None otherwise."""
+    if snapshot is None:
+        return None
+    index = read_json(snapshot / "model_index.json")
+    unread = {**left_out(index), **never}
+    return folder_variant(
+        snapshot, [snapshot / k for k, v in index.items() if is_part(v) and k not in unread]
+    )
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:

@@ -34,6 +34,7 @@ __all__ = [
     "check_weight_files",
     "checkpoint_renamer",
     "dtype_keyword",
+    "held_weights",
     "init_rule",
     "open_safetensors",
     "refuse_pickles",
@@ -73,7 +74,9 @@ class SafetensorsWeights:
 
     diffusers and transformers name their weights `<name>.safetensors`, or shards listed by
     `<name>.safetensors.index.json`; variants (`<name>.fp16.safetensors`) are used only when
-    the folder has nothing else, as `from_pretrained` does without a `variant`.
+    the folder has nothing else, as `from_pretrained` does without a `variant`. `name`: the
+    weights name the module's class reads (diffusion_pytorch_model, model; None: either),
+    so a file saved beside them (an EMA copy) is not read in their place.
     `rename` maps a file's key to the module's (transformers' renaming of checkpoints an
     older transformers saved: checkpoint_renamer); the keys asked for are the module's.
 
@@ -82,9 +85,11 @@ class SafetensorsWeights:
         torch.Size([3072, 64])  # doctest: +SKIP
     """
 
-    def __init__(self, folder: Path, rename: Callable[[str], str] | None = None):
+    def __init__(
+        self, folder: Path, rename: Callable[[str], str] | None = None, name: str | None = None
+    ):
         self.folder = folder
-        files = weight_files(folder)
+        files = weight_files(folder, name)
         if not files:
             refuse_pickles([folder])  # the likelier reason, and its option
             raise UserError(
@@ -150,9 +155,23 @@ _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def refuse_pickles(folders: list[Path]) -> None:
-    """UserError when a component folder holds pickled weights and no safetensors."""
+    """UserError when a component folder holds pickled weights and no safetensors, or
+    pickled plain weights beside a variant's safetensors (from_pretrained reads the plain
+    ones)."""
     for folder in folders:
-        if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        if not folder.is_dir():
+            continue
+        found = held_weights(folder)[1]
+        pickled = [p for name in _WEIGHT_NAMES if (p := _pickled(folder, name))]
+        if found and pickled and not weight_files(folder):
+            variant = sorted(found)[0]
+            raise UserError(
+                f"{folder}: its plain weights are pickled ({pickled[0]}) and only its "
+                f"{', '.join(sorted(found))} variant is in safetensors; from_pretrained loads "
+                "the plain ones, which slimdiff unpickles only with --allow-pickle (if you "
+                f"trust them): pass it, or remove {pickled[0]} to load the {variant} weights"
+            )
+        if any(folder.glob("*.safetensors")):
             continue
         pickled = sorted(p.name for pattern in _PICKLED for p in folder.glob(pattern))
         if pickled:
@@ -213,44 +232,111 @@ def _shards(index: Path) -> set[str]:
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 
+# The weights from_pretrained looks for, by name: diffusers' models read
+# diffusion_pytorch_model.*, transformers' model.*; other files in the folder (an EMA copy
+# saved beside them) are not read. Each name's pickled file, which from_pretrained falls
+# back to where it has no plain safetensors (and --allow-pickle lets it).
+_WEIGHT_NAMES = {
+    "diffusion_pytorch_model": "diffusion_pytorch_model.bin",
+    "model": "pytorch_model.bin",
+}
 
-def _variant(file: Path) -> str | None:
-    """The variant a weights file belongs to: diffusion_pytorch_model.fp16.safetensors
-    and its shards (...fp16-00001-of-00002.safetensors) are "fp16"; None for plain ones."""
-    stem = _SHARD.sub("", file.stem)
-    return stem.rpartition(".")[2] if "." in stem else None
+
+def _name_and_variant(file: Path) -> tuple[str, str | None]:
+    """A .safetensors file's weights name and variant: diffusion_pytorch_model.fp16
+    .safetensors and its shards (...fp16-00001-of-00002.safetensors) are
+    ("diffusion_pytorch_model", "fp16"); the variant is None for plain ones."""
+    name, _, variant = _SHARD.sub("", file.stem).partition(".")
+    return name, variant or None
+
+
+def _named_files(folder: Path, name: str) -> list[Path]:
+    """The .safetensors files of weights name `name` in `folder`, plain or variant."""
+    return sorted(f for f in folder.glob(f"{name}*.safetensors") if _name_and_variant(f)[0] == name)
+
+
+def _pickled(folder: Path, name: str) -> str | None:
+    """The plain pickled weights of `name` in `folder` (the file, or its shard index)."""
+    pickled = _WEIGHT_NAMES.get(name)
+    for file in (pickled, f"{pickled}.index.json") if pickled else ():
+        if (folder / file).is_file():
+            return file
+    return None
+
+
+def held_weights(folder: Path, name: str | None = None) -> tuple[bool, set[str]]:
+    """(whether component folder `folder` holds plain weights, safetensors or pickled; the
+    variants it holds safetensors weights of), for weights name `name` (None: either)."""
+    plain, found = False, set()
+    for stem in (name,) if name else _WEIGHT_NAMES:
+        for file in _named_files(folder, stem):
+            variant = _name_and_variant(file)[1]
+            plain |= variant is None
+            found |= {variant} - {None}
+        plain |= (folder / f"{stem}.safetensors.index.json").is_file()
+        plain |= _pickled(folder, stem) is not None
+    return plain, found
 
 
 def variants(folder: Path) -> set[str]:
     """The variants a component folder holds weights of, when it holds no plain ones
-    (as a repo downloaded with `--include "*.fp16.*"`); empty otherwise."""
-    files = list(folder.glob("*.safetensors"))
-    if any(_variant(f) is None for f in files):
-        return set()
-    return {v for f in files if (v := _variant(f)) is not None}
+    (as a repo downloaded with `--include "*.fp16.*"`); empty otherwise: from_pretrained
+    without a variant reads the plain ones, pickled ones too."""
+    plain, found = held_weights(folder)
+    return set() if plain else found
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files from_pretrained reads in a component folder: an index's
-    shards, else the plain files, else (nothing else there) one variant's; [] for none.
-    UserError for a folder of several variants and no plain weights (from_pretrained
-    then needs to be told which, and refuses without)."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    plain = [i for i in indexes if i.name.count(".") == 3]  # <name>.safetensors.index.json
-    if plain:
-        return sorted({folder / name for name in _shards(plain[0])})
-    files = sorted(folder.glob("*.safetensors"))
-    if any(_variant(f) is None for f in files):
-        return [f for f in files if _variant(f) is None]
-    found = {_variant(f) for f in files}  # all variants here: no plain file
+def weight_files(folder: Path, name: str | None = None) -> list[Path]:
+    """The safetensors files from_pretrained reads in a component folder, of weights name
+    `name` (None: diffusion_pytorch_model, else model): an index's shards, else the plain
+    file, else (nothing else there) one variant's; [] for none, and where the plain weights
+    are pickled (from_pretrained reads those). UserError for a folder of several variants
+    and no plain weights (from_pretrained then needs to be told which, and refuses without),
+    and for a stale shard index."""
+    for stem in (name,) if name else _WEIGHT_NAMES:
+        files = _files_of(folder, stem)
+        if files:
+            return files
+    return []
+
+
+def _files_of(folder: Path, name: str) -> list[Path]:
+    index = folder / f"{name}.safetensors.index.json"
+    if index.is_file():
+        return _indexed(index, folder / f"{name}.safetensors")
+    files = _named_files(folder, name)
+    plain = [f for f in files if _name_and_variant(f)[1] is None]
+    if plain or _pickled(folder, name):
+        return plain
+    found = {_name_and_variant(f)[1] for f in files}  # all variants here: no plain file
     if len(found) > 1:
         raise UserError(
             f"{folder}: holds weights of the variants {', '.join(sorted(found))} and none "
             "without a variant, so which to load is not known; keep one variant's files"
         )
-    for index in indexes:  # a variant's shard index
-        return sorted({folder / name for name in _shards(index)})
+    for variant in found:  # a variant's shard index: diffusers' name, then the older one
+        for index in (
+            f"{name}.safetensors.index.{variant}.json",
+            f"{name}.{variant}.safetensors.index.json",
+        ):
+            if (folder / index).is_file():
+                return _indexed(folder / index, None)
     return files
+
+
+def _indexed(index: Path, plain: Path | None) -> list[Path]:
+    """The shards `index` lists; UserError for a stale index: shards gone and the plain
+    file beside it, as save_pretrained leaves a folder it saved sharded, then whole."""
+    shards = sorted({index.parent / name for name in _shards(index)})
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing and plain is not None and plain.is_file():
+        raise UserError(
+            f"{index}: a stale shard index: it lists shards that are not there ({missing[0]}"
+            f"{', ...' if len(missing) > 1 else ''}) and {plain.name} is beside it (an "
+            f"unsharded save over a sharded one leaves the index behind); remove {index.name} "
+            f"if {plain.name} is the model, or copy the shards again"
+        )
+    return shards
 
 
 class InitWeights:

@@ -62,3 +62,22 @@ def test_a_saved_pipeline_reloads_with_the_same_configs(tmp_path):
             for key, value in config.items():  # JSON gives lists where code gave tuples
                 config[key] = list(value) if isinstance(value, tuple) else value
         assert after == before, name
+
+
+def test_an_artifact_component_reads_only_its_weights_files(tmp_path):
+    """A rebuilt component (edits replayed) reads diffusion_pytorch_model.safetensors, as
+    from_pretrained does, not an EMA copy or other .safetensors left beside it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from slimdiff.artifact import _read_weights
+    from slimdiff.errors import UserError
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, str(folder / "diffusion_pytorch_model.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(folder / "diffusion_pytorch_model_ema.safetensors"))
+    assert torch.equal(_read_weights(folder)["w"], torch.ones(2))
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"no \.safetensors weights; compress the model again"):
+        _read_weights(folder)
