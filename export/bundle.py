@@ -207,6 +207,7 @@ def _text_encoder_record(pipe, spec) -> TextEncoderRecord:
         outputs=tuple(spec.outputs),
         segment=spec.segment,
         hidden_size=int(cfg.hidden_size),  # T5Config maps hidden_size to d_model
+        vocab_size=int(cfg.vocab_size),
     )
 
 

@@ -287,6 +287,9 @@ class TextEncoderRecord(pydantic.BaseModel):
     outputs: Annotated[tuple[TextOutput, ...], Field(min_length=1, max_length=4)]
     segment: Annotated[int, Field(ge=0, le=7)]
     hidden_size: Annotated[int, Field(ge=1, le=1 << 16)]
+    # The encoder's vocabulary (its token embedding's rows): the tokenizer's ids are checked
+    # against it at load. None in bundles written before 0.2.
+    vocab_size: Annotated[int, Field(ge=1, le=1 << 24)] | None = None
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> TextEncoderRecord:

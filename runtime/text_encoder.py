@@ -28,6 +28,7 @@ def bundle_tokenizer(bundle: Bundle, record: TextEncoderRecord) -> PromptTokeniz
         record.max_length,
         record.pad_token_id,
         where=bundle.root / record.tokenizer_file,
+        vocab_size=record.vocab_size,
     )
 
 

@@ -97,6 +97,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ._common import check_train_timesteps
 from ._sigmas import SCHEDULES
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
@@ -292,16 +293,34 @@ def scheduler_from_config(config: dict[str, Any]) -> Scheduler:
 
     Private keys ("_diffusers_version", "_use_default_values", ...) and keys that do not
     affect the ported code paths are ignored, as diffusers ignores foreign keys; values
-    that would change the maths but are not ported raise ValueError.
+    that would change the maths but are not ported raise ValueError, as do sizes out of
+    range (num_train_timesteps: every table is that long) and a malformed
+    `_use_default_values` (switch_scheduler reads it).
     """
     name = config.get("_class_name")
-    if name not in _SCHEDULERS:
+    if not isinstance(name, str) or name not in _SCHEDULERS:
         raise ValueError(
             f"unsupported scheduler class {name!r}; the numpy runtime supports "
             f"{', '.join(sorted(_SCHEDULERS))}"
         )
+    if "num_train_timesteps" in config:
+        check_train_timesteps(config["num_train_timesteps"])
+    _default_keys(config)
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     return _SCHEDULERS[name](**kwargs)
+
+
+def _default_keys(config: dict[str, Any]) -> set[str]:
+    """The keys the original scheduler_config.json left out (`_use_default_values`, which
+    diffusers' save_config writes and slimdiff export keeps); ValueError unless it is a list
+    of key names."""
+    keys = config.get("_use_default_values", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(
+            "_use_default_values must be a list of config key names, as diffusers writes "
+            f"it, not {keys!r:.60}"
+        )
+    return set(keys)
 
 
 def scheduler_names() -> list[str]:
@@ -379,8 +398,7 @@ def switch_scheduler(config: dict[str, Any], name: str) -> dict[str, Any]:
     # diffusers' from_config drops the keys the original scheduler_config.json left out
     # (`_use_default_values`, which slimdiff export keeps): they take the new class's
     # defaults (a hub SD1.5 folder's PNDM "leading" spacing becomes Euler's "linspace")
-    defaults = config.get("_use_default_values")
-    defaults = set(defaults) if isinstance(defaults, list) else set()
+    defaults = _default_keys(config)
     kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in defaults}
     switched = {"_class_name": class_name, **replaced_schedule(kept, overrides), **overrides}
     trained, target = scheduler_process(current, config), scheduler_process(class_name, switched)

@@ -9,12 +9,19 @@ numpy, where it computes in float64 numpy we do too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from numbers import Real
 from typing import Any
 
 import numpy as np
 
 F32 = np.float32
 ONE = np.float32(1.0)
+# diffusers' configs use 1000. Every table is that long, and DPM++ SDE builds a schedule of
+# that many steps when it is made: 10**9 (a few bytes of JSON) took minutes and gigabytes
+MAX_TRAIN_TIMESTEPS = 100_000
+# how far below a refused step count `check_steppable` looks for one that works
+_FEWER_STEPS_LOOKED_AT = 100
 
 
 def choice(owner: str, key: str, value: Any, allowed: tuple[Any, ...]) -> Any:
@@ -61,11 +68,65 @@ def reject_args(owner: str, **args: Any) -> None:
             raise ValueError(f"{owner}.set_timesteps does not take `{key}`")
 
 
+def check_train_timesteps(value: Any) -> int:
+    """A config's `num_train_timesteps`: a whole number in 1..MAX_TRAIN_TIMESTEPS."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or not 0 < value <= MAX_TRAIN_TIMESTEPS:
+        raise ValueError(
+            f"num_train_timesteps={value!r}: use a whole number from 1 to {MAX_TRAIN_TIMESTEPS} "
+            "(diffusers' configs use 1000)"
+        )
+    return value
+
+
 def check_steps(n: int | None, n_train: int) -> int:
     """`set_timesteps`' step count: 1..n_train (the training schedule's length)."""
     if n is None or not 0 < n <= n_train:
         raise ValueError(f"num_inference_steps must be in 1..{n_train}, got {n}")
     return n
+
+
+def check_steppable(
+    spacing: str,
+    n_train: int,
+    n: int,
+    steps_offset: int,
+    timesteps: Callable[[str, int, int, int], np.ndarray] | None = None,
+) -> None:
+    """Refuse `n` steps whose timesteps (`timesteps(spacing, n_train, n, steps_offset)`,
+    spaced_timesteps by default) leave the training range or repeat one. diffusers fails
+    there with the same schedule: an index past its alpha-bar table (DDIM, DDPM, PNDM), or
+    NaN where a solver divides by a step of size 0 (LMS, DPM++ SDE, DPM-Solver++, DEIS,
+    UniPC: a timestep past the range is clamped to the last one's sigma). SD1.5's "leading"
+    spacing with steps_offset 1 does it at 1000 steps, the multistep solvers' at 999 and
+    1000, their "linspace" at 1000; "trailing" never does. The ValueError names the most
+    steps that work, when a few fewer do."""
+    spaced = timesteps or spaced_timesteps
+    problem = _unsteppable(spaced(spacing, n_train, n, steps_offset), n_train)
+    if problem is None:
+        return
+    fewer = range(n - 1, max(n - _FEWER_STEPS_LOOKED_AT, 0), -1)
+    fits = (
+        m for m in fewer if not _unsteppable(spaced(spacing, n_train, m, steps_offset), n_train)
+    )
+    most = next(fits, 0)
+    offset = f" with steps_offset={steps_offset}" if spacing == "leading" else ""
+    raise ValueError(
+        f"{n} {spacing!r} steps{offset} {problem}, where diffusers fails; use "
+        f"{f'at most {most}' if most else 'fewer'} steps, or 'trailing' spacing "
+        "(--timestep-spacing trailing)"
+    )
+
+
+def _unsteppable(t: np.ndarray, n_train: int) -> str | None:
+    """What is wrong with descending timesteps `t` for check_steppable, or None."""
+    last = n_train - 1
+    if t.max() > last:
+        return f"put a step at timestep {t.max():.10g}, past the training schedule's last ({last})"
+    repeated = np.flatnonzero(np.diff(t) == 0)
+    if repeated.size:
+        return f"repeat timestep {t[repeated[0]]:.10g} (a step of size 0)"
+    return None
 
 
 def check_step(owner: str, step_index: int, num_steps: int | None) -> None:
@@ -133,11 +194,13 @@ def alphas_cumprod_f32(
         schedules = ("linear", "scaled_linear", "squaredcos_cap_v2")
         choice(owner, "beta_schedule", beta_schedule, schedules)
     if trained_betas is not None:
-        betas = np.asarray(trained_betas, dtype=F32)
+        betas = _trained_betas(owner, trained_betas, n)
     elif beta_schedule == "linear":
+        _check_beta_ends(owner, beta_start, beta_end)
         # torch.linspace(float32) lands within an ulp of the rounded float64 linspace
         betas = np.linspace(beta_start, beta_end, n).astype(F32)
     elif beta_schedule == "scaled_linear":
+        _check_beta_ends(owner, beta_start, beta_end)
         betas = np.linspace(beta_start**0.5, beta_end**0.5, n).astype(F32) ** 2
     else:  # "squaredcos_cap_v2": diffusers' betas_for_alpha_bar("cosine"), Python floats
         f = [math.cos((i / n + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(n + 1)]
@@ -155,15 +218,59 @@ def alphas_cumprod_f32(
     return np.cumprod((ONE - (ONE - alphas)).astype(np.float64)).astype(F32)
 
 
+def _trained_betas(owner: str, values: Any, n: int) -> np.ndarray:
+    """A config's trained_betas as float32: one beta in [0, 1) per training timestep.
+    diffusers takes any list, but a shorter one indexes past its tables mid-run (PNDM at 2
+    steps) and a beta >= 1 gives NaN sigmas: refused here, before any graph runs."""
+    problem = f"{owner}: trained_betas must list num_train_timesteps ({n}) numbers in [0, 1)"
+    try:
+        betas = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(problem) from None
+    if betas.shape != (n,) or not ((betas >= 0) & (betas < 1)).all():
+        raise ValueError(problem)
+    return betas.astype(F32)
+
+
+def _check_beta_ends(owner: str, beta_start: Any, beta_end: Any) -> None:
+    """The ends of a linear schedule, each in [0, 1): outside, diffusers' sigmas are NaN
+    (a negative end: the square root of scaled_linear is complex) and so is every image."""
+    for key, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+            raise ValueError(
+                f"{owner}: {key}={value!r} must be a number in [0, 1) (Stable Diffusion's "
+                "configs use 0.00085 and 0.012)"
+            )
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma: log-sigma interpolation (diffusers)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    low_idx = _last_at_or_below(log_sigmas, log_sigma).clip(max=log_sigmas.shape[0] - 2)
     high_idx = low_idx + 1
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def _last_at_or_below(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each of `values`, the last index j with table[j] <= value, or 0 where there is
+    none: diffusers' cumsum(dists >= 0).argmax(), without its (len(table), len(values))
+    matrix (DPM++ SDE's first schedule at 100000 training steps: 80 GB). Training sigmas
+    ascend, where a binary search gives the same index; any other table is done diffusers'
+    way, a slice of values at a time."""
+    values = np.asarray(values)
+    flat = values.reshape(-1)
+    if (table[1:] >= table[:-1]).all():  # not np.diff: inf - inf is NaN (underflowed alpha-bars)
+        idx = np.maximum(np.searchsorted(table, flat, side="right") - 1, 0)
+        idx[np.isnan(flat)] = 0  # a NaN compares false with every entry: none is below it
+        return idx.reshape(values.shape)
+    rows = max(1, (1 << 22) // max(len(table), 1))
+    parts = [
+        np.cumsum(flat[k : k + rows] - table[:, np.newaxis] >= 0, axis=0).argmax(axis=0)
+        for k in range(0, len(flat), rows)
+    ]
+    return np.concatenate(parts or [np.zeros(0, np.int64)]).reshape(values.shape)
 
 
 def karras_sigmas(lo: float, hi: float, num_inference_steps: int) -> np.ndarray:

@@ -19,6 +19,7 @@ Lentz) and bisection to float64 resolution, within 1e-12 of scipy (tests check).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from ._common import (
     VPNoise,
     alpha_sigma_lambda,
     alphas_cumprod_f32,
+    check_steppable,
     check_steps,
     karras_sigmas,
     sigma_to_t,
@@ -152,6 +154,16 @@ def multistep_timesteps(
     if spacing == "leading":
         return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
     return trailing_timesteps(last, n_train, n)
+
+
+def check_multistep_steps(
+    spacing: str, n_train: int, n: int, steps_offset: int, last: int | None = None
+) -> None:
+    """Refuse `n` steps of multistep_timesteps' spacing whose interpolated sigmas repeat (a
+    timestep repeated, or past the range and clamped): DPM-Solver++, DEIS and UniPC divide
+    by the step in log-SNR, so diffusers samples NaN there (see check_steppable). A
+    converted schedule (Karras, ...) takes only the count from these timesteps: unchecked."""
+    check_steppable(spacing, n_train, n, steps_offset, partial(multistep_timesteps, last=last))
 
 
 def multistep_sigmas(

@@ -19,6 +19,7 @@ from ._common import (
     alphas_cumprod_f32,
     as_f32,
     check_step,
+    check_steppable,
     check_steps,
     choice,
     reject_args,
@@ -84,6 +85,7 @@ class DDIMScheduler(AlphaBarNoise):
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n_train, n = self.num_train_timesteps, num_inference_steps
         check_steps(n, n_train)
+        check_steppable(self.timestep_spacing, n_train, n, self.steps_offset)
         self.num_inference_steps = n
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
         self._t = (t.round() if self.timestep_spacing == "linspace" else t).astype(np.int64)

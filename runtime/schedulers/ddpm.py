@@ -38,6 +38,7 @@ from ._common import (
     as_f32,
     check_noise,
     check_step,
+    check_steppable,
     check_steps,
     choice,
     reject_args,
@@ -107,14 +108,10 @@ class DDPMScheduler(AlphaBarNoise):
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n_train, n = self.num_train_timesteps, num_inference_steps
         check_steps(n, n_train)
+        # diffusers: an IndexError at the first step past the table
+        check_steppable(self.timestep_spacing, n_train, n, self.steps_offset)
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
-        t = (t.round() if self.timestep_spacing == "linspace" else t).astype(np.int64)
-        if t[0] >= n_train:  # diffusers: an IndexError at the first step
-            raise ValueError(
-                f"{n} {self.timestep_spacing!r} steps with steps_offset={self.steps_offset} "
-                f"start at timestep {t[0]}, past the training schedule's {n_train - 1}"
-            )
-        self._t = t
+        self._t = (t.round() if self.timestep_spacing == "linspace" else t).astype(np.int64)
         self.timesteps = self._t.astype(F32)
         self.num_inference_steps = len(self._t)
         self._new_schedule()

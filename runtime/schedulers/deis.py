@@ -39,6 +39,7 @@ from ._common import (
 )
 from ._sigmas import (
     MultistepTables,
+    check_multistep_steps,
     multistep_sigmas,
     multistep_timesteps,
     sigma_schedule,
@@ -129,9 +130,10 @@ class DEISMultistepScheduler(MultistepTables):
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         train = self._train_sigmas
         # DPM-Solver's spacing, without its lambda_min_clipped
-        t = multistep_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, num_inference_steps, self.steps_offset
-        )
+        n_train, n = self.num_train_timesteps, num_inference_steps
+        t = multistep_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
+        if not self.sigma_schedule:
+            check_multistep_steps(self.timestep_spacing, n_train, n, self.steps_offset)
         # DEIS rounds the Karras timesteps on every beta schedule
         t, sig = multistep_sigmas(t, train, self.sigma_schedule, self.sigma_min, self.sigma_max)
         # never 0: a converted schedule repeats its last sigma (that last step goes nowhere,

@@ -35,6 +35,7 @@ from ._common import (
     check_noise,
     check_second_half,
     check_step,
+    check_steppable,
     check_steps,
     choice,
     reject_args,
@@ -86,9 +87,9 @@ class DPMSolverSDEScheduler(SigmaNoise):
             name, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, False
         )
         self._train_sigmas = np.sqrt((ONE - ac) / ac)
-        self.set_timesteps(num_train_timesteps)
-        # that is diffusers' table before set_timesteps; img2img needs the run's own
-        self._scheduled = False
+        # diffusers' table before set_timesteps, unchecked (never stepped through)
+        self._set_schedule(num_train_timesteps)
+        self._scheduled = False  # img2img needs the run's own schedule
 
     @property
     def init_noise_sigma(self) -> float:
@@ -106,6 +107,15 @@ class DPMSolverSDEScheduler(SigmaNoise):
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n, n_train = num_inference_steps, self.num_train_timesteps
         check_steps(n, n_train)
+        if not self.sigma_schedule:
+            # two equal sigmas (a timestep past the range is clamped to the last one's)
+            # make the Brownian step's interval 0: NaN, in diffusers too
+            check_steppable(self.timestep_spacing, n_train, n, self.steps_offset)
+        self._set_schedule(n)
+
+    def _set_schedule(self, n: int) -> None:
+        """The schedule of `n` steps, as diffusers' set_timesteps (unchecked)."""
+        n_train = self.num_train_timesteps
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset).astype(float)
         train, log_train = self._train_sigmas, np.log(self._train_sigmas)
         sig = np.interp(t, np.arange(len(train)), train)  # float64, as diffusers

@@ -37,6 +37,7 @@ from ._common import (
 )
 from ._sigmas import (
     MultistepTables,
+    check_multistep_steps,
     multistep_sigmas,
     multistep_timesteps,
     sigma_schedule,
@@ -156,16 +157,10 @@ class DPMSolverMultistepScheduler(MultistepTables):
             if not self.use_dynamic_shifting:
                 raise ValueError(f"{name}: mu needs use_dynamic_shifting in the config")
             self.flow_shift = float(np.exp(mu))
-        n_train = self.num_train_timesteps
+        n_train, n, spacing = self.num_train_timesteps, num_inference_steps, self.timestep_spacing
         # lambda_min_clipped trims the noisiest end (cosine schedules); -inf keeps it all
-        clipped = int(np.searchsorted(self._lambda_t[::-1], self.lambda_min_clipped))
-        t = multistep_timesteps(
-            self.timestep_spacing,
-            n_train,
-            num_inference_steps,
-            self.steps_offset,
-            n_train - clipped,
-        )
+        last = n_train - int(np.searchsorted(self._lambda_t[::-1], self.lambda_min_clipped))
+        t = multistep_timesteps(spacing, n_train, n, self.steps_offset, last)
         train = self._train_sigmas
         # diffusers' precedence: Karras, then Lu, then exponential or Beta, then flow
         if self.use_lu_lambdas and self.sigma_schedule != "karras":
@@ -174,6 +169,8 @@ class DPMSolverMultistepScheduler(MultistepTables):
             sig = self._flow_sigmas(len(t))
             t = sig * n_train  # int64 in _set_tables: truncated, as diffusers casts them
         else:
+            if not self.sigma_schedule:
+                check_multistep_steps(spacing, n_train, n, self.steps_offset, last)
             # diffusers rounds the Karras timesteps except for cosine betas
             t, sig = multistep_sigmas(
                 t, train, self.sigma_schedule, self.sigma_min, self.sigma_max, self._round_karras

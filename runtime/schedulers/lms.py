@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import polynomial as P
 
-from ._common import as_f32, check_step, choice, reject_args, restarts
+from ._common import as_f32, check_step, check_steppable, choice, reject_args, restarts
 from .euler import EulerDiscreteScheduler
 
 
@@ -105,6 +105,11 @@ class LMSDiscreteScheduler(EulerDiscreteScheduler):
         sigmas: np.ndarray | None = None,
     ) -> None:
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
+        n = num_inference_steps
+        if not self.sigma_schedule and n is not None:
+            # two equal sigmas (a timestep past the range is clamped to the last one's)
+            # make a Lagrange denominator 0: NaN from the next step on, in diffusers too
+            check_steppable(self.timestep_spacing, self.num_train_timesteps, n, self.steps_offset)
         super().set_timesteps(num_inference_steps)
         self._derivatives, self._last_step = [], -1
 

@@ -27,6 +27,7 @@ from ._common import (
     alphas_cumprod_f32,
     as_f32,
     check_step,
+    check_steppable,
     check_steps,
     choice,
     reject_args,
@@ -95,6 +96,8 @@ class PNDMScheduler(AlphaBarNoise):
         reject_args(type(self).__name__, mu=mu, sigmas=sigmas)
         n_train, n = self.num_train_timesteps, num_inference_steps
         check_steps(n, n_train)
+        # diffusers: an IndexError after the first denoiser call (SD1.5's 1000 steps)
+        check_steppable(self.timestep_spacing, n_train, n, self.steps_offset)
         t = spaced_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
         ascending = t[::-1].round().astype(np.int64)
         if self.skip_prk_steps:

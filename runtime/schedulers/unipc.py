@@ -44,6 +44,7 @@ from ._common import (
 )
 from ._sigmas import (
     MultistepTables,
+    check_multistep_steps,
     converted_sigmas,
     multistep_sigmas,
     multistep_timesteps,
@@ -162,9 +163,10 @@ class UniPCMultistepScheduler(MultistepTables):
         # diffusers takes `sigmas` only with flow sigmas, `mu` only with dynamic shifting
         reject_args(name, mu=mu, sigmas=sigmas)
         train = self._train_sigmas
-        t = multistep_timesteps(
-            self.timestep_spacing, self.num_train_timesteps, num_inference_steps, self.steps_offset
-        )
+        n_train, n = self.num_train_timesteps, num_inference_steps
+        t = multistep_timesteps(self.timestep_spacing, n_train, n, self.steps_offset)
+        if not self.sigma_schedule:
+            check_multistep_steps(self.timestep_spacing, n_train, n, self.steps_offset)
         # UniPC rounds the Karras timesteps on every beta schedule
         t, sig = multistep_sigmas(t, train, self.sigma_schedule, self.sigma_min, self.sigma_max)
         last_sigma = 0.0
