@@ -17,6 +17,7 @@ to 0.5: pass the scale to match).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from slimdiff.runtime.manifest import Manifest, PipelineSpec
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_CONTROL_SCALE
 from slimdiff.models.kinds import CONTROL_GUESS, CONTROL_IMAGE, CONTROL_ROWS
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Control",
@@ -182,7 +185,25 @@ def control_scales(control: Control, steps: int) -> list[np.ndarray]:
                 np.float32,
             )
         )
+    if given:
+        _warn_idle(control, out)
     return out
+
+
+def _warn_idle(control: Control, scales: list[np.ndarray]) -> None:
+    """One warning for each ControlNet whose window keeps none of the steps that run (it
+    costs its time and steers nothing, as in diffusers)."""
+    for j, (start, end) in enumerate(zip(control.starts, control.ends, strict=True)):
+        if control.scales[j] != 0 and not any(step[j] for step in scales):
+            which = f"ControlNet {j}'s" if len(control.starts) > 1 else "the ControlNet's"
+            log.warning(
+                "%s window [%g, %g] keeps none of the %d steps that run, so it steers "
+                "nothing: widen --control-start/--control-end, or run more steps",
+                which,
+                start,
+                end,
+                len(scales),
+            )
 
 
 def guess_feeds(control: Control, rows: int, do_cfg: bool) -> dict[str, np.ndarray]:

@@ -167,17 +167,25 @@ def describe(value: object) -> str:
 
 # 16-bit grey modes: PIL's convert("RGB") clips their values at 255 (diffusers' load_image
 # has that bug: a 16-bit PNG comes out nearly white), so they are scaled down to 8 bits.
-_GREY_16 = ("I;16", "I;16B", "I;16L", "I")
+_GREY_16 = ("I;16", "I;16B", "I;16L")
 
 
 def _rgb(image: Image.Image, name: str) -> Image.Image:
     """`image` in RGB: alpha dropped, grey and palette expanded, 16-bit grey scaled."""
-    if image.mode in _GREY_16:
-        grey = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+    if image.mode in _GREY_16 or (image.mode == "I" and _above_8_bits(image)):
+        # 16-bit grey: 65535 -> 255 (Pillow's own convert clips at 255 instead). Mode "I"
+        # (32-bit integers) is 16-bit data where Pillow before 10 opened 16-bit PNGs as
+        # "I", or 8-bit data (int32 arrays, 32-bit TIFFs) that Pillow converts as is
+        grey = np.asarray(image, dtype=np.float64) / 257.0
         return Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode == "F":
         raise UserError(f"{name}: a floating-point image; save it with 8 or 16 bits per channel")
     return image.convert("RGB")
+
+
+def _above_8_bits(image: Image.Image) -> bool:
+    low, high = image.getextrema()
+    return low < 0 or high > 255
 
 
 def image_size(image: Image.Image, multiple: int, max_side: int) -> tuple[int, int]:

@@ -41,6 +41,7 @@ from slimdiff.runtime.call_checks import (
 )
 from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.control import check_control, control_feeds, control_scales, takes_guess
+from slimdiff.runtime.denoise_loop import Guidance, Kept, denoise
 from slimdiff.runtime.image import (
     ImageInput,
     image_size,
@@ -58,11 +59,11 @@ from slimdiff.runtime.img2img import (
     run_strength,
 )
 from slimdiff.runtime.manifest import (
-    DENOISER_OUTPUT,
     VAE_DECODER,
     VAE_ENCODER,
     VAE_INPUT,
     VAE_OUTPUT,
+    BundleError,
     Manifest,
     PipelineSpec,
 )
@@ -74,11 +75,7 @@ from slimdiff.runtime.refiner import (
     train_timesteps,
 )
 from slimdiff.runtime.scheduler_choice import chosen, set_eta
-from slimdiff.runtime.schedulers import (
-    Scheduler,
-    scheduler_from_config,
-    takes_noise,
-)
+from slimdiff.runtime.schedulers import Scheduler, scheduler_from_config
 from slimdiff.runtime.sessions import (
     OnDemandSession,
     check_backend_fits,
@@ -102,11 +99,6 @@ __all__ = ["GenerationResult", "Text2ImagePipeline"]
 
 log = logging.getLogger(__name__)
 
-_STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
-_NAN_FIX = (
-    "try the bundle's own scheduler (no --scheduler/--sigmas/--timestep-spacing), and "
-    "latents of unit scale; an fp16 bundle may overflow: export it in fp32"
-)
 _VAE_NAN_FIX = "an fp16 VAE overflows on some latents: export with --vae-precision fp32"
 
 
@@ -456,6 +448,11 @@ class Text2ImagePipeline:
         pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted
         if mask_image is not None:
             pixel_mask = prepare_mask(load_image(mask_image, "mask"), (height, width))
+            if not pixel_mask.any():  # diffusers runs every step to give the image back
+                log.warning(
+                    "the mask is all black (kept): nothing will be repainted; white marks "
+                    "what to repaint"
+                )
         # a model not trained for inpainting gets the kept latents put back after each step
         blend = None
         if pixel_mask is not None and not inpainting_model:
@@ -506,11 +503,11 @@ class Text2ImagePipeline:
             # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
             value.flags.writeable = False
         timings["text_encoders"] = _ms(t0)
-        release(*encoders)  # low_memory: freed before the denoiser loads
-        loading += ensure_loaded(self.denoiser)
+        release(*encoders)  # low_memory: freed before the VAE encoder and the denoiser load
 
         first_load = False  # the VAE encoder loaded by this call (its first img2img one)
         extra = None  # an inpainting model's mask and masked image latents, every step
+        clean = noise = None  # image-to-image: the image's latents, and the noise added
         if start_at is not None:  # as they are: diffusers adds no noise with denoising_start
             x = cond.check_latents(latents, height, width, images)
         elif pixels is None:
@@ -521,7 +518,6 @@ class Text2ImagePipeline:
             t0 = time.perf_counter()
             # an inpainting model at full strength starts from noise alone, as diffusers
             full = pixel_mask is not None and float(strength) == 1.0
-            clean = None
             if not (full and inpainting_model):
                 clean = encode_image(self.config, self.vae_encoder, pixels, seed, images)
             if inpainting_model:
@@ -538,44 +534,23 @@ class Text2ImagePipeline:
                 x = cond.initial_latents(noise, seed, height, width, scheduler, images)
             else:
                 x = scheduler.add_noise(clean, noise, begin).astype(np.float32)
-        # Stochastic schedulers' per-step noise: a stream of its own from the seed, so the
-        # initial latents stay those of `seed` (and of --latents) whatever the scheduler.
-        step_rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
-        step_ms: list[float] = []
-        calls = end - begin
-        scales = control_scales(control, calls)
-        for i in range(begin, end):
-            t = scheduler.timesteps[i]
-            t0 = time.perf_counter()
-            model_input = np.concatenate([x, x]) if do_cfg else x
-            model_input = scheduler.scale_model_input(model_input, i)
-            if extra is not None:  # (B, C, h, w) -> (B, 2C + 1, h, w), as diffusers joins them
-                model_input = np.concatenate([model_input, extra], axis=1)
-            feeds = {**fixed, **cond.step_feeds(model_input, np.float32(t))}
+        # low_memory: the VAE encoder is released before the denoiser loads
+        loading += ensure_loaded(self.denoiser)
+        kept = None if blend is None else Kept(blend, clean, noise)
+
+        def feeds(i: int, model_input: np.ndarray) -> dict[str, np.ndarray]:
+            t = np.float32(scheduler.timesteps[i])
+            step = {**fixed, **cond.step_feeds(model_input, t)}
             if self.config.controlnet is not None:
-                feeds[CONTROL_SCALE] = scales[i - begin]
-            pred = self.denoiser.run(feeds)[DENOISER_OUTPUT]
-            if true_cfg is not None:  # FluxPipeline: a second call, not a doubled batch
-                neg = self.denoiser.run({**feeds, **negative})[DENOISER_OUTPUT]
-                pred = neg + true_cfg * (pred - neg)
-            if do_cfg:
-                uncond, text = np.split(pred, 2)  # (uncond, cond), as batched above
-                pred = uncond + np.float32(guidance) * (text - uncond)
-                if rescale > 0:
-                    pred = _rescale_guided(pred, text, rescale)
-            if takes_noise(scheduler, i):
-                fresh = step_rng.standard_normal(x.shape, dtype=np.float32)
-                x = scheduler.step(pred, i, x, noise=fresh)
-            else:
-                x = scheduler.step(pred, i, x)
-            check_finite(x, f"in the latents after step {i + 1 - begin} of {calls}", _NAN_FIX)
-            if blend is not None:  # the kept part back to the image, at the next step's noise
-                last = i == end - 1
-                kept = clean if last else scheduler.add_noise(clean, noise, i + 1)
-                x = (np.float32(1) - blend) * kept + blend * x
-            step_ms.append(_ms(t0))
-            if on_step is not None:
-                on_step(i + 1 - begin, calls)
+                step[CONTROL_SCALE] = scales[i - begin]
+            return step
+
+        scales = control_scales(control, end - begin)
+        guided = Guidance(do_cfg, guidance, rescale, true_cfg, negative)
+        run = range(begin, end)
+        x, step_ms = denoise(
+            self.denoiser, scheduler, x, run, feeds, guided, seed, extra, kept, on_step
+        )
         timings["denoiser_steps"] = step_ms
         release(self.denoiser)
 
@@ -626,18 +601,14 @@ class Text2ImagePipeline:
         if self.config.vae_shift_factor is not None:
             z = z + np.float32(self.config.vae_shift_factor)
         sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
+        if sample.shape != (1, 3, height, width) or sample.dtype.kind != "f":
+            raise BundleError(
+                f"the VAE decoder's output is {sample.dtype} of shape {sample.shape}, not float "
+                f"pixels of shape (1, 3, {height}, {width}): its graph does not match the "
+                "bundle's manifest; export the bundle again"
+            )
         check_finite(sample, "in the VAE decoder's output", _VAE_NAN_FIX)
         return to_uint8(sample[0])
-
-
-def _rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:
-    """diffusers' rescale_noise_cfg: the guided prediction scaled to the text prediction's
-    std (per image, unbiased as torch.std), mixed back with weight `rescale`."""
-    axes = tuple(range(1, guided.ndim))
-    std_text = text.std(axis=axes, ddof=1, keepdims=True)
-    std_cfg = guided.std(axis=axes, ddof=1, keepdims=True)
-    rescaled = guided * (std_text / std_cfg)
-    return rescale * rescaled + (np.float32(1) - rescale) * guided
 
 
 def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:

@@ -406,7 +406,7 @@ def run_cmd(
     bundle, prompt, negative_prompt, steps, guidance, guidance_rescale, true_cfg_scale, eta,
     seed, images,
     size, init_image, mask_image, strength, control_image, control_scale, control_start,
-    control_end, control_guess, refiner, refiner_start, aesthetic_score,
+    control_end, control_guess, refiner, refiner_start, refiner_expect_sha256, aesthetic_score,
     negative_aesthetic_score, latents, backend, scheduler, sigmas, timestep_spacing,
     low_memory, expect_sha256, out, **sizing,
 ):  # fmt: skip
@@ -420,6 +420,7 @@ def run_cmd(
         check_image_to_image,
         check_negatives,
         check_output_file,
+        check_refiner,
         check_size,
         image_paths,
         read_latents,
@@ -431,8 +432,7 @@ def run_cmd(
     check_guidance(guidance)
     negative_prompt = check_negatives(negative_prompt, len(prompt))
     check_image_to_image(init_image, mask_image, strength, latents)
-    if refiner_start is not None and refiner is None:
-        raise click.UsageError("--refiner-start needs --refiner (the refiner's bundle)")
+    check_refiner(refiner, refiner_start, refiner_expect_sha256, expect_sha256)
     control = check_control(control_image, control_scale, control_start, control_end, control_guess)
     size = check_size(size, multiple=None)  # the bundle's multiple: the runtime checks it
     outs = image_paths(out, images * len(prompt))
@@ -470,7 +470,11 @@ def run_cmd(
         "negative_aesthetic_score": negative_aesthetic_score,
     }
     text = prompt[0] if len(prompt) == 1 else list(prompt)
-    second = None if refiner is None else Text2ImagePipeline.from_bundle(refiner, **load)
+    second = None
+    if refiner is not None:
+        second = Text2ImagePipeline.from_bundle(
+            refiner, expect_sha256=refiner_expect_sha256, **load
+        )
     results = generate(pipe, second, text, call, refiner_start, aesthetic)
     for image, path in zip(results[-1].images, outs, strict=True):
         save_image(image, path)

@@ -163,6 +163,23 @@ def check_image_to_image(
         raise click.UsageError("--image and --latents are exclusive: image-to-image draws its own")
 
 
+def check_refiner(
+    refiner: Path | None, start: float | None, pin: str | None, base_pin: str | None
+) -> None:
+    """`run`'s refiner options together: --refiner-start and --refiner-expect-sha256 need
+    --refiner; a pinned BUNDLE pins its refiner too, whose VAE draws the image."""
+    if refiner is None:
+        if start is not None:
+            raise click.UsageError("--refiner-start needs --refiner (the refiner's bundle)")
+        if pin is not None:
+            raise click.UsageError("--refiner-expect-sha256 needs --refiner (the bundle it pins)")
+    elif base_pin is not None and pin is None:
+        raise click.UsageError(
+            "--expect-sha256 pins BUNDLE, not the --refiner that draws the image: pin it too "
+            "with --refiner-expect-sha256 HEX (its SHA-256, as `slimdiff verify REFINER` prints)"
+        )
+
+
 def check_negatives(negatives: tuple[str, ...], prompts: int) -> str | list[str] | None:
     """`run`'s --negative-prompt (repeatable) as the runtime's negative_prompt: none, one
     for every prompt, or one per --prompt in order; another count is refused (keeping the

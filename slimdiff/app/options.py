@@ -78,6 +78,13 @@ _REFINER = [
         "Default: 0.8, as diffusers' example.",
     ),
     click.option(
+        "--refiner-expect-sha256",
+        metavar="HEX",
+        default=None,
+        help="Refuse the --refiner bundle unless its manifest.json has this SHA-256 (what "
+        "--expect-sha256 is to BUNDLE; needed with it, since the refiner draws the image).",
+    ),
+    click.option(
         "--aesthetic-score",
         type=click.FloatRange(0.0, 10.0),
         default=None,

@@ -344,6 +344,39 @@ def test_img2img_refusals(tiny_bundle, tmp_path):
         runtime(PROMPT, image=test_image(4))
 
 
+def test_an_all_black_mask_runs_with_a_warning(tiny_bundle, caplog):
+    """diffusers runs every step and gives the image back; the runtime too, and says so."""
+    _, bundle = tiny_bundle("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    black = np.zeros((SIZE, SIZE), np.uint8)
+    with caplog.at_level("WARNING", logger="slimdiff.runtime.pipeline"):
+        result = runtime(PROMPT, steps=2, image=test_image(), mask_image=black, strength=0.5)
+    assert result.image.shape == (SIZE, SIZE, 3)
+    warned = [r.getMessage() for r in caplog.records if r.name == "slimdiff.runtime.pipeline"]
+    assert warned == [
+        "the mask is all black (kept): nothing will be repainted; white marks what to repaint"
+    ]
+
+
+def test_a_vae_output_of_another_shape_or_type_is_refused(tiny_bundle):
+    """A decoder graph that is not the manifest's (rows cut, ints) stops the run in one
+    line, not a 64x17 or integer image written in silence."""
+    from slimdiff.runtime.manifest import VAE_OUTPUT, BundleError
+
+    _, bundle = tiny_bundle("sd15")
+    runtime = Text2ImagePipeline.from_bundle(bundle)
+    decoder = runtime.vae_decoder
+    for cut in (lambda y: y[:, :, :17], lambda y: y.astype(np.int64)):
+
+        class Cut:
+            def run(self, feeds, cut=cut):
+                return {VAE_OUTPUT: cut(decoder.run(feeds)[VAE_OUTPUT])}
+
+        runtime.vae_decoder = Cut()
+        with pytest.raises(BundleError, match=r"VAE decoder's output is .* not float pixels"):
+            runtime(PROMPT, steps=1, size=(SIZE, SIZE))
+
+
 def test_img2img_from_the_cli(tiny_bundle, tmp_path):
     from click.testing import CliRunner
 
@@ -423,6 +456,16 @@ def test_img2img_low_memory_equals_resident(tiny_bundle):
     assert first.timings_ms["load"] > 0 and resident.vae_encoder.loaded  # kept from now on
     assert "load" not in resident(PROMPT, **args).timings_ms
     low = Text2ImagePipeline.from_bundle(bundle, low_memory=True)
+    resident_with = []  # what else is loaded while the VAE encoder runs: nothing
+    encoder_run = low.vae_encoder.run
+
+    def run(feeds):
+        others = (*[e.session for e in low.conditioning.encoders], low.denoiser, low.vae_decoder)
+        resident_with.append(sum(session.loaded for session in others))
+        return encoder_run(feeds)
+
+    low.vae_encoder.run = run
     result = low(PROMPT, **args)
     np.testing.assert_array_equal(result.image, first.image)
     assert not low.vae_encoder.loaded and low.vae_encoder.loads == 1
+    assert resident_with == [0]

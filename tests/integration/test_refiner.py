@@ -7,6 +7,7 @@ test_runtime_vs_diffusers.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -272,12 +273,19 @@ def test_run_with_a_refiner_from_the_cli(shared_bundle, refiner, tmp_path):
         (("--refiner", "REF", "--refiner-start", 1), "--refiner-start"),
         (("--aesthetic-score", 12), "--aesthetic-score"),
         (("--refiner", "FILE"), "is a file; a bundle is the folder"),
+        (("--refiner-expect-sha256", "0" * 64), "--refiner-expect-sha256 needs --refiner"),
+        (("--expect-sha256", "PIN", "--refiner", "REF"), "pin it too"),
+        (
+            ("--expect-sha256", "PIN", "--refiner", "REF", "--refiner-expect-sha256", "PIN"),
+            "this is not the pinned bundle",
+        ),
     ],
 )
 def test_refiner_options_are_checked(shared_bundle, refiner, tmp_path, args, error):
     base = shared_bundle("sdxl", False).out
     (tmp_path / "a.txt").write_text("not a bundle")
-    swap = {"BASE": base, "REF": refiner[1], "FILE": tmp_path / "a.txt"}
+    pin = hashlib.sha256((base / "manifest.json").read_bytes()).hexdigest()  # BASE's
+    swap = {"BASE": base, "REF": refiner[1], "FILE": tmp_path / "a.txt", "PIN": pin}
     args = [swap.get(a, a) if isinstance(a, str) else a for a in args]
     result = _cli("run", base, "--prompt", "a", "--steps", 2, *args, "--out", tmp_path / "x.png")
     assert result.exit_code == 2, result.output

@@ -145,9 +145,9 @@ SWITCHED = [
 
 def _runtime_step_noise(seed: int):
     """diffusers' randn_tensor, returning the runtime's per-step noise draws in order."""
-    from slimdiff.runtime.pipeline import _STEP_NOISE_STREAM
+    from slimdiff.runtime.denoise_loop import STEP_NOISE_STREAM
 
-    rng = np.random.default_rng([_STEP_NOISE_STREAM, seed])
+    rng = np.random.default_rng([STEP_NOISE_STREAM, seed])
     return lambda shape, **_: torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
 
 

@@ -111,6 +111,20 @@ def test_control_scales_of_two_controlnets_each_their_own_window():
     np.testing.assert_array_equal(got, keeps * np.float32([0.5, 1.5]))
 
 
+def test_a_window_that_keeps_no_step_is_warned_once(caplog):
+    """[0.5, 0.6] of 2 steps keeps neither (diffusers runs them unsteered too): a warning
+    naming the ControlNet; a window that keeps a step, or a scale of 0, is not warned."""
+    with caplog.at_level("WARNING", logger="slimdiff.runtime.control"):
+        control_scales(_control([1.0, 1.0], [0.5, 0.0], [0.6, 1.0], [_GREY, _GREY]), 2)
+        control_scales(_control([0.0], [0.5], [0.6], [_GREY]), 2)
+        control_scales(_control([1.0], [0.5], [0.6]), 2)  # no image: nothing to steer
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "ControlNet 0's window [0.5, 0.6] keeps none of the 2 steps that run, so it steers "
+        "nothing: widen --control-start/--control-end, or run more steps"
+    ]
+
+
 # ---------------------------------------------------------------- control_pixels
 
 

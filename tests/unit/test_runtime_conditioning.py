@@ -384,6 +384,21 @@ def test_odd_image_files_load_or_are_refused_in_one_line(tmp_path, monkeypatch):
         load_image(tmp_path / "grey16.png")
 
 
+def test_32_bit_integer_images_keep_8_bit_values_and_scale_16_bit_ones(tmp_path):
+    """Mode "I" holds 8-bit values (int32 arrays, 32-bit TIFFs: kept, as diffusers' convert
+    keeps them) or 16-bit ones (16-bit PNGs as Pillow before 10 opened them: scaled)."""
+    from slimdiff.runtime.image import load_image
+
+    mask = np.zeros((8, 8), np.int32)
+    mask[:, 4:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.tiff")
+    assert Image.open(tmp_path / "mask.tiff").mode == "I"
+    got = np.asarray(load_image(tmp_path / "mask.tiff", "mask"))
+    np.testing.assert_array_equal(got[..., 1], mask.astype(np.uint8))
+    wide = Image.fromarray(np.array([[0, 257, 65535]], np.int32))
+    np.testing.assert_array_equal(np.asarray(load_image(wide))[0, :, 2], [0, 1, 255])
+
+
 def test_image_paths_that_are_not_image_files_say_what_they_are(tmp_path):
     from slimdiff.runtime.image import load_image, save_image
 
