@@ -1,7 +1,7 @@
 """The hub as slimdiff's loaders see it: whether a name is a hub id, whether the hub
 client runs offline (HF_HUB_OFFLINE), so a loader passes local_files_only and names that
 in its error, and the local folder a path names, a huggingface_hub cache folder read as
-its snapshot (local_path)."""
+its snapshot (local_path), and a hub id's load (load_hub)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from slimdiff.errors import UserError
 
-__all__ = ["cached_snapshot", "hub_offline", "local_path", "looks_like_hub_id"]
+__all__ = ["cached_snapshot", "hub_offline", "load_hub", "local_path", "looks_like_hub_id"]
 
 _REVISION = "main"
 
@@ -65,3 +65,78 @@ def cached_snapshot(model_id: str) -> Path | None:
     except ValueError:  # not a valid repo id after all
         return None
     return Path(found).parent if isinstance(found, str) else None
+
+
+def load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, None]):
+    """A hub id's pipeline, through diffusers' from_pretrained (from the cache, or
+    downloaded): safetensors only unless `allow_pickle`, the variant a cached snapshot holds
+    alone, the components in `skip` left out; a failure to fetch is one UserError."""
+    import diffusers
+
+    from slimdiff.models.families import family_of_pipeline, text_to_image_class
+    from slimdiff.models.index import UNUSED_COMPONENTS, refuse_missing
+    from slimdiff.models.loading import float32_keyword
+
+    offline = hub_offline()
+    snapshot = cached_snapshot(model_id)
+    # (unused components: None is taken for a pipeline's optional ones, ignored otherwise)
+    never = {**dict.fromkeys(UNUSED_COMPONENTS), **skip}
+    try:
+        safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            model_id,
+            use_safetensors=safe,
+            variant=_cached_variant(snapshot, never),
+            **float32_keyword(),
+            **never,
+        )
+    except _hub_errors() as err:
+        # Network, auth, missing-file and no-safetensors errors; anything else (out of
+        # memory, a bug) keeps its traceback.
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        pickled = snapshot is None or any(snapshot.glob("*/*.bin"))
+        if "safetensors" in detail and not allow_pickle and pickled:
+            hint = "it has no safetensors weights; pass --allow-pickle if you trust its .bin files"
+        elif "safetensors" in detail and not allow_pickle:
+            hint = "the cache lacks some of its weights, and it holds no .bin files either"
+        elif offline:
+            hint = "HF_HUB_OFFLINE is set and the files are not in the local cache"
+        else:
+            hint = "the hub is unreachable, the id is wrong, or access is gated"
+        raise UserError(
+            f"could not load hub model {model_id!r} (no local folder of that name either): "
+            f"{detail[:300]} ({hint}); on a machine with network run `hf download "
+            f"{model_id} --local-dir DIR` and pass DIR instead"
+        ) from None
+    canonical = text_to_image_class(type(pipe).__name__, pipe.config)
+    if canonical != type(pipe).__name__:  # e.g. LatentConsistencyModelPipeline
+        pipe = getattr(diffusers, canonical).from_pipe(pipe)
+    family_of_pipeline(type(pipe).__name__)
+    refuse_missing(pipe.components, model_id)
+    return pipe.to(device) if device not in ("cpu", "meta") else pipe
+
+
+def _cached_variant(snapshot: Path | None, never: dict[str, None]) -> str | None:
+    """The variant a hub model's cached snapshot holds alone (a download of `*.fp16.*`
+    files), which from_pretrained must be told, as for a local folder; None otherwise."""
+    from slimdiff.models.index import folder_variant, is_part, left_out, read_json
+
+    if snapshot is None:
+        return None
+    index = read_json(snapshot / "model_index.json")
+    unread = {**left_out(index), **never}
+    return folder_variant(
+        snapshot, [snapshot / k for k, v in index.items() if is_part(v) and k not in unread]
+    )
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes a hub load raises for the network, the repo or its files."""
+    errors: list[type[BaseException]] = [OSError, ValueError]  # hub errors subclass OSError
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)

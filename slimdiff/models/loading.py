@@ -38,9 +38,8 @@ from slimdiff.models.families import (
     why_no_family,
 )
 from slimdiff.models.fit import check_fits
-from slimdiff.models.hub import cached_snapshot, hub_offline, local_path, looks_like_hub_id
+from slimdiff.models.hub import load_hub, local_path, looks_like_hub_id
 from slimdiff.models.index import (
-    UNUSED_COMPONENTS,
     folder_variant,
     foreign_components,
     is_part,
@@ -239,7 +238,7 @@ def _load_memory(model: str, device: str, allow_pickle: bool, skip: dict[str, No
     if path.exists():
         return _load_local(path, model, device, allow_pickle, skip)
     if looks_like_hub_id(model):
-        return _wrap(_load_hub(model, device, allow_pickle, skip), model)
+        return _wrap(load_hub(model, device, allow_pickle, skip), model)
     raise _not_found(model)
 
 
@@ -519,7 +518,7 @@ def _load_component(
             path,
             use_safetensors=None if allow_pickle else True,
             variant=folder_variant(path, [path]),  # a folder of one variant's weights only
-            **_float32(),
+            **float32_keyword(),
         )
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: could not load {class_name}: {err}") from None
@@ -547,7 +546,7 @@ def _from_pretrained_pipeline(
             use_safetensors=None if allow_pickle else True,
             variant=variant,
             # float32 whatever the files hold: transformers 5 otherwise keeps their dtype
-            **_float32(),
+            **float32_keyword(),
             **absent,  # components left out: null in model_index.json, or `without`
         )
     except (OSError, ValueError, KeyError) as err:
@@ -559,75 +558,9 @@ def _from_pretrained_pipeline(
     return pipe.to(device) if device not in ("cpu", "meta") else pipe
 
 
-def _float32() -> dict[str, Any]:  # torch imported when it is needed
+def float32_keyword() -> dict[str, Any]:  # torch imported when it is needed
     import torch
 
     from slimdiff.models.weights import dtype_keyword
 
     return dtype_keyword(torch.float32)
-
-
-def _load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, None]):
-    import diffusers
-
-    offline = hub_offline()
-    snapshot = cached_snapshot(model_id)
-    # (unused components: None is taken for a pipeline's optional ones, ignored otherwise)
-    never = {**dict.fromkeys(UNUSED_COMPONENTS), **skip}
-    try:
-        safe = None if allow_pickle else True  # None: safetensors, else diffusers' .bin
-        pipe = diffusers.DiffusionPipeline.from_pretrained(
-            model_id,
-            use_safetensors=safe,
-            variant=_cached_variant(snapshot, never),
-            **_float32(),
-            **never,
-        )
-    except _hub_errors() as err:
-        # Network, auth, missing-file and no-safetensors errors; anything else (out of
-        # memory, a bug) keeps its traceback.
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        pickled = snapshot is None or any(snapshot.glob("*/*.bin"))
-        if "safetensors" in detail and not allow_pickle and pickled:
-            hint = "it has no safetensors weights; pass --allow-pickle if you trust its .bin files"
-        elif "safetensors" in detail and not allow_pickle:
-            hint = "the cache lacks some of its weights, and it holds no .bin files either"
-        elif offline:
-            hint = "HF_HUB_OFFLINE is set and the files are not in the local cache"
-        else:
-            hint = "the hub is unreachable, the id is wrong, or access is gated"
-        raise UserError(
-            f"could not load hub model {model_id!r} (no local folder of that name either): "
-            f"{detail[:300]} ({hint}); on a machine with network run `hf download "
-            f"{model_id} --local-dir DIR` and pass DIR instead"
-        ) from None
-    canonical = text_to_image_class(type(pipe).__name__, pipe.config)
-    if canonical != type(pipe).__name__:  # e.g. LatentConsistencyModelPipeline
-        pipe = getattr(diffusers, canonical).from_pipe(pipe)
-    family_of_pipeline(type(pipe).__name__)
-    refuse_missing(pipe.components, model_id)
-    return pipe.to(device) if device not in ("cpu", "meta") else pipe
-
-
-def _cached_variant(snapshot: Path | None, never: dict[str, None]) -> str | None:
-    """The variant a hub model's cached snapshot holds alone (a download of `*.fp16.*`
-    files), which from_pretrained must be told, as for a local folder; None otherwise."""
-    if snapshot is None:
-        return None
-    index = read_json(snapshot / "model_index.json")
-    unread = {**left_out(index), **never}
-    return folder_variant(
-        snapshot, [snapshot / k for k, v in index.items() if is_part(v) and k not in unread]
-    )
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes a hub load raises for the network, the repo or its files."""
-    errors: list[type[BaseException]] = [OSError, ValueError]  # hub errors subclass OSError
-    try:
-        import httpx
-
-        errors.append(httpx.HTTPError)
-    except ImportError:
-        pass
-    return tuple(errors)
