@@ -11,6 +11,15 @@ peak is the largest component's, and every call pays the loads again (the trade 
 opened; each load checks that the component's files are still those (Bundle.check_unchanged:
 a folder exported again meanwhile is refused, not run unverified) and the graph's inputs
 and outputs against the manifest, as the resident mode does at open.
+
+What a graph declares is checked at load: input and output names, input dtypes, output
+dtypes (floats, the manifest's), and every fixed size the manifest states against the
+graph's where the backend reports one (a text encoder of another width, a VAE of one
+channel). Sizes the graph leaves dynamic are checked at each run (CheckedSession): an
+output's axis named like an input's axis must have that input's size (a UNet whose
+prediction is smaller than its sample, a text encoder whose states are shorter than its
+ids), and a VAE's image axes ("8h") the latent's times the VAE scale factor, so a wrong
+graph fails in one line instead of a numpy traceback or a wrong image.
 """
 
 from __future__ import annotations
@@ -21,12 +30,13 @@ from collections.abc import Callable
 import numpy as np
 from slimdiff.runtime.backends import Backend, Session, shape_bound
 from slimdiff.runtime.bundle_files import Bundle
-from slimdiff.runtime.manifest import FIX, BundleError, ComponentEntry, PipelineSpec
+from slimdiff.runtime.manifest import FIX, BundleError, ComponentEntry, IOSpec, PipelineSpec
 
 from slimdiff.errors import UserError
 from slimdiff.memory import release_memory
 
 __all__ = [
+    "CheckedSession",
     "OnDemandSession",
     "check_backend_fits",
     "denoiser_max_batch",
@@ -73,6 +83,97 @@ class OnDemandSession:
 
     def release(self) -> None:
         self._session = None
+
+
+class CheckedSession:
+    """A loaded component whose outputs are checked against the manifest at each run.
+
+    The sizes a graph leaves dynamic cannot be checked at load; here each output must be a
+    float array of the manifest's rank, with its fixed sizes, and with the size of the
+    input axis of the same name (B, H, W, S, ...), an image axis ("8h") `vae_scale` times
+    its latent axis ("h"). Anything else the backend's session has (`providers`,
+    `_bound`, ...) is reached through this wrapper unchanged.
+    """
+
+    def __init__(
+        self, session: Session, root: object, name: str, entry: ComponentEntry, vae_scale: int
+    ) -> None:
+        self.session = session
+        self._where = f"{root}: {entry.path}"
+        self._name = name
+        self._inputs = list(entry.inputs)
+        self._outputs = list(entry.outputs)
+        self._vae_scale = vae_scale
+
+    def __getattr__(self, attr: str) -> object:
+        if attr == "session":  # not set yet (a copy being built): no endless recursion
+            raise AttributeError(attr)
+        return getattr(self.session, attr)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(feeds)
+        sizes = _axis_sizes(self._inputs, feeds, self._vae_scale)
+        for spec in self._outputs:
+            value = outputs.get(spec["name"])
+            if value is None:
+                continue  # named at load; a session may return only what was asked
+            expected = [sizes.get(d) if isinstance(d, str) else d for d in spec["shape"]]
+            if not _run_output_fits(value, expected):
+                raise BundleError(
+                    f"{self._where} returned {spec['name']} of shape {list(value.shape)} "
+                    f"({value.dtype}) for inputs of shapes {_shapes_text(feeds)}, but the "
+                    f"manifest says {self._name} returns {_dims_text(expected)} "
+                    f"({spec['dtype']}); {FIX}"
+                )
+        return outputs
+
+
+# An image's axes, named by the exporter for SD's 8 pixels per latent pixel whatever the
+# model's factor (export/components.py, export/dummy_inputs.py): the latent axis times the
+# manifest's vae_scale_factor.
+_IMAGE_AXES = {"8h": "h", "8w": "w", "8H": "H", "8W": "W"}
+
+
+def _axis_sizes(
+    specs: list[IOSpec], feeds: dict[str, np.ndarray], vae_scale: int
+) -> dict[str, int]:
+    """Each named axis's size in this run's feeds, and the image axes' from the latent's
+    (or the other way); an axis two inputs disagree on (which the graph itself refuses)
+    is left out."""
+    sizes: dict[str, int] = {}
+    clashes: set[str] = set()
+    for spec in specs:
+        value = feeds.get(spec["name"])
+        if value is None or np.ndim(value) != len(spec["shape"]):
+            continue
+        for dim, size in zip(spec["shape"], np.shape(value), strict=True):
+            if isinstance(dim, str) and sizes.setdefault(dim, size) != size:
+                clashes.add(dim)
+    sizes = {axis: size for axis, size in sizes.items() if axis not in clashes}
+    for image, latent in _IMAGE_AXES.items():
+        if latent in sizes and image not in sizes:
+            sizes[image] = sizes[latent] * vae_scale
+        elif image in sizes and latent not in sizes and sizes[image] % vae_scale == 0:
+            sizes[latent] = sizes[image] // vae_scale
+    return sizes
+
+
+def _run_output_fits(value: object, expected: list[int | str | None]) -> bool:
+    """`value` is a float array of len(expected) dims, each the expected size where known
+    (an int; None or an axis name no input carries: any size)."""
+    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+        return False
+    if value.ndim != len(expected):
+        return False
+    return all(not isinstance(e, int) or e == s for e, s in zip(expected, value.shape, strict=True))
+
+
+def _shapes_text(feeds: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {list(np.shape(value))}" for name, value in sorted(feeds.items()))
+
+
+def _dims_text(dims: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def ensure_loaded(*sessions: object) -> float:
@@ -130,7 +231,9 @@ def check_backend_fits(runner: Backend, bundle: Bundle) -> None:
 
 def load_component(runner: Backend, bundle: Bundle, name: str) -> Session:
     """Load component `name` from its verified graph; the graph must take and return what
-    the manifest declares (a graph swapped for another one fails here, not mid-run)."""
+    the manifest declares (a graph swapped for another one, or edited to return other
+    shapes or dtypes, fails here, not mid-run); sizes it leaves dynamic are checked at
+    each run (CheckedSession)."""
     entry: ComponentEntry = bundle.manifest.components[name]
     if entry.format == "aoti" and runner.name != "aoti":
         raise UserError(
@@ -158,4 +261,54 @@ def load_component(runner: Backend, bundle: Bundle, name: str) -> Session:
             f"{bundle.root}: {entry.path}'s inputs {', '.join(wrong_dtype)} have other dtypes "
             f"than the manifest declares for {name}; {FIX}"
         )
-    return session
+    _check_declared(bundle, name, entry, session)
+    scale = bundle.manifest.pipeline.vae_scale_factor
+    return CheckedSession(session, bundle.root, name, entry, scale)
+
+
+def _check_declared(bundle: Bundle, name: str, entry: ComponentEntry, session: Session) -> None:
+    """BundleError where what the graph declares (as far as the backend reports it: ORT
+    does, see OrtSession) contradicts the manifest: an output dtype that is not a float or
+    not the manifest's, a rank or a fixed size that differs from the manifest's."""
+    out_dtypes = getattr(session, "output_dtypes", None) or {}
+    for spec in entry.outputs:
+        got = out_dtypes.get(spec["name"])
+        if got is not None and (got not in _FLOAT_NAMES or _dtype_differs(spec["dtype"], got)):
+            raise BundleError(
+                f"{bundle.root}: {entry.path} returns {spec['name']} as {got}, but the manifest "
+                f"says {name} returns it as {spec['dtype']}; {FIX}"
+            )
+    sides = (("takes", entry.inputs, "input_shapes"), ("returns", entry.outputs, "output_shapes"))
+    for direction, specs, reported in sides:
+        shapes = getattr(session, reported, None) or {}
+        for spec in specs:
+            got = shapes.get(spec["name"])
+            if got is not None and _shape_contradicts(spec["shape"], got):
+                raise BundleError(
+                    f"{bundle.root}: {entry.path} {direction} {spec['name']} of shape "
+                    f"{_dims_text(got)}, but the manifest says {name} {direction} "
+                    f"{_dims_text(spec['shape'])}; {FIX}"
+                )
+
+
+# The manifest's names of the float dtypes a pipeline reads from a graph's outputs.
+_FLOAT_NAMES = frozenset({"float32", "float16", "bfloat16", "float64"})
+
+
+def _dtype_differs(declared: str, got: str) -> bool:
+    # bfloat16: as for inputs, the manifest may record the model's dtype where the graph's
+    # tensors are another float (numpy has no bfloat16).
+    return declared != "bfloat16" and got != declared
+
+
+def _shape_contradicts(declared: list, got: list) -> bool:
+    """A rank that differs, or a size the manifest fixes that the graph fixes otherwise;
+    a size the graph leaves unknown (None) or names is left to the run's check."""
+    if not got and declared:  # onnxruntime knows no shape: nothing to compare
+        return False
+    if len(got) != len(declared):
+        return True
+    return any(
+        isinstance(d, int) and isinstance(g, int) and d != g
+        for d, g in zip(declared, got, strict=True)
+    )

@@ -49,9 +49,21 @@ The policy, from those numbers:
    competitors two were faster (above). Two is kept because contention is what hurt; the
    cap (not measured: this machine has 2 CPUs) keeps a many-core machine from putting
    10-microsecond operators behind a 32-way barrier.
+   The cap is for per-operator work too small to split, which a parameter count does not
+   tell for convolutions on full-resolution activations: a VAE decoder has 49.5M parameters
+   (fp32 weights 198 MB, under the cap's 50M) yet is the heaviest call of an image (10.5
+   TFLOP per 1024x1024 SDXL decode), and TAESD's 1.2M parameters run at full resolution
+   too. A caller that knows it runs such a model passes the work IMAGE: never capped.
 4. **An explicit count wins**: `override=` beats SLIMDIFF_THREADS, which beats the policy.
    `slimdiff --threads N` sets SLIMDIFF_THREADS, so subprocesses (the bench worker)
    inherit it.
+5. **The other pools follow**: the tokenizers library's Rayon pool and numpy's OpenBLAS
+   pool size themselves from the CPUs they see, not from --threads (OpenBLAS not from a
+   cgroup quota either). `prepare_process()` sets RAYON_NUM_THREADS and
+   OPENBLAS_NUM_THREADS to SLIMDIFF_THREADS, else `cpu_budget()` (and
+   TOKENIZERS_PARALLELISM=false for one thread), where the user did not set them. Both
+   read their variable once, when the library loads (numpy's import, the first parallel
+   encode), so this too must run before those imports.
 
 Example:
     >>> from slimdiff import threads
@@ -66,6 +78,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +87,7 @@ from slimdiff.errors import UserError
 
 __all__ = [
     "ENV",
+    "IMAGE",
     "SMALL_MODEL_PARAMS",
     "TINY",
     "TINY_MAX_THREADS",
@@ -96,9 +110,19 @@ ENV = "SLIMDIFF_THREADS"
 # saves. Not measured (the measuring machine has 2 CPUs, where the cap changes nothing).
 SMALL_MODEL_PARAMS = 50_000_000
 TINY_MAX_THREADS = 2
-# Named sizes for callers that know the class of model but not its parameter count.
-TINY, LARGE = "tiny", "large"
-_NAMED_WORK = {TINY: 1e6, LARGE: 1e9}
+# Named sizes for callers that know the class of model but not its parameter count. IMAGE:
+# convolutions on full-resolution activations (a VAE, TAESD), heavy per operator whatever
+# the parameter count (policy 3 above): never capped.
+TINY, LARGE, IMAGE = "tiny", "large", "image"
+_NAMED_WORK = {TINY: 1e6, LARGE: 1e9, IMAGE: math.inf}
+# Thread-count variables of the libraries slimdiff's work loads besides torch and ORT, set by
+# prepare_process() where the user did not (policy 5): the tokenizers library's Rayon pool,
+# numpy's OpenBLAS.
+_POOL_VARS = ("RAYON_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_PARALLELISM_VAR = "TOKENIZERS_PARALLELISM"
+# What prepare_process() set, so a later call (the CLI run in-process again with another
+# --threads) may change its own values but never the user's.
+_set_here: dict[str, str] = {}
 # OpenMP variables that mean the user already chose how threads wait.
 _WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # Set by prepare_process() when it runs before torch is imported (openmp_passive()).
@@ -154,11 +178,14 @@ def choose_threads(work: str | float, override: int | None = None) -> int:
     """Threads for one model: `override`, else `SLIMDIFF_THREADS`, else the policy.
 
     `work` is the model's parameter count, or "tiny" / "large" when the caller knows only
-    the class. The policy is `cpu_budget()`, at most TINY_MAX_THREADS for models under
-    SMALL_MODEL_PARAMS.
+    the class, or "image" (IMAGE) for a model whose convolutions run on full-resolution
+    activations (a VAE), whatever its size. The policy is `cpu_budget()`, at most
+    TINY_MAX_THREADS for models under SMALL_MODEL_PARAMS that are not IMAGE work.
 
     Example:
         >>> choose_threads("tiny") <= TINY_MAX_THREADS
+        True
+        >>> choose_threads(IMAGE) == cpu_budget()
         True
         >>> choose_threads(860e6, override=3)
         3
@@ -176,24 +203,48 @@ def choose_threads(work: str | float, override: int | None = None) -> int:
 
 
 def prepare_process() -> None:
-    """Make OpenMP threads sleep, not spin, while they wait; call before `import torch`.
+    """Make OpenMP threads sleep, not spin, while they wait, and size the tokenizers' and
+    OpenBLAS's pools (policy 5); call before `import torch`, `numpy` or `tokenizers`.
 
-    Leaves a wait policy the user set (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME)
+    Leaves a wait policy the user set (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME) and
+    pool sizes the user set (RAYON_NUM_THREADS, OPENBLAS_NUM_THREADS, TOKENIZERS_PARALLELISM)
     alone. When torch is already imported OpenMP has read its environment, so the setting
     comes too late for this process (`openmp_passive()` stays False); its subprocesses
-    still inherit it. Logged at debug level only: the CLI calls this before logging is
-    set up, and in-process CLI tests have torch imported already.
+    still inherit it; the same holds for numpy and OpenBLAS. Logged at debug level only:
+    the CLI calls this before logging is set up, and in-process CLI tests have torch
+    imported already.
     """
-    import sys
-
     global _prepared_before_torch
     if "torch" not in sys.modules:
         _prepared_before_torch = True
+    try:
+        _size_library_pools(threads_from_env() or cpu_budget())
+    except UserError:  # a bad SLIMDIFF_THREADS: its one line comes where threads are chosen
+        log.debug("%s is not a thread count: the pools keep their defaults", ENV)
     if any(var in os.environ for var in _WAIT_VARS):
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     if "torch" in sys.modules:
         log.debug("OMP_WAIT_POLICY set after torch was imported: only subprocesses get it")
+
+
+def _size_library_pools(n: int) -> None:
+    """RAYON_NUM_THREADS and OPENBLAS_NUM_THREADS = `n`, TOKENIZERS_PARALLELISM=false when
+    `n` is 1 (no pool at all), each where the user did not set it."""
+    wanted = dict.fromkeys(_POOL_VARS, str(n))
+    if n == 1:
+        wanted[_PARALLELISM_VAR] = "false"
+    for var in (*_POOL_VARS, _PARALLELISM_VAR):
+        current = os.environ.get(var)
+        if current is not None and current != _set_here.get(var):
+            continue  # the user's
+        if var in wanted:
+            os.environ[var] = _set_here[var] = wanted[var]
+        elif current is not None:  # ours, from an earlier call with one thread
+            del os.environ[var]
+            del _set_here[var]
+    if "numpy" in sys.modules:
+        log.debug("OPENBLAS_NUM_THREADS set after numpy was imported: only subprocesses get it")
 
 
 def openmp_passive() -> bool:

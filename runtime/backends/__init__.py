@@ -44,7 +44,13 @@ __all__ = [
 
 @runtime_checkable
 class Session(Protocol):
-    """One loaded component: numpy in, numpy out."""
+    """One loaded component: numpy in, numpy out.
+
+    A session may also report what its graph declares, which the runtime then checks
+    against the manifest at load (runtime/sessions.py; the ORT backend's OrtSession does):
+    `input_shapes` and `output_shapes` ({name: [int | axis name | None, ...]}) and
+    `output_dtypes` ({name: manifest dtype name, e.g. "float32"}).
+    """
 
     input_names: list[str]
     output_names: list[str]

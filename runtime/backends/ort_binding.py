@@ -16,6 +16,9 @@ those buffers in place. UNVERIFIED on CUDA: no GPU was lent to this work. The sa
 runs with device "cpu" in tests (tests/unit/test_ort_binding.py), which checks every
 bookkeeping path; only the device string and the CUDA EP option differ on a GPU.
 
+`run_config` holds onnxruntime run config entries for every run (the backend's arena
+shrinkage for graphs run once per image, runtime/backends/ort.py).
+
 onnxruntime's documentation: https://onnxruntime.ai/docs/api/python/api_summary.html#iobinding
 and https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#using-cuda-graphs-preview
 """
@@ -40,6 +43,7 @@ class BoundRunner:
         device: str,
         device_id: int = 0,
         cuda_graph: bool = False,
+        run_config: dict[str, str] | None = None,
     ) -> None:
         self._ort = ort
         self._session = session
@@ -47,6 +51,8 @@ class BoundRunner:
         self._device = device
         self._device_id = device_id
         self._cuda_graph = cuda_graph
+        self._run_config = dict(run_config or {})
+        self._options = self._run_options() if self._run_config else None
         # name -> (the read-only array it was copied from, its device copy). The array is
         # held so its id cannot be reused by another object while the copy is cached.
         self._constants: dict[str, tuple[np.ndarray, Any]] = {}
@@ -67,8 +73,14 @@ class BoundRunner:
         for name in self._outputs:
             # Allocated by the session on the device; copied to the host once, below.
             binding.bind_output(name, self._device, self._device_id)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self._options)
         return binding.copy_outputs_to_cpu()
+
+    def _run_options(self) -> Any:
+        options = self._ort.RunOptions()
+        for key, value in self._run_config.items():
+            options.add_run_config_entry(key, value)
+        return options
 
     def _to_device(self, value: np.ndarray) -> Any:
         self.copies += 1
@@ -114,7 +126,7 @@ class BoundRunner:
                 # kept and bound from then on, before onnxruntime captures (it runs a few
                 # times uncaptured first, so the captured addresses are these).
                 binding.bind_output(name, self._device, self._device_id)
-        options = self._ort.RunOptions()
+        options = self._run_options()
         # One captured graph per input-shape set (onnxruntime >= 1.17).
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self._session.run_with_iobinding(binding, options)
