@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from slimdiff.export.components import Component, eval_mode, model_device, reference_precision
 from slimdiff.export.dummy_inputs import CHECK
+from slimdiff.runtime.manifest import VAE_DECODER, VAE_ENCODER
 
 from slimdiff.errors import UserError
-from slimdiff.threads import choose_threads, ort_session_options
+from slimdiff.threads import IMAGE, choose_threads, ort_session_options
 
 __all__ = [
     "TOLERANCES",
@@ -109,7 +110,10 @@ def check_parity(
     # Threads by slimdiff's policy (SLIMDIFF_THREADS, else the component's size and the
     # CPUs this process may use) and no spinning, which made a toy:shapes step 1.7x
     # slower on a shared 2-CPU machine (slimdiff/threads.py).
-    options = ort_session_options(ort.SessionOptions(), choose_threads(reference.params))
+    # A VAE is IMAGE work (full-resolution convolutions), never capped as a small model.
+    vae = component.name in (VAE_DECODER, VAE_ENCODER)
+    work = IMAGE if vae else reference.params
+    options = ort_session_options(ort.SessionOptions(), choose_threads(work))
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         got = session.run(list(component.output_names), {k: v.numpy() for k, v in feeds.items()})
