@@ -10,6 +10,7 @@ import reprlib
 from typing import Any
 
 import numpy as np
+from slimdiff.runtime.manifest import BundleError
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
@@ -228,6 +229,19 @@ def check_finite(values: np.ndarray, where: str, fix: str) -> None:
     error = UserError(f"NaN or infinite values {where}; {fix}")
     error.exit_code = 1
     raise error
+
+
+def check_output(value: np.ndarray, shape: tuple[int, ...], name: str, what: str) -> np.ndarray:
+    """`value`, a graph's output, once it is a float array of `shape` (`what` it holds:
+    "latents", "pixels"); a graph that gives another is not the one the manifest describes,
+    where numpy would fail, or broadcast it into a wrong image."""
+    if value.shape != shape or value.dtype.kind != "f":
+        raise BundleError(
+            f"the {name}'s output is {value.dtype} of shape {value.shape}, not float {what} "
+            f"of shape {shape}: its graph does not match the bundle's manifest; export the "
+            "bundle again"
+        )
+    return value
 
 
 def check_run_args(

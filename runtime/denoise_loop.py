@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from slimdiff.runtime.backends import Session
-from slimdiff.runtime.call_checks import check_finite
-from slimdiff.runtime.manifest import DENOISER_OUTPUT, BundleError
+from slimdiff.runtime.call_checks import check_finite, check_output
+from slimdiff.runtime.manifest import DENOISER_OUTPUT
 from slimdiff.runtime.schedulers import Scheduler, takes_noise
 
 __all__ = ["STEP_NOISE_STREAM", "Guidance", "Kept", "denoise"]
@@ -43,9 +43,9 @@ class Guidance:
     def predict(self, denoiser: Session, feeds: Feeds, x: np.ndarray) -> np.ndarray:
         """The guided prediction for latents `x`, of their shape."""
         rows = x.shape[0] * (2 if self.cfg else 1)
-        pred = _checked(denoiser.run(feeds)[DENOISER_OUTPUT], (rows, *x.shape[1:]))
+        pred = _checked(denoiser.run(feeds), (rows, *x.shape[1:]))
         if self.true_cfg is not None:  # FluxPipeline: a second call, not a doubled batch
-            neg = _checked(denoiser.run({**feeds, **self.negative})[DENOISER_OUTPUT], x.shape)
+            neg = _checked(denoiser.run({**feeds, **self.negative}), x.shape)
             pred = neg + np.float32(self.true_cfg) * (pred - neg)
         if self.cfg:
             uncond, text = np.split(pred, 2)  # (uncond, cond), as the pipeline batches them
@@ -112,16 +112,8 @@ def denoise(
     return x, step_ms
 
 
-def _checked(pred: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The denoiser's output, once it is float latents of `shape` (a graph that gives
-    another is not the one the manifest describes: numpy would fail, or broadcast it)."""
-    if pred.shape != shape or pred.dtype.kind != "f":
-        raise BundleError(
-            f"the denoiser's output is {pred.dtype} of shape {pred.shape}, not float latents "
-            f"of shape {shape}: its graph does not match the bundle's manifest; export the "
-            "bundle again"
-        )
-    return pred
+def _checked(outputs: Feeds, shape: tuple[int, ...]) -> np.ndarray:
+    return check_output(outputs[DENOISER_OUTPUT], shape, "denoiser", "latents")
 
 
 def rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) -> np.ndarray:

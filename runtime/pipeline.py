@@ -31,6 +31,7 @@ from slimdiff.runtime.call_checks import (
     check_finite,
     check_images,
     check_number,
+    check_output,
     check_prompts,
     check_rescale,
     check_run_args,
@@ -63,7 +64,6 @@ from slimdiff.runtime.manifest import (
     VAE_ENCODER,
     VAE_INPUT,
     VAE_OUTPUT,
-    BundleError,
     Manifest,
     PipelineSpec,
 )
@@ -600,13 +600,8 @@ class Text2ImagePipeline:
             z = z / scaling
         if self.config.vae_shift_factor is not None:
             z = z + np.float32(self.config.vae_shift_factor)
-        sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]  # (B, 3, H, W)
-        if sample.shape != (1, 3, height, width) or sample.dtype.kind != "f":
-            raise BundleError(
-                f"the VAE decoder's output is {sample.dtype} of shape {sample.shape}, not float "
-                f"pixels of shape (1, 3, {height}, {width}): its graph does not match the "
-                "bundle's manifest; export the bundle again"
-            )
+        sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]
+        check_output(sample, (1, 3, height, width), "VAE decoder", "pixels")
         check_finite(sample, "in the VAE decoder's output", _VAE_NAN_FIX)
         return to_uint8(sample[0])
 

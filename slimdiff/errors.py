@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import re
 
-__all__ = ["Terminated", "UserError", "disk_error", "out_of_memory"]
+__all__ = ["Terminated", "UserError", "disk_error", "first_line", "out_of_memory"]
 
 
 class UserError(Exception):
@@ -23,6 +23,14 @@ class UserError(Exception):
     #: every problem found, one line each, where there were several (the message names
     #: the first); `slimdiff validate` prints them all
     details: tuple[str, ...] = ()
+
+
+def first_line(err: BaseException, limit: int | None = 300) -> str:
+    """The first line of a library's error message (at most `limit` characters; None: all
+    of it), for a one-line UserError that quotes it; the exception's class name when it
+    says nothing."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
 # What onnxruntime (CPU arena and CUDA), torch (CPU allocator and CUDA) and the C++

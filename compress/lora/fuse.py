@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
 
-from slimdiff.errors import UserError
+from slimdiff.errors import UserError, first_line
 
 __all__ = ["FuseLoraPass", "lora_components"]
 
@@ -202,7 +202,7 @@ def _load(pipe: Any, file: Path, name: str) -> None:
             pipe.load_lora_weights(str(file), adapter_name=name)
     except (ValueError, KeyError, IndexError, RuntimeError, OSError) as err:  # diffusers
         pipe.unload_lora_weights()
-        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        detail = first_line(err)
         raise UserError(
             f"lora.fuse: {file} does not load into this {type(pipe).__name__} ({detail}); "
             "is it a LoRA for this model family?"

@@ -45,7 +45,7 @@ from typing import Annotated, Any
 import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
 
-from slimdiff.errors import UserError
+from slimdiff.errors import UserError, first_line
 from slimdiff.lowbit import parameter_count
 from slimdiff.models.hub import local_path, looks_like_hub_id
 from slimdiff.models.vae import VAE_CLASSES, decoder_params, vae_scale_factor
@@ -108,7 +108,7 @@ class ReplaceVaePass(Pass):
                 cls = getattr(diffusers, config["_class_name"])
                 vae = cls.from_pretrained(where, use_safetensors=True, **dtype_keyword(old.dtype))
         except (OSError, ValueError, KeyError, RuntimeError) as err:  # diffusers, safetensors
-            detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
+            detail = first_line(err)
             raise UserError(
                 f"vae.replace: could not load {where} ({detail}); is it a VAE for this "
                 "model family?"

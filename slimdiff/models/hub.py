@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from slimdiff.errors import UserError
+from slimdiff.errors import UserError, first_line
 
 __all__ = ["cached_snapshot", "hub_offline", "load_hub", "local_path", "looks_like_hub_id"]
 
@@ -93,7 +93,7 @@ def load_hub(model_id: str, device: str, allow_pickle: bool, skip: dict[str, Non
     except _hub_errors() as err:
         # Network, auth, missing-file and no-safetensors errors; anything else (out of
         # memory, a bug) keeps its traceback.
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = first_line(err, limit=None)  # cut in the message
         pickled = snapshot is None or any(snapshot.glob("*/*.bin"))
         if "safetensors" in detail and not allow_pickle and pickled:
             hint = "it has no safetensors weights; pass --allow-pickle if you trust its .bin files"

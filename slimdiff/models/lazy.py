@@ -211,9 +211,9 @@ def _weights_name(module: nn.Module) -> str:
 
 
 def _damaged(where: Path, what: str, err: Exception) -> Exception:
-    from slimdiff.errors import UserError
+    from slimdiff.errors import UserError, first_line
 
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = first_line(err, limit=None)
     return UserError(
         f"{where}: could not build {what} ({reason}); check that the folder is complete and "
         "its config is the model's, or save the pipeline again with save_pretrained"

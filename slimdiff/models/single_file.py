@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimdiff.errors import UserError
+from slimdiff.errors import UserError, first_line
 from slimdiff.models.hub import hub_offline, local_path
 
 __all__ = ["SINGLE_FILE_SUFFIXES", "is_single_file", "load_single_file"]
@@ -139,7 +139,7 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
         ) from None
     except SingleFileComponentError as err:  # a component neither the file nor config has
         raise UserError(
-            f"{path}: {_first_line(err)} (diffusers); the file lacks a component: pass a "
+            f"{path}: {first_line(err)} (diffusers); the file lacks a component: pass a "
             "local --config folder that holds its weights (the base model's whole folder)"
         ) from None
     except RuntimeError as err:  # a converter splitting tensors of other sizes
@@ -149,7 +149,7 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
 
         raise UserError(
             f"{path}: diffusers' conversion cannot split its weights for the {pipeline} of "
-            f"{where} ({_first_line(err)}): its {arch_of_class(pipeline).denoiser} is of "
+            f"{where} ({first_line(err)}): its {arch_of_class(pipeline).denoiser} is of "
             "another width than the converter or --config take (diffusers' FLUX converter "
             "takes FLUX.1's 3072 only); --config must be a folder of the checkpoint's own "
             "architecture"
@@ -164,11 +164,6 @@ def load_single_file(path: Path, config: str | None = None, allow_pickle: bool =
     # ... and drops, without a word, weights the file holds that the conversion left out
     _refuse_unused(path, layout, pipe, arch_of_pipeline(pipe), given, where)
     return pipe
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _is_shape_error(err: RuntimeError) -> bool:
@@ -189,7 +184,7 @@ def _build_error(path: Path, err: Exception, pipeline: str, where: str, local: b
         )
     if "valid CLIP model" in text:  # create_diffusers_clip_model_from_ldm's
         return UserError(
-            f"{path}: diffusers cannot read its text encoder weights ({_first_line(err)}): "
+            f"{path}: diffusers cannot read its text encoder weights ({first_line(err)}): "
             "they are in another key layout (CLIP under ...transformer.text_model., as "
             "the base model's own single file has them) or of another width than the "
             "config's; save them in that layout, or remove them from the file to take "
@@ -197,12 +192,12 @@ def _build_error(path: Path, err: Exception, pipeline: str, where: str, local: b
         )
     if local:  # `slimdiff convert` itself: converting again would not help
         return UserError(
-            f"{path}: could not build the {pipeline} from {where} ({_first_line(err)}); "
+            f"{path}: could not build the {pipeline} from {where} ({first_line(err)}); "
             "--config must be a complete diffusers folder of the checkpoint's own "
             "architecture (the base model it was fine-tuned from)"
         )
     return UserError(
-        f"{path}: could not build the {pipeline} from {where} ({_first_line(err)}); convert "
+        f"{path}: could not build the {pipeline} from {where} ({first_line(err)}); convert "
         "it once with `slimdiff convert FILE --config DIR --out FOLDER`, DIR a diffusers "
         "folder of the same architecture (the base model it was fine-tuned from)"
     )
