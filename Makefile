@@ -1,6 +1,6 @@
 # `make demo` and `make test` each set up .venv on a fresh machine, then run.
 # torch is pinned to the CPU build first: a bare `torch` requirement would pull a
-# multi-GB CUDA build. On a GPU machine, install torch and `.[gpu]` yourself.
+# multi-GB CUDA build. On a GPU machine, install torch and `.[compress,gpu,dev]` yourself.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[compress,cpu,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -16,6 +16,7 @@ import click
 
 from slimdiff import __version__
 from slimdiff.app.export_cli import edit_options
+from slimdiff.app.extras import require
 from slimdiff.app.options import (
     FILE,
     SEED,
@@ -129,6 +130,7 @@ def compress_cmd(
     keeps calibration caches and distillation checkpoints, so a killed run resumes when the
     same command is run again.
     """
+    require("compress")
     from slimdiff.recipe import load_recipe
 
     values = {k: v for k, v in (("model", model), ("device", device)) if v is not None}
@@ -174,6 +176,7 @@ def convert_cmd(checkpoint: Path, config: str, out: Path, allow_pickle) -> None:
     itself also loads directly where diffusers can fetch its default config (the hub or
     its cache).
     """
+    require("convert")
     from slimdiff.app.convert import convert_file
 
     click.echo(convert_file(checkpoint, config, out, allow_pickle))
@@ -264,6 +267,7 @@ def export_cmd(
     allow_pickle,
 ) -> None:
     """Export MODEL (artifact, diffusers folder, hub id or built-in) to a runnable bundle."""
+    require("export")
     from slimdiff.app.args import check_output_dir
     from slimdiff.app.export_cli import load_edited, report
     from slimdiff.export import (
@@ -506,6 +510,7 @@ def inspect_cmd(
     FLOPs are for one denoiser call at the given size (default: the recipe's bench size, else
     the family's), with the CFG batch of 2 where the family uses classifier-free guidance.
     """
+    require("inspect")
     from slimdiff.recipe import load_recipe
 
     if (overrides or dry_run) and not recipe:
@@ -556,6 +561,7 @@ def bench_cmd(
     recipes, model, steps, size, backend, repeat, out, device, allow_pickle, overrides, dry_run
 ) -> None:
     """Compress (cached), export and run each recipe; write results.json/md, a plot, grids."""
+    require("bench")
     from slimdiff.recipe import load_recipe
 
     values = {

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.metadata
 import logging
 import os
 from pathlib import Path
@@ -83,9 +84,24 @@ _ORT_ERRORS = "onnxruntime.capi.onnxruntime_pybind11_state"
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _INSTALL = {
-    "cpu": "pip install onnxruntime",
+    "cpu": "pip install 'slimdiff[cpu]' (onnxruntime)",
     "cuda": "pip install 'slimdiff[gpu]' (onnxruntime-gpu, in place of onnxruntime)",
 }
+
+
+def _both_installed() -> str:
+    """The fix when both onnxruntime and onnxruntime-gpu are installed: they write the same
+    `onnxruntime` module, and whichever was installed last decides whether the CUDA EP is
+    there (ORT's install guide: never both). Empty when they are not."""
+    try:
+        importlib.metadata.version("onnxruntime")
+        importlib.metadata.version("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    return (
+        "; onnxruntime and onnxruntime-gpu are both installed and overwrite each other's "
+        "module: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+    )
 
 
 def _import_ort(device: str) -> Any:
@@ -275,6 +291,7 @@ class OrtBackend:
             raise UserError(
                 f"backend {name}: this onnxruntime ({self._ort.__version__}) has no "
                 f"{_PROVIDERS[device]} (it has {', '.join(available)}); {_INSTALL[device]}"
+                f"{_both_installed()}"
             )
         if device == "cuda":
             _preload_cuda_libraries(self._ort)

@@ -690,7 +690,7 @@ def test_missing_onnxruntime_says_what_to_install(tiny_bundle):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "USERERROR backend ort-cpu needs onnxruntime" in out.stdout
-    assert "pip install onnxruntime" in out.stdout
+    assert "pip install 'slimdiff[cpu]'" in out.stdout
 
 
 def test_missing_bundle_is_a_bundle_error(tmp_path):
@@ -1045,3 +1045,18 @@ def test_cli_timestep_spacing_on_a_flow_model_is_one_line(tiny_bundle, tmp_path)
     refused = CliRunner().invoke(main, export)
     assert refused.exit_code == 2 and "--timestep-spacing: FlowMatchEuler" in refused.output
     assert not (tmp_path / "b").exists()
+
+
+def test_run_works_with_the_base_install_alone(tiny_bundle, tmp_path):
+    # `pip install 'slimdiff[cpu]'`: no torch, diffusers, transformers, onnx, ... The image
+    # equals the one of a full install, byte for byte.
+    from slimdiff.app.extras import COMPRESS
+    from tests.unit.test_extras import cli_without
+
+    _, bundle = tiny_bundle("sd15")
+    args = ["--threads", "1", "run", str(bundle), "--prompt", PROMPT, "--steps", "2", "--seed", "3"]
+    base = cli_without(COMPRESS, *args, "--out", "base.png", cwd=tmp_path)
+    assert base.returncode == 0, base.stderr
+    full = cli_without((), *args, "--out", "full.png", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    assert (tmp_path / "base.png").read_bytes() == (tmp_path / "full.png").read_bytes()
