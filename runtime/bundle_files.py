@@ -108,6 +108,12 @@ class Bundle:
                 self._identity[rel] = self._rehash(rel)
 
     def _rehash(self, rel: str) -> tuple[int, int, int, int]:
+        if _identity(self.root / rel) is None:  # deleted or moved, not changed
+            raise BundleError(
+                f"{self.root}: {rel} is missing (deleted or moved since the bundle was opened "
+                "and verified); put the bundle folder back, or open the bundle where it is now "
+                "(a new pipeline, or run the command again)"
+            )
         try:
             st = _check_path(self.root, rel)
             digest, _ = _hash(self.root, rel, st, keep=False)

@@ -5,6 +5,7 @@ pixels stay finite (check_finite)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import reprlib
 from typing import Any
@@ -19,6 +20,7 @@ __all__ = [
     "check_finite",
     "check_images",
     "check_number",
+    "check_on_step",
     "check_prompts",
     "check_rescale",
     "check_run_args",
@@ -133,6 +135,37 @@ def _check_text(text: Any) -> None:
         ) from None
 
 
+def check_on_step(on_step: Any) -> None:
+    """UserError unless `on_step` is None or can be called as on_step(done, total): one that
+    cannot would fail with a TypeError after the text encoders and a denoiser step ran."""
+    if on_step is None:
+        return
+    if not callable(on_step):
+        raise UserError(
+            f"on_step {reprlib.repr(on_step)}: pass a function of (done, total), or None"
+        )
+    try:
+        signature = inspect.signature(on_step)
+    except (TypeError, ValueError):  # a builtin without one: it is called as it is
+        return
+    try:
+        signature.bind(1, 1)
+    except TypeError as err:
+        name = getattr(on_step, "__qualname__", None) or type(on_step).__name__  # no address
+        raise UserError(
+            f"on_step {name} cannot be called as on_step(done, total) "
+            f"({err}); pass a function of two arguments, e.g. lambda done, total: ..."
+        ) from None
+
+
+# Latents are of about unit scale (a seeded draw's standard deviation is 1; partly denoised
+# ones, handed over with denoising_start, reach a few times the largest sigma, ~80). Far
+# above that they are not latents of any model: this bound, the largest fp16 number, is
+# where an fp16 graph's inputs turn infinite, and larger ones overflow the scheduler's own
+# float32 arithmetic (1e38 squared), which would end in a NaN blamed on the scheduler.
+MAX_LATENT = 65504.0
+
+
 def check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None:
     if not (np.isfinite(guidance) and 0 <= guidance <= MAX_GUIDANCE):
         raise UserError(f"guidance {guidance}: use a finite value from 0 to {MAX_GUIDANCE:g}")
@@ -154,6 +187,13 @@ def check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None
             raise UserError(f"latents hold {array.dtype}, not numbers")
         if not np.isfinite(array).all():
             raise UserError("latents hold NaN or infinite values")
+        largest = float(np.abs(array, dtype=np.float64).max(initial=0))
+        if largest > MAX_LATENT:
+            raise UserError(
+                f"latents reach {largest:.3g} in magnitude, far above their scale (a seeded "
+                f"draw's standard deviation is 1); pass latents within +-{MAX_LATENT:g}, e.g. "
+                "noise of unit scale or a run's output='latent' latents"
+            )
 
 
 def check_images(images: Any, do_cfg: bool, prompts: int, max_batch: int | None) -> int:

@@ -134,9 +134,9 @@ def load_image(image: ImageInput, what: str = "image") -> Image.Image:
             raise UserError(f"{what} {path}: too large to open safely ({err})") from None
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise UserError(f"{what} {path}: cannot be read as an image ({err})") from None
-        return _rgb(loaded, f"{what} {path}")
+        return _rgb(_has_pixels(loaded, f"{what} {path}"), f"{what} {path}")
     if isinstance(image, Image.Image):
-        return _rgb(image, what)
+        return _rgb(_has_pixels(image, what), what)
     if isinstance(image, np.ndarray):
         grey = image.ndim == 2  # a mask may be one channel
         if image.dtype != np.uint8 or not (grey or (image.ndim == 3 and image.shape[2] == 3)):
@@ -144,11 +144,25 @@ def load_image(image: ImageInput, what: str = "image") -> Image.Image:
                 f"{what} array of shape {image.shape} and dtype {image.dtype}: pass (H, W, 3) "
                 "uint8 RGB (or (H, W) uint8 for a mask)"
             )
+        if 0 in image.shape[:2]:
+            raise UserError(_empty(what, image.shape[1], image.shape[0]))
         return Image.fromarray(np.ascontiguousarray(image), mode="L" if grey else "RGB")
     raise UserError(
         f"{what} must be a file path, a PIL image or an (H, W, 3) uint8 array, not "
         f"{describe(image)}"
     )
+
+
+def _has_pixels(image: Image.Image, what: str) -> Image.Image:
+    """`image`, once it has pixels: resized to a run's size, an empty one would become a
+    blank image (or an all-black mask) with no word said."""
+    if 0 in image.size:
+        raise UserError(_empty(what, *image.size))
+    return image
+
+
+def _empty(what: str, width: int, height: int) -> str:
+    return f"{what} of {width}x{height} pixels is empty; pass an image at least 1x1 pixel"
 
 
 def describe(value: object) -> str:
@@ -206,6 +220,7 @@ def prepare_image(image: Image.Image, size: tuple[int, int], normalize: bool = T
     `size`, as diffusers' VaeImageProcessor.preprocess makes it (Lanczos resize, its
     default; /255 then 2x - 1 in float32). Without `normalize`, in [0, 1]: a ControlNet's
     control image (diffusers' control_image_processor, do_normalize=False)."""
+    _has_pixels(image, "image")
     height, width = size
     if (width, height) != image.size:
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
@@ -220,6 +235,7 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
     do_convert_grayscale, do_binarize, no normalisation): grey, resized (Lanczos) to `size`
     (H, W), then 1 where it is at least half white (repainted), 0 elsewhere (kept);
     (1, 1, H, W) float32."""
+    _has_pixels(mask, "mask")
     height, width = size
     grey = mask.convert("L")
     if (width, height) != grey.size:

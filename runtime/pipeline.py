@@ -15,10 +15,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import reprlib
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from slimdiff.runtime.call_checks import (
     check_finite,
     check_images,
     check_number,
+    check_on_step,
     check_output,
     check_prompts,
     check_rescale,
@@ -133,6 +136,18 @@ def _ms(start: float) -> float:
 class Text2ImagePipeline:
     """Runs a verified bundle end to end with one backend.
 
+    Threads: one pipeline may serve calls from several threads at once. Its bundle,
+    manifest and sessions are read-only once loaded; each call makes its own scheduler,
+    latents, feeds and result. Resident (the default), calls run concurrently and each
+    gives the images it gives alone (measured with ort-cpu and, on the CPU, the IO-binding
+    path ort-cuda runs; onnxruntime's sessions take concurrent runs). Sessions whose
+    graphs replay on fixed device buffers serialise their own runs: ort-cuda with CUDA
+    graphs (SLIMDIFF_CUDA_GRAPH=1, runtime/backends/ort_binding.py, which also keeps at
+    most MAX_GRAPHS input-shape sets per session) and trt (runtime/backends/trt.py).
+    `low_memory` pipelines run one call at a time (a lock; the others wait): the mode
+    exists to bound memory to the largest component, which concurrent calls, each
+    loading its own, would defeat (one pipeline per worker process runs them side by side).
+
     Example:
         >>> pipe = Text2ImagePipeline.from_bundle("out/bundle")                 # doctest: +SKIP
         >>> pipe("a cat", steps=4, guidance=5.0, size=(512, 512)).image.shape   # doctest: +SKIP
@@ -164,6 +179,26 @@ class Text2ImagePipeline:
         # {denoiser input: shape} -> UserError where the backend can tell up front that
         # the denoiser does not take it (an AOTInductor package's ranges); None: any shape
         self.check_shapes: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+        # low_memory: one call at a time (the class docstring says why). Reentrant: an
+        # on_step that runs this pipeline again from the same thread would otherwise hang;
+        # it runs, and the outer call reloads what the inner one released.
+        self._low_memory_lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def _low_memory_turn(self) -> Iterator[None]:
+        """low_memory: this call's turn (one call at a time), and every component released
+        when it ends, however it ends (on_step raising to cancel, Ctrl-C, a NaN check): the
+        next call starts from nothing loaded, its peak the largest component's. Resident:
+        nothing to do, no lock."""
+        if not self.low_memory:
+            yield
+            return
+        with self._low_memory_lock:
+            try:
+                yield
+            finally:
+                encoders = [enc.session for enc in self.conditioning.encoders]
+                release(*encoders, self.vae_encoder, self.denoiser, self.vae_decoder)
 
     @classmethod
     def from_bundle(
@@ -190,7 +225,8 @@ class Text2ImagePipeline:
         "euler-a" or "dpm++2m-karras", or a class name: runtime.schedulers.switch_scheduler),
         built from the bundle's config as diffusers' from_config builds it. `low_memory`:
         load each component only while it runs, so the peak is the largest one's, not their
-        sum; every call loads them again (runtime/sessions.py). `sigmas` ("karras",
+        sum; every call loads them again (runtime/sessions.py), and calls from several
+        threads run one at a time. `sigmas` ("karras",
         "exponential" or "beta") samples on that sigma schedule instead of the scheduler's
         own (runtime.schedulers.with_sigmas), after any `scheduler` switch.
         `timestep_spacing` ("leading", "trailing" or "linspace": diffusers' key) places the
@@ -376,10 +412,7 @@ class Text2ImagePipeline:
             guidance = float(self.config.default_guidance)
         else:
             guidance = check_number(guidance, "guidance", ", e.g. 7.5")
-        if on_step is not None and not callable(on_step):  # else it fails after step 1
-            raise UserError(
-                f"on_step {reprlib.repr(on_step)}: pass a function of (done, total), or None"
-            )
+        check_on_step(on_step)  # else it fails after the text encoders and one step
         aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
         sizing = check_size_conditioning(
             "time_ids" in self.config.kind.extra_inputs,
@@ -469,102 +502,104 @@ class Text2ImagePipeline:
         if end_at is not None:
             end = end_index(scheduler, begin, end_at, train_steps)
 
-        encoders = [enc.session for enc in cond.encoders]
-        loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
-        t0 = time.perf_counter()
-        time_ids = None
-        if "time_ids" in self.config.kind.extra_inputs:
-            # diffusers' img2img and inpaint pipelines (the refiner's too) default the
-            # negative ids otherwise than its text-to-image one
-            from_image = pixels is not None or start_at is not None
-            time_ids = time_id_rows(
-                sizing, height, width, image_to_image=from_image, aesthetic=aesthetic
-            )
-        fixed = cond.encode(
-            prompts, negatives, do_cfg, guidance, height, width, per_prompt, time_ids
-        )
-        if self.config.controlnet is not None:
-            fixed.update(control_feeds(control, (height, width), images, do_cfg, guess))
-        negative = {}  # true CFG's text inputs: the negative prompts, encoded as prompts
-        if true_cfg is not None:
-            unguided = [n or "" for n in negatives]
-            negative = cond.encode(
-                unguided,
-                None,
-                False,
-                guidance,
-                height,
-                width,
-                per_prompt,
-                prompts_are="negative prompt",
-            )
-        for value in (*fixed.values(), *negative.values()):
-            # Read-only: the same every step, so a GPU backend copies it to the device once
-            # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
-            value.flags.writeable = False
-        timings["text_encoders"] = _ms(t0)
-        release(*encoders)  # low_memory: freed before the VAE encoder and the denoiser load
-
-        first_load = False  # the VAE encoder loaded by this call (its first img2img one)
-        extra = None  # an inpainting model's mask and masked image latents, every step
-        clean = noise = None  # image-to-image: the image's latents, and the noise added
-        if start_at is not None:  # as they are: diffusers adds no noise with denoising_start
-            x = cond.check_latents(latents, height, width, images)
-        elif pixels is None:
-            x = cond.initial_latents(latents, seed, height, width, scheduler, images)
-        else:
-            first_load = not self.vae_encoder.loaded
-            loading += ensure_loaded(self.vae_encoder)
+        # low_memory: one call at a time, and nothing left loaded however the call ends
+        with self._low_memory_turn():
+            encoders = [enc.session for enc in cond.encoders]
+            loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
             t0 = time.perf_counter()
-            # an inpainting model at full strength starts from noise alone, as diffusers
-            full = pixel_mask is not None and float(strength) == 1.0
-            if not (full and inpainting_model):
-                clean = encode_image(self.config, self.vae_encoder, pixels, seed, images)
-            if inpainting_model:
-                extra = inpainting_inputs(
-                    self.config, self.vae_encoder, pixels, pixel_mask, seed, images, do_cfg
+            time_ids = None
+            if "time_ids" in self.config.kind.extra_inputs:
+                # diffusers' img2img and inpaint pipelines (the refiner's too) default the
+                # negative ids otherwise than its text-to-image one
+                from_image = pixels is not None or start_at is not None
+                time_ids = time_id_rows(
+                    sizing, height, width, image_to_image=from_image, aesthetic=aesthetic
                 )
-            timings["vae_encode"] = _ms(t0)
-            if self.low_memory:
-                release(self.vae_encoder)
-            # the same seeded draw as text-to-image's initial noise, then noised to `begin`
-            noise = cond.noise(seed, height, width, images)
-            if full:
-                # diffusers' inpaint pipelines start from pure noise at full strength
-                x = cond.initial_latents(noise, seed, height, width, scheduler, images)
-            else:
-                x = scheduler.add_noise(clean, noise, begin).astype(np.float32)
-        # low_memory: the VAE encoder is released before the denoiser loads
-        loading += ensure_loaded(self.denoiser)
-        kept = None if blend is None else Kept(blend, clean, noise)
-
-        def feeds(i: int, model_input: np.ndarray) -> dict[str, np.ndarray]:
-            t = np.float32(scheduler.timesteps[i])
-            step = {**fixed, **cond.step_feeds(model_input, t)}
+            fixed = cond.encode(
+                prompts, negatives, do_cfg, guidance, height, width, per_prompt, time_ids
+            )
             if self.config.controlnet is not None:
-                step[CONTROL_SCALE] = scales[i - begin]
-            return step
+                fixed.update(control_feeds(control, (height, width), images, do_cfg, guess))
+            negative = {}  # true CFG's text inputs: the negative prompts, encoded as prompts
+            if true_cfg is not None:
+                unguided = [n or "" for n in negatives]
+                negative = cond.encode(
+                    unguided,
+                    None,
+                    False,
+                    guidance,
+                    height,
+                    width,
+                    per_prompt,
+                    prompts_are="negative prompt",
+                )
+            for value in (*fixed.values(), *negative.values()):
+                # Read-only: the same every step, so a GPU backend copies it to the device once
+                # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
+                value.flags.writeable = False
+            timings["text_encoders"] = _ms(t0)
+            release(*encoders)  # low_memory: freed before the VAE encoder and the denoiser load
 
-        scales = control_scales(control, end - begin)
-        guided = Guidance(do_cfg, guidance, rescale, true_cfg, negative)
-        run = range(begin, end)
-        x, step_ms = denoise(
-            self.denoiser, scheduler, x, run, feeds, guided, seed, extra, kept, on_step
-        )
-        timings["denoiser_steps"] = step_ms
-        release(self.denoiser)
+            first_load = False  # the VAE encoder loaded by this call (its first img2img one)
+            extra = None  # an inpainting model's mask and masked image latents, every step
+            clean = noise = None  # image-to-image: the image's latents, and the noise added
+            if start_at is not None:  # as they are: diffusers adds no noise with denoising_start
+                x = cond.check_latents(latents, height, width, images)
+            elif pixels is None:
+                x = cond.initial_latents(latents, seed, height, width, scheduler, images)
+            else:
+                first_load = not self.vae_encoder.loaded
+                loading += ensure_loaded(self.vae_encoder)
+                t0 = time.perf_counter()
+                # an inpainting model at full strength starts from noise alone, as diffusers
+                full = pixel_mask is not None and float(strength) == 1.0
+                if not (full and inpainting_model):
+                    clean = encode_image(self.config, self.vae_encoder, pixels, seed, images)
+                if inpainting_model:
+                    extra = inpainting_inputs(
+                        self.config, self.vae_encoder, pixels, pixel_mask, seed, images, do_cfg
+                    )
+                timings["vae_encode"] = _ms(t0)
+                if self.low_memory:
+                    release(self.vae_encoder)
+                # the same seeded draw as text-to-image's initial noise, then noised to `begin`
+                noise = cond.noise(seed, height, width, images)
+                if full:
+                    # diffusers' inpaint pipelines start from pure noise at full strength
+                    x = cond.initial_latents(noise, seed, height, width, scheduler, images)
+                else:
+                    x = scheduler.add_noise(clean, noise, begin).astype(np.float32)
+            # low_memory: the VAE encoder is released before the denoiser loads
+            loading += ensure_loaded(self.denoiser)
+            kept = None if blend is None else Kept(blend, clean, noise)
 
-        decoded = []
-        if output == "image":
-            loading += ensure_loaded(self.vae_decoder)
-            t0 = time.perf_counter()
-            decoded = [self._decode(x[i : i + 1], height, width) for i in range(images)]
-            timings["vae_decode"] = _ms(t0)
-            release(self.vae_decoder)
-        if self.low_memory or first_load:
-            timings["load"] = loading
-        timings["end_to_end"] = _ms(start)
-        return GenerationResult(images=decoded, latents=x, timings_ms=timings)
+            def feeds(i: int, model_input: np.ndarray) -> dict[str, np.ndarray]:
+                t = np.float32(scheduler.timesteps[i])
+                step = {**fixed, **cond.step_feeds(model_input, t)}
+                if self.config.controlnet is not None:
+                    step[CONTROL_SCALE] = scales[i - begin]
+                return step
+
+            scales = control_scales(control, end - begin)
+            guided = Guidance(do_cfg, guidance, rescale, true_cfg, negative)
+            run = range(begin, end)
+            x, step_ms = denoise(
+                self.denoiser, scheduler, x, run, feeds, guided, seed, extra, kept, on_step
+            )
+            timings["denoiser_steps"] = step_ms
+            release(self.denoiser)
+
+            decoded = []
+            if output == "image":
+                loading += ensure_loaded(self.vae_decoder)
+                t0 = time.perf_counter()
+                decoded = [self._decode(x[i : i + 1], height, width) for i in range(images)]
+                timings["vae_decode"] = _ms(t0)
+                release(self.vae_decoder)
+            if self.low_memory or first_load:
+                timings["load"] = loading
+            timings["end_to_end"] = _ms(start)
+            return GenerationResult(images=decoded, latents=x, timings_ms=timings)
 
     def make_scheduler(self, steps: int, height: int, width: int, eta: float | None) -> Scheduler:
         """A fresh scheduler with this call's schedule (and TCD's eta) set; a step count the

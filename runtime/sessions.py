@@ -24,6 +24,7 @@ graph fails in one line instead of a numpy traceback or a wrong image.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,19 +49,30 @@ __all__ = [
 
 
 class OnDemandSession:
-    """A Session that loads at first use and frees its graph on `release()`."""
+    """A Session that loads at first use and frees its graph on `release()`.
+
+    Threads that reach it unloaded load it once: the first loads, the others wait for that
+    session (a resident pipeline's VAE encoder, loaded by the first image-to-image call).
+    It does not count users: a `release()` by one thread makes another's next run load the
+    graph again, a second copy while a run still holds the first; the pipeline's low-memory
+    mode runs one call at a time for that reason (runtime/pipeline.py)."""
 
     def __init__(self, load: Callable[[], Session]) -> None:
         self._load = load
         self._session: Session | None = None
+        self._lock = threading.Lock()
         self.loads = 0  # how many times the graph was loaded (tests, logs)
 
     @property
     def session(self) -> Session:
-        if self._session is None:
-            self._session = self._load()
-            self.loads += 1
-        return self._session
+        session = self._session
+        if session is not None:
+            return session
+        with self._lock:
+            if self._session is None:
+                self._session = self._load()
+                self.loads += 1
+            return self._session
 
     @property
     def loaded(self) -> bool:
@@ -82,7 +94,8 @@ class OnDemandSession:
         return self.session.run(feeds)
 
     def release(self) -> None:
-        self._session = None
+        with self._lock:
+            self._session = None
 
 
 class CheckedSession:

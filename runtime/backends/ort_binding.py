@@ -16,6 +16,12 @@ those buffers in place. UNVERIFIED on CUDA: no GPU was lent to this work. The sa
 runs with device "cpu" in tests (tests/unit/test_ort_binding.py), which checks every
 bookkeeping path; only the device string and the CUDA EP option differ on a GPU.
 
+Threads: in graph mode a call fills shared buffers, replays, and reads them back, so each
+runner (one per session) does that under its own lock: two calls at one shape would
+otherwise overwrite each other's inputs, and CUDA forbids launching one graph from two
+threads at once. The plain IO-binding path binds fresh buffers per call and takes no lock.
+At most MAX_GRAPHS shape sets keep their buffers (least recently used first out).
+
 `run_config` holds onnxruntime run config entries for every run (the backend's arena
 shrinkage for graphs run once per image, runtime/backends/ort.py).
 
@@ -25,11 +31,34 @@ and https://onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["BoundRunner"]
+__all__ = ["MAX_GRAPHS", "BoundRunner"]
+
+# Shape sets whose graph buffers a session keeps (CUDA-graph mode). A service sees a few
+# sizes in rotation: the UNet runs at one shape per (size, batch), the VAE decoder at one per
+# size, so 8 covers those; a caller cycling through many sizes would otherwise keep every
+# one's persistent device buffers (169 sizes: 169 sets per session). An evicted set's
+# buffers are freed; its shapes, seen again, get new buffers and a new graph id (a reused id
+# would replay the old capture onto freed addresses). onnxruntime itself keeps the captured
+# graph of every id until the session is released: its Python API cannot drop one.
+MAX_GRAPHS = 8
+
+
+@dataclass
+class _Graph:
+    """One input-shape set's graph: its onnxruntime graph id and persistent buffers."""
+
+    graph_id: int
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    # input name -> the read-only array whose values its buffer holds (copied no more)
+    held: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class BoundRunner:
@@ -56,8 +85,11 @@ class BoundRunner:
         # name -> (the read-only array it was copied from, its device copy). The array is
         # held so its id cannot be reused by another object while the copy is cached.
         self._constants: dict[str, tuple[np.ndarray, Any]] = {}
-        # CUDA graphs: input shapes -> (graph id, input buffers, output buffers).
-        self._graphs: dict[tuple, tuple[int, dict[str, Any], dict[str, Any]]] = {}
+        # CUDA graphs: input shapes -> their graph, least recently used first; ids from 1
+        # (-1 = no capture), never reused
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._last_id = 0
+        self._lock = threading.Lock()  # graph mode: one call at a time fills, runs, reads
         self.copies = 0  # host-to-device input copies made (what tests and benches read)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -96,43 +128,59 @@ class BoundRunner:
 
     def _run_graph(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         key = tuple(sorted((name, value.shape, value.dtype.str) for name, value in feeds.items()))
-        if key not in self._graphs:
-            self._constants.clear()  # cached constants live in the previous shapes' buffers
-            self._graphs[key] = (len(self._graphs) + 1, {}, {})  # ids from 1; -1 = no capture
-        graph_id, inputs, outputs = self._graphs[key]
+        with self._lock:
+            graph = self._graph(key)
+            self._fill(graph, feeds)
+            binding = self._session.io_binding()
+            for name, buffer in graph.inputs.items():
+                binding.bind_ortvalue_input(name, buffer)
+            for name in self._outputs:
+                if name in graph.outputs:
+                    binding.bind_ortvalue_output(name, graph.outputs[name])
+                else:
+                    # First call with these shapes: the session allocates the outputs; they
+                    # are kept and bound from then on, before onnxruntime captures (it runs a
+                    # few times uncaptured first, so the captured addresses are these).
+                    binding.bind_output(name, self._device, self._device_id)
+            options = self._run_options()
+            # One captured graph per input-shape set (onnxruntime >= 1.17).
+            options.add_run_config_entry("gpu_graph_id", str(graph.graph_id))
+            self._session.run_with_iobinding(binding, options)
+            if not graph.outputs:
+                graph.outputs.update(zip(self._outputs, binding.get_outputs(), strict=True))
+            # Read before the lock goes: numpy() copies a device buffer to the host; a CPU
+            # buffer it would only view, and the next run would overwrite the result.
+            host = [graph.outputs[name].numpy() for name in self._outputs]
+            return [a.copy() for a in host] if self._device == "cpu" else host
+
+    def _graph(self, key: tuple) -> _Graph:
+        """The graph of input shapes `key`, now the most recently used; a new one (and the
+        least recently used dropped, its buffers freed) if these shapes have none."""
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            return graph
+        while len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        self._last_id += 1
+        graph = self._graphs[key] = _Graph(self._last_id)
+        return graph
+
+    def _fill(self, graph: _Graph, feeds: dict[str, np.ndarray]) -> None:
+        """Write `feeds` into `graph`'s input buffers; a read-only feed the buffer already
+        holds (the same array object as last time) is not copied again."""
         for name, value in feeds.items():
-            if name not in inputs:
+            if name not in graph.inputs:
                 # Allocated, then filled: a buffer made from the array itself would, on the
                 # CPU, alias the caller's memory, and the next in-place update write into it.
-                inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                graph.inputs[name] = self._ort.OrtValue.ortvalue_from_shape_and_type(
                     list(value.shape), value.dtype, self._device, self._device_id
                 )
-                fresh = True
+            elif not value.flags.writeable and graph.held.get(name) is value:
+                continue
+            graph.inputs[name].update_inplace(np.ascontiguousarray(value))
+            self.copies += 1
+            if value.flags.writeable:
+                graph.held.pop(name, None)
             else:
-                fresh = value.flags.writeable or self._constants.get(name, (None,))[0] is not value
-            if fresh:
-                inputs[name].update_inplace(np.ascontiguousarray(value))
-                self.copies += 1
-            if not value.flags.writeable:
-                self._constants[name] = (value, inputs[name])
-        binding = self._session.io_binding()
-        for name, buffer in inputs.items():
-            binding.bind_ortvalue_input(name, buffer)
-        for name in self._outputs:
-            if name in outputs:
-                binding.bind_ortvalue_output(name, outputs[name])
-            else:
-                # First call with these shapes: the session allocates the outputs; they are
-                # kept and bound from then on, before onnxruntime captures (it runs a few
-                # times uncaptured first, so the captured addresses are these).
-                binding.bind_output(name, self._device, self._device_id)
-        options = self._run_options()
-        # One captured graph per input-shape set (onnxruntime >= 1.17).
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self._session.run_with_iobinding(binding, options)
-        if not outputs:
-            outputs.update(zip(self._outputs, binding.get_outputs(), strict=True))
-        # numpy() copies a device buffer to the host; a CPU buffer it would only view,
-        # and the next run would overwrite the result the caller holds.
-        host = [outputs[name].numpy() for name in self._outputs]
-        return [a.copy() for a in host] if self._device == "cpu" else host
+                graph.held[name] = value

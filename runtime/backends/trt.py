@@ -13,7 +13,8 @@ the GPU, sets the input shapes, runs `execute_async_v3` and copies the outputs b
 first call at a set of shapes runs plainly (warm-up: TensorRT finishes its shape-dependent
 setup); the second captures the execution into a CUDA graph, which later calls with the
 same shapes replay (the denoising loop calls the UNet at one shape every step), as
-demoDiffusion does. New shapes drop the graph and start over.
+demoDiffusion does. New shapes drop the graph and start over. Threads sharing a session
+take turns: `run` holds the session's lock from the input copies to the output copies.
 
 UNVERIFIED: written against TensorRT 10.x (Jetson JetPack 6 has 10.3) and 11.x's Python API
 and cuda-python's runtime bindings, and never run here: the development machine has no GPU
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,11 @@ class TensorRTSession:
         self._graph_shapes: tuple | None = None  # the shapes the graph was captured at
         self._last_shapes: tuple | None = None
         self._graphs_ok = True
+        # One run at a time: the execution context, the stream, the device buffers and the
+        # graph are this session's only ones, so two threads would overwrite each other's
+        # inputs and launch one graph twice at once (CUDA forbids it). UNVERIFIED like the
+        # rest of this class; the minimal change is a lock around `run`'s device work.
+        self._lock = threading.Lock()
         # Buffers for the largest run: every input at its max shape, outputs as the engine
         # infers them from those (output sizes grow with input sizes in these graphs).
         for name, _, _, hi in where.profile:
@@ -250,38 +257,39 @@ class TensorRTSession:
         }
         for name, array in arrays.items():
             check_in_profile(name, array.shape, *self._range[name], self.path)
-        shapes = tuple(arrays[n].shape for n in self.input_names)
-        if shapes != self._last_shapes:
+        with self._lock:
+            shapes = tuple(arrays[n].shape for n in self.input_names)
+            if shapes != self._last_shapes:
+                for name, array in arrays.items():
+                    if not self._context.set_input_shape(name, array.shape):
+                        raise RuntimeError(f"{self.path}: TensorRT refused shape {array.shape}")
+            h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
             for name, array in arrays.items():
-                if not self._context.set_input_shape(name, array.shape):
-                    raise RuntimeError(f"{self.path}: TensorRT refused shape {array.shape}")
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        for name, array in arrays.items():
-            if array.nbytes:
-                cuda_call(
-                    cudart,
-                    cudart.cudaMemcpyAsync(
-                        self._buffers[name], array.ctypes.data, array.nbytes, h2d, stream
-                    ),
-                    "cudaMemcpyAsync (host to device)",
-                )
-        self._execute(shapes)
-        outputs = {
-            n: np.empty(tuple(self._context.get_tensor_shape(n)), self._dtypes[n])
-            for n in self.output_names
-        }
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name, out in outputs.items():
-            if out.nbytes:
-                cuda_call(
-                    cudart,
-                    cudart.cudaMemcpyAsync(
-                        out.ctypes.data, self._buffers[name], out.nbytes, d2h, stream
-                    ),
-                    "cudaMemcpyAsync (device to host)",
-                )
-        cuda_call(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-        return outputs
+                if array.nbytes:
+                    cuda_call(
+                        cudart,
+                        cudart.cudaMemcpyAsync(
+                            self._buffers[name], array.ctypes.data, array.nbytes, h2d, stream
+                        ),
+                        "cudaMemcpyAsync (host to device)",
+                    )
+            self._execute(shapes)
+            outputs = {
+                n: np.empty(tuple(self._context.get_tensor_shape(n)), self._dtypes[n])
+                for n in self.output_names
+            }
+            d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            for name, out in outputs.items():
+                if out.nbytes:
+                    cuda_call(
+                        cudart,
+                        cudart.cudaMemcpyAsync(
+                            out.ctypes.data, self._buffers[name], out.nbytes, d2h, stream
+                        ),
+                        "cudaMemcpyAsync (device to host)",
+                    )
+            cuda_call(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+            return outputs
 
     def _execute(self, shapes: tuple) -> None:
         """Plain execution at new shapes; at repeated ones, capture a CUDA graph, then replay."""

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from slimdiff.runtime.backends.ort_binding import BoundRunner
+from slimdiff.runtime.backends.ort_binding import MAX_GRAPHS, BoundRunner
 
 
 def _session(tmp_path) -> ort.InferenceSession:
@@ -74,6 +74,54 @@ def test_cuda_graph_mode_keeps_buffers_per_input_shape(tmp_path):
     # Outputs are host copies: a later run does not change an earlier result.
     assert float(y[0, 0]) == 6.0 and float(runner.run({"x": small, "c": c})[0][0, 0]) == 2.0
     assert float(y[0, 0]) == 6.0
+
+
+def test_cuda_graph_mode_keeps_the_most_recent_shapes_only(tmp_path):
+    """At most MAX_GRAPHS shape sets keep buffers, the least recently used evicted; an
+    evicted shape seen again gets new buffers under a new graph id (never an old one: the
+    session would replay that id's capture onto the freed buffers)."""
+    session = _session(tmp_path)
+    runner = BoundRunner(ort, session, ["y", "z"], "cpu", cuda_graph=True)
+    c = _const([1.0, 2.0, 3.0])
+    shapes = 3 * MAX_GRAPHS
+    for batch in range(1, shapes + 1):
+        x = np.full((batch, 3), float(batch), np.float32)
+        np.testing.assert_array_equal(runner.run({"x": x, "c": c})[0], x + c)
+        assert len(runner._graphs) == min(batch, MAX_GRAPHS)
+    kept = _batches(runner)
+    assert kept == list(range(shapes - MAX_GRAPHS + 1, shapes + 1))
+    ids = [graph.graph_id for graph in runner._graphs.values()]
+    assert ids == list(range(shapes - MAX_GRAPHS + 1, shapes + 1))
+    # the oldest kept shape, used again, becomes the most recent: the next new shape evicts
+    # the one kept after it instead
+    oldest = np.ones((shapes - MAX_GRAPHS + 1, 3), np.float32)
+    np.testing.assert_array_equal(runner.run({"x": oldest, "c": c})[1], 2 * oldest)
+    runner.run({"x": np.ones((shapes + 1, 3), np.float32), "c": c})
+    kept = _batches(runner)
+    assert kept == [*range(shapes - MAX_GRAPHS + 3, shapes + 1), oldest.shape[0], shapes + 1]
+    # the first shape, evicted long ago: right values, a fresh graph id
+    first = np.full((1, 3), 4.0, np.float32)
+    np.testing.assert_array_equal(runner.run({"x": first, "c": c})[0], first + c)
+    assert runner._graphs[next(reversed(runner._graphs))].graph_id == shapes + 2
+    assert len(runner._graphs) == MAX_GRAPHS
+
+
+def _batches(runner: BoundRunner) -> list[int]:
+    """The batch size of x in each kept graph's shapes, least recently used first."""
+    return [shape[0] for key in runner._graphs for name, shape, _ in key if name == "x"]
+
+
+def test_cuda_graph_mode_refills_a_constant_another_shape_moved_on_from(tmp_path):
+    """Each shape's buffers remember their own constant: c, then c2 at another shape, then c2
+    back at the first shape is copied there (its buffer still held c)."""
+    session = _session(tmp_path)
+    runner = BoundRunner(ort, session, ["y", "z"], "cpu", cuda_graph=True)
+    c, c2 = _const([1.0, 2.0, 3.0]), _const([10.0, 20.0, 30.0])
+    small, big = np.zeros((1, 3), np.float32), np.zeros((2, 3), np.float32)
+    runner.run({"x": small, "c": c})
+    runner.run({"x": big, "c": c})
+    runner.run({"x": big, "c": c2})
+    np.testing.assert_array_equal(runner.run({"x": small, "c": c2})[0], small + c2)
 
 
 def test_a_writable_feed_is_never_cached(tmp_path):
