@@ -21,7 +21,13 @@ from slimdiff.metrics import psnr
 from slimdiff.models import load_model
 from tests.onnx_check import package_vs_eager, rel_err
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+# pyproject.toml's 300 s per test catches hangs; an AOTInductor compile takes 60 s on a quiet
+# 2-core host, and 2-3x that on a loaded one
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.timeout(900),
+]
 
 SIDES = {"min": 4, "max": 62, "multiple": 2}  # tiny:sd3: 32 positions of 2 latent px
 
