@@ -45,11 +45,13 @@ import hashlib
 import os
 import re
 import stat
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimdiff.runtime import hash_cache
 from slimdiff.runtime.manifest import (
     FIX,
     MANIFEST_NAME,
@@ -183,11 +185,16 @@ class Bundle:
         )
 
 
-def open_bundle(bundle: str | Path, expect_sha256: str | None = None) -> Bundle:
+def open_bundle(
+    bundle: str | Path, expect_sha256: str | None = None, *, reread: bool = False
+) -> Bundle:
     """Verify everything a run reads, without loading any graph; raise BundleError if not.
 
     `expect_sha256`: the bundle's identity (what `slimdiff export` printed); a bundle whose
     manifest.json hashes differently is refused before any other file is read.
+    A file untouched since it last hashed to its manifest digest, by this user, is not read
+    again (runtime/hash_cache.py; SLIMDIFF_HASH_CACHE=0 turns it off); `reread` reads and
+    hashes every file whatever that record says (`slimdiff verify`).
 
     Example:
         >>> open_bundle("out/bundle").sha256       # doctest: +SKIP
@@ -204,7 +211,17 @@ def open_bundle(bundle: str | Path, expect_sha256: str | None = None) -> Bundle:
         _check_graph_folder(root, entry.path, manifest.files)
     contents: dict[str, bytes] = {}
     size = len(data)
-    hashed = _hash_all(root, checked, inline)
+    reuse = not reread and hash_cache.enabled()
+    known = hash_cache.recorded(root) if reuse else {}
+    # the files the runtime parses are read anyway, so they are always hashed
+    unchanged = {
+        rel
+        for rel, st in checked.items()
+        if rel not in inline and known.get(rel) == (hash_cache.file_key(st), manifest.files[rel])
+    }
+    started = time.time()
+    hashed = _hash_all(root, {r: st for r, st in checked.items() if r not in unchanged}, inline)
+    hashed |= {rel: (manifest.files[rel], None) for rel in unchanged}
     for rel, expected in manifest.files.items():
         digest, content = hashed[rel]
         if digest != expected:
@@ -215,6 +232,9 @@ def open_bundle(bundle: str | Path, expect_sha256: str | None = None) -> Bundle:
         size += checked[rel].st_size
         if content is not None:
             contents[rel] = content
+    if hash_cache.enabled() and len(unchanged) < len(checked):
+        verified = {rel: (st, manifest.files[rel]) for rel, st in checked.items()}
+        hash_cache.record(root, verified, started)
     identity = {rel: _stat_identity(st) for rel, st in checked.items()}
     return Bundle(root, manifest, manifest.sha256, size, contents, identity)
 

@@ -87,9 +87,12 @@ def denoise(
 
     `feeds(i, model_input)` gives the denoiser's inputs at step i; `extra` (an inpainting
     model's mask and masked-image latents) is joined to the sample's channels every step.
-    Stochastic schedulers' per-step noise comes from a stream of its own from `seed`, so the
-    initial latents stay those of `seed` whatever the scheduler."""
-    step_rng = np.random.default_rng([STEP_NOISE_STREAM, seed])
+    Stochastic schedulers' per-step noise comes from streams of their own from `seed`, so the
+    initial latents stay those of `seed` whatever the scheduler: one stream per image, so the
+    first image of a batch is the image a run of one draws (as diffusers with a list of
+    generators; one batch-shaped draw per step would give image 0 other noise from step 2 on).
+    Image 0's stream is the one a single image always had."""
+    step_rngs = [np.random.default_rng(_stream(seed, row)) for row in range(len(x))]
     step_ms: list[float] = []
     for done, i in enumerate(steps, start=1):
         t0 = time.perf_counter()
@@ -99,7 +102,8 @@ def denoise(
             model_input = np.concatenate([model_input, extra], axis=1)
         pred = guidance.predict(denoiser, feeds(i, model_input), x)
         if takes_noise(scheduler, i):
-            fresh = step_rng.standard_normal(x.shape, dtype=np.float32)
+            row = x.shape[1:]
+            fresh = np.stack([rng.standard_normal(row, dtype=np.float32) for rng in step_rngs])
             x = scheduler.step(pred, i, x, noise=fresh)
         else:
             x = scheduler.step(pred, i, x)
@@ -124,3 +128,9 @@ def rescale_guided(guided: np.ndarray, text: np.ndarray, rescale: np.float32) ->
     std_cfg = guided.std(axis=axes, ddof=1, keepdims=True)
     rescaled = guided * (std_text / std_cfg)
     return rescale * rescaled + (np.float32(1) - rescale) * guided
+
+
+def _stream(seed: int, row: int) -> list[int]:
+    """The seed of image `row`'s step noise: image 0's is [STEP_NOISE_STREAM, seed], the
+    stream single images have drawn from since the runtime's first version."""
+    return [STEP_NOISE_STREAM, seed] + ([row] if row else [])

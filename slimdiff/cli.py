@@ -337,7 +337,8 @@ def verify_cmd(bundle: Path, expect_sha256: str | None, load: bool, backend: str
     from slimdiff.runtime.preflight import check_graphs, check_parts
 
     runner = get_backend(backend) if load else None  # a bad name fails before any hashing
-    verified = open_bundle(bundle, expect_sha256=expect_sha256)
+    # every file read again, whatever the record of files hashed before says
+    verified = open_bundle(bundle, expect_sha256=expect_sha256, reread=True)
     check_parts(verified)
     loaded = []
     if runner is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +22,11 @@ prepare_process()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# The user's slimdiff cache (hashes of bundle files, engines) is one of this test process's
+# own, removed at exit: tests neither read what runs on this machine recorded nor leave
+# records behind. Subprocesses the tests start inherit it.
+os.environ["SLIMDIFF_CACHE"] = tempfile.mkdtemp(prefix="slimdiff-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SLIMDIFF_CACHE"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 

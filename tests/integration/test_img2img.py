@@ -301,6 +301,11 @@ def test_img2img_strength_one_and_images(tiny_bundle):
     three = runtime(PROMPT, strength=1.0, images=3, **args)
     np.testing.assert_array_equal(three.images[0], one.image)
     assert not np.array_equal(three.latents[1], three.latents[0])
+    # ... with a scheduler that adds noise every step too (each image has its own stream)
+    ancestral = Text2ImagePipeline.from_bundle(bundle, scheduler="euler-a")
+    one_a = ancestral(PROMPT, strength=0.7, **args)
+    three_a = ancestral(PROMPT, strength=0.7, images=3, **args)
+    np.testing.assert_allclose(three_a.latents[:1], one_a.latents, rtol=0, atol=1e-4)
     # a lower strength keeps more of the image: the result is closer to the input
     low = runtime(PROMPT, strength=0.34, **args)
     assert len(low.timings_ms["denoiser_steps"]) == 1
