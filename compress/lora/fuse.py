@@ -16,23 +16,42 @@ fuses it into its reference too, since the LoRA is part of the model, not a comp
 
 diffusers' LoRA loaders read the files (diffusers/PEFT, kohya-ss and A1111 layouts alike,
 converted by diffusers per family) and PEFT fuses them: `load_lora_weights`, `set_adapters`
-with the scales, `fuse_lora(safe_fusing=True)` (NaN weights are refused), then the adapter
-layers are unloaded, so the artifact is plain weights. Pickled LoRA files (.bin, .pt,
-.ckpt) are refused: nothing is unpickled. The files' contents, not their paths, key the
-compress cache (PassConfig.input_files), so an edited LoRA is never served stale.
+with the scales, `fuse_lora(safe_fusing=True)`, then the adapter layers are unloaded, so
+the artifact is plain weights. Where diffusers would drop part of a file or misread it
+silently, the pass refuses or corrects it first (files.py: kohya alphas folded per layer,
+DoRA and other LyCORIS types refused, damaged and non-finite files refused; load.py: every
+layer of the file must find its module; scales.py: per-block scales reach every layer of
+a block). Weights that fusing would make NaN or inf are refused before any is changed. A
+component left out of a per-component scale keeps scale 1 (diffusers' default). Pickled
+LoRA files (.bin, .pt, .ckpt) are refused: nothing is unpickled. The files' contents, not
+their paths, key the compress cache (PassConfig.input_files), so an edited LoRA is never
+served stale.
 """
 
 from __future__ import annotations
 
-import copy
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
 from slimdiff.compress.base import Pass, PassConfig, PassReport, Stage, register_pass
+from slimdiff.compress.lora.files import read_lora
+from slimdiff.compress.lora.load import (
+    LIBRARY_ERRORS,
+    converted,
+    library_detail,
+    load_lora,
+    lora_layers,
+    quiet,
+)
+from slimdiff.compress.lora.scales import (
+    check_scales,
+    component_scales,
+    set_block_scales,
+    unet_layer_scales,
+)
 
-from slimdiff.errors import UserError, first_line
+from slimdiff.errors import UserError
 
 __all__ = ["FuseLoraPass", "lora_components"]
 
@@ -40,7 +59,7 @@ __all__ = ["FuseLoraPass", "lora_components"]
 Scale = Annotated[float, pydantic.Field(ge=-8.0, le=8.0)]
 # diffusers' set_adapters weights: a float, or per component ("unet", "text_encoder", ...)
 # a float or, for a UNet, per stage ("down", "mid", "up") a float or per block ("block_1")
-# a float or one per transformer layer in the block.
+# a float or one per layer in the block (scales.py).
 BlockScales = dict[Annotated[str, pydantic.Field(pattern=r"^block_[0-9]+$")], Scale | list[Scale]]
 UnetScales = dict[Literal["down", "mid", "up"], Scale | BlockScales]
 ComponentScales = dict[
@@ -80,75 +99,95 @@ class FuseLoraPass(Pass):
     def preflight(self, pipe: Any, calib: Any | None) -> None:
         if not hasattr(pipe, "load_lora_weights"):
             raise UserError(f"lora.fuse: diffusers has no LoRA loader for {type(pipe).__name__}")
-        for lora in self.config.loras:
-            lora_file(lora.path)
-            if isinstance(lora.scale, dict):
-                _check_components(pipe, lora)
+        self._check(pipe)
         try:
             import peft  # noqa: F401  (diffusers' LoRA loading needs it)
         except ImportError:
             raise UserError("lora.fuse needs the peft package: pip install peft") from None
 
+    def _check(self, pipe: Any) -> None:
+        for lora in self.config.loras:
+            lora_file(lora.path)
+            if isinstance(lora.scale, dict):
+                check_scales(pipe, lora.path, lora.scale)
+
     def apply(self, pipe: Any, calib: Any | None) -> PassReport:
-        # preflight ran already (the runner, bench); each file is checked again as it loads
-        names = [f"slimdiff_lora_{i}" for i in range(len(self.config.loras))]
-        for name, lora in zip(names, self.config.loras, strict=True):
-            _load(pipe, lora_file(lora.path), name)
-        fused = _lora_layers(pipe)
-        # diffusers expands per-block scales and changes them in place: give it copies
-        weights = [copy.deepcopy(lora.scale) for lora in self.config.loras]
+        loras = self.config.loras
+        self._check(pipe)  # cheap, and nothing is loaded yet: again, whoever calls apply
+        names = [f"slimdiff_lora_{i}" for i in range(len(loras))]
+        fused: dict[str, int] = {}
+        fusing: list[str] = []  # the components fuse_lora may have changed
         try:
+            for name, lora in zip(names, loras, strict=True):
+                file = lora_file(lora.path)
+                state, folded = read_lora(file)
+                load_lora(pipe, file, state, name, from_file=not folded)
+                del state
+            fused = {c: len(layers) for c, layers in lora_layers(pipe).items()}
+            # per-block scales first: they refuse a LoRA with layers outside the blocks
+            blocks = [
+                unet_layer_scales(pipe, name, lora.path, lora.scale)
+                for name, lora in zip(names, loras, strict=True)
+            ]
+            weights = [component_scales(lora.scale) for lora in loras]
             pipe.set_adapters(names, adapter_weights=weights)
-            pipe.fuse_lora(components=list(fused), adapter_names=names, safe_fusing=True)
-        except ValueError as err:  # safe_fusing (NaN weights), or a block the model lacks
-            pipe.unload_lora_weights()
-            detail = str(err).strip().splitlines()[0][:300]
-            raise UserError(f"lora.fuse: {detail}") from None
+            for name, scales in zip(names, blocks, strict=True):
+                if scales:
+                    set_block_scales(pipe.unet, name, scales)
+            _check_finite(pipe, dict(zip(names, (lora.path for lora in loras), strict=True)))
+            fusing = list(fused)
+            pipe.fuse_lora(components=fusing, adapter_names=names, safe_fusing=True)
+        except ValueError as err:  # diffusers' set_adapters, PEFT's safe_fusing (NaN)
+            _undo(pipe, fusing)
+            raise UserError(f"lora.fuse: {library_detail(err)}") from None
+        except BaseException:
+            _undo(pipe, fusing)
+            raise
         pipe.unload_lora_weights()  # the adapter layers go; the fused weights stay
         return PassReport(
             self.name,
             summary={
-                "loras": [{"path": lora.path, "scale": lora.scale} for lora in self.config.loras],
+                "loras": [{"path": lora.path, "scale": lora.scale} for lora in loras],
                 "layers_fused": fused,
             },
         )
 
 
-def _check_components(pipe: Any, lora: LoraFile) -> None:
-    """Per-component scales must name components this pipeline has (diffusers would skip a
-    key it does not know, leaving the LoRA at full strength there)."""
-    have = {name for name, module in pipe.components.items() if hasattr(module, "modules")}
-    unknown = sorted(set(lora.scale) - have)
-    if unknown:
-        raise UserError(
-            f"lora.fuse: {lora.path}: scale names {', '.join(unknown)}, which this "
-            f"{type(pipe).__name__} does not have; its components: {', '.join(sorted(have))}"
-        )
-    for name, value in lora.scale.items():
-        if isinstance(value, dict) and name != "unet":
-            raise UserError(
-                f"lora.fuse: {lora.path}: per-block scales (down/mid/up) apply to a UNet; "
-                f"give {name} one number"
-            )
-        if isinstance(value, dict):
-            _check_blocks(pipe.unet, lora.path, value)
+def _undo(pipe: Any, components: list[str]) -> None:
+    """The pipeline as it was before the pass: layers already fused unfused (PEFT's
+    unmerge), adapter layers removed."""
+    with quiet():  # PEFT warns for each layer that was not fused yet
+        if components:
+            pipe.unfuse_lora(components=components)
+        pipe.unload_lora_weights()
 
 
-def _check_blocks(unet: Any, path: str, stages: dict) -> None:
-    """Block names must be blocks with attention layers (where LoRAs sit): diffusers skips
-    any other name without a word."""
-    for stage in ("down", "up"):
-        blocks = stages.get(stage)
-        if not isinstance(blocks, dict):
+def _check_finite(pipe: Any, paths: dict[str, str]) -> None:
+    """UserError if fusing would give a weight NaN or inf (a scale too large for the
+    weights' dtype): checked on every layer before any is changed, where PEFT's safe_fusing
+    stops at the first such layer, others fused already."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for component, module in pipe.components.items():
+        if not hasattr(module, "named_modules"):
             continue
-        modules = unet.down_blocks if stage == "down" else unet.up_blocks
-        have = [f"block_{i}" for i, block in enumerate(modules) if hasattr(block, "attentions")]
-        unknown = sorted(set(blocks) - set(have))
-        if unknown:
-            raise UserError(
-                f"lora.fuse: {path}: scale names {stage} {', '.join(unknown)}; this UNet's "
-                f"{stage} blocks with attention layers are {', '.join(have)}"
-            )
+        for name, layer in module.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            adapters = [a for a in paths if a in layer.lora_A]
+            weight = layer.get_base_layer().weight
+            with torch.no_grad():
+                deltas = [layer.get_delta_weight(a) for a in adapters]
+                if any(d.shape != weight.shape for d in deltas):
+                    continue
+                merged = weight + sum(d.to(weight.dtype) for d in deltas)
+            if not torch.isfinite(merged).all():
+                files = ", ".join(paths[a] for a in adapters)
+                raise UserError(
+                    f"lora.fuse: fusing {files} makes {component}.{name} NaN or inf (in "
+                    f"{weight.dtype}); lower its scale, or check the file"
+                )
 
 
 def lora_components(pipe: Any, paths: list[str]) -> list[str]:
@@ -160,12 +199,10 @@ def lora_components(pipe: Any, paths: list[str]) -> list[str]:
     found: set[str] = set()
     for path in paths:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                loaded = type(pipe).lora_state_dict(str(lora_file(path)))
-        except (ValueError, KeyError, IndexError, RuntimeError, OSError):
+            with quiet():
+                state = converted(pipe, lora_file(path))
+        except LIBRARY_ERRORS:
             return have  # the fuse itself will say what is wrong with the file
-        state = loaded[0] if isinstance(loaded, tuple) else loaded
         prefixes = {key.split(".", 1)[0] for key in state}
         if not prefixes & set(have):
             return have
@@ -186,70 +223,3 @@ def lora_file(path: str) -> Path:
             ".ckpt) are not loaded: convert it to safetensors"
         )
     return file
-
-
-def _load(pipe: Any, file: Path, name: str) -> None:
-    _refuse_lycoris(file)
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    # diffusers logs "No LoRA keys associated to ..." for each component a LoRA leaves
-    # alone (most leave the text encoders): noise for a user, who sees the layer counts
-    diffusers_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipe.load_lora_weights(str(file), adapter_name=name)
-    except (ValueError, KeyError, IndexError, RuntimeError, OSError) as err:  # diffusers
-        pipe.unload_lora_weights()
-        detail = first_line(err)
-        raise UserError(
-            f"lora.fuse: {file} does not load into this {type(pipe).__name__} ({detail}); "
-            "is it a LoRA for this model family?"
-        ) from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    if not _lora_layers(pipe, name):
-        pipe.unload_lora_weights()
-        raise UserError(
-            f"lora.fuse: no layer of {file} matches this {type(pipe).__name__}; "
-            "is it a LoRA for this model family?"
-        )
-
-
-def _refuse_lycoris(file: Path) -> None:
-    """LyCORIS's LoHa and LoKr factorizations (hada_*, lokr_* keys) are not LoRA: diffusers'
-    loaders do not read them, so say that rather than "another family"."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as err:  # safetensors' own errors for a damaged or foreign file
-        raise UserError(f"lora.fuse: {file} is not a readable safetensors file ({err})") from None
-    kinds = {k for key in keys for k in ("hada_", "lokr_") if k in key}
-    if kinds:
-        found = " / ".join(k.rstrip("_") for k in sorted(kinds))
-        raise UserError(
-            f"lora.fuse: {file} is a LyCORIS {found} file (LoHa/LoKr), "
-            "which diffusers' LoRA loaders do not read; merge it into the model with "
-            "LyCORIS's tools, or use a plain LoRA"
-        )
-
-
-def _lora_layers(pipe: Any, adapter: str | None = None) -> dict[str, int]:
-    """Per pipeline component, how many of its layers carry a LoRA adapter (`adapter`, or
-    any)."""
-    from peft.tuners.lora import LoraLayer
-
-    counts = {}
-    for component, module in pipe.components.items():
-        if not hasattr(module, "modules"):
-            continue
-        n = sum(
-            isinstance(m, LoraLayer) and (adapter is None or adapter in m.lora_A)
-            for m in module.modules()
-        )
-        if n:
-            counts[component] = n
-    return counts

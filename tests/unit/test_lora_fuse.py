@@ -110,13 +110,14 @@ def test_bad_files_are_refused_naming_the_fix(loras, tmp_path):
     pickled.write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="pickled LoRA files"):
         _pass((pickled, 1.0)).apply(pipe, None)
-    other = tmp_path / "other.safetensors"  # tensors, but no LoRA of this model
-    save_file({"lora_unet_foo.lora_down.weight": torch.zeros(2, 3)}, str(other))
-    with pytest.raises(UserError, match="is it a LoRA for this model family"):
+    other = tmp_path / "other.safetensors"  # a whole LoRA layer, but none of this model
+    layer = {"lora_unet_foo.lora_down.weight": torch.zeros(2, 3)}
+    save_file({**layer, "lora_unet_foo.lora_up.weight": torch.zeros(3, 2)}, str(other))
+    with pytest.raises(UserError, match=r"no layer of .* matches .* is it a LoRA for this model"):
         _pass((other, 1.0)).apply(pipe, None)
     loha = tmp_path / "loha.safetensors"
     save_file({"lora_unet_foo.hada_w1_a": torch.zeros(2, 3)}, str(loha))
-    with pytest.raises(UserError, match="LyCORIS hada file"):
+    with pytest.raises(UserError, match=r"holds LyCORIS LoHa layers \(hada_\* keys\)"):
         _pass((loha, 1.0)).apply(pipe, None)
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"not a safetensors file")
@@ -335,7 +336,7 @@ def test_bad_scales_are_refused(loras):
     cases = [
         ({"transformer": 0.5}, "does not have; its components: .*unet"),
         ({"text_encoder": {"down": 1.0}}, "per-block scales .* apply to a UNet"),
-        ({"unet": {"up": {"block_7": 1.0}}}, "up block_7; this UNet.s up blocks with attention"),
+        ({"unet": {"up": {"block_7": 1.0}}}, "up block_7; this UNet.s up blocks are block_0, "),
     ]
     for scale, message in cases:
         pipe = load_model("tiny:sdxl").pipe
@@ -347,12 +348,14 @@ def test_bad_scales_are_refused(loras):
 
 
 def test_a_scale_list_of_the_wrong_length_is_one_line(loras):
-    """diffusers checks one scale per transformer layer of a block; its ValueError becomes
-    one line, and nothing stays half-applied."""
+    """One scale per layer of a block (or one for all): a list of another length is refused
+    before anything loads, by preflight and by apply alike."""
     pipe = load_model("tiny:sdxl").pipe
     p = _pass((loras / "style.safetensors", {"unet": {"down": {"block_1": [1.0, 0.5, 0.2]}}}))
-    p.preflight(pipe, None)
-    with pytest.raises(UserError, match=r"lora\.fuse: Expected \d scales for down.block_1, got 3"):
+    message = r"style.safetensors: down block_1 takes one scale or 2 \(one per layer\), got 3"
+    with pytest.raises(UserError, match=message):
+        p.preflight(pipe, None)
+    with pytest.raises(UserError, match=message):
         p.apply(pipe, None)
     assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
 
