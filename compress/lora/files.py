@@ -14,10 +14,12 @@ is, whether every layer is whole and finite, and each kohya layer's alpha folded
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from slimdiff.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a file is read: recipes validate without it
+    import torch
 
 __all__ = ["read_lora"]
 
@@ -83,6 +85,8 @@ def _refuse_other_networks(file: Path, keys: list[str]) -> None:
 
 def _refuse_damaged(file: Path, state: dict[str, torch.Tensor]) -> None:
     """Every layer has both factors, of one rank, and no tensor holds NaN or inf."""
+    import torch
+
     unpaired, ranks = [], []
     for key, tensor in state.items():
         parts = key.rsplit(".", 2)

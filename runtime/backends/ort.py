@@ -85,7 +85,8 @@ _ORT_ERRORS = "onnxruntime.capi.onnxruntime_pybind11_state"
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _INSTALL = {
     "cpu": "pip install 'slimdiff[cpu]' (onnxruntime)",
-    "cuda": "pip install 'slimdiff[gpu]' (onnxruntime-gpu, in place of onnxruntime)",
+    "cuda": "pip install 'slimdiff[gpu]' (onnxruntime-gpu; pip uninstall onnxruntime first: "
+    "both write the one onnxruntime module)",
 }
 
 
