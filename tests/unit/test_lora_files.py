@@ -19,6 +19,7 @@ from slimdiff.compress.lora.fuse import FuseLoraPass
 
 from slimdiff.errors import UserError
 from slimdiff.models import load_model
+from tests.lora_weights import assert_unchanged, weights
 
 ATTENTION = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 ATTN_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -46,27 +47,11 @@ def _delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
 
 
-def _weights(pipe) -> dict[str, torch.Tensor]:
-    return {
-        f"{name}.{key}": value.clone()
-        for name, module in pipe.components.items()
-        if isinstance(module, torch.nn.Module) and name != "vae"
-        for key, value in module.state_dict().items()
-    }
-
-
-def _assert_unchanged(pipe, before: dict) -> None:
-    """Every weight as it was, and no adapter layer left (its state-dict keys differ)."""
-    after = _weights(pipe)
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[key], before[key]) for key in before)
-
-
 @pytest.fixture(scope="module")
 def sd15():
     """tiny:sd15 and its weights, shared by the tests that must leave it unchanged."""
     pipe = load_model("tiny:sd15").pipe
-    return pipe, _weights(pipe)
+    return pipe, weights(pipe)
 
 
 def _fuse(pipe, file, scale=1.0):
@@ -115,10 +100,10 @@ def test_kohya_alphas_are_exact_per_layer(tmp_path):
             expected[f"{component}.{layer}.weight"] = ratio * _delta(a, b)
     file = tmp_path / "resized.safetensors"
     save_file(state, str(file))
-    before = _weights(pipe)
+    before = weights(pipe)
     report = _fuse(pipe, file, 0.7)
     assert report.summary["layers_fused"] == {"unet": len(unet_names), "text_encoder": 5}
-    after = _weights(pipe)
+    after = weights(pipe)
     for key, delta in expected.items():
         torch.testing.assert_close(after[key], before[key] + 0.7 * delta, rtol=0, atol=1e-6)
     changed = {key for key in before if not torch.equal(after[key], before[key])}
@@ -159,9 +144,9 @@ def test_kohya_sdxl_alphas_are_exact_per_layer(tmp_path):
         expected[f"{component}.{layer}.weight"] = alpha / a.shape[0] * _delta(a, b)
     file = tmp_path / "sdxl_kohya.safetensors"
     save_file(state, str(file))
-    before = _weights(pipe)
+    before = weights(pipe)
     _fuse(pipe, file, -0.5)
-    after = _weights(pipe)
+    after = weights(pipe)
     for key, delta in expected.items():
         torch.testing.assert_close(after[key], before[key] - 0.5 * delta, rtol=0, atol=1e-6)
     assert {key for key in before if not torch.equal(after[key], before[key])} == set(expected)
@@ -222,7 +207,7 @@ def test_damaged_files_are_refused_and_the_model_is_unchanged(tmp_path, sd15):
         save_file(damage(good), str(file))
         with pytest.raises(UserError, match=rf"is damaged: {re.escape(message)}.*export it again"):
             _fuse(pipe, file)
-        _assert_unchanged(pipe, before)
+        assert_unchanged(pipe, before)
     empty = tmp_path / "empty.safetensors"
     save_file({}, str(empty), metadata={"ss_network_module": "networks.lora"})
     with pytest.raises(UserError, match=r"empty\.safetensors holds no tensors"):
@@ -274,7 +259,7 @@ def test_lycoris_types_are_named(kind, named, tmp_path, sd15):
         UserError, match=rf"holds {named}.*, which diffusers. LoRA loaders do not read"
     ):
         _fuse(pipe, file)
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)
 
 
 def test_dora_in_kohya_layout_is_refused_and_peft_dora_is_fused(tmp_path):
@@ -282,14 +267,14 @@ def test_dora_in_kohya_layout_is_refused_and_peft_dora_is_fused(tmp_path):
     PEFT's layout (lora_magnitude_vector) is fused as a DoRA: W' = m / |W + s B A| (W + s B A),
     the norm per output row."""
     pipe = load_model("tiny:sd15").pipe
-    before = _weights(pipe)
+    before = weights(pipe)
     state = _kohya_file(pipe)
     state[f"{Q}.dora_scale"] = torch.ones(1, pipe.unet.get_submodule(ATTN_Q).in_features)
     kohya = tmp_path / "dora_kohya.safetensors"
     save_file(state, str(kohya))
     with pytest.raises(UserError, match=r"is a DoRA in kohya/LyCORIS layout \(dora_scale keys\)"):
         _fuse(pipe, kohya)
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)
 
     names = [ATTN_Q, ATTN_Q.replace("to_q", "to_k")]
     factors = _factors(pipe.unet, names, [4], seed=6)

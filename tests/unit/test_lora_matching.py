@@ -18,22 +18,7 @@ from slimdiff.compress.lora.fuse import FuseLoraPass, lora_components
 from slimdiff.cli import main
 from slimdiff.errors import UserError
 from slimdiff.models import load_model
-
-
-def _weights(pipe) -> dict[str, torch.Tensor]:
-    return {
-        f"{name}.{key}": value.clone()
-        for name, module in pipe.components.items()
-        if isinstance(module, torch.nn.Module) and name != "vae"
-        for key, value in module.state_dict().items()
-    }
-
-
-def _assert_unchanged(pipe, before: dict) -> None:
-    """Every weight as it was, and no adapter layer left (its state-dict keys differ)."""
-    after = _weights(pipe)
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[key], before[key]) for key in before)
+from tests.lora_weights import assert_unchanged, weights
 
 
 def _fuse(pipe, file, scale=1.0):
@@ -129,7 +114,7 @@ def test_a_lora_that_matches_in_part_is_refused(case, tmp_path):
     file = tmp_path / "partial.safetensors"
     save_file(state, str(file))
     pipe = load_model(f"tiny:{family}").pipe
-    before = _weights(pipe)
+    before = weights(pipe)
     message = (
         rf"only {matched} of the {total} layers of \S+partial\.safetensors match this "
         r"\w+Pipeline \(not in it: (unet|transformer)\.[^)]+\); is it a LoRA for another "
@@ -137,7 +122,7 @@ def test_a_lora_that_matches_in_part_is_refused(case, tmp_path):
     )
     with pytest.raises(UserError, match=message):
         _fuse(pipe, file)
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)
 
 
 def test_a_partial_lora_is_one_line_from_export(tmp_path, capfd):
@@ -168,7 +153,7 @@ def test_a_size_mismatch_is_one_line_naming_the_layer_and_shapes(tmp_path, capfd
         state[f"unet.{name}.lora_A.weight"] = torch.zeros(2, 2 * width)
     file = tmp_path / "wide.safetensors"
     save_file(state, str(file))
-    before = _weights(pipe)
+    before = weights(pipe)
     capfd.readouterr()
     message = (
         rf"does not load into this StableDiffusionPipeline \({re.escape(names[0])}: the file's "
@@ -178,7 +163,7 @@ def test_a_size_mismatch_is_one_line_naming_the_layer_and_shapes(tmp_path, capfd
         _fuse(pipe, file)
     captured = capfd.readouterr()
     assert "size mismatch" not in captured.err + captured.out
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)
 
 
 def test_library_exceptions_from_the_converters_are_one_line(tmp_path):
@@ -205,7 +190,7 @@ def test_library_exceptions_from_the_converters_are_one_line(tmp_path):
             r"detected: lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
         ),
     ]
-    before = _weights(pipe)
+    before = weights(pipe)
     everything = [n for n, m in pipe.components.items() if hasattr(m, "parameters") and n != "vae"]
     for state, message in cases:
         file = tmp_path / "flux_kohya.safetensors"
@@ -213,7 +198,7 @@ def test_library_exceptions_from_the_converters_are_one_line(tmp_path):
         assert lora_components(pipe, [str(file)]) == everything
         with pytest.raises(UserError, match=message):
             _fuse(pipe, file)
-        _assert_unchanged(pipe, before)
+        assert_unchanged(pipe, before)
 
 
 def test_sdxl_kohya_file_mixing_block_names_is_refused(tmp_path):
@@ -232,9 +217,9 @@ def test_sdxl_kohya_file_mixing_block_names_is_refused(tmp_path):
         state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = a, b
     file = tmp_path / "mixed.safetensors"
     save_file(state, str(file))
-    before = _weights(pipe)
+    before = weights(pipe)
     with pytest.raises(
         UserError, match=r"StableDiffusionXLPipeline loader keeps 1 of the 2 layers"
     ):
         _fuse(pipe, file)
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)

@@ -16,24 +16,9 @@ from slimdiff.compress.lora.fuse import FuseLoraPass
 
 from slimdiff.errors import UserError
 from slimdiff.models import load_model
+from tests.lora_weights import assert_unchanged, weights
 
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
-
-
-def _weights(pipe) -> dict[str, torch.Tensor]:
-    return {
-        f"{name}.{key}": value.clone()
-        for name, module in pipe.components.items()
-        if isinstance(module, torch.nn.Module) and name != "vae"
-        for key, value in module.state_dict().items()
-    }
-
-
-def _assert_unchanged(pipe, before: dict) -> None:
-    """Every weight as it was, and no adapter layer left (its state-dict keys differ)."""
-    after = _weights(pipe)
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[key], before[key]) for key in before)
 
 
 def _fuse(pipe, file, scale):
@@ -97,9 +82,9 @@ def test_every_layer_of_a_block_takes_its_scale(tmp_path):
         prefixes |= {"mid_block.": 0.0, "up_blocks.0.": 2.0}
         return next(s for p, s in prefixes.items() if name.startswith(p))
 
-    before = _weights(pipe)
+    before = weights(pipe)
     _fuse(pipe, file, scale)
-    after = _weights(pipe)
+    after = weights(pipe)
     for name, delta in deltas.items():
         key = f"unet.{name}.weight"
         want = before[key] + expected_scale(name) * delta
@@ -114,9 +99,9 @@ def test_sdxl_stage_scales_reach_blocks_without_attention(tmp_path):
     names = [n for n in _block_layers(pipe.unet, "") if re.search(r"conv1$|attn1\.to_q$", n)]
     file = tmp_path / "sdxl.safetensors"
     _lora(pipe, names, file)
-    before = _weights(pipe)
+    before = weights(pipe)
     _fuse(pipe, file, {"unet": {"down": 0.0, "mid": 0.0, "up": 0.0}})
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)
     assert any(n.startswith("down_blocks.0.resnets") for n in names)
 
 
@@ -127,7 +112,7 @@ def test_layers_outside_the_blocks_are_refused_with_block_scales(tmp_path):
     names = ["conv_in", "time_embedding.linear_1", "down_blocks.0.resnets.0.conv1"]
     file = tmp_path / "timeemb.safetensors"
     deltas = _lora(pipe, names, file)
-    before = _weights(pipe)
+    before = weights(pipe)
     message = (
         r"timeemb\.safetensors: per-block scales cover the UNet's down, mid and up blocks, "
         r"but this LoRA also adapts conv_in, time_embedding\.linear_1, outside them; give "
@@ -135,9 +120,9 @@ def test_layers_outside_the_blocks_are_refused_with_block_scales(tmp_path):
     )
     with pytest.raises(UserError, match=message):
         _fuse(pipe, file, {"unet": {"down": 0.5}})
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)
     _fuse(pipe, file, {"unet": 0.5})
-    after = _weights(pipe)
+    after = weights(pipe)
     for name, delta in deltas.items():
         key = f"unet.{name}.weight"
         torch.testing.assert_close(after[key], before[key] + 0.5 * delta, rtol=0, atol=1e-6)
@@ -153,11 +138,11 @@ def test_block_names_and_list_lengths_are_checked(tmp_path):
         ({"unet": {"mid": {"block_0": 1.0}}}, "the UNet's mid block takes one number"),
         ({"transformer": 1.0}, "does not have; its components: text_encoder, unet"),
     ]
-    before = _weights(pipe)
+    before = weights(pipe)
     for scale, message in cases:
         with pytest.raises(UserError, match=message):
             _fuse(pipe, file, scale)
-        _assert_unchanged(pipe, before)
+        assert_unchanged(pipe, before)
 
 
 def test_weights_fusing_makes_inf_are_refused_before_any_changes(tmp_path):
@@ -172,8 +157,8 @@ def test_weights_fusing_makes_inf_are_refused_before_any_changes(tmp_path):
     state[f"{last}.lora_A.weight"].fill_(1e20)
     state[f"{last}.lora_B.weight"].fill_(1e20)
     save_file(state, str(file))
-    before = _weights(pipe)
+    before = weights(pipe)
     message = rf"fusing \S+huge\.safetensors makes unet\.{re.escape(names[-1])} NaN or inf"
     with pytest.raises(UserError, match=message):
         _fuse(pipe, file, 1.0)
-    _assert_unchanged(pipe, before)
+    assert_unchanged(pipe, before)
