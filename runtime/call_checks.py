@@ -1,7 +1,7 @@
 """Checks of a run's arguments, before any graph runs (runtime/pipeline.py): the prompts,
-the step count, the guidance, the seed, given latents, the image count and the guidance
-rescale. Each raises UserError with the fix. And, as a run goes, that its latents and
-pixels stay finite (check_finite)."""
+the step count, the guidance, the seed, given latents, the image-to-image image and mask,
+the image count and the guidance rescale. Each raises UserError with the fix. And, as a
+run goes, that its latents and pixels stay finite (check_finite)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import reprlib
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from slimdiff.runtime.image import ImageInput, load_image
 from slimdiff.runtime.manifest import BundleError
 
 from slimdiff.errors import UserError
@@ -18,7 +20,9 @@ from slimdiff.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_ST
 
 __all__ = [
     "check_finite",
+    "check_image",
     "check_images",
+    "check_mask",
     "check_number",
     "check_on_step",
     "check_prompts",
@@ -194,6 +198,31 @@ def check_values(guidance: float, seed: int, latents: np.ndarray | None) -> None
                 f"draw's standard deviation is 1); pass latents within +-{MAX_LATENT:g}, e.g. "
                 "noise of unit scale or a run's output='latent' latents"
             )
+
+
+def check_image(image: ImageInput, latents: Any, has_vae_encoder: bool) -> Image.Image:
+    """The image-to-image input as an RGB image, once the bundle can run one (it has a VAE
+    encoder) and no `latents` are given."""
+    if not has_vae_encoder:
+        raise UserError(
+            "this bundle has no VAE encoder, which image-to-image needs; export it again "
+            "with --vae-encoder (recipe: export.vae_encoder: true)"
+        )
+    if latents is not None:
+        raise UserError("latents and image are exclusive: image-to-image draws its own")
+    return load_image(image)
+
+
+def check_mask(mask_image: Any, has_image: bool, inpainting_model: bool) -> None:
+    """A mask needs the image it masks; an inpainting model (its UNet takes a mask and a
+    masked image) needs both."""
+    if mask_image is not None and not has_image:
+        raise UserError("a mask needs the image it masks: pass image as well")
+    if inpainting_model and mask_image is None:
+        raise UserError(
+            "this is an inpainting model (its UNet takes a mask and a masked image): pass "
+            "an image and a mask (run --image FILE --mask FILE)"
+        )
 
 
 def check_images(images: Any, do_cfg: bool, prompts: int, max_batch: int | None) -> int:

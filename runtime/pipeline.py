@@ -3,7 +3,8 @@
 A port of the diffusers pipelines (StableDiffusion, StableDiffusionXL, StableDiffusion3,
 Flux; diffusers 0.42) that needs no torch: given the same initial latents it reproduces
 their images, which tests/integration/test_runtime_vs_diffusers.py checks per family. What
-differs between denoiser kinds lives in conditioning.py; this file is the shared loop.
+differs between denoiser kinds lives in conditioning.py; this file loads a bundle and
+checks a call's arguments, generate.py runs the call (encode, denoise, decode).
 
 Example:
     >>> pipe = Text2ImagePipeline.from_bundle("out/bundle", backend="ort-cpu")  # doctest: +SKIP
@@ -21,20 +22,18 @@ import reprlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from slimdiff.runtime.backends import Backend, Session, get_backend
 from slimdiff.runtime.bundle_files import Bundle, open_bundle
 from slimdiff.runtime.call_checks import (
-    check_finite,
+    check_image,
     check_images,
+    check_mask,
     check_number,
     check_on_step,
-    check_output,
     check_prompts,
     check_rescale,
     check_run_args,
@@ -44,39 +43,13 @@ from slimdiff.runtime.call_checks import (
     warn_unguided,
 )
 from slimdiff.runtime.conditioning import Conditioning
-from slimdiff.runtime.control import check_control, control_feeds, control_scales, takes_guess
-from slimdiff.runtime.denoise_loop import Guidance, Kept, denoise
-from slimdiff.runtime.image import (
-    ImageInput,
-    image_size,
-    load_image,
-    prepare_image,
-    prepare_mask,
-    to_uint8,
-)
-from slimdiff.runtime.img2img import (
-    begin_at,
-    encode_image,
-    inpainting_inputs,
-    latent_mask,
-    latent_stats,
-    run_strength,
-)
-from slimdiff.runtime.manifest import (
-    VAE_DECODER,
-    VAE_ENCODER,
-    VAE_INPUT,
-    VAE_OUTPUT,
-    Manifest,
-    PipelineSpec,
-)
-from slimdiff.runtime.refiner import (
-    check_aesthetic,
-    check_hand_off,
-    end_index,
-    start_index,
-    train_timesteps,
-)
+from slimdiff.runtime.control import check_control, takes_guess
+from slimdiff.runtime.denoise_loop import Guidance
+from slimdiff.runtime.generate import Call, GenerationResult, decode_image, generate
+from slimdiff.runtime.image import ImageInput, image_size, prepare_image
+from slimdiff.runtime.img2img import run_strength
+from slimdiff.runtime.manifest import VAE_DECODER, VAE_ENCODER, Manifest, PipelineSpec
+from slimdiff.runtime.refiner import check_aesthetic, check_hand_off
 from slimdiff.runtime.scheduler_choice import chosen, set_eta
 from slimdiff.runtime.schedulers import Scheduler, scheduler_from_config
 from slimdiff.runtime.sessions import (
@@ -84,53 +57,19 @@ from slimdiff.runtime.sessions import (
     check_backend_fits,
     denoiser_max_batch,
     denoiser_shape_check,
-    ensure_loaded,
     load_component,
     release,
 )
-from slimdiff.runtime.size_conditioning import (
-    check_size_conditioning,
-    time_id_rows,
-)
+from slimdiff.runtime.size_conditioning import check_size_conditioning
 from slimdiff.runtime.text_encoder import TextEncoder, bundle_tokenizer
 
 from slimdiff.errors import UserError
 from slimdiff.limits import MAX_SIDE
-from slimdiff.models.kinds import CONTROL_SCALE
 
+# GenerationResult lives in generate.py, which fills it; it stays importable from here
 __all__ = ["GenerationResult", "Text2ImagePipeline"]
 
 log = logging.getLogger(__name__)
-
-_VAE_NAN_FIX = "an fp16 VAE overflows on some latents: export with --vae-precision fp32"
-
-
-@dataclass
-class GenerationResult:
-    """The images of one call and what they took.
-
-    `images` holds one (H, W, 3) uint8 array per image (empty with output="latent");
-    `image` is the first. `latents` are the final latents before VAE decoding, float32, in
-    the denoiser's layout, one row per image (what diffusers returns with
-    output_type="latent"; packed (B, L, 4C) for FLUX).
-    `timings_ms` holds "text_encoders", "denoiser_steps" (one entry per step),
-    "vae_decode" (absent with output="latent"), "vae_encode" (image-to-image only) and
-    "end_to_end"; with low_memory, or when an image-to-image call loads the VAE encoder,
-    also "load", the components' loads (in end_to_end, not in the others).
-    """
-
-    images: list[np.ndarray]
-    latents: np.ndarray
-    timings_ms: dict[str, float | list[float]] = field(default_factory=dict)
-
-    @property
-    def image(self) -> np.ndarray | None:
-        """The first image, (H, W, 3) uint8; None with output="latent"."""
-        return self.images[0] if self.images else None
-
-
-def _ms(start: float) -> float:
-    return (time.perf_counter() - start) * 1e3
 
 
 class Text2ImagePipeline:
@@ -286,13 +225,7 @@ class Text2ImagePipeline:
         )
         max_batch = denoiser_max_batch(bundle, runner, config)
         pipe = cls(
-            manifest,
-            conditioning,
-            denoiser,
-            vae_decoder,
-            scheduler_config,
-            max_batch,
-            vae_encoder,
+            manifest, conditioning, denoiser, vae_decoder, scheduler_config, max_batch, vae_encoder
         )
         pipe.check_shapes = denoiser_shape_check(bundle, runner, config)
         return pipe
@@ -408,10 +341,8 @@ class Text2ImagePipeline:
         start = time.perf_counter()
         prompts, negatives = check_prompts(prompt, negative_prompt)
         steps = check_step_count(steps, self.config.default_steps)
-        if guidance is None:
-            guidance = float(self.config.default_guidance)
-        else:
-            guidance = check_number(guidance, "guidance", ", e.g. 7.5")
+        default = float(self.config.default_guidance)
+        guidance = default if guidance is None else check_number(guidance, "guidance", ", e.g. 7.5")
         check_on_step(on_step)  # else it fails after the text encoders and one step
         aesthetic = check_aesthetic(self.config, aesthetic_score, negative_aesthetic_score)
         sizing = check_size_conditioning(
@@ -429,7 +360,8 @@ class Text2ImagePipeline:
             self.config, denoising_start, denoising_end, image, latents, strength
         )
         strength = run_strength(self.config, strength, image, mask_image)
-        source = None if image is None else self._check_image(image, latents)
+        has_encoder = self.vae_encoder is not None
+        source = None if image is None else check_image(image, latents, has_encoder)
         guess = takes_guess(self.manifest)  # the graph takes guess mode's inputs
         control = check_control(
             self.config,
@@ -452,17 +384,9 @@ class Text2ImagePipeline:
         height, width = check_run_args(self.config, multiple, steps, size, output)
         check_values(guidance, seed, latents)
         pixels = None if source is None else prepare_image(source, (height, width))
-        if mask_image is not None and pixels is None:
-            raise UserError("a mask needs the image it masks: pass image as well")
-        inpainting_model = bool(self.config.kind.inpainting)
-        if inpainting_model and mask_image is None:
-            raise UserError(
-                "this is an inpainting model (its UNet takes a mask and a masked image): pass "
-                "an image and a mask (run --image FILE --mask FILE)"
-            )
+        check_mask(mask_image, pixels is not None, bool(self.config.kind.inpainting))
         rescale = check_rescale(guidance_rescale, self.config.uses_cfg)
         true_cfg = check_true_cfg(self.config.kind, self.manifest.family, true_cfg_scale, negatives)
-        cond = self.conditioning
         do_cfg = self.config.uses_cfg and guidance > 1.0
         if not do_cfg:
             given = {
@@ -476,130 +400,34 @@ class Text2ImagePipeline:
         images = per_prompt * len(prompts)
         if self.check_shapes is not None:  # before the text encoders run, not at step 1
             rows = images * (2 if do_cfg else 1)
-            latent = cond.latent_shape(height, width, rows)
+            latent = self.conditioning.latent_shape(height, width, rows)
             self.check_shapes({self.config.kind.sample_input: latent})
-        pixel_mask = None  # (1, 1, H, W), 1 where the image is repainted
-        if mask_image is not None:
-            pixel_mask = prepare_mask(load_image(mask_image, "mask"), (height, width))
-            if not pixel_mask.any():  # diffusers runs every step to give the image back
-                log.warning(
-                    "the mask is all black (kept): nothing will be repainted; white marks "
-                    "what to repaint"
-                )
-        # a model not trained for inpainting gets the kept latents put back after each step
-        blend = None
-        if pixel_mask is not None and not inpainting_model:
-            blend = latent_mask(self.config, pixel_mask, images)
-        timings: dict[str, float | list[float]] = {}
-        # before any graph runs: a step count or eta the scheduler refuses is the caller's
-        scheduler = self.make_scheduler(steps, height, width, eta)
-        train_steps = train_timesteps(self.scheduler_config)
-        if start_at is not None:  # a base model's latents, handed over mid-schedule
-            begin = start_index(scheduler, start_at, train_steps)
-        else:
-            begin = 0 if pixels is None else begin_at(self.config.kind, scheduler, steps, strength)
-        end = len(scheduler.timesteps)
-        if end_at is not None:
-            end = end_index(scheduler, begin, end_at, train_steps)
-
-        # low_memory: one call at a time, and nothing left loaded however the call ends
-        with self._low_memory_turn():
-            encoders = [enc.session for enc in cond.encoders]
-            loading = ensure_loaded(*encoders)  # low_memory: each component's load, kept apart
-            t0 = time.perf_counter()
-            time_ids = None
-            if "time_ids" in self.config.kind.extra_inputs:
-                # diffusers' img2img and inpaint pipelines (the refiner's too) default the
-                # negative ids otherwise than its text-to-image one
-                from_image = pixels is not None or start_at is not None
-                time_ids = time_id_rows(
-                    sizing, height, width, image_to_image=from_image, aesthetic=aesthetic
-                )
-            fixed = cond.encode(
-                prompts, negatives, do_cfg, guidance, height, width, per_prompt, time_ids
-            )
-            if self.config.controlnet is not None:
-                fixed.update(control_feeds(control, (height, width), images, do_cfg, guess))
-            negative = {}  # true CFG's text inputs: the negative prompts, encoded as prompts
-            if true_cfg is not None:
-                unguided = [n or "" for n in negatives]
-                negative = cond.encode(
-                    unguided,
-                    None,
-                    False,
-                    guidance,
-                    height,
-                    width,
-                    per_prompt,
-                    prompts_are="negative prompt",
-                )
-            for value in (*fixed.values(), *negative.values()):
-                # Read-only: the same every step, so a GPU backend copies it to the device once
-                # (runtime/backends/ort_binding.py, AotiSession in runtime/backends/aoti.py).
-                value.flags.writeable = False
-            timings["text_encoders"] = _ms(t0)
-            release(*encoders)  # low_memory: freed before the VAE encoder and the denoiser load
-
-            first_load = False  # the VAE encoder loaded by this call (its first img2img one)
-            extra = None  # an inpainting model's mask and masked image latents, every step
-            clean = noise = None  # image-to-image: the image's latents, and the noise added
-            if start_at is not None:  # as they are: diffusers adds no noise with denoising_start
-                x = cond.check_latents(latents, height, width, images)
-            elif pixels is None:
-                x = cond.initial_latents(latents, seed, height, width, scheduler, images)
-            else:
-                first_load = not self.vae_encoder.loaded
-                loading += ensure_loaded(self.vae_encoder)
-                t0 = time.perf_counter()
-                # an inpainting model at full strength starts from noise alone, as diffusers
-                full = pixel_mask is not None and float(strength) == 1.0
-                if not (full and inpainting_model):
-                    clean = encode_image(self.config, self.vae_encoder, pixels, seed, images)
-                if inpainting_model:
-                    extra = inpainting_inputs(
-                        self.config, self.vae_encoder, pixels, pixel_mask, seed, images, do_cfg
-                    )
-                timings["vae_encode"] = _ms(t0)
-                if self.low_memory:
-                    release(self.vae_encoder)
-                # the same seeded draw as text-to-image's initial noise, then noised to `begin`
-                noise = cond.noise(seed, height, width, images)
-                if full:
-                    # diffusers' inpaint pipelines start from pure noise at full strength
-                    x = cond.initial_latents(noise, seed, height, width, scheduler, images)
-                else:
-                    x = scheduler.add_noise(clean, noise, begin).astype(np.float32)
-            # low_memory: the VAE encoder is released before the denoiser loads
-            loading += ensure_loaded(self.denoiser)
-            kept = None if blend is None else Kept(blend, clean, noise)
-
-            def feeds(i: int, model_input: np.ndarray) -> dict[str, np.ndarray]:
-                t = np.float32(scheduler.timesteps[i])
-                step = {**fixed, **cond.step_feeds(model_input, t)}
-                if self.config.controlnet is not None:
-                    step[CONTROL_SCALE] = scales[i - begin]
-                return step
-
-            scales = control_scales(control, end - begin)
-            guided = Guidance(do_cfg, guidance, rescale, true_cfg, negative)
-            run = range(begin, end)
-            x, step_ms = denoise(
-                self.denoiser, scheduler, x, run, feeds, guided, seed, extra, kept, on_step
-            )
-            timings["denoiser_steps"] = step_ms
-            release(self.denoiser)
-
-            decoded = []
-            if output == "image":
-                loading += ensure_loaded(self.vae_decoder)
-                t0 = time.perf_counter()
-                decoded = [self._decode(x[i : i + 1], height, width) for i in range(images)]
-                timings["vae_decode"] = _ms(t0)
-                release(self.vae_decoder)
-            if self.low_memory or first_load:
-                timings["load"] = loading
-            timings["end_to_end"] = _ms(start)
-            return GenerationResult(images=decoded, latents=x, timings_ms=timings)
+        call = Call(
+            prompts=prompts,
+            negatives=negatives,
+            per_prompt=per_prompt,
+            images=images,
+            steps=steps,
+            height=height,
+            width=width,
+            seed=seed,
+            latents=latents,
+            output=output,
+            eta=eta,
+            on_step=on_step,
+            guided=Guidance(do_cfg, guidance, rescale, true_cfg),
+            sizing=sizing,
+            aesthetic=aesthetic,
+            control=control,
+            guess=guess,
+            pixels=pixels,
+            mask_image=mask_image,
+            strength=strength,
+            start_at=start_at,
+            end_at=end_at,
+            start=start,
+        )
+        return generate(self, call)
 
     def make_scheduler(self, steps: int, height: int, width: int, eta: float | None) -> Scheduler:
         """A fresh scheduler with this call's schedule (and TCD's eta) set; a step count the
@@ -614,31 +442,8 @@ class Text2ImagePipeline:
             raise UserError(f"{steps} steps with {name}: {err}") from None
         return scheduler
 
-    def _check_image(self, image: ImageInput, latents: np.ndarray | None) -> Image.Image:
-        """The image-to-image input as an RGB image, once the bundle can run one."""
-        if self.vae_encoder is None:
-            raise UserError(
-                "this bundle has no VAE encoder, which image-to-image needs; export it again "
-                "with --vae-encoder (recipe: export.vae_encoder: true)"
-            )
-        if latents is not None:
-            raise UserError("latents and image are exclusive: image-to-image draws its own")
-        return load_image(image)
-
     def _decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
-        z = self.conditioning.vae_latents(latents, height, width)
-        scaling = np.float32(self.config.vae_scaling_factor)
-        if self.config.vae_latents_mean is not None:  # SDXL's per-channel statistics
-            mean, std = latent_stats(self.config)
-            z = z * std / scaling + mean
-        else:
-            z = z / scaling
-        if self.config.vae_shift_factor is not None:
-            z = z + np.float32(self.config.vae_shift_factor)
-        sample = self.vae_decoder.run({VAE_INPUT: z})[VAE_OUTPUT]
-        check_output(sample, (1, 3, height, width), "VAE decoder", "pixels")
-        check_finite(sample, "in the VAE decoder's output", _VAE_NAN_FIX)
-        return to_uint8(sample[0])
+        return decode_image(self, latents, height, width)
 
 
 def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:

@@ -104,11 +104,20 @@ def test_bad_latents(bundle, latents, tmp_path, name, fragment):
 
 
 def test_a_run_whose_numbers_break_down_stops_instead_of_writing_a_black_image(
-    bundle, latents, tmp_path
+    bundle, latents, tmp_path, monkeypatch
 ):
+    from slimdiff.runtime.denoise_loop import Guidance
+
     out = tmp_path / "x.png"
     args = ("run", bundle, "--prompt", "x", "--size", "64x64", "--steps", "2")
-    result = _run(*args, "--latents", latents / "huge.npy", "--out", out)
+    # latents far beyond any model's scale are refused before the run starts ...
+    huge = _run(*args, "--latents", latents / "huge.npy", "--out", out)
+    _refused(huge, "latents reach 3e+38 in magnitude, far above their scale")
+    # ... and a denoiser whose numbers overflow mid-run (an fp16 graph) stops the run
+    monkeypatch.setattr(
+        Guidance, "predict", lambda self, denoiser, feeds, x: np.full_like(x, np.inf)
+    )
+    result = _run(*args, "--out", out)
     assert result.exit_code == 1, result.output
     assert (
         result.output.strip()
