@@ -39,6 +39,7 @@ from slimdiff.runtime.schedulers import (
 from slimdiff.errors import UserError
 from slimdiff.fsutil import check_replaceable
 from slimdiff.models.loading import LoadedModel
+from slimdiff.models.saving import save_tokenizer
 from slimdiff.models.text_encoders import zero_text
 from slimdiff.models.vae import vae_scale_factor
 
@@ -279,7 +280,9 @@ def write_support_files(model: LoadedModel, root: Path, scheduler=None) -> None:
     """Tokenizers (tokenizer.json, read by the `tokenizers` library) and the scheduler
     config (`scheduler`, from bundle_scheduler; default the model's)."""
     for spec in model.text_encoders:
-        getattr(model.pipe, spec.tokenizer).save_pretrained(root / spec.tokenizer)
+        # as the tokenizer was before any call (export's checks ran it): the same bytes
+        # whether or not it ran, hence the same bundle SHA-256 (models/saving.py)
+        save_tokenizer(getattr(model.pipe, spec.tokenizer), root / spec.tokenizer)
     scheduler = scheduler if scheduler is not None else model.pipe.scheduler
     scheduler.save_config(root / Path(SCHEDULER_CONFIG).parent)
     # save_config drops `_use_default_values` (the keys the model's own file left out),

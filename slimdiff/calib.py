@@ -212,7 +212,8 @@ class Calibration:
 
     @property
     def key(self) -> str:
-        """Hash of the model (weights fingerprint, scheduler) and the calibration settings,
+        """Hash of the model (fingerprint of every weight's bytes, scheduler), the calibration
+        settings and the device type the pipeline runs on (another computes other values),
         computed once: a pass that later replaces the denoiser does not change it."""
         if self._key is None:
             with self._sampling_with_calibration_scheduler():  # its config goes in the key
@@ -225,6 +226,7 @@ class Calibration:
                     size=list(self.size),
                     dtype=self.spec.dtype,
                     step_noise=_STEP_NOISE_STREAM,  # stochastic steps draw seeded noise
+                    device=self.device.type,
                     **self._call_options(),
                 )
         return self._key

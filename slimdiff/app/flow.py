@@ -1,9 +1,14 @@
 """Recipe -> artifact -> bundle(s): the one flow `compress` and `bench` share.
 
 Outputs are cached by content: OUT/artifact is reused when its slimdiff.json records the
-same compress hash (a fingerprint of the model's weights and configs, the calibration and
-the passes), OUT/bundle when its manifest records the same export hash, so re-running a
-bench only redoes what changed, and a retrained model at the same path is compressed again.
+same compress hash (a fingerprint of every byte of the model's weights and its configs, the
+calibration and the passes, the contents of the files they name, and the device they run
+on), OUT/bundle when its manifest records the same export hash (which holds onnxruntime's
+version: its optimizer and converters write the graphs), so re-running a bench only redoes
+what changed, and a retrained model at the same path is compressed again. A cached output
+is checked against the SHA-256 of every file recorded when it was written (the artifact's
+in ARTIFACT_HASHES, the bundle's in its manifest): one that does not match, or does not
+load, is warned of and made again, never reused or refused.
 OUT/work holds what compression caches (calibration trajectories) and checkpoints
 (distillation) on the way: a killed `slimdiff compress` resumes from it when run again (see
 compress/runner.py). Passes and calibration run on the recipe's `device:` (or `--device`).
@@ -17,14 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import slimdiff
 from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
-from slimdiff.fsutil import check_replaceable, remove_stale_partials
+from slimdiff.fsutil import atomic_write_text, check_replaceable, remove_stale_partials
 from slimdiff.locks import exclusive
 from slimdiff.recipe import Recipe
 
@@ -47,6 +53,7 @@ def use_threads(model: LoadedModel) -> int:
 
 __all__ = [
     "ARTIFACT_EVIDENCE",
+    "ARTIFACT_HASHES",
     "FlowResult",
     "check_outputs",
     "check_recipe_model",
@@ -61,6 +68,9 @@ __all__ = [
 # What marks a folder as one slimdiff wrote (older versions wrote no marker file).
 ARTIFACT_EVIDENCE = ("slimdiff.json",)
 BUNDLE_EVIDENCE = ("manifest.json",)
+# The SHA-256 of each of the artifact's files, written when compression finished: a cached
+# artifact is reused only while they match (as a bundle's against its manifest).
+ARTIFACT_HASHES = "sha256.json"
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +86,61 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def compress_hash(recipe: Recipe, model_fingerprint: dict) -> str:
-    """The artifact's cache key: the model's content fingerprint, not its name, and the
-    contents of the files passes read (lora.fuse's LoRAs), not their paths."""
+def compress_hash(recipe: Recipe, model_fingerprint: dict, device: str | None = None) -> str:
+    """The artifact's cache key: the model's content fingerprint, not its name; the
+    calibration and the passes, with the contents of the files they read (the calibration
+    prompts file, lora.fuse's LoRAs, vae.replace's VAE), not their paths, so the same file
+    named relative or absolute keys alike; and `device`, the device type the passes run on
+    ("cpu", "cuda": another device computes other values)."""
     data = recipe.model_dump(mode="json", by_alias=True)
-    key = {"model": model_fingerprint, **{k: data[k] for k in ("calibration", "passes")}}
-    # Another slimdiff may compress differently (a pass's fix): its artifact is not reused.
-    key["slimdiff"] = slimdiff.__version__
-    files = [(f, entry.name) for entry in recipe.passes for f in entry.config.input_files()]
-    if files:  # only then, so the keys of recipes that read no file stay as they were
-        key["inputs"] = {f: _file_digest(f, name) for f, name in files}
+    key = {
+        "model": model_fingerprint,
+        "calibration": _calibration_key(data["calibration"]),
+        "passes": data["passes"],
+        # Another slimdiff may compress differently (a pass's fix): its artifact is not reused.
+        "slimdiff": slimdiff.__version__,
+    }
+    if device is not None:
+        key["device"] = device
+    inputs = []
+    for i, entry in enumerate(recipe.passes):
+        files = entry.config.input_files()
+        if files:
+            key["passes"][i] = _without_paths(key["passes"][i], files)
+            inputs.append([(Path(f).name, _file_digest(f, entry.name)) for f in files])
+    if inputs:
+        key["inputs"] = inputs
     return _hash(key)
+
+
+def _calibration_key(calibration: dict) -> dict:
+    """The calibration as dumped, a prompts file by its contents (read as Calibration
+    reads it: the path as given, from the current directory). A file that is not there
+    stays named: compress refuses it where a pass calibrates, and nothing reads it else."""
+    prompts = calibration["prompts"]
+    if isinstance(prompts, str) and prompts != "builtin" and Path(prompts).is_file():
+        from slimdiff.runtime.manifest import sha256_file
+
+        return {**calibration, "prompts": {"file_sha256": sha256_file(Path(prompts))}}
+    return calibration
+
+
+def _without_paths(options: Any, files: tuple[str, ...]) -> Any:
+    """A pass's dumped options with each string that names one of its input `files`, or a
+    folder holding one, replaced by a mark: the files' contents key it (`inputs`)."""
+    return _marked(options, [Path(f).expanduser().resolve() for f in files])
+
+
+def _marked(value: Any, files: list[Path]) -> Any:
+    if isinstance(value, dict):
+        return {k: _marked(v, files) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_marked(v, files) for v in value]
+    if isinstance(value, str) and "\0" not in value:
+        named = Path(value).expanduser().resolve()
+        if any(named == f or named in f.parents for f in files):
+            return "<input file>"
+    return value
 
 
 def check_input_files(recipe: Recipe) -> None:
@@ -177,10 +231,18 @@ def export_hash(compress: str, recipe: Recipe, target: str) -> str:
         specs = export["controlnet"]
         digests = [_folder_digest(s) for s in ([specs] if isinstance(specs, str) else specs)]
         export["controlnet"] = digests[0] if isinstance(specs, str) else digests
-    # Another slimdiff may export differently (a graph's fix, a manifest field).
-    return _hash(
-        {"compress": compress, "target": target, "slimdiff": slimdiff.__version__, **export}
-    )
+    # Another slimdiff may export differently (a graph's fix, a manifest field), and another
+    # onnxruntime too: its transformer optimizer fuses the graphs, its tools convert them.
+    versions = {"slimdiff": slimdiff.__version__, "onnxruntime": _onnxruntime_version()}
+    return _hash({"compress": compress, "target": target, **versions, **export})
+
+
+def _onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:  # export says what to install; the key is only a key
+        return None
+    return onnxruntime.__version__
 
 
 def _folder_digest(spec: str) -> str:
@@ -239,6 +301,67 @@ def _verifies(bundle: Path) -> bool:
     return True
 
 
+def _artifact_files(artifact: Path) -> dict[str, str]:
+    """SHA-256 of every file under `artifact` but ARTIFACT_HASHES, by POSIX relative path."""
+    from slimdiff.runtime.manifest import sha256_file
+
+    files = (p for p in sorted(artifact.rglob("*")) if p.is_file())
+    return {
+        p.relative_to(artifact).as_posix(): sha256_file(p)
+        for p in files
+        if p.relative_to(artifact).as_posix() != ARTIFACT_HASHES
+    }
+
+
+def _record_artifact_hashes(artifact: Path) -> None:
+    """ARTIFACT_HASHES for a just-written artifact. Written after the artifact's atomic
+    swap: a run killed in between leaves an artifact without it, compressed again."""
+    text = json.dumps({"files": _artifact_files(artifact)}, indent=2, sort_keys=True)
+    atomic_write_text(artifact / ARTIFACT_HASHES, text + "\n")
+
+
+def _artifact_problem(artifact: Path) -> str | None:
+    """What differs between a cached artifact's files and the SHA-256s recorded when it
+    was written (a truncated, changed or missing file); None when every one matches."""
+    from slimdiff.runtime.manifest import sha256_file
+
+    try:
+        files = json.loads((artifact / ARTIFACT_HASHES).read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError):
+        return f"no readable {ARTIFACT_HASHES}"
+    if not isinstance(files, dict) or not files:
+        return f"{ARTIFACT_HASHES} lists no files"
+    for name, digest in sorted(files.items()):
+        path = artifact / name
+        if ".." in Path(name).parts or not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} is not the file written (its SHA-256 differs)"
+    return None
+
+
+def _artifact_verifies(artifact: Path) -> bool:
+    """Whether a cached artifact's files are those written (ARTIFACT_HASHES): a truncated
+    or changed file is compressed again, not loaded to fail, or reused silently."""
+    problem = _artifact_problem(artifact)
+    if problem is not None:
+        log.warning(
+            "compressing %s again: the cached artifact does not verify (%s)", artifact, problem
+        )
+    return problem is None
+
+
+def _load_cached(artifact: Path) -> LoadedModel | None:
+    """The cached artifact loaded; None, with a warning, when it does not load."""
+    from slimdiff.models import load_model
+
+    try:
+        return load_model(str(artifact))
+    except UserError as err:
+        log.warning("compressing %s again: the cached artifact does not load (%s)", artifact, err)
+        return None
+
+
 def compress_and_export(
     recipe: Recipe,
     out: str | Path,
@@ -275,9 +398,13 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
             check_controlnet_export(spec, "auto")  # its folder or file, before the model
     result = FlowResult(artifact=out / "artifact")
     dropped = dropped_components(recipe)  # text.drop: never loaded here
-    if model is None:
+
+    def load_source() -> LoadedModel:
         where = resolve_device(device or recipe.device)
-        model = load_model(recipe.model, device=where, allow_pickle=allow_pickle, without=dropped)
+        return load_model(recipe.model, device=where, allow_pickle=allow_pickle, without=dropped)
+
+    if model is None:
+        model = load_source()
         use_threads(model)
     # What the recipe drops does not change its result: the same hash whether the model came
     # with it (bench's, loaded for the reference) or without.
@@ -291,20 +418,28 @@ def _compress_and_export(recipe, out: Path, device, model, allow_pickle) -> Flow
         precheck_controlnets(controlnet_specs(recipe.export.controlnet), model.denoiser, scale)
     # ... nor the tokenizers of the encoders it drops (the loader skips them with the encoder)
     gone = {*dropped, *(s.tokenizer for s in model.arch.text_encoders if s.name in dropped)}
-    chash = compress_hash(recipe, {k: v for k, v in model_print.items() if k not in gone})
+    prints = {k: v for k, v in model_print.items() if k not in gone}
+    # passes run where the model is (--device, the recipe's device:, or bench's)
+    chash = compress_hash(recipe, prints, device=model.denoiser.device.type)
+    compressed = None
     if _cached(result.artifact, "slimdiff.json", "compress_hash", chash):
+        if _artifact_verifies(result.artifact):
+            model = None  # the artifact replaces it: its memory goes before the artifact loads
+            compressed = _load_cached(result.artifact)
+        if compressed is None:  # damaged: removed, then compressed again below
+            shutil.rmtree(result.artifact)
+    if compressed is not None:
         log.info("reusing %s", result.artifact)
         result.reused.append("compress")
-        del model
-        compressed = load_model(str(result.artifact))
     else:
         compressed = compress_model(
-            model,
+            model if model is not None else load_source(),
             recipe,
             result.artifact,
             extra_meta={"compress_hash": chash},
             work_dir=out / "work",  # calibration caches and checkpoints (compress/runner.py)
         )
+        _record_artifact_hashes(result.artifact)
     targets = recipe.export.targets
     for target in targets:
         bundle = bundle_path(out, recipe, target)

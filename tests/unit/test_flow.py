@@ -35,8 +35,11 @@ def test_a_retrained_folder_at_the_same_path_is_compressed_again(tmp_path):
 def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
     """A recipe that leaves scheduler, sigmas, timestep_spacing, vae_encoder and controlnet
     unset hashes as it did before those keys existed (its cached bundle is reused);
-    setting one makes another bundle. A ControlNet is hashed by its files, not its path."""
+    setting one makes another bundle. A ControlNet is hashed by its files, not its path.
+    The versions of slimdiff and onnxruntime (which writes the optimized graphs) count."""
     import json
+
+    import onnxruntime
 
     from slimdiff.app.flow import _hash, export_hash
 
@@ -48,7 +51,8 @@ def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
     }
     import slimdiff
 
-    key = {"compress": "c", "target": "onnx", "slimdiff": slimdiff.__version__, **before}
+    versions = {"slimdiff": slimdiff.__version__, "onnxruntime": onnxruntime.__version__}
+    key = {"compress": "c", "target": "onnx", **versions, **before}
     assert export_hash("c", recipe, "onnx") == _hash(key)
     folders = []
     for name in ("a", "b"):
