@@ -85,6 +85,8 @@ def record(root: Path, digests: dict[str, tuple[os.stat_result, str]], started: 
         if max(st.st_mtime_ns, st.st_ctime_ns) < settled
     }
     path = _path(root)
+    if not files and not path.exists():  # nothing to record (a bundle just written)
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_text(path, json.dumps({"root": str(root), "files": files}))

@@ -39,6 +39,7 @@ def test_a_file_changed_just_before_the_hash_is_not_recorded(cache):
     st = _stat(cache / "a.bin")
     hash_cache.record(cache, {"a.bin": (st, "d" * 64)}, started=time.time())
     assert hash_cache.recorded(cache) == {}
+    assert not hash_cache._path(cache).exists()  # nothing to record: nothing written
 
 
 def test_a_record_for_another_root_or_a_damaged_one_is_ignored(cache, tmp_path):
