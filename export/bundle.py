@@ -309,11 +309,12 @@ def make_readable(root: Path) -> None:
         p.chmod((0o777 if executable else 0o666) & ~mask)
 
 
-def hash_files(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under `root` but the manifest, keyed by POSIX relative path."""
+def hash_files(root: Path, record: str = MANIFEST_NAME) -> dict[str, str]:
+    """SHA-256 of every file under `root` but `record` (the file that lists them: a bundle's
+    manifest, an artifact's sha256.json), keyed by POSIX relative path."""
     files = (p for p in sorted(root.rglob("*")) if p.is_file())
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in files
-        if p.relative_to(root).as_posix() != MANIFEST_NAME
+        if p.relative_to(root).as_posix() != record
     }

@@ -45,7 +45,7 @@ from slimdiff.runtime.call_checks import (
 from slimdiff.runtime.conditioning import Conditioning
 from slimdiff.runtime.control import check_control, takes_guess
 from slimdiff.runtime.denoise_loop import Guidance
-from slimdiff.runtime.generate import Call, GenerationResult, decode_image, generate
+from slimdiff.runtime.generate import Call, GenerationResult, generate
 from slimdiff.runtime.image import ImageInput, image_size, prepare_image
 from slimdiff.runtime.img2img import run_strength
 from slimdiff.runtime.manifest import VAE_DECODER, VAE_ENCODER, Manifest, PipelineSpec
@@ -441,9 +441,6 @@ class Text2ImagePipeline:
             name = type(scheduler).__name__
             raise UserError(f"{steps} steps with {name}: {err}") from None
         return scheduler
-
-    def _decode(self, latents: np.ndarray, height: int, width: int) -> np.ndarray:
-        return decode_image(self, latents, height, width)
 
 
 def _conditioning_record(config: PipelineSpec) -> dict[str, Any]:

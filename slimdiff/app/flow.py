@@ -301,22 +301,13 @@ def _verifies(bundle: Path) -> bool:
     return True
 
 
-def _artifact_files(artifact: Path) -> dict[str, str]:
-    """SHA-256 of every file under `artifact` but ARTIFACT_HASHES, by POSIX relative path."""
-    from slimdiff.runtime.manifest import sha256_file
-
-    files = (p for p in sorted(artifact.rglob("*")) if p.is_file())
-    return {
-        p.relative_to(artifact).as_posix(): sha256_file(p)
-        for p in files
-        if p.relative_to(artifact).as_posix() != ARTIFACT_HASHES
-    }
-
-
 def _record_artifact_hashes(artifact: Path) -> None:
     """ARTIFACT_HASHES for a just-written artifact. Written after the artifact's atomic
     swap: a run killed in between leaves an artifact without it, compressed again."""
-    text = json.dumps({"files": _artifact_files(artifact)}, indent=2, sort_keys=True)
+    from slimdiff.export.bundle import hash_files  # the bundle's manifest lists them so too
+
+    files = hash_files(artifact, record=ARTIFACT_HASHES)
+    text = json.dumps({"files": files}, indent=2, sort_keys=True)
     atomic_write_text(artifact / ARTIFACT_HASHES, text + "\n")
 
 

@@ -170,8 +170,12 @@ def tokenizer_digest(tokenizer: Any) -> str:
     without the keys that record where or with what they were saved (the same tokenizer
     from another folder, or another transformers, hashes alike)."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
+    from slimdiff.models.saving import save_tokenizer
+
     with tempfile.TemporaryDirectory(prefix="slimdiff-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
+        # without the padding and truncation of its last call, as artifacts and bundles
+        # save it: the pipeline's first prompt does not change the digest
+        save_tokenizer(tokenizer, tmp)
         for path in sorted(Path(tmp).rglob("*")):
             if not path.is_file():
                 continue
@@ -213,11 +217,6 @@ _SAVED_WHERE = frozenset(
         "force_download",
         "proxies",
         "trust_remote_code",
-        # tokenizer.json's state of the last call: a fast tokenizer called with padding or
-        # truncation keeps them and saves them (the pipeline's first prompt changed the
-        # digest, and a resumed calibration missed its cache)
-        "padding",
-        "truncation",
     }
 )
 

@@ -486,9 +486,11 @@ def test_playground_like_sdxl_matches_diffusers(tmp_path):
     with pytest.raises(UserError, match="the model was trained for the EDM one"):
         Text2ImagePipeline.from_bundle(tmp_path / "b", scheduler="euler")
     # the statistics matter: decoding without them gives another image
-    plain = runtime._decode(result.latents, SIZE, SIZE)
+    from slimdiff.runtime.generate import decode_image
+
+    plain = decode_image(runtime, result.latents, SIZE, SIZE)
     runtime.config = runtime.config.model_copy(update={"vae_latents_mean": None})
-    assert _psnr(runtime._decode(result.latents, SIZE, SIZE), plain) < 30.0
+    assert _psnr(decode_image(runtime, result.latents, SIZE, SIZE), plain) < 30.0
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
