@@ -17,7 +17,7 @@ from slimdiff.runtime.call_checks import check_finite, check_output
 from slimdiff.runtime.manifest import DENOISER_OUTPUT
 from slimdiff.runtime.schedulers import Scheduler, takes_noise
 
-__all__ = ["STEP_NOISE_STREAM", "Guidance", "Kept", "denoise"]
+__all__ = ["STEP_NOISE_STREAM", "Guidance", "Kept", "denoise", "step_noise_streams"]
 
 STEP_NOISE_STREAM = 1  # seeds the stochastic schedulers' noise apart from the latents'
 _NAN_FIX = (
@@ -134,3 +134,9 @@ def _stream(seed: int, row: int) -> list[int]:
     """The seed of image `row`'s step noise: image 0's is [STEP_NOISE_STREAM, seed], the
     stream single images have drawn from since the runtime's first version."""
     return [STEP_NOISE_STREAM, seed] + ([row] if row else [])
+
+
+def step_noise_streams(seeds: list[int]) -> list[list[int]]:
+    """The step-noise seeds of single-image runs with `seeds` (bench draws its torch
+    reference's noise from them, slimdiff/app/bench_timing.py)."""
+    return [_stream(seed, 0) for seed in seeds]

@@ -227,6 +227,11 @@ class BenchSpec(_Strict):
     # torch model.
     accuracy: Literal["toy-shapes"] | None = None
     accuracy_images: int = pydantic.Field(4, ge=1, le=64)
+    # Prompts per call of the uncompressed torch reference: a batch amortizes eager torch's
+    # per-operator overhead (toy:shapes, 16 prompts of 20 steps on 2 CPU cores: 12.4 s one
+    # a call, 3.0 s eight a call) at the memory of that many images. The reference is the
+    # same within float error at any batch, so its cache key leaves the batch out.
+    reference_batch: int = pydantic.Field(1, ge=1, le=64)
 
     @pydantic.field_validator("backend")
     @classmethod

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from slimdiff.app.bench_checks import check_before_loading
-from slimdiff.app.bench_timing import pipe_kwargs, run_worker, timed_pairs
+from slimdiff.app.bench_timing import pipe_kwargs, run_worker, runtime_step_noise, timed_pairs
 from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_text
@@ -179,17 +179,24 @@ def _bench_one(recipe: Recipe, out: Path, step, device: str, allow_pickle: bool)
     # The reference cache is keyed by what the model is (its weights and configs), so a
     # retrained folder at the same path gets a fresh reference.
     # The libraries that draw it too: another diffusers or torch may sample otherwise.
-    model_key = {"fingerprint": fingerprint(pipe), "device": device, **_reference_versions()}
+    # "step_noise": a stochastic scheduler's reference adds the runtime's step noise (older
+    # references added unseeded torch noise: not reused).
+    model_key = {
+        "fingerprint": fingerprint(pipe),
+        "device": device,
+        "step_noise": "runtime",
+        **_reference_versions(),
+    }
 
     ref_dir = out / "_reference" / _key({**settings, "model": model_key})
     own = pipe.scheduler
     ship_scheduler(base, shipped)  # the reference samples as the bundle will
-    reference = _reference(pipe, settings, noise, ref_dir)
+    reference = _reference(pipe, settings, noise, ref_dir, b.reference_batch)
     accuracy = _accuracy_settings(b, settings, shape)
     if accuracy is not None:
         acc_settings, acc_noise = accuracy
         acc_ref_dir = out / "_reference" / _key({**acc_settings, "model": model_key})
-        acc_reference = _reference(pipe, acc_settings, acc_noise, acc_ref_dir)
+        acc_reference = _reference(pipe, acc_settings, acc_noise, acc_ref_dir, b.reference_batch)
     pipe.scheduler = own  # compress keeps the model's (export ships the other)
     step("reference")
     del pipe
@@ -417,34 +424,43 @@ def _reference_passes(recipe: Recipe, pipe) -> list[str]:
     return [p.name for p in defining]
 
 
-def _reference(pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path) -> dict:
-    """Uncompressed torch outputs for every prompt; cached on disk by settings."""
+def _reference(
+    pipe, settings: dict, noise: list[np.ndarray], ref_dir: Path, batch: int = 1
+) -> dict:
+    """Uncompressed torch outputs for every prompt, `batch` prompts a pipeline call (each
+    with its own noise); cached on disk by settings."""
     import torch
 
     from slimdiff.runtime.image import save_png
 
-    n = len(settings["prompts"])
+    prompts = settings["prompts"]
+    n = len(prompts)
     done = ref_dir / "done.json"
     if not done.is_file():
         ref_dir.mkdir(parents=True, exist_ok=True)
         pipe.set_progress_bar_config(disable=True)
-        for i, prompt in enumerate(settings["prompts"]):
+        for first in range(0, n, batch):
+            chunk = range(first, min(first + batch, n))
             final: dict[str, Any] = {}
 
             def keep(_pipe, _i, _t, kw, final=final):
                 final["latents"] = kw["latents"].detach().float().cpu().numpy().copy()
                 return kw
 
-            with torch.no_grad():
+            latents = np.concatenate([noise[i] for i in chunk])
+            # each image's step noise is the one its runtime run draws (bench_worker's seeds)
+            seeds = [settings["seed"] + i for i in chunk]
+            with torch.no_grad(), runtime_step_noise(pipe.scheduler, seeds):
                 out = pipe(
-                    prompt,
+                    [prompts[i] for i in chunk],
                     output_type="np",
                     callback_on_step_end=keep,
-                    **pipe_kwargs(settings, noise[i]),
+                    **pipe_kwargs(settings, latents),
                 )
-            image = (out.images[0] * 255).round().astype(np.uint8)
-            save_png(image, ref_dir / f"image_{i}.png")
-            np.save(ref_dir / f"latents_{i}.npy", final["latents"])
+            for row, i in enumerate(chunk):
+                image = (out.images[row] * 255).round().astype(np.uint8)
+                save_png(image, ref_dir / f"image_{i}.png")
+                np.save(ref_dir / f"latents_{i}.npy", final["latents"][row : row + 1])
         atomic_write_text(done, json.dumps(settings))
     return {
         "images": [_read_png(ref_dir / f"image_{i}.png") for i in range(n)],

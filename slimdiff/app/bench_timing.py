@@ -29,6 +29,42 @@ def pipe_kwargs(settings: dict, latents: np.ndarray) -> dict:
     }
 
 
+@contextlib.contextmanager
+def runtime_step_noise(scheduler, seeds: list[int]):
+    """diffusers' per-step noise, drawn as the runtime draws it for images run with
+    `seeds` (one row each): a stochastic scheduler's reference (euler-a, lcm, the SDE
+    solvers) then adds the noise the bundle's run adds, and fidelity compares the models,
+    not two noise draws. Nothing changes for a scheduler that draws no noise.
+
+    diffusers draws the noise with `randn_tensor` from the scheduler's module, once per
+    stochastic step (slimdiff.sampler.StepNoise); its generator is ignored here.
+    """
+    import importlib
+
+    import torch
+
+    from slimdiff.runtime.denoise_loop import step_noise_streams
+
+    module = importlib.import_module(type(scheduler).__module__)
+    original = getattr(module, "randn_tensor", None)
+    if original is None:
+        yield
+        return
+    rngs = [np.random.default_rng(stream) for stream in step_noise_streams(seeds)]
+
+    def draw(shape, generator=None, device=None, dtype=None, **_):
+        if shape[0] != len(rngs):
+            raise ValueError(f"step noise for {shape[0]} rows; the reference runs {len(rngs)}")
+        rows = [rng.standard_normal(tuple(shape[1:]), dtype=np.float32) for rng in rngs]
+        return torch.from_numpy(np.stack(rows)).to(device=device, dtype=dtype)
+
+    module.randn_tensor = draw
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
+
+
 def torch_ms_per_step(pipe, settings: dict, latents: np.ndarray, prompt: str) -> float:
     """Median ms per denoising step of one diffusers pipeline run in torch eager.
 

@@ -20,6 +20,7 @@ checked, with stale partial folders of killed runs removed, before any heavy wor
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import shutil
@@ -233,16 +234,24 @@ def export_hash(compress: str, recipe: Recipe, target: str) -> str:
         export["controlnet"] = digests[0] if isinstance(specs, str) else digests
     # Another slimdiff may export differently (a graph's fix, a manifest field), and another
     # onnxruntime too: its transformer optimizer fuses the graphs, its tools convert them.
-    versions = {"slimdiff": slimdiff.__version__, "onnxruntime": _onnxruntime_version()}
+    # Another torch traces other graphs, and its AOTInductor packages may not load in
+    # another torch at all. (The artifact's key leaves the libraries out: it is a diffusers
+    # folder any of them loads, and compressing again can take hours.)
+    versions = {
+        "slimdiff": slimdiff.__version__,
+        "onnxruntime": _module_version("onnxruntime"),
+        "torch": _module_version("torch"),
+    }
     return _hash({"compress": compress, "target": target, **versions, **export})
 
 
-def _onnxruntime_version() -> str | None:
+def _module_version(name: str) -> str | None:
+    """The installed version of the module `name` (onnxruntime-gpu's is onnxruntime's)."""
     try:
-        import onnxruntime
+        module = importlib.import_module(name)
     except ImportError:  # export says what to install; the key is only a key
         return None
-    return onnxruntime.__version__
+    return getattr(module, "__version__", None)
 
 
 def _folder_digest(spec: str) -> str:

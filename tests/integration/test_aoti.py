@@ -36,7 +36,7 @@ PROMPT = "a red circle"
 
 
 @pytest.fixture(scope="module")
-def aoti(tmp_path_factory):
+def aoti(tmp_path_factory, quick_inductor):
     # Exported from a lazy model, as `slimdiff export` loads one (its weights fetched per
     # component, then freed); the tests compare against the same model loaded in memory.
     out = tmp_path_factory.mktemp("aoti") / "bundle"

@@ -33,7 +33,7 @@ SIDES = {"min": 4, "max": 62, "multiple": 2}  # tiny:sd3: 32 positions of 2 late
 
 
 @pytest.fixture(scope="module")
-def aoti(tmp_path_factory):
+def aoti(tmp_path_factory, quick_inductor):
     model = load_model("tiny:sd3")
     out = tmp_path_factory.mktemp("aoti-sd3") / "bundle"
     manifest = export_bundle(model, out, target="aoti")

@@ -359,3 +359,45 @@ def test_a_tokenizer_call_does_not_change_its_digest():
     before = tokenizer_digest(tokenizer)
     tokenizer(["a cat"], padding="max_length", max_length=77, truncation=True)
     assert tokenizer_digest(tokenizer) == before
+
+
+# ------------------------------------------------------------------ 10: the torch reference
+
+
+@pytest.mark.parametrize("name", ["euler-a", "dpm++2m-sde-karras"])
+def test_a_stochastic_reference_adds_the_noise_the_runtime_adds(tmp_path, shared_bundle, name):
+    """bench's torch reference with a scheduler that adds noise every step draws it as the
+    bundle's run of that prompt does (seed + i): the two agree to float error, batched
+    (`bench.reference_batch`) or not. Before, torch drew unseeded noise of its own: the
+    fidelity compared two noise draws, not the models."""
+    import diffusers
+
+    from slimdiff.app.bench import _reference
+    from slimdiff.metrics import latent_rel_err
+    from slimdiff.runtime import Text2ImagePipeline
+    from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
+
+    shared = shared_bundle("sd15")
+    pipe = shared.model.pipe
+    class_name, overrides = SCHEDULER_ALIASES[name]
+    own = pipe.scheduler
+    settings = {"prompts": ["a red circle", "a blue square", "a green cross"], "seed": 4}
+    settings.update(steps=3, size=[64, 64], guidance=5.0)
+    noise = [np.random.default_rng(i).standard_normal((1, 4, 8, 8), np.float32) for i in range(3)]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(own.config, **overrides)
+    try:
+        one = _reference(pipe, settings, noise, tmp_path / "one")
+        two = _reference(pipe, settings, noise, tmp_path / "two", batch=2)
+    finally:
+        pipe.scheduler = own
+    runtime = Text2ImagePipeline.from_bundle(shared.out, scheduler=name)
+    run = {"steps": 3, "size": (64, 64), "guidance": 5.0}
+    for i, prompt in enumerate(settings["prompts"]):
+        got = runtime(prompt, latents=noise[i], seed=4 + i, **run).latents
+        assert one["latents"][i].shape == two["latents"][i].shape == got.shape == (1, 4, 8, 8)
+        assert latent_rel_err(got, one["latents"][i]) < 1e-4, i
+        assert latent_rel_err(two["latents"][i], one["latents"][i]) < 1e-5, i
+        assert np.abs(two["images"][i].astype(int) - one["images"][i]).max() <= 1, i
+        # the step noise is what makes them agree: another seed's draws do not
+        other = runtime(prompt, latents=noise[i], seed=40 + i, **run).latents
+        assert latent_rel_err(other, one["latents"][i]) > 1e-2, i

@@ -89,6 +89,17 @@ def test_the_export_key_holds_onnxruntimes_version(monkeypatch):
     assert export_hash("c", recipe, "onnx") != before
 
 
+@pytest.mark.parametrize("target", ["onnx", "aoti"])
+def test_the_export_key_holds_torchs_version_and_the_artifacts_does_not(monkeypatch, target):
+    """Another torch traces other graphs and compiles packages another torch may not load:
+    the bundle is exported again. The artifact (a diffusers folder) is reused."""
+    recipe = validate_recipe({"model": "tiny:sd15"})
+    before = export_hash("c", recipe, target), compress_hash(recipe, {"m": 1})
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    after = export_hash("c", recipe, target), compress_hash(recipe, {"m": 1})
+    assert after[0] != before[0] and after[1] == before[1]
+
+
 def test_the_calibration_key_holds_the_device(monkeypatch):
     from slimdiff.calib import Calibration
     from slimdiff.recipe import CalibrationSpec
