@@ -371,11 +371,11 @@ def test_a_stochastic_reference_adds_the_noise_the_runtime_adds(tmp_path, shared
     (`bench.reference_batch`) or not. Before, torch drew unseeded noise of its own: the
     fidelity compared two noise draws, not the models."""
     import diffusers
+    from slimdiff.runtime import Text2ImagePipeline
+    from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
 
     from slimdiff.app.bench import _reference
     from slimdiff.metrics import latent_rel_err
-    from slimdiff.runtime import Text2ImagePipeline
-    from slimdiff.runtime.schedulers import SCHEDULER_ALIASES
 
     shared = shared_bundle("sd15")
     pipe = shared.model.pipe
