@@ -36,10 +36,12 @@ def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
     """A recipe that leaves scheduler, sigmas, timestep_spacing, vae_encoder and controlnet
     unset hashes as it did before those keys existed (its cached bundle is reused);
     setting one makes another bundle. A ControlNet is hashed by its files, not its path.
-    The versions of slimdiff and onnxruntime (which writes the optimized graphs) count."""
+    The versions of slimdiff, onnxruntime (which writes the optimized graphs) and torch (which
+    traces them) count."""
     import json
 
     import onnxruntime
+    import torch
 
     from slimdiff.app.flow import _hash, export_hash
 
@@ -51,7 +53,11 @@ def test_export_keys_added_later_keep_earlier_recipes_hashes(tmp_path):
     }
     import slimdiff
 
-    versions = {"slimdiff": slimdiff.__version__, "onnxruntime": onnxruntime.__version__}
+    versions = {
+        "slimdiff": slimdiff.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
     key = {"compress": "c", "target": "onnx", **versions, **before}
     assert export_hash("c", recipe, "onnx") == _hash(key)
     folders = []
