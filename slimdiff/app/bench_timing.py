@@ -32,12 +32,13 @@ def pipe_kwargs(settings: dict, latents: np.ndarray) -> dict:
 @contextlib.contextmanager
 def runtime_step_noise(scheduler, seeds: list[int]):
     """diffusers' per-step noise, drawn as the runtime draws it for images run with
-    `seeds` (one row each): a stochastic scheduler's reference (euler-a, lcm, the SDE
-    solvers) then adds the noise the bundle's run adds, and fidelity compares the models,
-    not two noise draws. Nothing changes for a scheduler that draws no noise.
+    `seeds` (one row each): a stochastic scheduler's reference (euler-a, lcm, ddpm, the SDE
+    solvers) then adds the noise the bundle's run adds, and fidelity compares the
+    models, not two noise draws. Nothing changes for a scheduler that draws no noise.
 
     diffusers draws the noise with `randn_tensor` from the scheduler's module, once per
-    stochastic step (slimdiff.sampler.StepNoise); its generator is ignored here.
+    stochastic step (slimdiff.sampler.StepNoise); DPMSolverSDEScheduler from a torchsde
+    Brownian tree instead, replaced here by _RuntimeBrownian. Generators are ignored.
     """
     import importlib
 
@@ -46,23 +47,54 @@ def runtime_step_noise(scheduler, seeds: list[int]):
     from slimdiff.runtime.denoise_loop import step_noise_streams
 
     module = importlib.import_module(type(scheduler).__module__)
-    original = getattr(module, "randn_tensor", None)
-    if original is None:
-        yield
-        return
     rngs = [np.random.default_rng(stream) for stream in step_noise_streams(seeds)]
 
-    def draw(shape, generator=None, device=None, dtype=None, **_):
+    def rows(shape) -> np.ndarray:
         if shape[0] != len(rngs):
             raise ValueError(f"step noise for {shape[0]} rows; the reference runs {len(rngs)}")
-        rows = [rng.standard_normal(tuple(shape[1:]), dtype=np.float32) for rng in rngs]
-        return torch.from_numpy(np.stack(rows)).to(device=device, dtype=dtype)
+        return np.stack([rng.standard_normal(tuple(shape[1:]), np.float32) for rng in rngs])
 
-    module.randn_tensor = draw
+    def draw(shape, generator=None, device=None, dtype=None, **_):
+        return torch.from_numpy(rows(shape)).to(device=device, dtype=dtype)
+
+    def brownian(x, *_args, **_kwargs):
+        return _RuntimeBrownian(rows, x)
+
+    replaced = {"randn_tensor": draw, "BrownianTreeNoiseSampler": brownian}
+    saved = {name: getattr(module, name) for name in replaced if hasattr(module, name)}
+    for name in saved:
+        setattr(module, name, replaced[name])
     try:
         yield
     finally:
-        module.randn_tensor = original
+        for name, original in saved.items():
+            setattr(module, name, original)
+
+
+class _RuntimeBrownian:
+    """DPMSolverSDEScheduler's noise_sampler(sigma, sigma_next) from the runtime's draws.
+
+    diffusers calls it twice a step: the first half's noise is W's increment over [s,
+    sigma] (s the midpoint), the second's over [sigma', sigma], which contains it. The
+    runtime draws z1 for the first half and an independent z2 over [sigma', s], and takes
+    (sqrt(sigma - s) z1 + sqrt(s - sigma') z2) / sqrt(sigma - sigma') for the second
+    (runtime/schedulers/dpm_sde.py); this returns the same from the same draws.
+    """
+
+    def __init__(self, rows, like) -> None:
+        self.rows, self.like, self.first = rows, like, None
+
+    def __call__(self, sigma, sigma_next):
+        import torch
+
+        z = self.rows(tuple(self.like.shape)).astype(np.float64)
+        if self.first is None:  # the first half: the increment over [s, sigma]
+            self.first = (float(sigma_next), z)
+        else:
+            (s, z1), self.first = self.first, None
+            hi, lo = float(sigma), float(sigma_next)
+            z = (np.sqrt(hi - s) * z1 + np.sqrt(s - lo) * z) / np.sqrt(hi - lo)
+        return torch.from_numpy(z.astype(np.float32)).to(self.like.device, self.like.dtype)
 
 
 def torch_ms_per_step(pipe, settings: dict, latents: np.ndarray, prompt: str) -> float:

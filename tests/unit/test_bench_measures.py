@@ -364,7 +364,7 @@ def test_a_tokenizer_call_does_not_change_its_digest():
 # ------------------------------------------------------------------ 10: the torch reference
 
 
-@pytest.mark.parametrize("name", ["euler-a", "dpm++2m-sde-karras"])
+@pytest.mark.parametrize("name", ["euler-a", "dpm++2m-sde-karras", "dpm++sde-karras"])
 def test_a_stochastic_reference_adds_the_noise_the_runtime_adds(tmp_path, shared_bundle, name):
     """bench's torch reference with a scheduler that adds noise every step draws it as the
     bundle's run of that prompt does (seed + i): the two agree to float error, batched
