@@ -6,10 +6,14 @@ import logging
 from pathlib import Path
 
 from slimdiff.errors import UserError
+from slimdiff.textfile import read_text_file
 
 __all__ = ["BENCH_PROMPTS", "CALIBRATION_PROMPTS", "read_prompts"]
 
 log = logging.getLogger(__name__)
+
+# A prompt list of 100,000 captions is a few MiB; more is a wrong path.
+PROMPT_FILE_BYTES = 64 << 20
 
 # Short, varied captions in the style of COCO / Conceptual Captions.
 CALIBRATION_PROMPTS = [
@@ -64,9 +68,11 @@ def read_prompts(source: str | list[str], limit: int | None = None) -> list[str]
         prompts = CALIBRATION_PROMPTS
     else:
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"prompt file {path} not found; pass 'builtin' or a text file")
-        prompts = [s.strip() for s in path.read_text().splitlines()]
+        # a size limit, UTF-8 and a regular file checked, each refused in one line
+        text = read_text_file(path, "prompt list", "text file", PROMPT_FILE_BYTES)
+        prompts = [s.strip() for s in text.splitlines()]
         prompts = [s for s in prompts if s and not s.startswith("#")]
     if not prompts:
         raise UserError(f"no prompts in {source!r}")

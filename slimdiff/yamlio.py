@@ -28,8 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import yaml
 from yaml.events import AliasEvent, MappingStartEvent, SequenceStartEvent
 
 from slimdiff.errors import UserError
+from slimdiff.textfile import printable, read_text_file, shorten
 
 __all__ = [
     "MAX_BYTES",
@@ -195,15 +194,15 @@ class _Loader(yaml.SafeLoader):
                     # every key of a {what} is a name, so the typed key is a mistake
                     kind = key_node.tag.rsplit(":", 1)[-1]
                     raise _LimitError(
-                        f"key {_shorten(key_node.value)!r} is read by YAML as !!{kind}, "
+                        f"key {shorten(key_node.value)!r} is read by YAML as !!{kind}, "
                         "not as a name",
                         key_node.start_mark,
-                        f"quote it ('{_shorten(key_node.value)}':) if it is meant as a key",
+                        f"quote it ('{shorten(key_node.value)}':) if it is meant as a key",
                     )
                 key = (key_node.tag, key_node.value)
                 if key in seen:
                     raise _LimitError(
-                        f"key {_shorten(key_node.value)!r} appears twice in one mapping (first "
+                        f"key {shorten(key_node.value)!r} appears twice in one mapping (first "
                         f"on line {seen[key].line + 1})",
                         key_node.start_mark,
                         "keep one of them: YAML would silently take the last",
@@ -218,7 +217,7 @@ class _Loader(yaml.SafeLoader):
             return super().construct_object(node, deep=deep)
         except (ArithmeticError, LookupError, TypeError, ValueError) as err:
             tag = node.tag.rsplit(":", 1)[-1]
-            value = _shorten(str(node.value)) if isinstance(node, yaml.ScalarNode) else ""
+            value = shorten(str(node.value)) if isinstance(node, yaml.ScalarNode) else ""
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {value!r} as !!{tag} ({err})", node.start_mark
             ) from None
@@ -309,9 +308,8 @@ def read_yaml_file(path: Path | str, what: str = "recipe") -> Any:
             raise UserError(f"my.yaml: a recipe is a YAML mapping")
     """
     path = Path(path)
-    label = _printable(str(path))
-    data = _read_bytes(path, label, what)
-    text = _decode(data, label, what)
+    label = printable(str(path))
+    text = read_text_file(path, what, "YAML text file", MAX_BYTES, label=label)
     try:
         value = _load(text)
     except (yaml.YAMLError, RecursionError) as err:
@@ -334,7 +332,7 @@ def parse_yaml_value(text: str, where: str) -> Any:
     Example:
         value = parse_yaml_value(raw, where=f"--set {item}")
     """
-    label = _printable(where)
+    label = printable(where)
     if not text.strip():
         return ""
     if len(text) > MAX_BYTES:
@@ -376,115 +374,12 @@ def check_depth(value: Any, limit: int = MAX_DEPTH, where: str = "value") -> int
         depth += 1
         if depth > limit:
             raise UserError(
-                f"{_printable(where)}: nested more than {limit} levels deep (or contains "
+                f"{printable(where)}: nested more than {limit} levels deep (or contains "
                 "itself); flatten it: settings nest a few levels"
             )
         deepest = max(deepest, depth)
         stack.extend((child, depth) for child in children)
     return deepest
-
-
-# --- bytes and text ----------------------------------------------------------------------
-
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _read_bytes(path: Path, label: str, what: str) -> bytes:
-    try:
-        # stat before open: opening a FIFO blocks until a writer comes, /dev/zero never ends.
-        _check_regular(os.stat(path), label, what)
-        # O_NONBLOCK: if a FIFO is swapped in after the stat, open still returns at once.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            _check_regular(os.fstat(f.fileno()), label, what)
-            data = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise UserError(f"{label}: no such file; check the path") from None
-    except PermissionError:
-        raise UserError(f"{label}: permission denied; check the file's permissions") from None
-    except (OSError, ValueError) as err:  # ELOOP, ENAMETOOLONG, a NUL in the path...
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise UserError(f"{label}: cannot read it ({_printable(reason)}); check the path") from None
-    if len(data) > MAX_BYTES:  # it grew after the stat
-        _refuse_size(len(data), label, what, at_least=True)
-    return data
-
-
-def _check_regular(st: os.stat_result, label: str, what: str) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
-        raise UserError(f"{label}: is {kind}, not a {what} file; pass the YAML file itself")
-    if st.st_size > MAX_BYTES:
-        _refuse_size(st.st_size, label, what)
-
-
-def _refuse_size(size: int, label: str, what: str, at_least: bool = False) -> None:
-    more = "over " if at_least else ""
-    raise UserError(
-        f"{label}: {more}{size / (1 << 20):.1f} MiB ({size:,} bytes) is too large for a {what} "
-        f"file (the limit is {MAX_BYTES >> 20} MiB); check the path: a {what} is a few KiB"
-    )
-
-
-_BOMS = (  # UTF-32 first: its LE BOM starts with UTF-16's
-    (b"\xff\xfe\x00\x00", "UTF-32"),
-    (b"\x00\x00\xfe\xff", "UTF-32"),
-    (b"\xff\xfe", "UTF-16"),
-    (b"\xfe\xff", "UTF-16"),
-)
-
-
-def _decode(data: bytes, label: str, what: str) -> str:
-    fix = "save it as UTF-8 (in most editors: Save As, encoding UTF-8)"
-    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), None)
-    if encoding is None and b"\x00" in data:
-        encoding = _wide_encoding(data)
-        if encoding is None:
-            offset = data.index(b"\x00")
-            raise UserError(
-                f"{label}: not a text file (NUL byte at offset {offset}, "
-                f"{_byte_position(data, offset)}); a {what} is a UTF-8 YAML text file: "
-                "check the path"
-            )
-    if encoding is not None:
-        raise UserError(f"{label}: saved as {encoding}; {fix}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"{label}: not UTF-8 text: byte 0x{data[err.start]:02X} at offset {err.start} "
-            f"({_byte_position(data, err.start)}) is not UTF-8 (saved as Latin-1 or "
-            f"Windows-1252?); {fix}"
-        ) from None
-    return text.removeprefix("\ufeff")
-
-
-def _wide_encoding(data: bytes) -> str | None:
-    """UTF-16/32 without a BOM, by where the NULs of mostly-ASCII text fall."""
-    head = data[:4096]
-    n = len(head) - len(head) % 4
-    if n < 4:
-        return None
-    nul = [head[i:n:4].count(0) / (n // 4) for i in range(4)]
-    if sum(f > 0.9 for f in nul) == 3:
-        return "UTF-32"
-    even, odd = (nul[0] + nul[2]) / 2, (nul[1] + nul[3]) / 2
-    if max(even, odd) > 0.6 and min(even, odd) < 0.1:
-        return "UTF-16"
-    return None
-
-
-def _byte_position(data: bytes, offset: int) -> str:
-    line_start = data.rfind(b"\n", 0, offset) + 1
-    column = len(data[line_start:offset].decode("utf-8", "replace")) + 1
-    line = data.count(b"\n", 0, offset) + 1
-    return f"line {line}, column {column}"
 
 
 # --- messages ----------------------------------------------------------------------------
@@ -529,10 +424,10 @@ def _explain(err: yaml.YAMLError, text: str, what: str) -> tuple[str, int | None
             "delete it (copied terminal output often carries one)",
         )
     if not isinstance(err, yaml.MarkedYAMLError):
-        return _printable(str(err)), None, "", _FALLBACK_HINT
+        return printable(str(err)), None, "", _FALLBACK_HINT
     mark = err.problem_mark or err.context_mark
     index = mark.index if mark is not None else None
-    problem = _printable(err.problem or err.context or "unreadable")
+    problem = printable(err.problem or err.context or "unreadable")
     context = err.context or ""
     if isinstance(err, _LimitError):
         return problem, index, "", err.hint.format(what=what)
@@ -549,7 +444,7 @@ def _explain(err: yaml.YAMLError, text: str, what: str) -> tuple[str, int | None
             f"a {what} file holds one document: remove this '---' and what follows, or "
             "move it to its own file",
         )
-    shown = _printable(context)
+    shown = printable(context)
     if context and err.context_mark is not None and err.problem_mark is not None:
         shown += f" that starts at {_position(text, err.context_mark.index, lines=True)}"
     probe = f"{err.problem or ''} {context}"
@@ -588,14 +483,3 @@ def _comment_at(text: str) -> int | None:
         if ch == "#" and (i == 0 or text[i - 1] in " \t\r\n") and i >= reach:
             return i
     return None
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """User text made safe for a one-line message: no newlines, surrogates or controls."""
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-    return _shorten(text, limit)
-
-
-def _shorten(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."

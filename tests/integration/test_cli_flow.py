@@ -143,10 +143,13 @@ def test_bench_writes_results_for_each_recipe(tmp_path):
         "bench.prompts=[a red circle, a blue square]",
         "--set",
         "export.optimize=false",  # the fusion is tested in test_export_tiny (sd15)
-        # the bundle ships another scheduler than the model's: the torch reference must
-        # sample with it too (the fp32 fidelity below says so)
+        # the bundle ships another scheduler than the model's, one that adds noise every
+        # step: the torch reference must sample with it too, adding the noise the runtime
+        # adds (the fp32 fidelity below says so); both prompts in one reference call
         "--set",
-        "export.scheduler=dpm++2m",
+        "export.scheduler=dpm++2m-sde",
+        "--set",
+        "bench.reference_batch=2",
         "--set",
         "export.timestep_spacing=trailing",
         "--out",

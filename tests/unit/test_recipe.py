@@ -382,3 +382,34 @@ def test_fewer_prompts_than_num_prompts_is_said(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="slimdiff.prompts"):
         assert read_prompts(["a", "b", "c"], 2) == ["a", "b"]
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"a cat\n# a comment\n\n  a dog  \n", None),
+        ("\ufeffa café\n".encode(), None),  # a UTF-8 BOM is fine
+        ("a cat\na dog\n".encode("utf-16"), r"saved as UTF-16; save it as UTF-8"),
+        ("un café\n".encode("latin-1"), r"byte 0xE9 at offset 6 \(line 1, column 7\) is not UTF-8"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", r"not a text file \(NUL byte at offset 8"),
+        ("dir", r"is a directory, not a prompt list file; pass the text file itself"),
+    ],
+)
+def test_a_prompts_file_is_utf8_text_or_one_line_says_what_it_is(tmp_path, content, message):
+    """calibration.prompts as a file: read as UTF-8 whatever the locale (it was read in the
+    locale's encoding, and a UTF-16 or Latin-1 file raised UnicodeDecodeError); a
+    directory or a binary file is refused in one line naming the file."""
+    from slimdiff.prompts import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    if content == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    if message is None:
+        expected = ["a cat", "a dog"] if b"cat" in content else ["a café"]
+        assert read_prompts(str(path)) == expected
+        return
+    with pytest.raises(UserError, match=message) as err:
+        read_prompts(str(path))
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
