@@ -38,7 +38,6 @@ from slimdiff.export.components import (
     export_mode,
     free_weights,
     plan_components,
-    release_memory,
 )
 from slimdiff.export.controlnet import check_controlnet_export, controlnet_specs, load_checked
 from slimdiff.export.fp16 import convert_fp16
@@ -83,7 +82,7 @@ from slimdiff.lowbit import (
     merged_scales,
     qdq_form,
 )
-from slimdiff.memory import available_bytes, rss_mib
+from slimdiff.memory import available_bytes, release_memory_past, rss_mib
 from slimdiff.models.lazy import is_lazy, materialize, param_bytes
 from slimdiff.models.loading import LoadedModel
 
@@ -107,7 +106,6 @@ log = logging.getLogger(__name__)
 TARGETS = ("onnx", "tensorrt", "aoti")
 WEIGHTS = ("auto", "memory", "stream")
 PRECISIONS = ("fp32", "fp16")
-_RELEASE_BYTES = 256 * 2**20  # fp32 weights past which freed memory is given back at once
 _WORK = ".work"  # raw exports, inside the temp bundle folder (same filesystem, gone on rename)
 
 
@@ -284,11 +282,11 @@ def export_bundle(
                 )
             if release and entry.format == "aoti":
                 free_weights(component.model)  # ONNX components free theirs once traced
-            elif param_bytes(component.model) >= _RELEASE_BYTES:
+            else:
                 # The parity session and the graph it read are gone, but glibc keeps their
                 # freed pages until trimmed: fp32 random:sd15's UNet left 1.0 GiB resident.
-                # (Not for tiny components: the cycle collection alone takes ~0.2 s.)
-                release_memory()
+                # (Not for tiny components: the cycle collection alone takes ~0.3 s.)
+                release_memory_past(param_bytes(component.model))
             entry.profile = profile
             log.info("%s exported; resident memory %.0f MiB", component.name, rss_mib())
             entries[component.name] = entry
@@ -443,7 +441,8 @@ def export_onnx_component(
     path = root / component.name / "model.onnx"
     external = save_model(graph, path, threshold)
     del graph
-    release_memory()  # before the parity session loads the graph again
+    # before the parity session loads the graph again (sized as the fp32 weights)
+    release_memory_past(param_bytes(component.model))
     # The raw export is as big as the final graph: free the disk before the next component.
     shutil.rmtree(raw.parent, ignore_errors=True)
     inputs, outputs = graph_io(path)

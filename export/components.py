@@ -30,9 +30,10 @@ from slimdiff.export.wrappers import (
 from slimdiff.runtime.manifest import VAE_ENCODER, VAE_ENCODER_INPUT, VAE_ENCODER_OUTPUTS
 from torch import nn
 
-from slimdiff.memory import release_memory
+from slimdiff.memory import release_memory_past
 from slimdiff.models.arch import VAE_ONNX, ArchSpec, OnnxPlan, TensorSpec
 from slimdiff.models.inputs import denoiser_inputs, denoiser_specs
+from slimdiff.models.lazy import param_bytes
 from slimdiff.models.loading import LoadedModel
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "model_device",
     "plan_components",
     "reference_precision",
-    "release_memory",
     "vae_decoder_component",
     "vae_encoder_component",
 ]
@@ -238,8 +238,9 @@ def export_mode(
 def free_weights(model: nn.Module) -> None:
     """Drop `model`'s parameters and buffers (to the meta device: shapes kept, no storage)
     and give the freed memory back to the OS. The model cannot compute afterwards."""
+    nbytes = param_bytes(model)
     model.to_empty(device="meta")
-    release_memory()
+    release_memory_past(nbytes)
 
 
 def model_device(model: nn.Module) -> torch.device:

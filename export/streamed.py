@@ -35,14 +35,14 @@ from pathlib import Path
 
 import onnx
 import torch
-from slimdiff.export.components import Component, export_mode, release_memory
+from slimdiff.export.components import Component, export_mode
 from slimdiff.export.fp16 import convert_fp16
 from slimdiff.export.onnx import OPSET, PROTOBUF_LIMIT, export_component, graph_io, save_model
 from slimdiff.export.parity import ExportError, check_parity, raise_if_failed, torch_reference
 from slimdiff.runtime.manifest import ComponentEntry
 from torch import nn
 
-from slimdiff.memory import available_bytes
+from slimdiff.memory import available_bytes, release_memory
 from slimdiff.models.lazy import (
     aliases,
     fetch_tensor,
