@@ -14,6 +14,9 @@ __all__ = ["check_accuracy_model", "check_before_loading"]
 
 def check_before_loading(recipe: Recipe) -> None:
     """UserError for what `recipe` asks that bench would only find out after heavy work."""
+    from slimdiff.app.flow import check_input_files
+
+    check_input_files(recipe)  # its LoRAs and calibration prompts, before the reference
     _check_rescale(recipe)
     check_accuracy_model(recipe)
     _check_size(recipe)

@@ -145,13 +145,25 @@ def _marked(value: Any, files: list[Path]) -> Any:
 
 
 def check_input_files(recipe: Recipe) -> None:
-    """UserError naming the first file a pass reads (lora.fuse's LoRAs) that is missing."""
+    """UserError naming the first file a pass reads (lora.fuse's LoRAs) that is missing,
+    or the calibration prompts file when a pass calibrates and it does not read as one
+    (slimdiff.prompts.read_prompts): before minutes of loading the model."""
     for entry in recipe.passes:
         for f in entry.config.input_files():
             if not Path(f).expanduser().is_file():
                 raise UserError(
                     f"{entry.name}: {f} is not a file (paths are relative to the current directory)"
                 )
+    prompts = recipe.calibration.prompts
+    if isinstance(prompts, str) and prompts != "builtin":
+        from slimdiff.compress.base import build_passes
+        from slimdiff.prompts import read_prompts
+
+        if any(p.needs_calibration for p in build_passes(recipe)):
+            try:
+                read_prompts(prompts)
+            except UserError as err:
+                raise UserError(f"calibration.prompts: {err}") from None
 
 
 def shipped_scheduler(recipe: Recipe) -> dict[str, str]:

@@ -121,3 +121,35 @@ def test_export_controlnet_takes_paths(value):
 
     with pytest.raises(UserError, match=r"export\.controlnet"):
         validate_recipe({"model": "tiny:sd15", "export": {"controlnet": value}})
+
+
+def test_a_bad_prompts_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """calibration.prompts saved as UTF-16: compress and bench stop before loading the model
+    (calibration used to read it after the load and the teacher's set-up), naming the key.
+    A recipe whose passes do not calibrate never reads it, so it is not refused."""
+    from click.testing import CliRunner
+
+    import slimdiff.models
+    from slimdiff.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a cat\na dog\n".encode("utf-16"))
+    quest = {"pass": "quant.quest", "weights": "int8", "method": "minmax"}
+    calibration = {"prompts": str(prompts), "num_prompts": 2, "steps": 2}
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(slimdiff.models, "load_model", no_loading)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: tiny:sd15\ncalibration: {calibration}\npasses: [{quest}]\n".replace("'", '"')
+    )
+    for command in ("compress", "bench"):
+        result = CliRunner().invoke(main, [command, str(recipe), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2, result.output
+        assert f"calibration.prompts: {prompts}: saved as UTF-16" in result.output, command
+    plain = validate_recipe({"model": "tiny:sd15", "calibration": calibration})
+    from slimdiff.app.flow import check_input_files
+
+    check_input_files(plain)  # no pass calibrates: nothing reads the file
