@@ -3,7 +3,8 @@ ONNX, run by the "aoti" backend; the image agrees with the all-ONNX bundle's.
 
 One package compile serves the module (module-scoped fixture): AOTInductor generates and
 compiles C++ for the whole UNet with symbolic shapes, which is most of this file's time
-(tiny:sdxl UNet: 200-300 s on a shared 2-CPU machine, export/aoti.py).
+(tiny:sdxl UNet: 200-300 s on a shared 2-CPU machine with inductor's defaults; 84 s alone
+with the scalar kernels of tests/conftest.py's quick_inductor, 150-190 s in the suite).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from slimdiff.models import load_model
 from tests.onnx_check import package_vs_eager, rel_err
 
 # pyproject.toml's 300 s per test catches hangs; the package compile (fixture setup) took
-# 230 s on a quiet 2-core host and over 300 s on one loaded three times over (2026-12-07)
+# 230 s on a quiet 2-core host and over 300 s on one loaded three times over (2026-12-07,
+# inductor's defaults)
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.usefixtures("one_torch_thread"),
