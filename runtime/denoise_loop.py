@@ -138,5 +138,5 @@ def _stream(seed: int, row: int) -> list[int]:
 
 def step_noise_streams(seeds: list[int]) -> list[list[int]]:
     """The step-noise seeds of single-image runs with `seeds` (bench draws its torch
-    reference's noise from them, slimdiff/app/bench_timing.py)."""
+    reference's noise from them, slimdiff/app/reference_noise.py)."""
     return [_stream(seed, 0) for seed in seeds]

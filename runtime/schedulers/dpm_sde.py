@@ -45,6 +45,14 @@ from ._common import (
 from ._sigmas import converted_sigmas, sigma_schedule
 
 
+def second_half_noise(z1: np.ndarray, z2: np.ndarray, hi: float, s: float, lo: float):
+    """The second half-step's normalized noise, W's increment over [lo, hi], from the first
+    half's `z1` (over [s, hi]) and an independent `z2` (over [lo, s]): W over [lo, hi] = W
+    over [s, hi] + W over [lo, s]. bench's torch reference builds diffusers' Brownian
+    increments with it too (slimdiff/app/reference_noise.py)."""
+    return (np.sqrt(hi - s) * z1 + np.sqrt(s - lo) * z2) / np.sqrt(hi - lo)
+
+
 class DPMSolverSDEScheduler(SigmaNoise):
     """diffusers.DPMSolverSDEScheduler ("DPM++ SDE", with Karras sigmas "DPM++ SDE Karras")."""
 
@@ -187,9 +195,7 @@ class DPMSolverSDEScheduler(SigmaNoise):
             _, start, z1 = self._first
             self._first = None
             sigma_to = np.exp(-t_next)
-            hi, s, lo = float(sigma_from), float(mid), float(sigma_to)
-            # W over [sigma', sigma] = W over [s, sigma] (the first half's) + W over [sigma', s]
-            z = (np.sqrt(hi - s) * z1 + np.sqrt(s - lo) * z) / np.sqrt(hi - lo)
+            z = second_half_noise(z1, z, float(sigma_from), float(mid), float(sigma_to))
         # sigma_up caps at the target; sigma_down is the deterministic rest
         square = sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to)
         up = min(sigma_to, np.sqrt(square / (sigma_from * sigma_from)))

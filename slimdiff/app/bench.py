@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from slimdiff.app.bench_checks import check_before_loading
-from slimdiff.app.bench_timing import pipe_kwargs, run_worker, runtime_step_noise, timed_pairs
+from slimdiff.app.bench_timing import pipe_kwargs, run_worker, timed_pairs
+from slimdiff.app.reference_noise import prompt_seed, runtime_step_noise
 from slimdiff.device import resolve_device
 from slimdiff.errors import UserError
 from slimdiff.fsutil import atomic_write_text
@@ -449,7 +450,7 @@ def _reference(
 
             latents = np.concatenate([noise[i] for i in chunk])
             # each image's step noise is the one its runtime run draws (bench_worker's seeds)
-            seeds = [settings["seed"] + i for i in chunk]
+            seeds = [prompt_seed(settings["seed"], i) for i in chunk]
             with torch.no_grad(), runtime_step_noise(pipe.scheduler, seeds):
                 out = pipe(
                     [prompts[i] for i in chunk],

@@ -26,6 +26,7 @@ prepare_process()  # before anything imports an OpenMP library (see slimdiff/thr
 
 import numpy as np  # noqa: E402
 
+from slimdiff.app.reference_noise import prompt_seed  # noqa: E402
 from slimdiff.errors import UserError  # noqa: E402
 from slimdiff.memory import peak_rss_mib  # noqa: E402
 from slimdiff.runtime import Text2ImagePipeline  # noqa: E402
@@ -53,7 +54,7 @@ class _Job:
         result = self.pipe(
             self.job["prompts"][i],
             latents=self.latents[i],
-            seed=self.job["seed"] + i,
+            seed=prompt_seed(self.job["seed"], i),
             **self.kwargs,
         )
         if save:
